@@ -1,0 +1,83 @@
+//! Maps and the configuration global shared by every program.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+};
+use egress_shared::{COUNTER_COUNT, ConnectEvent, ProbeConfig};
+
+use crate::sock::Dest;
+
+/// Set by user space before load (`EbpfLoader::set_global`), read-only to the programs.
+#[unsafe(no_mangle)]
+pub static CONFIG: ProbeConfig = ProbeConfig::zeroed();
+
+/// Reads one field of [`CONFIG`]. The volatile read stops the compiler from folding the
+/// zero initialiser in; the verifier then sees the value user space froze.
+macro_rules! config {
+    ($($field:ident).+) => {
+        unsafe { core::ptr::read_volatile(&$crate::maps::CONFIG.$($field).+) }
+    };
+}
+pub(crate) use config;
+
+/// Connection events to user space. User space sizes it (`--ring-buffer-bytes`).
+#[map]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
+
+/// Per-CPU counters indexed by `egress_shared::Counter`.
+#[map]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0);
+
+/// Where an event is assembled: it is larger than the 512-byte eBPF stack allows.
+#[map]
+pub static SCRATCH: PerCpuArray<ConnectEvent> = PerCpuArray::with_max_entries(1, 0);
+
+/// Last report time of each UDP flow, for once-per-window reporting.
+#[map]
+pub static UDP_FLOWS: LruHashMap<FlowKey, u64> = LruHashMap::with_max_entries(16384, 0);
+
+/// State carried from a call's entry to its exit, by thread id.
+#[map]
+pub static CALLS: HashMap<u32, CallState> = HashMap::with_max_entries(8192, 0);
+
+/// Tracepoint mode: TCP attempts seen entering SYN_SENT whose source port is not yet
+/// known, by `struct sock` address. Completed at connect() exit or the next state change.
+#[map]
+pub static PENDING_TCP: HashMap<u64, ConnectEvent> = HashMap::with_max_entries(8192, 0);
+
+/// A UDP flow: the 5-tuple within one network namespace.
+#[repr(C)]
+#[derive(Copy, Clone)]
+pub struct FlowKey {
+    pub netns: u32,
+    pub family: u16,
+    pub protocol: u16,
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub _pad: u32,
+    pub src_addr: [u8; 16],
+    pub dst_addr: [u8; 16],
+}
+
+/// What a call's entry saw, for its exit.
+#[repr(C)]
+#[derive(Copy, Clone)]
+pub struct CallState {
+    /// `struct sock *` (kprobe mode).
+    pub sk: u64,
+    /// The file descriptor (tracepoint mode).
+    pub fd: u64,
+    /// User pointer to a `sockaddr` or `user_msghdr` (tracepoint mode), see `user_addr_kind`.
+    pub user_addr: u64,
+    pub user_addr_kind: u32,
+    /// The `EventKind` to report at exit.
+    pub event_kind: u32,
+    /// Destination given by the caller (kprobe mode), if any.
+    pub dest: Dest,
+}
+
+/// `CallState::user_addr` points to a `struct sockaddr`.
+pub const USER_ADDR_SOCKADDR: u32 = 1;
+/// `CallState::user_addr` points to a `struct user_msghdr` (sendmsg, first of sendmmsg).
+pub const USER_ADDR_MSGHDR: u32 = 2;

@@ -1,0 +1,64 @@
+//! fentry/fexit: the same hooks as the kprobes, through BPF trampolines (cheaper, and
+//! fexit sees arguments and return together, so no state is carried).
+
+use aya_ebpf::{
+    macros::{fentry, fexit},
+    programs::{FEntryContext, FExitContext},
+};
+use egress_shared::EventKind;
+
+use crate::{
+    emit,
+    maps::config,
+    read,
+    sock::{self, Dest},
+};
+
+/// hook: `int tcp_connect(struct sock *sk)`; see `kprobe_tcp_connect`.
+#[fentry(function = "tcp_connect")]
+pub fn fentry_tcp_connect(ctx: FEntryContext) -> u32 {
+    emit::tcp_connect(ctx.arg::<u64>(0));
+    0
+}
+
+/// hook: `int udp_sendmsg(struct sock *sk, struct msghdr *msg, size_t len)`.
+#[fexit(function = "udp_sendmsg")]
+pub fn fexit_udp_sendmsg(ctx: FExitContext) -> u32 {
+    udp_send(ctx.arg::<u64>(0), ctx.arg::<u64>(1), false);
+    0
+}
+
+/// hook: `int udpv6_sendmsg(struct sock *sk, struct msghdr *msg, size_t len)`; IPv4-mapped
+/// destinations are reported by the inner udp_sendmsg.
+#[fexit(function = "udpv6_sendmsg")]
+pub fn fexit_udpv6_sendmsg(ctx: FExitContext) -> u32 {
+    udp_send(ctx.arg::<u64>(0), ctx.arg::<u64>(1), true);
+    0
+}
+
+/// hook: `int ip4_datagram_connect(struct sock *sk, struct sockaddr *uaddr, int addr_len)`.
+#[fexit(function = "ip4_datagram_connect")]
+pub fn fexit_ip4_datagram_connect(ctx: FExitContext) -> u32 {
+    let dest = sock::dest_from_kernel(ctx.arg::<u64>(1));
+    emit::udp(ctx.arg::<u64>(0), &dest, EventKind::UdpConnect, false);
+    0
+}
+
+/// hook: `int ip6_datagram_connect(struct sock *sk, struct sockaddr *uaddr, int addr_len)`.
+#[fexit(function = "ip6_datagram_connect")]
+pub fn fexit_ip6_datagram_connect(ctx: FExitContext) -> u32 {
+    let dest = sock::dest_from_kernel(ctx.arg::<u64>(1));
+    emit::udp(ctx.arg::<u64>(0), &dest, EventKind::UdpConnect, false);
+    0
+}
+
+#[inline(always)]
+fn udp_send(sk: u64, msg: u64, v4_mapped_reported_inside: bool) {
+    let name = read::kernel::<u64>(msg, config!(offsets.msghdr_msg_name)).unwrap_or(0);
+    let dest = if name == 0 {
+        Dest::NONE
+    } else {
+        sock::dest_from_kernel(name)
+    };
+    emit::udp(sk, &dest, EventKind::UdpSend, v4_mapped_reported_inside);
+}

@@ -1,0 +1,79 @@
+//! kprobes: the design's first choice. `tcp_connect` sees the complete tuple; UDP calls
+//! are followed from entry (arguments) to return (source port chosen by autobind).
+
+use aya_ebpf::{
+    macros::{kprobe, kretprobe},
+    programs::{ProbeContext, RetProbeContext},
+};
+use egress_shared::EventKind;
+
+use crate::{
+    emit,
+    maps::{CallState, config},
+    read,
+    sock::{self, Dest},
+};
+
+/// hook: `int tcp_connect(struct sock *sk)`, called by tcp_v4_connect and tcp_v6_connect
+/// after the source port is chosen and before the SYN is sent: every attempt, blocking or
+/// not, whatever its outcome, with its full tuple.
+#[kprobe]
+pub fn kprobe_tcp_connect(ctx: ProbeContext) -> u32 {
+    if let Some(sk) = ctx.arg::<u64>(0) {
+        emit::tcp_connect(sk);
+    }
+    0
+}
+
+/// hook: `int udp_sendmsg(struct sock *sk, struct msghdr *msg, size_t len)` and
+/// `int udpv6_sendmsg(...)` (same arguments). `msg->msg_name` is the kernel copy of the
+/// caller's destination, NULL on a connected socket.
+#[kprobe]
+pub fn kprobe_udp_sendmsg(ctx: ProbeContext) -> u32 {
+    let (Some(sk), Some(msg)) = (ctx.arg::<u64>(0), ctx.arg::<u64>(1)) else {
+        return 0;
+    };
+    let name = read::kernel::<u64>(msg, config!(offsets.msghdr_msg_name)).unwrap_or(0);
+    let dest = if name == 0 {
+        Dest::NONE
+    } else {
+        sock::dest_from_kernel(name)
+    };
+    remember(sk, dest, EventKind::UdpSend);
+    0
+}
+
+/// hook: `int ip4_datagram_connect(struct sock *sk, struct sockaddr *uaddr, int addr_len)`
+/// and `ip6_datagram_connect` (same arguments): connect() on a UDP socket (ping and raw
+/// sockets share them; the protocol is checked at return).
+#[kprobe]
+pub fn kprobe_udp_connect(ctx: ProbeContext) -> u32 {
+    let (Some(sk), Some(uaddr)) = (ctx.arg::<u64>(0), ctx.arg::<u64>(1)) else {
+        return 0;
+    };
+    remember(sk, sock::dest_from_kernel(uaddr), EventKind::UdpConnect);
+    0
+}
+
+/// hook: return of the four UDP functions above. udpv6_sendmsg calls udp_sendmsg for
+/// IPv4-mapped destinations; the inner call takes the saved state, so it is reported once.
+#[kretprobe]
+pub fn kretprobe_udp(_ctx: RetProbeContext) -> u32 {
+    if let Some(state) = emit::take_call() {
+        let kind = EventKind::from_raw(state.event_kind as u8).unwrap_or(EventKind::UdpSend);
+        emit::udp(state.sk, &state.dest, kind, false);
+    }
+    0
+}
+
+#[inline(always)]
+fn remember(sk: u64, dest: Dest, kind: EventKind) {
+    emit::remember_call(&CallState {
+        sk,
+        fd: 0,
+        user_addr: 0,
+        user_addr_kind: 0,
+        event_kind: kind as u32,
+        dest,
+    });
+}

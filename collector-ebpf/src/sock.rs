@@ -1,0 +1,169 @@
+//! Socket addresses: from `struct sock`, from a caller's `sockaddr`, and the socket
+//! behind a file descriptor.
+
+use aya_ebpf::helpers::{bpf_get_current_task, bpf_probe_read_user};
+use egress_shared::ConnectEvent;
+
+use crate::{maps::config, read};
+
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+/// A destination given by the caller (`sockaddr_in` / `sockaddr_in6`); family 0 when none.
+#[repr(C)]
+#[derive(Copy, Clone)]
+pub struct Dest {
+    pub family: u16,
+    /// Host byte order.
+    pub port: u16,
+    pub _pad: u32,
+    pub addr: [u8; 16],
+}
+
+impl Dest {
+    pub const NONE: Dest = Dest {
+        family: 0,
+        port: 0,
+        _pad: 0,
+        addr: [0; 16],
+    };
+
+    pub fn is_some(&self) -> bool {
+        self.family == AF_INET || self.family == AF_INET6
+    }
+}
+
+/// The leading part of `sockaddr_in6`, which also covers `sockaddr_in`.
+#[repr(C)]
+#[derive(Copy, Clone)]
+struct RawSockaddr {
+    family: u16,
+    port_be: u16,
+    v4_or_flowinfo: [u8; 4],
+    v6: [u8; 16],
+}
+
+fn dest_from_raw(raw: &RawSockaddr) -> Dest {
+    let mut dest = Dest {
+        family: raw.family,
+        port: u16::from_be(raw.port_be),
+        _pad: 0,
+        addr: [0; 16],
+    };
+    if raw.family == AF_INET {
+        dest.addr[..4].copy_from_slice(&raw.v4_or_flowinfo);
+    } else if raw.family == AF_INET6 {
+        dest.addr = raw.v6;
+    } else {
+        return Dest::NONE;
+    }
+    dest
+}
+
+/// A `sockaddr` in kernel memory (e.g. `msghdr.msg_name` after the syscall copied it in).
+#[inline(always)]
+pub fn dest_from_kernel(addr: u64) -> Dest {
+    match read::kernel::<RawSockaddr>(addr, 0) {
+        Ok(raw) => dest_from_raw(&raw),
+        Err(_) => Dest::NONE,
+    }
+}
+
+/// A `sockaddr` in the calling process's memory.
+#[inline(always)]
+pub fn dest_from_user(addr: u64) -> Dest {
+    if addr == 0 {
+        return Dest::NONE;
+    }
+    // SAFETY: bpf_probe_read_user checks the address and fails instead of faulting.
+    match unsafe { bpf_probe_read_user(addr as *const RawSockaddr) } {
+        Ok(raw) => dest_from_raw(&raw),
+        Err(_) => Dest::NONE,
+    }
+}
+
+/// `user_msghdr.msg_name` (offset 0 in the stable user ABI) of a user `msghdr`.
+#[inline(always)]
+pub fn dest_from_user_msghdr(msghdr: u64) -> Dest {
+    if msghdr == 0 {
+        return Dest::NONE;
+    }
+    // SAFETY: as above.
+    match unsafe { bpf_probe_read_user(msghdr as *const u64) } {
+        Ok(name) => dest_from_user(name),
+        Err(_) => Dest::NONE,
+    }
+}
+
+/// `sk->sk_protocol`.
+#[inline(always)]
+pub fn protocol(sk: u64) -> Result<u8, i64> {
+    read::kernel::<u16>(sk, config!(offsets.sk_protocol)).map(|p| p as u8)
+}
+
+/// Family, protocol, and both ends of the socket as the kernel has them now.
+#[inline(always)]
+pub fn fill(ev: &mut ConnectEvent, sk: u64) -> Result<(), i64> {
+    ev.protocol = protocol(sk)?;
+    ev.family = read::kernel(sk, config!(offsets.skc_family))?;
+    fill_ports_and_addrs(ev, sk)
+}
+
+/// The parts of the tuple that change while a connect proceeds (the source port is
+/// chosen after the socket enters SYN_SENT).
+#[inline(always)]
+pub fn fill_ports_and_addrs(ev: &mut ConnectEvent, sk: u64) -> Result<(), i64> {
+    ev.src_port = read::kernel(sk, config!(offsets.skc_num))?;
+    ev.dst_port = u16::from_be(read::kernel(sk, config!(offsets.skc_dport))?);
+    if ev.family == AF_INET {
+        read::kernel_buf(sk, config!(offsets.skc_rcv_saddr), &mut ev.src_addr[..4])?;
+        read::kernel_buf(sk, config!(offsets.skc_daddr), &mut ev.dst_addr[..4])?;
+    } else if ev.family == AF_INET6 {
+        read::kernel_buf(sk, config!(offsets.skc_v6_rcv_saddr), &mut ev.src_addr)?;
+        read::kernel_buf(sk, config!(offsets.skc_v6_daddr), &mut ev.dst_addr)?;
+    }
+    Ok(())
+}
+
+/// Replaces the destination with the one the caller named (unconnected sends). An IPv4
+/// destination on a dual-stack IPv6 socket makes the flow IPv4.
+#[inline(always)]
+pub fn set_dest(ev: &mut ConnectEvent, sk: u64, dest: &Dest) {
+    if dest.family == AF_INET && ev.family == AF_INET6 {
+        ev.family = AF_INET;
+        ev.src_addr = [0; 16];
+        let _ = read::kernel_buf(sk, config!(offsets.skc_rcv_saddr), &mut ev.src_addr[..4]);
+    }
+    ev.dst_port = dest.port;
+    ev.dst_addr = dest.addr;
+}
+
+/// Whether an IPv6 address is IPv4-mapped (`::ffff:a.b.c.d`): udpv6_sendmsg hands such
+/// sends to udp_sendmsg, which reports them as IPv4.
+#[inline(always)]
+pub fn is_v4_mapped(addr: &[u8; 16]) -> bool {
+    addr[..10] == [0; 10] && addr[10] == 0xff && addr[11] == 0xff
+}
+
+/// `current->files->fdt->fd[fd]->private_data->sk`, with the socket's back-pointer to its
+/// file checked so a non-socket fd is never taken for one.
+#[inline(always)]
+pub fn from_fd(fd: u64) -> Result<u64, i64> {
+    let task = unsafe { bpf_get_current_task() };
+    let files = read::pointer(task, config!(offsets.task_files))?;
+    let fdt = read::pointer(files, config!(offsets.files_fdt))?;
+    let max_fds: u32 = read::kernel(fdt, config!(offsets.fdtable_max_fds))?;
+    if fd >= max_fds as u64 {
+        return Err(-1);
+    }
+    let fd_array = read::pointer(fdt, config!(offsets.fdtable_fd))?;
+    let file = read::pointer(fd_array + fd * 8, 0)?;
+    let socket = read::pointer(file, config!(offsets.file_private_data))?;
+    let back = read::pointer(socket, config!(offsets.socket_file))?;
+    if back != file {
+        return Err(-1);
+    }
+    read::pointer(socket, config!(offsets.socket_sk))
+}

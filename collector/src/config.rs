@@ -1,0 +1,414 @@
+//! Command line (and environment) into validated settings. The doc comments on the
+//! arguments are the reference (`egress-collector run --help`).
+
+use std::{path::PathBuf, time::Duration};
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::{
+    export::otlp::settings::{
+        Layers, OtlpSettings, RawSignal, SettingError, Signal, Source, parse_headers,
+        resource_attributes,
+    },
+    pipeline::PipelineSettings,
+    probe::{ProbeChoice, ProbeSettings},
+};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "egress-collector",
+    version,
+    about,
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// `run` options, also accepted without the subcommand.
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Capture connections and export them (the default).
+    Run(Box<RunArgs>),
+    /// Report what this kernel supports, attaching nothing long-lived; exits non-zero when
+    /// no hook family can run.
+    Check(ProbeArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ProbeArgs {
+    /// Hook family: auto (kprobe, then fentry, then tracepoint), kprobe, fentry or tracepoint.
+    #[arg(long, default_value = "auto", env = "EGRESS_PROBE")]
+    pub probe: ProbeChoice,
+    /// Kernel BTF to read struct offsets from [default: /sys/kernel/btf/vmlinux].
+    #[arg(long, env = "EGRESS_BTF")]
+    pub btf: Option<PathBuf>,
+    /// Where the host's filesystem is mounted (a DaemonSet mounts it at /host).
+    #[arg(long, default_value = "/", env = "EGRESS_HOST_ROOT")]
+    pub host_root: PathBuf,
+    /// A UDP flow (5-tuple per network namespace) is reported at most once per window.
+    #[arg(long, default_value = "60s", value_parser = parse_duration, env = "EGRESS_UDP_FLOW_WINDOW")]
+    pub udp_flow_window: Duration,
+    /// Size of the kernel ring buffer: a power of two, at least one page.
+    #[arg(long, default_value_t = 4 << 20, value_parser = parse_ring_buffer_bytes, env = "EGRESS_RING_BUFFER_BYTES")]
+    pub ring_buffer_bytes: u32,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub probe: ProbeArgs,
+    #[command(flatten)]
+    pub otlp: OtlpArgs,
+    /// Write records as JSON lines to stdout (the default while no OTLP endpoint is set;
+    /// with one, stdout gets a copy).
+    #[arg(long)]
+    pub stdout: bool,
+    /// Capacity of each queue between pipeline stages, in records.
+    #[arg(long, default_value_t = 65536, value_parser = clap::value_parser!(u32).range(1..), env = "EGRESS_QUEUE_CAPACITY")]
+    pub queue_capacity: u32,
+    /// How often the collector logs its own statistics.
+    #[arg(long, default_value = "60s", value_parser = parse_duration, env = "EGRESS_STATS_INTERVAL")]
+    pub stats_interval: Duration,
+    /// Log level of the collector's own logs (RUST_LOG overrides).
+    #[arg(long, default_value = "info", env = "EGRESS_LOG")]
+    pub log_level: String,
+}
+
+/// OTLP export. Each flag overrides the matching `OTEL_EXPORTER_OTLP_*` variable, which
+/// overrides the config file.
+#[derive(Debug, Clone, Args)]
+pub struct OtlpArgs {
+    /// TOML config file with `[otlp]`, `[otlp.logs]`, `[otlp.metrics]` and `[export]` tables.
+    #[arg(long, env = "EGRESS_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// OTLP endpoint (base URL); setting one anywhere turns OTLP export on.
+    #[arg(long)]
+    pub otlp_endpoint: Option<String>,
+    /// grpc or http/protobuf.
+    #[arg(long)]
+    pub otlp_protocol: Option<String>,
+    /// Request header `name=value` (repeatable), e.g. `Authorization=Basic …`.
+    #[arg(long = "otlp-header", value_name = "NAME=VALUE")]
+    pub otlp_headers: Vec<String>,
+    /// gzip or none.
+    #[arg(long)]
+    pub otlp_compression: Option<String>,
+    /// Per-request deadline, e.g. 10s.
+    #[arg(long)]
+    pub otlp_timeout: Option<String>,
+    /// CA bundle (PEM) to trust instead of the system roots.
+    #[arg(long)]
+    pub otlp_certificate: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS.
+    #[arg(long)]
+    pub otlp_client_certificate: Option<PathBuf>,
+    /// Client key (PEM) for mutual TLS.
+    #[arg(long)]
+    pub otlp_client_key: Option<PathBuf>,
+    /// How often metrics are exported [default: 60s; env OTEL_METRIC_EXPORT_INTERVAL in ms].
+    #[arg(long, value_parser = parse_duration)]
+    pub export_interval: Option<Duration>,
+    /// Log records per request [default: 512].
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// A partial batch is sent after this long [default: 1s].
+    #[arg(long, value_parser = parse_duration)]
+    pub batch_timeout: Option<Duration>,
+    /// Records held while the endpoint is slow or down; beyond it the oldest are dropped
+    /// and counted [default: 100000].
+    #[arg(long)]
+    pub queue_records: Option<usize>,
+    /// Count `egress.connections` per destination address too (high cardinality).
+    #[arg(long)]
+    pub metrics_destination_address: bool,
+}
+
+impl ProbeArgs {
+    pub fn settings(&self) -> ProbeSettings {
+        ProbeSettings {
+            choice: self.probe,
+            btf_path: self.btf.clone(),
+            udp_flow_window: self.udp_flow_window,
+            ring_buffer_bytes: self.ring_buffer_bytes,
+            host_root: self.host_root.clone(),
+        }
+    }
+}
+
+impl RunArgs {
+    pub fn pipeline(&self) -> PipelineSettings {
+        PipelineSettings {
+            queue_capacity: self.queue_capacity as usize,
+            stats_interval: self.stats_interval,
+            drain_deadline: Duration::from_secs(10),
+            host_root: self.probe.host_root.clone(),
+            cache: Default::default(),
+            stdout: self.stdout,
+            otlp: None,
+        }
+    }
+}
+
+/// `90`, `90s`, `1500ms`, `5m`, `1h`; zero is refused.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration (e.g. 60s, 500ms, 5m)"))?;
+    let duration = match unit {
+        "" | "s" => Duration::from_secs(number),
+        "ms" => Duration::from_millis(number),
+        "m" => Duration::from_secs(number.saturating_mul(60)),
+        "h" => Duration::from_secs(number.saturating_mul(3600)),
+        _ => return Err(format!("{text:?} has an unknown unit (use ms, s, m or h)")),
+    };
+    if duration.is_zero() {
+        return Err("a duration must be greater than zero".into());
+    }
+    Ok(duration)
+}
+
+fn parse_ring_buffer_bytes(text: &str) -> Result<u32, String> {
+    let bytes: u32 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number of bytes"))?;
+    if bytes < 4096 || !bytes.is_power_of_two() {
+        return Err(format!("{bytes} must be a power of two and at least 4096"));
+    }
+    Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("60s"), Ok(Duration::from_secs(60)));
+        assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("10 parsecs").is_err());
+        assert!(parse_duration("s").is_err());
+        assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn ring_buffer_sizes() {
+        assert_eq!(parse_ring_buffer_bytes("4096"), Ok(4096));
+        assert!(parse_ring_buffer_bytes("5000").is_err());
+        assert!(parse_ring_buffer_bytes("2048").is_err());
+        assert!(parse_ring_buffer_bytes("lots").is_err());
+    }
+
+    #[test]
+    fn run_is_the_default_command() {
+        let cli = Cli::try_parse_from(["egress-collector", "--stdout", "--probe", "tracepoint"])
+            .expect("valid");
+        assert!(cli.command.is_none());
+        assert!(cli.run.stdout);
+        let cli =
+            Cli::try_parse_from(["egress-collector", "check", "--probe", "kprobe"]).expect("valid");
+        assert!(matches!(cli.command, Some(Command::Check(_))));
+        assert!(Cli::try_parse_from(["egress-collector", "--probe", "magic"]).is_err());
+    }
+}
+
+/// A problem with the configuration: one line naming the setting.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(transparent)]
+    Setting(#[from] SettingError),
+    #[error("cannot read config file {path}: {source}")]
+    ReadFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {reason}")]
+    File { path: PathBuf, reason: String },
+}
+
+/// `[export]` in the config file.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileExport {
+    interval: Option<String>,
+    batch_size: Option<usize>,
+    batch_timeout: Option<String>,
+    queue_records: Option<usize>,
+    metrics_destination_address: Option<bool>,
+}
+
+struct FileConfig {
+    general: RawSignal,
+    logs: RawSignal,
+    metrics: RawSignal,
+    export: FileExport,
+}
+
+fn read_config_file(path: &std::path::Path) -> Result<FileConfig, ConfigError> {
+    let file_error = |reason: String| ConfigError::File {
+        path: path.to_owned(),
+        reason,
+    };
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
+        path: path.to_owned(),
+        source,
+    })?;
+    let mut table: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| file_error(e.message().to_owned()))?;
+    let take = |table: &mut toml::Table, key: &str| -> Result<toml::Table, ConfigError> {
+        match table.remove(key) {
+            None => Ok(toml::Table::new()),
+            Some(toml::Value::Table(t)) => Ok(t),
+            Some(_) => Err(file_error(format!("{key} must be a table"))),
+        }
+    };
+    let mut otlp = take(&mut table, "otlp")?;
+    let export = take(&mut table, "export")?;
+    if let Some(key) = table.keys().next() {
+        return Err(file_error(format!(
+            "unknown table or key {key:?} (expected otlp, export)"
+        )));
+    }
+    let logs = take(&mut otlp, "logs")?;
+    let metrics = take(&mut otlp, "metrics")?;
+    let signal = |t: toml::Table, name: &str| -> Result<RawSignal, ConfigError> {
+        t.try_into()
+            .map_err(|e: toml::de::Error| file_error(format!("[{name}] {}", e.message())))
+    };
+    Ok(FileConfig {
+        general: signal(otlp, "otlp")?,
+        logs: signal(logs, "otlp.logs")?,
+        metrics: signal(metrics, "otlp.metrics")?,
+        export: export
+            .try_into()
+            .map_err(|e: toml::de::Error| file_error(format!("[export] {}", e.message())))?,
+    })
+}
+
+impl OtlpArgs {
+    /// OTLP settings from flags, environment and file; `None` when no endpoint is set.
+    pub fn settings(
+        &self,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Option<OtlpSettings>, ConfigError> {
+        let file = self.config.as_deref().map(read_config_file).transpose()?;
+        let mut headers = std::collections::HashMap::new();
+        for header in &self.otlp_headers {
+            let parsed = parse_headers(header).map_err(|reason| SettingError {
+                setting: "--otlp-header".into(),
+                value: header.clone(),
+                reason,
+            })?;
+            headers.extend(parsed);
+        }
+        let flags = RawSignal {
+            endpoint: self.otlp_endpoint.clone(),
+            protocol: self.otlp_protocol.clone(),
+            headers: (!headers.is_empty()).then_some(headers),
+            compression: self.otlp_compression.clone(),
+            timeout: self.otlp_timeout.clone(),
+            certificate: self.otlp_certificate.clone(),
+            client_certificate: self.otlp_client_certificate.clone(),
+            client_key: self.otlp_client_key.clone(),
+        };
+        let mut layers = Layers::default();
+        layers.push(
+            Source::Flags,
+            flags,
+            RawSignal::default(),
+            RawSignal::default(),
+        );
+        layers.push(
+            Source::Env,
+            RawSignal::from_env(env, None)?,
+            RawSignal::from_env(env, Some(Signal::Logs))?,
+            RawSignal::from_env(env, Some(Signal::Metrics))?,
+        );
+        let export = match file {
+            Some(file) => {
+                let path = self.config.clone().unwrap_or_default();
+                layers.push(Source::File(path), file.general, file.logs, file.metrics);
+                file.export
+            }
+            None => FileExport::default(),
+        };
+        if !layers.any_endpoint() {
+            return Ok(None);
+        }
+        let file_duration =
+            |value: &Option<String>, key: &str| -> Result<Option<Duration>, ConfigError> {
+                value
+                    .as_deref()
+                    .map(|v| {
+                        parse_duration(v).map_err(|reason| SettingError {
+                            setting: format!("[export] {key}"),
+                            value: v.to_owned(),
+                            reason,
+                        })
+                    })
+                    .transpose()
+                    .map_err(ConfigError::from)
+            };
+        let env_interval = match env("OTEL_METRIC_EXPORT_INTERVAL").filter(|v| !v.is_empty()) {
+            Some(ms) => Some(
+                ms.parse::<u64>()
+                    .ok()
+                    .filter(|&ms| ms > 0)
+                    .map(Duration::from_millis)
+                    .ok_or_else(|| SettingError {
+                        setting: "OTEL_METRIC_EXPORT_INTERVAL".into(),
+                        value: ms.clone(),
+                        reason: "expected milliseconds greater than zero".into(),
+                    })?,
+            ),
+            None => None,
+        };
+        let positive =
+            |value: Option<usize>, setting: &str| -> Result<Option<usize>, SettingError> {
+                match value {
+                    Some(0) => Err(SettingError {
+                        setting: setting.into(),
+                        value: "0".into(),
+                        reason: "must be at least 1".into(),
+                    }),
+                    other => Ok(other),
+                }
+            };
+        Ok(Some(OtlpSettings {
+            logs: layers.resolve(Signal::Logs)?,
+            metrics: layers.resolve(Signal::Metrics)?,
+            export_interval: self
+                .export_interval
+                .or(env_interval)
+                .or(file_duration(&export.interval, "interval")?)
+                .unwrap_or(Duration::from_secs(60)),
+            batch_size: positive(self.batch_size, "--batch-size")?
+                .or(positive(export.batch_size, "[export] batch_size")?)
+                .unwrap_or(512),
+            batch_timeout: self
+                .batch_timeout
+                .or(file_duration(&export.batch_timeout, "batch_timeout")?)
+                .unwrap_or(Duration::from_secs(1)),
+            queue_records: positive(self.queue_records, "--queue-records")?
+                .or(positive(export.queue_records, "[export] queue_records")?)
+                .unwrap_or(100_000),
+            metrics_destination_address: self.metrics_destination_address
+                || export.metrics_destination_address.unwrap_or(false),
+            self_resource: resource_attributes(env)?,
+        }))
+    }
+}

@@ -1,0 +1,214 @@
+//! Container id -> workload identity, read once per container from the runtime's files.
+//! A hit does no file I/O. The cache is bounded; failed lookups are retried later (or at
+//! once when the container's directory appears) and logged once per container.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use opentelemetry_semantic_conventions::attribute as semconv;
+
+use super::{
+    Resource,
+    cgroup::ContainerRef,
+    runtime::{ContainerMetadata, RuntimeFiles},
+};
+use crate::telemetry::Stats;
+
+/// What the pipeline attaches to each connection of one container.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub resource: Arc<Resource>,
+    /// The runtime runs the container in the host's network namespace.
+    pub host_network: bool,
+}
+
+struct Entry {
+    identity: Identity,
+    last_used: Instant,
+    /// When a failed lookup may be tried again; `None` once metadata was found.
+    retry_at: Option<Instant>,
+    failure_logged: bool,
+    removed_at: Option<Instant>,
+}
+
+#[derive(Debug, Clone)]
+pub struct CacheSettings {
+    pub capacity: usize,
+    /// How long a failed lookup is trusted before the files are read again.
+    pub retry_after: Duration,
+    /// How long a removed container's identity stays, for events still in flight.
+    pub removal_grace: Duration,
+}
+
+impl Default for CacheSettings {
+    fn default() -> Self {
+        Self {
+            capacity: 8192,
+            retry_after: Duration::from_secs(30),
+            removal_grace: Duration::from_secs(60),
+        }
+    }
+}
+
+pub struct ContainerCache {
+    files: RuntimeFiles,
+    host: BTreeMap<&'static str, String>,
+    settings: CacheSettings,
+    entries: HashMap<String, Entry>,
+    stats: Arc<Stats>,
+}
+
+fn resource_of(
+    host: &BTreeMap<&'static str, String>,
+    container: &ContainerRef,
+    metadata: Option<&ContainerMetadata>,
+) -> Resource {
+    let mut attributes = host.clone();
+    attributes.insert(semconv::CONTAINER_ID, container.id.clone());
+    let mut put = |key: &'static str, value: Option<&String>| {
+        if let Some(value) = value {
+            attributes.insert(key, value.clone());
+        }
+    };
+    if let Some(m) = metadata {
+        put(semconv::CONTAINER_NAME, m.name.as_ref());
+        put(semconv::CONTAINER_IMAGE_NAME, m.image.as_ref());
+        put(semconv::K8S_POD_NAME, m.pod_name.as_ref());
+        put(semconv::K8S_NAMESPACE_NAME, m.pod_namespace.as_ref());
+        put(semconv::K8S_CONTAINER_NAME, m.container_name.as_ref());
+        put(
+            semconv::K8S_POD_UID,
+            m.pod_uid.as_ref().or(container.pod_uid.as_ref()),
+        );
+        if let Some(runtime) = m.runtime {
+            attributes.insert(semconv::CONTAINER_RUNTIME_NAME, runtime.as_str().to_owned());
+        }
+    } else {
+        put(semconv::K8S_POD_UID, container.pod_uid.as_ref());
+    }
+    Resource { attributes }
+}
+
+impl ContainerCache {
+    pub fn new(
+        files: RuntimeFiles,
+        host: BTreeMap<&'static str, String>,
+        settings: CacheSettings,
+        stats: Arc<Stats>,
+    ) -> Self {
+        Self {
+            files,
+            host,
+            settings,
+            entries: HashMap::new(),
+            stats,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    pub fn identity(&mut self, container: &ContainerRef, now: Instant) -> Identity {
+        let mut failure_logged = false;
+        if let Some(entry) = self.entries.get_mut(&container.id) {
+            if entry.retry_at.is_none_or(|at| now < at) {
+                entry.last_used = now;
+                return entry.identity.clone();
+            }
+            failure_logged = entry.failure_logged;
+        }
+        let (identity, retry_at) = match self.files.lookup(&container.id, container.runtime_hint) {
+            Ok(metadata) => {
+                let resource = resource_of(&self.host, container, Some(&metadata));
+                (
+                    Identity {
+                        resource: Arc::new(resource),
+                        host_network: metadata.host_network,
+                    },
+                    None,
+                )
+            }
+            Err(e) => {
+                self.stats.record_enrichment_failed(e.reason());
+                if !failure_logged {
+                    tracing::warn!(
+                        container.id = %container.id,
+                        reason = e.reason(),
+                        error = %e,
+                        "No pod metadata for a container; its connections carry the container id only."
+                    );
+                    failure_logged = true;
+                }
+                let resource = resource_of(&self.host, container, None);
+                (
+                    Identity {
+                        resource: Arc::new(resource),
+                        host_network: false,
+                    },
+                    Some(now + self.settings.retry_after),
+                )
+            }
+        };
+        if self.entries.len() >= self.settings.capacity && !self.entries.contains_key(&container.id)
+        {
+            self.evict_least_recently_used();
+        }
+        self.entries.insert(
+            container.id.clone(),
+            Entry {
+                identity: identity.clone(),
+                last_used: now,
+                retry_at,
+                failure_logged,
+                removed_at: None,
+            },
+        );
+        identity
+    }
+
+    fn evict_least_recently_used(&mut self) {
+        let oldest = self
+            .entries
+            .iter()
+            .min_by_key(|(_, e)| e.last_used)
+            .map(|(id, _)| id.clone());
+        if let Some(id) = oldest {
+            self.entries.remove(&id);
+        }
+    }
+
+    /// A container directory appeared: a failed lookup for it is retried at the next event.
+    pub fn container_created(&mut self, id: &str, now: Instant) {
+        if let Some(entry) = self.entries.get_mut(id) {
+            entry.removed_at = None;
+            if entry.retry_at.is_some() {
+                entry.retry_at = Some(now);
+            }
+        }
+    }
+
+    /// A container directory went away: forget it after the grace time.
+    pub fn container_removed(&mut self, id: &str, now: Instant) {
+        if let Some(entry) = self.entries.get_mut(id) {
+            entry.removed_at.get_or_insert(now);
+        }
+    }
+
+    /// Drops the containers removed longer than the grace time ago.
+    pub fn sweep(&mut self, now: Instant) {
+        let grace = self.settings.removal_grace;
+        self.entries
+            .retain(|_, e| e.removed_at.is_none_or(|at| now.duration_since(at) < grace));
+    }
+}
+
+#[cfg(test)]
+mod tests;

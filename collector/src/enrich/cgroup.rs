@@ -1,0 +1,200 @@
+//! Container identity from a cgroup path or leaf name, for every layout users run:
+//!
+//! - cgroupfs driver, v1 or v2: `/kubepods/<qos>/pod<uid>/<id>`, `/kubepods/pod<uid>/<id>`
+//!   (Guaranteed), `/docker/<id>`;
+//! - systemd driver: `kubepods.slice/kubepods-<qos>.slice/kubepods-<qos>-pod<uid_>.slice/
+//!   <runtime>-<id>.scope` with runtime `docker`, `cri-containerd`, `crio`, `libpod`, and
+//!   `system.slice/docker-<id>.scope`.
+
+/// What a cgroup path says about its container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerRef {
+    /// The full 64-hex container id.
+    pub id: String,
+    /// The runtime named by a systemd scope prefix, when there is one.
+    pub runtime_hint: Option<RuntimeHint>,
+    /// The pod UID from a `pod<uid>` path component (systemd's `_` turned back into `-`).
+    pub pod_uid: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RuntimeHint {
+    Docker,
+    Containerd,
+    CriO,
+    Podman,
+}
+
+const CONTAINER_ID_LEN: usize = 64;
+
+fn is_container_id(s: &str) -> bool {
+    s.len() == CONTAINER_ID_LEN
+        && s.bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+}
+
+/// The container id in one path component (a cgroup's leaf name), if it names one.
+pub fn container_id_of_leaf(leaf: &str) -> Option<(String, Option<RuntimeHint>)> {
+    if is_container_id(leaf) {
+        return Some((leaf.to_owned(), None));
+    }
+    let stem = leaf.strip_suffix(".scope").unwrap_or(leaf);
+    // `crio-conmon-<id>.scope` is CRI-O's monitor process, not the container.
+    const PREFIXES: [(&str, RuntimeHint); 5] = [
+        ("docker-", RuntimeHint::Docker),
+        ("cri-containerd-", RuntimeHint::Containerd),
+        ("crio-", RuntimeHint::CriO),
+        ("libpod-", RuntimeHint::Podman),
+        ("containerd-", RuntimeHint::Containerd),
+    ];
+    PREFIXES.iter().find_map(|(prefix, hint)| {
+        let id = stem.strip_prefix(prefix)?;
+        is_container_id(id).then(|| (id.to_owned(), Some(*hint)))
+    })
+}
+
+/// The pod UID in one path component: `pod<uid>` or `kubepods-<qos>-pod<uid_>.slice`.
+fn pod_uid_of_component(component: &str) -> Option<String> {
+    let stem = component.strip_suffix(".slice").unwrap_or(component);
+    let start = stem.rfind("pod")?;
+    if start > 0 && !stem[..start].ends_with('-') {
+        return None;
+    }
+    let uid = stem[start + 3..].replace('_', "-");
+    let looks_like_uid = uid.len() == 36
+        && uid.bytes().enumerate().all(|(i, b)| match i {
+            8 | 13 | 18 | 23 => b == b'-',
+            _ => b.is_ascii_hexdigit(),
+        });
+    looks_like_uid.then_some(uid)
+}
+
+/// Container and pod from a whole cgroup path (or just a leaf name).
+pub fn parse(path: &str) -> Option<ContainerRef> {
+    let mut components = path.split('/').filter(|c| !c.is_empty()).rev();
+    let leaf = components.next()?;
+    let (id, runtime_hint) = container_id_of_leaf(leaf)?;
+    let pod_uid = components.find_map(pod_uid_of_component);
+    Some(ContainerRef {
+        id,
+        runtime_hint,
+        pod_uid,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ID: &str = "b5fa49123b796b99fe605af0f8d019f3b3a8cb445b529b892e0d3788682469af";
+    const UID: &str = "35b82523-06c1-48e7-9e61-2521a89b703b";
+    const UID_: &str = "35b82523_06c1_48e7_9e61_2521a89b703b";
+
+    fn check(path: &str, hint: Option<RuntimeHint>, pod: Option<&str>) {
+        let found = parse(path).unwrap_or_else(|| panic!("no container in {path}"));
+        assert_eq!(found.id, ID, "{path}");
+        assert_eq!(found.runtime_hint, hint, "{path}");
+        assert_eq!(found.pod_uid.as_deref(), pod, "{path}");
+    }
+
+    #[test]
+    fn cgroupfs_driver_layouts() {
+        // The design note's /proc/self/cgroup, docker on Kubernetes.
+        check(
+            &format!("/kubepods/burstable/pod{UID}/{ID}"),
+            None,
+            Some(UID),
+        );
+        check(
+            &format!("/kubepods/besteffort/pod{UID}/{ID}"),
+            None,
+            Some(UID),
+        );
+        check(&format!("/kubepods/pod{UID}/{ID}"), None, Some(UID));
+        check(&format!("/docker/{ID}"), None, None);
+        check(ID, None, None);
+    }
+
+    #[test]
+    fn systemd_driver_layouts() {
+        let pod_slice =
+            format!("/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{UID_}.slice");
+        check(
+            &format!("{pod_slice}/docker-{ID}.scope"),
+            Some(RuntimeHint::Docker),
+            Some(UID),
+        );
+        check(
+            &format!("{pod_slice}/cri-containerd-{ID}.scope"),
+            Some(RuntimeHint::Containerd),
+            Some(UID),
+        );
+        check(
+            &format!("{pod_slice}/crio-{ID}.scope"),
+            Some(RuntimeHint::CriO),
+            Some(UID),
+        );
+        check(
+            &format!("/kubepods.slice/kubepods-pod{UID_}.slice/cri-containerd-{ID}.scope"),
+            Some(RuntimeHint::Containerd),
+            Some(UID),
+        );
+        check(
+            &format!("/system.slice/docker-{ID}.scope"),
+            Some(RuntimeHint::Docker),
+            None,
+        );
+        check(
+            &format!("/machine.slice/libpod-{ID}.scope"),
+            Some(RuntimeHint::Podman),
+            None,
+        );
+        check(
+            &format!("docker-{ID}.scope"),
+            Some(RuntimeHint::Docker),
+            None,
+        );
+    }
+
+    #[test]
+    fn not_containers() {
+        for path in [
+            "/",
+            "",
+            "/user.slice/user-1000.slice/session-2.scope",
+            "/system.slice/sshd.service",
+            &format!("/kubepods/burstable/pod{UID}"),
+            &format!("/kubepods.slice/kubepods-pod{UID_}.slice/crio-conmon-{ID}.scope"),
+            &format!("/docker/{}", &ID[..63]),
+            &format!("/docker/{}", ID.to_uppercase()),
+            "/docker/zzzz49123b796b99fe605af0f8d019f3b3a8cb445b529b892e0d3788682469af",
+        ] {
+            assert_eq!(parse(path), None, "{path}");
+        }
+    }
+
+    #[test]
+    fn malformed_pod_components_do_not_give_a_uid() {
+        assert_eq!(
+            parse(&format!("/kubepods/burstable/podnot-a-uid/{ID}")).and_then(|c| c.pod_uid),
+            None
+        );
+        assert_eq!(
+            parse(&format!("/kubepods/burstable/xpod{UID}/{ID}")).and_then(|c| c.pod_uid),
+            None
+        );
+    }
+}
+
+#[cfg(test)]
+mod fuzz {
+    use crate::mutate::mutations;
+
+    #[test]
+    fn cgroup_path_parsing_never_panics() {
+        let seed = b"/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod35b82523_06c1_48e7_9e61_2521a89b703b.slice/cri-containerd-b5fa49123b796b99fe605af0f8d019f3b3a8cb445b529b892e0d3788682469af.scope";
+        for input in mutations(seed, 50_000) {
+            let _ = super::parse(&String::from_utf8_lossy(&input));
+        }
+    }
+}

@@ -1,0 +1,194 @@
+//! Who made the connection: `task -> cgroup -> container -> pod`.
+//!
+//! The container id comes from the cgroup leaf name the kernel captured with the event
+//! (so a process that has exited, or a container already stopped, is still attributed);
+//! the pod comes from the runtime's own files, read once per container and cached. Runs
+//! on its own thread: file reads on a cache miss never hold up capture.
+
+pub mod cache;
+pub mod cgroup;
+pub mod cgroup_paths;
+pub mod runtime;
+pub mod watch;
+
+use std::{
+    collections::BTreeMap,
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+    sync::{Arc, mpsc as std_mpsc},
+    time::{Duration, Instant},
+};
+
+use opentelemetry_semantic_conventions::attribute as semconv;
+use tokio::sync::mpsc;
+
+use self::{
+    cache::{CacheSettings, ContainerCache, Identity},
+    cgroup_paths::CgroupPaths,
+    runtime::{RuntimeFiles, on_host},
+    watch::DirChange,
+};
+use crate::{events::Connection, telemetry::Stats};
+
+/// Resource attributes shared by every connection of one workload.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct Resource {
+    pub attributes: BTreeMap<&'static str, String>,
+}
+
+/// A connection and the workload it belongs to.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub connection: Connection,
+    pub resource: Arc<Resource>,
+    /// Made from the host's network namespace by a container (`hostNetwork: true` pods):
+    /// the UTS nodename is then the node's, not the pod's.
+    pub host_network: bool,
+    /// The task's cgroup path in the hierarchy the probes read, when it still existed.
+    pub cgroup_path: Option<String>,
+}
+
+/// The node this collector runs on.
+#[derive(Debug, Clone)]
+pub struct HostIdentity {
+    pub host_name: String,
+    /// `K8S_NODE_NAME` (downward API), when set.
+    pub node_name: Option<String>,
+    /// Inode of the host's network namespace, to recognise host-network containers.
+    pub net_ns: Option<u64>,
+}
+
+impl HostIdentity {
+    /// Reads the host's identity; `host_root` is where the host's filesystem is mounted.
+    pub fn detect(host_root: &Path) -> Self {
+        let host_name = std::fs::read_to_string(on_host(host_root, "/proc/sys/kernel/hostname"))
+            .or_else(|_| std::fs::read_to_string("/proc/sys/kernel/hostname"))
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_default();
+        let node_name = std::env::var("K8S_NODE_NAME")
+            .ok()
+            .filter(|s| !s.is_empty());
+        // PID 1's namespace is the host's when the host's /proc is visible (hostPID).
+        let net_ns = std::fs::metadata(on_host(host_root, "/proc/1/ns/net"))
+            .or_else(|_| std::fs::metadata("/proc/self/ns/net"))
+            .map(|m| m.ino())
+            .ok();
+        Self {
+            host_name,
+            node_name,
+            net_ns,
+        }
+    }
+
+    fn attributes(&self) -> BTreeMap<&'static str, String> {
+        let mut attributes = BTreeMap::new();
+        attributes.insert(semconv::HOST_NAME, self.host_name.clone());
+        if let Some(node) = &self.node_name {
+            attributes.insert(semconv::K8S_NODE_NAME, node.clone());
+        }
+        attributes
+    }
+}
+
+pub struct Enricher {
+    host: Arc<Resource>,
+    host_net_ns: Option<u64>,
+    containers: ContainerCache,
+    cgroup_paths: CgroupPaths,
+    changes: std_mpsc::Receiver<DirChange>,
+    last_sweep: Instant,
+}
+
+const SWEEP_EVERY: Duration = Duration::from_secs(10);
+/// Floor between two walks of the cgroup hierarchy (each new cgroup id causes one).
+const CGROUP_RESCAN_EVERY: Duration = Duration::from_millis(10);
+
+impl Enricher {
+    /// `changes` reports container directories appearing and going (see [`watch::spawn`]);
+    /// `cgroup_root` is the mount point (under the host root) of the hierarchy the probes
+    /// read cgroup names from.
+    pub fn new(
+        host: &HostIdentity,
+        cgroup_root: Option<PathBuf>,
+        files: RuntimeFiles,
+        settings: CacheSettings,
+        changes: std_mpsc::Receiver<DirChange>,
+        stats: Arc<Stats>,
+    ) -> Self {
+        let attributes = host.attributes();
+        Self {
+            host: Arc::new(Resource {
+                attributes: attributes.clone(),
+            }),
+            host_net_ns: host.net_ns,
+            containers: ContainerCache::new(files, attributes, settings, stats),
+            cgroup_paths: CgroupPaths::new(cgroup_root, CGROUP_RESCAN_EVERY),
+            changes,
+            last_sweep: Instant::now(),
+        }
+    }
+
+    pub fn enrich(&mut self, connection: Connection) -> Record {
+        let now = Instant::now();
+        let cgroup = &connection.cgroup;
+        let cgroup_path = self
+            .cgroup_paths
+            .resolve(cgroup.leaf_id, now)
+            .map(str::to_owned);
+        // The full path when the cgroup still exists; else the two names the kernel kept.
+        let container = match &cgroup_path {
+            Some(path) => cgroup::parse(path),
+            None => cgroup::parse(&format!("{}/{}", cgroup.parent_name, cgroup.leaf_name)),
+        };
+        let Some(container) = container else {
+            let resource = Arc::clone(&self.host);
+            return Record {
+                connection,
+                resource,
+                host_network: false,
+                cgroup_path,
+            };
+        };
+        let Identity {
+            resource,
+            host_network,
+        } = self.containers.identity(&container, now);
+        let in_host_netns = self.host_net_ns == Some(u64::from(connection.namespaces.net));
+        let host_network = host_network || in_host_netns;
+        Record {
+            connection,
+            resource,
+            host_network,
+            cgroup_path,
+        }
+    }
+
+    fn apply_changes(&mut self) {
+        let now = Instant::now();
+        while let Ok(change) = self.changes.try_recv() {
+            match change {
+                DirChange::Created(id) => self.containers.container_created(&id, now),
+                DirChange::Removed(id) => self.containers.container_removed(&id, now),
+            }
+        }
+        if now.duration_since(self.last_sweep) >= SWEEP_EVERY {
+            self.containers.sweep(now);
+            self.last_sweep = now;
+        }
+    }
+
+    /// Until the reader's channel closes (on shutdown, after its final drain). Blocking:
+    /// run it with `spawn_blocking`.
+    pub fn run_blocking(
+        mut self,
+        mut input: mpsc::Receiver<Connection>,
+        out: mpsc::Sender<Record>,
+    ) {
+        while let Some(connection) = input.blocking_recv() {
+            self.apply_changes();
+            if out.blocking_send(self.enrich(connection)).is_err() {
+                break;
+            }
+        }
+    }
+}

@@ -1,0 +1,295 @@
+//! Checked decoding of ring-buffer records into typed connections. Kernel bytes are
+//! never transmuted into types with invariants: every enum-like field is validated.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use egress_shared::{CONNECT_EVENT_SIZE, ConnectEvent, EventKind, NsIndex};
+
+use super::clock::BootClock;
+
+const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("record is {got} bytes, expected {CONNECT_EVENT_SIZE}")]
+    Length { got: usize },
+    #[error("unknown event kind {0}")]
+    Kind(u8),
+    #[error("unknown address family {0}")]
+    Family(u16),
+    #[error("unknown transport protocol {0}")]
+    Protocol(u8),
+}
+
+impl DecodeError {
+    /// A short label for counting by reason.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            DecodeError::Length { .. } => "length",
+            DecodeError::Kind(_) => "kind",
+            DecodeError::Family(_) => "family",
+            DecodeError::Protocol(_) => "protocol",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Tcp,
+    Udp,
+}
+
+impl Transport {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Tcp => "tcp",
+            Transport::Udp => "udp",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Process {
+    pub pid: u32,
+    pub tid: u32,
+    pub parent_pid: u32,
+    /// Process id inside its own pid namespace.
+    pub vpid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub name: String,
+    pub thread_name: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Namespaces {
+    pub net: u32,
+    pub uts: u32,
+    pub mnt: u32,
+    pub pid: u32,
+    pub ipc: u32,
+    pub cgroup: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cgroup {
+    /// cgroup v2 id of the task.
+    pub id: u64,
+    /// kernfs id of the cgroup named by `leaf_name`.
+    pub leaf_id: u64,
+    /// Last path component of the task's cgroup in the hierarchy the probes read.
+    pub leaf_name: String,
+    /// The component before it.
+    pub parent_name: String,
+}
+
+/// One connection attempt, decoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Connection {
+    pub time_unix_nano: u64,
+    pub kind: EventKind,
+    pub transport: Transport,
+    pub source: SocketAddr,
+    pub destination: SocketAddr,
+    pub process: Process,
+    pub namespaces: Namespaces,
+    /// UTS nodename the task sees (the pod name, except for hostNetwork pods).
+    pub nodename: String,
+    pub cgroup: Cgroup,
+}
+
+impl Connection {
+    pub fn kind_str(&self) -> &'static str {
+        match self.kind {
+            EventKind::TcpConnect => "tcp_connect",
+            EventKind::UdpConnect => "udp_connect",
+            EventKind::UdpSend => "udp_send",
+        }
+    }
+
+    pub fn network_type(&self) -> &'static str {
+        if self.destination.is_ipv4() {
+            "ipv4"
+        } else {
+            "ipv6"
+        }
+    }
+}
+
+/// Text up to the first NUL, invalid UTF-8 replaced.
+fn c_string(bytes: &[u8]) -> String {
+    let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+    String::from_utf8_lossy(&bytes[..end]).into_owned()
+}
+
+fn address(family: u16, bytes: &[u8; 16], port: u16) -> SocketAddr {
+    let ip = if family == AF_INET {
+        IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]))
+    } else {
+        IpAddr::V6(Ipv6Addr::from(*bytes))
+    };
+    SocketAddr::new(ip, port)
+}
+
+/// Decodes one ring-buffer record.
+pub fn decode(bytes: &[u8], clock: &BootClock) -> Result<Connection, DecodeError> {
+    if bytes.len() != CONNECT_EVENT_SIZE {
+        return Err(DecodeError::Length { got: bytes.len() });
+    }
+    // SAFETY: the length is checked, ConnectEvent is plain old data for which every bit
+    // pattern is valid, and read_unaligned does not require alignment.
+    let raw: ConnectEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+    let kind = EventKind::from_raw(raw.kind).ok_or(DecodeError::Kind(raw.kind))?;
+    let transport = match raw.protocol {
+        IPPROTO_TCP => Transport::Tcp,
+        IPPROTO_UDP => Transport::Udp,
+        other => return Err(DecodeError::Protocol(other)),
+    };
+    if raw.family != AF_INET && raw.family != AF_INET6 {
+        return Err(DecodeError::Family(raw.family));
+    }
+    let ns = |i: NsIndex| raw.ns_inums[i as usize];
+    Ok(Connection {
+        time_unix_nano: clock.to_unix_nanos(raw.boot_time_ns),
+        kind,
+        transport,
+        source: address(raw.family, &raw.src_addr, raw.src_port),
+        destination: address(raw.family, &raw.dst_addr, raw.dst_port),
+        process: Process {
+            pid: raw.tgid,
+            tid: raw.tid,
+            parent_pid: raw.parent_tgid,
+            vpid: raw.ns_tgid,
+            uid: raw.uid,
+            gid: raw.gid,
+            name: c_string(&raw.process_comm),
+            thread_name: c_string(&raw.thread_comm),
+        },
+        namespaces: Namespaces {
+            net: ns(NsIndex::Net),
+            uts: ns(NsIndex::Uts),
+            mnt: ns(NsIndex::Mnt),
+            pid: ns(NsIndex::Pid),
+            ipc: ns(NsIndex::Ipc),
+            cgroup: ns(NsIndex::Cgroup),
+        },
+        nodename: c_string(&raw.nodename),
+        cgroup: Cgroup {
+            id: raw.cgroup_id,
+            leaf_id: raw.cgroup_leaf_id,
+            leaf_name: c_string(&raw.cgroup_name),
+            parent_name: c_string(&raw.cgroup_parent_name),
+        },
+    })
+}
+
+#[cfg(test)]
+pub(super) mod tests {
+    use super::*;
+
+    pub(super) fn sample() -> ConnectEvent {
+        let mut ev = ConnectEvent::zeroed();
+        ev.boot_time_ns = 5_000;
+        ev.kind = EventKind::TcpConnect as u8;
+        ev.protocol = IPPROTO_TCP;
+        ev.family = AF_INET;
+        ev.src_addr[..4].copy_from_slice(&[10, 0, 0, 2]);
+        ev.dst_addr[..4].copy_from_slice(&[93, 184, 216, 34]);
+        ev.src_port = 40000;
+        ev.dst_port = 443;
+        ev.tgid = 42;
+        ev.tid = 43;
+        ev.parent_tgid = 1;
+        ev.ns_tgid = 7;
+        ev.uid = 1000;
+        ev.ns_inums = [11, 12, 13, 14, 15, 16];
+        ev.process_comm[..4].copy_from_slice(b"curl");
+        ev.thread_comm[..6].copy_from_slice(b"worker");
+        ev.nodename[..6].copy_from_slice(b"pod-1\0");
+        ev.cgroup_name[..5].copy_from_slice(b"abcde");
+        ev.cgroup_parent_name[..6].copy_from_slice(b"pod123");
+        ev.cgroup_id = 99;
+        ev
+    }
+
+    #[test]
+    fn round_trip_of_a_tcp_v4_event() {
+        let clock = BootClock::with_offset(1_000_000);
+        let c = decode(sample().as_bytes(), &clock).expect("valid event");
+        assert_eq!(c.time_unix_nano, 1_005_000);
+        assert_eq!(c.kind, EventKind::TcpConnect);
+        assert_eq!(c.transport, Transport::Tcp);
+        assert_eq!(c.source, "10.0.0.2:40000".parse().expect("addr"));
+        assert_eq!(c.destination, "93.184.216.34:443".parse().expect("addr"));
+        assert_eq!(c.process.pid, 42);
+        assert_eq!(c.process.tid, 43);
+        assert_eq!(c.process.vpid, 7);
+        assert_eq!(c.process.name, "curl");
+        assert_eq!(c.process.thread_name, "worker");
+        assert_eq!(c.namespaces.net, 11);
+        assert_eq!(c.namespaces.cgroup, 16);
+        assert_eq!(c.nodename, "pod-1");
+        assert_eq!(c.cgroup.leaf_name, "abcde");
+        assert_eq!(c.cgroup.parent_name, "pod123");
+        assert_eq!(c.network_type(), "ipv4");
+    }
+
+    #[test]
+    fn ipv6_addresses_use_all_sixteen_bytes() {
+        let mut ev = sample();
+        ev.family = AF_INET6;
+        ev.protocol = IPPROTO_UDP;
+        ev.kind = EventKind::UdpSend as u8;
+        ev.dst_addr = Ipv6Addr::LOCALHOST.octets();
+        let c = decode(ev.as_bytes(), &BootClock::with_offset(0)).expect("valid event");
+        assert_eq!(c.destination, "[::1]:443".parse().expect("addr"));
+        assert_eq!(c.network_type(), "ipv6");
+        assert_eq!(c.kind_str(), "udp_send");
+    }
+
+    #[test]
+    fn rejects_bad_records() {
+        let clock = BootClock::with_offset(0);
+        let bytes = sample().as_bytes().to_vec();
+        assert_eq!(
+            decode(&bytes[..100], &clock),
+            Err(DecodeError::Length { got: 100 })
+        );
+        let mut ev = sample();
+        ev.kind = 200;
+        assert_eq!(decode(ev.as_bytes(), &clock), Err(DecodeError::Kind(200)));
+        let mut ev = sample();
+        ev.family = 1;
+        assert_eq!(decode(ev.as_bytes(), &clock), Err(DecodeError::Family(1)));
+        let mut ev = sample();
+        ev.protocol = 1;
+        assert_eq!(decode(ev.as_bytes(), &clock), Err(DecodeError::Protocol(1)));
+    }
+
+    #[test]
+    fn unterminated_and_invalid_utf8_strings_are_kept_lossily() {
+        let mut ev = sample();
+        ev.process_comm = [0xff; 16];
+        ev.cgroup_name = [b'a'; 128];
+        let c = decode(ev.as_bytes(), &BootClock::with_offset(0)).expect("valid event");
+        assert_eq!(c.process.name.chars().count(), 16);
+        assert_eq!(c.cgroup.leaf_name.len(), 128);
+    }
+}
+
+#[cfg(test)]
+mod fuzz {
+    use super::{BootClock, decode, tests::sample};
+    use crate::mutate::mutations;
+
+    #[test]
+    fn decoding_never_panics() {
+        let clock = BootClock::with_offset(i128::from(u64::MAX));
+        for input in mutations(sample().as_bytes(), 50_000) {
+            let _ = decode(&input, &clock);
+        }
+    }
+}

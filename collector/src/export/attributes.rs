@@ -1,0 +1,104 @@
+//! The attributes of a connection record, shared by every exporter.
+//!
+//! OpenTelemetry semantic-convention keys where a convention exists; the rest under the
+//! documented `egress.` prefix (see README, "Output").
+
+use opentelemetry_semantic_conventions::attribute as semconv;
+
+use crate::enrich::Record;
+
+/// Keys with no semantic convention.
+pub mod keys {
+    pub const EVENT: &str = "egress.event";
+    pub const PROCESS_GROUP_ID: &str = "egress.process.group.id";
+    pub const NAMESPACE_NET: &str = "egress.namespace.net";
+    pub const NAMESPACE_UTS: &str = "egress.namespace.uts";
+    pub const NAMESPACE_MNT: &str = "egress.namespace.mnt";
+    pub const NAMESPACE_PID: &str = "egress.namespace.pid";
+    pub const NAMESPACE_IPC: &str = "egress.namespace.ipc";
+    pub const NAMESPACE_CGROUP: &str = "egress.namespace.cgroup";
+    pub const UTS_NODENAME: &str = "egress.uts.nodename";
+    pub const CGROUP_ID: &str = "egress.cgroup.id";
+    pub const CGROUP_LEAF_ID: &str = "egress.cgroup.leaf.id";
+    pub const CGROUP_LEAF_NAME: &str = "egress.cgroup.leaf.name";
+    pub const CGROUP_PARENT_NAME: &str = "egress.cgroup.parent.name";
+    /// Path of the task's cgroup in the hierarchy the probes read (`/kubepods/...`).
+    pub const CGROUP_PATH: &str = "egress.cgroup.path";
+    /// A container connecting from the host's network namespace (`hostNetwork: true`).
+    pub const HOST_NETWORK: &str = "egress.network.host";
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Value {
+    Str(String),
+    Int(i64),
+    Bool(bool),
+}
+
+impl From<&str> for Value {
+    fn from(s: &str) -> Self {
+        Value::Str(s.to_owned())
+    }
+}
+
+impl From<String> for Value {
+    fn from(s: String) -> Self {
+        Value::Str(s)
+    }
+}
+
+macro_rules! int_value {
+    ($($t:ty),*) => {$(
+        impl From<$t> for Value {
+            fn from(v: $t) -> Self {
+                Value::Int(v as i64)
+            }
+        }
+    )*};
+}
+int_value!(u16, u32, u64);
+
+pub fn of(record: &Record) -> Vec<(&'static str, Value)> {
+    let c = &record.connection;
+    let p = &c.process;
+    let ns = &c.namespaces;
+    let mut attributes = vec![
+        (keys::EVENT, c.kind_str().into()),
+        (semconv::PROCESS_PID, p.pid.into()),
+        (semconv::PROCESS_PARENT_PID, p.parent_pid.into()),
+        (semconv::PROCESS_VPID, p.vpid.into()),
+        (semconv::PROCESS_EXECUTABLE_NAME, p.name.clone().into()),
+        (semconv::PROCESS_USER_ID, p.uid.into()),
+        (keys::PROCESS_GROUP_ID, p.gid.into()),
+        (semconv::THREAD_ID, p.tid.into()),
+        (semconv::THREAD_NAME, p.thread_name.clone().into()),
+        (semconv::NETWORK_TRANSPORT, c.transport.as_str().into()),
+        (semconv::NETWORK_TYPE, c.network_type().into()),
+        (semconv::SOURCE_ADDRESS, c.source.ip().to_string().into()),
+        (semconv::SOURCE_PORT, c.source.port().into()),
+        (
+            semconv::DESTINATION_ADDRESS,
+            c.destination.ip().to_string().into(),
+        ),
+        (semconv::DESTINATION_PORT, c.destination.port().into()),
+        (keys::NAMESPACE_NET, ns.net.into()),
+        (keys::NAMESPACE_UTS, ns.uts.into()),
+        (keys::NAMESPACE_MNT, ns.mnt.into()),
+        (keys::NAMESPACE_PID, ns.pid.into()),
+        (keys::NAMESPACE_IPC, ns.ipc.into()),
+        (keys::NAMESPACE_CGROUP, ns.cgroup.into()),
+        (keys::UTS_NODENAME, c.nodename.clone().into()),
+        (keys::CGROUP_ID, c.cgroup.id.into()),
+        (keys::CGROUP_LEAF_ID, c.cgroup.leaf_id.into()),
+        (keys::CGROUP_LEAF_NAME, c.cgroup.leaf_name.clone().into()),
+        (
+            keys::CGROUP_PARENT_NAME,
+            c.cgroup.parent_name.clone().into(),
+        ),
+        (keys::HOST_NETWORK, Value::Bool(record.host_network)),
+    ];
+    if let Some(path) = &record.cgroup_path {
+        attributes.push((keys::CGROUP_PATH, path.clone().into()));
+    }
+    attributes
+}

@@ -1,0 +1,42 @@
+//! Where records go. Today: JSON lines on stdout, the embedded default.
+
+pub mod attributes;
+pub mod otlp;
+pub mod stdout;
+
+use tokio::sync::mpsc;
+
+use crate::{enrich::Record, telemetry::Stats};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    #[error("writing records failed: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A sink for batches of records.
+pub trait Exporter: Send {
+    fn export(&mut self, batch: &[Record]) -> Result<(), ExportError>;
+}
+
+/// Largest batch taken from the queue at once.
+const MAX_BATCH: usize = 512;
+
+/// Exports until the input closes; every record is counted as exported or failed.
+pub async fn run(
+    mut exporter: Box<dyn Exporter>,
+    mut input: mpsc::Receiver<Record>,
+    stats: std::sync::Arc<Stats>,
+) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while input.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        match exporter.export(&batch) {
+            Ok(()) => stats.record_exported(batch.len()),
+            Err(e) => {
+                stats.record_export_failed(batch.len());
+                tracing::error!(error = %e, records = batch.len(), "Export failed; the records are lost.");
+            }
+        }
+        batch.clear();
+    }
+}

@@ -1,0 +1,296 @@
+//! Records to OTLP: one log record per connection, grouped into one `ResourceLogs` per
+//! workload; `egress.connections` cumulative sums per workload; the collector's own health.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+    sync::Arc,
+};
+
+use opentelemetry_proto::tonic::{
+    collector::{logs::v1::ExportLogsServiceRequest, metrics::v1::ExportMetricsServiceRequest},
+    common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value},
+    logs::v1::{LogRecord, ResourceLogs, ScopeLogs, SeverityNumber},
+    metrics::v1::{
+        AggregationTemporality, Gauge, Metric, NumberDataPoint, ResourceMetrics, ScopeMetrics, Sum,
+        metric, number_data_point,
+    },
+    resource::v1::Resource as ProtoResource,
+};
+use opentelemetry_semantic_conventions::attribute as semconv;
+
+use crate::{
+    enrich::{Record, Resource},
+    export::attributes::{self, Value},
+};
+
+pub const EVENT_NAME: &str = "egress.connection";
+pub const CONNECTIONS_METRIC: &str = "egress.connections";
+const SCOPE_NAME: &str = "egress-collector";
+const SCOPE_VERSION: &str = env!("CARGO_PKG_VERSION");
+/// Series beyond this many per workload go to one overflow series (OpenTelemetry's
+/// cardinality limit convention), so a port scan cannot exhaust memory.
+pub const MAX_SERIES_PER_RESOURCE: usize = 2000;
+const OVERFLOW_ATTRIBUTE: &str = "otel.metric.overflow";
+
+fn any(value: Value) -> AnyValue {
+    AnyValue {
+        value: Some(match value {
+            Value::Str(s) => any_value::Value::StringValue(s),
+            Value::Int(i) => any_value::Value::IntValue(i),
+            Value::Bool(b) => any_value::Value::BoolValue(b),
+        }),
+    }
+}
+
+pub fn key_value(key: &str, value: Value) -> KeyValue {
+    KeyValue {
+        key: key.to_owned(),
+        value: Some(any(value)),
+        ..Default::default()
+    }
+}
+
+pub fn proto_resource(attributes: &BTreeMap<&'static str, String>) -> ProtoResource {
+    ProtoResource {
+        attributes: attributes
+            .iter()
+            .map(|(k, v)| key_value(k, Value::Str(v.clone())))
+            .collect(),
+        ..Default::default()
+    }
+}
+
+fn scope() -> InstrumentationScope {
+    InstrumentationScope {
+        name: SCOPE_NAME.into(),
+        version: SCOPE_VERSION.into(),
+        ..Default::default()
+    }
+}
+
+pub fn log_record(record: &Record, observed_unix_nano: u64) -> LogRecord {
+    LogRecord {
+        time_unix_nano: record.connection.time_unix_nano,
+        observed_time_unix_nano: observed_unix_nano,
+        severity_number: SeverityNumber::Info as i32,
+        severity_text: "INFO".into(),
+        event_name: EVENT_NAME.into(),
+        attributes: attributes::of(record)
+            .into_iter()
+            .map(|(k, v)| key_value(k, v))
+            .collect(),
+        ..Default::default()
+    }
+}
+
+/// One request for a batch: records of one workload share one `ResourceLogs`.
+pub fn logs_request(batch: &[Record], observed_unix_nano: u64) -> ExportLogsServiceRequest {
+    let mut groups: Vec<(Arc<Resource>, Vec<LogRecord>)> = Vec::new();
+    let mut index: HashMap<*const Resource, usize> = HashMap::new();
+    for record in batch {
+        let slot = *index
+            .entry(Arc::as_ptr(&record.resource))
+            .or_insert_with(|| {
+                // Different Arcs can hold equal resources (a cache entry reloaded): merge them.
+                groups
+                    .iter()
+                    .position(|(r, _)| r == &record.resource)
+                    .unwrap_or_else(|| {
+                        groups.push((Arc::clone(&record.resource), Vec::new()));
+                        groups.len() - 1
+                    })
+            });
+        groups[slot].1.push(log_record(record, observed_unix_nano));
+    }
+    ExportLogsServiceRequest {
+        resource_logs: groups
+            .into_iter()
+            .map(|(resource, log_records)| ResourceLogs {
+                resource: Some(proto_resource(&resource.attributes)),
+                scope_logs: vec![ScopeLogs {
+                    scope: Some(scope()),
+                    log_records,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            })
+            .collect(),
+    }
+}
+
+/// The attributes a connection counts under.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct SeriesKey {
+    transport: &'static str,
+    network_type: &'static str,
+    port: u16,
+    address: Option<IpAddr>,
+}
+
+#[derive(Default)]
+struct Series {
+    counts: HashMap<SeriesKey, u64>,
+    overflow: u64,
+}
+
+/// Cumulative connection counts per workload since the collector started.
+pub struct ConnectionCounts {
+    start_unix_nano: u64,
+    include_address: bool,
+    series: HashMap<Arc<Resource>, Series>,
+}
+
+impl ConnectionCounts {
+    pub fn new(start_unix_nano: u64, include_address: bool) -> Self {
+        Self {
+            start_unix_nano,
+            include_address,
+            series: HashMap::new(),
+        }
+    }
+
+    pub fn record(&mut self, record: &Record) {
+        let c = &record.connection;
+        let key = SeriesKey {
+            transport: c.transport.as_str(),
+            network_type: c.network_type(),
+            port: c.destination.port(),
+            address: self.include_address.then(|| c.destination.ip()),
+        };
+        let series = self.series.entry(Arc::clone(&record.resource)).or_default();
+        if let Some(count) = series.counts.get_mut(&key) {
+            *count += 1;
+        } else if series.counts.len() < MAX_SERIES_PER_RESOURCE {
+            series.counts.insert(key, 1);
+        } else {
+            series.overflow += 1;
+        }
+    }
+
+    fn points(&self, series: &Series, now: u64) -> Vec<NumberDataPoint> {
+        let point = |attributes: Vec<KeyValue>, count: u64| NumberDataPoint {
+            attributes,
+            start_time_unix_nano: self.start_unix_nano,
+            time_unix_nano: now,
+            value: Some(number_data_point::Value::AsInt(count as i64)),
+            ..Default::default()
+        };
+        let mut points: Vec<NumberDataPoint> = series
+            .counts
+            .iter()
+            .map(|(key, &count)| {
+                let mut attributes = vec![
+                    key_value(semconv::NETWORK_TRANSPORT, key.transport.into()),
+                    key_value(semconv::NETWORK_TYPE, key.network_type.into()),
+                    key_value(semconv::DESTINATION_PORT, key.port.into()),
+                ];
+                if let Some(address) = key.address {
+                    attributes.push(key_value(
+                        semconv::DESTINATION_ADDRESS,
+                        address.to_string().into(),
+                    ));
+                }
+                point(attributes, count)
+            })
+            .collect();
+        if series.overflow > 0 {
+            points.push(point(
+                vec![key_value(OVERFLOW_ATTRIBUTE, Value::Bool(true))],
+                series.overflow,
+            ));
+        }
+        points
+    }
+
+    pub fn resource_metrics(&self, now: u64) -> Vec<ResourceMetrics> {
+        self.series
+            .iter()
+            .map(|(resource, series)| ResourceMetrics {
+                resource: Some(proto_resource(&resource.attributes)),
+                scope_metrics: vec![ScopeMetrics {
+                    scope: Some(scope()),
+                    metrics: vec![cumulative_sum(
+                        CONNECTIONS_METRIC,
+                        "Outbound connection attempts (TCP) and flows (UDP) made by the workload.",
+                        "{connection}",
+                        self.points(series, now),
+                    )],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            })
+            .collect()
+    }
+}
+
+pub fn cumulative_sum(
+    name: &str,
+    description: &str,
+    unit: &str,
+    data_points: Vec<NumberDataPoint>,
+) -> Metric {
+    Metric {
+        name: name.into(),
+        description: description.into(),
+        unit: unit.into(),
+        data: Some(metric::Data::Sum(Sum {
+            data_points,
+            aggregation_temporality: AggregationTemporality::Cumulative as i32,
+            is_monotonic: true,
+        })),
+        ..Default::default()
+    }
+}
+
+pub fn gauge(
+    name: &str,
+    description: &str,
+    unit: &str,
+    data_points: Vec<NumberDataPoint>,
+) -> Metric {
+    Metric {
+        name: name.into(),
+        description: description.into(),
+        unit: unit.into(),
+        data: Some(metric::Data::Gauge(Gauge { data_points })),
+        ..Default::default()
+    }
+}
+
+/// A data point with string attributes.
+pub fn int_point(attributes: &[(&str, &str)], start: u64, now: u64, value: u64) -> NumberDataPoint {
+    NumberDataPoint {
+        attributes: attributes
+            .iter()
+            .map(|(k, v)| key_value(k, Value::Str((*v).to_owned())))
+            .collect(),
+        start_time_unix_nano: start,
+        time_unix_nano: now,
+        value: Some(number_data_point::Value::AsInt(value as i64)),
+        ..Default::default()
+    }
+}
+
+pub fn metrics_request(resource_metrics: Vec<ResourceMetrics>) -> ExportMetricsServiceRequest {
+    ExportMetricsServiceRequest { resource_metrics }
+}
+
+/// The collector's own resource metrics, under its own resource.
+pub fn self_metrics(
+    resource: &BTreeMap<&'static str, String>,
+    metrics: Vec<Metric>,
+) -> ResourceMetrics {
+    ResourceMetrics {
+        resource: Some(proto_resource(resource)),
+        scope_metrics: vec![ScopeMetrics {
+            scope: Some(scope()),
+            metrics,
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests;

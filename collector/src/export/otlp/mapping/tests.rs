@@ -1,0 +1,240 @@
+//! An event becomes exactly the expected log record, resource and data points.
+
+use std::collections::BTreeMap;
+
+use egress_shared::EventKind;
+use opentelemetry_proto::tonic::common::v1::{AnyValue, any_value::Value as V};
+
+use super::*;
+use crate::events::{
+    Connection, Transport,
+    decode::{Cgroup, Namespaces, Process},
+};
+
+fn connection(port: u16) -> Connection {
+    Connection {
+        time_unix_nano: 1_700_000_000_000_000_000,
+        kind: EventKind::TcpConnect,
+        transport: Transport::Tcp,
+        source: "10.0.0.2:40000".parse().expect("addr"),
+        destination: format!("93.184.216.34:{port}").parse().expect("addr"),
+        process: Process {
+            pid: 42,
+            tid: 43,
+            parent_pid: 1,
+            vpid: 7,
+            uid: 1000,
+            gid: 1000,
+            name: "curl".into(),
+            thread_name: "curl".into(),
+        },
+        namespaces: Namespaces {
+            net: 11,
+            uts: 12,
+            mnt: 13,
+            pid: 14,
+            ipc: 15,
+            cgroup: 16,
+        },
+        nodename: "shop-7d9f".into(),
+        cgroup: Cgroup {
+            id: 99,
+            leaf_id: 100,
+            leaf_name: "abc".into(),
+            parent_name: "podx".into(),
+        },
+    }
+}
+
+fn resource(pod: &str) -> Arc<Resource> {
+    let mut attributes = BTreeMap::new();
+    attributes.insert(semconv::K8S_POD_NAME, pod.to_owned());
+    attributes.insert(semconv::CONTAINER_ID, format!("{pod}-container"));
+    Arc::new(Resource { attributes })
+}
+
+fn record(resource: &Arc<Resource>, port: u16) -> Record {
+    Record {
+        connection: connection(port),
+        resource: Arc::clone(resource),
+        host_network: false,
+        cgroup_path: None,
+    }
+}
+
+fn attr<'a>(attributes: &'a [KeyValue], key: &str) -> Option<&'a V> {
+    attributes
+        .iter()
+        .find(|kv| kv.key == key)
+        .and_then(|kv| kv.value.as_ref())
+        .and_then(|v| v.value.as_ref())
+}
+
+#[test]
+fn a_connection_becomes_one_info_log_record() {
+    let shop = resource("shop");
+    let log = log_record(&record(&shop, 443), 5);
+    assert_eq!(log.time_unix_nano, 1_700_000_000_000_000_000);
+    assert_eq!(log.observed_time_unix_nano, 5);
+    assert_eq!(log.severity_number, SeverityNumber::Info as i32);
+    assert_eq!(log.severity_text, "INFO");
+    assert_eq!(log.event_name, "egress.connection");
+    let a = &log.attributes;
+    assert_eq!(
+        attr(a, "destination.address"),
+        Some(&V::StringValue("93.184.216.34".into()))
+    );
+    assert_eq!(attr(a, "destination.port"), Some(&V::IntValue(443)));
+    assert_eq!(attr(a, "source.port"), Some(&V::IntValue(40000)));
+    assert_eq!(
+        attr(a, "network.transport"),
+        Some(&V::StringValue("tcp".into()))
+    );
+    assert_eq!(attr(a, "process.pid"), Some(&V::IntValue(42)));
+    assert_eq!(
+        attr(a, "process.executable.name"),
+        Some(&V::StringValue("curl".into()))
+    );
+    assert_eq!(attr(a, "egress.network.host"), Some(&V::BoolValue(false)));
+    assert_eq!(
+        attr(a, "egress.event"),
+        Some(&V::StringValue("tcp_connect".into()))
+    );
+    // The same attributes as the stdout line, one for one.
+    assert_eq!(
+        a.len(),
+        crate::export::attributes::of(&record(&shop, 443)).len()
+    );
+}
+
+#[test]
+fn records_are_grouped_by_workload() {
+    let shop = resource("shop");
+    let db = resource("db");
+    let shop_again = Arc::new((*shop).clone());
+    let batch = [
+        record(&shop, 1),
+        record(&db, 2),
+        record(&shop, 3),
+        record(&shop_again, 4),
+    ];
+    let request = logs_request(&batch, 0);
+    assert_eq!(
+        request.resource_logs.len(),
+        2,
+        "equal resources share one ResourceLogs"
+    );
+    let pod = |rl: &ResourceLogs| {
+        let resource = rl.resource.as_ref().expect("resource");
+        attr(&resource.attributes, "k8s.pod.name").cloned()
+    };
+    assert_eq!(
+        pod(&request.resource_logs[0]),
+        Some(V::StringValue("shop".into()))
+    );
+    assert_eq!(request.resource_logs[0].scope_logs[0].log_records.len(), 3);
+    assert_eq!(
+        pod(&request.resource_logs[1]),
+        Some(V::StringValue("db".into()))
+    );
+    assert_eq!(request.resource_logs[1].scope_logs[0].log_records.len(), 1);
+    let scope = request.resource_logs[0].scope_logs[0]
+        .scope
+        .as_ref()
+        .expect("scope");
+    assert_eq!(scope.name, "egress-collector");
+}
+
+fn sum_points(rm: &ResourceMetrics) -> Vec<(Vec<KeyValue>, i64)> {
+    let metric = &rm.scope_metrics[0].metrics[0];
+    assert_eq!(metric.name, "egress.connections");
+    let Some(metric::Data::Sum(sum)) = &metric.data else {
+        panic!("a sum")
+    };
+    assert!(sum.is_monotonic);
+    assert_eq!(
+        sum.aggregation_temporality,
+        AggregationTemporality::Cumulative as i32
+    );
+    sum.data_points
+        .iter()
+        .map(|p| {
+            let Some(number_data_point::Value::AsInt(v)) = p.value else {
+                panic!("an int")
+            };
+            (p.attributes.clone(), v)
+        })
+        .collect()
+}
+
+#[test]
+fn connection_counts_are_cumulative_per_workload_and_port() {
+    let shop = resource("shop");
+    let db = resource("db");
+    let mut counts = ConnectionCounts::new(10, false);
+    for port in [443, 443, 80] {
+        counts.record(&record(&shop, port));
+    }
+    counts.record(&record(&db, 5432));
+    let metrics = counts.resource_metrics(20);
+    assert_eq!(metrics.len(), 2);
+    let shop_metrics = metrics
+        .iter()
+        .find(|rm| {
+            attr(&rm.resource.as_ref().expect("r").attributes, "k8s.pod.name")
+                == Some(&V::StringValue("shop".into()))
+        })
+        .expect("shop");
+    let mut points = sum_points(shop_metrics);
+    points.sort_by_key(|(a, _)| format!("{:?}", attr(a, "destination.port")));
+    assert_eq!(points.len(), 2);
+    let total: i64 = points.iter().map(|(_, v)| v).sum();
+    assert_eq!(total, 3);
+    for (attributes, _) in &points {
+        assert!(
+            attr(attributes, "destination.address").is_none(),
+            "addresses are off by default"
+        );
+        assert_eq!(
+            attr(attributes, "network.type"),
+            Some(&V::StringValue("ipv4".into()))
+        );
+    }
+    counts.record(&record(&shop, 443));
+    let again: i64 = sum_points(
+        counts
+            .resource_metrics(30)
+            .iter()
+            .find(|rm| {
+                rm.resource.as_ref().expect("r").attributes.len() == 2 && sum_points(rm).len() == 2
+            })
+            .expect("shop"),
+    )
+    .iter()
+    .map(|(_, v)| v)
+    .sum();
+    assert_eq!(again, 4, "cumulative: totals only grow");
+}
+
+#[test]
+fn destination_addresses_when_asked_and_an_overflow_series_beyond_the_limit() {
+    let shop = resource("shop");
+    let mut counts = ConnectionCounts::new(0, true);
+    for port in 0..(MAX_SERIES_PER_RESOURCE as u16 + 5) {
+        counts.record(&record(&shop, port));
+    }
+    let points = sum_points(&counts.resource_metrics(1)[0]);
+    assert_eq!(points.len(), MAX_SERIES_PER_RESOURCE + 1);
+    let overflow: Vec<_> = points
+        .iter()
+        .filter(|(a, _)| attr(a, "otel.metric.overflow").is_some())
+        .collect();
+    assert_eq!(overflow.len(), 1);
+    assert_eq!(overflow[0].1, 5);
+    let with_address = points
+        .iter()
+        .filter(|(a, _)| attr(a, "destination.address").is_some())
+        .count();
+    assert_eq!(with_address, MAX_SERIES_PER_RESOURCE);
+    let _ = AnyValue::default();
+}

@@ -1,0 +1,422 @@
+//! Sending OTLP requests over gRPC (tonic) or HTTP/protobuf (hyper + rustls), with TLS
+//! (system roots or a custom CA, optional client certificate), headers and gzip. Errors
+//! are classified as the OTLP specification says: retryable or not, with the delay the
+//! server asked for.
+
+use std::{io::Write, str::FromStr, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::{client::legacy::Client as HyperClient, rt::TokioExecutor};
+use opentelemetry_proto::tonic::collector::{
+    logs::v1::{
+        ExportLogsServiceRequest, ExportLogsServiceResponse, logs_service_client::LogsServiceClient,
+    },
+    metrics::v1::{
+        ExportMetricsServiceRequest, ExportMetricsServiceResponse,
+        metrics_service_client::MetricsServiceClient,
+    },
+};
+use prost::Message;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+use tonic::{
+    Code,
+    codec::CompressionEncoding,
+    metadata::{MetadataKey, MetadataValue},
+    transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
+};
+use tonic_types::StatusExt;
+
+use super::settings::{Compression, Protocol, SignalSettings, TlsSettings};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("cannot read {what} {path}: {source}")]
+    Read {
+        what: &'static str,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid TLS material: {0}")]
+    Tls(String),
+    #[error("invalid endpoint {url}: {reason}")]
+    Endpoint { url: String, reason: String },
+    #[error("invalid header {name:?}")]
+    Header { name: String },
+}
+
+/// Why a request failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SendError {
+    /// Try again later (after `retry_after` if the server said).
+    Retryable {
+        reason: String,
+        retry_after: Option<Duration>,
+    },
+    /// Retrying would not help: the data is dropped and counted.
+    Permanent { reason: String },
+}
+
+impl std::fmt::Display for SendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SendError::Retryable { reason, .. } | SendError::Permanent { reason } => {
+                f.write_str(reason)
+            }
+        }
+    }
+}
+
+/// What the server accepted: `rejected` items and its message (OTLP partial success).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Accepted {
+    pub rejected: u64,
+    pub message: String,
+}
+
+// One per client, built once: the size difference between the variants costs nothing.
+#[allow(clippy::large_enum_variant)]
+enum Inner {
+    Grpc {
+        channel: Channel,
+        gzip: bool,
+        headers: tonic::metadata::MetadataMap,
+    },
+    Http {
+        client: HyperClient<
+            hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+            Full<Bytes>,
+        >,
+        url: hyper::Uri,
+        gzip: bool,
+        headers: Vec<(hyper::header::HeaderName, hyper::header::HeaderValue)>,
+    },
+}
+
+pub struct Client {
+    inner: Inner,
+    timeout: Duration,
+}
+
+fn read(what: &'static str, path: &std::path::Path) -> Result<Vec<u8>, TransportError> {
+    std::fs::read(path).map_err(|source| TransportError::Read {
+        what,
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+fn rustls_config(tls: &TlsSettings) -> Result<rustls::ClientConfig, TransportError> {
+    let mut roots = rustls::RootCertStore::empty();
+    match &tls.ca_file {
+        Some(path) => {
+            let pem = read("CA certificate", path)?;
+            for cert in CertificateDer::pem_slice_iter(&pem) {
+                let cert =
+                    cert.map_err(|e| TransportError::Tls(format!("{}: {e}", path.display())))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| TransportError::Tls(format!("{}: {e}", path.display())))?;
+            }
+        }
+        None => {
+            for cert in rustls_native_certs::load_native_certs().certs {
+                let _ = roots.add(cert);
+            }
+        }
+    }
+    let builder = rustls::ClientConfig::builder().with_root_certificates(roots);
+    match (&tls.client_certificate, &tls.client_key) {
+        (Some(cert), Some(key)) => {
+            let certs: Result<Vec<_>, _> =
+                CertificateDer::pem_slice_iter(&read("client certificate", cert)?).collect();
+            let certs =
+                certs.map_err(|e| TransportError::Tls(format!("{}: {e}", cert.display())))?;
+            let key = PrivateKeyDer::from_pem_slice(&read("client key", key)?)
+                .map_err(|e| TransportError::Tls(format!("{}: {e}", key.display())))?;
+            builder
+                .with_client_auth_cert(certs, key)
+                .map_err(|e| TransportError::Tls(e.to_string()))
+        }
+        _ => Ok(builder.with_no_client_auth()),
+    }
+}
+
+impl Client {
+    /// Builds the client; nothing is connected until the first request.
+    pub fn new(settings: &SignalSettings) -> Result<Self, TransportError> {
+        // Both tonic and hyper-rustls use rustls; make ring the process's provider.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let gzip = settings.compression == Compression::Gzip;
+        let bad_endpoint = |reason: String| TransportError::Endpoint {
+            url: settings.url.clone(),
+            reason,
+        };
+        let inner = match settings.protocol {
+            Protocol::Grpc => {
+                let mut endpoint = Endpoint::from_shared(settings.url.clone())
+                    .map_err(|e| bad_endpoint(e.to_string()))?
+                    .connect_timeout(settings.timeout)
+                    .timeout(settings.timeout);
+                if settings.url.starts_with("https://") {
+                    let mut tls = ClientTlsConfig::new();
+                    tls = match &settings.tls.ca_file {
+                        Some(path) => {
+                            tls.ca_certificate(Certificate::from_pem(read("CA certificate", path)?))
+                        }
+                        None => tls.with_native_roots(),
+                    };
+                    if let (Some(cert), Some(key)) =
+                        (&settings.tls.client_certificate, &settings.tls.client_key)
+                    {
+                        tls = tls.identity(Identity::from_pem(
+                            read("client certificate", cert)?,
+                            read("client key", key)?,
+                        ));
+                    }
+                    endpoint = endpoint
+                        .tls_config(tls)
+                        .map_err(|e| TransportError::Tls(e.to_string()))?;
+                }
+                let mut headers = tonic::metadata::MetadataMap::new();
+                for (name, value) in &settings.headers {
+                    let key = MetadataKey::from_str(&name.to_lowercase())
+                        .map_err(|_| TransportError::Header { name: name.clone() })?;
+                    let value = MetadataValue::try_from(value.as_str())
+                        .map_err(|_| TransportError::Header { name: name.clone() })?;
+                    headers.insert(key, value);
+                }
+                Inner::Grpc {
+                    channel: endpoint.connect_lazy(),
+                    gzip,
+                    headers,
+                }
+            }
+            Protocol::HttpProtobuf => {
+                let url: hyper::Uri = settings
+                    .url
+                    .parse()
+                    .map_err(|e: hyper::http::uri::InvalidUri| bad_endpoint(e.to_string()))?;
+                let connector = hyper_rustls::HttpsConnectorBuilder::new()
+                    .with_tls_config(rustls_config(&settings.tls)?)
+                    .https_or_http()
+                    .enable_http1()
+                    .build();
+                let client = HyperClient::builder(TokioExecutor::new()).build(connector);
+                let mut headers = Vec::new();
+                for (name, value) in &settings.headers {
+                    let header_name = hyper::header::HeaderName::from_str(name)
+                        .map_err(|_| TransportError::Header { name: name.clone() })?;
+                    let header_value = hyper::header::HeaderValue::from_str(value)
+                        .map_err(|_| TransportError::Header { name: name.clone() })?;
+                    headers.push((header_name, header_value));
+                }
+                Inner::Http {
+                    client,
+                    url,
+                    gzip,
+                    headers,
+                }
+            }
+        };
+        Ok(Self {
+            inner,
+            timeout: settings.timeout,
+        })
+    }
+
+    pub async fn export_logs(
+        &self,
+        request: &ExportLogsServiceRequest,
+    ) -> Result<Accepted, SendError> {
+        match &self.inner {
+            Inner::Grpc {
+                channel,
+                gzip,
+                headers,
+            } => {
+                let mut client = LogsServiceClient::new(channel.clone());
+                if *gzip {
+                    client = client
+                        .send_compressed(CompressionEncoding::Gzip)
+                        .accept_compressed(CompressionEncoding::Gzip);
+                }
+                let mut grpc_request = tonic::Request::new(request.clone());
+                *grpc_request.metadata_mut() = headers.clone();
+                let response = client
+                    .export(grpc_request)
+                    .await
+                    .map_err(classify_status)?
+                    .into_inner();
+                Ok(response
+                    .partial_success
+                    .map_or_else(Accepted::default, |p| Accepted {
+                        rejected: p.rejected_log_records.max(0) as u64,
+                        message: p.error_message,
+                    }))
+            }
+            Inner::Http { .. } => {
+                let body = self.post(request.encode_to_vec()).await?;
+                let response = ExportLogsServiceResponse::decode(body).unwrap_or_default();
+                Ok(response
+                    .partial_success
+                    .map_or_else(Accepted::default, |p| Accepted {
+                        rejected: p.rejected_log_records.max(0) as u64,
+                        message: p.error_message,
+                    }))
+            }
+        }
+    }
+
+    pub async fn export_metrics(
+        &self,
+        request: &ExportMetricsServiceRequest,
+    ) -> Result<Accepted, SendError> {
+        match &self.inner {
+            Inner::Grpc {
+                channel,
+                gzip,
+                headers,
+            } => {
+                let mut client = MetricsServiceClient::new(channel.clone());
+                if *gzip {
+                    client = client
+                        .send_compressed(CompressionEncoding::Gzip)
+                        .accept_compressed(CompressionEncoding::Gzip);
+                }
+                let mut grpc_request = tonic::Request::new(request.clone());
+                *grpc_request.metadata_mut() = headers.clone();
+                let response = client
+                    .export(grpc_request)
+                    .await
+                    .map_err(classify_status)?
+                    .into_inner();
+                Ok(response
+                    .partial_success
+                    .map_or_else(Accepted::default, |p| Accepted {
+                        rejected: p.rejected_data_points.max(0) as u64,
+                        message: p.error_message,
+                    }))
+            }
+            Inner::Http { .. } => {
+                let body = self.post(request.encode_to_vec()).await?;
+                let response = ExportMetricsServiceResponse::decode(body).unwrap_or_default();
+                Ok(response
+                    .partial_success
+                    .map_or_else(Accepted::default, |p| Accepted {
+                        rejected: p.rejected_data_points.max(0) as u64,
+                        message: p.error_message,
+                    }))
+            }
+        }
+    }
+
+    /// POSTs a protobuf body; returns the response body of a 2xx.
+    async fn post(&self, body: Vec<u8>) -> Result<Bytes, SendError> {
+        let Inner::Http {
+            client,
+            url,
+            gzip,
+            headers,
+        } = &self.inner
+        else {
+            return Err(SendError::Permanent {
+                reason: "not an HTTP client".into(),
+            });
+        };
+        let mut builder = hyper::Request::post(url.clone())
+            .header(hyper::header::CONTENT_TYPE, "application/x-protobuf");
+        let body = if *gzip {
+            builder = builder.header(hyper::header::CONTENT_ENCODING, "gzip");
+            let mut encoder =
+                flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            encoder
+                .write_all(&body)
+                .and_then(|()| encoder.finish())
+                .map_err(|e| SendError::Permanent {
+                    reason: format!("gzip: {e}"),
+                })?
+        } else {
+            body
+        };
+        for (name, value) in headers {
+            builder = builder.header(name, value);
+        }
+        let request =
+            builder
+                .body(Full::new(Bytes::from(body)))
+                .map_err(|e| SendError::Permanent {
+                    reason: e.to_string(),
+                })?;
+        let response = tokio::time::timeout(self.timeout, client.request(request))
+            .await
+            .map_err(|_| SendError::Retryable {
+                reason: format!("no response within {:?}", self.timeout),
+                retry_after: None,
+            })?
+            .map_err(|e| SendError::Retryable {
+                reason: crate::one_line(&e),
+                retry_after: None,
+            })?;
+        let status = response.status();
+        let retry_after = response
+            .headers()
+            .get(hyper::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        let body = tokio::time::timeout(self.timeout, response.into_body().collect())
+            .await
+            .map_err(|_| SendError::Retryable {
+                reason: "response body timed out".into(),
+                retry_after: None,
+            })?
+            .map_err(|e| SendError::Retryable {
+                reason: e.to_string(),
+                retry_after: None,
+            })?
+            .to_bytes();
+        match status.as_u16() {
+            200..=299 => Ok(body),
+            429 | 502 | 503 | 504 => Err(SendError::Retryable {
+                reason: format!("HTTP {status}"),
+                retry_after,
+            }),
+            _ => Err(SendError::Permanent {
+                reason: format!(
+                    "HTTP {status}: {}",
+                    String::from_utf8_lossy(&body[..body.len().min(200)])
+                ),
+            }),
+        }
+    }
+}
+
+/// The OTLP specification's retryable gRPC codes; RESOURCE_EXHAUSTED only when the
+/// server says when to come back (RetryInfo).
+pub fn classify_status(status: tonic::Status) -> SendError {
+    let reason = format!("gRPC {:?}: {}", status.code(), status.message());
+    let retry_after = status
+        .get_details_retry_info()
+        .and_then(|info| info.retry_delay);
+    match status.code() {
+        Code::Unavailable
+        | Code::Cancelled
+        | Code::DeadlineExceeded
+        | Code::Aborted
+        | Code::OutOfRange
+        | Code::DataLoss => SendError::Retryable {
+            reason,
+            retry_after,
+        },
+        Code::ResourceExhausted if retry_after.is_some() => SendError::Retryable {
+            reason,
+            retry_after,
+        },
+        _ => SendError::Permanent { reason },
+    }
+}
+
+/// Shared handle, so the log and metric loops can use one client each.
+pub type SharedClient = Arc<Client>;

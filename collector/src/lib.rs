@@ -1,0 +1,31 @@
+//! egress-collector: every outbound connection a container makes, attributed to its pod.
+//!
+//! One pipeline, one direction: [`probe`] (hook selection, BTF offsets, load/attach) ->
+//! [`events`] (ring buffer, checked decoding) -> [`enrich`] -> [`export`].
+
+pub mod check;
+pub mod config;
+pub mod enrich;
+pub mod events;
+pub mod export;
+pub mod pipeline;
+pub mod probe;
+pub mod telemetry;
+
+#[cfg(test)]
+mod mutate;
+
+/// An error and its causes on one line, for logs and exit messages.
+pub fn one_line(err: &dyn std::error::Error) -> String {
+    let mut line = err.to_string();
+    let mut cause = err.source();
+    while let Some(inner) = cause {
+        let text = inner.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        cause = inner.source();
+    }
+    line
+}

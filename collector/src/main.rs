@@ -1,0 +1,83 @@
+//! Glue only: command line -> telemetry -> probes -> pipeline -> graceful shutdown.
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use egress_collector::{
+    check,
+    config::{Cli, Command, RunArgs},
+    enrich::HostIdentity,
+    pipeline,
+    probe::Probes,
+};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Some(Command::Check(args)) => {
+            match check::run(&args.settings(), &mut std::io::stdout().lock()) {
+                Ok(true) => return ExitCode::SUCCESS,
+                Ok(false) => return ExitCode::from(1),
+                Err(e) => Err(anyhow::Error::from(e).context("writing the report")),
+            }
+        }
+        Some(Command::Run(args)) => run(*args),
+        None => run(cli.run),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("egress-collector: error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(args: RunArgs) -> anyhow::Result<()> {
+    egress_collector::telemetry::init_tracing(&args.log_level);
+    raise_memlock_limit();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    // Configuration first: a bad setting fails before anything is loaded into the kernel.
+    let env = |name: &str| std::env::var(name).ok();
+    let mut pipeline_settings = args.pipeline();
+    pipeline_settings.otlp = args.otlp.settings(&env).context("configuration")?;
+    pipeline_settings.stdout = args.stdout || pipeline_settings.otlp.is_none();
+    runtime.block_on(async {
+        let probes = Probes::attach(&args.probe.settings()).context("attaching probes")?;
+        let host = HostIdentity::detect(&args.probe.host_root);
+        pipeline::run(probes, host, pipeline_settings, shutdown_signal()).await?;
+        Ok(())
+    })
+}
+
+/// Kernels before 5.11 charge eBPF maps to RLIMIT_MEMLOCK.
+fn raise_memlock_limit() {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: a valid rlimit struct for the call's duration.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
+        tracing::debug!("Could not raise RLIMIT_MEMLOCK; fine on kernels from 5.11.");
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("Cannot listen for SIGTERM/SIGINT; stop the collector with SIGKILL.");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down."),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down."),
+    }
+}

@@ -1,0 +1,220 @@
+//! Loading and attaching one hook family's programs. Each family is all-or-nothing: a
+//! failure unloads what the family had attached, so the next family starts clean.
+
+use std::path::Path;
+
+use aya::{
+    Btf, Ebpf,
+    programs::{FEntry, FExit, KProbe, ProgramError, TracePoint},
+};
+
+use super::HookMode;
+
+/// A program and the kernel functions (or `category/name` tracepoints) it attaches to.
+struct Attachment {
+    program: &'static str,
+    targets: &'static [&'static str],
+}
+
+const UDP_SEND: &[&str] = &["udp_sendmsg", "udpv6_sendmsg"];
+const UDP_CONNECT: &[&str] = &["ip4_datagram_connect", "ip6_datagram_connect"];
+
+/// Return probes first: an entry without its return would leave state behind.
+const KPROBES: &[Attachment] = &[
+    Attachment {
+        program: "kretprobe_udp",
+        targets: &[
+            "udp_sendmsg",
+            "udpv6_sendmsg",
+            "ip4_datagram_connect",
+            "ip6_datagram_connect",
+        ],
+    },
+    Attachment {
+        program: "kprobe_udp_sendmsg",
+        targets: UDP_SEND,
+    },
+    Attachment {
+        program: "kprobe_udp_connect",
+        targets: UDP_CONNECT,
+    },
+    Attachment {
+        program: "kprobe_tcp_connect",
+        targets: &["tcp_connect"],
+    },
+];
+
+/// (program, kernel function, is fexit)
+const FENTRIES: &[(&str, &str, bool)] = &[
+    ("fexit_udp_sendmsg", "udp_sendmsg", true),
+    ("fexit_udpv6_sendmsg", "udpv6_sendmsg", true),
+    ("fexit_ip4_datagram_connect", "ip4_datagram_connect", true),
+    ("fexit_ip6_datagram_connect", "ip6_datagram_connect", true),
+    ("fentry_tcp_connect", "tcp_connect", false),
+];
+
+/// Exits first, for the same reason as the return probes.
+const TRACEPOINTS: &[Attachment] = &[
+    Attachment {
+        program: "tp_sys_exit",
+        targets: &[
+            "syscalls/sys_exit_connect",
+            "syscalls/sys_exit_sendto",
+            "syscalls/sys_exit_sendmsg",
+            "syscalls/sys_exit_sendmmsg",
+        ],
+    },
+    Attachment {
+        program: "tp_sys_enter_connect",
+        targets: &["syscalls/sys_enter_connect"],
+    },
+    Attachment {
+        program: "tp_sys_enter_sendto",
+        targets: &["syscalls/sys_enter_sendto"],
+    },
+    Attachment {
+        program: "tp_sys_enter_sendmsg",
+        targets: &["syscalls/sys_enter_sendmsg"],
+    },
+    Attachment {
+        program: "tp_sys_enter_sendmmsg",
+        targets: &["syscalls/sys_enter_sendmmsg"],
+    },
+    Attachment {
+        program: "tp_inet_sock_set_state",
+        targets: &["sock/inet_sock_set_state"],
+    },
+];
+
+/// Why a hook family could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    #[error("{program} -> {target}: {source}")]
+    Program {
+        program: &'static str,
+        target: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("program {0} is missing from the embedded eBPF object")]
+    Missing(&'static str),
+    #[error("fentry needs kernel BTF, and none could be read")]
+    NoBtf,
+    #[error(
+        "this kernel has no kprobes (no kprobe PMU in /sys/bus/event_source/devices, no kprobe_events in tracefs)"
+    )]
+    NoKprobes,
+}
+
+impl AttachError {
+    fn program(program: &'static str, target: &'static str) -> impl Fn(ProgramError) -> Self {
+        move |source| AttachError::Program {
+            program,
+            target,
+            source,
+        }
+    }
+}
+
+/// Attaches every program of `mode`; on failure unloads them again.
+pub fn attach(ebpf: &mut Ebpf, mode: HookMode, btf: Option<&Btf>) -> Result<(), AttachError> {
+    let result = match mode {
+        HookMode::Kprobe => attach_kprobes(ebpf),
+        HookMode::Fentry => attach_fentries(ebpf, btf),
+        HookMode::Tracepoint => attach_tracepoints(ebpf),
+    };
+    if result.is_err() {
+        detach(ebpf, mode);
+    }
+    result
+}
+
+/// Detaches and unloads the programs of `mode` (those that were loaded).
+pub fn detach(ebpf: &mut Ebpf, mode: HookMode) {
+    let names: Vec<&str> = match mode {
+        HookMode::Kprobe => KPROBES.iter().map(|a| a.program).collect(),
+        HookMode::Fentry => FENTRIES.iter().map(|f| f.0).collect(),
+        HookMode::Tracepoint => TRACEPOINTS.iter().map(|a| a.program).collect(),
+    };
+    for name in names {
+        let Some(program) = ebpf.program_mut(name) else {
+            continue;
+        };
+        // Unloading a program that was never loaded fails harmlessly.
+        let _ = match program {
+            aya::programs::Program::KProbe(p) => p.unload(),
+            aya::programs::Program::FEntry(p) => p.unload(),
+            aya::programs::Program::FExit(p) => p.unload(),
+            aya::programs::Program::TracePoint(p) => p.unload(),
+            _ => Ok(()),
+        };
+    }
+}
+
+/// Kernels built without CONFIG_KPROBES have neither way of creating a kprobe.
+fn kernel_has_kprobes() -> bool {
+    Path::new("/sys/bus/event_source/devices/kprobe/type").exists()
+        || Path::new("/sys/kernel/tracing/kprobe_events").exists()
+        || Path::new("/sys/kernel/debug/tracing/kprobe_events").exists()
+}
+
+fn attach_kprobes(ebpf: &mut Ebpf) -> Result<(), AttachError> {
+    if !kernel_has_kprobes() {
+        return Err(AttachError::NoKprobes);
+    }
+    for attachment in KPROBES {
+        let program = attachment.program;
+        let probe: &mut KProbe = ebpf
+            .program_mut(program)
+            .ok_or(AttachError::Missing(program))?
+            .try_into()
+            .map_err(AttachError::program(program, "-"))?;
+        probe
+            .load()
+            .map_err(AttachError::program(program, "load"))?;
+        for target in attachment.targets {
+            probe
+                .attach(target, 0)
+                .map_err(AttachError::program(program, target))?;
+        }
+    }
+    Ok(())
+}
+
+fn attach_fentries(ebpf: &mut Ebpf, btf: Option<&Btf>) -> Result<(), AttachError> {
+    let btf = btf.ok_or(AttachError::NoBtf)?;
+    for &(program, function, is_exit) in FENTRIES {
+        let err = AttachError::program(program, function);
+        let entry = ebpf
+            .program_mut(program)
+            .ok_or(AttachError::Missing(program))?;
+        if is_exit {
+            let p: &mut FExit = entry.try_into().map_err(&err)?;
+            p.load(function, btf).map_err(&err)?;
+            p.attach().map_err(&err)?;
+        } else {
+            let p: &mut FEntry = entry.try_into().map_err(&err)?;
+            p.load(function, btf).map_err(&err)?;
+            p.attach().map_err(&err)?;
+        }
+    }
+    Ok(())
+}
+
+fn attach_tracepoints(ebpf: &mut Ebpf) -> Result<(), AttachError> {
+    for attachment in TRACEPOINTS {
+        let program = attachment.program;
+        let tp: &mut TracePoint = ebpf
+            .program_mut(program)
+            .ok_or(AttachError::Missing(program))?
+            .try_into()
+            .map_err(AttachError::program(program, "-"))?;
+        tp.load().map_err(AttachError::program(program, "load"))?;
+        for target in attachment.targets {
+            let (category, name) = target.split_once('/').unwrap_or(("", target));
+            tp.attach(category, name)
+                .map_err(AttachError::program(program, target))?;
+        }
+    }
+    Ok(())
+}

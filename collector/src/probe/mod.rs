@@ -1,0 +1,265 @@
+//! Hook selection, BTF offsets, load and attach.
+//!
+//! `auto` tries kprobes (the design's choice), then fentry, then tracepoints, and keeps
+//! the reason each better family was refused so the operator can read it.
+
+mod attach;
+pub mod btf;
+pub mod cgroups;
+pub mod tracefs;
+
+use std::{fmt, path::PathBuf, str::FromStr, time::Duration};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{MapData, MapError, PerCpuArray, RingBuf},
+};
+use egress_shared::{CgroupSource, ProbeConfig, TracepointOffsets};
+
+pub use self::attach::AttachError;
+use self::{btf::KernelBtf, cgroups::CgroupInfo};
+use crate::one_line;
+
+/// The eBPF object built by build.rs from `collector-ebpf`.
+static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/collector-ebpf"));
+
+/// A family of hooks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HookMode {
+    Kprobe,
+    Fentry,
+    Tracepoint,
+}
+
+impl HookMode {
+    /// The order `auto` tries them in.
+    pub const PREFERENCE: [HookMode; 3] =
+        [HookMode::Kprobe, HookMode::Fentry, HookMode::Tracepoint];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HookMode::Kprobe => "kprobe",
+            HookMode::Fentry => "fentry",
+            HookMode::Tracepoint => "tracepoint",
+        }
+    }
+}
+
+impl fmt::Display for HookMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `--probe`: a family, or the first that works.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProbeChoice {
+    Auto,
+    Only(HookMode),
+}
+
+impl ProbeChoice {
+    pub fn candidates(self) -> Vec<HookMode> {
+        match self {
+            ProbeChoice::Auto => HookMode::PREFERENCE.to_vec(),
+            ProbeChoice::Only(mode) => vec![mode],
+        }
+    }
+}
+
+impl FromStr for ProbeChoice {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(ProbeChoice::Auto),
+            "kprobe" => Ok(ProbeChoice::Only(HookMode::Kprobe)),
+            "fentry" => Ok(ProbeChoice::Only(HookMode::Fentry)),
+            "tracepoint" => Ok(ProbeChoice::Only(HookMode::Tracepoint)),
+            other => Err(format!(
+                "unknown probe mode {other:?}: expected auto, kprobe, fentry or tracepoint"
+            )),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ProbeSettings {
+    pub choice: ProbeChoice,
+    /// Kernel BTF; `None` reads `/sys/kernel/btf/vmlinux`.
+    pub btf_path: Option<PathBuf>,
+    pub udp_flow_window: Duration,
+    pub ring_buffer_bytes: u32,
+    pub host_root: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error(transparent)]
+    Btf(#[from] btf::BtfError),
+    #[error("cannot read the cgroup layout: {0}")]
+    Cgroups(#[source] std::io::Error),
+    #[error("cannot load the eBPF object: {0}")]
+    Load(#[source] aya::EbpfError),
+    #[error("{}", refusals(.0))]
+    NoUsableHook(Vec<(HookMode, String)>),
+    #[error("eBPF map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("eBPF map {0} is missing from the object")]
+    MissingMap(&'static str),
+}
+
+fn refusals(reasons: &[(HookMode, String)]) -> String {
+    let parts: Vec<String> = reasons
+        .iter()
+        .map(|(mode, why)| format!("{mode}: {why}"))
+        .collect();
+    format!("no usable hook ({})", parts.join("; "))
+}
+
+/// Everything that must be known about the kernel before the programs load.
+pub struct KernelFacts {
+    pub btf_path: PathBuf,
+    pub config: ProbeConfig,
+    pub cgroups: CgroupInfo,
+    /// Tracepoint offsets, or why tracepoints cannot be used.
+    pub tracepoints: Result<TracepointOffsets, String>,
+    aya_btf: Option<aya::Btf>,
+}
+
+impl KernelFacts {
+    pub fn read(settings: &ProbeSettings) -> Result<Self, ProbeError> {
+        let btf_path = settings
+            .btf_path
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(KernelBtf::DEFAULT_PATH));
+        let kernel_btf = KernelBtf::from_file(&btf_path)?;
+        let cgroups = cgroups::detect(&settings.host_root).map_err(ProbeError::Cgroups)?;
+        let cgroup_subsys_index = match &cgroups.v1_controller {
+            Some(controller) => kernel_btf.cgroup_subsys_index(controller)?,
+            None => CgroupSource::DEFAULT_HIERARCHY,
+        };
+        let tracepoints = tracefs::root()
+            .and_then(|root| tracefs::tracepoint_offsets(&root))
+            .map_err(|e| one_line(&e));
+        let config = ProbeConfig {
+            offsets: kernel_btf.kernel_offsets()?,
+            tracepoints: tracepoints.clone().unwrap_or_default(),
+            udp_flow_window_ns: settings.udp_flow_window.as_nanos().min(u64::MAX as u128) as u64,
+            cgroup_subsys_index,
+        };
+        let aya_btf = aya::Btf::parse_file(&btf_path, aya::Endianness::default()).ok();
+        Ok(Self {
+            btf_path,
+            config,
+            cgroups,
+            tracepoints,
+            aya_btf,
+        })
+    }
+
+    fn load(&self, ring_buffer_bytes: u32) -> Result<Ebpf, ProbeError> {
+        EbpfLoader::new()
+            .btf(self.aya_btf.as_ref())
+            .override_global("CONFIG", &self.config, true)
+            .map_max_entries("EVENTS", ring_buffer_bytes)
+            .load(EBPF_OBJECT)
+            .map_err(ProbeError::Load)
+    }
+
+    /// Tries `mode` in a fresh object and detaches at once (for `check`).
+    pub fn try_mode(&self, mode: HookMode) -> Result<(), String> {
+        if mode == HookMode::Tracepoint {
+            self.tracepoints.as_ref().map_err(Clone::clone)?;
+        }
+        let mut ebpf = self.load(4096).map_err(|e| one_line(&e))?;
+        attach::attach(&mut ebpf, mode, self.aya_btf.as_ref()).map_err(|e| one_line(&e))?;
+        attach::detach(&mut ebpf, mode);
+        Ok(())
+    }
+}
+
+/// The loaded programs, attached in one family.
+pub struct Probes {
+    ebpf: Ebpf,
+    pub mode: HookMode,
+    /// Better families that were refused, and why.
+    pub refused: Vec<(HookMode, String)>,
+    pub facts: KernelFacts,
+}
+
+impl Probes {
+    pub fn attach(settings: &ProbeSettings) -> Result<Self, ProbeError> {
+        let facts = KernelFacts::read(settings)?;
+        let mut ebpf = facts.load(settings.ring_buffer_bytes)?;
+        let mut refused = Vec::new();
+        for mode in settings.choice.candidates() {
+            if mode == HookMode::Tracepoint
+                && let Err(why) = &facts.tracepoints
+            {
+                refused.push((mode, why.clone()));
+                continue;
+            }
+            match attach::attach(&mut ebpf, mode, facts.aya_btf.as_ref()) {
+                Ok(()) => {
+                    return Ok(Self {
+                        ebpf,
+                        mode,
+                        refused,
+                        facts,
+                    });
+                }
+                Err(e) => refused.push((mode, one_line(&e))),
+            }
+        }
+        Err(ProbeError::NoUsableHook(refused))
+    }
+
+    /// The ring buffer the programs write events to.
+    pub fn take_events(&mut self) -> Result<RingBuf<MapData>, ProbeError> {
+        let map = self
+            .ebpf
+            .take_map("EVENTS")
+            .ok_or(ProbeError::MissingMap("EVENTS"))?;
+        RingBuf::try_from(map).map_err(|source| ProbeError::Map {
+            name: "EVENTS",
+            source,
+        })
+    }
+
+    /// The per-CPU counters the programs keep.
+    pub fn take_counters(&mut self) -> Result<PerCpuArray<MapData, u64>, ProbeError> {
+        let map = self
+            .ebpf
+            .take_map("COUNTERS")
+            .ok_or(ProbeError::MissingMap("COUNTERS"))?;
+        PerCpuArray::try_from(map).map_err(|source| ProbeError::Map {
+            name: "COUNTERS",
+            source,
+        })
+    }
+
+    /// Detaches every program (dropping `Probes` does the same).
+    pub fn detach(mut self) {
+        attach::detach(&mut self.ebpf, self.mode);
+    }
+}
+
+/// `uname -r`.
+pub fn kernel_release() -> String {
+    // SAFETY: uname fills the zeroed struct; the release field is NUL-terminated.
+    unsafe {
+        let mut uts: libc::utsname = std::mem::zeroed();
+        if libc::uname(&mut uts) != 0 {
+            return "unknown".into();
+        }
+        std::ffi::CStr::from_ptr(uts.release.as_ptr())
+            .to_string_lossy()
+            .into_owned()
+    }
+}

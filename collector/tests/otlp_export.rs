@@ -1,0 +1,428 @@
+//! OTLP export end to end: the real collector, real containers, a real OTLP receiver on
+//! loopback (gRPC and HTTP/protobuf, gzip, headers), and an endpoint that goes away.
+
+mod support;
+
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    path::Path,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use egress_testkit::{
+    collector::RunningCollector,
+    docker::{self, Container, Pod},
+};
+use opentelemetry_proto::tonic::{
+    common::v1::{KeyValue, any_value::Value as V},
+    metrics::v1::{metric::Data, number_data_point},
+};
+use support::receiver::{self, Received, Receiver, Shared};
+
+const COLLECTOR: &str = env!("CARGO_BIN_EXE_egress-collector");
+const TENANT: &str = "egress-e2e";
+
+fn require_root() {
+    // SAFETY: trivial getter.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "these tests load eBPF programs: run them as root"
+    );
+}
+
+/// A host port that accepts and closes at once.
+fn sink_port() -> u16 {
+    let listener = TcpListener::bind((Ipv4Addr::UNSPECIFIED, 0)).expect("listen");
+    let port = listener.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            drop(stream);
+        }
+    });
+    port
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+fn string_attr(attributes: &[KeyValue], key: &str) -> Option<String> {
+    attributes.iter().find(|kv| kv.key == key).and_then(|kv| {
+        match kv.value.as_ref()?.value.as_ref()? {
+            V::StringValue(s) => Some(s.clone()),
+            _ => None,
+        }
+    })
+}
+
+fn int_attr(attributes: &[KeyValue], key: &str) -> Option<i64> {
+    attributes.iter().find(|kv| kv.key == key).and_then(|kv| {
+        match kv.value.as_ref()?.value.as_ref()? {
+            V::IntValue(i) => Some(*i),
+            _ => None,
+        }
+    })
+}
+
+/// Log records to `port`, by the `k8s.pod.name` of their resource (one entry per record).
+fn logs_by_pod(received: &Received, port: u16) -> BTreeMap<String, Vec<BTreeMap<String, String>>> {
+    let mut by_pod: BTreeMap<String, Vec<BTreeMap<String, String>>> = BTreeMap::new();
+    for request in &received.logs {
+        for rl in &request.resource_logs {
+            let resource = rl
+                .resource
+                .as_ref()
+                .map(|r| r.attributes.clone())
+                .unwrap_or_default();
+            let pod = string_attr(&resource, "k8s.pod.name").unwrap_or_default();
+            for sl in &rl.scope_logs {
+                for log in &sl.log_records {
+                    if int_attr(&log.attributes, "destination.port") == Some(i64::from(port)) {
+                        assert_eq!(log.event_name, "egress.connection");
+                        let resource_map = resource
+                            .iter()
+                            .filter_map(|kv| {
+                                string_attr(&resource, &kv.key).map(|v| (kv.key.clone(), v))
+                            })
+                            .collect();
+                        by_pod.entry(pod.clone()).or_default().push(resource_map);
+                    }
+                }
+            }
+        }
+    }
+    by_pod
+}
+
+/// The last exported cumulative `egress.connections` to `port`, by pod.
+fn connection_sums(received: &Received, port: u16) -> BTreeMap<String, i64> {
+    let mut sums = BTreeMap::new();
+    for request in &received.metrics {
+        for rm in &request.resource_metrics {
+            let resource = rm
+                .resource
+                .as_ref()
+                .map(|r| r.attributes.clone())
+                .unwrap_or_default();
+            let Some(pod) = string_attr(&resource, "k8s.pod.name") else {
+                continue;
+            };
+            for metric in rm.scope_metrics.iter().flat_map(|sm| &sm.metrics) {
+                let (true, Some(Data::Sum(sum))) =
+                    (metric.name == "egress.connections", &metric.data)
+                else {
+                    continue;
+                };
+                let total: i64 = sum
+                    .data_points
+                    .iter()
+                    .filter(|p| {
+                        int_attr(&p.attributes, "destination.port") == Some(i64::from(port))
+                    })
+                    .filter_map(|p| match p.value {
+                        Some(number_data_point::Value::AsInt(v)) => Some(v),
+                        _ => None,
+                    })
+                    .sum();
+                sums.insert(pod.clone(), total);
+            }
+        }
+    }
+    sums
+}
+
+/// The last value of a health metric (summed over the points matching `reason`).
+fn health(received: &Received, name: &str, reason: Option<&str>) -> Option<i64> {
+    let mut last = None;
+    for request in &received.metrics {
+        for rm in &request.resource_metrics {
+            let resource = rm
+                .resource
+                .as_ref()
+                .map(|r| r.attributes.clone())
+                .unwrap_or_default();
+            if string_attr(&resource, "service.name").as_deref() != Some("egress-collector") {
+                continue;
+            }
+            for metric in rm
+                .scope_metrics
+                .iter()
+                .flat_map(|sm| &sm.metrics)
+                .filter(|m| m.name == name)
+            {
+                let points = match &metric.data {
+                    Some(Data::Sum(s)) => &s.data_points,
+                    Some(Data::Gauge(g)) => &g.data_points,
+                    _ => continue,
+                };
+                let value = points
+                    .iter()
+                    .filter(|p| {
+                        reason.is_none_or(|r| {
+                            string_attr(&p.attributes, "reason").as_deref() == Some(r)
+                        })
+                    })
+                    .filter_map(|p| match p.value {
+                        Some(number_data_point::Value::AsInt(v)) => Some(v),
+                        _ => None,
+                    })
+                    .sum();
+                last = Some(value);
+            }
+        }
+    }
+    last
+}
+
+fn two_pods_connect(port: u16, per_pod: u32) -> [(Pod, Container); 2] {
+    docker::ensure_image().expect("test image");
+    let gateway = docker::bridge_gateway().expect("gateway");
+    let script = format!(
+        "i=0; while [ $i -lt {per_pod} ]; do echo x | nc -w 2 {gateway} {port}; i=$((i+1)); done"
+    );
+    let pods = [
+        Pod::new("checkout", "shop", "api", Some("burstable"), 21),
+        Pod::new("ledger", "bank", "worker", Some("besteffort"), 22),
+    ];
+    pods.map(|pod| {
+        let container = Container::create(&pod, &script).expect("docker create");
+        (pod, container)
+    })
+}
+
+/// Starts a receiver on an address, recording into the shared store.
+type ReceiverStart = std::pin::Pin<Box<dyn std::future::Future<Output = Receiver>>>;
+
+fn two_containers_to_otlp(protocol: &str, start_receiver: fn(SocketAddr, Shared) -> ReceiverStart) {
+    require_root();
+    const PER_POD: u32 = 5;
+    let rt = runtime();
+    let received: Shared = Arc::new(Mutex::new(Received::default()));
+    let receiver = rt.block_on(start_receiver(
+        "127.0.0.1:0".parse().expect("addr"),
+        Arc::clone(&received),
+    ));
+    let port = sink_port();
+    let pods = two_pods_connect(port, PER_POD);
+    let endpoint = format!("http://{}", receiver.addr);
+    let collector = RunningCollector::start_with(
+        Path::new(COLLECTOR),
+        &[
+            "--otlp-endpoint",
+            &endpoint,
+            "--otlp-protocol",
+            protocol,
+            "--otlp-compression",
+            "gzip",
+            "--otlp-header",
+            &format!("x-tenant={TENANT}"),
+            "--export-interval",
+            "1s",
+            "--batch-timeout",
+            "200ms",
+        ],
+        Duration::from_secs(60),
+    )
+    .expect("collector starts");
+    for (_, container) in &pods {
+        container.run_to_completion().expect("container runs");
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    let (ok, stdout, stderr) = collector
+        .stop(Duration::from_secs(30))
+        .expect("collector stops");
+    assert!(ok, "collector failed:\n{}", stderr.join("\n"));
+    assert!(
+        stdout.is_empty(),
+        "with an endpoint, stdout stays empty unless --stdout"
+    );
+    let received = received.lock().expect("lock");
+
+    let logs = logs_by_pod(&received, port);
+    assert_eq!(
+        logs.len(),
+        2,
+        "two resources; stderr:\n{}",
+        stderr.join("\n")
+    );
+    for (pod, container) in &pods {
+        let records = logs
+            .get(&pod.name)
+            .unwrap_or_else(|| panic!("no records for {}", pod.name));
+        assert_eq!(records.len(), PER_POD as usize, "{}", pod.name);
+        for resource in records {
+            assert_eq!(resource.get("k8s.namespace.name"), Some(&pod.namespace));
+            assert_eq!(resource.get("k8s.pod.uid"), Some(&pod.uid));
+            assert_eq!(resource.get("container.id"), Some(&container.id));
+            assert_eq!(resource.get("k8s.container.name"), Some(&pod.container));
+            assert!(
+                resource.get("service.name").is_none(),
+                "the collector's identity is not the workload's"
+            );
+        }
+    }
+    let sums = connection_sums(&received, port);
+    for (pod, _) in &pods {
+        assert_eq!(
+            sums.get(&pod.name),
+            Some(&i64::from(PER_POD)),
+            "egress.connections of {}",
+            pod.name
+        );
+    }
+    let tenant_seen = received
+        .headers
+        .iter()
+        .any(|(k, v)| k == "x-tenant" && v == TENANT);
+    assert!(tenant_seen, "the custom header reached the receiver");
+    let gzip_seen = received
+        .headers
+        .iter()
+        .any(|(k, v)| (k == "grpc-encoding" || k == "content-encoding") && v == "gzip");
+    assert!(gzip_seen, "requests were gzip-compressed");
+    assert!(health(&received, "egress_collector.events.captured", None).is_some_and(|n| n >= 10));
+}
+
+#[test]
+fn grpc_two_containers_arrive_under_their_resources() {
+    two_containers_to_otlp("grpc", |addr, shared| {
+        Box::pin(receiver::grpc(addr, shared))
+    });
+}
+
+#[test]
+fn http_protobuf_two_containers_arrive_under_their_resources() {
+    two_containers_to_otlp("http/protobuf", |addr, shared| {
+        Box::pin(receiver::http(addr, shared))
+    });
+}
+
+/// Connections from this process to `port`; returns their source ports.
+fn connect_times(port: u16, n: usize) -> Vec<u16> {
+    (0..n)
+        .map(|_| {
+            let stream = TcpStream::connect((Ipv4Addr::LOCALHOST, port)).expect("connect");
+            stream.local_addr().expect("addr").port()
+        })
+        .collect()
+}
+
+fn source_ports_received(received: &Received, port: u16) -> Vec<u16> {
+    received
+        .logs
+        .iter()
+        .flat_map(|r| &r.resource_logs)
+        .flat_map(|rl| &rl.scope_logs)
+        .flat_map(|sl| &sl.log_records)
+        .filter(|l| int_attr(&l.attributes, "destination.port") == Some(i64::from(port)))
+        .filter(|l| int_attr(&l.attributes, "process.pid") == Some(i64::from(std::process::id())))
+        .filter_map(|l| int_attr(&l.attributes, "source.port").map(|p| p as u16))
+        .collect()
+}
+
+fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn an_outage_loses_nothing_within_the_queue_bound_and_counts_what_it_drops() {
+    require_root();
+    const QUEUE: usize = 60;
+    let rt = runtime();
+    let addr: SocketAddr = {
+        let probe = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("free port");
+        probe.local_addr().expect("addr")
+    };
+    let collector = RunningCollector::start_with(
+        Path::new(COLLECTOR),
+        &[
+            "--otlp-endpoint",
+            &format!("http://{addr}"),
+            "--export-interval",
+            "1s",
+            "--batch-size",
+            "10",
+            "--batch-timeout",
+            "100ms",
+            "--queue-records",
+            &QUEUE.to_string(),
+        ],
+        Duration::from_secs(60),
+    )
+    .expect("collector starts");
+    let port = sink_port();
+    let received: Shared = Arc::new(Mutex::new(Received::default()));
+
+    // Phase 1: the endpoint is down while 30 connections happen; all arrive once it is up.
+    let first = connect_times(port, 30);
+    std::thread::sleep(Duration::from_secs(2));
+    let receiver = rt.block_on(receiver::grpc(addr, Arc::clone(&received)));
+    wait_for("the queued records", Duration::from_secs(60), || {
+        source_ports_received(&received.lock().expect("lock"), port).len() >= first.len()
+    });
+    let mut got = source_ports_received(&received.lock().expect("lock"), port);
+    got.sort_unstable();
+    let mut want = first.clone();
+    want.sort_unstable();
+    assert_eq!(
+        got, want,
+        "every record captured during the outage arrives, once"
+    );
+
+    // Phase 2: down again, and more connections than the queue holds.
+    drop(receiver);
+    std::thread::sleep(Duration::from_millis(500));
+    let second = connect_times(port, 3 * QUEUE);
+    std::thread::sleep(Duration::from_secs(2));
+    let _receiver = rt.block_on(receiver::grpc(addr, Arc::clone(&received)));
+    std::thread::sleep(Duration::from_secs(1));
+    let (ok, _, stderr) = collector
+        .stop(Duration::from_secs(30))
+        .expect("collector stops");
+    assert!(ok, "collector failed:\n{}", stderr.join("\n"));
+
+    let received = received.lock().expect("lock");
+    let arrived: Vec<u16> = source_ports_received(&received, port)
+        .into_iter()
+        .filter(|p| second.contains(p))
+        .collect();
+    let dropped = health(
+        &received,
+        "egress_collector.events.lost",
+        Some("export_queue_full"),
+    )
+    .expect("lost metric");
+    assert!(
+        arrived.len() <= QUEUE,
+        "no more than the queue holds survives: {}",
+        arrived.len()
+    );
+    assert!(dropped > 0, "the drop counter says records were dropped");
+    // Other processes on the host may share the queue, so the drop count covers at least ours.
+    assert!(
+        arrived.len() as i64 + dropped >= second.len() as i64,
+        "arrived {} + dropped {dropped} < {}",
+        arrived.len(),
+        second.len()
+    );
+    // Conservation: every captured record was exported or counted as lost.
+    let captured = health(&received, "egress_collector.events.captured", None).expect("captured");
+    let exported = health(&received, "egress_collector.records.exported", None).expect("exported");
+    let lost = health(&received, "egress_collector.events.lost", None).expect("lost");
+    assert_eq!(
+        captured,
+        exported + lost,
+        "captured {captured} = exported {exported} + lost {lost}"
+    );
+}

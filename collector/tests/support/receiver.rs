@@ -1,0 +1,226 @@
+//! A real OTLP receiver on loopback: the generated tonic services for gRPC, and a hyper
+//! server for HTTP/protobuf (gzip decoded), both recording what arrives and the headers.
+
+use std::{
+    io::Read,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use opentelemetry_proto::tonic::collector::{
+    logs::v1::{
+        ExportLogsServiceRequest, ExportLogsServiceResponse,
+        logs_service_server::{LogsService, LogsServiceServer},
+    },
+    metrics::v1::{
+        ExportMetricsServiceRequest, ExportMetricsServiceResponse,
+        metrics_service_server::{MetricsService, MetricsServiceServer},
+    },
+};
+use prost::Message;
+use tokio::sync::oneshot;
+
+#[derive(Default)]
+pub struct Received {
+    pub logs: Vec<ExportLogsServiceRequest>,
+    pub metrics: Vec<ExportMetricsServiceRequest>,
+    /// (header name, value) of every request, lower-case names.
+    pub headers: Vec<(String, String)>,
+}
+
+pub type Shared = Arc<Mutex<Received>>;
+
+#[derive(Clone)]
+struct Grpc(Shared);
+
+fn remember_metadata(shared: &Shared, metadata: &tonic::metadata::MetadataMap) {
+    let mut r = shared.lock().expect("lock");
+    for kv in metadata.iter() {
+        if let tonic::metadata::KeyAndValueRef::Ascii(k, v) = kv {
+            r.headers.push((
+                k.as_str().to_owned(),
+                v.to_str().unwrap_or_default().to_owned(),
+            ));
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl LogsService for Grpc {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportLogsServiceRequest>,
+    ) -> Result<tonic::Response<ExportLogsServiceResponse>, tonic::Status> {
+        remember_metadata(&self.0, request.metadata());
+        self.0.lock().expect("lock").logs.push(request.into_inner());
+        Ok(tonic::Response::new(ExportLogsServiceResponse::default()))
+    }
+}
+
+#[tonic::async_trait]
+impl MetricsService for Grpc {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportMetricsServiceRequest>,
+    ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
+        remember_metadata(&self.0, request.metadata());
+        self.0
+            .lock()
+            .expect("lock")
+            .metrics
+            .push(request.into_inner());
+        Ok(tonic::Response::new(ExportMetricsServiceResponse::default()))
+    }
+}
+
+/// A running receiver; stops when dropped.
+pub struct Receiver {
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+async fn listener(addr: SocketAddr) -> tokio::net::TcpListener {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .expect("bind the receiver")
+}
+
+pub async fn grpc(addr: SocketAddr, received: Shared) -> Receiver {
+    let listener = listener(addr).await;
+    let addr = listener.local_addr().expect("addr");
+    let (stop, stopped) = oneshot::channel();
+    let service = Grpc(Arc::clone(&received));
+    let task = tokio::spawn(async move {
+        let _ = tonic::transport::Server::builder()
+            .add_service(
+                LogsServiceServer::new(service.clone())
+                    .accept_compressed(tonic::codec::CompressionEncoding::Gzip),
+            )
+            .add_service(
+                MetricsServiceServer::new(service)
+                    .accept_compressed(tonic::codec::CompressionEncoding::Gzip),
+            )
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                async {
+                    let _ = stopped.await;
+                },
+            )
+            .await;
+    });
+    Receiver {
+        addr,
+        stop: Some(stop),
+        task: Some(task),
+    }
+}
+
+async fn handle_http(
+    shared: Shared,
+    request: hyper::Request<hyper::body::Incoming>,
+) -> Result<hyper::Response<Full<Bytes>>, std::convert::Infallible> {
+    let path = request.uri().path().to_owned();
+    {
+        let mut r = shared.lock().expect("lock");
+        for (k, v) in request.headers() {
+            r.headers.push((
+                k.as_str().to_owned(),
+                v.to_str().unwrap_or_default().to_owned(),
+            ));
+        }
+    }
+    let gzip = request
+        .headers()
+        .get("content-encoding")
+        .is_some_and(|v| v == "gzip");
+    let body = request
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let body = if gzip {
+        let mut out = Vec::new();
+        if flate2::read::GzDecoder::new(&body[..])
+            .read_to_end(&mut out)
+            .is_err()
+        {
+            return Ok(hyper::Response::builder()
+                .status(400)
+                .body(Full::new(Bytes::new()))
+                .expect("response"));
+        }
+        out
+    } else {
+        body.to_vec()
+    };
+    let response = match path.as_str() {
+        "/v1/logs" => ExportLogsServiceRequest::decode(&body[..]).map(|req| {
+            shared.lock().expect("lock").logs.push(req);
+            ExportLogsServiceResponse::default().encode_to_vec()
+        }),
+        "/v1/metrics" => ExportMetricsServiceRequest::decode(&body[..]).map(|req| {
+            shared.lock().expect("lock").metrics.push(req);
+            ExportMetricsServiceResponse::default().encode_to_vec()
+        }),
+        _ => {
+            return Ok(hyper::Response::builder()
+                .status(404)
+                .body(Full::new(Bytes::new()))
+                .expect("response"));
+        }
+    };
+    Ok(match response {
+        Ok(bytes) => hyper::Response::builder()
+            .header("content-type", "application/x-protobuf")
+            .body(Full::new(Bytes::from(bytes)))
+            .expect("response"),
+        Err(_) => hyper::Response::builder()
+            .status(400)
+            .body(Full::new(Bytes::new()))
+            .expect("response"),
+    })
+}
+
+pub async fn http(addr: SocketAddr, received: Shared) -> Receiver {
+    let listener = listener(addr).await;
+    let addr = listener.local_addr().expect("addr");
+    let (stop, mut stopped) = oneshot::channel::<()>();
+    let shared = Arc::clone(&received);
+    let task = tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = &mut stopped => break,
+                accepted = listener.accept() => {
+                    let Ok((stream, _)) = accepted else { continue };
+                    let shared = Arc::clone(&shared);
+                    tokio::spawn(async move {
+                        let service = hyper::service::service_fn(move |req| handle_http(Arc::clone(&shared), req));
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                            .await;
+                    });
+                }
+            }
+        }
+    });
+    Receiver {
+        addr,
+        stop: Some(stop),
+        task: Some(task),
+    }
+}

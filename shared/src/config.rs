@@ -1,0 +1,198 @@
+//! What user space hands the programs before load (as a read-only global, so the
+//! verifier sees constants). Offsets come from the running kernel's BTF: nothing
+//! here is compiled in for a particular kernel.
+
+/// Byte offsets of the kernel-struct fields the programs read.
+///
+/// Nested fields are pre-summed by user space: `uts_ns_inum` is
+/// `offsetof(struct uts_namespace, ns) + offsetof(struct ns_common, inum)`.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct KernelOffsets {
+    // struct task_struct
+    pub task_tgid: u32,
+    pub task_real_parent: u32,
+    pub task_group_leader: u32,
+    pub task_comm: u32,
+    pub task_nsproxy: u32,
+    pub task_thread_pid: u32,
+    pub task_cgroups: u32,
+    pub task_files: u32,
+    // struct nsproxy
+    pub nsproxy_uts_ns: u32,
+    pub nsproxy_ipc_ns: u32,
+    pub nsproxy_mnt_ns: u32,
+    pub nsproxy_net_ns: u32,
+    pub nsproxy_cgroup_ns: u32,
+    // <namespace>.ns.inum
+    pub uts_ns_inum: u32,
+    pub ipc_ns_inum: u32,
+    pub mnt_ns_inum: u32,
+    pub net_ns_inum: u32,
+    pub pid_ns_inum: u32,
+    pub cgroup_ns_inum: u32,
+    /// uts_namespace.name.nodename
+    pub uts_nodename: u32,
+    // struct pid / struct upid
+    pub pid_level: u32,
+    pub pid_numbers: u32,
+    pub upid_size: u32,
+    pub upid_nr: u32,
+    pub upid_ns: u32,
+    // cgroups
+    pub css_set_subsys: u32,
+    pub css_set_dfl_cgrp: u32,
+    pub css_cgroup: u32,
+    pub cgroup_kn: u32,
+    pub kernfs_node_name: u32,
+    pub kernfs_node_id: u32,
+    pub kernfs_node_parent: u32,
+    // struct sock / sock_common
+    pub skc_family: u32,
+    pub skc_daddr: u32,
+    pub skc_rcv_saddr: u32,
+    pub skc_dport: u32,
+    pub skc_num: u32,
+    pub skc_v6_daddr: u32,
+    pub skc_v6_rcv_saddr: u32,
+    pub sk_protocol: u32,
+    // struct msghdr (kernel)
+    pub msghdr_msg_name: u32,
+    // fd -> socket (tracepoint mode)
+    pub files_fdt: u32,
+    pub fdtable_max_fds: u32,
+    pub fdtable_fd: u32,
+    pub file_private_data: u32,
+    pub socket_sk: u32,
+    pub socket_file: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 47 * 4);
+
+/// Field offsets inside tracepoint records, read from tracefs `format` files.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct TracepointOffsets {
+    // sock:inet_sock_set_state
+    pub state_skaddr: u32,
+    pub state_oldstate: u32,
+    pub state_newstate: u32,
+    pub state_protocol: u32,
+    /// Source port in host order (`inet_sport`, still set after the port is released).
+    pub state_sport: u32,
+    // syscalls:sys_enter_* (the fd and the destination argument)
+    pub connect_fd: u32,
+    pub connect_addr: u32,
+    pub sendto_fd: u32,
+    pub sendto_addr: u32,
+    pub sendmsg_fd: u32,
+    pub sendmsg_msg: u32,
+    pub sendmmsg_fd: u32,
+    pub sendmmsg_msg: u32,
+    pub _pad: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<TracepointOffsets>() == 14 * 4);
+
+/// Which cgroup's leaf name the programs capture.
+pub struct CgroupSource;
+
+impl CgroupSource {
+    /// `css_set.dfl_cgrp`: the cgroup v2 (unified) cgroup.
+    pub const DEFAULT_HIERARCHY: u32 = u32::MAX;
+}
+
+/// The whole configuration, set as the global `CONFIG` before load.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct ProbeConfig {
+    pub offsets: KernelOffsets,
+    pub tracepoints: TracepointOffsets,
+    /// Index into `css_set.subsys[]` of the cgroup v1 controller whose hierarchy names the
+    /// container, or [`CgroupSource::DEFAULT_HIERARCHY`]. Placed here so the u64 after it
+    /// is aligned without padding.
+    pub cgroup_subsys_index: u32,
+    /// A UDP flow (5-tuple in a network namespace) is reported at most once per window.
+    pub udp_flow_window_ns: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<ProbeConfig>() == 47 * 4 + 14 * 4 + 4 + 8);
+
+impl ProbeConfig {
+    pub const fn zeroed() -> Self {
+        // Spelled out so it is usable in a `static` initialiser on the eBPF side.
+        Self {
+            offsets: KernelOffsets {
+                task_tgid: 0,
+                task_real_parent: 0,
+                task_group_leader: 0,
+                task_comm: 0,
+                task_nsproxy: 0,
+                task_thread_pid: 0,
+                task_cgroups: 0,
+                task_files: 0,
+                nsproxy_uts_ns: 0,
+                nsproxy_ipc_ns: 0,
+                nsproxy_mnt_ns: 0,
+                nsproxy_net_ns: 0,
+                nsproxy_cgroup_ns: 0,
+                uts_ns_inum: 0,
+                ipc_ns_inum: 0,
+                mnt_ns_inum: 0,
+                net_ns_inum: 0,
+                pid_ns_inum: 0,
+                cgroup_ns_inum: 0,
+                uts_nodename: 0,
+                pid_level: 0,
+                pid_numbers: 0,
+                upid_size: 0,
+                upid_nr: 0,
+                upid_ns: 0,
+                css_set_subsys: 0,
+                css_set_dfl_cgrp: 0,
+                css_cgroup: 0,
+                cgroup_kn: 0,
+                kernfs_node_name: 0,
+                kernfs_node_id: 0,
+                kernfs_node_parent: 0,
+                skc_family: 0,
+                skc_daddr: 0,
+                skc_rcv_saddr: 0,
+                skc_dport: 0,
+                skc_num: 0,
+                skc_v6_daddr: 0,
+                skc_v6_rcv_saddr: 0,
+                sk_protocol: 0,
+                msghdr_msg_name: 0,
+                files_fdt: 0,
+                fdtable_max_fds: 0,
+                fdtable_fd: 0,
+                file_private_data: 0,
+                socket_sk: 0,
+                socket_file: 0,
+            },
+            tracepoints: TracepointOffsets {
+                state_skaddr: 0,
+                state_oldstate: 0,
+                state_newstate: 0,
+                state_protocol: 0,
+                state_sport: 0,
+                connect_fd: 0,
+                connect_addr: 0,
+                sendto_fd: 0,
+                sendto_addr: 0,
+                sendmsg_fd: 0,
+                sendmsg_msg: 0,
+                sendmmsg_fd: 0,
+                sendmmsg_msg: 0,
+                _pad: 0,
+            },
+            cgroup_subsys_index: CgroupSource::DEFAULT_HIERARCHY,
+            udp_flow_window_ns: 0,
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+// SAFETY: plain old data, no padding holes (asserted above).
+unsafe impl aya::Pod for ProbeConfig {}

@@ -1,0 +1,174 @@
+//! The record each probe writes to the ring buffer.
+
+/// Length of `task_struct.comm` (TASK_COMM_LEN).
+pub const COMM_LEN: usize = 16;
+/// Length of `new_utsname.nodename` (__NEW_UTS_LEN + 1).
+pub const NODENAME_LEN: usize = 65;
+/// Room for a cgroup's leaf name: a 64-hex container id plus a runtime prefix and `.scope`.
+pub const CGROUP_NAME_LEN: usize = 128;
+
+/// What the process did. Values are part of the wire format: never reuse one.
+#[repr(u8)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    /// A TCP connection attempt (the SYN leaves, whatever the outcome).
+    TcpConnect = 1,
+    /// `connect()` on a UDP socket.
+    UdpConnect = 2,
+    /// A datagram sent on a UDP socket (reported once per flow per window).
+    UdpSend = 3,
+}
+
+impl EventKind {
+    pub const fn from_raw(raw: u8) -> Option<Self> {
+        match raw {
+            1 => Some(Self::TcpConnect),
+            2 => Some(Self::UdpConnect),
+            3 => Some(Self::UdpSend),
+            _ => None,
+        }
+    }
+}
+
+/// Index into [`ConnectEvent::ns_inums`].
+#[repr(usize)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum NsIndex {
+    Net = 0,
+    Uts = 1,
+    Mnt = 2,
+    Pid = 3,
+    Ipc = 4,
+    Cgroup = 5,
+}
+
+pub const NS_COUNT: usize = 6;
+
+/// One connection attempt, as the kernel saw it.
+///
+/// Addresses are in network byte order as 16 bytes (IPv4 in the first 4); ports are in
+/// host byte order. Strings are NUL-padded and may be truncated by the kernel.
+#[repr(C)]
+#[derive(Copy, Clone)]
+pub struct ConnectEvent {
+    /// `bpf_ktime_get_boot_ns()`: CLOCK_BOOTTIME nanoseconds.
+    pub boot_time_ns: u64,
+    /// Cgroup v2 id of the task (`bpf_get_current_cgroup_id`).
+    pub cgroup_id: u64,
+    /// kernfs id of the cgroup whose leaf name is in `cgroup_name` (v1 hierarchy or v2).
+    pub cgroup_leaf_id: u64,
+    /// Thread id (kernel `pid`).
+    pub tid: u32,
+    /// Process id (kernel `tgid`).
+    pub tgid: u32,
+    /// Process id of the parent (`real_parent->tgid`).
+    pub parent_tgid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// Process id as seen inside the task's own pid namespace.
+    pub ns_tgid: u32,
+    /// Namespace inode numbers, indexed by [`NsIndex`].
+    pub ns_inums: [u32; NS_COUNT],
+    /// AF_INET or AF_INET6.
+    pub family: u16,
+    pub src_port: u16,
+    pub dst_port: u16,
+    /// IPPROTO_TCP or IPPROTO_UDP.
+    pub protocol: u8,
+    /// An [`EventKind`] value.
+    pub kind: u8,
+    pub src_addr: [u8; 16],
+    pub dst_addr: [u8; 16],
+    /// Name of the thread that made the call.
+    pub thread_comm: [u8; COMM_LEN],
+    /// Name of the process (its thread-group leader).
+    pub process_comm: [u8; COMM_LEN],
+    pub cgroup_name: [u8; CGROUP_NAME_LEN],
+    /// Name of that cgroup's parent (`pod<uid>` or `kubepods-<qos>-pod<uid>.slice` for a
+    /// pod's container), captured so the pod survives the cgroup's removal.
+    pub cgroup_parent_name: [u8; CGROUP_NAME_LEN],
+    /// UTS nodename of the task's UTS namespace.
+    pub nodename: [u8; NODENAME_LEN],
+    pub _pad: [u8; 7],
+}
+
+pub const CONNECT_EVENT_SIZE: usize = 472;
+const _: () = assert!(core::mem::size_of::<ConnectEvent>() == CONNECT_EVENT_SIZE);
+const _: () = assert!(core::mem::align_of::<ConnectEvent>() == 8);
+
+impl ConnectEvent {
+    pub const fn zeroed() -> Self {
+        Self {
+            boot_time_ns: 0,
+            cgroup_id: 0,
+            cgroup_leaf_id: 0,
+            tid: 0,
+            tgid: 0,
+            parent_tgid: 0,
+            uid: 0,
+            gid: 0,
+            ns_tgid: 0,
+            ns_inums: [0; NS_COUNT],
+            family: 0,
+            src_port: 0,
+            dst_port: 0,
+            protocol: 0,
+            kind: 0,
+            src_addr: [0; 16],
+            dst_addr: [0; 16],
+            thread_comm: [0; COMM_LEN],
+            process_comm: [0; COMM_LEN],
+            cgroup_name: [0; CGROUP_NAME_LEN],
+            cgroup_parent_name: [0; CGROUP_NAME_LEN],
+            nodename: [0; NODENAME_LEN],
+            _pad: [0; 7],
+        }
+    }
+
+    /// The raw bytes, as the kernel writes them (used by decoder tests and fuzzing).
+    pub fn as_bytes(&self) -> &[u8] {
+        // SAFETY: repr(C), every field is an integer or byte array and padding is explicit,
+        // so all CONNECT_EVENT_SIZE bytes are initialised.
+        unsafe {
+            core::slice::from_raw_parts((self as *const Self).cast::<u8>(), CONNECT_EVENT_SIZE)
+        }
+    }
+}
+
+/// Per-CPU counters the programs keep. Values index the `COUNTERS` array: never reuse one.
+#[repr(u32)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// The ring buffer was full: the event is lost.
+    RingBufferFull = 0,
+    /// A kernel read failed; the event went out with the affected fields zeroed.
+    KernelReadFailed = 1,
+    /// A UDP datagram of a flow already reported in this window.
+    UdpFlowSuppressed = 2,
+    /// A state map was full, so a call could not be followed to its end: the event is lost.
+    StateMapFull = 3,
+}
+
+pub const COUNTER_COUNT: u32 = 4;
+
+impl Counter {
+    pub const ALL: [Counter; COUNTER_COUNT as usize] = [
+        Counter::RingBufferFull,
+        Counter::KernelReadFailed,
+        Counter::UdpFlowSuppressed,
+        Counter::StateMapFull,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Counter::RingBufferFull => "ring_buffer_full",
+            Counter::KernelReadFailed => "kernel_read_failed",
+            Counter::UdpFlowSuppressed => "udp_flow_suppressed",
+            Counter::StateMapFull => "state_map_full",
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+// SAFETY: plain old data, no padding holes (asserted above).
+unsafe impl aya::Pod for ConnectEvent {}

@@ -1,0 +1,14 @@
+//! The contract between the eBPF programs and user space.
+//!
+//! Everything here is `#[repr(C)]` with explicit padding and a size assert, so the
+//! layout the kernel writes is the layout user space reads. Ids in enums are never reused.
+#![no_std]
+
+pub mod config;
+pub mod event;
+
+pub use config::{CgroupSource, KernelOffsets, ProbeConfig, TracepointOffsets};
+pub use event::{
+    CGROUP_NAME_LEN, COMM_LEN, CONNECT_EVENT_SIZE, COUNTER_COUNT, ConnectEvent, Counter, EventKind,
+    NODENAME_LEN, NS_COUNT, NsIndex,
+};

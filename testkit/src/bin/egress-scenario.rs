@@ -1,0 +1,44 @@
+//! Runs the capture scenario against a collector binary; used inside the test VMs.
+//! Prints `SCENARIO PASS …` or `SCENARIO FAIL …` and exits accordingly.
+
+use std::{path::PathBuf, process::ExitCode, time::Duration};
+
+use egress_testkit::scenario::{Options, run};
+
+fn main() -> ExitCode {
+    let mut args = std::env::args().skip(1);
+    let mut options = Options {
+        collector: PathBuf::from("egress-collector"),
+        probe: "auto".into(),
+        n: 5,
+        extra_args: Vec::new(),
+        ready_timeout: Duration::from_secs(120),
+    };
+    while let Some(arg) = args.next() {
+        match (arg.as_str(), args.next()) {
+            ("--collector", Some(v)) => options.collector = v.into(),
+            ("--probe", Some(v)) => options.probe = v,
+            ("--n", Some(v)) => options.n = v.parse().unwrap_or(5),
+            _ => {
+                eprintln!("usage: egress-scenario --collector PATH [--probe MODE] [--n N]");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    match run(&options) {
+        Ok(outcome) => {
+            println!(
+                "SCENARIO PASS probe={} mode={} connections={} records={}",
+                options.probe,
+                outcome.mode,
+                outcome.expected,
+                outcome.records.len()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(problems) => {
+            println!("SCENARIO FAIL probe={}\n{problems}", options.probe);
+            ExitCode::from(1)
+        }
+    }
+}

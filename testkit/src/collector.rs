@@ -1,0 +1,124 @@
+//! Running the collector binary under test.
+
+use std::{
+    io::{BufRead, BufReader, Read},
+    path::Path,
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    thread,
+    time::Duration,
+};
+
+/// The line the collector logs once its probes are attached.
+pub const READY_LINE: &str = "Capturing egress connections.";
+
+pub struct RunningCollector {
+    child: Child,
+    stdout: thread::JoinHandle<String>,
+    stderr_lines: mpsc::Receiver<String>,
+    stderr_seen: Vec<String>,
+}
+
+impl RunningCollector {
+    /// Starts `collector run --stdout <args>` and waits until it is capturing.
+    pub fn start(collector: &Path, args: &[&str], timeout: Duration) -> Result<Self, String> {
+        let mut all = vec!["--stdout"];
+        all.extend_from_slice(args);
+        Self::start_with(collector, &all, timeout)
+    }
+
+    /// Starts `collector run <args>` and waits until it is capturing.
+    pub fn start_with(collector: &Path, args: &[&str], timeout: Duration) -> Result<Self, String> {
+        let mut child = Command::new(collector)
+            .arg("run")
+            .args(args)
+            .env("NO_COLOR", "1")
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", collector.display()))?;
+        let mut stdout = child.stdout.take().ok_or("no stdout pipe")?;
+        let stdout = thread::spawn(move || {
+            let mut text = String::new();
+            let _ = stdout.read_to_string(&mut text);
+            text
+        });
+        let stderr = child.stderr.take().ok_or("no stderr pipe")?;
+        let (tx, stderr_lines) = mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut running = Self {
+            child,
+            stdout,
+            stderr_lines,
+            stderr_seen: Vec::new(),
+        };
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match running.stderr_lines.recv_timeout(left) {
+                Ok(line) => {
+                    let ready = line.contains(READY_LINE);
+                    running.stderr_seen.push(line);
+                    if ready {
+                        return Ok(running);
+                    }
+                }
+                Err(e) => {
+                    let _ = running.child.kill();
+                    let status = running.child.wait();
+                    let what = match e {
+                        mpsc::RecvTimeoutError::Timeout => {
+                            format!("did not become ready within {timeout:?}")
+                        }
+                        mpsc::RecvTimeoutError::Disconnected => {
+                            format!("exited before becoming ready ({status:?})")
+                        }
+                    };
+                    return Err(format!(
+                        "collector {what}; stderr:\n{}",
+                        running.stderr_seen.join("\n")
+                    ));
+                }
+            }
+        }
+    }
+
+    /// The log lines seen so far.
+    pub fn stderr(&self) -> &[String] {
+        &self.stderr_seen
+    }
+
+    /// SIGINT, then waits for exit; returns (exit success, stdout, all stderr lines).
+    pub fn stop(mut self, timeout: Duration) -> Result<(bool, String, Vec<String>), String> {
+        // SAFETY: signalling our own child by pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let deadline = std::time::Instant::now() + timeout;
+        let status = loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) => break status,
+                Ok(None) if std::time::Instant::now() < deadline => {
+                    thread::sleep(Duration::from_millis(20));
+                }
+                _ => {
+                    let _ = self.child.kill();
+                    return Err(format!(
+                        "collector did not stop within {timeout:?} of SIGINT"
+                    ));
+                }
+            }
+        };
+        let stdout = self.stdout.join().map_err(|_| "stdout reader panicked")?;
+        while let Ok(line) = self.stderr_lines.recv_timeout(Duration::from_millis(200)) {
+            self.stderr_seen.push(line);
+        }
+        Ok((status.success(), stdout, self.stderr_seen))
+    }
+}

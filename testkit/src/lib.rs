@@ -1,0 +1,10 @@
+//! Test scenarios for egress-collector, shared by the host test and the kernel VMs.
+//!
+//! A scenario starts the real collector binary, makes known connections from a thread of
+//! this process, stops the collector with SIGINT, and checks that its JSON output holds
+//! each connection exactly once with the right process and addresses.
+
+pub mod collector;
+pub mod docker;
+pub mod scenario;
+pub mod traffic;

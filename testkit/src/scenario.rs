@@ -1,0 +1,237 @@
+//! The capture scenario: run the collector, make known connections, check the output.
+
+use std::{path::PathBuf, time::Duration};
+
+use serde_json::Value;
+
+use crate::{
+    collector::RunningCollector,
+    traffic::{self, Expected},
+};
+
+pub const TRAFFIC_THREAD: &str = "egress-traffic";
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub collector: PathBuf,
+    /// `--probe` value.
+    pub probe: String,
+    /// Connections of each kind.
+    pub n: usize,
+    pub extra_args: Vec<String>,
+    pub ready_timeout: Duration,
+}
+
+#[derive(Debug)]
+pub struct Outcome {
+    /// Hook family the collector reported running in.
+    pub mode: String,
+    pub expected: usize,
+    pub records: Vec<Value>,
+}
+
+fn attr<'a>(record: &'a Value, key: &str) -> &'a Value {
+    &record["attributes"][key]
+}
+
+fn matches(record: &Value, e: &Expected) -> bool {
+    let source_port = attr(record, "source.port").as_u64().unwrap_or(0);
+    attr(record, "egress.event") == e.event
+        && attr(record, "destination.address") == e.destination.ip().to_string().as_str()
+        && attr(record, "destination.port") == e.destination.port()
+        && match e.source_port {
+            Some(port) => source_port == u64::from(port),
+            None => source_port != 0,
+        }
+}
+
+/// Problems with one expected connection's record (empty when it is right).
+fn check_record(record: &Value, e: &Expected, me: &Me) -> Vec<String> {
+    let mut problems = Vec::new();
+    let mut want = |key: &str, value: Value| {
+        if attr(record, key) != &value {
+            problems.push(format!(
+                "{}: {key} is {}, want {value}",
+                e.what,
+                attr(record, key)
+            ));
+        }
+    };
+    want("process.pid", me.pid.into());
+    want("process.parent_pid", me.parent_pid.into());
+    want("process.user.id", me.uid.into());
+    want("process.executable.name", me.comm.clone().into());
+    want("thread.name", TRAFFIC_THREAD.into());
+    want("network.transport", e.transport.into());
+    want("network.type", e.network_type.into());
+    if let Some(ip) = e.source_ip {
+        want("source.address", ip.to_string().into());
+    }
+    if record["time_unix_nano"]
+        .as_u64()
+        .is_none_or(|t| t < me.started_unix_nano)
+    {
+        problems.push(format!(
+            "{}: time_unix_nano {} is before the test began",
+            e.what, record["time_unix_nano"]
+        ));
+    }
+    for ns in ["net", "uts", "mnt", "pid", "ipc", "cgroup"] {
+        let key = format!("egress.namespace.{ns}");
+        let want_inum = me.namespaces.get(ns).copied();
+        if attr(record, &key).as_u64() != want_inum {
+            problems.push(format!(
+                "{}: {key} is {}, want {want_inum:?}",
+                e.what,
+                attr(record, &key)
+            ));
+        }
+    }
+    if attr(record, "egress.uts.nodename") != me.nodename.as_str() {
+        problems.push(format!(
+            "{}: egress.uts.nodename is {}, want {}",
+            e.what,
+            attr(record, "egress.uts.nodename"),
+            me.nodename
+        ));
+    }
+    problems
+}
+
+/// Facts about this process, to compare records with.
+struct Me {
+    pid: u32,
+    parent_pid: u32,
+    uid: u32,
+    comm: String,
+    nodename: String,
+    namespaces: std::collections::HashMap<&'static str, u64>,
+    started_unix_nano: u64,
+}
+
+impl Me {
+    fn read() -> Self {
+        let comm = std::fs::read_to_string("/proc/self/comm")
+            .unwrap_or_default()
+            .trim()
+            .to_owned();
+        let nodename = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .unwrap_or_default()
+            .trim()
+            .to_owned();
+        let mut namespaces = std::collections::HashMap::new();
+        for ns in ["net", "uts", "mnt", "pid", "ipc", "cgroup"] {
+            use std::os::unix::fs::MetadataExt;
+            if let Ok(meta) = std::fs::metadata(format!("/proc/self/ns/{ns}")) {
+                namespaces.insert(ns, meta.ino());
+            }
+        }
+        let started_unix_nano = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        // SAFETY: trivial libc getters.
+        let (parent_pid, uid) = unsafe { (libc::getppid() as u32, libc::getuid()) };
+        Self {
+            pid: std::process::id(),
+            parent_pid,
+            uid,
+            comm,
+            nodename,
+            namespaces,
+            started_unix_nano,
+        }
+    }
+}
+
+/// Runs the scenario; `Err` lists every problem found.
+pub fn run(options: &Options) -> Result<Outcome, String> {
+    let me = Me::read();
+    let mut args: Vec<&str> = vec!["--probe", &options.probe, "--stats-interval", "1h"];
+    args.extend(options.extra_args.iter().map(String::as_str));
+    let collector = RunningCollector::start(&options.collector, &args, options.ready_timeout)?;
+    let mode = collector
+        .stderr()
+        .iter()
+        .find_map(|line| line.split("mode=").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or("unknown")
+        .to_owned();
+
+    let n = options.n;
+    let traffic = std::thread::Builder::new()
+        .name(TRAFFIC_THREAD.into())
+        .spawn(move || traffic::generate(n))
+        .map_err(|e| format!("cannot start the traffic thread: {e}"))?
+        .join()
+        .map_err(|_| "the traffic thread panicked".to_owned())?;
+    // Give the reader a moment; shutdown drains the ring buffer anyway.
+    std::thread::sleep(Duration::from_millis(300));
+    let (clean_exit, stdout, stderr) = collector.stop(Duration::from_secs(30))?;
+    let expected = traffic.map_err(|e| format!("making the test connections failed: {e}"))?;
+
+    let mut problems = Vec::new();
+    if !clean_exit {
+        problems.push(format!(
+            "collector exited with failure; stderr:\n{}",
+            stderr.join("\n")
+        ));
+    }
+    let mut records = Vec::new();
+    for line in stdout.lines() {
+        match serde_json::from_str::<Value>(line) {
+            Ok(record) => records.push(record),
+            Err(e) => problems.push(format!("stdout line is not JSON ({e}): {line}")),
+        }
+    }
+    let mine: Vec<&Value> = records
+        .iter()
+        .filter(|r| attr(r, "process.pid") == me.pid && attr(r, "thread.name") == TRAFFIC_THREAD)
+        .collect();
+    for e in &expected {
+        let found: Vec<&&Value> = mine.iter().filter(|r| matches(r, e)).collect();
+        match found.as_slice() {
+            [record] => problems.extend(check_record(record, e, &me)),
+            [] => problems.push(format!("{}: not reported ({e:?})", e.what)),
+            more => problems.push(format!(
+                "{}: reported {} times, want once",
+                e.what,
+                more.len()
+            )),
+        }
+    }
+    let destinations: Vec<_> = expected.iter().map(|e| e.destination).collect();
+    let to_test_ports = mine
+        .iter()
+        .filter(|r| {
+            let port = attr(r, "destination.port").as_u64().unwrap_or(0);
+            destinations.iter().any(|d| u64::from(d.port()) == port)
+        })
+        .count();
+    if to_test_ports != expected.len() {
+        problems.push(format!(
+            "{to_test_ports} records for the test's destinations, want exactly {}",
+            expected.len()
+        ));
+    }
+    if problems.is_empty() {
+        Ok(Outcome {
+            mode,
+            expected: expected.len(),
+            records,
+        })
+    } else {
+        let sample: Vec<String> = mine
+            .iter()
+            .take(40)
+            .map(|r| r["attributes"].to_string())
+            .collect();
+        Err(format!(
+            "mode {mode}: {} problem(s):\n  {}\nrecords from this process:\n  {}\ncollector stderr:\n  {}",
+            problems.len(),
+            problems.join("\n  "),
+            sample.join("\n  "),
+            stderr.join("\n  ")
+        ))
+    }
+}
