@@ -7,7 +7,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::{
     export::otlp::settings::{
-        Layers, OtlpSettings, RawSignal, SettingError, Signal, Source, parse_headers,
+        Layers, OtlpSettings, RawSignal, SettingError, Signal, Source, SourceValues, parse_headers,
         resource_attributes,
     },
     pipeline::PipelineSettings,
@@ -125,6 +125,10 @@ pub struct OtlpArgs {
     /// Count `egress.connections` per destination address too (high cardinality).
     #[arg(long)]
     pub metrics_destination_address: bool,
+    /// Send the collector's own logs and spans to the OTLP endpoint too (service.name
+    /// egress-collector), besides stderr.
+    #[arg(long)]
+    pub self_telemetry: bool,
 }
 
 impl ProbeArgs {
@@ -212,6 +216,42 @@ mod tests {
     }
 
     #[test]
+    fn the_config_file_sets_traces_and_self_telemetry_and_flags_win() {
+        let dir = std::env::temp_dir().join(format!("egress-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("egress.toml");
+        std::fs::write(
+            &path,
+            "[otlp]\nendpoint = \"http://file:4318\"\nprotocol = \"http/protobuf\"\n\
+             [otlp.traces]\nendpoint = \"http://jaeger:4318/v1/traces\"\n\
+             [export]\nself_telemetry = true\nbatch_size = 64\n",
+        )
+        .expect("write");
+        let cli = Cli::try_parse_from([
+            "egress-collector",
+            "--config",
+            path.to_str().expect("utf-8"),
+            "--batch-size",
+            "128",
+        ])
+        .expect("valid");
+        let settings = cli
+            .run
+            .otlp
+            .settings(&|_| None)
+            .expect("valid")
+            .expect("on");
+        assert!(settings.self_telemetry);
+        assert_eq!(settings.batch_size, 128);
+        assert_eq!(settings.logs.url, "http://file:4318/v1/logs");
+        assert_eq!(settings.traces.url, "http://jaeger:4318/v1/traces");
+        std::fs::write(&path, "[otlp.spans]\nendpoint = \"http://x\"\n").expect("write");
+        let error = cli.run.otlp.settings(&|_| None).expect_err("unknown table");
+        assert!(error.to_string().contains("spans"), "{error}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn run_is_the_default_command() {
         let cli = Cli::try_parse_from(["egress-collector", "--stdout", "--probe", "tracepoint"])
             .expect("valid");
@@ -248,12 +288,11 @@ struct FileExport {
     batch_timeout: Option<String>,
     queue_records: Option<usize>,
     metrics_destination_address: Option<bool>,
+    self_telemetry: Option<bool>,
 }
 
 struct FileConfig {
-    general: RawSignal,
-    logs: RawSignal,
-    metrics: RawSignal,
+    otlp: SourceValues,
     export: FileExport,
 }
 
@@ -285,14 +324,18 @@ fn read_config_file(path: &std::path::Path) -> Result<FileConfig, ConfigError> {
     }
     let logs = take(&mut otlp, "logs")?;
     let metrics = take(&mut otlp, "metrics")?;
+    let traces = take(&mut otlp, "traces")?;
     let signal = |t: toml::Table, name: &str| -> Result<RawSignal, ConfigError> {
         t.try_into()
             .map_err(|e: toml::de::Error| file_error(format!("[{name}] {}", e.message())))
     };
     Ok(FileConfig {
-        general: signal(otlp, "otlp")?,
-        logs: signal(logs, "otlp.logs")?,
-        metrics: signal(metrics, "otlp.metrics")?,
+        otlp: SourceValues {
+            general: signal(otlp, "otlp")?,
+            logs: signal(logs, "otlp.logs")?,
+            metrics: signal(metrics, "otlp.metrics")?,
+            traces: signal(traces, "otlp.traces")?,
+        },
         export: export
             .try_into()
             .map_err(|e: toml::de::Error| file_error(format!("[export] {}", e.message())))?,
@@ -328,20 +371,16 @@ impl OtlpArgs {
         let mut layers = Layers::default();
         layers.push(
             Source::Flags,
-            flags,
-            RawSignal::default(),
-            RawSignal::default(),
+            SourceValues {
+                general: flags,
+                ..SourceValues::default()
+            },
         );
-        layers.push(
-            Source::Env,
-            RawSignal::from_env(env, None)?,
-            RawSignal::from_env(env, Some(Signal::Logs))?,
-            RawSignal::from_env(env, Some(Signal::Metrics))?,
-        );
+        layers.push(Source::Env, SourceValues::from_env(env)?);
         let export = match file {
             Some(file) => {
                 let path = self.config.clone().unwrap_or_default();
-                layers.push(Source::File(path), file.general, file.logs, file.metrics);
+                layers.push(Source::File(path), file.otlp);
                 file.export
             }
             None => FileExport::default(),
@@ -391,6 +430,8 @@ impl OtlpArgs {
         Ok(Some(OtlpSettings {
             logs: layers.resolve(Signal::Logs)?,
             metrics: layers.resolve(Signal::Metrics)?,
+            traces: layers.resolve(Signal::Traces)?,
+            self_telemetry: self.self_telemetry || export.self_telemetry.unwrap_or(false),
             export_interval: self
                 .export_interval
                 .or(env_interval)

@@ -1,6 +1,6 @@
 //! Glue only: command line -> telemetry -> probes -> pipeline -> graceful shutdown.
 
-use std::process::ExitCode;
+use std::{process::ExitCode, time::Duration};
 
 use anyhow::Context;
 use clap::Parser;
@@ -10,6 +10,7 @@ use egress_collector::{
     enrich::HostIdentity,
     pipeline,
     probe::Probes,
+    telemetry::otel::SelfTelemetry,
 };
 
 fn main() -> ExitCode {
@@ -35,7 +36,6 @@ fn main() -> ExitCode {
 }
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
-    egress_collector::telemetry::init_tracing(&args.log_level);
     raise_memlock_limit();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -47,12 +47,25 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut pipeline_settings = args.pipeline();
     pipeline_settings.otlp = args.otlp.settings(&env).context("configuration")?;
     pipeline_settings.stdout = args.stdout || pipeline_settings.otlp.is_none();
-    runtime.block_on(async {
+    let host = HostIdentity::detect(&args.probe.host_root);
+    let self_telemetry = match &pipeline_settings.otlp {
+        Some(otlp) if otlp.self_telemetry => Some(
+            SelfTelemetry::new(otlp, &host.host_name, runtime.handle().clone())
+                .context("configuration")?,
+        ),
+        _ => None,
+    };
+    egress_collector::telemetry::init_tracing(&args.log_level, self_telemetry.as_ref());
+    let result = runtime.block_on(async {
         let probes = Probes::attach(&args.probe.settings()).context("attaching probes")?;
-        let host = HostIdentity::detect(&args.probe.host_root);
         pipeline::run(probes, host, pipeline_settings, shutdown_signal()).await?;
         Ok(())
-    })
+    });
+    if let Some(telemetry) = self_telemetry {
+        // After the pipeline, so its last log lines go out too; the runtime still runs.
+        telemetry.shutdown(Duration::from_secs(5));
+    }
+    result
 }
 
 /// Kernels before 5.11 charge eBPF maps to RLIMIT_MEMLOCK.

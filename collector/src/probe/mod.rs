@@ -194,6 +194,7 @@ pub struct Probes {
 }
 
 impl Probes {
+    #[tracing::instrument(name = "probe.attach", skip_all, fields(probe.mode, probe.refused))]
     pub fn attach(settings: &ProbeSettings) -> Result<Self, ProbeError> {
         let facts = KernelFacts::read(settings)?;
         let mut ebpf = facts.load(settings.ring_buffer_bytes)?;
@@ -207,6 +208,9 @@ impl Probes {
             }
             match attach::attach(&mut ebpf, mode, facts.aya_btf.as_ref()) {
                 Ok(()) => {
+                    let span = tracing::Span::current();
+                    span.record("probe.mode", mode.as_str());
+                    span.record("probe.refused", refused.len());
                     return Ok(Self {
                         ebpf,
                         mode,

@@ -18,6 +18,10 @@ use opentelemetry_proto::tonic::collector::{
         ExportMetricsServiceRequest, ExportMetricsServiceResponse,
         metrics_service_server::{MetricsService, MetricsServiceServer},
     },
+    trace::v1::{
+        ExportTraceServiceRequest, ExportTraceServiceResponse,
+        trace_service_server::{TraceService, TraceServiceServer},
+    },
 };
 use prost::Message;
 use tokio::sync::oneshot;
@@ -26,6 +30,7 @@ use tokio::sync::oneshot;
 pub struct Received {
     pub logs: Vec<ExportLogsServiceRequest>,
     pub metrics: Vec<ExportMetricsServiceRequest>,
+    pub traces: Vec<ExportTraceServiceRequest>,
     /// (header name, value) of every request, lower-case names.
     pub headers: Vec<(String, String)>,
 }
@@ -75,6 +80,22 @@ impl MetricsService for Grpc {
     }
 }
 
+#[tonic::async_trait]
+impl TraceService for Grpc {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        remember_metadata(&self.0, request.metadata());
+        self.0
+            .lock()
+            .expect("lock")
+            .traces
+            .push(request.into_inner());
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
 /// A running receiver; stops when dropped.
 pub struct Receiver {
     pub addr: SocketAddr,
@@ -111,7 +132,11 @@ pub async fn grpc(addr: SocketAddr, received: Shared) -> Receiver {
                     .accept_compressed(tonic::codec::CompressionEncoding::Gzip),
             )
             .add_service(
-                MetricsServiceServer::new(service)
+                MetricsServiceServer::new(service.clone())
+                    .accept_compressed(tonic::codec::CompressionEncoding::Gzip),
+            )
+            .add_service(
+                TraceServiceServer::new(service)
                     .accept_compressed(tonic::codec::CompressionEncoding::Gzip),
             )
             .serve_with_incoming_shutdown(
@@ -176,6 +201,10 @@ async fn handle_http(
         "/v1/metrics" => ExportMetricsServiceRequest::decode(&body[..]).map(|req| {
             shared.lock().expect("lock").metrics.push(req);
             ExportMetricsServiceResponse::default().encode_to_vec()
+        }),
+        "/v1/traces" => ExportTraceServiceRequest::decode(&body[..]).map(|req| {
+            shared.lock().expect("lock").traces.push(req);
+            ExportTraceServiceResponse::default().encode_to_vec()
         }),
         _ => {
             return Ok(hyper::Response::builder()

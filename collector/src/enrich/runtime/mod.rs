@@ -153,7 +153,9 @@ impl RuntimeFiles {
         (files, problem)
     }
 
-    /// Metadata of container `id`, asking the runtime the cgroup named first.
+    /// Metadata of container `id`, asking the runtime the cgroup named first. Once per
+    /// container (the cache keeps the answer), so a span each is cheap.
+    #[tracing::instrument(name = "container.metadata.lookup", skip(self, hint), fields(container.id = id))]
     pub fn lookup(
         &self,
         id: &str,

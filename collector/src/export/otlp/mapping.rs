@@ -277,12 +277,15 @@ pub fn metrics_request(resource_metrics: Vec<ResourceMetrics>) -> ExportMetricsS
 }
 
 /// The collector's own resource metrics, under its own resource.
-pub fn self_metrics(
-    resource: &BTreeMap<&'static str, String>,
-    metrics: Vec<Metric>,
-) -> ResourceMetrics {
+pub fn self_metrics(resource: &[(String, String)], metrics: Vec<Metric>) -> ResourceMetrics {
     ResourceMetrics {
-        resource: Some(proto_resource(resource)),
+        resource: Some(ProtoResource {
+            attributes: resource
+                .iter()
+                .map(|(k, v)| key_value(k, Value::Str(v.clone())))
+                .collect(),
+            ..Default::default()
+        }),
         scope_metrics: vec![ScopeMetrics {
             scope: Some(scope()),
             metrics,

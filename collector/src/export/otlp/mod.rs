@@ -8,14 +8,12 @@ pub mod settings;
 pub mod transport;
 
 use std::{
-    collections::BTreeMap,
     future::Future,
     pin::Pin,
     sync::Arc,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use opentelemetry_semantic_conventions::attribute as semconv;
 use tokio::{sync::mpsc, time::Instant};
 
 use self::{
@@ -26,7 +24,7 @@ use self::{
 };
 use crate::{
     enrich::Record,
-    telemetry::{Snapshot, Stats},
+    telemetry::{Snapshot, Stats, otel::collector_resource},
 };
 use egress_shared::Counter;
 
@@ -47,8 +45,7 @@ pub struct OtlpExporter {
     stats: Arc<Stats>,
     snapshot: SnapshotSource,
     /// The collector's own resource (service.name, host.name, OTEL_RESOURCE_ATTRIBUTES).
-    self_resource: BTreeMap<&'static str, String>,
-    self_extra: Vec<(String, String)>,
+    self_resource: Vec<(String, String)>,
     /// How long shutdown may spend flushing the queue.
     flush_deadline: Duration,
 }
@@ -65,14 +62,7 @@ impl OtlpExporter {
     ) -> Result<Self, TransportError> {
         let logs = Arc::new(Client::new(&settings.logs)?);
         let metrics = Arc::new(Client::new(&settings.metrics)?);
-        let mut self_resource = BTreeMap::new();
-        self_resource.insert(semconv::SERVICE_NAME, "egress-collector".to_owned());
-        self_resource.insert(
-            semconv::SERVICE_VERSION,
-            env!("CARGO_PKG_VERSION").to_owned(),
-        );
-        self_resource.insert(semconv::HOST_NAME, host_name.to_owned());
-        let self_extra = settings.self_resource.clone();
+        let self_resource = collector_resource(host_name, &settings.self_resource);
         Ok(Self {
             settings,
             logs,
@@ -80,7 +70,6 @@ impl OtlpExporter {
             stats,
             snapshot,
             self_resource,
-            self_extra,
             flush_deadline,
         })
     }
@@ -191,16 +180,7 @@ impl OtlpExporter {
                 vec![int_point(&[], start, now, s.queue_length)],
             ),
         ];
-        let mut resource = mapping::self_metrics(&self.self_resource, metrics);
-        if let Some(r) = resource.resource.as_mut() {
-            for (k, v) in &self.self_extra {
-                r.attributes.push(mapping::key_value(
-                    k,
-                    crate::export::attributes::Value::Str(v.clone()),
-                ));
-            }
-        }
-        resource
+        mapping::self_metrics(&self.self_resource, metrics)
     }
 
     /// Exports until `input` closes, then flushes within the deadline.

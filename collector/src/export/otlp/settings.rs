@@ -1,5 +1,6 @@
 //! OTLP exporter settings from the standard `OTEL_EXPORTER_OTLP_*` environment variables,
-//! a config file (`[otlp]`, `[otlp.logs]`, `[otlp.metrics]`, `[export]`) and flags.
+//! a config file (`[otlp]`, `[otlp.logs]`, `[otlp.metrics]`, `[otlp.traces]`, `[export]`)
+//! and flags.
 //! Precedence: flags, then environment, then file; a per-signal value beats a general one
 //! of the same source. A bad value is a one-line error naming the setting.
 
@@ -25,6 +26,8 @@ pub enum Compression {
 pub enum Signal {
     Logs,
     Metrics,
+    /// Only the collector's own spans (`--self-telemetry`).
+    Traces,
 }
 
 impl Signal {
@@ -32,6 +35,7 @@ impl Signal {
         match self {
             Signal::Logs => "LOGS_",
             Signal::Metrics => "METRICS_",
+            Signal::Traces => "TRACES_",
         }
     }
 
@@ -39,6 +43,7 @@ impl Signal {
         match self {
             Signal::Logs => "v1/logs",
             Signal::Metrics => "v1/metrics",
+            Signal::Traces => "v1/traces",
         }
     }
 }
@@ -182,6 +187,7 @@ impl Source {
                     None => "otlp",
                     Some(Signal::Logs) => "otlp.logs",
                     Some(Signal::Metrics) => "otlp.metrics",
+                    Some(Signal::Traces) => "otlp.traces",
                 };
                 format!("{} [{table}] {field}", path.display())
             }
@@ -194,6 +200,38 @@ struct Layer {
     general: RawSignal,
     logs: RawSignal,
     metrics: RawSignal,
+    traces: RawSignal,
+}
+
+impl Layer {
+    fn specific(&self, signal: Signal) -> &RawSignal {
+        match signal {
+            Signal::Logs => &self.logs,
+            Signal::Metrics => &self.metrics,
+            Signal::Traces => &self.traces,
+        }
+    }
+}
+
+/// One source's general and per-signal values.
+#[derive(Debug, Clone, Default)]
+pub struct SourceValues {
+    pub general: RawSignal,
+    pub logs: RawSignal,
+    pub metrics: RawSignal,
+    pub traces: RawSignal,
+}
+
+impl SourceValues {
+    /// From `OTEL_EXPORTER_OTLP_*` and the per-signal variables.
+    pub fn from_env(env: &dyn Fn(&str) -> Option<String>) -> Result<Self, SettingError> {
+        Ok(Self {
+            general: RawSignal::from_env(env, None)?,
+            logs: RawSignal::from_env(env, Some(Signal::Logs))?,
+            metrics: RawSignal::from_env(env, Some(Signal::Metrics))?,
+            traces: RawSignal::from_env(env, Some(Signal::Traces))?,
+        })
+    }
 }
 
 /// Values by source, most important first.
@@ -203,18 +241,13 @@ pub struct Layers {
 }
 
 impl Layers {
-    pub fn push(
-        &mut self,
-        source: Source,
-        general: RawSignal,
-        logs: RawSignal,
-        metrics: RawSignal,
-    ) {
+    pub fn push(&mut self, source: Source, values: SourceValues) {
         self.layers.push(Layer {
             source,
-            general,
-            logs,
-            metrics,
+            general: values.general,
+            logs: values.logs,
+            metrics: values.metrics,
+            traces: values.traces,
         });
     }
 
@@ -234,12 +267,7 @@ impl Layers {
         get: impl Fn(&RawSignal) -> Option<T>,
     ) -> Option<Named<T>> {
         self.layers.iter().find_map(|layer| {
-            let specific = if signal == Signal::Logs {
-                &layer.logs
-            } else {
-                &layer.metrics
-            };
-            if let Some(value) = get(specific) {
+            if let Some(value) = get(layer.specific(signal)) {
                 return Some(Named {
                     value,
                     setting: layer.source.setting(Some(signal), field),
@@ -254,12 +282,7 @@ impl Layers {
 
     fn specific_endpoint(&self, signal: Signal) -> Option<bool> {
         self.layers.iter().find_map(|layer| {
-            let specific = if signal == Signal::Logs {
-                &layer.logs
-            } else {
-                &layer.metrics
-            };
-            if specific.endpoint.is_some() {
+            if layer.specific(signal).endpoint.is_some() {
                 Some(true)
             } else if layer.general.endpoint.is_some() {
                 Some(false)
@@ -402,6 +425,10 @@ pub struct SignalSettings {
 pub struct OtlpSettings {
     pub logs: SignalSettings,
     pub metrics: SignalSettings,
+    /// Where the collector's own spans go, with its own logs going to `logs`.
+    pub traces: SignalSettings,
+    /// Send the collector's own logs and spans over OTLP too.
+    pub self_telemetry: bool,
     /// How often metrics are exported.
     pub export_interval: Duration,
     /// Records per log request.

@@ -16,6 +16,10 @@ use opentelemetry_proto::tonic::collector::{
         ExportMetricsServiceRequest, ExportMetricsServiceResponse,
         metrics_service_client::MetricsServiceClient,
     },
+    trace::v1::{
+        ExportTraceServiceRequest, ExportTraceServiceResponse,
+        trace_service_client::TraceServiceClient,
+    },
 };
 use prost::Message;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
@@ -310,6 +314,45 @@ impl Client {
                     }))
             }
         }
+    }
+
+    /// Only the collector's own spans travel this way.
+    pub async fn export_traces(
+        &self,
+        request: &ExportTraceServiceRequest,
+    ) -> Result<Accepted, SendError> {
+        let partial = match &self.inner {
+            Inner::Grpc {
+                channel,
+                gzip,
+                headers,
+            } => {
+                let mut client = TraceServiceClient::new(channel.clone());
+                if *gzip {
+                    client = client
+                        .send_compressed(CompressionEncoding::Gzip)
+                        .accept_compressed(CompressionEncoding::Gzip);
+                }
+                let mut grpc_request = tonic::Request::new(request.clone());
+                *grpc_request.metadata_mut() = headers.clone();
+                client
+                    .export(grpc_request)
+                    .await
+                    .map_err(classify_status)?
+                    .into_inner()
+                    .partial_success
+            }
+            Inner::Http { .. } => {
+                let body = self.post(request.encode_to_vec()).await?;
+                ExportTraceServiceResponse::decode(body)
+                    .unwrap_or_default()
+                    .partial_success
+            }
+        };
+        Ok(partial.map_or_else(Accepted::default, |p| Accepted {
+            rejected: p.rejected_spans.max(0) as u64,
+            message: p.error_message,
+        }))
     }
 
     /// POSTs a protobuf body; returns the response body of a 2xx.

@@ -17,22 +17,19 @@ fn layers(flags: RawSignal, vars: &[(&str, &str)], file: Option<RawSignal>) -> L
     let mut layers = Layers::default();
     layers.push(
         Source::Flags,
-        flags,
-        RawSignal::default(),
-        RawSignal::default(),
+        SourceValues {
+            general: flags,
+            ..SourceValues::default()
+        },
     );
-    layers.push(
-        Source::Env,
-        RawSignal::from_env(&env, None).expect("env"),
-        RawSignal::from_env(&env, Some(Signal::Logs)).expect("env"),
-        RawSignal::from_env(&env, Some(Signal::Metrics)).expect("env"),
-    );
+    layers.push(Source::Env, SourceValues::from_env(&env).expect("env"));
     if let Some(file) = file {
         layers.push(
             Source::File("egress.toml".into()),
-            file,
-            RawSignal::default(),
-            RawSignal::default(),
+            SourceValues {
+                general: file,
+                ..SourceValues::default()
+            },
         );
     }
     layers
@@ -62,6 +59,10 @@ fn http_appends_the_signal_path_to_a_general_endpoint_only() {
     assert_eq!(
         l.resolve(Signal::Metrics).expect("valid").url,
         "https://metrics.example/custom"
+    );
+    assert_eq!(
+        l.resolve(Signal::Traces).expect("valid").url,
+        "https://otlp.example:4318/base/v1/traces"
     );
 }
 

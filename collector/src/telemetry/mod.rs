@@ -14,14 +14,22 @@ use egress_shared::{COUNTER_COUNT, Counter};
 
 use crate::events::DecodeError;
 
-/// Logs to stderr (stdout carries records). `RUST_LOG` overrides `level`.
-pub fn init_tracing(level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+pub mod otel;
+
+/// Logs to stderr (stdout carries records), and over OTLP too with `self_telemetry`.
+/// `RUST_LOG` overrides `level`.
+pub fn init_tracing(level: &str, self_telemetry: Option<&otel::SelfTelemetry>) {
+    use tracing_subscriber::{Layer, layer::SubscriberExt, util::SubscriberInitExt};
+    let filter = || {
+        tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level))
+    };
+    let stderr = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
-        .with_target(false)
+        .with_target(false);
+    let _ = tracing_subscriber::registry()
+        .with(self_telemetry.map(|t| t.layers().with_filter(filter())))
+        .with(stderr.with_filter(filter()))
         .try_init();
 }
 
