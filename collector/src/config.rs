@@ -76,6 +76,10 @@ pub struct RunArgs {
     /// Log level of the collector's own logs (RUST_LOG overrides).
     #[arg(long, default_value = "info", env = "EGRESS_LOG")]
     pub log_level: String,
+    /// Serve `GET /healthz` (liveness) and `/readyz` (probes attached) here, e.g.
+    /// 0.0.0.0:8686 for kubelet probes [default: not served].
+    #[arg(long, env = "EGRESS_HEALTH_ADDRESS")]
+    pub health_address: Option<std::net::SocketAddr>,
 }
 
 /// OTLP export. Each flag overrides the matching `OTEL_EXPORTER_OTLP_*` variable, which

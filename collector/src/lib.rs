@@ -8,6 +8,7 @@ pub mod config;
 pub mod enrich;
 pub mod events;
 pub mod export;
+pub mod health;
 pub mod pipeline;
 pub mod probe;
 pub mod telemetry;

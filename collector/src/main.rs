@@ -56,9 +56,20 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         _ => None,
     };
     egress_collector::telemetry::init_tracing(&args.log_level, self_telemetry.as_ref());
+    let health_listener = args
+        .health_address
+        .map(egress_collector::health::bind)
+        .transpose()?;
     let result = runtime.block_on(async {
         let probes = Probes::attach(&args.probe.settings()).context("attaching probes")?;
-        pipeline::run(probes, host, pipeline_settings, shutdown_signal()).await?;
+        pipeline::run(
+            probes,
+            host,
+            pipeline_settings,
+            health_listener,
+            shutdown_signal(),
+        )
+        .await?;
         Ok(())
     });
     if let Some(telemetry) = self_telemetry {

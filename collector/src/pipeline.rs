@@ -1,7 +1,7 @@
 //! Spawns the stages with bounded channels between them, reports statistics, and on
 //! shutdown detaches the probes and drains what was captured, within a deadline.
 
-use std::{future::Future, path::PathBuf, sync::Arc, time::Duration};
+use std::{future::Future, net::TcpListener, path::PathBuf, sync::Arc, time::Duration};
 
 use tokio::sync::{mpsc, watch};
 
@@ -13,6 +13,7 @@ use crate::{
         otlp::{OtlpExporter, SnapshotSource, settings::OtlpSettings, transport::TransportError},
         stdout::StdoutExporter,
     },
+    health::{self, Health, HealthError},
     probe::{ProbeError, Probes},
     telemetry::{self, KernelCounters, Snapshot, Stats},
 };
@@ -40,13 +41,17 @@ pub enum PipelineError {
     RingBuffer(#[source] std::io::Error),
     #[error("OTLP exporter: {0}")]
     Exporter(#[from] TransportError),
+    #[error(transparent)]
+    Health(#[from] HealthError),
 }
 
-/// Runs until `shutdown` completes; returns the final counters.
+/// Runs until `shutdown` completes; returns the final counters. `health`, when given, is
+/// where `/healthz` and `/readyz` are served (see [`health::bind`]).
 pub async fn run(
     mut probes: Probes,
     host: HostIdentity,
     settings: PipelineSettings,
+    health_listener: Option<TcpListener>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<Snapshot, PipelineError> {
     let stats = Arc::new(Stats::default());
@@ -55,6 +60,11 @@ pub async fn run(
         let (stats, kernel) = (Arc::clone(&stats), Arc::clone(&kernel));
         Arc::new(move || stats.snapshot(&kernel))
     };
+    let health = Arc::new(Health::default());
+    if let Some(listener) = health_listener {
+        let bound = health::serve(listener, Arc::clone(&health), Arc::clone(&snapshot))?;
+        tracing::info!(address = %bound, "Serving /healthz and /readyz.");
+    }
     // Built before anything starts, so bad TLS material fails the start.
     let otlp = match settings.otlp.clone() {
         Some(otlp) => {
@@ -105,10 +115,13 @@ pub async fn run(
     for (mode, why) in &probes.refused {
         tracing::info!(%mode, reason = %why, "A preferred hook was refused.");
     }
+    health.set_ready(probes.mode.as_str());
 
     let mut previous = Snapshot::default();
     let mut ticker = tokio::time::interval(settings.stats_interval);
     ticker.tick().await;
+    let mut liveness = tokio::time::interval(Duration::from_secs(1));
+    let mut failed = false;
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -118,8 +131,23 @@ pub async fn run(
                 telemetry::report(&previous, &now);
                 previous = now;
             }
+            _ = liveness.tick(), if !failed => {
+                // Stages only end when told to: one that ended on its own is a broken
+                // collector, which the liveness probe reports so kubelet restarts it.
+                let stopped = [
+                    ("event reader", reader_task.is_finished()),
+                    ("enrichment", enrich_task.is_finished()),
+                    ("exporter", export_task.is_finished()),
+                ];
+                if let Some((stage, _)) = stopped.iter().find(|(_, done)| *done) {
+                    tracing::error!(stage, "A pipeline stage stopped; the collector is unhealthy.");
+                    health.set_failed(format!("the {stage} stage stopped"));
+                    failed = true;
+                }
+            }
         }
     }
+    health.set_not_ready();
 
     // Stop new events first, then let every stage drain in order.
     probes.detach();

@@ -1,0 +1,159 @@
+//! The health endpoint kubelet probes (`--health-address`): `GET /healthz` answers 200
+//! while every pipeline stage runs, `GET /readyz` 200 once the probes are attached and
+//! until shutdown begins. Both bodies are one JSON object with the hook mode and counters.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering::Relaxed},
+    },
+};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Request, Response, StatusCode, body::Incoming};
+use tokio::net::TcpListener;
+
+use crate::telemetry::Snapshot;
+
+/// What the pipeline tells the endpoint.
+#[derive(Default)]
+pub struct Health {
+    ready: AtomicBool,
+    mode: Mutex<Option<String>>,
+    failure: Mutex<Option<String>>,
+}
+
+impl Health {
+    /// The probes are attached in `mode` and events flow.
+    pub fn set_ready(&self, mode: &str) {
+        if let Ok(mut m) = self.mode.lock() {
+            *m = Some(mode.to_owned());
+        }
+        self.ready.store(true, Relaxed);
+    }
+
+    /// Shutdown began: stop taking traffic, stay alive while draining.
+    pub fn set_not_ready(&self) {
+        self.ready.store(false, Relaxed);
+    }
+
+    /// A stage stopped on its own: the collector is broken and should be restarted.
+    pub fn set_failed(&self, why: String) {
+        if let Ok(mut f) = self.failure.lock() {
+            f.get_or_insert(why);
+        }
+    }
+
+    fn answer(&self, path: &str, counters: &Snapshot) -> (StatusCode, String) {
+        let failure = self.failure.lock().ok().and_then(|f| f.clone());
+        let ready = self.ready.load(Relaxed);
+        let mode = self.mode.lock().ok().and_then(|m| m.clone());
+        let status = match path {
+            "/healthz" if failure.is_none() => StatusCode::OK,
+            "/readyz" if failure.is_none() && ready => StatusCode::OK,
+            "/healthz" | "/readyz" => StatusCode::SERVICE_UNAVAILABLE,
+            _ => return (StatusCode::NOT_FOUND, "{\"error\":\"not found\"}\n".into()),
+        };
+        let body = serde_json::json!({
+            "status": if status == StatusCode::OK { "ok" } else { "unavailable" },
+            "ready": ready,
+            "failure": failure,
+            "probe": mode,
+            "events_captured": counters.captured,
+            "events_lost": counters.lost(),
+            "records_exported": counters.exported,
+            "queue_length": counters.queue_length,
+        });
+        (status, format!("{body}\n"))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen for health checks on {address}: {source}")]
+pub struct HealthError {
+    address: SocketAddr,
+    #[source]
+    source: std::io::Error,
+}
+
+/// Binds before anything is attached, so a taken port fails the start cleanly.
+pub fn bind(address: SocketAddr) -> Result<std::net::TcpListener, HealthError> {
+    let error = |source| HealthError { address, source };
+    let listener = std::net::TcpListener::bind(address).map_err(error)?;
+    listener.set_nonblocking(true).map_err(error)?;
+    Ok(listener)
+}
+
+/// Serves on `listener` until the runtime stops.
+pub fn serve(
+    listener: std::net::TcpListener,
+    health: Arc<Health>,
+    counters: Arc<dyn Fn() -> Snapshot + Send + Sync>,
+) -> Result<SocketAddr, HealthError> {
+    let address = listener
+        .local_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+    let listener =
+        TcpListener::from_std(listener).map_err(|source| HealthError { address, source })?;
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let (health, counters) = (Arc::clone(&health), Arc::clone(&counters));
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                    let (status, body) = health.answer(request.uri().path(), &counters());
+                    async move {
+                        Response::builder()
+                            .status(status)
+                            .header(hyper::header::CONTENT_TYPE, "application/json")
+                            .body(Full::new(Bytes::from(body)))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    Ok(address)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readiness_follows_the_pipeline_and_a_failure_fails_both() {
+        let health = Health::default();
+        let counters = Snapshot::default();
+        assert_eq!(health.answer("/healthz", &counters).0, StatusCode::OK);
+        assert_eq!(
+            health.answer("/readyz", &counters).0,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        health.set_ready("tracepoint");
+        let (status, body) = health.answer("/readyz", &counters);
+        assert_eq!(status, StatusCode::OK);
+        assert!(body.contains("\"probe\":\"tracepoint\""), "{body}");
+        health.set_not_ready();
+        assert_eq!(
+            health.answer("/readyz", &counters).0,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(health.answer("/healthz", &counters).0, StatusCode::OK);
+        health.set_ready("tracepoint");
+        health.set_failed("the event reader stopped".into());
+        let (status, body) = health.answer("/healthz", &counters);
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(body.contains("the event reader stopped"), "{body}");
+        assert_eq!(
+            health.answer("/readyz", &counters).0,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(health.answer("/", &counters).0, StatusCode::NOT_FOUND);
+    }
+}
