@@ -30,7 +30,19 @@ fn scratch() -> Option<&'static mut ConnectEvent> {
 
 #[inline(always)]
 fn submit(ev: &ConnectEvent) {
-    if EVENTS.output::<ConnectEvent>(ev, 0).is_err() {
+    // bpf_ringbuf_query / bpf_ringbuf_output flags (uapi/linux/bpf.h).
+    const BPF_RB_AVAIL_DATA: u64 = 0;
+    const BPF_RB_NO_WAKEUP: u64 = 1;
+    const BPF_RB_FORCE_WAKEUP: u64 = 2;
+    let threshold = config!(wakeup_bytes) as u64;
+    let flags = if threshold == 0 {
+        0
+    } else if EVENTS.query(BPF_RB_AVAIL_DATA) >= threshold {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
+    if EVENTS.output::<ConnectEvent>(ev, flags).is_err() {
         count(Counter::RingBufferFull);
     }
 }

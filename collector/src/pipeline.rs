@@ -83,8 +83,9 @@ pub async fn run(
         .map_err(PipelineError::RingBuffer)?;
 
     let (stop_reader, reader_stopped) = watch::channel(false);
-    let (connections_tx, connections_rx) = mpsc::channel(settings.queue_capacity);
-    let (records_tx, records_rx) = mpsc::channel(settings.queue_capacity);
+    let batches = (settings.queue_capacity / crate::events::BATCH_RECORDS).max(1);
+    let (connections_tx, connections_rx) = mpsc::channel(batches);
+    let (records_tx, records_rx) = mpsc::channel(batches);
     let reader_task = tokio::spawn(reader.run(connections_tx, reader_stopped));
     let (files, problem) = RuntimeFiles::discover(&settings.host_root);
     if let Some(problem) = problem {
@@ -176,7 +177,7 @@ pub async fn run(
 fn spawn_exporters(
     otlp: Option<OtlpExporter>,
     stdout: bool,
-    records: mpsc::Receiver<Record>,
+    records: mpsc::Receiver<Vec<Record>>,
     stats: Arc<Stats>,
 ) -> tokio::task::JoinHandle<()> {
     let stdout_exporter = || -> Box<dyn Exporter> { Box::new(StdoutExporter::new()) };
@@ -197,7 +198,7 @@ fn spawn_exporters(
             let mut records = records;
             while let Some(record) = records.recv().await {
                 if to_stdout.try_send(record.clone()).is_err() {
-                    stats.record_queue_full();
+                    stats.record_queue_full(record.len());
                 }
                 if to_otlp.send(record).await.is_err() {
                     break;

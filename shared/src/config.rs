@@ -114,9 +114,14 @@ pub struct ProbeConfig {
     pub cgroup_subsys_index: u32,
     /// A UDP flow (5-tuple in a network namespace) is reported at most once per window.
     pub udp_flow_window_ns: u64,
+    /// The programs wake the reader only once this many bytes wait in the ring buffer
+    /// (the reader also drains on a timer), so a storm costs one wake-up per batch, not
+    /// per event. 0 wakes it for every event.
+    pub wakeup_bytes: u32,
+    pub _padding: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<ProbeConfig>() == 47 * 4 + 14 * 4 + 4 + 8);
+const _: () = assert!(core::mem::size_of::<ProbeConfig>() == 47 * 4 + 14 * 4 + 4 + 8 + 8);
 
 impl ProbeConfig {
     pub const fn zeroed() -> Self {
@@ -189,6 +194,8 @@ impl ProbeConfig {
             },
             cgroup_subsys_index: CgroupSource::DEFAULT_HIERARCHY,
             udp_flow_window_ns: 0,
+            wakeup_bytes: 0,
+            _padding: 0,
         }
     }
 }

@@ -181,12 +181,13 @@ impl Enricher {
     /// run it with `spawn_blocking`.
     pub fn run_blocking(
         mut self,
-        mut input: mpsc::Receiver<Connection>,
-        out: mpsc::Sender<Record>,
+        mut input: mpsc::Receiver<Vec<Connection>>,
+        out: mpsc::Sender<Vec<Record>>,
     ) {
-        while let Some(connection) = input.blocking_recv() {
+        while let Some(batch) = input.blocking_recv() {
             self.apply_changes();
-            if out.blocking_send(self.enrich(connection)).is_err() {
+            let records = batch.into_iter().map(|c| self.enrich(c)).collect();
+            if out.blocking_send(records).is_err() {
                 break;
             }
         }

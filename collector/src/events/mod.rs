@@ -16,6 +16,13 @@ pub use self::decode::{Connection, DecodeError, Transport};
 use self::{clock::BootClock, decode::decode};
 use crate::telemetry::Stats;
 
+/// Most events handed on at once; the queues between stages hold
+/// `queue_capacity / BATCH_RECORDS` batches, so at most `queue_capacity` events.
+pub const BATCH_RECORDS: usize = 256;
+
+/// Longest an event waits in the ring buffer when too few arrive to wake the reader.
+pub const POLL_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
+
 pub struct EventReader {
     ring: AsyncFd<RingBuf<MapData>>,
     clock: BootClock,
@@ -36,9 +43,17 @@ impl EventReader {
     }
 
     /// Reads until `shutdown` turns true, then drains what is left in the ring.
-    pub async fn run(mut self, out: mpsc::Sender<Connection>, mut shutdown: watch::Receiver<bool>) {
+    pub async fn run(
+        mut self,
+        out: mpsc::Sender<Vec<Connection>>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        // The programs wake us only when a batch has piled up; this drains the rest.
+        let mut poll = tokio::time::interval(POLL_INTERVAL);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                _ = poll.tick() => self.drain(&out),
                 guard = self.ring.readable_mut() => {
                     match guard {
                         Ok(mut guard) => {
@@ -59,18 +74,29 @@ impl EventReader {
         }
     }
 
-    fn drain(&mut self, out: &mpsc::Sender<Connection>) {
+    /// Hands events on in batches: one wake-up of the next stage per batch, not per event.
+    fn drain(&mut self, out: &mpsc::Sender<Vec<Connection>>) {
         self.clock.refresh();
         let ring = self.ring.get_mut();
-        while let Some(item) = ring.next() {
-            match decode(&item, &self.clock) {
-                Ok(connection) => {
-                    self.stats.record_captured();
-                    if out.try_send(connection).is_err() {
-                        self.stats.record_queue_full();
-                    }
+        let mut batch = Vec::new();
+        loop {
+            let item = ring.next();
+            let more = item.is_some();
+            if let Some(item) = item {
+                match decode(&item, &self.clock) {
+                    Ok(connection) => batch.push(connection),
+                    Err(e) => self.stats.record_decode_failed(&e),
                 }
-                Err(e) => self.stats.record_decode_failed(&e),
+            }
+            if batch.len() >= BATCH_RECORDS || (!more && !batch.is_empty()) {
+                let n = batch.len();
+                self.stats.record_captured(n);
+                if out.try_send(std::mem::take(&mut batch)).is_err() {
+                    self.stats.record_queue_full(n);
+                }
+            }
+            if !more {
+                break;
             }
         }
     }

@@ -19,17 +19,13 @@ pub trait Exporter: Send {
     fn export(&mut self, batch: &[Record]) -> Result<(), ExportError>;
 }
 
-/// Largest batch taken from the queue at once.
-const MAX_BATCH: usize = 512;
-
 /// Exports until the input closes; every record is counted as exported or failed.
 pub async fn run(
     mut exporter: Box<dyn Exporter>,
-    mut input: mpsc::Receiver<Record>,
+    mut input: mpsc::Receiver<Vec<Record>>,
     stats: std::sync::Arc<Stats>,
 ) {
-    let mut batch = Vec::with_capacity(MAX_BATCH);
-    while input.recv_many(&mut batch, MAX_BATCH).await > 0 {
+    while let Some(batch) = input.recv().await {
         match exporter.export(&batch) {
             Ok(()) => stats.record_exported(batch.len()),
             Err(e) => {
@@ -37,6 +33,5 @@ pub async fn run(
                 tracing::error!(error = %e, records = batch.len(), "Export failed; the records are lost.");
             }
         }
-        batch.clear();
     }
 }

@@ -151,8 +151,14 @@ impl KernelFacts {
             offsets: kernel_btf.kernel_offsets()?,
             tracepoints: tracepoints.clone().unwrap_or_default(),
             udp_flow_window_ns: settings.udp_flow_window.as_nanos().min(u64::MAX as u128) as u64,
+            // An eighth of the ring: a wake-up per ~140 events at 64 KiB, and room left
+            // for the reader to catch up before the ring fills.
+            wakeup_bytes: (settings.ring_buffer_bytes / 8).min(64 << 10),
+            _padding: 0,
             cgroup_subsys_index,
         };
+        // Two parsed copies of vmlinux BTF at once would set the peak memory.
+        drop(kernel_btf);
         let aya_btf = aya::Btf::parse_file(&btf_path, aya::Endianness::default()).ok();
         Ok(Self {
             btf_path,
@@ -193,10 +199,20 @@ pub struct Probes {
     pub facts: KernelFacts,
 }
 
+/// The kernel's BTF is only needed to load and attach: tens of MiB handed back.
+fn release_btf(facts: &mut KernelFacts) {
+    facts.aya_btf = None;
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only returns free heap pages to the kernel.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 impl Probes {
     #[tracing::instrument(name = "probe.attach", skip_all, fields(probe.mode, probe.refused))]
     pub fn attach(settings: &ProbeSettings) -> Result<Self, ProbeError> {
-        let facts = KernelFacts::read(settings)?;
+        let mut facts = KernelFacts::read(settings)?;
         let mut ebpf = facts.load(settings.ring_buffer_bytes)?;
         let mut refused = Vec::new();
         for mode in settings.choice.candidates() {
@@ -208,6 +224,7 @@ impl Probes {
             }
             match attach::attach(&mut ebpf, mode, facts.aya_btf.as_ref()) {
                 Ok(()) => {
+                    release_btf(&mut facts);
                     let span = tracing::Span::current();
                     span.record("probe.mode", mode.as_str());
                     span.record("probe.refused", refused.len());

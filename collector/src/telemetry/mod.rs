@@ -84,12 +84,12 @@ impl Snapshot {
 }
 
 impl Stats {
-    pub fn record_captured(&self) {
-        self.captured.fetch_add(1, Relaxed);
+    pub fn record_captured(&self, n: usize) {
+        self.captured.fetch_add(n as u64, Relaxed);
     }
 
-    pub fn record_queue_full(&self) {
-        self.queue_full.fetch_add(1, Relaxed);
+    pub fn record_queue_full(&self, n: usize) {
+        self.queue_full.fetch_add(n as u64, Relaxed);
     }
 
     pub fn record_exported(&self, n: usize) {

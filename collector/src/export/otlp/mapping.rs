@@ -296,4 +296,4 @@ pub fn self_metrics(resource: &[(String, String)], metrics: Vec<Metric>) -> Reso
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

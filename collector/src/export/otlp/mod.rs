@@ -76,8 +76,8 @@ impl OtlpExporter {
 
     fn send(&self, batch: &Batch) -> Sending {
         let client = Arc::clone(&self.logs);
-        let request = batch.request.clone();
-        Box::pin(async move { client.export_logs(&request).await })
+        let encoded = batch.encoded.clone();
+        Box::pin(async move { client.export_encoded_logs(encoded).await })
     }
 
     fn export_metrics(&self, counts: &ConnectionCounts, start: u64) -> tokio::task::JoinHandle<()> {
@@ -184,7 +184,7 @@ impl OtlpExporter {
     }
 
     /// Exports until `input` closes, then flushes within the deadline.
-    pub async fn run(self, mut input: mpsc::Receiver<Record>) {
+    pub async fn run(self, mut input: mpsc::Receiver<Vec<Record>>) {
         let start = unix_nanos_now();
         let mut counts = ConnectionCounts::new(start, self.settings.metrics_destination_address);
         let mut queue = BatchQueue::new(self.settings.queue_records);
@@ -212,13 +212,17 @@ impl OtlpExporter {
             }
             tokio::select! {
                 received = input.recv(), if input_open => match received {
-                    Some(record) => {
-                        counts.record(&record);
-                        pending.push(record);
-                        batch_due.get_or_insert_with(|| Instant::now() + self.settings.batch_timeout);
-                        if pending.len() >= self.settings.batch_size {
-                            self.seal(&mut pending, &mut queue);
-                            batch_due = None;
+                    Some(records) => {
+                        for record in records {
+                            counts.record(&record);
+                            pending.push(record);
+                            if pending.len() >= self.settings.batch_size {
+                                self.seal(&mut pending, &mut queue);
+                                batch_due = None;
+                            }
+                        }
+                        if !pending.is_empty() {
+                            batch_due.get_or_insert_with(|| Instant::now() + self.settings.batch_timeout);
                         }
                     }
                     None => {
@@ -290,7 +294,7 @@ impl OtlpExporter {
         }
         let request = mapping::logs_request(pending, unix_nanos_now());
         let dropped = queue.push(Batch {
-            request,
+            encoded: prost::Message::encode_to_vec(&request).into(),
             records: pending.len(),
         });
         if dropped > 0 {

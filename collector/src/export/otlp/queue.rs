@@ -4,10 +4,12 @@
 
 use std::{collections::VecDeque, time::Duration};
 
-use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
+use bytes::Bytes;
 
+/// A sealed batch: the `ExportLogsServiceRequest` encoded once, so a retry re-sends the
+/// same bytes without re-encoding or copying.
 pub struct Batch {
-    pub request: ExportLogsServiceRequest,
+    pub encoded: Bytes,
     pub records: usize,
 }
 
@@ -140,7 +142,7 @@ mod tests {
 
     fn batch(records: usize) -> Batch {
         Batch {
-            request: ExportLogsServiceRequest::default(),
+            encoded: Bytes::new(),
             records,
         }
     }

@@ -261,7 +261,7 @@ impl Client {
                     }))
             }
             Inner::Http { .. } => {
-                let body = self.post(request.encode_to_vec()).await?;
+                let body = self.post(request.encode_to_vec().into()).await?;
                 let response = ExportLogsServiceResponse::decode(body).unwrap_or_default();
                 Ok(response
                     .partial_success
@@ -304,7 +304,7 @@ impl Client {
                     }))
             }
             Inner::Http { .. } => {
-                let body = self.post(request.encode_to_vec()).await?;
+                let body = self.post(request.encode_to_vec().into()).await?;
                 let response = ExportMetricsServiceResponse::decode(body).unwrap_or_default();
                 Ok(response
                     .partial_success
@@ -314,6 +314,52 @@ impl Client {
                     }))
             }
         }
+    }
+
+    /// An `ExportLogsServiceRequest` already encoded: the workload records' hot path.
+    pub async fn export_encoded_logs(&self, encoded: Bytes) -> Result<Accepted, SendError> {
+        let partial = match &self.inner {
+            Inner::Grpc {
+                channel,
+                gzip,
+                headers,
+            } => {
+                let mut grpc = tonic::client::Grpc::new(channel.clone());
+                if *gzip {
+                    grpc = grpc
+                        .send_compressed(CompressionEncoding::Gzip)
+                        .accept_compressed(CompressionEncoding::Gzip);
+                }
+                grpc.ready().await.map_err(|e| SendError::Retryable {
+                    reason: crate::one_line(&e),
+                    retry_after: None,
+                })?;
+                let mut request = tonic::Request::new(encoded);
+                *request.metadata_mut() = headers.clone();
+                let path = tonic::codegen::http::uri::PathAndQuery::from_static(
+                    "/opentelemetry.proto.collector.logs.v1.LogsService/Export",
+                );
+                grpc.unary(
+                    request,
+                    path,
+                    PreEncoded::<ExportLogsServiceResponse>::default(),
+                )
+                .await
+                .map_err(classify_status)?
+                .into_inner()
+                .partial_success
+            }
+            Inner::Http { .. } => {
+                let body = self.post(encoded).await?;
+                ExportLogsServiceResponse::decode(body)
+                    .unwrap_or_default()
+                    .partial_success
+            }
+        };
+        Ok(partial.map_or_else(Accepted::default, |p| Accepted {
+            rejected: p.rejected_log_records.max(0) as u64,
+            message: p.error_message,
+        }))
     }
 
     /// Only the collector's own spans travel this way.
@@ -343,7 +389,7 @@ impl Client {
                     .partial_success
             }
             Inner::Http { .. } => {
-                let body = self.post(request.encode_to_vec()).await?;
+                let body = self.post(request.encode_to_vec().into()).await?;
                 ExportTraceServiceResponse::decode(body)
                     .unwrap_or_default()
                     .partial_success
@@ -356,7 +402,7 @@ impl Client {
     }
 
     /// POSTs a protobuf body; returns the response body of a 2xx.
-    async fn post(&self, body: Vec<u8>) -> Result<Bytes, SendError> {
+    async fn post(&self, body: Bytes) -> Result<Bytes, SendError> {
         let Inner::Http {
             client,
             url,
@@ -380,18 +426,18 @@ impl Client {
                 .map_err(|e| SendError::Permanent {
                     reason: format!("gzip: {e}"),
                 })?
+                .into()
         } else {
             body
         };
         for (name, value) in headers {
             builder = builder.header(name, value);
         }
-        let request =
-            builder
-                .body(Full::new(Bytes::from(body)))
-                .map_err(|e| SendError::Permanent {
-                    reason: e.to_string(),
-                })?;
+        let request = builder
+            .body(Full::new(body))
+            .map_err(|e| SendError::Permanent {
+                reason: e.to_string(),
+            })?;
         let response = tokio::time::timeout(self.timeout, client.request(request))
             .await
             .map_err(|_| SendError::Retryable {
@@ -458,6 +504,62 @@ pub fn classify_status(status: tonic::Status) -> SendError {
             retry_after,
         },
         _ => SendError::Permanent { reason },
+    }
+}
+
+/// A gRPC codec whose request is protobuf already encoded, and whose response is `R`.
+struct PreEncoded<R>(std::marker::PhantomData<R>);
+
+impl<R> Default for PreEncoded<R> {
+    fn default() -> Self {
+        Self(std::marker::PhantomData)
+    }
+}
+
+struct BytesEncoder;
+
+impl tonic::codec::Encoder for BytesEncoder {
+    type Item = Bytes;
+    type Error = tonic::Status;
+
+    fn encode(
+        &mut self,
+        item: Bytes,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        bytes::BufMut::put_slice(dst, &item);
+        Ok(())
+    }
+}
+
+struct MessageDecoder<R>(std::marker::PhantomData<R>);
+
+impl<R: Message + Default> tonic::codec::Decoder for MessageDecoder<R> {
+    type Item = R;
+    type Error = tonic::Status;
+
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<R>, tonic::Status> {
+        R::decode(src)
+            .map(Some)
+            .map_err(|e| tonic::Status::internal(format!("undecodable response: {e}")))
+    }
+}
+
+impl<R: Message + Default + Send + 'static> tonic::codec::Codec for PreEncoded<R> {
+    type Encode = Bytes;
+    type Decode = R;
+    type Encoder = BytesEncoder;
+    type Decoder = MessageDecoder<R>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        BytesEncoder
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        MessageDecoder(std::marker::PhantomData)
     }
 }
 

@@ -11,7 +11,7 @@ use crate::events::{
     decode::{Cgroup, Namespaces, Process},
 };
 
-fn connection(port: u16) -> Connection {
+pub(crate) fn connection(port: u16) -> Connection {
     Connection {
         time_unix_nano: 1_700_000_000_000_000_000,
         kind: EventKind::TcpConnect,
@@ -46,14 +46,14 @@ fn connection(port: u16) -> Connection {
     }
 }
 
-fn resource(pod: &str) -> Arc<Resource> {
+pub(crate) fn resource(pod: &str) -> Arc<Resource> {
     let mut attributes = BTreeMap::new();
     attributes.insert(semconv::K8S_POD_NAME, pod.to_owned());
     attributes.insert(semconv::CONTAINER_ID, format!("{pod}-container"));
     Arc::new(Resource { attributes })
 }
 
-fn record(resource: &Arc<Resource>, port: u16) -> Record {
+pub(crate) fn record(resource: &Arc<Resource>, port: u16) -> Record {
     Record {
         connection: connection(port),
         resource: Arc::clone(resource),
