@@ -1,0 +1,138 @@
+//! The load: K threads open and close TCP connections to loopback listeners as fast as
+//! they can (or paced to a rate) for T seconds, optionally sending UDP to many ports.
+//! Runs in its own process (`egress-bench load`) so its CPU is not the driver's.
+
+use std::{
+    net::{Ipv4Addr, SocketAddr, TcpListener, UdpSocket},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use serde::{Deserialize, Serialize};
+use socket2::{Domain, Socket, Type};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct LoadArgs {
+    /// Connecting threads.
+    #[arg(long, default_value_t = 2)]
+    pub threads: usize,
+    /// How long to run, in seconds.
+    #[arg(long, default_value_t = 5.0)]
+    pub seconds: f64,
+    /// Target connects per second in total; 0 means as fast as possible.
+    #[arg(long, default_value_t = 0)]
+    pub rate: u64,
+    /// Also send one UDP datagram per connect, spread over this many destination ports.
+    #[arg(long, default_value_t = 0)]
+    pub udp_ports: u16,
+    /// Listening TCP ports the connects are spread over (more ports, fewer tuple clashes).
+    #[arg(long, default_value_t = 8)]
+    pub listeners: u16,
+}
+
+/// What the load did; printed as one JSON line.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct LoadReport {
+    pub connects: u64,
+    pub failed: u64,
+    pub udp_sent: u64,
+    pub seconds: f64,
+    pub connects_per_second: f64,
+    /// The ports connected to, for counting what the collector saw.
+    pub ports: Vec<u16>,
+}
+
+fn listeners(n: u16) -> std::io::Result<Vec<u16>> {
+    let mut ports = Vec::new();
+    for _ in 0..n {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+        ports.push(listener.local_addr()?.port());
+        thread::spawn(move || {
+            for stream in listener.incoming() {
+                drop(stream);
+            }
+        });
+    }
+    Ok(ports)
+}
+
+/// One connect and close; SO_LINGER 0 closes with a reset, so no TIME_WAIT piles up and
+/// the ephemeral ports last a storm.
+fn connect_once(address: &SocketAddr) -> bool {
+    let Ok(socket) = Socket::new(Domain::IPV4, Type::STREAM, None) else {
+        return false;
+    };
+    let _ = socket.set_linger(Some(Duration::ZERO));
+    socket.connect(&(*address).into()).is_ok()
+}
+
+pub fn run(args: &LoadArgs) -> std::io::Result<LoadReport> {
+    let ports = listeners(args.listeners.max(1))?;
+    let udp_ports: Vec<u16> = (0..args.udp_ports).map(|i| 40_000 + i).collect();
+    let connects = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let udp_sent = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let threads = args.threads.max(1);
+    let per_thread_interval =
+        (args.rate > 0).then(|| Duration::from_secs_f64(threads as f64 / args.rate as f64));
+    let start = Instant::now();
+    let workers: Vec<_> = (0..threads)
+        .map(|t| {
+            let (connects, failed, udp_sent, stop) = (
+                Arc::clone(&connects),
+                Arc::clone(&failed),
+                Arc::clone(&udp_sent),
+                Arc::clone(&stop),
+            );
+            let ports = ports.clone();
+            let udp_ports = udp_ports.clone();
+            thread::spawn(move || {
+                let udp = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).ok();
+                let mut next = Instant::now();
+                let mut i = t;
+                while !stop.load(Relaxed) {
+                    if let Some(interval) = per_thread_interval {
+                        let now = Instant::now();
+                        if next > now {
+                            thread::sleep(next - now);
+                        }
+                        next += interval;
+                    }
+                    let address = SocketAddr::from((Ipv4Addr::LOCALHOST, ports[i % ports.len()]));
+                    if connect_once(&address) {
+                        connects.fetch_add(1, Relaxed);
+                    } else {
+                        failed.fetch_add(1, Relaxed);
+                    }
+                    if let (Some(udp), false) = (&udp, udp_ports.is_empty()) {
+                        let port = udp_ports[i % udp_ports.len()];
+                        if udp.send_to(b"x", (Ipv4Addr::LOCALHOST, port)).is_ok() {
+                            udp_sent.fetch_add(1, Relaxed);
+                        }
+                    }
+                    i = i.wrapping_add(threads);
+                }
+            })
+        })
+        .collect();
+    thread::sleep(Duration::from_secs_f64(args.seconds));
+    stop.store(true, Relaxed);
+    for worker in workers {
+        let _ = worker.join();
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    let connects = connects.load(Relaxed);
+    Ok(LoadReport {
+        connects,
+        failed: failed.load(Relaxed),
+        udp_sent: udp_sent.load(Relaxed),
+        seconds,
+        connects_per_second: connects as f64 / seconds,
+        ports,
+    })
+}

@@ -1,0 +1,194 @@
+//! egress-bench: what the collector costs under connection storms, beside no probe and a
+//! peer tool, measured in one run on this machine.
+//!
+//! `egress-bench run` alternates the scenarios (no probe, collector to stdout, collector
+//! to OTLP, bpftrace) for each rate and repeat, and writes the table, a PNG cost curve
+//! and the raw results. `egress-bench smoke` is the seconds-long CI check that loss
+//! accounting adds up. `egress-bench load` is the load generator itself.
+
+mod load;
+mod receiver;
+mod report;
+mod run;
+mod tool;
+
+use std::{path::PathBuf, process::ExitCode};
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+
+use crate::{
+    load::LoadArgs,
+    run::{Plan, RunResult, Scenario},
+};
+
+#[derive(Parser)]
+#[command(name = "egress-bench", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate the load and print what it did as JSON.
+    Load(LoadArgs),
+    /// The full benchmark.
+    Run(RunArgs),
+    /// A few seconds: the collector sees every connection or counts what it lost.
+    Smoke(SmokeArgs),
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// The collector binary to measure.
+    #[arg(long, default_value = "target/release/egress-collector")]
+    collector: PathBuf,
+    /// Target connects per second, comma-separated; 0 is as fast as possible.
+    #[arg(long, value_delimiter = ',', default_value = "1000,10000,50000,0")]
+    rates: Vec<u64>,
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "none,stdout,otlp,bpftrace"
+    )]
+    scenarios: Vec<Scenario>,
+    /// Seconds of load per run.
+    #[arg(long, default_value_t = 5.0)]
+    seconds: f64,
+    /// Rounds; within a round the scenarios alternate, so machine noise shows.
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
+    /// Connecting threads.
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    /// Where the plot (PNG) and the raw results (JSON) go.
+    #[arg(long, default_value = "bench/results")]
+    out_dir: PathBuf,
+    /// The report: machine, command, date, table and plot.
+    #[arg(long, default_value = "BENCHMARKS.md")]
+    report: PathBuf,
+}
+
+#[derive(clap::Args)]
+struct SmokeArgs {
+    #[arg(long, default_value = "target/release/egress-collector")]
+    collector: PathBuf,
+    #[arg(long, default_value_t = 2.0)]
+    seconds: f64,
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("egress-bench: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let bench = std::env::current_exe().context("locating egress-bench")?;
+    match cli.command {
+        Command::Load(args) => {
+            let report = load::run(&args).context("load")?;
+            println!("{}", serde_json::to_string(&report)?);
+            Ok(())
+        }
+        Command::Run(args) => full(bench, args),
+        Command::Smoke(args) => smoke(bench, args),
+    }
+}
+
+fn full(bench: PathBuf, args: RunArgs) -> anyhow::Result<()> {
+    let rt = runtime()?;
+    let mut results: Vec<RunResult> = Vec::new();
+    for round in 1..=args.repeat {
+        for &rate in &args.rates {
+            for &scenario in &args.scenarios {
+                let plan = Plan {
+                    bench: bench.clone(),
+                    collector: args.collector.clone(),
+                    load: LoadArgs {
+                        threads: args.threads,
+                        seconds: args.seconds,
+                        rate,
+                        udp_ports: 0,
+                        listeners: 8,
+                    },
+                };
+                let result = run::measure(&plan, scenario, &rt)
+                    .with_context(|| format!("{} at rate {rate}", scenario.name()))?;
+                eprintln!(
+                    "round {round} rate {rate:>6} {:<20} {:>8.0} connects/s, seen {}/{}, cpu {:.2}s, rss {:.1} MiB",
+                    scenario.name(),
+                    result.load.connects_per_second,
+                    result.seen,
+                    result.attempts(),
+                    result.cpu_seconds,
+                    result.peak_rss_bytes as f64 / 1048576.0,
+                );
+                results.push(result);
+            }
+        }
+    }
+    std::fs::create_dir_all(&args.out_dir)?;
+    std::fs::write(
+        args.out_dir.join("results.json"),
+        serde_json::to_string_pretty(&results)?,
+    )?;
+    let rows = report::rows(&results);
+    let table = report::markdown(&rows);
+    let plot = args.out_dir.join("cost.png");
+    report::plot(&rows, &plot)?;
+    let command: Vec<String> = std::env::args().collect();
+    let document = report::document(&table, &plot, &command.join(" "), &args.report);
+    std::fs::write(&args.report, document)
+        .with_context(|| format!("writing {}", args.report.display()))?;
+    println!("{table}");
+    Ok(())
+}
+
+fn smoke(bench: PathBuf, args: SmokeArgs) -> anyhow::Result<()> {
+    let rt = runtime()?;
+    let plan = Plan {
+        bench,
+        collector: args.collector,
+        load: LoadArgs {
+            threads: 2,
+            seconds: args.seconds,
+            rate: 0,
+            udp_ports: 0,
+            listeners: 4,
+        },
+    };
+    let r = run::measure(&plan, Scenario::Stdout, &rt)?;
+    let made = r.attempts();
+    let lost = r
+        .lost
+        .context("the collector's Stopped. line has no lost=")?;
+    println!(
+        "smoke: made {made} connects, collector saw {}, counted {lost} lost",
+        r.seen
+    );
+    // The lost counter covers all traffic, so it bounds ours from above.
+    if r.seen > made || r.seen + lost < made {
+        bail!(
+            "loss accounting does not add up: seen {} + lost {lost} vs made {made}",
+            r.seen
+        );
+    }
+    if made == 0 {
+        bail!("the load made no connections");
+    }
+    Ok(())
+}

@@ -1,0 +1,250 @@
+//! The observers under test, started and stopped the same way: the collector (stdout or
+//! OTLP) and the peer baseline (bpftrace counting the same kernel event in a map).
+//! CPU and peak memory are read from /proc, as any operator would.
+
+use std::{
+    collections::HashMap,
+    io::{BufRead, BufReader, Read},
+    path::Path,
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex, mpsc},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+
+/// Connections seen per destination port.
+pub type Seen = Arc<Mutex<HashMap<u16, u64>>>;
+
+pub struct Observer {
+    child: Child,
+    stderr: mpsc::Receiver<String>,
+    stdout: Option<thread::JoinHandle<String>>,
+    pub seen: Seen,
+}
+
+/// user+sys CPU seconds and peak RSS (bytes) of a process.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the parenthesised comm; utime and stime are the 12th and 13th.
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    (ticks(11) + ticks(12)) as f64 / hz
+}
+
+pub fn peak_rss_bytes(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// `"destination.port":1234` in a JSON line.
+fn destination_port(line: &str) -> Option<u16> {
+    let at = line.find("\"destination.port\":")? + "\"destination.port\":".len();
+    let digits: String = line[at..]
+        .trim_start()
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse().ok()
+}
+
+impl Observer {
+    /// `egress-collector run <args>`; with `count_stdout` its JSON lines are counted per
+    /// destination port as they come (the pipe costs the collector what /dev/null would).
+    pub fn collector(binary: &Path, args: &[String], count_stdout: bool) -> anyhow::Result<Self> {
+        let mut command = Command::new(binary);
+        command
+            .arg("run")
+            .args(args)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stderr(Stdio::piped());
+        command.stdout(if count_stdout {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        });
+        let mut child = command
+            .spawn()
+            .with_context(|| format!("starting {}", binary.display()))?;
+        let seen: Seen = Arc::default();
+        let stdout = child.stdout.take().map(|out| {
+            let seen = Arc::clone(&seen);
+            thread::spawn(move || {
+                for line in BufReader::new(out).lines().map_while(Result::ok) {
+                    if let Some(port) = destination_port(&line) {
+                        *seen.lock().expect("lock").entry(port).or_default() += 1;
+                    }
+                }
+                String::new()
+            })
+        });
+        let stderr = lines_of(child.stderr.take().context("stderr pipe")?);
+        let mut observer = Self {
+            child,
+            stderr,
+            stdout,
+            seen,
+        };
+        observer.wait_for_line("Capturing egress connections.", Duration::from_secs(60))?;
+        Ok(observer)
+    }
+
+    /// bpftrace counting TCP connects (CLOSE -> SYN_SENT) on the tracepoint the collector
+    /// uses on this kernel, in an in-kernel map.
+    pub fn bpftrace() -> anyhow::Result<Self> {
+        let program = "tracepoint:sock:inet_sock_set_state \
+            /args->oldstate == 7 && args->newstate == 2/ { @connects[args->dport] = count(); }";
+        let mut child = Command::new("bpftrace")
+            .args(["-e", program])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting bpftrace (apt-get install bpftrace)")?;
+        let stdout = child.stdout.take().context("stdout pipe")?;
+        let (tx, lines) = mpsc::channel();
+        let collected = thread::spawn(move || {
+            let mut all = String::new();
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line.clone());
+                all.push_str(&line);
+                all.push('\n');
+            }
+            all
+        });
+        let mut observer = Self {
+            child,
+            stderr: lines,
+            stdout: Some(collected),
+            seen: Arc::default(),
+        };
+        observer.wait_for_line("Attaching", Duration::from_secs(60))?;
+        // Attaching is printed before the probe is live.
+        thread::sleep(Duration::from_millis(500));
+        Ok(observer)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn wait_for_line(&mut self, needle: &str, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        let mut seen = Vec::new();
+        while Instant::now() < deadline {
+            match self.stderr.recv_timeout(Duration::from_millis(200)) {
+                Ok(line) if line.contains(needle) => return Ok(()),
+                Ok(line) => seen.push(line),
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    if let Ok(Some(status)) = self.child.try_wait() {
+                        bail!("exited ({status}) before {needle:?}:\n{}", seen.join("\n"));
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    bail!("closed its output before {needle:?}:\n{}", seen.join("\n"))
+                }
+            }
+        }
+        bail!("no {needle:?} within {timeout:?}:\n{}", seen.join("\n"))
+    }
+
+    /// SIGINT, then the remaining output: the collector's last log lines, or bpftrace's map.
+    pub fn stop(mut self) -> anyhow::Result<(Vec<String>, String)> {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.child.try_wait()?.is_none() {
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                bail!("did not stop within 30 s of SIGINT");
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        let lines: Vec<String> = self.stderr.try_iter().collect();
+        let stdout = self
+            .stdout
+            .take()
+            .and_then(|t| t.join().ok())
+            .unwrap_or_default();
+        Ok((lines, stdout))
+    }
+}
+
+fn lines_of(pipe: impl Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// `@connects[1234]: 5` lines of bpftrace's map dump.
+pub fn bpftrace_counts(output: &str) -> HashMap<u16, u64> {
+    output
+        .lines()
+        .filter_map(|line| {
+            let rest = line.trim().strip_prefix("@connects[")?;
+            let (port, count) = rest.split_once("]:")?;
+            Some((port.trim().parse().ok()?, count.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// `key=value` of the collector's `Stopped.` line (captured, exported, lost).
+pub fn stopped_field(lines: &[String], key: &str) -> Option<u64> {
+    let line = lines.iter().rev().find(|l| l.contains("Stopped."))?;
+    let at = line.find(&format!("{key}="))? + key.len() + 1;
+    line[at..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect::<String>()
+        .parse()
+        .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_what_the_tools_print() {
+        assert_eq!(
+            destination_port(r#"{"attributes":{"destination.port":8080,"x":1}}"#),
+            Some(8080)
+        );
+        assert_eq!(destination_port(r#"{"source.port":1}"#), None);
+        let counts =
+            bpftrace_counts("Attaching 1 probe...\n\n@connects[443]: 12\n@connects[80]: 3\n");
+        assert_eq!(counts.get(&443), Some(&12));
+        assert_eq!(counts.get(&80), Some(&3));
+        let lines = vec!["INFO Stopped. captured=120 exported=118 lost=2".to_owned()];
+        assert_eq!(stopped_field(&lines, "captured"), Some(120));
+        assert_eq!(stopped_field(&lines, "lost"), Some(2));
+        assert_eq!(stopped_field(&lines, "dropped"), None);
+    }
+}
