@@ -4,7 +4,10 @@ use aya_ebpf::helpers::bpf_get_current_task;
 use egress_shared::{ConnectEvent, Counter, EventKind, NsIndex};
 
 use crate::{
-    maps::{CALLS, COUNTERS, CallState, EVENTS, FlowKey, PENDING_TCP, SCRATCH, UDP_FLOWS, config},
+    maps::{
+        Bucket, CALLS, CGROUP_BUCKETS, COUNTERS, CallState, EVENTS, FlowKey, PENDING_TCP, SCRATCH,
+        UDP_FLOWS, config,
+    },
     read,
     sock::{self, Dest, IPPROTO_TCP, IPPROTO_UDP},
     task,
@@ -28,8 +31,55 @@ fn scratch() -> Option<&'static mut ConnectEvent> {
     Some(ev)
 }
 
+/// The per-cgroup token bucket: `Some(dropped before)` admits the event, `None` drops it.
+/// Updates race between CPUs (a plain map value): at worst a few extra events pass.
 #[inline(always)]
-fn submit(ev: &ConnectEvent) {
+fn admit(cgroup: u64) -> Option<u32> {
+    let rate = config!(cgroup_rate) as u64;
+    if rate == 0 {
+        return Some(0);
+    }
+    let burst = (config!(cgroup_burst) as u64).max(1) * 1_000_000_000;
+    let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_boot_ns() };
+    let Some(bucket) = CGROUP_BUCKETS.get_ptr_mut(&cgroup) else {
+        let fresh = Bucket {
+            nano_tokens: burst - 1_000_000_000,
+            last_ns: now,
+            dropped: 0,
+        };
+        let _ = CGROUP_BUCKETS.insert(&cgroup, &fresh, 0);
+        return Some(0);
+    };
+    // SAFETY: a valid map value; see the race note above.
+    let bucket = unsafe { &mut *bucket };
+    // Capped so elapsed x rate cannot overflow; a bucket idle that long is full anyway.
+    let elapsed = now.wrapping_sub(bucket.last_ns).min(10_000_000_000);
+    bucket.last_ns = now;
+    bucket.nano_tokens = (bucket.nano_tokens + elapsed * rate).min(burst);
+    if bucket.nano_tokens < 1_000_000_000 {
+        bucket.dropped += 1;
+        return None;
+    }
+    bucket.nano_tokens -= 1_000_000_000;
+    let dropped = bucket.dropped;
+    bucket.dropped = 0;
+    Some(dropped.min(u32::MAX as u64) as u32)
+}
+
+#[inline(always)]
+fn submit(ev: &mut ConnectEvent) {
+    let cgroup = if ev.cgroup_leaf_id != 0 {
+        ev.cgroup_leaf_id
+    } else {
+        ev.cgroup_id
+    };
+    match admit(cgroup) {
+        Some(dropped) => ev.rate_limited_before = dropped,
+        None => {
+            count(Counter::RateLimited);
+            return;
+        }
+    }
     // bpf_ringbuf_query / bpf_ringbuf_output flags (uapi/linux/bpf.h).
     const BPF_RB_AVAIL_DATA: u64 = 0;
     const BPF_RB_NO_WAKEUP: u64 = 1;

@@ -37,6 +37,21 @@ pub static SCRATCH: PerCpuArray<ConnectEvent> = PerCpuArray::with_max_entries(1,
 #[map]
 pub static UDP_FLOWS: LruHashMap<FlowKey, u64> = LruHashMap::with_max_entries(16384, 0);
 
+/// Token bucket of each cgroup (by the id of the cgroup that names its container), for
+/// the per-cgroup rate limit. LRU: a forgotten cgroup starts again with a full bucket.
+#[map]
+pub static CGROUP_BUCKETS: LruHashMap<u64, Bucket> = LruHashMap::with_max_entries(8192, 0);
+
+/// Tokens are kept in nano-events (events x 1e9) so refill is integer arithmetic.
+#[repr(C)]
+#[derive(Copy, Clone)]
+pub struct Bucket {
+    pub nano_tokens: u64,
+    pub last_ns: u64,
+    /// Events dropped since the cgroup's last submitted one.
+    pub dropped: u64,
+}
+
 /// State carried from a call's entry to its exit, by thread id.
 #[map]
 pub static CALLS: HashMap<u32, CallState> = HashMap::with_max_entries(8192, 0);

@@ -55,6 +55,14 @@ pub struct ProbeArgs {
     /// Size of the kernel ring buffer: a power of two, at least one page.
     #[arg(long, default_value_t = 4 << 20, value_parser = parse_ring_buffer_bytes, env = "EGRESS_RING_BUFFER_BYTES")]
     pub ring_buffer_bytes: u32,
+    /// Connection events per second each cgroup (container) may report; beyond it the
+    /// kernel drops and counts them, and the cgroup's next record carries how many
+    /// (`egress.rate_limited.before`). 0 turns the limit off.
+    #[arg(long, default_value_t = 5000, env = "EGRESS_CGROUP_RATE_LIMIT")]
+    pub cgroup_rate_limit: u32,
+    /// Events a cgroup may report at once above its rate.
+    #[arg(long, default_value_t = 10000, env = "EGRESS_CGROUP_BURST")]
+    pub cgroup_burst: u32,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -143,6 +151,8 @@ impl ProbeArgs {
             udp_flow_window: self.udp_flow_window,
             ring_buffer_bytes: self.ring_buffer_bytes,
             host_root: self.host_root.clone(),
+            cgroup_rate: self.cgroup_rate_limit,
+            cgroup_burst: self.cgroup_burst,
         }
     }
 }

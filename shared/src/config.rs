@@ -118,10 +118,15 @@ pub struct ProbeConfig {
     /// (the reader also drains on a timer), so a storm costs one wake-up per batch, not
     /// per event. 0 wakes it for every event.
     pub wakeup_bytes: u32,
+    /// Events per second each cgroup may submit (token bucket refill); 0 is unlimited. A
+    /// container in a connect loop then cannot fill the ring buffer and blind the others.
+    pub cgroup_rate: u32,
+    /// Events a cgroup may submit at once (token bucket size).
+    pub cgroup_burst: u32,
     pub _padding: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<ProbeConfig>() == 47 * 4 + 14 * 4 + 4 + 8 + 8);
+const _: () = assert!(core::mem::size_of::<ProbeConfig>() == 47 * 4 + 14 * 4 + 4 + 8 + 16);
 
 impl ProbeConfig {
     pub const fn zeroed() -> Self {
@@ -195,6 +200,8 @@ impl ProbeConfig {
             cgroup_subsys_index: CgroupSource::DEFAULT_HIERARCHY,
             udp_flow_window_ns: 0,
             wakeup_bytes: 0,
+            cgroup_rate: 0,
+            cgroup_burst: 0,
             _padding: 0,
         }
     }

@@ -67,6 +67,8 @@ pub struct ConnectEvent {
     pub gid: u32,
     /// Process id as seen inside the task's own pid namespace.
     pub ns_tgid: u32,
+    /// Events of this cgroup dropped by its rate limit since its previous event.
+    pub rate_limited_before: u32,
     /// Namespace inode numbers, indexed by [`NsIndex`].
     pub ns_inums: [u32; NS_COUNT],
     /// AF_INET or AF_INET6.
@@ -89,7 +91,7 @@ pub struct ConnectEvent {
     pub cgroup_parent_name: [u8; CGROUP_NAME_LEN],
     /// UTS nodename of the task's UTS namespace.
     pub nodename: [u8; NODENAME_LEN],
-    pub _pad: [u8; 7],
+    pub _pad: [u8; 3],
 }
 
 pub const CONNECT_EVENT_SIZE: usize = 472;
@@ -108,6 +110,7 @@ impl ConnectEvent {
             uid: 0,
             gid: 0,
             ns_tgid: 0,
+            rate_limited_before: 0,
             ns_inums: [0; NS_COUNT],
             family: 0,
             src_port: 0,
@@ -121,7 +124,7 @@ impl ConnectEvent {
             cgroup_name: [0; CGROUP_NAME_LEN],
             cgroup_parent_name: [0; CGROUP_NAME_LEN],
             nodename: [0; NODENAME_LEN],
-            _pad: [0; 7],
+            _pad: [0; 3],
         }
     }
 
@@ -147,9 +150,11 @@ pub enum Counter {
     UdpFlowSuppressed = 2,
     /// A state map was full, so a call could not be followed to its end: the event is lost.
     StateMapFull = 3,
+    /// Dropped by the per-cgroup rate limit; the cgroup's next event carries the count.
+    RateLimited = 4,
 }
 
-pub const COUNTER_COUNT: u32 = 4;
+pub const COUNTER_COUNT: u32 = 5;
 
 impl Counter {
     pub const ALL: [Counter; COUNTER_COUNT as usize] = [
@@ -157,6 +162,7 @@ impl Counter {
         Counter::KernelReadFailed,
         Counter::UdpFlowSuppressed,
         Counter::StateMapFull,
+        Counter::RateLimited,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -165,6 +171,7 @@ impl Counter {
             Counter::KernelReadFailed => "kernel_read_failed",
             Counter::UdpFlowSuppressed => "udp_flow_suppressed",
             Counter::StateMapFull => "state_map_full",
+            Counter::RateLimited => "rate_limited",
         }
     }
 }

@@ -99,6 +99,8 @@ pub struct Connection {
     /// UTS nodename the task sees (the pod name, except for hostNetwork pods).
     pub nodename: String,
     pub cgroup: Cgroup,
+    /// Events of this cgroup the kernel dropped for its rate limit just before this one.
+    pub rate_limited_before: u32,
 }
 
 impl Connection {
@@ -183,6 +185,7 @@ pub fn decode(bytes: &[u8], clock: &BootClock) -> Result<Connection, DecodeError
             leaf_name: c_string(&raw.cgroup_name),
             parent_name: c_string(&raw.cgroup_parent_name),
         },
+        rate_limited_before: raw.rate_limited_before,
     })
 }
 
@@ -212,6 +215,7 @@ pub(super) mod tests {
         ev.cgroup_name[..5].copy_from_slice(b"abcde");
         ev.cgroup_parent_name[..6].copy_from_slice(b"pod123");
         ev.cgroup_id = 99;
+        ev.rate_limited_before = 3;
         ev
     }
 
@@ -234,6 +238,7 @@ pub(super) mod tests {
         assert_eq!(c.nodename, "pod-1");
         assert_eq!(c.cgroup.leaf_name, "abcde");
         assert_eq!(c.cgroup.parent_name, "pod123");
+        assert_eq!(c.rate_limited_before, 3);
         assert_eq!(c.network_type(), "ipv4");
     }
 

@@ -26,6 +26,8 @@ pub mod keys {
     pub const CGROUP_PATH: &str = "egress.cgroup.path";
     /// A container connecting from the host's network namespace (`hostNetwork: true`).
     pub const HOST_NETWORK: &str = "egress.network.host";
+    /// Connections of the same cgroup dropped by its rate limit just before this one.
+    pub const RATE_LIMITED_BEFORE: &str = "egress.rate_limited.before";
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -99,6 +101,9 @@ pub fn of(record: &Record) -> Vec<(&'static str, Value)> {
     ];
     if let Some(path) = &record.cgroup_path {
         attributes.push((keys::CGROUP_PATH, path.clone().into()));
+    }
+    if c.rate_limited_before > 0 {
+        attributes.push((keys::RATE_LIMITED_BEFORE, c.rate_limited_before.into()));
     }
     attributes
 }

@@ -92,6 +92,9 @@ pub struct ProbeSettings {
     pub udp_flow_window: Duration,
     pub ring_buffer_bytes: u32,
     pub host_root: PathBuf,
+    /// Events per second per cgroup (0: unlimited) and the burst allowed above it.
+    pub cgroup_rate: u32,
+    pub cgroup_burst: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -154,6 +157,8 @@ impl KernelFacts {
             // An eighth of the ring: a wake-up per ~140 events at 64 KiB, and room left
             // for the reader to catch up before the ring fills.
             wakeup_bytes: (settings.ring_buffer_bytes / 8).min(64 << 10),
+            cgroup_rate: settings.cgroup_rate,
+            cgroup_burst: settings.cgroup_burst.max(1),
             _padding: 0,
             cgroup_subsys_index,
         };

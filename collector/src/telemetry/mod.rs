@@ -75,6 +75,7 @@ impl Snapshot {
     pub fn lost(&self) -> u64 {
         self.kernel(Counter::RingBufferFull)
             + self.kernel(Counter::StateMapFull)
+            + self.kernel(Counter::RateLimited)
             + self.queue_full
             + self.export_failed
             + self.export_dropped

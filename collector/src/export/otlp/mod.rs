@@ -104,6 +104,7 @@ impl OtlpExporter {
         let lost = [
             ("kernel_ring_buffer_full", s.kernel(Counter::RingBufferFull)),
             ("kernel_state_map_full", s.kernel(Counter::StateMapFull)),
+            ("cgroup_rate_limited", s.kernel(Counter::RateLimited)),
             ("pipeline_queue_full", s.queue_full),
             ("export_queue_full", s.export_dropped),
             ("export_failed", s.export_failed),

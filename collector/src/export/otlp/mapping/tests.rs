@@ -43,6 +43,7 @@ pub(crate) fn connection(port: u16) -> Connection {
             leaf_name: "abc".into(),
             parent_name: "podx".into(),
         },
+        rate_limited_before: 0,
     }
 }
 
