@@ -29,7 +29,25 @@ impl RunningCollector {
 
     /// Starts `collector run <args>` and waits until it is capturing.
     pub fn start_with(collector: &Path, args: &[&str], timeout: Duration) -> Result<Self, String> {
-        let mut child = Command::new(collector)
+        Self::start_wrapped(&[], collector, args, timeout)
+    }
+
+    /// Starts `<wrapper...> collector run <args>` (e.g. `setpriv` dropping capabilities).
+    pub fn start_wrapped(
+        wrapper: &[&str],
+        collector: &Path,
+        args: &[&str],
+        timeout: Duration,
+    ) -> Result<Self, String> {
+        let mut command = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(collector);
+                c
+            }
+            None => Command::new(collector),
+        };
+        let mut child = command
             .arg("run")
             .args(args)
             .env("NO_COLOR", "1")
@@ -89,6 +107,10 @@ impl RunningCollector {
                 }
             }
         }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// The log lines seen so far.
