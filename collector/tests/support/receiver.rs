@@ -121,12 +121,33 @@ async fn listener(addr: SocketAddr) -> tokio::net::TcpListener {
 }
 
 pub async fn grpc(addr: SocketAddr, received: Shared) -> Receiver {
+    grpc_with(addr, received, None).await
+}
+
+/// gRPC over TLS with `tls` (server identity, and a client CA for mutual TLS).
+pub async fn grpc_tls(
+    addr: SocketAddr,
+    received: Shared,
+    tls: tonic::transport::ServerTlsConfig,
+) -> Receiver {
+    grpc_with(addr, received, Some(tls)).await
+}
+
+async fn grpc_with(
+    addr: SocketAddr,
+    received: Shared,
+    tls: Option<tonic::transport::ServerTlsConfig>,
+) -> Receiver {
     let listener = listener(addr).await;
     let addr = listener.local_addr().expect("addr");
     let (stop, stopped) = oneshot::channel();
     let service = Grpc(Arc::clone(&received));
     let task = tokio::spawn(async move {
-        let _ = tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = tls {
+            builder = builder.tls_config(tls).expect("server TLS");
+        }
+        let _ = builder
             .add_service(
                 LogsServiceServer::new(service.clone())
                     .accept_compressed(tonic::codec::CompressionEncoding::Gzip),
