@@ -19,3 +19,5 @@ as_root=()
 "${as_root[@]}" cargo test --all-targets -- --test-threads=2
 step "benchmark smoke (seconds: loss accounting adds up)"
 "${as_root[@]}" target/debug/egress-bench smoke --collector target/debug/egress-collector
+step "fuzz targets (10 s each; scripts/fuzz.sh 600 by hand)"
+./scripts/fuzz.sh 10

@@ -6,6 +6,7 @@
 //! and the raw results. `egress-bench smoke` is the seconds-long CI check that loss
 //! accounting adds up. `egress-bench load` is the load generator itself.
 
+mod containers;
 mod load;
 mod receiver;
 mod report;
@@ -37,6 +38,24 @@ enum Command {
     Run(RunArgs),
     /// A few seconds: the collector sees every connection or counts what it lost.
     Smoke(SmokeArgs),
+    /// Memory with N containers known to the collector (real cgroups, docker files).
+    Containers(ContainersArgs),
+    /// Internal to `containers`: join each listed cgroup in turn and connect once.
+    #[command(hide = true)]
+    Hop {
+        #[arg(long)]
+        list: PathBuf,
+        #[arg(long)]
+        port: u16,
+    },
+}
+
+#[derive(clap::Args)]
+struct ContainersArgs {
+    #[arg(long, default_value = "target/release/egress-collector")]
+    collector: PathBuf,
+    #[arg(long, default_value_t = 500)]
+    count: usize,
 }
 
 #[derive(clap::Args)]
@@ -106,6 +125,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Run(args) => full(bench, args),
         Command::Smoke(args) => smoke(bench, args),
+        Command::Containers(args) => {
+            let report = containers::measure(&bench, &args.collector, args.count)?;
+            println!("{}", serde_json::to_string(&report)?);
+            if report.attributed < report.containers {
+                bail!(
+                    "only {} of {} containers were attributed",
+                    report.attributed,
+                    report.containers
+                );
+            }
+            Ok(())
+        }
+        Command::Hop { list, port } => containers::hop(&list, port),
     }
 }
 

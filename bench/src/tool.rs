@@ -3,7 +3,7 @@
 //! CPU and peak memory are read from /proc, as any operator would.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     io::{BufRead, BufReader, Read},
     path::Path,
     process::{Child, Command, Stdio},
@@ -22,6 +22,8 @@ pub struct Observer {
     stderr: mpsc::Receiver<String>,
     stdout: Option<thread::JoinHandle<String>>,
     pub seen: Seen,
+    /// Distinct `k8s.pod.name` values on stdout.
+    pods: Arc<Mutex<HashSet<String>>>,
 }
 
 /// user+sys CPU seconds and peak RSS (bytes) of a process.
@@ -44,16 +46,30 @@ pub fn cpu_seconds(pid: u32) -> f64 {
 }
 
 pub fn peak_rss_bytes(pid: u32) -> u64 {
+    status_kib(pid, "VmHWM:") * 1024
+}
+
+pub fn rss_bytes(pid: u32) -> u64 {
+    status_kib(pid, "VmRSS:") * 1024
+}
+
+fn status_kib(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|status| {
             status
                 .lines()
-                .find(|l| l.starts_with("VmHWM:"))
+                .find(|l| l.starts_with(field))
                 .and_then(|l| l.split_whitespace().nth(1))
                 .and_then(|kb| kb.parse::<u64>().ok())
         })
-        .map_or(0, |kb| kb * 1024)
+        .unwrap_or(0)
+}
+
+/// `"k8s.pod.name":"…"` in a JSON line.
+fn pod_name(line: &str) -> Option<&str> {
+    let at = line.find("\"k8s.pod.name\":\"")? + "\"k8s.pod.name\":\"".len();
+    line[at..].split('"').next()
 }
 
 /// `"destination.port":1234` in a JSON line.
@@ -88,12 +104,19 @@ impl Observer {
             .spawn()
             .with_context(|| format!("starting {}", binary.display()))?;
         let seen: Seen = Arc::default();
+        let pods: Arc<Mutex<HashSet<String>>> = Arc::default();
         let stdout = child.stdout.take().map(|out| {
-            let seen = Arc::clone(&seen);
+            let (seen, pods) = (Arc::clone(&seen), Arc::clone(&pods));
             thread::spawn(move || {
                 for line in BufReader::new(out).lines().map_while(Result::ok) {
                     if let Some(port) = destination_port(&line) {
                         *seen.lock().expect("lock").entry(port).or_default() += 1;
+                    }
+                    if let Some(pod) = pod_name(&line) {
+                        let mut pods = pods.lock().expect("lock");
+                        if !pods.contains(pod) {
+                            pods.insert(pod.to_owned());
+                        }
                     }
                 }
                 String::new()
@@ -105,6 +128,7 @@ impl Observer {
             stderr,
             stdout,
             seen,
+            pods,
         };
         observer.wait_for_line("Capturing egress connections.", Duration::from_secs(60))?;
         Ok(observer)
@@ -138,6 +162,7 @@ impl Observer {
             stderr: lines,
             stdout: Some(collected),
             seen: Arc::default(),
+            pods: Arc::default(),
         };
         observer.wait_for_line("Attaching", Duration::from_secs(60))?;
         // Attaching is printed before the probe is live.
@@ -147,6 +172,20 @@ impl Observer {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Records seen so far to `port`.
+    pub fn seen_to(&self, port: u16) -> u64 {
+        self.seen
+            .lock()
+            .expect("lock")
+            .get(&port)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    pub fn pods_seen(&self) -> usize {
+        self.pods.lock().expect("lock").len()
     }
 
     fn wait_for_line(&mut self, needle: &str, timeout: Duration) -> anyhow::Result<()> {

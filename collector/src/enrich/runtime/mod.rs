@@ -2,10 +2,10 @@
 //! No runtime API and no API server: docker's `config.v2.json`, containerd's and CRI-O's
 //! OCI `config.json`. The runtime is detected per container.
 
-mod containerd;
-mod crio;
-mod docker;
-mod oci;
+pub mod containerd;
+pub mod crio;
+pub mod docker;
+pub mod oci;
 
 use std::{
     io::Read,
