@@ -9,6 +9,9 @@ step() { printf '\n== %s\n' "$*" >&2; }
 
 step "format"
 cargo fmt --all -- --check
+step "deployment files (kustomize render + Kubernetes schemas, Collector configs, compose, dashboard)"
+python3 deploy/tests/validate.py
+python3 deploy/tests/test_validate.py
 step "lints"
 cargo clippy --all-targets -- -D warnings
 step "build"

@@ -20,8 +20,6 @@ const PROBES: [&str; 2] = ["kprobe", "fentry"];
 /// Emulation is slow and the two VMs may share the host's CPUs, but a healthy run takes a
 /// fraction of this; past it the guest is stuck.
 const VM_TIMEOUT: Duration = Duration::from_secs(300);
-/// Static binaries need no libc in the initramfs.
-const MUSL: &str = "x86_64-unknown-linux-musl";
 /// Markers /init prints on the console; nothing else in the guest prints them.
 const KERNEL_MARKER: &str = "EGRESS-VM-KERNEL ";
 const RESULT_MARKER: &str = "EGRESS-VM-RESULT ";
@@ -82,26 +80,7 @@ fn static_binaries() -> &'static StaticBinaries {
 }
 
 fn build_static_binaries() -> Result<StaticBinaries, String> {
-    // A target dir of its own: the outer `cargo test` holds the lock on the default one.
-    let target_dir = workspace_root().join("target").join("vm");
-    eprintln!("building static binaries into {}", target_dir.display());
-    let output = Command::new(env!("CARGO"))
-        .current_dir(workspace_root())
-        .args(["build", "--release", "--target", MUSL])
-        .args(["-p", "egress-collector", "-p", "egress-testkit"])
-        .args(["--bin", "egress-collector", "--bin", "egress-scenario"])
-        .arg("--target-dir")
-        .arg(&target_dir)
-        .output()
-        .map_err(|e| format!("cannot run {}: {e}", env!("CARGO")))?;
-    if !output.status.success() {
-        return Err(format!(
-            "static build failed ({}):\n{}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr)
-        ));
-    }
-    let release = target_dir.join(MUSL).join("release");
+    let release = egress_testkit::static_build::build(&workspace_root(), env!("CARGO"))?;
     Ok(StaticBinaries {
         collector: release.join("egress-collector"),
         scenario: release.join("egress-scenario"),

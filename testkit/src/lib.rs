@@ -7,4 +7,5 @@
 pub mod collector;
 pub mod docker;
 pub mod scenario;
+pub mod static_build;
 pub mod traffic;
