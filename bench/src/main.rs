@@ -157,6 +157,7 @@ fn full(bench: PathBuf, args: RunArgs) -> anyhow::Result<()> {
                         udp_ports: 0,
                         listeners: 8,
                     },
+                    count_stdout: false,
                 };
                 let result = run::measure(&plan, scenario, &rt)
                     .with_context(|| format!("{} at rate {rate}", scenario.name()))?;
@@ -202,6 +203,7 @@ fn smoke(bench: PathBuf, args: SmokeArgs) -> anyhow::Result<()> {
             udp_ports: 0,
             listeners: 4,
         },
+        count_stdout: true,
     };
     let r = run::measure(&plan, Scenario::Stdout, &rt)?;
     let made = r.attempts();

@@ -186,7 +186,11 @@ pub fn document(table: &str, plot: &Path, command: &str, report: &Path) -> Strin
          - Machine: {}\n- Date: {}\n- Command: `{command}`\n\n\
          Each run: the observer starts and reports ready, then `egress-bench load` opens and\n\
          closes TCP connections to loopback listeners from 2 threads (SO_LINGER 0) at the\n\
-         target rate. *Overhead ratio* is connects/s with the observer over connects/s with\n\
+         target rate. The collector runs with `--cgroup-rate-limit 0`: the load comes from\n\
+         one cgroup, and the figures are meant to show what the pipeline sustains, not the\n\
+         fairness guard. Its stdout goes to /dev/null and what it saw is its own count of\n\
+         records written (the smoke check in CI counts the load's connections line by\n\
+         line instead). *Overhead ratio* is connects/s with the observer over connects/s with\n\
          no probe at the same target. *Missed* counts the load's connections the observer\n\
          did not report; *lost (counted)* is what the collector itself counted as lost (all\n\
          traffic). *CPU* is the observer's user+sys time over the load's duration (including\n\

@@ -61,15 +61,9 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         .map(egress_collector::health::bind)
         .transpose()?;
     let result = runtime.block_on(async {
+        let shutdown = shutdown_signal();
         let probes = Probes::attach(&args.probe.settings()).context("attaching probes")?;
-        pipeline::run(
-            probes,
-            host,
-            pipeline_settings,
-            health_listener,
-            shutdown_signal(),
-        )
-        .await?;
+        pipeline::run(probes, host, pipeline_settings, health_listener, shutdown).await?;
         Ok(())
     });
     if let Some(telemetry) = self_telemetry {
@@ -91,17 +85,22 @@ fn raise_memlock_limit() {
     }
 }
 
-async fn shutdown_signal() {
+/// Registers for SIGTERM and SIGINT at once (a signal arriving between start-up and the
+/// first wait must not kill the process unflushed); the future completes on either.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
+    let signals = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("Cannot listen for SIGTERM/SIGINT; stop the collector with SIGKILL.");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: shutting down."),
-        _ = int.recv() => tracing::info!("SIGINT: shutting down."),
+    );
+    async move {
+        let (Ok(mut term), Ok(mut int)) = signals else {
+            tracing::error!("Cannot listen for SIGTERM/SIGINT; stop the collector with SIGKILL.");
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down."),
+            _ = int.recv() => tracing::info!("SIGINT: shutting down."),
+        }
     }
 }

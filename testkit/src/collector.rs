@@ -119,9 +119,22 @@ impl RunningCollector {
     }
 
     /// SIGINT, then waits for exit; returns (exit success, stdout, all stderr lines).
-    pub fn stop(mut self, timeout: Duration) -> Result<(bool, String, Vec<String>), String> {
+    pub fn stop(self, timeout: Duration) -> Result<(bool, String, Vec<String>), String> {
+        self.stop_with(libc::SIGINT, timeout)
+    }
+
+    /// As [`Self::stop`], with SIGTERM (what kubelet sends).
+    pub fn terminate(self, timeout: Duration) -> Result<(bool, String, Vec<String>), String> {
+        self.stop_with(libc::SIGTERM, timeout)
+    }
+
+    fn stop_with(
+        mut self,
+        signal: i32,
+        timeout: Duration,
+    ) -> Result<(bool, String, Vec<String>), String> {
         // SAFETY: signalling our own child by pid.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        unsafe { libc::kill(self.child.id() as i32, signal) };
         let deadline = std::time::Instant::now() + timeout;
         let status = loop {
             match self.child.try_wait() {
@@ -132,7 +145,7 @@ impl RunningCollector {
                 _ => {
                     let _ = self.child.kill();
                     return Err(format!(
-                        "collector did not stop within {timeout:?} of SIGINT"
+                        "collector did not stop within {timeout:?} of signal {signal}"
                     ));
                 }
             }
