@@ -5,9 +5,10 @@
 //! kubelet-style container's connections. (This machine's docker engine, 20.10, does not
 //! know the BPF and PERFMON capability names, so runc is driven directly.)
 
+mod support;
+
 use std::{
     io::{BufRead, BufReader, Read},
-    net::{Ipv4Addr, TcpListener},
     path::{Path, PathBuf},
     process::{Command, Stdio},
     sync::mpsc,
@@ -16,6 +17,7 @@ use std::{
 
 use egress_testkit::docker::{self, Container, Pod};
 use serde_json::{Value, json};
+use support::host::{ensure_tracefs, require_root, sink_port};
 
 fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -93,16 +95,8 @@ fn bundle(dir: &Path) {
 
 #[test]
 fn the_image_captures_and_attributes_with_the_daemonsets_privileges() {
-    // SAFETY: trivial getter.
-    assert_eq!(unsafe { libc::geteuid() }, 0, "run as root: loads eBPF");
-    assert!(
-        Path::new("/sys/kernel/tracing/events").exists()
-            || Command::new("mount")
-                .args(["-t", "tracefs", "nodev", "/sys/kernel/tracing"])
-                .status()
-                .is_ok_and(|s| s.success()),
-        "tracefs"
-    );
+    require_root();
+    ensure_tracefs();
     let release = egress_testkit::static_build::build(&workspace_root(), env!("CARGO"))
         .expect("static build");
     let image = Command::new(workspace_root().join("scripts/image.sh"))
@@ -121,13 +115,7 @@ fn the_image_captures_and_attributes_with_the_daemonsets_privileges() {
 
     docker::ensure_image().expect("test image");
     let gateway = docker::bridge_gateway().expect("gateway");
-    let listener = TcpListener::bind((Ipv4Addr::UNSPECIFIED, 0)).expect("listen");
-    let port = listener.local_addr().expect("addr").port();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            drop(stream);
-        }
-    });
+    let port = sink_port();
     let pod = Pod::new("imaged", "prod", "api", Some("burstable"), 61);
     let container = Container::create(
         &pod,

@@ -2,6 +2,8 @@
 //! while it ran and leaves nothing loaded; bad configuration stops it at start, in one
 //! line naming the setting, before anything is attached.
 
+mod support;
+
 use std::{
     net::{Ipv4Addr, TcpListener, TcpStream},
     path::Path,
@@ -10,26 +12,9 @@ use std::{
 };
 
 use egress_testkit::collector::RunningCollector;
+use support::host::{our_programs, require_root};
 
 const COLLECTOR: &str = env!("CARGO_BIN_EXE_egress-collector");
-
-fn require_root() {
-    // SAFETY: trivial getter.
-    assert_eq!(unsafe { libc::geteuid() }, 0, "run as root: loads eBPF");
-}
-
-fn our_programs() -> usize {
-    aya::programs::loaded_programs()
-        .filter_map(Result::ok)
-        .filter(|p| {
-            p.name_as_str().is_some_and(|n| {
-                ["tp_", "kprobe_", "kretprobe_", "fentry_", "fexit_"]
-                    .iter()
-                    .any(|prefix| n.starts_with(prefix))
-            })
-        })
-        .count()
-}
 
 /// Connects `n` times to `port`; returns the source ports used.
 fn connect(port: u16, n: usize) -> Vec<u64> {

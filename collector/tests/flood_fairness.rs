@@ -2,35 +2,22 @@
 //! per-cgroup rate limit drops and counts its excess, its records carry the count, and a
 //! quiet container next to it is reported in full.
 
-use std::{
-    net::{Ipv4Addr, TcpListener},
-    path::Path,
-    time::Duration,
-};
+mod support;
+
+use std::{path::Path, time::Duration};
 
 use egress_testkit::{
     collector::RunningCollector,
     docker::{self, Container, Pod},
 };
 use serde_json::Value;
+use support::host::{require_root, sink_port};
 
 const COLLECTOR: &str = env!("CARGO_BIN_EXE_egress-collector");
 
-fn sink_port() -> u16 {
-    let listener = TcpListener::bind((Ipv4Addr::UNSPECIFIED, 0)).expect("listen");
-    let port = listener.local_addr().expect("addr").port();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            drop(stream);
-        }
-    });
-    port
-}
-
 #[test]
 fn a_flooding_container_is_limited_and_counted_while_a_quiet_one_is_reported_in_full() {
-    // SAFETY: trivial getter.
-    assert_eq!(unsafe { libc::geteuid() }, 0, "run as root: loads eBPF");
+    require_root();
     docker::ensure_image().expect("test image");
     let gateway = docker::bridge_gateway().expect("gateway");
     let (noisy_port, quiet_port) = (sink_port(), sink_port());

@@ -1,33 +1,18 @@
 //! The collector with only CAP_BPF and CAP_PERFMON (every other capability dropped, as the
 //! DaemonSet runs it) still captures and attributes; and it leaves nothing loaded behind.
 
-use std::{
-    net::{Ipv4Addr, TcpListener},
-    path::Path,
-    time::Duration,
-};
+mod support;
+
+use std::{path::Path, time::Duration};
 
 use egress_testkit::{
     collector::RunningCollector,
     docker::{self, Container, Pod},
 };
 use serde_json::Value;
+use support::host::{ensure_tracefs, our_programs, require_root, sink_port};
 
 const COLLECTOR: &str = env!("CARGO_BIN_EXE_egress-collector");
-
-/// Our programs' names as the kernel keeps them (truncated to 15 bytes).
-fn our_programs() -> usize {
-    aya::programs::loaded_programs()
-        .filter_map(Result::ok)
-        .filter(|p| {
-            p.name_as_str().is_some_and(|n| {
-                ["tp_", "kprobe_", "kretprobe_", "fentry_", "fexit_"]
-                    .iter()
-                    .any(|prefix| n.starts_with(prefix))
-            })
-        })
-        .count()
-}
 
 /// Effective capabilities of `pid`, as the hex mask in /proc.
 fn effective_caps(pid: u32) -> u64 {
@@ -44,26 +29,11 @@ const CAP_BPF: u32 = 39;
 
 #[test]
 fn bpf_and_perfmon_are_enough_and_nothing_stays_attached() {
-    // SAFETY: trivial getter.
-    assert_eq!(unsafe { libc::geteuid() }, 0, "run as root: loads eBPF");
-    // Without CAP_SYS_ADMIN the collector cannot mount tracefs itself; the DaemonSet
-    // mounts the host's. Mount it here the same way if it is not there.
-    if !Path::new("/sys/kernel/tracing/events").exists() {
-        let status = std::process::Command::new("mount")
-            .args(["-t", "tracefs", "nodev", "/sys/kernel/tracing"])
-            .status()
-            .expect("mount");
-        assert!(status.success(), "mount tracefs");
-    }
+    require_root();
+    ensure_tracefs();
     docker::ensure_image().expect("test image");
     let gateway = docker::bridge_gateway().expect("gateway");
-    let listener = TcpListener::bind((Ipv4Addr::UNSPECIFIED, 0)).expect("listen");
-    let port = listener.local_addr().expect("addr").port();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            drop(stream);
-        }
-    });
+    let port = sink_port();
     let pod = Pod::new("audited", "secure", "app", Some("burstable"), 51);
     let container = Container::create(
         &pod,

@@ -19,31 +19,13 @@ use opentelemetry_proto::tonic::{
     common::v1::{KeyValue, any_value::Value as V},
     metrics::v1::{metric::Data, number_data_point},
 };
-use support::receiver::{self, Received, Receiver, Shared};
+use support::{
+    host::{require_root, sink_port},
+    receiver::{self, Received, Receiver, Shared},
+};
 
 const COLLECTOR: &str = env!("CARGO_BIN_EXE_egress-collector");
 const TENANT: &str = "egress-e2e";
-
-fn require_root() {
-    // SAFETY: trivial getter.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "these tests load eBPF programs: run them as root"
-    );
-}
-
-/// A host port that accepts and closes at once.
-fn sink_port() -> u16 {
-    let listener = TcpListener::bind((Ipv4Addr::UNSPECIFIED, 0)).expect("listen");
-    let port = listener.local_addr().expect("addr").port();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            drop(stream);
-        }
-    });
-    port
-}
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()

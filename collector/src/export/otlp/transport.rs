@@ -9,17 +9,9 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::{client::legacy::Client as HyperClient, rt::TokioExecutor};
 use opentelemetry_proto::tonic::collector::{
-    logs::v1::{
-        ExportLogsServiceRequest, ExportLogsServiceResponse, logs_service_client::LogsServiceClient,
-    },
-    metrics::v1::{
-        ExportMetricsServiceRequest, ExportMetricsServiceResponse,
-        metrics_service_client::MetricsServiceClient,
-    },
-    trace::v1::{
-        ExportTraceServiceRequest, ExportTraceServiceResponse,
-        trace_service_client::TraceServiceClient,
-    },
+    logs::v1::{ExportLogsServiceRequest, ExportLogsServiceResponse},
+    metrics::v1::{ExportMetricsServiceRequest, ExportMetricsServiceResponse},
+    trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse},
 };
 use prost::Message;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
@@ -230,95 +222,76 @@ impl Client {
         })
     }
 
+    /// An `ExportLogsServiceRequest` already encoded: the workload records' hot path.
+    pub async fn export_encoded_logs(&self, encoded: Bytes) -> Result<Accepted, SendError> {
+        let response: ExportLogsServiceResponse = self
+            .export_encoded(
+                "/opentelemetry.proto.collector.logs.v1.LogsService/Export",
+                encoded,
+            )
+            .await?;
+        Ok(response
+            .partial_success
+            .map_or_else(Accepted::default, |p| Accepted {
+                rejected: p.rejected_log_records.max(0) as u64,
+                message: p.error_message,
+            }))
+    }
+
     pub async fn export_logs(
         &self,
         request: &ExportLogsServiceRequest,
     ) -> Result<Accepted, SendError> {
-        match &self.inner {
-            Inner::Grpc {
-                channel,
-                gzip,
-                headers,
-            } => {
-                let mut client = LogsServiceClient::new(channel.clone());
-                if *gzip {
-                    client = client
-                        .send_compressed(CompressionEncoding::Gzip)
-                        .accept_compressed(CompressionEncoding::Gzip);
-                }
-                let mut grpc_request = tonic::Request::new(request.clone());
-                *grpc_request.metadata_mut() = headers.clone();
-                let response = client
-                    .export(grpc_request)
-                    .await
-                    .map_err(classify_status)?
-                    .into_inner();
-                Ok(response
-                    .partial_success
-                    .map_or_else(Accepted::default, |p| Accepted {
-                        rejected: p.rejected_log_records.max(0) as u64,
-                        message: p.error_message,
-                    }))
-            }
-            Inner::Http { .. } => {
-                let body = self.post(request.encode_to_vec().into()).await?;
-                let response = ExportLogsServiceResponse::decode(body).unwrap_or_default();
-                Ok(response
-                    .partial_success
-                    .map_or_else(Accepted::default, |p| Accepted {
-                        rejected: p.rejected_log_records.max(0) as u64,
-                        message: p.error_message,
-                    }))
-            }
-        }
+        self.export_encoded_logs(request.encode_to_vec().into())
+            .await
     }
 
     pub async fn export_metrics(
         &self,
         request: &ExportMetricsServiceRequest,
     ) -> Result<Accepted, SendError> {
-        match &self.inner {
-            Inner::Grpc {
-                channel,
-                gzip,
-                headers,
-            } => {
-                let mut client = MetricsServiceClient::new(channel.clone());
-                if *gzip {
-                    client = client
-                        .send_compressed(CompressionEncoding::Gzip)
-                        .accept_compressed(CompressionEncoding::Gzip);
-                }
-                let mut grpc_request = tonic::Request::new(request.clone());
-                *grpc_request.metadata_mut() = headers.clone();
-                let response = client
-                    .export(grpc_request)
-                    .await
-                    .map_err(classify_status)?
-                    .into_inner();
-                Ok(response
-                    .partial_success
-                    .map_or_else(Accepted::default, |p| Accepted {
-                        rejected: p.rejected_data_points.max(0) as u64,
-                        message: p.error_message,
-                    }))
-            }
-            Inner::Http { .. } => {
-                let body = self.post(request.encode_to_vec().into()).await?;
-                let response = ExportMetricsServiceResponse::decode(body).unwrap_or_default();
-                Ok(response
-                    .partial_success
-                    .map_or_else(Accepted::default, |p| Accepted {
-                        rejected: p.rejected_data_points.max(0) as u64,
-                        message: p.error_message,
-                    }))
-            }
-        }
+        let response: ExportMetricsServiceResponse = self
+            .export_encoded(
+                "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export",
+                request.encode_to_vec().into(),
+            )
+            .await?;
+        Ok(response
+            .partial_success
+            .map_or_else(Accepted::default, |p| Accepted {
+                rejected: p.rejected_data_points.max(0) as u64,
+                message: p.error_message,
+            }))
     }
 
-    /// An `ExportLogsServiceRequest` already encoded: the workload records' hot path.
-    pub async fn export_encoded_logs(&self, encoded: Bytes) -> Result<Accepted, SendError> {
-        let partial = match &self.inner {
+    /// Only the collector's own spans travel this way.
+    pub async fn export_traces(
+        &self,
+        request: &ExportTraceServiceRequest,
+    ) -> Result<Accepted, SendError> {
+        let response: ExportTraceServiceResponse = self
+            .export_encoded(
+                "/opentelemetry.proto.collector.trace.v1.TraceService/Export",
+                request.encode_to_vec().into(),
+            )
+            .await?;
+        Ok(response
+            .partial_success
+            .map_or_else(Accepted::default, |p| Accepted {
+                rejected: p.rejected_spans.max(0) as u64,
+                message: p.error_message,
+            }))
+    }
+
+    /// Sends an encoded export request: as the unary gRPC call `grpc_path`, or as an
+    /// HTTP POST to this client's URL. An undecodable HTTP response body counts as an
+    /// empty (fully accepted) one, as the specification allows.
+    async fn export_encoded<R: Message + Default + Send + 'static>(
+        &self,
+        grpc_path: &'static str,
+        encoded: Bytes,
+    ) -> Result<R, SendError> {
+        match &self.inner {
             Inner::Grpc {
                 channel,
                 gzip,
@@ -336,69 +309,18 @@ impl Client {
                 })?;
                 let mut request = tonic::Request::new(encoded);
                 *request.metadata_mut() = headers.clone();
-                let path = tonic::codegen::http::uri::PathAndQuery::from_static(
-                    "/opentelemetry.proto.collector.logs.v1.LogsService/Export",
-                );
-                grpc.unary(
-                    request,
-                    path,
-                    PreEncoded::<ExportLogsServiceResponse>::default(),
-                )
-                .await
-                .map_err(classify_status)?
-                .into_inner()
-                .partial_success
+                let path = tonic::codegen::http::uri::PathAndQuery::from_static(grpc_path);
+                Ok(grpc
+                    .unary(request, path, PreEncoded::<R>::default())
+                    .await
+                    .map_err(classify_status)?
+                    .into_inner())
             }
             Inner::Http { .. } => {
                 let body = self.post(encoded).await?;
-                ExportLogsServiceResponse::decode(body)
-                    .unwrap_or_default()
-                    .partial_success
+                Ok(R::decode(body).unwrap_or_default())
             }
-        };
-        Ok(partial.map_or_else(Accepted::default, |p| Accepted {
-            rejected: p.rejected_log_records.max(0) as u64,
-            message: p.error_message,
-        }))
-    }
-
-    /// Only the collector's own spans travel this way.
-    pub async fn export_traces(
-        &self,
-        request: &ExportTraceServiceRequest,
-    ) -> Result<Accepted, SendError> {
-        let partial = match &self.inner {
-            Inner::Grpc {
-                channel,
-                gzip,
-                headers,
-            } => {
-                let mut client = TraceServiceClient::new(channel.clone());
-                if *gzip {
-                    client = client
-                        .send_compressed(CompressionEncoding::Gzip)
-                        .accept_compressed(CompressionEncoding::Gzip);
-                }
-                let mut grpc_request = tonic::Request::new(request.clone());
-                *grpc_request.metadata_mut() = headers.clone();
-                client
-                    .export(grpc_request)
-                    .await
-                    .map_err(classify_status)?
-                    .into_inner()
-                    .partial_success
-            }
-            Inner::Http { .. } => {
-                let body = self.post(request.encode_to_vec().into()).await?;
-                ExportTraceServiceResponse::decode(body)
-                    .unwrap_or_default()
-                    .partial_success
-            }
-        };
-        Ok(partial.map_or_else(Accepted::default, |p| Accepted {
-            rejected: p.rejected_spans.max(0) as u64,
-            message: p.error_message,
-        }))
+        }
     }
 
     /// POSTs a protobuf body; returns the response body of a 2xx.

@@ -1,0 +1,57 @@
+//! What the end-to-end tests share about the host they run on.
+
+use std::{
+    net::{Ipv4Addr, TcpListener},
+    path::Path,
+    process::Command,
+};
+
+/// The tests load eBPF programs and start containers.
+pub fn require_root() {
+    // SAFETY: trivial getter.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "these tests load eBPF programs: run them as root (scripts/test.sh does)"
+    );
+}
+
+/// A port on every address that accepts and at once closes each connection (busybox nc
+/// waits for the peer to close); containers reach it through the bridge gateway.
+pub fn sink_port() -> u16 {
+    let listener = TcpListener::bind((Ipv4Addr::UNSPECIFIED, 0)).expect("listen");
+    let port = listener.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            drop(stream);
+        }
+    });
+    port
+}
+
+/// How many of the collector's programs the kernel holds now (names truncated to 15
+/// bytes, so by prefix).
+pub fn our_programs() -> usize {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter(|p| {
+            p.name_as_str().is_some_and(|n| {
+                ["tp_", "kprobe_", "kretprobe_", "fentry_", "fexit_"]
+                    .iter()
+                    .any(|prefix| n.starts_with(prefix))
+            })
+        })
+        .count()
+}
+
+/// tracefs where the DaemonSet mounts the host's: a collector without CAP_SYS_ADMIN
+/// cannot mount it itself.
+pub fn ensure_tracefs() {
+    if !Path::new("/sys/kernel/tracing/events").exists() {
+        let status = Command::new("mount")
+            .args(["-t", "tracefs", "nodev", "/sys/kernel/tracing"])
+            .status()
+            .expect("mount");
+        assert!(status.success(), "mount tracefs");
+    }
+}
