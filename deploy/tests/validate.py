@@ -1,154 +1,627 @@
 #!/usr/bin/env python3
-"""Offline checks of everything that ships beside the binary.
+"""Offline checks of everything that ships beside the binary; one line per problem.
 
-- deploy/: rendered with `kubectl kustomize` (what `kubectl apply -k` applies), every
-  object validated against the Kubernetes JSON schemas (kubernetes-validate, strict);
-  the DaemonSet's sidecar config is an identical copy of otel-config/sidecar.yaml.
-- otel-config/: every Collector file parses, and every pipeline names only receivers,
-  processors and exporters (and the service only extensions) defined in that file.
-- docker-compose.yml: `docker-compose config -q` (or `docker compose config -q`).
-- The Grafana dashboard parses and uses only provisioned data sources.
+- deploy/: the kustomization is rendered (below, then compared with `kubectl kustomize`
+  when a kubectl with kustomize v5 is installed) and every rendered object is validated
+  against the Kubernetes JSON schemas of the oldest and newest versions we support
+  (kubernetes-validate, strict: unknown fields fail). Then what the schemas cannot say:
+  the collector keeps its least-privilege shape, every `--config` path and `${env:...}`
+  has a source, and the collector's OTLP endpoint is the sidecar's receiver.
+- otel-config/: every Collector file parses and every pipeline names only receivers,
+  processors and exporters (and the service only extensions) defined in that file;
+  deploy/otel-sidecar.yaml is an identical copy of otel-config/sidecar.yaml.
+- docker-compose.yml: `docker compose config -q` (or docker-compose), and the demo's
+  collector mounts and capabilities are a subset of the DaemonSet's.
+- The Grafana dashboards parse and use only provisioned data sources and labels that
+  Prometheus and Loki are configured to produce.
 
-Exits non-zero with one line per problem. Usage: validate.py [REPO_ROOT]
+Usage: validate.py [REPO_ROOT]. Needs PyYAML and kubernetes-validate (requirements.txt);
+VALIDATE_KUBECTL= (empty) skips the comparison with `kubectl kustomize`.
 """
 
+import base64
+import hashlib
 import json
+import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
+import tomllib
 
 import kubernetes_validate
 import yaml
 
-KUBERNETES_VERSION = "1.31.0"
+# Native sidecars (initContainers with restartPolicy: Always) are on by default from 1.29;
+# 1.31 is the newest schema set kubernetes-validate 1.31.0 bundles.
+KUBERNETES_VERSIONS = ["1.29.0", "1.31.0"]
+COLLECTOR_CAPABILITIES = ["BPF", "PERFMON"]
+# A read-only mount does not stop connect(2) on a unix socket: no host path holding a
+# container runtime's API socket may be mounted.
+RUNTIME_SOCKETS = [
+    "/run/containerd/containerd.sock", "/var/run/containerd/containerd.sock",
+    "/run/containerd/s", "/run/docker.sock", "/var/run/docker.sock",
+    "/run/crio/crio.sock", "/var/run/crio/crio.sock",
+]
+# Built here (scripts/image.sh), never pulled: the only images allowed an unpinned tag.
+LOCAL_IMAGES = {"egress-collector:latest", "egress-test/busybox:latest"}
 
 
-def render_kustomization(root, problems):
-    try:
-        out = subprocess.run(
-            ["kubectl", "kustomize", str(root / "deploy")],
-            check=True, capture_output=True, text=True,
-        ).stdout
-    except (OSError, subprocess.CalledProcessError) as e:
-        problems.append(f"deploy: kubectl kustomize failed: {getattr(e, 'stderr', e)}".strip())
-        return []
-    return [doc for doc in yaml.safe_load_all(out) if doc]
+class Problems(list):
+    root = pathlib.Path(".")
+
+    def add(self, where, message):
+        if isinstance(where, pathlib.Path):
+            where = where.relative_to(self.root) if where.is_relative_to(self.root) else where
+        self.append(f"{where}: {message}")
 
 
-def check_manifests(root, problems):
-    objects = render_kustomization(root, problems)
-    kinds = sorted(o.get("kind", "?") for o in objects)
-    for wanted in ["ConfigMap", "DaemonSet", "Namespace", "Secret", "ServiceAccount"]:
-        if wanted not in kinds:
-            problems.append(f"deploy: the rendered kustomization has no {wanted}")
+# --- kustomize, the subset deploy/kustomization.yaml uses ------------------------------
+
+class RenderError(Exception):
+    pass
+
+
+KUSTOMIZATION_FIELDS = {"apiVersion", "kind", "namespace", "labels", "resources",
+                        "configMapGenerator", "secretGenerator"}
+CLUSTER_SCOPED = {"Namespace", "PriorityClass", "ClusterRole", "ClusterRoleBinding",
+                  "CustomResourceDefinition", "StorageClass", "PersistentVolume",
+                  "RuntimeClass", "ValidatingWebhookConfiguration",
+                  "MutatingWebhookConfiguration"}
+
+
+def kustomize_hash(obj):
+    """kustomize's name suffix (api/hasher): sha256 of kind, type and data as Go's
+    json.Marshal writes them; the name enters as "" (its lookup of "metadata/name" finds
+    no such field)."""
+    if obj["kind"] == "ConfigMap":
+        fields = {"kind": "ConfigMap", "name": "", "data": obj.get("data", "")}
+    else:
+        fields = {"kind": "Secret", "type": obj.get("type", ""), "name": "", "data": obj.get("data", "")}
+    text = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    for char, escape in [("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"),
+                         ("\u2028", "\\u2028"), ("\u2029", "\\u2029")]:
+        text = text.replace(char, escape)
+    digest = hashlib.sha256(text.encode()).hexdigest()[:10]
+    return digest.translate(str.maketrans("013ae", "ghkmt"))
+
+
+def kustomize_base64(text):
+    """Base64 as kustomize writes Secret data: wrapped at 70 characters, each line ended by
+    a newline once there is more than one (the API server's decoder skips newlines)."""
+    encoded = base64.b64encode(text.encode()).decode()
+    if len(encoded) < 70:
+        return encoded
+    return "".join(encoded[i:i + 70] + "\n" for i in range(0, len(encoded), 70))
+
+
+def env_file_pairs(path):
+    """kustomize's env-file rules: KEY=VALUE taken literally; blank and # lines skipped; a
+    bare KEY takes its value from the environment."""
+    pairs = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        line = line.lstrip()
+        if not line or line.startswith("#"):
+            continue
+        key, sep, value = line.partition("=")
+        if not re.fullmatch(r"[-._a-zA-Z][-._a-zA-Z0-9]*", key):
+            raise RenderError(f"{path.name}:{number}: {key!r} is not a valid variable name")
+        pairs[key] = value if sep else os.environ.get(key, "")
+    return pairs
+
+
+def generated(kdir, generator, kind):
+    unknown = set(generator) - {"name", "files", "envs"}
+    if unknown:
+        raise RenderError(f"{kind} generator field(s) {sorted(unknown)} not implemented here")
+    data = {}
+    for entry in generator.get("files", []):
+        key, sep, name = entry.partition("=")
+        if not sep:
+            key, name = pathlib.PurePath(entry).name, entry
+        data[key] = (kdir / name).read_text()
+    for name in generator.get("envs", []):
+        data.update(env_file_pairs(kdir / name))
+    obj = {"apiVersion": "v1", "kind": kind, "metadata": {"name": generator["name"]}}
+    if kind == "Secret":
+        obj["type"] = "Opaque"
+        data = {k: kustomize_base64(v) for k, v in data.items()}
+    obj["data"] = data
+    return obj
+
+
+def pod_specs(obj):
+    spec = obj.get("spec") or {}
+    if obj.get("kind") == "Pod":
+        yield spec
+    elif isinstance((spec.get("template") or {}).get("spec"), dict):
+        yield spec["template"]["spec"]
+
+
+def rename_references(obj, renamed):
+    """kustomize's nameReference for generated ConfigMaps and Secrets in pod specs."""
+    def swap(holder, field, kind):
+        if isinstance(holder, dict) and holder.get(field) in renamed.get(kind, {}):
+            holder[field] = renamed[kind][holder[field]]
+    for spec in pod_specs(obj):
+        for volume in spec.get("volumes", []):
+            swap(volume.get("configMap"), "name", "ConfigMap")
+            swap(volume.get("secret"), "secretName", "Secret")
+            for source in (volume.get("projected") or {}).get("sources", []):
+                swap(source.get("configMap"), "name", "ConfigMap")
+                swap(source.get("secret"), "name", "Secret")
+        for secret in spec.get("imagePullSecrets", []):
+            swap(secret, "name", "Secret")
+        for container in spec.get("containers", []) + spec.get("initContainers", []):
+            for env in container.get("env", []):
+                swap((env.get("valueFrom") or {}).get("configMapKeyRef"), "name", "ConfigMap")
+                swap((env.get("valueFrom") or {}).get("secretKeyRef"), "name", "Secret")
+            for source in container.get("envFrom", []):
+                swap(source.get("configMapRef"), "name", "ConfigMap")
+                swap(source.get("secretRef"), "name", "Secret")
+
+
+def render(kdir):
+    kustomization = yaml.safe_load((kdir / "kustomization.yaml").read_text()) or {}
+    unknown = set(kustomization) - KUSTOMIZATION_FIELDS
+    if unknown:
+        raise RenderError(f"kustomization field(s) {sorted(unknown)} not implemented by "
+                          "deploy/tests/validate.py's renderer; extend it")
+    objects = []
+    for name in kustomization.get("resources", []):
+        if not (kdir / name).is_file():
+            raise RenderError(f"resource {name!r} is not a file (bases are not implemented here)")
+        objects += [d for d in yaml.safe_load_all((kdir / name).read_text()) if d]
+    generators = ([generated(kdir, g, "ConfigMap") for g in kustomization.get("configMapGenerator", [])]
+                  + [generated(kdir, g, "Secret") for g in kustomization.get("secretGenerator", [])])
+    objects += generators
+    namespace = kustomization.get("namespace")
     for obj in objects:
-        name = f"{obj.get('kind')}/{obj.get('metadata', {}).get('name')}"
-        try:
-            kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
-        except kubernetes_validate.ValidationError as e:
-            path = "/".join(str(p) for p in e.path)
-            problems.append(f"deploy: {name}: {path}: {e.message}")
-        except Exception as e:  # an unknown kind or version is a problem too
-            problems.append(f"deploy: {name}: {e}")
+        if namespace and obj["kind"] not in CLUSTER_SCOPED:
+            obj["metadata"]["namespace"] = namespace
+    for entry in kustomization.get("labels", []):
+        if entry.get("includeSelectors") or set(entry) - {"pairs", "includeSelectors", "includeTemplates"}:
+            raise RenderError("labels: only pairs, includeSelectors: false and includeTemplates are implemented here")
+        for obj in objects:
+            obj["metadata"].setdefault("labels", {}).update(entry["pairs"])
+            template = (obj.get("spec") or {}).get("template")
+            if entry.get("includeTemplates") and isinstance(template, dict):
+                template.setdefault("metadata", {}).setdefault("labels", {}).update(entry["pairs"])
+    renamed = {}
+    for obj in generators:
+        old = obj["metadata"]["name"]
+        obj["metadata"]["name"] = f"{old}-{kustomize_hash(obj)}"
+        renamed.setdefault(obj["kind"], {})[old] = obj["metadata"]["name"]
+    for obj in objects:
+        rename_references(obj, renamed)
     return objects
 
 
-def check_daemonset(objects, problems):
-    for ds in (o for o in objects if o.get("kind") == "DaemonSet"):
-        containers = {c["name"]: c for c in ds["spec"]["template"]["spec"]["containers"]}
-        collector = containers.get("collector")
-        if collector is None:
-            problems.append("deploy: the DaemonSet has no collector container")
-            continue
-        sc = collector.get("securityContext", {})
-        if sc.get("privileged"):
-            problems.append("deploy: the collector must not be privileged")
-        if sorted(sc.get("capabilities", {}).get("add", [])) != ["BPF", "PERFMON"]:
-            problems.append("deploy: the collector adds capabilities beyond BPF and PERFMON")
-        if sc.get("capabilities", {}).get("drop") != ["ALL"]:
-            problems.append("deploy: the collector must drop ALL capabilities first")
-        if not sc.get("readOnlyRootFilesystem"):
-            problems.append("deploy: the collector's root filesystem must be read-only")
-        for mount in collector.get("volumeMounts", []):
-            if not mount.get("readOnly"):
-                problems.append(f"deploy: mount {mount['mountPath']} must be read-only")
-        for probe in ["livenessProbe", "readinessProbe"]:
-            if probe not in collector:
-                problems.append(f"deploy: the collector has no {probe}")
-        env = {e["name"]: e for e in collector.get("env", [])}
-        if env.get("K8S_NODE_NAME", {}).get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") != "spec.nodeName":
-            problems.append("deploy: K8S_NODE_NAME must come from spec.nodeName")
-        if "otel-sidecar" not in containers:
-            problems.append("deploy: the DaemonSet has no otel-sidecar container")
+def kubectl_kustomize(kdir):
+    """`kubectl kustomize` output, or None when no kubectl with kustomize v5+ is here (the
+    kubectl of Debian's kubernetes-client embeds kustomize v2, which predates `labels`).
+    VALIDATE_KUBECTL names another kubectl; set empty, the comparison is skipped."""
+    kubectl = shutil.which(os.environ.get("VALIDATE_KUBECTL", "kubectl") or "/nonexistent")
+    if not kubectl:
+        return None
+    try:
+        version = json.loads(subprocess.run([kubectl, "version", "--client", "-o", "json"],
+                                            capture_output=True, text=True, timeout=60).stdout)
+    except (ValueError, subprocess.SubprocessError):
+        return None
+    match = re.match(r"v(\d+)", version.get("kustomizeVersion", ""))
+    if not match or int(match.group(1)) < 5:
+        return None
+    result = subprocess.run([kubectl, "kustomize", str(kdir)], capture_output=True, text=True, timeout=120)
+    if result.returncode != 0:
+        raise RenderError(f"kubectl kustomize: {result.stderr.strip()}")
+    return [d for d in yaml.safe_load_all(result.stdout) if d]
 
+
+def key(obj):
+    return (obj.get("kind"), (obj.get("metadata") or {}).get("name"))
+
+
+def name_of(obj):
+    return "{}/{}".format(*key(obj))
+
+
+def render_kustomization(root, problems):
+    kdir = root / "deploy"
+    try:
+        ours = render(kdir)
+        theirs = kubectl_kustomize(kdir)
+    except (RenderError, OSError, yaml.YAMLError) as e:
+        problems.add("deploy", f"cannot render the kustomization: {e}")
+        return []
+    if theirs is None:
+        print("validate: note: no kubectl with kustomize v5; validating this script's rendering only",
+              file=sys.stderr)
+        return ours
+    mine, real = {key(o): o for o in ours}, {key(o): o for o in theirs}
+    for k in sorted(set(mine) | set(real), key=str):
+        if mine.get(k) != real.get(k):
+            problems.add("deploy", f"validate.py renders {'%s/%s' % k} unlike `kubectl kustomize`; fix its renderer")
+    return theirs
+
+
+def check_schemas(objects, problems):
+    for obj in objects:
+        for version in KUBERNETES_VERSIONS:
+            try:
+                kubernetes_validate.validate(obj, version, strict=True)
+            except kubernetes_validate.ValidationError as e:
+                path = ".".join(str(p) for p in e.path)
+                problems.add(f"deploy: {name_of(obj)}", f"Kubernetes {version} schema: {path}: {e.message}")
+            except Exception as e:  # an unknown kind or apiVersion
+                problems.add(f"deploy: {name_of(obj)}", f"Kubernetes {version} schema: {e}")
+
+
+# --- what the schemas cannot say -------------------------------------------------------
+
+def containers_of(spec):
+    return {c["name"]: c for c in spec.get("containers", []) + spec.get("initContainers", [])}
+
+
+def flag(args, name):
+    """The value of --name=VALUE or --name VALUE in an argument list."""
+    for i, arg in enumerate(args):
+        if arg.startswith(f"--{name}="):
+            return arg.split("=", 1)[1]
+        if arg == f"--{name}" and i + 1 < len(args):
+            return args[i + 1]
+    return None
+
+
+def covers(parent, path):
+    parent, path = parent.rstrip("/") or "/", path.rstrip("/")
+    return path == parent or path.startswith(parent + "/") or parent == "/"
+
+
+def check_collector_container(ds, pod, collector, problems):
+    where = f"deploy: {name_of(ds)}: container collector"
+    sc = collector.get("securityContext") or {}
+    caps = sc.get("capabilities") or {}
+    if sc.get("privileged"):
+        problems.add(where, "must not be privileged")
+    if sc.get("allowPrivilegeEscalation") is not False:
+        problems.add(where, "must set allowPrivilegeEscalation: false")
+    if not sc.get("readOnlyRootFilesystem"):
+        problems.add(where, "needs readOnlyRootFilesystem: true")
+    if caps.get("drop") != ["ALL"]:
+        problems.add(where, "must drop ALL capabilities before adding any")
+    if sorted(caps.get("add") or []) != COLLECTOR_CAPABILITIES:
+        problems.add(where, f"capabilities {sorted(caps.get('add') or [])} are not exactly {COLLECTOR_CAPABILITIES}")
+    if not (sc.get("seccompProfile") or pod.get("securityContext", {}).get("seccompProfile")):
+        problems.add(where, "states no seccompProfile")
+    for field in ["hostNetwork", "hostPID", "hostIPC"]:
+        if pod.get(field):
+            problems.add(f"deploy: {name_of(ds)}", f"{field} is not needed and must stay off")
+    env = {e["name"]: e for e in collector.get("env", [])}
+    if ((env.get("K8S_NODE_NAME") or {}).get("valueFrom") or {}).get("fieldRef", {}).get("fieldPath") != "spec.nodeName":
+        problems.add(where, "K8S_NODE_NAME must come from the downward API's spec.nodeName")
+    args = collector.get("args", [])
+    health = flag(args, "health-address")
+    port = int(health.rsplit(":", 1)[1]) if health else None
+    named = {p.get("name"): p["containerPort"] for p in collector.get("ports", [])}
+    for probe, path in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")]:
+        get = (collector.get(probe) or {}).get("httpGet") or {}
+        if get.get("path") != path or named.get(get.get("port"), get.get("port")) != port:
+            problems.add(where, f"{probe} must GET {path} on the --health-address port {port}")
+
+
+def check_daemonset(objects, problems):
+    by_key = {key(o): o for o in objects}
+    daemonsets = [o for o in objects if o.get("kind") == "DaemonSet"]
+    if not daemonsets:
+        problems.add("deploy", "the rendered kustomization has no DaemonSet")
+    for ds in daemonsets:
+        pod = ds["spec"]["template"]["spec"]
+        containers = containers_of(pod)
+        where = f"deploy: {name_of(ds)}"
+        if "collector" not in containers:
+            problems.add(where, "has no container named collector")
+            continue
+        check_collector_container(ds, pod, containers["collector"], problems)
+        sidecar = containers.get("otel-collector")
+        if sidecar is None:
+            problems.add(where, "has no otel-collector sidecar")
+        else:
+            sc = sidecar.get("securityContext") or {}
+            if not (sc.get("runAsNonRoot") and sc.get("readOnlyRootFilesystem")
+                    and (sc.get("capabilities") or {}).get("drop") == ["ALL"]):
+                problems.add(where, "the otel-collector sidecar must run as non-root, read-only, with ALL capabilities dropped")
+        if not any(t.get("operator") == "Exists" and not t.get("key") for t in pod.get("tolerations", [])):
+            problems.add(where, "must tolerate every taint (operator: Exists, no key) to run on every node")
+        volumes = {v["name"]: v for v in pod.get("volumes", [])}
+        for name, container in containers.items():
+            resources = container.get("resources") or {}
+            for kind in ["requests", "limits"]:
+                if not {"cpu", "memory"} <= set(resources.get(kind) or {}):
+                    problems.add(where, f"container {name} needs cpu and memory {kind}")
+            for mount in container.get("volumeMounts", []):
+                if not mount.get("readOnly"):
+                    problems.add(where, f"container {name}: mount {mount['mountPath']} must be read-only")
+            check_config_flags(where, name, container, volumes, by_key, problems)
+            check_env_sources(where, name, container, volumes, by_key, problems)
+        for volume in volumes.values():
+            host_path = (volume.get("hostPath") or {}).get("path")
+            for socket in RUNTIME_SOCKETS:
+                if host_path and covers(host_path, socket):
+                    problems.add(where, f"hostPath {host_path} exposes the runtime socket {socket} (read-only does not stop connect)")
+
+
+def configmap_files(container, volumes, by_key):
+    """mountPath/key -> file text, for the container's ConfigMap mounts."""
+    files = {}
+    for mount in container.get("volumeMounts", []):
+        source = (volumes.get(mount["name"]) or {}).get("configMap")
+        if source:
+            cm = by_key.get(("ConfigMap", source["name"])) or {}
+            for name, text in (cm.get("data") or {}).items():
+                files[f"{mount['mountPath'].rstrip('/')}/{name}"] = text
+    return files
+
+
+def check_config_flags(where, name, container, volumes, by_key, problems):
+    files = configmap_files(container, volumes, by_key)
+    path = flag(container.get("args", []), "config")
+    if path is not None and path not in files:
+        problems.add(where, f"container {name}: --config={path} is in no mounted ConfigMap")
+
+
+def check_env_sources(where, name, container, volumes, by_key, problems):
+    """Every ${env:NAME} in the container's mounted configs is set in its environment."""
+    provided = {e["name"] for e in container.get("env", [])}
+    for source in container.get("envFrom", []):
+        ref = source.get("secretRef") or source.get("configMapRef") or {}
+        kind = "Secret" if "secretRef" in source else "ConfigMap"
+        provided |= set((by_key.get((kind, ref.get("name"))) or {}).get("data") or {})
+    for path, text in configmap_files(container, volumes, by_key).items():
+        for var in sorted(set(re.findall(r"\$\{env:([A-Za-z_][A-Za-z0-9_]*)", text))):
+            if var not in provided:
+                problems.add(where, f"container {name}: {path} uses ${{env:{var}}}, which nothing sets")
+
+
+def check_endpoint_wiring(root, problems):
+    """egress.toml's OTLP endpoint is the sidecar's receiver for that protocol."""
+    try:
+        toml = tomllib.loads((root / "deploy" / "egress.toml").read_text())
+        sidecar = yaml.safe_load((root / "deploy" / "otel-sidecar.yaml").read_text())
+    except (OSError, tomllib.TOMLDecodeError, yaml.YAMLError) as e:
+        problems.add("deploy/egress.toml", f"cannot read: {e}")
+        return
+    otlp = toml.get("otlp") or {}
+    endpoint = re.sub(r"^https?://", "", otlp.get("endpoint", "")).rstrip("/")
+    protocol = "grpc" if otlp.get("protocol", "grpc") == "grpc" else "http"
+    listening = ((((sidecar.get("receivers") or {}).get("otlp") or {}).get("protocols") or {})
+                 .get(protocol) or {}).get("endpoint")
+    if endpoint != listening:
+        problems.add("deploy/egress.toml", f"[otlp] endpoint {endpoint!r} ({protocol}) does not match the "
+                     f"sidecar's otlp {protocol} receiver {listening!r}")
+
+
+# --- OpenTelemetry Collector configs ---------------------------------------------------
 
 def check_collector_config(path, problems):
     try:
-        config = yaml.safe_load(path.read_text())
+        config = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError) as e:
-        problems.append(f"{path}: does not parse: {e}")
+        problems.add(path, f"does not parse: {e}")
         return
-    defined = {kind: set((config.get(kind) or {}).keys())
-               for kind in ["receivers", "processors", "exporters", "extensions"]}
+    unknown = set(config) - {"receivers", "processors", "exporters", "extensions", "connectors", "service"}
+    if unknown:
+        problems.add(path, f"unknown top-level section(s) {sorted(unknown)}")
+    defined = {kind: set(config.get(kind) or {}) for kind in
+               ["receivers", "processors", "exporters", "extensions", "connectors"]}
     service = config.get("service") or {}
     for extension in service.get("extensions", []):
         if extension not in defined["extensions"]:
-            problems.append(f"{path}: service uses undefined extension {extension!r}")
+            problems.add(path, f"service uses undefined extension {extension!r}")
     pipelines = service.get("pipelines") or {}
     if not pipelines:
-        problems.append(f"{path}: no pipelines")
+        problems.add(path, "defines no pipelines")
+    used = {kind: set() for kind in defined}
     for name, pipeline in pipelines.items():
+        pipeline = pipeline or {}
+        if name.split("/")[0] not in {"logs", "metrics", "traces"}:
+            problems.add(path, f"pipeline {name!r} is not logs, metrics or traces")
         for kind in ["receivers", "processors", "exporters"]:
-            for component in pipeline.get(kind, []):
-                if component not in defined[kind]:
-                    problems.append(f"{path}: pipeline {name} uses undefined {kind[:-1]} {component!r}")
+            for component in pipeline.get(kind) or []:
+                used[kind].add(component)
+                if component not in defined[kind] | defined["connectors"]:
+                    problems.add(path, f"pipeline {name} uses undefined {kind[:-1]} {component!r}")
         for kind in ["receivers", "exporters"]:
             if not pipeline.get(kind):
-                problems.append(f"{path}: pipeline {name} has no {kind}")
+                problems.add(path, f"pipeline {name} has no {kind}")
+        processors = pipeline.get("processors") or []
+        if "memory_limiter" in processors and processors[0] != "memory_limiter":
+            problems.add(path, f"pipeline {name}: memory_limiter must come first")
+    for kind in ["receivers", "processors", "exporters"]:
+        for component in sorted(defined[kind] - used[kind]):
+            problems.add(path, f"{kind[:-1]} {component!r} is defined but in no pipeline")
 
 
-def check_compose(root, problems):
-    compose = shutil.which("docker-compose")
-    command = [compose] if compose else ["docker", "compose"]
-    result = subprocess.run(command + ["-f", str(root / "docker-compose.yml"), "config", "-q"],
-                            capture_output=True, text=True)
+# --- docker-compose.yml ----------------------------------------------------------------
+
+def compose_command():
+    for command in (["docker", "compose"], ["docker-compose"]):
+        if shutil.which(command[0]) and subprocess.run(
+                command + ["version"], capture_output=True).returncode == 0:
+            return command
+    return None
+
+
+def check_compose(root, daemonset, problems):
+    path = root / "docker-compose.yml"
+    command = compose_command()
+    if command is None:
+        problems.add(path, "neither `docker compose` nor docker-compose is installed")
+        return
+    result = subprocess.run(command + ["-f", str(path), "config"], capture_output=True, text=True)
     if result.returncode != 0:
-        problems.append(f"docker-compose.yml: {result.stderr.strip()}")
+        problems.add(path, f"{' '.join(command)} config: {' '.join(result.stderr.split())}")
+        return
+    services = (yaml.safe_load(result.stdout) or {}).get("services") or {}
+    for name, service in services.items():
+        image = service.get("image", "")
+        if image not in LOCAL_IMAGES and (":" not in image.rsplit("/", 1)[-1] or image.endswith(":latest")):
+            problems.add(path, f"service {name}: image {image!r} must be pinned to a version")
+    check_compose_collector(path, services, daemonset, problems)
+    check_compose_workload(path, services, problems)
+
+
+def compose_mounts(service):
+    """(source, target, read_only) of a service's bind mounts, short or long syntax."""
+    for volume in service.get("volumes", []):
+        if isinstance(volume, str):
+            parts = volume.split(":")
+            yield parts[0], parts[1], len(parts) > 2 and "ro" in parts[2].split(",")
+        else:
+            yield volume.get("source"), volume.get("target"), bool(volume.get("read_only"))
+
+
+def check_compose_collector(path, services, daemonset, problems):
+    service = services.get("egress-collector")
+    if service is None:
+        problems.add(path, "has no egress-collector service")
+        return
+    where = f"{path.relative_to(problems.root)}: service egress-collector"
+    if service.get("privileged"):
+        problems.add(where, "must not be privileged")
+    if not service.get("read_only"):
+        problems.add(where, "needs read_only: true, as the DaemonSet")
+    if [c.upper() for c in service.get("cap_drop", [])] != ["ALL"]:
+        problems.add(where, "must drop ALL capabilities, as the DaemonSet")
+    if sorted(c.upper().removeprefix("CAP_") for c in service.get("cap_add", [])) != COLLECTOR_CAPABILITIES:
+        problems.add(where, f"must add exactly {COLLECTOR_CAPABILITIES}, as the DaemonSet")
+    allowed = set()
+    if daemonset:
+        pod = daemonset["spec"]["template"]["spec"]
+        volumes = {v["name"]: v for v in pod.get("volumes", [])}
+        for mount in containers_of(pod).get("collector", {}).get("volumeMounts", []):
+            host = (volumes.get(mount["name"]) or {}).get("hostPath")
+            if host:
+                allowed.add((host["path"], mount["mountPath"]))
+    for source, target, read_only in compose_mounts(service):
+        if not read_only:
+            problems.add(where, f"mount {target} must be read-only")
+        if daemonset and (source, target) not in allowed:
+            problems.add(where, f"mounts {source} at {target}, which the DaemonSet does not")
+    command = service.get("command") or []
+    endpoint = flag(command, "otlp-endpoint") or ""
+    host = re.sub(r"^https?://", "", endpoint).split(":")[0]
+    if host not in services:
+        problems.add(where, f"--otlp-endpoint {endpoint!r} names no compose service")
+
+
+def check_compose_workload(path, services, problems):
+    service = services.get("workload")
+    if service is None:
+        problems.add(path, "has no workload service")
+        return
+    labels = service.get("labels") or {}
+    uid = labels.get("io.kubernetes.pod.uid", "")
+    if not re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", uid):
+        problems.add(f"{path.relative_to(problems.root)}: service workload", f"io.kubernetes.pod.uid {uid!r} is not a lowercase UUID as kubelet writes")
+    for label in ["io.kubernetes.pod.name", "io.kubernetes.pod.namespace", "io.kubernetes.container.name"]:
+        if not labels.get(label):
+            problems.add(f"{path.relative_to(problems.root)}: service workload", f"lacks kubelet's label {label}")
+    parent = service.get("cgroup_parent", "")
+    if uid and uid not in parent and uid.replace("-", "_") not in parent:
+        problems.add(f"{path.relative_to(problems.root)}: service workload", f"cgroup_parent {parent!r} is not the pod's (pod{uid})")
+
+
+# --- Grafana ---------------------------------------------------------------------------
+
+def panel_queries(dashboard):
+    for panel in dashboard.get("panels", []):
+        yield from ((panel, t) for t in panel.get("targets", []))
+        for inner in panel.get("panels", []):  # collapsed rows
+            yield from ((inner, t) for t in inner.get("targets", []))
 
 
 def check_dashboards(root, problems):
-    demo = root / "otel-config" / "demo" / "grafana"
-    sources = yaml.safe_load((demo / "provisioning" / "datasources" / "datasources.yaml").read_text())
-    uids = {d["uid"] for d in sources["datasources"]}
-    for path in sorted((demo / "dashboards").glob("*.json")):
+    demo = root / "otel-config" / "demo"
+    try:
+        sources = yaml.safe_load((demo / "grafana/provisioning/datasources/datasources.yaml").read_text())
+        prometheus = yaml.safe_load((demo / "prometheus.yml").read_text()) or {}
+        loki = yaml.safe_load((demo / "loki.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        problems.add(demo, f"cannot read the demo's configs: {e}")
+        return
+    types = {d["uid"]: d["type"] for d in sources.get("datasources", [])}
+    promoted = {a.replace(".", "_") for a in (prometheus.get("otlp") or {}).get("promote_resource_attributes", [])}
+    indexed = {"service_name"}
+    for rule in (((loki.get("limits_config") or {}).get("otlp_config") or {})
+                 .get("resource_attributes") or {}).get("attributes_config", []):
+        if rule.get("action") == "index_label":
+            indexed |= {a.replace(".", "_") for a in rule.get("attributes", [])}
+    dashboards = sorted((demo / "grafana" / "dashboards").glob("*.json"))
+    if not dashboards:
+        problems.add(demo / "grafana" / "dashboards", "holds no dashboard")
+    for path in dashboards:
         try:
             dashboard = json.loads(path.read_text())
         except ValueError as e:
-            problems.append(f"{path}: does not parse: {e}")
+            problems.add(path, f"does not parse: {e}")
             continue
-        for panel in dashboard.get("panels", []):
-            for ds in [panel.get("datasource")] + [t.get("datasource") for t in panel.get("targets", [])]:
-                if ds and ds.get("uid") not in uids:
-                    problems.append(f"{path}: panel {panel.get('title')!r} uses unprovisioned data source {ds.get('uid')!r}")
+        for panel, target in panel_queries(dashboard):
+            where = f"{path.relative_to(problems.root)}: panel {panel.get('title')!r}"
+            sources = [d for d in (panel.get("datasource"), target.get("datasource")) if d]
+            for ds in sources:
+                if ds.get("uid") not in types:
+                    problems.add(where, f"uses unprovisioned data source {ds.get('uid')!r}")
+            if not sources:
+                problems.add(where, "names no data source")
+            if not sources or any(ds.get("uid") not in types for ds in sources):
+                continue
+            ds = sources[-1]
+            expr = target.get("expr", "")
+            if types[ds["uid"]] == "prometheus":
+                # Resource attributes are labels only where Prometheus promotes them.
+                for group in re.findall(r"\bby\s*\(([^)]*)\)", expr):
+                    for label in (l.strip() for l in group.split(",")):
+                        if re.match(r"(k8s|container|service|host)_", label) and label not in promoted:
+                            problems.add(where, f"groups by {label}, which prometheus.yml does not promote")
+            if types[ds["uid"]] == "loki":
+                selector = re.match(r"\s*\{([^}]*)\}", expr)
+                for label in re.findall(r"(\w+)\s*=~?", selector.group(1) if selector else ""):
+                    if label not in indexed:
+                        problems.add(where, f"selects on {label}, which loki.yaml does not index")
 
+
+# ---------------------------------------------------------------------------------------
 
 def main():
     root = pathlib.Path(sys.argv[1] if len(sys.argv) > 1 else pathlib.Path(__file__).resolve().parents[2])
-    problems = []
-    objects = check_manifests(root, problems)
+    problems = Problems()
+    problems.root = root
+    objects = render_kustomization(root, problems)
+    kinds = {o.get("kind") for o in objects}
+    for wanted in ["Namespace", "ServiceAccount", "ConfigMap", "Secret", "DaemonSet"]:
+        if objects and wanted not in kinds:
+            problems.add("deploy", f"the rendered kustomization has no {wanted}")
+    check_schemas(objects, problems)
     check_daemonset(objects, problems)
-    for path in sorted((root / "otel-config").glob("*.yaml")) + [root / "deploy" / "otel-sidecar.yaml"]:
+    check_endpoint_wiring(root, problems)
+    configs = sorted((root / "otel-config").glob("*.yaml")) + [root / "deploy" / "otel-sidecar.yaml"]
+    for path in configs:
         check_collector_config(path, problems)
-    if (root / "deploy" / "otel-sidecar.yaml").read_text() != (root / "otel-config" / "sidecar.yaml").read_text():
-        problems.append("deploy/otel-sidecar.yaml differs from otel-config/sidecar.yaml")
-    check_compose(root, problems)
+    try:
+        if (root / "deploy/otel-sidecar.yaml").read_bytes() != (root / "otel-config/sidecar.yaml").read_bytes():
+            problems.add("deploy/otel-sidecar.yaml", "differs from otel-config/sidecar.yaml; copy it over")
+    except OSError as e:
+        problems.add("deploy/otel-sidecar.yaml", str(e))
+    daemonset = next((o for o in objects if o.get("kind") == "DaemonSet"), None)
+    check_compose(root, daemonset, problems)
     check_dashboards(root, problems)
     for problem in problems:
         print(f"validate: {problem}", file=sys.stderr)
-    print(f"validate: {len(objects)} Kubernetes objects, "
-          f"{len(list((root / 'otel-config').glob('*.yaml')))} Collector configs, compose, dashboards: "
-          f"{'FAILED' if problems else 'ok'}", file=sys.stderr)
+    print(f"validate: {len(objects)} Kubernetes objects (schemas {', '.join(KUBERNETES_VERSIONS)}), "
+          f"{len(configs)} Collector configs, compose, dashboards: "
+          f"{f'{len(problems)} problem(s)' if problems else 'ok'}", file=sys.stderr)
     return 1 if problems else 0
 
 
