@@ -8,6 +8,7 @@
 
 mod containers;
 mod load;
+mod outage;
 mod receiver;
 mod report;
 mod run;
@@ -40,6 +41,17 @@ enum Command {
     Smoke(SmokeArgs),
     /// Memory with N containers known to the collector (real cgroups, docker files).
     Containers(ContainersArgs),
+    /// Soak: the OTLP endpoint down for a while under steady load; nothing may be lost.
+    Outage {
+        #[arg(long, default_value = "target/release/egress-collector")]
+        collector: PathBuf,
+        /// Connects per second during the run.
+        #[arg(long, default_value_t = 1000)]
+        rate: u64,
+        /// Seconds the endpoint stays down.
+        #[arg(long, default_value_t = 60)]
+        down: u64,
+    },
     /// Internal to `containers`: join each listed cgroup in turn and connect once.
     #[command(hide = true)]
     Hop {
@@ -138,6 +150,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Hop { list, port } => containers::hop(&list, port),
+        Command::Outage {
+            collector,
+            rate,
+            down,
+        } => outage::run(&bench, &collector, rate, down),
     }
 }
 

@@ -79,7 +79,12 @@ pub struct Receiver {
 
 /// Serves on a free loopback port until the runtime stops.
 pub async fn start() -> anyhow::Result<Receiver> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    start_on("127.0.0.1:0".parse()?).await
+}
+
+/// Serves on `address` (an endpoint that comes back where it was).
+pub async fn start_on(address: SocketAddr) -> anyhow::Result<Receiver> {
+    let listener = tokio::net::TcpListener::bind(address).await?;
     let address = listener.local_addr()?;
     let service = Counting {
         seen: Seen::default(),

@@ -71,7 +71,7 @@ pub struct Plan {
     pub count_stdout: bool,
 }
 
-fn run_load(bench: &Path, args: &LoadArgs) -> anyhow::Result<LoadReport> {
+pub fn run_load(bench: &Path, args: &LoadArgs) -> anyhow::Result<LoadReport> {
     let output = Command::new(bench)
         .args([
             "load",

@@ -86,7 +86,10 @@ fn bundle(dir: &Path) {
         ("/sys/fs/cgroup", "/host/sys/fs/cgroup"),
         ("/proc", "/host/proc"),
         ("/etc/docker", "/host/etc/docker"),
-        ("/var/lib/docker", "/host/var/lib/docker"),
+        (
+            "/var/lib/docker/containers",
+            "/host/var/lib/docker/containers",
+        ),
     ] {
         mounts.push(bind(source, destination));
     }

@@ -10,8 +10,9 @@
 - otel-config/: every Collector file parses and every pipeline names only receivers,
   processors and exporters (and the service only extensions) defined in that file;
   deploy/otel-sidecar.yaml is an identical copy of otel-config/sidecar.yaml.
-- docker-compose.yml: `docker compose config -q` (or docker-compose), and the demo's
-  collector mounts and capabilities are a subset of the DaemonSet's.
+- docker-compose.yml: `docker compose config` (or docker-compose) accepts it, images are
+  pinned, the demo's collector has the DaemonSet's capabilities and a subset of its
+  mounts, and the workload carries kubelet's labels and cgroup parent.
 - The Grafana dashboards parse and use only provisioned data sources and labels that
   Prometheus and Loki are configured to produce.
 
@@ -49,7 +50,11 @@ LOCAL_IMAGES = {"egress-collector:latest", "egress-test/busybox:latest"}
 
 
 class Problems(list):
-    root = pathlib.Path(".")
+    """Problems found, each "where: what"; paths are shown relative to the root checked."""
+
+    def __init__(self, root):
+        super().__init__()
+        self.root = root
 
     def add(self, where, message):
         if isinstance(where, pathlib.Path):
@@ -596,8 +601,7 @@ def check_dashboards(root, problems):
 
 def main():
     root = pathlib.Path(sys.argv[1] if len(sys.argv) > 1 else pathlib.Path(__file__).resolve().parents[2])
-    problems = Problems()
-    problems.root = root
+    problems = Problems(root)
     objects = render_kustomization(root, problems)
     kinds = {o.get("kind") for o in objects}
     for wanted in ["Namespace", "ServiceAccount", "ConfigMap", "Secret", "DaemonSet"]:

@@ -61,18 +61,33 @@ pub struct HostIdentity {
 impl HostIdentity {
     /// Reads the host's identity; `host_root` is where the host's filesystem is mounted.
     pub fn detect(host_root: &Path) -> Self {
-        let host_name = std::fs::read_to_string(on_host(host_root, "/proc/sys/kernel/hostname"))
-            .or_else(|_| std::fs::read_to_string("/proc/sys/kernel/hostname"))
-            .map(|s| s.trim().to_owned())
+        // /proc/sys/kernel/hostname shows the reader's own UTS namespace, whichever procfs
+        // it is read through: in a pod, the pod's name. The node's file comes first.
+        let read_name = |path: PathBuf| {
+            std::fs::read_to_string(path)
+                .ok()
+                .map(|s| s.trim().to_owned())
+                .filter(|s| !s.is_empty())
+        };
+        let host_name = read_name(on_host(host_root, "/etc/hostname"))
+            .or_else(|| read_name(PathBuf::from("/proc/sys/kernel/hostname")))
             .unwrap_or_default();
         let node_name = std::env::var("K8S_NODE_NAME")
             .ok()
             .filter(|s| !s.is_empty());
-        // PID 1's namespace is the host's when the host's /proc is visible (hostPID).
+        // PID 1's namespace is the host's when the host's /proc is visible (reading it
+        // needs CAP_SYS_PTRACE in a container). Our own is the host's only when we run on
+        // the host itself; in a pod it is the pod's, and guessing it would mark the pod's
+        // own connections host-network. Runtime metadata still marks host-network
+        // containers without it.
         let net_ns = std::fs::metadata(on_host(host_root, "/proc/1/ns/net"))
-            .or_else(|_| std::fs::metadata("/proc/self/ns/net"))
-            .map(|m| m.ino())
-            .ok();
+            .ok()
+            .or_else(|| {
+                (host_root == Path::new("/"))
+                    .then(|| std::fs::metadata("/proc/self/ns/net").ok())
+                    .flatten()
+            })
+            .map(|m| m.ino());
         Self {
             host_name,
             node_name,
