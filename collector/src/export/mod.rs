@@ -1,4 +1,5 @@
-//! Where records go. Today: JSON lines on stdout, the embedded default.
+//! Where records go: JSON lines on stdout (the embedded default while no endpoint is set)
+//! and OTLP (`otlp`), with the attributes both share.
 
 pub mod attributes;
 pub mod otlp;
