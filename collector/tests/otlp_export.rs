@@ -21,19 +21,11 @@ use opentelemetry_proto::tonic::{
 };
 use support::{
     host::{require_root, sink_port},
-    receiver::{self, Received, Receiver, Shared},
+    receiver::{self, Received, Receiver, Shared, runtime},
 };
 
 const COLLECTOR: &str = env!("CARGO_BIN_EXE_egress-collector");
 const TENANT: &str = "egress-e2e";
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
 
 fn string_attr(attributes: &[KeyValue], key: &str) -> Option<String> {
     attributes.iter().find(|kv| kv.key == key).and_then(|kv| {

@@ -13,7 +13,10 @@ use std::{
 
 use egress_testkit::collector::RunningCollector;
 use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, SanType};
-use support::receiver::{self, Received, Shared};
+use support::{
+    host::require_root,
+    receiver::{self, Received, Shared},
+};
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
 const COLLECTOR: &str = env!("CARGO_BIN_EXE_egress-collector");
@@ -107,13 +110,8 @@ fn records_to(received: &Received, port: u16) -> usize {
 }
 
 fn run(pki: &Pki, trust_ca: bool) -> (usize, Vec<String>, Received) {
-    // SAFETY: trivial getter.
-    assert_eq!(unsafe { libc::geteuid() }, 0, "run as root: loads eBPF");
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    require_root();
+    let rt = receiver::runtime();
     let received: Shared = Arc::new(Mutex::new(Received::default()));
     let receiver = rt.block_on(receiver::grpc_tls(
         "127.0.0.1:0".parse().expect("addr"),

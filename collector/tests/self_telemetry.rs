@@ -15,7 +15,10 @@ use opentelemetry_proto::tonic::{
     common::v1::{KeyValue, any_value::Value as V},
     resource::v1::Resource,
 };
-use support::receiver::{self, Received, Receiver, Shared};
+use support::{
+    host::require_root,
+    receiver::{self, Received, Receiver, Shared},
+};
 
 const COLLECTOR: &str = env!("CARGO_BIN_EXE_egress-collector");
 
@@ -36,13 +39,8 @@ fn service(resource: &Option<Resource>) -> Option<String> {
 type ReceiverStart = std::pin::Pin<Box<dyn std::future::Future<Output = Receiver>>>;
 
 fn own_logs_and_spans_arrive(protocol: &str, start: fn(SocketAddr, Shared) -> ReceiverStart) {
-    // SAFETY: trivial getter.
-    assert_eq!(unsafe { libc::geteuid() }, 0, "run as root: loads eBPF");
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    require_root();
+    let rt = receiver::runtime();
     let received: Shared = Arc::new(Mutex::new(Received::default()));
     let receiver = rt.block_on(start(
         "127.0.0.1:0".parse().expect("addr"),

@@ -96,6 +96,15 @@ impl TraceService for Grpc {
     }
 }
 
+/// The runtime the receivers are served on (the collector under test is a process).
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
 /// A running receiver; stops when dropped.
 pub struct Receiver {
     pub addr: SocketAddr,
