@@ -21,7 +21,7 @@ use opentelemetry_proto::tonic::{
 };
 use support::{
     host::{require_root, sink_port},
-    receiver::{self, Received, Receiver, Shared, runtime},
+    receiver::{self, Received, Receiver, Shared, int_attr, runtime},
 };
 
 const COLLECTOR: &str = env!("CARGO_BIN_EXE_egress-collector");
@@ -31,15 +31,6 @@ fn string_attr(attributes: &[KeyValue], key: &str) -> Option<String> {
     attributes.iter().find(|kv| kv.key == key).and_then(|kv| {
         match kv.value.as_ref()?.value.as_ref()? {
             V::StringValue(s) => Some(s.clone()),
-            _ => None,
-        }
-    })
-}
-
-fn int_attr(attributes: &[KeyValue], key: &str) -> Option<i64> {
-    attributes.iter().find(|kv| kv.key == key).and_then(|kv| {
-        match kv.value.as_ref()?.value.as_ref()? {
-            V::IntValue(i) => Some(*i),
             _ => None,
         }
     })
@@ -290,11 +281,7 @@ fn connect_times(port: u16, n: usize) -> Vec<u16> {
 
 fn source_ports_received(received: &Received, port: u16) -> Vec<u16> {
     received
-        .logs
-        .iter()
-        .flat_map(|r| &r.resource_logs)
-        .flat_map(|rl| &rl.scope_logs)
-        .flat_map(|sl| &sl.log_records)
+        .log_records()
         .filter(|l| int_attr(&l.attributes, "destination.port") == Some(i64::from(port)))
         .filter(|l| int_attr(&l.attributes, "process.pid") == Some(i64::from(std::process::id())))
         .filter_map(|l| int_attr(&l.attributes, "source.port").map(|p| p as u16))

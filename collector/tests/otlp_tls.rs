@@ -15,7 +15,7 @@ use egress_testkit::collector::RunningCollector;
 use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, SanType};
 use support::{
     host::require_root,
-    receiver::{self, Received, Shared},
+    receiver::{self, Received, Shared, int_attr},
 };
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
@@ -90,22 +90,8 @@ fn connect_once() -> u16 {
 
 fn records_to(received: &Received, port: u16) -> usize {
     received
-        .logs
-        .iter()
-        .flat_map(|r| &r.resource_logs)
-        .flat_map(|rl| &rl.scope_logs)
-        .flat_map(|sl| &sl.log_records)
-        .filter(|l| {
-            l.attributes.iter().any(|kv| {
-                kv.key == "destination.port"
-                    && kv.value.as_ref().and_then(|v| v.value.as_ref())
-                        == Some(
-                            &opentelemetry_proto::tonic::common::v1::any_value::Value::IntValue(
-                                i64::from(port),
-                            ),
-                        )
-            })
-        })
+        .log_records()
+        .filter(|l| int_attr(&l.attributes, "destination.port") == Some(i64::from(port)))
         .count()
 }
 

@@ -23,6 +23,10 @@ use opentelemetry_proto::tonic::collector::{
         trace_service_server::{TraceService, TraceServiceServer},
     },
 };
+use opentelemetry_proto::tonic::{
+    common::v1::{KeyValue, any_value},
+    logs::v1::LogRecord,
+};
 use prost::Message;
 use tokio::sync::oneshot;
 
@@ -33,6 +37,27 @@ pub struct Received {
     pub traces: Vec<ExportTraceServiceRequest>,
     /// (header name, value) of every request, lower-case names.
     pub headers: Vec<(String, String)>,
+}
+
+impl Received {
+    /// Every log record received, whatever its resource.
+    pub fn log_records(&self) -> impl Iterator<Item = &LogRecord> {
+        self.logs
+            .iter()
+            .flat_map(|r| &r.resource_logs)
+            .flat_map(|rl| &rl.scope_logs)
+            .flat_map(|sl| &sl.log_records)
+    }
+}
+
+/// The integer value of attribute `key`, if it has one.
+pub fn int_attr(attributes: &[KeyValue], key: &str) -> Option<i64> {
+    attributes.iter().find(|kv| kv.key == key).and_then(|kv| {
+        match kv.value.as_ref()?.value.as_ref()? {
+            any_value::Value::IntValue(i) => Some(*i),
+            _ => None,
+        }
+    })
 }
 
 pub type Shared = Arc<Mutex<Received>>;
