@@ -4,6 +4,7 @@ use aya_ebpf::helpers::bpf_get_current_task;
 use egress_shared::{ConnectEvent, Counter, EventKind, NsIndex};
 
 use crate::{
+    filter,
     maps::{
         Bucket, CALLS, CGROUP_BUCKETS, COUNTERS, CallState, EVENTS, FlowKey, PENDING_TCP, SCRATCH,
         UDP_FLOWS, config,
@@ -15,9 +16,14 @@ use crate::{
 
 #[inline(always)]
 pub fn count(counter: Counter) {
+    count_n(counter, 1);
+}
+
+#[inline(always)]
+pub fn count_n(counter: Counter, n: u64) {
     if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
         // SAFETY: per-CPU slot, and programs do not nest on one CPU for these hooks.
-        unsafe { *slot += 1 };
+        unsafe { *slot += n };
     }
 }
 
@@ -68,12 +74,11 @@ fn admit(cgroup: u64) -> Option<u32> {
 
 #[inline(always)]
 fn submit(ev: &mut ConnectEvent) {
-    let cgroup = if ev.cgroup_leaf_id != 0 {
-        ev.cgroup_leaf_id
-    } else {
-        ev.cgroup_id
-    };
-    match admit(cgroup) {
+    if filter::excluded_cgroup(ev) {
+        count(Counter::Filtered);
+        return;
+    }
+    match admit(filter::cgroup_key(ev)) {
         Some(dropped) => ev.rate_limited_before = dropped,
         None => {
             count(Counter::RateLimited);
@@ -92,8 +97,9 @@ fn submit(ev: &mut ConnectEvent) {
     } else {
         BPF_RB_NO_WAKEUP
     };
-    if EVENTS.output::<ConnectEvent>(ev, flags).is_err() {
-        count(Counter::RingBufferFull);
+    filter::open_aggregate(ev);
+    if EVENTS.output::<ConnectEvent>(&*ev, flags).is_err() {
+        filter::close_lost_aggregate(ev, Counter::RingBufferFull);
     }
 }
 
@@ -117,6 +123,9 @@ pub fn tcp_connect(sk: u64) {
     let Some(ev) = scratch() else { return };
     ev.kind = EventKind::TcpConnect as u8;
     fill_sock(ev, sk);
+    if !filter::wanted(ev) {
+        return;
+    }
     fill_task(ev);
     submit(ev);
 }
@@ -152,6 +161,9 @@ pub fn udp(sk: u64, dest: &Dest, kind: EventKind, v4_mapped_reported_inside: boo
     ev.ns_inums[NsIndex::Net as usize] = current_netns();
     if !first_in_window(ev) {
         count(Counter::UdpFlowSuppressed);
+        return;
+    }
+    if !filter::wanted(ev) {
         return;
     }
     fill_task(ev);
@@ -221,6 +233,9 @@ pub fn tcp_syn_sent(sk: u64) {
     let Some(ev) = scratch() else { return };
     ev.kind = EventKind::TcpConnect as u8;
     fill_sock(ev, sk);
+    if !filter::wanted(ev) {
+        return;
+    }
     fill_task(ev);
     if PENDING_TCP.insert(&sk, ev, 0).is_err() {
         count(Counter::StateMapFull);

@@ -2,9 +2,9 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
-use egress_shared::{COUNTER_COUNT, ConnectEvent, ProbeConfig};
+use egress_shared::{AggregateKey, COUNTER_COUNT, ConnectEvent, ProbeConfig};
 
 use crate::sock::Dest;
 
@@ -74,6 +74,23 @@ pub struct FlowKey {
     pub src_addr: [u8; 16],
     pub dst_addr: [u8; 16],
 }
+
+/// Destinations users exclude (`--exclude-cidr`, `--exclude-loopback`), IPv4 and IPv6.
+#[map]
+pub static EXCLUDED_V4: LpmTrie<[u8; 4], u8> = LpmTrie::with_max_entries(1024, 0);
+#[map]
+pub static EXCLUDED_V6: LpmTrie<[u8; 16], u8> = LpmTrie::with_max_entries(1024, 0);
+
+/// Cgroups (by [`crate::filter::cgroup_key`]) user space found to belong to an excluded
+/// Kubernetes namespace. LRU: a forgotten one is caught and listed again by user space.
+#[map]
+pub static EXCLUDED_CGROUPS: LruHashMap<u64, u8> = LruHashMap::with_max_entries(16384, 0);
+
+/// Repeats counted per open aggregate, per CPU (so no atomics). Not LRU: when full, new
+/// connections are reported one by one instead of an aggregate being forgotten with its
+/// count. User space sums, reads and deletes the entries of closed windows.
+#[map]
+pub static AGGREGATES: PerCpuHashMap<AggregateKey, u64> = PerCpuHashMap::with_max_entries(8192, 0);
 
 /// What a call's entry saw, for its exit.
 #[repr(C)]

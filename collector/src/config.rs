@@ -11,7 +11,7 @@ use crate::{
         resource_attributes,
     },
     pipeline::PipelineSettings,
-    probe::{ProbeChoice, ProbeSettings},
+    probe::{Cidr, ProbeChoice, ProbeSettings},
 };
 
 #[derive(Debug, Parser)]
@@ -63,6 +63,35 @@ pub struct ProbeArgs {
     /// Events a cgroup may report at once above its rate.
     #[arg(long, default_value_t = 10000, env = "EGRESS_CGROUP_BURST")]
     pub cgroup_burst: u32,
+    /// Drop connections to this destination prefix in the kernel, e.g. 10.96.0.0/12 or
+    /// fd00::/8 (repeatable; the variable takes a comma-separated list). Counted as
+    /// filtered, not lost.
+    #[arg(
+        long = "exclude-cidr",
+        value_name = "CIDR",
+        value_delimiter = ',',
+        env = "EGRESS_EXCLUDE_CIDRS"
+    )]
+    pub exclude_cidrs: Vec<Cidr>,
+    /// Drop connections to loopback addresses (127.0.0.0/8, ::1) in the kernel.
+    #[arg(long, env = "EGRESS_EXCLUDE_LOOPBACK")]
+    pub exclude_loopback: bool,
+    /// Drop connections of pods in this Kubernetes namespace (repeatable; the variable
+    /// takes a comma-separated list). The first connection of each container is dropped
+    /// by the collector, which then has the kernel drop its cgroup's.
+    #[arg(
+        long = "exclude-namespace",
+        value_name = "NAMESPACE",
+        value_delimiter = ',',
+        env = "EGRESS_EXCLUDE_NAMESPACES"
+    )]
+    pub exclude_namespaces: Vec<String>,
+    /// Report identical connections (same process, protocol, destination address and
+    /// port) within this window once, with their count (`egress.connection.count`):
+    /// one record when the window opens, one with the repeats when it closes. Off by
+    /// default: every connection is a record.
+    #[arg(long, value_parser = parse_duration, env = "EGRESS_AGGREGATE_WINDOW")]
+    pub aggregate_window: Option<Duration>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -153,7 +182,18 @@ impl ProbeArgs {
             host_root: self.host_root.clone(),
             cgroup_rate: self.cgroup_rate_limit,
             cgroup_burst: self.cgroup_burst,
+            excluded_destinations: self.excluded_destinations(),
+            exclude_cgroups: !self.exclude_namespaces.is_empty(),
+            aggregate_window: self.aggregate_window,
         }
+    }
+
+    fn excluded_destinations(&self) -> Vec<Cidr> {
+        let mut cidrs = self.exclude_cidrs.clone();
+        if self.exclude_loopback {
+            cidrs.extend(Cidr::LOOPBACK);
+        }
+        cidrs
     }
 }
 
@@ -167,6 +207,7 @@ impl RunArgs {
             cache: Default::default(),
             stdout: self.stdout,
             otlp: None,
+            exclude_namespaces: self.probe.exclude_namespaces.clone(),
         }
     }
 }

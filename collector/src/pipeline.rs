@@ -6,8 +6,11 @@ use std::{future::Future, net::TcpListener, path::PathBuf, sync::Arc, time::Dura
 use tokio::sync::{mpsc, watch};
 
 use crate::{
-    enrich::{self, Enricher, HostIdentity, Record, cache::CacheSettings, runtime::RuntimeFiles},
-    events::EventReader,
+    enrich::{
+        self, Enricher, HostIdentity, Record, cache::CacheSettings, exclude::NamespaceFilter,
+        runtime::RuntimeFiles,
+    },
+    events::{EventReader, aggregate::Aggregates},
     export::{self, Exporter},
     export::{
         otlp::{OtlpExporter, SnapshotSource, settings::OtlpSettings, transport::TransportError},
@@ -31,6 +34,8 @@ pub struct PipelineSettings {
     /// JSON lines on stdout (always, when no OTLP endpoint is configured).
     pub stdout: bool,
     pub otlp: Option<OtlpSettings>,
+    /// Kubernetes namespaces whose connections are dropped.
+    pub exclude_namespaces: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -79,8 +84,20 @@ pub async fn run(
         }
         None => None,
     };
-    let reader = EventReader::new(probes.take_events()?, Arc::clone(&stats))
+    let aggregates = probes
+        .take_aggregates()?
+        .map(|map| Aggregates::new(map, probes.facts.config.aggregate_window_ns));
+    let reader = EventReader::new(probes.take_events()?, aggregates, Arc::clone(&stats))
         .map_err(PipelineError::RingBuffer)?;
+    let namespace_filter = if settings.exclude_namespaces.is_empty() {
+        None
+    } else {
+        Some(NamespaceFilter::new(
+            &settings.exclude_namespaces,
+            probes.take_excluded_cgroups()?,
+            Arc::clone(&stats),
+        ))
+    };
 
     let (stop_reader, reader_stopped) = watch::channel(false);
     let batches = (settings.queue_capacity / crate::events::BATCH_RECORDS).max(1);
@@ -95,7 +112,7 @@ pub async fn run(
     let changes = enrich::watch::spawn(files.watched_dirs());
     let cgroup_root = (probes.facts.cgroups.hierarchy_mount.as_ref())
         .map(|mount| enrich::runtime::on_host(&settings.host_root, mount));
-    let enricher = Enricher::new(
+    let mut enricher = Enricher::new(
         &host,
         cgroup_root,
         files,
@@ -103,6 +120,9 @@ pub async fn run(
         changes,
         Arc::clone(&stats),
     );
+    if let Some(filter) = namespace_filter {
+        enricher = enricher.with_namespace_filter(filter);
+    }
     let enrich_task =
         tokio::task::spawn_blocking(move || enricher.run_blocking(connections_rx, records_tx));
     let export_task = spawn_exporters(otlp, settings.stdout, records_rx, Arc::clone(&stats));

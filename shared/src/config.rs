@@ -124,9 +124,16 @@ pub struct ProbeConfig {
     /// Events a cgroup may submit at once (token bucket size).
     pub cgroup_burst: u32,
     pub _padding: u32,
+    /// Identical connections (same process, protocol, destination) within one window of
+    /// this length are reported once, with a count; 0 reports every connection.
+    pub aggregate_window_ns: u64,
+    /// 1 when the `EXCLUDED_V4`/`EXCLUDED_V6` tries hold destinations to drop.
+    pub exclude_addresses: u32,
+    /// 1 when user space may list cgroups to drop in `EXCLUDED_CGROUPS`.
+    pub exclude_cgroups: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<ProbeConfig>() == 47 * 4 + 14 * 4 + 4 + 8 + 16);
+const _: () = assert!(core::mem::size_of::<ProbeConfig>() == 47 * 4 + 14 * 4 + 4 + 8 + 16 + 16);
 
 impl ProbeConfig {
     pub const fn zeroed() -> Self {
@@ -203,6 +210,9 @@ impl ProbeConfig {
             cgroup_rate: 0,
             cgroup_burst: 0,
             _padding: 0,
+            aggregate_window_ns: 0,
+            exclude_addresses: 0,
+            exclude_cgroups: 0,
         }
     }
 }

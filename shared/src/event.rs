@@ -69,6 +69,9 @@ pub struct ConnectEvent {
     pub ns_tgid: u32,
     /// Events of this cgroup dropped by its rate limit since its previous event.
     pub rate_limited_before: u32,
+    /// Non-zero when this event opened an in-kernel aggregate: the window index (see
+    /// [`AggregateKey`](crate::AggregateKey)); repeats in that window are counted there.
+    pub aggregate_window: u32,
     /// Namespace inode numbers, indexed by [`NsIndex`].
     pub ns_inums: [u32; NS_COUNT],
     /// AF_INET or AF_INET6.
@@ -91,10 +94,10 @@ pub struct ConnectEvent {
     pub cgroup_parent_name: [u8; CGROUP_NAME_LEN],
     /// UTS nodename of the task's UTS namespace.
     pub nodename: [u8; NODENAME_LEN],
-    pub _pad: [u8; 3],
+    pub _pad: [u8; 7],
 }
 
-pub const CONNECT_EVENT_SIZE: usize = 472;
+pub const CONNECT_EVENT_SIZE: usize = 480;
 const _: () = assert!(core::mem::size_of::<ConnectEvent>() == CONNECT_EVENT_SIZE);
 const _: () = assert!(core::mem::align_of::<ConnectEvent>() == 8);
 
@@ -111,6 +114,7 @@ impl ConnectEvent {
             gid: 0,
             ns_tgid: 0,
             rate_limited_before: 0,
+            aggregate_window: 0,
             ns_inums: [0; NS_COUNT],
             family: 0,
             src_port: 0,
@@ -124,7 +128,7 @@ impl ConnectEvent {
             cgroup_name: [0; CGROUP_NAME_LEN],
             cgroup_parent_name: [0; CGROUP_NAME_LEN],
             nodename: [0; NODENAME_LEN],
-            _pad: [0; 3],
+            _pad: [0; 7],
         }
     }
 
@@ -152,9 +156,14 @@ pub enum Counter {
     StateMapFull = 3,
     /// Dropped by the per-cgroup rate limit; the cgroup's next event carries the count.
     RateLimited = 4,
+    /// Excluded by a user filter (destination address or cgroup): not lost, not wanted.
+    Filtered = 5,
+    /// A repeat of a connection already reported in its aggregation window: counted in
+    /// the window's aggregate, which user space reports when the window closes.
+    Aggregated = 6,
 }
 
-pub const COUNTER_COUNT: u32 = 5;
+pub const COUNTER_COUNT: u32 = 7;
 
 impl Counter {
     pub const ALL: [Counter; COUNTER_COUNT as usize] = [
@@ -163,6 +172,8 @@ impl Counter {
         Counter::UdpFlowSuppressed,
         Counter::StateMapFull,
         Counter::RateLimited,
+        Counter::Filtered,
+        Counter::Aggregated,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -172,6 +183,8 @@ impl Counter {
             Counter::UdpFlowSuppressed => "udp_flow_suppressed",
             Counter::StateMapFull => "state_map_full",
             Counter::RateLimited => "rate_limited",
+            Counter::Filtered => "filtered",
+            Counter::Aggregated => "aggregated",
         }
     }
 }

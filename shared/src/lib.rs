@@ -4,9 +4,11 @@
 //! layout the kernel writes is the layout user space reads. Ids in enums are never reused.
 #![no_std]
 
+pub mod aggregate;
 pub mod config;
 pub mod event;
 
+pub use aggregate::AggregateKey;
 pub use config::{CgroupSource, KernelOffsets, ProbeConfig, TracepointOffsets};
 pub use event::{
     CGROUP_NAME_LEN, COMM_LEN, CONNECT_EVENT_SIZE, COUNTER_COUNT, ConnectEvent, Counter, EventKind,

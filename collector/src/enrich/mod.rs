@@ -8,6 +8,7 @@
 pub mod cache;
 pub mod cgroup;
 pub mod cgroup_paths;
+pub mod exclude;
 pub mod runtime;
 pub mod watch;
 
@@ -25,6 +26,7 @@ use tokio::sync::mpsc;
 use self::{
     cache::{CacheSettings, ContainerCache, Identity},
     cgroup_paths::CgroupPaths,
+    exclude::NamespaceFilter,
     runtime::{RuntimeFiles, on_host},
     watch::DirChange,
 };
@@ -112,6 +114,7 @@ pub struct Enricher {
     cgroup_paths: CgroupPaths,
     changes: std_mpsc::Receiver<DirChange>,
     last_sweep: Instant,
+    namespace_filter: Option<NamespaceFilter>,
 }
 
 const SWEEP_EVERY: Duration = Duration::from_secs(10);
@@ -140,7 +143,14 @@ impl Enricher {
             cgroup_paths: CgroupPaths::new(cgroup_root, CGROUP_RESCAN_EVERY),
             changes,
             last_sweep: Instant::now(),
+            namespace_filter: None,
         }
+    }
+
+    /// Drops the records of excluded Kubernetes namespaces.
+    pub fn with_namespace_filter(mut self, filter: NamespaceFilter) -> Self {
+        self.namespace_filter = Some(filter);
+        self
     }
 
     pub fn enrich(&mut self, connection: Connection) -> Record {
@@ -201,7 +211,13 @@ impl Enricher {
     ) {
         while let Some(batch) = input.blocking_recv() {
             self.apply_changes();
-            let records = batch.into_iter().map(|c| self.enrich(c)).collect();
+            let mut records: Vec<Record> = batch.into_iter().map(|c| self.enrich(c)).collect();
+            if let Some(filter) = &mut self.namespace_filter {
+                records.retain(|r| filter.keep(r));
+            }
+            if records.is_empty() {
+                continue;
+            }
             if out.blocking_send(records).is_err() {
                 break;
             }

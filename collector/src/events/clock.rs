@@ -16,6 +16,11 @@ fn now_ns(clock: libc::clockid_t) -> i128 {
     ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128
 }
 
+/// CLOCK_BOOTTIME now, in the kernel's `bpf_ktime_get_boot_ns` terms.
+pub fn boot_now_ns() -> u64 {
+    now_ns(libc::CLOCK_BOOTTIME).clamp(0, u64::MAX as i128) as u64
+}
+
 impl BootClock {
     pub fn now() -> Self {
         let boot = now_ns(libc::CLOCK_BOOTTIME);

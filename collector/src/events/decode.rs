@@ -3,7 +3,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use egress_shared::{CONNECT_EVENT_SIZE, ConnectEvent, EventKind, NsIndex};
+use egress_shared::{AggregateKey, CONNECT_EVENT_SIZE, ConnectEvent, EventKind, NsIndex};
 
 use super::clock::BootClock;
 
@@ -101,6 +101,11 @@ pub struct Connection {
     pub cgroup: Cgroup,
     /// Events of this cgroup the kernel dropped for its rate limit just before this one.
     pub rate_limited_before: u32,
+    /// Connections this record stands for: 1, or a closed aggregation window's repeats.
+    pub count: u64,
+    /// The in-kernel aggregate this record opened (its window's repeats are counted
+    /// there), or belongs to.
+    pub aggregate: Option<AggregateKey>,
 }
 
 impl Connection {
@@ -186,6 +191,9 @@ pub fn decode(bytes: &[u8], clock: &BootClock) -> Result<Connection, DecodeError
             parent_name: c_string(&raw.cgroup_parent_name),
         },
         rate_limited_before: raw.rate_limited_before,
+        count: 1,
+        aggregate: (raw.aggregate_window != 0)
+            .then(|| AggregateKey::of(&raw, raw.aggregate_window)),
     })
 }
 

@@ -1,6 +1,7 @@
 //! Ring buffer reader: wakes on the ring buffer's fd, decodes every record, and hands
 //! typed connections on without ever waiting for the stages after it.
 
+pub mod aggregate;
 pub mod clock;
 pub mod decode;
 
@@ -13,7 +14,7 @@ use tokio::{
 };
 
 pub use self::decode::{Connection, DecodeError, Transport};
-use self::{clock::BootClock, decode::decode};
+use self::{aggregate::Aggregates, clock::BootClock, decode::decode};
 use crate::telemetry::Stats;
 
 /// Most events handed on at once; the queues between stages hold
@@ -27,10 +28,15 @@ pub struct EventReader {
     ring: AsyncFd<RingBuf<MapData>>,
     clock: BootClock,
     stats: Arc<Stats>,
+    aggregates: Option<Aggregates>,
 }
 
 impl EventReader {
-    pub fn new(ring: RingBuf<MapData>, stats: Arc<Stats>) -> std::io::Result<Self> {
+    pub fn new(
+        ring: RingBuf<MapData>,
+        aggregates: Option<Aggregates>,
+        stats: Arc<Stats>,
+    ) -> std::io::Result<Self> {
         // SAFETY: the RingBuf owns its map fd and keeps it open, unchanged, for as long
         // as the AsyncFd owns the RingBuf.
         let ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
@@ -39,6 +45,7 @@ impl EventReader {
             ring,
             clock: BootClock::now(),
             stats,
+            aggregates,
         })
     }
 
@@ -53,7 +60,10 @@ impl EventReader {
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = poll.tick() => self.drain(&out),
+                _ = poll.tick() => {
+                    self.drain(&out);
+                    self.close_aggregates(false, &out);
+                }
                 guard = self.ring.readable_mut() => {
                     match guard {
                         Ok(mut guard) => {
@@ -67,7 +77,9 @@ impl EventReader {
                     self.drain(&out);
                 }
                 _ = shutdown.changed() => {
+                    // The programs are detached by now: every window can be closed.
                     self.drain(&out);
+                    self.close_aggregates(true, &out);
                     break;
                 }
             }
@@ -84,7 +96,12 @@ impl EventReader {
             let more = item.is_some();
             if let Some(item) = item {
                 match decode(&item, &self.clock) {
-                    Ok(connection) => batch.push(connection),
+                    Ok(connection) => {
+                        if let Some(aggregates) = &mut self.aggregates {
+                            aggregates.note(&connection);
+                        }
+                        batch.push(connection);
+                    }
                     Err(e) => self.stats.record_decode_failed(&e),
                 }
             }
@@ -97,6 +114,32 @@ impl EventReader {
             }
             if !more {
                 break;
+            }
+        }
+    }
+
+    /// Hands on the records of aggregation windows that have closed; call after a
+    /// drain, so the records that opened them have been seen.
+    fn close_aggregates(&mut self, all: bool, out: &mpsc::Sender<Vec<Connection>>) {
+        let Some(aggregates) = &mut self.aggregates else {
+            return;
+        };
+        let mut closing = Vec::new();
+        aggregates.close(
+            clock::boot_now_ns(),
+            all,
+            &self.clock,
+            &self.stats,
+            &mut closing,
+        );
+        for batch in closing.chunks(BATCH_RECORDS) {
+            self.stats.record_captured(batch.len());
+            if out.try_send(batch.to_vec()).is_err() {
+                // Each record stands for its repeats: all of them are lost.
+                let connections = batch.iter().map(|c| c.count).sum::<u64>();
+                self.stats.record_queue_full(batch.len());
+                self.stats
+                    .record_repeats_lost(connections.saturating_sub(batch.len() as u64));
             }
         }
     }

@@ -28,6 +28,9 @@ pub mod keys {
     pub const HOST_NETWORK: &str = "egress.network.host";
     /// Connections of the same cgroup dropped by its rate limit just before this one.
     pub const RATE_LIMITED_BEFORE: &str = "egress.rate_limited.before";
+    /// Connections the record stands for, when aggregation is on: 1 for the record that
+    /// opened a window, the repeats for the record that closes it.
+    pub const CONNECTION_COUNT: &str = "egress.connection.count";
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -104,6 +107,9 @@ pub fn of(record: &Record) -> Vec<(&'static str, Value)> {
     }
     if c.rate_limited_before > 0 {
         attributes.push((keys::RATE_LIMITED_BEFORE, c.rate_limited_before.into()));
+    }
+    if c.aggregate.is_some() {
+        attributes.push((keys::CONNECTION_COUNT, c.count.into()));
     }
     attributes
 }

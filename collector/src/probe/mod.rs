@@ -6,17 +6,18 @@
 mod attach;
 pub mod btf;
 pub mod cgroups;
+pub mod filters;
 pub mod tracefs;
 
 use std::{fmt, path::PathBuf, str::FromStr, time::Duration};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{MapData, MapError, PerCpuArray, RingBuf},
+    maps::{HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap, RingBuf},
 };
-use egress_shared::{CgroupSource, ProbeConfig, TracepointOffsets};
+use egress_shared::{AggregateKey, CgroupSource, ProbeConfig, TracepointOffsets};
 
-pub use self::attach::AttachError;
+pub use self::{attach::AttachError, filters::Cidr};
 use self::{btf::KernelBtf, cgroups::CgroupInfo};
 use crate::one_line;
 
@@ -95,6 +96,13 @@ pub struct ProbeSettings {
     /// Events per second per cgroup (0: unlimited) and the burst allowed above it.
     pub cgroup_rate: u32,
     pub cgroup_burst: u32,
+    /// Destinations dropped in the kernel.
+    pub excluded_destinations: Vec<Cidr>,
+    /// User space will list cgroups to drop (it excludes Kubernetes namespaces).
+    pub exclude_cgroups: bool,
+    /// Identical connections within a window are reported once with a count; `None`
+    /// reports every connection.
+    pub aggregate_window: Option<Duration>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -115,6 +123,12 @@ pub enum ProbeError {
     },
     #[error("eBPF map {0} is missing from the object")]
     MissingMap(&'static str),
+    #[error("cannot install the exclusion of {cidr}: {source}")]
+    Filter {
+        cidr: String,
+        #[source]
+        source: MapError,
+    },
 }
 
 fn refusals(reasons: &[(HookMode, String)]) -> String {
@@ -160,6 +174,11 @@ impl KernelFacts {
             cgroup_rate: settings.cgroup_rate,
             cgroup_burst: settings.cgroup_burst.max(1),
             _padding: 0,
+            aggregate_window_ns: settings
+                .aggregate_window
+                .map_or(0, |w| w.as_nanos().clamp(1, u64::MAX as u128) as u64),
+            exclude_addresses: u32::from(!settings.excluded_destinations.is_empty()),
+            exclude_cgroups: u32::from(settings.exclude_cgroups),
             cgroup_subsys_index,
         };
         // Two parsed copies of vmlinux BTF at once would set the peak memory.
@@ -219,6 +238,7 @@ impl Probes {
     pub fn attach(settings: &ProbeSettings) -> Result<Self, ProbeError> {
         let mut facts = KernelFacts::read(settings)?;
         let mut ebpf = facts.load(settings.ring_buffer_bytes)?;
+        filters::install(&mut ebpf, &settings.excluded_destinations)?;
         let mut refused = Vec::new();
         for mode in settings.choice.candidates() {
             if mode == HookMode::Tracepoint
@@ -266,6 +286,37 @@ impl Probes {
             .ok_or(ProbeError::MissingMap("COUNTERS"))?;
         PerCpuArray::try_from(map).map_err(|source| ProbeError::Map {
             name: "COUNTERS",
+            source,
+        })
+    }
+
+    /// The open aggregates of repeated connections, when aggregation is on.
+    pub fn take_aggregates(
+        &mut self,
+    ) -> Result<Option<PerCpuHashMap<MapData, AggregateKey, u64>>, ProbeError> {
+        if self.facts.config.aggregate_window_ns == 0 {
+            return Ok(None);
+        }
+        let map = self
+            .ebpf
+            .take_map("AGGREGATES")
+            .ok_or(ProbeError::MissingMap("AGGREGATES"))?;
+        PerCpuHashMap::try_from(map)
+            .map(Some)
+            .map_err(|source| ProbeError::Map {
+                name: "AGGREGATES",
+                source,
+            })
+    }
+
+    /// The cgroups the programs drop, for user space to add to.
+    pub fn take_excluded_cgroups(&mut self) -> Result<HashMap<MapData, u64, u8>, ProbeError> {
+        let map = self
+            .ebpf
+            .take_map("EXCLUDED_CGROUPS")
+            .ok_or(ProbeError::MissingMap("EXCLUDED_CGROUPS"))?;
+        HashMap::try_from(map).map_err(|source| ProbeError::Map {
+            name: "EXCLUDED_CGROUPS",
             source,
         })
     }

@@ -43,6 +43,8 @@ pub struct Stats {
     export_dropped: AtomicU64,
     rejected: AtomicU64,
     queue_length: AtomicU64,
+    repeats_lost: AtomicU64,
+    filtered: AtomicU64,
     decode_failed: Mutex<BTreeMap<&'static str, u64>>,
     enrichment_failed: Mutex<BTreeMap<&'static str, u64>>,
 }
@@ -60,6 +62,11 @@ pub struct Snapshot {
     pub rejected: u64,
     /// Records waiting to be exported.
     pub queue_length: u64,
+    /// Repeats counted by an in-kernel aggregate that no record carries (its opening
+    /// record, or its closing one, was lost).
+    pub repeats_lost: u64,
+    /// Records dropped by user space for a user filter (an excluded Kubernetes namespace).
+    pub filtered: u64,
     pub decode_failed: BTreeMap<&'static str, u64>,
     /// Lookups of container metadata that failed, by reason (the events still went out).
     pub enrichment_failed: BTreeMap<&'static str, u64>,
@@ -80,6 +87,7 @@ impl Snapshot {
             + self.export_failed
             + self.export_dropped
             + self.rejected
+            + self.repeats_lost
             + self.decode_failed.values().sum::<u64>()
     }
 }
@@ -107,6 +115,14 @@ impl Stats {
 
     pub fn record_rejected(&self, n: u64) {
         self.rejected.fetch_add(n, Relaxed);
+    }
+
+    pub fn record_repeats_lost(&self, n: u64) {
+        self.repeats_lost.fetch_add(n, Relaxed);
+    }
+
+    pub fn record_filtered(&self, n: usize) {
+        self.filtered.fetch_add(n as u64, Relaxed);
     }
 
     pub fn set_queue_length(&self, n: usize) {
@@ -141,6 +157,8 @@ impl Stats {
             export_dropped: self.export_dropped.load(Relaxed),
             rejected: self.rejected.load(Relaxed),
             queue_length: self.queue_length.load(Relaxed),
+            repeats_lost: self.repeats_lost.load(Relaxed),
+            filtered: self.filtered.load(Relaxed),
             decode_failed: self
                 .decode_failed
                 .lock()
@@ -193,6 +211,7 @@ pub fn report(previous: &Snapshot, now: &Snapshot) {
             export_failed = delta(previous.export_failed, now.export_failed),
             export_dropped = delta(previous.export_dropped, now.export_dropped),
             rejected = delta(previous.rejected, now.rejected),
+            repeats_lost = delta(previous.repeats_lost, now.repeats_lost),
             decode_failed = ?now.decode_failed,
             kernel = %kernel.join(" "),
             "Events were lost since the last report."
@@ -202,6 +221,7 @@ pub fn report(previous: &Snapshot, now: &Snapshot) {
             captured = delta(previous.captured, now.captured),
             exported = delta(previous.exported, now.exported),
             queue_length = now.queue_length,
+            filtered_by_namespace = delta(previous.filtered, now.filtered),
             enrichment_failed = ?now.enrichment_failed,
             kernel = %kernel.join(" "),
             "Collector statistics."

@@ -55,3 +55,19 @@ pub fn ensure_tracefs() {
         assert!(status.success(), "mount tracefs");
     }
 }
+
+/// A counter from the collector's last statistics line: `name=<n>` (user space, or
+/// inside `kernel=…`). The last line covers the whole run when the interval is longer.
+pub fn last_stat(stderr: &[String], name: &str) -> Option<u64> {
+    let line = stderr
+        .iter()
+        .rev()
+        .find(|l| l.contains("Collector statistics.") || l.contains("Events were lost"))?;
+    let needle = format!(" {name}=");
+    let at = line.find(&needle)? + needle.len();
+    line[at..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}

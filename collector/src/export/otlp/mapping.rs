@@ -160,11 +160,11 @@ impl ConnectionCounts {
         };
         let series = self.series.entry(Arc::clone(&record.resource)).or_default();
         if let Some(count) = series.counts.get_mut(&key) {
-            *count += 1;
+            *count += c.count;
         } else if series.counts.len() < MAX_SERIES_PER_RESOURCE {
-            series.counts.insert(key, 1);
+            series.counts.insert(key, c.count);
         } else {
-            series.overflow += 1;
+            series.overflow += c.count;
         }
     }
 

@@ -109,6 +109,7 @@ impl OtlpExporter {
             ("export_queue_full", s.export_dropped),
             ("export_failed", s.export_failed),
             ("rejected_by_endpoint", s.rejected),
+            ("aggregate_repeats", s.repeats_lost),
         ];
         let mut lost_points: Vec<_> = lost
             .iter()
@@ -150,6 +151,23 @@ impl OtlpExporter {
                     now,
                     s.kernel(Counter::UdpFlowSuppressed),
                 )],
+            ),
+            cumulative_sum(
+                "egress_collector.events.filtered",
+                "Connections dropped by a user filter (excluded destination or namespace).",
+                "{event}",
+                vec![int_point(
+                    &[],
+                    start,
+                    now,
+                    s.kernel(Counter::Filtered) + s.filtered,
+                )],
+            ),
+            cumulative_sum(
+                "egress_collector.events.aggregated",
+                "Repeated connections counted in an aggregation window instead of reported one by one.",
+                "{event}",
+                vec![int_point(&[], start, now, s.kernel(Counter::Aggregated))],
             ),
             cumulative_sum(
                 "egress_collector.kernel.read_failures",

@@ -44,6 +44,8 @@ pub(crate) fn connection(port: u16) -> Connection {
             parent_name: "podx".into(),
         },
         rate_limited_before: 0,
+        count: 1,
+        aggregate: None,
     }
 }
 

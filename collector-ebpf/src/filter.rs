@@ -1,0 +1,120 @@
+//! What users exclude (destinations, cgroups) and the aggregation of repeats, decided in
+//! the kernel so an unwanted or repeated connection costs a map lookup, not a record.
+
+use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_boot_ns, maps::lpm_trie::Key};
+use egress_shared::{AggregateKey, ConnectEvent, Counter};
+
+use crate::{
+    emit::{count, count_n},
+    maps::{AGGREGATES, EXCLUDED_CGROUPS, EXCLUDED_V4, EXCLUDED_V6, config},
+    sock::{AF_INET, AF_INET6, is_v4_mapped},
+};
+
+/// Early decision, once the destination is known: false when the destination is
+/// excluded or the connection repeats one already reported in its window (each counted).
+/// Sets `ev.tgid`, which the aggregate key needs before the task is read.
+#[inline(always)]
+pub fn wanted(ev: &mut ConnectEvent) -> bool {
+    if excluded_destination(ev) {
+        count(Counter::Filtered);
+        return false;
+    }
+    ev.tgid = (aya_ebpf::helpers::bpf_get_current_pid_tgid() >> 32) as u32;
+    if repeat_in_window(ev) {
+        count(Counter::Aggregated);
+        return false;
+    }
+    true
+}
+
+#[inline(always)]
+fn excluded_destination(ev: &ConnectEvent) -> bool {
+    if config!(exclude_addresses) == 0 {
+        return false;
+    }
+    let a = &ev.dst_addr;
+    if ev.family == AF_INET || (ev.family == AF_INET6 && is_v4_mapped(a)) {
+        let v4 = if ev.family == AF_INET {
+            [a[0], a[1], a[2], a[3]]
+        } else {
+            [a[12], a[13], a[14], a[15]]
+        };
+        EXCLUDED_V4.get(Key::new(32, v4)).is_some()
+    } else if ev.family == AF_INET6 {
+        EXCLUDED_V6.get(Key::new(128, *a)).is_some()
+    } else {
+        false
+    }
+}
+
+/// The cgroup that names the event's container: the key of the per-cgroup maps.
+#[inline(always)]
+pub fn cgroup_key(ev: &ConnectEvent) -> u64 {
+    if ev.cgroup_leaf_id != 0 {
+        ev.cgroup_leaf_id
+    } else {
+        ev.cgroup_id
+    }
+}
+
+/// A cgroup user space excluded (a Kubernetes namespace it was told to ignore).
+#[inline(always)]
+pub fn excluded_cgroup(ev: &ConnectEvent) -> bool {
+    if config!(exclude_cgroups) == 0 {
+        return false;
+    }
+    // SAFETY: the value is not read, only its presence.
+    unsafe { EXCLUDED_CGROUPS.get(&cgroup_key(ev)).is_some() }
+}
+
+/// Counts `ev` into its window's aggregate if one is open.
+#[inline(always)]
+fn repeat_in_window(ev: &ConnectEvent) -> bool {
+    let window_ns = config!(aggregate_window_ns);
+    if window_ns == 0 {
+        return false;
+    }
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+    let key = AggregateKey::of(ev, AggregateKey::window_of(now, window_ns));
+    let Some(repeats) = AGGREGATES.get_ptr_mut(&key) else {
+        return false;
+    };
+    // SAFETY: this CPU's slot of a valid per-CPU value; programs do not nest here.
+    unsafe { *repeats += 1 };
+    true
+}
+
+/// Opens the aggregate of `ev`'s window, about to be submitted: later repeats are
+/// counted there. Unchanged (every repeat reported) when windows are off, the map is
+/// full, or another CPU opened it first.
+#[inline(always)]
+pub fn open_aggregate(ev: &mut ConnectEvent) {
+    let window_ns = config!(aggregate_window_ns);
+    if window_ns == 0 {
+        return;
+    }
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+    let window = AggregateKey::window_of(now, window_ns);
+    if AGGREGATES
+        .insert(&AggregateKey::of(ev, window), &0u64, BPF_NOEXIST as u64)
+        .is_ok()
+    {
+        ev.aggregate_window = window;
+    }
+}
+
+/// The opening record of an aggregate was lost: its repeats go with it, and are counted
+/// as lost with it (`counter`), so nothing disappears uncounted.
+#[inline(always)]
+pub fn close_lost_aggregate(ev: &ConnectEvent, counter: Counter) {
+    if ev.aggregate_window == 0 {
+        count(counter);
+        return;
+    }
+    let key = AggregateKey::of(ev, ev.aggregate_window);
+    // Only this CPU's share: other CPUs had microseconds to add to it.
+    // SAFETY: a plain u64 copied out before removal.
+    let repeats = unsafe { AGGREGATES.get(&key).copied() }.unwrap_or(0);
+    let _ = AGGREGATES.remove(&key);
+    count_n(counter, 1 + repeats);
+}

@@ -1,0 +1,61 @@
+//! Kubernetes namespaces users exclude (`--exclude-namespace`). The namespace is only
+//! known once a record is attributed, so the first records of such a container are
+//! dropped here; its cgroup is then handed to the kernel, which drops the rest before
+//! they cost a record.
+
+use std::{collections::HashSet, sync::Arc};
+
+use aya::maps::{HashMap, MapData};
+use opentelemetry_semantic_conventions::attribute as semconv;
+
+use super::Record;
+use crate::telemetry::Stats;
+
+pub struct NamespaceFilter {
+    namespaces: HashSet<String>,
+    /// The programs' `EXCLUDED_CGROUPS`.
+    kernel: HashMap<MapData, u64, u8>,
+    stats: Arc<Stats>,
+    warned: bool,
+}
+
+impl NamespaceFilter {
+    pub fn new(
+        namespaces: &[String],
+        kernel: HashMap<MapData, u64, u8>,
+        stats: Arc<Stats>,
+    ) -> Self {
+        Self {
+            namespaces: namespaces.iter().cloned().collect(),
+            kernel,
+            stats,
+            warned: false,
+        }
+    }
+
+    /// False for a record of an excluded namespace (counted as filtered).
+    pub fn keep(&mut self, record: &Record) -> bool {
+        let Some(namespace) = record.resource.attributes.get(semconv::K8S_NAMESPACE_NAME) else {
+            return true;
+        };
+        if !self.namespaces.contains(namespace) {
+            return true;
+        }
+        self.stats.record_filtered(1);
+        // The key the programs use: the cgroup that names the container.
+        let cgroup = &record.connection.cgroup;
+        let key = if cgroup.leaf_id != 0 {
+            cgroup.leaf_id
+        } else {
+            cgroup.id
+        };
+        if let Err(e) = self.kernel.insert(key, 1, 0)
+            && !self.warned
+        {
+            // Still filtered, here instead of in the kernel.
+            tracing::warn!(error = %e, "Cannot hand an excluded cgroup to the kernel; filtering it in user space.");
+            self.warned = true;
+        }
+        false
+    }
+}

@@ -1,0 +1,99 @@
+//! Closing in-kernel aggregates: once a window is over, the repeats the programs counted
+//! for it become one record, a copy of the record that opened the window carrying the
+//! count. Windows are part of the map key, so a closed window is never written again.
+
+use std::collections::HashMap;
+
+use aya::maps::{MapData, PerCpuHashMap};
+use egress_shared::AggregateKey;
+
+use super::{Connection, clock::BootClock};
+use crate::telemetry::Stats;
+
+/// Opening records kept at most (the kernel map holds 8192 aggregates).
+const MAX_OPEN: usize = 16384;
+
+pub struct Aggregates {
+    map: PerCpuHashMap<MapData, AggregateKey, u64>,
+    window_ns: u64,
+    /// The record that opened each aggregate, until its window closes.
+    opened: HashMap<AggregateKey, Connection>,
+    /// Windows up to this one have been closed.
+    closed_through: u32,
+}
+
+impl Aggregates {
+    pub fn new(map: PerCpuHashMap<MapData, AggregateKey, u64>, window_ns: u64) -> Self {
+        Self {
+            map,
+            window_ns: window_ns.max(1),
+            opened: HashMap::new(),
+            closed_through: 0,
+        }
+    }
+
+    /// Keeps the record that opened an aggregate, to report its repeats with.
+    pub fn note(&mut self, connection: &Connection) {
+        if let Some(key) = connection.aggregate
+            && connection.count == 1
+            && self.opened.len() < MAX_OPEN
+        {
+            self.opened.insert(key, connection.clone());
+        }
+    }
+
+    /// Closes the windows that ended at least a whole window ago (programs still running
+    /// at a window's end have had time to finish), or every window with `all` (the
+    /// programs are detached). Repeats whose opening record never reached user space
+    /// are counted as lost.
+    pub fn close(
+        &mut self,
+        now_boot_ns: u64,
+        all: bool,
+        clock: &BootClock,
+        stats: &Stats,
+        out: &mut Vec<Connection>,
+    ) {
+        let current = AggregateKey::window_of(now_boot_ns, self.window_ns);
+        let last_closable = if all {
+            u32::MAX
+        } else {
+            current.saturating_sub(2)
+        };
+        if last_closable <= self.closed_through {
+            return;
+        }
+        let closable: Vec<AggregateKey> = self
+            .map
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|key| key.window <= last_closable)
+            .collect();
+        for key in closable {
+            let repeats: u64 = match self.map.get(&key, 0) {
+                Ok(per_cpu) => per_cpu.iter().sum(),
+                Err(_) => 0,
+            };
+            let _ = self.map.remove(&key);
+            let opening = self.opened.remove(&key);
+            if repeats == 0 {
+                continue;
+            }
+            match opening {
+                Some(mut record) => {
+                    // The window's end: the repeats happened within it.
+                    let end_ns = u64::from(key.window).saturating_mul(self.window_ns);
+                    record.time_unix_nano = clock.to_unix_nanos(end_ns.min(now_boot_ns));
+                    record.source.set_port(0);
+                    record.rate_limited_before = 0;
+                    record.count = repeats;
+                    out.push(record);
+                }
+                None => stats.record_repeats_lost(repeats),
+            }
+        }
+        // Opening records whose aggregate had no repeats (or was already gone).
+        self.opened.retain(|key, _| key.window > last_closable);
+        self.closed_through = last_closable;
+    }
+}

@@ -1,0 +1,269 @@
+//! What users exclude or aggregate is decided in the kernel: excluded destinations and
+//! namespaces never become records (and are counted), repeated connections become a few
+//! records whose counts add up to every connection made.
+
+mod support;
+
+use std::{
+    collections::HashMap,
+    net::{SocketAddr, TcpStream, UdpSocket},
+    path::Path,
+    time::Duration,
+};
+
+use egress_testkit::{
+    collector::RunningCollector,
+    docker::{self, Container, Pod},
+};
+use serde_json::Value;
+use support::host::{last_stat, require_root, sink_port};
+
+const COLLECTOR: &str = env!("CARGO_BIN_EXE_egress-collector");
+
+fn records(stdout: &str) -> Vec<Value> {
+    stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect()
+}
+
+/// This process's records, by (event, destination address, destination port): count of
+/// records and the connections they stand for.
+fn ours(records: &[Value]) -> HashMap<(String, String, u64), (u64, u64)> {
+    let me = u64::from(std::process::id());
+    let mut by = HashMap::new();
+    for r in records
+        .iter()
+        .filter(|r| r["attributes"]["process.pid"] == me)
+    {
+        let a = &r["attributes"];
+        let key = (
+            a["egress.event"].as_str().unwrap_or_default().to_owned(),
+            a["destination.address"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+            a["destination.port"].as_u64().unwrap_or_default(),
+        );
+        let count = a["egress.connection.count"].as_u64().unwrap_or(1);
+        let entry = by.entry(key).or_insert((0, 0));
+        entry.0 += 1;
+        entry.1 += count;
+    }
+    by
+}
+
+/// Attempts: refused ones count too (nothing listens on `[::1]` for the IPv4 sink).
+fn tcp_connects(to: SocketAddr, n: u64) {
+    for _ in 0..n {
+        let _ = TcpStream::connect(to);
+    }
+}
+
+/// Each from a new socket, all kept open until the last send so no source port is
+/// reused: `n` distinct flows to the same destination.
+fn udp_sends(to: SocketAddr, n: u64) {
+    let bind = if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+    let sockets: Vec<UdpSocket> = (0..n)
+        .map(|_| {
+            let socket = UdpSocket::bind(bind).expect("bind");
+            socket.send_to(b"x", to).expect("send");
+            socket
+        })
+        .collect();
+    drop(sockets);
+}
+
+fn stop(collector: RunningCollector) -> (String, Vec<String>) {
+    let (ok, stdout, stderr) = collector
+        .stop(Duration::from_secs(30))
+        .expect("collector stops");
+    assert!(ok, "collector failed:\n{}", stderr.join("\n"));
+    (stdout, stderr)
+}
+
+#[test]
+fn excluded_destinations_are_dropped_in_the_kernel_and_counted() {
+    require_root();
+    let port = sink_port();
+    const N: u64 = 40;
+    let collector = RunningCollector::start(
+        Path::new(COLLECTOR),
+        &[
+            "--exclude-cidr",
+            "127.0.0.1/32,10.0.0.0/8",
+            "--exclude-cidr",
+            "::1/128",
+            "--cgroup-rate-limit",
+            "0",
+        ],
+        Duration::from_secs(60),
+    )
+    .expect("collector starts");
+    let excluded_tcp: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let kept_tcp: SocketAddr = format!("127.0.0.2:{port}").parse().expect("addr");
+    tcp_connects(excluded_tcp, N);
+    tcp_connects(kept_tcp, N);
+    // Nothing listens there: UDP needs no peer. ::ffff:127.0.0.1 is IPv4 on the wire.
+    udp_sends("[::1]:9".parse().expect("addr"), N);
+    udp_sends("127.0.0.1:9".parse().expect("addr"), N);
+    udp_sends("127.0.0.3:9".parse().expect("addr"), N);
+    std::thread::sleep(Duration::from_millis(500));
+    let (stdout, stderr) = stop(collector);
+
+    let seen = ours(&records(&stdout));
+    let p = u64::from(port);
+    assert_eq!(
+        seen.get(&("tcp_connect".into(), "127.0.0.2".into(), p)),
+        Some(&(N, N)),
+        "every connection to a destination not excluded is a record: {seen:?}"
+    );
+    assert_eq!(
+        seen.get(&("udp_send".into(), "127.0.0.3".into(), 9)),
+        Some(&(N, N)),
+        "{seen:?}"
+    );
+    for address in ["127.0.0.1", "::1"] {
+        assert!(
+            !seen.keys().any(|(_, a, _)| a == address),
+            "nothing to the excluded {address}: {seen:?}"
+        );
+    }
+    let filtered = last_stat(&stderr, "filtered").expect("kernel filtered counter");
+    eprintln!("kept {N} + {N}, kernel filtered {filtered}");
+    // Ours (3N), and anything else on this machine talking to 127.0.0.1 meanwhile.
+    assert!(filtered >= 3 * N, "filtered {filtered} >= {}", 3 * N);
+}
+
+#[test]
+fn repeated_connections_become_few_records_whose_counts_add_up() {
+    require_root();
+    let (busy, other) = (sink_port(), sink_port());
+    const BUSY: u64 = 3000;
+    const OTHER: u64 = 25;
+    const UDP: u64 = 200;
+    let collector = RunningCollector::start(
+        Path::new(COLLECTOR),
+        &["--aggregate-window", "1s", "--cgroup-rate-limit", "0"],
+        Duration::from_secs(60),
+    )
+    .expect("collector starts");
+    let started = std::time::Instant::now();
+    tcp_connects(format!("127.0.0.1:{busy}").parse().expect("addr"), BUSY);
+    tcp_connects(format!("[::1]:{other}").parse().expect("addr"), OTHER);
+    udp_sends("127.0.0.1:9".parse().expect("addr"), UDP);
+    let elapsed = started.elapsed();
+    // Some aggregates are still open: stopping closes them.
+    let (stdout, stderr) = stop(collector);
+
+    let all = records(&stdout);
+    let seen = ours(&all);
+    let windows = elapsed.as_secs() + 2;
+    for (key, made) in [
+        (
+            (
+                "tcp_connect".to_owned(),
+                "127.0.0.1".to_owned(),
+                u64::from(busy),
+            ),
+            BUSY,
+        ),
+        (
+            ("tcp_connect".to_owned(), "::1".to_owned(), u64::from(other)),
+            OTHER,
+        ),
+        (("udp_send".to_owned(), "127.0.0.1".to_owned(), 9), UDP),
+    ] {
+        let (records, connections) = seen.get(&key).copied().unwrap_or_default();
+        eprintln!("{key:?}: {made} made, {records} records, counts adding up to {connections}");
+        assert_eq!(
+            connections, made,
+            "the counts add up to every connection: {key:?}"
+        );
+        // An opening and a closing record per window (more only when the first
+        // connections of a window race on both CPUs).
+        assert!(
+            records <= 2 * windows + 4,
+            "{records} records for {made} connections in ~{windows} windows"
+        );
+    }
+    let mine = u64::from(std::process::id());
+    assert!(
+        all.iter()
+            .filter(|r| r["attributes"]["process.pid"] == mine)
+            .all(|r| r["attributes"]["egress.connection.count"].as_u64() >= Some(1)),
+        "with aggregation on, every record carries its count"
+    );
+    let aggregated = last_stat(&stderr, "aggregated").expect("kernel aggregated counter");
+    assert!(
+        aggregated >= BUSY + OTHER + UDP - 3 * (2 * windows + 4),
+        "the kernel counted the repeats: {aggregated}"
+    );
+}
+
+#[test]
+fn an_excluded_namespace_is_dropped_and_then_filtered_in_the_kernel() {
+    require_root();
+    docker::ensure_image().expect("test image");
+    let gateway = docker::bridge_gateway().expect("gateway");
+    let port = sink_port();
+    const K: u32 = 30;
+    let script = format!(
+        "i=0; while [ $i -lt {K} ]; do nc -w 1 {gateway} {port} </dev/null; sleep 0.1; \
+         i=$((i+1)); done"
+    );
+    let system_pod = Pod::new("dns", "kube-system", "coredns", Some("burstable"), 51);
+    let shop_pod = Pod::new("web", "shop", "web", Some("besteffort"), 52);
+    let system = Container::create(&system_pod, &script).expect("create system");
+    let shop = Container::create(&shop_pod, &script).expect("create shop");
+    let collector = RunningCollector::start(
+        Path::new(COLLECTOR),
+        &["--exclude-namespace", "kube-system,monitoring"],
+        Duration::from_secs(60),
+    )
+    .expect("collector starts");
+    let system_run = std::thread::spawn(move || {
+        system.run_to_completion().expect("system runs");
+        system
+    });
+    shop.run_to_completion().expect("shop runs");
+    let _system = system_run.join().expect("system thread");
+    std::thread::sleep(Duration::from_millis(500));
+    let (stdout, stderr) = stop(collector);
+
+    let all = records(&stdout);
+    let to_port: Vec<&Value> = all
+        .iter()
+        .filter(|r| r["attributes"]["destination.port"] == port)
+        .collect();
+    let in_namespace = |ns: &str| {
+        to_port
+            .iter()
+            .filter(|r| r["resource"]["k8s.namespace.name"] == ns)
+            .count() as u32
+    };
+    assert_eq!(
+        in_namespace("shop"),
+        K,
+        "the other namespace is reported in full"
+    );
+    assert_eq!(
+        in_namespace("kube-system"),
+        0,
+        "the excluded one not at all"
+    );
+    let in_user_space = last_stat(&stderr, "filtered_by_namespace").expect("user counter");
+    let in_kernel = last_stat(&stderr, "filtered").expect("kernel counter");
+    eprintln!(
+        "excluded namespace: {in_user_space} dropped by the collector, {in_kernel} in the kernel"
+    );
+    assert_eq!(
+        in_user_space + in_kernel,
+        u64::from(K),
+        "each excluded connection is counted once"
+    );
+    assert!(
+        in_kernel > 0,
+        "once the collector has seen the cgroup, the kernel drops its connections"
+    );
+}
