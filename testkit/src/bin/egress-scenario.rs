@@ -15,12 +15,19 @@ fn main() -> ExitCode {
         ready_timeout: Duration::from_secs(120),
     };
     while let Some(arg) = args.next() {
+        if arg == "--" {
+            // The rest goes to the collector.
+            options.extra_args = args.by_ref().collect();
+            break;
+        }
         match (arg.as_str(), args.next()) {
             ("--collector", Some(v)) => options.collector = v.into(),
             ("--probe", Some(v)) => options.probe = v,
             ("--n", Some(v)) => options.n = v.parse().unwrap_or(5),
             _ => {
-                eprintln!("usage: egress-scenario --collector PATH [--probe MODE] [--n N]");
+                eprintln!(
+                    "usage: egress-scenario --collector PATH [--probe MODE] [--n N] [-- COLLECTOR ARGS]"
+                );
                 return ExitCode::from(2);
             }
         }
