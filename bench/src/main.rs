@@ -81,7 +81,7 @@ struct RunArgs {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "none,stdout,otlp,bpftrace"
+        default_value = "none,stdout,otlp,bpftrace,aggregated,filtered"
     )]
     scenarios: Vec<Scenario>,
     /// Seconds of load per run.
@@ -222,24 +222,29 @@ fn smoke(bench: PathBuf, args: SmokeArgs) -> anyhow::Result<()> {
         },
         count_stdout: true,
     };
-    let r = run::measure(&plan, Scenario::Stdout, &rt)?;
-    let made = r.attempts();
-    let lost = r
-        .lost
-        .context("the collector's Stopped. line has no lost=")?;
-    println!(
-        "smoke: made {made} connects, collector saw {}, counted {lost} lost",
-        r.seen
-    );
-    // The lost counter covers all traffic, so it bounds ours from above.
-    if r.seen > made || r.seen + lost < made {
-        bail!(
-            "loss accounting does not add up: seen {} + lost {lost} vs made {made}",
+    // Every connection a record; then records carrying counts of repeats.
+    for scenario in [Scenario::Stdout, Scenario::Aggregated] {
+        let r = run::measure(&plan, scenario, &rt)?;
+        let made = r.attempts();
+        let lost = r
+            .lost
+            .context("the collector's Stopped. line has no lost=")?;
+        println!(
+            "smoke ({}): made {made} connects, collector reported {}, counted {lost} lost",
+            scenario.name(),
             r.seen
         );
-    }
-    if made == 0 {
-        bail!("the load made no connections");
+        // The lost counter covers all traffic, so it bounds ours from above.
+        if r.seen > made || r.seen + lost < made {
+            bail!(
+                "{}: loss accounting does not add up: seen {} + lost {lost} vs made {made}",
+                scenario.name(),
+                r.seen
+            );
+        }
+        if made == 0 {
+            bail!("the load made no connections");
+        }
     }
     Ok(())
 }

@@ -196,7 +196,12 @@ pub fn document(table: &str, plot: &Path, command: &str, report: &Path) -> Strin
          traffic). *CPU* is the observer's user+sys time over the load's duration (including\n\
          its catch-up), from /proc; *peak RSS* is VmHWM. bpftrace counts the same tracepoint\n\
          in a map and prints once at exit, so its user-space CPU is near zero by design; its\n\
-         kernel cost shows in the overhead ratio.\n\n\
+         kernel cost shows in the overhead ratio. *Aggregated* runs the collector with\n\
+         `--aggregate-window 1s`: the load's repeated connections (one process, 8\n\
+         destinations) are counted in the kernel and each window's records carry the\n\
+         count; what it saw is the sum of those counts, read line by line. *Loopback\n\
+         excluded* runs it with `--exclude-loopback`: every connection of the load is\n\
+         dropped in the kernel, and what it saw is its `filtered` count.\n\n\
          {table}\n![CPU against rate]({plot})\n",
         machine(),
         today(),
@@ -209,20 +214,25 @@ pub fn plot(rows: &[Row], path: &Path) -> anyhow::Result<()> {
     let font: &'static [u8] = Box::leak(font.into_boxed_slice());
     plotters::style::register_font("sans-serif", FontStyle::Normal, font)
         .map_err(|_| anyhow::anyhow!("cannot load the DejaVu font"))?;
-    let series: Vec<(Scenario, Vec<(f64, f64)>)> =
-        [Scenario::Stdout, Scenario::Otlp, Scenario::Bpftrace]
-            .into_iter()
-            .map(|s| {
-                let mut points: Vec<(f64, f64)> = rows
-                    .iter()
-                    .filter(|r| r.scenario == s)
-                    .map(|r| (r.connects_per_second / 1000.0, r.cpu_cores))
-                    .collect();
-                points.sort_by(|a, b| a.0.total_cmp(&b.0));
-                (s, points)
-            })
-            .filter(|(_, p)| !p.is_empty())
+    let series: Vec<(Scenario, Vec<(f64, f64)>)> = [
+        Scenario::Stdout,
+        Scenario::Otlp,
+        Scenario::Bpftrace,
+        Scenario::Aggregated,
+        Scenario::Filtered,
+    ]
+    .into_iter()
+    .map(|s| {
+        let mut points: Vec<(f64, f64)> = rows
+            .iter()
+            .filter(|r| r.scenario == s)
+            .map(|r| (r.connects_per_second / 1000.0, r.cpu_cores))
             .collect();
+        points.sort_by(|a, b| a.0.total_cmp(&b.0));
+        (s, points)
+    })
+    .filter(|(_, p)| !p.is_empty())
+    .collect();
     let max_x = series
         .iter()
         .flat_map(|(_, p)| p.iter().map(|q| q.0))
@@ -245,7 +255,7 @@ pub fn plot(rows: &[Row], path: &Path) -> anyhow::Result<()> {
         .y_desc("CPU cores (user + sys)")
         .label_style(("sans-serif", 14))
         .draw()?;
-    let colours = [RED, BLUE, BLACK];
+    let colours = [RED, BLUE, BLACK, GREEN, MAGENTA];
     for ((scenario, points), colour) in series.into_iter().zip(colours) {
         chart
             .draw_series(LineSeries::new(points.clone(), colour.stroke_width(2)))?

@@ -26,6 +26,12 @@ pub enum Scenario {
     Otlp,
     /// bpftrace counting the same tracepoint in a map (the peer baseline).
     Bpftrace,
+    /// The collector to stdout with `--aggregate-window 1s`: repeats of a connection
+    /// (same process and destination) are counted in the kernel, records carry counts.
+    Aggregated,
+    /// The collector with `--exclude-loopback`: the load's connections are dropped in
+    /// the kernel and counted as filtered (what an excluded destination costs).
+    Filtered,
 }
 
 impl Scenario {
@@ -35,6 +41,8 @@ impl Scenario {
             Scenario::Stdout => "collector, stdout",
             Scenario::Otlp => "collector, OTLP",
             Scenario::Bpftrace => "bpftrace (peer)",
+            Scenario::Aggregated => "collector, aggregated 1s",
+            Scenario::Filtered => "collector, loopback excluded",
         }
     }
 }
@@ -153,7 +161,31 @@ pub fn measure(
             )?)
         }
         Scenario::Bpftrace => Some(Observer::bpftrace()?),
+        // A record per window and destination: few enough lines to count every one.
+        Scenario::Aggregated => Some(Observer::collector(
+            &plan.collector,
+            &[
+                "--stdout".into(),
+                "--aggregate-window".into(),
+                "1s".into(),
+                "--cgroup-rate-limit".into(),
+                "0".into(),
+            ],
+            true,
+        )?),
+        Scenario::Filtered => Some(Observer::collector(
+            &plan.collector,
+            &[
+                "--stdout".into(),
+                "--exclude-loopback".into(),
+                "--cgroup-rate-limit".into(),
+                "0".into(),
+            ],
+            false,
+        )?),
     };
+    let counted_on_stdout =
+        scenario == Scenario::Aggregated || (scenario == Scenario::Stdout && plan.count_stdout);
     let pid = observer.as_ref().map(Observer::pid);
     let cpu_before = pid.map_or(0.0, tool::cpu_seconds);
     let started = Instant::now();
@@ -161,9 +193,7 @@ pub fn measure(
     let want = load.connects + load.failed;
     let seen_source = match (&otlp, &observer) {
         (Some(receiver), _) => Some(receiver.seen.clone()),
-        (None, Some(o)) if scenario == Scenario::Stdout && plan.count_stdout => {
-            Some(o.seen.clone())
-        }
+        (None, Some(o)) if counted_on_stdout => Some(o.seen.clone()),
         _ => None,
     };
     match &seen_source {
@@ -185,6 +215,10 @@ pub fn measure(
                 _ => {
                     let seen = match &seen_source {
                         Some(s) => count(s, &load.ports),
+                        // Dropped by design: accounted for by the kernel's filtered count.
+                        None if scenario == Scenario::Filtered => {
+                            tool::stats_field(&lines, "filtered").unwrap_or(0).min(want)
+                        }
                         // All traffic on the host, so at most what the load made is its.
                         None => tool::stopped_field(&lines, "exported")
                             .unwrap_or(0)

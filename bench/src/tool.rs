@@ -110,7 +110,8 @@ impl Observer {
             thread::spawn(move || {
                 for line in BufReader::new(out).lines().map_while(Result::ok) {
                     if let Some(port) = destination_port(&line) {
-                        *seen.lock().expect("lock").entry(port).or_default() += 1;
+                        *seen.lock().expect("lock").entry(port).or_default() +=
+                            connection_count(&line);
                     }
                     if let Some(pod) = pod_name(&line) {
                         let mut pods = pods.lock().expect("lock");
@@ -255,6 +256,37 @@ pub fn bpftrace_counts(output: &str) -> HashMap<u16, u64> {
 }
 
 /// `key=value` of the collector's `Stopped.` line (captured, exported, lost).
+/// `"egress.connection.count":N` (aggregation on), else 1: the connections a line stands for.
+fn connection_count(line: &str) -> u64 {
+    let key = "\"egress.connection.count\":";
+    line.find(key)
+        .map(|at| &line[at + key.len()..])
+        .and_then(|rest| {
+            rest.chars()
+                .take_while(char::is_ascii_digit)
+                .collect::<String>()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(1)
+}
+
+/// A counter from the last statistics line (` name=N`, kernel counters included); the
+/// line at shutdown covers the whole run when it is shorter than the stats interval.
+pub fn stats_field(lines: &[String], key: &str) -> Option<u64> {
+    let line = lines
+        .iter()
+        .rev()
+        .find(|l| l.contains("Collector statistics.") || l.contains("Events were lost"))?;
+    let at = line.find(&format!(" {key}="))? + key.len() + 2;
+    line[at..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect::<String>()
+        .parse()
+        .ok()
+}
+
 pub fn stopped_field(lines: &[String], key: &str) -> Option<u64> {
     let line = lines.iter().rev().find(|l| l.contains("Stopped."))?;
     let at = line.find(&format!("{key}="))? + key.len() + 1;
@@ -269,6 +301,24 @@ pub fn stopped_field(lines: &[String], key: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn counts_and_statistics() {
+        assert_eq!(
+            connection_count(r#"{"attributes":{"egress.connection.count":42}}"#),
+            42
+        );
+        assert_eq!(
+            connection_count(r#"{"attributes":{"destination.port":1}}"#),
+            1
+        );
+        let lines = vec![
+            "Collector statistics. captured=3 filtered_by_namespace=7 kernel=rate_limited=0 filtered=120 aggregated=5".to_owned(),
+        ];
+        assert_eq!(stats_field(&lines, "filtered"), Some(120));
+        assert_eq!(stats_field(&lines, "filtered_by_namespace"), Some(7));
+        assert_eq!(stats_field(&lines, "missing"), None);
+    }
 
     #[test]
     fn parses_what_the_tools_print() {
