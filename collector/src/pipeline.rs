@@ -218,7 +218,8 @@ fn spawn_exporters(
             let mut records = records;
             while let Some(record) = records.recv().await {
                 if to_stdout.try_send(record.clone()).is_err() {
-                    stats.record_queue_full(record.len());
+                    // Only the copy: the record itself goes on to OTLP below.
+                    stats.record_stdout_copy_dropped(record.len());
                 }
                 if to_otlp.send(record).await.is_err() {
                     break;

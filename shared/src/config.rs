@@ -65,9 +65,13 @@ pub struct KernelOffsets {
     pub file_private_data: u32,
     pub socket_sk: u32,
     pub socket_file: u32,
+    /// inet_sock.inet_sport (network order; raw tracepoint mode).
+    pub inet_sport: u32,
+    /// Keeps `ProbeConfig`'s u64 fields aligned without implicit padding.
+    pub _pad: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 47 * 4);
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 49 * 4);
 
 /// Field offsets inside tracepoint records, read from tracefs `format` files.
 #[repr(C)]
@@ -133,7 +137,7 @@ pub struct ProbeConfig {
     pub exclude_cgroups: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<ProbeConfig>() == 47 * 4 + 14 * 4 + 4 + 8 + 16 + 16);
+const _: () = assert!(core::mem::size_of::<ProbeConfig>() == 49 * 4 + 14 * 4 + 4 + 8 + 16 + 16);
 
 impl ProbeConfig {
     pub const fn zeroed() -> Self {
@@ -187,6 +191,8 @@ impl ProbeConfig {
                 file_private_data: 0,
                 socket_sk: 0,
                 socket_file: 0,
+                inet_sport: 0,
+                _pad: 0,
             },
             tracepoints: TracepointOffsets {
                 state_skaddr: 0,

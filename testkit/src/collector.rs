@@ -14,7 +14,8 @@ pub const READY_LINE: &str = "Capturing egress connections.";
 
 pub struct RunningCollector {
     child: Child,
-    stdout: thread::JoinHandle<String>,
+    /// Taken when stopped.
+    stdout: Option<thread::JoinHandle<String>>,
     stderr_lines: mpsc::Receiver<String>,
     stderr_seen: Vec<String>,
 }
@@ -74,7 +75,7 @@ impl RunningCollector {
         });
         let mut running = Self {
             child,
-            stdout,
+            stdout: Some(stdout),
             stderr_lines,
             stderr_seen: Vec::new(),
         };
@@ -150,10 +151,28 @@ impl RunningCollector {
                 }
             }
         };
-        let stdout = self.stdout.join().map_err(|_| "stdout reader panicked")?;
+        let stdout = (self.stdout.take())
+            .ok_or("stdout already taken")?
+            .join()
+            .map_err(|_| "stdout reader panicked")?;
         while let Ok(line) = self.stderr_lines.recv_timeout(Duration::from_millis(200)) {
             self.stderr_seen.push(line);
         }
-        Ok((status.success(), stdout, self.stderr_seen))
+        Ok((
+            status.success(),
+            stdout,
+            std::mem::take(&mut self.stderr_seen),
+        ))
+    }
+}
+
+/// A test that fails before stopping its collector must not leave it attached: its
+/// programs would run under every later test and benchmark on the machine.
+impl Drop for RunningCollector {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 }

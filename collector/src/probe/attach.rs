@@ -5,10 +5,11 @@ use std::path::Path;
 
 use aya::{
     Btf, Ebpf,
-    programs::{FEntry, FExit, KProbe, ProgramError, TracePoint},
+    programs::{FEntry, FExit, KProbe, ProgramError, RawTracePoint, TracePoint},
 };
 
 use super::HookMode;
+use crate::one_line;
 
 /// A program and the kernel functions (or `category/name` tracepoints) it attaches to.
 struct Attachment {
@@ -80,11 +81,14 @@ const TRACEPOINTS: &[Attachment] = &[
         program: "tp_sys_enter_sendmmsg",
         targets: &["syscalls/sys_enter_sendmmsg"],
     },
-    Attachment {
-        program: "tp_inet_sock_set_state",
-        targets: &["sock/inet_sock_set_state"],
-    },
 ];
+
+/// The TCP state changes: the raw tracepoint, else the tracepoint (same event, costlier).
+const SOCK_STATE_RAW: &str = "raw_tp_inet_sock_set_state";
+const SOCK_STATE: Attachment = Attachment {
+    program: "tp_inet_sock_set_state",
+    targets: &["sock/inet_sock_set_state"],
+};
 
 /// Why a hook family could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -134,7 +138,9 @@ pub fn detach(ebpf: &mut Ebpf, mode: HookMode) {
     let names: Vec<&str> = match mode {
         HookMode::Kprobe => KPROBES.iter().map(|a| a.program).collect(),
         HookMode::Fentry => FENTRIES.iter().map(|f| f.0).collect(),
-        HookMode::Tracepoint => TRACEPOINTS.iter().map(|a| a.program).collect(),
+        HookMode::Tracepoint => (TRACEPOINTS.iter().map(|a| a.program))
+            .chain([SOCK_STATE_RAW, SOCK_STATE.program])
+            .collect(),
     };
     for name in names {
         let Some(program) = ebpf.program_mut(name) else {
@@ -146,6 +152,7 @@ pub fn detach(ebpf: &mut Ebpf, mode: HookMode) {
             aya::programs::Program::FEntry(p) => p.unload(),
             aya::programs::Program::FExit(p) => p.unload(),
             aya::programs::Program::TracePoint(p) => p.unload(),
+            aya::programs::Program::RawTracePoint(p) => p.unload(),
             _ => Ok(()),
         };
     }
@@ -203,18 +210,48 @@ fn attach_fentries(ebpf: &mut Ebpf, btf: Option<&Btf>) -> Result<(), AttachError
 
 fn attach_tracepoints(ebpf: &mut Ebpf) -> Result<(), AttachError> {
     for attachment in TRACEPOINTS {
-        let program = attachment.program;
-        let tp: &mut TracePoint = ebpf
-            .program_mut(program)
-            .ok_or(AttachError::Missing(program))?
-            .try_into()
-            .map_err(AttachError::program(program, "-"))?;
-        tp.load().map_err(AttachError::program(program, "load"))?;
-        for target in attachment.targets {
-            let (category, name) = target.split_once('/').unwrap_or(("", target));
-            tp.attach(category, name)
-                .map_err(AttachError::program(program, target))?;
-        }
+        attach_tracepoint(ebpf, attachment)?;
+    }
+    if let Err(raw) = attach_raw_sock_state(ebpf) {
+        tracing::info!(reason = %one_line(&raw), "No raw tracepoint for TCP state changes; using the tracepoint.");
+        attach_tracepoint(ebpf, &SOCK_STATE)?;
     }
     Ok(())
+}
+
+fn attach_tracepoint(ebpf: &mut Ebpf, attachment: &Attachment) -> Result<(), AttachError> {
+    let program = attachment.program;
+    let tp: &mut TracePoint = ebpf
+        .program_mut(program)
+        .ok_or(AttachError::Missing(program))?
+        .try_into()
+        .map_err(AttachError::program(program, "-"))?;
+    tp.load().map_err(AttachError::program(program, "load"))?;
+    for target in attachment.targets {
+        let (category, name) = target.split_once('/').unwrap_or(("", target));
+        tp.attach(category, name)
+            .map_err(AttachError::program(program, target))?;
+    }
+    Ok(())
+}
+
+fn attach_raw_sock_state(ebpf: &mut Ebpf) -> Result<(), AttachError> {
+    let program = SOCK_STATE_RAW;
+    let raw: &mut RawTracePoint = ebpf
+        .program_mut(program)
+        .ok_or(AttachError::Missing(program))?
+        .try_into()
+        .map_err(AttachError::program(program, "-"))?;
+    let result = raw
+        .load()
+        .map_err(AttachError::program(program, "load"))
+        .and_then(|()| {
+            raw.attach("inet_sock_set_state")
+                .map(drop)
+                .map_err(AttachError::program(program, "inet_sock_set_state"))
+        });
+    if result.is_err() {
+        let _ = raw.unload();
+    }
+    result
 }

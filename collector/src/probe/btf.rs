@@ -251,6 +251,8 @@ impl KernelBtf {
             file_private_data: self.offset("file", "private_data")?,
             socket_sk: self.offset("socket", "sk")?,
             socket_file: self.offset("socket", "file")?,
+            inet_sport: self.offset("inet_sock", "inet_sport")?,
+            _pad: 0,
         })
     }
 

@@ -45,6 +45,7 @@ pub struct Stats {
     queue_length: AtomicU64,
     repeats_lost: AtomicU64,
     filtered: AtomicU64,
+    stdout_copy_dropped: AtomicU64,
     decode_failed: Mutex<BTreeMap<&'static str, u64>>,
     enrichment_failed: Mutex<BTreeMap<&'static str, u64>>,
 }
@@ -67,6 +68,9 @@ pub struct Snapshot {
     pub repeats_lost: u64,
     /// Records dropped by user space for a user filter (an excluded Kubernetes namespace).
     pub filtered: u64,
+    /// With OTLP and `--stdout`: copies not written to stdout because its queue was
+    /// full (the OTLP copy went on, so these are not lost).
+    pub stdout_copy_dropped: u64,
     pub decode_failed: BTreeMap<&'static str, u64>,
     /// Lookups of container metadata that failed, by reason (the events still went out).
     pub enrichment_failed: BTreeMap<&'static str, u64>,
@@ -121,6 +125,10 @@ impl Stats {
         self.repeats_lost.fetch_add(n, Relaxed);
     }
 
+    pub fn record_stdout_copy_dropped(&self, n: usize) {
+        self.stdout_copy_dropped.fetch_add(n as u64, Relaxed);
+    }
+
     pub fn record_filtered(&self, n: usize) {
         self.filtered.fetch_add(n as u64, Relaxed);
     }
@@ -159,6 +167,7 @@ impl Stats {
             queue_length: self.queue_length.load(Relaxed),
             repeats_lost: self.repeats_lost.load(Relaxed),
             filtered: self.filtered.load(Relaxed),
+            stdout_copy_dropped: self.stdout_copy_dropped.load(Relaxed),
             decode_failed: self
                 .decode_failed
                 .lock()
@@ -222,6 +231,7 @@ pub fn report(previous: &Snapshot, now: &Snapshot) {
             exported = delta(previous.exported, now.exported),
             queue_length = now.queue_length,
             filtered_by_namespace = delta(previous.filtered, now.filtered),
+            stdout_copy_dropped = delta(previous.stdout_copy_dropped, now.stdout_copy_dropped),
             enrichment_failed = ?now.enrichment_failed,
             kernel = %kernel.join(" "),
             "Collector statistics."

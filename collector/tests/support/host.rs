@@ -36,9 +36,16 @@ pub fn our_programs() -> usize {
         .filter_map(Result::ok)
         .filter(|p| {
             p.name_as_str().is_some_and(|n| {
-                ["tp_", "kprobe_", "kretprobe_", "fentry_", "fexit_"]
-                    .iter()
-                    .any(|prefix| n.starts_with(prefix))
+                [
+                    "tp_",
+                    "raw_tp_",
+                    "kprobe_",
+                    "kretprobe_",
+                    "fentry_",
+                    "fexit_",
+                ]
+                .iter()
+                .any(|prefix| n.starts_with(prefix))
             })
         })
         .count()
