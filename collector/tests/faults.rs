@@ -12,7 +12,7 @@ use std::{
 };
 
 use egress_testkit::collector::RunningCollector;
-use support::host::{our_programs, require_root};
+use support::host::{our_programs, our_programs_settled_at, require_root};
 
 const COLLECTOR: &str = env!("CARGO_BIN_EXE_egress-collector");
 
@@ -71,7 +71,7 @@ fn a_restart_loses_no_connection_made_while_running_and_leaves_nothing_loaded() 
             "round {round}: every connection made while it ran, once"
         );
         assert_eq!(
-            our_programs(),
+            our_programs_settled_at(before),
             before,
             "round {round}: nothing stays loaded after exit"
         );
@@ -158,7 +158,11 @@ fn bad_configuration_fails_in_one_line_naming_the_setting_and_attaches_nothing()
             !stderr.contains("Capturing egress connections."),
             "{args:?} {env:?}: nothing attached:\n{stderr}"
         );
-        assert_eq!(our_programs(), before, "{args:?} {env:?}: nothing loaded");
+        assert_eq!(
+            our_programs_settled_at(before),
+            before,
+            "{args:?} {env:?}: nothing loaded"
+        );
     }
     let _ = std::fs::remove_dir_all(&dir);
 }

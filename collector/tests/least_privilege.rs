@@ -10,7 +10,9 @@ use egress_testkit::{
     docker::{self, Container, Pod},
 };
 use serde_json::Value;
-use support::host::{ensure_tracefs, our_programs, require_root, sink_port};
+use support::host::{
+    ensure_tracefs, our_programs, our_programs_settled_at, require_root, sink_port,
+};
 
 const COLLECTOR: &str = env!("CARGO_BIN_EXE_egress-collector");
 
@@ -79,7 +81,7 @@ fn bpf_and_perfmon_are_enough_and_nothing_stays_attached() {
         assert_eq!(record["resource"]["container.id"], container.id.as_str());
     }
     assert_eq!(
-        our_programs(),
+        our_programs_settled_at(before),
         before,
         "every program is detached and unloaded on exit"
     );

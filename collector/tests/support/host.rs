@@ -51,6 +51,21 @@ pub fn our_programs() -> usize {
         .count()
 }
 
+/// [`our_programs`] once it is back to `count`, or what it still is after a few seconds.
+/// The kernel frees a raw tracepoint's program only after an RCU tasks-trace grace period
+/// once its last fd is closed, so "nothing stays loaded" is a matter of moments, not of
+/// the instant the process exits.
+pub fn our_programs_settled_at(count: usize) -> usize {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let now = our_programs();
+        if now == count || std::time::Instant::now() > deadline {
+            return now;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 /// tracefs where the DaemonSet mounts the host's: a collector without CAP_SYS_ADMIN
 /// cannot mount it itself.
 pub fn ensure_tracefs() {
