@@ -307,6 +307,69 @@ mod tests {
     }
 
     #[test]
+    fn the_config_file_sets_capture_filters_unless_a_flag_does() {
+        let dir = std::env::temp_dir().join(format!("egress-capture-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("egress.toml");
+        std::fs::write(
+            &path,
+            "[capture]\nexclude_cidrs = [\"10.0.0.0/8\", \"fd00::/8\"]\nexclude_loopback = true\n\
+             exclude_namespaces = [\"kube-system\"]\naggregate_window = \"2s\"\n",
+        )
+        .expect("write");
+        let config = path.to_str().expect("utf-8");
+        let mut cli = Cli::try_parse_from(["egress-collector", "--config", config]).expect("valid");
+        cli.run.apply_capture_file().expect("valid file");
+        let settings = cli.run.probe.settings();
+        assert_eq!(
+            settings.excluded_destinations.len(),
+            4,
+            "2 prefixes + loopback"
+        );
+        assert!(settings.exclude_cgroups);
+        assert_eq!(settings.aggregate_window, Some(Duration::from_secs(2)));
+        let mut cli = Cli::try_parse_from([
+            "egress-collector",
+            "--config",
+            config,
+            "--exclude-cidr",
+            "192.0.2.0/24",
+            "--aggregate-window",
+            "500ms",
+        ])
+        .expect("valid");
+        cli.run.apply_capture_file().expect("valid file");
+        assert_eq!(
+            cli.run.probe.exclude_cidrs,
+            vec!["192.0.2.0/24".parse().expect("cidr")]
+        );
+        assert_eq!(
+            cli.run.probe.aggregate_window,
+            Some(Duration::from_millis(500))
+        );
+        std::fs::write(&path, "[capture]\nexclude_cidrs = [\"10.0.0.0/40\"]\n").expect("write");
+        let mut cli = Cli::try_parse_from(["egress-collector", "--config", config]).expect("valid");
+        let error = cli
+            .run
+            .apply_capture_file()
+            .expect_err("bad prefix")
+            .to_string();
+        assert!(
+            error.contains("[capture] exclude_cidrs") && error.contains("0 to 32"),
+            "{error}"
+        );
+        std::fs::write(&path, "[capture]\nexclude_cidr = [\"10.0.0.0/8\"]\n").expect("write");
+        let mut cli = Cli::try_parse_from(["egress-collector", "--config", config]).expect("valid");
+        let error = cli
+            .run
+            .apply_capture_file()
+            .expect_err("misspelled key")
+            .to_string();
+        assert!(error.contains("exclude_cidr"), "{error}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn run_is_the_default_command() {
         let cli = Cli::try_parse_from(["egress-collector", "--stdout", "--probe", "tracepoint"])
             .expect("valid");
@@ -346,9 +409,20 @@ struct FileExport {
     self_telemetry: Option<bool>,
 }
 
+/// `[capture]`: the in-kernel filters and aggregation (README, "Filters and aggregation").
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileCapture {
+    exclude_cidrs: Option<Vec<String>>,
+    exclude_loopback: Option<bool>,
+    exclude_namespaces: Option<Vec<String>>,
+    aggregate_window: Option<String>,
+}
+
 struct FileConfig {
     otlp: SourceValues,
     export: FileExport,
+    capture: FileCapture,
 }
 
 fn read_config_file(path: &std::path::Path) -> Result<FileConfig, ConfigError> {
@@ -372,9 +446,10 @@ fn read_config_file(path: &std::path::Path) -> Result<FileConfig, ConfigError> {
     };
     let mut otlp = take(&mut table, "otlp")?;
     let export = take(&mut table, "export")?;
+    let capture = take(&mut table, "capture")?;
     if let Some(key) = table.keys().next() {
         return Err(file_error(format!(
-            "unknown table or key {key:?} (expected otlp, export)"
+            "unknown table or key {key:?} (expected otlp, export, capture)"
         )));
     }
     let logs = take(&mut otlp, "logs")?;
@@ -394,7 +469,44 @@ fn read_config_file(path: &std::path::Path) -> Result<FileConfig, ConfigError> {
         export: export
             .try_into()
             .map_err(|e: toml::de::Error| file_error(format!("[export] {}", e.message())))?,
+        capture: capture
+            .try_into()
+            .map_err(|e: toml::de::Error| file_error(format!("[capture] {}", e.message())))?,
     })
+}
+
+impl RunArgs {
+    /// Fills the capture settings that no flag or variable set from the file's
+    /// `[capture]` table.
+    pub fn apply_capture_file(&mut self) -> Result<(), ConfigError> {
+        let Some(path) = self.otlp.config.clone() else {
+            return Ok(());
+        };
+        let capture = read_config_file(&path)?.capture;
+        let invalid = |key: &str, reason: String| ConfigError::File {
+            path: path.clone(),
+            reason: format!("[capture] {key}: {reason}"),
+        };
+        let probe = &mut self.probe;
+        if probe.exclude_cidrs.is_empty() {
+            for cidr in capture.exclude_cidrs.unwrap_or_default() {
+                probe
+                    .exclude_cidrs
+                    .push(cidr.parse().map_err(|e| invalid("exclude_cidrs", e))?);
+            }
+        }
+        probe.exclude_loopback |= capture.exclude_loopback.unwrap_or(false);
+        if probe.exclude_namespaces.is_empty() {
+            probe.exclude_namespaces = capture.exclude_namespaces.unwrap_or_default();
+        }
+        if probe.aggregate_window.is_none()
+            && let Some(window) = capture.aggregate_window
+        {
+            probe.aggregate_window =
+                Some(parse_duration(&window).map_err(|e| invalid("aggregate_window", e))?);
+        }
+        Ok(())
+    }
 }
 
 impl OtlpArgs {

@@ -35,7 +35,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(args: RunArgs) -> anyhow::Result<()> {
+fn run(mut args: RunArgs) -> anyhow::Result<()> {
     raise_memlock_limit();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -44,6 +44,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         .context("starting the async runtime")?;
     // Configuration first: a bad setting fails before anything is loaded into the kernel.
     let env = |name: &str| std::env::var(name).ok();
+    args.apply_capture_file().context("configuration")?;
     let mut pipeline_settings = args.pipeline();
     pipeline_settings.otlp = args.otlp.settings(&env).context("configuration")?;
     pipeline_settings.stdout = args.stdout || pipeline_settings.otlp.is_none();
