@@ -16,14 +16,9 @@ use crate::{
 
 #[inline(always)]
 pub fn count(counter: Counter) {
-    count_n(counter, 1);
-}
-
-#[inline(always)]
-pub fn count_n(counter: Counter, n: u64) {
     if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
         // SAFETY: per-CPU slot, and programs do not nest on one CPU for these hooks.
-        unsafe { *slot += n };
+        unsafe { *slot += 1 };
     }
 }
 
@@ -99,7 +94,9 @@ fn submit(ev: &mut ConnectEvent) {
     };
     filter::open_aggregate(ev);
     if EVENTS.output::<ConnectEvent>(&*ev, flags).is_err() {
-        filter::close_lost_aggregate(ev, Counter::RingBufferFull);
+        // An aggregate this record opened stays: user space finds its repeats without
+        // their opening record when the window closes and counts them as lost.
+        count(Counter::RingBufferFull);
     }
 }
 

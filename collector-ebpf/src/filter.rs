@@ -5,7 +5,7 @@ use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_boot_ns, maps::lpm_
 use egress_shared::{AggregateKey, ConnectEvent, Counter};
 
 use crate::{
-    emit::{count, count_n},
+    emit::count,
     maps::{AGGREGATES, EXCLUDED_CGROUPS, EXCLUDED_V4, EXCLUDED_V6, config},
     sock::{AF_INET, AF_INET6, is_v4_mapped},
 };
@@ -85,8 +85,9 @@ fn repeat_in_window(ev: &ConnectEvent) -> bool {
 }
 
 /// Opens the aggregate of `ev`'s window, about to be submitted: later repeats are
-/// counted there. Unchanged (every repeat reported) when windows are off, the map is
-/// full, or another CPU opened it first.
+/// counted there. The record names its window either way, so it carries a count; if the
+/// map is full or another CPU opened the window first, that record is reported on its own
+/// (and the repeats go to whichever aggregate exists).
 #[inline(always)]
 pub fn open_aggregate(ev: &mut ConnectEvent) {
     let window_ns = config!(aggregate_window_ns);
@@ -95,26 +96,6 @@ pub fn open_aggregate(ev: &mut ConnectEvent) {
     }
     let now = unsafe { bpf_ktime_get_boot_ns() };
     let window = AggregateKey::window_of(now, window_ns);
-    if AGGREGATES
-        .insert(&AggregateKey::of(ev, window), &0u64, BPF_NOEXIST as u64)
-        .is_ok()
-    {
-        ev.aggregate_window = window;
-    }
-}
-
-/// The opening record of an aggregate was lost: its repeats go with it, and are counted
-/// as lost with it (`counter`), so nothing disappears uncounted.
-#[inline(always)]
-pub fn close_lost_aggregate(ev: &ConnectEvent, counter: Counter) {
-    if ev.aggregate_window == 0 {
-        count(counter);
-        return;
-    }
-    let key = AggregateKey::of(ev, ev.aggregate_window);
-    // Only this CPU's share: other CPUs had microseconds to add to it.
-    // SAFETY: a plain u64 copied out before removal.
-    let repeats = unsafe { AGGREGATES.get(&key).copied() }.unwrap_or(0);
-    let _ = AGGREGATES.remove(&key);
-    count_n(counter, 1 + repeats);
+    let _ = AGGREGATES.insert(&AggregateKey::of(ev, window), &0u64, BPF_NOEXIST as u64);
+    ev.aggregate_window = window;
 }

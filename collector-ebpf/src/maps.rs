@@ -89,8 +89,12 @@ pub static EXCLUDED_CGROUPS: LruHashMap<u64, u8> = LruHashMap::with_max_entries(
 /// Repeats counted per open aggregate, per CPU (so no atomics). Not LRU: when full, new
 /// connections are reported one by one instead of an aggregate being forgotten with its
 /// count. User space sums, reads and deletes the entries of closed windows.
+///
+/// Not preallocated: kernels before 5.10 reuse a deleted preallocated element without
+/// zeroing the other CPUs' slots, which would carry old counts into a new window.
 #[map]
-pub static AGGREGATES: PerCpuHashMap<AggregateKey, u64> = PerCpuHashMap::with_max_entries(8192, 0);
+pub static AGGREGATES: PerCpuHashMap<AggregateKey, u64> =
+    PerCpuHashMap::with_max_entries(8192, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
 
 /// What a call's entry saw, for its exit.
 #[repr(C)]

@@ -73,9 +73,17 @@ pub struct ProbeArgs {
         env = "EGRESS_EXCLUDE_CIDRS"
     )]
     pub exclude_cidrs: Vec<Cidr>,
-    /// Drop connections to loopback addresses (127.0.0.0/8, ::1) in the kernel.
-    #[arg(long, env = "EGRESS_EXCLUDE_LOOPBACK")]
-    pub exclude_loopback: bool,
+    /// Drop connections to loopback addresses (127.0.0.0/8, ::1) in the kernel
+    /// (`--exclude-loopback=false` overrides the config file).
+    #[arg(
+        long,
+        env = "EGRESS_EXCLUDE_LOOPBACK",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub exclude_loopback: Option<bool>,
     /// Drop connections of pods in this Kubernetes namespace (repeatable; the variable
     /// takes a comma-separated list). The first connection of each container is dropped
     /// by the collector, which then has the kernel drop its cgroup's.
@@ -90,7 +98,8 @@ pub struct ProbeArgs {
     /// port) within this window once, with their count (`egress.connection.count`):
     /// one record when the window opens, one with the repeats when it closes. Off by
     /// default: every connection is a record.
-    #[arg(long, value_parser = parse_duration, env = "EGRESS_AGGREGATE_WINDOW")]
+    /// At least 1s; `off` overrides the config file.
+    #[arg(long, value_parser = parse_aggregate_window, env = "EGRESS_AGGREGATE_WINDOW")]
     pub aggregate_window: Option<Duration>,
 }
 
@@ -184,13 +193,14 @@ impl ProbeArgs {
             cgroup_burst: self.cgroup_burst,
             excluded_destinations: self.excluded_destinations(),
             exclude_cgroups: !self.exclude_namespaces.is_empty(),
-            aggregate_window: self.aggregate_window,
+            // Zero is `off`.
+            aggregate_window: self.aggregate_window.filter(|w| !w.is_zero()),
         }
     }
 
     fn excluded_destinations(&self) -> Vec<Cidr> {
         let mut cidrs = self.exclude_cidrs.clone();
-        if self.exclude_loopback {
+        if self.exclude_loopback == Some(true) {
             cidrs.extend(Cidr::LOOPBACK);
         }
         cidrs
@@ -233,6 +243,21 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         return Err("a duration must be greater than zero".into());
     }
     Ok(duration)
+}
+
+/// A duration of at least 1s, or `off` (zero). Windows are numbered in 32 bits of
+/// boot time: a second's windows last 136 years of uptime.
+fn parse_aggregate_window(text: &str) -> Result<Duration, String> {
+    if text.trim() == "off" {
+        return Ok(Duration::ZERO);
+    }
+    let window = parse_duration(text)?;
+    if window < Duration::from_secs(1) {
+        return Err(format!(
+            "{text:?} is too short: the aggregation window is at least 1s"
+        ));
+    }
+    Ok(window)
 }
 
 fn parse_ring_buffer_bytes(text: &str) -> Result<u32, String> {
@@ -335,7 +360,7 @@ mod tests {
             "--exclude-cidr",
             "192.0.2.0/24",
             "--aggregate-window",
-            "500ms",
+            "3s",
         ])
         .expect("valid");
         cli.run.apply_capture_file().expect("valid file");
@@ -343,9 +368,27 @@ mod tests {
             cli.run.probe.exclude_cidrs,
             vec!["192.0.2.0/24".parse().expect("cidr")]
         );
+        assert_eq!(cli.run.probe.aggregate_window, Some(Duration::from_secs(3)));
+        let mut cli = Cli::try_parse_from([
+            "egress-collector",
+            "--config",
+            config,
+            "--exclude-loopback=false",
+            "--aggregate-window",
+            "off",
+        ])
+        .expect("valid");
+        cli.run.apply_capture_file().expect("valid file");
+        let settings = cli.run.probe.settings();
         assert_eq!(
-            cli.run.probe.aggregate_window,
-            Some(Duration::from_millis(500))
+            settings.excluded_destinations.len(),
+            2,
+            "loopback turned off by the flag"
+        );
+        assert_eq!(settings.aggregate_window, None, "off beats the file");
+        assert!(
+            Cli::try_parse_from(["egress-collector", "--aggregate-window", "500ms"]).is_err(),
+            "windows under a second are refused"
         );
         std::fs::write(&path, "[capture]\nexclude_cidrs = [\"10.0.0.0/40\"]\n").expect("write");
         let mut cli = Cli::try_parse_from(["egress-collector", "--config", config]).expect("valid");
@@ -495,7 +538,9 @@ impl RunArgs {
                     .push(cidr.parse().map_err(|e| invalid("exclude_cidrs", e))?);
             }
         }
-        probe.exclude_loopback |= capture.exclude_loopback.unwrap_or(false);
+        if probe.exclude_loopback.is_none() {
+            probe.exclude_loopback = capture.exclude_loopback;
+        }
         if probe.exclude_namespaces.is_empty() {
             probe.exclude_namespaces = capture.exclude_namespaces.unwrap_or_default();
         }
@@ -503,7 +548,7 @@ impl RunArgs {
             && let Some(window) = capture.aggregate_window
         {
             probe.aggregate_window =
-                Some(parse_duration(&window).map_err(|e| invalid("aggregate_window", e))?);
+                Some(parse_aggregate_window(&window).map_err(|e| invalid("aggregate_window", e))?);
         }
         Ok(())
     }

@@ -41,7 +41,8 @@ impl NamespaceFilter {
         if !self.namespaces.contains(namespace) {
             return true;
         }
-        self.stats.record_filtered(1);
+        // The connections it stands for (more than one for an aggregate's closing record).
+        self.stats.record_filtered(record.connection.count as usize);
         // The key the programs use: the cgroup that names the container.
         let cgroup = &record.connection.cgroup;
         let key = if cgroup.leaf_id != 0 {

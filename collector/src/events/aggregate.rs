@@ -32,13 +32,12 @@ impl Aggregates {
         }
     }
 
-    /// Keeps the record that opened an aggregate, to report its repeats with.
+    /// Keeps the first record of each aggregate's window, to report its repeats with.
     pub fn note(&mut self, connection: &Connection) {
         if let Some(key) = connection.aggregate
-            && connection.count == 1
             && self.opened.len() < MAX_OPEN
         {
-            self.opened.insert(key, connection.clone());
+            self.opened.entry(key).or_insert_with(|| connection.clone());
         }
     }
 

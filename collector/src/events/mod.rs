@@ -77,7 +77,9 @@ impl EventReader {
                     self.drain(&out);
                 }
                 _ = shutdown.changed() => {
-                    // The programs are detached by now: every window can be closed.
+                    // The programs are detached by now; a run that began just before
+                    // has had microseconds to finish: then every window can be closed.
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                     self.drain(&out);
                     self.close_aggregates(true, &out);
                     break;

@@ -56,6 +56,16 @@ impl FromStr for Cidr {
                 .filter(|&p| p <= max)
                 .ok_or_else(|| format!("{text:?}: the prefix length must be 0 to {max}"))?,
         };
+        // The programs match IPv4-mapped destinations against the IPv4 prefixes.
+        if let IpAddr::V6(v6) = address
+            && let Some(v4) = v6.to_ipv4_mapped()
+            && prefix_len >= 96
+        {
+            return Ok(Self {
+                address: IpAddr::V4(v4),
+                prefix_len: prefix_len - 96,
+            });
+        }
         Ok(Self {
             address,
             prefix_len,
@@ -116,5 +126,10 @@ mod tests {
             matches!("example.com/8".parse::<Cidr>(), Err(e) if e.contains("not an address prefix"))
         );
         assert!("10.0.0.0/x".parse::<Cidr>().is_err());
+        assert_eq!(
+            "::ffff:10.0.0.0/104".parse::<Cidr>().map(|c| c.to_string()),
+            Ok("10.0.0.0/8".into()),
+            "an IPv4-mapped prefix is an IPv4 one"
+        );
     }
 }
