@@ -256,19 +256,20 @@ pub fn bpftrace_counts(output: &str) -> HashMap<u16, u64> {
 }
 
 /// `key=value` of the collector's `Stopped.` line (captured, exported, lost).
+/// The number right after the first `needle` in `line`.
+fn number_after(line: &str, needle: &str) -> Option<u64> {
+    let at = line.find(needle)? + needle.len();
+    line[at..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect::<String>()
+        .parse()
+        .ok()
+}
+
 /// `"egress.connection.count":N` (aggregation on), else 1: the connections a line stands for.
 fn connection_count(line: &str) -> u64 {
-    let key = "\"egress.connection.count\":";
-    line.find(key)
-        .map(|at| &line[at + key.len()..])
-        .and_then(|rest| {
-            rest.chars()
-                .take_while(char::is_ascii_digit)
-                .collect::<String>()
-                .parse()
-                .ok()
-        })
-        .unwrap_or(1)
+    number_after(line, "\"egress.connection.count\":").unwrap_or(1)
 }
 
 /// A counter from the last statistics line (` name=N`, kernel counters included); the
@@ -278,24 +279,12 @@ pub fn stats_field(lines: &[String], key: &str) -> Option<u64> {
         .iter()
         .rev()
         .find(|l| l.contains("Collector statistics.") || l.contains("Events were lost"))?;
-    let at = line.find(&format!(" {key}="))? + key.len() + 2;
-    line[at..]
-        .chars()
-        .take_while(char::is_ascii_digit)
-        .collect::<String>()
-        .parse()
-        .ok()
+    number_after(line, &format!(" {key}="))
 }
 
 pub fn stopped_field(lines: &[String], key: &str) -> Option<u64> {
     let line = lines.iter().rev().find(|l| l.contains("Stopped."))?;
-    let at = line.find(&format!("{key}="))? + key.len() + 1;
-    line[at..]
-        .chars()
-        .take_while(char::is_ascii_digit)
-        .collect::<String>()
-        .parse()
-        .ok()
+    number_after(line, &format!("{key}="))
 }
 
 #[cfg(test)]
