@@ -390,24 +390,21 @@ mod tests {
             Cli::try_parse_from(["egress-collector", "--aggregate-window", "500ms"]).is_err(),
             "windows under a second are refused"
         );
-        std::fs::write(&path, "[capture]\nexclude_cidrs = [\"10.0.0.0/40\"]\n").expect("write");
-        let mut cli = Cli::try_parse_from(["egress-collector", "--config", config]).expect("valid");
-        let error = cli
-            .run
-            .apply_capture_file()
-            .expect_err("bad prefix")
-            .to_string();
+        let error_for = |file: &str| {
+            std::fs::write(&path, file).expect("write");
+            let mut cli =
+                Cli::try_parse_from(["egress-collector", "--config", config]).expect("valid");
+            cli.run
+                .apply_capture_file()
+                .expect_err("a bad file")
+                .to_string()
+        };
+        let error = error_for("[capture]\nexclude_cidrs = [\"10.0.0.0/40\"]\n");
         assert!(
             error.contains("[capture] exclude_cidrs") && error.contains("0 to 32"),
             "{error}"
         );
-        std::fs::write(&path, "[capture]\nexclude_cidr = [\"10.0.0.0/8\"]\n").expect("write");
-        let mut cli = Cli::try_parse_from(["egress-collector", "--config", config]).expect("valid");
-        let error = cli
-            .run
-            .apply_capture_file()
-            .expect_err("misspelled key")
-            .to_string();
+        let error = error_for("[capture]\nexclude_cidr = [\"10.0.0.0/8\"]\n");
         assert!(error.contains("exclude_cidr"), "{error}");
         let _ = std::fs::remove_dir_all(&dir);
     }
