@@ -1,16 +1,18 @@
 //! Assembling, de-duplicating and submitting events; the counters.
 
 use aya_ebpf::helpers::bpf_get_current_task;
-use egress_shared::{ConnectEvent, Counter, EventKind, NsIndex};
+use egress_shared::{
+    CloseFlags, ConnState, ConnectEvent, Counter, EventKind, NsIndex, ResetBy, TcpCloseEvent,
+};
 
 use crate::{
     filter,
     maps::{
-        Bucket, CALLS, CGROUP_BUCKETS, COUNTERS, CallState, EVENTS, FlowKey, PENDING_TCP, SCRATCH,
-        UDP_FLOWS, config,
+        Bucket, CALLS, CGROUP_BUCKETS, COUNTERS, CallState, EVENTS, FlowKey, OPEN_TCP, OpenConn,
+        PENDING_TCP, SCRATCH, UDP_FLOWS, config,
     },
     read,
-    sock::{self, Dest, IPPROTO_TCP, IPPROTO_UDP},
+    sock::{self, Dest, IPPROTO_UDP},
     task,
 };
 
@@ -67,17 +69,18 @@ fn admit(cgroup: u64) -> Option<u32> {
     Some(dropped.min(u32::MAX as u64) as u32)
 }
 
+/// Submits `ev`; false when a filter, the rate limit or a full ring kept it out.
 #[inline(always)]
-fn submit(ev: &mut ConnectEvent) {
+fn submit(ev: &mut ConnectEvent) -> bool {
     if filter::excluded_cgroup(ev) {
         count(Counter::Filtered);
-        return;
+        return false;
     }
     match admit(filter::cgroup_key(ev)) {
         Some(dropped) => ev.rate_limited_before = dropped,
         None => {
             count(Counter::RateLimited);
-            return;
+            return false;
         }
     }
     // bpf_ringbuf_query / bpf_ringbuf_output flags (uapi/linux/bpf.h).
@@ -97,7 +100,9 @@ fn submit(ev: &mut ConnectEvent) {
         // An aggregate this record opened stays: user space finds its repeats without
         // their opening record when the window closes and counts them as lost.
         count(Counter::RingBufferFull);
+        return false;
     }
+    true
 }
 
 #[inline(always)]
@@ -112,19 +117,6 @@ fn fill_sock(ev: &mut ConnectEvent, sk: u64) {
     if sock::fill(ev, sk).is_err() {
         count(Counter::KernelReadFailed);
     }
-}
-
-/// A TCP attempt whose tuple is complete (kprobe/fentry on `tcp_connect`).
-#[inline(always)]
-pub fn tcp_connect(sk: u64) {
-    let Some(ev) = scratch() else { return };
-    ev.kind = EventKind::TcpConnect as u8;
-    fill_sock(ev, sk);
-    if !filter::wanted(ev) {
-        return;
-    }
-    fill_task(ev);
-    submit(ev);
 }
 
 /// A UDP connect or send on `sk`; `dest` is the caller's destination, if it named one.
@@ -164,7 +156,7 @@ pub fn udp(sk: u64, dest: &Dest, kind: EventKind, v4_mapped_reported_inside: boo
         return;
     }
     fill_task(ev);
-    submit(ev);
+    let _ = submit(ev);
 }
 
 #[inline(always)]
@@ -223,10 +215,15 @@ pub fn take_call() -> Option<CallState> {
     Some(state)
 }
 
-/// Tracepoint mode: a TCP socket entered SYN_SENT. Its source port is chosen just after,
-/// so the event waits in PENDING_TCP for the connect() exit or the next state change.
+/// A TCP socket entered SYN_SENT, in the connecting task (every hook family): the
+/// attempt's identity is captured here. Its source port is chosen just after, so the
+/// event waits in PENDING_TCP for the socket's next state change.
 #[inline(always)]
 pub fn tcp_syn_sent(sk: u64) {
+    // This connect() is TCP: its syscall exit (tracepoint mode) has nothing to do, and
+    // finds no call state instead of walking fd -> file -> socket.
+    let tid = aya_ebpf::helpers::bpf_get_current_pid_tgid() as u32;
+    let _ = CALLS.remove(&tid);
     let Some(ev) = scratch() else { return };
     ev.kind = EventKind::TcpConnect as u8;
     fill_sock(ev, sk);
@@ -234,16 +231,18 @@ pub fn tcp_syn_sent(sk: u64) {
         return;
     }
     fill_task(ev);
+    ev.sock_id = sk;
     if PENDING_TCP.insert(&sk, ev, 0).is_err() {
         count(Counter::StateMapFull);
     }
 }
 
-/// Tracepoint mode: completes and submits the pending attempt on `sk`, once: whoever
-/// removes the entry reports it. `sport_hint` stands in when the socket's own source
-/// port is already released (0 when unknown).
+/// The attempt on `sk` left SYN_SENT for `established` (true) or CLOSE: completes and
+/// submits it, once (whoever removes the entry reports it). Runs in softirq or in any
+/// task: nothing here reads the current task. `sport_hint` stands in when the socket's
+/// own source port is already released (0 when unknown).
 #[inline(always)]
-pub fn tcp_complete(sk: u64, sport_hint: u16) {
+pub fn tcp_complete(sk: u64, sport_hint: u16, established: bool) {
     let Some(pending) = PENDING_TCP.get_ptr(&sk) else {
         return;
     };
@@ -264,14 +263,101 @@ pub fn tcp_complete(sk: u64, sport_hint: u16) {
     if ev.src_port == 0 {
         ev.src_port = sport_hint;
     }
-    submit(ev);
+    let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_boot_ns() };
+    ev.handshake_ns = now.wrapping_sub(ev.boot_time_ns);
+    ev.syn_retransmits = read::kernel(sk, config!(offsets.tcp_total_retrans)).unwrap_or(0);
+    if established {
+        ev.state = ConnState::Established as u8;
+    } else {
+        ev.state = ConnState::Failed as u8;
+        ev.sk_err = read::kernel::<i32>(sk, config!(offsets.sk_err)).unwrap_or(0) as u32;
+        ev.sk_err_soft = read::kernel::<i32>(sk, config!(offsets.sk_err_soft)).unwrap_or(0) as u32;
+    }
+    let connect_ns = ev.boot_time_ns;
+    if submit(ev) && established {
+        let open = OpenConn {
+            connect_ns,
+            established_ns: now,
+            reset: ResetBy::NONE,
+            _pad: [0; 7],
+        };
+        if OPEN_TCP.insert(&sk, &open, 0).is_err() {
+            count(Counter::CloseUntracked);
+        }
+    }
 }
 
-/// Tracepoint mode: what to do at the exit of a connect() on `sk`.
+/// A socket reached CLOSE from `old_state` (not SYN_SENT): if it is a connection this
+/// collector reported, its life as `tcp_sock` counted it goes out. One map lookup for
+/// every other socket (servers, unreported ones).
+#[inline(always)]
+pub fn tcp_closed(sk: u64, old_state: u8) {
+    let Some(open) = OPEN_TCP.get_ptr(&sk) else {
+        return;
+    };
+    // SAFETY: a valid map value, copied before removal.
+    let open = unsafe { *open };
+    if OPEN_TCP.remove(&sk).is_err() {
+        return;
+    }
+    let mut ev = TcpCloseEvent::zeroed();
+    ev.sock_id = sk;
+    ev.connect_ns = open.connect_ns;
+    ev.established_ns = open.established_ns;
+    ev.close_ns = unsafe { aya_ebpf::helpers::bpf_ktime_get_boot_ns() };
+    ev.old_state = old_state;
+    ev.reset = open.reset;
+    let mut failed = false;
+    let mut read_u64 = |offset: u32| -> u64 {
+        read::kernel::<u64>(sk, offset).unwrap_or_else(|_| {
+            failed = true;
+            0
+        })
+    };
+    ev.bytes_acked = read_u64(config!(offsets.tcp_bytes_acked));
+    ev.bytes_received = read_u64(config!(offsets.tcp_bytes_received));
+    let sent_at = config!(offsets.tcp_bytes_sent);
+    if sent_at != 0 {
+        ev.bytes_sent = read_u64(sent_at);
+        ev.flags |= CloseFlags::BYTES_SENT_KNOWN;
+    }
+    let sk_flags = read_u64(config!(offsets.sk_flags));
+    if (sk_flags >> (config!(offsets.sock_done_bit) & 63)) & 1 == 1 {
+        ev.flags |= CloseFlags::FIN_RECEIVED;
+    }
+    ev.total_retrans = read::kernel(sk, config!(offsets.tcp_total_retrans)).unwrap_or(0);
+    ev.srtt_us_x8 = read::kernel(sk, config!(offsets.tcp_srtt_us)).unwrap_or(0);
+    ev.sk_err = read::kernel::<i32>(sk, config!(offsets.sk_err)).unwrap_or(0) as u32;
+    if failed {
+        count(Counter::KernelReadFailed);
+    }
+    if EVENTS.output::<TcpCloseEvent>(&ev, 0).is_err() {
+        count(Counter::RingBufferFull);
+    }
+}
+
+/// `tcp:tcp_receive_reset` / `tcp:tcp_send_reset` on `sk`: marks a tracked connection.
+#[inline(always)]
+pub fn tcp_reset(sk: u64, by: u8) {
+    if sk == 0 {
+        return;
+    }
+    if let Some(open) = OPEN_TCP.get_ptr_mut(&sk) {
+        // SAFETY: a valid map value; a byte store.
+        unsafe {
+            if (*open).reset == ResetBy::NONE {
+                (*open).reset = by;
+            }
+        }
+    }
+}
+
+/// Tracepoint mode: what to do at the exit of a connect() on `sk`. TCP connects removed
+/// their call state at SYN_SENT; one that failed before SYN_SENT (no route, bad
+/// address) fires no state change and is not an attempt on the wire.
 #[inline(always)]
 pub fn connect_exit(sk: u64, dest: &Dest) {
     match sock::protocol(sk) {
-        Ok(IPPROTO_TCP) => tcp_complete(sk, 0),
         Ok(IPPROTO_UDP) => udp(sk, dest, EventKind::UdpConnect, false),
         Ok(_) => {}
         Err(_) => count(Counter::KernelReadFailed),

@@ -56,10 +56,31 @@ pub struct Bucket {
 #[map]
 pub static CALLS: HashMap<u32, CallState> = HashMap::with_max_entries(8192, 0);
 
-/// Tracepoint mode: TCP attempts seen entering SYN_SENT whose source port is not yet
-/// known, by `struct sock` address. Completed at connect() exit or the next state change.
+/// TCP attempts in SYN_SENT, by `struct sock` address, with the identity captured in the
+/// connecting task; completed (and removed) at the socket's next state change. Not LRU:
+/// an attempt is never forgotten silently; when full, a new attempt is counted
+/// (`state_map_full`) and not reported. User space reads it for `--pending-report`.
 #[map]
 pub static PENDING_TCP: HashMap<u64, ConnectEvent> = HashMap::with_max_entries(8192, 0);
+
+/// Established connections this collector reported, by `struct sock` address, until
+/// they reach CLOSE. Not LRU: under churn an LRU would evict the long-lived connections
+/// (the ones whose close matters most) in favour of short ones. When full, the newest
+/// connection goes untracked and is counted (`close_untracked`). 65536 x 24 bytes.
+#[map]
+pub static OPEN_TCP: HashMap<u64, OpenConn> = HashMap::with_max_entries(65536, 0);
+
+/// What the close of a tracked connection needs that the socket does not keep.
+#[repr(C)]
+#[derive(Copy, Clone)]
+pub struct OpenConn {
+    /// `ConnectEvent::boot_time_ns`: names the connection to user space.
+    pub connect_ns: u64,
+    pub established_ns: u64,
+    /// An `egress_shared::ResetBy` value, set by the reset tracepoints.
+    pub reset: u8,
+    pub _pad: [u8; 7],
+}
 
 /// A UDP flow: the 5-tuple within one network namespace.
 #[repr(C)]

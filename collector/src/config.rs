@@ -126,6 +126,14 @@ pub struct RunArgs {
     /// 0.0.0.0:8686 for kubelet probes [default: not served].
     #[arg(long, env = "EGRESS_HEALTH_ADDRESS")]
     pub health_address: Option<std::net::SocketAddr>,
+    /// A TCP attempt still in SYN_SENT this long is reported anyway, marked
+    /// `egress.connection.state=pending`; its final outcome still reaches the metrics.
+    #[arg(long, default_value = "5s", value_parser = parse_duration, env = "EGRESS_PENDING_REPORT")]
+    pub pending_report: Duration,
+    /// Also write a record (`egress.connection.close`) when each reported TCP connection
+    /// closes: duration, payload bytes each way, retransmits, RTT, reset.
+    #[arg(long, env = "EGRESS_CLOSE_RECORDS")]
+    pub close_records: bool,
 }
 
 /// OTLP export. Each flag overrides the matching `OTEL_EXPORTER_OTLP_*` variable, which
@@ -218,6 +226,11 @@ impl RunArgs {
             stdout: self.stdout,
             otlp: None,
             exclude_namespaces: self.probe.exclude_namespaces.clone(),
+            outcomes: crate::events::OutcomeSettings {
+                pending_report: self.pending_report,
+                close_records: self.close_records,
+                metrics: false,
+            },
         }
     }
 }

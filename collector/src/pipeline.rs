@@ -10,7 +10,7 @@ use crate::{
         self, Enricher, HostIdentity, Record, cache::CacheSettings, exclude::NamespaceFilter,
         runtime::RuntimeFiles,
     },
-    events::{EventReader, aggregate::Aggregates},
+    events::{EventReader, OutcomeSettings, aggregate::Aggregates},
     export::{self, Exporter},
     export::{
         otlp::{OtlpExporter, SnapshotSource, settings::OtlpSettings, transport::TransportError},
@@ -36,6 +36,8 @@ pub struct PipelineSettings {
     pub otlp: Option<OtlpSettings>,
     /// Kubernetes namespaces whose connections are dropped.
     pub exclude_namespaces: Vec<String>,
+    /// Pending attempts and close records (`metrics` is set here from `otlp`).
+    pub outcomes: OutcomeSettings,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -87,8 +89,13 @@ pub async fn run(
     let aggregates = probes
         .take_aggregates()?
         .map(|map| Aggregates::new(map, probes.facts.config.aggregate_window_ns));
+    let outcomes = OutcomeSettings {
+        metrics: settings.otlp.is_some(),
+        ..settings.outcomes.clone()
+    };
     let reader = EventReader::new(probes.take_events()?, aggregates, Arc::clone(&stats))
-        .map_err(PipelineError::RingBuffer)?;
+        .map_err(PipelineError::RingBuffer)?
+        .with_outcomes(Some(probes.take_pending()?), outcomes);
     let namespace_filter = if settings.exclude_namespaces.is_empty() {
         None
     } else {

@@ -67,11 +67,22 @@ pub struct KernelOffsets {
     pub socket_file: u32,
     /// inet_sock.inet_sport (network order; raw tracepoint mode).
     pub inet_sport: u32,
-    /// Keeps `ProbeConfig`'s u64 fields aligned without implicit padding.
-    pub _pad: u32,
+    // struct sock: the outcome of an attempt, the end of a connection
+    pub sk_err: u32,
+    pub sk_err_soft: u32,
+    pub sk_flags: u32,
+    /// Bit of `SOCK_DONE` in `sk_flags` (set when the peer's FIN arrives).
+    pub sock_done_bit: u32,
+    // struct tcp_sock
+    pub tcp_total_retrans: u32,
+    pub tcp_srtt_us: u32,
+    pub tcp_bytes_acked: u32,
+    pub tcp_bytes_received: u32,
+    /// 0 when the kernel has no `bytes_sent` (before 4.19).
+    pub tcp_bytes_sent: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 49 * 4);
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 57 * 4);
 
 /// Field offsets inside tracepoint records, read from tracefs `format` files.
 #[repr(C)]
@@ -137,7 +148,7 @@ pub struct ProbeConfig {
     pub exclude_cgroups: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<ProbeConfig>() == 49 * 4 + 14 * 4 + 4 + 8 + 16 + 16);
+const _: () = assert!(core::mem::size_of::<ProbeConfig>() == 57 * 4 + 14 * 4 + 4 + 8 + 16 + 16);
 
 impl ProbeConfig {
     pub const fn zeroed() -> Self {
@@ -192,7 +203,15 @@ impl ProbeConfig {
                 socket_sk: 0,
                 socket_file: 0,
                 inet_sport: 0,
-                _pad: 0,
+                sk_err: 0,
+                sk_err_soft: 0,
+                sk_flags: 0,
+                sock_done_bit: 0,
+                tcp_total_retrans: 0,
+                tcp_srtt_us: 0,
+                tcp_bytes_acked: 0,
+                tcp_bytes_received: 0,
+                tcp_bytes_sent: 0,
             },
             tracepoints: TracepointOffsets {
                 state_skaddr: 0,

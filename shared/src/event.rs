@@ -17,6 +17,9 @@ pub enum EventKind {
     UdpConnect = 2,
     /// A datagram sent on a UDP socket (reported once per flow per window).
     UdpSend = 3,
+    /// An established TCP connection reached CLOSE (a [`TcpCloseEvent`], not a
+    /// `ConnectEvent`).
+    TcpClose = 4,
 }
 
 impl EventKind {
@@ -25,6 +28,7 @@ impl EventKind {
             1 => Some(Self::TcpConnect),
             2 => Some(Self::UdpConnect),
             3 => Some(Self::UdpSend),
+            4 => Some(Self::TcpClose),
             _ => None,
         }
     }
@@ -94,10 +98,22 @@ pub struct ConnectEvent {
     pub cgroup_parent_name: [u8; CGROUP_NAME_LEN],
     /// UTS nodename of the task's UTS namespace.
     pub nodename: [u8; NODENAME_LEN],
-    pub _pad: [u8; 7],
+    /// TCP: a [`ConnState`] value (how the attempt completed); 0 for UDP.
+    pub state: u8,
+    pub _pad: [u8; 2],
+    /// TCP: retransmitted SYNs (`tcp_sock.total_retrans` when the attempt completed).
+    pub syn_retransmits: u32,
+    /// TCP failure: `sk->sk_err` and `sk->sk_err_soft` (positive errno) at SYN_SENT->CLOSE.
+    pub sk_err: u32,
+    pub sk_err_soft: u32,
+    /// TCP: nanoseconds from SYN_SENT to the attempt's completion.
+    pub handshake_ns: u64,
+    /// TCP: the socket's kernel address; with `boot_time_ns` it names the connection
+    /// that a later [`TcpCloseEvent`] closes.
+    pub sock_id: u64,
 }
 
-pub const CONNECT_EVENT_SIZE: usize = 480;
+pub const CONNECT_EVENT_SIZE: usize = 504;
 const _: () = assert!(core::mem::size_of::<ConnectEvent>() == CONNECT_EVENT_SIZE);
 const _: () = assert!(core::mem::align_of::<ConnectEvent>() == 8);
 
@@ -128,7 +144,13 @@ impl ConnectEvent {
             cgroup_name: [0; CGROUP_NAME_LEN],
             cgroup_parent_name: [0; CGROUP_NAME_LEN],
             nodename: [0; NODENAME_LEN],
-            _pad: [0; 7],
+            state: 0,
+            _pad: [0; 2],
+            syn_retransmits: 0,
+            sk_err: 0,
+            sk_err_soft: 0,
+            handshake_ns: 0,
+            sock_id: 0,
         }
     }
 
@@ -138,6 +160,113 @@ impl ConnectEvent {
         // so all CONNECT_EVENT_SIZE bytes are initialised.
         unsafe {
             core::slice::from_raw_parts((self as *const Self).cast::<u8>(), CONNECT_EVENT_SIZE)
+        }
+    }
+}
+
+/// How a TCP attempt completed ([`ConnectEvent::state`]). Never reuse a value.
+#[repr(u8)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum ConnState {
+    /// SYN_SENT -> ESTABLISHED.
+    Established = 1,
+    /// SYN_SENT -> CLOSE; the cause is in `sk_err`.
+    Failed = 2,
+}
+
+impl ConnState {
+    pub const fn from_raw(raw: u8) -> Option<Self> {
+        match raw {
+            1 => Some(Self::Established),
+            2 => Some(Self::Failed),
+            _ => None,
+        }
+    }
+}
+
+/// Who sent the RST that ended a connection ([`TcpCloseEvent::reset`]).
+pub struct ResetBy;
+
+impl ResetBy {
+    pub const NONE: u8 = 0;
+    /// `tcp:tcp_receive_reset`: the peer (or a middlebox) reset it.
+    pub const PEER: u8 = 1;
+    /// `tcp:tcp_send_reset`: this host reset it.
+    pub const LOCAL: u8 = 2;
+}
+
+/// Bits of [`TcpCloseEvent::flags`].
+pub struct CloseFlags;
+
+impl CloseFlags {
+    /// The kernel has `tcp_sock.bytes_sent` (4.19+): `bytes_sent` is meaningful.
+    pub const BYTES_SENT_KNOWN: u8 = 1;
+    /// The peer's FIN arrived (`SOCK_DONE`: one of `bytes_received` is the FIN).
+    pub const FIN_RECEIVED: u8 = 2;
+}
+
+/// An established TCP connection reached CLOSE: what `tcp_sock` says about its life.
+/// Counters are the kernel's, in sequence space; user space turns them into payload.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct TcpCloseEvent {
+    /// The socket's kernel address and the attempt's start (`ConnectEvent::sock_id` and
+    /// `boot_time_ns`): the connection this closes.
+    pub sock_id: u64,
+    pub connect_ns: u64,
+    /// CLOCK_BOOTTIME of SYN_SENT -> ESTABLISHED and of -> CLOSE.
+    pub established_ns: u64,
+    pub close_ns: u64,
+    /// `tcp_sock.bytes_acked`: our bytes the peer acknowledged, SYN and FIN included.
+    pub bytes_acked: u64,
+    /// `tcp_sock.bytes_received`: the peer's bytes, its FIN included (not its SYN).
+    pub bytes_received: u64,
+    /// `tcp_sock.bytes_sent`: bytes sent, retransmissions included (4.19+).
+    pub bytes_sent: u64,
+    /// `tcp_sock.total_retrans`: segments retransmitted over the whole connection.
+    pub total_retrans: u32,
+    /// `tcp_sock.srtt_us`: smoothed RTT in microseconds x 8, as the kernel keeps it.
+    pub srtt_us_x8: u32,
+    /// The state the socket left for CLOSE (`TCP_*`).
+    pub old_state: u8,
+    /// A [`ResetBy`] value.
+    pub reset: u8,
+    /// [`CloseFlags`] bits.
+    pub flags: u8,
+    /// [`EventKind::TcpClose`].
+    pub kind: u8,
+    /// `sk->sk_err` at CLOSE (ECONNRESET, ETIMEDOUT, ...); 0 for an orderly close.
+    pub sk_err: u32,
+}
+
+pub const TCP_CLOSE_EVENT_SIZE: usize = 72;
+const _: () = assert!(core::mem::size_of::<TcpCloseEvent>() == TCP_CLOSE_EVENT_SIZE);
+
+impl TcpCloseEvent {
+    pub const fn zeroed() -> Self {
+        Self {
+            sock_id: 0,
+            connect_ns: 0,
+            established_ns: 0,
+            close_ns: 0,
+            bytes_acked: 0,
+            bytes_received: 0,
+            bytes_sent: 0,
+            total_retrans: 0,
+            srtt_us_x8: 0,
+            old_state: 0,
+            reset: 0,
+            flags: 0,
+            kind: EventKind::TcpClose as u8,
+            sk_err: 0,
+        }
+    }
+
+    /// The raw bytes, as the kernel writes them (decoder tests and fuzzing).
+    pub fn as_bytes(&self) -> &[u8] {
+        // SAFETY: repr(C), integer fields only, no padding holes (size asserted).
+        unsafe {
+            core::slice::from_raw_parts((self as *const Self).cast::<u8>(), TCP_CLOSE_EVENT_SIZE)
         }
     }
 }
@@ -161,9 +290,12 @@ pub enum Counter {
     /// A repeat of a connection already reported in its aggregation window: counted in
     /// the window's aggregate, which user space reports when the window closes.
     Aggregated = 6,
+    /// An established connection could not be tracked to its close (the map of open
+    /// connections was full): its close, duration and bytes are not reported.
+    CloseUntracked = 7,
 }
 
-pub const COUNTER_COUNT: u32 = 7;
+pub const COUNTER_COUNT: u32 = 8;
 
 impl Counter {
     pub const ALL: [Counter; COUNTER_COUNT as usize] = [
@@ -174,6 +306,7 @@ impl Counter {
         Counter::RateLimited,
         Counter::Filtered,
         Counter::Aggregated,
+        Counter::CloseUntracked,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -185,6 +318,7 @@ impl Counter {
             Counter::RateLimited => "rate_limited",
             Counter::Filtered => "filtered",
             Counter::Aggregated => "aggregated",
+            Counter::CloseUntracked => "close_untracked",
         }
     }
 }
@@ -192,3 +326,7 @@ impl Counter {
 #[cfg(feature = "user")]
 // SAFETY: plain old data, no padding holes (asserted above).
 unsafe impl aya::Pod for ConnectEvent {}
+
+#[cfg(feature = "user")]
+// SAFETY: plain old data, no padding holes (asserted above).
+unsafe impl aya::Pod for TcpCloseEvent {}

@@ -11,6 +11,7 @@ pub mod event;
 pub use aggregate::AggregateKey;
 pub use config::{CgroupSource, KernelOffsets, ProbeConfig, TracepointOffsets};
 pub use event::{
-    CGROUP_NAME_LEN, COMM_LEN, CONNECT_EVENT_SIZE, COUNTER_COUNT, ConnectEvent, Counter, EventKind,
-    NODENAME_LEN, NS_COUNT, NsIndex,
+    CGROUP_NAME_LEN, COMM_LEN, CONNECT_EVENT_SIZE, COUNTER_COUNT, CloseFlags, ConnState,
+    ConnectEvent, Counter, EventKind, NODENAME_LEN, NS_COUNT, NsIndex, ResetBy,
+    TCP_CLOSE_EVENT_SIZE, TcpCloseEvent,
 };

@@ -1,10 +1,8 @@
-//! fentry/fexit: the same hooks as the kprobes, through BPF trampolines (cheaper, and
-//! fexit sees arguments and return together, so no state is carried).
+//! fexit: the same UDP hooks as the kprobes, through BPF trampolines (cheaper, and fexit
+//! sees arguments and return together, so no state is carried). TCP goes through the
+//! state changes (`tcp_state`), attached in this family too.
 
-use aya_ebpf::{
-    macros::{fentry, fexit},
-    programs::{FEntryContext, FExitContext},
-};
+use aya_ebpf::{macros::fexit, programs::FExitContext};
 use egress_shared::EventKind;
 
 use crate::{
@@ -13,13 +11,6 @@ use crate::{
     read,
     sock::{self, Dest},
 };
-
-/// hook: `int tcp_connect(struct sock *sk)`; see `kprobe_tcp_connect`.
-#[fentry(function = "tcp_connect")]
-pub fn fentry_tcp_connect(ctx: FEntryContext) -> u32 {
-    emit::tcp_connect(ctx.arg::<u64>(0));
-    0
-}
 
 /// hook: `int udp_sendmsg(struct sock *sk, struct msghdr *msg, size_t len)`.
 #[fexit(function = "udp_sendmsg")]

@@ -1,5 +1,6 @@
-//! kprobes: the design's first choice. `tcp_connect` sees the complete tuple; UDP calls
-//! are followed from entry (arguments) to return (source port chosen by autobind).
+//! kprobes: the design's first choice for UDP: calls are followed from entry (arguments)
+//! to return (source port chosen by autobind). TCP goes through the state changes
+//! (`tcp_state`), attached in this family too.
 
 use aya_ebpf::{
     macros::{kprobe, kretprobe},
@@ -13,17 +14,6 @@ use crate::{
     read,
     sock::{self, Dest},
 };
-
-/// hook: `int tcp_connect(struct sock *sk)`, called by tcp_v4_connect and tcp_v6_connect
-/// after the source port is chosen and before the SYN is sent: every attempt, blocking or
-/// not, whatever its outcome, with its full tuple.
-#[kprobe]
-pub fn kprobe_tcp_connect(ctx: ProbeContext) -> u32 {
-    if let Some(sk) = ctx.arg::<u64>(0) {
-        emit::tcp_connect(sk);
-    }
-    0
-}
 
 /// hook: `int udp_sendmsg(struct sock *sk, struct msghdr *msg, size_t len)` and
 /// `int udpv6_sendmsg(...)` (same arguments). `msg->msg_name` is the kernel copy of the

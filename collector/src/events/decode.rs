@@ -3,9 +3,15 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use egress_shared::{AggregateKey, CONNECT_EVENT_SIZE, ConnectEvent, EventKind, NsIndex};
+use egress_shared::{
+    AggregateKey, CONNECT_EVENT_SIZE, ConnState, ConnectEvent, EventKind, NsIndex,
+    TCP_CLOSE_EVENT_SIZE, TcpCloseEvent,
+};
 
-use super::clock::BootClock;
+use super::{
+    clock::BootClock,
+    outcome::{Close, ConnectionState, Outcome, error_type},
+};
 
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
@@ -14,8 +20,10 @@ const IPPROTO_UDP: u8 = 17;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
-    #[error("record is {got} bytes, expected {CONNECT_EVENT_SIZE}")]
+    #[error("record is {got} bytes, expected {CONNECT_EVENT_SIZE} or {TCP_CLOSE_EVENT_SIZE}")]
     Length { got: usize },
+    #[error("unknown TCP attempt state {0}")]
+    State(u8),
     #[error("unknown event kind {0}")]
     Kind(u8),
     #[error("unknown address family {0}")]
@@ -29,6 +37,7 @@ impl DecodeError {
     pub fn reason(&self) -> &'static str {
         match self {
             DecodeError::Length { .. } => "length",
+            DecodeError::State(_) => "state",
             DecodeError::Kind(_) => "kind",
             DecodeError::Family(_) => "family",
             DecodeError::Protocol(_) => "protocol",
@@ -106,6 +115,26 @@ pub struct Connection {
     /// The in-kernel aggregate this record opened (its window's repeats are counted
     /// there), or belongs to.
     pub aggregate: Option<AggregateKey>,
+    /// TCP: how the attempt went (`None` for UDP).
+    pub outcome: Option<Outcome>,
+    /// [`EventKind::TcpClose`] records: the connection's life.
+    pub close: Option<Close>,
+    /// Where the record goes: every record feeds the metrics unless `log_only`; it
+    /// becomes a log record (and a line on stdout) unless `metrics_only`.
+    pub delivery: Delivery,
+}
+
+/// What a record is for (see [`Connection::delivery`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Delivery {
+    /// A log record and the metrics.
+    #[default]
+    Both,
+    /// A pending attempt reported before it completed: its completion counts later.
+    LogOnly,
+    /// The completion of an attempt already reported as pending, or a close record
+    /// without `--close-records`.
+    MetricsOnly,
 }
 
 impl Connection {
@@ -114,7 +143,18 @@ impl Connection {
             EventKind::TcpConnect => "tcp_connect",
             EventKind::UdpConnect => "udp_connect",
             EventKind::UdpSend => "udp_send",
+            EventKind::TcpClose => "tcp_close",
         }
+    }
+
+    /// Whether this record becomes a log record.
+    pub fn logged(&self) -> bool {
+        self.delivery != Delivery::MetricsOnly
+    }
+
+    /// Whether this record counts in the metrics.
+    pub fn counted(&self) -> bool {
+        self.delivery != Delivery::LogOnly
     }
 
     pub fn network_type(&self) -> &'static str {
@@ -141,8 +181,35 @@ fn address(family: u16, bytes: &[u8; 16], port: u16) -> SocketAddr {
     SocketAddr::new(ip, port)
 }
 
-/// Decodes one ring-buffer record.
-pub fn decode(bytes: &[u8], clock: &BootClock) -> Result<Connection, DecodeError> {
+/// A ring-buffer record: a connection (attempt or flow), or the close of a TCP one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decoded {
+    /// Boxed: a connection is large, and most records are connections anyway.
+    Connection(Box<Connection>),
+    Close(TcpCloseEvent),
+}
+
+/// Decodes one ring-buffer record; the two record types differ in length.
+pub fn decode(bytes: &[u8], clock: &BootClock) -> Result<Decoded, DecodeError> {
+    match bytes.len() {
+        CONNECT_EVENT_SIZE => {
+            decode_connect(bytes, clock).map(|c| Decoded::Connection(Box::new(c)))
+        }
+        TCP_CLOSE_EVENT_SIZE => {
+            // SAFETY: the length is checked; TcpCloseEvent is plain old data for which
+            // every bit pattern is valid; read_unaligned needs no alignment.
+            let raw: TcpCloseEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+            if raw.kind != EventKind::TcpClose as u8 {
+                return Err(DecodeError::Kind(raw.kind));
+            }
+            Ok(Decoded::Close(raw))
+        }
+        got => Err(DecodeError::Length { got }),
+    }
+}
+
+/// Decodes a [`ConnectEvent`] (also what user space reads from the pending-attempt map).
+pub fn decode_connect(bytes: &[u8], clock: &BootClock) -> Result<Connection, DecodeError> {
     if bytes.len() != CONNECT_EVENT_SIZE {
         return Err(DecodeError::Length { got: bytes.len() });
     }
@@ -150,6 +217,9 @@ pub fn decode(bytes: &[u8], clock: &BootClock) -> Result<Connection, DecodeError
     // pattern is valid, and read_unaligned does not require alignment.
     let raw: ConnectEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
     let kind = EventKind::from_raw(raw.kind).ok_or(DecodeError::Kind(raw.kind))?;
+    if kind == EventKind::TcpClose {
+        return Err(DecodeError::Kind(raw.kind));
+    }
     let transport = match raw.protocol {
         IPPROTO_TCP => Transport::Tcp,
         IPPROTO_UDP => Transport::Udp,
@@ -158,6 +228,35 @@ pub fn decode(bytes: &[u8], clock: &BootClock) -> Result<Connection, DecodeError
     if raw.family != AF_INET && raw.family != AF_INET6 {
         return Err(DecodeError::Family(raw.family));
     }
+    let outcome = match (transport, raw.state) {
+        (Transport::Udp, _) => None,
+        // Read from the pending map: SYN_SENT still.
+        (Transport::Tcp, 0) => Some(Outcome {
+            state: ConnectionState::Pending,
+            error_type: None,
+            handshake_ns: 0,
+            syn_retransmits: 0,
+            sock_id: raw.sock_id,
+            connect_boot_ns: raw.boot_time_ns,
+        }),
+        (Transport::Tcp, state) => {
+            let state = ConnState::from_raw(state).ok_or(DecodeError::State(state))?;
+            Some(Outcome {
+                state: match state {
+                    ConnState::Established => ConnectionState::Established,
+                    ConnState::Failed => ConnectionState::Failed,
+                },
+                error_type: match state {
+                    ConnState::Established => None,
+                    ConnState::Failed => Some(error_type(raw.sk_err, raw.src_port)),
+                },
+                handshake_ns: raw.handshake_ns,
+                syn_retransmits: raw.syn_retransmits,
+                sock_id: raw.sock_id,
+                connect_boot_ns: raw.boot_time_ns,
+            })
+        }
+    };
     let ns = |i: NsIndex| raw.ns_inums[i as usize];
     Ok(Connection {
         time_unix_nano: clock.to_unix_nanos(raw.boot_time_ns),
@@ -194,6 +293,9 @@ pub fn decode(bytes: &[u8], clock: &BootClock) -> Result<Connection, DecodeError
         count: 1,
         aggregate: (raw.aggregate_window != 0)
             .then(|| AggregateKey::of(&raw, raw.aggregate_window)),
+        outcome,
+        close: None,
+        delivery: Delivery::Both,
     })
 }
 
@@ -230,7 +332,7 @@ pub(super) mod tests {
     #[test]
     fn round_trip_of_a_tcp_v4_event() {
         let clock = BootClock::with_offset(1_000_000);
-        let c = decode(sample().as_bytes(), &clock).expect("valid event");
+        let c = decode_connect(sample().as_bytes(), &clock).expect("valid event");
         assert_eq!(c.time_unix_nano, 1_005_000);
         assert_eq!(c.kind, EventKind::TcpConnect);
         assert_eq!(c.transport, Transport::Tcp);
@@ -257,7 +359,7 @@ pub(super) mod tests {
         ev.protocol = IPPROTO_UDP;
         ev.kind = EventKind::UdpSend as u8;
         ev.dst_addr = Ipv6Addr::LOCALHOST.octets();
-        let c = decode(ev.as_bytes(), &BootClock::with_offset(0)).expect("valid event");
+        let c = decode_connect(ev.as_bytes(), &BootClock::with_offset(0)).expect("valid event");
         assert_eq!(c.destination, "[::1]:443".parse().expect("addr"));
         assert_eq!(c.network_type(), "ipv6");
         assert_eq!(c.kind_str(), "udp_send");
@@ -275,11 +377,47 @@ pub(super) mod tests {
         ev.kind = 200;
         assert_eq!(decode(ev.as_bytes(), &clock), Err(DecodeError::Kind(200)));
         let mut ev = sample();
+        ev.kind = EventKind::TcpClose as u8;
+        assert_eq!(decode(ev.as_bytes(), &clock), Err(DecodeError::Kind(4)));
+        let mut ev = sample();
         ev.family = 1;
         assert_eq!(decode(ev.as_bytes(), &clock), Err(DecodeError::Family(1)));
         let mut ev = sample();
         ev.protocol = 1;
         assert_eq!(decode(ev.as_bytes(), &clock), Err(DecodeError::Protocol(1)));
+        let mut ev = sample();
+        ev.state = 9;
+        assert_eq!(decode(ev.as_bytes(), &clock), Err(DecodeError::State(9)));
+        let mut close = TcpCloseEvent::zeroed();
+        close.kind = 1;
+        assert_eq!(decode(close.as_bytes(), &clock), Err(DecodeError::Kind(1)));
+    }
+
+    #[test]
+    fn a_failed_attempt_carries_its_error_type() {
+        let mut ev = sample();
+        ev.state = ConnState::Failed as u8;
+        ev.sk_err = 111;
+        ev.handshake_ns = 7;
+        ev.syn_retransmits = 2;
+        let Ok(Decoded::Connection(c)) = decode(ev.as_bytes(), &BootClock::with_offset(0)) else {
+            panic!("a connection")
+        };
+        let outcome = c.outcome.expect("TCP has an outcome");
+        assert_eq!(outcome.state, ConnectionState::Failed);
+        assert_eq!(outcome.error_type, Some("refused"));
+        assert_eq!((outcome.handshake_ns, outcome.syn_retransmits), (7, 2));
+        ev.state = ConnState::Established as u8;
+        let c = decode_connect(ev.as_bytes(), &BootClock::with_offset(0)).expect("valid");
+        assert_eq!(c.outcome.expect("outcome").error_type, None);
+    }
+
+    #[test]
+    fn a_close_record_round_trips() {
+        let mut close = TcpCloseEvent::zeroed();
+        close.bytes_acked = 10;
+        let decoded = decode(close.as_bytes(), &BootClock::with_offset(0));
+        assert_eq!(decoded, Ok(Decoded::Close(close)));
     }
 
     #[test]
@@ -287,7 +425,7 @@ pub(super) mod tests {
         let mut ev = sample();
         ev.process_comm = [0xff; 16];
         ev.cgroup_name = [b'a'; 128];
-        let c = decode(ev.as_bytes(), &BootClock::with_offset(0)).expect("valid event");
+        let c = decode_connect(ev.as_bytes(), &BootClock::with_offset(0)).expect("valid event");
         assert_eq!(c.process.name.chars().count(), 16);
         assert_eq!(c.cgroup.leaf_name.len(), 128);
     }
@@ -297,11 +435,15 @@ pub(super) mod tests {
 mod fuzz {
     use super::{BootClock, decode, tests::sample};
     use crate::mutate::mutations;
+    use egress_shared::TcpCloseEvent;
 
     #[test]
     fn decoding_never_panics() {
         let clock = BootClock::with_offset(i128::from(u64::MAX));
         for input in mutations(sample().as_bytes(), 50_000) {
+            let _ = decode(&input, &clock);
+        }
+        for input in mutations(TcpCloseEvent::zeroed().as_bytes(), 20_000) {
             let _ = decode(&input, &clock);
         }
     }

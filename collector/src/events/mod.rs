@@ -4,17 +4,24 @@
 pub mod aggregate;
 pub mod clock;
 pub mod decode;
+pub mod outcome;
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
-use aya::maps::{MapData, RingBuf};
+use aya::maps::{HashMap as BpfHashMap, MapData, RingBuf};
+use egress_shared::ConnectEvent;
 use tokio::{
     io::{Interest, unix::AsyncFd},
     sync::{mpsc, watch},
 };
 
-pub use self::decode::{Connection, DecodeError, Transport};
-use self::{aggregate::Aggregates, clock::BootClock, decode::decode};
+pub use self::decode::{Connection, DecodeError, Delivery, Transport};
+use self::{
+    aggregate::Aggregates,
+    clock::BootClock,
+    decode::{Decoded, decode, decode_connect},
+    outcome::Tracker,
+};
 use crate::telemetry::Stats;
 
 /// Most events handed on at once; the queues between stages hold
@@ -24,11 +31,35 @@ pub const BATCH_RECORDS: usize = 256;
 /// Longest an event waits in the ring buffer when too few arrive to wake the reader.
 pub const POLL_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
 
+/// What the reader does with TCP outcomes and closes.
+#[derive(Debug, Clone)]
+pub struct OutcomeSettings {
+    /// An attempt still in SYN_SENT this long is reported, marked pending.
+    pub pending_report: Duration,
+    /// Close records become log records (`--close-records`).
+    pub close_records: bool,
+    /// Something consumes metrics-only records (OTLP metrics or spans).
+    pub metrics: bool,
+}
+
+impl Default for OutcomeSettings {
+    fn default() -> Self {
+        Self {
+            pending_report: Duration::from_secs(5),
+            close_records: false,
+            metrics: false,
+        }
+    }
+}
+
 pub struct EventReader {
     ring: AsyncFd<RingBuf<MapData>>,
     clock: BootClock,
     stats: Arc<Stats>,
     aggregates: Option<Aggregates>,
+    tracker: Tracker,
+    pending: Option<BpfHashMap<MapData, u64, ConnectEvent>>,
+    outcomes: OutcomeSettings,
 }
 
 impl EventReader {
@@ -46,7 +77,21 @@ impl EventReader {
             clock: BootClock::now(),
             stats,
             aggregates,
+            tracker: Tracker::default(),
+            pending: None,
+            outcomes: OutcomeSettings::default(),
         })
+    }
+
+    /// Reports TCP attempts left in SYN_SENT (the kernel's pending map) and closes.
+    pub fn with_outcomes(
+        mut self,
+        pending: Option<BpfHashMap<MapData, u64, ConnectEvent>>,
+        outcomes: OutcomeSettings,
+    ) -> Self {
+        self.pending = pending;
+        self.outcomes = outcomes;
+        self
     }
 
     /// Reads until `shutdown` turns true, then drains what is left in the ring.
@@ -63,6 +108,7 @@ impl EventReader {
                 _ = poll.tick() => {
                     self.drain(&out);
                     self.close_aggregates(false, &out);
+                    self.report_pending(&out);
                 }
                 guard = self.ring.readable_mut() => {
                     match guard {
@@ -82,6 +128,7 @@ impl EventReader {
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                     self.drain(&out);
                     self.close_aggregates(true, &out);
+                    self.flush_open(&out);
                     break;
                 }
             }
@@ -98,17 +145,31 @@ impl EventReader {
             let more = item.is_some();
             if let Some(item) = item {
                 match decode(&item, &self.clock) {
-                    Ok(connection) => {
+                    Ok(Decoded::Connection(mut connection)) => {
                         if let Some(aggregates) = &mut self.aggregates {
                             aggregates.note(&connection);
                         }
-                        batch.push(connection);
+                        self.tracker.note(&mut connection);
+                        if connection.logged() || self.outcomes.metrics {
+                            batch.push(*connection);
+                        }
+                    }
+                    Ok(Decoded::Close(raw)) => {
+                        if let Some(mut record) = self.tracker.close(&raw, &self.clock) {
+                            if !self.outcomes.close_records {
+                                record.delivery = Delivery::MetricsOnly;
+                            }
+                            if record.logged() || self.outcomes.metrics {
+                                batch.push(record);
+                            }
+                        }
                     }
                     Err(e) => self.stats.record_decode_failed(&e),
                 }
             }
             if batch.len() >= BATCH_RECORDS || (!more && !batch.is_empty()) {
-                let n = batch.len();
+                // Records for the metrics only are not records to export.
+                let n = batch.iter().filter(|c| c.logged()).count();
                 self.stats.record_captured(n);
                 if out.try_send(std::mem::take(&mut batch)).is_err() {
                     self.stats.record_queue_full(n);
@@ -116,6 +177,55 @@ impl EventReader {
             }
             if !more {
                 break;
+            }
+        }
+    }
+
+    /// Reports attempts in SYN_SENT for longer than `pending_report`, once each.
+    fn report_pending(&mut self, out: &mpsc::Sender<Vec<Connection>>) {
+        let Some(map) = &self.pending else {
+            return;
+        };
+        let now = clock::boot_now_ns();
+        let limit = self.outcomes.pending_report.as_nanos() as u64;
+        let mut batch = Vec::new();
+        for entry in map.iter() {
+            let Ok((_, raw)) = entry else { continue };
+            if now.saturating_sub(raw.boot_time_ns) < limit {
+                continue;
+            }
+            let bytes = raw.as_bytes();
+            match decode_connect(bytes, &self.clock) {
+                Ok(connection) => batch.extend(self.tracker.pending(connection)),
+                Err(e) => self.stats.record_decode_failed(&e),
+            }
+        }
+        self.hand_on(batch, out);
+    }
+
+    /// At shutdown: close records for the connections still open, with what is known
+    /// (no close time, no byte counts: the kernel reports those only at CLOSE).
+    fn flush_open(&mut self, out: &mpsc::Sender<Vec<Connection>>) {
+        let unmatched = self.tracker.unmatched_closes;
+        if unmatched > 0 {
+            tracing::info!(
+                closes = unmatched,
+                "Closes of connections reported before this collector started were not reported."
+            );
+        }
+        if !self.outcomes.close_records {
+            return;
+        }
+        let open = self.tracker.drain_open(&self.clock);
+        self.hand_on(open, out);
+    }
+
+    fn hand_on(&self, records: Vec<Connection>, out: &mpsc::Sender<Vec<Connection>>) {
+        for batch in records.chunks(BATCH_RECORDS) {
+            let n = batch.iter().filter(|c| c.logged()).count();
+            self.stats.record_captured(n);
+            if out.try_send(batch.to_vec()).is_err() {
+                self.stats.record_queue_full(n);
             }
         }
     }

@@ -5,7 +5,7 @@
 
 use opentelemetry_semantic_conventions::attribute as semconv;
 
-use crate::enrich::Record;
+use crate::{enrich::Record, events::outcome::ConnectionState};
 
 /// Keys with no semantic convention.
 pub mod keys {
@@ -31,13 +31,46 @@ pub mod keys {
     /// Connections the record stands for, when aggregation is on: 1 for the record that
     /// opened a window, the repeats for the record that closes it.
     pub const CONNECTION_COUNT: &str = "egress.connection.count";
+    /// TCP: `established`, `failed` or `pending` (still in SYN_SENT after
+    /// `--pending-report`).
+    pub const CONNECTION_STATE: &str = "egress.connection.state";
+    /// TCP: SYN_SENT to ESTABLISHED (or to the failure), in seconds.
+    pub const HANDSHAKE_DURATION: &str = "egress.tcp.handshake.duration";
+    /// TCP: SYNs retransmitted before the attempt completed.
+    pub const SYN_RETRANSMITS: &str = "egress.tcp.syn.retransmits";
+    /// Close records: when the attempt began (Unix nanoseconds); the record's time is
+    /// the close.
+    pub const CONNECTION_START: &str = "egress.connection.start_time_unix_nano";
+    /// Close records: ESTABLISHED to CLOSE, in seconds.
+    pub const CONNECTION_DURATION: &str = "egress.tcp.connection.duration";
+    /// Close records: payload bytes the peer acknowledged (SYN and FIN taken out).
+    pub const BYTES_SENT: &str = "egress.tcp.bytes.sent";
+    /// Close records: payload bytes received (the peer's FIN taken out).
+    pub const BYTES_RECEIVED: &str = "egress.tcp.bytes.received";
+    /// Close records: bytes put on the wire, retransmissions included (4.19+).
+    pub const BYTES_TRANSMITTED: &str = "egress.tcp.bytes.transmitted";
+    /// Close records: segments retransmitted over the connection's life.
+    pub const RETRANSMITS: &str = "egress.tcp.retransmits";
+    /// Close records: smoothed round-trip time at the close, in seconds.
+    pub const RTT: &str = "egress.tcp.rtt";
+    /// Close records: who sent the RST that ended it (`peer` or `local`).
+    pub const RESET: &str = "egress.tcp.reset";
+    /// Close records: the connection was still open when the collector stopped (no
+    /// byte counts: the kernel gives them at the close).
+    pub const OPEN_AT_SHUTDOWN: &str = "egress.connection.open_at_shutdown";
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Nanoseconds as seconds.
+pub fn seconds(ns: u64) -> f64 {
+    ns as f64 / 1e9
+}
+
+#[derive(Debug, Clone, PartialEq)]
 pub enum Value {
     Str(String),
     Int(i64),
     Bool(bool),
+    Double(f64),
 }
 
 impl From<&str> for Value {
@@ -110,6 +143,42 @@ pub fn of(record: &Record) -> Vec<(&'static str, Value)> {
     }
     if c.aggregate.is_some() {
         attributes.push((keys::CONNECTION_COUNT, c.count.into()));
+    }
+    if let Some(close) = &c.close {
+        attributes.push((keys::CONNECTION_START, close.connect_unix_nano.into()));
+        attributes.push((
+            keys::CONNECTION_DURATION,
+            Value::Double(seconds(close.duration_ns())),
+        ));
+        if close.still_open {
+            attributes.push((keys::OPEN_AT_SHUTDOWN, Value::Bool(true)));
+        } else {
+            attributes.push((keys::BYTES_SENT, close.bytes_sent.into()));
+            attributes.push((keys::BYTES_RECEIVED, close.bytes_received.into()));
+            if let Some(wire) = close.bytes_transmitted {
+                attributes.push((keys::BYTES_TRANSMITTED, wire.into()));
+            }
+            attributes.push((keys::RETRANSMITS, close.retransmits.into()));
+            attributes.push((keys::RTT, Value::Double(f64::from(close.rtt_us) / 1e6)));
+        }
+        if let Some(by) = close.reset {
+            attributes.push((keys::RESET, by.into()));
+        }
+        if let Some(error) = close.error_type {
+            attributes.push((semconv::ERROR_TYPE, error.into()));
+        }
+    } else if let Some(outcome) = &c.outcome {
+        attributes.push((keys::CONNECTION_STATE, outcome.state.as_str().into()));
+        if let Some(error) = outcome.error_type {
+            attributes.push((semconv::ERROR_TYPE, error.into()));
+        }
+        if outcome.state != ConnectionState::Pending {
+            attributes.push((
+                keys::HANDSHAKE_DURATION,
+                Value::Double(seconds(outcome.handshake_ns)),
+            ));
+            attributes.push((keys::SYN_RETRANSMITS, outcome.syn_retransmits.into()));
+        }
     }
     attributes
 }

@@ -57,6 +57,7 @@ pub fn write_line(out: &mut Vec<u8>, record: &Record) -> serde_json::Result<()> 
             attributes::Value::Str(s) => serde_json::to_writer(&mut *out, s)?,
             attributes::Value::Int(n) => serde_json::to_writer(&mut *out, n)?,
             attributes::Value::Bool(b) => serde_json::to_writer(&mut *out, b)?,
+            attributes::Value::Double(d) => serde_json::to_writer(&mut *out, d)?,
         }
     }
     out.extend_from_slice(b"}}\n");
@@ -66,7 +67,7 @@ pub fn write_line(out: &mut Vec<u8>, record: &Record) -> serde_json::Result<()> 
 impl<W: Write + Send> Exporter for StdoutExporter<W> {
     fn export(&mut self, batch: &[Record]) -> Result<(), ExportError> {
         self.buffer.clear();
-        for record in batch {
+        for record in batch.iter().filter(|r| r.connection.logged()) {
             write_line(&mut self.buffer, record).map_err(std::io::Error::from)?;
         }
         self.out.write_all(&self.buffer)?;

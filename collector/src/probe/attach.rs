@@ -39,10 +39,6 @@ const KPROBES: &[Attachment] = &[
         program: "kprobe_udp_connect",
         targets: UDP_CONNECT,
     },
-    Attachment {
-        program: "kprobe_tcp_connect",
-        targets: &["tcp_connect"],
-    },
 ];
 
 /// (program, kernel function, is fexit)
@@ -51,7 +47,6 @@ const FENTRIES: &[(&str, &str, bool)] = &[
     ("fexit_udpv6_sendmsg", "udpv6_sendmsg", true),
     ("fexit_ip4_datagram_connect", "ip4_datagram_connect", true),
     ("fexit_ip6_datagram_connect", "ip6_datagram_connect", true),
-    ("fentry_tcp_connect", "tcp_connect", false),
 ];
 
 /// Exits first, for the same reason as the return probes.
@@ -83,12 +78,18 @@ const TRACEPOINTS: &[Attachment] = &[
     },
 ];
 
-/// The TCP state changes: the raw tracepoint, else the tracepoint (same event, costlier).
+/// The TCP state changes, in every family: the raw tracepoint, else the tracepoint (same
+/// event, costlier).
 const SOCK_STATE_RAW: &str = "raw_tp_inet_sock_set_state";
 const SOCK_STATE: Attachment = Attachment {
     program: "tp_inet_sock_set_state",
     targets: &["sock/inet_sock_set_state"],
 };
+/// Resets (raw tracepoints only: without them, `reset` is never set).
+const RESETS_RAW: [(&str, &str); 2] = [
+    ("raw_tp_tcp_receive_reset", "tcp_receive_reset"),
+    ("raw_tp_tcp_send_reset", "tcp_send_reset"),
+];
 
 /// Why a hook family could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -126,7 +127,8 @@ pub fn attach(ebpf: &mut Ebpf, mode: HookMode, btf: Option<&Btf>) -> Result<(), 
         HookMode::Kprobe => attach_kprobes(ebpf),
         HookMode::Fentry => attach_fentries(ebpf, btf),
         HookMode::Tracepoint => attach_tracepoints(ebpf),
-    };
+    }
+    .and_then(|()| attach_tcp_state(ebpf, mode));
     if result.is_err() {
         detach(ebpf, mode);
     }
@@ -135,13 +137,15 @@ pub fn attach(ebpf: &mut Ebpf, mode: HookMode, btf: Option<&Btf>) -> Result<(), 
 
 /// Detaches and unloads the programs of `mode` (those that were loaded).
 pub fn detach(ebpf: &mut Ebpf, mode: HookMode) {
-    let names: Vec<&str> = match mode {
+    let family: Vec<&str> = match mode {
         HookMode::Kprobe => KPROBES.iter().map(|a| a.program).collect(),
         HookMode::Fentry => FENTRIES.iter().map(|f| f.0).collect(),
-        HookMode::Tracepoint => (TRACEPOINTS.iter().map(|a| a.program))
-            .chain([SOCK_STATE_RAW, SOCK_STATE.program])
-            .collect(),
+        HookMode::Tracepoint => TRACEPOINTS.iter().map(|a| a.program).collect(),
     };
+    let names = family
+        .into_iter()
+        .chain([SOCK_STATE_RAW, SOCK_STATE.program])
+        .chain(RESETS_RAW.iter().map(|r| r.0));
     for name in names {
         let Some(program) = ebpf.program_mut(name) else {
             continue;
@@ -212,9 +216,19 @@ fn attach_tracepoints(ebpf: &mut Ebpf) -> Result<(), AttachError> {
     for attachment in TRACEPOINTS {
         attach_tracepoint(ebpf, attachment)?;
     }
-    if let Err(raw) = attach_raw_sock_state(ebpf) {
-        tracing::info!(reason = %one_line(&raw), "No raw tracepoint for TCP state changes; using the tracepoint.");
+    Ok(())
+}
+
+/// The TCP state machine (every family), then the reset hooks (optional).
+fn attach_tcp_state(ebpf: &mut Ebpf, mode: HookMode) -> Result<(), AttachError> {
+    if let Err(raw) = attach_raw(ebpf, SOCK_STATE_RAW, "inet_sock_set_state") {
+        tracing::info!(%mode, reason = %one_line(&raw), "No raw tracepoint for TCP state changes; using the tracepoint.");
         attach_tracepoint(ebpf, &SOCK_STATE)?;
+    }
+    for (program, target) in RESETS_RAW {
+        if let Err(e) = attach_raw(ebpf, program, target) {
+            tracing::warn!(%mode, reason = %one_line(&e), "No raw tracepoint for TCP resets; connections will not say who reset them.");
+        }
     }
     Ok(())
 }
@@ -235,8 +249,11 @@ fn attach_tracepoint(ebpf: &mut Ebpf, attachment: &Attachment) -> Result<(), Att
     Ok(())
 }
 
-fn attach_raw_sock_state(ebpf: &mut Ebpf) -> Result<(), AttachError> {
-    let program = SOCK_STATE_RAW;
+fn attach_raw(
+    ebpf: &mut Ebpf,
+    program: &'static str,
+    target: &'static str,
+) -> Result<(), AttachError> {
     let raw: &mut RawTracePoint = ebpf
         .program_mut(program)
         .ok_or(AttachError::Missing(program))?
@@ -246,9 +263,9 @@ fn attach_raw_sock_state(ebpf: &mut Ebpf) -> Result<(), AttachError> {
         .load()
         .map_err(AttachError::program(program, "load"))
         .and_then(|()| {
-            raw.attach("inet_sock_set_state")
+            raw.attach(target)
                 .map(drop)
-                .map_err(AttachError::program(program, "inet_sock_set_state"))
+                .map_err(AttachError::program(program, target))
         });
     if result.is_err() {
         let _ = raw.unload();

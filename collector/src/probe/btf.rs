@@ -252,7 +252,16 @@ impl KernelBtf {
             socket_sk: self.offset("socket", "sk")?,
             socket_file: self.offset("socket", "file")?,
             inet_sport: self.offset("inet_sock", "inet_sport")?,
-            _pad: 0,
+            sk_err: self.offset("sock", "sk_err")?,
+            sk_err_soft: self.offset("sock", "sk_err_soft")?,
+            sk_flags: self.offset("sock", "__sk_common.skc_flags")?,
+            sock_done_bit: self.enum_value("sock_flags", "SOCK_DONE")?,
+            tcp_total_retrans: self.offset("tcp_sock", "total_retrans")?,
+            tcp_srtt_us: self.offset("tcp_sock", "srtt_us")?,
+            tcp_bytes_acked: self.offset("tcp_sock", "bytes_acked")?,
+            tcp_bytes_received: self.offset("tcp_sock", "bytes_received")?,
+            // Added in 4.19 (ba113c3aa79a); 0 tells the programs not to read it.
+            tcp_bytes_sent: self.offset("tcp_sock", "bytes_sent").unwrap_or(0),
         })
     }
 

@@ -15,7 +15,7 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap, RingBuf},
 };
-use egress_shared::{AggregateKey, CgroupSource, ProbeConfig, TracepointOffsets};
+use egress_shared::{AggregateKey, CgroupSource, ConnectEvent, ProbeConfig, TracepointOffsets};
 
 pub use self::{attach::AttachError, filters::Cidr};
 use self::{btf::KernelBtf, cgroups::CgroupInfo};
@@ -307,6 +307,18 @@ impl Probes {
                 name: "AGGREGATES",
                 source,
             })
+    }
+
+    /// TCP attempts in SYN_SENT, for `--pending-report`.
+    pub fn take_pending(&mut self) -> Result<HashMap<MapData, u64, ConnectEvent>, ProbeError> {
+        let map = self
+            .ebpf
+            .take_map("PENDING_TCP")
+            .ok_or(ProbeError::MissingMap("PENDING_TCP"))?;
+        HashMap::try_from(map).map_err(|source| ProbeError::Map {
+            name: "PENDING_TCP",
+            source,
+        })
     }
 
     /// The cgroups the programs drop, for user space to add to.

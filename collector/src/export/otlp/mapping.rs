@@ -25,6 +25,8 @@ use crate::{
 };
 
 pub const EVENT_NAME: &str = "egress.connection";
+/// Close records (`--close-records`).
+pub const CLOSE_EVENT_NAME: &str = "egress.connection.close";
 pub const CONNECTIONS_METRIC: &str = "egress.connections";
 const SCOPE_NAME: &str = "egress-collector";
 const SCOPE_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -39,6 +41,7 @@ fn any(value: Value) -> AnyValue {
             Value::Str(s) => any_value::Value::StringValue(s),
             Value::Int(i) => any_value::Value::IntValue(i),
             Value::Bool(b) => any_value::Value::BoolValue(b),
+            Value::Double(d) => any_value::Value::DoubleValue(d),
         }),
     }
 }
@@ -75,7 +78,11 @@ pub fn log_record(record: &Record, observed_unix_nano: u64) -> LogRecord {
         observed_time_unix_nano: observed_unix_nano,
         severity_number: SeverityNumber::Info as i32,
         severity_text: "INFO".into(),
-        event_name: EVENT_NAME.into(),
+        event_name: if record.connection.close.is_some() {
+            CLOSE_EVENT_NAME.into()
+        } else {
+            EVENT_NAME.into()
+        },
         attributes: attributes::of(record)
             .into_iter()
             .map(|(k, v)| key_value(k, v))
@@ -126,6 +133,8 @@ struct SeriesKey {
     network_type: &'static str,
     port: u16,
     address: Option<IpAddr>,
+    /// TCP attempts that failed; absent on success and for UDP.
+    error_type: Option<&'static str>,
 }
 
 #[derive(Default)]
@@ -152,11 +161,16 @@ impl ConnectionCounts {
 
     pub fn record(&mut self, record: &Record) {
         let c = &record.connection;
+        if c.close.is_some() {
+            // A close is not a connection attempt.
+            return;
+        }
         let key = SeriesKey {
             transport: c.transport.as_str(),
             network_type: c.network_type(),
             port: c.destination.port(),
             address: self.include_address.then(|| c.destination.ip()),
+            error_type: c.outcome.and_then(|o| o.error_type),
         };
         let series = self.series.entry(Arc::clone(&record.resource)).or_default();
         if let Some(count) = series.counts.get_mut(&key) {
@@ -190,6 +204,9 @@ impl ConnectionCounts {
                         semconv::DESTINATION_ADDRESS,
                         address.to_string().into(),
                     ));
+                }
+                if let Some(error) = key.error_type {
+                    attributes.push(key_value(semconv::ERROR_TYPE, error.into()));
                 }
                 point(attributes, count)
             })

@@ -233,7 +233,12 @@ impl OtlpExporter {
                 received = input.recv(), if input_open => match received {
                     Some(records) => {
                         for record in records {
-                            counts.record(&record);
+                            if record.connection.counted() {
+                                counts.record(&record);
+                            }
+                            if !record.connection.logged() {
+                                continue;
+                            }
                             pending.push(record);
                             if pending.len() >= self.settings.batch_size {
                                 self.seal(&mut pending, &mut queue);

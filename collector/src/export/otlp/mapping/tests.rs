@@ -46,6 +46,9 @@ pub(crate) fn connection(port: u16) -> Connection {
         rate_limited_before: 0,
         count: 1,
         aggregate: None,
+        outcome: None,
+        close: None,
+        delivery: crate::events::Delivery::Both,
     }
 }
 

@@ -1,0 +1,115 @@
+//! The TCP state machine, the same in every hook family: one attempt per socket opened
+//! at CLOSE -> SYN_SENT (in the connecting task: the identity is captured there),
+//! completed at the next transition (usually in softirq: no task is read), and, for a
+//! reported connection that was established, closed at -> CLOSE with what `tcp_sock`
+//! counted. Resets are noted on the way by `tcp:tcp_receive_reset` / `tcp_send_reset`.
+
+use aya_ebpf::{
+    macros::{raw_tracepoint, tracepoint},
+    programs::{RawTracePointContext, TracePointContext},
+};
+use egress_shared::ResetBy;
+
+use crate::{
+    emit,
+    maps::config,
+    read,
+    sock::{self, IPPROTO_TCP},
+};
+
+const TCP_ESTABLISHED: i32 = 1;
+const TCP_SYN_SENT: i32 = 2;
+const TCP_CLOSE: i32 = 7;
+
+/// The transitions the state machine acts on; every other one returns at once.
+#[inline(always)]
+fn interesting(old: i32, new: i32) -> bool {
+    (old == TCP_CLOSE && new == TCP_SYN_SENT) || old == TCP_SYN_SENT || new == TCP_CLOSE
+}
+
+/// One transition of a TCP socket. `sport` is the source port (host order) when known.
+#[inline(always)]
+fn transition(sk: u64, old: i32, new: i32, sport: impl FnOnce() -> u16) {
+    if old == TCP_CLOSE && new == TCP_SYN_SENT {
+        emit::tcp_syn_sent(sk);
+    } else if old == TCP_SYN_SENT {
+        // SYN_SENT -> SYN_RECV (simultaneous open) is left pending until CLOSE.
+        if new == TCP_ESTABLISHED || new == TCP_CLOSE {
+            emit::tcp_complete(sk, sport(), new == TCP_ESTABLISHED);
+        }
+    } else if new == TCP_CLOSE {
+        emit::tcp_closed(sk, old as u8);
+    }
+}
+
+/// hook: raw tracepoint `inet_sock_set_state(const struct sock *sk, int oldstate, int
+/// newstate)`: preferred to the tracepoint below, in every family. A tracepoint program
+/// makes the kernel assemble the event's record (addresses, ports) on each of a
+/// connection's ~10 state changes, client and server side, before the program can even
+/// look at the states; a raw one gets the arguments as they are, and reads the socket
+/// only on the transitions the state machine acts on.
+#[raw_tracepoint(tracepoint = "inet_sock_set_state")]
+pub fn raw_tp_inet_sock_set_state(ctx: RawTracePointContext) -> i32 {
+    let old = ctx.arg::<u64>(1) as i32;
+    let new = ctx.arg::<u64>(2) as i32;
+    if !interesting(old, new) {
+        return 0;
+    }
+    let sk = ctx.arg::<u64>(0);
+    if sock::protocol(sk) != Ok(IPPROTO_TCP) {
+        return 0;
+    }
+    transition(sk, old, new, || {
+        // inet_sport (network order) still names the port after inet_num is released.
+        read::kernel::<u16>(sk, config!(offsets.inet_sport)).map_or(0, u16::from_be)
+    });
+    0
+}
+
+#[inline(always)]
+fn field<T>(ctx: &TracePointContext, offset: u32) -> Option<T> {
+    // SAFETY: the offset comes from the tracepoint's own format file.
+    unsafe { ctx.read_at::<T>(offset as usize).ok() }
+}
+
+/// hook: tracepoint `sock:inet_sock_set_state` (skaddr, oldstate, newstate, protocol,
+/// sport…): the fallback where raw tracepoints are refused.
+#[tracepoint(category = "sock", name = "inet_sock_set_state")]
+pub fn tp_inet_sock_set_state(ctx: TracePointContext) -> u32 {
+    let Some(protocol) = field::<u16>(&ctx, config!(tracepoints.state_protocol)) else {
+        return 0;
+    };
+    if protocol != IPPROTO_TCP as u16 {
+        return 0;
+    }
+    let (Some(sk), Some(old), Some(new)) = (
+        field::<u64>(&ctx, config!(tracepoints.state_skaddr)),
+        field::<i32>(&ctx, config!(tracepoints.state_oldstate)),
+        field::<i32>(&ctx, config!(tracepoints.state_newstate)),
+    ) else {
+        return 0;
+    };
+    if !interesting(old, new) {
+        return 0;
+    }
+    transition(sk, old, new, || {
+        field::<u16>(&ctx, config!(tracepoints.state_sport)).unwrap_or(0)
+    });
+    0
+}
+
+/// hook: raw tracepoint `tcp_receive_reset(struct sock *sk)` (4.15+): a RST arrived on
+/// `sk` (before the socket goes to CLOSE).
+#[raw_tracepoint(tracepoint = "tcp_receive_reset")]
+pub fn raw_tp_tcp_receive_reset(ctx: RawTracePointContext) -> i32 {
+    emit::tcp_reset(ctx.arg::<u64>(0), ResetBy::PEER);
+    0
+}
+
+/// hook: raw tracepoint `tcp_send_reset(const struct sock *sk, const struct sk_buff *skb,
+/// ...)` (4.15+; sk is NULL for a reply to an unknown segment): this host sent a RST.
+#[raw_tracepoint(tracepoint = "tcp_send_reset")]
+pub fn raw_tp_tcp_send_reset(ctx: RawTracePointContext) -> i32 {
+    emit::tcp_reset(ctx.arg::<u64>(0), ResetBy::LOCAL);
+    0
+}

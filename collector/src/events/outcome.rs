@@ -1,0 +1,289 @@
+//! How TCP connections went: the outcome of each attempt (`error.type`), the close of
+//! each established connection in payload bytes and seconds, and the bookkeeping that
+//! joins a close to its connection and reports attempts still pending.
+
+use std::collections::{HashMap, HashSet};
+
+use egress_shared::{CloseFlags, ResetBy, TcpCloseEvent};
+
+use super::{
+    clock::BootClock,
+    decode::{Connection, Delivery},
+};
+
+/// `egress.connection.state`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectionState {
+    Established,
+    Failed,
+    /// Still in SYN_SENT after `--pending-report`.
+    Pending,
+}
+
+impl ConnectionState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConnectionState::Established => "established",
+            ConnectionState::Failed => "failed",
+            ConnectionState::Pending => "pending",
+        }
+    }
+}
+
+/// How a TCP attempt went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Outcome {
+    pub state: ConnectionState,
+    /// `error.type` on failure (absent on success, as the conventions say).
+    pub error_type: Option<&'static str>,
+    /// SYN_SENT to the attempt's completion.
+    pub handshake_ns: u64,
+    pub syn_retransmits: u32,
+    /// The socket's kernel address and the attempt's start: the connection's name.
+    pub sock_id: u64,
+    pub connect_boot_ns: u64,
+}
+
+// errno values (asm-generic/errno.h; the same on every Linux architecture the
+// collector builds for).
+const EPERM: u32 = 1;
+const EACCES: u32 = 13;
+const ENONET: u32 = 64;
+const EPROTO: u32 = 71;
+const ENETUNREACH: u32 = 101;
+const ECONNRESET: u32 = 104;
+const ETIMEDOUT: u32 = 110;
+const ECONNREFUSED: u32 = 111;
+const EHOSTDOWN: u32 = 112;
+const EHOSTUNREACH: u32 = 113;
+
+/// `error.type` of an attempt that went SYN_SENT -> CLOSE, from `sk->sk_err`.
+///
+/// ECONNREFUSED is a RST or an ICMP port unreachable; ETIMEDOUT the kernel's SYN
+/// retries ran out; the ICMP-derived errors (net/host unreachable, host down, no
+/// network, protocol error, administratively prohibited) are `unreachable`. No error with
+/// a source port: the application closed it first (`aborted`); without one: it failed
+/// locally after SYN_SENT (port exhaustion and the like).
+pub fn error_type(sk_err: u32, source_port: u16) -> &'static str {
+    match sk_err {
+        0 if source_port != 0 => "aborted",
+        0 => "local_failure",
+        ECONNREFUSED => "refused",
+        ETIMEDOUT => "timed_out",
+        ENETUNREACH | EHOSTUNREACH | EHOSTDOWN | ENONET | EPROTO | EACCES | EPERM => "unreachable",
+        ECONNRESET => "reset",
+        _ => "_OTHER",
+    }
+}
+
+// TCP states (include/net/tcp_states.h).
+const TCP_FIN_WAIT2: u8 = 5;
+const TCP_LAST_ACK: u8 = 9;
+const TCP_CLOSING: u8 = 11;
+
+/// The life of an established connection, in payload bytes and real units.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Close {
+    pub connect_unix_nano: u64,
+    pub established_unix_nano: u64,
+    pub close_unix_nano: u64,
+    /// Payload the peer acknowledged (`bytes_acked` less the SYN, and the FIN once
+    /// acknowledged).
+    pub bytes_sent: u64,
+    /// Payload received (`bytes_received` less the peer's FIN once it arrived).
+    pub bytes_received: u64,
+    /// Bytes put on the wire, retransmissions included (`bytes_sent`, 4.19+).
+    pub bytes_transmitted: Option<u64>,
+    pub retransmits: u32,
+    /// Smoothed RTT in microseconds (`srtt_us` / 8).
+    pub rtt_us: u32,
+    pub reset: Option<&'static str>,
+    /// `error.type` when the connection ended on an error (reset, timeout).
+    pub error_type: Option<&'static str>,
+    /// Still open when the collector stopped: `close_unix_nano` is the stop, and the
+    /// kernel's counters are unknown (zero).
+    pub still_open: bool,
+}
+
+impl Close {
+    pub fn from_raw(raw: &TcpCloseEvent, clock: &BootClock) -> Self {
+        // Our FIN counts in bytes_acked once acknowledged: the socket then leaves
+        // FIN_WAIT2 (for TIME_WAIT or its timeout), CLOSING or LAST_ACK without error.
+        let fin_acked = matches!(raw.old_state, TCP_FIN_WAIT2 | TCP_CLOSING | TCP_LAST_ACK)
+            && raw.sk_err == 0
+            && raw.reset == ResetBy::NONE;
+        let fin_received = raw.flags & CloseFlags::FIN_RECEIVED != 0;
+        Self {
+            connect_unix_nano: clock.to_unix_nanos(raw.connect_ns),
+            established_unix_nano: clock.to_unix_nanos(raw.established_ns),
+            close_unix_nano: clock.to_unix_nanos(raw.close_ns),
+            // The SYN is acknowledged by the SYN-ACK: always one.
+            bytes_sent: raw
+                .bytes_acked
+                .saturating_sub(1)
+                .saturating_sub(u64::from(fin_acked)),
+            bytes_received: raw.bytes_received.saturating_sub(u64::from(fin_received)),
+            bytes_transmitted: (raw.flags & CloseFlags::BYTES_SENT_KNOWN != 0)
+                .then_some(raw.bytes_sent),
+            retransmits: raw.total_retrans,
+            rtt_us: raw.srtt_us_x8 >> 3,
+            reset: match raw.reset {
+                ResetBy::PEER => Some("peer"),
+                ResetBy::LOCAL => Some("local"),
+                _ => None,
+            },
+            error_type: match (raw.sk_err, raw.reset) {
+                (0, ResetBy::NONE) => None,
+                (0, _) => Some("reset"),
+                (err, _) => Some(error_type(err, 1)),
+            },
+            still_open: false,
+        }
+    }
+
+    pub fn duration_ns(&self) -> u64 {
+        self.close_unix_nano
+            .saturating_sub(self.established_unix_nano)
+    }
+}
+
+/// Established connections kept for their close, at most (the kernel tracks 65536).
+const MAX_OPEN: usize = 65_536;
+/// Pending attempts remembered as reported, at most (the kernel holds 8192).
+const MAX_REPORTED: usize = 16_384;
+
+/// Joins closes to their connections and remembers the attempts reported as pending.
+#[derive(Default)]
+pub struct Tracker {
+    open: HashMap<(u64, u64), Connection>,
+    reported_pending: HashSet<(u64, u64)>,
+    /// Closes whose connection was not known (reported before a restart, or dropped).
+    pub unmatched_closes: u64,
+    /// Connections forgotten because `open` was full.
+    pub evicted: u64,
+}
+
+impl Tracker {
+    /// A completed attempt: remembered for its close when established; marked for the
+    /// metrics only when it was already reported as pending.
+    pub fn note(&mut self, connection: &mut Connection) {
+        let Some(outcome) = connection.outcome else {
+            return;
+        };
+        let key = (outcome.sock_id, outcome.connect_boot_ns);
+        if self.reported_pending.remove(&key) {
+            connection.delivery = Delivery::MetricsOnly;
+        }
+        if outcome.state == ConnectionState::Established {
+            if self.open.len() >= MAX_OPEN {
+                self.evicted += 1;
+            } else {
+                self.open.insert(key, connection.clone());
+            }
+        }
+    }
+
+    /// A close: the connection's record, become a `tcp_close` record.
+    pub fn close(&mut self, raw: &TcpCloseEvent, clock: &BootClock) -> Option<Connection> {
+        let Some(mut record) = self.open.remove(&(raw.sock_id, raw.connect_ns)) else {
+            self.unmatched_closes += 1;
+            return None;
+        };
+        let close = Close::from_raw(raw, clock);
+        record.kind = egress_shared::EventKind::TcpClose;
+        record.time_unix_nano = close.close_unix_nano;
+        record.close = Some(close);
+        record.delivery = Delivery::Both;
+        record.aggregate = None;
+        record.rate_limited_before = 0;
+        Some(record)
+    }
+
+    /// An attempt read from the kernel's pending map: reported once, as pending.
+    pub fn pending(&mut self, mut connection: Connection) -> Option<Connection> {
+        let outcome = connection.outcome?;
+        let key = (outcome.sock_id, outcome.connect_boot_ns);
+        if self.reported_pending.contains(&key) || self.reported_pending.len() >= MAX_REPORTED {
+            return None;
+        }
+        self.reported_pending.insert(key);
+        connection.delivery = Delivery::LogOnly;
+        Some(connection)
+    }
+
+    /// Connections still open (the flush at shutdown): what is known of them.
+    pub fn drain_open(&mut self, clock: &BootClock) -> Vec<Connection> {
+        let now = clock.to_unix_nanos(super::clock::boot_now_ns());
+        self.open
+            .drain()
+            .map(|(_, mut record)| {
+                let handshake = record.outcome.map_or(0, |o| o.handshake_ns);
+                record.close = Some(Close {
+                    connect_unix_nano: record.time_unix_nano,
+                    established_unix_nano: record.time_unix_nano + handshake,
+                    close_unix_nano: now,
+                    bytes_sent: 0,
+                    bytes_received: 0,
+                    bytes_transmitted: None,
+                    retransmits: 0,
+                    rtt_us: 0,
+                    reset: None,
+                    error_type: None,
+                    still_open: true,
+                });
+                record.kind = egress_shared::EventKind::TcpClose;
+                record.time_unix_nano = now;
+                record.delivery = Delivery::Both;
+                record
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_map_to_error_types() {
+        assert_eq!(error_type(ECONNREFUSED, 4000), "refused");
+        assert_eq!(error_type(ETIMEDOUT, 4000), "timed_out");
+        assert_eq!(error_type(EHOSTUNREACH, 4000), "unreachable");
+        assert_eq!(error_type(ENETUNREACH, 4000), "unreachable");
+        assert_eq!(error_type(0, 4000), "aborted");
+        assert_eq!(error_type(0, 0), "local_failure");
+        assert_eq!(error_type(999, 4000), "_OTHER");
+    }
+
+    fn close_event(old_state: u8) -> TcpCloseEvent {
+        let mut raw = TcpCloseEvent::zeroed();
+        raw.old_state = old_state;
+        raw.bytes_acked = 1_048_576 + 2;
+        raw.bytes_received = 262_144 + 1;
+        raw.flags = CloseFlags::FIN_RECEIVED;
+        raw.srtt_us_x8 = 800;
+        raw.established_ns = 1_000;
+        raw.close_ns = 3_000;
+        raw
+    }
+
+    #[test]
+    fn sequence_space_becomes_payload() {
+        let clock = BootClock::with_offset(0);
+        let close = Close::from_raw(&close_event(TCP_FIN_WAIT2), &clock);
+        assert_eq!(close.bytes_sent, 1_048_576);
+        assert_eq!(close.bytes_received, 262_144);
+        assert_eq!(close.rtt_us, 100);
+        assert_eq!(close.duration_ns(), 2_000);
+        assert_eq!(close.error_type, None);
+        // Reset while established: our FIN never went out, so it is not in bytes_acked.
+        let mut raw = close_event(1);
+        raw.bytes_acked -= 1;
+        raw.reset = ResetBy::PEER;
+        raw.sk_err = ECONNRESET;
+        let close = Close::from_raw(&raw, &clock);
+        assert_eq!(close.bytes_sent, 1_048_576);
+        assert_eq!(close.reset, Some("peer"));
+        assert_eq!(close.error_type, Some("reset"));
+    }
+}
