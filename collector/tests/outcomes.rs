@@ -1,0 +1,557 @@
+//! How each TCP connection went, on this machine's kernel (tracepoint mode): every
+//! outcome exactly once with its `error.type`, exact payload bytes at the close, a
+//! handshake delayed by a dropped SYN, resets, and attempts reported while pending.
+//!
+//! The network: this process's threads connect from the root namespace (loopback cases)
+//! and from a client namespace joined to a server namespace by a veth pair; the server's
+//! nftables drop or reject SYNs per port. The client namespace has
+//! `net.ipv4.tcp_syn_retries=1`, so an unanswered SYN times out after ~3 s (1 s + 2 s).
+
+mod support;
+
+use std::{
+    io::{Read, Write},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream},
+    os::fd::AsRawFd,
+    process::Command,
+    thread,
+    time::{Duration, Instant},
+};
+
+use egress_testkit::collector::RunningCollector;
+use serde_json::Value;
+use support::host::require_root;
+
+const COLLECTOR: &str = env!("CARGO_BIN_EXE_egress-collector");
+
+/// Server ports in the server namespace and what its firewall does to them.
+const PORT_SYN_DROPPED: u16 = 9;
+const PORT_FIRST_SYN_DROPPED: u16 = 10;
+const PORT_ABORT_AT_ONCE: u16 = 13;
+const PORT_ABORT_AFTER_RETRANSMIT: u16 = 14;
+const PORT_UNREACHABLE: u16 = 12;
+const PORT_PENDING: u16 = 15;
+
+fn sh(args: &[&str]) {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn nft_in(ns: &str, script: &str) {
+    let path = std::env::temp_dir().join(format!("egress-outcomes-{ns}.nft"));
+    std::fs::write(&path, script).expect("write nft script");
+    sh(&[
+        "ip",
+        "netns",
+        "exec",
+        ns,
+        "nft",
+        "-f",
+        path.to_str().expect("utf-8 path"),
+    ]);
+    let _ = std::fs::remove_file(path);
+}
+
+/// Two namespaces joined by a veth pair; removed on drop.
+struct Net {
+    client: String,
+    server: String,
+    server_ip: Ipv4Addr,
+}
+
+impl Net {
+    fn new() -> Self {
+        let id = std::process::id();
+        let client = format!("eo-c-{id}");
+        let server = format!("eo-s-{id}");
+        let subnet = (id % 200) as u8 + 20;
+        let (c_ip, s_ip) = (
+            format!("10.213.{subnet}.1/24"),
+            format!("10.213.{subnet}.2/24"),
+        );
+        let (c_if, s_if) = (
+            format!("eoc{}", id % 100_000),
+            format!("eos{}", id % 100_000),
+        );
+        sh(&["ip", "netns", "add", &client]);
+        sh(&["ip", "netns", "add", &server]);
+        let net = Net {
+            client: client.clone(),
+            server: server.clone(),
+            server_ip: Ipv4Addr::new(10, 213, subnet, 2),
+        };
+        sh(&[
+            "ip", "link", "add", &c_if, "netns", &client, "type", "veth", "peer", "name", &s_if,
+            "netns", &server,
+        ]);
+        for (ns, dev, ip) in [(&client, &c_if, &c_ip), (&server, &s_if, &s_ip)] {
+            sh(&["ip", "-n", ns, "addr", "add", ip, "dev", dev]);
+            sh(&["ip", "-n", ns, "link", "set", dev, "up"]);
+            sh(&["ip", "-n", ns, "link", "set", "lo", "up"]);
+        }
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &client,
+            "sysctl",
+            "-qw",
+            "net.ipv4.tcp_syn_retries=1",
+        ]);
+        nft_in(
+            &server,
+            &format!(
+                "table inet egress_outcomes {{
+                    set seen {{ type ipv4_addr; flags dynamic,timeout; timeout 1m; }}
+                    chain input {{
+                        type filter hook input priority 0; policy accept;
+                        tcp dport {{ {PORT_SYN_DROPPED}, {PORT_ABORT_AT_ONCE}, {PORT_ABORT_AFTER_RETRANSMIT}, {PORT_PENDING} }} drop
+                        tcp dport {PORT_UNREACHABLE} reject with icmp type host-unreachable
+                        tcp dport {PORT_FIRST_SYN_DROPPED} tcp flags & (syn | ack) == syn ip saddr @seen accept
+                        tcp dport {PORT_FIRST_SYN_DROPPED} tcp flags & (syn | ack) == syn add @seen {{ ip saddr }} drop
+                    }}
+                }}"
+            ),
+        );
+        net
+    }
+
+    fn dest(&self, port: u16) -> SocketAddr {
+        SocketAddr::V4(SocketAddrV4::new(self.server_ip, port))
+    }
+
+    /// Runs `f` on a thread inside namespace `ns`.
+    fn in_ns<T: Send + 'static>(
+        ns: &str,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> thread::JoinHandle<T> {
+        let path = format!("/run/netns/{ns}");
+        thread::spawn(move || {
+            let file = std::fs::File::open(&path).expect("open netns");
+            // SAFETY: setns on this thread only, with a valid namespace fd.
+            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns {path}");
+            f()
+        })
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        for ns in [&self.client, &self.server] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+/// A non-blocking connect: returns the socket at once, SYN sent.
+fn connect_nonblocking(dest: SocketAddr) -> i32 {
+    let SocketAddr::V4(v4) = dest else {
+        unreachable!()
+    };
+    // SAFETY: plain socket calls on a socket this function owns.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_NONBLOCK, 0);
+        assert!(fd >= 0, "socket");
+        let addr = libc::sockaddr_in {
+            sin_family: libc::AF_INET as u16,
+            sin_port: v4.port().to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(*v4.ip()).to_be(),
+            },
+            sin_zero: [0; 8],
+        };
+        let rc = libc::connect(
+            fd,
+            (&addr as *const libc::sockaddr_in).cast(),
+            size_of::<libc::sockaddr_in>() as u32,
+        );
+        assert!(
+            rc == -1 && *libc::__errno_location() == libc::EINPROGRESS,
+            "non-blocking connect should be in progress"
+        );
+        fd
+    }
+}
+
+fn close_fd(fd: i32) {
+    // SAFETY: closing a socket this test opened.
+    unsafe { libc::close(fd) };
+}
+
+fn attr<'a>(record: &'a Value, key: &str) -> &'a Value {
+    &record["attributes"][key]
+}
+
+/// The records of this process to `dest` of one `egress.event`.
+fn records_to<'a>(records: &'a [Value], dest: SocketAddr, event: &str) -> Vec<&'a Value> {
+    records
+        .iter()
+        .filter(|r| {
+            attr(r, "process.pid") == std::process::id()
+                && attr(r, "egress.event") == event
+                && attr(r, "destination.address") == dest.ip().to_string().as_str()
+                && attr(r, "destination.port") == dest.port()
+        })
+        .collect()
+}
+
+fn parse(stdout: &str) -> Vec<Value> {
+    stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect()
+}
+
+/// One record, or a problem.
+fn one<'a>(records: &[&'a Value], what: &str, problems: &mut Vec<String>) -> Option<&'a Value> {
+    match records {
+        [one] => Some(one),
+        other => {
+            problems.push(format!("{what}: {} records, want 1", other.len()));
+            None
+        }
+    }
+}
+
+fn expect(problems: &mut Vec<String>, what: &str, record: &Value, key: &str, want: Value) {
+    if attr(record, key) != &want {
+        problems.push(format!(
+            "{what}: {key} is {}, want {want}",
+            attr(record, key)
+        ));
+    }
+}
+
+/// Accepts one connection, reads 1 MiB, answers 256 KiB, closes.
+fn bytes_server() -> (SocketAddr, thread::JoinHandle<()>) {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("listen");
+    let addr = listener.local_addr().expect("addr");
+    let handle = thread::spawn(move || {
+        let (mut s, _) = listener.accept().expect("accept");
+        let mut buf = vec![0u8; 1 << 20];
+        s.read_exact(&mut buf).expect("read 1 MiB");
+        s.write_all(&vec![7u8; 256 << 10]).expect("write 256 KiB");
+    });
+    (addr, handle)
+}
+
+/// Accepts one connection and resets it (SO_LINGER 0, then close).
+fn reset_server() -> (SocketAddr, thread::JoinHandle<()>) {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("listen");
+    let addr = listener.local_addr().expect("addr");
+    let handle = thread::spawn(move || {
+        let (s, _) = listener.accept().expect("accept");
+        let linger = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        // SAFETY: setsockopt on a socket this thread owns.
+        unsafe {
+            libc::setsockopt(
+                s.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                (&linger as *const libc::linger).cast(),
+                size_of::<libc::linger>() as u32,
+            )
+        };
+        thread::sleep(Duration::from_millis(100));
+        drop(s);
+    });
+    (addr, handle)
+}
+
+fn closed_port() -> SocketAddr {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind");
+    listener.local_addr().expect("addr")
+}
+
+#[test]
+fn every_outcome_once_with_its_error_type_and_exact_payload_bytes() {
+    require_root();
+    let net = Net::new();
+    // A listener in the server namespace for the delayed handshake.
+    let delayed = net.dest(PORT_FIRST_SYN_DROPPED);
+    let delayed_server = Net::in_ns(&net.server, move || {
+        let listener = TcpListener::bind(("0.0.0.0", PORT_FIRST_SYN_DROPPED)).expect("listen");
+        let (s, _) = listener.accept().expect("accept");
+        drop(s);
+    });
+    let collector = RunningCollector::start(
+        std::path::Path::new(COLLECTOR),
+        &[
+            "--probe",
+            "tracepoint",
+            "--close-records",
+            "--pending-report",
+            "30s",
+            "--stats-interval",
+            "1h",
+        ],
+        Duration::from_secs(60),
+    )
+    .expect("collector starts");
+
+    // Loopback: success with known payloads, refused, reset by the peer.
+    let (bytes_addr, bytes_server) = bytes_server();
+    let mut stream = TcpStream::connect(bytes_addr).expect("connect");
+    stream.write_all(&vec![1u8; 1 << 20]).expect("write 1 MiB");
+    let mut back = Vec::new();
+    stream
+        .read_to_end(&mut back)
+        .expect("read until the server closes");
+    assert_eq!(back.len(), 256 << 10);
+    drop(stream);
+    bytes_server.join().expect("bytes server");
+
+    let refused = closed_port();
+    let err = TcpStream::connect(refused).expect_err("nothing listens");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused);
+
+    let (reset_addr, reset_server) = reset_server();
+    let mut stream = TcpStream::connect(reset_addr).expect("connect");
+    reset_server.join().expect("reset server");
+    let mut buf = [0u8; 16];
+    let read = stream.read(&mut buf);
+    assert!(read.is_err(), "the peer reset the connection: {read:?}");
+    drop(stream);
+
+    // Through the veth pair, in parallel (the timeout takes ~3 s).
+    let d = |p| net.dest(p);
+    let (timed, unreachable, at_once, after_rtx) = (
+        d(PORT_SYN_DROPPED),
+        d(PORT_UNREACHABLE),
+        d(PORT_ABORT_AT_ONCE),
+        d(PORT_ABORT_AFTER_RETRANSMIT),
+    );
+    let client = net.client.clone();
+    let t_timed = Net::in_ns(&client, move || {
+        let started = Instant::now();
+        let e = TcpStream::connect(timed).expect_err("SYNs are dropped");
+        (e.kind(), started.elapsed())
+    });
+    let t_unreachable = Net::in_ns(&client, move || {
+        TcpStream::connect(unreachable)
+            .expect_err("rejected")
+            .raw_os_error()
+    });
+    let t_at_once = Net::in_ns(&client, move || close_fd(connect_nonblocking(at_once)));
+    let t_after = Net::in_ns(&client, move || {
+        let fd = connect_nonblocking(after_rtx);
+        // The first SYN retransmission leaves at ~1 s.
+        thread::sleep(Duration::from_millis(1600));
+        close_fd(fd);
+    });
+    let t_delayed = Net::in_ns(&client, move || {
+        let started = Instant::now();
+        drop(TcpStream::connect(delayed).expect("the second SYN is answered"));
+        started.elapsed()
+    });
+    let (timed_kind, timed_after) = t_timed.join().expect("timed-out client");
+    assert_eq!(timed_kind, std::io::ErrorKind::TimedOut);
+    assert_eq!(
+        t_unreachable.join().expect("unreachable client"),
+        Some(libc::EHOSTUNREACH)
+    );
+    t_at_once.join().expect("abort client");
+    t_after.join().expect("abort-after-retransmit client");
+    let delayed_after = t_delayed.join().expect("delayed client");
+    delayed_server.join().expect("delayed server");
+    thread::sleep(Duration::from_millis(500));
+
+    let (clean, stdout, stderr) = collector.stop(Duration::from_secs(30)).expect("stop");
+    assert!(clean, "collector failed:\n{}", stderr.join("\n"));
+    let records = parse(&stdout);
+    let mut problems = Vec::new();
+    let p = &mut problems;
+
+    // Success, and its close with the exact payloads.
+    if let Some(r) = one(
+        &records_to(&records, bytes_addr, "tcp_connect"),
+        "success",
+        p,
+    ) {
+        expect(
+            p,
+            "success",
+            r,
+            "egress.connection.state",
+            "established".into(),
+        );
+        expect(p, "success", r, "error.type", Value::Null);
+        expect(p, "success", r, "egress.tcp.syn.retransmits", 0.into());
+    }
+    if let Some(r) = one(&records_to(&records, bytes_addr, "tcp_close"), "close", p) {
+        expect(p, "close", r, "egress.tcp.bytes.sent", (1u64 << 20).into());
+        expect(
+            p,
+            "close",
+            r,
+            "egress.tcp.bytes.received",
+            (256u64 << 10).into(),
+        );
+        expect(p, "close", r, "error.type", Value::Null);
+        expect(p, "close", r, "egress.tcp.reset", Value::Null);
+        let start = attr(r, "egress.connection.start_time_unix_nano").as_u64();
+        let end = r["time_unix_nano"].as_u64();
+        let duration = attr(r, "egress.tcp.connection.duration").as_f64();
+        if !matches!((start, end, duration), (Some(s), Some(e), Some(d)) if s < e && d > 0.0 && d < 30.0)
+        {
+            p.push(format!(
+                "close: start {start:?}, end {end:?}, duration {duration:?}"
+            ));
+        }
+        if attr(r, "egress.tcp.rtt")
+            .as_f64()
+            .is_none_or(|rtt| rtt <= 0.0 || rtt > 1.0)
+        {
+            p.push(format!("close: rtt {}", attr(r, "egress.tcp.rtt")));
+        }
+    }
+    if let Some(r) = one(&records_to(&records, refused, "tcp_connect"), "refused", p) {
+        expect(p, "refused", r, "egress.connection.state", "failed".into());
+        expect(p, "refused", r, "error.type", "refused".into());
+    }
+    if let Some(r) = one(&records_to(&records, reset_addr, "tcp_connect"), "reset", p) {
+        expect(
+            p,
+            "reset",
+            r,
+            "egress.connection.state",
+            "established".into(),
+        );
+    }
+    if let Some(r) = one(
+        &records_to(&records, reset_addr, "tcp_close"),
+        "reset close",
+        p,
+    ) {
+        expect(p, "reset close", r, "egress.tcp.reset", "peer".into());
+        expect(p, "reset close", r, "error.type", "reset".into());
+    }
+    if let Some(r) = one(
+        &records_to(&records, unreachable, "tcp_connect"),
+        "unreachable",
+        p,
+    ) {
+        expect(p, "unreachable", r, "error.type", "unreachable".into());
+    }
+    if let Some(r) = one(&records_to(&records, timed, "tcp_connect"), "timed out", p) {
+        expect(p, "timed out", r, "error.type", "timed_out".into());
+        // The kernel's own count: with tcp_syn_retries=1 it decides by elapsed time
+        // (retransmits_timed_out), and 6.18 sends one more SYN at the deadline.
+        if attr(r, "egress.tcp.syn.retransmits")
+            .as_u64()
+            .is_none_or(|n| n < 1)
+        {
+            p.push(format!(
+                "timed out: syn retransmits {}",
+                attr(r, "egress.tcp.syn.retransmits")
+            ));
+        }
+        let h = attr(r, "egress.tcp.handshake.duration")
+            .as_f64()
+            .unwrap_or(0.0);
+        let took = timed_after.as_secs_f64();
+        if !(2.5..=took + 0.1).contains(&h) {
+            p.push(format!(
+                "timed out: handshake {h} s, connect() took {took} s"
+            ));
+        }
+    }
+    if let Some(r) = one(&records_to(&records, at_once, "tcp_connect"), "aborted", p) {
+        expect(p, "aborted", r, "error.type", "aborted".into());
+        expect(p, "aborted", r, "egress.tcp.syn.retransmits", 0.into());
+    }
+    if let Some(r) = one(
+        &records_to(&records, after_rtx, "tcp_connect"),
+        "aborted late",
+        p,
+    ) {
+        expect(p, "aborted late", r, "error.type", "aborted".into());
+        expect(p, "aborted late", r, "egress.tcp.syn.retransmits", 1.into());
+        let h = attr(r, "egress.tcp.handshake.duration")
+            .as_f64()
+            .unwrap_or(0.0);
+        if !(1.5..2.5).contains(&h) {
+            p.push(format!("aborted late: {h} s from SYN to close, want ~1.6"));
+        }
+    }
+    // The first SYN is dropped: the handshake completes on the retransmission, after
+    // the initial RTO (1 s), so the imposed delay is 1 s.
+    if let Some(r) = one(&records_to(&records, delayed, "tcp_connect"), "delayed", p) {
+        expect(
+            p,
+            "delayed",
+            r,
+            "egress.connection.state",
+            "established".into(),
+        );
+        expect(p, "delayed", r, "egress.tcp.syn.retransmits", 1.into());
+        let h = attr(r, "egress.tcp.handshake.duration")
+            .as_f64()
+            .unwrap_or(0.0);
+        let took = delayed_after.as_secs_f64();
+        if !(1.0..1.5).contains(&h) || h > took + 0.01 {
+            p.push(format!("delayed: handshake {h} s, connect() took {took} s"));
+        }
+    }
+    assert!(
+        problems.is_empty(),
+        "{}\nrecords of this process:\n{}",
+        problems.join("\n"),
+        records
+            .iter()
+            .filter(|r| attr(r, "process.pid") == std::process::id())
+            .map(|r| r["attributes"].to_string())
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
+
+/// An attempt that no one answers is reported after `--pending-report`, marked pending,
+/// and only once: its later timeout does not make a second record.
+#[test]
+fn an_unanswered_syn_is_reported_pending_once() {
+    require_root();
+    let net = Net::new();
+    let collector = RunningCollector::start(
+        std::path::Path::new(COLLECTOR),
+        &[
+            "--probe",
+            "tracepoint",
+            "--pending-report",
+            "1s",
+            "--stats-interval",
+            "1h",
+        ],
+        Duration::from_secs(60),
+    )
+    .expect("collector starts");
+    let dest = net.dest(PORT_PENDING);
+    let started = Instant::now();
+    let seen_at = Net::in_ns(&net.client, move || {
+        let e = TcpStream::connect(dest).expect_err("SYNs are dropped");
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
+    });
+    seen_at.join().expect("client");
+    let elapsed = started.elapsed();
+    thread::sleep(Duration::from_millis(500));
+    let (clean, stdout, stderr) = collector.stop(Duration::from_secs(30)).expect("stop");
+    assert!(clean, "collector failed:\n{}", stderr.join("\n"));
+    let records = parse(&stdout);
+    let mine = records_to(&records, dest, "tcp_connect");
+    assert_eq!(mine.len(), 1, "one record: {mine:?}");
+    let r = mine[0];
+    assert_eq!(attr(r, "egress.connection.state"), "pending", "{r}");
+    assert_eq!(attr(r, "error.type"), &Value::Null, "{r}");
+    assert!(elapsed > Duration::from_millis(2500), "the SYN timed out");
+}
