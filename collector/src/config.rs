@@ -134,6 +134,10 @@ pub struct RunArgs {
     /// closes: duration, payload bytes each way, retransmits, RTT, reset.
     #[arg(long, env = "EGRESS_CLOSE_RECORDS")]
     pub close_records: bool,
+    /// Send one OTLP span per TCP connection (kind CLIENT, connect to close or failure,
+    /// named `connect <address>:<port>`) to the traces endpoint. Needs an OTLP endpoint.
+    #[arg(long, env = "EGRESS_CONNECTION_SPANS")]
+    pub connection_spans: bool,
 }
 
 /// OTLP export. Each flag overrides the matching `OTEL_EXPORTER_OTLP_*` variable, which
@@ -229,6 +233,7 @@ impl RunArgs {
             outcomes: crate::events::OutcomeSettings {
                 pending_report: self.pending_report,
                 close_records: self.close_records,
+                spans: self.connection_spans,
                 metrics: false,
             },
         }

@@ -48,6 +48,9 @@ fn run(mut args: RunArgs) -> anyhow::Result<()> {
     let mut pipeline_settings = args.pipeline();
     pipeline_settings.otlp = args.otlp.settings(&env).context("configuration")?;
     pipeline_settings.stdout = args.stdout || pipeline_settings.otlp.is_none();
+    if args.connection_spans && pipeline_settings.otlp.is_none() {
+        anyhow::bail!("configuration: --connection-spans needs an OTLP endpoint");
+    }
     let host = HostIdentity::detect(&args.probe.host_root);
     let self_telemetry = match &pipeline_settings.otlp {
         Some(otlp) if otlp.self_telemetry => Some(

@@ -76,13 +76,10 @@ pub async fn run(
     let otlp = match settings.otlp.clone() {
         Some(otlp) => {
             let flush = settings.drain_deadline.mul_f32(0.8);
-            Some(OtlpExporter::new(
-                otlp,
-                &host.host_name,
-                Arc::clone(&stats),
-                snapshot,
-                flush,
-            )?)
+            Some(
+                OtlpExporter::new(otlp, &host.host_name, Arc::clone(&stats), snapshot, flush)?
+                    .with_connection_spans(settings.outcomes.spans)?,
+            )
         }
         None => None,
     };
@@ -91,6 +88,7 @@ pub async fn run(
         .map(|map| Aggregates::new(map, probes.facts.config.aggregate_window_ns));
     let outcomes = OutcomeSettings {
         metrics: settings.otlp.is_some(),
+        spans: settings.outcomes.spans && settings.otlp.is_some(),
         ..settings.outcomes.clone()
     };
     let reader = EventReader::new(probes.take_events()?, aggregates, Arc::clone(&stats))

@@ -555,3 +555,205 @@ fn an_unanswered_syn_is_reported_pending_once() {
     assert_eq!(attr(r, "error.type"), &Value::Null, "{r}");
     assert!(elapsed > Duration::from_millis(2500), "the SYN timed out");
 }
+
+mod otlp {
+    use std::sync::{Arc, Mutex};
+
+    use opentelemetry_proto::tonic::{
+        common::v1::{KeyValue, any_value::Value as V},
+        metrics::v1::{metric::Data, number_data_point},
+        trace::v1::{span::SpanKind, status::StatusCode},
+    };
+
+    use super::*;
+    use crate::support::receiver::{self, Received, Shared, int_attr, runtime};
+
+    fn str_attr(attributes: &[KeyValue], key: &str) -> Option<String> {
+        attributes.iter().find(|kv| kv.key == key).and_then(|kv| {
+            match kv.value.as_ref()?.value.as_ref()? {
+                V::StringValue(s) => Some(s.clone()),
+                _ => None,
+            }
+        })
+    }
+
+    /// The last cumulative value of a sum's point whose attributes include `with`.
+    fn last_sum(received: &Received, metric: &str, with: &[(&str, &str)], port: u16) -> i64 {
+        let mut last = 0;
+        for rm in received.metrics.iter().flat_map(|r| &r.resource_metrics) {
+            for m in rm.scope_metrics.iter().flat_map(|s| &s.metrics) {
+                let Some(Data::Sum(sum)) = (m.name == metric).then_some(m.data.as_ref()).flatten()
+                else {
+                    continue;
+                };
+                for p in &sum.data_points {
+                    let matches = int_attr(&p.attributes, "destination.port") == Some(port.into())
+                        && with
+                            .iter()
+                            .all(|(k, v)| str_attr(&p.attributes, k).as_deref() == Some(*v));
+                    if let (true, Some(number_data_point::Value::AsInt(v))) = (matches, p.value) {
+                        last = v;
+                    }
+                }
+            }
+        }
+        last
+    }
+
+    fn histogram_count(received: &Received, metric: &str, port: u16) -> u64 {
+        let mut last = 0;
+        for rm in received.metrics.iter().flat_map(|r| &r.resource_metrics) {
+            for m in rm.scope_metrics.iter().flat_map(|s| &s.metrics) {
+                if let (true, Some(Data::Histogram(h))) = (m.name == metric, m.data.as_ref()) {
+                    for p in &h.data_points {
+                        if int_attr(&p.attributes, "destination.port") == Some(port.into()) {
+                            last = p.count;
+                        }
+                    }
+                }
+            }
+        }
+        last
+    }
+
+    /// Spans, close records and the lifecycle metrics arrive at a real OTLP receiver.
+    #[test]
+    fn spans_close_records_and_metrics_reach_the_otlp_receiver() {
+        require_root();
+        let rt = runtime();
+        let received: Shared = Arc::new(Mutex::new(Received::default()));
+        let receiver = rt.block_on(receiver::grpc(
+            "127.0.0.1:0".parse().expect("addr"),
+            Arc::clone(&received),
+        ));
+        let endpoint = format!("http://{}", receiver.addr);
+        let collector = RunningCollector::start_with(
+            std::path::Path::new(COLLECTOR),
+            &[
+                "--probe",
+                "tracepoint",
+                "--otlp-endpoint",
+                &endpoint,
+                "--connection-spans",
+                "--close-records",
+                "--export-interval",
+                "1s",
+                "--batch-timeout",
+                "200ms",
+                "--stats-interval",
+                "1h",
+            ],
+            Duration::from_secs(60),
+        )
+        .expect("collector starts");
+        let (bytes_addr, bytes_server) = bytes_server();
+        let mut stream = TcpStream::connect(bytes_addr).expect("connect");
+        stream.write_all(&vec![1u8; 1 << 20]).expect("write 1 MiB");
+        let mut back = Vec::new();
+        stream.read_to_end(&mut back).expect("read");
+        drop(stream);
+        bytes_server.join().expect("server");
+        let refused = closed_port();
+        TcpStream::connect(refused).expect_err("refused");
+        thread::sleep(Duration::from_millis(1500));
+        let (clean, _, stderr) = collector.stop(Duration::from_secs(30)).expect("stop");
+        assert!(clean, "collector failed:\n{}", stderr.join("\n"));
+        drop(receiver);
+        let received = received.lock().expect("lock");
+        let pid = i64::from(std::process::id());
+
+        let spans: Vec<_> = received
+            .traces
+            .iter()
+            .flat_map(|t| &t.resource_spans)
+            .flat_map(|rs| &rs.scope_spans)
+            .flat_map(|ss| &ss.spans)
+            .filter(|s| int_attr(&s.attributes, "process.pid") == Some(pid))
+            .collect();
+        let named = |addr: SocketAddr| -> Vec<_> {
+            spans
+                .iter()
+                .filter(|s| s.name == format!("connect {}:{}", addr.ip(), addr.port()))
+                .collect()
+        };
+        let ok = named(bytes_addr);
+        assert_eq!(ok.len(), 1, "one span for the connection: {spans:#?}");
+        let ok = ok[0];
+        assert_eq!(ok.kind, SpanKind::Client as i32);
+        assert!(ok.start_time_unix_nano < ok.end_time_unix_nano);
+        assert_eq!(
+            ok.status.as_ref().map(|s| s.code),
+            Some(StatusCode::Unset as i32)
+        );
+        assert_eq!(
+            int_attr(&ok.attributes, "egress.tcp.bytes.sent"),
+            Some(1 << 20)
+        );
+        let failed = named(refused);
+        assert_eq!(failed.len(), 1, "one span for the refused attempt");
+        let status = failed[0].status.as_ref().expect("status");
+        assert_eq!(status.code, StatusCode::Error as i32);
+        assert_eq!(status.message, "refused");
+        assert_eq!(
+            str_attr(&failed[0].attributes, "error.type").as_deref(),
+            Some("refused")
+        );
+
+        let closes: Vec<_> = received
+            .log_records()
+            .filter(|r| r.event_name == "egress.connection.close")
+            .filter(|r| int_attr(&r.attributes, "process.pid") == Some(pid))
+            .filter(|r| {
+                int_attr(&r.attributes, "destination.port") == Some(bytes_addr.port().into())
+            })
+            .collect();
+        assert_eq!(closes.len(), 1, "one close record");
+        let close = closes[0];
+        assert_eq!(close.time_unix_nano, ok.end_time_unix_nano);
+        assert_eq!(
+            int_attr(&close.attributes, "egress.connection.start_time_unix_nano"),
+            Some(ok.start_time_unix_nano as i64)
+        );
+        assert_eq!(
+            int_attr(&close.attributes, "egress.tcp.bytes.received"),
+            Some(256 << 10)
+        );
+
+        let port = bytes_addr.port();
+        assert_eq!(
+            last_sum(
+                &received,
+                "egress.network.io",
+                &[("network.io.direction", "transmit")],
+                port
+            ),
+            1 << 20
+        );
+        assert_eq!(
+            last_sum(
+                &received,
+                "egress.network.io",
+                &[("network.io.direction", "receive")],
+                port
+            ),
+            256 << 10
+        );
+        assert_eq!(
+            last_sum(
+                &received,
+                "egress.connections",
+                &[("error.type", "refused")],
+                refused.port()
+            ),
+            1
+        );
+        assert_eq!(
+            histogram_count(&received, "egress.tcp.handshake.duration", port),
+            1
+        );
+        assert_eq!(
+            histogram_count(&received, "egress.tcp.connection.duration", port),
+            1
+        );
+    }
+}

@@ -38,6 +38,8 @@ pub struct OutcomeSettings {
     pub pending_report: Duration,
     /// Close records become log records (`--close-records`).
     pub close_records: bool,
+    /// One span per TCP connection (`--connection-spans`).
+    pub spans: bool,
     /// Something consumes metrics-only records (OTLP metrics or spans).
     pub metrics: bool,
 }
@@ -47,6 +49,7 @@ impl Default for OutcomeSettings {
         Self {
             pending_report: Duration::from_secs(5),
             close_records: false,
+            spans: false,
             metrics: false,
         }
     }
@@ -213,10 +216,15 @@ impl EventReader {
                 "Closes of connections reported before this collector started were not reported."
             );
         }
-        if !self.outcomes.close_records {
+        if !self.outcomes.close_records && !self.outcomes.spans {
             return;
         }
-        let open = self.tracker.drain_open(&self.clock);
+        let mut open = self.tracker.drain_open(&self.clock);
+        if !self.outcomes.close_records {
+            for record in &mut open {
+                record.delivery = Delivery::MetricsOnly;
+            }
+        }
         self.hand_on(open, out);
     }
 

@@ -46,6 +46,7 @@ pub struct Stats {
     repeats_lost: AtomicU64,
     filtered: AtomicU64,
     stdout_copy_dropped: AtomicU64,
+    spans_failed: AtomicU64,
     decode_failed: Mutex<BTreeMap<&'static str, u64>>,
     enrichment_failed: Mutex<BTreeMap<&'static str, u64>>,
 }
@@ -71,6 +72,8 @@ pub struct Snapshot {
     /// With OTLP and `--stdout`: copies not written to stdout because its queue was
     /// full (the OTLP copy went on, so these are not lost).
     pub stdout_copy_dropped: u64,
+    /// Connection spans the traces endpoint did not take (`--connection-spans`).
+    pub spans_failed: u64,
     pub decode_failed: BTreeMap<&'static str, u64>,
     /// Lookups of container metadata that failed, by reason (the events still went out).
     pub enrichment_failed: BTreeMap<&'static str, u64>,
@@ -129,6 +132,10 @@ impl Stats {
         self.stdout_copy_dropped.fetch_add(n as u64, Relaxed);
     }
 
+    pub fn record_spans_failed(&self, n: usize) {
+        self.spans_failed.fetch_add(n as u64, Relaxed);
+    }
+
     pub fn record_filtered(&self, n: usize) {
         self.filtered.fetch_add(n as u64, Relaxed);
     }
@@ -168,6 +175,7 @@ impl Stats {
             repeats_lost: self.repeats_lost.load(Relaxed),
             filtered: self.filtered.load(Relaxed),
             stdout_copy_dropped: self.stdout_copy_dropped.load(Relaxed),
+            spans_failed: self.spans_failed.load(Relaxed),
             decode_failed: self
                 .decode_failed
                 .lock()

@@ -19,6 +19,7 @@ use opentelemetry_proto::tonic::{
 };
 use opentelemetry_semantic_conventions::attribute as semconv;
 
+use super::lifecycle::Lifecycle;
 use crate::{
     enrich::{Record, Resource},
     export::attributes::{self, Value},
@@ -64,7 +65,7 @@ pub fn proto_resource(attributes: &BTreeMap<&'static str, String>) -> ProtoResou
     }
 }
 
-fn scope() -> InstrumentationScope {
+pub fn scope() -> InstrumentationScope {
     InstrumentationScope {
         name: SCOPE_NAME.into(),
         version: SCOPE_VERSION.into(),
@@ -143,11 +144,13 @@ struct Series {
     overflow: u64,
 }
 
-/// Cumulative connection counts per workload since the collector started.
+/// Cumulative connection counts per workload since the collector started, and the
+/// metrics of how TCP connections went ([`Lifecycle`]).
 pub struct ConnectionCounts {
     start_unix_nano: u64,
     include_address: bool,
     series: HashMap<Arc<Resource>, Series>,
+    lifecycle: HashMap<Arc<Resource>, Lifecycle>,
 }
 
 impl ConnectionCounts {
@@ -156,11 +159,18 @@ impl ConnectionCounts {
             start_unix_nano,
             include_address,
             series: HashMap::new(),
+            lifecycle: HashMap::new(),
         }
     }
 
     pub fn record(&mut self, record: &Record) {
         let c = &record.connection;
+        if c.outcome.is_some() || c.close.is_some() {
+            self.lifecycle
+                .entry(Arc::clone(&record.resource))
+                .or_default()
+                .record(record, self.include_address);
+        }
         if c.close.is_some() {
             // A close is not a connection attempt.
             return;
@@ -221,21 +231,34 @@ impl ConnectionCounts {
     }
 
     pub fn resource_metrics(&self, now: u64) -> Vec<ResourceMetrics> {
-        self.series
-            .iter()
-            .map(|(resource, series)| ResourceMetrics {
-                resource: Some(proto_resource(&resource.attributes)),
-                scope_metrics: vec![ScopeMetrics {
-                    scope: Some(scope()),
-                    metrics: vec![cumulative_sum(
+        let resources = self.series.keys().chain(
+            self.lifecycle
+                .keys()
+                .filter(|r| !self.series.contains_key(*r)),
+        );
+        resources
+            .map(|resource| {
+                let mut metrics = Vec::new();
+                if let Some(series) = self.series.get(resource) {
+                    metrics.push(cumulative_sum(
                         CONNECTIONS_METRIC,
                         "Outbound connection attempts (TCP) and flows (UDP) made by the workload.",
                         "{connection}",
                         self.points(series, now),
-                    )],
+                    ));
+                }
+                if let Some(lifecycle) = self.lifecycle.get(resource) {
+                    metrics.extend(lifecycle.metrics(self.start_unix_nano, now));
+                }
+                ResourceMetrics {
+                    resource: Some(proto_resource(&resource.attributes)),
+                    scope_metrics: vec![ScopeMetrics {
+                        scope: Some(scope()),
+                        metrics,
+                        ..Default::default()
+                    }],
                     ..Default::default()
-                }],
-                ..Default::default()
+                }
             })
             .collect()
     }

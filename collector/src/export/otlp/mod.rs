@@ -2,9 +2,11 @@
 //! when the endpoint cannot keep up, retries with backoff and jitter, cumulative metrics
 //! per workload plus the collector's own health, and a bounded flush on shutdown.
 
+pub mod lifecycle;
 pub mod mapping;
 pub mod queue;
 pub mod settings;
+pub mod spans;
 pub mod transport;
 
 use std::{
@@ -20,6 +22,7 @@ use self::{
     mapping::ConnectionCounts,
     queue::{Backoff, Batch, BatchQueue},
     settings::OtlpSettings,
+    spans::SpanBatch,
     transport::{Accepted, Client, SendError, TransportError},
 };
 use crate::{
@@ -42,6 +45,8 @@ pub struct OtlpExporter {
     settings: OtlpSettings,
     logs: Arc<Client>,
     metrics: Arc<Client>,
+    /// `--connection-spans`: where connection spans go.
+    traces: Option<Arc<Client>>,
     stats: Arc<Stats>,
     snapshot: SnapshotSource,
     /// The collector's own resource (service.name, host.name, OTEL_RESOURCE_ATTRIBUTES).
@@ -67,11 +72,40 @@ impl OtlpExporter {
             settings,
             logs,
             metrics,
+            traces: None,
             stats,
             snapshot,
             self_resource,
             flush_deadline,
         })
+    }
+
+    /// Sends one span per TCP connection to the traces endpoint.
+    pub fn with_connection_spans(mut self, on: bool) -> Result<Self, TransportError> {
+        if on {
+            self.traces = Some(Arc::new(Client::new(&self.settings.traces)?));
+        }
+        Ok(self)
+    }
+
+    /// Sends the spans held, in the background; spans the endpoint does not take are
+    /// counted (`spans_failed`).
+    fn send_spans(&self, spans: &mut SpanBatch) -> Option<tokio::task::JoinHandle<()>> {
+        let client = Arc::clone(self.traces.as_ref()?);
+        let (request, n) = spans.take_request()?;
+        let stats = Arc::clone(&self.stats);
+        Some(tokio::spawn(async move {
+            match client.export_traces(&request).await {
+                Ok(accepted) if accepted.rejected > 0 => {
+                    stats.record_spans_failed(accepted.rejected as usize)
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    stats.record_spans_failed(n);
+                    tracing::warn!(error = %e, spans = n, "Connection spans were not exported.");
+                }
+            }
+        }))
     }
 
     fn send(&self, batch: &Batch) -> Sending {
@@ -110,6 +144,7 @@ impl OtlpExporter {
             ("export_failed", s.export_failed),
             ("rejected_by_endpoint", s.rejected),
             ("aggregate_repeats", s.repeats_lost),
+            ("spans_export_failed", s.spans_failed),
         ];
         let mut lost_points: Vec<_> = lost
             .iter()
@@ -207,6 +242,7 @@ impl OtlpExporter {
         let start = unix_nanos_now();
         let mut counts = ConnectionCounts::new(start, self.settings.metrics_destination_address);
         let mut queue = BatchQueue::new(self.settings.queue_records);
+        let mut spans = SpanBatch::default();
         let mut pending: Vec<Record> = Vec::with_capacity(self.settings.batch_size);
         let mut batch_due: Option<Instant> = None;
         let mut sending: Option<Sending> = None;
@@ -235,6 +271,9 @@ impl OtlpExporter {
                         for record in records {
                             if record.connection.counted() {
                                 counts.record(&record);
+                                if self.traces.is_some() {
+                                    spans.push(&record);
+                                }
                             }
                             if !record.connection.logged() {
                                 continue;
@@ -245,7 +284,10 @@ impl OtlpExporter {
                                 batch_due = None;
                             }
                         }
-                        if !pending.is_empty() {
+                        if spans.len >= self.settings.batch_size {
+                            self.send_spans(&mut spans);
+                        }
+                        if !pending.is_empty() || spans.len > 0 {
                             batch_due.get_or_insert_with(|| Instant::now() + self.settings.batch_timeout);
                         }
                     }
@@ -258,6 +300,7 @@ impl OtlpExporter {
                 },
                 _ = tokio::time::sleep_until(batch_due.unwrap_or_else(far)), if batch_due.is_some() => {
                     self.seal(&mut pending, &mut queue);
+                    self.send_spans(&mut spans);
                     batch_due = None;
                 }
                 result = async { sending.as_mut().expect("guarded").await }, if sending.is_some() => {
@@ -308,6 +351,9 @@ impl OtlpExporter {
             self.stats.set_queue_length(queue.records() + pending.len());
         }
         self.stats.set_queue_length(0);
+        if let Some(last) = self.send_spans(&mut spans) {
+            let _ = last.await;
+        }
         // Last totals, bounded by the client's own timeout.
         let _ = self.export_metrics(&counts, start).await;
     }

@@ -1,0 +1,316 @@
+//! Metrics of how TCP connections went, per workload: handshake and connection
+//! durations (histograms, seconds) and payload bytes each way (`egress.network.io`).
+
+use std::{collections::HashMap, net::IpAddr};
+
+use opentelemetry_proto::tonic::metrics::v1::{
+    AggregationTemporality, Histogram, HistogramDataPoint, Metric, NumberDataPoint, metric,
+    number_data_point,
+};
+use opentelemetry_semantic_conventions::attribute as semconv;
+
+use super::mapping::{MAX_SERIES_PER_RESOURCE, cumulative_sum, key_value};
+use crate::{
+    enrich::Record,
+    export::attributes::{Value, seconds},
+};
+
+pub const HANDSHAKE_METRIC: &str = "egress.tcp.handshake.duration";
+pub const DURATION_METRIC: &str = "egress.tcp.connection.duration";
+pub const IO_METRIC: &str = "egress.network.io";
+
+/// Bucket bounds (s): a handshake is sub-millisecond on a LAN, one RTO (1 s) or more
+/// when a SYN is lost, ~127 s when the kernel gives up.
+const HANDSHAKE_BOUNDS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 60.0,
+];
+/// Bucket bounds (s): from a request/response to a long-lived stream.
+const DURATION_BOUNDS: [f64; 12] = [
+    0.001, 0.01, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0, 300.0, 1800.0, 3600.0, 86400.0,
+];
+
+#[derive(Debug, Clone)]
+struct Buckets {
+    counts: Vec<u64>,
+    count: u64,
+    sum: f64,
+    min: f64,
+    max: f64,
+}
+
+impl Buckets {
+    fn new(bounds: &[f64]) -> Self {
+        Self {
+            counts: vec![0; bounds.len() + 1],
+            count: 0,
+            sum: 0.0,
+            min: f64::INFINITY,
+            max: f64::NEG_INFINITY,
+        }
+    }
+
+    fn record(&mut self, bounds: &[f64], value: f64) {
+        let slot = bounds
+            .iter()
+            .position(|b| value <= *b)
+            .unwrap_or(bounds.len());
+        self.counts[slot] += 1;
+        self.count += 1;
+        self.sum += value;
+        self.min = self.min.min(value);
+        self.max = self.max.max(value);
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct HandshakeKey {
+    port: u16,
+    address: Option<IpAddr>,
+    error_type: Option<&'static str>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct PortKey {
+    port: u16,
+    address: Option<IpAddr>,
+}
+
+/// One workload's series.
+#[derive(Default)]
+pub struct Lifecycle {
+    handshakes: HashMap<HandshakeKey, Buckets>,
+    durations: HashMap<PortKey, Buckets>,
+    /// (transmit, receive) payload bytes.
+    io: HashMap<PortKey, (u64, u64)>,
+    /// Observations beyond the series limit (counted, not kept).
+    pub overflow: u64,
+}
+
+impl Lifecycle {
+    fn full(&self) -> bool {
+        self.handshakes.len() + self.durations.len() + self.io.len() >= MAX_SERIES_PER_RESOURCE
+    }
+
+    /// A TCP attempt's completion, or a close.
+    pub fn record(&mut self, record: &Record, include_address: bool) {
+        let c = &record.connection;
+        let port = c.destination.port();
+        let address = include_address.then(|| c.destination.ip());
+        if let Some(close) = &c.close {
+            if close.still_open {
+                return;
+            }
+            let key = PortKey { port, address };
+            if !self.durations.contains_key(&key) && self.full() {
+                self.overflow += 1;
+                return;
+            }
+            self.durations
+                .entry(key.clone())
+                .or_insert_with(|| Buckets::new(&DURATION_BOUNDS))
+                .record(&DURATION_BOUNDS, seconds(close.duration_ns()));
+            let io = self.io.entry(key).or_default();
+            io.0 += close.bytes_sent;
+            io.1 += close.bytes_received;
+        } else if let Some(outcome) = &c.outcome {
+            if outcome.state == crate::events::outcome::ConnectionState::Pending {
+                return;
+            }
+            let key = HandshakeKey {
+                port,
+                address,
+                error_type: outcome.error_type,
+            };
+            if !self.handshakes.contains_key(&key) && self.full() {
+                self.overflow += 1;
+                return;
+            }
+            self.handshakes
+                .entry(key)
+                .or_insert_with(|| Buckets::new(&HANDSHAKE_BOUNDS))
+                .record(&HANDSHAKE_BOUNDS, seconds(outcome.handshake_ns));
+        }
+    }
+
+    pub fn metrics(&self, start: u64, now: u64) -> Vec<Metric> {
+        let port_attributes = |port: u16, address: Option<IpAddr>| {
+            let mut attributes = vec![
+                key_value(semconv::NETWORK_TRANSPORT, "tcp".into()),
+                key_value(semconv::DESTINATION_PORT, port.into()),
+            ];
+            if let Some(address) = address {
+                attributes.push(key_value(
+                    semconv::DESTINATION_ADDRESS,
+                    address.to_string().into(),
+                ));
+            }
+            attributes
+        };
+        let mut metrics = Vec::new();
+        if !self.handshakes.is_empty() {
+            let points = self
+                .handshakes
+                .iter()
+                .map(|(key, buckets)| {
+                    let mut attributes = port_attributes(key.port, key.address);
+                    if let Some(error) = key.error_type {
+                        attributes.push(key_value(semconv::ERROR_TYPE, error.into()));
+                    }
+                    histogram_point(attributes, buckets, &HANDSHAKE_BOUNDS, start, now)
+                })
+                .collect();
+            metrics.push(histogram(
+                HANDSHAKE_METRIC,
+                "TCP handshakes: SYN_SENT to ESTABLISHED, or to the failure.",
+                points,
+            ));
+        }
+        if !self.durations.is_empty() {
+            let points = self
+                .durations
+                .iter()
+                .map(|(key, buckets)| {
+                    histogram_point(
+                        port_attributes(key.port, key.address),
+                        buckets,
+                        &DURATION_BOUNDS,
+                        start,
+                        now,
+                    )
+                })
+                .collect();
+            metrics.push(histogram(
+                DURATION_METRIC,
+                "TCP connections: ESTABLISHED to CLOSE.",
+                points,
+            ));
+        }
+        if !self.io.is_empty() {
+            let mut points = Vec::new();
+            for (key, (sent, received)) in &self.io {
+                for (direction, bytes) in [("transmit", sent), ("receive", received)] {
+                    let mut attributes = port_attributes(key.port, key.address);
+                    attributes.push(key_value(
+                        semconv::NETWORK_IO_DIRECTION,
+                        Value::Str(direction.into()),
+                    ));
+                    points.push(NumberDataPoint {
+                        attributes,
+                        start_time_unix_nano: start,
+                        time_unix_nano: now,
+                        value: Some(number_data_point::Value::AsInt(*bytes as i64)),
+                        ..Default::default()
+                    });
+                }
+            }
+            metrics.push(cumulative_sum(
+                IO_METRIC,
+                "Payload bytes of closed TCP connections, each way.",
+                "By",
+                points,
+            ));
+        }
+        metrics
+    }
+}
+
+fn histogram_point(
+    attributes: Vec<opentelemetry_proto::tonic::common::v1::KeyValue>,
+    buckets: &Buckets,
+    bounds: &[f64],
+    start: u64,
+    now: u64,
+) -> HistogramDataPoint {
+    HistogramDataPoint {
+        attributes,
+        start_time_unix_nano: start,
+        time_unix_nano: now,
+        count: buckets.count,
+        sum: Some(buckets.sum),
+        bucket_counts: buckets.counts.clone(),
+        explicit_bounds: bounds.to_vec(),
+        min: Some(buckets.min),
+        max: Some(buckets.max),
+        ..Default::default()
+    }
+}
+
+fn histogram(name: &str, description: &str, data_points: Vec<HistogramDataPoint>) -> Metric {
+    Metric {
+        name: name.into(),
+        description: description.into(),
+        unit: "s".into(),
+        data: Some(metric::Data::Histogram(Histogram {
+            data_points,
+            aggregation_temporality: AggregationTemporality::Cumulative as i32,
+        })),
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::outcome::{Close, ConnectionState, Outcome};
+    use crate::export::otlp::mapping::tests::{record, resource};
+
+    #[test]
+    fn handshakes_durations_and_bytes_per_port() {
+        let shop = resource("shop");
+        let mut lifecycle = Lifecycle::default();
+        let mut attempt = record(&shop, 443);
+        attempt.connection.outcome = Some(Outcome {
+            state: ConnectionState::Failed,
+            error_type: Some("refused"),
+            handshake_ns: 2_000_000,
+            syn_retransmits: 0,
+            sock_id: 1,
+            connect_boot_ns: 1,
+        });
+        lifecycle.record(&attempt, false);
+        let mut close = record(&shop, 443);
+        close.connection.close = Some(Close {
+            connect_unix_nano: 0,
+            established_unix_nano: 1_000_000_000,
+            close_unix_nano: 3_000_000_000,
+            bytes_sent: 100,
+            bytes_received: 7,
+            bytes_transmitted: None,
+            retransmits: 0,
+            rtt_us: 10,
+            reset: None,
+            error_type: None,
+            still_open: false,
+        });
+        lifecycle.record(&close, false);
+        lifecycle.record(&close, false);
+        let metrics = lifecycle.metrics(0, 1);
+        let names: Vec<&str> = metrics.iter().map(|m| m.name.as_str()).collect();
+        assert_eq!(names, [HANDSHAKE_METRIC, DURATION_METRIC, IO_METRIC]);
+        let Some(metric::Data::Histogram(h)) = &metrics[0].data else {
+            panic!("histogram")
+        };
+        assert_eq!(h.data_points[0].count, 1);
+        assert_eq!(h.data_points[0].sum, Some(0.002));
+        let Some(metric::Data::Histogram(d)) = &metrics[1].data else {
+            panic!("histogram")
+        };
+        assert_eq!(
+            (d.data_points[0].count, d.data_points[0].sum),
+            (2, Some(4.0))
+        );
+        let Some(metric::Data::Sum(io)) = &metrics[2].data else {
+            panic!("sum")
+        };
+        let mut values: Vec<i64> = io
+            .data_points
+            .iter()
+            .map(|p| match p.value {
+                Some(number_data_point::Value::AsInt(v)) => v,
+                _ => -1,
+            })
+            .collect();
+        values.sort();
+        assert_eq!(values, [14, 200]);
+    }
+}
