@@ -7,6 +7,7 @@
 //! accounting adds up. `egress-bench load` is the load generator itself.
 
 mod containers;
+mod kernel_cost;
 mod load;
 mod outage;
 mod receiver;
@@ -51,6 +52,28 @@ enum Command {
         /// Seconds the endpoint stays down.
         #[arg(long, default_value_t = 60)]
         down: u64,
+    },
+    /// Kernel program time per TCP connection (kernel.bpf_stats_enabled): each collector
+    /// given, in tracepoint mode, and `tcplife` (libbpf-tools) beside them.
+    KernelCost {
+        /// Collector binaries to measure, in order (e.g. before and after a change).
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "target/release/egress-collector"
+        )]
+        collectors: Vec<PathBuf>,
+        /// The reference tool; `none` skips it.
+        #[arg(long, default_value = "/usr/sbin/tcplife")]
+        tcplife: String,
+        #[arg(long, default_value_t = 5000)]
+        connections: u64,
+        /// Rounds; each alternates the observers.
+        #[arg(long, default_value_t = 3)]
+        repeat: usize,
+        /// Where the summary goes (its own section, replaced on each run).
+        #[arg(long, default_value = "BENCHMARKS.md")]
+        report: PathBuf,
     },
     /// Internal to `containers`: join each listed cgroup in turn and connect once.
     #[command(hide = true)]
@@ -109,6 +132,66 @@ struct SmokeArgs {
     seconds: f64,
 }
 
+fn kernel_cost(
+    collectors: &[PathBuf],
+    tcplife: &str,
+    connections: u64,
+    repeat: usize,
+    report: &std::path::Path,
+) -> anyhow::Result<()> {
+    let mut observers: Vec<(String, Vec<String>)> = collectors
+        .iter()
+        .map(|c| (c.display().to_string(), kernel_cost::collector_command(c)))
+        .collect();
+    if tcplife != "none" {
+        observers.push(("tcplife".into(), vec![tcplife.to_owned()]));
+    }
+    println!(
+        "| observer | round | programs | connections | runs | run_time_ns | ns per connection |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    let mut per_observer: Vec<Vec<f64>> = vec![Vec::new(); observers.len()];
+    for round in 1..=repeat {
+        for (i, (name, command)) in observers.iter().enumerate() {
+            let args: Vec<&str> = command.iter().map(String::as_str).collect();
+            let cost = kernel_cost::measure(&args, connections)
+                .with_context(|| format!("measuring {name}"))?;
+            per_observer[i].push(cost.ns_per_connection());
+            println!(
+                "| {name} | {round} | {} | {} | {} | {} | {:.0} |",
+                cost.programs,
+                cost.connections,
+                cost.runs,
+                cost.run_time_ns,
+                cost.ns_per_connection()
+            );
+        }
+    }
+    // Other programs' connections on a shared machine only add: the minimum is the
+    // least disturbed round, the median the typical one.
+    let mut summary = String::from(
+        "| observer | min ns per connection | median ns per connection | rounds |\n|---|---|---|---|\n",
+    );
+    for ((name, _), mut values) in observers.iter().zip(per_observer) {
+        values.sort_by(f64::total_cmp);
+        summary.push_str(&format!(
+            "| {name} | {:.0} | {:.0} | {} |\n",
+            values[0],
+            values[values.len() / 2],
+            values.len()
+        ));
+    }
+    println!("\n{summary}");
+    let command: Vec<String> = std::env::args().collect();
+    let old = std::fs::read_to_string(report).unwrap_or_default();
+    std::fs::write(
+        report,
+        kernel_cost::replace_section(&old, &command.join(" "), connections, &summary),
+    )
+    .with_context(|| format!("writing {}", report.display()))?;
+    Ok(())
+}
+
 fn main() -> ExitCode {
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
@@ -150,6 +233,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Hop { list, port } => containers::hop(&list, port),
+        Command::KernelCost {
+            collectors,
+            tcplife,
+            connections,
+            repeat,
+            report,
+        } => kernel_cost(&collectors, &tcplife, connections, repeat, &report),
         Command::Outage {
             collector,
             rate,
@@ -201,7 +291,11 @@ fn full(bench: PathBuf, args: RunArgs) -> anyhow::Result<()> {
     let plot = args.out_dir.join("cost.png");
     report::plot(&rows, &plot)?;
     let command: Vec<String> = std::env::args().collect();
-    let document = report::document(&table, &plot, &command.join(" "), &args.report);
+    let mut document = report::document(&table, &plot, &command.join(" "), &args.report);
+    // Sections other commands wrote (e.g. `kernel-cost`) stay until those rerun.
+    if let Ok(old) = std::fs::read_to_string(&args.report) {
+        document.push_str(&kernel_cost::section_of(&old));
+    }
     std::fs::write(&args.report, document)
         .with_context(|| format!("writing {}", args.report.display()))?;
     println!("{table}");

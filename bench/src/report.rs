@@ -168,7 +168,7 @@ fn machine() -> String {
     )
 }
 
-fn today() -> String {
+pub fn today() -> String {
     std::process::Command::new("date")
         .args(["-u", "+%Y-%m-%d %H:%M UTC"])
         .output()

@@ -226,7 +226,9 @@ pub fn tcp_syn_sent(sk: u64) {
     let _ = CALLS.remove(&tid);
     let Some(ev) = scratch() else { return };
     ev.kind = EventKind::TcpConnect as u8;
-    fill_sock(ev, sk);
+    if sock::fill_tcp_dest(ev, sk).is_err() {
+        count(Counter::KernelReadFailed);
+    }
     if !filter::wanted(ev) {
         return;
     }
@@ -239,10 +241,9 @@ pub fn tcp_syn_sent(sk: u64) {
 
 /// The attempt on `sk` left SYN_SENT for `established` (true) or CLOSE: completes and
 /// submits it, once (whoever removes the entry reports it). Runs in softirq or in any
-/// task: nothing here reads the current task. `sport_hint` stands in when the socket's
-/// own source port is already released (0 when unknown).
+/// task: nothing here reads the current task.
 #[inline(always)]
-pub fn tcp_complete(sk: u64, sport_hint: u16, established: bool) {
+pub fn tcp_complete(sk: u64, established: bool) {
     let Some(pending) = PENDING_TCP.get_ptr(&sk) else {
         return;
     };
@@ -257,11 +258,13 @@ pub fn tcp_complete(sk: u64, sport_hint: u16, established: bool) {
     if PENDING_TCP.remove(&sk).is_err() {
         return;
     }
-    if sock::fill_ports_and_addrs(ev, sk).is_err() {
+    if sock::fill_tcp_source(ev, sk).is_err() {
         count(Counter::KernelReadFailed);
     }
     if ev.src_port == 0 {
-        ev.src_port = sport_hint;
+        // On the way to CLOSE the port is released (inet_num zeroed) before this runs;
+        // inet_sport (network order) still names it.
+        ev.src_port = read::kernel::<u16>(sk, config!(offsets.inet_sport)).map_or(0, u16::from_be);
     }
     let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_boot_ns() };
     ev.handshake_ns = now.wrapping_sub(ev.boot_time_ns);
@@ -331,8 +334,28 @@ pub fn tcp_closed(sk: u64, old_state: u8) {
     if failed {
         count(Counter::KernelReadFailed);
     }
-    if EVENTS.output::<TcpCloseEvent>(&ev, 0).is_err() {
+    if EVENTS
+        .output::<TcpCloseEvent>(&ev, close_wakeup_flags())
+        .is_err()
+    {
         count(Counter::RingBufferFull);
+    }
+}
+
+/// As `submit` does for connections: wake the reader only once `wakeup_bytes` wait, so
+/// a close costs no wake-up of its own (the reader also drains on a timer).
+#[inline(always)]
+fn close_wakeup_flags() -> u64 {
+    const BPF_RB_AVAIL_DATA: u64 = 0;
+    const BPF_RB_NO_WAKEUP: u64 = 1;
+    const BPF_RB_FORCE_WAKEUP: u64 = 2;
+    let threshold = config!(wakeup_bytes) as u64;
+    if threshold == 0 {
+        0
+    } else if EVENTS.query(BPF_RB_AVAIL_DATA) >= threshold {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
     }
 }
 

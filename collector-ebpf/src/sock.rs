@@ -127,6 +127,34 @@ pub fn fill_ports_and_addrs(ev: &mut ConnectEvent, sk: u64) -> Result<(), i64> {
     Ok(())
 }
 
+/// A TCP socket entering SYN_SENT: family and destination (the source port is chosen
+/// just after, and the source address is re-read then: only what the filters need now).
+#[inline(always)]
+pub fn fill_tcp_dest(ev: &mut ConnectEvent, sk: u64) -> Result<(), i64> {
+    ev.protocol = IPPROTO_TCP;
+    ev.family = read::kernel(sk, config!(offsets.skc_family))?;
+    ev.dst_port = u16::from_be(read::kernel(sk, config!(offsets.skc_dport))?);
+    if ev.family == AF_INET {
+        read::kernel_buf(sk, config!(offsets.skc_daddr), &mut ev.dst_addr[..4])?;
+    } else if ev.family == AF_INET6 {
+        read::kernel_buf(sk, config!(offsets.skc_v6_daddr), &mut ev.dst_addr)?;
+    }
+    Ok(())
+}
+
+/// The source of a TCP attempt once it left SYN_SENT (an IPv4-mapped source on an IPv6
+/// socket is only written after SYN_SENT).
+#[inline(always)]
+pub fn fill_tcp_source(ev: &mut ConnectEvent, sk: u64) -> Result<(), i64> {
+    ev.src_port = read::kernel(sk, config!(offsets.skc_num))?;
+    if ev.family == AF_INET {
+        read::kernel_buf(sk, config!(offsets.skc_rcv_saddr), &mut ev.src_addr[..4])?;
+    } else if ev.family == AF_INET6 {
+        read::kernel_buf(sk, config!(offsets.skc_v6_rcv_saddr), &mut ev.src_addr)?;
+    }
+    Ok(())
+}
+
 /// Replaces the destination with the one the caller named (unconnected sends). An IPv4
 /// destination on a dual-stack IPv6 socket makes the flow IPv4.
 #[inline(always)]

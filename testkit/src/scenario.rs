@@ -67,6 +67,11 @@ fn check_record(record: &Value, e: &Expected, me: &Me) -> Vec<String> {
     if let Some(ip) = e.source_ip {
         want("source.address", ip.to_string().into());
     }
+    // How the attempt went, from the socket's state changes (every hook family).
+    if let Some((state, error)) = e.outcome {
+        want("egress.connection.state", state.into());
+        want("error.type", error.map_or(Value::Null, Value::from));
+    }
     if record["time_unix_nano"]
         .as_u64()
         .is_none_or(|t| t < me.started_unix_nano)

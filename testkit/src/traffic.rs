@@ -20,6 +20,8 @@ pub struct Expected {
     pub source_port: Option<u16>,
     pub source_ip: Option<std::net::IpAddr>,
     pub destination: SocketAddr,
+    /// TCP: `egress.connection.state` and `error.type` (None: absent) the record carries.
+    pub outcome: Option<(&'static str, Option<&'static str>)>,
 }
 
 fn tcp(what: String, source: SocketAddr, destination: SocketAddr) -> Expected {
@@ -35,6 +37,7 @@ fn tcp(what: String, source: SocketAddr, destination: SocketAddr) -> Expected {
         source_port: Some(source.port()),
         source_ip: Some(source.ip()),
         destination,
+        outcome: Some(("established", None)),
     }
 }
 
@@ -51,6 +54,7 @@ fn udp(what: String, event: &'static str, source: SocketAddr, destination: Socke
         source_port: Some(source.port()),
         source_ip: Some(source.ip()),
         destination,
+        outcome: None,
     }
 }
 
@@ -85,6 +89,7 @@ pub fn generate(n: usize) -> io::Result<Vec<Expected>> {
     }
     expected.push(Expected {
         source_port: None,
+        outcome: Some(("failed", Some("refused"))),
         ..tcp("tcp4 refused".into(), closed, closed)
     });
 

@@ -13,7 +13,6 @@ use egress_shared::ResetBy;
 use crate::{
     emit,
     maps::config,
-    read,
     sock::{self, IPPROTO_TCP},
 };
 
@@ -27,15 +26,15 @@ fn interesting(old: i32, new: i32) -> bool {
     (old == TCP_CLOSE && new == TCP_SYN_SENT) || old == TCP_SYN_SENT || new == TCP_CLOSE
 }
 
-/// One transition of a TCP socket. `sport` is the source port (host order) when known.
+/// One transition of a TCP socket.
 #[inline(always)]
-fn transition(sk: u64, old: i32, new: i32, sport: impl FnOnce() -> u16) {
+fn transition(sk: u64, old: i32, new: i32) {
     if old == TCP_CLOSE && new == TCP_SYN_SENT {
         emit::tcp_syn_sent(sk);
     } else if old == TCP_SYN_SENT {
         // SYN_SENT -> SYN_RECV (simultaneous open) is left pending until CLOSE.
         if new == TCP_ESTABLISHED || new == TCP_CLOSE {
-            emit::tcp_complete(sk, sport(), new == TCP_ESTABLISHED);
+            emit::tcp_complete(sk, new == TCP_ESTABLISHED);
         }
     } else if new == TCP_CLOSE {
         emit::tcp_closed(sk, old as u8);
@@ -56,13 +55,13 @@ pub fn raw_tp_inet_sock_set_state(ctx: RawTracePointContext) -> i32 {
         return 0;
     }
     let sk = ctx.arg::<u64>(0);
-    if sock::protocol(sk) != Ok(IPPROTO_TCP) {
+    // Only the opening needs the protocol: later transitions look the socket up in maps
+    // that hold TCP sockets only, which costs no more than reading it.
+    let opening = old == TCP_CLOSE && new == TCP_SYN_SENT;
+    if opening && sock::protocol(sk) != Ok(IPPROTO_TCP) {
         return 0;
     }
-    transition(sk, old, new, || {
-        // inet_sport (network order) still names the port after inet_num is released.
-        read::kernel::<u16>(sk, config!(offsets.inet_sport)).map_or(0, u16::from_be)
-    });
+    transition(sk, old, new);
     0
 }
 
@@ -92,9 +91,7 @@ pub fn tp_inet_sock_set_state(ctx: TracePointContext) -> u32 {
     if !interesting(old, new) {
         return 0;
     }
-    transition(sk, old, new, || {
-        field::<u16>(&ctx, config!(tracepoints.state_sport)).unwrap_or(0)
-    });
+    transition(sk, old, new);
     0
 }
 
