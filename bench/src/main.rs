@@ -74,6 +74,10 @@ enum Command {
         /// Where the summary goes (its own section, replaced on each run).
         #[arg(long, default_value = "BENCHMARKS.md")]
         report: PathBuf,
+        /// Attach the collectors at the same time (tcplife still alone): machine noise
+        /// then falls on all of them alike.
+        #[arg(long)]
+        together: bool,
     },
     /// Internal to `containers`: join each listed cgroup in turn and connect once.
     #[command(hide = true)]
@@ -138,13 +142,17 @@ fn kernel_cost(
     connections: u64,
     repeat: usize,
     report: &std::path::Path,
+    together: bool,
 ) -> anyhow::Result<()> {
     let mut observers: Vec<(String, Vec<String>)> = collectors
         .iter()
         .map(|c| (c.display().to_string(), kernel_cost::collector_command(c)))
         .collect();
     if tcplife != "none" {
-        observers.push(("tcplife".into(), vec![tcplife.to_owned()]));
+        observers.push((
+            "tcplife".into(),
+            ["taskset", "-c", "1", tcplife].map(String::from).to_vec(),
+        ));
     }
     println!(
         "| observer | round | programs | connections | runs | run_time_ns | ns per connection |"
@@ -152,10 +160,30 @@ fn kernel_cost(
     println!("|---|---|---|---|---|---|---|");
     let mut per_observer: Vec<Vec<f64>> = vec![Vec::new(); observers.len()];
     for round in 1..=repeat {
+        let mut costs: Vec<Option<kernel_cost::Cost>> = Vec::new();
+        costs.resize_with(observers.len(), || None);
+        if together {
+            // Rotated each round: the first attached runs first and pays the misses.
+            let n = collectors.len();
+            let order: Vec<usize> = (0..n).map(|i| (i + round) % n).collect();
+            let commands: Vec<Vec<&str>> = order
+                .iter()
+                .map(|&i| observers[i].1.iter().map(String::as_str).collect())
+                .collect();
+            let refs: Vec<&[&str]> = commands.iter().map(Vec::as_slice).collect();
+            let measured = kernel_cost::measure_together(&refs, connections)
+                .context("measuring the collectors together")?;
+            for (cost, &i) in measured.into_iter().zip(&order) {
+                costs[i] = Some(cost);
+            }
+        }
         for (i, (name, command)) in observers.iter().enumerate() {
             let args: Vec<&str> = command.iter().map(String::as_str).collect();
-            let cost = kernel_cost::measure(&args, connections)
-                .with_context(|| format!("measuring {name}"))?;
+            let cost = match costs[i].take() {
+                Some(cost) => cost,
+                None => kernel_cost::measure(&args, connections)
+                    .with_context(|| format!("measuring {name}"))?,
+            };
             per_observer[i].push(cost.ns_per_connection());
             println!(
                 "| {name} | {round} | {} | {} | {} | {} | {:.0} |",
@@ -239,7 +267,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             connections,
             repeat,
             report,
-        } => kernel_cost(&collectors, &tcplife, connections, repeat, &report),
+            together,
+        } => kernel_cost(&collectors, &tcplife, connections, repeat, &report, together),
         Command::Outage {
             collector,
             rate,
