@@ -27,7 +27,7 @@ fn main() -> ExitCode {
         None => run(cli.run),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("egress-collector: error: {e:#}");
             ExitCode::from(1)
@@ -35,7 +35,9 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(mut args: RunArgs) -> anyhow::Result<()> {
+/// 0 once stopped by a signal or by the close of stdout (its only sink), with every
+/// stage drained; 3 when a stage overran the shutdown deadline (see docs/operations.md).
+fn run(mut args: RunArgs) -> anyhow::Result<ExitCode> {
     raise_memlock_limit();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -56,7 +58,11 @@ fn run(mut args: RunArgs) -> anyhow::Result<()> {
         ),
         _ => None,
     };
-    egress_collector::telemetry::init_tracing(&args.log_level, self_telemetry.as_ref());
+    egress_collector::telemetry::init_tracing(
+        &args.log_level,
+        args.log_format.unwrap_or_default(),
+        self_telemetry.as_ref(),
+    );
     let health_listener = args
         .health_address
         .map(egress_collector::health::bind)
@@ -64,14 +70,23 @@ fn run(mut args: RunArgs) -> anyhow::Result<()> {
     let result = runtime.block_on(async {
         let shutdown = shutdown_signal();
         let probes = Probes::attach(&args.probe.settings()).context("attaching probes")?;
-        pipeline::run(probes, host, pipeline_settings, health_listener, shutdown).await?;
-        Ok(())
+        let stopped =
+            pipeline::run(probes, host, pipeline_settings, health_listener, shutdown).await?;
+        anyhow::Ok(stopped)
     });
     if let Some(telemetry) = self_telemetry {
         // After the pipeline, so its last log lines go out too; the runtime still runs.
         telemetry.shutdown(Duration::from_secs(5));
     }
-    result
+    // Tasks and blocking threads still running (a stage past its deadline) are left
+    // behind: dropping the runtime would wait for them without bound.
+    runtime.shutdown_timeout(Duration::from_millis(500));
+    let stopped = result?;
+    Ok(if stopped.deadline_passed {
+        ExitCode::from(pipeline::EXIT_DEADLINE_PASSED)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 /// Kernels before 5.11 charge eBPF maps to RLIMIT_MEMLOCK.

@@ -222,5 +222,6 @@ impl Enricher {
                 break;
             }
         }
+        crate::testhook::hang_if("enrich");
     }
 }

@@ -1,10 +1,79 @@
 //! One JSON object per connection on stdout:
 //! `{"time_unix_nano": …, "resource": {…}, "attributes": {…}}`.
+//!
+//! Written from a thread of its own: a slow reader blocks that thread only, never a
+//! runtime worker, and a stdout that never drains cannot hold shutdown (the thread is left
+//! behind at the deadline). When the reader goes away (`| head`), the stage stops writing:
+//! as the only sink it asks the collector to stop; as a copy beside OTLP it just ends.
 
-use std::io::Write;
+use std::{
+    io::{ErrorKind, Write},
+    sync::Arc,
+};
+
+use tokio::sync::{Notify, mpsc, oneshot};
 
 use super::{ExportError, Exporter, attributes};
-use crate::enrich::Record;
+use crate::{enrich::Record, telemetry::Stats};
+
+/// What stdout is to the collector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// The only sink: its records are counted, and a closed stdout stops the collector.
+    Sink,
+    /// A copy beside OTLP (which counts the records): a closed stdout ends only the copy.
+    Copy,
+}
+
+/// Runs `exporter` on its own thread until `input` closes. With [`Role::Sink`], every
+/// record is counted exported or failed, and `closed` is notified once if the reader of
+/// stdout goes away (the records after that are counted failed, never written). The
+/// receiver completes when the thread is done.
+pub fn spawn<W: Write + Send + 'static>(
+    mut exporter: StdoutExporter<W>,
+    mut input: mpsc::Receiver<Vec<Record>>,
+    role: Role,
+    stats: Arc<Stats>,
+    closed: Arc<Notify>,
+) -> std::io::Result<oneshot::Receiver<()>> {
+    let (done, finished) = oneshot::channel();
+    std::thread::Builder::new()
+        .name("stdout".into())
+        .spawn(move || {
+            let sink = role == Role::Sink;
+            let mut open = true;
+            while let Some(batch) = input.blocking_recv() {
+                let n = batch.len();
+                if !open {
+                    stats.record_export_failed(n);
+                    continue;
+                }
+                match exporter.export(&batch) {
+                    Ok(()) if sink => stats.record_exported(n),
+                    Ok(()) => {}
+                    Err(ExportError::Io(e)) if e.kind() == ErrorKind::BrokenPipe => {
+                        if !sink {
+                            tracing::warn!("stdout was closed by its reader; records go on to OTLP only.");
+                            return;
+                        }
+                        stats.record_export_failed(n);
+                        tracing::info!("stdout was closed by its reader; the collector stops.");
+                        closed.notify_one();
+                        open = false;
+                    }
+                    Err(e) => {
+                        if sink {
+                            stats.record_export_failed(n);
+                        }
+                        tracing::error!(error = %e, records = n, "Writing to stdout failed; the records are lost.");
+                    }
+                }
+            }
+            crate::testhook::hang_if("stdout");
+            let _ = done.send(());
+        })?;
+    Ok(finished)
+}
 
 pub struct StdoutExporter<W: Write + Send> {
     out: W,
@@ -79,6 +148,50 @@ impl<W: Write + Send> Exporter for StdoutExporter<W> {
 mod tests {
     use super::*;
     use crate::export::otlp::mapping::tests::{record, resource};
+
+    /// A writer whose reader has gone, as a pipe after `head` exits.
+    struct Closed;
+
+    impl Write for Closed {
+        fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+            Err(ErrorKind::BrokenPipe.into())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_closed_stdout_counts_every_later_record_failed_and_notifies_once() {
+        let stats = Arc::new(Stats::default());
+        let closed = Arc::new(Notify::new());
+        let (tx, rx) = mpsc::channel(4);
+        let done = spawn(
+            StdoutExporter::with_writer(Closed),
+            rx,
+            Role::Sink,
+            Arc::clone(&stats),
+            Arc::clone(&closed),
+        )
+        .expect("thread");
+        let r = record(&resource("shop"), 443);
+        for n in [3, 2] {
+            tx.blocking_send(vec![r.clone(); n]).expect("send");
+        }
+        drop(tx);
+        done.blocking_recv().expect("finished");
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async {
+            tokio::time::timeout(std::time::Duration::from_secs(1), closed.notified())
+                .await
+                .expect("notified");
+        });
+        let kernel_free = stats.snapshot_user();
+        assert_eq!((kernel_free.exported, kernel_free.export_failed), (0, 5));
+    }
 
     #[test]
     fn a_record_is_one_json_line_with_every_attribute_and_hostile_strings_escaped() {
