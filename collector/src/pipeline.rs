@@ -109,16 +109,21 @@ pub async fn run(
         tracing::info!(address = %bound, "Serving /healthz and /readyz.");
     }
     // Built before anything starts, so bad TLS material fails the start.
+    // Enrichment tells the OTLP exporter which containers went away (their series end).
+    let (departures_tx, departures_rx) = tokio::sync::mpsc::unbounded_channel();
     let otlp = match settings.otlp.clone() {
         Some(otlp) => {
             let flush = settings.drain_deadline.mul_f32(0.8);
-            Some(OtlpExporter::new(
-                otlp,
-                &host.host_name,
-                Arc::clone(&stats),
-                Arc::clone(&snapshot),
-                flush,
-            )?)
+            Some(
+                OtlpExporter::new(
+                    otlp,
+                    &host.host_name,
+                    Arc::clone(&stats),
+                    Arc::clone(&snapshot),
+                    flush,
+                )?
+                .with_departures(departures_rx),
+            )
         }
         None => None,
     };
@@ -160,6 +165,9 @@ pub async fn run(
     );
     if let Some(filter) = namespace_filter {
         enricher = enricher.with_namespace_filter(filter);
+    }
+    if otlp.is_some() {
+        enricher = enricher.with_departures(departures_tx);
     }
     let enrich_task =
         tokio::task::spawn_blocking(move || enricher.run_blocking(connections_rx, records_tx));

@@ -48,6 +48,8 @@ pub struct OtlpExporter {
     self_resource: Vec<(String, String)>,
     /// How long shutdown may spend flushing the queue.
     flush_deadline: Duration,
+    /// Ids of containers that are gone (from enrichment), whose series then end.
+    departures: Option<mpsc::UnboundedReceiver<String>>,
 }
 
 type Sending = Pin<Box<dyn Future<Output = Result<Accepted, SendError>> + Send>>;
@@ -71,7 +73,15 @@ impl OtlpExporter {
             snapshot,
             self_resource,
             flush_deadline,
+            departures: None,
         })
+    }
+
+    /// Ends the metric series of the containers named on `departures` once their last
+    /// counts were exported (see [`ConnectionCounts::container_gone`]).
+    pub fn with_departures(mut self, departures: mpsc::UnboundedReceiver<String>) -> Self {
+        self.departures = Some(departures);
+        self
     }
 
     fn send(&self, batch: &Batch) -> Sending {
@@ -204,7 +214,8 @@ impl OtlpExporter {
     }
 
     /// Exports until `input` closes, then flushes within the deadline.
-    pub async fn run(self, mut input: mpsc::Receiver<Vec<Record>>) {
+    pub async fn run(mut self, mut input: mpsc::Receiver<Vec<Record>>) {
+        let mut departures = self.departures.take();
         let start = unix_nanos_now();
         let mut counts = ConnectionCounts::new(start, self.settings.metrics_destination_address);
         let mut queue = BatchQueue::new(self.settings.queue_records);
@@ -299,6 +310,16 @@ impl OtlpExporter {
                 }
                 _ = ticker.tick() => {
                     self.export_metrics(&counts, start);
+                    let ended = counts.exported(unix_nanos_now());
+                    if ended > 0 {
+                        tracing::debug!(ended, workloads = counts.workloads(), "Metric series of containers gone have ended.");
+                    }
+                }
+                departed = async { departures.as_mut().expect("guarded").recv().await }, if departures.is_some() => {
+                    match departed {
+                        Some(id) => counts.container_gone(&id),
+                        None => departures = None,
+                    }
                 }
             }
             self.stats.set_queue_length(queue.records() + pending.len());
