@@ -20,7 +20,7 @@ use std::{
 };
 
 use support::{
-    host::require_root,
+    host::{our_programs, our_programs_settled_at, require_root},
     receiver::{self, Received, Shared, int_attr, runtime},
 };
 
@@ -383,4 +383,86 @@ fn a_stage_that_never_returns_cannot_hold_shutdown() {
         assert_eq!(stats["exported"], read, "{stage}:\n{log}");
         eprintln!("{stage}: exited {took:?} after SIGINT with {stats:?}");
     }
+}
+
+#[test]
+fn sigterm_during_start_up_and_attach_leaves_nothing_attached_and_loses_nothing() {
+    require_root();
+    let port = listener();
+    let traffic = keep_connecting(port);
+    let before = our_programs();
+    // From before the handlers exist to well after the probes are attached.
+    for delay_ms in [0u64, 5, 20, 50, 100, 200, 400, 800, 1500] {
+        let mut child = Command::new(COLLECTOR)
+            .arg("run")
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start");
+        let mut stdout = child.stdout.take().expect("stdout");
+        let lines = thread::spawn(move || {
+            let mut text = String::new();
+            let _ = stdout.read_to_string(&mut text);
+            text.lines().count() as u64
+        });
+        let mut stderr = child.stderr.take().expect("stderr");
+        let log = thread::spawn(move || {
+            let mut text = String::new();
+            let _ = stderr.read_to_string(&mut text);
+            text
+        });
+        thread::sleep(Duration::from_millis(delay_ms));
+        // SAFETY: signalling our own child by pid.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("{delay_ms} ms: SIGTERM did not stop the collector");
+            }
+            thread::sleep(Duration::from_millis(20));
+        };
+        let log = log.join().expect("stderr");
+        let lines = lines.join().expect("stdout");
+        use std::os::unix::process::ExitStatusExt;
+        if status.signal() == Some(libc::SIGTERM) {
+            // Before the handlers were registered: nothing was attached yet.
+            assert!(
+                !log.contains(READY),
+                "{delay_ms} ms: killed after attaching:\n{log}"
+            );
+        } else {
+            assert!(status.success(), "{delay_ms} ms: {status}:\n{log}");
+            let stats: BTreeMap<String, u64> = log
+                .lines()
+                .rev()
+                .find(|l| l.contains("Stopped."))
+                .unwrap_or_else(|| panic!("{delay_ms} ms: no statistics line:\n{log}"))
+                .split_whitespace()
+                .filter_map(|kv| kv.split_once('='))
+                .filter_map(|(k, v)| Some((k.to_owned(), v.parse().ok()?)))
+                .collect();
+            assert_counts_add_up(&stats, &log);
+            assert_eq!(
+                stats["dropped"], 0,
+                "{delay_ms} ms: nothing captured is lost:\n{log}"
+            );
+            assert_eq!(
+                stats["exported"], lines,
+                "{delay_ms} ms: every record written"
+            );
+        }
+        assert_eq!(
+            our_programs_settled_at(before),
+            before,
+            "{delay_ms} ms: nothing stays loaded"
+        );
+        eprintln!("{delay_ms} ms: {status}, {lines} records");
+    }
+    traffic.store(true, Ordering::Relaxed);
 }
