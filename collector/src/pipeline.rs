@@ -15,7 +15,7 @@ use std::{
     time::Duration,
 };
 
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::{mpsc, watch};
 
 use crate::{
     enrich::{
@@ -25,7 +25,7 @@ use crate::{
     events::{EventReader, aggregate::Aggregates},
     export::{
         otlp::{OtlpExporter, SnapshotSource, settings::OtlpSettings, transport::TransportError},
-        stdout::{self, Role, StdoutExporter},
+        stdout::{self, Closed, Role, StdoutExporter},
     },
     health::{self, Health, HealthError},
     probe::{ProbeError, Probes},
@@ -171,7 +171,9 @@ pub async fn run(
     }
     let enrich_task =
         tokio::task::spawn_blocking(move || enricher.run_blocking(connections_rx, records_tx));
-    let stdout_closed = Arc::new(Notify::new());
+    // stdout is the only sink: its reader going away stops the collector.
+    let stdout_only = otlp.is_none();
+    let stdout_closed = Arc::new(Closed::default());
     let export_task = spawn_exporters(
         otlp,
         settings.stdout,
@@ -204,7 +206,7 @@ pub async fn run(
                 cause = StopCause::Signal;
                 break;
             }
-            _ = stdout_closed.notified() => {
+            _ = stdout_closed.wait() => {
                 cause = StopCause::OutputClosed;
                 break;
             }
@@ -214,6 +216,11 @@ pub async fn run(
                 previous = now;
             }
             _ = liveness.tick(), if !failed => {
+                // A reader gone while there was nothing to write (the writer learns it
+                // from its next write otherwise).
+                if stdout_only && stdout::reader_gone() {
+                    stdout_closed.report();
+                }
                 // Stages only end when told to: one that ended on its own is a broken
                 // collector, which the liveness probe reports so kubelet restarts it.
                 let stopped = [
@@ -316,7 +323,7 @@ fn spawn_exporters(
     stdout: bool,
     records: mpsc::Receiver<Vec<Record>>,
     stats: Arc<Stats>,
-    stdout_closed: Arc<Notify>,
+    stdout_closed: Arc<Closed>,
 ) -> Result<tokio::task::JoinHandle<()>, PipelineError> {
     let stdout_thread = |records, role| {
         stdout::spawn(

@@ -8,7 +8,10 @@
 
 use std::{
     io::{ErrorKind, Write},
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
 };
 
 use tokio::sync::{Notify, mpsc, oneshot};
@@ -25,8 +28,44 @@ pub enum Role {
     Copy,
 }
 
+/// Tells the pipeline, once, that stdout's reader went away.
+#[derive(Debug, Default)]
+pub struct Closed {
+    notify: Notify,
+    reported: AtomicBool,
+}
+
+impl Closed {
+    /// Logs and notifies on the first call only.
+    pub fn report(&self) {
+        if !self.reported.swap(true, Ordering::Relaxed) {
+            tracing::info!("stdout was closed by its reader; the collector stops.");
+            self.notify.notify_one();
+        }
+    }
+
+    /// Completes once [`Self::report`] was called.
+    pub async fn wait(&self) {
+        self.notify.notified().await;
+    }
+}
+
+/// Whether stdout's reader has gone away, known without writing: the write end of a pipe
+/// whose reader exited polls as an error, a hung-up terminal or socket as a hang-up. (A
+/// file never does.) Lets a collector with nothing to write notice `| head` too.
+pub fn reader_gone() -> bool {
+    let mut fd = libc::pollfd {
+        fd: libc::STDOUT_FILENO,
+        events: 0,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the call's duration; a zero timeout never waits.
+    let ready = unsafe { libc::poll(&mut fd, 1, 0) };
+    ready > 0 && fd.revents & (libc::POLLERR | libc::POLLHUP) != 0
+}
+
 /// Runs `exporter` on its own thread until `input` closes. With [`Role::Sink`], every
-/// record is counted exported or failed, and `closed` is notified once if the reader of
+/// record is counted exported or failed, and `closed` is reported if the reader of
 /// stdout goes away (the records after that are counted failed, never written). The
 /// receiver completes when the thread is done.
 pub fn spawn<W: Write + Send + 'static>(
@@ -34,7 +73,7 @@ pub fn spawn<W: Write + Send + 'static>(
     mut input: mpsc::Receiver<Vec<Record>>,
     role: Role,
     stats: Arc<Stats>,
-    closed: Arc<Notify>,
+    closed: Arc<Closed>,
 ) -> std::io::Result<oneshot::Receiver<()>> {
     let (done, finished) = oneshot::channel();
     std::thread::Builder::new()
@@ -57,8 +96,7 @@ pub fn spawn<W: Write + Send + 'static>(
                             return;
                         }
                         stats.record_export_failed(n);
-                        tracing::info!("stdout was closed by its reader; the collector stops.");
-                        closed.notify_one();
+                        closed.report();
                         open = false;
                     }
                     Err(e) => {
@@ -150,9 +188,9 @@ mod tests {
     use crate::export::otlp::mapping::tests::{record, resource};
 
     /// A writer whose reader has gone, as a pipe after `head` exits.
-    struct Closed;
+    struct ReaderGone;
 
-    impl Write for Closed {
+    impl Write for ReaderGone {
         fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
             Err(ErrorKind::BrokenPipe.into())
         }
@@ -164,10 +202,10 @@ mod tests {
     #[test]
     fn a_closed_stdout_counts_every_later_record_failed_and_notifies_once() {
         let stats = Arc::new(Stats::default());
-        let closed = Arc::new(Notify::new());
+        let closed = Arc::new(Closed::default());
         let (tx, rx) = mpsc::channel(4);
         let done = spawn(
-            StdoutExporter::with_writer(Closed),
+            StdoutExporter::with_writer(ReaderGone),
             rx,
             Role::Sink,
             Arc::clone(&stats),
@@ -185,7 +223,7 @@ mod tests {
             .build()
             .expect("runtime");
         runtime.block_on(async {
-            tokio::time::timeout(std::time::Duration::from_secs(1), closed.notified())
+            tokio::time::timeout(std::time::Duration::from_secs(1), closed.wait())
                 .await
                 .expect("notified");
         });
