@@ -68,10 +68,18 @@ fn run(mut args: RunArgs) -> anyhow::Result<ExitCode> {
         .map(egress_collector::health::bind)
         .transpose()?;
     let result = runtime.block_on(async {
-        let shutdown = shutdown_signal();
+        let signals = shutdown_signals();
         let probes = Probes::attach(&args.probe.settings()).context("attaching probes")?;
-        let stopped =
-            pipeline::run(probes, host, pipeline_settings, health_listener, shutdown).await?;
+        let (shutdown, force) = (nth_signal(signals.clone(), 1), nth_signal(signals, 2));
+        let stopped = pipeline::run(
+            probes,
+            host,
+            pipeline_settings,
+            health_listener,
+            shutdown,
+            force,
+        )
+        .await?;
         anyhow::Ok(stopped)
     });
     if let Some(telemetry) = self_telemetry {
@@ -102,21 +110,41 @@ fn raise_memlock_limit() {
 }
 
 /// Registers for SIGTERM and SIGINT at once (a signal arriving between start-up and the
-/// first wait must not kill the process unflushed); the future completes on either.
-fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+/// first wait must not kill the process unflushed); counts the signals received.
+fn shutdown_signals() -> tokio::sync::watch::Receiver<u32> {
     use tokio::signal::unix::{SignalKind, signal};
-    let signals = (
+    let (count, counted) = tokio::sync::watch::channel(0u32);
+    let (Ok(mut term), Ok(mut int)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
-    );
-    async move {
-        let (Ok(mut term), Ok(mut int)) = signals else {
-            tracing::error!("Cannot listen for SIGTERM/SIGINT; stop the collector with SIGKILL.");
-            return std::future::pending().await;
-        };
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM: shutting down."),
-            _ = int.recv() => tracing::info!("SIGINT: shutting down."),
+    ) else {
+        tracing::error!("Cannot listen for SIGTERM/SIGINT; stop the collector with SIGKILL.");
+        return counted; // the sender is gone: no signal ever completes
+    };
+    tokio::spawn(async move {
+        loop {
+            let name = tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT",
+            };
+            let n = *count.borrow() + 1;
+            if n == 1 {
+                tracing::info!(signal = name, "Shutting down.");
+            } else {
+                tracing::warn!(
+                    signal = name,
+                    "Signalled again: stopping without waiting for the drain."
+                );
+            }
+            count.send_replace(n);
         }
+    });
+    counted
+}
+
+/// Completes once `n` signals were received.
+async fn nth_signal(mut counted: tokio::sync::watch::Receiver<u32>, n: u32) {
+    if counted.wait_for(|&count| count >= n).await.is_err() {
+        std::future::pending::<()>().await;
     }
 }

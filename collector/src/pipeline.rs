@@ -88,14 +88,16 @@ pub const EXIT_DEADLINE_PASSED: u8 = 3;
 const WATCHDOG_GRACE: Duration = Duration::from_secs(3);
 
 /// Runs until `shutdown` completes (or stdout, the only sink, is closed); returns the final
-/// counters. `health`, when given, is where `/healthz` and `/readyz` are served (see
-/// [`health::bind`]).
+/// counters. `force`, completing during the drain (a second signal), ends it at once as
+/// the deadline would. `health`, when given, is where `/healthz` and `/readyz` are served
+/// (see [`health::bind`]).
 pub async fn run(
     mut probes: Probes,
     host: HostIdentity,
     settings: PipelineSettings,
     health_listener: Option<TcpListener>,
     shutdown: impl Future<Output = ()>,
+    force: impl Future<Output = ()>,
 ) -> Result<Stopped, PipelineError> {
     let stats = Arc::new(Stats::default());
     let kernel = Arc::new(KernelCounters::new(probes.take_counters()?));
@@ -247,17 +249,26 @@ pub async fn run(
     probes.detach();
     crate::testhook::hang_if("shutdown");
     let _ = stop_reader.send(true);
-    let drained = tokio::time::timeout(settings.drain_deadline, async {
+    let drain = tokio::time::timeout(settings.drain_deadline, async {
         let _ = reader_task.await;
         let _ = enrich_task.await;
         let _ = export_task.await;
-    })
-    .await;
-    let deadline_passed = drained.is_err();
-    if deadline_passed {
-        let abandoned = abandon_in_flight(&stats, &snapshot);
-        tracing::error!(deadline = ?settings.drain_deadline, records = abandoned, "Shutdown deadline passed; records still in the pipeline are lost.");
-    }
+    });
+    let deadline_passed = tokio::select! {
+        drained = drain => {
+            let passed = drained.is_err();
+            if passed {
+                let abandoned = abandon_in_flight(&stats, &snapshot);
+                tracing::error!(deadline = ?settings.drain_deadline, records = abandoned, "Shutdown deadline passed; records still in the pipeline are lost.");
+            }
+            passed
+        }
+        _ = force => {
+            let abandoned = abandon_in_flight(&stats, &snapshot);
+            tracing::error!(records = abandoned, "Drain cut short; records still in the pipeline are lost.");
+            true
+        }
+    };
     let last = snapshot();
     telemetry::report(&previous, &last);
     report_stopped(&last);

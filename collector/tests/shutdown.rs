@@ -550,3 +550,33 @@ fn sigterm_during_start_up_and_attach_leaves_nothing_attached_and_loses_nothing(
     }
     traffic.store(true, Ordering::Relaxed);
 }
+
+#[test]
+fn a_second_signal_cuts_a_stuck_drain_short_with_the_statistics_line() {
+    require_root();
+    let port = listener();
+    // Enrichment never returns: without the second signal the drain would wait 60 s.
+    let mut collector = Collector::start(
+        &["--shutdown-deadline", "60s"],
+        &[("EGRESS_TEST_HANG", "enrich")],
+    );
+    let (start_reading, _lines) = read_later(collector.child.stdout.take().expect("stdout"));
+    start_reading.send(()).expect("reader");
+    connect(port, 20);
+    thread::sleep(Duration::from_millis(500));
+    collector.signal(libc::SIGINT);
+    thread::sleep(Duration::from_secs(1));
+    assert!(
+        collector.child.try_wait().expect("wait").is_none(),
+        "still draining"
+    );
+    let again = Instant::now();
+    collector.signal(libc::SIGTERM);
+    let status = collector.wait(Duration::from_secs(10));
+    let log = collector.log();
+    let status = status.unwrap_or_else(|| panic!("the second signal did not stop it:\n{log}"));
+    assert_eq!(status.code(), Some(3), "{log}");
+    assert!(log.contains("Signalled again"), "{log}");
+    assert_counts_add_up(&collector.stopped(), &log);
+    eprintln!("exited {:?} after the second signal", again.elapsed());
+}
