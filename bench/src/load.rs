@@ -32,6 +32,10 @@ pub struct LoadArgs {
     /// Listening TCP ports the connects are spread over (more ports, fewer tuple clashes).
     #[arg(long, default_value_t = 8)]
     pub listeners: u16,
+    /// The loopback address listened on and connected to (any of 127.0.0.0/8): one no
+    /// other program uses lets a collector exclude every other destination.
+    #[arg(long, default_value_t = Ipv4Addr::LOCALHOST)]
+    pub address: Ipv4Addr,
 }
 
 /// What the load did; printed as one JSON line.
@@ -46,10 +50,10 @@ pub struct LoadReport {
     pub ports: Vec<u16>,
 }
 
-fn listeners(n: u16) -> std::io::Result<Vec<u16>> {
+fn listeners(address: Ipv4Addr, n: u16) -> std::io::Result<Vec<u16>> {
     let mut ports = Vec::new();
     for _ in 0..n {
-        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+        let listener = TcpListener::bind((address, 0))?;
         ports.push(listener.local_addr()?.port());
         thread::spawn(move || {
             for stream in listener.incoming() {
@@ -71,7 +75,8 @@ fn connect_once(address: &SocketAddr) -> bool {
 }
 
 pub fn run(args: &LoadArgs) -> std::io::Result<LoadReport> {
-    let ports = listeners(args.listeners.max(1))?;
+    let ports = listeners(args.address, args.listeners.max(1))?;
+    let address = args.address;
     let udp_ports: Vec<u16> = (0..args.udp_ports).map(|i| 40_000 + i).collect();
     let connects = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
@@ -103,15 +108,15 @@ pub fn run(args: &LoadArgs) -> std::io::Result<LoadReport> {
                         }
                         next += interval;
                     }
-                    let address = SocketAddr::from((Ipv4Addr::LOCALHOST, ports[i % ports.len()]));
-                    if connect_once(&address) {
+                    let destination = SocketAddr::from((address, ports[i % ports.len()]));
+                    if connect_once(&destination) {
                         connects.fetch_add(1, Relaxed);
                     } else {
                         failed.fetch_add(1, Relaxed);
                     }
                     if let (Some(udp), false) = (&udp, udp_ports.is_empty()) {
                         let port = udp_ports[i % udp_ports.len()];
-                        if udp.send_to(b"x", (Ipv4Addr::LOCALHOST, port)).is_ok() {
+                        if udp.send_to(b"x", (address, port)).is_ok() {
                             udp_sent.fetch_add(1, Relaxed);
                         }
                     }
