@@ -141,3 +141,60 @@ pub fn run(args: &LoadArgs) -> std::io::Result<LoadReport> {
         ports,
     })
 }
+
+/// Every IPv4 and IPv6 destination outside `address/len`, as prefixes: for each of the
+/// first `len` bits, the addresses that share the bits before it and differ there.
+pub fn everything_but(address: Ipv4Addr, len: u32) -> Vec<String> {
+    let bits = u32::from(address);
+    let mut prefixes: Vec<String> = (0..len)
+        .map(|i| {
+            let flipped = (bits ^ (1 << (31 - i))) & (u32::MAX << (31 - i));
+            format!("{}/{}", Ipv4Addr::from(flipped), i + 1)
+        })
+        .collect();
+    prefixes.push("::/0".into());
+    prefixes
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::everything_but;
+
+    fn covers(prefix: &str, address: Ipv4Addr) -> bool {
+        let Some((base, len)) = prefix.split_once('/') else {
+            return false;
+        };
+        let (Ok(base), Ok(len)) = (base.parse::<Ipv4Addr>(), len.parse::<u32>()) else {
+            return false; // the IPv6 one
+        };
+        let mask = u32::MAX.checked_shl(32 - len).unwrap_or(0);
+        u32::from(address) & mask == u32::from(base)
+    }
+
+    #[test]
+    fn the_smoke_excludes_every_destination_but_its_own_once() {
+        let prefixes = everything_but(Ipv4Addr::new(127, 77, 0, 1), 16);
+        assert_eq!(prefixes.len(), 17);
+        assert!(prefixes.contains(&"::/0".to_owned()));
+        for own in [[127, 77, 0, 1], [127, 77, 255, 254]] {
+            assert!(!prefixes.iter().any(|p| covers(p, Ipv4Addr::from(own))));
+        }
+        for other in [
+            [127, 0, 0, 1],
+            [127, 76, 0, 1],
+            [127, 78, 0, 1],
+            [10, 0, 0, 1],
+            [0, 0, 0, 0],
+            [255, 255, 255, 255],
+            [172, 17, 0, 1],
+        ] {
+            let n = prefixes
+                .iter()
+                .filter(|p| covers(p, Ipv4Addr::from(other)))
+                .count();
+            assert_eq!(n, 1, "{other:?}");
+        }
+    }
+}

@@ -156,7 +156,13 @@ pub struct ConnectionCounts {
     start_unix_nano: u64,
     include_address: bool,
     series: HashMap<Arc<Resource>, Series>,
+    /// Containers gone lately, with the exports left before they are forgotten: a record
+    /// still in the pipeline when its container went starts a series that ends too.
+    recently_gone: HashMap<String, u8>,
 }
+
+/// How many exports a departure is remembered for records still in flight.
+const REMEMBER_GONE_EXPORTS: u8 = 3;
 
 impl ConnectionCounts {
     pub fn new(start_unix_nano: u64, include_address: bool) -> Self {
@@ -164,6 +170,7 @@ impl ConnectionCounts {
             start_unix_nano,
             include_address,
             series: HashMap::new(),
+            recently_gone: HashMap::new(),
         }
     }
 
@@ -176,6 +183,8 @@ impl ConnectionCounts {
     /// last counts, once more in case one export was lost and to let records still in
     /// the pipeline arrive), then ends.
     pub fn container_gone(&mut self, id: &str) {
+        self.recently_gone
+            .insert(id.to_owned(), REMEMBER_GONE_EXPORTS);
         for (resource, series) in &mut self.series {
             if resource
                 .attributes
@@ -204,6 +213,10 @@ impl ConnectionCounts {
         if ended > 0 {
             self.start_unix_nano = now;
         }
+        self.recently_gone.retain(|_, left| {
+            *left -= 1;
+            *left > 0
+        });
         ended
     }
 
@@ -216,14 +229,23 @@ impl ConnectionCounts {
             address: self.include_address.then(|| c.destination.ip()),
         };
         let start_unix_nano = self.start_unix_nano;
+        let recently_gone = &self.recently_gone;
         let series = self
             .series
             .entry(Arc::clone(&record.resource))
-            .or_insert_with(|| Series {
-                counts: HashMap::new(),
-                overflow: 0,
-                start_unix_nano,
-                departure: Departure::Present,
+            .or_insert_with(|| {
+                let gone = (record.resource.attributes.get(semconv::CONTAINER_ID))
+                    .is_some_and(|id| recently_gone.contains_key(id));
+                Series {
+                    counts: HashMap::new(),
+                    overflow: 0,
+                    start_unix_nano,
+                    departure: if gone {
+                        Departure::Gone
+                    } else {
+                        Departure::Present
+                    },
+                }
             });
         if series.departure == Departure::Final {
             series.departure = Departure::Gone;

@@ -275,8 +275,24 @@ fn a_gone_containers_series_ends_after_two_quiet_exports_and_a_later_one_starts_
     assert_eq!(total_of(&counts, "shop"), None);
     assert_eq!(counts.workloads(), 1);
     assert_eq!(total_of(&counts, "db"), Some((10, 1)));
-    // A record after the end starts a new cumulative series, later than the old one.
+    // A record after the end (a reused id, a record delayed past the departure's memory)
+    // starts a new cumulative series, later than the old one, which stays.
     counts.record(&record(&shop, 443));
     assert_eq!(total_of(&counts, "shop"), Some((40, 1)));
     assert_eq!(total_of(&counts, "db"), Some((10, 1)), "unchanged");
+    for now in [50, 60, 70] {
+        assert_eq!(counts.exported(now), 0);
+    }
+    assert_eq!(counts.workloads(), 2);
+}
+
+#[test]
+fn a_departure_before_the_containers_first_record_still_ends_its_series() {
+    let shop = resource("shop");
+    let mut counts = ConnectionCounts::new(10, false);
+    counts.container_gone("shop-container");
+    counts.record(&record(&shop, 443));
+    assert_eq!(counts.exported(20), 0, "exported once more");
+    assert_eq!(counts.exported(30), 1);
+    assert_eq!(counts.workloads(), 0);
 }
