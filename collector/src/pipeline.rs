@@ -254,22 +254,17 @@ pub async fn run(
         let _ = enrich_task.await;
         let _ = export_task.await;
     });
-    let deadline_passed = tokio::select! {
-        drained = drain => {
-            let passed = drained.is_err();
-            if passed {
-                let abandoned = abandon_in_flight(&stats, &snapshot);
-                tracing::error!(deadline = ?settings.drain_deadline, records = abandoned, "Shutdown deadline passed; records still in the pipeline are lost.");
-            }
-            passed
-        }
-        _ = force => {
-            let abandoned = abandon_in_flight(&stats, &snapshot);
-            tracing::error!(records = abandoned, "Drain cut short; records still in the pipeline are lost.");
-            true
-        }
+    let (deadline_passed, why) = tokio::select! {
+        drained = drain => (drained.is_err(), "Shutdown deadline passed"),
+        _ = force => (true, "A second signal cut the drain short"),
     };
-    let last = snapshot();
+    let last = if deadline_passed {
+        let last = abandon_in_flight(&stats, &snapshot);
+        tracing::error!(deadline = ?settings.drain_deadline, records = last.abandoned, "{why}; records still in the pipeline are lost.");
+        last
+    } else {
+        snapshot()
+    };
     telemetry::report(&previous, &last);
     report_stopped(&last);
     drop(watchdog);
@@ -280,11 +275,14 @@ pub async fn run(
     })
 }
 
-/// Counts what is still between stages as `abandoned`; returns how many.
-fn abandon_in_flight(stats: &Stats, snapshot: &SnapshotSource) -> u64 {
-    let in_flight = snapshot().in_flight();
+/// Counts what is still between stages as `abandoned`; returns the final counters, read
+/// once so they add up even while a stage past its deadline still counts.
+fn abandon_in_flight(stats: &Stats, snapshot: &SnapshotSource) -> Snapshot {
+    let mut last = snapshot();
+    let in_flight = last.in_flight();
     stats.record_abandoned(in_flight);
-    in_flight
+    last.abandoned += in_flight;
+    last
 }
 
 /// The last line: `captured = exported + filtered + dropped`; `lost` adds what never
@@ -314,9 +312,9 @@ impl Watchdog {
             .name("shutdown-watchdog".into())
             .spawn(move || {
                 if let Err(std_mpsc::RecvTimeoutError::Timeout) = disarmed.recv_timeout(after) {
-                    let abandoned = abandon_in_flight(&stats, &snapshot);
-                    tracing::error!(after = ?after, records = abandoned, "Shutdown is stuck; exiting without waiting for it.");
-                    report_stopped(&snapshot());
+                    let last = abandon_in_flight(&stats, &snapshot);
+                    tracing::error!(after = ?after, records = last.abandoned, "Shutdown is stuck; exiting without waiting for it.");
+                    report_stopped(&last);
                     std::process::exit(i32::from(EXIT_DEADLINE_PASSED));
                 }
             });

@@ -283,3 +283,27 @@ pub fn report(previous: &Snapshot, now: &Snapshot) {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn captured_is_exported_plus_filtered_plus_dropped_plus_what_is_in_flight() {
+        let stats = Stats::default();
+        stats.record_captured(100);
+        stats.record_exported(60);
+        stats.record_filtered(5);
+        stats.record_queue_full(4);
+        stats.record_export_failed(3);
+        stats.record_export_dropped(2);
+        stats.record_rejected(1);
+        let s = stats.snapshot_user();
+        assert_eq!(s.dropped(), 10);
+        assert_eq!(s.in_flight(), 25);
+        stats.record_abandoned(s.in_flight());
+        let s = stats.snapshot_user();
+        assert_eq!((s.in_flight(), s.dropped(), s.lost()), (0, 35, 35));
+        assert_eq!(s.captured, s.exported + s.filtered + s.dropped());
+    }
+}
