@@ -580,3 +580,58 @@ fn a_second_signal_cuts_a_stuck_drain_short_with_the_statistics_line() {
     assert_counts_add_up(&collector.stopped(), &log);
     eprintln!("exited {:?} after the second signal", again.elapsed());
 }
+
+#[test]
+fn a_failing_stdout_is_one_error_line_and_counted_not_one_line_per_batch() {
+    require_root();
+    let port = listener();
+    // /dev/full: every write fails with ENOSPC, the reader never "goes away".
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .expect("/dev/full");
+    let mut child = Command::new(COLLECTOR)
+        .arg("run")
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(full)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, lines) = mpsc::channel();
+    thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut collector = Collector {
+        child,
+        lines,
+        stderr: Vec::new(),
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !collector.stderr.iter().any(|l| l.contains(READY)) && Instant::now() < deadline {
+        if let Ok(line) = collector.lines.recv_timeout(Duration::from_millis(200)) {
+            collector.stderr.push(line);
+        }
+    }
+    // Several batches, each written (and failing) on its own.
+    for _ in 0..5 {
+        connect(port, 10);
+        thread::sleep(Duration::from_millis(300));
+    }
+    collector.signal(libc::SIGINT);
+    let status = collector.wait(Duration::from_secs(30));
+    let log = collector.log();
+    assert!(status.is_some_and(|s| s.success()), "{status:?}:\n{log}");
+    assert_eq!(
+        log.matches("Writing to stdout failed").count(),
+        1,
+        "one line for the run of failures:\n{log}"
+    );
+    let stats = collector.stopped();
+    assert_counts_add_up(&stats, &log);
+    assert!(stats["dropped"] >= 50, "{log}");
+    assert_eq!(stats["exported"], 0, "{log}");
+}

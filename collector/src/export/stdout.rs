@@ -81,6 +81,8 @@ pub fn spawn<W: Write + Send + 'static>(
         .spawn(move || {
             let sink = role == Role::Sink;
             let mut open = true;
+            // One line per run of failures, not one per batch.
+            let mut failing = false;
             while let Some(batch) = input.blocking_recv() {
                 let n = batch.len();
                 if !open {
@@ -88,8 +90,15 @@ pub fn spawn<W: Write + Send + 'static>(
                     continue;
                 }
                 match exporter.export(&batch) {
-                    Ok(()) if sink => stats.record_exported(n),
-                    Ok(()) => {}
+                    Ok(()) => {
+                        if sink {
+                            stats.record_exported(n);
+                        }
+                        if failing {
+                            tracing::info!("Writing to stdout works again.");
+                            failing = false;
+                        }
+                    }
                     Err(ExportError::Io(e)) if e.kind() == ErrorKind::BrokenPipe => {
                         if !sink {
                             tracing::warn!("stdout was closed by its reader; records go on to OTLP only.");
@@ -103,7 +112,10 @@ pub fn spawn<W: Write + Send + 'static>(
                         if sink {
                             stats.record_export_failed(n);
                         }
-                        tracing::error!(error = %e, records = n, "Writing to stdout failed; the records are lost.");
+                        if !failing {
+                            tracing::error!(error = %e, records = n, "Writing to stdout failed; the records are lost (counted export_failed until it works again).");
+                            failing = true;
+                        }
                     }
                 }
             }
