@@ -120,7 +120,6 @@ impl OtlpExporter {
             ("export_failed", s.export_failed),
             ("rejected_by_endpoint", s.rejected),
             ("aggregate_repeats", s.repeats_lost),
-            ("shutdown_deadline", s.abandoned),
         ];
         let mut lost_points: Vec<_> = lost
             .iter()
