@@ -27,7 +27,7 @@ use opentelemetry_proto::tonic::{
     metrics::v1::{metric::Data, number_data_point},
 };
 use support::{
-    host::{require_root, sink_port},
+    host::{last_stat, require_root, sink_port},
     receiver::{self, Received, Shared, int_attr, runtime},
 };
 
@@ -121,7 +121,14 @@ fn a_removed_containers_series_is_exported_with_its_last_counts_then_ends() {
     let endpoint = format!("http://{}", otlp.addr);
     let collector = RunningCollector::start_with(
         Path::new(COLLECTOR),
-        &["--otlp-endpoint", &endpoint, "--export-interval", "1s"],
+        &[
+            "--otlp-endpoint",
+            &endpoint,
+            "--export-interval",
+            "1s",
+            "--stats-interval",
+            "1s",
+        ],
         Duration::from_secs(60),
     )
     .expect("collector starts");
@@ -199,8 +206,10 @@ fn a_removed_containers_series_is_exported_with_its_last_counts_then_ends() {
     }
     // Totals include other engineers' containers on this host, which come and go: the
     // claim checked above is on ours; these figures are for the report.
+    let held = last_stat(&stderr, "metric_workloads").expect("metric_workloads in the statistics");
     eprintln!(
-        "workloads exported: {baseline} before, {during} with the containers, {after_workloads} after"
+        "workloads exported: {baseline} before, {during} with the containers, {after_workloads} after; \
+         the collector holds {held}"
     );
     drop(otlp);
 }

@@ -60,6 +60,7 @@ pub struct Stats {
     export_dropped: AtomicU64,
     rejected: AtomicU64,
     queue_length: AtomicU64,
+    metric_workloads: AtomicU64,
     repeats_lost: AtomicU64,
     filtered: AtomicU64,
     stdout_copy_dropped: AtomicU64,
@@ -81,6 +82,8 @@ pub struct Snapshot {
     pub rejected: u64,
     /// Records waiting to be exported.
     pub queue_length: u64,
+    /// Workloads with an `egress.connections` series held and exported (OTLP only).
+    pub metric_workloads: u64,
     /// Repeats counted by an in-kernel aggregate that no record carries (its opening
     /// record, or its closing one, was lost).
     pub repeats_lost: u64,
@@ -169,6 +172,10 @@ impl Stats {
         self.filtered.fetch_add(n as u64, Relaxed);
     }
 
+    pub fn set_metric_workloads(&self, n: usize) {
+        self.metric_workloads.store(n as u64, Relaxed);
+    }
+
     pub fn set_queue_length(&self, n: usize) {
         self.queue_length.store(n as u64, Relaxed);
     }
@@ -209,6 +216,7 @@ impl Stats {
             export_dropped: self.export_dropped.load(Relaxed),
             rejected: self.rejected.load(Relaxed),
             queue_length: self.queue_length.load(Relaxed),
+            metric_workloads: self.metric_workloads.load(Relaxed),
             repeats_lost: self.repeats_lost.load(Relaxed),
             filtered: self.filtered.load(Relaxed),
             stdout_copy_dropped: self.stdout_copy_dropped.load(Relaxed),
@@ -275,6 +283,7 @@ pub fn report(previous: &Snapshot, now: &Snapshot) {
             captured = delta(previous.captured, now.captured),
             exported = delta(previous.exported, now.exported),
             queue_length = now.queue_length,
+            metric_workloads = now.metric_workloads,
             filtered_by_namespace = delta(previous.filtered, now.filtered),
             stdout_copy_dropped = delta(previous.stdout_copy_dropped, now.stdout_copy_dropped),
             enrichment_failed = ?now.enrichment_failed,

@@ -310,6 +310,7 @@ impl OtlpExporter {
                 _ = ticker.tick() => {
                     self.export_metrics(&counts, start);
                     let ended = counts.exported(unix_nanos_now());
+                    self.stats.set_metric_workloads(counts.workloads());
                     if ended > 0 {
                         tracing::debug!(ended, workloads = counts.workloads(), "Metric series of containers gone have ended.");
                     }
