@@ -224,13 +224,21 @@ fn measure_children(children: &mut [Child], connections: u64) -> anyhow::Result<
 
 fn detail(before: &[ProgramStats], after: &[ProgramStats]) {
     for a in after {
-        let b = before.iter().find(|b| b.id == a.id).copied().unwrap_or(ProgramStats {
-            id: a.id,
-            run_time_ns: 0,
-            run_cnt: 0,
-        });
+        let b = before
+            .iter()
+            .find(|b| b.id == a.id)
+            .copied()
+            .unwrap_or(ProgramStats {
+                id: a.id,
+                run_time_ns: 0,
+                run_cnt: 0,
+            });
         let (dt, dc) = (a.run_time_ns - b.run_time_ns, a.run_cnt - b.run_cnt);
-        eprintln!("program {}: {dc} runs, {dt} ns, {} ns per run", a.id, dt / dc.max(1));
+        eprintln!(
+            "program {}: {dc} runs, {dt} ns, {} ns per run",
+            a.id,
+            dt / dc.max(1)
+        );
     }
 }
 
