@@ -277,7 +277,7 @@ pub fn tcp_complete(sk: u64, established: bool) {
         ev.sk_err_soft = read::kernel::<i32>(sk, config!(offsets.sk_err_soft)).unwrap_or(0) as u32;
     }
     let connect_ns = ev.boot_time_ns;
-    if submit(ev) && established {
+    if submit(ev) && established && config!(track_closes) != 0 {
         let open = OpenConn {
             connect_ns,
             established_ns: now,

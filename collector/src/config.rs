@@ -216,6 +216,8 @@ impl ProbeArgs {
             exclude_cgroups: !self.exclude_namespaces.is_empty(),
             // Zero is `off`.
             aggregate_window: self.aggregate_window.filter(|w| !w.is_zero()),
+            // Set by main once the OTLP settings are known.
+            track_closes: false,
         }
     }
 

@@ -72,7 +72,11 @@ fn run(mut args: RunArgs) -> anyhow::Result<ExitCode> {
         .transpose()?;
     let result = runtime.block_on(async {
         let signals = shutdown_signals();
-        let probes = Probes::attach(&args.probe.settings()).context("attaching probes")?;
+        let mut probe_settings = args.probe.settings();
+        // Closes feed close records, the OTLP metrics and spans: without any of them the
+        // kernel does not follow connections past their outcome.
+        probe_settings.track_closes = args.close_records || pipeline_settings.otlp.is_some();
+        let probes = Probes::attach(&probe_settings).context("attaching probes")?;
         let (shutdown, force) = (nth_signal(signals.clone(), 1), nth_signal(signals, 2));
         let stopped = pipeline::run(
             probes,

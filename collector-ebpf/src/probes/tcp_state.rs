@@ -36,7 +36,7 @@ fn transition(sk: u64, old: i32, new: i32) {
         if new == TCP_ESTABLISHED || new == TCP_CLOSE {
             emit::tcp_complete(sk, new == TCP_ESTABLISHED);
         }
-    } else if new == TCP_CLOSE {
+    } else if new == TCP_CLOSE && config!(track_closes) != 0 {
         emit::tcp_closed(sk, old as u8);
     }
 }

@@ -103,6 +103,8 @@ pub struct ProbeSettings {
     /// Identical connections within a window are reported once with a count; `None`
     /// reports every connection.
     pub aggregate_window: Option<Duration>,
+    /// Follow TCP connections to their close (close records, metrics, spans need it).
+    pub track_closes: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -173,7 +175,7 @@ impl KernelFacts {
             wakeup_bytes: (settings.ring_buffer_bytes / 8).min(64 << 10),
             cgroup_rate: settings.cgroup_rate,
             cgroup_burst: settings.cgroup_burst.max(1),
-            _padding: 0,
+            track_closes: u32::from(settings.track_closes),
             aggregate_window_ns: settings
                 .aggregate_window
                 .map_or(0, |w| w.as_nanos().clamp(1, u64::MAX as u128) as u64),
