@@ -60,7 +60,10 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<Snapshot, PipelineError> {
     let stats = Arc::new(Stats::default());
-    let kernel = Arc::new(KernelCounters::new(probes.take_counters()?));
+    let kernel = Arc::new(KernelCounters::new(
+        probes.take_counters()?,
+        probes.program_counts(),
+    ));
     let snapshot: SnapshotSource = {
         let (stats, kernel) = (Arc::clone(&stats), Arc::clone(&kernel));
         Arc::new(move || stats.snapshot(&kernel))
@@ -188,6 +191,7 @@ pub async fn run(
         captured = last.captured,
         exported = last.exported,
         lost = last.lost(),
+        possibly_lost = last.recursion_misses,
         "Stopped."
     );
     Ok(last)

@@ -7,6 +7,7 @@ mod attach;
 pub mod btf;
 pub mod cgroups;
 pub mod filters;
+pub mod programs;
 pub mod tracefs;
 
 use std::{fmt, path::PathBuf, str::FromStr, time::Duration};
@@ -288,6 +289,11 @@ impl Probes {
             name: "COUNTERS",
             source,
         })
+    }
+
+    /// The kernel's counts about each program (recursion misses), readable after detach.
+    pub fn program_counts(&self) -> programs::ProgramCounts {
+        programs::ProgramCounts::of(&self.ebpf)
     }
 
     /// The open aggregates of repeated connections, when aggregation is on.
