@@ -100,7 +100,11 @@ fn admit(cgroup: u64) -> Option<u32> {
             };
             // NOEXIST: a CPU that loses the race to create it uses the winner's bucket.
             let _ = CGROUP_BUCKETS.insert(&cgroup, &fresh, BPF_NOEXIST as u64);
-            CGROUP_BUCKETS.get_ptr_mut(&cgroup)?
+            match CGROUP_BUCKETS.get_ptr_mut(&cgroup) {
+                Some(bucket) => bucket,
+                // No bucket to be had (no memory): the event is not the limit's to drop.
+                None => return Some(0),
+            }
         }
     };
     // SAFETY: a valid map value; fields are reached by pointer, never by reference,
