@@ -33,18 +33,17 @@ pub struct ProgramCounts {
 }
 
 impl ProgramCounts {
-    /// Every program of the object; one whose descriptor cannot be duplicated is left out
-    /// (and says so once).
+    /// Every loaded program of the object (the attached family's); one whose descriptor
+    /// cannot be duplicated is left out, and says so.
     pub fn of(ebpf: &Ebpf) -> Self {
         let mut programs = Vec::new();
         for (name, program) in ebpf.programs() {
-            match program.fd().map(|fd| fd.try_clone()) {
-                Ok(Ok(fd)) => programs.push(fd),
-                Ok(Err(e)) => {
-                    tracing::warn!(program = name, error = %e, "Cannot keep the program's descriptor; its recursion misses are not counted.");
-                }
+            // The other families' programs are never loaded: nothing to count.
+            let Ok(fd) = program.fd() else { continue };
+            match fd.try_clone() {
+                Ok(fd) => programs.push(fd),
                 Err(e) => {
-                    tracing::warn!(program = name, error = %e, "The program has no descriptor; its recursion misses are not counted.");
+                    tracing::warn!(program = name, error = %e, "Cannot keep the program's descriptor; its recursion misses are not counted.");
                 }
             }
         }
