@@ -129,7 +129,8 @@ pub static EXCLUDED_V6: LpmTrie<[u8; 16], u8> = LpmTrie::with_max_entries(1024, 
 #[map]
 pub static EXCLUDED_CGROUPS: LruHashMap<u64, u8> = LruHashMap::with_max_entries(16384, 0);
 
-/// Repeats counted per open aggregate, per CPU (so no atomics). Not LRU: when full, new
+/// Repeats counted per open aggregate, per CPU (so no contention between CPUs; the add is
+/// still atomic, as programs interleave on one CPU). Not LRU: when full, new
 /// connections are reported one by one instead of an aggregate being forgotten with its
 /// count. User space sums, reads and deletes the entries of closed windows.
 ///
