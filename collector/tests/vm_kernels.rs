@@ -28,12 +28,12 @@ const RESULT_MARKER: &str = "EGRESS-VM-RESULT ";
 const BUSYBOX: &str = "/bin/busybox";
 
 #[test]
-fn kprobe_and_fentry_on_debian_6_1() {
+fn every_family_on_debian_6_1() {
     run_scenario_in_vm("6.1");
 }
 
 #[test]
-fn kprobe_and_fentry_on_debian_6_12() {
+fn every_family_on_debian_6_12() {
     run_scenario_in_vm("6.12");
 }
 
