@@ -136,6 +136,7 @@ pub async fn run(
         cgroups = %probes.facts.cgroups.layout,
         "Capturing egress connections."
     );
+    crate::probe::warn_if_fentry_on_realtime(probes.mode);
     for (mode, why) in &probes.refused {
         tracing::info!(%mode, reason = %why, "A preferred hook was refused.");
     }

@@ -394,6 +394,12 @@ fn check_console(series: &str, console: &str) {
             release.contains("PREEMPT_RT"),
             "[{series}] the guest's kernel is not PREEMPT_RT: {release}\n{console}"
         );
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains("SCENARIO WARN") && l.contains("fentry on a PREEMPT_RT")),
+            "[{series}] fentry mode warns that the kernel skips preempted programs:\n{console}"
+        );
     }
 
     let mut problems = Vec::new();

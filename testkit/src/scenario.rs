@@ -36,6 +36,8 @@ pub struct Outcome {
     pub expected: usize,
     pub records: Vec<Value>,
     pub storm: Option<Storm>,
+    /// The collector's warnings, as logged.
+    pub warnings: Vec<String>,
 }
 
 /// The books of the concurrent phase.
@@ -340,6 +342,11 @@ pub fn run(options: &Options) -> Result<Outcome, String> {
             expected: expected.len(),
             records,
             storm,
+            warnings: stderr
+                .iter()
+                .filter(|l| l.contains(" WARN "))
+                .cloned()
+                .collect(),
         })
     } else {
         let sample: Vec<String> = mine

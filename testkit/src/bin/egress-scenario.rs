@@ -48,6 +48,9 @@ fn main() -> ExitCode {
                     s.made, s.reported, s.lost, s.possibly_lost
                 )
             });
+            for warning in &outcome.warnings {
+                println!("SCENARIO WARN {warning}");
+            }
             println!(
                 "SCENARIO PASS probe={} mode={} connections={} records={}{storm}",
                 options.probe,
