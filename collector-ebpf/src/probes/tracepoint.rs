@@ -7,7 +7,7 @@ use egress_shared::EventKind;
 
 use crate::{
     emit,
-    maps::{CallState, USER_ADDR_MSGHDR, USER_ADDR_SOCKADDR, config},
+    maps::{CallState, Slot, USER_ADDR_MSGHDR, USER_ADDR_SOCKADDR, config},
     sock::{self, Dest},
 };
 
@@ -70,9 +70,9 @@ pub fn tp_sys_exit(_ctx: TracePointContext) -> u32 {
         _ => Dest::NONE,
     };
     if state.event_kind == EventKind::UdpConnect as u32 {
-        emit::connect_exit(sk, &dest);
+        emit::connect_exit(sk, &dest, Slot::CallExit);
     } else {
-        emit::udp(sk, &dest, EventKind::UdpSend, false);
+        emit::udp(sk, &dest, EventKind::UdpSend, false, Slot::CallExit);
     }
     0
 }
