@@ -48,6 +48,7 @@ pub struct Stats {
     stdout_copy_dropped: AtomicU64,
     decode_failed: Mutex<BTreeMap<&'static str, u64>>,
     enrichment_failed: Mutex<BTreeMap<&'static str, u64>>,
+    enrichment_events: Mutex<BTreeMap<&'static str, u64>>,
 }
 
 /// A point-in-time copy of every counter, user space and kernel.
@@ -74,6 +75,11 @@ pub struct Snapshot {
     pub decode_failed: BTreeMap<&'static str, u64>,
     /// Lookups of container metadata that failed, by reason (the events still went out).
     pub enrichment_failed: BTreeMap<&'static str, u64>,
+    /// What enrichment did besides lookups, by kind: `container_cache_evicted` (the cache
+    /// was full), `cgroup_looked_up` (a cgroup found by its names before the watcher
+    /// reported it), `cgroup_unresolved` (no path: attributed from the kernel's two names),
+    /// `cgroup_index_full`, `hybrid_unified` (attributed by the other hierarchy).
+    pub enrichment_events: BTreeMap<&'static str, u64>,
     pub kernel: [u64; COUNTER_COUNT as usize],
 }
 
@@ -149,6 +155,19 @@ impl Stats {
         }
     }
 
+    pub fn record_enrichment_event(&self, kind: &'static str) {
+        if let Ok(mut map) = self.enrichment_events.lock() {
+            *map.entry(kind).or_default() += 1;
+        }
+    }
+
+    pub fn enrichment_events(&self) -> BTreeMap<&'static str, u64> {
+        self.enrichment_events
+            .lock()
+            .map(|m| m.clone())
+            .unwrap_or_default()
+    }
+
     pub fn enrichment_failures(&self) -> BTreeMap<&'static str, u64> {
         self.enrichment_failed
             .lock()
@@ -178,6 +197,7 @@ impl Stats {
                 .lock()
                 .map(|m| m.clone())
                 .unwrap_or_default(),
+            enrichment_events: self.enrichment_events(),
             kernel: kernel.read(),
         }
     }
@@ -233,6 +253,7 @@ pub fn report(previous: &Snapshot, now: &Snapshot) {
             filtered_by_namespace = delta(previous.filtered, now.filtered),
             stdout_copy_dropped = delta(previous.stdout_copy_dropped, now.stdout_copy_dropped),
             enrichment_failed = ?now.enrichment_failed,
+            enrichment = ?now.enrichment_events,
             kernel = %kernel.join(" "),
             "Collector statistics."
         );
