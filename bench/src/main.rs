@@ -6,6 +6,7 @@
 //! and the raw results. `egress-bench smoke` is the seconds-long CI check that loss
 //! accounting adds up. `egress-bench load` is the load generator itself.
 
+mod cgroup_index;
 mod containers;
 mod load;
 mod outage;
@@ -41,6 +42,17 @@ enum Command {
     Smoke(SmokeArgs),
     /// Memory with N containers known to the collector (real cgroups, docker files).
     Containers(ContainersArgs),
+    /// What one new cgroup costs enrichment with N cgroups present: a walk of the whole
+    /// hierarchy (before) against the incremental index (now).
+    CgroupIndex {
+        #[arg(long, default_value_t = 2000)]
+        cgroups: usize,
+        #[arg(long, default_value_t = 50)]
+        samples: usize,
+        /// Also write the figures into this report's `cgroup-index` section.
+        #[arg(long)]
+        report: Option<PathBuf>,
+    },
     /// Soak: the OTLP endpoint down for a while under steady load; nothing may be lost.
     Outage {
         #[arg(long, default_value = "target/release/egress-collector")]
@@ -150,6 +162,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Hop { list, port } => containers::hop(&list, port),
+        Command::CgroupIndex {
+            cgroups,
+            samples,
+            report,
+        } => {
+            let sizes = [cgroups.max(2), (cgroups * 5).max(2)];
+            let mut results = Vec::new();
+            for size in sizes {
+                let result = cgroup_index::measure(size, samples.max(1))?;
+                println!("{}", serde_json::to_string(&result)?);
+                results.push(result);
+            }
+            if let Some(path) = report {
+                let command: Vec<String> = std::env::args().collect();
+                let body = cgroup_index::markdown(&results, &command.join(" "));
+                report::put_section(&path, "cgroup-index", &body)?;
+            }
+            Ok(())
+        }
         Command::Outage {
             collector,
             rate,
@@ -201,7 +232,10 @@ fn full(bench: PathBuf, args: RunArgs) -> anyhow::Result<()> {
     let plot = args.out_dir.join("cost.png");
     report::plot(&rows, &plot)?;
     let command: Vec<String> = std::env::args().collect();
-    let document = report::document(&table, &plot, &command.join(" "), &args.report);
+    let mut document = report::document(&table, &plot, &command.join(" "), &args.report);
+    if let Ok(old) = std::fs::read_to_string(&args.report) {
+        document.push_str(&report::kept_sections(&old));
+    }
     std::fs::write(&args.report, document)
         .with_context(|| format!("writing {}", args.report.display()))?;
     println!("{table}");

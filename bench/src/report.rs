@@ -277,3 +277,59 @@ pub fn plot(rows: &[Row], path: &Path) -> anyhow::Result<()> {
     root.present()?;
     Ok(())
 }
+
+/// Sections other commands (`cgroup-index`, `churn`) generate in the same file, between
+/// `<!-- section:NAME -->` and `<!-- /section:NAME -->`: kept when `run` regenerates the
+/// rest, replaced when their own command runs again.
+fn section_bounds(name: &str) -> (String, String) {
+    (
+        format!("<!-- section:{name} -->"),
+        format!("<!-- /section:{name} -->"),
+    )
+}
+
+/// Every section of `old`, to append to a regenerated document.
+pub fn kept_sections(old: &str) -> String {
+    let mut kept = String::new();
+    let mut rest = old;
+    while let Some(start) = rest.find("<!-- section:") {
+        let Some(name) = rest[start + 13..].split(" -->").next() else {
+            break;
+        };
+        let (_, close) = section_bounds(name);
+        let Some(end) = rest[start..].find(&close) else {
+            break;
+        };
+        let end = start + end + close.len();
+        kept.push('\n');
+        kept.push_str(&rest[start..end]);
+        kept.push('\n');
+        rest = &rest[end..];
+    }
+    kept
+}
+
+/// Writes section `name` of the report at `path` (replacing it, or appending it).
+pub fn put_section(path: &Path, name: &str, body: &str) -> anyhow::Result<()> {
+    let (open, close) = section_bounds(name);
+    let old = std::fs::read_to_string(path).unwrap_or_default();
+    let section = format!("{open}\n{}\n{close}", body.trim_end());
+    let new = match (old.find(&open), old.find(&close)) {
+        (Some(start), Some(end)) if end > start => {
+            format!("{}{section}{}", &old[..start], &old[end + close.len()..])
+        }
+        _ => format!("{}\n{section}\n", old.trim_end()),
+    };
+    anyhow::Context::with_context(std::fs::write(path, new), || {
+        format!("writing {}", path.display())
+    })
+}
+
+/// Machine and date lines for a section's header.
+pub fn provenance(command: &str) -> String {
+    format!(
+        "- Machine: {}\n- Date: {}\n- Command: `{command}`\n",
+        machine(),
+        today()
+    )
+}
