@@ -7,6 +7,7 @@
 //! accounting adds up. `egress-bench load` is the load generator itself.
 
 mod cgroup_index;
+mod churn;
 mod containers;
 mod load;
 mod outage;
@@ -63,6 +64,29 @@ enum Command {
         /// Seconds the endpoint stays down.
         #[arg(long, default_value_t = 60)]
         down: u64,
+    },
+    /// Soak: short-lived containers (real cgroups, docker files) made, connected from
+    /// and removed at a steady pace; every connection attributed, memory flat.
+    Churn {
+        #[arg(long, default_value = "target/release/egress-collector")]
+        collector: PathBuf,
+        #[arg(long, default_value_t = 20000)]
+        containers: usize,
+        /// Over this many seconds.
+        #[arg(long, default_value_t = 600.0)]
+        seconds: f64,
+        /// Seconds each container lives before its cgroup and files are removed.
+        #[arg(long, default_value_t = 2.0)]
+        lifetime: f64,
+        /// Also write the figures into this report's `churn` section.
+        #[arg(long)]
+        report: Option<PathBuf>,
+    },
+    /// Internal to `churn`: join each cgroup read from stdin, connect once, answer `ok`.
+    #[command(hide = true)]
+    HopStdin {
+        #[arg(long)]
+        port: u16,
     },
     /// Internal to `containers`: join each listed cgroup in turn and connect once.
     #[command(hide = true)]
@@ -162,6 +186,27 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Hop { list, port } => containers::hop(&list, port),
+        Command::HopStdin { port } => churn::hop_stdin(port),
+        Command::Churn {
+            collector,
+            containers,
+            seconds,
+            lifetime,
+            report,
+        } => {
+            let lifetime = std::time::Duration::from_secs_f64(lifetime.max(0.0));
+            let result = churn::run(&bench, &collector, containers, seconds, lifetime)?;
+            println!("{}", serde_json::to_string(&result)?);
+            if let Some(path) = report {
+                let command: Vec<String> = std::env::args().collect();
+                report::put_section(
+                    &path,
+                    "churn",
+                    &churn::markdown(&result, &command.join(" ")),
+                )?;
+            }
+            churn::check(&result)
+        }
         Command::CgroupIndex {
             cgroups,
             samples,
@@ -280,5 +325,17 @@ fn smoke(bench: PathBuf, args: SmokeArgs) -> anyhow::Result<()> {
             bail!("the load made no connections");
         }
     }
-    Ok(())
+    // Container churn, short: every container's connection attributed, nothing lost.
+    let churned = churn::run(
+        &plan.bench,
+        &plan.collector,
+        200,
+        4.0,
+        std::time::Duration::from_secs(1),
+    )?;
+    println!(
+        "smoke (churn): {} containers, {} connects reported, {} pods attributed, {} lost",
+        churned.containers, churned.connects_reported, churned.pods_attributed, churned.lost
+    );
+    churn::check(&churned)
 }
