@@ -426,3 +426,62 @@ fn a_process_in_a_child_cgroup_of_a_docker_container_is_attributed_to_its_pod() 
         "{r}"
     );
 }
+
+#[test]
+fn an_excluded_namespace_found_through_the_unified_tree_does_not_silence_its_v1_neighbours() {
+    require_root_and_hybrid_host();
+    let root = HostRoot::new("hybrid-exclude");
+    let (excluded_id, excluded_uid) = ids(5);
+    let (kept_id, kept_uid) = ids(6);
+    for (id, uid, pod, namespace) in [
+        (&excluded_id, &excluded_uid, "coredns-1", "kube-system"),
+        (&kept_id, &kept_uid, "web-1", "shop"),
+    ] {
+        root.write(
+            &format!("/run/containerd/io.containerd.runtime.v2.task/k8s.io/{id}/config.json"),
+            &containerd_bundle(pod, namespace, uid, "c"),
+        );
+    }
+    let port = listener();
+    let collector = start_collector(&[
+        "--host-root",
+        &root.arg(),
+        "--exclude-namespace",
+        "kube-system",
+    ]);
+    let mut cgroups = Cgroups::default();
+    // Both containers share one v1 cgroup that names neither.
+    let shared = cgroups.make(V1_MEMORY, &format!("/egress-shared-{}", std::process::id()));
+    let scope = |uid: &str, id: &str| {
+        format!(
+            "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice/cri-containerd-{id}.scope",
+            uid.replace('-', "_")
+        )
+    };
+    let excluded = cgroups.make(UNIFIED, &scope(&excluded_uid, &excluded_id));
+    let kept_path = scope(&kept_uid, &kept_id);
+    let kept = cgroups.make(UNIFIED, &kept_path);
+    // The excluded one first: were its v1 cgroup handed to the kernel, the other's
+    // connection would be dropped there.
+    for (cgroup, times) in [(&excluded, 2), (&kept, 1)] {
+        for _ in 0..times {
+            let connector = Connector::spawn(port);
+            connector.join(&shared);
+            connector.join(cgroup);
+            connector.connect();
+        }
+        // Time for the collector to see the excluded record (and act on it).
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let (records, stderr) = records_to(collector, port);
+    assert_one_attributed(
+        &records,
+        &stderr,
+        &[
+            ("k8s.pod.name", "web-1"),
+            ("k8s.namespace.name", "shop"),
+            ("container.id", kept_id.as_str()),
+        ],
+        &kept_path,
+    );
+}
