@@ -44,8 +44,11 @@ pub enum CgroupChange {
     Resync(Vec<(u64, String)>),
 }
 
+/// One path string shared by the three maps.
+type SharedPath = Arc<str>;
+
 struct Known {
-    path: String,
+    path: SharedPath,
     removed_at: Option<Instant>,
 }
 
@@ -54,9 +57,9 @@ pub struct CgroupPaths {
     root: Option<PathBuf>,
     by_id: HashMap<u64, Known>,
     /// Live cgroups only.
-    by_path: HashMap<String, u64>,
+    by_path: HashMap<SharedPath, u64>,
     /// Last path component -> live paths with that name ("" is the root's).
-    by_name: HashMap<String, Vec<String>>,
+    by_name: HashMap<Box<str>, Vec<SharedPath>>,
     changes: Option<mpsc::Receiver<CgroupChange>>,
     stats: Arc<Stats>,
 }
@@ -111,8 +114,8 @@ impl CgroupPaths {
             CgroupChange::Removed { path } => self.remove(&path, now),
             CgroupChange::Resync(all) => {
                 let live: HashSet<&str> = all.iter().map(|(_, p)| p.as_str()).collect();
-                let gone: Vec<String> = (self.by_path.keys())
-                    .filter(|p| !live.contains(p.as_str()))
+                let gone: Vec<SharedPath> = (self.by_path.keys())
+                    .filter(|p| !live.contains(p.as_ref()))
                     .cloned()
                     .collect();
                 for path in gone {
@@ -126,7 +129,7 @@ impl CgroupPaths {
     }
 
     fn insert(&mut self, id: u64, path: String) {
-        if self.by_path.get(&path) == Some(&id) {
+        if self.by_path.get(path.as_str()) == Some(&id) {
             return;
         }
         if self.by_id.len() >= MAX_ENTRIES && !self.by_id.contains_key(&id) {
@@ -137,10 +140,11 @@ impl CgroupPaths {
         if let Some(known) = self.by_id.get(&id)
             && self.by_path.get(&known.path) == Some(&id)
         {
-            let old = known.path.clone();
+            let old = Arc::clone(&known.path);
             self.forget_path(&old);
         }
-        match self.by_path.insert(path.clone(), id) {
+        let path: SharedPath = path.into();
+        match self.by_path.insert(Arc::clone(&path), id) {
             // Same path, new cgroup: the old one was removed unseen.
             Some(old) => {
                 if let Some(known) = self.by_id.get_mut(&old) {
@@ -149,9 +153,9 @@ impl CgroupPaths {
             }
             None => self
                 .by_name
-                .entry(last_component(&path).to_owned())
+                .entry(last_component(&path).into())
                 .or_default()
-                .push(path.clone()),
+                .push(Arc::clone(&path)),
         }
         self.by_id.insert(
             id,
@@ -167,7 +171,7 @@ impl CgroupPaths {
         let id = self.by_path.remove(path)?;
         let name = last_component(path);
         if let Some(paths) = self.by_name.get_mut(name) {
-            paths.retain(|p| p != path);
+            paths.retain(|p| p.as_ref() != path);
             if paths.is_empty() {
                 self.by_name.remove(name);
             }
@@ -202,7 +206,7 @@ impl CgroupPaths {
             self.stats.record_enrichment_event("cgroup_unresolved");
             return None;
         }
-        self.by_id.get(&id).map(|k| k.path.as_str())
+        self.by_id.get(&id).map(|k| k.path.as_ref())
     }
 
     /// The path of cgroup `id` when the index knows it (no name to look it up by: the
@@ -214,7 +218,7 @@ impl CgroupPaths {
         if !self.by_id.contains_key(&id) {
             self.apply_changes(now);
         }
-        self.by_id.get(&id).map(|k| k.path.as_str())
+        self.by_id.get(&id).map(|k| k.path.as_ref())
     }
 
     /// `<parent>/<leaf>` under each live directory named `parent`; true when one is `id`.
