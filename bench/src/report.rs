@@ -333,3 +333,28 @@ pub fn provenance(command: &str) -> String {
         today()
     )
 }
+
+#[cfg(test)]
+mod section_tests {
+    use super::*;
+
+    #[test]
+    fn sections_are_replaced_in_place_and_kept_across_regeneration() {
+        let path = std::env::temp_dir().join(format!("egress-report-{}.md", std::process::id()));
+        std::fs::write(&path, "# Benchmarks\n\ntable\n").expect("write");
+        put_section(&path, "churn", "## Churn\n\nfirst\n").expect("put");
+        put_section(&path, "cgroup-index", "## Index\n").expect("put");
+        put_section(&path, "churn", "## Churn\n\nsecond\n").expect("put");
+        let text = std::fs::read_to_string(&path).expect("read");
+        assert!(text.starts_with("# Benchmarks\n\ntable\n"), "{text}");
+        assert!(text.contains("second") && !text.contains("first"), "{text}");
+        assert!(
+            text.find("## Churn") < text.find("## Index"),
+            "in place: {text}"
+        );
+        let regenerated = format!("# Benchmarks\n\nnew table\n{}", kept_sections(&text));
+        assert!(regenerated.contains("second") && regenerated.contains("## Index"));
+        assert_eq!(kept_sections(&regenerated), kept_sections(&text));
+        let _ = std::fs::remove_file(&path);
+    }
+}
