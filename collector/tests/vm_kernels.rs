@@ -415,26 +415,58 @@ const ATTRIBUTION_MARKER: &str = "EGRESS-VM-ATTRIBUTION ";
 /// files at their real paths, a real connect from each.
 #[test]
 fn attribution_on_pure_cgroup_v2_debian_6_12() {
-    let series = "6.12";
+    run_attribution_in_vm("6.12", false);
+}
+
+/// The same workloads on a hybrid guest: the v1 pids hierarchy mounted beside cgroup2,
+/// every process left in its v1 root (which names no container), the containers' cgroups
+/// in the unified tree only: the collector must find them there.
+#[test]
+fn attribution_on_a_hybrid_debian_6_12() {
+    run_attribution_in_vm("6.12", true);
+}
+
+fn run_attribution_in_vm(series: &str, hybrid: bool) {
     require_root();
     let binaries = static_binaries();
     let kernel = debian_kernel(series);
-    let scratch = Scratch::new(&format!("{series}-attribution"));
+    let layout = if hybrid { "hybrid" } else { "v2" };
+    let scratch = Scratch::new(&format!("{series}-attribution-{layout}"));
     let initrd = scratch.0.join("initramfs.cpio");
-    write_attribution_initramfs(&initrd, binaries);
+    write_attribution_initramfs(&initrd, binaries, hybrid);
     let console = boot(series, &kernel, &initrd).unwrap_or_else(|problem| panic!("{problem}"));
     let verdict = console
         .lines()
         .find_map(|l| after_marker(l, ATTRIBUTION_MARKER))
-        .unwrap_or_else(|| panic!("[{series}] no attribution verdict:\n{console}"));
-    assert_eq!(verdict, "PASS", "[{series}] attribution:\n{console}");
+        .unwrap_or_else(|| panic!("[{series} {layout}] no attribution verdict:\n{console}"));
+    assert_eq!(
+        verdict, "PASS",
+        "[{series} {layout}] attribution:\n{console}"
+    );
     assert!(
         console.contains("ATTRIBUTION PASS cases=5"),
-        "[{series}] every case ran:\n{console}"
+        "[{series} {layout}] every case ran:\n{console}"
     );
+    if hybrid {
+        assert!(
+            console.contains("cgroups=hybrid"),
+            "[{series}] the collector saw a hybrid layout:\n{console}"
+        );
+    }
 }
 
-fn attribution_init_script() -> String {
+fn attribution_init_script(hybrid: bool) -> String {
+    let (cgroups, unified) = if hybrid {
+        (
+            "mount -t tmpfs cgroup /sys/fs/cgroup
+mkdir /sys/fs/cgroup/unified /sys/fs/cgroup/pids
+mount -t cgroup2 cgroup2 /sys/fs/cgroup/unified
+mount -t cgroup -o pids pids /sys/fs/cgroup/pids",
+            "/sys/fs/cgroup/unified",
+        )
+    } else {
+        ("mount -t cgroup2 cgroup2 /sys/fs/cgroup", "/sys/fs/cgroup")
+    };
     format!(
         r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin
@@ -446,12 +478,12 @@ exec </dev/console >/dev/console 2>&1
 mount -t tmpfs tmpfs /tmp
 mount -t tmpfs tmpfs /run
 mount -t tracefs tracefs /sys/kernel/tracing
-mount -t cgroup2 cgroup2 /sys/fs/cgroup
+{cgroups}
 mount -t bpf bpf /sys/fs/bpf
 ip link set lo up
 hostname egress-vm
 echo "{KERNEL_MARKER}$(uname -r)"
-if /egress-attribution --collector /egress-collector; then
+if /egress-attribution --collector /egress-collector --unified {unified}; then
     verdict=PASS
 else
     verdict=FAIL
@@ -462,7 +494,7 @@ poweroff -f
     )
 }
 
-fn write_attribution_initramfs(path: &Path, binaries: &StaticBinaries) {
+fn write_attribution_initramfs(path: &Path, binaries: &StaticBinaries, hybrid: bool) {
     let read =
         |p: &Path| fs::read(p).unwrap_or_else(|e| panic!("cannot read {}: {e}", p.display()));
     let attribution = binaries.collector.with_file_name("egress-attribution");
@@ -476,7 +508,7 @@ fn write_attribution_initramfs(path: &Path, binaries: &StaticBinaries) {
     cpio.file("bin/busybox", 0o755, &read(Path::new(BUSYBOX)));
     cpio.file("egress-collector", 0o755, &read(&binaries.collector));
     cpio.file("egress-attribution", 0o755, &read(&attribution));
-    cpio.file("init", 0o755, attribution_init_script().as_bytes());
+    cpio.file("init", 0o755, attribution_init_script(hybrid).as_bytes());
     fs::write(path, cpio.finish())
         .unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
 }

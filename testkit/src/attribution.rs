@@ -1,8 +1,10 @@
-//! The attribution scenario, for a machine with only the unified cgroup hierarchy at
-//! /sys/fs/cgroup (the test VMs): real cgroups made as each runtime and cgroup driver
-//! makes them, the runtime's files at their real paths (fixtures of their real shape),
-//! a real process in each cgroup connecting once; the collector (host root `/`) must name
-//! each connection's pod.
+//! The attribution scenario, for the test VMs: real cgroups made as each runtime and
+//! cgroup driver makes them in the unified hierarchy, the runtime's files at their real
+//! paths (fixtures of their real shape), a real process in each cgroup connecting once;
+//! the collector (host root `/`) must name each connection's pod. On a pure cgroup v2
+//! guest the unified hierarchy is /sys/fs/cgroup; on a hybrid one (a v1 controller
+//! mounted beside it, which the probes then read, and where every process stays in the
+//! root) it is /sys/fs/cgroup/unified, and the collector must find the containers there.
 
 use std::{
     net::{Ipv4Addr, TcpListener},
@@ -215,9 +217,9 @@ fn write_file(path: &str, text: &str) -> Result<(), String> {
 }
 
 /// Makes `relative` under the hierarchy; returns the directories made, outermost first.
-fn make_cgroup(relative: &str) -> Result<Vec<PathBuf>, String> {
+fn make_cgroup(hierarchy: &Path, relative: &str) -> Result<Vec<PathBuf>, String> {
     let mut made = Vec::new();
-    let mut dir = PathBuf::from(CGROUP2);
+    let mut dir = hierarchy.to_owned();
     for component in relative.split('/').filter(|c| !c.is_empty()) {
         dir.push(component);
         if !dir.exists() {
@@ -267,10 +269,16 @@ pub fn join_and_connect(cgroup: &Path, port: u16) -> Result<(), String> {
         .map_err(|e| format!("connect to port {port}: {e}"))
 }
 
-/// Runs the scenario; `Ok` holds one line per case, `Err` every problem found.
-pub fn run(this: &Path, collector: &Path, extra_args: &[String]) -> Result<Vec<String>, String> {
-    if !Path::new(CGROUP2).join("cgroup.controllers").exists() {
-        return Err(format!("{CGROUP2} is not a cgroup2 mount"));
+/// Runs the scenario with the unified hierarchy mounted at `unified`; `Ok` holds one
+/// line per case, `Err` every problem found.
+pub fn run(
+    this: &Path,
+    collector: &Path,
+    unified: &Path,
+    extra_args: &[String],
+) -> Result<Vec<String>, String> {
+    if !unified.join("cgroup.controllers").exists() {
+        return Err(format!("{} is not a cgroup2 mount", unified.display()));
     }
     let mut cases = cases();
     let mut made = Vec::new();
@@ -280,7 +288,7 @@ pub fn run(this: &Path, collector: &Path, extra_args: &[String]) -> Result<Vec<S
             write_file(path, text)?;
         }
         if case.before_start {
-            made.extend(make_cgroup(&case.cgroup)?);
+            made.extend(make_cgroup(unified, &case.cgroup)?);
         }
     }
     let mut args = vec!["--stats-interval", "1h"];
@@ -289,9 +297,9 @@ pub fn run(this: &Path, collector: &Path, extra_args: &[String]) -> Result<Vec<S
     let mut problems = Vec::new();
     for case in &cases {
         if !case.before_start {
-            made.extend(make_cgroup(&case.cgroup)?);
+            made.extend(make_cgroup(unified, &case.cgroup)?);
         }
-        let dir = PathBuf::from(CGROUP2).join(case.cgroup.trim_start_matches('/'));
+        let dir = unified.join(case.cgroup.trim_start_matches('/'));
         if let Err(e) = connect_from(this, &dir, case.port) {
             problems.push(format!("{}: {e}", case.name));
         }
@@ -358,6 +366,13 @@ pub fn run(this: &Path, collector: &Path, extra_args: &[String]) -> Result<Vec<S
         problems.push("a container's environment appeared on stdout".into());
     }
     if problems.is_empty() {
+        // What the collector detected (its "Capturing" line names the cgroup layout).
+        let layout = stderr
+            .iter()
+            .find_map(|l| l.split("cgroups=").nth(1))
+            .and_then(|rest| rest.split_whitespace().next())
+            .unwrap_or("unknown");
+        lines.push(format!("collector cgroups={layout}"));
         Ok(lines)
     } else {
         Err(format!(

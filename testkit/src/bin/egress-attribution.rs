@@ -19,19 +19,31 @@ fn main() -> ExitCode {
             }
         };
     }
-    let (collector, extra) = match args.split_first() {
-        Some((flag, rest)) if flag == "--collector" && !rest.is_empty() => {
-            let extra = rest[1..]
-                .iter()
-                .skip_while(|a| *a == "--")
-                .cloned()
-                .collect::<Vec<_>>();
-            (PathBuf::from(&rest[0]), extra)
+    let mut collector = None;
+    let mut unified = PathBuf::from(egress_testkit::attribution::CGROUP2);
+    let mut extra = Vec::new();
+    let mut rest = args.iter();
+    while let Some(arg) = rest.next() {
+        match (arg.as_str(), rest.clone().next()) {
+            ("--", _) => {
+                extra = rest.by_ref().cloned().collect();
+            }
+            ("--collector", Some(v)) => {
+                collector = Some(PathBuf::from(v));
+                rest.next();
+            }
+            ("--unified", Some(v)) => {
+                unified = PathBuf::from(v);
+                rest.next();
+            }
+            _ => collector = None,
         }
-        _ => {
-            eprintln!("usage: egress-attribution --collector PATH [-- COLLECTOR ARGS]");
-            return ExitCode::from(2);
-        }
+    }
+    let Some(collector) = collector else {
+        eprintln!(
+            "usage: egress-attribution --collector PATH [--unified CGROUP2_MOUNT] [-- COLLECTOR ARGS]"
+        );
+        return ExitCode::from(2);
     };
     let this = match std::env::current_exe() {
         Ok(path) => path,
@@ -40,12 +52,12 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match egress_testkit::attribution::run(&this, &collector, &extra) {
+    match egress_testkit::attribution::run(&this, &collector, &unified, &extra) {
         Ok(lines) => {
             for line in &lines {
                 println!("ATTRIBUTION ok {line}");
             }
-            println!("ATTRIBUTION PASS cases={}", lines.len());
+            println!("ATTRIBUTION PASS cases={}", lines.len() - 1);
             ExitCode::SUCCESS
         }
         Err(problems) => {
