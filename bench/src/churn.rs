@@ -31,7 +31,8 @@ pub struct ChurnReport {
     pub connects_reported: u64,
     /// Distinct pods named by the records.
     pub pods_attributed: usize,
-    /// The collector's own count of lost events (all traffic).
+    /// The collector's own count of lost events: all traffic on the machine, not only
+    /// the run's.
     pub lost: u64,
     /// (containers created so far, collector RSS bytes), sampled along the run.
     pub rss: Vec<(usize, u64)>,
@@ -264,7 +265,7 @@ pub fn markdown(r: &ChurnReport, command: &str) -> String {
          (`kubepods/besteffort/pod<uid>/<id>` in the v1 memory hierarchy here) with docker's\n\
          `config.v2.json`, one connect from inside it, removed {:.0} s after it was made. The\n\
          collector forgets a removed container after its grace time (60 s).\n\n\
-         | containers | connects reported | pods attributed | lost | RSS after warm-up MiB | max after warm-up MiB | RSS at end MiB |\n\
+         | containers | connects reported | pods attributed | lost (all traffic on the machine) | RSS after warm-up MiB | max after warm-up MiB | RSS at end MiB |\n\
          |---|---|---|---|---|---|---|\n\
          | {} | {} | {} | {} | {:.1} | {:.1} | {:.1} |\n\n\
          RSS along the run (containers made: MiB): {}\n",
@@ -283,7 +284,9 @@ pub fn markdown(r: &ChurnReport, command: &str) -> String {
     )
 }
 
-/// Every connection reported and attributed, nothing lost.
+/// Every container's connection reported once and attributed to its pod. The
+/// collector's `lost` counts all traffic on the machine (other processes' floods
+/// included), so it is reported, not checked: ours is checked exactly.
 pub fn check(r: &ChurnReport) -> anyhow::Result<()> {
     if r.connects_reported != r.containers as u64 || r.pods_attributed != r.containers {
         bail!(
@@ -292,9 +295,6 @@ pub fn check(r: &ChurnReport) -> anyhow::Result<()> {
             r.connects_reported,
             r.pods_attributed
         );
-    }
-    if r.lost != 0 {
-        bail!("churn: the collector counted {} lost", r.lost);
     }
     Ok(())
 }

@@ -485,3 +485,89 @@ fn an_excluded_namespace_found_through_the_unified_tree_does_not_silence_its_v1_
         &kept_path,
     );
 }
+
+/// Inode numbers of the inotify watches this process holds on the filesystem of device
+/// `dev` (fdinfo lists each watch with its inode and its superblock's device, in the
+/// kernel's encoding).
+fn watched_inodes(dev: u64) -> Vec<u64> {
+    let (major, minor) = (libc::major(dev) as u64, libc::minor(dev) as u64);
+    let sdev = format!("sdev:{:x}", (major << 20) | minor);
+    let Ok(fds) = std::fs::read_dir("/proc/self/fdinfo") else {
+        return Vec::new();
+    };
+    let mut inodes = Vec::new();
+    for info in fds
+        .flatten()
+        .filter_map(|fd| std::fs::read_to_string(fd.path()).ok())
+    {
+        for line in info.lines().filter(|l| l.starts_with("inotify wd:")) {
+            let fields: Vec<&str> = line.split(' ').collect();
+            if fields.contains(&sdev.as_str())
+                && let Some(ino) = fields.iter().find_map(|f| f.strip_prefix("ino:"))
+                && let Ok(ino) = u64::from_str_radix(ino, 16)
+            {
+                inodes.push(ino);
+            }
+        }
+    }
+    inodes
+}
+
+#[test]
+fn removed_cgroups_leave_no_inotify_watch_behind() {
+    use std::{os::unix::fs::MetadataExt, sync::Arc, time::Instant};
+
+    use egress_collector::{enrich::cgroup_paths::CgroupPaths, telemetry::Stats};
+
+    require_root_and_hybrid_host();
+    let dev = std::fs::metadata(V1_MEMORY).expect("stat").dev();
+    let mut paths = CgroupPaths::watch(Some(PathBuf::from(V1_MEMORY)), Arc::new(Stats::default()));
+    let root_ino = std::fs::metadata(V1_MEMORY).expect("stat").ino();
+    assert!(
+        watched_inodes(dev).contains(&root_ino),
+        "the hierarchy is watched"
+    );
+    let mut cgroups = Cgroups::default();
+    let base = format!("/egress-watch-{}", std::process::id());
+    let mut ours = Vec::new();
+    for i in 0..50 {
+        let dir = cgroups.make(V1_MEMORY, &format!("{base}/c{i}"));
+        ours.push(std::fs::metadata(&dir).expect("stat").ino());
+    }
+    let last = *ours.last().expect("made");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while paths.resolve_known(last, Instant::now()).is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the watcher never reported the new cgroups"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let ours_watched = |inodes: &[u64]| ours.iter().filter(|i| inodes.contains(i)).count();
+    assert_eq!(
+        ours_watched(&watched_inodes(dev)),
+        50,
+        "one watch per new cgroup"
+    );
+    // cgroupfs sends no IN_IGNORED on rmdir: the watcher must drop each watch itself.
+    drop(cgroups);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = ours_watched(&watched_inodes(dev));
+        if left == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{left} watches left behind by removed cgroups"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Removed from the index too (kept for the grace time, then swept).
+    paths.apply_changes(Instant::now());
+    paths.sweep(
+        Instant::now() + Duration::from_secs(61),
+        Duration::from_secs(60),
+    );
+    assert_eq!(paths.resolve_known(last, Instant::now()), None);
+}

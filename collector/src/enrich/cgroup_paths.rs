@@ -269,6 +269,7 @@ struct Watcher {
     root: PathBuf,
     inotify: Option<Inotify>,
     dirs: HashMap<WatchDescriptor, String>,
+    watches: HashMap<String, WatchDescriptor>,
     /// A watch could not be added: fall back to walks.
     degraded: bool,
 }
@@ -289,6 +290,7 @@ impl Watcher {
             root,
             inotify,
             dirs: HashMap::new(),
+            watches: HashMap::new(),
             degraded,
         };
         let mut initial = Vec::new();
@@ -320,7 +322,8 @@ impl Watcher {
             {
                 match inotify.watches().add(&on_disk, mask) {
                     Ok(wd) => {
-                        self.dirs.insert(wd, dir.clone());
+                        self.dirs.insert(wd.clone(), dir.clone());
+                        self.watches.insert(dir.clone(), wd);
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
                     Err(e) => {
@@ -392,7 +395,9 @@ impl Watcher {
                         continue;
                     }
                     if event.mask.contains(EventMask::IGNORED) {
-                        self.dirs.remove(&event.wd);
+                        if let Some(dir) = self.dirs.remove(&event.wd) {
+                            self.watches.remove(&dir);
+                        }
                         continue;
                     }
                     if !event.mask.contains(EventMask::ISDIR) {
@@ -430,6 +435,7 @@ impl Watcher {
                     });
                     added.into_iter().try_for_each(|c| tx.send(c))
                 } else {
+                    self.unwatch(&path);
                     tx.send(CgroupChange::Removed { path })
                 };
                 if sent.is_err() {
@@ -439,10 +445,32 @@ impl Watcher {
         }
     }
 
+    /// Drops the watch of a removed directory. cgroupfs sends no `IN_IGNORED` on rmdir
+    /// (unlike tmpfs): left alone, the watch would stay, and count against
+    /// `fs.inotify.max_user_watches`, for as long as the collector runs.
+    fn unwatch(&mut self, path: &str) {
+        if let Some(wd) = self.watches.remove(path) {
+            self.dirs.remove(&wd);
+            if let Some(inotify) = &mut self.inotify {
+                // Fails harmlessly when the kernel already dropped it.
+                let _ = inotify.watches().remove(wd);
+            }
+        }
+    }
+
     fn resync(&mut self) -> CgroupChange {
         let mut all = Vec::new();
         // Existing watches stay; adding one twice returns the same descriptor.
         self.walk("/".to_owned(), &mut |id, path| all.push((id, path)));
+        // Directories gone unseen (events lost) lose their watches too.
+        let live: HashSet<&str> = all.iter().map(|(_, p)| p.as_str()).collect();
+        let gone: Vec<String> = (self.watches.keys())
+            .filter(|p| !live.contains(p.as_str()))
+            .cloned()
+            .collect();
+        for path in gone {
+            self.unwatch(&path);
+        }
         CgroupChange::Resync(all)
     }
 }
@@ -454,6 +482,7 @@ pub fn walk_all(root: &Path) -> Vec<(u64, String)> {
         root: root.to_owned(),
         inotify: None,
         dirs: HashMap::new(),
+        watches: HashMap::new(),
         degraded: true,
     };
     let mut all = Vec::new();
