@@ -120,6 +120,9 @@ pub struct Enricher {
     removal_grace: Duration,
     namespace_filter: Option<NamespaceFilter>,
     stats: Arc<Stats>,
+    /// Where the ids of containers that went away are sent (the OTLP exporter ends their
+    /// metric series).
+    departures: Option<tokio::sync::mpsc::UnboundedSender<String>>,
 }
 
 const SWEEP_EVERY: Duration = Duration::from_secs(10);
@@ -161,7 +164,17 @@ impl Enricher {
             removal_grace,
             namespace_filter: None,
             stats,
+            departures: None,
         }
+    }
+
+    /// Sends the id of each container whose runtime directory goes away to `departures`.
+    pub fn with_departures(
+        mut self,
+        departures: tokio::sync::mpsc::UnboundedSender<String>,
+    ) -> Self {
+        self.departures = Some(departures);
+        self
     }
 
     /// Drops the records of excluded Kubernetes namespaces.
@@ -221,7 +234,13 @@ impl Enricher {
         while let Ok(change) = self.changes.try_recv() {
             match change {
                 DirChange::Created(id) => self.containers.container_created(&id, now),
-                DirChange::Removed(id) => self.containers.container_removed(&id, now),
+                DirChange::Removed(id) => {
+                    self.containers.container_removed(&id, now);
+                    if let Some(departures) = &self.departures {
+                        // The exporter may have stopped (shutdown): nothing to end then.
+                        let _ = departures.send(id);
+                    }
+                }
             }
         }
         self.cgroup_paths.apply_changes(now);
@@ -258,5 +277,6 @@ impl Enricher {
                 break;
             }
         }
+        crate::testhook::hang_if("enrich");
     }
 }
