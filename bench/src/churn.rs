@@ -36,6 +36,9 @@ pub struct ChurnReport {
     pub lost: u64,
     /// (containers created so far, collector RSS bytes), sampled along the run.
     pub rss: Vec<(usize, u64)>,
+    /// Workloads holding an `egress.connections` metric series, from each statistics
+    /// line (every 5 s; the collector exports OTLP metrics every 5 s to a local receiver).
+    pub metric_workloads: Vec<u64>,
     /// RSS once the first removed containers have been forgotten (warm-up), at the end,
     /// and the largest after warm-up.
     pub rss_after_warmup_bytes: u64,
@@ -43,14 +46,20 @@ pub struct ChurnReport {
     pub rss_max_after_warmup_bytes: u64,
 }
 
+/// Ids unique to this run (its pid), so two runs on one machine never share a cgroup.
 fn id(i: usize) -> String {
-    format!("{:064x}", 0x00c4_0000_0000_u64 + i as u64)
+    format!(
+        "{:08x}{:056x}",
+        std::process::id(),
+        0x00c4_0000_0000_u64 + i as u64
+    )
 }
 
 fn uid(i: usize) -> String {
     format!(
-        "c4c4{:04x}-{:04x}-4000-8000-000000000000",
-        i >> 16,
+        "{:08x}-{:04x}-4000-8000-{:012x}",
+        std::process::id(),
+        (i >> 16) & 0xffff,
         i & 0xffff
     )
 }
@@ -147,12 +156,21 @@ pub fn run(
             drop(stream);
         }
     });
+    // OTLP (logs and metrics, to a receiver in this process) and stdout (counted here).
+    let runtime = crate::runtime()?;
+    let otlp = runtime.block_on(crate::receiver::start())?;
     let observer = Observer::collector(
         collector,
         &[
             "--stdout".into(),
             "--host-root".into(),
             host.0.display().to_string(),
+            "--otlp-endpoint".into(),
+            format!("http://{}", otlp.address),
+            "--export-interval".into(),
+            "5s".into(),
+            "--stats-interval".into(),
+            "5s".into(),
         ],
         true,
     )?;
@@ -225,7 +243,17 @@ pub fn run(
     let connects_reported = observer.seen_to(port);
     let pods_attributed = observer.pods_seen();
     let (lines, _) = observer.stop()?;
+    drop(runtime);
     let lost = tool::stopped_field(&lines, "lost").context("no lost= in the Stopped. line")?;
+    let metric_workloads: Vec<u64> = lines
+        .iter()
+        .filter(|l| l.contains("Collector statistics."))
+        .filter_map(|l| {
+            let at = l.find("metric_workloads=")? + "metric_workloads=".len();
+            let digits: String = l[at..].chars().take_while(char::is_ascii_digit).collect();
+            digits.parse().ok()
+        })
+        .collect();
     // Warm-up: until the first removed containers are past the grace time (60 s) and a
     // sweep (10 s) ran, or a fifth of the run, whichever is later.
     let per_second = containers as f64 / seconds.max(1e-3);
@@ -246,6 +274,7 @@ pub fn run(
         rss_end_bytes: rss.last().map_or(0, |(_, r)| *r),
         rss_max_after_warmup_bytes: after.iter().copied().max().unwrap_or(0),
         rss,
+        metric_workloads,
     })
 }
 
@@ -268,7 +297,10 @@ pub fn markdown(r: &ChurnReport, command: &str) -> String {
          | containers | connects reported | pods attributed | lost (all traffic on the machine) | RSS after warm-up MiB | max after warm-up MiB | RSS at end MiB |\n\
          |---|---|---|---|---|---|---|\n\
          | {} | {} | {} | {} | {:.1} | {:.1} | {:.1} |\n\n\
-         RSS along the run (containers made: MiB): {}\n",
+         RSS along the run (containers made: MiB): {}\n\n\
+         Workloads holding a metric series (OTLP metrics exported every 5 s; one value per\n\
+         statistics line, every 5 s; lines that report losses elsewhere on the machine\n\
+         carry none): {}\n",
         crate::report::provenance(command),
         r.containers,
         r.seconds,
@@ -281,6 +313,29 @@ pub fn markdown(r: &ChurnReport, command: &str) -> String {
         mib(r.rss_max_after_warmup_bytes),
         mib(r.rss_end_bytes),
         samples.join(", "),
+        series_summary(&r.metric_workloads),
+    )
+}
+
+/// Min / median / max after the first fifth, and a few values along the run.
+fn series_summary(values: &[u64]) -> String {
+    if values.is_empty() {
+        return "no statistics line".into();
+    }
+    let mut steady: Vec<u64> = values[values.len() / 5..].to_vec();
+    steady.sort_unstable();
+    let along: Vec<String> = values
+        .iter()
+        .step_by((values.len() / 12).max(1))
+        .map(u64::to_string)
+        .collect();
+    format!(
+        "after warm-up min {} / median {} / max {} ({} lines); along the run: {}",
+        steady.first().copied().unwrap_or(0),
+        steady[steady.len() / 2],
+        steady.last().copied().unwrap_or(0),
+        values.len(),
+        along.join(", ")
     )
 }
 
