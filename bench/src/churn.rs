@@ -339,11 +339,13 @@ fn series_summary(values: &[u64]) -> String {
     )
 }
 
-/// Every container's connection reported once and attributed to its pod. The
-/// collector's `lost` counts all traffic on the machine (other processes' floods
-/// included), so it is reported, not checked: ours is checked exactly.
+/// Every container's connection reported and attributed to its pod (a record naming
+/// each of the run's pods). The count per destination port may include a foreign
+/// process's connect to the same port number on a shared machine, so it bounds ours
+/// from above; the collector's `lost` counts all traffic on the machine (other
+/// processes' floods included), so it is reported, not checked.
 pub fn check(r: &ChurnReport) -> anyhow::Result<()> {
-    if r.connects_reported != r.containers as u64 || r.pods_attributed != r.containers {
+    if r.connects_reported < r.containers as u64 || r.pods_attributed != r.containers {
         bail!(
             "churn: {} containers, {} connects reported, {} pods attributed",
             r.containers,
