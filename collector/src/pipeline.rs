@@ -104,7 +104,10 @@ pub async fn run(
     force: impl Future<Output = ()>,
 ) -> Result<Stopped, PipelineError> {
     let stats = Arc::new(Stats::default());
-    let kernel = Arc::new(KernelCounters::new(probes.take_counters()?));
+    let kernel = Arc::new(KernelCounters::new(
+        probes.take_counters()?,
+        probes.program_counts(),
+    ));
     let snapshot: SnapshotSource = {
         let (stats, kernel) = (Arc::clone(&stats), Arc::clone(&kernel));
         Arc::new(move || stats.snapshot(&kernel))
@@ -203,6 +206,7 @@ pub async fn run(
         cgroups = %probes.facts.cgroups.layout,
         "Capturing egress connections."
     );
+    crate::probe::warn_if_fentry_on_realtime(probes.mode);
     for (mode, why) in &probes.refused {
         tracing::info!(%mode, reason = %why, "A preferred hook was refused.");
     }
@@ -308,6 +312,7 @@ fn report_stopped(last: &Snapshot) {
         dropped = last.dropped(),
         abandoned = last.abandoned,
         lost = last.lost(),
+        possibly_lost = last.recursion_misses,
         "Stopped."
     );
 }

@@ -152,6 +152,17 @@ impl OtlpExporter {
                 lost_points,
             ),
             cumulative_sum(
+                "egress_collector.events.possibly_lost",
+                "Program runs the kernel skipped because another program was running on that CPU (bpf_prog_info.recursion_misses): each may be a lost connection.",
+                "{run}",
+                vec![int_point(
+                    &[("reason", "program_recursion_miss")],
+                    start,
+                    now,
+                    s.recursion_misses,
+                )],
+            ),
+            cumulative_sum(
                 "egress_collector.udp.suppressed",
                 "UDP datagrams of flows already reported in the window.",
                 "{datagram}",
