@@ -68,6 +68,7 @@ pub struct Stats {
     abandoned: AtomicU64,
     decode_failed: Mutex<BTreeMap<&'static str, u64>>,
     enrichment_failed: Mutex<BTreeMap<&'static str, u64>>,
+    enrichment_events: Mutex<BTreeMap<&'static str, u64>>,
 }
 
 /// A point-in-time copy of every counter, user space and kernel.
@@ -100,6 +101,11 @@ pub struct Snapshot {
     pub decode_failed: BTreeMap<&'static str, u64>,
     /// Lookups of container metadata that failed, by reason (the events still went out).
     pub enrichment_failed: BTreeMap<&'static str, u64>,
+    /// What enrichment did besides lookups, by kind: `container_cache_evicted` (the cache
+    /// was full), `cgroup_looked_up` (a cgroup found by its names before the watcher
+    /// reported it), `cgroup_unresolved` (no path: attributed from the kernel's two names),
+    /// `cgroup_index_full`, `hybrid_unified` (attributed by the other hierarchy).
+    pub enrichment_events: BTreeMap<&'static str, u64>,
     pub kernel: [u64; COUNTER_COUNT as usize],
     /// Runs of the programs the kernel skipped because another was running on that CPU
     /// (`bpf_prog_info.recursion_misses`, kernel 5.12+): possible loss, not certain loss
@@ -203,6 +209,19 @@ impl Stats {
         }
     }
 
+    pub fn record_enrichment_event(&self, kind: &'static str) {
+        if let Ok(mut map) = self.enrichment_events.lock() {
+            *map.entry(kind).or_default() += 1;
+        }
+    }
+
+    pub fn enrichment_events(&self) -> BTreeMap<&'static str, u64> {
+        self.enrichment_events
+            .lock()
+            .map(|m| m.clone())
+            .unwrap_or_default()
+    }
+
     pub fn enrichment_failures(&self) -> BTreeMap<&'static str, u64> {
         self.enrichment_failed
             .lock()
@@ -244,6 +263,7 @@ impl Stats {
                 .lock()
                 .map(|m| m.clone())
                 .unwrap_or_default(),
+            enrichment_events: self.enrichment_events(),
             kernel: [0; COUNTER_COUNT as usize],
             recursion_misses: 0,
         }
@@ -311,6 +331,7 @@ pub fn report(previous: &Snapshot, now: &Snapshot) {
             filtered_by_namespace = delta(previous.filtered, now.filtered),
             stdout_copy_dropped = delta(previous.stdout_copy_dropped, now.stdout_copy_dropped),
             enrichment_failed = ?now.enrichment_failed,
+            enrichment = ?now.enrichment_events,
             kernel = %kernel.join(" "),
             "Collector statistics."
         );
