@@ -106,6 +106,12 @@ impl CgroupSource {
     pub const DEFAULT_HIERARCHY: u32 = u32::MAX;
 }
 
+/// Largest `cgroup_rate` (events per second) user space accepts, and the programs apply.
+pub const MAX_CGROUP_RATE: u32 = 1_000_000;
+/// Largest `cgroup_burst` user space accepts, and the programs apply: 10^15 nano-events,
+/// so a bucket's signed arithmetic cannot overflow however many CPUs refill it at once.
+pub const MAX_CGROUP_BURST: u32 = 1_000_000;
+
 /// The whole configuration, set as the global `CONFIG` before load.
 #[repr(C)]
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -127,7 +133,10 @@ pub struct ProbeConfig {
     pub cgroup_rate: u32,
     /// Events a cgroup may submit at once (token bucket size).
     pub cgroup_burst: u32,
-    pub _padding: u32,
+    /// 1 when the kernel has the BPF exchange and fetching atomics (5.12+): the rate limit
+    /// then updates its buckets exactly (`emit::admit`); 0 takes the path older kernels
+    /// verify (the verifier prunes the path not taken).
+    pub fetching_atomics: u32,
     /// Identical connections (same process, protocol, destination) within one window of
     /// this length are reported once, with a count; 0 reports every connection.
     pub aggregate_window_ns: u64,
@@ -215,7 +224,7 @@ impl ProbeConfig {
             wakeup_bytes: 0,
             cgroup_rate: 0,
             cgroup_burst: 0,
-            _padding: 0,
+            fetching_atomics: 0,
             aggregate_window_ns: 0,
             exclude_addresses: 0,
             exclude_cgroups: 0,

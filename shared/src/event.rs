@@ -161,9 +161,15 @@ pub enum Counter {
     /// A repeat of a connection already reported in its aggregation window: counted in
     /// the window's aggregate, which user space reports when the window closes.
     Aggregated = 6,
+    /// A call's entry saved its state in `CALLS` (a new entry, not one replaced).
+    CallsSaved = 7,
+    /// A call's exit took its entry's state back from `CALLS`. User space reports
+    /// `calls_saved - calls_taken -` the entries still in the map as evicted: calls whose
+    /// exit never found their state, each possibly a lost event.
+    CallsTaken = 8,
 }
 
-pub const COUNTER_COUNT: u32 = 7;
+pub const COUNTER_COUNT: u32 = 9;
 
 impl Counter {
     pub const ALL: [Counter; COUNTER_COUNT as usize] = [
@@ -174,6 +180,8 @@ impl Counter {
         Counter::RateLimited,
         Counter::Filtered,
         Counter::Aggregated,
+        Counter::CallsSaved,
+        Counter::CallsTaken,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -185,6 +193,8 @@ impl Counter {
             Counter::RateLimited => "rate_limited",
             Counter::Filtered => "filtered",
             Counter::Aggregated => "aggregated",
+            Counter::CallsSaved => "calls_saved",
+            Counter::CallsTaken => "calls_taken",
         }
     }
 }
