@@ -73,6 +73,21 @@ fn exchange(ptr: *mut u64, value: u64) -> u64 {
     }
 }
 
+/// `*ptr = new` if `*ptr` is still `old`, as one BPF compare-and-exchange (kernel 5.12+);
+/// true if it was.
+#[inline(always)]
+fn compare_exchange(ptr: *mut u64, old: u64, new: u64) -> bool {
+    // SAFETY: as for [`atomic_add`].
+    unsafe {
+        core::intrinsics::atomic_cxchg::<
+            u64,
+            { core::intrinsics::AtomicOrdering::Relaxed },
+            { core::intrinsics::AtomicOrdering::Relaxed },
+        >(ptr, old, new)
+        .1
+    }
+}
+
 /// The per-cgroup token bucket: `Some(dropped before)` admits the event, `None` drops it.
 ///
 /// All CPUs share one bucket per cgroup, so the limit is the configured rate whatever
@@ -88,14 +103,14 @@ fn exchange(ptr: *mut u64, value: u64) -> u64 {
 /// Refill time and the carried drops, two ways, chosen by user space before load
 /// (`fetching_atomics`; the verifier prunes the path not taken, so the object loads on
 /// kernels that lack the instruction):
-/// - kernels 5.12+ have the atomic exchange. Refill: `prev = exchange(last_ns, now)` and
-///   credit `now - prev` when positive, so every interval is credited by one CPU only,
-///   however many read `last_ns` at once. (A CPU whose clock reading is older than `prev`
-///   credits nothing and sets `last_ns` back by the nanoseconds between its reading and
-///   its exchange: the next credit repeats that much.) Drops: `exchange(dropped, 0)`
-///   hands each drop to exactly one record.
-/// - kernels 5.8-5.11 have only the plain atomic add (the instruction LLVM emits for our
-///   `-mcpu=generic` object: no fetching add there either). Refill credits the time since
+/// - kernels 5.12+ have compare-and-exchange and exchange. Refill moves `last_ns` from
+///   the value read to `now` with a compare-and-exchange and credits `now - prev` only if
+///   it succeeded, so every interval is credited by one CPU, however many read `last_ns`
+///   at once, and `last_ns` never goes back (a CPU whose clock reading is older, or that
+///   was preempted between its reading and the exchange, credits nothing). Drops:
+///   `exchange(dropped, 0)` hands each drop to exactly one record.
+/// - kernels 5.8-5.11 have only the plain atomic add (no fetching add either: LLVM
+///   refuses to use the result of an add for our `-mcpu=generic` object anyway). Refill credits the time since
 ///   `last_ns` and advances `last_ns` by exactly that (an add): k CPUs crediting one
 ///   interval push `last_ns` up to k-1 intervals ahead of the clock and nothing is
 ///   credited until the clock catches up (the limit is then tighter than configured, not
@@ -146,9 +161,22 @@ fn admit(cgroup: u64) -> Option<u32> {
     let fill_ns = burst / rate;
     let exact = config!(fetching_atomics) != 0;
     if exact {
-        let prev = exchange(last_ns, now);
-        if now > prev {
-            let elapsed = now - prev;
+        // Advance last_ns from what this CPU read to `now` with a compare-and-exchange:
+        // it only moves forward, and the CPU that moves it credits that interval alone.
+        // A CPU that loses the race reads again (a few times: then the CPUs that won have
+        // credited up to about `now`, and the rest is credited by the next event).
+        let mut elapsed = 0;
+        for _ in 0..4 {
+            let prev = load(last_ns);
+            if now <= prev {
+                break;
+            }
+            if compare_exchange(last_ns, prev, now) {
+                elapsed = now - prev;
+                break;
+            }
+        }
+        if elapsed > 0 {
             // elapsed x rate < burst <= 10^15 below fill_ns: no overflow.
             let credit = if elapsed >= fill_ns {
                 burst

@@ -20,8 +20,8 @@ const fn insn(code: u8, regs: u8, off: i16, imm: i32) -> u64 {
     (code as u64) | ((regs as u64) << 8) | ((off as u16 as u64) << 16) | ((imm as u32 as u64) << 32)
 }
 
-/// Whether the verifier accepts a 64-bit atomic exchange (`BPF_XCHG`, with the fetching
-/// atomics that came with it in 5.12). Kernels before 5.12 refuse the instruction
+/// Whether the verifier accepts a 64-bit atomic exchange (`BPF_XCHG`; it came in 5.12
+/// with `BPF_CMPXCHG` and the fetching atomics, which the rate limit also uses). Kernels before 5.12 refuse the instruction
 /// ("BPF_XADD uses reserved fields"). A refusal for any other reason also answers false:
 /// the programs then take their older path, which every kernel verifies.
 pub fn fetching_atomics() -> bool {
