@@ -2,7 +2,8 @@
 
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_get_current_task};
 use egress_shared::{
-    CloseFlags, ConnState, ConnectEvent, Counter, EventKind, NsIndex, ResetBy, TcpCloseEvent,
+    CloseFlags, ConnState, ConnectEvent, Counter, EventKind, MAX_CGROUP_BURST, MAX_CGROUP_RATE,
+    NsIndex, ResetBy, TcpCloseEvent,
 };
 
 use crate::{
@@ -64,33 +65,74 @@ fn scratch(slot: Slot) -> Option<&'static mut ConnectEvent> {
 
 const NANO: u64 = 1_000_000_000;
 
+/// `*ptr = value`, returning the value before, as one BPF atomic exchange (kernel 5.12+).
+#[inline(always)]
+fn exchange(ptr: *mut u64, value: u64) -> u64 {
+    // SAFETY: as for [`atomic_add`].
+    unsafe {
+        core::intrinsics::atomic_xchg::<u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+            ptr, value,
+        )
+    }
+}
+
+/// `*ptr = new` if `*ptr` is still `old`, as one BPF compare-and-exchange (kernel 5.12+);
+/// true if it was.
+#[inline(always)]
+fn compare_exchange(ptr: *mut u64, old: u64, new: u64) -> bool {
+    // SAFETY: as for [`atomic_add`].
+    unsafe {
+        core::intrinsics::atomic_cxchg::<
+            u64,
+            { core::intrinsics::AtomicOrdering::Relaxed },
+            { core::intrinsics::AtomicOrdering::Relaxed },
+        >(ptr, old, new)
+        .1
+    }
+}
+
 /// The per-cgroup token bucket: `Some(dropped before)` admits the event, `None` drops it.
 ///
 /// All CPUs share one bucket per cgroup, so the limit is the configured rate whatever
 /// CPUs a cgroup's tasks run on (per-CPU buckets would need a share of the rate each, and
-/// would hold a one-CPU process to rate / CPUs). Kernels before 5.12 have no
-/// compare-and-swap or fetching atomics in BPF, so every update is an atomic add or a
-/// store whose repetition is harmless, arranged so that races err on the side of fewer
-/// events, never more:
-/// - refill credits the time since `last_ns` and advances `last_ns` by exactly that (an
-///   add): two CPUs crediting the same interval push `last_ns` ahead of the clock, and
-///   nothing is credited until the clock catches up, so the credit never exceeds the
-///   time that passed by more than that short overlap. Elapsed time saturates at zero
-///   (a CPU whose clock reading is older than `last_ns` credits nothing; the wrapped
-///   difference once refilled the bucket). A bucket idle long enough to be full is reset
-///   with stores (a race there passes at most one extra event per CPU, once).
-/// - a CPU takes its token (atomic subtract) before it looks: if the count went below
-///   zero it gives the token back and drops the event. Two CPUs racing for the last token
-///   may both drop; neither can take a token that is not there.
-/// - `dropped` grows by atomic adds and a submitted event subtracts exactly what it read
-///   and carries it, so every drop is carried by exactly one record.
+/// would hold a one-CPU process to rate / CPUs). Races must err on the side of fewer
+/// events, never more, and never count a drop twice.
+///
+/// Tokens: a CPU takes its token (atomic subtract) before it looks, and gives it back if
+/// the count went below zero: two CPUs racing for the last token may both drop; neither
+/// can take a token that is not there. Refill adds its credit, then takes back what the
+/// bucket holds beyond the burst, at most its own credit.
+///
+/// Refill time and the carried drops, two ways, chosen by user space before load
+/// (`fetching_atomics`; the verifier prunes the path not taken, so the object loads on
+/// kernels that lack the instruction):
+/// - kernels 5.12+ have compare-and-exchange and exchange. Refill moves `last_ns` from
+///   the value read to `now` with a compare-and-exchange and credits `now - prev` only if
+///   it succeeded, so every interval is credited by one CPU, however many read `last_ns`
+///   at once, and `last_ns` never goes back (a CPU whose clock reading is older, or that
+///   was preempted between its reading and the exchange, credits nothing). Drops:
+///   `exchange(dropped, 0)` hands each drop to exactly one record.
+/// - kernels 5.8-5.11 have only the plain atomic add (no fetching add either: LLVM
+///   refuses to use the result of an add for our `-mcpu=generic` object anyway). Refill credits the time since
+///   `last_ns` and advances `last_ns` by exactly that (an add): k CPUs crediting one
+///   interval push `last_ns` up to k-1 intervals ahead of the clock and nothing is
+///   credited until the clock catches up (the limit is then tighter than configured, not
+///   looser). A bucket idle long enough to be full is reset with stores (a race there
+///   passes at most one extra event per CPU, once). Drops: two CPUs can read the same
+///   count and both carry it; a record carries only a positive count, so the count goes
+///   negative instead of wrapping and the next drops are not carried until it is positive
+///   again (the sum carried drifts by that race; the kernel counter stays exact).
+///
+/// The arithmetic is signed 64-bit nano-events: user space caps rate and burst at
+/// `MAX_CGROUP_RATE` and `MAX_CGROUP_BURST` (10^15 nano-events) and the programs clamp
+/// them again, so a bucket (at most the burst plus one credit per CPU) cannot overflow.
 #[inline(always)]
 fn admit(cgroup: u64) -> Option<u32> {
-    let rate = config!(cgroup_rate) as u64;
+    let rate = (config!(cgroup_rate) as u64).min(MAX_CGROUP_RATE as u64);
     if rate == 0 {
         return Some(0);
     }
-    let burst = (config!(cgroup_burst) as u64).max(1) * NANO;
+    let burst = (config!(cgroup_burst) as u64).clamp(1, MAX_CGROUP_BURST as u64) * NANO;
     let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_boot_ns() };
     let bucket = match CGROUP_BUCKETS.get_ptr_mut(&cgroup) {
         Some(bucket) => bucket,
@@ -118,20 +160,53 @@ fn admit(cgroup: u64) -> Option<u32> {
             &raw mut (*bucket).dropped,
         )
     };
-    let last = load(last_ns);
-    if now > last {
-        let elapsed = now - last;
-        // Time to fill an empty bucket: past it, the bucket is full whatever it held.
-        if elapsed >= burst / rate {
-            store(last_ns, now);
-            store(tokens, burst);
-        } else {
-            // elapsed x rate < burst <= 2^32 x 1e9: no overflow.
-            atomic_add(last_ns, elapsed);
-            atomic_add(tokens, elapsed * rate);
+    // Time to fill an empty bucket: past it, the bucket is full whatever it held.
+    let fill_ns = burst / rate;
+    let exact = config!(fetching_atomics) != 0;
+    if exact {
+        // Advance last_ns from what this CPU read to `now` with a compare-and-exchange:
+        // it only moves forward, and the CPU that moves it credits that interval alone.
+        // A CPU that loses the race reads again (a few times: then the CPUs that won have
+        // credited up to about `now`, and the rest is credited by the next event).
+        let mut elapsed = 0;
+        for _ in 0..4 {
+            let prev = load(last_ns);
+            if now <= prev {
+                break;
+            }
+            if compare_exchange(last_ns, prev, now) {
+                elapsed = now - prev;
+                break;
+            }
+        }
+        if elapsed > 0 {
+            // elapsed x rate < burst <= 10^15 below fill_ns: no overflow.
+            let credit = if elapsed >= fill_ns {
+                burst
+            } else {
+                elapsed * rate
+            };
+            atomic_add(tokens, credit);
             let over = load(tokens) as i64 - burst as i64;
             if over > 0 {
-                atomic_add(tokens, (over as u64).wrapping_neg());
+                atomic_add(tokens, (over as u64).min(credit).wrapping_neg());
+            }
+        }
+    } else {
+        let last = load(last_ns);
+        if now > last {
+            let elapsed = now - last;
+            if elapsed >= fill_ns {
+                store(last_ns, now);
+                store(tokens, burst);
+            } else {
+                // elapsed x rate < burst <= 10^15: no overflow.
+                atomic_add(last_ns, elapsed);
+                atomic_add(tokens, elapsed * rate);
+                let over = load(tokens) as i64 - burst as i64;
+                if over > 0 {
+                    atomic_add(tokens, (over as u64).min(elapsed * rate).wrapping_neg());
+                }
             }
         }
     }
@@ -141,10 +216,15 @@ fn admit(cgroup: u64) -> Option<u32> {
         atomic_add(dropped, 1);
         return None;
     }
-    let carried = load(dropped);
-    if carried != 0 {
-        atomic_add(dropped, carried.wrapping_neg());
+    if exact {
+        let carried = exchange(dropped, 0);
+        return Some(carried.min(u32::MAX as u64) as u32);
     }
+    let carried = load(dropped);
+    if (carried as i64) <= 0 {
+        return Some(0);
+    }
+    atomic_add(dropped, carried.wrapping_neg());
     Some(carried.min(u32::MAX as u64) as u32)
 }
 
@@ -292,12 +372,24 @@ fn first_in_window(ev: &ConnectEvent) -> bool {
     true
 }
 
-/// Saves what a call's entry knows for its exit.
+/// `-EEXIST`, from an insert with `BPF_NOEXIST` on a key that is there.
+const EEXIST: i64 = 17;
+
+/// Saves what a call's entry knows for its exit. A new entry is counted (`CallsSaved`),
+/// a replaced one is not: kprobe mode's udpv6_sendmsg -> udp_sendmsg saves twice for one
+/// call, and the inner exit takes it. With `CallsTaken`, user space finds the entries the
+/// LRU evicted (see `maps::CALLS`).
 #[inline(always)]
 pub fn remember_call(state: &CallState) {
     let tid = aya_ebpf::helpers::bpf_get_current_pid_tgid() as u32;
-    if CALLS.insert(&tid, state, 0).is_err() {
-        count(Counter::StateMapFull);
+    match CALLS.insert(&tid, state, BPF_NOEXIST as u64) {
+        Ok(()) => count(Counter::CallsSaved),
+        Err(e) if e as i64 == -EEXIST => {
+            if CALLS.insert(&tid, state, 0).is_err() {
+                count(Counter::StateMapFull);
+            }
+        }
+        Err(_) => count(Counter::StateMapFull),
     }
 }
 
@@ -307,7 +399,9 @@ pub fn take_call() -> Option<CallState> {
     let tid = aya_ebpf::helpers::bpf_get_current_pid_tgid() as u32;
     // SAFETY: copied out before removal.
     let state = unsafe { *CALLS.get(&tid)? };
-    let _ = CALLS.remove(&tid);
+    if CALLS.remove(&tid).is_ok() {
+        count(Counter::CallsTaken);
+    }
     Some(state)
 }
 

@@ -4,6 +4,7 @@
 use std::{path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
+use egress_shared::{MAX_CGROUP_BURST, MAX_CGROUP_RATE};
 
 use crate::{
     export::otlp::settings::{
@@ -57,11 +58,11 @@ pub struct ProbeArgs {
     pub ring_buffer_bytes: u32,
     /// Connection events per second each cgroup (container) may report; beyond it the
     /// kernel drops and counts them, and the cgroup's next record carries how many
-    /// (`egress.rate_limited.before`). 0 turns the limit off.
-    #[arg(long, default_value_t = 5000, env = "EGRESS_CGROUP_RATE_LIMIT")]
+    /// (`egress.rate_limited.before`). 0 turns the limit off; at most 1000000.
+    #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u32).range(0..=MAX_CGROUP_RATE as i64), env = "EGRESS_CGROUP_RATE_LIMIT")]
     pub cgroup_rate_limit: u32,
-    /// Events a cgroup may report at once above its rate.
-    #[arg(long, default_value_t = 10000, env = "EGRESS_CGROUP_BURST")]
+    /// Events a cgroup may report at once above its rate: 1 to 1000000.
+    #[arg(long, default_value_t = 10000, value_parser = clap::value_parser!(u32).range(1..=MAX_CGROUP_BURST as i64), env = "EGRESS_CGROUP_BURST")]
     pub cgroup_burst: u32,
     /// Drop connections to this destination prefix in the kernel, e.g. 10.96.0.0/12 or
     /// fd00::/8 (repeatable; the variable takes a comma-separated list). Counted as
@@ -439,6 +440,38 @@ mod tests {
         let error = error_for("[capture]\nexclude_cidr = [\"10.0.0.0/8\"]\n");
         assert!(error.contains("exclude_cidr"), "{error}");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn rate_limit_settings_have_bounds_and_the_error_names_the_setting() {
+        let parse = |args: &[&str]| {
+            let mut argv = vec!["egress-collector"];
+            argv.extend_from_slice(args);
+            Cli::try_parse_from(argv)
+        };
+        let cli = parse(&[
+            "--cgroup-rate-limit",
+            "1000000",
+            "--cgroup-burst",
+            "1000000",
+        ])
+        .expect("the maxima are accepted");
+        assert_eq!(cli.run.probe.cgroup_rate_limit, MAX_CGROUP_RATE);
+        assert_eq!(cli.run.probe.cgroup_burst, MAX_CGROUP_BURST);
+        assert!(
+            parse(&["--cgroup-rate-limit", "0"]).is_ok(),
+            "0 turns it off"
+        );
+        for (args, setting) in [
+            (["--cgroup-burst", "1000001"], "--cgroup-burst"),
+            (["--cgroup-burst", "4294967295"], "--cgroup-burst"),
+            (["--cgroup-burst", "0"], "--cgroup-burst"),
+            (["--cgroup-rate-limit", "1000001"], "--cgroup-rate-limit"),
+        ] {
+            let error = parse(&args).expect_err("out of range").to_string();
+            let first = error.lines().next().unwrap_or_default();
+            assert!(first.contains(setting), "{args:?}: {error}");
+        }
     }
 
     #[test]

@@ -109,6 +109,7 @@ pub async fn run(
     let kernel = Arc::new(KernelCounters::new(
         probes.take_counters()?,
         probes.program_counts(),
+        probes.take_calls()?,
     ));
     let snapshot: SnapshotSource = {
         let (stats, kernel) = (Arc::clone(&stats), Arc::clone(&kernel));
@@ -321,7 +322,7 @@ fn report_stopped(last: &Snapshot) {
         dropped = last.dropped(),
         abandoned = last.abandoned,
         lost = last.lost(),
-        possibly_lost = last.recursion_misses,
+        possibly_lost = last.possibly_lost(),
         "Stopped."
     );
 }

@@ -25,3 +25,15 @@ pub fn hang_if(stage: &str) {
         }
     }
 }
+
+/// `EGRESS_TEST_NO_FETCHING_ATOMICS=1` makes the programs take the rate limit's path for
+/// kernels before 5.12 (no atomic exchange), so the flood test runs it on this kernel too.
+pub fn without_fetching_atomics() -> bool {
+    let set = std::env::var_os("EGRESS_TEST_NO_FETCHING_ATOMICS").is_some_and(|v| v == "1");
+    if set {
+        tracing::warn!(
+            "EGRESS_TEST_NO_FETCHING_ATOMICS: the rate limit takes its pre-5.12 path (test hook)."
+        );
+    }
+    set
+}

@@ -127,6 +127,16 @@ fn bad_configuration_fails_in_one_line_naming_the_setting_and_attaches_nothing()
             "--ring-buffer-bytes",
         ),
         (
+            vec!["--cgroup-burst=4294967295".into()],
+            vec![],
+            "--cgroup-burst",
+        ),
+        (
+            vec![],
+            vec![("EGRESS_CGROUP_RATE_LIMIT", "2000000")],
+            "--cgroup-rate-limit",
+        ),
+        (
             vec!["--health-address=everywhere".into()],
             vec![],
             "--health-address",

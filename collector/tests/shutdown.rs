@@ -449,20 +449,7 @@ fn orphan_programs_settled(since: u32) -> Vec<u32> {
         let orphans: Vec<u32> = aya::programs::loaded_programs()
             .filter_map(Result::ok)
             .filter(|p| p.id() > since && !held.contains(&p.id()))
-            .filter(|p| {
-                p.name_as_str().is_some_and(|n| {
-                    [
-                        "tp_",
-                        "raw_tp_",
-                        "kprobe_",
-                        "kretprobe_",
-                        "fentry_",
-                        "fexit_",
-                    ]
-                    .iter()
-                    .any(|prefix| n.starts_with(prefix))
-                })
-            })
+            .filter(support::host::is_ours)
             .map(|p| p.id())
             .collect();
         if orphans.is_empty() || Instant::now() > deadline {

@@ -117,6 +117,12 @@ impl CgroupSource {
     pub const DEFAULT_HIERARCHY: u32 = u32::MAX;
 }
 
+/// Largest `cgroup_rate` (events per second) user space accepts, and the programs apply.
+pub const MAX_CGROUP_RATE: u32 = 1_000_000;
+/// Largest `cgroup_burst` user space accepts, and the programs apply: 10^15 nano-events,
+/// so a bucket's signed arithmetic cannot overflow however many CPUs refill it at once.
+pub const MAX_CGROUP_BURST: u32 = 1_000_000;
+
 /// The whole configuration, set as the global `CONFIG` before load.
 #[repr(C)]
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -142,6 +148,12 @@ pub struct ProbeConfig {
     /// 0 when nothing consumes closes (no OTLP, no `--close-records`): the state machine
     /// then stops at the attempt's outcome and pays nothing per close.
     pub track_closes: u32,
+    /// 1 when the kernel has the BPF exchange and fetching atomics (5.12+): the rate limit
+    /// then updates its buckets exactly (`emit::admit`); 0 takes the path older kernels
+    /// verify (the verifier prunes the path not taken).
+    pub fetching_atomics: u32,
+    /// Explicit padding: keeps `aggregate_window_ns` 8-byte aligned.
+    pub _pad_after_flags: u32,
     /// Identical connections (same process, protocol, destination) within one window of
     /// this length are reported once, with a count; 0 reports every connection.
     pub aggregate_window_ns: u64,
@@ -151,7 +163,7 @@ pub struct ProbeConfig {
     pub exclude_cgroups: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<ProbeConfig>() == 57 * 4 + 14 * 4 + 4 + 8 + 16 + 16);
+const _: () = assert!(core::mem::size_of::<ProbeConfig>() == 57 * 4 + 14 * 4 + 4 + 8 + 24 + 16);
 
 impl ProbeConfig {
     pub const fn zeroed() -> Self {
@@ -238,6 +250,8 @@ impl ProbeConfig {
             cgroup_rate: 0,
             cgroup_burst: 0,
             track_closes: 0,
+            fetching_atomics: 0,
+            _pad_after_flags: 0,
             aggregate_window_ns: 0,
             exclude_addresses: 0,
             exclude_cgroups: 0,

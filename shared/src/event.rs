@@ -293,9 +293,15 @@ pub enum Counter {
     /// An established connection could not be tracked to its close (the map of open
     /// connections was full): its close, duration and bytes are not reported.
     CloseUntracked = 7,
+    /// A call's entry saved its state in `CALLS` (a new entry, not one replaced).
+    CallsSaved = 8,
+    /// A call's exit took its entry's state back from `CALLS`. User space reports
+    /// `calls_saved - calls_taken -` the entries still in the map as evicted: calls whose
+    /// exit never found their state, each possibly a lost event.
+    CallsTaken = 9,
 }
 
-pub const COUNTER_COUNT: u32 = 8;
+pub const COUNTER_COUNT: u32 = 10;
 
 impl Counter {
     pub const ALL: [Counter; COUNTER_COUNT as usize] = [
@@ -307,6 +313,8 @@ impl Counter {
         Counter::Filtered,
         Counter::Aggregated,
         Counter::CloseUntracked,
+        Counter::CallsSaved,
+        Counter::CallsTaken,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -319,6 +327,8 @@ impl Counter {
             Counter::Filtered => "filtered",
             Counter::Aggregated => "aggregated",
             Counter::CloseUntracked => "close_untracked",
+            Counter::CallsSaved => "calls_saved",
+            Counter::CallsTaken => "calls_taken",
         }
     }
 }

@@ -9,7 +9,9 @@ pub mod config;
 pub mod event;
 
 pub use aggregate::AggregateKey;
-pub use config::{CgroupSource, KernelOffsets, ProbeConfig, TracepointOffsets};
+pub use config::{
+    CgroupSource, KernelOffsets, MAX_CGROUP_BURST, MAX_CGROUP_RATE, ProbeConfig, TracepointOffsets,
+};
 pub use event::{
     CGROUP_NAME_LEN, COMM_LEN, CONNECT_EVENT_SIZE, COUNTER_COUNT, CloseFlags, ConnState,
     ConnectEvent, Counter, EventKind, NODENAME_LEN, NS_COUNT, NsIndex, ResetBy,

@@ -6,8 +6,10 @@
 mod attach;
 pub mod btf;
 pub mod cgroups;
+pub mod features;
 pub mod filters;
 pub mod programs;
+pub mod state_maps;
 pub mod tracefs;
 
 use std::{fmt, path::PathBuf, str::FromStr, time::Duration};
@@ -177,6 +179,10 @@ impl KernelFacts {
             cgroup_rate: settings.cgroup_rate,
             cgroup_burst: settings.cgroup_burst.max(1),
             track_closes: u32::from(settings.track_closes),
+            fetching_atomics: u32::from(
+                features::fetching_atomics() && !crate::testhook::without_fetching_atomics(),
+            ),
+            _pad_after_flags: 0,
             aggregate_window_ns: settings
                 .aggregate_window
                 .map_or(0, |w| w.as_nanos().clamp(1, u64::MAX as u128) as u64),
@@ -291,6 +297,14 @@ impl Probes {
             name: "COUNTERS",
             source,
         })
+    }
+
+    /// `CALLS`, for the evictions user space reports (see [`state_maps`]).
+    pub fn take_calls(&mut self) -> Result<state_maps::CallsMap, ProbeError> {
+        self.ebpf
+            .take_map("CALLS")
+            .and_then(state_maps::CallsMap::new)
+            .ok_or(ProbeError::MissingMap("CALLS"))
     }
 
     /// The kernel's counts about each program (recursion misses), readable after detach.

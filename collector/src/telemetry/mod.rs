@@ -12,7 +12,11 @@ use std::{
 use aya::maps::{MapData, PerCpuArray};
 use egress_shared::{COUNTER_COUNT, Counter};
 
-use crate::{config::LogFormat, events::DecodeError, probe::programs::ProgramCounts};
+use crate::{
+    config::LogFormat,
+    events::DecodeError,
+    probe::{programs::ProgramCounts, state_maps::CallsMap},
+};
 
 pub mod otel;
 
@@ -111,9 +115,18 @@ pub struct Snapshot {
     /// (`bpf_prog_info.recursion_misses`, kernel 5.12+): possible loss, not certain loss
     /// (see `probe::programs`).
     pub recursion_misses: u64,
+    /// Entries of `CALLS` the LRU evicted before their call's exit took them: each call
+    /// may have been a lost event (see `probe::state_maps`).
+    pub calls_evicted: u64,
 }
 
 impl Snapshot {
+    /// Events that may have been lost without being counted as lost: program runs the
+    /// kernel skipped, and calls whose state was evicted.
+    pub fn possibly_lost(&self) -> u64 {
+        self.recursion_misses + self.calls_evicted
+    }
+
     pub fn kernel(&self, counter: Counter) -> u64 {
         self.kernel[counter as usize]
     }
@@ -233,6 +246,7 @@ impl Stats {
         Snapshot {
             kernel: kernel.read(),
             recursion_misses: kernel.recursion_misses(),
+            calls_evicted: kernel.calls_evicted(),
             ..self.snapshot_user()
         }
     }
@@ -266,6 +280,7 @@ impl Stats {
             enrichment_events: self.enrichment_events(),
             kernel: [0; COUNTER_COUNT as usize],
             recursion_misses: 0,
+            calls_evicted: 0,
         }
     }
 }
@@ -275,11 +290,37 @@ impl Stats {
 pub struct KernelCounters {
     map: PerCpuArray<MapData, u64>,
     programs: ProgramCounts,
+    calls: CallsMap,
+    /// The highest eviction count reported, so the count never goes back.
+    calls_evicted: AtomicU64,
 }
 
 impl KernelCounters {
-    pub fn new(map: PerCpuArray<MapData, u64>, programs: ProgramCounts) -> Self {
-        Self { map, programs }
+    pub fn new(map: PerCpuArray<MapData, u64>, programs: ProgramCounts, calls: CallsMap) -> Self {
+        Self {
+            map,
+            programs,
+            calls,
+            calls_evicted: AtomicU64::new(0),
+        }
+    }
+
+    fn counter(&self, counter: Counter) -> u64 {
+        self.map
+            .get(&(counter as u32), 0)
+            .map_or(0, |values| values.iter().sum())
+    }
+
+    /// Entries of `CALLS` evicted before their exit took them: every entry saved is
+    /// taken, still in the map, or evicted. Read in this order (saved, then the map, then
+    /// taken), a call made or finished during the reading can only lower the figure, so
+    /// it never reports an eviction that did not happen; the highest figure is kept.
+    pub fn calls_evicted(&self) -> u64 {
+        let saved = self.counter(Counter::CallsSaved);
+        let present = self.calls.entries();
+        let taken = self.counter(Counter::CallsTaken);
+        let evicted = saved.saturating_sub(present).saturating_sub(taken);
+        self.calls_evicted.fetch_max(evicted, Relaxed).max(evicted)
     }
 
     /// 0 on kernels that do not count them (before 5.12).
@@ -302,11 +343,20 @@ impl KernelCounters {
 pub fn report(previous: &Snapshot, now: &Snapshot) {
     let delta = |a: u64, b: u64| b.saturating_sub(a);
     let lost = delta(previous.lost(), now.lost());
-    let possibly_lost = delta(previous.recursion_misses, now.recursion_misses);
+    let possibly_lost = delta(previous.possibly_lost(), now.possibly_lost());
     let kernel: Vec<String> = Counter::ALL
         .iter()
         .map(|&c| format!("{}={}", c.name(), delta(previous.kernel(c), now.kernel(c))))
-        .chain(std::iter::once(format!("recursion_misses={possibly_lost}")))
+        .chain([
+            format!(
+                "recursion_misses={}",
+                delta(previous.recursion_misses, now.recursion_misses)
+            ),
+            format!(
+                "calls_evicted={}",
+                delta(previous.calls_evicted, now.calls_evicted)
+            ),
+        ])
         .collect();
     if lost > 0 || possibly_lost > 0 {
         tracing::warn!(

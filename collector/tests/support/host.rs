@@ -34,21 +34,24 @@ pub fn sink_port() -> u16 {
 pub fn our_programs() -> usize {
     aya::programs::loaded_programs()
         .filter_map(Result::ok)
-        .filter(|p| {
-            p.name_as_str().is_some_and(|n| {
-                [
-                    "tp_",
-                    "raw_tp_",
-                    "kprobe_",
-                    "kretprobe_",
-                    "fentry_",
-                    "fexit_",
-                ]
-                .iter()
-                .any(|prefix| n.starts_with(prefix))
-            })
-        })
+        .filter(is_ours)
         .count()
+}
+
+/// Whether a loaded program is one of the collector's, by its name's prefix (every
+/// program is named for its hook family: `tp_`, `raw_tp_`, `kprobe_`, ...).
+pub fn is_ours(program: &aya::programs::ProgramInfo) -> bool {
+    const PREFIXES: [&str; 6] = [
+        "tp_",
+        "raw_tp_",
+        "kprobe_",
+        "kretprobe_",
+        "fentry_",
+        "fexit_",
+    ];
+    program
+        .name_as_str()
+        .is_some_and(|n| PREFIXES.iter().any(|prefix| n.starts_with(prefix)))
 }
 
 /// [`our_programs`] once it is back to `count`, or what it still is after a few seconds.

@@ -188,14 +188,22 @@ impl OtlpExporter {
             ),
             cumulative_sum(
                 "egress_collector.events.possibly_lost",
-                "Program runs the kernel skipped because another program was running on that CPU (bpf_prog_info.recursion_misses): each may be a lost connection.",
-                "{run}",
-                vec![int_point(
-                    &[("reason", "program_recursion_miss")],
-                    start,
-                    now,
-                    s.recursion_misses,
-                )],
+                "Events that may have been lost uncounted: program runs the kernel skipped because another program was running on that CPU (bpf_prog_info.recursion_misses), and calls whose entry state was evicted before their exit.",
+                "{event}",
+                vec![
+                    int_point(
+                        &[("reason", "program_recursion_miss")],
+                        start,
+                        now,
+                        s.recursion_misses,
+                    ),
+                    int_point(
+                        &[("reason", "call_state_evicted")],
+                        start,
+                        now,
+                        s.calls_evicted,
+                    ),
+                ],
             ),
             cumulative_sum(
                 "egress_collector.udp.suppressed",
