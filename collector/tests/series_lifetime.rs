@@ -134,6 +134,20 @@ fn a_removed_containers_last_counts_survive_an_endpoint_outage() {
     });
 }
 
+/// Every address but `kept`: the 32 prefixes that cover the rest of IPv4, and all IPv6.
+fn everything_but(kept: Ipv4Addr) -> String {
+    let bits = u32::from(kept);
+    let mut cidrs: Vec<String> = (0..32)
+        .map(|len| {
+            let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+            let flipped = (bits & mask) | (!bits & (1 << (31 - len)));
+            format!("{}/{}", Ipv4Addr::from(flipped), len + 1)
+        })
+        .collect();
+    cidrs.push("::/0".to_owned());
+    cidrs.join(",")
+}
+
 struct Scenario {
     /// Host connections every 100 ms throughout (drives the pipeline).
     host_traffic: bool,
@@ -154,19 +168,24 @@ fn lifetime(scenario: Scenario) {
     let port = sink_port();
     let gateway = docker::bridge_gateway().expect("gateway");
     let endpoint = format!("http://{addr}");
-    let collector = RunningCollector::start_with(
-        Path::new(COLLECTOR),
-        &[
-            "--otlp-endpoint",
-            &endpoint,
-            "--export-interval",
-            "1s",
-            "--stats-interval",
-            "1s",
-        ],
-        Duration::from_secs(60),
-    )
-    .expect("collector starts");
+    let mut args = vec![
+        "--otlp-endpoint".to_owned(),
+        endpoint,
+        "--export-interval".to_owned(),
+        "1s".to_owned(),
+        "--stats-interval".to_owned(),
+        "1s".to_owned(),
+    ];
+    if !scenario.host_traffic {
+        // Every destination but the containers' own is dropped in the kernel, so that
+        // other traffic on this shared machine does not drive the pipeline either.
+        args.push("--exclude-cidr".to_owned());
+        args.push(everything_but(gateway.parse().expect("an IPv4 gateway")));
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let collector =
+        RunningCollector::start_with(Path::new(COLLECTOR), &args, Duration::from_secs(60))
+            .expect("collector starts");
     let stop = Arc::new(AtomicBool::new(false));
     let flag = Arc::clone(&stop);
     let host_port = sink_port();
