@@ -351,7 +351,10 @@ mod tests {
         let settings = cli
             .run
             .otlp
-            .settings(&|_| None)
+            .settings(
+                &|_| None,
+                cli.run.read_config_file().expect("file").as_ref(),
+            )
             .expect("valid")
             .expect("on");
         assert!(settings.self_telemetry);
@@ -359,9 +362,15 @@ mod tests {
         assert_eq!(settings.logs.url, "http://file:4318/v1/logs");
         assert_eq!(settings.traces.url, "http://jaeger:4318/v1/traces");
         std::fs::write(&path, "[otlp.spans]\nendpoint = \"http://x\"\n").expect("write");
-        let error = cli.run.otlp.settings(&|_| None).expect_err("unknown table");
+        let error = cli.run.read_config_file().expect_err("unknown table");
         assert!(error.to_string().contains("spans"), "{error}");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Reads the file once and applies its `[capture]` and `[log]` tables, as main does.
+    fn apply_capture(run: &mut RunArgs) -> Result<(), ConfigError> {
+        let file = run.read_config_file()?;
+        run.apply_capture_file(file.as_ref())
     }
 
     #[test]
@@ -377,7 +386,7 @@ mod tests {
         .expect("write");
         let config = path.to_str().expect("utf-8");
         let mut cli = Cli::try_parse_from(["egress-collector", "--config", config]).expect("valid");
-        cli.run.apply_capture_file().expect("valid file");
+        apply_capture(&mut cli.run).expect("valid file");
         let settings = cli.run.probe.settings();
         assert_eq!(
             settings.excluded_destinations.len(),
@@ -396,7 +405,7 @@ mod tests {
             "3s",
         ])
         .expect("valid");
-        cli.run.apply_capture_file().expect("valid file");
+        apply_capture(&mut cli.run).expect("valid file");
         assert_eq!(
             cli.run.probe.exclude_cidrs,
             vec!["192.0.2.0/24".parse().expect("cidr")]
@@ -411,7 +420,7 @@ mod tests {
             "off",
         ])
         .expect("valid");
-        cli.run.apply_capture_file().expect("valid file");
+        apply_capture(&mut cli.run).expect("valid file");
         let settings = cli.run.probe.settings();
         assert_eq!(
             settings.excluded_destinations.len(),
@@ -427,8 +436,7 @@ mod tests {
             std::fs::write(&path, file).expect("write");
             let mut cli =
                 Cli::try_parse_from(["egress-collector", "--config", config]).expect("valid");
-            cli.run
-                .apply_capture_file()
+            apply_capture(&mut cli.run)
                 .expect_err("a bad file")
                 .to_string()
         };
@@ -542,7 +550,10 @@ struct FileCapture {
     aggregate_window: Option<String>,
 }
 
-struct FileConfig {
+/// The config file, read and parsed once ([`RunArgs::read_config_file`]) and handed to
+/// each part of the configuration that takes values from it.
+#[derive(Debug)]
+pub struct ConfigFile {
     otlp: SourceValues,
     export: FileExport,
     capture: FileCapture,
@@ -550,7 +561,7 @@ struct FileConfig {
     enrich: FileEnrich,
 }
 
-fn read_config_file(path: &std::path::Path) -> Result<FileConfig, ConfigError> {
+fn read_config_file(path: &std::path::Path) -> Result<ConfigFile, ConfigError> {
     let file_error = |reason: String| ConfigError::File {
         path: path.to_owned(),
         reason,
@@ -586,7 +597,7 @@ fn read_config_file(path: &std::path::Path) -> Result<FileConfig, ConfigError> {
         t.try_into()
             .map_err(|e: toml::de::Error| file_error(format!("[{name}] {}", e.message())))
     };
-    Ok(FileConfig {
+    Ok(ConfigFile {
         otlp: SourceValues {
             general: signal(otlp, "otlp")?,
             logs: signal(logs, "otlp.logs")?,
@@ -609,24 +620,32 @@ fn read_config_file(path: &std::path::Path) -> Result<FileConfig, ConfigError> {
 }
 
 impl RunArgs {
+    /// Reads and parses `--config` (when given): once, for every part that uses it.
+    pub fn read_config_file(&self) -> Result<Option<ConfigFile>, ConfigError> {
+        self.otlp
+            .config
+            .as_deref()
+            .map(read_config_file)
+            .transpose()
+    }
+
     /// Fills the capture settings that no flag or variable set from the file's
     /// `[capture]` table, and the log format from `[log]`.
-    pub fn apply_capture_file(&mut self) -> Result<(), ConfigError> {
-        let Some(path) = self.otlp.config.clone() else {
+    pub fn apply_capture_file(&mut self, file: Option<&ConfigFile>) -> Result<(), ConfigError> {
+        let (Some(path), Some(file)) = (self.otlp.config.clone(), file) else {
             return Ok(());
         };
-        let file = read_config_file(&path)?;
         if self.log_format.is_none() {
             self.log_format = file.log.format;
         }
-        let capture = file.capture;
+        let capture = &file.capture;
         let invalid = |key: &str, reason: String| ConfigError::File {
             path: path.clone(),
             reason: format!("[capture] {key}: {reason}"),
         };
         let probe = &mut self.probe;
         if probe.exclude_cidrs.is_empty() {
-            for cidr in capture.exclude_cidrs.unwrap_or_default() {
+            for cidr in capture.exclude_cidrs.iter().flatten() {
                 probe
                     .exclude_cidrs
                     .push(cidr.parse().map_err(|e| invalid("exclude_cidrs", e))?);
@@ -636,25 +655,26 @@ impl RunArgs {
             probe.exclude_loopback = capture.exclude_loopback;
         }
         if probe.exclude_namespaces.is_empty() {
-            probe.exclude_namespaces = capture.exclude_namespaces.unwrap_or_default();
+            probe.exclude_namespaces = capture.exclude_namespaces.clone().unwrap_or_default();
         }
         if probe.aggregate_window.is_none()
-            && let Some(window) = capture.aggregate_window
+            && let Some(window) = &capture.aggregate_window
         {
             probe.aggregate_window =
-                Some(parse_aggregate_window(&window).map_err(|e| invalid("aggregate_window", e))?);
+                Some(parse_aggregate_window(window).map_err(|e| invalid("aggregate_window", e))?);
         }
         Ok(())
     }
 }
 
 impl OtlpArgs {
-    /// OTLP settings from flags, environment and file; `None` when no endpoint is set.
+    /// OTLP settings from flags, environment and `file` (read from `--config`); `None`
+    /// when no endpoint is set.
     pub fn settings(
         &self,
         env: &dyn Fn(&str) -> Option<String>,
+        file: Option<&ConfigFile>,
     ) -> Result<Option<OtlpSettings>, ConfigError> {
-        let file = self.config.as_deref().map(read_config_file).transpose()?;
         let mut headers = std::collections::HashMap::new();
         for header in &self.otlp_headers {
             let parsed = parse_headers(header).map_err(|reason| SettingError {
@@ -683,13 +703,14 @@ impl OtlpArgs {
             },
         );
         layers.push(Source::Env, SourceValues::from_env(env)?);
+        let no_file = FileExport::default();
         let export = match file {
             Some(file) => {
                 let path = self.config.clone().unwrap_or_default();
-                layers.push(Source::File(path), file.otlp);
-                file.export
+                layers.push(Source::File(path), file.otlp.clone());
+                &file.export
             }
-            None => FileExport::default(),
+            None => &no_file,
         };
         if !layers.any_endpoint() {
             return Ok(None);
@@ -799,11 +820,11 @@ struct FileEnrich {
 impl RunArgs {
     /// The container cache size (unless a flag or variable set it) and the runtimes'
     /// locations from the file's `[enrich]` table.
-    pub fn apply_enrich_file(&mut self) -> Result<(), ConfigError> {
-        let Some(path) = self.otlp.config.clone() else {
+    pub fn apply_enrich_file(&mut self, file: Option<&ConfigFile>) -> Result<(), ConfigError> {
+        let (Some(path), Some(file)) = (self.otlp.config.clone(), file) else {
             return Ok(());
         };
-        let file = read_config_file(&path)?.enrich;
+        let file = &file.enrich;
         let invalid = |key: &str, reason: &str| ConfigError::File {
             path: path.clone(),
             reason: format!("[enrich] {key}: {reason}"),
@@ -832,14 +853,14 @@ impl RunArgs {
             let p = host_path("containerd_state_dirs", p)?;
             runtimes.containerd_state_dirs.push(p);
         }
-        for ns in file.containerd_namespaces.unwrap_or_default() {
+        for ns in file.containerd_namespaces.iter().flatten() {
             if ns.is_empty() || ns.contains('/') || ns == "." || ns == ".." {
                 return Err(invalid(
                     "containerd_namespaces",
                     &format!("{ns:?} is not a namespace name"),
                 ));
             }
-            runtimes.containerd_namespaces.push(ns);
+            runtimes.containerd_namespaces.push(ns.clone());
         }
         if let Some(p) = &file.crio_run_root {
             runtimes.crio_run_root = Some(host_path("crio_run_root", p)?);
@@ -867,7 +888,10 @@ mod enrich_tests {
         ];
         all.extend_from_slice(args);
         let mut run = Cli::try_parse_from(all).expect("valid flags").run;
-        let result = run.apply_enrich_file().map(|()| run);
+        let result = run
+            .read_config_file()
+            .and_then(|file| run.apply_enrich_file(file.as_ref()))
+            .map(|()| run);
         let _ = std::fs::remove_dir_all(&dir);
         result
     }

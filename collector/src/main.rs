@@ -46,10 +46,17 @@ fn run(mut args: RunArgs) -> anyhow::Result<ExitCode> {
         .context("starting the async runtime")?;
     // Configuration first: a bad setting fails before anything is loaded into the kernel.
     let env = |name: &str| std::env::var(name).ok();
-    args.apply_capture_file().context("configuration")?;
-    args.apply_enrich_file().context("configuration")?;
+    // The config file is read and parsed once; each part takes its tables from it.
+    let file = args.read_config_file().context("configuration")?;
+    args.apply_capture_file(file.as_ref())
+        .context("configuration")?;
+    args.apply_enrich_file(file.as_ref())
+        .context("configuration")?;
     let mut pipeline_settings = args.pipeline();
-    pipeline_settings.otlp = args.otlp.settings(&env).context("configuration")?;
+    pipeline_settings.otlp = args
+        .otlp
+        .settings(&env, file.as_ref())
+        .context("configuration")?;
     pipeline_settings.stdout = args.stdout || pipeline_settings.otlp.is_none();
     if args.connection_spans && pipeline_settings.otlp.is_none() {
         anyhow::bail!("configuration: --connection-spans needs an OTLP endpoint");

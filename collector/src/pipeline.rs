@@ -266,17 +266,22 @@ pub async fn run(
         }
     }
     health.set_not_ready();
+    // One start for the watchdog and the drain: the time detaching takes counts against
+    // the drain's deadline too, so the watchdog never fires on a drain still within it.
+    let stopping = std::time::Instant::now();
     let watchdog = Watchdog::arm(
-        settings.drain_deadline + WATCHDOG_GRACE,
+        stopping + settings.drain_deadline + WATCHDOG_GRACE,
         Arc::clone(&stats),
         Arc::clone(&snapshot),
     );
 
     // Stop new events first, then let every stage drain in order.
+    crate::testhook::slow_if("detach");
     probes.detach();
     crate::testhook::hang_if("shutdown");
     let _ = stop_reader.send(true);
-    let drain = tokio::time::timeout(settings.drain_deadline, async {
+    let drain_until = tokio::time::Instant::from_std(stopping + settings.drain_deadline);
+    let drain = tokio::time::timeout_at(drain_until, async {
         let _ = reader_task.await;
         let _ = enrich_task.await;
         let _ = export_task.await;
@@ -334,8 +339,10 @@ struct Watchdog {
 }
 
 impl Watchdog {
-    fn arm(after: Duration, stats: Arc<Stats>, snapshot: SnapshotSource) -> Self {
+    /// Exits the process at `until` unless dropped before.
+    fn arm(until: std::time::Instant, stats: Arc<Stats>, snapshot: SnapshotSource) -> Self {
         let (disarm, disarmed) = std_mpsc::channel::<()>();
+        let after = until.saturating_duration_since(std::time::Instant::now());
         let spawned = std::thread::Builder::new()
             .name("shutdown-watchdog".into())
             .spawn(move || {

@@ -2,7 +2,8 @@
 //! named stage hang for good where it would otherwise return during shutdown, so a test can
 //! prove the collector still exits within its deadline with its statistics line. Stages:
 //! `enrich` (the enrichment thread), `stdout` (the stdout writer thread) and `shutdown`
-//! (the main thread, right after the probes are detached). A test hook, not a setting:
+//! (the main thread, right after the probes are detached). `EGRESS_TEST_SLOW=detach:<secs>`
+//! makes detaching the probes take that much longer (a slow kernel). A test hook, not a setting:
 //! docs/operations.md says so, and the collector warns when it is set.
 
 use std::sync::OnceLock;
@@ -36,4 +37,24 @@ pub fn without_fetching_atomics() -> bool {
         );
     }
     set
+}
+
+/// Sleeps for the seconds `EGRESS_TEST_SLOW` gives `stage` (`<stage>:<secs>`), if any.
+pub fn slow_if(stage: &str) {
+    let Ok(value) = std::env::var("EGRESS_TEST_SLOW") else {
+        return;
+    };
+    for item in value.split(',') {
+        if let Some((name, secs)) = item.trim().split_once(':')
+            && name == stage
+            && let Ok(secs) = secs.parse::<u64>()
+        {
+            tracing::warn!(
+                stage,
+                secs,
+                "EGRESS_TEST_SLOW: this stage is slowed down (test hook)."
+            );
+            std::thread::sleep(std::time::Duration::from_secs(secs));
+        }
+    }
 }

@@ -14,6 +14,7 @@ use std::{
 };
 
 use egress_testkit::{
+    attribution::{containerd_bundle, crio_config},
     collector::RunningCollector,
     docker::{self, Container, Pod},
 };
@@ -185,49 +186,6 @@ fn assert_one_attributed(
     }
     assert_eq!(r["attributes"]["egress.cgroup.path"], cgroup_path, "{r}");
     assert_eq!(r["attributes"]["process.executable.name"], "bash", "{r}");
-}
-
-/// The OCI config.json containerd's CRI plugin writes (annotation keys from containerd's
-/// pkg/cri/annotations); trimmed to what a real one holds besides mounts and process.
-fn containerd_bundle(pod: &str, namespace: &str, uid: &str, container: &str) -> String {
-    serde_json::json!({
-        "ociVersion": "1.1.0",
-        "process": {"args": ["/app"], "cwd": "/", "env": ["PATH=/bin"]},
-        "hostname": pod,
-        "annotations": {
-            "io.kubernetes.cri.container-type": "container",
-            "io.kubernetes.cri.container-name": container,
-            "io.kubernetes.cri.image-name": "registry.example/app:1.0",
-            "io.kubernetes.cri.sandbox-id": "5f0c1e0b0c0d4f9a8e2b7c6d5e4f3a2b1c0d9e8f7a6b5c4d3e2f1a0b9c8d7e6f",
-            "io.kubernetes.cri.sandbox-name": pod,
-            "io.kubernetes.cri.sandbox-namespace": namespace,
-            "io.kubernetes.cri.sandbox-uid": uid
-        },
-        "linux": {"namespaces": [
-            {"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"},
-            {"type": "network", "path": "/proc/4242/ns/net"}
-        ]}
-    })
-    .to_string()
-}
-
-/// CRI-O's userdata/config.json (annotation keys from CRI-O's pkg/annotations); trimmed.
-fn crio_config(pod: &str, namespace: &str, uid: &str, container: &str) -> String {
-    serde_json::json!({
-        "ociVersion": "1.0.2-dev",
-        "hostname": pod,
-        "annotations": {
-            "io.kubernetes.pod.name": pod,
-            "io.kubernetes.pod.namespace": namespace,
-            "io.kubernetes.pod.uid": uid,
-            "io.kubernetes.container.name": container,
-            "io.kubernetes.cri-o.Name": format!("k8s_{container}_{pod}_{namespace}_{uid}_0"),
-            "io.kubernetes.cri-o.ImageName": "registry.example/app:1.0",
-            "io.kubernetes.cri-o.ContainerType": "container"
-        },
-        "linux": {"namespaces": [{"type": "pid"}, {"type": "network"}, {"type": "mount"}]}
-    })
-    .to_string()
 }
 
 #[test]

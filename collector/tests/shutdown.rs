@@ -407,6 +407,44 @@ fn a_stage_that_never_returns_cannot_hold_shutdown() {
     }
 }
 
+/// Detaching the probes counts against the drain's deadline: with a detach that takes 4 s
+/// and a stage that never returns, the drain gives up at the 5 s deadline (exit 3, the
+/// deadline's line) instead of 5 s after detaching, past the watchdog's 5 + 3 s.
+#[test]
+fn a_slow_detach_counts_against_the_drain_deadline_not_the_watchdogs() {
+    require_root();
+    let port = listener();
+    let mut collector = Collector::start(
+        &["--shutdown-deadline", "5s"],
+        &[
+            ("EGRESS_TEST_HANG", "enrich"),
+            ("EGRESS_TEST_SLOW", "detach:4"),
+        ],
+    );
+    let (start_reading, _lines) = read_later(collector.child.stdout.take().expect("stdout"));
+    start_reading.send(()).expect("reader");
+    connect(port, 20);
+    thread::sleep(Duration::from_millis(500));
+    collector.signal(libc::SIGINT);
+    let status = collector.wait(Duration::from_secs(15));
+    let log = collector.log();
+    let status = status.unwrap_or_else(|| panic!("shutdown hung:\n{log}"));
+    assert!(
+        log.contains("EGRESS_TEST_SLOW"),
+        "the slow hook ran:\n{log}"
+    );
+    assert!(
+        log.contains("Shutdown deadline passed"),
+        "the drain's own deadline ended it:\n{log}"
+    );
+    assert!(
+        !log.contains("Shutdown is stuck"),
+        "the watchdog fired on a drain within its deadline:\n{log}"
+    );
+    assert_eq!(status.code(), Some(3), "{log}");
+    assert_counts_add_up(&collector.stopped(), &log);
+}
+
 /// The highest id of a program loaded now.
 fn newest_program_id() -> u32 {
     aya::programs::loaded_programs()

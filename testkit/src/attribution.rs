@@ -47,8 +47,9 @@ fn systemd_pod_slice(qos: &str, uid: &str) -> String {
     )
 }
 
-/// containerd CRI plugin's bundle config.json (annotation keys from pkg/cri/annotations).
-fn containerd_bundle(pod: &str, namespace: &str, uid: &str, container: &str) -> String {
+/// containerd CRI plugin's bundle config.json (annotation keys from pkg/cri/annotations),
+/// with a secret-looking variable in its environment (which no output may carry).
+pub fn containerd_bundle(pod: &str, namespace: &str, uid: &str, container: &str) -> String {
     json!({
         "ociVersion": "1.1.0",
         "process": {"args": ["/app"], "cwd": "/", "env": ["PATH=/bin", "API_TOKEN=s3cr3t"]},
@@ -71,7 +72,7 @@ fn containerd_bundle(pod: &str, namespace: &str, uid: &str, container: &str) -> 
 }
 
 /// CRI-O's userdata/config.json (annotation keys from CRI-O's pkg/annotations).
-fn crio_config(pod: &str, namespace: &str, uid: &str, container: &str) -> String {
+pub fn crio_config(pod: &str, namespace: &str, uid: &str, container: &str) -> String {
     json!({
         "ociVersion": "1.0.2-dev",
         "hostname": pod,
@@ -90,7 +91,7 @@ fn crio_config(pod: &str, namespace: &str, uid: &str, container: &str) -> String
 }
 
 /// dockerd's config.v2.json for a kubelet (dockershim) container; trimmed.
-fn docker_config(id: &str, pod: &str, namespace: &str, uid: &str, container: &str) -> String {
+pub fn docker_config(id: &str, pod: &str, namespace: &str, uid: &str, container: &str) -> String {
     json!({
         "ID": id,
         "Name": format!("/k8s_{container}_{pod}_{namespace}_{uid}_0"),

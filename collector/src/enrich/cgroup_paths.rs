@@ -16,6 +16,7 @@ use std::{
     collections::{HashMap, HashSet},
     os::{fd::AsRawFd, unix::fs::MetadataExt},
     path::{Path, PathBuf},
+    sync::atomic::{AtomicBool, Ordering},
     sync::{Arc, mpsc},
     time::{Duration, Instant},
 };
@@ -61,6 +62,9 @@ pub struct CgroupPaths {
     /// Last path component -> live paths with that name ("" is the root's).
     by_name: HashMap<Box<str>, Vec<SharedPath>>,
     changes: Option<mpsc::Receiver<CgroupChange>>,
+    /// Set by the watcher when it queues a whole-tree resync, cleared once applied: at
+    /// most one waits in the channel, however long enrichment takes to apply it.
+    resync_pending: Arc<AtomicBool>,
     stats: Arc<Stats>,
 }
 
@@ -70,7 +74,7 @@ impl CgroupPaths {
         let mut paths = Self::new(root.clone(), stats);
         if let Some(root) = root {
             let (tx, rx) = mpsc::channel();
-            let initial = Watcher::start(root, tx);
+            let initial = Watcher::start(root, tx, Arc::clone(&paths.resync_pending));
             paths.apply(CgroupChange::Resync(initial), Instant::now());
             paths.changes = Some(rx);
         }
@@ -85,6 +89,7 @@ impl CgroupPaths {
             by_path: HashMap::new(),
             by_name: HashMap::new(),
             changes: None,
+            resync_pending: Arc::new(AtomicBool::new(false)),
             stats,
         }
     }
@@ -113,6 +118,7 @@ impl CgroupPaths {
             CgroupChange::Added { id, path } => self.insert(id, path),
             CgroupChange::Removed { path } => self.remove(&path, now),
             CgroupChange::Resync(all) => {
+                self.resync_pending.store(false, Ordering::Release);
                 let live: HashSet<&str> = all.iter().map(|(_, p)| p.as_str()).collect();
                 let gone: Vec<SharedPath> = (self.by_path.keys())
                     .filter(|p| !live.contains(p.as_ref()))
@@ -270,14 +276,24 @@ struct Watcher {
     inotify: Option<Inotify>,
     dirs: HashMap<WatchDescriptor, String>,
     watches: HashMap<String, WatchDescriptor>,
-    /// A watch could not be added: fall back to walks.
+    /// A watch could not be added: fall back to walks (each of which tries to watch
+    /// every directory again, and clears this when it could).
     degraded: bool,
+    /// Shared with the index: a resync is queued and not applied yet.
+    resync_pending: Arc<AtomicBool>,
+    /// A resync is owed (degraded walk due, or events lost) but one is still pending.
+    resync_owed: bool,
+    last_walk: Instant,
 }
 
 impl Watcher {
     /// Walks `root` (adding watches as it goes), then follows it on a thread of its own;
     /// returns what the walk found.
-    fn start(root: PathBuf, tx: mpsc::Sender<CgroupChange>) -> Vec<(u64, String)> {
+    fn start(
+        root: PathBuf,
+        tx: mpsc::Sender<CgroupChange>,
+        resync_pending: Arc<AtomicBool>,
+    ) -> Vec<(u64, String)> {
         let inotify = match Inotify::init() {
             Ok(inotify) => Some(inotify),
             Err(e) => {
@@ -292,6 +308,9 @@ impl Watcher {
             dirs: HashMap::new(),
             watches: HashMap::new(),
             degraded,
+            resync_pending,
+            resync_owed: false,
+            last_walk: Instant::now(),
         };
         let mut initial = Vec::new();
         watcher.walk("/".to_owned(), &mut |id, path| initial.push((id, path)));
@@ -353,96 +372,131 @@ impl Watcher {
 
     fn run(mut self, tx: mpsc::Sender<CgroupChange>) {
         let mut buffer = vec![0u8; 64 * 1024];
-        let mut last_walk = Instant::now();
-        loop {
-            if self.degraded && last_walk.elapsed() >= RESYNC_EVERY {
-                last_walk = Instant::now();
-                if tx.send(self.resync()).is_err() {
-                    return;
+        while self.step(&tx, &mut buffer) {}
+    }
+
+    /// Queues a resync unless one still waits to be applied (then it is owed, and sent
+    /// once that one is applied). False when the index is gone.
+    fn request_resync(&mut self, tx: &mpsc::Sender<CgroupChange>) -> bool {
+        if self.resync_pending.load(Ordering::Acquire) {
+            self.resync_owed = true;
+            return true;
+        }
+        self.resync_owed = false;
+        self.last_walk = Instant::now();
+        let change = self.resync();
+        self.resync_pending.store(true, Ordering::Release);
+        tx.send(change).is_ok()
+    }
+
+    /// Waits up to a second for events and sends what changed; false when the index is
+    /// gone (the thread ends).
+    fn step(&mut self, tx: &mpsc::Sender<CgroupChange>, buffer: &mut [u8]) -> bool {
+        if (self.resync_owed || (self.degraded && self.last_walk.elapsed() >= RESYNC_EVERY))
+            && !self.request_resync(tx)
+        {
+            return false;
+        }
+        let Some(fd) = self.inotify.as_ref().map(|i| i.as_raw_fd()) else {
+            std::thread::sleep(Duration::from_secs(1));
+            return true;
+        };
+        // Bounded waits: the thread never sits in a read that nothing will end.
+        let mut poll = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the call's duration.
+        let ready = unsafe { libc::poll(&mut poll, 1, 1000) };
+        if ready <= 0 {
+            return true;
+        }
+        // (created, moved away, path)
+        let mut changes = Vec::new();
+        let mut overflow = false;
+        if let Some(inotify) = &mut self.inotify {
+            let events = match inotify.read_events(buffer) {
+                Ok(events) => events,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return true,
+                Err(e) => {
+                    tracing::warn!(error = %e, "Reading cgroup inotify events failed; walking the hierarchy periodically instead.");
+                    self.degraded = true;
+                    self.inotify = None;
+                    return true;
                 }
-            }
-            let Some(fd) = self.inotify.as_ref().map(|i| i.as_raw_fd()) else {
-                std::thread::sleep(RESYNC_EVERY);
-                continue;
             };
-            // Bounded waits: the thread never sits in a read that nothing will end.
-            let mut poll = libc::pollfd {
-                fd,
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: one valid pollfd for the call's duration.
-            let ready = unsafe { libc::poll(&mut poll, 1, 1000) };
-            if ready <= 0 {
-                continue;
-            }
-            let mut changes = Vec::new();
-            let mut overflow = false;
-            if let Some(inotify) = &mut self.inotify {
-                let events = match inotify.read_events(&mut buffer) {
-                    Ok(events) => events,
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "Reading cgroup inotify events failed; walking the hierarchy periodically instead.");
-                        self.degraded = true;
-                        self.inotify = None;
-                        continue;
+            for event in events {
+                if event.mask.contains(EventMask::Q_OVERFLOW) {
+                    overflow = true;
+                    continue;
+                }
+                if event.mask.contains(EventMask::IGNORED) {
+                    if let Some(dir) = self.dirs.remove(&event.wd) {
+                        self.watches.remove(&dir);
                     }
+                    continue;
+                }
+                if !event.mask.contains(EventMask::ISDIR) {
+                    continue;
+                }
+                let (Some(dir), Some(name)) = (
+                    self.dirs.get(&event.wd),
+                    event.name.and_then(|n| n.to_str()),
+                ) else {
+                    continue;
                 };
-                for event in events {
-                    if event.mask.contains(EventMask::Q_OVERFLOW) {
-                        overflow = true;
-                        continue;
-                    }
-                    if event.mask.contains(EventMask::IGNORED) {
-                        if let Some(dir) = self.dirs.remove(&event.wd) {
-                            self.watches.remove(&dir);
-                        }
-                        continue;
-                    }
-                    if !event.mask.contains(EventMask::ISDIR) {
-                        continue;
-                    }
-                    let (Some(dir), Some(name)) = (
-                        self.dirs.get(&event.wd),
-                        event.name.and_then(|n| n.to_str()),
-                    ) else {
-                        continue;
-                    };
-                    let path = join(dir, name);
-                    if event
-                        .mask
-                        .intersects(EventMask::CREATE | EventMask::MOVED_TO)
-                    {
-                        changes.push((true, path));
-                    } else {
-                        changes.push((false, path));
-                    }
-                }
-            }
-            if overflow {
-                // Events were lost: the whole tree again, as at start.
-                if tx.send(self.resync()).is_err() {
-                    return;
-                }
-                continue;
-            }
-            for (created, path) in changes {
-                let sent = if created {
-                    let mut added = Vec::new();
-                    self.walk(path, &mut |id, path| {
-                        added.push(CgroupChange::Added { id, path })
-                    });
-                    added.into_iter().try_for_each(|c| tx.send(c))
-                } else {
-                    self.unwatch(&path);
-                    tx.send(CgroupChange::Removed { path })
-                };
-                if sent.is_err() {
-                    return;
-                }
+                let path = join(dir, name);
+                let created = event
+                    .mask
+                    .intersects(EventMask::CREATE | EventMask::MOVED_TO);
+                let moved = event.mask.contains(EventMask::MOVED_FROM);
+                changes.push((created, moved, path));
             }
         }
+        if overflow {
+            // Events were lost: the whole tree again, as at start.
+            return self.request_resync(tx);
+        }
+        for (created, moved, path) in changes {
+            let sent = if created {
+                let mut added = Vec::new();
+                self.walk(path, &mut |id, path| {
+                    added.push(CgroupChange::Added { id, path })
+                });
+                added.into_iter().try_for_each(|c| tx.send(c))
+            } else if moved {
+                // A rename (cgroup v1) moves the whole subtree: every path below is gone
+                // too (MOVED_TO, if inside the tree, adds them back under the new name).
+                self.unwatch_tree(&path)
+                    .into_iter()
+                    .try_for_each(|path| tx.send(CgroupChange::Removed { path }))
+            } else {
+                self.unwatch(&path);
+                tx.send(CgroupChange::Removed { path })
+            };
+            if sent.is_err() {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Drops the watches of `top` and of every directory below it; returns their paths,
+    /// deepest first (`top` last), including `top` when it had no watch.
+    fn unwatch_tree(&mut self, top: &str) -> Vec<String> {
+        let prefix = format!("{}/", top.trim_end_matches('/'));
+        let mut below: Vec<String> = (self.watches.keys())
+            .filter(|p| p.starts_with(&prefix))
+            .cloned()
+            .collect();
+        below.sort_by_key(|p| std::cmp::Reverse(p.matches('/').count()));
+        for path in &below {
+            self.unwatch(path);
+        }
+        self.unwatch(top);
+        below.push(top.to_owned());
+        below
     }
 
     /// Drops the watch of a removed directory. cgroupfs sends no `IN_IGNORED` on rmdir
@@ -460,6 +514,11 @@ impl Watcher {
 
     fn resync(&mut self) -> CgroupChange {
         let mut all = Vec::new();
+        // Watches freed since (directories removed) may let every directory be watched
+        // again: the walk tries, and marks the watcher degraded again if one fails.
+        if self.inotify.is_some() {
+            self.degraded = false;
+        }
         // Existing watches stay; adding one twice returns the same descriptor.
         self.walk("/".to_owned(), &mut |id, path| all.push((id, path)));
         // Directories gone unseen (events lost) lose their watches too.
@@ -484,6 +543,9 @@ pub fn walk_all(root: &Path) -> Vec<(u64, String)> {
         dirs: HashMap::new(),
         watches: HashMap::new(),
         degraded: true,
+        resync_pending: Arc::new(AtomicBool::new(false)),
+        resync_owed: false,
+        last_walk: Instant::now(),
     };
     let mut all = Vec::new();
     watcher.walk("/".to_owned(), &mut |id, path| all.push((id, path)));
@@ -643,6 +705,92 @@ mod tests {
         assert_eq!(paths.resolve_known(4, t0), Some("/a"));
         assert_eq!(paths.by_path.get("/a"), Some(&4));
         assert_eq!(paths.by_name.get("a").map(Vec::len), Some(1));
+    }
+
+    /// A watcher on `root`, walked, not started on a thread (the test drives its steps).
+    fn watcher(root: &Path, inotify: bool) -> (Watcher, Vec<(u64, String)>) {
+        let mut watcher = Watcher {
+            root: root.to_owned(),
+            inotify: inotify.then(|| Inotify::init().expect("inotify")),
+            dirs: HashMap::new(),
+            watches: HashMap::new(),
+            degraded: !inotify,
+            resync_pending: Arc::new(AtomicBool::new(false)),
+            resync_owed: false,
+            last_walk: Instant::now(),
+        };
+        let mut all = Vec::new();
+        watcher.walk("/".to_owned(), &mut |id, path| all.push((id, path)));
+        (watcher, all)
+    }
+
+    #[test]
+    fn a_renamed_directory_takes_its_subtree_out_of_the_watches_and_the_index() {
+        let tree = TempTree::new("cgroup-rename");
+        let root = &tree.0;
+        std::fs::create_dir_all(root.join("a/b/c/d")).expect("dirs");
+        std::fs::create_dir_all(root.join("elsewhere")).expect("dirs");
+        let (mut watcher, initial) = watcher(root, true);
+        let mut paths = CgroupPaths::new(Some(root.clone()), Arc::new(Stats::default()));
+        paths.apply(CgroupChange::Resync(initial), Instant::now());
+        let (tx, rx) = mpsc::channel();
+        let mut buffer = vec![0u8; 64 * 1024];
+        // Out of the watched tree (a rename whose MOVED_TO nobody sees): its subtree is gone.
+        let outside = std::env::temp_dir().join(format!("egress-moved-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&outside);
+        std::fs::rename(root.join("a/b"), &outside).expect("rename");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while watcher.watches.contains_key("/a/b") {
+            assert!(Instant::now() < deadline, "the move was never seen");
+            assert!(watcher.step(&tx, &mut buffer));
+        }
+        let _ = std::fs::remove_dir_all(&outside);
+        for change in rx.try_iter() {
+            paths.apply(change, Instant::now());
+        }
+        let stale: Vec<_> = (watcher.watches.keys())
+            .filter(|p| p.starts_with("/a/b"))
+            .collect();
+        assert!(stale.is_empty(), "watches left below: {stale:?}");
+        assert_eq!(watcher.watches.len(), watcher.dirs.len());
+        for gone in ["/a/b", "/a/b/c", "/a/b/c/d"] {
+            assert!(!paths.by_path.contains_key(gone), "{gone} still indexed");
+        }
+        assert!(paths.by_path.contains_key("/elsewhere"));
+    }
+
+    #[test]
+    fn at_most_one_resync_waits_and_a_resync_clears_degraded_once_watches_are_free() {
+        let tree = TempTree::new("cgroup-resync");
+        let root = &tree.0;
+        std::fs::create_dir_all(root.join("a/b")).expect("dirs");
+        let (mut watcher, _) = watcher(root, true);
+        // As if a watch could not be added earlier (fs.inotify.max_user_watches).
+        watcher.degraded = true;
+        let (tx, rx) = mpsc::channel();
+        let mut buffer = vec![0u8; 64 * 1024];
+        watcher.last_walk = Instant::now() - RESYNC_EVERY;
+        assert!(watcher.step(&tx, &mut buffer));
+        assert!(!watcher.degraded, "every directory could be watched again");
+        // Degraded again with the first resync still unapplied: no second one is queued.
+        watcher.degraded = true;
+        watcher.inotify = None;
+        for _ in 0..3 {
+            watcher.last_walk = Instant::now() - RESYNC_EVERY;
+            assert!(watcher.step(&tx, &mut buffer));
+        }
+        let queued: Vec<_> = rx.try_iter().collect();
+        assert_eq!(queued.len(), 1, "one resync waits");
+        assert!(watcher.resync_owed);
+        // Applied: the owed one goes out at the next step.
+        let mut paths = CgroupPaths::new(Some(root.clone()), Arc::new(Stats::default()));
+        paths.resync_pending = Arc::clone(&watcher.resync_pending);
+        for change in queued {
+            paths.apply(change, Instant::now());
+        }
+        assert!(watcher.step(&tx, &mut buffer));
+        assert_eq!(rx.try_iter().count(), 1);
+        assert!(paths.by_path.contains_key("/a/b"));
     }
 
     #[test]

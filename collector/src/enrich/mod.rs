@@ -126,6 +126,8 @@ pub struct Enricher {
 }
 
 const SWEEP_EVERY: Duration = Duration::from_secs(10);
+/// How often changes are applied when no connection arrives.
+pub const APPLY_EVERY: Duration = Duration::from_secs(1);
 
 /// Where the cgroup hierarchies are mounted, under the host root.
 #[derive(Debug, Clone, Default)]
@@ -258,13 +260,24 @@ impl Enricher {
     }
 
     /// Until the reader's channel closes (on shutdown, after its final drain). Blocking:
-    /// run it with `spawn_blocking`.
+    /// run it with `spawn_blocking` (it waits on the runtime's timer). Changes (departures,
+    /// cgroups) are applied with each batch and at least every [`APPLY_EVERY`] without
+    /// one, so a quiet node still ends gone containers' series and sweeps its indexes.
     pub fn run_blocking(
         mut self,
         mut input: mpsc::Receiver<Vec<Connection>>,
         out: mpsc::Sender<Vec<Record>>,
     ) {
-        while let Some(batch) = input.blocking_recv() {
+        let runtime = tokio::runtime::Handle::current();
+        loop {
+            let batch = match runtime.block_on(tokio::time::timeout(APPLY_EVERY, input.recv())) {
+                Ok(Some(batch)) => batch,
+                Ok(None) => break,
+                Err(_) => {
+                    self.apply_changes();
+                    continue;
+                }
+            };
             self.apply_changes();
             let mut records: Vec<Record> = batch.into_iter().map(|c| self.enrich(c)).collect();
             if let Some(filter) = &mut self.namespace_filter {

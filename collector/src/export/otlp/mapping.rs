@@ -145,6 +145,9 @@ struct Series {
     /// begins later than the one that ended).
     start_unix_nano: u64,
     departure: Departure,
+    /// When the container went, in departure order (to drop the oldest first when too
+    /// many gone series wait for an export that succeeds).
+    gone_order: u64,
 }
 
 /// Where a workload's series is in its life.
@@ -155,7 +158,8 @@ enum Departure {
     /// The container is gone; the series must be exported once more (a record arriving
     /// now puts it back here).
     Gone,
-    /// Gone, and exported since with no record after: the next export is its last.
+    /// Gone, and exported successfully since with no record after: the next successful
+    /// export is its last.
     Final,
 }
 
@@ -171,10 +175,17 @@ pub struct ConnectionCounts {
     /// Containers gone lately, with the exports left before they are forgotten: a record
     /// still in the pipeline when its container went starts a series that ends too.
     recently_gone: HashMap<String, u8>,
+    /// Departures so far (orders gone series).
+    departures: u64,
+    /// At most this many gone workloads are kept waiting for a successful export.
+    max_gone: usize,
 }
 
 /// How many exports a departure is remembered for records still in flight.
 const REMEMBER_GONE_EXPORTS: u8 = 3;
+/// Gone workloads kept during an endpoint outage, waiting to export their last counts:
+/// beyond this the oldest are dropped (counted), so an outage cannot grow memory for good.
+pub const MAX_GONE_WORKLOADS: usize = 4096;
 
 impl ConnectionCounts {
     pub fn new(start_unix_nano: u64, include_address: bool) -> Self {
@@ -184,7 +195,15 @@ impl ConnectionCounts {
             series: HashMap::new(),
             lifecycle: HashMap::new(),
             recently_gone: HashMap::new(),
+            departures: 0,
+            max_gone: MAX_GONE_WORKLOADS,
         }
+    }
+
+    /// Keeps at most `max_gone` gone workloads waiting for a successful export.
+    pub fn with_max_gone(mut self, max_gone: usize) -> Self {
+        self.max_gone = max_gone;
+        self
     }
 
     /// How many workloads have a series.
@@ -192,27 +211,74 @@ impl ConnectionCounts {
         self.series.len()
     }
 
-    /// The container `id` is gone: its series is exported at the next two exports (its
-    /// last counts, once more in case one export was lost and to let records still in
-    /// the pipeline arrive), then ends.
-    pub fn container_gone(&mut self, id: &str) {
+    /// The container `id` is gone: its series is exported by the next two exports that
+    /// succeed (its last counts, once more to let records still in the pipeline arrive),
+    /// then ends. Returns how many gone workloads were dropped unexported to stay within
+    /// the bound (an outage that outlasts [`MAX_GONE_WORKLOADS`] departures).
+    pub fn container_gone(&mut self, id: &str) -> usize {
         self.recently_gone
             .insert(id.to_owned(), REMEMBER_GONE_EXPORTS);
+        self.departures += 1;
+        let order = self.departures;
         for (resource, series) in &mut self.series {
             if resource
                 .attributes
                 .get(semconv::CONTAINER_ID)
                 .map(String::as_str)
                 == Some(id)
+                && series.departure == Departure::Present
             {
                 series.departure = Departure::Gone;
+                series.gone_order = order;
             }
         }
+        self.bound_gone()
     }
 
-    /// Call after each export of [`Self::resource_metrics`]: ends the series of containers
-    /// gone that have been exported twice with no record in between; returns how many.
-    /// A record for the workload after that starts a new series, with a later start time.
+    /// Drops the oldest gone series beyond `max_gone`; returns how many.
+    fn bound_gone(&mut self) -> usize {
+        let gone = self
+            .series
+            .values()
+            .filter(|s| s.departure != Departure::Present)
+            .count();
+        if gone <= self.max_gone {
+            return 0;
+        }
+        let mut orders: Vec<u64> = (self.series.values())
+            .filter(|s| s.departure != Departure::Present)
+            .map(|s| s.gone_order)
+            .collect();
+        orders.sort_unstable();
+        let excess = gone - self.max_gone;
+        let cut = orders[excess - 1];
+        let before = self.series.len();
+        let mut left = excess;
+        self.series.retain(|_, s| {
+            if left > 0 && s.departure != Departure::Present && s.gone_order <= cut {
+                left -= 1;
+                false
+            } else {
+                true
+            }
+        });
+        before - self.series.len()
+    }
+
+    /// Call at each export interval, whether the export succeeded or not: departures are
+    /// remembered for records still in flight for a few intervals.
+    pub fn interval_passed(&mut self) {
+        self.recently_gone.retain(|_, left| {
+            *left -= 1;
+            *left > 0
+        });
+    }
+
+    /// Call after an export of [`Self::resource_metrics`] that the endpoint accepted, and
+    /// only then (with no other export taken in between): ends the series of containers
+    /// gone that two successful exports carried with no record in between; returns how
+    /// many. A record for the workload after that starts a new series, with a later start
+    /// time.
     pub fn exported(&mut self, now: u64) -> usize {
         let before = self.series.len();
         self.series
@@ -229,10 +295,6 @@ impl ConnectionCounts {
         if ended > 0 {
             self.start_unix_nano = now;
         }
-        self.recently_gone.retain(|_, left| {
-            *left -= 1;
-            *left > 0
-        });
         ended
     }
 
@@ -257,6 +319,7 @@ impl ConnectionCounts {
         };
         let start_unix_nano = self.start_unix_nano;
         let recently_gone = &self.recently_gone;
+        let order = self.departures;
         let series = self
             .series
             .entry(Arc::clone(&record.resource))
@@ -272,6 +335,7 @@ impl ConnectionCounts {
                     } else {
                         Departure::Present
                     },
+                    gone_order: order,
                 }
             });
         if series.departure == Departure::Final {

@@ -111,8 +111,8 @@ impl OtlpExporter {
         }))
     }
 
-    /// Ends the metric series of the containers named on `departures` once their last
-    /// counts were exported (see [`ConnectionCounts::container_gone`]).
+    /// Ends the metric series of the containers named on `departures` once exports that
+    /// succeeded carried their last counts (see [`ConnectionCounts::container_gone`]).
     pub fn with_departures(mut self, departures: mpsc::UnboundedReceiver<String>) -> Self {
         self.departures = Some(departures);
         self
@@ -124,7 +124,12 @@ impl OtlpExporter {
         Box::pin(async move { client.export_encoded_logs(encoded).await })
     }
 
-    fn export_metrics(&self, counts: &ConnectionCounts, start: u64) -> tokio::task::JoinHandle<()> {
+    /// Sends the counts as they are now; the handle says whether the endpoint took them.
+    fn export_metrics(
+        &self,
+        counts: &ConnectionCounts,
+        start: u64,
+    ) -> tokio::task::JoinHandle<bool> {
         let now = unix_nanos_now();
         let mut resource_metrics = counts.resource_metrics(now);
         resource_metrics.push(self.health_metrics(start, now));
@@ -132,8 +137,12 @@ impl OtlpExporter {
         let client = Arc::clone(&self.metrics);
         tokio::spawn(async move {
             // Cumulative sums: a lost export is made good by the next one.
-            if let Err(e) = client.export_metrics(&request).await {
-                tracing::warn!(error = %e, "Metric export failed; the next export carries the totals.");
+            match client.export_metrics(&request).await {
+                Ok(_) => true,
+                Err(e) => {
+                    tracing::warn!(error = %e, "Metric export failed; the next export carries the totals.");
+                    false
+                }
             }
         })
     }
@@ -290,6 +299,9 @@ impl OtlpExporter {
         let mut failing = false;
         let mut input_open = true;
         let mut give_up_at: Option<Instant> = None;
+        // One metric export at a time: a gone workload's series ends only after exports
+        // that succeeded carried its last counts.
+        let mut metrics_export: Option<tokio::task::JoinHandle<bool>> = None;
         let mut ticker = tokio::time::interval(self.settings.export_interval);
         ticker.tick().await;
         let far = || Instant::now() + Duration::from_secs(86_400);
@@ -384,16 +396,36 @@ impl OtlpExporter {
                     break;
                 }
                 _ = ticker.tick() => {
-                    self.export_metrics(&counts, start);
-                    let ended = counts.exported(unix_nanos_now());
+                    counts.interval_passed();
+                    // Still sending the last one (a slow endpoint): the next tick carries
+                    // the totals.
+                    if metrics_export.is_none() {
+                        metrics_export = Some(self.export_metrics(&counts, start));
+                    }
                     self.stats.set_metric_workloads(counts.workloads());
-                    if ended > 0 {
-                        tracing::debug!(ended, workloads = counts.workloads(), "Metric series of containers gone have ended.");
+                }
+                done = async { metrics_export.as_mut().expect("guarded").await }, if metrics_export.is_some() => {
+                    metrics_export = None;
+                    if matches!(done, Ok(true)) {
+                        let ended = counts.exported(unix_nanos_now());
+                        self.stats.set_metric_workloads(counts.workloads());
+                        if ended > 0 {
+                            tracing::debug!(ended, workloads = counts.workloads(), "Metric series of containers gone have ended.");
+                        }
                     }
                 }
                 departed = async { departures.as_mut().expect("guarded").recv().await }, if departures.is_some() => {
                     match departed {
-                        Some(id) => counts.container_gone(&id),
+                        Some(id) => {
+                            let dropped = counts.container_gone(&id);
+                            if dropped > 0 {
+                                // Counted; logged at debug only (one per departure at most).
+                                for _ in 0..dropped {
+                                    self.stats.record_enrichment_event("metric_series_dropped_unexported");
+                                }
+                                tracing::debug!(dropped, "Gone workloads' series dropped before an export succeeded (bound reached).");
+                            }
+                        }
                         None => departures = None,
                     }
                 }
@@ -404,6 +436,9 @@ impl OtlpExporter {
         // Spans and the last totals, within the shutdown deadline: the flush had 80 % of
         // it, these get a tenth more (the client's own timeout may be longer).
         let until = give_up_at.unwrap_or_else(Instant::now) + self.flush_deadline / 8;
+        if let Some(in_flight) = metrics_export.take() {
+            in_flight.abort();
+        }
         if let Some(last) = self.send_spans(&mut spans)
             && tokio::time::timeout_at(until, last).await.is_err()
         {

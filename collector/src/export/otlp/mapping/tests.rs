@@ -245,6 +245,12 @@ fn destination_addresses_when_asked_and_an_overflow_series_beyond_the_limit() {
     let _ = AnyValue::default();
 }
 
+/// One export interval whose export succeeded.
+fn interval(counts: &mut ConnectionCounts, now: u64) -> usize {
+    counts.interval_passed();
+    counts.exported(now)
+}
+
 #[test]
 fn a_gone_containers_series_ends_after_two_quiet_exports_and_a_later_one_starts_afresh() {
     let shop = resource("shop");
@@ -268,13 +274,13 @@ fn a_gone_containers_series_ends_after_two_quiet_exports_and_a_later_one_starts_
     };
     // First export after the departure: still there; a late record keeps it one more.
     assert_eq!(total_of(&counts, "shop"), Some((10, 1)));
-    assert_eq!(counts.exported(20), 0);
+    assert_eq!(interval(&mut counts, 20), 0);
     counts.record(&record(&shop, 443));
     assert_eq!(total_of(&counts, "shop"), Some((10, 2)));
-    assert_eq!(counts.exported(30), 0);
+    assert_eq!(interval(&mut counts, 30), 0);
     // Two exports with nothing new: ended; the present workload stays.
     assert_eq!(total_of(&counts, "shop"), Some((10, 2)));
-    assert_eq!(counts.exported(40), 1);
+    assert_eq!(interval(&mut counts, 40), 1);
     assert_eq!(total_of(&counts, "shop"), None);
     assert_eq!(counts.workloads(), 1);
     assert_eq!(total_of(&counts, "db"), Some((10, 1)));
@@ -284,7 +290,7 @@ fn a_gone_containers_series_ends_after_two_quiet_exports_and_a_later_one_starts_
     assert_eq!(total_of(&counts, "shop"), Some((40, 1)));
     assert_eq!(total_of(&counts, "db"), Some((10, 1)), "unchanged");
     for now in [50, 60, 70] {
-        assert_eq!(counts.exported(now), 0);
+        assert_eq!(interval(&mut counts, now), 0);
     }
     assert_eq!(counts.workloads(), 2);
 }
@@ -295,7 +301,42 @@ fn a_departure_before_the_containers_first_record_still_ends_its_series() {
     let mut counts = ConnectionCounts::new(10, false);
     counts.container_gone("shop-container");
     counts.record(&record(&shop, 443));
-    assert_eq!(counts.exported(20), 0, "exported once more");
-    assert_eq!(counts.exported(30), 1);
+    assert_eq!(interval(&mut counts, 20), 0, "exported once more");
+    assert_eq!(interval(&mut counts, 30), 1);
     assert_eq!(counts.workloads(), 0);
+}
+
+#[test]
+fn a_gone_series_waits_for_successful_exports_and_the_oldest_beyond_the_bound_are_dropped() {
+    let mut counts = ConnectionCounts::new(10, false).with_max_gone(2);
+    let pods = ["a", "b", "c", "d"];
+    let resources: Vec<_> = pods.iter().map(|p| resource(p)).collect();
+    for r in &resources {
+        counts.record(&record(r, 443));
+    }
+    // The endpoint is down: intervals pass, no export succeeds, nothing ends.
+    assert_eq!(counts.container_gone("a-container"), 0);
+    assert_eq!(counts.container_gone("b-container"), 0);
+    for _ in 0..10 {
+        counts.interval_passed();
+    }
+    assert_eq!(counts.workloads(), 4, "kept while no export succeeds");
+    // A third departure passes the bound: the oldest gone one is dropped (counted).
+    assert_eq!(counts.container_gone("c-container"), 1);
+    assert_eq!(counts.workloads(), 3);
+    let pods_left: Vec<_> = counts
+        .resource_metrics(20)
+        .iter()
+        .filter_map(
+            |rm| match attr(&rm.resource.as_ref().expect("r").attributes, "k8s.pod.name") {
+                Some(V::StringValue(s)) => Some(s.clone()),
+                _ => None,
+            },
+        )
+        .collect();
+    assert!(!pods_left.contains(&"a".to_owned()), "{pods_left:?}");
+    // The endpoint is back: two successful exports end the gone series, not the present.
+    assert_eq!(counts.exported(30), 0);
+    assert_eq!(counts.exported(40), 2);
+    assert_eq!(counts.workloads(), 1);
 }
