@@ -6,6 +6,7 @@ use std::{path::PathBuf, time::Duration};
 use clap::{Args, Parser, Subcommand};
 
 use crate::{
+    export::attributes::AttributeSet,
     export::otlp::settings::{
         Layers, OtlpSettings, RawSignal, SettingError, Signal, Source, SourceValues, parse_headers,
         resource_attributes,
@@ -122,10 +123,16 @@ pub struct RunArgs {
     /// Log level of the collector's own logs (RUST_LOG overrides).
     #[arg(long, default_value = "info", env = "EGRESS_LOG")]
     pub log_level: String,
-    /// Serve `GET /healthz` (liveness) and `/readyz` (probes attached) here, e.g.
-    /// 0.0.0.0:8686 for kubelet probes [default: not served].
+    /// Serve `GET /healthz` (liveness), `/readyz` (probes attached) and `/metrics`
+    /// (the collector's own metrics, Prometheus text format) here, e.g. 0.0.0.0:8686 for
+    /// kubelet probes and Prometheus scrapes [default: not served].
     #[arg(long, env = "EGRESS_HEALTH_ADDRESS")]
     pub health_address: Option<std::net::SocketAddr>,
+    /// Attributes each record carries: minimal (who, process, destination, outcome),
+    /// default (minimal plus source, parent pid, user id) or full (plus namespace
+    /// inodes, cgroup ids and names, thread fields) [default: default].
+    #[arg(long, env = "EGRESS_ATTRIBUTES")]
+    pub attributes: Option<AttributeSet>,
 }
 
 /// OTLP export. Each flag overrides the matching `OTEL_EXPORTER_OTLP_*` variable, which
@@ -218,6 +225,7 @@ impl RunArgs {
             stdout: self.stdout,
             otlp: None,
             exclude_namespaces: self.probe.exclude_namespaces.clone(),
+            attributes: self.attributes.unwrap_or_default(),
         }
     }
 }
@@ -410,6 +418,43 @@ mod tests {
     }
 
     #[test]
+    fn the_attribute_set_comes_from_the_flag_then_the_file_then_the_default() {
+        let dir = std::env::temp_dir().join(format!("egress-attributes-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("egress.toml");
+        let config = path.to_str().expect("utf-8");
+        let set = |file: &str, flags: &[&str]| {
+            std::fs::write(&path, file).expect("write");
+            let mut args = vec!["egress-collector", "--config", config];
+            args.extend(flags);
+            let mut cli = Cli::try_parse_from(args).expect("valid");
+            cli.run
+                .apply_capture_file()
+                .map(|()| cli.run.pipeline().attributes)
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(set("", &[]), Ok(AttributeSet::Default));
+        assert_eq!(
+            set("[export]\nattributes = \"full\"\n", &[]),
+            Ok(AttributeSet::Full)
+        );
+        assert_eq!(
+            set(
+                "[export]\nattributes = \"full\"\n",
+                &["--attributes", "minimal"]
+            ),
+            Ok(AttributeSet::Minimal)
+        );
+        let error = set("[export]\nattributes = \"most\"\n", &[]).expect_err("bad set");
+        assert!(
+            error.contains("[export] attributes") && error.contains("minimal, default or full"),
+            "{error}"
+        );
+        assert!(Cli::try_parse_from(["egress-collector", "--attributes", "most"]).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn run_is_the_default_command() {
         let cli = Cli::try_parse_from(["egress-collector", "--stdout", "--probe", "tracepoint"])
             .expect("valid");
@@ -447,6 +492,7 @@ struct FileExport {
     queue_records: Option<usize>,
     metrics_destination_address: Option<bool>,
     self_telemetry: Option<bool>,
+    attributes: Option<String>,
 }
 
 /// `[capture]`: the in-kernel filters and aggregation (README, "Filters and aggregation").
@@ -517,12 +563,21 @@ fn read_config_file(path: &std::path::Path) -> Result<FileConfig, ConfigError> {
 
 impl RunArgs {
     /// Fills the capture settings that no flag or variable set from the file's
-    /// `[capture]` table.
+    /// `[capture]` table, and the attribute set from `[export] attributes`.
     pub fn apply_capture_file(&mut self) -> Result<(), ConfigError> {
         let Some(path) = self.otlp.config.clone() else {
             return Ok(());
         };
-        let capture = read_config_file(&path)?.capture;
+        let file = read_config_file(&path)?;
+        if self.attributes.is_none()
+            && let Some(set) = file.export.attributes
+        {
+            self.attributes = Some(set.parse().map_err(|reason| ConfigError::File {
+                path: path.clone(),
+                reason: format!("[export] attributes: {reason}"),
+            })?);
+        }
+        let capture = file.capture;
         let invalid = |key: &str, reason: String| ConfigError::File {
             path: path.clone(),
             reason: format!("[capture] {key}: {reason}"),

@@ -11,7 +11,7 @@ use crate::{
         runtime::RuntimeFiles,
     },
     events::{EventReader, aggregate::Aggregates},
-    export::{self, Exporter},
+    export::{self, Exporter, attributes::AttributeSet},
     export::{
         otlp::{OtlpExporter, SnapshotSource, settings::OtlpSettings, transport::TransportError},
         stdout::StdoutExporter,
@@ -36,6 +36,8 @@ pub struct PipelineSettings {
     pub otlp: Option<OtlpSettings>,
     /// Kubernetes namespaces whose connections are dropped.
     pub exclude_namespaces: Vec<String>,
+    /// The attributes each record carries.
+    pub attributes: AttributeSet,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -74,13 +76,10 @@ pub async fn run(
     let otlp = match settings.otlp.clone() {
         Some(otlp) => {
             let flush = settings.drain_deadline.mul_f32(0.8);
-            Some(OtlpExporter::new(
-                otlp,
-                &host.host_name,
-                Arc::clone(&stats),
-                snapshot,
-                flush,
-            )?)
+            Some(
+                OtlpExporter::new(otlp, &host.host_name, Arc::clone(&stats), snapshot, flush)?
+                    .with_attributes(settings.attributes),
+            )
         }
         None => None,
     };
@@ -125,12 +124,19 @@ pub async fn run(
     }
     let enrich_task =
         tokio::task::spawn_blocking(move || enricher.run_blocking(connections_rx, records_tx));
-    let export_task = spawn_exporters(otlp, settings.stdout, records_rx, Arc::clone(&stats));
+    let export_task = spawn_exporters(
+        otlp,
+        settings.stdout,
+        settings.attributes,
+        records_rx,
+        Arc::clone(&stats),
+    );
 
     tracing::info!(
         mode = %probes.mode,
         btf = %probes.facts.btf_path.display(),
         cgroups = %probes.facts.cgroups.layout,
+        attributes = settings.attributes.as_str(),
         "Capturing egress connections."
     );
     for (mode, why) in &probes.refused {
@@ -197,10 +203,13 @@ pub async fn run(
 fn spawn_exporters(
     otlp: Option<OtlpExporter>,
     stdout: bool,
+    attributes: AttributeSet,
     records: mpsc::Receiver<Vec<Record>>,
     stats: Arc<Stats>,
 ) -> tokio::task::JoinHandle<()> {
-    let stdout_exporter = || -> Box<dyn Exporter> { Box::new(StdoutExporter::new()) };
+    let stdout_exporter = move || -> Box<dyn Exporter> {
+        Box::new(StdoutExporter::new().with_attributes(attributes))
+    };
     match otlp {
         None => tokio::spawn(export::run(stdout_exporter(), records, stats)),
         Some(otlp) if !stdout => tokio::spawn(otlp.run(records)),

@@ -1,14 +1,19 @@
 //! One JSON object per connection on stdout:
-//! `{"time_unix_nano": …, "resource": {…}, "attributes": {…}}`.
+//! `{"time_unix_nano": …, "body": "…", "resource": {…}, "attributes": {…}}`, the body
+//! being the same one-line summary as an OTLP log record's.
 
 use std::io::Write;
 
-use super::{ExportError, Exporter, attributes};
+use super::{
+    ExportError, Exporter,
+    attributes::{self, AttributeSet},
+};
 use crate::enrich::Record;
 
 pub struct StdoutExporter<W: Write + Send> {
     out: W,
     buffer: Vec<u8>,
+    attributes: AttributeSet,
 }
 
 impl StdoutExporter<std::io::Stdout> {
@@ -28,15 +33,25 @@ impl<W: Write + Send> StdoutExporter<W> {
         Self {
             out,
             buffer: Vec::new(),
+            attributes: AttributeSet::default(),
         }
+    }
+
+    /// Records carry the attributes of `set`.
+    pub fn with_attributes(mut self, set: AttributeSet) -> Self {
+        self.attributes = set;
+        self
     }
 }
 
 /// Appends one record as a JSON line. Written field by field into a reused buffer: no
 /// intermediate `serde_json::Value`, so no map building or per-key allocation per event.
-pub fn write_line(out: &mut Vec<u8>, record: &Record) -> serde_json::Result<()> {
+pub fn write_line(out: &mut Vec<u8>, record: &Record, set: AttributeSet) -> serde_json::Result<()> {
+    let (attributes, body) = attributes::select(record, set);
     out.extend_from_slice(b"{\"time_unix_nano\":");
     serde_json::to_writer(&mut *out, &record.connection.time_unix_nano)?;
+    out.extend_from_slice(b",\"body\":");
+    serde_json::to_writer(&mut *out, &body)?;
     out.extend_from_slice(b",\"resource\":{");
     for (i, (key, value)) in record.resource.attributes.iter().enumerate() {
         if i > 0 {
@@ -47,7 +62,7 @@ pub fn write_line(out: &mut Vec<u8>, record: &Record) -> serde_json::Result<()> 
         serde_json::to_writer(&mut *out, value)?;
     }
     out.extend_from_slice(b"},\"attributes\":{");
-    for (i, (key, value)) in attributes::of(record).iter().enumerate() {
+    for (i, (key, value)) in attributes.iter().enumerate() {
         if i > 0 {
             out.push(b',');
         }
@@ -67,7 +82,7 @@ impl<W: Write + Send> Exporter for StdoutExporter<W> {
     fn export(&mut self, batch: &[Record]) -> Result<(), ExportError> {
         self.buffer.clear();
         for record in batch {
-            write_line(&mut self.buffer, record).map_err(std::io::Error::from)?;
+            write_line(&mut self.buffer, record, self.attributes).map_err(std::io::Error::from)?;
         }
         self.out.write_all(&self.buffer)?;
         self.out.flush()?;
@@ -85,8 +100,8 @@ mod tests {
         let mut r = record(&resource("shop"), 443);
         r.connection.process.name = "a\"b\n\u{1}c".into();
         let mut out = Vec::new();
-        write_line(&mut out, &r).expect("write");
-        write_line(&mut out, &r).expect("write");
+        write_line(&mut out, &r, AttributeSet::Full).expect("write");
+        write_line(&mut out, &r, AttributeSet::Minimal).expect("write");
         let text = String::from_utf8(out).expect("utf-8");
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 2, "one line per record: {text}");
@@ -103,5 +118,16 @@ mod tests {
             json["attributes"].as_object().expect("object").len(),
             attributes::of(&r).len()
         );
+        assert_eq!(
+            json["body"],
+            "shop a\"b\n\u{1}c[42] → 93.184.216.34:443 tcp"
+        );
+        let minimal: serde_json::Value = serde_json::from_str(lines[1]).expect("valid JSON");
+        assert_eq!(
+            minimal["body"], json["body"],
+            "the body does not depend on the set"
+        );
+        assert!(minimal["attributes"]["thread.name"].is_null());
+        assert_eq!(minimal["attributes"]["destination.port"], 443);
     }
 }

@@ -24,6 +24,7 @@ use self::{
 };
 use crate::{
     enrich::Record,
+    export::attributes::AttributeSet,
     telemetry::{Snapshot, Stats, otel::collector_resource},
 };
 use egress_shared::Counter;
@@ -48,6 +49,8 @@ pub struct OtlpExporter {
     self_resource: Vec<(String, String)>,
     /// How long shutdown may spend flushing the queue.
     flush_deadline: Duration,
+    /// The attributes each log record carries.
+    attributes: AttributeSet,
 }
 
 type Sending = Pin<Box<dyn Future<Output = Result<Accepted, SendError>> + Send>>;
@@ -71,7 +74,14 @@ impl OtlpExporter {
             snapshot,
             self_resource,
             flush_deadline,
+            attributes: AttributeSet::default(),
         })
+    }
+
+    /// Records carry the attributes of `set`.
+    pub fn with_attributes(mut self, set: AttributeSet) -> Self {
+        self.attributes = set;
+        self
     }
 
     fn send(&self, batch: &Batch) -> Sending {
@@ -311,7 +321,7 @@ impl OtlpExporter {
         if pending.is_empty() {
             return;
         }
-        let request = mapping::logs_request(pending, unix_nanos_now());
+        let request = mapping::logs_request(pending, unix_nanos_now(), self.attributes);
         let dropped = queue.push(Batch {
             encoded: prost::Message::encode_to_vec(&request).into(),
             records: pending.len(),
