@@ -70,7 +70,7 @@ pub async fn run(
     let health = Arc::new(Health::default());
     if let Some(listener) = health_listener {
         let bound = health::serve(listener, Arc::clone(&health), Arc::clone(&snapshot))?;
-        tracing::info!(address = %bound, "Serving /healthz and /readyz.");
+        tracing::info!(address = %bound, "Serving /healthz, /readyz and /metrics.");
     }
     // Built before anything starts, so bad TLS material fails the start.
     let otlp = match settings.otlp.clone() {
@@ -132,6 +132,8 @@ pub async fn run(
         Arc::clone(&stats),
     );
 
+    // Ready before the line that says so, which tests and operators wait for.
+    health.set_ready(probes.mode.as_str());
     tracing::info!(
         mode = %probes.mode,
         btf = %probes.facts.btf_path.display(),
@@ -142,7 +144,6 @@ pub async fn run(
     for (mode, why) in &probes.refused {
         tracing::info!(%mode, reason = %why, "A preferred hook was refused.");
     }
-    health.set_ready(probes.mode.as_str());
 
     let mut previous = Snapshot::default();
     let mut ticker = tokio::time::interval(settings.stats_interval);

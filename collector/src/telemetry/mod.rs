@@ -14,6 +14,7 @@ use egress_shared::{COUNTER_COUNT, Counter};
 
 use crate::events::DecodeError;
 
+pub mod metrics;
 pub mod otel;
 
 /// Logs to stderr (stdout carries records), and over OTLP too with `self_telemetry`.

@@ -27,7 +27,6 @@ use crate::{
     export::attributes::AttributeSet,
     telemetry::{Snapshot, Stats, otel::collector_resource},
 };
-use egress_shared::Counter;
 
 pub fn unix_nanos_now() -> u64 {
     SystemTime::now()
@@ -109,106 +108,33 @@ impl OtlpExporter {
         start: u64,
         now: u64,
     ) -> opentelemetry_proto::tonic::metrics::v1::ResourceMetrics {
-        use mapping::{cumulative_sum, gauge, int_point};
+        use crate::telemetry::metrics::{Kind, self_metrics};
         let s: Snapshot = (self.snapshot)();
-        let lost = [
-            ("kernel_ring_buffer_full", s.kernel(Counter::RingBufferFull)),
-            ("kernel_state_map_full", s.kernel(Counter::StateMapFull)),
-            ("cgroup_rate_limited", s.kernel(Counter::RateLimited)),
-            ("pipeline_queue_full", s.queue_full),
-            ("export_queue_full", s.export_dropped),
-            ("export_failed", s.export_failed),
-            ("rejected_by_endpoint", s.rejected),
-            ("aggregate_repeats", s.repeats_lost),
-        ];
-        let mut lost_points: Vec<_> = lost
-            .iter()
-            .map(|(r, v)| int_point(&[("reason", r)], start, now, *v))
+        let metrics = self_metrics(&s)
+            .into_iter()
+            .map(|metric| {
+                let points = metric
+                    .points
+                    .iter()
+                    .map(|p| {
+                        let labels: Vec<(&str, &str)> =
+                            p.labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
+                        mapping::int_point(&labels, start, now, p.value)
+                    })
+                    .collect();
+                match metric.kind {
+                    Kind::Counter => mapping::cumulative_sum(
+                        metric.name,
+                        metric.description,
+                        metric.unit,
+                        points,
+                    ),
+                    Kind::Gauge => {
+                        mapping::gauge(metric.name, metric.description, metric.unit, points)
+                    }
+                }
+            })
             .collect();
-        for (reason, n) in &s.decode_failed {
-            lost_points.push(int_point(
-                &[("reason", &format!("decode_{reason}"))],
-                start,
-                now,
-                *n,
-            ));
-        }
-        let enrichment: Vec<_> = s
-            .enrichment_failed
-            .iter()
-            .map(|(r, n)| int_point(&[("reason", r)], start, now, *n))
-            .collect();
-        let metrics = vec![
-            cumulative_sum(
-                "egress_collector.events.captured",
-                "Connection events read from the kernel.",
-                "{event}",
-                vec![int_point(&[], start, now, s.captured)],
-            ),
-            cumulative_sum(
-                "egress_collector.events.lost",
-                "Connection events lost, by where.",
-                "{event}",
-                lost_points,
-            ),
-            cumulative_sum(
-                "egress_collector.udp.suppressed",
-                "UDP datagrams of flows already reported in the window.",
-                "{datagram}",
-                vec![int_point(
-                    &[],
-                    start,
-                    now,
-                    s.kernel(Counter::UdpFlowSuppressed),
-                )],
-            ),
-            cumulative_sum(
-                "egress_collector.events.filtered",
-                "Connections dropped by a user filter (excluded destination or namespace).",
-                "{event}",
-                vec![int_point(
-                    &[],
-                    start,
-                    now,
-                    s.kernel(Counter::Filtered) + s.filtered,
-                )],
-            ),
-            cumulative_sum(
-                "egress_collector.events.aggregated",
-                "Repeated connections counted in an aggregation window instead of reported one by one.",
-                "{event}",
-                vec![int_point(&[], start, now, s.kernel(Counter::Aggregated))],
-            ),
-            cumulative_sum(
-                "egress_collector.kernel.read_failures",
-                "Kernel reads that failed (the event went out with fields zeroed).",
-                "{read}",
-                vec![int_point(
-                    &[],
-                    start,
-                    now,
-                    s.kernel(Counter::KernelReadFailed),
-                )],
-            ),
-            cumulative_sum(
-                "egress_collector.enrichment.failures",
-                "Container metadata lookups that failed (the event went out with the container id only).",
-                "{lookup}",
-                enrichment,
-            ),
-            cumulative_sum(
-                "egress_collector.records.exported",
-                "Log records the endpoint accepted.",
-                "{record}",
-                vec![int_point(&[], start, now, s.exported)],
-            ),
-            gauge(
-                "egress_collector.queue.length",
-                "Log records waiting to be exported.",
-                "{record}",
-                vec![int_point(&[], start, now, s.queue_length)],
-            ),
-        ];
         mapping::self_metrics(&self.self_resource, metrics)
     }
 
