@@ -4,6 +4,8 @@
 
 pub mod mapping;
 pub mod queue;
+#[cfg(test)]
+mod record_size;
 pub mod settings;
 pub mod transport;
 
