@@ -152,12 +152,13 @@ pub fn select(record: &Record, set: AttributeSet) -> (Vec<(&'static str, Value)>
 }
 
 /// Attributes whose value, when present, is the connection's outcome in the body line
-/// (the first one present wins): a failure's type, else the connection's state.
+/// (the first one present wins): a failure's type, else the connection's state (the
+/// key issue 13's records use; no semantic convention exists for it).
 const OUTCOME_KEYS: &[&str] = &[semconv::ERROR_TYPE, "egress.connection.state"];
 
 /// Attributes that may carry the destination's name (from DNS, never reverse lookups);
 /// shown when they differ from the address.
-const NAME_KEYS: &[&str] = &[semconv::SERVER_ADDRESS, "dns.question.name"];
+const NAME_KEYS: &[&str] = &[semconv::SERVER_ADDRESS, semconv::DNS_QUESTION_NAME];
 
 /// The record as one short human line, what log views (Loki, Grafana) show:
 /// `payments/api-7c9d (api) python3[4242] → 52.94.233.129:443 tcp`, then the outcome and
