@@ -138,18 +138,41 @@ struct SeriesKey {
     address: Option<IpAddr>,
 }
 
-#[derive(Default)]
 struct Series {
     counts: HashMap<SeriesKey, u64>,
     overflow: u64,
+    /// When these counts began (a workload's series started again after an eviction
+    /// begins later than the one that ended).
+    start_unix_nano: u64,
+    departure: Departure,
 }
 
-/// Cumulative connection counts per workload since the collector started.
+/// Where a workload's series is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Departure {
+    /// The container is there (or not known to be gone).
+    Present,
+    /// The container is gone; the series must be exported once more (a record arriving
+    /// now puts it back here).
+    Gone,
+    /// Gone, and exported since with no record after: the next export is its last.
+    Final,
+}
+
+/// Cumulative connection counts per workload since the collector started (or since the
+/// workload's series last ended: see [`ConnectionCounts::container_gone`]).
 pub struct ConnectionCounts {
+    /// The start time of series created from now on.
     start_unix_nano: u64,
     include_address: bool,
     series: HashMap<Arc<Resource>, Series>,
+    /// Containers gone lately, with the exports left before they are forgotten: a record
+    /// still in the pipeline when its container went starts a series that ends too.
+    recently_gone: HashMap<String, u8>,
 }
+
+/// How many exports a departure is remembered for records still in flight.
+const REMEMBER_GONE_EXPORTS: u8 = 3;
 
 impl ConnectionCounts {
     pub fn new(start_unix_nano: u64, include_address: bool) -> Self {
@@ -157,7 +180,54 @@ impl ConnectionCounts {
             start_unix_nano,
             include_address,
             series: HashMap::new(),
+            recently_gone: HashMap::new(),
         }
+    }
+
+    /// How many workloads have a series.
+    pub fn workloads(&self) -> usize {
+        self.series.len()
+    }
+
+    /// The container `id` is gone: its series is exported at the next two exports (its
+    /// last counts, once more in case one export was lost and to let records still in
+    /// the pipeline arrive), then ends.
+    pub fn container_gone(&mut self, id: &str) {
+        self.recently_gone
+            .insert(id.to_owned(), REMEMBER_GONE_EXPORTS);
+        for (resource, series) in &mut self.series {
+            if resource
+                .attributes
+                .get(semconv::CONTAINER_ID)
+                .map(String::as_str)
+                == Some(id)
+            {
+                series.departure = Departure::Gone;
+            }
+        }
+    }
+
+    /// Call after each export of [`Self::resource_metrics`]: ends the series of containers
+    /// gone that have been exported twice with no record in between; returns how many.
+    /// A record for the workload after that starts a new series, with a later start time.
+    pub fn exported(&mut self, now: u64) -> usize {
+        let before = self.series.len();
+        self.series
+            .retain(|_, series| series.departure != Departure::Final);
+        let ended = before - self.series.len();
+        for series in self.series.values_mut() {
+            if series.departure == Departure::Gone {
+                series.departure = Departure::Final;
+            }
+        }
+        if ended > 0 {
+            self.start_unix_nano = now;
+        }
+        self.recently_gone.retain(|_, left| {
+            *left -= 1;
+            *left > 0
+        });
+        ended
     }
 
     pub fn record(&mut self, record: &Record) {
@@ -168,7 +238,28 @@ impl ConnectionCounts {
             port: c.destination.port(),
             address: self.include_address.then(|| c.destination.ip()),
         };
-        let series = self.series.entry(Arc::clone(&record.resource)).or_default();
+        let start_unix_nano = self.start_unix_nano;
+        let recently_gone = &self.recently_gone;
+        let series = self
+            .series
+            .entry(Arc::clone(&record.resource))
+            .or_insert_with(|| {
+                let gone = (record.resource.attributes.get(semconv::CONTAINER_ID))
+                    .is_some_and(|id| recently_gone.contains_key(id));
+                Series {
+                    counts: HashMap::new(),
+                    overflow: 0,
+                    start_unix_nano,
+                    departure: if gone {
+                        Departure::Gone
+                    } else {
+                        Departure::Present
+                    },
+                }
+            });
+        if series.departure == Departure::Final {
+            series.departure = Departure::Gone;
+        }
         if let Some(count) = series.counts.get_mut(&key) {
             *count += c.count;
         } else if series.counts.len() < MAX_SERIES_PER_RESOURCE {
@@ -181,7 +272,7 @@ impl ConnectionCounts {
     fn points(&self, series: &Series, now: u64) -> Vec<NumberDataPoint> {
         let point = |attributes: Vec<KeyValue>, count: u64| NumberDataPoint {
             attributes,
-            start_time_unix_nano: self.start_unix_nano,
+            start_time_unix_nano: series.start_unix_nano,
             time_unix_nano: now,
             value: Some(number_data_point::Value::AsInt(count as i64)),
             ..Default::default()

@@ -52,6 +52,8 @@ pub struct OtlpExporter {
     flush_deadline: Duration,
     /// The attributes each log record carries.
     attributes: AttributeSet,
+    /// Ids of containers that are gone (from enrichment), whose series then end.
+    departures: Option<mpsc::UnboundedReceiver<String>>,
 }
 
 type Sending = Pin<Box<dyn Future<Output = Result<Accepted, SendError>> + Send>>;
@@ -76,12 +78,20 @@ impl OtlpExporter {
             self_resource,
             flush_deadline,
             attributes: AttributeSet::default(),
+            departures: None,
         })
     }
 
     /// Records carry the attributes of `set`.
     pub fn with_attributes(mut self, set: AttributeSet) -> Self {
         self.attributes = set;
+        self
+    }
+
+    /// Ends the metric series of the containers named on `departures` once their last
+    /// counts were exported (see [`ConnectionCounts::container_gone`]).
+    pub fn with_departures(mut self, departures: mpsc::UnboundedReceiver<String>) -> Self {
+        self.departures = Some(departures);
         self
     }
 
@@ -141,7 +151,8 @@ impl OtlpExporter {
     }
 
     /// Exports until `input` closes, then flushes within the deadline.
-    pub async fn run(self, mut input: mpsc::Receiver<Vec<Record>>) {
+    pub async fn run(mut self, mut input: mpsc::Receiver<Vec<Record>>) {
+        let mut departures = self.departures.take();
         let start = unix_nanos_now();
         let mut counts = ConnectionCounts::new(start, self.settings.metrics_destination_address);
         let mut queue = BatchQueue::new(self.settings.queue_records);
@@ -236,13 +247,31 @@ impl OtlpExporter {
                 }
                 _ = ticker.tick() => {
                     self.export_metrics(&counts, start);
+                    let ended = counts.exported(unix_nanos_now());
+                    self.stats.set_metric_workloads(counts.workloads());
+                    if ended > 0 {
+                        tracing::debug!(ended, workloads = counts.workloads(), "Metric series of containers gone have ended.");
+                    }
+                }
+                departed = async { departures.as_mut().expect("guarded").recv().await }, if departures.is_some() => {
+                    match departed {
+                        Some(id) => counts.container_gone(&id),
+                        None => departures = None,
+                    }
                 }
             }
             self.stats.set_queue_length(queue.records() + pending.len());
         }
         self.stats.set_queue_length(0);
-        // Last totals, bounded by the client's own timeout.
-        let _ = self.export_metrics(&counts, start).await;
+        // Last totals, within the shutdown deadline: the flush had 80 % of it, this gets
+        // a tenth more (the client's own timeout may be longer).
+        let until = give_up_at.unwrap_or_else(Instant::now) + self.flush_deadline / 8;
+        if tokio::time::timeout_at(until, self.export_metrics(&counts, start))
+            .await
+            .is_err()
+        {
+            tracing::warn!("The last metric export did not finish before the shutdown deadline.");
+        }
     }
 
     fn seal(&self, pending: &mut Vec<Record>, queue: &mut BatchQueue) {
