@@ -9,7 +9,7 @@ use egress_shared::EventKind;
 
 use crate::{
     emit,
-    maps::{CallState, config},
+    maps::{CallState, Slot, config},
     read,
     sock::{self, Dest},
 };
@@ -20,7 +20,7 @@ use crate::{
 #[kprobe]
 pub fn kprobe_tcp_connect(ctx: ProbeContext) -> u32 {
     if let Some(sk) = ctx.arg::<u64>(0) {
-        emit::tcp_connect(sk);
+        emit::tcp_connect(sk, Slot::TcpConnect);
     }
     0
 }
@@ -61,7 +61,7 @@ pub fn kprobe_udp_connect(ctx: ProbeContext) -> u32 {
 pub fn kretprobe_udp(_ctx: RetProbeContext) -> u32 {
     if let Some(state) = emit::take_call() {
         let kind = EventKind::from_raw(state.event_kind as u8).unwrap_or(EventKind::UdpSend);
-        emit::udp(state.sk, &state.dest, kind, false);
+        emit::udp(state.sk, &state.dest, kind, false, Slot::CallExit);
     }
     0
 }

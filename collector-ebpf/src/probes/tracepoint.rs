@@ -10,7 +10,7 @@ use egress_shared::EventKind;
 
 use crate::{
     emit,
-    maps::{CallState, USER_ADDR_MSGHDR, USER_ADDR_SOCKADDR, config},
+    maps::{CallState, Slot, USER_ADDR_MSGHDR, USER_ADDR_SOCKADDR, config},
     read,
     sock::{self, Dest, IPPROTO_TCP},
 };
@@ -44,7 +44,7 @@ pub fn tp_inet_sock_set_state(ctx: TracePointContext) -> u32 {
         return 0;
     };
     if old == TCP_CLOSE && new == TCP_SYN_SENT {
-        emit::tcp_syn_sent(sk);
+        emit::tcp_syn_sent(sk, Slot::SockState);
     } else if old == TCP_SYN_SENT {
         // On the way to CLOSE the port is released (inet_num zeroed) before this fires;
         // the record's sport (inet_sport) still names it.
@@ -73,7 +73,7 @@ pub fn raw_tp_inet_sock_set_state(ctx: RawTracePointContext) -> i32 {
         return 0;
     }
     if opening {
-        emit::tcp_syn_sent(sk);
+        emit::tcp_syn_sent(sk, Slot::RawSockState);
     } else {
         // inet_sport (network order) still names the port after inet_num is released.
         let sport = read::kernel::<u16>(sk, config!(offsets.inet_sport)).map_or(0, u16::from_be);
@@ -135,9 +135,9 @@ pub fn tp_sys_exit(_ctx: TracePointContext) -> u32 {
         _ => Dest::NONE,
     };
     if state.event_kind == EventKind::UdpConnect as u32 {
-        emit::connect_exit(sk, &dest);
+        emit::connect_exit(sk, &dest, Slot::CallExit);
     } else {
-        emit::udp(sk, &dest, EventKind::UdpSend, false);
+        emit::udp(sk, &dest, EventKind::UdpSend, false, Slot::CallExit);
     }
     0
 }

@@ -110,6 +110,12 @@ pub fn self_metrics(s: &Snapshot) -> Vec<SelfMetric> {
             lost,
         ),
         counter(
+            "egress_collector.events.possibly_lost",
+            "Program runs the kernel skipped because another program was running on that CPU (bpf_prog_info.recursion_misses): each may be a lost connection.",
+            "{run}",
+            vec![Point::reason("program_recursion_miss", s.recursion_misses)],
+        ),
+        counter(
             "egress_collector.udp.suppressed",
             "UDP datagrams of flows already reported in the window.",
             "{datagram}",
@@ -138,6 +144,18 @@ pub fn self_metrics(s: &Snapshot) -> Vec<SelfMetric> {
             "Container metadata lookups that failed (the event went out with the container id only).",
             "{lookup}",
             enrichment,
+        ),
+        counter(
+            "egress_collector.enrichment.events",
+            "Enrichment's own work, by kind (container_cache_evicted, cgroup_looked_up, cgroup_unresolved, hybrid_unified, ...).",
+            "{event}",
+            s.enrichment_events
+                .iter()
+                .map(|(kind, n)| Point {
+                    labels: vec![("kind", (*kind).to_owned())],
+                    value: *n,
+                })
+                .collect(),
         ),
         counter(
             "egress_collector.records.exported",

@@ -12,7 +12,7 @@ use std::{
 use aya::maps::{MapData, PerCpuArray};
 use egress_shared::{COUNTER_COUNT, Counter};
 
-use crate::{config::LogFormat, events::DecodeError};
+use crate::{config::LogFormat, events::DecodeError, probe::programs::ProgramCounts};
 
 pub mod metrics;
 pub mod otel;
@@ -68,6 +68,7 @@ pub struct Stats {
     abandoned: AtomicU64,
     decode_failed: Mutex<BTreeMap<&'static str, u64>>,
     enrichment_failed: Mutex<BTreeMap<&'static str, u64>>,
+    enrichment_events: Mutex<BTreeMap<&'static str, u64>>,
 }
 
 /// A point-in-time copy of every counter, user space and kernel.
@@ -98,7 +99,16 @@ pub struct Snapshot {
     pub decode_failed: BTreeMap<&'static str, u64>,
     /// Lookups of container metadata that failed, by reason (the events still went out).
     pub enrichment_failed: BTreeMap<&'static str, u64>,
+    /// What enrichment did besides lookups, by kind: `container_cache_evicted` (the cache
+    /// was full), `cgroup_looked_up` (a cgroup found by its names before the watcher
+    /// reported it), `cgroup_unresolved` (no path: attributed from the kernel's two names),
+    /// `cgroup_index_full`, `hybrid_unified` (attributed by the other hierarchy).
+    pub enrichment_events: BTreeMap<&'static str, u64>,
     pub kernel: [u64; COUNTER_COUNT as usize],
+    /// Runs of the programs the kernel skipped because another was running on that CPU
+    /// (`bpf_prog_info.recursion_misses`, kernel 5.12+): possible loss, not certain loss
+    /// (see `probe::programs`).
+    pub recursion_misses: u64,
 }
 
 impl Snapshot {
@@ -193,6 +203,19 @@ impl Stats {
         }
     }
 
+    pub fn record_enrichment_event(&self, kind: &'static str) {
+        if let Ok(mut map) = self.enrichment_events.lock() {
+            *map.entry(kind).or_default() += 1;
+        }
+    }
+
+    pub fn enrichment_events(&self) -> BTreeMap<&'static str, u64> {
+        self.enrichment_events
+            .lock()
+            .map(|m| m.clone())
+            .unwrap_or_default()
+    }
+
     pub fn enrichment_failures(&self) -> BTreeMap<&'static str, u64> {
         self.enrichment_failed
             .lock()
@@ -203,6 +226,7 @@ impl Stats {
     pub fn snapshot(&self, kernel: &KernelCounters) -> Snapshot {
         Snapshot {
             kernel: kernel.read(),
+            recursion_misses: kernel.recursion_misses(),
             ..self.snapshot_user()
         }
     }
@@ -232,19 +256,28 @@ impl Stats {
                 .lock()
                 .map(|m| m.clone())
                 .unwrap_or_default(),
+            enrichment_events: self.enrichment_events(),
             kernel: [0; COUNTER_COUNT as usize],
+            recursion_misses: 0,
         }
     }
 }
 
-/// The programs' per-CPU counters, summed over CPUs.
+/// The programs' per-CPU counters, summed over CPUs, and what the kernel counts about
+/// the programs themselves.
 pub struct KernelCounters {
     map: PerCpuArray<MapData, u64>,
+    programs: ProgramCounts,
 }
 
 impl KernelCounters {
-    pub fn new(map: PerCpuArray<MapData, u64>) -> Self {
-        Self { map }
+    pub fn new(map: PerCpuArray<MapData, u64>, programs: ProgramCounts) -> Self {
+        Self { map, programs }
+    }
+
+    /// 0 on kernels that do not count them (before 5.12).
+    pub fn recursion_misses(&self) -> u64 {
+        self.programs.recursion_misses().unwrap_or(0)
     }
 
     pub fn read(&self) -> [u64; COUNTER_COUNT as usize] {
@@ -262,13 +295,16 @@ impl KernelCounters {
 pub fn report(previous: &Snapshot, now: &Snapshot) {
     let delta = |a: u64, b: u64| b.saturating_sub(a);
     let lost = delta(previous.lost(), now.lost());
+    let possibly_lost = delta(previous.recursion_misses, now.recursion_misses);
     let kernel: Vec<String> = Counter::ALL
         .iter()
         .map(|&c| format!("{}={}", c.name(), delta(previous.kernel(c), now.kernel(c))))
+        .chain(std::iter::once(format!("recursion_misses={possibly_lost}")))
         .collect();
-    if lost > 0 {
+    if lost > 0 || possibly_lost > 0 {
         tracing::warn!(
             lost,
+            possibly_lost,
             captured = delta(previous.captured, now.captured),
             queue_full = delta(previous.queue_full, now.queue_full),
             export_failed = delta(previous.export_failed, now.export_failed),
@@ -288,6 +324,7 @@ pub fn report(previous: &Snapshot, now: &Snapshot) {
             filtered_by_namespace = delta(previous.filtered, now.filtered),
             stdout_copy_dropped = delta(previous.stdout_copy_dropped, now.stdout_copy_dropped),
             enrichment_failed = ?now.enrichment_failed,
+            enrichment = ?now.enrichment_events,
             kernel = %kernel.join(" "),
             "Collector statistics."
         );
