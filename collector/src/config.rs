@@ -7,6 +7,7 @@ use clap::{Args, Parser, Subcommand};
 use egress_shared::{MAX_CGROUP_BURST, MAX_CGROUP_RATE};
 
 use crate::{
+    export::attributes::AttributeSet,
     export::otlp::settings::{
         Layers, OtlpSettings, RawSignal, SettingError, Signal, Source, SourceValues, parse_headers,
         resource_attributes,
@@ -14,6 +15,18 @@ use crate::{
     pipeline::PipelineSettings,
     probe::{Cidr, ProbeChoice, ProbeSettings},
 };
+
+/// The sections of `run --help`, and of docs/configuration.md (a unit test keeps them in
+/// step): every `run` flag belongs to one.
+pub mod heading {
+    pub const CAPTURE: &str = "Capture";
+    pub const ATTRIBUTION: &str = "Attribution";
+    pub const FILTERS: &str = "Filters";
+    pub const OTLP: &str = "OTLP";
+    pub const EXPORT: &str = "Export";
+    pub const RUNTIME: &str = "Runtime";
+    pub const ALL: [&str; 6] = [CAPTURE, ATTRIBUTION, FILTERS, OTLP, EXPORT, RUNTIME];
+}
 
 #[derive(Debug, Parser)]
 #[command(
@@ -42,27 +55,27 @@ pub enum Command {
 #[derive(Debug, Clone, Args)]
 pub struct ProbeArgs {
     /// Hook family: auto (kprobe, then fentry, then tracepoint), kprobe, fentry or tracepoint.
-    #[arg(long, default_value = "auto", env = "EGRESS_PROBE")]
+    #[arg(long, default_value = "auto", env = "EGRESS_PROBE", help_heading = heading::CAPTURE)]
     pub probe: ProbeChoice,
     /// Kernel BTF to read struct offsets from [default: /sys/kernel/btf/vmlinux].
-    #[arg(long, env = "EGRESS_BTF")]
+    #[arg(long, env = "EGRESS_BTF", help_heading = heading::CAPTURE)]
     pub btf: Option<PathBuf>,
     /// Where the host's filesystem is mounted (a DaemonSet mounts it at /host).
-    #[arg(long, default_value = "/", env = "EGRESS_HOST_ROOT")]
+    #[arg(long, default_value = "/", env = "EGRESS_HOST_ROOT", help_heading = heading::ATTRIBUTION)]
     pub host_root: PathBuf,
     /// A UDP flow (5-tuple per network namespace) is reported at most once per window.
-    #[arg(long, default_value = "60s", value_parser = parse_duration, env = "EGRESS_UDP_FLOW_WINDOW")]
+    #[arg(long, default_value = "60s", value_parser = parse_duration, env = "EGRESS_UDP_FLOW_WINDOW", help_heading = heading::CAPTURE)]
     pub udp_flow_window: Duration,
     /// Size of the kernel ring buffer: a power of two, at least one page.
-    #[arg(long, default_value_t = 4 << 20, value_parser = parse_ring_buffer_bytes, env = "EGRESS_RING_BUFFER_BYTES")]
+    #[arg(long, default_value_t = 4 << 20, value_parser = parse_ring_buffer_bytes, env = "EGRESS_RING_BUFFER_BYTES", help_heading = heading::CAPTURE)]
     pub ring_buffer_bytes: u32,
     /// Connection events per second each cgroup (container) may report; beyond it the
     /// kernel drops and counts them, and the cgroup's next record carries how many
     /// (`egress.rate_limited.before`). 0 turns the limit off; at most 1000000.
-    #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u32).range(0..=MAX_CGROUP_RATE as i64), env = "EGRESS_CGROUP_RATE_LIMIT")]
+    #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u32).range(0..=MAX_CGROUP_RATE as i64), env = "EGRESS_CGROUP_RATE_LIMIT", help_heading = heading::CAPTURE)]
     pub cgroup_rate_limit: u32,
     /// Events a cgroup may report at once above its rate: 1 to 1000000.
-    #[arg(long, default_value_t = 10000, value_parser = clap::value_parser!(u32).range(1..=MAX_CGROUP_BURST as i64), env = "EGRESS_CGROUP_BURST")]
+    #[arg(long, default_value_t = 10000, value_parser = clap::value_parser!(u32).range(1..=MAX_CGROUP_BURST as i64), env = "EGRESS_CGROUP_BURST", help_heading = heading::CAPTURE)]
     pub cgroup_burst: u32,
     /// Drop connections to this destination prefix in the kernel, e.g. 10.96.0.0/12 or
     /// fd00::/8 (repeatable; the variable takes a comma-separated list). Counted as
@@ -71,7 +84,8 @@ pub struct ProbeArgs {
         long = "exclude-cidr",
         value_name = "CIDR",
         value_delimiter = ',',
-        env = "EGRESS_EXCLUDE_CIDRS"
+        env = "EGRESS_EXCLUDE_CIDRS",
+        help_heading = heading::FILTERS,
     )]
     pub exclude_cidrs: Vec<Cidr>,
     /// Drop connections to loopback addresses (127.0.0.0/8, ::1) in the kernel
@@ -82,7 +96,8 @@ pub struct ProbeArgs {
         num_args = 0..=1,
         require_equals = true,
         default_missing_value = "true",
-        value_parser = clap::builder::BoolishValueParser::new()
+        value_parser = clap::builder::BoolishValueParser::new(),
+        help_heading = heading::FILTERS,
     )]
     pub exclude_loopback: Option<bool>,
     /// Drop connections of pods in this Kubernetes namespace (repeatable; the variable
@@ -92,7 +107,8 @@ pub struct ProbeArgs {
         long = "exclude-namespace",
         value_name = "NAMESPACE",
         value_delimiter = ',',
-        env = "EGRESS_EXCLUDE_NAMESPACES"
+        env = "EGRESS_EXCLUDE_NAMESPACES",
+        help_heading = heading::FILTERS,
     )]
     pub exclude_namespaces: Vec<String>,
     /// Report identical connections (same process, protocol, destination address and
@@ -100,7 +116,7 @@ pub struct ProbeArgs {
     /// one record when the window opens, one with the repeats when it closes. Off by
     /// default: every connection is a record.
     /// At least 1s; `off` overrides the config file.
-    #[arg(long, value_parser = parse_aggregate_window, env = "EGRESS_AGGREGATE_WINDOW")]
+    #[arg(long, value_parser = parse_aggregate_window, env = "EGRESS_AGGREGATE_WINDOW", help_heading = heading::FILTERS)]
     pub aggregate_window: Option<Duration>,
 }
 
@@ -112,42 +128,47 @@ pub struct RunArgs {
     pub otlp: OtlpArgs,
     /// Write records as JSON lines to stdout (the default while no OTLP endpoint is set;
     /// with one, stdout gets a copy).
-    #[arg(long)]
+    #[arg(long, help_heading = heading::EXPORT)]
     pub stdout: bool,
     /// Capacity of each queue between pipeline stages, in records.
-    #[arg(long, default_value_t = 65536, value_parser = clap::value_parser!(u32).range(1..), env = "EGRESS_QUEUE_CAPACITY")]
+    #[arg(long, default_value_t = 65536, value_parser = clap::value_parser!(u32).range(1..), env = "EGRESS_QUEUE_CAPACITY", help_heading = heading::RUNTIME)]
     pub queue_capacity: u32,
     /// How often the collector logs its own statistics.
-    #[arg(long, default_value = "60s", value_parser = parse_duration, env = "EGRESS_STATS_INTERVAL")]
+    #[arg(long, default_value = "60s", value_parser = parse_duration, env = "EGRESS_STATS_INTERVAL", help_heading = heading::RUNTIME)]
     pub stats_interval: Duration,
     /// Log level of the collector's own logs (RUST_LOG overrides).
-    #[arg(long, default_value = "info", env = "EGRESS_LOG")]
+    #[arg(long, default_value = "info", env = "EGRESS_LOG", help_heading = heading::RUNTIME)]
     pub log_level: String,
     /// Format of the collector's own logs on stderr: text (coloured only on a terminal)
     /// or json (one object per line, the fields as keys) [default: text; config file:
     /// `[log] format`].
-    #[arg(long, value_enum, env = "EGRESS_LOG_FORMAT")]
+    #[arg(long, value_enum, env = "EGRESS_LOG_FORMAT", help_heading = heading::RUNTIME)]
     pub log_format: Option<LogFormat>,
     /// How long shutdown may take: the stages drain within it, then what is still queued
     /// is counted lost and the collector exits with status 3.
-    #[arg(long, default_value = "10s", value_parser = parse_duration, env = "EGRESS_SHUTDOWN_DEADLINE")]
+    #[arg(long, default_value = "10s", value_parser = parse_duration, env = "EGRESS_SHUTDOWN_DEADLINE", help_heading = heading::RUNTIME)]
     pub shutdown_deadline: Duration,
-    /// Serve `GET /healthz` (liveness) and `/readyz` (probes attached) here, e.g.
-    /// 0.0.0.0:8686 for kubelet probes [default: not served].
-    #[arg(long, env = "EGRESS_HEALTH_ADDRESS")]
+    /// Serve `GET /healthz` (liveness), `/readyz` (probes attached) and `/metrics`
+    /// (the collector's own metrics, Prometheus text format) here, e.g. 0.0.0.0:8686 for
+    /// kubelet probes and Prometheus scrapes [default: not served].
+    #[arg(long, env = "EGRESS_HEALTH_ADDRESS", help_heading = heading::RUNTIME)]
     pub health_address: Option<std::net::SocketAddr>,
     /// A TCP attempt still in SYN_SENT this long is reported anyway, marked
     /// `egress.connection.state=pending`; its final outcome still reaches the metrics.
-    #[arg(long, default_value = "5s", value_parser = parse_duration, env = "EGRESS_PENDING_REPORT")]
+    #[arg(long, default_value = "5s", value_parser = parse_duration, env = "EGRESS_PENDING_REPORT", help_heading = heading::CAPTURE)]
     pub pending_report: Duration,
     /// Also write a record (`egress.connection.close`) when each reported TCP connection
     /// closes: duration, payload bytes each way, retransmits, RTT, reset.
-    #[arg(long, env = "EGRESS_CLOSE_RECORDS")]
+    #[arg(long, env = "EGRESS_CLOSE_RECORDS", help_heading = heading::EXPORT)]
     pub close_records: bool,
     /// Send one OTLP span per TCP connection (kind CLIENT, connect to close or failure,
     /// named `connect <address>:<port>`) to the traces endpoint. Needs an OTLP endpoint.
-    #[arg(long, env = "EGRESS_CONNECTION_SPANS")]
+    #[arg(long, env = "EGRESS_CONNECTION_SPANS", help_heading = heading::OTLP)]
     pub connection_spans: bool,
+    /// Attributes each record carries (docs/ecosystem.md, "Attribute sets")
+    /// [default: default].
+    #[arg(long, env = "EGRESS_ATTRIBUTES", help_heading = heading::EXPORT)]
+    pub attributes: Option<AttributeSet>,
     #[command(flatten)]
     pub enrich: EnrichArgs,
 }
@@ -156,53 +177,54 @@ pub struct RunArgs {
 /// overrides the config file.
 #[derive(Debug, Clone, Args)]
 pub struct OtlpArgs {
-    /// TOML config file with `[otlp]`, `[otlp.logs]`, `[otlp.metrics]` and `[export]` tables.
-    #[arg(long, env = "EGRESS_CONFIG")]
-    pub config: Option<PathBuf>,
     /// OTLP endpoint (base URL); setting one anywhere turns OTLP export on.
-    #[arg(long)]
+    #[arg(long, help_heading = heading::OTLP)]
     pub otlp_endpoint: Option<String>,
     /// grpc or http/protobuf.
-    #[arg(long)]
+    #[arg(long, help_heading = heading::OTLP)]
     pub otlp_protocol: Option<String>,
     /// Request header `name=value` (repeatable), e.g. `Authorization=Basic …`.
-    #[arg(long = "otlp-header", value_name = "NAME=VALUE")]
+    #[arg(long = "otlp-header", value_name = "NAME=VALUE", help_heading = heading::OTLP)]
     pub otlp_headers: Vec<String>,
     /// gzip or none.
-    #[arg(long)]
+    #[arg(long, help_heading = heading::OTLP)]
     pub otlp_compression: Option<String>,
     /// Per-request deadline, e.g. 10s.
-    #[arg(long)]
+    #[arg(long, help_heading = heading::OTLP)]
     pub otlp_timeout: Option<String>,
     /// CA bundle (PEM) to trust instead of the system roots.
-    #[arg(long)]
+    #[arg(long, help_heading = heading::OTLP)]
     pub otlp_certificate: Option<PathBuf>,
     /// Client certificate (PEM) for mutual TLS.
-    #[arg(long)]
+    #[arg(long, help_heading = heading::OTLP)]
     pub otlp_client_certificate: Option<PathBuf>,
     /// Client key (PEM) for mutual TLS.
-    #[arg(long)]
+    #[arg(long, help_heading = heading::OTLP)]
     pub otlp_client_key: Option<PathBuf>,
     /// How often metrics are exported [default: 60s; env OTEL_METRIC_EXPORT_INTERVAL in ms].
-    #[arg(long, value_parser = parse_duration)]
+    #[arg(long, value_parser = parse_duration, help_heading = heading::EXPORT)]
     pub export_interval: Option<Duration>,
     /// Log records per request [default: 512].
-    #[arg(long)]
+    #[arg(long, help_heading = heading::EXPORT)]
     pub batch_size: Option<usize>,
     /// A partial batch is sent after this long [default: 1s].
-    #[arg(long, value_parser = parse_duration)]
+    #[arg(long, value_parser = parse_duration, help_heading = heading::EXPORT)]
     pub batch_timeout: Option<Duration>,
     /// Records held while the endpoint is slow or down; beyond it the oldest are dropped
     /// and counted [default: 100000].
-    #[arg(long)]
+    #[arg(long, help_heading = heading::EXPORT)]
     pub queue_records: Option<usize>,
     /// Count `egress.connections` per destination address too (high cardinality).
-    #[arg(long)]
+    #[arg(long, help_heading = heading::EXPORT)]
     pub metrics_destination_address: bool,
     /// Send the collector's own logs and spans to the OTLP endpoint too (service.name
     /// egress-collector), besides stderr.
-    #[arg(long)]
+    #[arg(long, help_heading = heading::EXPORT)]
     pub self_telemetry: bool,
+    /// TOML config file with `[otlp]`, `[otlp.logs]`, `[otlp.metrics]`,
+    /// `[otlp.traces]`, `[export]`, `[capture]` and `[log]` tables (docs/configuration.md).
+    #[arg(long, env = "EGRESS_CONFIG", help_heading = heading::RUNTIME)]
+    pub config: Option<PathBuf>,
 }
 
 impl ProbeArgs {
@@ -251,6 +273,7 @@ impl RunArgs {
                 spans: self.connection_spans,
                 metrics: false,
             },
+            attributes: self.attributes.unwrap_or_default(),
         }
     }
 }
@@ -483,6 +506,114 @@ mod tests {
     }
 
     #[test]
+    fn the_attribute_set_comes_from_the_flag_then_the_file_then_the_default() {
+        let dir = std::env::temp_dir().join(format!("egress-attributes-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("egress.toml");
+        let config = path.to_str().expect("utf-8");
+        let set = |file: &str, flags: &[&str]| {
+            std::fs::write(&path, file).expect("write");
+            let mut args = vec!["egress-collector", "--config", config];
+            args.extend(flags);
+            let mut cli = Cli::try_parse_from(args).expect("valid");
+            let file = cli.run.read_config_file().map_err(|e| e.to_string())?;
+            cli.run
+                .apply_capture_file(file.as_ref())
+                .map(|()| cli.run.pipeline().attributes)
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(set("", &[]), Ok(AttributeSet::Default));
+        assert_eq!(
+            set("[export]\nattributes = \"full\"\n", &[]),
+            Ok(AttributeSet::Full)
+        );
+        assert_eq!(
+            set(
+                "[export]\nattributes = \"full\"\n",
+                &["--attributes", "minimal"]
+            ),
+            Ok(AttributeSet::Minimal)
+        );
+        let error = set("[export]\nattributes = \"most\"\n", &[]).expect_err("bad set");
+        assert!(
+            error.contains("[export] attributes") && error.contains("minimal, default or full"),
+            "{error}"
+        );
+        assert!(Cli::try_parse_from(["egress-collector", "--attributes", "most"]).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// docs/configuration.md lists every `run` flag once, in the section of its help
+    /// heading, with its environment variable; and nothing else.
+    #[test]
+    fn the_configuration_reference_lists_every_flag_under_its_heading() {
+        use clap::CommandFactory;
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/configuration.md");
+        let doc = std::fs::read_to_string(path).expect("docs/configuration.md");
+        // flag -> (section, row)
+        let mut documented: std::collections::BTreeMap<String, (String, String)> =
+            Default::default();
+        let mut section = String::new();
+        for line in doc.lines() {
+            if let Some(title) = line.strip_prefix("## ") {
+                section = title.trim().to_owned();
+                continue;
+            }
+            let Some(first_cell) = line.strip_prefix('|').and_then(|l| l.split('|').next()) else {
+                continue;
+            };
+            for part in first_cell.split("`--").skip(1) {
+                let flag: String = part
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '-')
+                    .collect();
+                let previous = documented.insert(flag.clone(), (section.clone(), line.to_owned()));
+                assert!(previous.is_none(), "--{flag} is documented twice");
+            }
+        }
+        let mut command = Cli::command();
+        command.build();
+        let run = command.find_subcommand("run").expect("run subcommand");
+        let mut problems = Vec::new();
+        let mut flags = std::collections::BTreeSet::new();
+        for arg in run.get_arguments() {
+            let Some(long) = arg.get_long() else { continue };
+            if ["help", "version"].contains(&long) {
+                continue;
+            }
+            flags.insert(long.to_owned());
+            let heading = arg.get_help_heading();
+            if !heading.is_some_and(|h| heading::ALL.contains(&h)) {
+                problems.push(format!(
+                    "--{long} has help heading {heading:?}, not one of {:?}",
+                    heading::ALL
+                ));
+            }
+            match documented.get(long) {
+                None => problems.push(format!("--{long} is missing from docs/configuration.md")),
+                Some((section, row)) => {
+                    if heading.is_some_and(|h| h != section) {
+                        problems.push(format!(
+                            "--{long} is documented under {section:?}, its help heading is {heading:?}"
+                        ));
+                    }
+                    if let Some(env) = arg.get_env().and_then(|e| e.to_str())
+                        && !row.contains(env)
+                    {
+                        problems.push(format!("--{long}: its row does not name {env}"));
+                    }
+                }
+            }
+        }
+        for flag in documented.keys().filter(|f| !flags.contains(*f)) {
+            problems.push(format!(
+                "docs/configuration.md documents --{flag}, which run does not take"
+            ));
+        }
+        assert!(problems.is_empty(), "{}", problems.join("\n"));
+    }
+
+    #[test]
     fn run_is_the_default_command() {
         let cli = Cli::try_parse_from(["egress-collector", "--stdout", "--probe", "tracepoint"])
             .expect("valid");
@@ -538,6 +669,7 @@ struct FileExport {
     queue_records: Option<usize>,
     metrics_destination_address: Option<bool>,
     self_telemetry: Option<bool>,
+    attributes: Option<String>,
 }
 
 /// `[capture]`: the in-kernel filters and aggregation (README, "Filters and aggregation").
@@ -630,11 +762,20 @@ impl RunArgs {
     }
 
     /// Fills the capture settings that no flag or variable set from the file's
-    /// `[capture]` table, and the log format from `[log]`.
+    /// `[capture]` table, the attribute set from `[export] attributes` and the log format
+    /// from `[log]`.
     pub fn apply_capture_file(&mut self, file: Option<&ConfigFile>) -> Result<(), ConfigError> {
         let (Some(path), Some(file)) = (self.otlp.config.clone(), file) else {
             return Ok(());
         };
+        if self.attributes.is_none()
+            && let Some(set) = &file.export.attributes
+        {
+            self.attributes = Some(set.parse().map_err(|reason| ConfigError::File {
+                path: path.clone(),
+                reason: format!("[export] attributes: {reason}"),
+            })?);
+        }
         if self.log_format.is_none() {
             self.log_format = file.log.format;
         }
@@ -789,7 +930,7 @@ pub struct EnrichArgs {
     /// Containers whose identity is kept in memory; beyond it the least recently used is
     /// evicted (counted) and read again from the runtime's files when it next connects
     /// [default: 8192].
-    #[arg(long, value_parser = clap::value_parser!(u32).range(1..), env = "EGRESS_CONTAINER_CACHE_SIZE")]
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..), env = "EGRESS_CONTAINER_CACHE_SIZE", help_heading = heading::ATTRIBUTION)]
     pub container_cache_size: Option<u32>,
     /// From the config file's `[enrich]` table only.
     #[arg(skip)]

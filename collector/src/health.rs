@@ -1,6 +1,8 @@
 //! The health endpoint kubelet probes (`--health-address`): `GET /healthz` answers 200
 //! while every pipeline stage runs, `GET /readyz` 200 once the probes are attached and
 //! until shutdown begins. Both bodies are one JSON object with the hook mode and counters.
+//! `GET /metrics` serves the collector's own metrics in Prometheus text format, for
+//! scrapers (the same metrics as its OTLP self-metrics).
 
 use std::{
     net::SocketAddr,
@@ -15,7 +17,11 @@ use http_body_util::Full;
 use hyper::{Request, Response, StatusCode, body::Incoming};
 use tokio::net::TcpListener;
 
-use crate::telemetry::Snapshot;
+use crate::telemetry::{Snapshot, metrics};
+
+const JSON: &str = "application/json";
+/// Prometheus text exposition format.
+const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// What the pipeline tells the endpoint.
 #[derive(Default)]
@@ -46,7 +52,12 @@ impl Health {
         }
     }
 
-    fn answer(&self, path: &str, counters: &Snapshot) -> (StatusCode, String) {
+    /// Status, content type and body for `GET path`.
+    fn answer(&self, path: &str, counters: &Snapshot) -> (StatusCode, &'static str, String) {
+        if path == "/metrics" {
+            let text = metrics::prometheus_text(&metrics::self_metrics(counters));
+            return (StatusCode::OK, PROMETHEUS_TEXT, text);
+        }
         let failure = self.failure.lock().ok().and_then(|f| f.clone());
         let ready = self.ready.load(Relaxed);
         let mode = self.mode.lock().ok().and_then(|m| m.clone());
@@ -54,7 +65,13 @@ impl Health {
             "/healthz" if failure.is_none() => StatusCode::OK,
             "/readyz" if failure.is_none() && ready => StatusCode::OK,
             "/healthz" | "/readyz" => StatusCode::SERVICE_UNAVAILABLE,
-            _ => return (StatusCode::NOT_FOUND, "{\"error\":\"not found\"}\n".into()),
+            _ => {
+                return (
+                    StatusCode::NOT_FOUND,
+                    JSON,
+                    "{\"error\":\"not found\"}\n".into(),
+                );
+            }
         };
         let body = serde_json::json!({
             "status": if status == StatusCode::OK { "ok" } else { "unavailable" },
@@ -66,7 +83,7 @@ impl Health {
             "records_exported": counters.exported,
             "queue_length": counters.queue_length,
         });
-        (status, format!("{body}\n"))
+        (status, JSON, format!("{body}\n"))
     }
 }
 
@@ -105,11 +122,12 @@ pub fn serve(
             let (health, counters) = (Arc::clone(&health), Arc::clone(&counters));
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |request: Request<Incoming>| {
-                    let (status, body) = health.answer(request.uri().path(), &counters());
+                    let (status, content_type, body) =
+                        health.answer(request.uri().path(), &counters());
                     async move {
                         Response::builder()
                             .status(status)
-                            .header(hyper::header::CONTENT_TYPE, "application/json")
+                            .header(hyper::header::CONTENT_TYPE, content_type)
                             .body(Full::new(Bytes::from(body)))
                     }
                 });
@@ -136,7 +154,7 @@ mod tests {
             StatusCode::SERVICE_UNAVAILABLE
         );
         health.set_ready("tracepoint");
-        let (status, body) = health.answer("/readyz", &counters);
+        let (status, _, body) = health.answer("/readyz", &counters);
         assert_eq!(status, StatusCode::OK);
         assert!(body.contains("\"probe\":\"tracepoint\""), "{body}");
         health.set_not_ready();
@@ -147,7 +165,7 @@ mod tests {
         assert_eq!(health.answer("/healthz", &counters).0, StatusCode::OK);
         health.set_ready("tracepoint");
         health.set_failed("the event reader stopped".into());
-        let (status, body) = health.answer("/healthz", &counters);
+        let (status, _, body) = health.answer("/healthz", &counters);
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
         assert!(body.contains("the event reader stopped"), "{body}");
         assert_eq!(
@@ -155,5 +173,16 @@ mod tests {
             StatusCode::SERVICE_UNAVAILABLE
         );
         assert_eq!(health.answer("/", &counters).0, StatusCode::NOT_FOUND);
+        let (status, content_type, body) = health.answer("/metrics", &counters);
+        assert_eq!(
+            status,
+            StatusCode::OK,
+            "metrics are served even when unhealthy"
+        );
+        assert!(content_type.starts_with("text/plain; version=0.0.4"));
+        assert!(
+            body.contains("egress_collector_events_captured_total 0\n"),
+            "{body}"
+        );
     }
 }

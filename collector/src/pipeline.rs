@@ -25,6 +25,7 @@ use crate::{
         runtime::{RuntimeFiles, RuntimeLocations},
     },
     events::{EventReader, OutcomeSettings, aggregate::Aggregates},
+    export::attributes::AttributeSet,
     export::{
         otlp::{OtlpExporter, SnapshotSource, settings::OtlpSettings, transport::TransportError},
         stdout::{self, Closed, Role, StdoutExporter},
@@ -53,6 +54,8 @@ pub struct PipelineSettings {
     pub exclude_namespaces: Vec<String>,
     /// Pending attempts and close records (`metrics` is set here from `otlp`).
     pub outcomes: OutcomeSettings,
+    /// The attributes each record carries.
+    pub attributes: AttributeSet,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -118,7 +121,7 @@ pub async fn run(
     let health = Arc::new(Health::default());
     if let Some(listener) = health_listener {
         let bound = health::serve(listener, Arc::clone(&health), Arc::clone(&snapshot))?;
-        tracing::info!(address = %bound, "Serving /healthz and /readyz.");
+        tracing::info!(address = %bound, "Serving /healthz, /readyz and /metrics.");
     }
     // Built before anything starts, so bad TLS material fails the start.
     // Enrichment tells the OTLP exporter which containers went away (their series end).
@@ -135,6 +138,7 @@ pub async fn run(
                     flush,
                 )?
                 .with_departures(departures_rx)
+                .with_attributes(settings.attributes)
                 .with_connection_spans(settings.outcomes.spans)?,
             )
         }
@@ -205,22 +209,25 @@ pub async fn run(
     let export_task = spawn_exporters(
         otlp,
         settings.stdout,
+        settings.attributes,
         records_rx,
         Arc::clone(&stats),
         Arc::clone(&stdout_closed),
     )?;
 
+    // Ready before the line that says so, which tests and operators wait for.
+    health.set_ready(probes.mode.as_str());
     tracing::info!(
         mode = %probes.mode,
         btf = %probes.facts.btf_path.display(),
         cgroups = %probes.facts.cgroups.layout,
+        attributes = settings.attributes.as_str(),
         "Capturing egress connections."
     );
     crate::probe::warn_if_fentry_on_realtime(probes.mode);
     for (mode, why) in &probes.refused {
         tracing::info!(%mode, reason = %why, "A preferred hook was refused.");
     }
-    health.set_ready(probes.mode.as_str());
 
     let mut previous = Snapshot::default();
     let mut ticker = tokio::time::interval(settings.stats_interval);
@@ -365,13 +372,14 @@ impl Watchdog {
 fn spawn_exporters(
     otlp: Option<OtlpExporter>,
     stdout: bool,
+    attributes: AttributeSet,
     records: mpsc::Receiver<Vec<Record>>,
     stats: Arc<Stats>,
     stdout_closed: Arc<Closed>,
 ) -> Result<tokio::task::JoinHandle<()>, PipelineError> {
     let stdout_thread = |records, role| {
         stdout::spawn(
-            StdoutExporter::new(),
+            StdoutExporter::new().with_attributes(attributes),
             records,
             role,
             Arc::clone(&stats),

@@ -84,6 +84,18 @@ fn assert_attributed(records: &[&Value], pod: &Pod, container: &Container) {
         }
         assert_eq!(r["attributes"]["process.executable.name"], "nc", "{r}");
         assert_eq!(r["attributes"]["egress.event"], "tcp_connect", "{r}");
+        // The line log views show, from the same attributes.
+        let a = &r["attributes"];
+        let body = format!(
+            "{}/{} ({}) nc[{}] → {}:{} tcp",
+            pod.namespace,
+            pod.name,
+            pod.container,
+            a["process.pid"],
+            a["destination.address"].as_str().unwrap_or_default(),
+            a["destination.port"]
+        );
+        assert_eq!(r["body"], body.as_str(), "{r}");
     }
 }
 
@@ -121,8 +133,13 @@ fn kubelet_style_containers_are_attributed_to_their_pods() {
     ]
     .map(|c| c.expect("docker create"));
 
-    let collector = RunningCollector::start(Path::new(COLLECTOR), &[], Duration::from_secs(60))
-        .expect("collector starts");
+    // Every attribute: the checks below read the nodename and the cgroup path.
+    let collector = RunningCollector::start(
+        Path::new(COLLECTOR),
+        &["--attributes", "full"],
+        Duration::from_secs(60),
+    )
+    .expect("collector starts");
     for container in &containers {
         container.run_to_completion().expect("container runs");
     }

@@ -59,7 +59,7 @@ fn health_and_readiness_are_served_and_a_taken_address_fails_the_start() {
     assert_eq!(json["status"], "ok");
     assert!(json["probe"].is_string(), "names the hook mode: {body}");
     assert_eq!(get(port, "/healthz").0, 200);
-    assert_eq!(get(port, "/metrics").0, 404);
+    assert_eq!(get(port, "/nothing").0, 404);
 
     // A second collector on the same address stops at start, in one line, attaching nothing.
     let second = Command::new(COLLECTOR)

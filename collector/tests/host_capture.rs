@@ -111,3 +111,94 @@ fn a_refused_hook_exits_non_zero_with_one_line() {
         assert!(output.stdout.is_empty(), "{args:?}: nothing on stdout");
     }
 }
+
+/// `--attributes`: each set's records carry the audit's keys, its own extras, and none
+/// of the fields it leaves out; the body line is the same whatever the set.
+#[test]
+fn each_attribute_set_carries_its_keys_and_the_same_body() {
+    use std::net::{Ipv4Addr, TcpListener, TcpStream};
+
+    use egress_testkit::collector::RunningCollector;
+    require_root();
+    const AUDIT: [&str; 6] = [
+        "egress.event",
+        "process.pid",
+        "process.executable.name",
+        "network.transport",
+        "destination.address",
+        "destination.port",
+    ];
+    const DETAIL: [&str; 6] = [
+        "source.address",
+        "source.port",
+        "process.parent_pid",
+        "process.user.id",
+        "network.type",
+        "egress.network.host",
+    ];
+    const FORENSIC: [&str; 8] = [
+        "process.vpid",
+        "egress.process.group.id",
+        "thread.id",
+        "thread.name",
+        "egress.namespace.net",
+        "egress.uts.nodename",
+        "egress.cgroup.id",
+        "egress.cgroup.leaf.name",
+    ];
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("listen");
+    let port = listener.local_addr().expect("addr").port();
+    let comm = std::fs::read_to_string("/proc/self/comm").expect("comm");
+    let body_end = format!(
+        " {}[{}] → 127.0.0.1:{port} tcp",
+        comm.trim(),
+        std::process::id()
+    );
+    for (set, has, lacks) in [
+        ("minimal", &AUDIT[..], [&DETAIL[..], &FORENSIC[..]].concat()),
+        (
+            "default",
+            &[&AUDIT[..], &DETAIL[..]].concat()[..],
+            FORENSIC.to_vec(),
+        ),
+        (
+            "full",
+            &[&AUDIT[..], &DETAIL[..], &FORENSIC[..]].concat()[..],
+            Vec::new(),
+        ),
+    ] {
+        let collector = RunningCollector::start(
+            std::path::Path::new(COLLECTOR),
+            &["--attributes", set, "--stats-interval", "1h"],
+            Duration::from_secs(60),
+        )
+        .expect("collector starts");
+        for _ in 0..3 {
+            let _ = TcpStream::connect((Ipv4Addr::LOCALHOST, port)).expect("connect");
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        let (ok, stdout, stderr) = collector
+            .stop(Duration::from_secs(30))
+            .expect("collector stops");
+        assert!(ok, "collector failed:\n{}", stderr.join("\n"));
+        let mine: Vec<serde_json::Value> = stdout
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|r| {
+                r["attributes"]["destination.port"] == port
+                    && r["attributes"]["process.pid"] == std::process::id()
+            })
+            .collect();
+        assert_eq!(mine.len(), 3, "{set}: three connects, three records");
+        for r in &mine {
+            for key in has {
+                assert!(!r["attributes"][*key].is_null(), "{set} lacks {key}: {r}");
+            }
+            for key in &lacks {
+                assert!(r["attributes"][*key].is_null(), "{set} carries {key}: {r}");
+            }
+            let body = r["body"].as_str().unwrap_or_default();
+            assert!(body.ends_with(&body_end), "{set}: body {body:?}");
+        }
+    }
+}

@@ -51,6 +51,24 @@ fn logs_by_pod(received: &Received, port: u16) -> BTreeMap<String, Vec<BTreeMap<
                 for log in &sl.log_records {
                     if int_attr(&log.attributes, "destination.port") == Some(i64::from(port)) {
                         assert_eq!(log.event_name, "egress.connection");
+                        // The body is the line Loki shows, built from the same attributes.
+                        let body = match log.body.as_ref().and_then(|b| b.value.as_ref()) {
+                            Some(V::StringValue(s)) => s.clone(),
+                            other => panic!("the body is a string, got {other:?}"),
+                        };
+                        let want = format!(
+                            "{}/{pod} ({}) nc[{}] → {}:{port} tcp",
+                            string_attr(&resource, "k8s.namespace.name").unwrap_or_default(),
+                            string_attr(&resource, "k8s.container.name").unwrap_or_default(),
+                            int_attr(&log.attributes, "process.pid").unwrap_or_default(),
+                            string_attr(&log.attributes, "destination.address").unwrap_or_default(),
+                        );
+                        assert_eq!(body, want);
+                        assert!(
+                            string_attr(&log.attributes, "thread.name").is_none()
+                                && int_attr(&log.attributes, "egress.namespace.net").is_none(),
+                            "the default attribute set leaves the forensic fields out"
+                        );
                         let resource_map = resource
                             .iter()
                             .filter_map(|kv| {

@@ -6,9 +6,14 @@
   against the Kubernetes JSON schemas of the oldest and newest versions we support
   (kubernetes-validate, strict: unknown fields fail). Then what the schemas cannot say:
   the collector keeps its least-privilege shape, every `--config` path and `${env:...}`
-  has a source, and the collector's OTLP endpoint is the sidecar's receiver.
+  has a source, the collector's OTLP endpoint is the sidecar's receiver, the sidecar's
+  persistent sending queue lives on a hostPath (the pod's only writable mount), and the
+  Prometheus scrape annotations and deploy/podmonitor.yaml (a Prometheus Operator CRD,
+  outside the kustomization: checked against a minimal schema) point at /metrics on the
+  health port.
 - otel-config/: every Collector file parses and every pipeline names only receivers,
-  processors and exporters (and the service only extensions) defined in that file;
+  processors and exporters (and the service only extensions) defined in that file, and
+  every exporter's sending_queue storage is a file_storage extension the service runs;
   deploy/otel-sidecar.yaml is an identical copy of otel-config/sidecar.yaml.
 - docker-compose.yml: `docker compose config` (or docker-compose) accepts it, images are
   pinned, the demo's collector has the DaemonSet's capabilities and a subset of its
@@ -341,13 +346,15 @@ def check_daemonset(objects, problems):
         if not any(t.get("operator") == "Exists" and not t.get("key") for t in pod.get("tolerations", [])):
             problems.add(where, "must tolerate every taint (operator: Exists, no key) to run on every node")
         volumes = {v["name"]: v for v in pod.get("volumes", [])}
+        queue_volumes = check_persistent_queue(where, sidecar, volumes, by_key, problems)
+        check_scrape_annotations(where, ds, containers["collector"], problems)
         for name, container in containers.items():
             resources = container.get("resources") or {}
             for kind in ["requests", "limits"]:
                 if not {"cpu", "memory"} <= set(resources.get(kind) or {}):
                     problems.add(where, f"container {name} needs cpu and memory {kind}")
             for mount in container.get("volumeMounts", []):
-                if not mount.get("readOnly"):
+                if not mount.get("readOnly") and mount["name"] not in queue_volumes:
                     problems.add(where, f"container {name}: mount {mount['mountPath']} must be read-only")
             check_config_flags(where, name, container, volumes, by_key, problems)
             check_env_sources(where, name, container, volumes, by_key, problems)
@@ -356,6 +363,108 @@ def check_daemonset(objects, problems):
             for socket in RUNTIME_SOCKETS:
                 if host_path and covers(host_path, socket):
                     problems.add(where, f"hostPath {host_path} exposes the runtime socket {socket} (read-only does not stop connect)")
+
+
+def sidecar_config(sidecar, volumes, by_key):
+    """The sidecar's Collector config, parsed from its mounted ConfigMap."""
+    path = flag((sidecar or {}).get("args", []), "config")
+    text = configmap_files(sidecar or {}, volumes, by_key).get(path)
+    try:
+        return yaml.safe_load(text) or {} if text else {}
+    except yaml.YAMLError:
+        return {}
+
+
+def check_persistent_queue(where, sidecar, volumes, by_key, problems):
+    """The sidecar's file_storage directories are hostPath mounts of the sidecar (an
+    emptyDir would not survive the pod's replacement), and the exporter to the backend
+    queues on one. Returns the names of those volumes: the only ones mounted writable."""
+    config = sidecar_config(sidecar, volumes, by_key)
+    extensions = config.get("extensions") or {}
+    mounts = {m["mountPath"].rstrip("/"): m for m in (sidecar or {}).get("volumeMounts", [])}
+    allowed = set()
+    for name, settings in extensions.items():
+        if name.split("/")[0] != "file_storage":
+            continue
+        settings = settings or {}
+        directories = [settings.get("directory"), (settings.get("compaction") or {}).get("directory")]
+        for directory in [d for d in directories if d]:
+            mount = mounts.get(directory.rstrip("/"))
+            volume = volumes.get((mount or {}).get("name")) or {}
+            if mount is None:
+                problems.add(where, f"sidecar {name} directory {directory} is not a mount of the otel-collector container")
+            elif "hostPath" not in volume:
+                problems.add(where, f"sidecar {name} directory {directory} must be a hostPath volume (an emptyDir does not survive the pod's replacement)")
+            elif mount.get("readOnly"):
+                problems.add(where, f"sidecar {name} directory {directory} is mounted read-only")
+            else:
+                allowed.add(mount["name"])
+    for exporter, settings in (config.get("exporters") or {}).items():
+        settings = settings or {}
+        if "BACKEND_OTLP_ENDPOINT" in str(settings.get("endpoint", "")):
+            if not (settings.get("sending_queue") or {}).get("storage"):
+                problems.add(where, f"sidecar exporter {exporter} sends to the backend without a persistent sending_queue (storage)")
+    return allowed
+
+
+def check_scrape_annotations(where, ds, collector, problems):
+    """prometheus.io/* on the pod template name /metrics on the --health-address port."""
+    annotations = (ds["spec"]["template"].get("metadata") or {}).get("annotations") or {}
+    health = flag(collector.get("args", []), "health-address")
+    port = health.rsplit(":", 1)[1] if health else None
+    want = {"prometheus.io/scrape": "true", "prometheus.io/port": port, "prometheus.io/path": "/metrics"}
+    for name, value in want.items():
+        if annotations.get(name) != value:
+            problems.add(where, f"pod annotation {name} is {annotations.get(name)!r}, want {value!r}")
+
+
+# The fields of monitoring.coreos.com/v1 PodMonitor this check knows (a subset of the
+# CRD's schema: the example uses no others).
+PODMONITOR_SPEC = {"selector", "namespaceSelector", "podMetricsEndpoints", "jobLabel",
+                   "podTargetLabels", "sampleLimit", "targetLimit"}
+PODMONITOR_ENDPOINT = {"port", "path", "interval", "scrapeTimeout", "scheme", "honorLabels",
+                       "relabelings", "metricRelabelings", "params", "tlsConfig"}
+
+
+def check_podmonitor(root, objects, problems):
+    """deploy/podmonitor.yaml selects the DaemonSet's pods in their namespace and scrapes
+    /metrics on a named port of the collector container."""
+    path = root / "deploy" / "podmonitor.yaml"
+    try:
+        monitor = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        problems.add(path, f"cannot read: {e}")
+        return
+    if monitor.get("apiVersion") != "monitoring.coreos.com/v1" or monitor.get("kind") != "PodMonitor":
+        problems.add(path, "must be a monitoring.coreos.com/v1 PodMonitor")
+    unknown = set(monitor) - {"apiVersion", "kind", "metadata", "spec"}
+    spec = monitor.get("spec") or {}
+    unknown |= {f"spec.{k}" for k in set(spec) - PODMONITOR_SPEC}
+    endpoints = spec.get("podMetricsEndpoints") or []
+    for endpoint in endpoints:
+        unknown |= {f"spec.podMetricsEndpoints[].{k}" for k in set(endpoint) - PODMONITOR_ENDPOINT}
+    if unknown:
+        problems.add(path, f"unknown field(s) {sorted(unknown)}")
+    daemonset = next((o for o in objects if o.get("kind") == "DaemonSet"), None)
+    if daemonset is None:
+        return
+    template = daemonset["spec"]["template"]
+    if (monitor.get("metadata") or {}).get("namespace") != daemonset["metadata"].get("namespace"):
+        problems.add(path, f"namespace {(monitor.get('metadata') or {}).get('namespace')!r} is not the DaemonSet's "
+                     f"{daemonset['metadata'].get('namespace')!r}")
+    match = (spec.get("selector") or {}).get("matchLabels") or {}
+    labels = (template.get("metadata") or {}).get("labels") or {}
+    if not match or any(labels.get(k) != v for k, v in match.items()):
+        problems.add(path, f"selector {match} does not select the DaemonSet's pods {labels}")
+    collector = containers_of(template["spec"]).get("collector") or {}
+    ports = {p.get("name") for p in collector.get("ports", [])}
+    if not endpoints:
+        problems.add(path, "has no podMetricsEndpoints")
+    for endpoint in endpoints:
+        if endpoint.get("port") not in ports:
+            problems.add(path, f"endpoint port {endpoint.get('port')!r} is not a named port of the collector {sorted(ports)}")
+        if endpoint.get("path", "/metrics") != "/metrics":
+            problems.add(path, f"endpoint path {endpoint.get('path')!r} is not /metrics")
 
 
 def configmap_files(container, volumes, by_key):
@@ -425,6 +534,13 @@ def check_collector_config(path, problems):
     for extension in service.get("extensions", []):
         if extension not in defined["extensions"]:
             problems.add(path, f"service uses undefined extension {extension!r}")
+    for exporter, settings in (config.get("exporters") or {}).items():
+        storage = ((settings or {}).get("sending_queue") or {}).get("storage")
+        if storage and not (storage.split("/")[0] == "file_storage"
+                            and storage in defined["extensions"]
+                            and storage in service.get("extensions", [])):
+            problems.add(path, f"exporter {exporter}: sending_queue storage {storage!r} is not a "
+                         "file_storage extension the service runs")
     pipelines = service.get("pipelines") or {}
     if not pipelines:
         problems.add(path, "defines no pipelines")
@@ -610,6 +726,7 @@ def main():
             problems.add("deploy", f"the rendered kustomization has no {wanted}")
     check_schemas(objects, problems)
     check_daemonset(objects, problems)
+    check_podmonitor(root, objects, problems)
     check_endpoint_wiring(root, problems)
     configs = sorted((root / "otel-config").glob("*.yaml")) + [root / "deploy" / "otel-sidecar.yaml"]
     for path in configs:

@@ -239,7 +239,15 @@ impl Me {
 /// Runs the scenario; `Err` lists every problem found.
 pub fn run(options: &Options) -> Result<Outcome, String> {
     let me = Me::read();
-    let mut args: Vec<&str> = vec!["--probe", &options.probe, "--stats-interval", "1h"];
+    // Every attribute: the checks below read namespaces, thread name and nodename.
+    let mut args: Vec<&str> = vec![
+        "--probe",
+        &options.probe,
+        "--stats-interval",
+        "1h",
+        "--attributes",
+        "full",
+    ];
     args.extend(options.extra_args.iter().map(String::as_str));
     let collector = RunningCollector::start(&options.collector, &args, options.ready_timeout)?;
     let mode = collector

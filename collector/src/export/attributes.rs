@@ -1,11 +1,89 @@
-//! The attributes of a connection record, shared by every exporter.
+//! The attributes of a connection record, shared by every exporter, the attribute sets
+//! that choose among them (`--attributes`), and the one-line body built from them.
 //!
 //! OpenTelemetry semantic-convention keys where a convention exists; the rest under the
 //! documented `egress.` prefix (see README, "Output").
 
+use std::{collections::BTreeMap, fmt::Write as _};
+
 use opentelemetry_semantic_conventions::attribute as semconv;
 
 use crate::{enrich::Record, events::outcome::ConnectionState};
+
+/// Which attributes a record carries (`--attributes`). The sets are defined by what they
+/// leave out, so an attribute added later is in every set until listed here.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttributeSet {
+    /// Who (through the resource), process name and pid, event, destination and port,
+    /// transport, outcome and counts: the audit's questions and little else.
+    Minimal,
+    /// `minimal` plus source address and port, parent pid, user id, network type and
+    /// host-network flag: everything but the deep-forensics fields.
+    #[default]
+    Default,
+    /// Every attribute: `default` plus namespace inodes, cgroup ids and names, thread id
+    /// and name, in-container pid, gid and UTS nodename.
+    Full,
+}
+
+/// Left out of `default` (and `minimal`): for deep forensics, not every record.
+pub const FORENSIC: &[&str] = &[
+    semconv::PROCESS_VPID,
+    keys::PROCESS_GROUP_ID,
+    semconv::THREAD_ID,
+    semconv::THREAD_NAME,
+    keys::NAMESPACE_NET,
+    keys::NAMESPACE_UTS,
+    keys::NAMESPACE_MNT,
+    keys::NAMESPACE_PID,
+    keys::NAMESPACE_IPC,
+    keys::NAMESPACE_CGROUP,
+    keys::UTS_NODENAME,
+    keys::CGROUP_ID,
+    keys::CGROUP_LEAF_ID,
+    keys::CGROUP_LEAF_NAME,
+    keys::CGROUP_PARENT_NAME,
+    keys::CGROUP_PATH,
+];
+
+/// Also left out of `minimal`.
+pub const DETAIL: &[&str] = &[
+    semconv::PROCESS_PARENT_PID,
+    semconv::PROCESS_USER_ID,
+    semconv::NETWORK_TYPE,
+    semconv::SOURCE_ADDRESS,
+    semconv::SOURCE_PORT,
+    keys::HOST_NETWORK,
+];
+
+impl AttributeSet {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AttributeSet::Minimal => "minimal",
+            AttributeSet::Default => "default",
+            AttributeSet::Full => "full",
+        }
+    }
+
+    /// Whether records of this set carry `key`.
+    pub fn keeps(self, key: &str) -> bool {
+        match self {
+            AttributeSet::Full => true,
+            AttributeSet::Default => !FORENSIC.contains(&key),
+            AttributeSet::Minimal => !FORENSIC.contains(&key) && !DETAIL.contains(&key),
+        }
+    }
+}
+
+impl std::str::FromStr for AttributeSet {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        <Self as clap::ValueEnum>::from_str(text.trim(), true)
+            .map_err(|_| format!("{text:?} is not an attribute set (minimal, default or full)"))
+    }
+}
 
 /// Keys with no semantic convention.
 pub mod keys {
@@ -97,6 +175,100 @@ macro_rules! int_value {
 }
 int_value!(u16, u32, u64);
 
+/// The attributes of `set`, and the record's body line built from all of them.
+pub fn select(record: &Record, set: AttributeSet) -> (Vec<(&'static str, Value)>, String) {
+    let mut attributes = of(record);
+    let line = body(&record.resource.attributes, &attributes);
+    if set != AttributeSet::Full {
+        attributes.retain(|(key, _)| set.keeps(key));
+    }
+    (attributes, line)
+}
+
+/// Attributes whose value, when present, is the connection's outcome in the body line
+/// (the first one present wins): a failure's type, else the connection's state (the
+/// key issue 13's records use; no semantic convention exists for it).
+const OUTCOME_KEYS: &[&str] = &[semconv::ERROR_TYPE, "egress.connection.state"];
+
+/// Attributes that may carry the destination's name (from DNS, never reverse lookups);
+/// shown when they differ from the address.
+const NAME_KEYS: &[&str] = &[semconv::SERVER_ADDRESS, semconv::DNS_QUESTION_NAME];
+
+/// The record as one short human line, what log views (Loki, Grafana) show:
+/// `payments/api-7c9d (api) python3[4242] → 52.94.233.129:443 tcp`, then the outcome and
+/// the destination's name when records carry them. Built only from the resource and the
+/// attributes, so an attribute added later shows up by its key.
+pub fn body(resource: &BTreeMap<&'static str, String>, attributes: &[(&str, Value)]) -> String {
+    let get = |key: &str| attributes.iter().find(|(k, _)| *k == key).map(|(_, v)| v);
+    let text = |key: &str| match get(key) {
+        Some(Value::Str(s)) if !s.is_empty() => Some(s.as_str()),
+        _ => None,
+    };
+    let resource = |key: &str| {
+        resource
+            .get(key)
+            .map(String::as_str)
+            .filter(|s| !s.is_empty())
+    };
+    let mut line = String::with_capacity(96);
+    match (
+        resource(semconv::K8S_NAMESPACE_NAME),
+        resource(semconv::K8S_POD_NAME),
+    ) {
+        (Some(namespace), Some(pod)) => {
+            let _ = write!(line, "{namespace}/{pod}");
+        }
+        (None, Some(pod)) => line.push_str(pod),
+        _ => match (
+            resource(semconv::CONTAINER_NAME),
+            resource(semconv::CONTAINER_ID),
+        ) {
+            (Some(name), _) => line.push_str(name),
+            (None, Some(id)) => line.push_str(id.get(..12).unwrap_or(id)),
+            (None, None) => line.push_str(resource(semconv::HOST_NAME).unwrap_or("host")),
+        },
+    }
+    if let Some(container) = resource(semconv::K8S_CONTAINER_NAME) {
+        let _ = write!(line, " ({container})");
+    }
+    let _ = write!(
+        line,
+        " {}",
+        text(semconv::PROCESS_EXECUTABLE_NAME).unwrap_or("?")
+    );
+    if let Some(Value::Int(pid)) = get(semconv::PROCESS_PID) {
+        let _ = write!(line, "[{pid}]");
+    }
+    let address = text(semconv::DESTINATION_ADDRESS).unwrap_or("?");
+    let port = match get(semconv::DESTINATION_PORT) {
+        Some(Value::Int(port)) => *port,
+        _ => 0,
+    };
+    if address.contains(':') {
+        let _ = write!(line, " → [{address}]:{port}");
+    } else {
+        let _ = write!(line, " → {address}:{port}");
+    }
+    if let Some(name) = NAME_KEYS
+        .iter()
+        .find_map(|key| text(key))
+        .filter(|name| *name != address)
+    {
+        let _ = write!(line, " ({name})");
+    }
+    if let Some(transport) = text(semconv::NETWORK_TRANSPORT) {
+        let _ = write!(line, " {transport}");
+    }
+    if let Some(outcome) = OUTCOME_KEYS.iter().find_map(|key| text(key)) {
+        let _ = write!(line, " {outcome}");
+    }
+    if let Some(Value::Int(n)) = get(keys::CONNECTION_COUNT).filter(|v| **v != Value::Int(1)) {
+        let _ = write!(line, " ×{n}");
+    }
+    line
+}
+
+/// Every attribute of the record (the `full` set).
 pub fn of(record: &Record) -> Vec<(&'static str, Value)> {
     let c = &record.connection;
     let p = &c.process;
@@ -182,4 +354,110 @@ pub fn of(record: &Record) -> Vec<(&'static str, Value)> {
         }
     }
     attributes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::export::otlp::mapping::tests::{record, resource};
+
+    fn pod_resource() -> BTreeMap<&'static str, String> {
+        let mut r = BTreeMap::new();
+        r.insert(semconv::K8S_NAMESPACE_NAME, "payments".to_owned());
+        r.insert(semconv::K8S_POD_NAME, "api-7c9d".to_owned());
+        r.insert(semconv::K8S_CONTAINER_NAME, "api".to_owned());
+        r.insert(semconv::CONTAINER_ID, "0123456789abcdef0123".to_owned());
+        r
+    }
+
+    #[test]
+    fn the_body_names_who_what_and_where_from_the_attributes() {
+        let mut r = record(&resource("x"), 443);
+        r.resource = std::sync::Arc::new(crate::enrich::Resource {
+            attributes: pod_resource(),
+        });
+        r.connection.process.name = "python3".into();
+        r.connection.process.pid = 4242;
+        r.connection.destination = "52.94.233.129:443".parse().expect("addr");
+        let (_, line) = select(&r, AttributeSet::Minimal);
+        assert_eq!(
+            line,
+            "payments/api-7c9d (api) python3[4242] → 52.94.233.129:443 tcp"
+        );
+
+        // Outcome and name slot in by key, whoever adds them.
+        let mut attributes = of(&r);
+        attributes.push((semconv::ERROR_TYPE, "refused".into()));
+        attributes.push((semconv::SERVER_ADDRESS, "api.stripe.com".into()));
+        assert_eq!(
+            body(&pod_resource(), &attributes),
+            "payments/api-7c9d (api) python3[4242] → 52.94.233.129:443 (api.stripe.com) tcp refused"
+        );
+    }
+
+    #[test]
+    fn the_body_falls_back_to_container_then_host_and_brackets_ipv6() {
+        let mut r = record(&resource("x"), 53);
+        r.connection.destination = "[2001:db8::1]:53".parse().expect("addr");
+        r.connection.transport = crate::events::Transport::Udp;
+        let mut only_id = BTreeMap::new();
+        only_id.insert(semconv::CONTAINER_ID, "0123456789abcdef0123".to_owned());
+        assert_eq!(
+            body(&only_id, &of(&r)),
+            "0123456789ab curl[42] → [2001:db8::1]:53 udp"
+        );
+        let mut host = BTreeMap::new();
+        host.insert(semconv::HOST_NAME, "node-1".to_owned());
+        r.connection.count = 7;
+        r.connection.aggregate = Some(egress_shared::AggregateKey {
+            tgid: 42,
+            window: 1,
+            family: 10,
+            dst_port: 53,
+            protocol: 17,
+            kind: 0,
+            _pad: [0; 2],
+            dst_addr: [0; 16],
+        });
+        assert_eq!(
+            body(&host, &of(&r)),
+            "node-1 curl[42] → [2001:db8::1]:53 udp ×7"
+        );
+    }
+
+    #[test]
+    fn each_set_is_a_subset_of_the_next_and_full_is_everything() {
+        let r = record(&resource("x"), 443);
+        let keys = |set| {
+            select(&r, set)
+                .0
+                .into_iter()
+                .map(|(k, _)| k)
+                .collect::<Vec<_>>()
+        };
+        let (minimal, default, full) = (
+            keys(AttributeSet::Minimal),
+            keys(AttributeSet::Default),
+            keys(AttributeSet::Full),
+        );
+        assert_eq!(full.len(), of(&r).len());
+        assert!(minimal.iter().all(|k| default.contains(k)));
+        assert!(default.iter().all(|k| full.contains(k)));
+        assert!(minimal.len() < default.len() && default.len() < full.len());
+        for audit in [
+            keys::EVENT,
+            semconv::PROCESS_PID,
+            semconv::PROCESS_EXECUTABLE_NAME,
+            semconv::DESTINATION_ADDRESS,
+            semconv::DESTINATION_PORT,
+            semconv::NETWORK_TRANSPORT,
+        ] {
+            assert!(minimal.contains(&audit), "{audit} answers the audit");
+        }
+        for forensic in FORENSIC {
+            assert!(!default.contains(forensic), "{forensic}");
+        }
+        assert_eq!("FULL".parse(), Ok(AttributeSet::Full));
+        assert!("most".parse::<AttributeSet>().is_err());
+    }
 }

@@ -1,5 +1,6 @@
 //! One JSON object per connection on stdout:
-//! `{"time_unix_nano": …, "resource": {…}, "attributes": {…}}`.
+//! `{"time_unix_nano": …, "body": "…", "resource": {…}, "attributes": {…}}`, the body
+//! being the same one-line summary as an OTLP log record's.
 //!
 //! Written from a thread of its own: a slow reader blocks that thread only, never a
 //! runtime worker, and a stdout that never drains cannot hold shutdown (the thread is left
@@ -16,7 +17,10 @@ use std::{
 
 use tokio::sync::{Notify, mpsc, oneshot};
 
-use super::{ExportError, Exporter, attributes};
+use super::{
+    ExportError, Exporter,
+    attributes::{self, AttributeSet},
+};
 use crate::{enrich::Record, telemetry::Stats};
 
 /// What stdout is to the collector.
@@ -129,6 +133,7 @@ pub fn spawn<W: Write + Send + 'static>(
 pub struct StdoutExporter<W: Write + Send> {
     out: W,
     buffer: Vec<u8>,
+    attributes: AttributeSet,
 }
 
 impl StdoutExporter<std::io::Stdout> {
@@ -148,15 +153,25 @@ impl<W: Write + Send> StdoutExporter<W> {
         Self {
             out,
             buffer: Vec::new(),
+            attributes: AttributeSet::default(),
         }
+    }
+
+    /// Records carry the attributes of `set`.
+    pub fn with_attributes(mut self, set: AttributeSet) -> Self {
+        self.attributes = set;
+        self
     }
 }
 
 /// Appends one record as a JSON line. Written field by field into a reused buffer: no
 /// intermediate `serde_json::Value`, so no map building or per-key allocation per event.
-pub fn write_line(out: &mut Vec<u8>, record: &Record) -> serde_json::Result<()> {
+pub fn write_line(out: &mut Vec<u8>, record: &Record, set: AttributeSet) -> serde_json::Result<()> {
+    let (attributes, body) = attributes::select(record, set);
     out.extend_from_slice(b"{\"time_unix_nano\":");
     serde_json::to_writer(&mut *out, &record.connection.time_unix_nano)?;
+    out.extend_from_slice(b",\"body\":");
+    serde_json::to_writer(&mut *out, &body)?;
     out.extend_from_slice(b",\"resource\":{");
     for (i, (key, value)) in record.resource.attributes.iter().enumerate() {
         if i > 0 {
@@ -167,7 +182,7 @@ pub fn write_line(out: &mut Vec<u8>, record: &Record) -> serde_json::Result<()> 
         serde_json::to_writer(&mut *out, value)?;
     }
     out.extend_from_slice(b"},\"attributes\":{");
-    for (i, (key, value)) in attributes::of(record).iter().enumerate() {
+    for (i, (key, value)) in attributes.iter().enumerate() {
         if i > 0 {
             out.push(b',');
         }
@@ -188,7 +203,7 @@ impl<W: Write + Send> Exporter for StdoutExporter<W> {
     fn export(&mut self, batch: &[Record]) -> Result<(), ExportError> {
         self.buffer.clear();
         for record in batch.iter().filter(|r| r.connection.logged()) {
-            write_line(&mut self.buffer, record).map_err(std::io::Error::from)?;
+            write_line(&mut self.buffer, record, self.attributes).map_err(std::io::Error::from)?;
         }
         self.out.write_all(&self.buffer)?;
         self.out.flush()?;
@@ -250,8 +265,8 @@ mod tests {
         let mut r = record(&resource("shop"), 443);
         r.connection.process.name = "a\"b\n\u{1}c".into();
         let mut out = Vec::new();
-        write_line(&mut out, &r).expect("write");
-        write_line(&mut out, &r).expect("write");
+        write_line(&mut out, &r, AttributeSet::Full).expect("write");
+        write_line(&mut out, &r, AttributeSet::Minimal).expect("write");
         let text = String::from_utf8(out).expect("utf-8");
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 2, "one line per record: {text}");
@@ -268,5 +283,16 @@ mod tests {
             json["attributes"].as_object().expect("object").len(),
             attributes::of(&r).len()
         );
+        assert_eq!(
+            json["body"],
+            "shop a\"b\n\u{1}c[42] → 93.184.216.34:443 tcp"
+        );
+        let minimal: serde_json::Value = serde_json::from_str(lines[1]).expect("valid JSON");
+        assert_eq!(
+            minimal["body"], json["body"],
+            "the body does not depend on the set"
+        );
+        assert!(minimal["attributes"]["thread.name"].is_null());
+        assert_eq!(minimal["attributes"]["destination.port"], 443);
     }
 }

@@ -18,6 +18,7 @@ use crate::{
     probe::{programs::ProgramCounts, state_maps::CallsMap},
 };
 
+pub mod metrics;
 pub mod otel;
 
 /// Logs to stderr (stdout carries records), and over OTLP too with `self_telemetry`.

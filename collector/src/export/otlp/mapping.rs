@@ -22,7 +22,7 @@ use opentelemetry_semantic_conventions::attribute as semconv;
 use super::lifecycle::Lifecycle;
 use crate::{
     enrich::{Record, Resource},
-    export::attributes::{self, Value},
+    export::attributes::{self, AttributeSet, Value},
 };
 
 pub const EVENT_NAME: &str = "egress.connection";
@@ -73,7 +73,10 @@ pub fn scope() -> InstrumentationScope {
     }
 }
 
-pub fn log_record(record: &Record, observed_unix_nano: u64) -> LogRecord {
+/// One log record: the attributes of `set`, and a one-line body built from all of them
+/// (what log views such as Loki show as the line).
+pub fn log_record(record: &Record, observed_unix_nano: u64, set: AttributeSet) -> LogRecord {
+    let (attributes, body) = attributes::select(record, set);
     LogRecord {
         time_unix_nano: record.connection.time_unix_nano,
         observed_time_unix_nano: observed_unix_nano,
@@ -84,7 +87,8 @@ pub fn log_record(record: &Record, observed_unix_nano: u64) -> LogRecord {
         } else {
             EVENT_NAME.into()
         },
-        attributes: attributes::of(record)
+        body: Some(any(Value::Str(body))),
+        attributes: attributes
             .into_iter()
             .map(|(k, v)| key_value(k, v))
             .collect(),
@@ -93,7 +97,11 @@ pub fn log_record(record: &Record, observed_unix_nano: u64) -> LogRecord {
 }
 
 /// One request for a batch: records of one workload share one `ResourceLogs`.
-pub fn logs_request(batch: &[Record], observed_unix_nano: u64) -> ExportLogsServiceRequest {
+pub fn logs_request(
+    batch: &[Record],
+    observed_unix_nano: u64,
+    set: AttributeSet,
+) -> ExportLogsServiceRequest {
     let mut groups: Vec<(Arc<Resource>, Vec<LogRecord>)> = Vec::new();
     let mut index: HashMap<*const Resource, usize> = HashMap::new();
     for record in batch {
@@ -109,7 +117,9 @@ pub fn logs_request(batch: &[Record], observed_unix_nano: u64) -> ExportLogsServ
                         groups.len() - 1
                     })
             });
-        groups[slot].1.push(log_record(record, observed_unix_nano));
+        groups[slot]
+            .1
+            .push(log_record(record, observed_unix_nano, set));
     }
     ExportLogsServiceRequest {
         resource_logs: groups

@@ -5,6 +5,8 @@
 pub mod lifecycle;
 pub mod mapping;
 pub mod queue;
+#[cfg(test)]
+mod record_size;
 pub mod settings;
 pub mod spans;
 pub mod transport;
@@ -27,9 +29,9 @@ use self::{
 };
 use crate::{
     enrich::Record,
+    export::attributes::AttributeSet,
     telemetry::{Snapshot, Stats, otel::collector_resource},
 };
-use egress_shared::Counter;
 
 pub fn unix_nanos_now() -> u64 {
     SystemTime::now()
@@ -53,6 +55,8 @@ pub struct OtlpExporter {
     self_resource: Vec<(String, String)>,
     /// How long shutdown may spend flushing the queue.
     flush_deadline: Duration,
+    /// The attributes each log record carries.
+    attributes: AttributeSet,
     /// Ids of containers that are gone (from enrichment), whose series then end.
     departures: Option<mpsc::UnboundedReceiver<String>>,
 }
@@ -79,6 +83,7 @@ impl OtlpExporter {
             snapshot,
             self_resource,
             flush_deadline,
+            attributes: AttributeSet::default(),
             departures: None,
         })
     }
@@ -109,6 +114,12 @@ impl OtlpExporter {
                 }
             }
         }))
+    }
+
+    /// Records carry the attributes of `set`.
+    pub fn with_attributes(mut self, set: AttributeSet) -> Self {
+        self.attributes = set;
+        self
     }
 
     /// Ends the metric series of the containers named on `departures` once exports that
@@ -152,135 +163,33 @@ impl OtlpExporter {
         start: u64,
         now: u64,
     ) -> opentelemetry_proto::tonic::metrics::v1::ResourceMetrics {
-        use mapping::{cumulative_sum, gauge, int_point};
+        use crate::telemetry::metrics::{Kind, self_metrics};
         let s: Snapshot = (self.snapshot)();
-        let lost = [
-            ("kernel_ring_buffer_full", s.kernel(Counter::RingBufferFull)),
-            ("kernel_state_map_full", s.kernel(Counter::StateMapFull)),
-            ("cgroup_rate_limited", s.kernel(Counter::RateLimited)),
-            ("pipeline_queue_full", s.queue_full),
-            ("export_queue_full", s.export_dropped),
-            ("export_failed", s.export_failed),
-            ("rejected_by_endpoint", s.rejected),
-            ("aggregate_repeats", s.repeats_lost),
-            ("spans_export_failed", s.spans_failed),
-        ];
-        let mut lost_points: Vec<_> = lost
-            .iter()
-            .map(|(r, v)| int_point(&[("reason", r)], start, now, *v))
-            .collect();
-        for (reason, n) in &s.decode_failed {
-            lost_points.push(int_point(
-                &[("reason", &format!("decode_{reason}"))],
-                start,
-                now,
-                *n,
-            ));
-        }
-        let enrichment: Vec<_> = s
-            .enrichment_failed
-            .iter()
-            .map(|(r, n)| int_point(&[("reason", r)], start, now, *n))
-            .collect();
-        let metrics = vec![
-            cumulative_sum(
-                "egress_collector.events.captured",
-                "Connection events read from the kernel.",
-                "{event}",
-                vec![int_point(&[], start, now, s.captured)],
-            ),
-            cumulative_sum(
-                "egress_collector.events.lost",
-                "Connection events lost, by where.",
-                "{event}",
-                lost_points,
-            ),
-            cumulative_sum(
-                "egress_collector.events.possibly_lost",
-                "Events that may have been lost uncounted: program runs the kernel skipped because another program was running on that CPU (bpf_prog_info.recursion_misses), and calls whose entry state was evicted before their exit.",
-                "{event}",
-                vec![
-                    int_point(
-                        &[("reason", "program_recursion_miss")],
-                        start,
-                        now,
-                        s.recursion_misses,
-                    ),
-                    int_point(
-                        &[("reason", "call_state_evicted")],
-                        start,
-                        now,
-                        s.calls_evicted,
-                    ),
-                ],
-            ),
-            cumulative_sum(
-                "egress_collector.udp.suppressed",
-                "UDP datagrams of flows already reported in the window.",
-                "{datagram}",
-                vec![int_point(
-                    &[],
-                    start,
-                    now,
-                    s.kernel(Counter::UdpFlowSuppressed),
-                )],
-            ),
-            cumulative_sum(
-                "egress_collector.events.filtered",
-                "Connections dropped by a user filter (excluded destination or namespace).",
-                "{event}",
-                vec![int_point(
-                    &[],
-                    start,
-                    now,
-                    s.kernel(Counter::Filtered) + s.filtered,
-                )],
-            ),
-            cumulative_sum(
-                "egress_collector.events.aggregated",
-                "Repeated connections counted in an aggregation window instead of reported one by one.",
-                "{event}",
-                vec![int_point(&[], start, now, s.kernel(Counter::Aggregated))],
-            ),
-            cumulative_sum(
-                "egress_collector.kernel.read_failures",
-                "Kernel reads that failed (the event went out with fields zeroed).",
-                "{read}",
-                vec![int_point(
-                    &[],
-                    start,
-                    now,
-                    s.kernel(Counter::KernelReadFailed),
-                )],
-            ),
-            cumulative_sum(
-                "egress_collector.enrichment.failures",
-                "Container metadata lookups that failed (the event went out with the container id only).",
-                "{lookup}",
-                enrichment,
-            ),
-            cumulative_sum(
-                "egress_collector.enrichment.events",
-                "Enrichment's own work, by kind (container_cache_evicted, cgroup_looked_up, cgroup_unresolved, hybrid_unified, ...).",
-                "{event}",
-                s.enrichment_events
+        let metrics = self_metrics(&s)
+            .into_iter()
+            .map(|metric| {
+                let points = metric
+                    .points
                     .iter()
-                    .map(|(k, n)| int_point(&[("kind", k)], start, now, *n))
-                    .collect(),
-            ),
-            cumulative_sum(
-                "egress_collector.records.exported",
-                "Log records the endpoint accepted.",
-                "{record}",
-                vec![int_point(&[], start, now, s.exported)],
-            ),
-            gauge(
-                "egress_collector.queue.length",
-                "Log records waiting to be exported.",
-                "{record}",
-                vec![int_point(&[], start, now, s.queue_length)],
-            ),
-        ];
+                    .map(|p| {
+                        let labels: Vec<(&str, &str)> =
+                            p.labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
+                        mapping::int_point(&labels, start, now, p.value)
+                    })
+                    .collect();
+                match metric.kind {
+                    Kind::Counter => mapping::cumulative_sum(
+                        metric.name,
+                        metric.description,
+                        metric.unit,
+                        points,
+                    ),
+                    Kind::Gauge => {
+                        mapping::gauge(metric.name, metric.description, metric.unit, points)
+                    }
+                }
+            })
+            .collect();
         mapping::self_metrics(&self.self_resource, metrics)
     }
 
@@ -456,7 +365,7 @@ impl OtlpExporter {
         if pending.is_empty() {
             return;
         }
-        let request = mapping::logs_request(pending, unix_nanos_now());
+        let request = mapping::logs_request(pending, unix_nanos_now(), self.attributes);
         let dropped = queue.push(Batch {
             encoded: prost::Message::encode_to_vec(&request).into(),
             records: pending.len(),

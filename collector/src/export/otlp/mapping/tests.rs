@@ -79,7 +79,7 @@ fn attr<'a>(attributes: &'a [KeyValue], key: &str) -> Option<&'a V> {
 #[test]
 fn a_connection_becomes_one_info_log_record() {
     let shop = resource("shop");
-    let log = log_record(&record(&shop, 443), 5);
+    let log = log_record(&record(&shop, 443), 5, AttributeSet::Full);
     assert_eq!(log.time_unix_nano, 1_700_000_000_000_000_000);
     assert_eq!(log.observed_time_unix_nano, 5);
     assert_eq!(log.severity_number, SeverityNumber::Info as i32);
@@ -124,7 +124,7 @@ fn records_are_grouped_by_workload() {
         record(&shop, 3),
         record(&shop_again, 4),
     ];
-    let request = logs_request(&batch, 0);
+    let request = logs_request(&batch, 0, AttributeSet::Full);
     assert_eq!(
         request.resource_logs.len(),
         2,
