@@ -223,11 +223,21 @@ pub fn tcp_syn_sent(sk: u64) {
     // This connect() is TCP: its syscall exit (tracepoint mode) has nothing to do, and
     // finds no call state instead of walking fd -> file -> socket.
     let tid = aya_ebpf::helpers::bpf_get_current_pid_tgid() as u32;
+    // SAFETY: copied out before removal.
+    let call = unsafe { CALLS.get(&tid) }.copied();
     let _ = CALLS.remove(&tid);
     let Some(ev) = scratch() else { return };
     ev.kind = EventKind::TcpConnect as u8;
     if sock::fill_tcp_dest(ev, sk).is_err() {
         count(Counter::KernelReadFailed);
+    }
+    // DNS over TCP: the connect's descriptor (tracepoint mode) is marked for its reads.
+    if ev.dst_port == crate::probes::dns::DNS_PORT {
+        if let Some(call) = call {
+            if call.fd != 0 || call.sk == 0 {
+                crate::probes::dns::mark(call.fd, sk);
+            }
+        }
     }
     if !filter::wanted(ev) {
         return;
@@ -345,7 +355,7 @@ pub fn tcp_closed(sk: u64, old_state: u8) {
 /// As `submit` does for connections: wake the reader only once `wakeup_bytes` wait, so
 /// a close costs no wake-up of its own (the reader also drains on a timer).
 #[inline(always)]
-fn close_wakeup_flags() -> u64 {
+pub fn close_wakeup_flags() -> u64 {
     const BPF_RB_AVAIL_DATA: u64 = 0;
     const BPF_RB_NO_WAKEUP: u64 = 1;
     const BPF_RB_FORCE_WAKEUP: u64 = 2;

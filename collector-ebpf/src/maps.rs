@@ -138,3 +138,40 @@ pub struct CallState {
 pub const USER_ADDR_SOCKADDR: u32 = 1;
 /// `CallState::user_addr` points to a `struct user_msghdr` (sendmsg, first of sendmmsg).
 pub const USER_ADDR_MSGHDR: u32 = 2;
+
+/// Sockets marked as DNS: a UDP send or connect to port 53 (or a TCP connect to it) by
+/// process `tgid` on descriptor `fd`, keyed `tgid << 32 | fd`. The read hooks look up
+/// every read/recvfrom/recvmsg here first: the one map lookup a non-DNS read pays. LRU:
+/// a resolver's short-lived sockets age out; the socket address guards against reuse of
+/// the descriptor by another socket.
+#[map]
+pub static DNS_SOCKETS: LruHashMap<u64, DnsSocket> = LruHashMap::with_max_entries(8192, 0);
+
+#[repr(C)]
+#[derive(Copy, Clone)]
+pub struct DnsSocket {
+    /// `struct sock *` the descriptor named when it was marked.
+    pub sk: u64,
+    /// When the last query (or the connect) went out, CLOCK_BOOTTIME.
+    pub sent_ns: u64,
+}
+
+/// A read on a DNS socket, from its syscall's entry to its exit, by thread id.
+#[map]
+pub static DNS_READS: LruHashMap<u32, DnsRead> = LruHashMap::with_max_entries(1024, 0);
+
+#[repr(C)]
+#[derive(Copy, Clone)]
+pub struct DnsRead {
+    pub sk: u64,
+    pub fd: u64,
+    /// The user buffer (read, recvfrom) or `struct user_msghdr` (recvmsg).
+    pub buf: u64,
+    /// 1 when `buf` is a `user_msghdr`.
+    pub is_msghdr: u64,
+    pub sent_ns: u64,
+}
+
+/// Where a DNS record is assembled (1744 bytes).
+#[map]
+pub static DNS_SCRATCH: PerCpuArray<egress_shared::DnsEvent> = PerCpuArray::with_max_entries(1, 0);

@@ -101,6 +101,19 @@ pub struct ProbeArgs {
     /// At least 1s; `off` overrides the config file.
     #[arg(long, value_parser = parse_aggregate_window, env = "EGRESS_AGGREGATE_WINDOW")]
     pub aggregate_window: Option<Duration>,
+    /// Capture the DNS answers workloads receive (sockets that sent to port 53), report
+    /// them as `egress.dns` records and name connections from them (`server.address`).
+    /// `--dns=false` turns it off. See docs/dns.md.
+    #[arg(
+        long,
+        env = "EGRESS_DNS",
+        default_value_t = true,
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub dns: bool,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -138,6 +151,21 @@ pub struct RunArgs {
     /// named `connect <address>:<port>`) to the traces endpoint. Needs an OTLP endpoint.
     #[arg(long, env = "EGRESS_CONNECTION_SPANS")]
     pub connection_spans: bool,
+    /// Keep the `udp_send`/`udp_connect` records of DNS lookups (port 53) besides the
+    /// `egress.dns` records (by default a lookup is one DNS record).
+    #[arg(long, env = "EGRESS_DNS_KEEP_FLOWS")]
+    pub dns_keep_flows: bool,
+    /// A resolved name is used for connections at least this long after its answer,
+    /// whatever its TTL (and as long as a connection to the address is open).
+    #[arg(long, default_value = "30s", value_parser = parse_duration, env = "EGRESS_DNS_TTL_FLOOR")]
+    pub dns_ttl_floor: Duration,
+    /// Addresses the name cache holds per container (and per pod); beyond it answers
+    /// are counted (`egress_collector.dns{what=cache_full}`) and not cached.
+    #[arg(long, default_value_t = 4096, env = "EGRESS_DNS_CACHE_PER_CONTAINER")]
+    pub dns_cache_per_container: usize,
+    /// Addresses the name cache holds in all.
+    #[arg(long, default_value_t = 262_144, env = "EGRESS_DNS_CACHE_TOTAL")]
+    pub dns_cache_total: usize,
 }
 
 /// OTLP export. Each flag overrides the matching `OTEL_EXPORTER_OTLP_*` variable, which
@@ -207,6 +235,7 @@ impl ProbeArgs {
             exclude_cgroups: !self.exclude_namespaces.is_empty(),
             // Zero is `off`.
             aggregate_window: self.aggregate_window.filter(|w| !w.is_zero()),
+            dns: self.dns,
         }
     }
 
@@ -235,6 +264,16 @@ impl RunArgs {
                 close_records: self.close_records,
                 spans: self.connection_spans,
                 metrics: false,
+            },
+            dns: crate::events::names::DnsSettings {
+                enabled: self.probe.dns,
+                keep_flows: self.dns_keep_flows,
+                window: self.probe.udp_flow_window,
+                cache: crate::dns::cache::CacheLimits {
+                    floor: self.dns_ttl_floor,
+                    per_scope: self.dns_cache_per_container.max(1),
+                    total: self.dns_cache_total.max(1),
+                },
             },
         }
     }

@@ -146,9 +146,13 @@ pub struct ProbeConfig {
     pub exclude_addresses: u32,
     /// 1 when user space may list cgroups to drop in `EXCLUDED_CGROUPS`.
     pub exclude_cgroups: u32,
+    /// 1 when DNS answers are captured (sockets that send to port 53 are marked, and
+    /// what is read from them copied); 0 leaves the DNS programs with nothing to do.
+    pub dns: u32,
+    pub _dns_pad: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<ProbeConfig>() == 57 * 4 + 14 * 4 + 4 + 8 + 16 + 16);
+const _: () = assert!(core::mem::size_of::<ProbeConfig>() == 57 * 4 + 14 * 4 + 4 + 8 + 16 + 16 + 8);
 
 impl ProbeConfig {
     pub const fn zeroed() -> Self {
@@ -238,6 +242,8 @@ impl ProbeConfig {
             aggregate_window_ns: 0,
             exclude_addresses: 0,
             exclude_cgroups: 0,
+            dns: 0,
+            _dns_pad: 0,
         }
     }
 }

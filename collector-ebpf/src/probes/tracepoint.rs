@@ -8,6 +8,7 @@ use egress_shared::EventKind;
 use crate::{
     emit,
     maps::{CallState, USER_ADDR_MSGHDR, USER_ADDR_SOCKADDR, config},
+    read,
     sock::{self, Dest},
 };
 
@@ -69,6 +70,14 @@ pub fn tp_sys_exit(_ctx: TracePointContext) -> u32 {
         USER_ADDR_MSGHDR => sock::dest_from_user_msghdr(state.user_addr),
         _ => Dest::NONE,
     };
+    let port = if dest.is_some() {
+        dest.port
+    } else {
+        read::kernel::<u16>(sk, config!(offsets.skc_dport)).map_or(0, u16::from_be)
+    };
+    if port == super::dns::DNS_PORT {
+        super::dns::mark(state.fd, sk);
+    }
     if state.event_kind == EventKind::UdpConnect as u32 {
         emit::connect_exit(sk, &dest);
     } else {

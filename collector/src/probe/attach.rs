@@ -78,6 +78,52 @@ const TRACEPOINTS: &[Attachment] = &[
     },
 ];
 
+/// DNS answers (docs/dns.md): exits first. Tracepoint family only: it is the family
+/// whose send hooks know the descriptor that marks a socket as DNS.
+const DNS_TRACEPOINTS: &[Attachment] = &[
+    Attachment {
+        program: "tp_dns_exit_read",
+        targets: &[
+            "syscalls/sys_exit_read",
+            "syscalls/sys_exit_recvfrom",
+            "syscalls/sys_exit_recvmsg",
+        ],
+    },
+    Attachment {
+        program: "tp_dns_enter_read",
+        targets: &["syscalls/sys_enter_read"],
+    },
+    Attachment {
+        program: "tp_dns_enter_recvfrom",
+        targets: &["syscalls/sys_enter_recvfrom"],
+    },
+    Attachment {
+        program: "tp_dns_enter_recvmsg",
+        targets: &["syscalls/sys_enter_recvmsg"],
+    },
+];
+
+/// Attaches the DNS programs where `mode` supports them; a failure is logged and DNS
+/// stays off (connections are still captured). Returns whether they run.
+pub fn attach_dns(ebpf: &mut Ebpf, mode: HookMode) -> bool {
+    if mode != HookMode::Tracepoint {
+        tracing::warn!(%mode, "DNS capture runs with the tracepoint hook family only for now; connections will carry no server.address (docs/dns.md).");
+        return false;
+    }
+    for attachment in DNS_TRACEPOINTS {
+        if let Err(e) = attach_tracepoint(ebpf, attachment) {
+            tracing::warn!(reason = %one_line(&e), "DNS capture could not be attached; connections will carry no server.address.");
+            for a in DNS_TRACEPOINTS {
+                if let Some(aya::programs::Program::TracePoint(p)) = ebpf.program_mut(a.program) {
+                    let _ = p.unload();
+                }
+            }
+            return false;
+        }
+    }
+    true
+}
+
 /// The TCP state changes, in every family: the raw tracepoint, else the tracepoint (same
 /// event, costlier).
 const SOCK_STATE_RAW: &str = "raw_tp_inet_sock_set_state";
@@ -145,6 +191,7 @@ pub fn detach(ebpf: &mut Ebpf, mode: HookMode) {
     let names = family
         .into_iter()
         .chain([SOCK_STATE_RAW, SOCK_STATE.program])
+        .chain(DNS_TRACEPOINTS.iter().map(|a| a.program))
         .chain(RESETS_RAW.iter().map(|r| r.0));
     for name in names {
         let Some(program) = ebpf.program_mut(name) else {

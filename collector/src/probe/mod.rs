@@ -103,6 +103,8 @@ pub struct ProbeSettings {
     /// Identical connections within a window are reported once with a count; `None`
     /// reports every connection.
     pub aggregate_window: Option<Duration>,
+    /// Capture DNS answers (docs/dns.md).
+    pub dns: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -179,6 +181,8 @@ impl KernelFacts {
                 .map_or(0, |w| w.as_nanos().clamp(1, u64::MAX as u128) as u64),
             exclude_addresses: u32::from(!settings.excluded_destinations.is_empty()),
             exclude_cgroups: u32::from(settings.exclude_cgroups),
+            dns: u32::from(settings.dns),
+            _dns_pad: 0,
             cgroup_subsys_index,
         };
         // Two parsed copies of vmlinux BTF at once would set the peak memory.
@@ -221,6 +225,8 @@ pub struct Probes {
     /// Better families that were refused, and why.
     pub refused: Vec<(HookMode, String)>,
     pub facts: KernelFacts,
+    /// The DNS programs are attached (see `attach::attach_dns`).
+    pub dns_attached: bool,
 }
 
 /// The kernel's BTF is only needed to load and attach: tens of MiB handed back.
@@ -249,6 +255,7 @@ impl Probes {
             }
             match attach::attach(&mut ebpf, mode, facts.aya_btf.as_ref()) {
                 Ok(()) => {
+                    let dns_attached = settings.dns && attach::attach_dns(&mut ebpf, mode);
                     release_btf(&mut facts);
                     let span = tracing::Span::current();
                     span.record("probe.mode", mode.as_str());
@@ -258,6 +265,7 @@ impl Probes {
                         mode,
                         refused,
                         facts,
+                        dns_attached,
                     });
                 }
                 Err(e) => refused.push((mode, one_line(&e))),

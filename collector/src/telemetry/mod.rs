@@ -49,6 +49,7 @@ pub struct Stats {
     spans_failed: AtomicU64,
     decode_failed: Mutex<BTreeMap<&'static str, u64>>,
     enrichment_failed: Mutex<BTreeMap<&'static str, u64>>,
+    dns: Mutex<BTreeMap<&'static str, u64>>,
 }
 
 /// A point-in-time copy of every counter, user space and kernel.
@@ -77,6 +78,9 @@ pub struct Snapshot {
     pub decode_failed: BTreeMap<&'static str, u64>,
     /// Lookups of container metadata that failed, by reason (the events still went out).
     pub enrichment_failed: BTreeMap<&'static str, u64>,
+    /// DNS capture: answers, unparsed messages by reason, de-duplicated records, cache
+    /// misses for room, folded port-53 flows (see docs/dns.md).
+    pub dns: BTreeMap<&'static str, u64>,
     pub kernel: [u64; COUNTER_COUNT as usize],
 }
 
@@ -156,6 +160,15 @@ impl Stats {
         }
     }
 
+    pub fn record_dns(&self, what: &'static str, n: u64) {
+        if n == 0 {
+            return;
+        }
+        if let Ok(mut map) = self.dns.lock() {
+            *map.entry(what).or_default() += n;
+        }
+    }
+
     pub fn enrichment_failures(&self) -> BTreeMap<&'static str, u64> {
         self.enrichment_failed
             .lock()
@@ -186,6 +199,7 @@ impl Stats {
                 .lock()
                 .map(|m| m.clone())
                 .unwrap_or_default(),
+            dns: self.dns.lock().map(|m| m.clone()).unwrap_or_default(),
             kernel: kernel.read(),
         }
     }
@@ -241,6 +255,7 @@ pub fn report(previous: &Snapshot, now: &Snapshot) {
             filtered_by_namespace = delta(previous.filtered, now.filtered),
             stdout_copy_dropped = delta(previous.stdout_copy_dropped, now.stdout_copy_dropped),
             enrichment_failed = ?now.enrichment_failed,
+            dns = ?now.dns,
             kernel = %kernel.join(" "),
             "Collector statistics."
         );

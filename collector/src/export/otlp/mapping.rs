@@ -28,6 +28,8 @@ use crate::{
 pub const EVENT_NAME: &str = "egress.connection";
 /// Close records (`--close-records`).
 pub const CLOSE_EVENT_NAME: &str = "egress.connection.close";
+/// A DNS answer a workload received (docs/dns.md).
+pub const DNS_EVENT_NAME: &str = "egress.dns";
 pub const CONNECTIONS_METRIC: &str = "egress.connections";
 const SCOPE_NAME: &str = "egress-collector";
 const SCOPE_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -43,6 +45,11 @@ fn any(value: Value) -> AnyValue {
             Value::Int(i) => any_value::Value::IntValue(i),
             Value::Bool(b) => any_value::Value::BoolValue(b),
             Value::Double(d) => any_value::Value::DoubleValue(d),
+            Value::StrArray(items) => {
+                any_value::Value::ArrayValue(opentelemetry_proto::tonic::common::v1::ArrayValue {
+                    values: items.into_iter().map(|s| any(Value::Str(s))).collect(),
+                })
+            }
         }),
     }
 }
@@ -79,7 +86,9 @@ pub fn log_record(record: &Record, observed_unix_nano: u64) -> LogRecord {
         observed_time_unix_nano: observed_unix_nano,
         severity_number: SeverityNumber::Info as i32,
         severity_text: "INFO".into(),
-        event_name: if record.connection.close.is_some() {
+        event_name: if record.connection.dns.is_some() {
+            DNS_EVENT_NAME.into()
+        } else if record.connection.close.is_some() {
             CLOSE_EVENT_NAME.into()
         } else {
             EVENT_NAME.into()

@@ -163,7 +163,18 @@ impl OtlpExporter {
             .iter()
             .map(|(r, n)| int_point(&[("reason", r)], start, now, *n))
             .collect();
+        let dns: Vec<_> = s
+            .dns
+            .iter()
+            .map(|(w, n)| int_point(&[("what", w)], start, now, *n))
+            .collect();
         let metrics = vec![
+            cumulative_sum(
+                "egress_collector.dns",
+                "DNS capture: answers read, messages that did not parse (unparsed_<reason>), records de-duplicated, addresses the name cache had no room for (cache_full), port-53 flows folded into DNS records.",
+                "{message}",
+                dns,
+            ),
             cumulative_sum(
                 "egress_collector.events.captured",
                 "Connection events read from the kernel.",

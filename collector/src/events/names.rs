@@ -1,0 +1,186 @@
+//! DNS in the reader: answers become `egress.dns` records and fill the name cache; each
+//! connection is named from the cache of its container (or pod) as it is read, so an
+//! answer always precedes the connections that use it (one ring buffer, in order).
+
+use std::{collections::HashMap, net::IpAddr, time::Duration};
+
+use egress_shared::EventKind;
+
+use super::{
+    clock,
+    decode::{Connection, DnsLookup, RawDns},
+    outcome::ConnectionState,
+};
+use crate::{
+    dns::{
+        self,
+        cache::{CacheLimits, Match, NameCache},
+    },
+    enrich::cgroup::pod_uid_of_component,
+    telemetry::Stats,
+};
+
+/// DNS settings of the reader (`--dns*` flags).
+#[derive(Debug, Clone)]
+pub struct DnsSettings {
+    pub enabled: bool,
+    /// Keep the `udp_send`/`udp_connect` records of lookups (port 53) besides the DNS
+    /// records.
+    pub keep_flows: bool,
+    /// The same container/name/type/rcode is reported once per window.
+    pub window: Duration,
+    pub cache: CacheLimits,
+}
+
+impl Default for DnsSettings {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            keep_flows: false,
+            window: Duration::from_secs(60),
+            cache: CacheLimits::default(),
+        }
+    }
+}
+
+type DedupKey = (u64, String, u16, u8);
+
+/// An open connection named from the cache, by (socket, connect time).
+type OpenKey = (u64, u64);
+
+pub struct Names {
+    settings: DnsSettings,
+    cache: NameCache,
+    reported: HashMap<DedupKey, u64>,
+    open: HashMap<OpenKey, (u64, Option<String>, IpAddr, Match)>,
+    cache_full_seen: u64,
+}
+
+fn pod_of(connection: &Connection) -> Option<String> {
+    pod_uid_of_component(&connection.cgroup.parent_name)
+}
+
+impl Names {
+    pub fn new(settings: DnsSettings) -> Self {
+        Self {
+            cache: NameCache::new(settings.cache),
+            settings,
+            reported: HashMap::new(),
+            open: HashMap::new(),
+            cache_full_seen: 0,
+        }
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.settings.enabled
+    }
+
+    /// A DNS message read by a workload: the record to report, if any (an error or a
+    /// repeat in its window is counted instead).
+    pub fn answer(&mut self, raw: RawDns, stats: &Stats) -> Option<Connection> {
+        if raw.truncated {
+            stats.record_dns("truncated", 1);
+        }
+        let answer = match dns::parse(&raw.payload, raw.tcp) {
+            Ok(answer) => answer,
+            Err(e) => {
+                stats.record_dns(
+                    match e.reason() {
+                        "malformed" => "unparsed_malformed",
+                        "not_response" => "unparsed_not_response",
+                        _ => "unparsed_no_question",
+                    },
+                    1,
+                );
+                return None;
+            }
+        };
+        stats.record_dns("answers", 1);
+        let now = clock::boot_now_ns();
+        let mut record = raw.head;
+        let pod = pod_of(&record);
+        self.cache
+            .insert(record.cgroup.id, pod.as_deref(), &answer, now);
+        if self.cache.full > self.cache_full_seen {
+            stats.record_dns("cache_full", self.cache.full - self.cache_full_seen);
+            self.cache_full_seen = self.cache.full;
+        }
+        let key = (
+            record.cgroup.id,
+            answer.name.clone(),
+            answer.qtype,
+            answer.rcode,
+        );
+        let window = self.settings.window.as_nanos() as u64;
+        if let Some(last) = self.reported.get(&key)
+            && now.saturating_sub(*last) < window
+        {
+            stats.record_dns("deduplicated", 1);
+            return None;
+        }
+        self.reported.insert(key, now);
+        record.kind = EventKind::DnsAnswer;
+        record.dns = Some(Box::new(DnsLookup {
+            answer,
+            latency_ns: raw.latency_ns,
+        }));
+        Some(record)
+    }
+
+    /// Names a connection (or folds a lookup's own flow): false drops the record.
+    pub fn connection(&mut self, connection: &mut Connection, stats: &Stats) -> bool {
+        if !self.settings.enabled {
+            return true;
+        }
+        if matches!(connection.kind, EventKind::UdpSend | EventKind::UdpConnect)
+            && connection.destination.port() == 53
+            && !self.settings.keep_flows
+        {
+            stats.record_dns("folded_flows", 1);
+            return false;
+        }
+        let pod = pod_of(connection);
+        let address = connection.destination.ip();
+        let Some(server) = self.cache.lookup(
+            connection.cgroup.id,
+            pod.as_deref(),
+            &address,
+            clock::boot_now_ns(),
+        ) else {
+            return true;
+        };
+        if let Some(outcome) = &connection.outcome
+            && outcome.state == ConnectionState::Established
+        {
+            let key = (outcome.sock_id, outcome.connect_boot_ns);
+            self.cache.hold(
+                connection.cgroup.id,
+                pod.as_deref(),
+                &address,
+                server.matched,
+                true,
+            );
+            self.open
+                .insert(key, (connection.cgroup.id, pod, address, server.matched));
+        }
+        connection.server = Some(server);
+        true
+    }
+
+    /// A close: the connection no longer keeps its name alive.
+    pub fn closed(&mut self, sock_id: u64, connect_ns: u64) {
+        if let Some((container, pod, address, matched)) = self.open.remove(&(sock_id, connect_ns)) {
+            self.cache
+                .hold(container, pod.as_deref(), &address, matched, false);
+        }
+    }
+
+    /// Drops expired names and de-duplication entries (call now and then).
+    pub fn expire(&mut self) {
+        let now = clock::boot_now_ns();
+        self.cache.expire(now);
+        let window = self.settings.window.as_nanos() as u64;
+        self.reported
+            .retain(|_, last| now.saturating_sub(*last) < window);
+    }
+}
