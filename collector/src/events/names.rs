@@ -100,13 +100,13 @@ impl Names {
         let mut record = raw.head;
         let pod = pod_of(&record);
         self.cache
-            .insert(record.cgroup.id, pod.as_deref(), &answer, now);
+            .insert(record.cgroup.leaf_id, pod.as_deref(), &answer, now);
         if self.cache.full > self.cache_full_seen {
             stats.record_dns("cache_full", self.cache.full - self.cache_full_seen);
             self.cache_full_seen = self.cache.full;
         }
         let key = (
-            record.cgroup.id,
+            record.cgroup.leaf_id,
             answer.name.clone(),
             answer.qtype,
             answer.rcode,
@@ -142,7 +142,7 @@ impl Names {
         let pod = pod_of(connection);
         let address = connection.destination.ip();
         let Some(server) = self.cache.lookup(
-            connection.cgroup.id,
+            connection.cgroup.leaf_id,
             pod.as_deref(),
             &address,
             clock::boot_now_ns(),
@@ -154,14 +154,16 @@ impl Names {
         {
             let key = (outcome.sock_id, outcome.connect_boot_ns);
             self.cache.hold(
-                connection.cgroup.id,
+                connection.cgroup.leaf_id,
                 pod.as_deref(),
                 &address,
                 server.matched,
                 true,
             );
-            self.open
-                .insert(key, (connection.cgroup.id, pod, address, server.matched));
+            self.open.insert(
+                key,
+                (connection.cgroup.leaf_id, pod, address, server.matched),
+            );
         }
         connection.server = Some(server);
         true
