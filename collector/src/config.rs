@@ -215,6 +215,14 @@ pub struct OtlpArgs {
     /// Count `egress.connections` per destination address too (high cardinality).
     #[arg(long)]
     pub metrics_destination_address: bool,
+    /// Count `egress.connections` per `server.address` too (the name the workload
+    /// resolved, else the IP), at most `--metrics-server-address-cap` names per workload
+    /// (the rest as `~other`).
+    #[arg(long)]
+    pub metrics_server_address: bool,
+    /// Distinct `server.address` values per workload in the metrics.
+    #[arg(long, default_value_t = 100)]
+    pub metrics_server_address_cap: usize,
     /// Send the collector's own logs and spans to the OTLP endpoint too (service.name
     /// egress-collector), besides stderr.
     #[arg(long)]
@@ -715,6 +723,9 @@ impl OtlpArgs {
                 .unwrap_or(100_000),
             metrics_destination_address: self.metrics_destination_address
                 || export.metrics_destination_address.unwrap_or(false),
+            metrics_server_address: self
+                .metrics_server_address
+                .then_some(self.metrics_server_address_cap.max(1)),
             self_resource: resource_attributes(env)?,
         }))
     }

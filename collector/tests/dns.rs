@@ -9,7 +9,16 @@
 
 mod support;
 
+use std::sync::{Arc, Mutex};
+
+use opentelemetry_proto::tonic::{
+    common::v1::{KeyValue, any_value::Value as V},
+    metrics::v1::{metric::Data, number_data_point},
+};
+use support::receiver::{self, Received, Shared, runtime};
+
 use std::{
+    collections::BTreeMap,
     io::{Read, Write},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     os::fd::AsRawFd,
@@ -65,12 +74,14 @@ impl Resolver {
     }
 
     fn start() -> Self {
+        static STARTED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let id = std::process::id();
-        let subnet = (id % 200) as u8 + 20;
-        let ns = format!("edns-{id}");
+        let subnet = ((id + n * 37) % 200) as u8 + 20;
+        let ns = format!("edns-{id}-{n}");
         let (host_if, ns_if) = (
-            format!("edh{}", id % 100_000),
-            format!("edn{}", id % 100_000),
+            format!("edh{}{n}", id % 100_000),
+            format!("edn{}{n}", id % 100_000),
         );
         sh(&["ip", "netns", "add", &ns]);
         sh(&[
@@ -148,7 +159,7 @@ impl Resolver {
             .stderr(Stdio::piped())
             .spawn()
             .expect("dnsmasq (scripts/setup.sh installs dnsmasq-base)");
-        let resolv_conf = std::env::temp_dir().join(format!("egress-dns-resolv-{id}.conf"));
+        let resolv_conf = std::env::temp_dir().join(format!("egress-dns-resolv-{id}-{n}.conf"));
         // What a Kubernetes pod gets: a search list and ndots:5, so `a.test` is first
         // asked as `a.test.svc.test` (NXDOMAIN).
         std::fs::write(
@@ -613,5 +624,170 @@ socket.create_connection(('{short}', {port})).close()"
         "{} problems:\n{}",
         check.problems.len(),
         check.problems.join("\n")
+    );
+}
+
+fn str_attr(attributes: &[KeyValue], key: &str) -> Option<String> {
+    attributes.iter().find(|kv| kv.key == key).and_then(|kv| {
+        match kv.value.as_ref()?.value.as_ref()? {
+            V::StringValue(s) => Some(s.clone()),
+            _ => None,
+        }
+    })
+}
+
+/// Over OTLP: `egress.dns` log records (a repeat in its window logged once), the name on
+/// close records and spans, `egress.dns.queries` by response code, `dns.lookup.duration`,
+/// and `egress.connections` per `server.address` behind its flag.
+#[test]
+fn dns_records_metrics_and_names_over_otlp() {
+    require_root();
+    let resolver = Resolver::start();
+    resolver.listen();
+    let rt = runtime();
+    let received: Shared = Arc::new(Mutex::new(Received::default()));
+    let receiver = rt.block_on(receiver::grpc(
+        "127.0.0.1:0".parse().expect("addr"),
+        Arc::clone(&received),
+    ));
+    let endpoint = format!("http://{}", receiver.addr);
+    let collector = RunningCollector::start_with(
+        Path::new(COLLECTOR),
+        &[
+            "--probe",
+            "tracepoint",
+            "--otlp-endpoint",
+            &endpoint,
+            "--export-interval",
+            "1s",
+            "--batch-timeout",
+            "200ms",
+            "--close-records",
+            "--connection-spans",
+            "--metrics-server-address",
+        ],
+        Duration::from_secs(60),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let go = query_udp_connected(resolver.server(), "go.test", TYPE::A).expect("go.test");
+    let again = query_udp_connected(resolver.server(), "go.test", TYPE::A).expect("go.test");
+    assert_eq!(go, again);
+    assert_eq!(
+        query_udp_connected(resolver.server(), "nope.test", TYPE::A),
+        None,
+        "nope.test has no address"
+    );
+    let mut stream = TcpStream::connect((go, PORT)).expect("connect to go.test");
+    stream.write_all(b"hello").expect("write");
+    drop(stream);
+    thread::sleep(Duration::from_millis(2500));
+    let (clean, _, stderr) = collector
+        .stop(Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        clean,
+        "collector did not stop cleanly:\n{}",
+        stderr.join("\n")
+    );
+    let received = received.lock().expect("lock");
+    let me = i64::from(std::process::id());
+    let mine = |attributes: &[KeyValue]| receiver::int_attr(attributes, "process.pid") == Some(me);
+
+    let dns_logs: Vec<_> = received
+        .log_records()
+        .filter(|r| r.event_name == "egress.dns" && mine(&r.attributes))
+        .map(|r| {
+            (
+                str_attr(&r.attributes, "dns.question.name").unwrap_or_default(),
+                str_attr(&r.attributes, "dns.response_code").unwrap_or_default(),
+            )
+        })
+        .collect();
+    let count = |name: &str, rcode: &str| {
+        dns_logs
+            .iter()
+            .filter(|(n, r)| n == name && r == rcode)
+            .count()
+    };
+    assert_eq!(count("go.test", "NOERROR"), 1, "{dns_logs:?}");
+    assert_eq!(count("nope.test", "NXDOMAIN"), 1, "{dns_logs:?}");
+
+    let to_go = |attributes: &[KeyValue]| {
+        mine(attributes) && str_attr(attributes, "network.peer.address") == Some(go.to_string())
+    };
+    let closes: Vec<_> = received
+        .log_records()
+        .filter(|r| r.event_name == "egress.connection.close" && to_go(&r.attributes))
+        .collect();
+    assert_eq!(closes.len(), 1, "one close record to go.test");
+    assert_eq!(
+        str_attr(&closes[0].attributes, "server.address").as_deref(),
+        Some("go.test")
+    );
+    let spans: Vec<_> = received
+        .traces
+        .iter()
+        .flat_map(|t| &t.resource_spans)
+        .flat_map(|rs| &rs.scope_spans)
+        .flat_map(|ss| &ss.spans)
+        .filter(|s| to_go(&s.attributes))
+        .collect();
+    assert_eq!(spans.len(), 1, "one span to go.test");
+    assert_eq!(
+        str_attr(&spans[0].attributes, "server.address").as_deref(),
+        Some("go.test")
+    );
+
+    // The last export of each metric holds the cumulative values.
+    let mut queries = BTreeMap::new();
+    let mut lookups = 0;
+    let mut named_connections = 0;
+    for request in &received.metrics {
+        for rm in &request.resource_metrics {
+            for metric in rm.scope_metrics.iter().flat_map(|sm| &sm.metrics) {
+                match (metric.name.as_str(), &metric.data) {
+                    ("egress.dns.queries", Some(Data::Sum(sum))) => {
+                        for p in &sum.data_points {
+                            if let (Some(rcode), Some(number_data_point::Value::AsInt(n))) =
+                                (str_attr(&p.attributes, "dns.response_code"), p.value)
+                            {
+                                let slot = queries.entry(rcode).or_insert(0);
+                                *slot = (*slot).max(n);
+                            }
+                        }
+                    }
+                    ("dns.lookup.duration", Some(Data::Histogram(h))) => {
+                        for p in &h.data_points {
+                            lookups = lookups.max(p.count);
+                        }
+                    }
+                    ("egress.connections", Some(Data::Sum(sum))) => {
+                        for p in &sum.data_points {
+                            if str_attr(&p.attributes, "server.address").as_deref()
+                                == Some("go.test")
+                            {
+                                named_connections += 1;
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+    // go.test twice (the repeat counted though not logged again), and this host's
+    // other processes may have looked names up too.
+    assert!(
+        queries.get("NOERROR").is_some_and(|n| *n >= 2),
+        "{queries:?}"
+    );
+    assert!(
+        queries.get("NXDOMAIN").is_some_and(|n| *n >= 1),
+        "{queries:?}"
+    );
+    assert!(lookups >= 2, "dns.lookup.duration count {lookups}");
+    assert!(
+        named_connections > 0,
+        "egress.connections per server.address"
     );
 }

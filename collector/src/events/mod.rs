@@ -188,7 +188,9 @@ impl EventReader {
                         }
                     }
                     Ok(Decoded::Dns(raw)) => {
-                        if let Some(record) = self.names.answer(*raw, &self.stats) {
+                        if let Some(record) = self.names.answer(*raw, &self.stats)
+                            && (record.logged() || self.outcomes.metrics)
+                        {
                             batch.push(record);
                         }
                     }

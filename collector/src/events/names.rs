@@ -75,8 +75,9 @@ impl Names {
         self.settings.enabled
     }
 
-    /// A DNS message read by a workload: the record to report, if any (an error or a
-    /// repeat in its window is counted instead).
+    /// A DNS message read by a workload: its record (metrics only for a repeat of the
+    /// same container/name/type/rcode in its window), or `None` for a message that does
+    /// not parse (counted).
     pub fn answer(&mut self, raw: RawDns, stats: &Stats) -> Option<Connection> {
         if raw.truncated {
             stats.record_dns("truncated", 1);
@@ -112,14 +113,16 @@ impl Names {
             answer.rcode,
         );
         let window = self.settings.window.as_nanos() as u64;
+        record.kind = EventKind::DnsAnswer;
         if let Some(last) = self.reported.get(&key)
             && now.saturating_sub(*last) < window
         {
+            // A repeat in its window: counted in the metrics, not logged again.
             stats.record_dns("deduplicated", 1);
-            return None;
+            record.delivery = super::Delivery::MetricsOnly;
+        } else {
+            self.reported.insert(key, now);
         }
-        self.reported.insert(key, now);
-        record.kind = EventKind::DnsAnswer;
         record.dns = Some(Box::new(DnsLookup {
             answer,
             latency_ns: raw.latency_ns,

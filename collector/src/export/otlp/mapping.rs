@@ -143,6 +143,9 @@ struct SeriesKey {
     network_type: &'static str,
     port: u16,
     address: Option<IpAddr>,
+    /// `server.address` (with `--metrics-server-address`): the resolved name, the IP,
+    /// or `~other` beyond the cap of names per workload.
+    server: Option<String>,
     /// TCP attempts that failed; absent on success and for UDP.
     error_type: Option<&'static str>,
 }
@@ -151,7 +154,12 @@ struct SeriesKey {
 struct Series {
     counts: HashMap<SeriesKey, u64>,
     overflow: u64,
+    /// Distinct `server.address` values so far (capped).
+    names: std::collections::HashSet<String>,
 }
+
+/// The value beyond the cap of distinct names per workload.
+pub const OTHER_SERVER: &str = "~other";
 
 /// Cumulative connection counts per workload since the collector started, and the
 /// metrics of how TCP connections went ([`Lifecycle`]).
@@ -160,6 +168,9 @@ pub struct ConnectionCounts {
     include_address: bool,
     series: HashMap<Arc<Resource>, Series>,
     lifecycle: HashMap<Arc<Resource>, Lifecycle>,
+    dns: HashMap<Arc<Resource>, super::lifecycle::DnsMetrics>,
+    /// Cap of distinct `server.address` values per workload; `None` leaves it out.
+    server_names: Option<usize>,
 }
 
 impl ConnectionCounts {
@@ -169,11 +180,28 @@ impl ConnectionCounts {
             include_address,
             series: HashMap::new(),
             lifecycle: HashMap::new(),
+            dns: HashMap::new(),
+            server_names: None,
         }
+    }
+
+    /// Counts `egress.connections` per `server.address` too, at most `cap` names per
+    /// workload (the rest as `~other`).
+    pub fn with_server_address(mut self, cap: Option<usize>) -> Self {
+        self.server_names = cap;
+        self
     }
 
     pub fn record(&mut self, record: &Record) {
         let c = &record.connection;
+        if let Some(lookup) = &c.dns {
+            // A DNS answer is not a connection.
+            self.dns
+                .entry(Arc::clone(&record.resource))
+                .or_default()
+                .record(lookup);
+            return;
+        }
         if c.outcome.is_some() || c.close.is_some() {
             self.lifecycle
                 .entry(Arc::clone(&record.resource))
@@ -184,14 +212,29 @@ impl ConnectionCounts {
             // A close is not a connection attempt.
             return;
         }
+        let series = self.series.entry(Arc::clone(&record.resource)).or_default();
+        let server = self.server_names.map(|cap| {
+            let name = c
+                .server
+                .as_ref()
+                .map_or_else(|| c.destination.ip().to_string(), |s| s.name.clone());
+            if series.names.contains(&name) {
+                name
+            } else if series.names.len() < cap {
+                series.names.insert(name.clone());
+                name
+            } else {
+                OTHER_SERVER.to_owned()
+            }
+        });
         let key = SeriesKey {
             transport: c.transport.as_str(),
             network_type: c.network_type(),
             port: c.destination.port(),
             address: self.include_address.then(|| c.destination.ip()),
+            server,
             error_type: c.outcome.and_then(|o| o.error_type),
         };
-        let series = self.series.entry(Arc::clone(&record.resource)).or_default();
         if let Some(count) = series.counts.get_mut(&key) {
             *count += c.count;
         } else if series.counts.len() < MAX_SERIES_PER_RESOURCE {
@@ -224,6 +267,9 @@ impl ConnectionCounts {
                         address.to_string().into(),
                     ));
                 }
+                if let Some(server) = &key.server {
+                    attributes.push(key_value(semconv::SERVER_ADDRESS, server.clone().into()));
+                }
                 if let Some(error) = key.error_type {
                     attributes.push(key_value(semconv::ERROR_TYPE, error.into()));
                 }
@@ -240,12 +286,14 @@ impl ConnectionCounts {
     }
 
     pub fn resource_metrics(&self, now: u64) -> Vec<ResourceMetrics> {
-        let resources = self.series.keys().chain(
-            self.lifecycle
-                .keys()
-                .filter(|r| !self.series.contains_key(*r)),
-        );
+        let mut resources: Vec<&Arc<Resource>> = self.series.keys().collect();
+        for r in self.lifecycle.keys().chain(self.dns.keys()) {
+            if !resources.contains(&r) {
+                resources.push(r);
+            }
+        }
         resources
+            .into_iter()
             .map(|resource| {
                 let mut metrics = Vec::new();
                 if let Some(series) = self.series.get(resource) {
@@ -258,6 +306,9 @@ impl ConnectionCounts {
                 }
                 if let Some(lifecycle) = self.lifecycle.get(resource) {
                     metrics.extend(lifecycle.metrics(self.start_unix_nano, now));
+                }
+                if let Some(dns) = self.dns.get(resource) {
+                    metrics.extend(dns.metrics(self.start_unix_nano, now));
                 }
                 ResourceMetrics {
                     resource: Some(proto_resource(&resource.attributes)),

@@ -251,7 +251,8 @@ impl OtlpExporter {
     /// Exports until `input` closes, then flushes within the deadline.
     pub async fn run(self, mut input: mpsc::Receiver<Vec<Record>>) {
         let start = unix_nanos_now();
-        let mut counts = ConnectionCounts::new(start, self.settings.metrics_destination_address);
+        let mut counts = ConnectionCounts::new(start, self.settings.metrics_destination_address)
+            .with_server_address(self.settings.metrics_server_address);
         let mut queue = BatchQueue::new(self.settings.queue_records);
         let mut spans = SpanBatch::default();
         let mut pending: Vec<Record> = Vec::with_capacity(self.settings.batch_size);
