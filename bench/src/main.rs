@@ -7,6 +7,7 @@
 //! accounting adds up. `egress-bench load` is the load generator itself.
 
 mod containers;
+mod dns_cost;
 mod kernel_cost;
 mod load;
 mod outage;
@@ -52,6 +53,22 @@ enum Command {
         /// Seconds the endpoint stays down.
         #[arg(long, default_value_t = 60)]
         down: u64,
+    },
+    /// What DNS capture costs: kernel time per received segment/datagram that is not
+    /// DNS under a loopback iperf3 bulk transfer, the transfer's throughput with and
+    /// without the collector, and kernel time per DNS answer.
+    DnsCost {
+        #[arg(long, default_value = "target/release/egress-collector")]
+        collector: PathBuf,
+        /// Seconds per bulk transfer.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// DNS lookups for the per-answer figure.
+        #[arg(long, default_value_t = 2000)]
+        queries: u64,
+        /// Report to update (its `dns-cost` section).
+        #[arg(long, default_value = "BENCHMARKS.md")]
+        report: PathBuf,
     },
     /// Kernel program time per TCP connection (kernel.bpf_stats_enabled): each collector
     /// given, in tracepoint mode, and `tcplife` (libbpf-tools) beside them.
@@ -233,6 +250,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Hop { list, port } => containers::hop(&list, port),
+        Command::DnsCost {
+            collector,
+            seconds,
+            queries,
+            report,
+        } => {
+            let table = dns_cost::measure(&collector, seconds, queries)?;
+            print!("{table}");
+            let text = std::fs::read_to_string(&report).unwrap_or_default();
+            let command = format!(
+                "egress-bench dns-cost --collector {} --seconds {seconds} --queries {queries}",
+                collector.display()
+            );
+            std::fs::write(&report, dns_cost::replace_section(&text, &command, &table))?;
+            Ok(())
+        }
         Command::KernelCost {
             collectors,
             tcplife,

@@ -2,7 +2,7 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use egress_shared::{AggregateKey, COUNTER_COUNT, ConnectEvent, ProbeConfig};
 
@@ -175,3 +175,13 @@ pub struct DnsRead {
 /// Where a DNS record is assembled (1744 bytes).
 #[map]
 pub static DNS_SCRATCH: PerCpuArray<egress_shared::DnsEvent> = PerCpuArray::with_max_entries(1, 0);
+
+/// One bit per process (by `tgid`, folded into 65536 bits) that has marked a DNS socket:
+/// the early exit of every read syscall's entry and exit on the node is this array load
+/// (inlined by the verifier), not a hash lookup. Bits are never cleared: a process that
+/// looked a name up once pays the hash lookups on its later reads, a fold collision too.
+/// Set without an atomic (eBPF Rust has no atomic read-modify-write): two CPUs marking
+/// processes of the same word at the same instant can lose one bit, which that
+/// process's next query sets again.
+#[map]
+pub static DNS_PROCESSES: Array<u64> = Array::with_max_entries(1024, 0);

@@ -6,9 +6,10 @@
 //! copies a linear skb with `copy_linear_skb`), and no net tracepoint carries the
 //! payload as the reader gets it. The syscall tracepoints see glibc/musl (recvfrom,
 //! recvmsg), Go (read on a connected socket) and DNS over TCP (read), in the reading
-//! task, so cgroup and network namespace are the workload's. A read that is not on a
-//! marked descriptor costs one hash lookup at entry and one (of an almost empty map) at
-//! exit. Not seen: io_uring receives (no syscall), readv/recvmmsg.
+//! task, so cgroup and network namespace are the workload's. A read by a process that
+//! never marked a socket costs one array load at entry and one at exit; a process that
+//! did pays a hash lookup at entry and exit of each read. Not seen:
+//! io_uring receives (no syscall), readv/recvmmsg.
 
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_boot_ns, bpf_probe_read_user},
@@ -19,7 +20,9 @@ use egress_shared::{DNS_PAYLOAD_MAX, DnsFlags, EventKind};
 
 use crate::{
     emit,
-    maps::{DNS_READS, DNS_SCRATCH, DNS_SOCKETS, DnsRead, DnsSocket, EVENTS, config},
+    maps::{
+        DNS_PROCESSES, DNS_READS, DNS_SCRATCH, DNS_SOCKETS, DnsRead, DnsSocket, EVENTS, config,
+    },
     sock::{self, IPPROTO_TCP},
     task,
 };
@@ -39,6 +42,20 @@ fn arg(ctx: &TracePointContext, at: usize) -> Option<u64> {
     unsafe { ctx.read_at::<u64>(at).ok() }
 }
 
+/// The word and bit of `DNS_PROCESSES` for the current process.
+#[inline(always)]
+fn process_bit() -> (u32, u64) {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    ((tgid >> 6) & 1023, 1 << (tgid & 63))
+}
+
+/// Whether the current process has marked a DNS socket (see `DNS_PROCESSES`).
+#[inline(always)]
+fn process_marked() -> bool {
+    let (word, bit) = process_bit();
+    DNS_PROCESSES.get(word).is_some_and(|bits| bits & bit != 0)
+}
+
 #[inline(always)]
 fn key(fd: u64) -> u64 {
     (bpf_get_current_pid_tgid() & 0xffff_ffff_0000_0000) | (fd & 0xffff_ffff)
@@ -56,12 +73,20 @@ pub fn mark(fd: u64, sk: u64) {
         sent_ns: unsafe { bpf_ktime_get_boot_ns() },
     };
     let _ = DNS_SOCKETS.insert(&key(fd), &entry, 0);
+    let (word, bit) = process_bit();
+    if let Some(slot) = DNS_PROCESSES.get_ptr_mut(word) {
+        // SAFETY: a map value; see DNS_PROCESSES on the race.
+        unsafe { *slot |= bit };
+    }
 }
 
 #[inline(always)]
 fn enter(ctx: &TracePointContext, is_msghdr: bool) {
+    // The early exit every read on the node takes: has this process marked a socket?
+    if !process_marked() {
+        return;
+    }
     let Some(fd) = arg(ctx, ARG0) else { return };
-    // The early exit every read on the node takes.
     // SAFETY: a plain value copied out at once.
     let Some(marked) = (unsafe { DNS_SOCKETS.get(&key(fd)) }) else {
         return;
@@ -103,6 +128,10 @@ pub fn tp_dns_enter_recvmsg(ctx: TracePointContext) -> u32 {
 /// (ret): copies what a marked read returned.
 #[tracepoint]
 pub fn tp_dns_exit_read(ctx: TracePointContext) -> u32 {
+    // The early exit of every other syscall exit, as at entry.
+    if !process_marked() {
+        return 0;
+    }
     let tid = bpf_get_current_pid_tgid() as u32;
     // SAFETY: copied out before removal.
     let Some(read) = (unsafe { DNS_READS.get(&tid) }).copied() else {
