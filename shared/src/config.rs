@@ -149,10 +149,16 @@ pub struct ProbeConfig {
     /// 1 when DNS answers are captured (sockets that send to port 53 are marked, and
     /// what is read from them copied); 0 leaves the DNS programs with nothing to do.
     pub dns: u32,
+    /// Offsets in `struct pt_regs` of a syscall's first two arguments as the task saved
+    /// them at entry (x86_64: `di`, `si`): the DNS read hooks then run at syscall exit
+    /// only. 0 (other architectures): an entry hook saves them instead.
+    pub dns_regs_fd: u32,
+    pub dns_regs_buf: u32,
     pub _dns_pad: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<ProbeConfig>() == 57 * 4 + 14 * 4 + 4 + 8 + 16 + 16 + 8);
+const _: () =
+    assert!(core::mem::size_of::<ProbeConfig>() == 57 * 4 + 14 * 4 + 4 + 8 + 16 + 16 + 16);
 
 impl ProbeConfig {
     pub const fn zeroed() -> Self {
@@ -243,6 +249,8 @@ impl ProbeConfig {
             exclude_addresses: 0,
             exclude_cgroups: 0,
             dns: 0,
+            dns_regs_fd: 0,
+            dns_regs_buf: 0,
             _dns_pad: 0,
         }
     }

@@ -6,9 +6,10 @@
 //! copies a linear skb with `copy_linear_skb`), and no net tracepoint carries the
 //! payload as the reader gets it. The syscall tracepoints see glibc/musl (recvfrom,
 //! recvmsg), Go (read on a connected socket) and DNS over TCP (read), in the reading
-//! task, so cgroup and network namespace are the workload's. A read by a process that
-//! never marked a socket costs one array load at entry and one at exit; a process that
-//! did pays a hash lookup at entry and exit of each read. Not seen:
+//! task, so cgroup and network namespace are the workload's. On x86_64 only the exits
+//! are hooked (the arguments are read back from the registers the task saved at entry);
+//! a read by a process that never marked a socket costs one array load there. A process
+//! that did pays a hash lookup per read. Not seen:
 //! io_uring receives (no syscall), readv/recvmmsg.
 
 use aya_ebpf::{
@@ -124,32 +125,72 @@ pub fn tp_dns_enter_recvmsg(ctx: TracePointContext) -> u32 {
     0
 }
 
-/// hook: tracepoints `syscalls:sys_exit_read`, `sys_exit_recvfrom`, `sys_exit_recvmsg`
-/// (ret): copies what a marked read returned.
+/// hook: tracepoints `syscalls:sys_exit_read` and `sys_exit_recvfrom` (ret): copies what
+/// a marked read returned into the buffer (the second argument).
 #[tracepoint]
 pub fn tp_dns_exit_read(ctx: TracePointContext) -> u32 {
-    // The early exit of every other syscall exit, as at entry.
-    if !process_marked() {
-        return 0;
+    exit(&ctx, false);
+    0
+}
+
+/// hook: tracepoint `syscalls:sys_exit_recvmsg` (ret): the same, through the `msghdr`.
+#[tracepoint]
+pub fn tp_dns_exit_recvmsg(ctx: TracePointContext) -> u32 {
+    exit(&ctx, true);
+    0
+}
+
+/// The read's descriptor and buffer: from the registers the task saved at syscall
+/// entry (they hold the arguments until the exit; the return value goes elsewhere), or
+/// from what the entry hook saved where those offsets are unknown.
+#[inline(always)]
+fn arguments(is_msghdr: bool) -> Option<DnsRead> {
+    let fd_at = config!(dns_regs_fd);
+    if fd_at == 0 {
+        let tid = bpf_get_current_pid_tgid() as u32;
+        // SAFETY: copied out before removal.
+        let read = unsafe { DNS_READS.get(&tid) }.copied()?;
+        let _ = DNS_READS.remove(&tid);
+        return Some(read);
     }
-    let tid = bpf_get_current_pid_tgid() as u32;
-    // SAFETY: copied out before removal.
-    let Some(read) = (unsafe { DNS_READS.get(&tid) }).copied() else {
-        return 0;
+    // SAFETY: the helpers take the current task's BTF pointer and return its pt_regs.
+    let regs = unsafe {
+        aya_ebpf::helpers::generated::bpf_task_pt_regs(
+            aya_ebpf::helpers::generated::bpf_get_current_task_btf(),
+        )
+    } as u64;
+    let fd: u64 = crate::read::kernel(regs, fd_at).ok()?;
+    // SAFETY: a plain value copied out at once.
+    let marked = unsafe { DNS_SOCKETS.get(&key(fd)) }?;
+    Some(DnsRead {
+        sk: marked.sk,
+        fd,
+        buf: crate::read::kernel(regs, config!(dns_regs_buf)).ok()?,
+        is_msghdr: is_msghdr as u64,
+        sent_ns: marked.sent_ns,
+    })
+}
+
+#[inline(always)]
+fn exit(ctx: &TracePointContext, is_msghdr: bool) {
+    // The early exit of every read on the node, as at entry.
+    if !process_marked() {
+        return;
+    }
+    let Some(read) = arguments(is_msghdr) else {
+        return;
     };
-    let _ = DNS_READS.remove(&tid);
-    let Some(ret) = arg(&ctx, RET) else { return 0 };
+    let Some(ret) = arg(ctx, RET) else { return };
     let ret = ret as i64;
     if ret <= 0 {
-        return 0;
+        return;
     }
     // The descriptor may name another socket by now (closed and reused).
     if sock::from_fd(read.fd) != Ok(read.sk) {
         let _ = DNS_SOCKETS.remove(&key(read.fd));
-        return 0;
+        return;
     }
     copy_answer(&read, ret as u64);
-    0
 }
 
 #[inline(always)]

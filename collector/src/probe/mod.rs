@@ -182,6 +182,8 @@ impl KernelFacts {
             exclude_addresses: u32::from(!settings.excluded_destinations.is_empty()),
             exclude_cgroups: u32::from(settings.exclude_cgroups),
             dns: u32::from(settings.dns),
+            dns_regs_fd: syscall_arg_offsets(&kernel_btf).0,
+            dns_regs_buf: syscall_arg_offsets(&kernel_btf).1,
             _dns_pad: 0,
             cgroup_subsys_index,
         };
@@ -215,6 +217,19 @@ impl KernelFacts {
         attach::attach(&mut ebpf, mode, self.aya_btf.as_ref()).map_err(|e| one_line(&e))?;
         attach::detach(&mut ebpf, mode);
         Ok(())
+    }
+}
+
+/// Where `struct pt_regs` keeps a syscall's first two arguments through to its exit
+/// (x86_64: `di`, `si`; the return value goes to `ax`); (0, 0) where unknown, and the DNS
+/// read hooks then save them at syscall entry.
+fn syscall_arg_offsets(btf: &KernelBtf) -> (u32, u32) {
+    if !cfg!(target_arch = "x86_64") {
+        return (0, 0);
+    }
+    match (btf.offset("pt_regs", "di"), btf.offset("pt_regs", "si")) {
+        (Ok(fd), Ok(buf)) if fd != 0 && buf != 0 => (fd, buf),
+        _ => (0, 0),
     }
 }
 
@@ -255,7 +270,8 @@ impl Probes {
             }
             match attach::attach(&mut ebpf, mode, facts.aya_btf.as_ref()) {
                 Ok(()) => {
-                    let dns_attached = settings.dns && attach::attach_dns(&mut ebpf, mode);
+                    let dns_attached = settings.dns
+                        && attach::attach_dns(&mut ebpf, mode, facts.config.dns_regs_fd != 0);
                     release_btf(&mut facts);
                     let span = tracing::Span::current();
                     span.record("probe.mode", mode.as_str());
