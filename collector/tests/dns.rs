@@ -470,6 +470,14 @@ except socket.gaierror:
         ),
     );
 
+    // A query no answer comes back for (no host at that address): sendto, as glibc.
+    let lost = UdpSocket::bind("0.0.0.0:0").expect("bind");
+    lost.send_to(
+        &query_bytes("lost.test", TYPE::A, 0x4444),
+        SocketAddr::new(IpAddr::V4(resolver.v4(99)), 53),
+    )
+    .expect("send the lost query");
+
     // Go-like (connected UDP, write/read) and DNS over TCP, from this process.
     let go_address =
         query_udp_connected(resolver.server(), "go.test", TYPE::A).expect("go.test answered");
@@ -578,6 +586,15 @@ socket.create_connection(('{short}', {port})).close()"
         {
             check.problems.push(format!("a.test latency: {r}"));
         }
+    }
+    let lost: Vec<_> = records(&all, me, "dns", None)
+        .into_iter()
+        .filter(|r| attr(r, "dns.question.name") == "lost.test")
+        .collect();
+    if lost.len() != 1 || attr(lost[0], "error.type") != "timeout" {
+        check.problems.push(format!(
+            "unanswered query: {lost:?}, want one with error.type timeout"
+        ));
     }
     check.named("Go-like read()", me, go_address, "go.test", "container");
     check.named("DNS over TCP", me, tcp_address, "tcp.test", "container");

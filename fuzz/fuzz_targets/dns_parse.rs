@@ -10,5 +10,6 @@ fuzz_target!(|data: &[u8]| {
             let _ = egress_collector::dns::type_name(answer.qtype);
             let _ = egress_collector::dns::rcode_name(answer.rcode);
         }
+        let _ = egress_collector::dns::parse_query(rest, first & 1 == 1);
     }
 });

@@ -340,6 +340,8 @@ impl DnsFlags {
     pub const TCP: u8 = 1;
     /// The read returned more than [`DNS_PAYLOAD_MAX`] bytes: the copy is cut short.
     pub const TRUNCATED: u8 = 2;
+    /// A query the workload sent (copied at the send), not a message it read.
+    pub const QUERY: u8 = 4;
 }
 
 /// A DNS message a workload read from a socket marked as DNS (it sent to port 53): the

@@ -190,11 +190,49 @@ fn exit(ctx: &TracePointContext, is_msghdr: bool) {
         let _ = DNS_SOCKETS.remove(&key(read.fd));
         return;
     }
-    copy_answer(&read, ret as u64);
+    copy_answer(&read, ret as u64, false);
+}
+
+/// A send to port 53 that succeeded (`ret` > 0): copies the query, so lookups that get
+/// no answer are visible too. `user_addr` is the `msghdr` (sendmsg; the first of
+/// sendmmsg), or 0 for sendto, whose buffer is read back from the saved registers.
+#[inline(always)]
+pub fn query(fd: u64, sk: u64, user_addr: u64, is_msghdr: bool, ret: i64) {
+    if config!(dns) == 0 || ret <= 0 {
+        return;
+    }
+    let buf = if is_msghdr {
+        user_addr
+    } else {
+        let buf_at = config!(dns_regs_buf);
+        if buf_at == 0 {
+            return;
+        }
+        // SAFETY: as in `arguments`.
+        let regs = unsafe {
+            aya_ebpf::helpers::generated::bpf_task_pt_regs(
+                aya_ebpf::helpers::generated::bpf_get_current_task_btf(),
+            )
+        } as u64;
+        match crate::read::kernel::<u64>(regs, buf_at) {
+            Ok(buf) => buf,
+            Err(_) => return,
+        }
+    };
+    let read = DnsRead {
+        sk,
+        fd,
+        buf,
+        is_msghdr: is_msghdr as u64,
+        sent_ns: 0,
+    };
+    // sendmmsg returns a count of messages: the first iovec's length bounds the copy.
+    let returned = if is_msghdr { u64::MAX } else { ret as u64 };
+    copy_answer(&read, returned, true);
 }
 
 #[inline(always)]
-fn copy_answer(read: &DnsRead, returned: u64) {
+fn copy_answer(read: &DnsRead, returned: u64, is_query: bool) {
     let Some(slot) = DNS_SCRATCH.get_ptr_mut(0) else {
         return;
     };
@@ -246,6 +284,9 @@ fn copy_answer(read: &DnsRead, returned: u64) {
     }
     if ev.head.protocol == IPPROTO_TCP {
         ev.flags |= DnsFlags::TCP;
+    }
+    if is_query {
+        ev.flags |= DnsFlags::QUERY;
     }
     ev.head.kind = EventKind::DnsAnswer as u8;
     ev.head.sock_id = read.sk;

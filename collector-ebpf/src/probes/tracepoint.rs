@@ -58,7 +58,7 @@ pub fn tp_sys_enter_sendmmsg(ctx: TracePointContext) -> u32 {
 /// hook: tracepoint `syscalls:sys_exit_connect`, and `sys_exit_sendto`, `sys_exit_sendmsg`,
 /// `sys_exit_sendmmsg`: the socket is bound now, so its source port is known.
 #[tracepoint]
-pub fn tp_sys_exit(_ctx: TracePointContext) -> u32 {
+pub fn tp_sys_exit(ctx: TracePointContext) -> u32 {
     let Some(state) = emit::take_call() else {
         return 0;
     };
@@ -77,6 +77,14 @@ pub fn tp_sys_exit(_ctx: TracePointContext) -> u32 {
     };
     if port == super::dns::DNS_PORT {
         super::dns::mark(state.fd, sk);
+        if state.event_kind == EventKind::UdpSend as u32 {
+            // struct syscall_trace_exit: `long ret` at 16.
+            // SAFETY: within the syscall exit record.
+            let ret = unsafe { ctx.read_at::<i64>(16) }.unwrap_or(0);
+            let msghdr = state.user_addr_kind == USER_ADDR_MSGHDR;
+            let user_addr = if msghdr { state.user_addr } else { 0 };
+            super::dns::query(state.fd, sk, user_addr, msghdr, ret);
+        }
     }
     if state.event_kind == EventKind::UdpConnect as u32 {
         emit::connect_exit(sk, &dest);

@@ -215,6 +215,7 @@ mod tests {
 
     fn answer(name: &str, ip: &str, ttl: u32) -> Answer {
         Answer {
+            id: 1,
             name: name.into(),
             qtype: 1,
             rcode: 0,

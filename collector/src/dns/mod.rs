@@ -13,6 +13,8 @@ use simple_dns::{Packet, PacketFlag, rdata::RData};
 /// One DNS response, as much of it as naming connections needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Answer {
+    /// The message id (matches a query to its answer on one socket).
+    pub id: u16,
     /// The question, lower-cased, without the trailing dot.
     pub name: String,
     /// The question's type (1 = A, 28 = AAAA, ...).
@@ -31,6 +33,8 @@ pub enum ParseError {
     Malformed(String),
     #[error("a DNS query, not a response")]
     NotResponse,
+    #[error("a DNS response, not a query")]
+    NotQuery,
     #[error("a DNS response without a question")]
     NoQuestion,
 }
@@ -40,6 +44,7 @@ impl ParseError {
         match self {
             ParseError::Malformed(_) => "malformed",
             ParseError::NotResponse => "not_response",
+            ParseError::NotQuery => "not_query",
             ParseError::NoQuestion => "no_question",
         }
     }
@@ -80,24 +85,36 @@ fn clean(name: &str) -> String {
 /// 2-byte length unless the resolver read that on its own; both are accepted. A message
 /// cut short by the kernel's copy limit fails to parse and is counted by the caller.
 pub fn parse(bytes: &[u8], tcp: bool) -> Result<Answer, ParseError> {
+    parse_as(bytes, tcp, true)
+}
+
+/// Parses a query a workload sent: the question (no answers, rcode 0).
+pub fn parse_query(bytes: &[u8], tcp: bool) -> Result<Answer, ParseError> {
+    parse_as(bytes, tcp, false)
+}
+
+fn parse_as(bytes: &[u8], tcp: bool, response: bool) -> Result<Answer, ParseError> {
     if tcp && bytes.len() >= 2 {
         let prefixed = usize::from(u16::from_be_bytes([bytes[0], bytes[1]]));
         if prefixed == bytes.len() - 2 {
-            return parse_message(&bytes[2..]);
+            return parse_message(&bytes[2..], response);
         }
     }
-    parse_message(bytes)
+    parse_message(bytes, response)
 }
 
-fn parse_message(bytes: &[u8]) -> Result<Answer, ParseError> {
+fn parse_message(bytes: &[u8], response: bool) -> Result<Answer, ParseError> {
     let packet = Packet::parse(bytes).map_err(|e| ParseError::Malformed(e.to_string()))?;
-    if !packet.has_flags(PacketFlag::RESPONSE) {
-        return Err(ParseError::NotResponse);
+    match (response, packet.has_flags(PacketFlag::RESPONSE)) {
+        (true, false) => return Err(ParseError::NotResponse),
+        (false, true) => return Err(ParseError::NotQuery),
+        _ => {}
     }
     let question = packet.questions.first().ok_or(ParseError::NoQuestion)?;
     // The low 4 bits of the header's flags (extended codes need OPT: not used here).
     let rcode = bytes.get(3).map_or(0, |b| b & 0x0f);
     let mut answer = Answer {
+        id: packet.id(),
         name: clean(&question.qname.to_string()),
         qtype: question.qtype.into(),
         rcode,
@@ -193,6 +210,8 @@ mod tests {
         let mut query = good;
         query[2] &= 0x7f;
         assert_eq!(parse(&query, false), Err(ParseError::NotResponse));
+        let asked = parse_query(&query, false).expect("a query");
+        assert_eq!((asked.id, asked.name.as_str()), (7, "a.example.com"));
         let mut state = 1u32;
         for _ in 0..20_000 {
             let len = (state % 300) as usize;

@@ -131,14 +131,19 @@ pub struct Connection {
     pub server: Option<crate::dns::cache::ServerName>,
     /// [`EventKind::DnsAnswer`] records: the lookup.
     pub dns: Option<Box<DnsLookup>>,
+    /// DNS records: the socket (`ConnectEvent::sock_id`), to match queries and answers.
+    pub dns_sock: u64,
 }
 
 /// A DNS answer a workload received (an `egress.dns` record).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DnsLookup {
     pub answer: crate::dns::Answer,
-    /// From the socket's last query (or its connect) to the answer's read.
+    /// From the socket's last query (or its connect) to the answer's read; for an
+    /// unanswered query, how long it waited.
     pub latency_ns: u64,
+    /// A query no answer came back for (`error.type=timeout`; no response code).
+    pub unanswered: bool,
 }
 
 /// What a record is for (see [`Connection::delivery`]).
@@ -163,6 +168,11 @@ impl Connection {
             EventKind::TcpClose => "tcp_close",
             EventKind::DnsAnswer => "dns",
         }
+    }
+
+    /// The socket a DNS record was read from or sent on (`ConnectEvent::sock_id`).
+    pub fn outcome_sock(&self) -> u64 {
+        self.dns_sock
     }
 
     /// Whether this record becomes a log record.
@@ -217,6 +227,8 @@ pub struct RawDns {
     pub payload: Vec<u8>,
     pub tcp: bool,
     pub truncated: bool,
+    /// A query the workload sent (not an answer it read).
+    pub query: bool,
     pub latency_ns: u64,
 }
 
@@ -261,6 +273,7 @@ fn decode_dns(bytes: &[u8], clock: &BootClock) -> Result<RawDns, DecodeError> {
         payload: raw.payload[..len].to_vec(),
         tcp: raw.flags & DnsFlags::TCP != 0,
         truncated: raw.flags & DnsFlags::TRUNCATED != 0,
+        query: raw.flags & DnsFlags::QUERY != 0,
         latency_ns: u64::from(raw.latency_ns),
     })
 }
@@ -356,6 +369,11 @@ pub fn decode_connect(bytes: &[u8], clock: &BootClock) -> Result<Connection, Dec
         delivery: Delivery::Both,
         server: None,
         dns: None,
+        dns_sock: if kind == EventKind::DnsAnswer {
+            raw.sock_id
+        } else {
+            0
+        },
     })
 }
 

@@ -128,6 +128,10 @@ impl EventReader {
                     if self.ticks.is_multiple_of(50) {
                         self.names.expire();
                     }
+                    if self.ticks.is_multiple_of(10) {
+                        let unanswered = self.names.unanswered();
+                        self.hand_on(unanswered, &out);
+                    }
                 }
                 guard = self.ring.readable_mut() => {
                     match guard {
@@ -148,6 +152,13 @@ impl EventReader {
                     self.drain(&out);
                     self.close_aggregates(true, &out);
                     self.flush_open(&out);
+                    let unanswered = self.names.unanswered();
+                    self.hand_on(unanswered, &out);
+                    // Younger queries cannot be called unanswered yet: counted.
+                    self.stats.record_dns(
+                        "queries_pending_at_shutdown",
+                        self.names.pending_queries() as u64,
+                    );
                     break;
                 }
             }

@@ -45,6 +45,15 @@ impl Default for DnsSettings {
 
 type DedupKey = (u64, String, u16, u8);
 
+/// A query waiting for its answer, by (socket, message id).
+type QueryKey = (u64, u16);
+
+/// A query with no answer this long is reported as unanswered.
+pub const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Queries waiting at once; beyond it new ones are not followed (counted).
+const MAX_PENDING_QUERIES: usize = 65_536;
+
 /// An open connection named from the cache, by (socket, connect time).
 type OpenKey = (u64, u64);
 
@@ -54,6 +63,8 @@ pub struct Names {
     reported: HashMap<DedupKey, u64>,
     open: HashMap<OpenKey, (u64, Option<String>, IpAddr, Match)>,
     cache_full_seen: u64,
+    /// Queries sent, until their answer (or the timeout): (record, sent at boot ns).
+    queries: HashMap<QueryKey, (Connection, u64)>,
 }
 
 fn pod_of(connection: &Connection) -> Option<String> {
@@ -68,6 +79,7 @@ impl Names {
             reported: HashMap::new(),
             open: HashMap::new(),
             cache_full_seen: 0,
+            queries: HashMap::new(),
         }
     }
 
@@ -82,6 +94,10 @@ impl Names {
         if raw.truncated {
             stats.record_dns("truncated", 1);
         }
+        if raw.query {
+            self.query(raw, stats);
+            return None;
+        }
         let answer = match dns::parse(&raw.payload, raw.tcp) {
             Ok(answer) => answer,
             Err(e) => {
@@ -89,6 +105,7 @@ impl Names {
                     match e.reason() {
                         "malformed" => "unparsed_malformed",
                         "not_response" => "unparsed_not_response",
+                        "not_query" => "unparsed_not_query",
                         _ => "unparsed_no_question",
                     },
                     1,
@@ -99,6 +116,7 @@ impl Names {
         stats.record_dns("answers", 1);
         let now = clock::boot_now_ns();
         let mut record = raw.head;
+        self.queries.remove(&(record.outcome_sock(), answer.id));
         let pod = pod_of(&record);
         self.cache
             .insert(record.cgroup.leaf_id, pod.as_deref(), &answer, now);
@@ -126,8 +144,61 @@ impl Names {
         record.dns = Some(Box::new(DnsLookup {
             answer,
             latency_ns: raw.latency_ns,
+            unanswered: false,
         }));
         Some(record)
+    }
+
+    /// A query sent: followed until its answer, reported if none comes.
+    fn query(&mut self, raw: RawDns, stats: &Stats) {
+        let question = match dns::parse_query(&raw.payload, raw.tcp) {
+            Ok(q) => q,
+            Err(_) => {
+                stats.record_dns("unparsed_query", 1);
+                return;
+            }
+        };
+        stats.record_dns("queries", 1);
+        if self.queries.len() >= MAX_PENDING_QUERIES {
+            stats.record_dns("queries_not_followed", 1);
+            return;
+        }
+        let mut record = raw.head;
+        let key = (record.outcome_sock(), question.id);
+        record.kind = EventKind::DnsAnswer;
+        record.dns = Some(Box::new(DnsLookup {
+            answer: question,
+            latency_ns: 0,
+            unanswered: true,
+        }));
+        self.queries.insert(key, (record, clock::boot_now_ns()));
+    }
+
+    /// Queries still waiting (at shutdown: neither answered nor timed out).
+    pub fn pending_queries(&self) -> usize {
+        self.queries.len()
+    }
+
+    /// Queries older than [`QUERY_TIMEOUT`] with no answer: their records.
+    pub fn unanswered(&mut self) -> Vec<Connection> {
+        let now = clock::boot_now_ns();
+        let limit = QUERY_TIMEOUT.as_nanos() as u64;
+        let expired: Vec<QueryKey> = self
+            .queries
+            .iter()
+            .filter(|(_, (_, sent))| now.saturating_sub(*sent) >= limit)
+            .map(|(k, _)| *k)
+            .collect();
+        let mut records = Vec::new();
+        for key in expired {
+            if let Some((mut record, sent)) = self.queries.remove(&key) {
+                if let Some(lookup) = &mut record.dns {
+                    lookup.latency_ns = now.saturating_sub(sent);
+                }
+                records.push(record);
+            }
+        }
+        records
     }
 
     /// Names a connection (or folds a lookup's own flow): false drops the record.

@@ -153,10 +153,14 @@ pub fn of(record: &Record) -> Vec<(&'static str, Value)> {
             keys::DNS_QUESTION_TYPE,
             crate::dns::type_name(a.qtype).into(),
         ));
-        attributes.push((
-            keys::DNS_RESPONSE_CODE,
-            crate::dns::rcode_name(a.rcode).into(),
-        ));
+        if lookup.unanswered {
+            attributes.push((semconv::ERROR_TYPE, "timeout".into()));
+        } else {
+            attributes.push((
+                keys::DNS_RESPONSE_CODE,
+                crate::dns::rcode_name(a.rcode).into(),
+            ));
+        }
         attributes.push((
             semconv::DNS_ANSWERS,
             Value::StrArray(a.addresses.iter().map(|(ip, _)| ip.to_string()).collect()),

@@ -268,7 +268,11 @@ pub struct DnsMetrics {
 
 impl DnsMetrics {
     pub fn record(&mut self, lookup: &crate::events::decode::DnsLookup) {
-        let rcode = crate::dns::rcode_name(lookup.answer.rcode);
+        let rcode = if lookup.unanswered {
+            "TIMEOUT"
+        } else {
+            crate::dns::rcode_name(lookup.answer.rcode)
+        };
         let entry = self
             .by_rcode
             .entry(rcode)

@@ -51,6 +51,7 @@ pub(crate) fn connection(port: u16) -> Connection {
         delivery: crate::events::Delivery::Both,
         server: None,
         dns: None,
+        dns_sock: 0,
     }
 }
 
