@@ -9,10 +9,23 @@ cd "$(dirname "$0")/.."
 seconds=${1:-10}
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 cd fuzz
-for target in $(cargo +nightly fuzz list); do
+# Listed first, so a failing `cargo fuzz list` stops the script (set -e) instead of
+# leaving an empty loop that reports success.
+targets=$(cargo +nightly fuzz list)
+ran=0
+for target in $targets; do
   mkdir -p "corpus/$target"
   echo "fuzz: $target for ${seconds}s" >&2
-  cargo +nightly fuzz run --dev "$target" "corpus/$target" ../collector/src/enrich/runtime/fixtures \
-    -- -max_total_time="$seconds" -print_final_stats=0 2>&1 | grep -E "^Done|ERROR|panicked|SUMMARY" >&2 \
-    || { echo "fuzz: $target failed; see fuzz/artifacts/$target" >&2; exit 1; }
+  output=$(cargo +nightly fuzz run --dev "$target" "corpus/$target" ../collector/src/enrich/runtime/fixtures \
+    -- -max_total_time="$seconds" -print_final_stats=0 2>&1) \
+    || { echo "$output" | grep -E "ERROR|panicked|SUMMARY" >&2 || true; echo "fuzz: $target failed; see fuzz/artifacts/$target" >&2; exit 1; }
+  # libFuzzer ends a run that happened with "Done <n> runs".
+  echo "$output" | grep -E "^Done [0-9]+ runs" >&2 \
+    || { echo "$output" | tail -20 >&2; echo "fuzz: $target did not run" >&2; exit 1; }
+  ran=$((ran + 1))
 done
+if [ "$ran" -eq 0 ]; then
+  echo "fuzz: no fuzz target ran (cargo fuzz list found none in $(pwd))" >&2
+  exit 1
+fi
+echo "fuzz: $ran targets ran for ${seconds}s each" >&2

@@ -2,7 +2,7 @@
 # Fetches the newest Debian cloud kernel of a series for the VM tests and prints the path
 # of its vmlinuz on stdout.
 #
-#   scripts/vm-kernel.sh 6.1|6.12
+#   scripts/vm-kernel.sh 6.1|6.12|6.12-rt
 #
 # The kernel lands in ${EGRESS_CACHE_DIR:-$HOME/.cache/egress-collector}/kernels/<package>/,
 # outside the repository. Idempotent: a kernel already extracted there is not fetched again.
@@ -12,14 +12,16 @@ set -euo pipefail
 log() { printf 'vm-kernel: %s\n' "$*" >&2; }
 die() { printf 'vm-kernel: error: %s\n' "$*" >&2; exit 1; }
 
-[ $# -eq 1 ] || die "usage: $0 6.1|6.12"
+[ $# -eq 1 ] || die "usage: $0 6.1|6.12|6.12-rt"
 series=$1
 case "$series" in
   # 6.1 is bookworm's own kernel (ABI-numbered names); 6.12 is the newer kernel Debian
   # builds for bookworm (names carry "+deb12").
   6.1) pattern='^linux-image-6\.1\.0-[0-9]+-cloud-amd64$' ;;
   6.12) pattern='^linux-image-6\.12\.[0-9]+\+deb12-cloud-amd64$' ;;
-  *) die "unknown kernel series '$series' (want 6.1 or 6.12)" ;;
+  # PREEMPT_RT (mainline since 6.12): BPF programs can be preempted and nest on a CPU.
+  6.12-rt) pattern='^linux-image-6\.12\.[0-9]+\+deb12-rt-amd64$' ;;
+  *) die "unknown kernel series '$series' (want 6.1, 6.12 or 6.12-rt)" ;;
 esac
 
 cache=${EGRESS_CACHE_DIR:-$HOME/.cache/egress-collector}/kernels

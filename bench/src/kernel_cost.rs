@@ -99,38 +99,92 @@ pub fn enable_stats() -> anyhow::Result<std::os::fd::OwnedFd> {
 /// connections (each connected, then closed by both ends), and reads the time its
 /// programs spent.
 pub fn measure(command: &[&str], connections: u64) -> anyhow::Result<Cost> {
-    let _stats = enable_stats()?;
-    measure_enabled(command, connections)
+    let mut costs = measure_together(&[command], connections)?;
+    Ok(costs.remove(0))
 }
 
-fn measure_enabled(command: &[&str], connections: u64) -> anyhow::Result<Cost> {
-    let mut child: Child = Command::new(command[0])
-        .args(&command[1..])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .with_context(|| format!("starting {command:?}"))?;
-    let pid = child.id();
+/// Every command attached at once: each connection runs all their programs in the same
+/// moments, so machine noise (other load, steal time) falls on all of them alike. The
+/// fairest comparison of two builds on a shared machine.
+pub fn measure_together(commands: &[&[&str]], connections: u64) -> anyhow::Result<Vec<Cost>> {
+    let _stats = enable_stats()?;
+    let mut children = Vec::new();
+    // One after the other, each attached before the next starts: programs on one
+    // tracepoint run in attach order, and the first pays the cache misses on the socket
+    // and the task, so callers rotate the order between rounds.
+    for command in commands {
+        let child = Command::new(command[0])
+            .args(&command[1..])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {command:?}"));
+        match child {
+            Ok(child) => children.push(child),
+            Err(e) => {
+                stop(&mut children);
+                return Err(e);
+            }
+        }
+        if let Err(e) = wait_attached(&mut children) {
+            stop(&mut children);
+            return Err(e);
+        }
+    }
+    let result = measure_children(&mut children, connections);
+    stop(&mut children);
+    result
+}
+
+/// Until every child holds programs and their count has not grown for two seconds.
+fn wait_attached(children: &mut [Child]) -> anyhow::Result<()> {
+    let pids: Vec<u32> = children.iter().map(Child::id).collect();
     let deadline = Instant::now() + Duration::from_secs(60);
-    // Attached once the program count stops growing for a second.
-    let mut seen = 0;
+    let mut seen = vec![0; pids.len()];
     let mut stable_since = Instant::now();
     loop {
-        let now = programs_of(pid).len();
+        let now: Vec<usize> = pids.iter().map(|p| programs_of(*p).len()).collect();
         if now != seen {
             seen = now;
             stable_since = Instant::now();
         }
-        if seen > 0 && stable_since.elapsed() > Duration::from_secs(2) {
-            break;
+        if seen.iter().all(|n| *n > 0) && stable_since.elapsed() > Duration::from_secs(2) {
+            return Ok(());
         }
-        if Instant::now() > deadline || child.try_wait()?.is_some() {
-            let _ = child.kill();
-            bail!("{command:?} never attached its programs");
+        for child in children.iter_mut() {
+            if child.try_wait()?.is_some() {
+                bail!("an observer exited before attaching");
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("the observers never attached their programs");
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+fn stop(children: &mut [Child]) {
+    for child in children.iter() {
+        // SAFETY: signalling our own children.
+        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for child in children.iter_mut() {
+        while matches!(child.try_wait(), Ok(None)) {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+fn measure_children(children: &mut [Child], connections: u64) -> anyhow::Result<Vec<Cost>> {
+    let pids: Vec<u32> = children.iter().map(Child::id).collect();
+    wait_attached(children)?;
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
     let addr = listener.local_addr()?;
     let server = std::thread::spawn(move || {
@@ -140,7 +194,7 @@ fn measure_enabled(command: &[&str], connections: u64) -> anyhow::Result<Cost> {
             }
         }
     });
-    let before = programs_of(pid);
+    let before: Vec<Vec<ProgramStats>> = pids.iter().map(|p| programs_of(*p)).collect();
     for _ in 0..connections {
         let s = TcpStream::connect(addr)?;
         drop(s);
@@ -148,49 +202,55 @@ fn measure_enabled(command: &[&str], connections: u64) -> anyhow::Result<Cost> {
     let _ = server.join();
     // Closes finish in softirq just after: let them land.
     std::thread::sleep(Duration::from_millis(500));
-    let after = programs_of(pid);
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(pid as i32, libc::SIGINT) };
-    let stop = Instant::now() + Duration::from_secs(20);
-    while child.try_wait()?.is_none() {
-        if Instant::now() > stop {
-            let _ = child.kill();
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    if std::env::var_os("EGRESS_BENCH_DETAIL").is_some() {
-        for a in &after {
-            let b = before
-                .iter()
-                .find(|b| b.id == a.id)
-                .copied()
-                .unwrap_or(ProgramStats {
-                    id: a.id,
-                    run_time_ns: 0,
-                    run_cnt: 0,
-                });
-            let (dt, dc) = (a.run_time_ns - b.run_time_ns, a.run_cnt - b.run_cnt);
-            eprintln!(
-                "program {}: {dc} runs, {dt} ns, {} ns per run",
-                a.id,
-                dt / dc.max(1)
-            );
-        }
-    }
-    let (t0, c0) = total(&before);
-    let (t1, c1) = total(&after);
-    Ok(Cost {
-        programs: after.len(),
-        connections,
-        run_time_ns: t1.saturating_sub(t0),
-        runs: c1.saturating_sub(c0),
-    })
+    let after: Vec<Vec<ProgramStats>> = pids.iter().map(|p| programs_of(*p)).collect();
+    Ok(before
+        .iter()
+        .zip(&after)
+        .map(|(before, after)| {
+            if std::env::var_os("EGRESS_BENCH_DETAIL").is_some() {
+                detail(before, after);
+            }
+            let (t0, c0) = total(before);
+            let (t1, c1) = total(after);
+            Cost {
+                programs: after.len(),
+                connections,
+                run_time_ns: t1.saturating_sub(t0),
+                runs: c1.saturating_sub(c0),
+            }
+        })
+        .collect())
 }
 
-/// The collector in tracepoint mode, writing to /dev/null.
+fn detail(before: &[ProgramStats], after: &[ProgramStats]) {
+    for a in after {
+        let b = before
+            .iter()
+            .find(|b| b.id == a.id)
+            .copied()
+            .unwrap_or(ProgramStats {
+                id: a.id,
+                run_time_ns: 0,
+                run_cnt: 0,
+            });
+        let (dt, dc) = (a.run_time_ns - b.run_time_ns, a.run_cnt - b.run_cnt);
+        eprintln!(
+            "program {}: {dc} runs, {dt} ns, {} ns per run",
+            a.id,
+            dt / dc.max(1)
+        );
+    }
+}
+
+/// The collector in tracepoint mode, writing to /dev/null, on CPU 1 (`taskset`): the
+/// load runs on CPU 0 (run the bench under `taskset -c 0`), so the observers' user
+/// space does not preempt the connecting task in the middle of a program, which the
+/// kernel would count as program time.
 pub fn collector_command(collector: &Path) -> Vec<String> {
     [
+        "taskset",
+        "-c",
+        "1",
         collector.to_string_lossy().as_ref(),
         "run",
         "--probe",
@@ -221,11 +281,13 @@ pub fn replace_section(report: &str, command: &str, connections: u64, table: &st
         "{BEGIN}\n## Kernel time per TCP connection\n\n\
          Generated by `egress-bench kernel-cost` on {}. Command: `{command}`.\n\n\
          With run-time statistics on (`BPF_ENABLE_STATS`, as `kernel.bpf_stats_enabled`),\n\
-         each observer in turn attaches, then {connections} loopback TCP connections are\n\
-         opened and closed (both ends in this host, so every program sees client and\n\
-         server transitions), and the run time of the observer's own programs (found\n\
-         through its fds) is divided by the connections. The collector runs in\n\
-         tracepoint mode. `tcplife` (libbpf-tools) reads the same state changes and prints\n\
+         the observers attach (with `--together` the collectors all at once, one after\n\
+         the other in an order rotated each round, so machine noise falls on them alike;\n\
+         tcplife alone), then {connections} loopback TCP connections are opened and\n\
+         closed (both ends in this host, so every program sees client and server\n\
+         transitions), and the run time of each observer's own programs (found through\n\
+         its fds) is divided by the connections. Observers run on CPU 1, the load on\n\
+         CPU 0. The collector runs in tracepoint mode. `tcplife` (libbpf-tools) reads the same state changes and prints\n\
          duration and bytes per connection. On a shared machine other programs'\n\
          connections and CPU contention only add time: the minimum over rounds is the\n\
          least disturbed figure.\n\n{table}{END}",

@@ -32,6 +32,10 @@ pub struct LoadArgs {
     /// Listening TCP ports the connects are spread over (more ports, fewer tuple clashes).
     #[arg(long, default_value_t = 8)]
     pub listeners: u16,
+    /// The loopback address listened on and connected to (any of 127.0.0.0/8): one no
+    /// other program uses lets a collector exclude every other destination.
+    #[arg(long, default_value_t = Ipv4Addr::LOCALHOST)]
+    pub address: Ipv4Addr,
 }
 
 /// What the load did; printed as one JSON line.
@@ -46,10 +50,10 @@ pub struct LoadReport {
     pub ports: Vec<u16>,
 }
 
-fn listeners(n: u16) -> std::io::Result<Vec<u16>> {
+fn listeners(address: Ipv4Addr, n: u16) -> std::io::Result<Vec<u16>> {
     let mut ports = Vec::new();
     for _ in 0..n {
-        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+        let listener = TcpListener::bind((address, 0))?;
         ports.push(listener.local_addr()?.port());
         thread::spawn(move || {
             for stream in listener.incoming() {
@@ -71,7 +75,8 @@ fn connect_once(address: &SocketAddr) -> bool {
 }
 
 pub fn run(args: &LoadArgs) -> std::io::Result<LoadReport> {
-    let ports = listeners(args.listeners.max(1))?;
+    let ports = listeners(args.address, args.listeners.max(1))?;
+    let address = args.address;
     let udp_ports: Vec<u16> = (0..args.udp_ports).map(|i| 40_000 + i).collect();
     let connects = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
@@ -103,15 +108,15 @@ pub fn run(args: &LoadArgs) -> std::io::Result<LoadReport> {
                         }
                         next += interval;
                     }
-                    let address = SocketAddr::from((Ipv4Addr::LOCALHOST, ports[i % ports.len()]));
-                    if connect_once(&address) {
+                    let destination = SocketAddr::from((address, ports[i % ports.len()]));
+                    if connect_once(&destination) {
                         connects.fetch_add(1, Relaxed);
                     } else {
                         failed.fetch_add(1, Relaxed);
                     }
                     if let (Some(udp), false) = (&udp, udp_ports.is_empty()) {
                         let port = udp_ports[i % udp_ports.len()];
-                        if udp.send_to(b"x", (Ipv4Addr::LOCALHOST, port)).is_ok() {
+                        if udp.send_to(b"x", (address, port)).is_ok() {
                             udp_sent.fetch_add(1, Relaxed);
                         }
                     }
@@ -135,4 +140,61 @@ pub fn run(args: &LoadArgs) -> std::io::Result<LoadReport> {
         connects_per_second: connects as f64 / seconds,
         ports,
     })
+}
+
+/// Every IPv4 and IPv6 destination outside `address/len`, as prefixes: for each of the
+/// first `len` bits, the addresses that share the bits before it and differ there.
+pub fn everything_but(address: Ipv4Addr, len: u32) -> Vec<String> {
+    let bits = u32::from(address);
+    let mut prefixes: Vec<String> = (0..len)
+        .map(|i| {
+            let flipped = (bits ^ (1 << (31 - i))) & (u32::MAX << (31 - i));
+            format!("{}/{}", Ipv4Addr::from(flipped), i + 1)
+        })
+        .collect();
+    prefixes.push("::/0".into());
+    prefixes
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::everything_but;
+
+    fn covers(prefix: &str, address: Ipv4Addr) -> bool {
+        let Some((base, len)) = prefix.split_once('/') else {
+            return false;
+        };
+        let (Ok(base), Ok(len)) = (base.parse::<Ipv4Addr>(), len.parse::<u32>()) else {
+            return false; // the IPv6 one
+        };
+        let mask = u32::MAX.checked_shl(32 - len).unwrap_or(0);
+        u32::from(address) & mask == u32::from(base)
+    }
+
+    #[test]
+    fn the_smoke_excludes_every_destination_but_its_own_once() {
+        let prefixes = everything_but(Ipv4Addr::new(127, 77, 0, 1), 16);
+        assert_eq!(prefixes.len(), 17);
+        assert!(prefixes.contains(&"::/0".to_owned()));
+        for own in [[127, 77, 0, 1], [127, 77, 255, 254]] {
+            assert!(!prefixes.iter().any(|p| covers(p, Ipv4Addr::from(own))));
+        }
+        for other in [
+            [127, 0, 0, 1],
+            [127, 76, 0, 1],
+            [127, 78, 0, 1],
+            [10, 0, 0, 1],
+            [0, 0, 0, 0],
+            [255, 255, 255, 255],
+            [172, 17, 0, 1],
+        ] {
+            let n = prefixes
+                .iter()
+                .filter(|p| covers(p, Ipv4Addr::from(other)))
+                .count();
+            assert_eq!(n, 1, "{other:?}");
+        }
+    }
 }

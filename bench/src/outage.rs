@@ -41,6 +41,7 @@ pub fn run(bench: &Path, collector: &Path, rate: u64, down: u64) -> anyhow::Resu
         rate,
         udp_ports: 0,
         listeners: 2,
+        address: std::net::Ipv4Addr::LOCALHOST,
     };
     let bench = bench.to_owned();
     let loader = std::thread::spawn(move || crate::run::run_load(&bench, &load));

@@ -77,6 +77,8 @@ pub struct Plan {
     /// smoke check), or send it to /dev/null and take the collector's own `exported`
     /// count (the benchmark: parsing would cost CPU on the same cores and bias it).
     pub count_stdout: bool,
+    /// Appended to the collector's arguments in every scenario that runs one.
+    pub collector_args: Vec<String>,
 }
 
 pub fn run_load(bench: &Path, args: &LoadArgs) -> anyhow::Result<LoadReport> {
@@ -93,6 +95,8 @@ pub fn run_load(bench: &Path, args: &LoadArgs) -> anyhow::Result<LoadReport> {
             &args.udp_ports.to_string(),
             "--listeners",
             &args.listeners.to_string(),
+            "--address",
+            &args.address.to_string(),
         ])
         .output()
         .context("running the load")?;
@@ -130,6 +134,11 @@ pub fn measure(
     scenario: Scenario,
     runtime: &tokio::runtime::Runtime,
 ) -> anyhow::Result<RunResult> {
+    let collector = |path: &Path, args: &[String], count: bool| {
+        let mut all = args.to_vec();
+        all.extend(plan.collector_args.iter().cloned());
+        Observer::collector(path, &all, count)
+    };
     let otlp = match scenario {
         Scenario::Otlp => Some(runtime.block_on(receiver::start())?),
         _ => None,
@@ -138,14 +147,14 @@ pub fn measure(
         Scenario::None => None,
         // The load comes from one cgroup: the per-cgroup rate limit (a fairness guard, on by
         // default) is turned off so the figures show what the pipeline itself sustains.
-        Scenario::Stdout => Some(Observer::collector(
+        Scenario::Stdout => Some(collector(
             &plan.collector,
             &["--stdout".into(), "--cgroup-rate-limit".into(), "0".into()],
             plan.count_stdout,
         )?),
         Scenario::Otlp => {
             let endpoint = format!("http://{}", otlp.as_ref().expect("receiver").address);
-            Some(Observer::collector(
+            Some(collector(
                 &plan.collector,
                 &[
                     "--otlp-endpoint".into(),
@@ -162,7 +171,7 @@ pub fn measure(
         }
         Scenario::Bpftrace => Some(Observer::bpftrace()?),
         // A record per window and destination: few enough lines to count every one.
-        Scenario::Aggregated => Some(Observer::collector(
+        Scenario::Aggregated => Some(collector(
             &plan.collector,
             &[
                 "--stdout".into(),
@@ -173,7 +182,7 @@ pub fn measure(
             ],
             true,
         )?),
-        Scenario::Filtered => Some(Observer::collector(
+        Scenario::Filtered => Some(collector(
             &plan.collector,
             &[
                 "--stdout".into(),

@@ -1,6 +1,6 @@
 //! Assembling, de-duplicating and submitting events; the counters.
 
-use aya_ebpf::helpers::bpf_get_current_task;
+use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_get_current_task};
 use egress_shared::{
     CloseFlags, ConnState, ConnectEvent, Counter, EventKind, NsIndex, ResetBy, TcpCloseEvent,
 };
@@ -9,100 +9,195 @@ use crate::{
     filter,
     maps::{
         Bucket, CALLS, CGROUP_BUCKETS, COUNTERS, CallState, EVENTS, FlowKey, OPEN_TCP, OpenConn,
-        PENDING_TCP, SCRATCH, UDP_FLOWS, config,
+        PENDING_TCP, SCRATCH, Slot, UDP_FLOWS, config,
     },
     read,
     sock::{self, Dest, IPPROTO_UDP},
     task,
 };
 
+/// Adds to a counter with an atomic add: two programs interleaving on one CPU (see
+/// [`SCRATCH`]) must not lose each other's increments.
 #[inline(always)]
 pub fn count(counter: Counter) {
     if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
-        // SAFETY: per-CPU slot, and programs do not nest on one CPU for these hooks.
-        unsafe { *slot += 1 };
+        atomic_add(slot, 1);
     }
 }
 
-/// A zeroed per-CPU event to fill.
+/// `*ptr += value` as one BPF atomic add (`lock xadd`). The result is not used, so it
+/// compiles to the plain add every kernel since 5.8 has, not a fetching one (5.12+).
 #[inline(always)]
-fn scratch() -> Option<&'static mut ConnectEvent> {
-    let slot = SCRATCH.get_ptr_mut(0)?;
-    // SAFETY: the per-CPU slot is ours for the rest of this program run.
+pub fn atomic_add(ptr: *mut u64, value: u64) {
+    // SAFETY: `ptr` is an 8-byte aligned u64 in a map value, valid for this program run.
+    // The BPF target has no compare-and-swap, so `AtomicU64` offers no `fetch_add`: the
+    // intrinsic underneath it is what LLVM lowers to the BPF atomic add.
+    unsafe {
+        core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+            ptr, value,
+        );
+    }
+}
+
+#[inline(always)]
+fn load(ptr: *mut u64) -> u64 {
+    // SAFETY: as above.
+    unsafe { core::ptr::read_volatile(ptr) }
+}
+
+#[inline(always)]
+fn store(ptr: *mut u64, value: u64) {
+    // SAFETY: as above.
+    unsafe { core::ptr::write_volatile(ptr, value) }
+}
+
+/// This program's zeroed per-CPU event to fill (one slot per program, see [`SCRATCH`]).
+#[inline(always)]
+fn scratch(slot: Slot) -> Option<&'static mut ConnectEvent> {
+    let slot = SCRATCH.get_ptr_mut(slot as u32)?;
+    // SAFETY: this program's slot on this CPU is ours for the rest of this run: the
+    // program cannot re-enter itself on this CPU (the kernel's recursion guard).
     let ev = unsafe { &mut *slot };
     *ev = ConnectEvent::zeroed();
     Some(ev)
 }
 
+const NANO: u64 = 1_000_000_000;
+
 /// The per-cgroup token bucket: `Some(dropped before)` admits the event, `None` drops it.
-/// Updates race between CPUs (a plain map value): at worst a few extra events pass.
+///
+/// All CPUs share one bucket per cgroup, so the limit is the configured rate whatever
+/// CPUs a cgroup's tasks run on (per-CPU buckets would need a share of the rate each, and
+/// would hold a one-CPU process to rate / CPUs). Kernels before 5.12 have no
+/// compare-and-swap or fetching atomics in BPF, so every update is an atomic add or a
+/// store whose repetition is harmless, arranged so that races err on the side of fewer
+/// events, never more:
+/// - refill credits the time since `last_ns` and advances `last_ns` by exactly that (an
+///   add): two CPUs crediting the same interval push `last_ns` ahead of the clock, and
+///   nothing is credited until the clock catches up, so the credit never exceeds the
+///   time that passed by more than that short overlap. Elapsed time saturates at zero
+///   (a CPU whose clock reading is older than `last_ns` credits nothing; the wrapped
+///   difference once refilled the bucket). A bucket idle long enough to be full is reset
+///   with stores (a race there passes at most one extra event per CPU, once).
+/// - a CPU takes its token (atomic subtract) before it looks: if the count went below
+///   zero it gives the token back and drops the event. Two CPUs racing for the last token
+///   may both drop; neither can take a token that is not there.
+/// - `dropped` grows by atomic adds and a submitted event subtracts exactly what it read
+///   and carries it, so every drop is carried by exactly one record.
 #[inline(always)]
 fn admit(cgroup: u64) -> Option<u32> {
     let rate = config!(cgroup_rate) as u64;
     if rate == 0 {
         return Some(0);
     }
-    let burst = (config!(cgroup_burst) as u64).max(1) * 1_000_000_000;
+    let burst = (config!(cgroup_burst) as u64).max(1) * NANO;
     let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_boot_ns() };
-    let Some(bucket) = CGROUP_BUCKETS.get_ptr_mut(&cgroup) else {
-        let fresh = Bucket {
-            nano_tokens: burst - 1_000_000_000,
-            last_ns: now,
-            dropped: 0,
-        };
-        let _ = CGROUP_BUCKETS.insert(&cgroup, &fresh, 0);
-        return Some(0);
+    let bucket = match CGROUP_BUCKETS.get_ptr_mut(&cgroup) {
+        Some(bucket) => bucket,
+        None => {
+            let fresh = Bucket {
+                nano_tokens: burst,
+                last_ns: now,
+                dropped: 0,
+            };
+            // NOEXIST: a CPU that loses the race to create it uses the winner's bucket.
+            let _ = CGROUP_BUCKETS.insert(&cgroup, &fresh, BPF_NOEXIST as u64);
+            match CGROUP_BUCKETS.get_ptr_mut(&cgroup) {
+                Some(bucket) => bucket,
+                // No bucket to be had (no memory): the event is not the limit's to drop.
+                None => return Some(0),
+            }
+        }
     };
-    // SAFETY: a valid map value; see the race note above.
-    let bucket = unsafe { &mut *bucket };
-    // Capped so elapsed x rate cannot overflow; a bucket idle that long is full anyway.
-    let elapsed = now.wrapping_sub(bucket.last_ns).min(10_000_000_000);
-    bucket.last_ns = now;
-    bucket.nano_tokens = (bucket.nano_tokens + elapsed * rate).min(burst);
-    if bucket.nano_tokens < 1_000_000_000 {
-        bucket.dropped += 1;
+    // SAFETY: a valid map value; fields are reached by pointer, never by reference,
+    // since other CPUs change them at the same time.
+    let (tokens, last_ns, dropped) = unsafe {
+        (
+            &raw mut (*bucket).nano_tokens,
+            &raw mut (*bucket).last_ns,
+            &raw mut (*bucket).dropped,
+        )
+    };
+    let last = load(last_ns);
+    if now > last {
+        let elapsed = now - last;
+        // Time to fill an empty bucket: past it, the bucket is full whatever it held.
+        if elapsed >= burst / rate {
+            store(last_ns, now);
+            store(tokens, burst);
+        } else {
+            // elapsed x rate < burst <= 2^32 x 1e9: no overflow.
+            atomic_add(last_ns, elapsed);
+            atomic_add(tokens, elapsed * rate);
+            let over = load(tokens) as i64 - burst as i64;
+            if over > 0 {
+                atomic_add(tokens, (over as u64).wrapping_neg());
+            }
+        }
+    }
+    atomic_add(tokens, NANO.wrapping_neg());
+    if (load(tokens) as i64) < 0 {
+        atomic_add(tokens, NANO);
+        atomic_add(dropped, 1);
         return None;
     }
-    bucket.nano_tokens -= 1_000_000_000;
-    let dropped = bucket.dropped;
-    bucket.dropped = 0;
-    Some(dropped.min(u32::MAX as u64) as u32)
+    let carried = load(dropped);
+    if carried != 0 {
+        atomic_add(dropped, carried.wrapping_neg());
+    }
+    Some(carried.min(u32::MAX as u64) as u32)
 }
 
-/// Submits `ev`; false when a filter, the rate limit or a full ring kept it out.
+/// The per-cgroup decisions, once the task is known: false (counted) when the event
+/// goes no further. Sets `rate_limited_before`.
 #[inline(always)]
-fn submit(ev: &mut ConnectEvent) -> bool {
+fn admitted(ev: &mut ConnectEvent) -> bool {
     if filter::excluded_cgroup(ev) {
         count(Counter::Filtered);
         return false;
     }
     match admit(filter::cgroup_key(ev)) {
-        Some(dropped) => ev.rate_limited_before = dropped,
+        Some(dropped) => {
+            ev.rate_limited_before = dropped;
+            true
+        }
         None => {
             count(Counter::RateLimited);
-            return false;
+            false
         }
     }
-    // bpf_ringbuf_query / bpf_ringbuf_output flags (uapi/linux/bpf.h).
-    const BPF_RB_AVAIL_DATA: u64 = 0;
-    const BPF_RB_NO_WAKEUP: u64 = 1;
-    const BPF_RB_FORCE_WAKEUP: u64 = 2;
+}
+
+// bpf_ringbuf_query / bpf_ringbuf_output flags (uapi/linux/bpf.h).
+const BPF_RB_AVAIL_DATA: u64 = 0;
+const BPF_RB_NO_WAKEUP: u64 = 1;
+const BPF_RB_FORCE_WAKEUP: u64 = 2;
+
+/// Wake the reader only once `wakeup_bytes` wait (it also drains on a timer).
+#[inline(always)]
+pub fn wakeup_flags() -> u64 {
     let threshold = config!(wakeup_bytes) as u64;
-    let flags = if threshold == 0 {
+    if threshold == 0 {
         0
     } else if EVENTS.query(BPF_RB_AVAIL_DATA) >= threshold {
         BPF_RB_FORCE_WAKEUP
     } else {
         BPF_RB_NO_WAKEUP
-    };
+    }
+}
+
+#[inline(always)]
+fn submit(ev: &mut ConnectEvent) {
+    if !admitted(ev) {
+        return;
+    }
+    let flags = wakeup_flags();
     filter::open_aggregate(ev);
     if EVENTS.output::<ConnectEvent>(&*ev, flags).is_err() {
         // An aggregate this record opened stays: user space finds its repeats without
         // their opening record when the window closes and counts them as lost.
         count(Counter::RingBufferFull);
-        return false;
     }
-    true
 }
 
 #[inline(always)]
@@ -123,7 +218,7 @@ fn fill_sock(ev: &mut ConnectEvent, sk: u64) {
 /// `v4_mapped_reported_inside`: the hook is udpv6_sendmsg, which hands IPv4-mapped
 /// destinations to udp_sendmsg, whose own hook reports them.
 #[inline(always)]
-pub fn udp(sk: u64, dest: &Dest, kind: EventKind, v4_mapped_reported_inside: bool) {
+pub fn udp(sk: u64, dest: &Dest, kind: EventKind, v4_mapped_reported_inside: bool, slot: Slot) {
     match sock::protocol(sk) {
         Ok(IPPROTO_UDP) => {}
         Ok(_) => return,
@@ -132,14 +227,15 @@ pub fn udp(sk: u64, dest: &Dest, kind: EventKind, v4_mapped_reported_inside: boo
             return;
         }
     }
-    let Some(ev) = scratch() else { return };
+    let Some(ev) = scratch(slot) else { return };
     ev.kind = kind as u8;
     fill_sock(ev, sk);
     if dest.is_some() {
         sock::set_dest(ev, sk, dest);
     }
-    if v4_mapped_reported_inside && ev.family == sock::AF_INET6 && sock::is_v4_mapped(&ev.dst_addr)
-    {
+    // An IPv4 flow on an IPv6 socket: its destination was IPv4-mapped (made IPv4 by
+    // `sock`), so udpv6_sendmsg handed it to udp_sendmsg.
+    if v4_mapped_reported_inside && ev.family == sock::AF_INET {
         return;
     }
     if ev.dst_port == 0 && ev.dst_addr == [0; 16] {
@@ -156,7 +252,7 @@ pub fn udp(sk: u64, dest: &Dest, kind: EventKind, v4_mapped_reported_inside: boo
         return;
     }
     fill_task(ev);
-    let _ = submit(ev);
+    submit(ev);
 }
 
 #[inline(always)]
@@ -219,14 +315,14 @@ pub fn take_call() -> Option<CallState> {
 /// attempt's identity is captured here. Its source port is chosen just after, so the
 /// event waits in PENDING_TCP for the socket's next state change.
 #[inline(always)]
-pub fn tcp_syn_sent(sk: u64) {
+pub fn tcp_syn_sent(sk: u64, slot: Slot) {
     // This connect() is TCP: its syscall exit (tracepoint mode) has nothing to do, and
     // finds no call state instead of walking fd -> file -> socket.
     let tid = aya_ebpf::helpers::bpf_get_current_pid_tgid() as u32;
     // SAFETY: copied out before removal.
     let call = unsafe { CALLS.get(&tid) }.copied();
     let _ = CALLS.remove(&tid);
-    let Some(ev) = scratch() else { return };
+    let Some(ev) = scratch(slot) else { return };
     ev.kind = EventKind::TcpConnect as u8;
     if sock::fill_tcp_dest(ev, sk).is_err() {
         count(Counter::KernelReadFailed);
@@ -251,21 +347,29 @@ pub fn tcp_syn_sent(sk: u64) {
 
 /// The attempt on `sk` left SYN_SENT for `established` (true) or CLOSE: completes and
 /// submits it, once (whoever removes the entry reports it). Runs in softirq or in any
-/// task: nothing here reads the current task.
+/// task: nothing here reads the current task. The record is assembled in place in the
+/// ring buffer, not in a per-CPU slot: this runs in softirq (SYN_SENT -> ESTABLISHED) as
+/// well as in tasks, and raw tracepoints had no recursion guard before 6.2.
 #[inline(always)]
 pub fn tcp_complete(sk: u64, established: bool) {
     let Some(pending) = PENDING_TCP.get_ptr(&sk) else {
         return;
     };
-    let Some(slot) = SCRATCH.get_ptr_mut(0) else {
+    let Some(mut entry) = EVENTS.reserve::<ConnectEvent>(0) else {
+        if PENDING_TCP.remove(&sk).is_ok() {
+            count(Counter::RingBufferFull);
+        }
         return;
     };
-    // SAFETY: both pointers are valid map values; the copy happens before removal.
+    // SAFETY: both pointers are valid (a map value, a reserved record of its size); the
+    // copy happens before removal.
     let ev = unsafe {
-        *slot = *pending;
-        &mut *slot
+        let ev = entry.as_mut_ptr();
+        core::ptr::copy_nonoverlapping(pending, ev, 1);
+        &mut *ev
     };
     if PENDING_TCP.remove(&sk).is_err() {
+        entry.discard(BPF_RB_NO_WAKEUP);
         return;
     }
     if sock::fill_tcp_source(ev, sk).is_err() {
@@ -286,8 +390,14 @@ pub fn tcp_complete(sk: u64, established: bool) {
         ev.sk_err = read::kernel::<i32>(sk, config!(offsets.sk_err)).unwrap_or(0) as u32;
         ev.sk_err_soft = read::kernel::<i32>(sk, config!(offsets.sk_err_soft)).unwrap_or(0) as u32;
     }
+    if !admitted(ev) {
+        entry.discard(BPF_RB_NO_WAKEUP);
+        return;
+    }
+    filter::open_aggregate(ev);
     let connect_ns = ev.boot_time_ns;
-    if submit(ev) && established {
+    entry.submit(wakeup_flags());
+    if established && config!(track_closes) != 0 {
         let open = OpenConn {
             connect_ns,
             established_ns: now,
@@ -344,28 +454,8 @@ pub fn tcp_closed(sk: u64, old_state: u8) {
     if failed {
         count(Counter::KernelReadFailed);
     }
-    if EVENTS
-        .output::<TcpCloseEvent>(&ev, close_wakeup_flags())
-        .is_err()
-    {
+    if EVENTS.output::<TcpCloseEvent>(&ev, wakeup_flags()).is_err() {
         count(Counter::RingBufferFull);
-    }
-}
-
-/// As `submit` does for connections: wake the reader only once `wakeup_bytes` wait, so
-/// a close costs no wake-up of its own (the reader also drains on a timer).
-#[inline(always)]
-pub fn close_wakeup_flags() -> u64 {
-    const BPF_RB_AVAIL_DATA: u64 = 0;
-    const BPF_RB_NO_WAKEUP: u64 = 1;
-    const BPF_RB_FORCE_WAKEUP: u64 = 2;
-    let threshold = config!(wakeup_bytes) as u64;
-    if threshold == 0 {
-        0
-    } else if EVENTS.query(BPF_RB_AVAIL_DATA) >= threshold {
-        BPF_RB_FORCE_WAKEUP
-    } else {
-        BPF_RB_NO_WAKEUP
     }
 }
 
@@ -389,9 +479,9 @@ pub fn tcp_reset(sk: u64, by: u8) {
 /// their call state at SYN_SENT; one that failed before SYN_SENT (no route, bad
 /// address) fires no state change and is not an attempt on the wire.
 #[inline(always)]
-pub fn connect_exit(sk: u64, dest: &Dest) {
+pub fn connect_exit(sk: u64, dest: &Dest, slot: Slot) {
     match sock::protocol(sk) {
-        Ok(IPPROTO_UDP) => udp(sk, dest, EventKind::UdpConnect, false),
+        Ok(IPPROTO_UDP) => udp(sk, dest, EventKind::UdpConnect, false, slot),
         Ok(_) => {}
         Err(_) => count(Counter::KernelReadFailed),
     }

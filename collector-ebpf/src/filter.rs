@@ -79,8 +79,8 @@ fn repeat_in_window(ev: &ConnectEvent) -> bool {
     let Some(repeats) = AGGREGATES.get_ptr_mut(&key) else {
         return false;
     };
-    // SAFETY: this CPU's slot of a valid per-CPU value; programs do not nest here.
-    unsafe { *repeats += 1 };
+    // This CPU's slot, but two programs can interleave on one CPU: an atomic add.
+    crate::emit::atomic_add(repeats, 1);
     true
 }
 

@@ -25,48 +25,95 @@ pub(crate) use config;
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
 
-/// Per-CPU counters indexed by `egress_shared::Counter`.
+/// Per-CPU counters indexed by `egress_shared::Counter`. Incremented with atomic adds
+/// ([`crate::emit::count`]): programs can interleave on one CPU (see [`SCRATCH`]).
 #[map]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0);
 
-/// Where an event is assembled: it is larger than the 512-byte eBPF stack allows.
+/// Where an event is assembled: it is larger than the 512-byte eBPF stack allows. One
+/// slot per program that assembles events ([`Slot`]), because programs DO interleave on
+/// one CPU: fentry/fexit (and raw tracepoints since 6.2) run with migration, not
+/// preemption, disabled, so on preemptible kernels (PREEMPT_RT, full or lazy preemption) a
+/// task can be preempted inside one program while another task runs a different program
+/// on the same CPU; softirqs can interrupt a program on any kernel. A program never
+/// interleaves with itself on one CPU: the kernel's recursion guard skips the second run
+/// and counts it in the program's `recursion_misses`, which user space reports as possible
+/// loss. The one program that also runs in softirq and had no guard before 6.2 (the raw
+/// tracepoint's completion path, `emit::tcp_complete`) writes its record in place in the
+/// ring buffer instead of here.
 #[map]
-pub static SCRATCH: PerCpuArray<ConnectEvent> = PerCpuArray::with_max_entries(1, 0);
+pub static SCRATCH: PerCpuArray<ConnectEvent> = PerCpuArray::with_max_entries(Slot::COUNT, 0);
+
+/// The [`SCRATCH`] slot of each program that assembles events.
+#[derive(Copy, Clone)]
+#[repr(u32)]
+pub enum Slot {
+    /// Was kprobe/fentry `tcp_connect`'s; TCP now goes through the state change in every
+    /// family. Kept so the other slots keep their indices.
+    #[allow(dead_code)]
+    TcpConnect = 0,
+    UdpSend = 1,
+    UdpSendV6 = 2,
+    UdpConnect = 3,
+    UdpConnectV6 = 4,
+    /// kprobe mode's one return probe, and tracepoint mode's one syscall-exit program.
+    CallExit = 5,
+    /// The socket state change tracepoint (`emit::tcp_syn_sent`), every family.
+    SockState = 6,
+    /// The raw socket state change, every family.
+    RawSockState = 7,
+}
+
+impl Slot {
+    pub const COUNT: u32 = 8;
+}
 
 /// Last report time of each UDP flow, for once-per-window reporting.
 #[map]
 pub static UDP_FLOWS: LruHashMap<FlowKey, u64> = LruHashMap::with_max_entries(16384, 0);
 
 /// Token bucket of each cgroup (by the id of the cgroup that names its container), for
-/// the per-cgroup rate limit. LRU: a forgotten cgroup starts again with a full bucket.
+/// the per-cgroup rate limit, shared by all CPUs (see `emit::admit` for how they update
+/// it). LRU: a forgotten cgroup starts again with a full bucket (the drops it had yet to
+/// carry on a record stay counted in `Counter::RateLimited`).
 #[map]
 pub static CGROUP_BUCKETS: LruHashMap<u64, Bucket> = LruHashMap::with_max_entries(8192, 0);
 
-/// Tokens are kept in nano-events (events x 1e9) so refill is integer arithmetic.
+/// Tokens are kept in nano-events (events x 1e9) so refill is integer arithmetic. Every
+/// field is changed only by atomic adds or by stores whose repetition is harmless.
 #[repr(C)]
 #[derive(Copy, Clone)]
 pub struct Bucket {
+    /// Signed (two's complement): a CPU takes its token before it looks, so the value can
+    /// dip below zero for a moment.
     pub nano_tokens: u64,
+    /// Time up to which refill has been credited; may run slightly ahead of the clock.
     pub last_ns: u64,
     /// Events dropped since the cgroup's last submitted one.
     pub dropped: u64,
 }
 
-/// State carried from a call's entry to its exit, by thread id.
+/// State carried from a call's entry to its exit, by thread id. LRU: an entry whose exit
+/// never runs (a missed return probe, a program skipped by the recursion guard, a call
+/// that began before attach) is the least recently used one and goes first, instead of
+/// staying for good and, 8,192 of them later, refusing every new call. A call in flight is
+/// microseconds old, so only stale entries are evicted in practice.
 #[map]
-pub static CALLS: HashMap<u32, CallState> = HashMap::with_max_entries(8192, 0);
+pub static CALLS: LruHashMap<u32, CallState> = LruHashMap::with_max_entries(8192, 0);
 
 /// TCP attempts in SYN_SENT, by `struct sock` address, with the identity captured in the
-/// connecting task; completed (and removed) at the socket's next state change. Not LRU:
-/// an attempt is never forgotten silently; when full, a new attempt is counted
-/// (`state_map_full`) and not reported. User space reads it for `--pending-report`.
+/// connecting task; completed (and removed) at the socket's next state change (every
+/// hook family). LRU, as `CALLS`: an attempt whose completion was skipped does not stay
+/// for good; a full map (8,192 attempts in flight at once) forgets the oldest attempt.
+/// User space reads it for `--pending-report`.
 #[map]
-pub static PENDING_TCP: HashMap<u64, ConnectEvent> = HashMap::with_max_entries(8192, 0);
+pub static PENDING_TCP: LruHashMap<u64, ConnectEvent> = LruHashMap::with_max_entries(8192, 0);
 
 /// Established connections this collector reported, by `struct sock` address, until
-/// they reach CLOSE. Not LRU: under churn an LRU would evict the long-lived connections
-/// (the ones whose close matters most) in favour of short ones. When full, the newest
-/// connection goes untracked and is counted (`close_untracked`). 65536 x 24 bytes.
+/// they reach CLOSE (only with `track_closes`). Not LRU: under churn an LRU would evict
+/// the long-lived connections (the ones whose close matters most) in favour of short
+/// ones. When full, the newest connection goes untracked and is counted
+/// (`close_untracked`). 65536 x 24 bytes.
 #[map]
 pub static OPEN_TCP: HashMap<u64, OpenConn> = HashMap::with_max_entries(65536, 0);
 
@@ -107,7 +154,8 @@ pub static EXCLUDED_V6: LpmTrie<[u8; 16], u8> = LpmTrie::with_max_entries(1024, 
 #[map]
 pub static EXCLUDED_CGROUPS: LruHashMap<u64, u8> = LruHashMap::with_max_entries(16384, 0);
 
-/// Repeats counted per open aggregate, per CPU (so no atomics). Not LRU: when full, new
+/// Repeats counted per open aggregate, per CPU (so no contention between CPUs; the add is
+/// still atomic, as programs interleave on one CPU). Not LRU: when full, new
 /// connections are reported one by one instead of an aggregate being forgotten with its
 /// count. User space sums, reads and deletes the entries of closed windows.
 ///

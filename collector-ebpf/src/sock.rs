@@ -113,16 +113,27 @@ pub fn fill(ev: &mut ConnectEvent, sk: u64) -> Result<(), i64> {
 
 /// The parts of the tuple that change while a connect proceeds (the source port is
 /// chosen after the socket enters SYN_SENT).
+///
+/// A dual-stack IPv6 socket connected to an IPv4-mapped address (`::ffff:a.b.c.d`, what
+/// Java does for every IPv4 destination) talks IPv4 on the wire: it is recorded as IPv4,
+/// from the socket's IPv4 fields (which the kernel's IPv4 code fills), so filters,
+/// aggregation, UDP flows and user space all see the one form.
 #[inline(always)]
 pub fn fill_ports_and_addrs(ev: &mut ConnectEvent, sk: u64) -> Result<(), i64> {
     ev.src_port = read::kernel(sk, config!(offsets.skc_num))?;
     ev.dst_port = u16::from_be(read::kernel(sk, config!(offsets.skc_dport))?);
+    if ev.family == AF_INET6 {
+        read::kernel_buf(sk, config!(offsets.skc_v6_daddr), &mut ev.dst_addr)?;
+        if is_v4_mapped(&ev.dst_addr) {
+            ev.family = AF_INET;
+            ev.dst_addr = [0; 16];
+        } else {
+            read::kernel_buf(sk, config!(offsets.skc_v6_rcv_saddr), &mut ev.src_addr)?;
+        }
+    }
     if ev.family == AF_INET {
         read::kernel_buf(sk, config!(offsets.skc_rcv_saddr), &mut ev.src_addr[..4])?;
         read::kernel_buf(sk, config!(offsets.skc_daddr), &mut ev.dst_addr[..4])?;
-    } else if ev.family == AF_INET6 {
-        read::kernel_buf(sk, config!(offsets.skc_v6_rcv_saddr), &mut ev.src_addr)?;
-        read::kernel_buf(sk, config!(offsets.skc_v6_daddr), &mut ev.dst_addr)?;
     }
     Ok(())
 }
@@ -134,10 +145,17 @@ pub fn fill_tcp_dest(ev: &mut ConnectEvent, sk: u64) -> Result<(), i64> {
     ev.protocol = IPPROTO_TCP;
     ev.family = read::kernel(sk, config!(offsets.skc_family))?;
     ev.dst_port = u16::from_be(read::kernel(sk, config!(offsets.skc_dport))?);
+    if ev.family == AF_INET6 {
+        read::kernel_buf(sk, config!(offsets.skc_v6_daddr), &mut ev.dst_addr)?;
+        // IPv4-mapped: recorded as IPv4 (see `fill_ports_and_addrs`); tcp_v4_connect
+        // has filled the IPv4 fields before SYN_SENT.
+        if is_v4_mapped(&ev.dst_addr) {
+            ev.family = AF_INET;
+            ev.dst_addr = [0; 16];
+        }
+    }
     if ev.family == AF_INET {
         read::kernel_buf(sk, config!(offsets.skc_daddr), &mut ev.dst_addr[..4])?;
-    } else if ev.family == AF_INET6 {
-        read::kernel_buf(sk, config!(offsets.skc_v6_daddr), &mut ev.dst_addr)?;
     }
     Ok(())
 }
@@ -156,20 +174,25 @@ pub fn fill_tcp_source(ev: &mut ConnectEvent, sk: u64) -> Result<(), i64> {
 }
 
 /// Replaces the destination with the one the caller named (unconnected sends). An IPv4
-/// destination on a dual-stack IPv6 socket makes the flow IPv4.
+/// or IPv4-mapped destination on a dual-stack IPv6 socket makes the flow IPv4.
 #[inline(always)]
 pub fn set_dest(ev: &mut ConnectEvent, sk: u64, dest: &Dest) {
-    if dest.family == AF_INET && ev.family == AF_INET6 {
+    let mapped = dest.family == AF_INET6 && is_v4_mapped(&dest.addr);
+    if (dest.family == AF_INET || mapped) && ev.family == AF_INET6 {
         ev.family = AF_INET;
         ev.src_addr = [0; 16];
         let _ = read::kernel_buf(sk, config!(offsets.skc_rcv_saddr), &mut ev.src_addr[..4]);
     }
     ev.dst_port = dest.port;
-    ev.dst_addr = dest.addr;
+    if mapped {
+        ev.dst_addr = [0; 16];
+        ev.dst_addr[..4].copy_from_slice(&dest.addr[12..]);
+    } else {
+        ev.dst_addr = dest.addr;
+    }
 }
 
-/// Whether an IPv6 address is IPv4-mapped (`::ffff:a.b.c.d`): udpv6_sendmsg hands such
-/// sends to udp_sendmsg, which reports them as IPv4.
+/// Whether an IPv6 address is IPv4-mapped (`::ffff:a.b.c.d`).
 #[inline(always)]
 pub fn is_v4_mapped(addr: &[u8; 16]) -> bool {
     addr[..10] == [0; 10] && addr[10] == 0xff && addr[11] == 0xff

@@ -135,6 +135,15 @@ pub struct RunArgs {
     /// Log level of the collector's own logs (RUST_LOG overrides).
     #[arg(long, default_value = "info", env = "EGRESS_LOG")]
     pub log_level: String,
+    /// Format of the collector's own logs on stderr: text (coloured only on a terminal)
+    /// or json (one object per line, the fields as keys) [default: text; config file:
+    /// `[log] format`].
+    #[arg(long, value_enum, env = "EGRESS_LOG_FORMAT")]
+    pub log_format: Option<LogFormat>,
+    /// How long shutdown may take: the stages drain within it, then what is still queued
+    /// is counted lost and the collector exits with status 3.
+    #[arg(long, default_value = "10s", value_parser = parse_duration, env = "EGRESS_SHUTDOWN_DEADLINE")]
+    pub shutdown_deadline: Duration,
     /// Serve `GET /healthz` (liveness) and `/readyz` (probes attached) here, e.g.
     /// 0.0.0.0:8686 for kubelet probes [default: not served].
     #[arg(long, env = "EGRESS_HEALTH_ADDRESS")]
@@ -244,6 +253,8 @@ impl ProbeArgs {
             // Zero is `off`.
             aggregate_window: self.aggregate_window.filter(|w| !w.is_zero()),
             dns: self.dns,
+            // Set by main once the OTLP settings are known.
+            track_closes: false,
         }
     }
 
@@ -261,7 +272,7 @@ impl RunArgs {
         PipelineSettings {
             queue_capacity: self.queue_capacity as usize,
             stats_interval: self.stats_interval,
-            drain_deadline: Duration::from_secs(10),
+            drain_deadline: self.shutdown_deadline,
             host_root: self.probe.host_root.clone(),
             cache: Default::default(),
             stdout: self.stdout,
@@ -282,6 +293,8 @@ impl RunArgs {
                     per_scope: self.dns_cache_per_container.max(1),
                     total: self.dns_cache_total.max(1),
                 },
+                // Set by main with track_closes.
+                hold_open: false,
             },
         }
     }
@@ -502,6 +515,24 @@ pub enum ConfigError {
     File { path: PathBuf, reason: String },
 }
 
+/// How the collector's own logs are written on stderr.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human lines; ANSI colours only when stderr is a terminal (and NO_COLOR is unset).
+    #[default]
+    Text,
+    /// One JSON object per line, the event's fields as keys.
+    Json,
+}
+
+/// `[log]` in the config file.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileLog {
+    format: Option<LogFormat>,
+}
+
 /// `[export]` in the config file.
 #[derive(Debug, Default, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -528,6 +559,7 @@ struct FileConfig {
     otlp: SourceValues,
     export: FileExport,
     capture: FileCapture,
+    log: FileLog,
 }
 
 fn read_config_file(path: &std::path::Path) -> Result<FileConfig, ConfigError> {
@@ -552,9 +584,10 @@ fn read_config_file(path: &std::path::Path) -> Result<FileConfig, ConfigError> {
     let mut otlp = take(&mut table, "otlp")?;
     let export = take(&mut table, "export")?;
     let capture = take(&mut table, "capture")?;
+    let log = take(&mut table, "log")?;
     if let Some(key) = table.keys().next() {
         return Err(file_error(format!(
-            "unknown table or key {key:?} (expected otlp, export, capture)"
+            "unknown table or key {key:?} (expected otlp, export, capture, log)"
         )));
     }
     let logs = take(&mut otlp, "logs")?;
@@ -577,17 +610,24 @@ fn read_config_file(path: &std::path::Path) -> Result<FileConfig, ConfigError> {
         capture: capture
             .try_into()
             .map_err(|e: toml::de::Error| file_error(format!("[capture] {}", e.message())))?,
+        log: log
+            .try_into()
+            .map_err(|e: toml::de::Error| file_error(format!("[log] {}", e.message())))?,
     })
 }
 
 impl RunArgs {
     /// Fills the capture settings that no flag or variable set from the file's
-    /// `[capture]` table.
+    /// `[capture]` table, and the log format from `[log]`.
     pub fn apply_capture_file(&mut self) -> Result<(), ConfigError> {
         let Some(path) = self.otlp.config.clone() else {
             return Ok(());
         };
-        let capture = read_config_file(&path)?.capture;
+        let file = read_config_file(&path)?;
+        if self.log_format.is_none() {
+            self.log_format = file.log.format;
+        }
+        let capture = file.capture;
         let invalid = |key: &str, reason: String| ConfigError::File {
             path: path.clone(),
             reason: format!("[capture] {key}: {reason}"),

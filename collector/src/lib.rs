@@ -13,6 +13,7 @@ pub mod health;
 pub mod pipeline;
 pub mod probe;
 pub mod telemetry;
+pub mod testhook;
 
 #[cfg(test)]
 mod mutate;

@@ -27,7 +27,7 @@ fn main() -> ExitCode {
         None => run(cli.run),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("egress-collector: error: {e:#}");
             ExitCode::from(1)
@@ -35,7 +35,9 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(mut args: RunArgs) -> anyhow::Result<()> {
+/// 0 once stopped by a signal or by the close of stdout (its only sink), with every
+/// stage drained; 3 when a stage overran the shutdown deadline (see docs/operations.md).
+fn run(mut args: RunArgs) -> anyhow::Result<ExitCode> {
     raise_memlock_limit();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -59,22 +61,49 @@ fn run(mut args: RunArgs) -> anyhow::Result<()> {
         ),
         _ => None,
     };
-    egress_collector::telemetry::init_tracing(&args.log_level, self_telemetry.as_ref());
+    egress_collector::telemetry::init_tracing(
+        &args.log_level,
+        args.log_format.unwrap_or_default(),
+        self_telemetry.as_ref(),
+    );
     let health_listener = args
         .health_address
         .map(egress_collector::health::bind)
         .transpose()?;
     let result = runtime.block_on(async {
-        let shutdown = shutdown_signal();
-        let probes = Probes::attach(&args.probe.settings()).context("attaching probes")?;
-        pipeline::run(probes, host, pipeline_settings, health_listener, shutdown).await?;
-        Ok(())
+        let signals = shutdown_signals();
+        let mut probe_settings = args.probe.settings();
+        // Closes feed close records, the OTLP metrics and spans: without any of them the
+        // kernel does not follow connections past their outcome.
+        probe_settings.track_closes = args.close_records || pipeline_settings.otlp.is_some();
+        // Names are kept alive by open connections only where closes are followed.
+        pipeline_settings.dns.hold_open = probe_settings.track_closes;
+        let probes = Probes::attach(&probe_settings).context("attaching probes")?;
+        let (shutdown, force) = (nth_signal(signals.clone(), 1), nth_signal(signals, 2));
+        let stopped = pipeline::run(
+            probes,
+            host,
+            pipeline_settings,
+            health_listener,
+            shutdown,
+            force,
+        )
+        .await?;
+        anyhow::Ok(stopped)
     });
     if let Some(telemetry) = self_telemetry {
         // After the pipeline, so its last log lines go out too; the runtime still runs.
         telemetry.shutdown(Duration::from_secs(5));
     }
-    result
+    // Tasks and blocking threads still running (a stage past its deadline) are left
+    // behind: dropping the runtime would wait for them without bound.
+    runtime.shutdown_timeout(Duration::from_millis(500));
+    let stopped = result?;
+    Ok(if stopped.deadline_passed {
+        ExitCode::from(pipeline::EXIT_DEADLINE_PASSED)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 /// Kernels before 5.11 charge eBPF maps to RLIMIT_MEMLOCK.
@@ -90,21 +119,41 @@ fn raise_memlock_limit() {
 }
 
 /// Registers for SIGTERM and SIGINT at once (a signal arriving between start-up and the
-/// first wait must not kill the process unflushed); the future completes on either.
-fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+/// first wait must not kill the process unflushed); counts the signals received.
+fn shutdown_signals() -> tokio::sync::watch::Receiver<u32> {
     use tokio::signal::unix::{SignalKind, signal};
-    let signals = (
+    let (count, counted) = tokio::sync::watch::channel(0u32);
+    let (Ok(mut term), Ok(mut int)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
-    );
-    async move {
-        let (Ok(mut term), Ok(mut int)) = signals else {
-            tracing::error!("Cannot listen for SIGTERM/SIGINT; stop the collector with SIGKILL.");
-            return std::future::pending().await;
-        };
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM: shutting down."),
-            _ = int.recv() => tracing::info!("SIGINT: shutting down."),
+    ) else {
+        tracing::error!("Cannot listen for SIGTERM/SIGINT; stop the collector with SIGKILL.");
+        return counted; // the sender is gone: no signal ever completes
+    };
+    tokio::spawn(async move {
+        loop {
+            let name = tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT",
+            };
+            let n = *count.borrow() + 1;
+            if n == 1 {
+                tracing::info!(signal = name, "Shutting down.");
+            } else {
+                tracing::warn!(
+                    signal = name,
+                    "Signalled again: stopping without waiting for the drain."
+                );
+            }
+            count.send_replace(n);
         }
+    });
+    counted
+}
+
+/// Completes once `n` signals were received.
+async fn nth_signal(mut counted: tokio::sync::watch::Receiver<u32>, n: u32) {
+    if counted.wait_for(|&count| count >= n).await.is_err() {
+        std::future::pending::<()>().await;
     }
 }

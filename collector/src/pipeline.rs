@@ -1,7 +1,19 @@
 //! Spawns the stages with bounded channels between them, reports statistics, and on
 //! shutdown detaches the probes and drains what was captured, within a deadline.
+//!
+//! Shutdown is bounded by construction: the stages are awaited under one deadline; what
+//! is still between them when it passes is counted `abandoned`; the blocking stages
+//! (enrichment, the stdout writer, the runtime watcher) run on threads nobody joins; and a
+//! watchdog thread ends the process with the statistics line if the main thread itself
+//! has not finished a few seconds after the deadline.
 
-use std::{future::Future, net::TcpListener, path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    future::Future,
+    net::TcpListener,
+    path::PathBuf,
+    sync::{Arc, mpsc as std_mpsc},
+    time::Duration,
+};
 
 use tokio::sync::{mpsc, watch};
 
@@ -11,10 +23,9 @@ use crate::{
         runtime::RuntimeFiles,
     },
     events::{EventReader, OutcomeSettings, aggregate::Aggregates},
-    export::{self, Exporter},
     export::{
         otlp::{OtlpExporter, SnapshotSource, settings::OtlpSettings, transport::TransportError},
-        stdout::StdoutExporter,
+        stdout::{self, Closed, Role, StdoutExporter},
     },
     health::{self, Health, HealthError},
     probe::{ProbeError, Probes},
@@ -26,7 +37,7 @@ pub struct PipelineSettings {
     /// Capacity of each queue between stages.
     pub queue_capacity: usize,
     pub stats_interval: Duration,
-    /// How long shutdown may take to drain.
+    /// How long shutdown may take to drain (`--shutdown-deadline`).
     pub drain_deadline: Duration,
     /// Where the host's filesystem is mounted (runtime files are read under it).
     pub host_root: PathBuf,
@@ -52,19 +63,51 @@ pub enum PipelineError {
     Exporter(#[from] TransportError),
     #[error(transparent)]
     Health(#[from] HealthError),
+    #[error("cannot start the stdout writer thread: {0}")]
+    StdoutThread(#[source] std::io::Error),
 }
 
-/// Runs until `shutdown` completes; returns the final counters. `health`, when given, is
-/// where `/healthz` and `/readyz` are served (see [`health::bind`]).
+/// Why the collector stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopCause {
+    /// SIGTERM or SIGINT (or the caller's `shutdown` future).
+    Signal,
+    /// stdout was the only sink and its reader went away (`| head`).
+    OutputClosed,
+}
+
+/// How the pipeline ended.
+#[derive(Debug, Clone)]
+pub struct Stopped {
+    /// The final counters, as the `Stopped.` line gives them.
+    pub last: Snapshot,
+    pub cause: StopCause,
+    /// A stage had not finished by the shutdown deadline (its records are `abandoned`).
+    pub deadline_passed: bool,
+}
+
+/// Exit status when a stage overran the shutdown deadline (see docs/operations.md).
+pub const EXIT_DEADLINE_PASSED: u8 = 3;
+/// How long after the drain deadline the watchdog ends a process whose main thread is stuck.
+const WATCHDOG_GRACE: Duration = Duration::from_secs(3);
+
+/// Runs until `shutdown` completes (or stdout, the only sink, is closed); returns the final
+/// counters. `force`, completing during the drain (a second signal), ends it at once as
+/// the deadline would. `health`, when given, is where `/healthz` and `/readyz` are served
+/// (see [`health::bind`]).
 pub async fn run(
     mut probes: Probes,
     host: HostIdentity,
     settings: PipelineSettings,
     health_listener: Option<TcpListener>,
     shutdown: impl Future<Output = ()>,
-) -> Result<Snapshot, PipelineError> {
+    force: impl Future<Output = ()>,
+) -> Result<Stopped, PipelineError> {
     let stats = Arc::new(Stats::default());
-    let kernel = Arc::new(KernelCounters::new(probes.take_counters()?));
+    let kernel = Arc::new(KernelCounters::new(
+        probes.take_counters()?,
+        probes.program_counts(),
+    ));
     let snapshot: SnapshotSource = {
         let (stats, kernel) = (Arc::clone(&stats), Arc::clone(&kernel));
         Arc::new(move || stats.snapshot(&kernel))
@@ -75,12 +118,21 @@ pub async fn run(
         tracing::info!(address = %bound, "Serving /healthz and /readyz.");
     }
     // Built before anything starts, so bad TLS material fails the start.
+    // Enrichment tells the OTLP exporter which containers went away (their series end).
+    let (departures_tx, departures_rx) = tokio::sync::mpsc::unbounded_channel();
     let otlp = match settings.otlp.clone() {
         Some(otlp) => {
             let flush = settings.drain_deadline.mul_f32(0.8);
             Some(
-                OtlpExporter::new(otlp, &host.host_name, Arc::clone(&stats), snapshot, flush)?
-                    .with_connection_spans(settings.outcomes.spans)?,
+                OtlpExporter::new(
+                    otlp,
+                    &host.host_name,
+                    Arc::clone(&stats),
+                    Arc::clone(&snapshot),
+                    flush,
+                )?
+                .with_departures(departures_rx)
+                .with_connection_spans(settings.outcomes.spans)?,
             )
         }
         None => None,
@@ -134,9 +186,21 @@ pub async fn run(
     if let Some(filter) = namespace_filter {
         enricher = enricher.with_namespace_filter(filter);
     }
+    if otlp.is_some() {
+        enricher = enricher.with_departures(departures_tx);
+    }
     let enrich_task =
         tokio::task::spawn_blocking(move || enricher.run_blocking(connections_rx, records_tx));
-    let export_task = spawn_exporters(otlp, settings.stdout, records_rx, Arc::clone(&stats));
+    // stdout is the only sink: its reader going away stops the collector.
+    let stdout_only = otlp.is_none();
+    let stdout_closed = Arc::new(Closed::default());
+    let export_task = spawn_exporters(
+        otlp,
+        settings.stdout,
+        records_rx,
+        Arc::clone(&stats),
+        Arc::clone(&stdout_closed),
+    )?;
 
     tracing::info!(
         mode = %probes.mode,
@@ -144,6 +208,7 @@ pub async fn run(
         cgroups = %probes.facts.cgroups.layout,
         "Capturing egress connections."
     );
+    crate::probe::warn_if_fentry_on_realtime(probes.mode);
     for (mode, why) in &probes.refused {
         tracing::info!(%mode, reason = %why, "A preferred hook was refused.");
     }
@@ -154,16 +219,29 @@ pub async fn run(
     ticker.tick().await;
     let mut liveness = tokio::time::interval(Duration::from_secs(1));
     let mut failed = false;
+    let cause;
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
-            _ = &mut shutdown => break,
+            _ = &mut shutdown => {
+                cause = StopCause::Signal;
+                break;
+            }
+            _ = stdout_closed.wait() => {
+                cause = StopCause::OutputClosed;
+                break;
+            }
             _ = ticker.tick() => {
                 let now = stats.snapshot(&kernel);
                 telemetry::report(&previous, &now);
                 previous = now;
             }
             _ = liveness.tick(), if !failed => {
+                // A reader gone while there was nothing to write (the writer learns it
+                // from its next write otherwise).
+                if stdout_only && stdout::reader_gone() {
+                    stdout_closed.report();
+                }
                 // Stages only end when told to: one that ended on its own is a broken
                 // collector, which the liveness probe reports so kubelet restarts it.
                 let stopped = [
@@ -180,65 +258,149 @@ pub async fn run(
         }
     }
     health.set_not_ready();
+    let watchdog = Watchdog::arm(
+        settings.drain_deadline + WATCHDOG_GRACE,
+        Arc::clone(&stats),
+        Arc::clone(&snapshot),
+    );
 
     // Stop new events first, then let every stage drain in order.
     probes.detach();
+    crate::testhook::hang_if("shutdown");
     let _ = stop_reader.send(true);
-    let drained = tokio::time::timeout(settings.drain_deadline, async {
+    let drain = tokio::time::timeout(settings.drain_deadline, async {
         let _ = reader_task.await;
         let _ = enrich_task.await;
         let _ = export_task.await;
-    })
-    .await;
-    if drained.is_err() {
-        tracing::error!(deadline = ?settings.drain_deadline, "Shutdown deadline passed; records still queued are lost.");
-    }
-    let last = stats.snapshot(&kernel);
+    });
+    let (deadline_passed, why) = tokio::select! {
+        drained = drain => (drained.is_err(), "Shutdown deadline passed"),
+        _ = force => (true, "A second signal cut the drain short"),
+    };
+    let last = if deadline_passed {
+        let last = abandon_in_flight(&stats, &snapshot);
+        tracing::error!(deadline = ?settings.drain_deadline, records = last.abandoned, "{why}; records still in the pipeline are lost.");
+        last
+    } else {
+        snapshot()
+    };
     telemetry::report(&previous, &last);
+    report_stopped(&last);
+    drop(watchdog);
+    Ok(Stopped {
+        last,
+        cause,
+        deadline_passed,
+    })
+}
+
+/// Counts what is still between stages as `abandoned`; returns the final counters, read
+/// once so they add up even while a stage past its deadline still counts.
+fn abandon_in_flight(stats: &Stats, snapshot: &SnapshotSource) -> Snapshot {
+    let mut last = snapshot();
+    let in_flight = last.in_flight();
+    stats.record_abandoned(in_flight);
+    last.abandoned += in_flight;
+    last
+}
+
+/// The last line: `captured = exported + filtered + dropped`; `lost` adds what never
+/// became a record (kernel drops, decode failures, lost repeats).
+fn report_stopped(last: &Snapshot) {
     tracing::info!(
         captured = last.captured,
         exported = last.exported,
+        filtered = last.filtered,
+        dropped = last.dropped(),
+        abandoned = last.abandoned,
         lost = last.lost(),
+        possibly_lost = last.recursion_misses,
         "Stopped."
     );
-    Ok(last)
 }
 
-/// OTLP, stdout, or both (a copy of each record to each).
+/// Ends the process, with the statistics line, if it is still running `after` from now;
+/// dropping it disarms it.
+struct Watchdog {
+    _disarm: std_mpsc::Sender<()>,
+}
+
+impl Watchdog {
+    fn arm(after: Duration, stats: Arc<Stats>, snapshot: SnapshotSource) -> Self {
+        let (disarm, disarmed) = std_mpsc::channel::<()>();
+        let spawned = std::thread::Builder::new()
+            .name("shutdown-watchdog".into())
+            .spawn(move || {
+                if let Err(std_mpsc::RecvTimeoutError::Timeout) = disarmed.recv_timeout(after) {
+                    let last = abandon_in_flight(&stats, &snapshot);
+                    tracing::error!(after = ?after, records = last.abandoned, "Shutdown is stuck; exiting without waiting for it.");
+                    report_stopped(&last);
+                    std::process::exit(i32::from(EXIT_DEADLINE_PASSED));
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "Cannot start the shutdown watchdog; shutdown relies on the stages' deadline alone.");
+        }
+        Self { _disarm: disarm }
+    }
+}
+
+/// OTLP, stdout, or both (a copy of each record to each). The handle completes when every
+/// exporter is done.
 fn spawn_exporters(
     otlp: Option<OtlpExporter>,
     stdout: bool,
     records: mpsc::Receiver<Vec<Record>>,
     stats: Arc<Stats>,
-) -> tokio::task::JoinHandle<()> {
-    let stdout_exporter = || -> Box<dyn Exporter> { Box::new(StdoutExporter::new()) };
-    match otlp {
-        None => tokio::spawn(export::run(stdout_exporter(), records, stats)),
+    stdout_closed: Arc<Closed>,
+) -> Result<tokio::task::JoinHandle<()>, PipelineError> {
+    let stdout_thread = |records, role| {
+        stdout::spawn(
+            StdoutExporter::new(),
+            records,
+            role,
+            Arc::clone(&stats),
+            Arc::clone(&stdout_closed),
+        )
+        .map_err(PipelineError::StdoutThread)
+    };
+    Ok(match otlp {
+        None => {
+            let done = stdout_thread(records, Role::Sink)?;
+            tokio::spawn(async move {
+                let _ = done.await;
+            })
+        }
         Some(otlp) if !stdout => tokio::spawn(otlp.run(records)),
-        Some(otlp) => tokio::spawn(async move {
+        Some(otlp) => {
             let capacity = records.max_capacity();
             let (to_otlp, otlp_rx) = mpsc::channel(capacity);
             let (to_stdout, stdout_rx) = mpsc::channel(capacity);
-            let otlp_task = tokio::spawn(otlp.run(otlp_rx));
-            // The copy on stdout is not counted: the OTLP exporter counts each record.
-            let stdout_task = tokio::spawn(export::run(
-                stdout_exporter(),
-                stdout_rx,
-                Arc::new(Stats::default()),
-            ));
-            let mut records = records;
-            while let Some(record) = records.recv().await {
-                if to_stdout.try_send(record.clone()).is_err() {
-                    // Only the copy: the record itself goes on to OTLP below.
-                    stats.record_stdout_copy_dropped(record.len());
+            let stdout_done = stdout_thread(stdout_rx, Role::Copy)?;
+            tokio::spawn(async move {
+                let otlp_task = tokio::spawn(otlp.run(otlp_rx));
+                let mut records = records;
+                let mut to_stdout = Some(to_stdout);
+                while let Some(record) = records.recv().await {
+                    if let Some(copy) = &to_stdout {
+                        match copy.try_send(record.clone()) {
+                            Ok(()) => {}
+                            // Only the copy: the record itself goes on to OTLP below.
+                            Err(mpsc::error::TrySendError::Full(_)) => {
+                                stats.record_stdout_copy_dropped(record.len());
+                            }
+                            // stdout's reader went away; the writer said so once.
+                            Err(mpsc::error::TrySendError::Closed(_)) => to_stdout = None,
+                        }
+                    }
+                    if to_otlp.send(record).await.is_err() {
+                        break;
+                    }
                 }
-                if to_otlp.send(record).await.is_err() {
-                    break;
-                }
-            }
-            drop((to_otlp, to_stdout));
-            let _ = otlp_task.await;
-            let _ = stdout_task.await;
-        }),
-    }
+                drop((to_otlp, to_stdout));
+                let _ = otlp_task.await;
+                let _ = stdout_done.await;
+            })
+        }
+    })
 }

@@ -446,7 +446,14 @@ fn connections_carry_the_name_their_container_resolved() {
     let mut cgroups = Cgroups::new();
     let collector = RunningCollector::start(
         Path::new(COLLECTOR),
-        &["--probe", "tracepoint", "--dns-ttl-floor", "1s"],
+        // --close-records: names are held by open connections where closes are followed.
+        &[
+            "--probe",
+            "tracepoint",
+            "--dns-ttl-floor",
+            "1s",
+            "--close-records",
+        ],
         Duration::from_secs(60),
     )
     .unwrap_or_else(|e| panic!("{e}"));

@@ -108,3 +108,304 @@ fn a_flooding_container_is_limited_and_counted_while_a_quiet_one_is_reported_in_
         "seen {seen} + carried {carried} <= attempts {attempts} <= seen + counted {limited_total}"
     );
 }
+
+/// The flooding and the quiet processes of the test below: this test binary run again,
+/// as this one ignored test, in a cgroup of its own (a child of every mounted hierarchy,
+/// as a runtime makes for a container). `EGRESS_FLOOD_WORKER` says what to do.
+const WORKER: &str = "flood_worker";
+const WORKER_ENV: &str = "EGRESS_FLOOD_WORKER";
+
+/// Two CPUs, each running a connect loop for several seconds, against a limit of 200
+/// events per second: the bucket is shared by the CPUs, so the cgroup gets the rate, not
+/// the rate per CPU, and never the refill a CPU once took from a wrapped clock difference.
+/// Exact books: every attempt is a record or a drop that a record carries (the worker's
+/// last connection, made once the bucket has a token again, carries the rest).
+#[test]
+fn a_cgroup_flooding_from_both_cpus_gets_its_rate_and_every_drop_is_counted() {
+    require_root();
+    const RATE: u64 = 200;
+    const BURST: u64 = 100;
+    const SECONDS: u64 = 4;
+    const QUIET: u64 = 40;
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    assert!(
+        cpus >= 2,
+        "the test floods from two CPUs; this machine has {cpus}"
+    );
+    // Refused connections: the cheapest attempt there is (no accept, no TIME_WAIT), and
+    // each one is a full connect attempt, reported once.
+    let closed = |_: ()| {
+        std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0))
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port()
+    };
+    let (noisy_port, last_port, quiet_port) = (closed(()), closed(()), closed(()));
+    let noisy_group = TestCgroup::create("noisy");
+    let quiet_group = TestCgroup::create("quiet");
+
+    let collector = RunningCollector::start(
+        Path::new(COLLECTOR),
+        &[
+            "--cgroup-rate-limit",
+            &RATE.to_string(),
+            "--cgroup-burst",
+            &BURST.to_string(),
+            "--stats-interval",
+            "1h",
+        ],
+        Duration::from_secs(60),
+    )
+    .expect("collector starts");
+    let started = std::time::Instant::now();
+    let noisy = noisy_group.spawn_worker(&format!(
+        "flood {noisy_port} {SECONDS} 2 {last_port} {}",
+        2_000 / RATE + 200
+    ));
+    let quiet = quiet_group.spawn_worker(&format!("quiet {quiet_port} {QUIET} 50"));
+    let (noisy_pid, noisy_out) = wait_worker(noisy);
+    let flood_time = started.elapsed();
+    let (quiet_pid, _) = wait_worker(quiet);
+    std::thread::sleep(Duration::from_millis(500));
+    let (ok, stdout, stderr) = collector
+        .stop(Duration::from_secs(30))
+        .expect("collector stops");
+    assert!(ok, "collector failed:\n{}", stderr.join("\n"));
+
+    let made: u64 = noisy_out
+        .lines()
+        .find_map(|l| l.split("FLOOD MADE ").nth(1))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("the flood worker says how many it made:\n{noisy_out}"));
+    let records: Vec<Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect();
+    let from = |pid: u32, port: u16| -> Vec<&Value> {
+        records
+            .iter()
+            .filter(|r| {
+                r["attributes"]["process.pid"] == pid && r["attributes"]["destination.port"] == port
+            })
+            .collect()
+    };
+    let flood = from(noisy_pid, noisy_port);
+    let last = from(noisy_pid, last_port);
+    let carried: u64 = flood
+        .iter()
+        .chain(&last)
+        .filter_map(|r| r["attributes"]["egress.rate_limited.before"].as_u64())
+        .sum();
+    let counted = support::host::last_stat(&stderr, "rate_limited")
+        .unwrap_or_else(|| panic!("rate_limited in the statistics:\n{}", stderr.join("\n")));
+    let reported = flood.len() as u64;
+    let bound = (RATE as f64 * flood_time.as_secs_f64() + BURST as f64) * 1.1;
+    eprintln!(
+        "noisy: {made} attempts in {:.1} s ({:.0}/s), {reported} reported (bound {bound:.0}), \
+         {carried} drops carried, {counted} counted in all",
+        flood_time.as_secs_f64(),
+        made as f64 / flood_time.as_secs_f64()
+    );
+    assert_eq!(
+        last.len(),
+        1,
+        "the noisy worker's last connection is reported"
+    );
+    assert!(
+        made > 10 * RATE * SECONDS,
+        "the flood exceeds the limit many times over ({made} attempts)"
+    );
+    assert!(
+        (reported as f64) <= bound,
+        "{reported} records in {flood_time:?}: more than {RATE}/s x time + {BURST} (+10 %)"
+    );
+    assert!(
+        reported as f64 >= 0.5 * RATE as f64 * SECONDS as f64,
+        "the limit lets the rate through ({reported} records)"
+    );
+    assert_eq!(
+        reported + carried,
+        made,
+        "every attempt is reported or carried as a drop on a later record"
+    );
+    assert!(
+        counted >= carried,
+        "every carried drop is counted too ({counted} < {carried})"
+    );
+    assert_eq!(
+        from(quiet_pid, quiet_port).len() as u64,
+        QUIET,
+        "the quiet cgroup beside the flood is reported in full"
+    );
+}
+
+#[test]
+#[ignore = "a worker process of the test above, which runs it in its own cgroup"]
+fn flood_worker() {
+    let job = std::env::var(WORKER_ENV).expect("run by the flood test, which sets the job");
+    let args: Vec<&str> = job.split_whitespace().collect();
+    let num = |i: usize| -> u64 { args[i].parse().expect("a number") };
+    let connect = |port: u64| {
+        let to = (std::net::Ipv4Addr::LOCALHOST, port as u16);
+        match std::net::TcpStream::connect(to) {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+            other => panic!("connect to a closed port: {other:?}"),
+        }
+    };
+    match args[0] {
+        // flood PORT SECONDS THREADS LAST_PORT PAUSE_MS
+        "flood" => {
+            let deadline = std::time::Instant::now() + Duration::from_secs(num(2));
+            let port = num(1);
+            let threads: Vec<_> = (0..num(3))
+                .map(|cpu| {
+                    std::thread::spawn(move || {
+                        pin_to_cpu(cpu as usize);
+                        let mut made = 0u64;
+                        while std::time::Instant::now() < deadline {
+                            connect(port);
+                            made += 1;
+                        }
+                        made
+                    })
+                })
+                .collect();
+            let made: u64 = threads.into_iter().map(|t| t.join().expect("thread")).sum();
+            // Once the bucket has a token again, one more: it carries the last drops.
+            std::thread::sleep(Duration::from_millis(num(5)));
+            connect(num(4));
+            println!("FLOOD MADE {made}");
+        }
+        // quiet PORT COUNT INTERVAL_MS
+        "quiet" => {
+            for _ in 0..num(2) {
+                connect(num(1));
+                std::thread::sleep(Duration::from_millis(num(3)));
+            }
+        }
+        other => panic!("unknown job {other}"),
+    }
+}
+
+fn pin_to_cpu(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is valid; the calls only read it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        let rc = libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+        assert_eq!(
+            rc,
+            0,
+            "pin to CPU {cpu}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+/// Waits for a worker; returns its pid and stdout, or panics with its output.
+fn wait_worker(child: std::process::Child) -> (u32, String) {
+    let pid = child.id();
+    let output = child.wait_with_output().expect("worker runs");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "worker {pid} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (pid, stdout)
+}
+
+/// A cgroup of this test's own in every mounted hierarchy (v1 controllers and cgroup2),
+/// as runtimes create one per container, so it is a cgroup of its own whichever
+/// hierarchy the collector reads. Removed when dropped.
+struct TestCgroup {
+    dirs: Vec<std::path::PathBuf>,
+}
+
+impl TestCgroup {
+    fn create(name: &str) -> Self {
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+        let mut dirs = Vec::new();
+        for line in mountinfo.lines() {
+            let Some((before, after)) = line.split_once(" - ") else {
+                continue;
+            };
+            let fstype = after.split_whitespace().next().unwrap_or_default();
+            let Some(mount) = before.split_whitespace().nth(4) else {
+                continue;
+            };
+            if fstype != "cgroup" && fstype != "cgroup2" {
+                continue;
+            }
+            let dir = Path::new(mount).join(format!("egress-flood-{}-{name}", std::process::id()));
+            match std::fs::create_dir(&dir) {
+                Ok(()) => {
+                    // A v1 cpuset cgroup takes no process until it has CPUs and nodes.
+                    for file in ["cpuset.cpus", "cpuset.mems"] {
+                        if let Ok(parent) = std::fs::read_to_string(Path::new(mount).join(file)) {
+                            std::fs::write(dir.join(file), parent.trim())
+                                .unwrap_or_else(|e| panic!("{}: {e}", dir.join(file).display()));
+                        }
+                    }
+                    dirs.push(dir);
+                }
+                // One hierarchy mounted twice.
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => panic!("cannot create {}: {e}", dir.display()),
+            }
+        }
+        assert!(!dirs.is_empty(), "no cgroup hierarchy is mounted");
+        Self { dirs }
+    }
+
+    /// This test binary, as [`flood_worker`], moved into the cgroup before it runs.
+    fn spawn_worker(&self, job: &str) -> std::process::Child {
+        use std::os::unix::process::CommandExt;
+        let procs: Vec<std::ffi::CString> = self
+            .dirs
+            .iter()
+            .map(|d| {
+                std::ffi::CString::new(d.join("cgroup.procs").into_os_string().into_encoded_bytes())
+                    .expect("no NUL in a path")
+            })
+            .collect();
+        let mut command = std::process::Command::new(std::env::current_exe().expect("test binary"));
+        command
+            .args([
+                WORKER,
+                "--exact",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(WORKER_ENV, job)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        // SAFETY: only open/write/close between fork and exec (async-signal-safe).
+        unsafe {
+            command.pre_exec(move || {
+                for path in &procs {
+                    let fd = libc::open(path.as_ptr(), libc::O_WRONLY);
+                    if fd < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    let written = libc::write(fd, b"0\n".as_ptr().cast(), 2);
+                    libc::close(fd);
+                    if written != 2 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+        command.spawn().expect("start a worker")
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        for dir in &self.dirs {
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+}

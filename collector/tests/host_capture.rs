@@ -24,11 +24,13 @@ fn auto_mode_captures_every_connection_exactly_once() {
         n: 20,
         extra_args: Vec::new(),
         ready_timeout: Duration::from_secs(60),
+        concurrent: 4,
+        per_thread: 500,
     };
     match run(&options) {
         Ok(outcome) => eprintln!(
-            "auto mode ran {} and saw all {} connections",
-            outcome.mode, outcome.expected
+            "auto mode ran {} and saw all {} connections; concurrent phase: {:?}",
+            outcome.mode, outcome.expected, outcome.storm
         ),
         Err(problems) => panic!("{problems}"),
     }

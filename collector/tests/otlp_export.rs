@@ -253,6 +253,15 @@ fn two_containers_to_otlp(protocol: &str, start_receiver: fn(SocketAddr, Shared)
         .any(|(k, v)| (k == "grpc-encoding" || k == "content-encoding") && v == "gzip");
     assert!(gzip_seen, "requests were gzip-compressed");
     assert!(health(&received, "egress_collector.events.captured", None).is_some_and(|n| n >= 10));
+    assert!(
+        health(
+            &received,
+            "egress_collector.events.possibly_lost",
+            Some("program_recursion_miss")
+        )
+        .is_some_and(|n| n >= 0),
+        "the programs' recursion misses are exported as possible loss"
+    );
 }
 
 #[test]

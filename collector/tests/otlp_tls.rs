@@ -1,6 +1,7 @@
-//! OTLP over TLS against a local certificate authority: the collector trusts the CA it
-//! is given (and presents a client certificate for mutual TLS), refuses a server it
-//! cannot verify, and never writes the credentials it sends into its logs.
+//! OTLP over TLS against a local certificate authority, over gRPC and HTTP/protobuf: the
+//! collector trusts the CA it is given (and presents a client certificate for mutual
+//! TLS), refuses a server it cannot verify, is refused by a mutual-TLS server when it has
+//! no client certificate, and never writes the credentials it sends into its logs.
 
 mod support;
 
@@ -28,11 +29,23 @@ struct Pki {
     server: (String, String),
 }
 
+/// How the collector is set up against the receiver.
+struct Setup {
+    /// `grpc` or `http/protobuf`.
+    protocol: &'static str,
+    /// `--otlp-certificate` with the CA.
+    trust_ca: bool,
+    /// `--otlp-client-certificate` and `--otlp-client-key`.
+    client_certificate: bool,
+}
+
 impl Pki {
     /// A CA, a server certificate for localhost/127.0.0.1 and a client certificate,
     /// written as PEM files into a fresh directory.
     fn new() -> Self {
-        let dir = std::env::temp_dir().join(format!("egress-tls-{}", std::process::id()));
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("egress-tls-{}-{n}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("dir");
         let ca_key = KeyPair::generate().expect("key");
         let mut ca_params = CertificateParams::new(Vec::new()).expect("params");
@@ -68,10 +81,38 @@ impl Pki {
         self.dir.join(name).display().to_string()
     }
 
+    /// The gRPC server's TLS: a client certificate signed by the CA is required.
     fn server_tls(&self) -> ServerTlsConfig {
         ServerTlsConfig::new()
             .identity(Identity::from_pem(&self.server.0, &self.server.1))
             .client_ca_root(Certificate::from_pem(&self.ca_pem))
+    }
+
+    /// The same for the HTTP server (rustls): a client certificate is required.
+    fn server_rustls(&self) -> Arc<rustls::ServerConfig> {
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_slice(self.ca_pem.as_bytes()).expect("CA"))
+            .expect("root");
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new(roots),
+            Arc::clone(&provider),
+        )
+        .build()
+        .expect("client verifier");
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(
+                vec![CertificateDer::from_pem_slice(self.server.0.as_bytes()).expect("cert")],
+                PrivateKeyDer::from_pem_slice(self.server.1.as_bytes()).expect("key"),
+            )
+            .expect("server config");
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Arc::new(config)
     }
 }
 
@@ -95,15 +136,23 @@ fn records_to(received: &Received, port: u16) -> usize {
         .count()
 }
 
-fn run(pki: &Pki, trust_ca: bool) -> (usize, Vec<String>, Received) {
+fn run(pki: &Pki, setup: Setup) -> (usize, Vec<String>, Received) {
     require_root();
     let rt = receiver::runtime();
     let received: Shared = Arc::new(Mutex::new(Received::default()));
-    let receiver = rt.block_on(receiver::grpc_tls(
-        "127.0.0.1:0".parse().expect("addr"),
-        Arc::clone(&received),
-        pki.server_tls(),
-    ));
+    let addr = "127.0.0.1:0".parse().expect("addr");
+    let receiver = match setup.protocol {
+        "grpc" => rt.block_on(receiver::grpc_tls(
+            addr,
+            Arc::clone(&received),
+            pki.server_tls(),
+        )),
+        _ => rt.block_on(receiver::https(
+            addr,
+            Arc::clone(&received),
+            pki.server_rustls(),
+        )),
+    };
     let endpoint = format!("https://localhost:{}", receiver.addr.port());
     let header = format!("authorization={SECRET}");
     let (ca, cert, key) = (
@@ -114,18 +163,24 @@ fn run(pki: &Pki, trust_ca: bool) -> (usize, Vec<String>, Received) {
     let mut args = vec![
         "--otlp-endpoint",
         &endpoint,
+        "--otlp-protocol",
+        setup.protocol,
         "--otlp-header",
         &header,
-        "--otlp-client-certificate",
-        &cert,
-        "--otlp-client-key",
-        &key,
         "--batch-timeout",
         "200ms",
         "--log-level",
         "debug",
     ];
-    if trust_ca {
+    if setup.client_certificate {
+        args.extend([
+            "--otlp-client-certificate",
+            &cert,
+            "--otlp-client-key",
+            &key,
+        ]);
+    }
+    if setup.trust_ca {
         args.extend(["--otlp-certificate", &ca]);
     }
     let collector =
@@ -140,12 +195,25 @@ fn run(pki: &Pki, trust_ca: bool) -> (usize, Vec<String>, Received) {
     (records_to(&received, port), stderr, received)
 }
 
-#[test]
-fn the_given_ca_is_trusted_an_unknown_one_is_not_and_credentials_stay_out_of_logs() {
+fn the_given_ca_is_trusted_an_unknown_one_is_not_a_missing_client_certificate_is_refused(
+    protocol: &'static str,
+) {
     let pki = Pki::new();
 
-    let (arrived, stderr, received) = run(&pki, true);
-    assert_eq!(arrived, 1, "over mutual TLS:\n{}", stderr.join("\n"));
+    let (arrived, stderr, received) = run(
+        &pki,
+        Setup {
+            protocol,
+            trust_ca: true,
+            client_certificate: true,
+        },
+    );
+    assert_eq!(
+        arrived,
+        1,
+        "{protocol} over mutual TLS:\n{}",
+        stderr.join("\n")
+    );
     assert!(
         received
             .headers
@@ -158,10 +226,17 @@ fn the_given_ca_is_trusted_an_unknown_one_is_not_and_credentials_stay_out_of_log
         "credentials never appear in the logs"
     );
 
-    let (arrived, stderr, _) = run(&pki, false);
+    let (arrived, stderr, _) = run(
+        &pki,
+        Setup {
+            protocol,
+            trust_ca: false,
+            client_certificate: true,
+        },
+    );
     assert_eq!(
         arrived, 0,
-        "a server the system roots do not vouch for gets nothing"
+        "{protocol}: a server the system roots do not vouch for gets nothing"
     );
     let log = stderr.join("\n");
     assert!(
@@ -171,5 +246,43 @@ fn the_given_ca_is_trusted_an_unknown_one_is_not_and_credentials_stay_out_of_log
     assert!(
         !log.contains("s3cret"),
         "credentials never appear in the logs"
+    );
+
+    let (arrived, stderr, received) = run(
+        &pki,
+        Setup {
+            protocol,
+            trust_ca: true,
+            client_certificate: false,
+        },
+    );
+    let log = stderr.join("\n");
+    assert_eq!(
+        arrived, 0,
+        "{protocol}: mutual TLS refuses a collector without a client certificate:\n{log}"
+    );
+    assert!(
+        received.logs.is_empty() && received.headers.is_empty(),
+        "{protocol}: no request got through"
+    );
+    assert!(
+        log.contains("OTLP export failed") || log.contains("could not be exported"),
+        "the refusal is logged:\n{log}"
+    );
+    assert!(
+        !log.contains("s3cret"),
+        "credentials never appear in the logs"
+    );
+}
+
+#[test]
+fn grpc_over_tls_and_mutual_tls() {
+    the_given_ca_is_trusted_an_unknown_one_is_not_a_missing_client_certificate_is_refused("grpc");
+}
+
+#[test]
+fn http_protobuf_over_tls_and_mutual_tls() {
+    the_given_ca_is_trusted_an_unknown_one_is_not_a_missing_client_certificate_is_refused(
+        "http/protobuf",
     );
 }

@@ -15,8 +15,10 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-/// Hook families the scenario runs in every VM, in this order.
-const PROBES: [&str; 2] = ["kprobe", "fentry"];
+/// Hook families the scenario runs in every VM, in this order (Debian's kernels have all).
+const PROBES: [&str; 3] = ["kprobe", "fentry", "tracepoint"];
+/// The scenario's concurrent phase: threads x attempts each, at once.
+const CONCURRENT: &str = "4x150";
 /// Emulation is slow and the two VMs may share the host's CPUs, but a healthy run takes a
 /// fraction of this; past it the guest is stuck.
 const VM_TIMEOUT: Duration = Duration::from_secs(300);
@@ -26,13 +28,22 @@ const RESULT_MARKER: &str = "EGRESS-VM-RESULT ";
 const BUSYBOX: &str = "/bin/busybox";
 
 #[test]
-fn kprobe_and_fentry_on_debian_6_1() {
+fn every_family_on_debian_6_1() {
     run_scenario_in_vm("6.1");
 }
 
 #[test]
-fn kprobe_and_fentry_on_debian_6_12() {
+fn every_family_on_debian_6_12() {
     run_scenario_in_vm("6.12");
+}
+
+/// PREEMPT_RT (mainline since 6.12): programs can be preempted, so two tasks' programs
+/// interleave on one CPU and the kernel skips re-entries (recursion misses). The
+/// concurrent phase checks that nothing is lost without being counted, at least as
+/// possible loss.
+#[test]
+fn every_family_on_debian_6_12_preempt_rt() {
+    run_scenario_in_vm("6.12-rt");
 }
 
 fn run_scenario_in_vm(series: &str) {
@@ -152,12 +163,13 @@ mount -t cgroup2 cgroup2 /sys/fs/cgroup
 mount -t bpf bpf /sys/fs/bpf
 ip link set lo up
 hostname egress-vm
-echo "{KERNEL_MARKER}$(uname -r)"
+echo "{KERNEL_MARKER}$(uname -r) $(uname -v)"
 for probe in {probes}; do
     dmesg -c >/dev/null
     # The user filters are on (matching nothing here) so their kernel code runs too;
     # `check` then loads the aggregation code, which would change the scenario's records.
-    if /egress-scenario --collector /egress-collector --probe "$probe" -- \
+    if /egress-scenario --collector /egress-collector --probe "$probe" \
+        --concurrent {CONCURRENT} -- \
         --exclude-cidr 192.0.2.0/24,2001:db8::/32 --exclude-namespace none-such &&
         /egress-collector check --probe "$probe" --aggregate-window 1s >/dev/null; then
         verdict=PASS
@@ -372,10 +384,23 @@ fn check_console(series: &str, console: &str) {
         .iter()
         .find_map(|l| after_marker(l, KERNEL_MARKER))
         .unwrap_or_else(|| panic!("[{series}] /init never printed the kernel release:\n{console}"));
+    let (version, flavour) = series.split_once('-').unwrap_or((series, ""));
     assert!(
-        release.starts_with(&format!("{series}.")),
-        "[{series}] the guest runs {release}, not a {series} kernel:\n{console}"
+        release.starts_with(&format!("{version}.")),
+        "[{series}] the guest runs {release}, not a {version} kernel:\n{console}"
     );
+    if flavour == "rt" {
+        assert!(
+            release.contains("PREEMPT_RT"),
+            "[{series}] the guest's kernel is not PREEMPT_RT: {release}\n{console}"
+        );
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains("SCENARIO WARN") && l.contains("fentry on a PREEMPT_RT")),
+            "[{series}] fentry mode warns that the kernel skips preempted programs:\n{console}"
+        );
+    }
 
     let mut problems = Vec::new();
     for probe in PROBES {

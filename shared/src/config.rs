@@ -138,7 +138,10 @@ pub struct ProbeConfig {
     pub cgroup_rate: u32,
     /// Events a cgroup may submit at once (token bucket size).
     pub cgroup_burst: u32,
-    pub _padding: u32,
+    /// 1: follow established connections to their close (`OPEN_TCP`, close events).
+    /// 0 when nothing consumes closes (no OTLP, no `--close-records`): the state machine
+    /// then stops at the attempt's outcome and pays nothing per close.
+    pub track_closes: u32,
     /// Identical connections (same process, protocol, destination) within one window of
     /// this length are reported once, with a count; 0 reports every connection.
     pub aggregate_window_ns: u64,
@@ -244,7 +247,7 @@ impl ProbeConfig {
             wakeup_bytes: 0,
             cgroup_rate: 0,
             cgroup_burst: 0,
-            _padding: 0,
+            track_closes: 0,
             aggregate_window_ns: 0,
             exclude_addresses: 0,
             exclude_cgroups: 0,

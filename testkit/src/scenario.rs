@@ -10,6 +10,8 @@ use crate::{
 };
 
 pub const TRAFFIC_THREAD: &str = "egress-traffic";
+/// Threads of the concurrent phase ([`Options::concurrent`]).
+pub const STORM_THREAD: &str = "egress-storm";
 
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -20,6 +22,11 @@ pub struct Options {
     pub n: usize,
     pub extra_args: Vec<String>,
     pub ready_timeout: Duration,
+    /// After the known connections: this many threads at once, each making `per_thread`
+    /// TCP attempts, so programs run concurrently and, on preemptible kernels, interleave
+    /// on a CPU. 0: no concurrent phase.
+    pub concurrent: usize,
+    pub per_thread: usize,
 }
 
 #[derive(Debug)]
@@ -28,6 +35,86 @@ pub struct Outcome {
     pub mode: String,
     pub expected: usize,
     pub records: Vec<Value>,
+    pub storm: Option<Storm>,
+    /// The collector's warnings, as logged.
+    pub warnings: Vec<String>,
+}
+
+/// The books of the concurrent phase.
+#[derive(Debug, Clone, Copy)]
+pub struct Storm {
+    pub made: u64,
+    pub reported: u64,
+    /// Events the collector counted as lost (the whole run).
+    pub lost: u64,
+    /// Program runs the kernel skipped (recursion misses, the whole run).
+    pub possibly_lost: u64,
+}
+
+impl Storm {
+    /// reported + counted = made, where a recursion miss may or may not have been a lost
+    /// connection: reported + lost <= made <= reported + lost + possibly_lost.
+    fn problem(&self) -> Option<String> {
+        let Storm {
+            made,
+            reported,
+            lost,
+            possibly_lost,
+        } = *self;
+        (reported + lost > made || made > reported + lost + possibly_lost).then(|| {
+            format!(
+                "concurrent phase: {made} attempts, {reported} reported, {lost} counted lost, \
+                 {possibly_lost} possibly lost (recursion misses): want reported + lost <= made \
+                 <= reported + lost + possibly lost"
+            )
+        })
+    }
+}
+
+/// `name=<n>` on the collector's last "Stopped." line.
+fn stopped_stat(stderr: &[String], name: &str) -> Option<u64> {
+    let line = stderr.iter().rev().find(|l| l.contains("Stopped."))?;
+    let needle = format!(" {name}=");
+    let at = line.find(&needle)? + needle.len();
+    line[at..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// `threads` threads at once, each making `per_thread` attempts to a closed port (refused:
+/// one attempt each, nothing to accept). Returns the port and the attempts made.
+fn storm(threads: usize, per_thread: usize) -> Result<(u16, u64), String> {
+    let closed = std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0))
+        .and_then(|l| l.local_addr())
+        .map_err(|e| format!("no free port: {e}"))?;
+    let start = std::sync::Arc::new(std::sync::Barrier::new(threads));
+    let workers: Vec<_> = (0..threads)
+        .map(|_| {
+            let start = std::sync::Arc::clone(&start);
+            std::thread::Builder::new()
+                .name(STORM_THREAD.into())
+                .spawn(move || -> Result<u64, String> {
+                    start.wait();
+                    for _ in 0..per_thread {
+                        match std::net::TcpStream::connect(closed) {
+                            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+                            other => return Err(format!("connect to a closed port: {other:?}")),
+                        }
+                    }
+                    Ok(per_thread as u64)
+                })
+                .map_err(|e| format!("cannot start a storm thread: {e}"))
+        })
+        .collect::<Result<_, _>>()?;
+    let mut made = 0;
+    for worker in workers {
+        made += worker
+            .join()
+            .map_err(|_| "a storm thread panicked".to_owned())??;
+    }
+    Ok((closed.port(), made))
 }
 
 fn attr<'a>(record: &'a Value, key: &str) -> &'a Value {
@@ -170,6 +257,7 @@ pub fn run(options: &Options) -> Result<Outcome, String> {
         .map_err(|e| format!("cannot start the traffic thread: {e}"))?
         .join()
         .map_err(|_| "the traffic thread panicked".to_owned())?;
+    let storm_run = (options.concurrent > 0).then(|| storm(options.concurrent, options.per_thread));
     // Give the reader a moment; shutdown drains the ring buffer anyway.
     std::thread::sleep(Duration::from_millis(300));
     let (clean_exit, stdout, stderr) = collector.stop(Duration::from_secs(30))?;
@@ -219,11 +307,51 @@ pub fn run(options: &Options) -> Result<Outcome, String> {
             expected.len()
         ));
     }
+    let storm = match storm_run {
+        None => None,
+        Some(Err(e)) => {
+            problems.push(e);
+            None
+        }
+        Some(Ok((port, made))) => {
+            let reported = records
+                .iter()
+                .filter(|r| {
+                    attr(r, "process.pid") == me.pid
+                        && attr(r, "thread.name") == STORM_THREAD
+                        && attr(r, "destination.port") == port
+                })
+                .count() as u64;
+            let stat = |name| stopped_stat(&stderr, name);
+            match (stat("lost"), stat("possibly_lost")) {
+                (Some(lost), Some(possibly_lost)) => {
+                    let books = Storm {
+                        made,
+                        reported,
+                        lost,
+                        possibly_lost,
+                    };
+                    problems.extend(books.problem());
+                    Some(books)
+                }
+                _ => {
+                    problems.push("no lost= and possibly_lost= on the Stopped. line".into());
+                    None
+                }
+            }
+        }
+    };
     if problems.is_empty() {
         Ok(Outcome {
             mode,
             expected: expected.len(),
             records,
+            storm,
+            warnings: stderr
+                .iter()
+                .filter(|l| l.contains(" WARN "))
+                .cloned()
+                .collect(),
         })
     } else {
         let sample: Vec<String> = mine

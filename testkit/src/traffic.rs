@@ -128,6 +128,39 @@ pub fn generate(n: usize) -> io::Result<Vec<Expected>> {
         ));
     }
 
+    // A dual-stack IPv6 socket talking to an IPv4-mapped address (what Java does for every
+    // IPv4 destination): IPv4 on the wire, so recorded as IPv4 with dotted addresses.
+    let stream = TcpStream::connect(v4_mapped(listener4.local_addr()?))?;
+    expected.push(tcp(
+        "tcp dual-stack".into(),
+        unmapped(stream.local_addr()?),
+        listener4.local_addr()?,
+    ));
+    keep.push(stream);
+    let socket = UdpSocket::bind((Ipv6Addr::UNSPECIFIED, 0))?;
+    for _ in 0..3 {
+        socket.send_to(b"ping", v4_mapped(receiver4.local_addr()?))?;
+    }
+    expected.push(Expected {
+        // Unbound: the kernel picks the IPv4 source per datagram and keeps none.
+        source_ip: Some(Ipv4Addr::UNSPECIFIED.into()),
+        ..udp(
+            "udp dual-stack sendto".into(),
+            "udp_send",
+            socket.local_addr()?,
+            receiver4.local_addr()?,
+        )
+    });
+    let socket = UdpSocket::bind((Ipv6Addr::UNSPECIFIED, 0))?;
+    socket.connect(v4_mapped(receiver4.local_addr()?))?;
+    socket.send(b"ping")?;
+    expected.push(udp(
+        "udp dual-stack connect".into(),
+        "udp_connect",
+        unmapped(socket.local_addr()?),
+        receiver4.local_addr()?,
+    ));
+
     // sendmsg() with a destination in msg_name.
     let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
     for _ in 0..3 {
@@ -144,6 +177,25 @@ pub fn generate(n: usize) -> io::Result<Vec<Expected>> {
     std::thread::sleep(Duration::from_millis(100));
     drop(keep);
     Ok(expected)
+}
+
+/// `a.b.c.d:port` as `[::ffff:a.b.c.d]:port`.
+fn v4_mapped(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V4(a) => SocketAddr::new(a.ip().to_ipv6_mapped().into(), a.port()),
+        v6 => v6,
+    }
+}
+
+/// `[::ffff:a.b.c.d]:port` as `a.b.c.d:port`.
+fn unmapped(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V6(a) => match a.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(v4.into(), a.port()),
+            None => addr,
+        },
+        v4 => v4,
+    }
 }
 
 struct Fd(i32);

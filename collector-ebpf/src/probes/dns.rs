@@ -296,7 +296,7 @@ fn copy_answer(read: &DnsRead, returned: u64, is_query: bool) {
         .wrapping_sub(read.sent_ns)
         .min(u32::MAX as u64) as u32;
     if EVENTS
-        .output::<egress_shared::DnsEvent>(&*ev, emit::close_wakeup_flags())
+        .output::<egress_shared::DnsEvent>(&*ev, emit::wakeup_flags())
         .is_err()
     {
         emit::count(egress_shared::Counter::RingBufferFull);

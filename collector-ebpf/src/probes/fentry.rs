@@ -7,7 +7,7 @@ use egress_shared::EventKind;
 
 use crate::{
     emit,
-    maps::config,
+    maps::{Slot, config},
     read,
     sock::{self, Dest},
 };
@@ -15,7 +15,7 @@ use crate::{
 /// hook: `int udp_sendmsg(struct sock *sk, struct msghdr *msg, size_t len)`.
 #[fexit(function = "udp_sendmsg")]
 pub fn fexit_udp_sendmsg(ctx: FExitContext) -> u32 {
-    udp_send(ctx.arg::<u64>(0), ctx.arg::<u64>(1), false);
+    udp_send(ctx.arg::<u64>(0), ctx.arg::<u64>(1), false, Slot::UdpSend);
     0
 }
 
@@ -23,7 +23,7 @@ pub fn fexit_udp_sendmsg(ctx: FExitContext) -> u32 {
 /// destinations are reported by the inner udp_sendmsg.
 #[fexit(function = "udpv6_sendmsg")]
 pub fn fexit_udpv6_sendmsg(ctx: FExitContext) -> u32 {
-    udp_send(ctx.arg::<u64>(0), ctx.arg::<u64>(1), true);
+    udp_send(ctx.arg::<u64>(0), ctx.arg::<u64>(1), true, Slot::UdpSendV6);
     0
 }
 
@@ -31,7 +31,13 @@ pub fn fexit_udpv6_sendmsg(ctx: FExitContext) -> u32 {
 #[fexit(function = "ip4_datagram_connect")]
 pub fn fexit_ip4_datagram_connect(ctx: FExitContext) -> u32 {
     let dest = sock::dest_from_kernel(ctx.arg::<u64>(1));
-    emit::udp(ctx.arg::<u64>(0), &dest, EventKind::UdpConnect, false);
+    emit::udp(
+        ctx.arg::<u64>(0),
+        &dest,
+        EventKind::UdpConnect,
+        false,
+        Slot::UdpConnect,
+    );
     0
 }
 
@@ -39,17 +45,29 @@ pub fn fexit_ip4_datagram_connect(ctx: FExitContext) -> u32 {
 #[fexit(function = "ip6_datagram_connect")]
 pub fn fexit_ip6_datagram_connect(ctx: FExitContext) -> u32 {
     let dest = sock::dest_from_kernel(ctx.arg::<u64>(1));
-    emit::udp(ctx.arg::<u64>(0), &dest, EventKind::UdpConnect, false);
+    emit::udp(
+        ctx.arg::<u64>(0),
+        &dest,
+        EventKind::UdpConnect,
+        false,
+        Slot::UdpConnectV6,
+    );
     0
 }
 
 #[inline(always)]
-fn udp_send(sk: u64, msg: u64, v4_mapped_reported_inside: bool) {
+fn udp_send(sk: u64, msg: u64, v4_mapped_reported_inside: bool, slot: Slot) {
     let name = read::kernel::<u64>(msg, config!(offsets.msghdr_msg_name)).unwrap_or(0);
     let dest = if name == 0 {
         Dest::NONE
     } else {
         sock::dest_from_kernel(name)
     };
-    emit::udp(sk, &dest, EventKind::UdpSend, v4_mapped_reported_inside);
+    emit::udp(
+        sk,
+        &dest,
+        EventKind::UdpSend,
+        v4_mapped_reported_inside,
+        slot,
+    );
 }

@@ -10,7 +10,7 @@ use egress_shared::EventKind;
 
 use crate::{
     emit,
-    maps::{CallState, config},
+    maps::{CallState, Slot, config},
     read,
     sock::{self, Dest},
 };
@@ -51,7 +51,7 @@ pub fn kprobe_udp_connect(ctx: ProbeContext) -> u32 {
 pub fn kretprobe_udp(_ctx: RetProbeContext) -> u32 {
     if let Some(state) = emit::take_call() {
         let kind = EventKind::from_raw(state.event_kind as u8).unwrap_or(EventKind::UdpSend);
-        emit::udp(state.sk, &state.dest, kind, false);
+        emit::udp(state.sk, &state.dest, kind, false, Slot::CallExit);
     }
     0
 }

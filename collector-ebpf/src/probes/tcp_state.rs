@@ -12,7 +12,7 @@ use egress_shared::ResetBy;
 
 use crate::{
     emit,
-    maps::config,
+    maps::{Slot, config},
     sock::{self, IPPROTO_TCP},
 };
 
@@ -26,17 +26,17 @@ fn interesting(old: i32, new: i32) -> bool {
     (old == TCP_CLOSE && new == TCP_SYN_SENT) || old == TCP_SYN_SENT || new == TCP_CLOSE
 }
 
-/// One transition of a TCP socket.
+/// One transition of a TCP socket; `slot` is the program's scratch slot.
 #[inline(always)]
-fn transition(sk: u64, old: i32, new: i32) {
+fn transition(sk: u64, old: i32, new: i32, slot: Slot) {
     if old == TCP_CLOSE && new == TCP_SYN_SENT {
-        emit::tcp_syn_sent(sk);
+        emit::tcp_syn_sent(sk, slot);
     } else if old == TCP_SYN_SENT {
         // SYN_SENT -> SYN_RECV (simultaneous open) is left pending until CLOSE.
         if new == TCP_ESTABLISHED || new == TCP_CLOSE {
             emit::tcp_complete(sk, new == TCP_ESTABLISHED);
         }
-    } else if new == TCP_CLOSE {
+    } else if new == TCP_CLOSE && config!(track_closes) != 0 {
         emit::tcp_closed(sk, old as u8);
     }
 }
@@ -61,7 +61,7 @@ pub fn raw_tp_inet_sock_set_state(ctx: RawTracePointContext) -> i32 {
     if opening && sock::protocol(sk) != Ok(IPPROTO_TCP) {
         return 0;
     }
-    transition(sk, old, new);
+    transition(sk, old, new, Slot::RawSockState);
     0
 }
 
@@ -91,7 +91,7 @@ pub fn tp_inet_sock_set_state(ctx: TracePointContext) -> u32 {
     if !interesting(old, new) {
         return 0;
     }
-    transition(sk, old, new);
+    transition(sk, old, new, Slot::SockState);
     0
 }
 

@@ -7,7 +7,7 @@ use egress_shared::EventKind;
 
 use crate::{
     emit,
-    maps::{CallState, USER_ADDR_MSGHDR, USER_ADDR_SOCKADDR, config},
+    maps::{CallState, Slot, USER_ADDR_MSGHDR, USER_ADDR_SOCKADDR, config},
     read,
     sock::{self, Dest},
 };
@@ -87,9 +87,9 @@ pub fn tp_sys_exit(ctx: TracePointContext) -> u32 {
         }
     }
     if state.event_kind == EventKind::UdpConnect as u32 {
-        emit::connect_exit(sk, &dest);
+        emit::connect_exit(sk, &dest, Slot::CallExit);
     } else {
-        emit::udp(sk, &dest, EventKind::UdpSend, false);
+        emit::udp(sk, &dest, EventKind::UdpSend, false, Slot::CallExit);
     }
     0
 }

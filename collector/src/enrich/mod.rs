@@ -115,6 +115,9 @@ pub struct Enricher {
     changes: std_mpsc::Receiver<DirChange>,
     last_sweep: Instant,
     namespace_filter: Option<NamespaceFilter>,
+    /// Where the ids of containers that went away are sent (the OTLP exporter ends their
+    /// metric series).
+    departures: Option<tokio::sync::mpsc::UnboundedSender<String>>,
 }
 
 const SWEEP_EVERY: Duration = Duration::from_secs(10);
@@ -144,7 +147,17 @@ impl Enricher {
             changes,
             last_sweep: Instant::now(),
             namespace_filter: None,
+            departures: None,
         }
+    }
+
+    /// Sends the id of each container whose runtime directory goes away to `departures`.
+    pub fn with_departures(
+        mut self,
+        departures: tokio::sync::mpsc::UnboundedSender<String>,
+    ) -> Self {
+        self.departures = Some(departures);
+        self
     }
 
     /// Drops the records of excluded Kubernetes namespaces.
@@ -193,7 +206,13 @@ impl Enricher {
         while let Ok(change) = self.changes.try_recv() {
             match change {
                 DirChange::Created(id) => self.containers.container_created(&id, now),
-                DirChange::Removed(id) => self.containers.container_removed(&id, now),
+                DirChange::Removed(id) => {
+                    self.containers.container_removed(&id, now);
+                    if let Some(departures) = &self.departures {
+                        // The exporter may have stopped (shutdown): nothing to end then.
+                        let _ = departures.send(id);
+                    }
+                }
             }
         }
         if now.duration_since(self.last_sweep) >= SWEEP_EVERY {
@@ -222,5 +241,6 @@ impl Enricher {
                 break;
             }
         }
+        crate::testhook::hang_if("enrich");
     }
 }

@@ -30,6 +30,9 @@ pub struct DnsSettings {
     /// The same container/name/type/rcode is reported once per window.
     pub window: Duration,
     pub cache: CacheLimits,
+    /// Connections named from the cache keep its entry alive until they close; only
+    /// where the kernel follows closes (`track_closes`), else entries live by TTL.
+    pub hold_open: bool,
 }
 
 impl Default for DnsSettings {
@@ -39,6 +42,7 @@ impl Default for DnsSettings {
             keep_flows: false,
             window: Duration::from_secs(60),
             cache: CacheLimits::default(),
+            hold_open: false,
         }
     }
 }
@@ -225,6 +229,7 @@ impl Names {
         };
         if let Some(outcome) = &connection.outcome
             && outcome.state == ConnectionState::Established
+            && self.settings.hold_open
         {
             let key = (outcome.sock_id, outcome.connect_boot_ns);
             self.cache.hold(

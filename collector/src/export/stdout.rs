@@ -1,10 +1,130 @@
 //! One JSON object per connection on stdout:
 //! `{"time_unix_nano": …, "resource": {…}, "attributes": {…}}`.
+//!
+//! Written from a thread of its own: a slow reader blocks that thread only, never a
+//! runtime worker, and a stdout that never drains cannot hold shutdown (the thread is left
+//! behind at the deadline). When the reader goes away (`| head`), the stage stops writing:
+//! as the only sink it asks the collector to stop; as a copy beside OTLP it just ends.
 
-use std::io::Write;
+use std::{
+    io::{ErrorKind, Write},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use tokio::sync::{Notify, mpsc, oneshot};
 
 use super::{ExportError, Exporter, attributes};
-use crate::enrich::Record;
+use crate::{enrich::Record, telemetry::Stats};
+
+/// What stdout is to the collector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// The only sink: its records are counted, and a closed stdout stops the collector.
+    Sink,
+    /// A copy beside OTLP (which counts the records): a closed stdout ends only the copy.
+    Copy,
+}
+
+/// Tells the pipeline, once, that stdout's reader went away.
+#[derive(Debug, Default)]
+pub struct Closed {
+    notify: Notify,
+    reported: AtomicBool,
+}
+
+impl Closed {
+    /// Logs and notifies on the first call only.
+    pub fn report(&self) {
+        if !self.reported.swap(true, Ordering::Relaxed) {
+            tracing::info!("stdout was closed by its reader; the collector stops.");
+            self.notify.notify_one();
+        }
+    }
+
+    /// Completes once [`Self::report`] was called.
+    pub async fn wait(&self) {
+        self.notify.notified().await;
+    }
+}
+
+/// Whether stdout's reader has gone away, known without writing: the write end of a pipe
+/// whose reader exited polls as an error, a hung-up terminal or socket as a hang-up. (A
+/// file never does.) Lets a collector with nothing to write notice `| head` too.
+pub fn reader_gone() -> bool {
+    let mut fd = libc::pollfd {
+        fd: libc::STDOUT_FILENO,
+        events: 0,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the call's duration; a zero timeout never waits.
+    let ready = unsafe { libc::poll(&mut fd, 1, 0) };
+    ready > 0 && fd.revents & (libc::POLLERR | libc::POLLHUP) != 0
+}
+
+/// Runs `exporter` on its own thread until `input` closes. With [`Role::Sink`], every
+/// record is counted exported or failed, and `closed` is reported if the reader of
+/// stdout goes away (the records after that are counted failed, never written). The
+/// receiver completes when the thread is done.
+pub fn spawn<W: Write + Send + 'static>(
+    mut exporter: StdoutExporter<W>,
+    mut input: mpsc::Receiver<Vec<Record>>,
+    role: Role,
+    stats: Arc<Stats>,
+    closed: Arc<Closed>,
+) -> std::io::Result<oneshot::Receiver<()>> {
+    let (done, finished) = oneshot::channel();
+    std::thread::Builder::new()
+        .name("stdout".into())
+        .spawn(move || {
+            let sink = role == Role::Sink;
+            let mut open = true;
+            // One line per run of failures, not one per batch.
+            let mut failing = false;
+            while let Some(batch) = input.blocking_recv() {
+                // Records for the metrics only have nothing to write here.
+                let n = batch.iter().filter(|r| r.connection.logged()).count();
+                if !open {
+                    stats.record_export_failed(n);
+                    continue;
+                }
+                match exporter.export(&batch) {
+                    Ok(()) => {
+                        if sink {
+                            stats.record_exported(n);
+                        }
+                        if failing {
+                            tracing::info!("Writing to stdout works again.");
+                            failing = false;
+                        }
+                    }
+                    Err(ExportError::Io(e)) if e.kind() == ErrorKind::BrokenPipe => {
+                        if !sink {
+                            tracing::warn!("stdout was closed by its reader; records go on to OTLP only.");
+                            return;
+                        }
+                        stats.record_export_failed(n);
+                        closed.report();
+                        open = false;
+                    }
+                    Err(e) => {
+                        if sink {
+                            stats.record_export_failed(n);
+                        }
+                        if !failing {
+                            tracing::error!(error = %e, records = n, "Writing to stdout failed; the records are lost (counted export_failed until it works again).");
+                            failing = true;
+                        }
+                    }
+                }
+            }
+            crate::testhook::hang_if("stdout");
+            let _ = done.send(());
+        })?;
+    Ok(finished)
+}
 
 pub struct StdoutExporter<W: Write + Send> {
     out: W,
@@ -81,6 +201,50 @@ impl<W: Write + Send> Exporter for StdoutExporter<W> {
 mod tests {
     use super::*;
     use crate::export::otlp::mapping::tests::{record, resource};
+
+    /// A writer whose reader has gone, as a pipe after `head` exits.
+    struct ReaderGone;
+
+    impl Write for ReaderGone {
+        fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+            Err(ErrorKind::BrokenPipe.into())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_closed_stdout_counts_every_later_record_failed_and_notifies_once() {
+        let stats = Arc::new(Stats::default());
+        let closed = Arc::new(Closed::default());
+        let (tx, rx) = mpsc::channel(4);
+        let done = spawn(
+            StdoutExporter::with_writer(ReaderGone),
+            rx,
+            Role::Sink,
+            Arc::clone(&stats),
+            Arc::clone(&closed),
+        )
+        .expect("thread");
+        let r = record(&resource("shop"), 443);
+        for n in [3, 2] {
+            tx.blocking_send(vec![r.clone(); n]).expect("send");
+        }
+        drop(tx);
+        done.blocking_recv().expect("finished");
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async {
+            tokio::time::timeout(std::time::Duration::from_secs(1), closed.wait())
+                .await
+                .expect("notified");
+        });
+        let kernel_free = stats.snapshot_user();
+        assert_eq!((kernel_free.exported, kernel_free.export_failed), (0, 5));
+    }
 
     #[test]
     fn a_record_is_one_json_line_with_every_attribute_and_hostile_strings_escaped() {

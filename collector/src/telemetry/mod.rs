@@ -12,21 +12,38 @@ use std::{
 use aya::maps::{MapData, PerCpuArray};
 use egress_shared::{COUNTER_COUNT, Counter};
 
-use crate::events::DecodeError;
+use crate::{config::LogFormat, events::DecodeError, probe::programs::ProgramCounts};
 
 pub mod otel;
 
 /// Logs to stderr (stdout carries records), and over OTLP too with `self_telemetry`.
-/// `RUST_LOG` overrides `level`.
-pub fn init_tracing(level: &str, self_telemetry: Option<&otel::SelfTelemetry>) {
+/// `RUST_LOG` overrides `level`. Text is coloured only when stderr is a terminal and
+/// `NO_COLOR` is unset: container logs and log shippers get plain lines.
+pub fn init_tracing(level: &str, format: LogFormat, self_telemetry: Option<&otel::SelfTelemetry>) {
+    use std::io::IsTerminal;
     use tracing_subscriber::{Layer, layer::SubscriberExt, util::SubscriberInitExt};
     let filter = || {
         tracing_subscriber::EnvFilter::try_from_default_env()
             .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level))
     };
-    let stderr = tracing_subscriber::fmt::layer()
-        .with_writer(std::io::stderr)
-        .with_target(false);
+    let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
+    let colour = std::io::stderr().is_terminal() && !no_color;
+    let stderr: Box<dyn Layer<_> + Send + Sync> = match format {
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_target(false)
+            .with_ansi(colour)
+            .boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .with_writer(std::io::stderr)
+            .with_target(false)
+            .with_ansi(false)
+            .boxed(),
+    };
     let _ = tracing_subscriber::registry()
         .with(self_telemetry.map(|t| t.layers().with_filter(filter())))
         .with(stderr.with_filter(filter()))
@@ -43,10 +60,12 @@ pub struct Stats {
     export_dropped: AtomicU64,
     rejected: AtomicU64,
     queue_length: AtomicU64,
+    metric_workloads: AtomicU64,
     repeats_lost: AtomicU64,
     filtered: AtomicU64,
     stdout_copy_dropped: AtomicU64,
     spans_failed: AtomicU64,
+    abandoned: AtomicU64,
     decode_failed: Mutex<BTreeMap<&'static str, u64>>,
     enrichment_failed: Mutex<BTreeMap<&'static str, u64>>,
     dns: Mutex<BTreeMap<&'static str, u64>>,
@@ -65,6 +84,8 @@ pub struct Snapshot {
     pub rejected: u64,
     /// Records waiting to be exported.
     pub queue_length: u64,
+    /// Workloads with an `egress.connections` series held and exported (OTLP only).
+    pub metric_workloads: u64,
     /// Repeats counted by an in-kernel aggregate that no record carries (its opening
     /// record, or its closing one, was lost).
     pub repeats_lost: u64,
@@ -75,6 +96,8 @@ pub struct Snapshot {
     pub stdout_copy_dropped: u64,
     /// Connection spans the traces endpoint did not take (`--connection-spans`).
     pub spans_failed: u64,
+    /// Records still between stages when the shutdown deadline passed.
+    pub abandoned: u64,
     pub decode_failed: BTreeMap<&'static str, u64>,
     /// Lookups of container metadata that failed, by reason (the events still went out).
     pub enrichment_failed: BTreeMap<&'static str, u64>,
@@ -82,6 +105,10 @@ pub struct Snapshot {
     /// misses for room, folded port-53 flows (see docs/dns.md).
     pub dns: BTreeMap<&'static str, u64>,
     pub kernel: [u64; COUNTER_COUNT as usize],
+    /// Runs of the programs the kernel skipped because another was running on that CPU
+    /// (`bpf_prog_info.recursion_misses`, kernel 5.12+): possible loss, not certain loss
+    /// (see `probe::programs`).
+    pub recursion_misses: u64,
 }
 
 impl Snapshot {
@@ -94,12 +121,23 @@ impl Snapshot {
         self.kernel(Counter::RingBufferFull)
             + self.kernel(Counter::StateMapFull)
             + self.kernel(Counter::RateLimited)
-            + self.queue_full
-            + self.export_failed
-            + self.export_dropped
-            + self.rejected
             + self.repeats_lost
             + self.decode_failed.values().sum::<u64>()
+            + self.dropped()
+    }
+
+    /// Captured records lost on their way out: `captured = exported + filtered + dropped`
+    /// once every stage has finished (or the shutdown deadline turned the rest into
+    /// `abandoned`).
+    pub fn dropped(&self) -> u64 {
+        self.queue_full + self.export_failed + self.export_dropped + self.rejected + self.abandoned
+    }
+
+    /// Captured records not yet exported, filtered or dropped: still in a queue or being
+    /// written.
+    pub fn in_flight(&self) -> u64 {
+        self.captured
+            .saturating_sub(self.exported + self.filtered + self.dropped())
     }
 }
 
@@ -140,8 +178,17 @@ impl Stats {
         self.spans_failed.fetch_add(n as u64, Relaxed);
     }
 
+    /// The records still in the pipeline when the shutdown deadline passed.
+    pub fn record_abandoned(&self, n: u64) {
+        self.abandoned.fetch_add(n, Relaxed);
+    }
+
     pub fn record_filtered(&self, n: usize) {
         self.filtered.fetch_add(n as u64, Relaxed);
+    }
+
+    pub fn set_metric_workloads(&self, n: usize) {
+        self.metric_workloads.store(n as u64, Relaxed);
     }
 
     pub fn set_queue_length(&self, n: usize) {
@@ -178,6 +225,15 @@ impl Stats {
 
     pub fn snapshot(&self, kernel: &KernelCounters) -> Snapshot {
         Snapshot {
+            kernel: kernel.read(),
+            recursion_misses: kernel.recursion_misses(),
+            ..self.snapshot_user()
+        }
+    }
+
+    /// The user-space counters (kernel counters zero).
+    pub fn snapshot_user(&self) -> Snapshot {
+        Snapshot {
             captured: self.captured.load(Relaxed),
             queue_full: self.queue_full.load(Relaxed),
             exported: self.exported.load(Relaxed),
@@ -185,10 +241,12 @@ impl Stats {
             export_dropped: self.export_dropped.load(Relaxed),
             rejected: self.rejected.load(Relaxed),
             queue_length: self.queue_length.load(Relaxed),
+            metric_workloads: self.metric_workloads.load(Relaxed),
             repeats_lost: self.repeats_lost.load(Relaxed),
             filtered: self.filtered.load(Relaxed),
             stdout_copy_dropped: self.stdout_copy_dropped.load(Relaxed),
             spans_failed: self.spans_failed.load(Relaxed),
+            abandoned: self.abandoned.load(Relaxed),
             decode_failed: self
                 .decode_failed
                 .lock()
@@ -200,19 +258,27 @@ impl Stats {
                 .map(|m| m.clone())
                 .unwrap_or_default(),
             dns: self.dns.lock().map(|m| m.clone()).unwrap_or_default(),
-            kernel: kernel.read(),
+            kernel: [0; COUNTER_COUNT as usize],
+            recursion_misses: 0,
         }
     }
 }
 
-/// The programs' per-CPU counters, summed over CPUs.
+/// The programs' per-CPU counters, summed over CPUs, and what the kernel counts about
+/// the programs themselves.
 pub struct KernelCounters {
     map: PerCpuArray<MapData, u64>,
+    programs: ProgramCounts,
 }
 
 impl KernelCounters {
-    pub fn new(map: PerCpuArray<MapData, u64>) -> Self {
-        Self { map }
+    pub fn new(map: PerCpuArray<MapData, u64>, programs: ProgramCounts) -> Self {
+        Self { map, programs }
+    }
+
+    /// 0 on kernels that do not count them (before 5.12).
+    pub fn recursion_misses(&self) -> u64 {
+        self.programs.recursion_misses().unwrap_or(0)
     }
 
     pub fn read(&self) -> [u64; COUNTER_COUNT as usize] {
@@ -230,13 +296,16 @@ impl KernelCounters {
 pub fn report(previous: &Snapshot, now: &Snapshot) {
     let delta = |a: u64, b: u64| b.saturating_sub(a);
     let lost = delta(previous.lost(), now.lost());
+    let possibly_lost = delta(previous.recursion_misses, now.recursion_misses);
     let kernel: Vec<String> = Counter::ALL
         .iter()
         .map(|&c| format!("{}={}", c.name(), delta(previous.kernel(c), now.kernel(c))))
+        .chain(std::iter::once(format!("recursion_misses={possibly_lost}")))
         .collect();
-    if lost > 0 {
+    if lost > 0 || possibly_lost > 0 {
         tracing::warn!(
             lost,
+            possibly_lost,
             captured = delta(previous.captured, now.captured),
             queue_full = delta(previous.queue_full, now.queue_full),
             export_failed = delta(previous.export_failed, now.export_failed),
@@ -252,6 +321,7 @@ pub fn report(previous: &Snapshot, now: &Snapshot) {
             captured = delta(previous.captured, now.captured),
             exported = delta(previous.exported, now.exported),
             queue_length = now.queue_length,
+            metric_workloads = now.metric_workloads,
             filtered_by_namespace = delta(previous.filtered, now.filtered),
             stdout_copy_dropped = delta(previous.stdout_copy_dropped, now.stdout_copy_dropped),
             enrichment_failed = ?now.enrichment_failed,
@@ -259,5 +329,29 @@ pub fn report(previous: &Snapshot, now: &Snapshot) {
             kernel = %kernel.join(" "),
             "Collector statistics."
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn captured_is_exported_plus_filtered_plus_dropped_plus_what_is_in_flight() {
+        let stats = Stats::default();
+        stats.record_captured(100);
+        stats.record_exported(60);
+        stats.record_filtered(5);
+        stats.record_queue_full(4);
+        stats.record_export_failed(3);
+        stats.record_export_dropped(2);
+        stats.record_rejected(1);
+        let s = stats.snapshot_user();
+        assert_eq!(s.dropped(), 10);
+        assert_eq!(s.in_flight(), 25);
+        stats.record_abandoned(s.in_flight());
+        let s = stats.snapshot_user();
+        assert_eq!((s.in_flight(), s.dropped(), s.lost()), (0, 35, 35));
+        assert_eq!(s.captured, s.exported + s.filtered + s.dropped());
     }
 }

@@ -281,6 +281,19 @@ async fn handle_http(
 }
 
 pub async fn http(addr: SocketAddr, received: Shared) -> Receiver {
+    http_with(addr, received, None).await
+}
+
+/// HTTP/protobuf over TLS with `tls` (which may require a client certificate).
+pub async fn https(addr: SocketAddr, received: Shared, tls: Arc<rustls::ServerConfig>) -> Receiver {
+    http_with(addr, received, Some(tokio_rustls::TlsAcceptor::from(tls))).await
+}
+
+async fn http_with(
+    addr: SocketAddr,
+    received: Shared,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) -> Receiver {
     let listener = listener(addr).await;
     let addr = listener.local_addr().expect("addr");
     let (stop, mut stopped) = oneshot::channel::<()>();
@@ -292,11 +305,20 @@ pub async fn http(addr: SocketAddr, received: Shared) -> Receiver {
                 accepted = listener.accept() => {
                     let Ok((stream, _)) = accepted else { continue };
                     let shared = Arc::clone(&shared);
+                    let tls = tls.clone();
                     tokio::spawn(async move {
                         let service = hyper::service::service_fn(move |req| handle_http(Arc::clone(&shared), req));
-                        let _ = hyper::server::conn::http1::Builder::new()
-                            .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                            .await;
+                        let http = hyper::server::conn::http1::Builder::new();
+                        match tls {
+                            None => {
+                                let _ = http.serve_connection(hyper_util::rt::TokioIo::new(stream), service).await;
+                            }
+                            Some(tls) => {
+                                // A refused handshake (no client certificate) ends here.
+                                let Ok(stream) = tls.accept(stream).await else { return };
+                                let _ = http.serve_connection(hyper_util::rt::TokioIo::new(stream), service).await;
+                            }
+                        }
                     });
                 }
             }

@@ -13,6 +13,8 @@ fn main() -> ExitCode {
         n: 5,
         extra_args: Vec::new(),
         ready_timeout: Duration::from_secs(120),
+        concurrent: 0,
+        per_thread: 0,
     };
     while let Some(arg) = args.next() {
         if arg == "--" {
@@ -24,9 +26,15 @@ fn main() -> ExitCode {
             ("--collector", Some(v)) => options.collector = v.into(),
             ("--probe", Some(v)) => options.probe = v,
             ("--n", Some(v)) => options.n = v.parse().unwrap_or(5),
+            // THREADSxPER: the concurrent phase.
+            ("--concurrent", Some(v)) => {
+                let (threads, per) = v.split_once('x').unwrap_or(("0", "0"));
+                options.concurrent = threads.parse().unwrap_or(0);
+                options.per_thread = per.parse().unwrap_or(0);
+            }
             _ => {
                 eprintln!(
-                    "usage: egress-scenario --collector PATH [--probe MODE] [--n N] [-- COLLECTOR ARGS]"
+                    "usage: egress-scenario --collector PATH [--probe MODE] [--n N] [--concurrent THREADSxPER] [-- COLLECTOR ARGS]"
                 );
                 return ExitCode::from(2);
             }
@@ -34,8 +42,17 @@ fn main() -> ExitCode {
     }
     match run(&options) {
         Ok(outcome) => {
+            let storm = outcome.storm.map_or(String::new(), |s| {
+                format!(
+                    " concurrent: made={} reported={} lost={} possibly_lost={}",
+                    s.made, s.reported, s.lost, s.possibly_lost
+                )
+            });
+            for warning in &outcome.warnings {
+                println!("SCENARIO WARN {warning}");
+            }
             println!(
-                "SCENARIO PASS probe={} mode={} connections={} records={}",
+                "SCENARIO PASS probe={} mode={} connections={} records={}{storm}",
                 options.probe,
                 outcome.mode,
                 outcome.expected,

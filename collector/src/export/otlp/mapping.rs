@@ -150,20 +150,37 @@ struct SeriesKey {
     error_type: Option<&'static str>,
 }
 
-#[derive(Default)]
 struct Series {
     counts: HashMap<SeriesKey, u64>,
     overflow: u64,
     /// Distinct `server.address` values so far (capped).
     names: std::collections::HashSet<String>,
+    /// When these counts began (a workload's series started again after an eviction
+    /// begins later than the one that ended).
+    start_unix_nano: u64,
+    departure: Departure,
 }
 
 /// The value beyond the cap of distinct names per workload.
 pub const OTHER_SERVER: &str = "~other";
 
-/// Cumulative connection counts per workload since the collector started, and the
-/// metrics of how TCP connections went ([`Lifecycle`]).
+/// Where a workload's series is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Departure {
+    /// The container is there (or not known to be gone).
+    Present,
+    /// The container is gone; the series must be exported once more (a record arriving
+    /// now puts it back here).
+    Gone,
+    /// Gone, and exported since with no record after: the next export is its last.
+    Final,
+}
+
+/// Cumulative connection counts per workload since the collector started (or since the
+/// workload's series last ended: see [`ConnectionCounts::container_gone`]), and the
+/// metrics of how TCP connections went ([`Lifecycle`]), which end with them.
 pub struct ConnectionCounts {
+    /// The start time of series created from now on.
     start_unix_nano: u64,
     include_address: bool,
     series: HashMap<Arc<Resource>, Series>,
@@ -171,7 +188,13 @@ pub struct ConnectionCounts {
     dns: HashMap<Arc<Resource>, super::lifecycle::DnsMetrics>,
     /// Cap of distinct `server.address` values per workload; `None` leaves it out.
     server_names: Option<usize>,
+    /// Containers gone lately, with the exports left before they are forgotten: a record
+    /// still in the pipeline when its container went starts a series that ends too.
+    recently_gone: HashMap<String, u8>,
 }
+
+/// How many exports a departure is remembered for records still in flight.
+const REMEMBER_GONE_EXPORTS: u8 = 3;
 
 impl ConnectionCounts {
     pub fn new(start_unix_nano: u64, include_address: bool) -> Self {
@@ -182,7 +205,65 @@ impl ConnectionCounts {
             lifecycle: HashMap::new(),
             dns: HashMap::new(),
             server_names: None,
+            recently_gone: HashMap::new(),
         }
+    }
+
+    /// How many workloads have a series.
+    pub fn workloads(&self) -> usize {
+        self.series.len()
+    }
+
+    /// The container `id` is gone: its series is exported at the next two exports (its
+    /// last counts, once more in case one export was lost and to let records still in
+    /// the pipeline arrive), then ends.
+    pub fn container_gone(&mut self, id: &str) {
+        self.recently_gone
+            .insert(id.to_owned(), REMEMBER_GONE_EXPORTS);
+        // Its DNS series end at once (they are not kept past their container).
+        self.dns.retain(|resource, _| {
+            resource
+                .attributes
+                .get(semconv::CONTAINER_ID)
+                .map(String::as_str)
+                != Some(id)
+        });
+        for (resource, series) in &mut self.series {
+            if resource
+                .attributes
+                .get(semconv::CONTAINER_ID)
+                .map(String::as_str)
+                == Some(id)
+            {
+                series.departure = Departure::Gone;
+            }
+        }
+    }
+
+    /// Call after each export of [`Self::resource_metrics`]: ends the series of containers
+    /// gone that have been exported twice with no record in between; returns how many.
+    /// A record for the workload after that starts a new series, with a later start time.
+    pub fn exported(&mut self, now: u64) -> usize {
+        let before = self.series.len();
+        self.series
+            .retain(|_, series| series.departure != Departure::Final);
+        let ended = before - self.series.len();
+        let series = &self.series;
+        self.lifecycle
+            .retain(|resource, _| series.contains_key(resource));
+        for series in self.series.values_mut() {
+            if series.departure == Departure::Gone {
+                series.departure = Departure::Final;
+            }
+        }
+        if ended > 0 {
+            self.start_unix_nano = now;
+        }
+        self.recently_gone.retain(|_, left| {
+            *left -= 1;
+            *left > 0
+        });
+        ended
     }
 
     /// Counts `egress.connections` per `server.address` too, at most `cap` names per
@@ -212,7 +293,29 @@ impl ConnectionCounts {
             // A close is not a connection attempt.
             return;
         }
-        let series = self.series.entry(Arc::clone(&record.resource)).or_default();
+        let start_unix_nano = self.start_unix_nano;
+        let recently_gone = &self.recently_gone;
+        let series = self
+            .series
+            .entry(Arc::clone(&record.resource))
+            .or_insert_with(|| {
+                let gone = (record.resource.attributes.get(semconv::CONTAINER_ID))
+                    .is_some_and(|id| recently_gone.contains_key(id));
+                Series {
+                    counts: HashMap::new(),
+                    overflow: 0,
+                    names: std::collections::HashSet::new(),
+                    start_unix_nano,
+                    departure: if gone {
+                        Departure::Gone
+                    } else {
+                        Departure::Present
+                    },
+                }
+            });
+        if series.departure == Departure::Final {
+            series.departure = Departure::Gone;
+        }
         let server = self.server_names.map(|cap| {
             let name = c
                 .server
@@ -247,7 +350,7 @@ impl ConnectionCounts {
     fn points(&self, series: &Series, now: u64) -> Vec<NumberDataPoint> {
         let point = |attributes: Vec<KeyValue>, count: u64| NumberDataPoint {
             attributes,
-            start_time_unix_nano: self.start_unix_nano,
+            start_time_unix_nano: series.start_unix_nano,
             time_unix_nano: now,
             value: Some(number_data_point::Value::AsInt(count as i64)),
             ..Default::default()
@@ -305,7 +408,9 @@ impl ConnectionCounts {
                     ));
                 }
                 if let Some(lifecycle) = self.lifecycle.get(resource) {
-                    metrics.extend(lifecycle.metrics(self.start_unix_nano, now));
+                    let start = (self.series.get(resource))
+                        .map_or(self.start_unix_nano, |s| s.start_unix_nano);
+                    metrics.extend(lifecycle.metrics(start, now));
                 }
                 if let Some(dns) = self.dns.get(resource) {
                     metrics.extend(dns.metrics(self.start_unix_nano, now));

@@ -53,6 +53,8 @@ pub struct OtlpExporter {
     self_resource: Vec<(String, String)>,
     /// How long shutdown may spend flushing the queue.
     flush_deadline: Duration,
+    /// Ids of containers that are gone (from enrichment), whose series then end.
+    departures: Option<mpsc::UnboundedReceiver<String>>,
 }
 
 type Sending = Pin<Box<dyn Future<Output = Result<Accepted, SendError>> + Send>>;
@@ -77,6 +79,7 @@ impl OtlpExporter {
             snapshot,
             self_resource,
             flush_deadline,
+            departures: None,
         })
     }
 
@@ -106,6 +109,13 @@ impl OtlpExporter {
                 }
             }
         }))
+    }
+
+    /// Ends the metric series of the containers named on `departures` once their last
+    /// counts were exported (see [`ConnectionCounts::container_gone`]).
+    pub fn with_departures(mut self, departures: mpsc::UnboundedReceiver<String>) -> Self {
+        self.departures = Some(departures);
+        self
     }
 
     fn send(&self, batch: &Batch) -> Sending {
@@ -188,6 +198,17 @@ impl OtlpExporter {
                 lost_points,
             ),
             cumulative_sum(
+                "egress_collector.events.possibly_lost",
+                "Program runs the kernel skipped because another program was running on that CPU (bpf_prog_info.recursion_misses): each may be a lost connection.",
+                "{run}",
+                vec![int_point(
+                    &[("reason", "program_recursion_miss")],
+                    start,
+                    now,
+                    s.recursion_misses,
+                )],
+            ),
+            cumulative_sum(
                 "egress_collector.udp.suppressed",
                 "UDP datagrams of flows already reported in the window.",
                 "{datagram}",
@@ -249,7 +270,8 @@ impl OtlpExporter {
     }
 
     /// Exports until `input` closes, then flushes within the deadline.
-    pub async fn run(self, mut input: mpsc::Receiver<Vec<Record>>) {
+    pub async fn run(mut self, mut input: mpsc::Receiver<Vec<Record>>) {
+        let mut departures = self.departures.take();
         let start = unix_nanos_now();
         let mut counts = ConnectionCounts::new(start, self.settings.metrics_destination_address)
             .with_server_address(self.settings.metrics_server_address);
@@ -358,16 +380,36 @@ impl OtlpExporter {
                 }
                 _ = ticker.tick() => {
                     self.export_metrics(&counts, start);
+                    let ended = counts.exported(unix_nanos_now());
+                    self.stats.set_metric_workloads(counts.workloads());
+                    if ended > 0 {
+                        tracing::debug!(ended, workloads = counts.workloads(), "Metric series of containers gone have ended.");
+                    }
+                }
+                departed = async { departures.as_mut().expect("guarded").recv().await }, if departures.is_some() => {
+                    match departed {
+                        Some(id) => counts.container_gone(&id),
+                        None => departures = None,
+                    }
                 }
             }
             self.stats.set_queue_length(queue.records() + pending.len());
         }
         self.stats.set_queue_length(0);
-        if let Some(last) = self.send_spans(&mut spans) {
-            let _ = last.await;
+        // Spans and the last totals, within the shutdown deadline: the flush had 80 % of
+        // it, these get a tenth more (the client's own timeout may be longer).
+        let until = give_up_at.unwrap_or_else(Instant::now) + self.flush_deadline / 8;
+        if let Some(last) = self.send_spans(&mut spans)
+            && tokio::time::timeout_at(until, last).await.is_err()
+        {
+            tracing::warn!("The last connection spans were not sent before the shutdown deadline.");
         }
-        // Last totals, bounded by the client's own timeout.
-        let _ = self.export_metrics(&counts, start).await;
+        if tokio::time::timeout_at(until, self.export_metrics(&counts, start))
+            .await
+            .is_err()
+        {
+            tracing::warn!("The last metric export did not finish before the shutdown deadline.");
+        }
     }
 
     fn seal(&self, pending: &mut Vec<Record>, queue: &mut BatchQueue) {

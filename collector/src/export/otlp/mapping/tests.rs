@@ -247,3 +247,58 @@ fn destination_addresses_when_asked_and_an_overflow_series_beyond_the_limit() {
     assert_eq!(with_address, MAX_SERIES_PER_RESOURCE);
     let _ = AnyValue::default();
 }
+
+#[test]
+fn a_gone_containers_series_ends_after_two_quiet_exports_and_a_later_one_starts_afresh() {
+    let shop = resource("shop");
+    let db = resource("db");
+    let mut counts = ConnectionCounts::new(10, false);
+    counts.record(&record(&shop, 443));
+    counts.record(&record(&db, 5432));
+    counts.container_gone("shop-container");
+    counts.container_gone("no-such-container");
+    let total_of = |counts: &ConnectionCounts, pod: &str| -> Option<(u64, i64)> {
+        let metrics = counts.resource_metrics(99);
+        let rm = metrics.iter().find(|rm| {
+            attr(&rm.resource.as_ref().expect("r").attributes, "k8s.pod.name")
+                == Some(&V::StringValue(pod.into()))
+        })?;
+        let Some(metric::Data::Sum(sum)) = &rm.scope_metrics[0].metrics[0].data else {
+            panic!("a sum")
+        };
+        let start = sum.data_points[0].start_time_unix_nano;
+        Some((start, sum_points(rm).iter().map(|(_, v)| v).sum()))
+    };
+    // First export after the departure: still there; a late record keeps it one more.
+    assert_eq!(total_of(&counts, "shop"), Some((10, 1)));
+    assert_eq!(counts.exported(20), 0);
+    counts.record(&record(&shop, 443));
+    assert_eq!(total_of(&counts, "shop"), Some((10, 2)));
+    assert_eq!(counts.exported(30), 0);
+    // Two exports with nothing new: ended; the present workload stays.
+    assert_eq!(total_of(&counts, "shop"), Some((10, 2)));
+    assert_eq!(counts.exported(40), 1);
+    assert_eq!(total_of(&counts, "shop"), None);
+    assert_eq!(counts.workloads(), 1);
+    assert_eq!(total_of(&counts, "db"), Some((10, 1)));
+    // A record after the end (a reused id, a record delayed past the departure's memory)
+    // starts a new cumulative series, later than the old one, which stays.
+    counts.record(&record(&shop, 443));
+    assert_eq!(total_of(&counts, "shop"), Some((40, 1)));
+    assert_eq!(total_of(&counts, "db"), Some((10, 1)), "unchanged");
+    for now in [50, 60, 70] {
+        assert_eq!(counts.exported(now), 0);
+    }
+    assert_eq!(counts.workloads(), 2);
+}
+
+#[test]
+fn a_departure_before_the_containers_first_record_still_ends_its_series() {
+    let shop = resource("shop");
+    let mut counts = ConnectionCounts::new(10, false);
+    counts.container_gone("shop-container");
+    counts.record(&record(&shop, 443));
+    assert_eq!(counts.exported(20), 0, "exported once more");
+    assert_eq!(counts.exported(30), 1);
+    assert_eq!(counts.workloads(), 0);
+}
