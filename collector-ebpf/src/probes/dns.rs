@@ -233,7 +233,7 @@ pub fn query(fd: u64, sk: u64, user_addr: u64, is_msghdr: bool, ret: i64) {
 
 #[inline(always)]
 fn copy_answer(read: &DnsRead, returned: u64, is_query: bool) {
-    let Some(slot) = DNS_SCRATCH.get_ptr_mut(0) else {
+    let Some(slot) = DNS_SCRATCH.get_ptr_mut(is_query as u32) else {
         return;
     };
     // SAFETY: the per-CPU slot is ours for the rest of this program run.
