@@ -280,12 +280,26 @@ impl Drop for Cgroups {
 /// glibc with the test's resolv.conf (bind-mounted in a private mount namespace); waits
 /// for it and returns its pid.
 fn python_in(cgroup: &Path, resolver: &Resolver, script: &str) -> u32 {
+    python_with(cgroup, resolver, script, "")
+}
+
+/// As [`python_in`], inside the resolver's network namespace (a pod's own namespace).
+fn python_in_netns(cgroup: &Path, resolver: &Resolver, script: &str) -> u32 {
+    python_with(
+        cgroup,
+        resolver,
+        script,
+        &format!("ip netns exec {} ", resolver.ns),
+    )
+}
+
+fn python_with(cgroup: &Path, resolver: &Resolver, script: &str, prefix: &str) -> u32 {
     let inner = format!(
         "mount --bind {} /etc/resolv.conf && exec python3 -c \"$0\"",
         resolver.resolv_conf.display()
     );
     let outer = format!(
-        "echo $$ > {}/cgroup.procs && exec unshare -m sh -c '{inner}' \"$0\"",
+        "echo $$ > {}/cgroup.procs && exec {prefix}unshare -m sh -c '{inner}' \"$0\"",
         cgroup.display()
     );
     let out = Command::new("sh")
@@ -492,6 +506,13 @@ except socket.gaierror:
     let tcp_address = query_tcp(resolver.server(), "tcp.test");
     drop(TcpStream::connect((tcp_address, PORT)).expect("connect to tcp.test"));
 
+    // A container in a network namespace of its own (the others share the host's).
+    let netns = python_in_netns(
+        &cgroups.create("own-netns"),
+        &resolver,
+        &format!("import socket; socket.create_connection(('a.test', {port})).close()"),
+    );
+
     // Two containers, one address, two names.
     let one = python_in(
         &cgroups.create("ctr-one"),
@@ -603,6 +624,13 @@ socket.create_connection(('{short}', {port})).close()"
             "unanswered query: {lost:?}, want one with error.type timeout"
         ));
     }
+    check.named(
+        "own network namespace",
+        netns,
+        IpAddr::V4(resolver.v4(10)),
+        "a.test",
+        "container",
+    );
     check.named("Go-like read()", me, go_address, "go.test", "container");
     check.named("DNS over TCP", me, tcp_address, "tcp.test", "container");
     let same = IpAddr::V4(resolver.v4(13));
