@@ -506,6 +506,17 @@ except socket.gaierror:
     let tcp_address = query_tcp(resolver.server(), "tcp.test");
     drop(TcpStream::connect((tcp_address, PORT)).expect("connect to tcp.test"));
 
+    // glibc over TCP (RES_OPTIONS=use-vc): the length and the message in two reads.
+    let glibc_tcp = python_in(
+        &cgroups.create("glibc-tcp"),
+        &resolver,
+        &format!(
+            "import os, socket
+os.environ['RES_OPTIONS'] = 'use-vc'
+socket.create_connection(('tcp.test', {port})).close()"
+        ),
+    );
+
     // A container in a network namespace of its own (the others share the host's).
     let netns = python_in_netns(
         &cgroups.create("own-netns"),
@@ -633,6 +644,18 @@ socket.create_connection(('{short}', {port})).close()"
     );
     check.named("Go-like read()", me, go_address, "go.test", "container");
     check.named("DNS over TCP", me, tcp_address, "tcp.test", "container");
+    check.named(
+        "glibc over TCP",
+        glibc_tcp,
+        tcp_address,
+        "tcp.test",
+        "container",
+    );
+    if let Some(r) = check.lookup("glibc over TCP", glibc_tcp, "tcp.test", "NOERROR")
+        && attr(&r, "network.transport") != "tcp"
+    {
+        check.problems.push(format!("glibc over TCP: not TCP: {r}"));
+    }
     let same = IpAddr::V4(resolver.v4(13));
     check.named("container one", one, same, "one.test", "container");
     check.named("container two", two, same, "two.test", "container");

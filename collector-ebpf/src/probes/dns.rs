@@ -190,6 +190,10 @@ fn exit(ctx: &TracePointContext, is_msghdr: bool) {
         let _ = DNS_SOCKETS.remove(&key(read.fd));
         return;
     }
+    // A resolver reading a TCP message's 2-byte length on its own (glibc): no message.
+    if ret <= 2 {
+        return;
+    }
     copy_answer(&read, ret as u64, false);
 }
 
