@@ -25,7 +25,7 @@ pub struct ContainersReport {
 }
 
 /// The hierarchy whose leaf names the collector reads: a v1 controller's on hybrid hosts.
-fn hierarchy() -> PathBuf {
+pub fn hierarchy() -> PathBuf {
     let unified = Path::new("/sys/fs/cgroup");
     if unified.join("cgroup.controllers").exists() {
         unified.to_owned()

@@ -6,6 +6,8 @@
 //! and the raw results. `egress-bench smoke` is the seconds-long CI check that loss
 //! accounting adds up. `egress-bench load` is the load generator itself.
 
+mod cgroup_index;
+mod churn;
 mod containers;
 mod dns_cost;
 mod kernel_cost;
@@ -43,6 +45,17 @@ enum Command {
     Smoke(SmokeArgs),
     /// Memory with N containers known to the collector (real cgroups, docker files).
     Containers(ContainersArgs),
+    /// What one new cgroup costs enrichment with N cgroups present: a walk of the whole
+    /// hierarchy (before) against the incremental index (now).
+    CgroupIndex {
+        #[arg(long, default_value_t = 2000)]
+        cgroups: usize,
+        #[arg(long, default_value_t = 50)]
+        samples: usize,
+        /// Also write the figures into this report's `cgroup-index` section.
+        #[arg(long)]
+        report: Option<PathBuf>,
+    },
     /// Soak: the OTLP endpoint down for a while under steady load; nothing may be lost.
     Outage {
         #[arg(long, default_value = "target/release/egress-collector")]
@@ -95,6 +108,29 @@ enum Command {
         /// then falls on all of them alike.
         #[arg(long)]
         together: bool,
+    },
+    /// Soak: short-lived containers (real cgroups, docker files) made, connected from
+    /// and removed at a steady pace; every connection attributed, memory flat.
+    Churn {
+        #[arg(long, default_value = "target/release/egress-collector")]
+        collector: PathBuf,
+        #[arg(long, default_value_t = 20000)]
+        containers: usize,
+        /// Over this many seconds.
+        #[arg(long, default_value_t = 600.0)]
+        seconds: f64,
+        /// Seconds each container lives before its cgroup and files are removed.
+        #[arg(long, default_value_t = 2.0)]
+        lifetime: f64,
+        /// Also write the figures into this report's `churn` section.
+        #[arg(long)]
+        report: Option<PathBuf>,
+    },
+    /// Internal to `churn`: join each cgroup read from stdin, connect once, answer `ok`.
+    #[command(hide = true)]
+    HopStdin {
+        #[arg(long)]
+        port: u16,
     },
     /// Internal to `containers`: join each listed cgroup in turn and connect once.
     #[command(hide = true)]
@@ -247,7 +283,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -286,13 +322,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let table = dns_cost::measure(&collector, seconds, queries)?;
             print!("{table}");
-            let text = std::fs::read_to_string(&report).unwrap_or_default();
             let command = format!(
                 "egress-bench dns-cost --collector {} --seconds {seconds} --queries {queries}",
                 collector.display()
             );
-            std::fs::write(&report, dns_cost::replace_section(&text, &command, &table))?;
-            Ok(())
+            report::put_section(&report, "dns-cost", &dns_cost::section(&command, &table))
         }
         Command::KernelCost {
             collectors,
@@ -309,6 +343,46 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             &report,
             together,
         ),
+        Command::HopStdin { port } => churn::hop_stdin(port),
+        Command::Churn {
+            collector,
+            containers,
+            seconds,
+            lifetime,
+            report,
+        } => {
+            let lifetime = std::time::Duration::from_secs_f64(lifetime.max(0.0));
+            let result = churn::run(&bench, &collector, containers, seconds, lifetime)?;
+            println!("{}", serde_json::to_string(&result)?);
+            if let Some(path) = report {
+                let command: Vec<String> = std::env::args().collect();
+                report::put_section(
+                    &path,
+                    "churn",
+                    &churn::markdown(&result, &command.join(" ")),
+                )?;
+            }
+            churn::check(&result)
+        }
+        Command::CgroupIndex {
+            cgroups,
+            samples,
+            report,
+        } => {
+            let sizes = [cgroups.max(2), (cgroups * 5).max(2)];
+            let mut results = Vec::new();
+            for size in sizes {
+                let result = cgroup_index::measure(size, samples.max(1))?;
+                println!("{}", serde_json::to_string(&result)?);
+                results.push(result);
+            }
+            if let Some(path) = report {
+                let command: Vec<String> = std::env::args().collect();
+                let body = cgroup_index::markdown(&results, &command.join(" "));
+                report::put_section(&path, "cgroup-index", &body)?;
+            }
+            Ok(())
+        }
         Command::Outage {
             collector,
             rate,
@@ -363,9 +437,10 @@ fn full(bench: PathBuf, args: RunArgs) -> anyhow::Result<()> {
     report::plot(&rows, &plot)?;
     let command: Vec<String> = std::env::args().collect();
     let mut document = report::document(&table, &plot, &command.join(" "), &args.report);
-    // Sections other commands wrote (e.g. `kernel-cost`) stay until those rerun.
+    // Sections other commands wrote stay until those rerun.
     if let Ok(old) = std::fs::read_to_string(&args.report) {
         document.push_str(&kernel_cost::section_of(&old));
+        document.push_str(&report::kept_sections(&old));
     }
     std::fs::write(&args.report, document)
         .with_context(|| format!("writing {}", args.report.display()))?;
@@ -422,5 +497,17 @@ fn smoke(bench: PathBuf, args: SmokeArgs) -> anyhow::Result<()> {
             bail!("the load made no connections");
         }
     }
-    Ok(())
+    // Container churn, short: every container's connection reported once, attributed.
+    let churned = churn::run(
+        &plan.bench,
+        &plan.collector,
+        200,
+        4.0,
+        std::time::Duration::from_secs(1),
+    )?;
+    println!(
+        "smoke (churn): {} containers, {} connects reported, {} pods attributed, {} lost",
+        churned.containers, churned.connects_reported, churned.pods_attributed, churned.lost
+    );
+    churn::check(&churned)
 }

@@ -277,3 +277,84 @@ pub fn plot(rows: &[Row], path: &Path) -> anyhow::Result<()> {
     root.present()?;
     Ok(())
 }
+
+/// Sections other commands (`cgroup-index`, `churn`) generate in the same file, between
+/// `<!-- section:NAME -->` and `<!-- /section:NAME -->`: kept when `run` regenerates the
+/// rest, replaced when their own command runs again.
+fn section_bounds(name: &str) -> (String, String) {
+    (
+        format!("<!-- section:{name} -->"),
+        format!("<!-- /section:{name} -->"),
+    )
+}
+
+/// Every section of `old`, to append to a regenerated document.
+pub fn kept_sections(old: &str) -> String {
+    let mut kept = String::new();
+    let mut rest = old;
+    while let Some(start) = rest.find("<!-- section:") {
+        let Some(name) = rest[start + 13..].split(" -->").next() else {
+            break;
+        };
+        let (_, close) = section_bounds(name);
+        let Some(end) = rest[start..].find(&close) else {
+            break;
+        };
+        let end = start + end + close.len();
+        kept.push('\n');
+        kept.push_str(&rest[start..end]);
+        kept.push('\n');
+        rest = &rest[end..];
+    }
+    kept
+}
+
+/// Writes section `name` of the report at `path` (replacing it, or appending it).
+pub fn put_section(path: &Path, name: &str, body: &str) -> anyhow::Result<()> {
+    let (open, close) = section_bounds(name);
+    let old = std::fs::read_to_string(path).unwrap_or_default();
+    let section = format!("{open}\n{}\n{close}", body.trim_end());
+    let new = match (old.find(&open), old.find(&close)) {
+        (Some(start), Some(end)) if end > start => {
+            format!("{}{section}{}", &old[..start], &old[end + close.len()..])
+        }
+        _ => format!("{}\n{section}\n", old.trim_end()),
+    };
+    anyhow::Context::with_context(std::fs::write(path, new), || {
+        format!("writing {}", path.display())
+    })
+}
+
+/// Machine and date lines for a section's header.
+pub fn provenance(command: &str) -> String {
+    format!(
+        "- Machine: {}\n- Date: {}\n- Command: `{command}`\n",
+        machine(),
+        today()
+    )
+}
+
+#[cfg(test)]
+mod section_tests {
+    use super::*;
+
+    #[test]
+    fn sections_are_replaced_in_place_and_kept_across_regeneration() {
+        let path = std::env::temp_dir().join(format!("egress-report-{}.md", std::process::id()));
+        std::fs::write(&path, "# Benchmarks\n\ntable\n").expect("write");
+        put_section(&path, "churn", "## Churn\n\nfirst\n").expect("put");
+        put_section(&path, "cgroup-index", "## Index\n").expect("put");
+        put_section(&path, "churn", "## Churn\n\nsecond\n").expect("put");
+        let text = std::fs::read_to_string(&path).expect("read");
+        assert!(text.starts_with("# Benchmarks\n\ntable\n"), "{text}");
+        assert!(text.contains("second") && !text.contains("first"), "{text}");
+        assert!(
+            text.find("## Churn") < text.find("## Index"),
+            "in place: {text}"
+        );
+        let regenerated = format!("# Benchmarks\n\nnew table\n{}", kept_sections(&text));
+        assert!(regenerated.contains("second") && regenerated.contains("## Index"));
+        assert_eq!(kept_sections(&regenerated), kept_sections(&text));
+        let _ = std::fs::remove_file(&path);
+    }
+}

@@ -175,6 +175,8 @@ pub struct RunArgs {
     /// Addresses the name cache holds in all.
     #[arg(long, default_value_t = 262_144, env = "EGRESS_DNS_CACHE_TOTAL")]
     pub dns_cache_total: usize,
+    #[command(flatten)]
+    pub enrich: EnrichArgs,
 }
 
 /// OTLP export. Each flag overrides the matching `OTEL_EXPORTER_OTLP_*` variable, which
@@ -274,7 +276,8 @@ impl RunArgs {
             stats_interval: self.stats_interval,
             drain_deadline: self.shutdown_deadline,
             host_root: self.probe.host_root.clone(),
-            cache: Default::default(),
+            cache: self.enrich.cache(),
+            runtimes: self.enrich.runtimes.clone(),
             stdout: self.stdout,
             otlp: None,
             exclude_namespaces: self.probe.exclude_namespaces.clone(),
@@ -560,6 +563,7 @@ struct FileConfig {
     export: FileExport,
     capture: FileCapture,
     log: FileLog,
+    enrich: FileEnrich,
 }
 
 fn read_config_file(path: &std::path::Path) -> Result<FileConfig, ConfigError> {
@@ -585,9 +589,10 @@ fn read_config_file(path: &std::path::Path) -> Result<FileConfig, ConfigError> {
     let export = take(&mut table, "export")?;
     let capture = take(&mut table, "capture")?;
     let log = take(&mut table, "log")?;
+    let enrich = take(&mut table, "enrich")?;
     if let Some(key) = table.keys().next() {
         return Err(file_error(format!(
-            "unknown table or key {key:?} (expected otlp, export, capture, log)"
+            "unknown table or key {key:?} (expected otlp, export, capture, log, enrich)"
         )));
     }
     let logs = take(&mut otlp, "logs")?;
@@ -613,6 +618,9 @@ fn read_config_file(path: &std::path::Path) -> Result<FileConfig, ConfigError> {
         log: log
             .try_into()
             .map_err(|e: toml::de::Error| file_error(format!("[log] {}", e.message())))?,
+        enrich: enrich
+            .try_into()
+            .map_err(|e: toml::de::Error| file_error(format!("[enrich] {}", e.message())))?,
     })
 }
 
@@ -768,5 +776,178 @@ impl OtlpArgs {
                 .then_some(self.metrics_server_address_cap.max(1)),
             self_resource: resource_attributes(env)?,
         }))
+    }
+}
+
+// ---- Enrichment: the container cache and the runtimes' file locations (`[enrich]`).
+
+/// How connections are attributed to containers (docs/attribution.md).
+#[derive(Debug, Clone, Args)]
+pub struct EnrichArgs {
+    /// Containers whose identity is kept in memory; beyond it the least recently used is
+    /// evicted (counted) and read again from the runtime's files when it next connects
+    /// [default: 8192].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..), env = "EGRESS_CONTAINER_CACHE_SIZE")]
+    pub container_cache_size: Option<u32>,
+    /// From the config file's `[enrich]` table only.
+    #[arg(skip)]
+    pub runtimes: crate::enrich::runtime::RuntimeLocations,
+}
+
+impl EnrichArgs {
+    pub fn cache(&self) -> crate::enrich::cache::CacheSettings {
+        let mut cache = crate::enrich::cache::CacheSettings::default();
+        if let Some(size) = self.container_cache_size {
+            cache.capacity = size as usize;
+        }
+        cache
+    }
+}
+
+/// `[enrich]` in the config file.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileEnrich {
+    container_cache_size: Option<u32>,
+    docker_data_root: Option<PathBuf>,
+    containerd_state_dirs: Option<Vec<PathBuf>>,
+    containerd_namespaces: Option<Vec<String>>,
+    crio_run_root: Option<PathBuf>,
+}
+
+impl RunArgs {
+    /// The container cache size (unless a flag or variable set it) and the runtimes'
+    /// locations from the file's `[enrich]` table.
+    pub fn apply_enrich_file(&mut self) -> Result<(), ConfigError> {
+        let Some(path) = self.otlp.config.clone() else {
+            return Ok(());
+        };
+        let file = read_config_file(&path)?.enrich;
+        let invalid = |key: &str, reason: &str| ConfigError::File {
+            path: path.clone(),
+            reason: format!("[enrich] {key}: {reason}"),
+        };
+        let host_path = |key: &str, p: &PathBuf| {
+            if p.is_absolute() {
+                Ok(p.clone())
+            } else {
+                Err(invalid(
+                    key,
+                    &format!("{} is not an absolute host path", p.display()),
+                ))
+            }
+        };
+        if self.enrich.container_cache_size.is_none() {
+            if file.container_cache_size == Some(0) {
+                return Err(invalid("container_cache_size", "must be at least 1"));
+            }
+            self.enrich.container_cache_size = file.container_cache_size;
+        }
+        let runtimes = &mut self.enrich.runtimes;
+        if let Some(p) = &file.docker_data_root {
+            runtimes.docker_data_root = Some(host_path("docker_data_root", p)?);
+        }
+        for p in file.containerd_state_dirs.iter().flatten() {
+            let p = host_path("containerd_state_dirs", p)?;
+            runtimes.containerd_state_dirs.push(p);
+        }
+        for ns in file.containerd_namespaces.unwrap_or_default() {
+            if ns.is_empty() || ns.contains('/') || ns == "." || ns == ".." {
+                return Err(invalid(
+                    "containerd_namespaces",
+                    &format!("{ns:?} is not a namespace name"),
+                ));
+            }
+            runtimes.containerd_namespaces.push(ns);
+        }
+        if let Some(p) = &file.crio_run_root {
+            runtimes.crio_run_root = Some(host_path("crio_run_root", p)?);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod enrich_tests {
+    use super::*;
+
+    fn with_file(text: &str, args: &[&str]) -> Result<RunArgs, ConfigError> {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir =
+            std::env::temp_dir().join(format!("egress-enrich-config-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("egress.toml");
+        std::fs::write(&path, text).expect("write");
+        let mut all = vec![
+            "egress-collector",
+            "--config",
+            path.to_str().expect("utf-8"),
+        ];
+        all.extend_from_slice(args);
+        let mut run = Cli::try_parse_from(all).expect("valid flags").run;
+        let result = run.apply_enrich_file().map(|()| run);
+        let _ = std::fs::remove_dir_all(&dir);
+        result
+    }
+
+    #[test]
+    fn the_enrich_table_sets_runtime_locations_and_the_cache_size() {
+        let run = with_file(
+            "[enrich]\ncontainer_cache_size = 100\ndocker_data_root = \"/srv/docker\"\n\
+             containerd_state_dirs = [\"/run/k0s/containerd\"]\n\
+             containerd_namespaces = [\"k8s.io\", \"tenant\"]\n\
+             crio_run_root = \"/var/run/crio-storage\"\n",
+            &[],
+        )
+        .expect("valid");
+        let pipeline = run.pipeline();
+        assert_eq!(pipeline.cache.capacity, 100);
+        let r = &pipeline.runtimes;
+        assert_eq!(r.docker_data_root, Some(PathBuf::from("/srv/docker")));
+        assert_eq!(
+            r.containerd_state_dirs,
+            vec![PathBuf::from("/run/k0s/containerd")]
+        );
+        assert_eq!(r.containerd_namespaces, vec!["k8s.io", "tenant"]);
+        assert_eq!(
+            r.crio_run_root,
+            Some(PathBuf::from("/var/run/crio-storage"))
+        );
+        // The flag beats the file.
+        let run = with_file(
+            "[enrich]\ncontainer_cache_size = 100\n",
+            &["--container-cache-size", "7"],
+        )
+        .expect("valid");
+        assert_eq!(run.pipeline().cache.capacity, 7);
+        // Neither: today's default.
+        let run = Cli::try_parse_from(["egress-collector"])
+            .expect("valid")
+            .run;
+        assert_eq!(run.pipeline().cache.capacity, 8192);
+        assert!(Cli::try_parse_from(["egress-collector", "--container-cache-size", "0"]).is_err());
+    }
+
+    #[test]
+    fn bad_enrich_settings_are_one_line_errors() {
+        let error = |text: &str| {
+            with_file(text, &[])
+                .map(|_| ())
+                .expect_err("a bad file")
+                .to_string()
+        };
+        let e = error("[enrich]\ndocker_data_root = \"var/lib/docker\"\n");
+        assert!(
+            e.contains("[enrich] docker_data_root") && e.contains("absolute"),
+            "{e}"
+        );
+        let e = error("[enrich]\ncontainerd_namespaces = [\"../x\"]\n");
+        assert!(e.contains("containerd_namespaces"), "{e}");
+        let e = error("[enrich]\ncontainer_cache_size = 0\n");
+        assert!(e.contains("container_cache_size"), "{e}");
+        let e = error("[enrich]\ncrio_runroot = \"/x\"\n");
+        assert!(e.contains("crio_runroot"), "{e}");
+        assert!(!e.contains('\n'), "one line: {e}");
     }
 }

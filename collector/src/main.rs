@@ -47,6 +47,7 @@ fn run(mut args: RunArgs) -> anyhow::Result<ExitCode> {
     // Configuration first: a bad setting fails before anything is loaded into the kernel.
     let env = |name: &str| std::env::var(name).ok();
     args.apply_capture_file().context("configuration")?;
+    args.apply_enrich_file().context("configuration")?;
     let mut pipeline_settings = args.pipeline();
     pipeline_settings.otlp = args.otlp.settings(&env).context("configuration")?;
     pipeline_settings.stdout = args.stdout || pipeline_settings.otlp.is_none();

@@ -19,8 +19,10 @@ use tokio::sync::{mpsc, watch};
 
 use crate::{
     enrich::{
-        self, Enricher, HostIdentity, Record, cache::CacheSettings, exclude::NamespaceFilter,
-        runtime::RuntimeFiles,
+        self, Enricher, HostIdentity, Record,
+        cache::CacheSettings,
+        exclude::NamespaceFilter,
+        runtime::{RuntimeFiles, RuntimeLocations},
     },
     events::{EventReader, OutcomeSettings, aggregate::Aggregates},
     export::{
@@ -42,6 +44,8 @@ pub struct PipelineSettings {
     /// Where the host's filesystem is mounted (runtime files are read under it).
     pub host_root: PathBuf,
     pub cache: CacheSettings,
+    /// Runtime file locations that differ from the defaults.
+    pub runtimes: RuntimeLocations,
     /// JSON lines on stdout (always, when no OTLP endpoint is configured).
     pub stdout: bool,
     pub otlp: Option<OtlpSettings>,
@@ -167,17 +171,26 @@ pub async fn run(
     let (connections_tx, connections_rx) = mpsc::channel(batches);
     let (records_tx, records_rx) = mpsc::channel(batches);
     let reader_task = tokio::spawn(reader.run(connections_tx, reader_stopped));
-    let (files, problem) = RuntimeFiles::discover(&settings.host_root);
+    let (files, problem) = RuntimeFiles::discover(&settings.host_root, &settings.runtimes);
     if let Some(problem) = problem {
         tracing::warn!(%problem, "Docker configuration is unreadable.");
     }
-    tracing::info!(docker_data_root = %files.docker_data_root().display(), "Reading container metadata from the runtimes' files.");
+    tracing::info!(
+        docker_data_root = %files.docker_data_root().display(),
+        containerd_task_dirs = ?files.containerd_task_roots(),
+        "Reading container metadata from the runtimes' files."
+    );
     let changes = enrich::watch::spawn(files.watched_dirs());
-    let cgroup_root = (probes.facts.cgroups.hierarchy_mount.as_ref())
-        .map(|mount| enrich::runtime::on_host(&settings.host_root, mount));
+    let under_host = |mount: &Option<PathBuf>| {
+        (mount.as_ref()).map(|mount| enrich::runtime::on_host(&settings.host_root, mount))
+    };
+    let cgroup_roots = enrich::CgroupRoots {
+        probed: under_host(&probes.facts.cgroups.hierarchy_mount),
+        unified: under_host(&probes.facts.cgroups.unified_mount),
+    };
     let mut enricher = Enricher::new(
         &host,
-        cgroup_root,
+        cgroup_roots,
         files,
         settings.cache.clone(),
         changes,

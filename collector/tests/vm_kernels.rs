@@ -430,3 +430,110 @@ fn check_console(series: &str, console: &str) {
 fn after_marker<'a>(line: &'a str, marker: &str) -> Option<&'a str> {
     line.split_once(marker).map(|(_, rest)| rest.trim())
 }
+
+// ---- Attribution on a pure cgroup v2 kernel (testkit's `attribution` scenario).
+
+const ATTRIBUTION_MARKER: &str = "EGRESS-VM-ATTRIBUTION ";
+
+/// containerd and CRI-O (systemd driver), docker (cgroupfs driver), k3s and a nested
+/// cgroup, each a real cgroup made in the guest's only (unified) hierarchy, the runtime's
+/// files at their real paths, a real connect from each.
+#[test]
+fn attribution_on_pure_cgroup_v2_debian_6_12() {
+    run_attribution_in_vm("6.12", false);
+}
+
+/// The same workloads on a hybrid guest: the v1 pids hierarchy mounted beside cgroup2,
+/// every process left in its v1 root (which names no container), the containers' cgroups
+/// in the unified tree only: the collector must find them there.
+#[test]
+fn attribution_on_a_hybrid_debian_6_12() {
+    run_attribution_in_vm("6.12", true);
+}
+
+fn run_attribution_in_vm(series: &str, hybrid: bool) {
+    require_root();
+    let binaries = static_binaries();
+    let kernel = debian_kernel(series);
+    let layout = if hybrid { "hybrid" } else { "v2" };
+    let scratch = Scratch::new(&format!("{series}-attribution-{layout}"));
+    let initrd = scratch.0.join("initramfs.cpio");
+    write_attribution_initramfs(&initrd, binaries, hybrid);
+    let console = boot(series, &kernel, &initrd).unwrap_or_else(|problem| panic!("{problem}"));
+    let verdict = console
+        .lines()
+        .find_map(|l| after_marker(l, ATTRIBUTION_MARKER))
+        .unwrap_or_else(|| panic!("[{series} {layout}] no attribution verdict:\n{console}"));
+    assert_eq!(
+        verdict, "PASS",
+        "[{series} {layout}] attribution:\n{console}"
+    );
+    assert!(
+        console.contains("ATTRIBUTION PASS cases=5"),
+        "[{series} {layout}] every case ran:\n{console}"
+    );
+    if hybrid {
+        assert!(
+            console.contains("cgroups=hybrid"),
+            "[{series}] the collector saw a hybrid layout:\n{console}"
+        );
+    }
+}
+
+fn attribution_init_script(hybrid: bool) -> String {
+    let (cgroups, unified) = if hybrid {
+        (
+            "mount -t tmpfs cgroup /sys/fs/cgroup
+mkdir /sys/fs/cgroup/unified /sys/fs/cgroup/pids
+mount -t cgroup2 cgroup2 /sys/fs/cgroup/unified
+mount -t cgroup -o pids pids /sys/fs/cgroup/pids",
+            "/sys/fs/cgroup/unified",
+        )
+    } else {
+        ("mount -t cgroup2 cgroup2 /sys/fs/cgroup", "/sys/fs/cgroup")
+    };
+    format!(
+        r#"#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+exec </dev/console >/dev/console 2>&1
+mount -t tmpfs tmpfs /tmp
+mount -t tmpfs tmpfs /run
+mount -t tracefs tracefs /sys/kernel/tracing
+{cgroups}
+mount -t bpf bpf /sys/fs/bpf
+ip link set lo up
+hostname egress-vm
+echo "{KERNEL_MARKER}$(uname -r)"
+if /egress-attribution --collector /egress-collector --unified {unified}; then
+    verdict=PASS
+else
+    verdict=FAIL
+fi
+echo "{ATTRIBUTION_MARKER}$verdict"
+poweroff -f
+"#
+    )
+}
+
+fn write_attribution_initramfs(path: &Path, binaries: &StaticBinaries, hybrid: bool) {
+    let read =
+        |p: &Path| fs::read(p).unwrap_or_else(|e| panic!("cannot read {}: {e}", p.display()));
+    let attribution = binaries.collector.with_file_name("egress-attribution");
+    let mut cpio = Cpio::default();
+    for dir in [
+        "bin", "dev", "proc", "sys", "tmp", "run", "var", "var/lib", "etc",
+    ] {
+        cpio.dir(dir);
+    }
+    cpio.char_device("dev/console", 0o600, (5, 1));
+    cpio.file("bin/busybox", 0o755, &read(Path::new(BUSYBOX)));
+    cpio.file("egress-collector", 0o755, &read(&binaries.collector));
+    cpio.file("egress-attribution", 0o755, &read(&attribution));
+    cpio.file("init", 0o755, attribution_init_script(hybrid).as_bytes());
+    fs::write(path, cpio.finish())
+        .unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
+}

@@ -40,6 +40,8 @@ BREAKAGES = [
      "mount /host/proc must be read-only"),
     (DS, "path: /run/containerd/io.containerd.runtime.v2.task", "path: /run/containerd",
      "exposes the runtime socket /run/containerd/containerd.sock"),
+    (DS, "path: /run/k3s/containerd/io.containerd.runtime.v2.task", "path: /run/k3s",
+     "exposes the runtime socket /run/k3s/containerd/containerd.sock"),
     (DS, "--config=/etc/egress/egress.toml", "--config=/etc/egress/egress.yaml",
      "--config=/etc/egress/egress.yaml is in no mounted ConfigMap"),
     (DS, "path: /readyz", "path: /healthz", "readinessProbe must GET /readyz"),

@@ -44,6 +44,7 @@ RUNTIME_SOCKETS = [
     "/run/containerd/containerd.sock", "/var/run/containerd/containerd.sock",
     "/run/containerd/s", "/run/docker.sock", "/var/run/docker.sock",
     "/run/crio/crio.sock", "/var/run/crio/crio.sock",
+    "/run/k3s/containerd/containerd.sock",
 ]
 # Built here (scripts/image.sh), never pulled: the only images allowed an unpinned tag.
 LOCAL_IMAGES = {"egress-collector:latest", "egress-test/busybox:latest"}

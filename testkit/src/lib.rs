@@ -4,6 +4,7 @@
 //! this process, stops the collector with SIGINT, and checks that its JSON output holds
 //! each connection exactly once with the right process and addresses.
 
+pub mod attribution;
 pub mod collector;
 pub mod docker;
 pub mod scenario;

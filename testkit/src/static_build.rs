@@ -8,7 +8,7 @@ use std::{
 
 pub const MUSL: &str = "x86_64-unknown-linux-musl";
 
-/// Builds `egress-collector` and `egress-scenario` statically; returns the directory
+/// Builds `egress-collector`, `egress-scenario` and `egress-attribution` statically; returns the directory
 /// holding them. A target dir of its own: the outer `cargo test` holds the lock on the
 /// default one.
 pub fn build(workspace: &Path, cargo: &str) -> Result<PathBuf, String> {
@@ -19,6 +19,7 @@ pub fn build(workspace: &Path, cargo: &str) -> Result<PathBuf, String> {
         .args(["build", "--release", "--target", MUSL])
         .args(["-p", "egress-collector", "-p", "egress-testkit"])
         .args(["--bin", "egress-collector", "--bin", "egress-scenario"])
+        .args(["--bin", "egress-attribution"])
         .arg("--target-dir")
         .arg(&target_dir)
         .output()

@@ -182,6 +182,8 @@ impl ContainerCache {
             .map(|(id, _)| id.clone());
         if let Some(id) = oldest {
             self.entries.remove(&id);
+            self.stats
+                .record_enrichment_event("container_cache_evicted");
         }
     }
 

@@ -4,7 +4,8 @@
 //!   (Guaranteed), `/docker/<id>`;
 //! - systemd driver: `kubepods.slice/kubepods-<qos>.slice/kubepods-<qos>-pod<uid_>.slice/
 //!   <runtime>-<id>.scope` with runtime `docker`, `cri-containerd`, `crio`, `libpod`, and
-//!   `system.slice/docker-<id>.scope`.
+//!   `system.slice/docker-<id>.scope`;
+//! - any of these with child cgroups below the container's (nested init, docker in docker).
 
 /// What a cgroup path says about its container.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,11 +70,15 @@ pub(crate) fn pod_uid_of_component(component: &str) -> Option<String> {
     looks_like_uid.then_some(uid)
 }
 
-/// Container and pod from a whole cgroup path (or just a leaf name).
+/// Container and pod from a whole cgroup path (or just `parent/leaf`): the nearest
+/// component, from the leaf up, that names a container. A process in a child cgroup of
+/// its container (a container running its own init or systemd:
+/// `cri-containerd-<id>.scope/init.scope`, podman's `libpod-<id>.scope/container`,
+/// docker in docker's `/docker/<outer>/docker/<inner>`) belongs to the innermost
+/// container above it. The pod is the nearest `pod<uid>` component above that.
 pub fn parse(path: &str) -> Option<ContainerRef> {
     let mut components = path.split('/').filter(|c| !c.is_empty()).rev();
-    let leaf = components.next()?;
-    let (id, runtime_hint) = container_id_of_leaf(leaf)?;
+    let (id, runtime_hint) = components.find_map(container_id_of_leaf)?;
     let pod_uid = components.find_map(pod_uid_of_component);
     Some(ContainerRef {
         id,
@@ -153,6 +158,50 @@ mod tests {
             &format!("docker-{ID}.scope"),
             Some(RuntimeHint::Docker),
             None,
+        );
+    }
+
+    #[test]
+    fn a_child_cgroup_belongs_to_the_nearest_container_above_it() {
+        let pod_slice =
+            format!("/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{UID_}.slice");
+        check(
+            &format!("{pod_slice}/cri-containerd-{ID}.scope/init.scope"),
+            Some(RuntimeHint::Containerd),
+            Some(UID),
+        );
+        check(
+            &format!("{pod_slice}/crio-{ID}.scope/system.slice/app.service"),
+            Some(RuntimeHint::CriO),
+            Some(UID),
+        );
+        check(
+            &format!("/machine.slice/libpod-{ID}.scope/container"),
+            Some(RuntimeHint::Podman),
+            None,
+        );
+        check(
+            &format!("/kubepods/burstable/pod{UID}/{ID}/init.scope"),
+            None,
+            Some(UID),
+        );
+        // As the kernel's two names give it when the cgroup is already gone.
+        check(
+            &format!("cri-containerd-{ID}.scope/init.scope"),
+            Some(RuntimeHint::Containerd),
+            None,
+        );
+        // Docker in docker: the inner container, not the outer one.
+        let outer = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+        check(&format!("/docker/{outer}/docker/{ID}"), None, None);
+        check(
+            &format!("/system.slice/docker-{outer}.scope/docker/{ID}/init.scope"),
+            None,
+            None,
+        );
+        assert_eq!(
+            parse(&format!("/docker/{ID}/docker")).map(|c| c.id),
+            Some(ID.to_owned())
         );
     }
 

@@ -43,8 +43,15 @@ impl NamespaceFilter {
         }
         // The connections it stands for (more than one for an aggregate's closing record).
         self.stats.record_filtered(record.connection.count as usize);
-        // The key the programs use: the cgroup that names the container.
+        // The key the programs use: the cgroup whose name the kernel read. Handed over
+        // only when it (or its parent, for a child cgroup of the container) names the
+        // container: on a hybrid host a container found through the unified hierarchy
+        // shares its v1 cgroup with others, which must not be dropped with it.
         let cgroup = &record.connection.cgroup;
+        let names = format!("{}/{}", cgroup.parent_name, cgroup.leaf_name);
+        if super::cgroup::parse(&names).is_none() {
+            return false;
+        }
         let key = if cgroup.leaf_id != 0 {
             cgroup.leaf_id
         } else {

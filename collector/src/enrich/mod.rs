@@ -112,41 +112,58 @@ pub struct Enricher {
     host_net_ns: Option<u64>,
     containers: ContainerCache,
     cgroup_paths: CgroupPaths,
+    /// Hybrid hosts whose programs read a v1 hierarchy: the unified one, asked when the
+    /// v1 cgroup names no container.
+    unified_paths: Option<CgroupPaths>,
     changes: std_mpsc::Receiver<DirChange>,
     last_sweep: Instant,
+    removal_grace: Duration,
     namespace_filter: Option<NamespaceFilter>,
+    stats: Arc<Stats>,
     /// Where the ids of containers that went away are sent (the OTLP exporter ends their
     /// metric series).
     departures: Option<tokio::sync::mpsc::UnboundedSender<String>>,
 }
 
 const SWEEP_EVERY: Duration = Duration::from_secs(10);
-/// Floor between two walks of the cgroup hierarchy (each new cgroup id causes one).
-const CGROUP_RESCAN_EVERY: Duration = Duration::from_millis(10);
+
+/// Where the cgroup hierarchies are mounted, under the host root.
+#[derive(Debug, Clone, Default)]
+pub struct CgroupRoots {
+    /// The hierarchy the probes read cgroup names from.
+    pub probed: Option<PathBuf>,
+    /// The unified hierarchy, on hybrid hosts whose probes read a v1 one.
+    pub unified: Option<PathBuf>,
+}
 
 impl Enricher {
-    /// `changes` reports container directories appearing and going (see [`watch::spawn`]);
-    /// `cgroup_root` is the mount point (under the host root) of the hierarchy the probes
-    /// read cgroup names from.
+    /// `changes` reports container directories appearing and going (see [`watch::spawn`]).
+    /// Each cgroup hierarchy is walked once here, then followed by a watcher thread.
     pub fn new(
         host: &HostIdentity,
-        cgroup_root: Option<PathBuf>,
+        cgroups: CgroupRoots,
         files: RuntimeFiles,
         settings: CacheSettings,
         changes: std_mpsc::Receiver<DirChange>,
         stats: Arc<Stats>,
     ) -> Self {
         let attributes = host.attributes();
+        let removal_grace = settings.removal_grace;
         Self {
             host: Arc::new(Resource {
                 attributes: attributes.clone(),
             }),
             host_net_ns: host.net_ns,
-            containers: ContainerCache::new(files, attributes, settings, stats),
-            cgroup_paths: CgroupPaths::new(cgroup_root, CGROUP_RESCAN_EVERY),
+            containers: ContainerCache::new(files, attributes, settings, Arc::clone(&stats)),
+            cgroup_paths: CgroupPaths::watch(cgroups.probed, Arc::clone(&stats)),
+            unified_paths: cgroups
+                .unified
+                .map(|root| CgroupPaths::watch(Some(root), Arc::clone(&stats))),
             changes,
             last_sweep: Instant::now(),
+            removal_grace,
             namespace_filter: None,
+            stats,
             departures: None,
         }
     }
@@ -169,15 +186,26 @@ impl Enricher {
     pub fn enrich(&mut self, connection: Connection) -> Record {
         let now = Instant::now();
         let cgroup = &connection.cgroup;
-        let cgroup_path = self
+        let mut cgroup_path = self
             .cgroup_paths
-            .resolve(cgroup.leaf_id, now)
+            .resolve(cgroup.leaf_id, &cgroup.leaf_name, &cgroup.parent_name, now)
             .map(str::to_owned);
         // The full path when the cgroup still exists; else the two names the kernel kept.
-        let container = match &cgroup_path {
+        let mut container = match &cgroup_path {
             Some(path) => cgroup::parse(path),
             None => cgroup::parse(&format!("{}/{}", cgroup.parent_name, cgroup.leaf_name)),
         };
+        // A hybrid host: the v1 cgroup names no container, the unified one may (a runtime
+        // that places containers in the unified tree only).
+        if container.is_none()
+            && let Some(unified) = &mut self.unified_paths
+            && let Some(path) = unified.resolve_known(cgroup.id, now)
+            && let Some(found) = cgroup::parse(path)
+        {
+            self.stats.record_enrichment_event("hybrid_unified");
+            cgroup_path = Some(path.to_owned());
+            container = Some(found);
+        }
         let Some(container) = container else {
             let resource = Arc::clone(&self.host);
             return Record {
@@ -215,8 +243,16 @@ impl Enricher {
                 }
             }
         }
+        self.cgroup_paths.apply_changes(now);
+        if let Some(unified) = &mut self.unified_paths {
+            unified.apply_changes(now);
+        }
         if now.duration_since(self.last_sweep) >= SWEEP_EVERY {
             self.containers.sweep(now);
+            self.cgroup_paths.sweep(now, self.removal_grace);
+            if let Some(unified) = &mut self.unified_paths {
+                unified.sweep(now, self.removal_grace);
+            }
             self.last_sweep = now;
         }
     }

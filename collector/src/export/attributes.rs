@@ -22,7 +22,8 @@ pub mod keys {
     pub const CGROUP_LEAF_ID: &str = "egress.cgroup.leaf.id";
     pub const CGROUP_LEAF_NAME: &str = "egress.cgroup.leaf.name";
     pub const CGROUP_PARENT_NAME: &str = "egress.cgroup.parent.name";
-    /// Path of the task's cgroup in the hierarchy the probes read (`/kubepods/...`).
+    /// Path of the task's cgroup in the hierarchy the probes read (`/kubepods/...`); on a
+    /// hybrid host attributed through the unified hierarchy, its path there.
     pub const CGROUP_PATH: &str = "egress.cgroup.path";
     /// A container connecting from the host's network namespace (`hostNetwork: true`).
     pub const HOST_NETWORK: &str = "egress.network.host";

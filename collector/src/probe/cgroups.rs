@@ -39,6 +39,9 @@ pub struct CgroupInfo {
     pub v1_controller: Option<String>,
     /// Where that hierarchy is mounted, as the host sees it.
     pub hierarchy_mount: Option<PathBuf>,
+    /// On a hybrid host whose programs read a v1 hierarchy: where the unified one is
+    /// mounted (enrichment looks there when the v1 cgroup names no container).
+    pub unified_mount: Option<PathBuf>,
 }
 
 /// Controllers bound to a v1 hierarchy, from the text of `/proc/cgroups`.
@@ -100,10 +103,14 @@ pub fn classify(proc_cgroups: &str, mountinfo: &str) -> CgroupInfo {
         .find(|preferred| controllers.iter().any(|c| c == *preferred))
         .map(|c| (*c).to_owned());
     let hierarchy_mount = hierarchy_mount(mountinfo, v1_controller.as_deref());
+    let unified_mount = (layout == CgroupLayout::Hybrid && v1_controller.is_some())
+        .then(|| self::hierarchy_mount(mountinfo, None))
+        .flatten();
     CgroupInfo {
         layout,
         v1_controller,
         hierarchy_mount,
+        unified_mount,
     }
 }
 
@@ -155,6 +162,10 @@ pids\t0\t64\t1
             info.hierarchy_mount,
             Some(PathBuf::from("/sys/fs/cgroup/memory"))
         );
+        assert_eq!(
+            info.unified_mount,
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
     }
 
     #[test]
@@ -176,6 +187,7 @@ pids\t0\t64\t1
         assert_eq!(info.layout, CgroupLayout::V2);
         assert_eq!(info.v1_controller, None);
         assert_eq!(info.hierarchy_mount, Some(PathBuf::from("/sys/fs/cgroup")));
+        assert_eq!(info.unified_mount, None, "one hierarchy only");
     }
 
     #[test]

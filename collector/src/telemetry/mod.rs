@@ -69,6 +69,7 @@ pub struct Stats {
     decode_failed: Mutex<BTreeMap<&'static str, u64>>,
     enrichment_failed: Mutex<BTreeMap<&'static str, u64>>,
     dns: Mutex<BTreeMap<&'static str, u64>>,
+    enrichment_events: Mutex<BTreeMap<&'static str, u64>>,
 }
 
 /// A point-in-time copy of every counter, user space and kernel.
@@ -104,6 +105,11 @@ pub struct Snapshot {
     /// DNS capture: answers, unparsed messages by reason, de-duplicated records, cache
     /// misses for room, folded port-53 flows (see docs/dns.md).
     pub dns: BTreeMap<&'static str, u64>,
+    /// What enrichment did besides lookups, by kind: `container_cache_evicted` (the cache
+    /// was full), `cgroup_looked_up` (a cgroup found by its names before the watcher
+    /// reported it), `cgroup_unresolved` (no path: attributed from the kernel's two names),
+    /// `cgroup_index_full`, `hybrid_unified` (attributed by the other hierarchy).
+    pub enrichment_events: BTreeMap<&'static str, u64>,
     pub kernel: [u64; COUNTER_COUNT as usize],
     /// Runs of the programs the kernel skipped because another was running on that CPU
     /// (`bpf_prog_info.recursion_misses`, kernel 5.12+): possible loss, not certain loss
@@ -216,6 +222,19 @@ impl Stats {
         }
     }
 
+    pub fn record_enrichment_event(&self, kind: &'static str) {
+        if let Ok(mut map) = self.enrichment_events.lock() {
+            *map.entry(kind).or_default() += 1;
+        }
+    }
+
+    pub fn enrichment_events(&self) -> BTreeMap<&'static str, u64> {
+        self.enrichment_events
+            .lock()
+            .map(|m| m.clone())
+            .unwrap_or_default()
+    }
+
     pub fn enrichment_failures(&self) -> BTreeMap<&'static str, u64> {
         self.enrichment_failed
             .lock()
@@ -258,6 +277,7 @@ impl Stats {
                 .map(|m| m.clone())
                 .unwrap_or_default(),
             dns: self.dns.lock().map(|m| m.clone()).unwrap_or_default(),
+            enrichment_events: self.enrichment_events(),
             kernel: [0; COUNTER_COUNT as usize],
             recursion_misses: 0,
         }
@@ -326,6 +346,7 @@ pub fn report(previous: &Snapshot, now: &Snapshot) {
             stdout_copy_dropped = delta(previous.stdout_copy_dropped, now.stdout_copy_dropped),
             enrichment_failed = ?now.enrichment_failed,
             dns = ?now.dns,
+            enrichment = ?now.enrichment_events,
             kernel = %kernel.join(" "),
             "Collector statistics."
         );

@@ -28,7 +28,7 @@ impl HostRoot {
     }
 
     fn cache(&self, settings: CacheSettings) -> (ContainerCache, Arc<Stats>) {
-        let (files, _) = RuntimeFiles::discover(Path::new(&self.0));
+        let (files, _) = RuntimeFiles::discover(Path::new(&self.0), &Default::default());
         let stats = Arc::new(Stats::default());
         let host = BTreeMap::from([(semconv::HOST_NAME, "node-1".to_owned())]);
         (
@@ -143,12 +143,17 @@ fn removed_containers_go_after_the_grace_time_and_the_size_is_bounded() {
         removal_grace: Duration::from_secs(60),
         ..Default::default()
     };
-    let (mut cache, _) = root.cache(settings);
+    let (mut cache, stats) = root.cache(settings);
     let now = Instant::now();
     for (i, id) in ["1", "2", "3"].iter().map(|c| c.repeat(64)).enumerate() {
         cache.identity(&container(&id), now + Duration::from_secs(i as u64));
     }
     assert_eq!(cache.len(), 2);
+    assert_eq!(
+        stats.enrichment_events().get("container_cache_evicted"),
+        Some(&1),
+        "each eviction is counted"
+    );
     let id = "3".repeat(64);
     cache.container_removed(&id, now);
     cache.sweep(now + Duration::from_secs(59));

@@ -1,18 +1,22 @@
 //! containerd (CRI): the OCI bundle `config.json` under
-//! `/run/containerd/io.containerd.runtime.v2.task/<namespace>/<id>/`, whose annotations the
-//! CRI plugin sets (`io.kubernetes.cri.sandbox-name`, `…sandbox-namespace`, `…sandbox-uid`,
-//! `…container-name`, `…image-name`).
+//! `<state>/io.containerd.runtime.v2.task/<namespace>/<id>/`, whose annotations the CRI
+//! plugin sets (`io.kubernetes.cri.sandbox-name`, `…sandbox-namespace`, `…sandbox-uid`,
+//! `…container-name`, `…image-name`). The state directory is `/run/containerd` for a
+//! stock containerd and `/run/k3s/containerd` for the one k3s and RKE2 embed.
 
 use std::path::{Path, PathBuf};
 
 use super::{ContainerMetadata, LookupError, Runtime, oci::OciSpec, on_host, read_bounded};
 
-const TASK_DIRS: [&str; 2] = [
-    "/run/containerd/io.containerd.runtime.v2.task",
-    "/run/containerd/io.containerd.runtime.v1.linux",
+/// containerd's `state` directories: its own default, and k3s's and RKE2's.
+pub const DEFAULT_STATE_DIRS: [&str; 2] = ["/run/containerd", "/run/k3s/containerd"];
+/// Task directories under a state directory: the v2 shim API, and the v1 one (<1.6).
+const TASK_SUBDIRS: [&str; 2] = [
+    "io.containerd.runtime.v2.task",
+    "io.containerd.runtime.v1.linux",
 ];
 /// Kubernetes' namespace first; docker's own containerd uses `moby`.
-const PREFERRED_NAMESPACES: [&str; 2] = ["k8s.io", "moby"];
+pub const DEFAULT_NAMESPACES: [&str; 2] = ["k8s.io", "moby"];
 
 pub fn parse(bytes: &[u8]) -> Result<ContainerMetadata, serde_json::Error> {
     let spec = OciSpec::parse(bytes)?;
@@ -31,27 +35,54 @@ pub fn parse(bytes: &[u8]) -> Result<ContainerMetadata, serde_json::Error> {
 
 #[derive(Debug, Clone)]
 pub struct ContainerdFiles {
-    task_dirs: Vec<PathBuf>,
+    /// `<state>/io.containerd.runtime.v2.task` (and v1) under the host root.
+    task_roots: Vec<PathBuf>,
+    namespaces: Vec<String>,
 }
 
 impl ContainerdFiles {
-    pub fn new(host_root: &Path) -> Self {
+    /// `state_dirs` and `namespaces` as configured; empty means the defaults.
+    pub fn new(host_root: &Path, state_dirs: &[PathBuf], namespaces: &[String]) -> Self {
+        let state_dirs: Vec<PathBuf> = if state_dirs.is_empty() {
+            DEFAULT_STATE_DIRS.iter().map(PathBuf::from).collect()
+        } else {
+            state_dirs.to_vec()
+        };
+        let task_roots = state_dirs
+            .iter()
+            .flat_map(|state| TASK_SUBDIRS.iter().map(move |sub| state.join(sub)))
+            .map(|dir| on_host(host_root, dir))
+            .collect();
+        let namespaces = if namespaces.is_empty() {
+            DEFAULT_NAMESPACES
+                .iter()
+                .map(|ns| (*ns).to_owned())
+                .collect()
+        } else {
+            namespaces.to_vec()
+        };
         Self {
-            task_dirs: TASK_DIRS.iter().map(|d| on_host(host_root, d)).collect(),
+            task_roots,
+            namespaces,
         }
     }
 
-    /// Every namespace directory that exists, preferred ones first.
+    pub fn task_roots(&self) -> &[PathBuf] {
+        &self.task_roots
+    }
+
+    /// Every namespace directory that exists, preferred ones first, state directory by
+    /// state directory.
     pub fn task_dirs(&self) -> Vec<PathBuf> {
         let mut dirs = Vec::new();
-        for root in &self.task_dirs {
-            for ns in PREFERRED_NAMESPACES {
+        for root in &self.task_roots {
+            for ns in &self.namespaces {
                 dirs.push(root.join(ns));
             }
             if let Ok(entries) = std::fs::read_dir(root) {
                 for entry in entries.flatten() {
                     let name = entry.file_name();
-                    if !PREFERRED_NAMESPACES.iter().any(|ns| name == *ns) {
+                    if !self.namespaces.iter().any(|ns| name == ns.as_str()) {
                         dirs.push(entry.path());
                     }
                 }
@@ -126,6 +157,75 @@ mod tests {
             "",
         );
         assert!(parse(host.as_bytes()).expect("valid").host_network);
+    }
+
+    const ID: &str = "b5fa49123b796b99fe605af0f8d019f3b3a8cb445b529b892e0d3788682469af";
+
+    fn host_root(name: &str) -> PathBuf {
+        let root = std::env::temp_dir().join(format!("egress-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        root
+    }
+
+    fn bundle(root: &Path, task_dir: &str, namespace: &str) {
+        let dir = on_host(root, task_dir).join(namespace).join(ID);
+        std::fs::create_dir_all(&dir).expect("bundle dir");
+        std::fs::write(dir.join("config.json"), CRI_CONTAINER).expect("config.json");
+    }
+
+    #[test]
+    fn k3s_and_rke2_bundles_are_found_without_configuration() {
+        let root = host_root("k3s-tasks");
+        bundle(
+            &root,
+            "/run/k3s/containerd/io.containerd.runtime.v2.task",
+            "k8s.io",
+        );
+        let files = ContainerdFiles::new(&root, &[], &[]);
+        let m = files.lookup(ID).expect("readable").expect("found");
+        assert_eq!(m.pod_name.as_deref(), Some("shop-7d9f"));
+        assert_eq!(m.pod_namespace.as_deref(), Some("prod"));
+        assert!(files.task_dirs().contains(&on_host(
+            &root,
+            "/run/k3s/containerd/io.containerd.runtime.v2.task/k8s.io"
+        )));
+        std::fs::remove_dir_all(&root).expect("clean up");
+    }
+
+    #[test]
+    fn configured_state_dirs_and_namespaces_replace_the_defaults() {
+        let root = host_root("containerd-configured");
+        bundle(
+            &root,
+            "/var/lib/rancher/state/io.containerd.runtime.v2.task",
+            "tenant",
+        );
+        bundle(
+            &root,
+            "/run/containerd/io.containerd.runtime.v2.task",
+            "k8s.io",
+        );
+        let state = [PathBuf::from("/var/lib/rancher/state")];
+        let files = ContainerdFiles::new(&root, &state, &["tenant".to_owned()]);
+        assert_eq!(
+            files.task_dirs().first(),
+            Some(&on_host(
+                &root,
+                "/var/lib/rancher/state/io.containerd.runtime.v2.task/tenant"
+            ))
+        );
+        assert!(files.lookup(ID).expect("readable").is_some());
+        // The default directory is not searched once others are configured.
+        std::fs::remove_dir_all(on_host(&root, "/var/lib/rancher")).expect("rm");
+        assert_eq!(files.lookup(ID).expect("readable"), None);
+        // A namespace not listed is still searched, after the listed ones.
+        bundle(
+            &root,
+            "/var/lib/rancher/state/io.containerd.runtime.v2.task",
+            "other",
+        );
+        assert!(files.lookup(ID).expect("readable").is_some());
+        std::fs::remove_dir_all(&root).expect("clean up");
     }
 
     #[test]

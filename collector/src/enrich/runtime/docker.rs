@@ -121,6 +121,14 @@ impl DockerFiles {
         )
     }
 
+    /// A data-root set by configuration (host path): daemon.json is not read.
+    pub fn at(host_root: &Path, data_root: &Path) -> Self {
+        Self {
+            host_root: host_root.to_owned(),
+            data_root: data_root.to_owned(),
+        }
+    }
+
     pub fn data_root(&self) -> &Path {
         &self.data_root
     }

@@ -125,6 +125,22 @@ pub fn on_host(host_root: &Path, path: impl AsRef<Path>) -> PathBuf {
     host_root.join(path.strip_prefix("/").unwrap_or(path))
 }
 
+/// Where the runtimes keep their files when a distribution moved them (config file
+/// `[enrich]`; docs/attribution.md). Host paths; empty or `None` means the defaults.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RuntimeLocations {
+    /// docker's data-root, instead of what `/etc/docker/daemon.json` says.
+    pub docker_data_root: Option<PathBuf>,
+    /// containerd state directories (each holding `io.containerd.runtime.v2.task`),
+    /// instead of [`containerd::DEFAULT_STATE_DIRS`].
+    pub containerd_state_dirs: Vec<PathBuf>,
+    /// containerd namespaces searched first, instead of
+    /// [`containerd::DEFAULT_NAMESPACES`]; the others are still searched after them.
+    pub containerd_namespaces: Vec<String>,
+    /// CRI-O's storage run root, instead of [`crio::DEFAULT_RUN_ROOT`].
+    pub crio_run_root: Option<PathBuf>,
+}
+
 /// Where each runtime keeps its files on this host.
 #[derive(Debug, Clone)]
 pub struct RuntimeFiles {
@@ -143,12 +159,22 @@ pub struct DiscoveryProblem {
 }
 
 impl RuntimeFiles {
-    pub fn discover(host_root: &Path) -> (Self, Option<DiscoveryProblem>) {
-        let (docker, problem) = docker::DockerFiles::discover(host_root);
+    pub fn discover(
+        host_root: &Path,
+        locations: &RuntimeLocations,
+    ) -> (Self, Option<DiscoveryProblem>) {
+        let (docker, problem) = match &locations.docker_data_root {
+            Some(data_root) => (docker::DockerFiles::at(host_root, data_root), None),
+            None => docker::DockerFiles::discover(host_root),
+        };
         let files = Self {
             docker,
-            containerd: containerd::ContainerdFiles::new(host_root),
-            crio: crio::CrioFiles::new(host_root),
+            containerd: containerd::ContainerdFiles::new(
+                host_root,
+                &locations.containerd_state_dirs,
+                &locations.containerd_namespaces,
+            ),
+            crio: crio::CrioFiles::new(host_root, locations.crio_run_root.as_deref()),
         };
         (files, problem)
     }
@@ -187,8 +213,13 @@ impl RuntimeFiles {
     pub fn watched_dirs(&self) -> Vec<PathBuf> {
         let mut dirs = vec![self.docker.containers_dir()];
         dirs.extend(self.containerd.task_dirs());
-        dirs.push(self.crio.containers_dir());
+        dirs.extend(self.crio.containers_dirs().iter().cloned());
         dirs
+    }
+
+    /// containerd's task directories (every state directory's), for the start-up log.
+    pub fn containerd_task_roots(&self) -> &[PathBuf] {
+        self.containerd.task_roots()
     }
 
     pub fn docker_data_root(&self) -> &Path {

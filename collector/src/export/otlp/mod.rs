@@ -254,6 +254,15 @@ impl OtlpExporter {
                 enrichment,
             ),
             cumulative_sum(
+                "egress_collector.enrichment.events",
+                "Enrichment's own work, by kind (container_cache_evicted, cgroup_looked_up, cgroup_unresolved, hybrid_unified, ...).",
+                "{event}",
+                s.enrichment_events
+                    .iter()
+                    .map(|(k, n)| int_point(&[("kind", k)], start, now, *n))
+                    .collect(),
+            ),
+            cumulative_sum(
                 "egress_collector.records.exported",
                 "Log records the endpoint accepted.",
                 "{record}",
