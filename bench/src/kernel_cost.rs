@@ -73,7 +73,7 @@ fn total(programs: &[ProgramStats]) -> (u64, u64) {
 /// Run-time statistics on while the returned fd is open: `BPF_ENABLE_STATS` counts its
 /// holders, so another process writing 0 to `kernel.bpf_stats_enabled` cannot switch
 /// them off under the measurement (the sysctl alone is one global switch).
-fn enable_stats() -> anyhow::Result<std::os::fd::OwnedFd> {
+pub fn enable_stats() -> anyhow::Result<std::os::fd::OwnedFd> {
     use std::os::fd::FromRawFd;
     const BPF_ENABLE_STATS: libc::c_long = 32;
     // union bpf_attr { struct { __u32 type; } enable_stats; ... }: BPF_STATS_RUN_TIME = 0.

@@ -9,6 +9,7 @@
 mod cgroup_index;
 mod churn;
 mod containers;
+mod dns_cost;
 mod kernel_cost;
 mod load;
 mod outage;
@@ -65,6 +66,22 @@ enum Command {
         /// Seconds the endpoint stays down.
         #[arg(long, default_value_t = 60)]
         down: u64,
+    },
+    /// What DNS capture costs: kernel time per received segment/datagram that is not
+    /// DNS under a loopback iperf3 bulk transfer, the transfer's throughput with and
+    /// without the collector, and kernel time per DNS answer.
+    DnsCost {
+        #[arg(long, default_value = "target/release/egress-collector")]
+        collector: PathBuf,
+        /// Seconds per bulk transfer.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// DNS lookups for the per-answer figure.
+        #[arg(long, default_value_t = 2000)]
+        queries: u64,
+        /// Report to update (its `dns-cost` section).
+        #[arg(long, default_value = "BENCHMARKS.md")]
+        report: PathBuf,
     },
     /// Kernel program time per TCP connection (kernel.bpf_stats_enabled): each collector
     /// given, in tracepoint mode, and `tcplife` (libbpf-tools) beside them.
@@ -297,6 +314,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Hop { list, port } => containers::hop(&list, port),
+        Command::DnsCost {
+            collector,
+            seconds,
+            queries,
+            report,
+        } => {
+            let table = dns_cost::measure(&collector, seconds, queries)?;
+            print!("{table}");
+            let command = format!(
+                "egress-bench dns-cost --collector {} --seconds {seconds} --queries {queries}",
+                collector.display()
+            );
+            report::put_section(&report, "dns-cost", &dns_cost::section(&command, &table))
+        }
         Command::KernelCost {
             collectors,
             tcplife,
@@ -406,11 +437,9 @@ fn full(bench: PathBuf, args: RunArgs) -> anyhow::Result<()> {
     report::plot(&rows, &plot)?;
     let command: Vec<String> = std::env::args().collect();
     let mut document = report::document(&table, &plot, &command.join(" "), &args.report);
-    // Sections other commands wrote (e.g. `kernel-cost`) stay until those rerun.
+    // Sections other commands wrote stay until those rerun.
     if let Ok(old) = std::fs::read_to_string(&args.report) {
         document.push_str(&kernel_cost::section_of(&old));
-    }
-    if let Ok(old) = std::fs::read_to_string(&args.report) {
         document.push_str(&report::kept_sections(&old));
     }
     std::fs::write(&args.report, document)

@@ -255,7 +255,7 @@ const BPF_RB_FORCE_WAKEUP: u64 = 2;
 
 /// Wake the reader only once `wakeup_bytes` wait (it also drains on a timer).
 #[inline(always)]
-fn wakeup_flags() -> u64 {
+pub fn wakeup_flags() -> u64 {
     let threshold = config!(wakeup_bytes) as u64;
     if threshold == 0 {
         0
@@ -413,11 +413,21 @@ pub fn tcp_syn_sent(sk: u64, slot: Slot) {
     // This connect() is TCP: its syscall exit (tracepoint mode) has nothing to do, and
     // finds no call state instead of walking fd -> file -> socket.
     let tid = aya_ebpf::helpers::bpf_get_current_pid_tgid() as u32;
+    // SAFETY: copied out before removal.
+    let call = unsafe { CALLS.get(&tid) }.copied();
     let _ = CALLS.remove(&tid);
     let Some(ev) = scratch(slot) else { return };
     ev.kind = EventKind::TcpConnect as u8;
     if sock::fill_tcp_dest(ev, sk).is_err() {
         count(Counter::KernelReadFailed);
+    }
+    // DNS over TCP: the connect's descriptor (tracepoint mode) is marked for its reads.
+    if ev.dst_port == crate::probes::dns::DNS_PORT {
+        if let Some(call) = call {
+            if call.fd != 0 || call.sk == 0 {
+                crate::probes::dns::mark(call.fd, sk);
+            }
+        }
     }
     if !filter::wanted(ev) {
         return;

@@ -2,7 +2,7 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use egress_shared::{AggregateKey, COUNTER_COUNT, ConnectEvent, ProbeConfig};
 
@@ -186,3 +186,51 @@ pub struct CallState {
 pub const USER_ADDR_SOCKADDR: u32 = 1;
 /// `CallState::user_addr` points to a `struct user_msghdr` (sendmsg, first of sendmmsg).
 pub const USER_ADDR_MSGHDR: u32 = 2;
+
+/// Sockets marked as DNS: a UDP send or connect to port 53 (or a TCP connect to it) by
+/// process `tgid` on descriptor `fd`, keyed `tgid << 32 | fd`. The read hooks look up
+/// every read/recvfrom/recvmsg here first: the one map lookup a non-DNS read pays. LRU:
+/// a resolver's short-lived sockets age out; the socket address guards against reuse of
+/// the descriptor by another socket.
+#[map]
+pub static DNS_SOCKETS: LruHashMap<u64, DnsSocket> = LruHashMap::with_max_entries(8192, 0);
+
+#[repr(C)]
+#[derive(Copy, Clone)]
+pub struct DnsSocket {
+    /// `struct sock *` the descriptor named when it was marked.
+    pub sk: u64,
+    /// When the last query (or the connect) went out, CLOCK_BOOTTIME.
+    pub sent_ns: u64,
+}
+
+/// A read on a DNS socket, from its syscall's entry to its exit, by thread id.
+#[map]
+pub static DNS_READS: LruHashMap<u32, DnsRead> = LruHashMap::with_max_entries(1024, 0);
+
+#[repr(C)]
+#[derive(Copy, Clone)]
+pub struct DnsRead {
+    pub sk: u64,
+    pub fd: u64,
+    /// The user buffer (read, recvfrom) or `struct user_msghdr` (recvmsg).
+    pub buf: u64,
+    /// 1 when `buf` is a `user_msghdr`.
+    pub is_msghdr: u64,
+    pub sent_ns: u64,
+}
+
+/// Where a DNS record is assembled (1744 bytes): slot 0 for answers (the read exits),
+/// slot 1 for queries (the send exit), as [`SCRATCH`] has a slot per program.
+#[map]
+pub static DNS_SCRATCH: PerCpuArray<egress_shared::DnsEvent> = PerCpuArray::with_max_entries(2, 0);
+
+/// One bit per process (by `tgid`, folded into 65536 bits) that has marked a DNS socket:
+/// the early exit of every read syscall's entry and exit on the node is this array load
+/// (inlined by the verifier), not a hash lookup. Bits are never cleared: a process that
+/// looked a name up once pays the hash lookups on its later reads, a fold collision too.
+/// Set without an atomic (eBPF Rust has no atomic read-modify-write): two CPUs marking
+/// processes of the same word at the same instant can lose one bit, which that
+/// process's next query sets again.
+#[map]
+pub static DNS_PROCESSES: Array<u64> = Array::with_max_entries(1024, 0);

@@ -118,6 +118,20 @@ pub struct ProbeArgs {
     /// At least 1s; `off` overrides the config file.
     #[arg(long, value_parser = parse_aggregate_window, env = "EGRESS_AGGREGATE_WINDOW", help_heading = heading::FILTERS)]
     pub aggregate_window: Option<Duration>,
+    /// Capture the DNS answers workloads receive (sockets that sent to port 53), report
+    /// them as `egress.dns` records and name connections from them (`server.address`).
+    /// `--dns=false` turns it off. See docs/dns.md.
+    #[arg(
+        long,
+        env = "EGRESS_DNS",
+        default_value_t = true,
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        value_parser = clap::builder::BoolishValueParser::new(),
+        help_heading = heading::CAPTURE
+    )]
+    pub dns: bool,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -169,6 +183,21 @@ pub struct RunArgs {
     /// [default: default].
     #[arg(long, env = "EGRESS_ATTRIBUTES", help_heading = heading::EXPORT)]
     pub attributes: Option<AttributeSet>,
+    /// Keep the `udp_send`/`udp_connect` records of DNS lookups (port 53) besides the
+    /// `egress.dns` records (by default a lookup is one DNS record).
+    #[arg(long, env = "EGRESS_DNS_KEEP_FLOWS", help_heading = heading::EXPORT)]
+    pub dns_keep_flows: bool,
+    /// A resolved name is used for connections at least this long after its answer,
+    /// whatever its TTL (and as long as a connection to the address is open).
+    #[arg(long, default_value = "30s", value_parser = parse_duration, env = "EGRESS_DNS_TTL_FLOOR", help_heading = heading::ATTRIBUTION)]
+    pub dns_ttl_floor: Duration,
+    /// Addresses the name cache holds per container (and per pod); beyond it answers
+    /// are counted (`egress_collector.dns{what=cache_full}`) and not cached.
+    #[arg(long, default_value_t = 4096, env = "EGRESS_DNS_CACHE_PER_CONTAINER", help_heading = heading::ATTRIBUTION)]
+    pub dns_cache_per_container: usize,
+    /// Addresses the name cache holds in all.
+    #[arg(long, default_value_t = 262_144, env = "EGRESS_DNS_CACHE_TOTAL", help_heading = heading::ATTRIBUTION)]
+    pub dns_cache_total: usize,
     #[command(flatten)]
     pub enrich: EnrichArgs,
 }
@@ -217,6 +246,14 @@ pub struct OtlpArgs {
     /// Count `egress.connections` per destination address too (high cardinality).
     #[arg(long, help_heading = heading::EXPORT)]
     pub metrics_destination_address: bool,
+    /// Count `egress.connections` per `server.address` too (the name the workload
+    /// resolved, else the IP), at most `--metrics-server-address-cap` names per workload
+    /// (the rest as `~other`).
+    #[arg(long, help_heading = heading::EXPORT)]
+    pub metrics_server_address: bool,
+    /// Distinct `server.address` values per workload in the metrics.
+    #[arg(long, default_value_t = 100, help_heading = heading::EXPORT)]
+    pub metrics_server_address_cap: usize,
     /// Send the collector's own logs and spans to the OTLP endpoint too (service.name
     /// egress-collector), besides stderr.
     #[arg(long, help_heading = heading::EXPORT)]
@@ -241,6 +278,7 @@ impl ProbeArgs {
             exclude_cgroups: !self.exclude_namespaces.is_empty(),
             // Zero is `off`.
             aggregate_window: self.aggregate_window.filter(|w| !w.is_zero()),
+            dns: self.dns,
             // Set by main once the OTLP settings are known.
             track_closes: false,
         }
@@ -274,6 +312,18 @@ impl RunArgs {
                 metrics: false,
             },
             attributes: self.attributes.unwrap_or_default(),
+            dns: crate::events::names::DnsSettings {
+                enabled: self.probe.dns,
+                keep_flows: self.dns_keep_flows,
+                window: self.probe.udp_flow_window,
+                cache: crate::dns::cache::CacheLimits {
+                    floor: self.dns_ttl_floor,
+                    per_scope: self.dns_cache_per_container.max(1),
+                    total: self.dns_cache_total.max(1),
+                },
+                // Set by main with track_closes.
+                hold_open: false,
+            },
         }
     }
 }
@@ -917,6 +967,9 @@ impl OtlpArgs {
                 .unwrap_or(100_000),
             metrics_destination_address: self.metrics_destination_address
                 || export.metrics_destination_address.unwrap_or(false),
+            metrics_server_address: self
+                .metrics_server_address
+                .then_some(self.metrics_server_address_cap.max(1)),
             self_resource: resource_attributes(env)?,
         }))
     }

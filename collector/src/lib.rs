@@ -5,6 +5,7 @@
 
 pub mod check;
 pub mod config;
+pub mod dns;
 pub mod enrich;
 pub mod events;
 pub mod export;

@@ -84,6 +84,8 @@ fn run(mut args: RunArgs) -> anyhow::Result<ExitCode> {
         // Closes feed close records, the OTLP metrics and spans: without any of them the
         // kernel does not follow connections past their outcome.
         probe_settings.track_closes = args.close_records || pipeline_settings.otlp.is_some();
+        // Names are kept alive by open connections only where closes are followed.
+        pipeline_settings.dns.hold_open = probe_settings.track_closes;
         let probes = Probes::attach(&probe_settings).context("attaching probes")?;
         let (shutdown, force) = (nth_signal(signals.clone(), 1), nth_signal(signals, 2));
         let stopped = pipeline::run(

@@ -56,6 +56,8 @@ pub struct PipelineSettings {
     pub outcomes: OutcomeSettings,
     /// The attributes each record carries.
     pub attributes: AttributeSet,
+    /// DNS answers and the names of connections.
+    pub dns: crate::events::names::DnsSettings,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -154,7 +156,11 @@ pub async fn run(
     };
     let reader = EventReader::new(probes.take_events()?, aggregates, Arc::clone(&stats))
         .map_err(PipelineError::RingBuffer)?
-        .with_outcomes(Some(probes.take_pending()?), outcomes);
+        .with_outcomes(Some(probes.take_pending()?), outcomes)
+        .with_dns(crate::events::names::DnsSettings {
+            enabled: settings.dns.enabled && probes.dns_attached,
+            ..settings.dns.clone()
+        });
     let namespace_filter = if settings.exclude_namespaces.is_empty() {
         None
     } else {

@@ -18,6 +18,9 @@ fuzz_target!(|data: &[u8]| {
         Ok(Decoded::Close(raw)) => {
             let _ = Close::from_raw(&raw, &clock);
         }
+        Ok(Decoded::Dns(raw)) => {
+            let _ = egress_collector::dns::parse(&raw.payload, raw.tcp);
+        }
         Err(_) => {}
     }
 });

@@ -161,9 +161,19 @@ pub struct ProbeConfig {
     pub exclude_addresses: u32,
     /// 1 when user space may list cgroups to drop in `EXCLUDED_CGROUPS`.
     pub exclude_cgroups: u32,
+    /// 1 when DNS answers are captured (sockets that send to port 53 are marked, and
+    /// what is read from them copied); 0 leaves the DNS programs with nothing to do.
+    pub dns: u32,
+    /// Offsets in `struct pt_regs` of a syscall's first two arguments as the task saved
+    /// them at entry (x86_64: `di`, `si`): the DNS read hooks then run at syscall exit
+    /// only. 0 (other architectures): an entry hook saves them instead.
+    pub dns_regs_fd: u32,
+    pub dns_regs_buf: u32,
+    pub _dns_pad: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<ProbeConfig>() == 57 * 4 + 14 * 4 + 4 + 8 + 24 + 16);
+const _: () =
+    assert!(core::mem::size_of::<ProbeConfig>() == 57 * 4 + 14 * 4 + 4 + 8 + 24 + 16 + 16);
 
 impl ProbeConfig {
     pub const fn zeroed() -> Self {
@@ -255,6 +265,10 @@ impl ProbeConfig {
             aggregate_window_ns: 0,
             exclude_addresses: 0,
             exclude_cgroups: 0,
+            dns: 0,
+            dns_regs_fd: 0,
+            dns_regs_buf: 0,
+            _dns_pad: 0,
         }
     }
 }

@@ -20,6 +20,9 @@ pub enum EventKind {
     /// An established TCP connection reached CLOSE (a [`TcpCloseEvent`], not a
     /// `ConnectEvent`).
     TcpClose = 4,
+    /// A message read from a socket that sent to port 53: a DNS answer, as the
+    /// workload received it (a [`DnsEvent`], not a `ConnectEvent`).
+    DnsAnswer = 5,
 }
 
 impl EventKind {
@@ -29,6 +32,7 @@ impl EventKind {
             2 => Some(Self::UdpConnect),
             3 => Some(Self::UdpSend),
             4 => Some(Self::TcpClose),
+            5 => Some(Self::DnsAnswer),
             _ => None,
         }
     }
@@ -333,6 +337,63 @@ impl Counter {
     }
 }
 
+/// Most bytes of a DNS message copied: the EDNS0 size most resolvers advertise (DNS flag
+/// day 2020); classic UDP answers are at most 512.
+pub const DNS_PAYLOAD_MAX: usize = 1232;
+
+/// Bits of [`DnsEvent::flags`].
+pub struct DnsFlags;
+
+impl DnsFlags {
+    /// The message came from a TCP socket (it starts with its 2-byte length, unless the
+    /// resolver read that separately).
+    pub const TCP: u8 = 1;
+    /// The read returned more than [`DNS_PAYLOAD_MAX`] bytes: the copy is cut short.
+    pub const TRUNCATED: u8 = 2;
+    /// A query the workload sent (copied at the send), not a message it read.
+    pub const QUERY: u8 = 4;
+}
+
+/// A DNS message a workload read from a socket marked as DNS (it sent to port 53): the
+/// reading task and socket as a [`ConnectEvent`] (`kind` = [`EventKind::DnsAnswer`],
+/// source = the workload's socket, destination = the resolver), then the bytes.
+#[repr(C)]
+#[derive(Copy, Clone)]
+pub struct DnsEvent {
+    pub head: ConnectEvent,
+    /// Bytes of `payload` that hold the message (never more than [`DNS_PAYLOAD_MAX`]).
+    pub payload_len: u16,
+    /// [`DnsFlags`] bits.
+    pub flags: u8,
+    pub _pad: [u8; 1],
+    /// Nanoseconds from the socket's last query (or connect) to this read.
+    pub latency_ns: u32,
+    pub payload: [u8; DNS_PAYLOAD_MAX],
+}
+
+pub const DNS_EVENT_SIZE: usize = CONNECT_EVENT_SIZE + 8 + DNS_PAYLOAD_MAX;
+const _: () = assert!(core::mem::size_of::<DnsEvent>() == DNS_EVENT_SIZE);
+const _: () = assert!(DNS_EVENT_SIZE.is_multiple_of(8));
+
+impl DnsEvent {
+    pub const fn zeroed() -> Self {
+        Self {
+            head: ConnectEvent::zeroed(),
+            payload_len: 0,
+            flags: 0,
+            _pad: [0; 1],
+            latency_ns: 0,
+            payload: [0; DNS_PAYLOAD_MAX],
+        }
+    }
+
+    /// The raw bytes, as the kernel writes them (decoder tests and fuzzing).
+    pub fn as_bytes(&self) -> &[u8] {
+        // SAFETY: repr(C), integer and byte-array fields, explicit padding (size asserted).
+        unsafe { core::slice::from_raw_parts((self as *const Self).cast::<u8>(), DNS_EVENT_SIZE) }
+    }
+}
+
 #[cfg(feature = "user")]
 // SAFETY: plain old data, no padding holes (asserted above).
 unsafe impl aya::Pod for ConnectEvent {}
@@ -340,3 +401,7 @@ unsafe impl aya::Pod for ConnectEvent {}
 #[cfg(feature = "user")]
 // SAFETY: plain old data, no padding holes (asserted above).
 unsafe impl aya::Pod for TcpCloseEvent {}
+
+#[cfg(feature = "user")]
+// SAFETY: plain old data, no padding holes (asserted above).
+unsafe impl aya::Pod for DnsEvent {}

@@ -14,6 +14,6 @@ pub use config::{
 };
 pub use event::{
     CGROUP_NAME_LEN, COMM_LEN, CONNECT_EVENT_SIZE, COUNTER_COUNT, CloseFlags, ConnState,
-    ConnectEvent, Counter, EventKind, NODENAME_LEN, NS_COUNT, NsIndex, ResetBy,
-    TCP_CLOSE_EVENT_SIZE, TcpCloseEvent,
+    ConnectEvent, Counter, DNS_EVENT_SIZE, DNS_PAYLOAD_MAX, DnsEvent, DnsFlags, EventKind,
+    NODENAME_LEN, NS_COUNT, NsIndex, ResetBy, TCP_CLOSE_EVENT_SIZE, TcpCloseEvent,
 };

@@ -1,4 +1,5 @@
 //! One module per hook family. Entry points stay thin: read the arguments, call `emit`.
+pub mod dns;
 mod fentry;
 mod kprobe;
 mod tcp_state;

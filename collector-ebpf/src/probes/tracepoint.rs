@@ -8,6 +8,7 @@ use egress_shared::EventKind;
 use crate::{
     emit,
     maps::{CallState, Slot, USER_ADDR_MSGHDR, USER_ADDR_SOCKADDR, config},
+    read,
     sock::{self, Dest},
 };
 
@@ -57,7 +58,7 @@ pub fn tp_sys_enter_sendmmsg(ctx: TracePointContext) -> u32 {
 /// hook: tracepoint `syscalls:sys_exit_connect`, and `sys_exit_sendto`, `sys_exit_sendmsg`,
 /// `sys_exit_sendmmsg`: the socket is bound now, so its source port is known.
 #[tracepoint]
-pub fn tp_sys_exit(_ctx: TracePointContext) -> u32 {
+pub fn tp_sys_exit(ctx: TracePointContext) -> u32 {
     let Some(state) = emit::take_call() else {
         return 0;
     };
@@ -69,6 +70,22 @@ pub fn tp_sys_exit(_ctx: TracePointContext) -> u32 {
         USER_ADDR_MSGHDR => sock::dest_from_user_msghdr(state.user_addr),
         _ => Dest::NONE,
     };
+    let port = if dest.is_some() {
+        dest.port
+    } else {
+        read::kernel::<u16>(sk, config!(offsets.skc_dport)).map_or(0, u16::from_be)
+    };
+    if port == super::dns::DNS_PORT {
+        super::dns::mark(state.fd, sk);
+        if state.event_kind == EventKind::UdpSend as u32 {
+            // struct syscall_trace_exit: `long ret` at 16.
+            // SAFETY: within the syscall exit record.
+            let ret = unsafe { ctx.read_at::<i64>(16) }.unwrap_or(0);
+            let msghdr = state.user_addr_kind == USER_ADDR_MSGHDR;
+            let user_addr = if msghdr { state.user_addr } else { 0 };
+            super::dns::query(state.fd, sk, user_addr, msghdr, ret);
+        }
+    }
     if state.event_kind == EventKind::UdpConnect as u32 {
         emit::connect_exit(sk, &dest, Slot::CallExit);
     } else {

@@ -55,7 +55,7 @@ pub fn container_id_of_leaf(leaf: &str) -> Option<(String, Option<RuntimeHint>)>
 }
 
 /// The pod UID in one path component: `pod<uid>` or `kubepods-<qos>-pod<uid_>.slice`.
-fn pod_uid_of_component(component: &str) -> Option<String> {
+pub(crate) fn pod_uid_of_component(component: &str) -> Option<String> {
     let stem = component.strip_suffix(".slice").unwrap_or(component);
     let start = stem.rfind("pod")?;
     if start > 0 && !stem[..start].ends_with('-') {

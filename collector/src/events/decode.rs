@@ -4,8 +4,8 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use egress_shared::{
-    AggregateKey, CONNECT_EVENT_SIZE, ConnState, ConnectEvent, EventKind, NsIndex,
-    TCP_CLOSE_EVENT_SIZE, TcpCloseEvent,
+    AggregateKey, CONNECT_EVENT_SIZE, ConnState, ConnectEvent, DNS_EVENT_SIZE, DNS_PAYLOAD_MAX,
+    DnsEvent, DnsFlags, EventKind, NsIndex, TCP_CLOSE_EVENT_SIZE, TcpCloseEvent,
 };
 
 use super::{
@@ -20,8 +20,12 @@ const IPPROTO_UDP: u8 = 17;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
-    #[error("record is {got} bytes, expected {CONNECT_EVENT_SIZE} or {TCP_CLOSE_EVENT_SIZE}")]
+    #[error(
+        "record is {got} bytes, expected {CONNECT_EVENT_SIZE}, {TCP_CLOSE_EVENT_SIZE} or {DNS_EVENT_SIZE}"
+    )]
     Length { got: usize },
+    #[error("DNS record claims {0} payload bytes, at most {DNS_PAYLOAD_MAX} fit")]
+    DnsLength(u16),
     #[error("unknown TCP attempt state {0}")]
     State(u8),
     #[error("unknown event kind {0}")]
@@ -37,6 +41,7 @@ impl DecodeError {
     pub fn reason(&self) -> &'static str {
         match self {
             DecodeError::Length { .. } => "length",
+            DecodeError::DnsLength(_) => "dns_length",
             DecodeError::State(_) => "state",
             DecodeError::Kind(_) => "kind",
             DecodeError::Family(_) => "family",
@@ -122,6 +127,23 @@ pub struct Connection {
     /// Where the record goes: every record feeds the metrics unless `log_only`; it
     /// becomes a log record (and a line on stdout) unless `metrics_only`.
     pub delivery: Delivery,
+    /// The name the workload resolved the destination from (`server.address`).
+    pub server: Option<crate::dns::cache::ServerName>,
+    /// [`EventKind::DnsAnswer`] records: the lookup.
+    pub dns: Option<Box<DnsLookup>>,
+    /// DNS records: the socket (`ConnectEvent::sock_id`), to match queries and answers.
+    pub dns_sock: u64,
+}
+
+/// A DNS answer a workload received (an `egress.dns` record).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsLookup {
+    pub answer: crate::dns::Answer,
+    /// From the socket's last query (or its connect) to the answer's read; for an
+    /// unanswered query, how long it waited.
+    pub latency_ns: u64,
+    /// A query no answer came back for (`error.type=timeout`; no response code).
+    pub unanswered: bool,
 }
 
 /// What a record is for (see [`Connection::delivery`]).
@@ -144,7 +166,13 @@ impl Connection {
             EventKind::UdpConnect => "udp_connect",
             EventKind::UdpSend => "udp_send",
             EventKind::TcpClose => "tcp_close",
+            EventKind::DnsAnswer => "dns",
         }
+    }
+
+    /// The socket a DNS record was read from or sent on (`ConnectEvent::sock_id`).
+    pub fn outcome_sock(&self) -> u64 {
+        self.dns_sock
     }
 
     /// Whether this record becomes a log record.
@@ -187,13 +215,32 @@ pub enum Decoded {
     /// Boxed: a connection is large, and most records are connections anyway.
     Connection(Box<Connection>),
     Close(TcpCloseEvent),
+    /// A DNS message a workload read: the reading socket and task, and the bytes.
+    Dns(Box<RawDns>),
+}
+
+/// A DNS record before its payload is parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawDns {
+    /// The reader, the workload's socket (source) and the resolver (destination).
+    pub head: Connection,
+    pub payload: Vec<u8>,
+    pub tcp: bool,
+    pub truncated: bool,
+    /// A query the workload sent (not an answer it read).
+    pub query: bool,
+    pub latency_ns: u64,
 }
 
 /// Decodes one ring-buffer record; the two record types differ in length.
 pub fn decode(bytes: &[u8], clock: &BootClock) -> Result<Decoded, DecodeError> {
     match bytes.len() {
         CONNECT_EVENT_SIZE => {
-            decode_connect(bytes, clock).map(|c| Decoded::Connection(Box::new(c)))
+            let c = decode_connect(bytes, clock)?;
+            if c.kind == EventKind::DnsAnswer {
+                return Err(DecodeError::Kind(EventKind::DnsAnswer as u8));
+            }
+            Ok(Decoded::Connection(Box::new(c)))
         }
         TCP_CLOSE_EVENT_SIZE => {
             // SAFETY: the length is checked; TcpCloseEvent is plain old data for which
@@ -204,8 +251,31 @@ pub fn decode(bytes: &[u8], clock: &BootClock) -> Result<Decoded, DecodeError> {
             }
             Ok(Decoded::Close(raw))
         }
+        DNS_EVENT_SIZE => decode_dns(bytes, clock).map(|d| Decoded::Dns(Box::new(d))),
         got => Err(DecodeError::Length { got }),
     }
+}
+
+fn decode_dns(bytes: &[u8], clock: &BootClock) -> Result<RawDns, DecodeError> {
+    // SAFETY: the length is checked (by the caller), DnsEvent is plain old data for
+    // which every bit pattern is valid; read_unaligned needs no alignment.
+    let raw: DnsEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+    if raw.head.kind != EventKind::DnsAnswer as u8 {
+        return Err(DecodeError::Kind(raw.head.kind));
+    }
+    let len = usize::from(raw.payload_len);
+    if len > DNS_PAYLOAD_MAX {
+        return Err(DecodeError::DnsLength(raw.payload_len));
+    }
+    let head = decode_connect(raw.head.as_bytes(), clock)?;
+    Ok(RawDns {
+        head,
+        payload: raw.payload[..len].to_vec(),
+        tcp: raw.flags & DnsFlags::TCP != 0,
+        truncated: raw.flags & DnsFlags::TRUNCATED != 0,
+        query: raw.flags & DnsFlags::QUERY != 0,
+        latency_ns: u64::from(raw.latency_ns),
+    })
 }
 
 /// Decodes a [`ConnectEvent`] (also what user space reads from the pending-attempt map).
@@ -230,6 +300,7 @@ pub fn decode_connect(bytes: &[u8], clock: &BootClock) -> Result<Connection, Dec
     }
     let outcome = match (transport, raw.state) {
         (Transport::Udp, _) => None,
+        _ if kind == EventKind::DnsAnswer => None,
         // Read from the pending map: SYN_SENT still.
         (Transport::Tcp, 0) => Some(Outcome {
             state: ConnectionState::Pending,
@@ -296,6 +367,13 @@ pub fn decode_connect(bytes: &[u8], clock: &BootClock) -> Result<Connection, Dec
         outcome,
         close: None,
         delivery: Delivery::Both,
+        server: None,
+        dns: None,
+        dns_sock: if kind == EventKind::DnsAnswer {
+            raw.sock_id
+        } else {
+            0
+        },
     })
 }
 
@@ -413,6 +491,36 @@ pub(super) mod tests {
     }
 
     #[test]
+    fn a_dns_record_round_trips_and_bad_lengths_are_refused() {
+        let clock = BootClock::with_offset(0);
+        let mut dns = egress_shared::DnsEvent::zeroed();
+        dns.head = sample();
+        dns.head.kind = EventKind::DnsAnswer as u8;
+        dns.head.protocol = IPPROTO_UDP;
+        dns.payload_len = 3;
+        dns.payload[..3].copy_from_slice(b"abc");
+        dns.flags = egress_shared::DnsFlags::TRUNCATED;
+        dns.latency_ns = 9;
+        let Ok(Decoded::Dns(raw)) = decode(dns.as_bytes(), &clock) else {
+            panic!("a DNS record")
+        };
+        assert_eq!(raw.payload, b"abc");
+        assert!(raw.truncated && !raw.tcp);
+        assert_eq!(raw.latency_ns, 9);
+        assert_eq!(raw.head.kind_str(), "dns");
+        dns.payload_len = DNS_PAYLOAD_MAX as u16 + 1;
+        assert_eq!(
+            decode(dns.as_bytes(), &clock),
+            Err(DecodeError::DnsLength(DNS_PAYLOAD_MAX as u16 + 1))
+        );
+        // A connection-sized record cannot claim to be DNS.
+        assert_eq!(
+            decode(dns.head.as_bytes(), &clock),
+            Err(DecodeError::Kind(EventKind::DnsAnswer as u8))
+        );
+    }
+
+    #[test]
     fn a_close_record_round_trips() {
         let mut close = TcpCloseEvent::zeroed();
         close.bytes_acked = 10;
@@ -444,6 +552,13 @@ mod fuzz {
             let _ = decode(&input, &clock);
         }
         for input in mutations(TcpCloseEvent::zeroed().as_bytes(), 20_000) {
+            let _ = decode(&input, &clock);
+        }
+        let mut dns = egress_shared::DnsEvent::zeroed();
+        dns.head = sample();
+        dns.head.kind = egress_shared::EventKind::DnsAnswer as u8;
+        dns.payload_len = 40;
+        for input in mutations(dns.as_bytes(), 5_000) {
             let _ = decode(&input, &clock);
         }
     }

@@ -4,6 +4,7 @@
 pub mod aggregate;
 pub mod clock;
 pub mod decode;
+pub mod names;
 pub mod outcome;
 
 use std::{sync::Arc, time::Duration};
@@ -20,6 +21,7 @@ use self::{
     aggregate::Aggregates,
     clock::BootClock,
     decode::{Decoded, decode, decode_connect},
+    names::{DnsSettings, Names},
     outcome::Tracker,
 };
 use crate::telemetry::Stats;
@@ -63,6 +65,8 @@ pub struct EventReader {
     tracker: Tracker,
     pending: Option<BpfHashMap<MapData, u64, ConnectEvent>>,
     outcomes: OutcomeSettings,
+    names: Names,
+    ticks: u32,
 }
 
 impl EventReader {
@@ -83,7 +87,15 @@ impl EventReader {
             tracker: Tracker::default(),
             pending: None,
             outcomes: OutcomeSettings::default(),
+            names: Names::new(DnsSettings::default()),
+            ticks: 0,
         })
+    }
+
+    /// Reports DNS answers and names connections from them.
+    pub fn with_dns(mut self, settings: DnsSettings) -> Self {
+        self.names = Names::new(settings);
+        self
     }
 
     /// Reports TCP attempts left in SYN_SENT (the kernel's pending map) and closes.
@@ -112,6 +124,14 @@ impl EventReader {
                     self.drain(&out);
                     self.close_aggregates(false, &out);
                     self.report_pending(&out);
+                    self.ticks = self.ticks.wrapping_add(1);
+                    if self.ticks.is_multiple_of(50) {
+                        self.names.expire();
+                    }
+                    if self.ticks.is_multiple_of(10) {
+                        let unanswered = self.names.unanswered();
+                        self.hand_on(unanswered, &out);
+                    }
                 }
                 guard = self.ring.readable_mut() => {
                     match guard {
@@ -132,6 +152,13 @@ impl EventReader {
                     self.drain(&out);
                     self.close_aggregates(true, &out);
                     self.flush_open(&out);
+                    let unanswered = self.names.unanswered();
+                    self.hand_on(unanswered, &out);
+                    // Younger queries cannot be called unanswered yet: counted.
+                    self.stats.record_dns(
+                        "queries_pending_at_shutdown",
+                        self.names.pending_queries() as u64,
+                    );
                     break;
                 }
             }
@@ -149,6 +176,9 @@ impl EventReader {
             if let Some(item) = item {
                 match decode(&item, &self.clock) {
                     Ok(Decoded::Connection(mut connection)) => {
+                        if !self.names.connection(&mut connection, &self.stats) {
+                            continue;
+                        }
                         if let Some(aggregates) = &mut self.aggregates {
                             aggregates.note(&connection);
                         }
@@ -158,6 +188,7 @@ impl EventReader {
                         }
                     }
                     Ok(Decoded::Close(raw)) => {
+                        self.names.closed(raw.sock_id, raw.connect_ns);
                         if let Some(mut record) = self.tracker.close(&raw, &self.clock) {
                             if !self.outcomes.close_records {
                                 record.delivery = Delivery::MetricsOnly;
@@ -165,6 +196,13 @@ impl EventReader {
                             if record.logged() || self.outcomes.metrics {
                                 batch.push(record);
                             }
+                        }
+                    }
+                    Ok(Decoded::Dns(raw)) => {
+                        if let Some(record) = self.names.answer(*raw, &self.stats)
+                            && (record.logged() || self.outcomes.metrics)
+                        {
+                            batch.push(record);
                         }
                     }
                     Err(e) => self.stats.record_decode_failed(&e),
@@ -199,7 +237,10 @@ impl EventReader {
             }
             let bytes = raw.as_bytes();
             match decode_connect(bytes, &self.clock) {
-                Ok(connection) => batch.extend(self.tracker.pending(connection)),
+                Ok(mut connection) => {
+                    self.names.connection(&mut connection, &self.stats);
+                    batch.extend(self.tracker.pending(connection));
+                }
                 Err(e) => self.stats.record_decode_failed(&e),
             }
         }

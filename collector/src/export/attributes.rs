@@ -137,6 +137,16 @@ pub mod keys {
     /// Close records: the connection was still open when the collector stopped (no
     /// byte counts: the kernel gives them at the close).
     pub const OPEN_AT_SHUTDOWN: &str = "egress.connection.open_at_shutdown";
+    /// Which name cache named `server.address`: `container`, `pod` or `none`.
+    pub const DNS_MATCH: &str = "egress.dns.match";
+    /// CNAME targets between the name asked and the address (string array).
+    pub const DNS_CNAME_CHAIN: &str = "egress.dns.cname_chain";
+    /// DNS records: the question's type (`A`, `AAAA`, ... or its number).
+    pub const DNS_QUESTION_TYPE: &str = "dns.question.type";
+    /// DNS records: the response code (`NOERROR`, `NXDOMAIN`, ...).
+    pub const DNS_RESPONSE_CODE: &str = "dns.response_code";
+    /// DNS records: from the query (or the socket's connect) to the answer's read, s.
+    pub const DNS_LOOKUP_DURATION: &str = "dns.lookup.duration";
 }
 
 /// Nanoseconds as seconds.
@@ -150,6 +160,7 @@ pub enum Value {
     Int(i64),
     Bool(bool),
     Double(f64),
+    StrArray(Vec<String>),
 }
 
 impl From<&str> for Value {
@@ -308,6 +319,64 @@ pub fn of(record: &Record) -> Vec<(&'static str, Value)> {
         ),
         (keys::HOST_NETWORK, Value::Bool(record.host_network)),
     ];
+    if let Some(lookup) = &c.dns {
+        let a = &lookup.answer;
+        attributes.push((semconv::DNS_QUESTION_NAME, a.name.clone().into()));
+        attributes.push((
+            keys::DNS_QUESTION_TYPE,
+            crate::dns::type_name(a.qtype).into(),
+        ));
+        if lookup.unanswered {
+            attributes.push((semconv::ERROR_TYPE, "timeout".into()));
+        } else {
+            attributes.push((
+                keys::DNS_RESPONSE_CODE,
+                crate::dns::rcode_name(a.rcode).into(),
+            ));
+        }
+        attributes.push((
+            semconv::DNS_ANSWERS,
+            Value::StrArray(a.addresses.iter().map(|(ip, _)| ip.to_string()).collect()),
+        ));
+        if !a.cname_chain.is_empty() {
+            attributes.push((
+                keys::DNS_CNAME_CHAIN,
+                Value::StrArray(a.cname_chain.clone()),
+            ));
+        }
+        attributes.push((
+            keys::DNS_LOOKUP_DURATION,
+            Value::Double(seconds(lookup.latency_ns)),
+        ));
+    } else if c.kind != egress_shared::EventKind::DnsAnswer {
+        // The name the workload resolved, else the IP (semantic conventions); the
+        // peer is always the IP and port.
+        match &c.server {
+            Some(server) => {
+                attributes.push((semconv::SERVER_ADDRESS, server.name.clone().into()));
+                attributes.push((keys::DNS_MATCH, server.matched.as_str().into()));
+                if !server.cname_chain.is_empty() {
+                    attributes.push((
+                        keys::DNS_CNAME_CHAIN,
+                        Value::StrArray(server.cname_chain.clone()),
+                    ));
+                }
+            }
+            None => {
+                attributes.push((
+                    semconv::SERVER_ADDRESS,
+                    c.destination.ip().to_string().into(),
+                ));
+                attributes.push((keys::DNS_MATCH, "none".into()));
+            }
+        }
+        attributes.push((semconv::SERVER_PORT, c.destination.port().into()));
+        attributes.push((
+            semconv::NETWORK_PEER_ADDRESS,
+            c.destination.ip().to_string().into(),
+        ));
+        attributes.push((semconv::NETWORK_PEER_PORT, c.destination.port().into()));
+    }
     if let Some(path) = &record.cgroup_path {
         attributes.push((keys::CGROUP_PATH, path.clone().into()));
     }
@@ -385,10 +454,14 @@ mod tests {
             "payments/api-7c9d (api) python3[4242] → 52.94.233.129:443 tcp"
         );
 
-        // Outcome and name slot in by key, whoever adds them.
+        // Outcome and name slot in by key: the name as the DNS join sets it.
+        r.connection.server = Some(crate::dns::cache::ServerName {
+            name: "api.stripe.com".into(),
+            cname_chain: Vec::new(),
+            matched: crate::dns::cache::Match::Container,
+        });
         let mut attributes = of(&r);
         attributes.push((semconv::ERROR_TYPE, "refused".into()));
-        attributes.push((semconv::SERVER_ADDRESS, "api.stripe.com".into()));
         assert_eq!(
             body(&pod_resource(), &attributes),
             "payments/api-7c9d (api) python3[4242] → 52.94.233.129:443 (api.stripe.com) tcp refused"

@@ -193,6 +193,7 @@ pub fn write_line(out: &mut Vec<u8>, record: &Record, set: AttributeSet) -> serd
             attributes::Value::Int(n) => serde_json::to_writer(&mut *out, n)?,
             attributes::Value::Bool(b) => serde_json::to_writer(&mut *out, b)?,
             attributes::Value::Double(d) => serde_json::to_writer(&mut *out, d)?,
+            attributes::Value::StrArray(items) => serde_json::to_writer(&mut *out, items)?,
         }
     }
     out.extend_from_slice(b"}}\n");

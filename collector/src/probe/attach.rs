@@ -78,6 +78,58 @@ const TRACEPOINTS: &[Attachment] = &[
     },
 ];
 
+/// DNS answers (docs/dns.md). Tracepoint family only: it is the family whose send hooks
+/// know the descriptor that marks a socket as DNS. Where the syscall's arguments can be
+/// read back from the task's saved registers (x86_64), the exits alone: one program run
+/// per read instead of two.
+const DNS_EXITS: &[Attachment] = &[
+    Attachment {
+        program: "tp_dns_exit_read",
+        targets: &["syscalls/sys_exit_read", "syscalls/sys_exit_recvfrom"],
+    },
+    Attachment {
+        program: "tp_dns_exit_recvmsg",
+        targets: &["syscalls/sys_exit_recvmsg"],
+    },
+];
+/// The entries, where the registers cannot be read back: they save the arguments.
+const DNS_ENTRIES: &[Attachment] = &[
+    Attachment {
+        program: "tp_dns_enter_read",
+        targets: &["syscalls/sys_enter_read"],
+    },
+    Attachment {
+        program: "tp_dns_enter_recvfrom",
+        targets: &["syscalls/sys_enter_recvfrom"],
+    },
+    Attachment {
+        program: "tp_dns_enter_recvmsg",
+        targets: &["syscalls/sys_enter_recvmsg"],
+    },
+];
+
+/// Attaches the DNS programs where `mode` supports them; a failure is logged and DNS
+/// stays off (connections are still captured). Returns whether they run.
+pub fn attach_dns(ebpf: &mut Ebpf, mode: HookMode, exits_only: bool) -> bool {
+    if mode != HookMode::Tracepoint {
+        tracing::warn!(%mode, "DNS capture runs with the tracepoint hook family only for now; connections will carry no server.address (docs/dns.md).");
+        return false;
+    }
+    let entries: &[Attachment] = if exits_only { &[] } else { DNS_ENTRIES };
+    for attachment in DNS_EXITS.iter().chain(entries) {
+        if let Err(e) = attach_tracepoint(ebpf, attachment) {
+            tracing::warn!(reason = %one_line(&e), "DNS capture could not be attached; connections will carry no server.address.");
+            for a in DNS_EXITS.iter().chain(DNS_ENTRIES) {
+                if let Some(aya::programs::Program::TracePoint(p)) = ebpf.program_mut(a.program) {
+                    let _ = p.unload();
+                }
+            }
+            return false;
+        }
+    }
+    true
+}
+
 /// The TCP state changes, in every family: the raw tracepoint, else the tracepoint (same
 /// event, costlier).
 const SOCK_STATE_RAW: &str = "raw_tp_inet_sock_set_state";
@@ -145,6 +197,7 @@ pub fn detach(ebpf: &mut Ebpf, mode: HookMode) {
     let names = family
         .into_iter()
         .chain([SOCK_STATE_RAW, SOCK_STATE.program])
+        .chain(DNS_EXITS.iter().chain(DNS_ENTRIES).map(|a| a.program))
         .chain(RESETS_RAW.iter().map(|r| r.0));
     for name in names {
         let Some(program) = ebpf.program_mut(name) else {

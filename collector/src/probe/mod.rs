@@ -106,6 +106,8 @@ pub struct ProbeSettings {
     /// Identical connections within a window are reported once with a count; `None`
     /// reports every connection.
     pub aggregate_window: Option<Duration>,
+    /// Capture DNS answers (docs/dns.md).
+    pub dns: bool,
     /// Follow TCP connections to their close (close records, metrics, spans need it).
     pub track_closes: bool,
 }
@@ -188,6 +190,10 @@ impl KernelFacts {
                 .map_or(0, |w| w.as_nanos().clamp(1, u64::MAX as u128) as u64),
             exclude_addresses: u32::from(!settings.excluded_destinations.is_empty()),
             exclude_cgroups: u32::from(settings.exclude_cgroups),
+            dns: u32::from(settings.dns),
+            dns_regs_fd: syscall_arg_offsets(&kernel_btf).0,
+            dns_regs_buf: syscall_arg_offsets(&kernel_btf).1,
+            _dns_pad: 0,
             cgroup_subsys_index,
         };
         // Two parsed copies of vmlinux BTF at once would set the peak memory.
@@ -223,6 +229,19 @@ impl KernelFacts {
     }
 }
 
+/// Where `struct pt_regs` keeps a syscall's first two arguments through to its exit
+/// (x86_64: `di`, `si`; the return value goes to `ax`); (0, 0) where unknown, and the DNS
+/// read hooks then save them at syscall entry.
+fn syscall_arg_offsets(btf: &KernelBtf) -> (u32, u32) {
+    if !cfg!(target_arch = "x86_64") {
+        return (0, 0);
+    }
+    match (btf.offset("pt_regs", "di"), btf.offset("pt_regs", "si")) {
+        (Ok(fd), Ok(buf)) if fd != 0 && buf != 0 => (fd, buf),
+        _ => (0, 0),
+    }
+}
+
 /// The loaded programs, attached in one family.
 pub struct Probes {
     ebpf: Ebpf,
@@ -230,6 +249,8 @@ pub struct Probes {
     /// Better families that were refused, and why.
     pub refused: Vec<(HookMode, String)>,
     pub facts: KernelFacts,
+    /// The DNS programs are attached (see `attach::attach_dns`).
+    pub dns_attached: bool,
 }
 
 /// The kernel's BTF is only needed to load and attach: tens of MiB handed back.
@@ -258,6 +279,8 @@ impl Probes {
             }
             match attach::attach(&mut ebpf, mode, facts.aya_btf.as_ref()) {
                 Ok(()) => {
+                    let dns_attached = settings.dns
+                        && attach::attach_dns(&mut ebpf, mode, facts.config.dns_regs_fd != 0);
                     release_btf(&mut facts);
                     let span = tracing::Span::current();
                     span.record("probe.mode", mode.as_str());
@@ -267,6 +290,7 @@ impl Probes {
                         mode,
                         refused,
                         facts,
+                        dns_attached,
                     });
                 }
                 Err(e) => refused.push((mode, one_line(&e))),

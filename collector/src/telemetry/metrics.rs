@@ -97,7 +97,21 @@ pub fn self_metrics(s: &Snapshot) -> Vec<SelfMetric> {
         .iter()
         .map(|(reason, n)| Point::reason(*reason, *n))
         .collect();
+    let dns = s
+        .dns
+        .iter()
+        .map(|(what, n)| Point {
+            labels: vec![("what", (*what).to_owned())],
+            value: *n,
+        })
+        .collect();
     vec![
+        counter(
+            "egress_collector.dns",
+            "DNS capture: answers read, messages that did not parse (unparsed_<reason>), records de-duplicated, addresses the name cache had no room for (cache_full), port-53 flows folded into DNS records.",
+            "{message}",
+            dns,
+        ),
         counter(
             "egress_collector.events.captured",
             "Connection events read from the kernel.",

@@ -73,6 +73,7 @@ pub struct Stats {
     abandoned: AtomicU64,
     decode_failed: Mutex<BTreeMap<&'static str, u64>>,
     enrichment_failed: Mutex<BTreeMap<&'static str, u64>>,
+    dns: Mutex<BTreeMap<&'static str, u64>>,
     enrichment_events: Mutex<BTreeMap<&'static str, u64>>,
 }
 
@@ -106,6 +107,9 @@ pub struct Snapshot {
     pub decode_failed: BTreeMap<&'static str, u64>,
     /// Lookups of container metadata that failed, by reason (the events still went out).
     pub enrichment_failed: BTreeMap<&'static str, u64>,
+    /// DNS capture: answers, unparsed messages by reason, de-duplicated records, cache
+    /// misses for room, folded port-53 flows (see docs/dns.md).
+    pub dns: BTreeMap<&'static str, u64>,
     /// What enrichment did besides lookups, by kind: `container_cache_evicted` (the cache
     /// was full), `cgroup_looked_up` (a cgroup found by its names before the watcher
     /// reported it), `cgroup_unresolved` (no path: attributed from the kernel's two names),
@@ -223,6 +227,15 @@ impl Stats {
         }
     }
 
+    pub fn record_dns(&self, what: &'static str, n: u64) {
+        if n == 0 {
+            return;
+        }
+        if let Ok(mut map) = self.dns.lock() {
+            *map.entry(what).or_default() += n;
+        }
+    }
+
     pub fn record_enrichment_event(&self, kind: &'static str) {
         if let Ok(mut map) = self.enrichment_events.lock() {
             *map.entry(kind).or_default() += 1;
@@ -278,6 +291,7 @@ impl Stats {
                 .lock()
                 .map(|m| m.clone())
                 .unwrap_or_default(),
+            dns: self.dns.lock().map(|m| m.clone()).unwrap_or_default(),
             enrichment_events: self.enrichment_events(),
             kernel: [0; COUNTER_COUNT as usize],
             recursion_misses: 0,
@@ -382,6 +396,7 @@ pub fn report(previous: &Snapshot, now: &Snapshot) {
             filtered_by_namespace = delta(previous.filtered, now.filtered),
             stdout_copy_dropped = delta(previous.stdout_copy_dropped, now.stdout_copy_dropped),
             enrichment_failed = ?now.enrichment_failed,
+            dns = ?now.dns,
             enrichment = ?now.enrichment_events,
             kernel = %kernel.join(" "),
             "Collector statistics."

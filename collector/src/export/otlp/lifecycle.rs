@@ -30,7 +30,7 @@ const DURATION_BOUNDS: [f64; 12] = [
 ];
 
 #[derive(Debug, Clone)]
-struct Buckets {
+pub(crate) struct Buckets {
     counts: Vec<u64>,
     count: u64,
     sum: f64,
@@ -39,7 +39,7 @@ struct Buckets {
 }
 
 impl Buckets {
-    fn new(bounds: &[f64]) -> Self {
+    pub(crate) fn new(bounds: &[f64]) -> Self {
         Self {
             counts: vec![0; bounds.len() + 1],
             count: 0,
@@ -49,7 +49,7 @@ impl Buckets {
         }
     }
 
-    fn record(&mut self, bounds: &[f64], value: f64) {
+    pub(crate) fn record(&mut self, bounds: &[f64], value: f64) {
         let slot = bounds
             .iter()
             .position(|b| value <= *b)
@@ -214,7 +214,7 @@ impl Lifecycle {
     }
 }
 
-fn histogram_point(
+pub(crate) fn histogram_point(
     attributes: Vec<opentelemetry_proto::tonic::common::v1::KeyValue>,
     buckets: &Buckets,
     bounds: &[f64],
@@ -235,7 +235,11 @@ fn histogram_point(
     }
 }
 
-fn histogram(name: &str, description: &str, data_points: Vec<HistogramDataPoint>) -> Metric {
+pub(crate) fn histogram(
+    name: &str,
+    description: &str,
+    data_points: Vec<HistogramDataPoint>,
+) -> Metric {
     Metric {
         name: name.into(),
         description: description.into(),
@@ -245,6 +249,79 @@ fn histogram(name: &str, description: &str, data_points: Vec<HistogramDataPoint>
             aggregation_temporality: AggregationTemporality::Cumulative as i32,
         })),
         ..Default::default()
+    }
+}
+
+pub const DNS_QUERIES_METRIC: &str = "egress.dns.queries";
+pub const DNS_DURATION_METRIC: &str = "dns.lookup.duration";
+/// Bucket bounds (s): a node-local cache answers in well under a millisecond, a
+/// resolver across the network in milliseconds, a retried query in seconds.
+const DNS_BOUNDS: [f64; 12] = [
+    0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0, 5.0,
+];
+
+/// One workload's DNS answers: counted by response code, and their latency.
+#[derive(Default)]
+pub struct DnsMetrics {
+    by_rcode: HashMap<&'static str, (u64, Buckets)>,
+}
+
+impl DnsMetrics {
+    pub fn record(&mut self, lookup: &crate::events::decode::DnsLookup) {
+        let rcode = if lookup.unanswered {
+            "TIMEOUT"
+        } else {
+            crate::dns::rcode_name(lookup.answer.rcode)
+        };
+        let entry = self
+            .by_rcode
+            .entry(rcode)
+            .or_insert_with(|| (0, Buckets::new(&DNS_BOUNDS)));
+        entry.0 += 1;
+        entry.1.record(&DNS_BOUNDS, seconds(lookup.latency_ns));
+    }
+
+    pub fn metrics(&self, start: u64, now: u64) -> Vec<Metric> {
+        if self.by_rcode.is_empty() {
+            return Vec::new();
+        }
+        let attributes = |rcode: &str| {
+            vec![key_value(
+                super::super::attributes::keys::DNS_RESPONSE_CODE,
+                rcode.into(),
+            )]
+        };
+        let counts = self
+            .by_rcode
+            .iter()
+            .map(|(rcode, (n, _))| NumberDataPoint {
+                attributes: attributes(rcode),
+                start_time_unix_nano: start,
+                time_unix_nano: now,
+                value: Some(number_data_point::Value::AsInt(*n as i64)),
+                ..Default::default()
+            })
+            .collect();
+        let durations = self
+            .by_rcode
+            .iter()
+            .map(|(rcode, (_, buckets))| {
+                histogram_point(attributes(rcode), buckets, &DNS_BOUNDS, start, now)
+            })
+            .collect();
+        vec![
+            cumulative_sum(
+                DNS_QUERIES_METRIC,
+                "DNS answers the workload received, by response code (repeats that were not logged again included).",
+                "{answer}",
+                counts,
+            ),
+            histogram(
+                DNS_DURATION_METRIC,
+                "From the query (or the socket's connect) to the answer's read.",
+                durations,
+            ),
+        ]
     }
 }
 

@@ -28,6 +28,8 @@ use crate::{
 pub const EVENT_NAME: &str = "egress.connection";
 /// Close records (`--close-records`).
 pub const CLOSE_EVENT_NAME: &str = "egress.connection.close";
+/// A DNS answer a workload received (docs/dns.md).
+pub const DNS_EVENT_NAME: &str = "egress.dns";
 pub const CONNECTIONS_METRIC: &str = "egress.connections";
 const SCOPE_NAME: &str = "egress-collector";
 const SCOPE_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -43,6 +45,11 @@ fn any(value: Value) -> AnyValue {
             Value::Int(i) => any_value::Value::IntValue(i),
             Value::Bool(b) => any_value::Value::BoolValue(b),
             Value::Double(d) => any_value::Value::DoubleValue(d),
+            Value::StrArray(items) => {
+                any_value::Value::ArrayValue(opentelemetry_proto::tonic::common::v1::ArrayValue {
+                    values: items.into_iter().map(|s| any(Value::Str(s))).collect(),
+                })
+            }
         }),
     }
 }
@@ -82,7 +89,9 @@ pub fn log_record(record: &Record, observed_unix_nano: u64, set: AttributeSet) -
         observed_time_unix_nano: observed_unix_nano,
         severity_number: SeverityNumber::Info as i32,
         severity_text: "INFO".into(),
-        event_name: if record.connection.close.is_some() {
+        event_name: if record.connection.dns.is_some() {
+            DNS_EVENT_NAME.into()
+        } else if record.connection.close.is_some() {
             CLOSE_EVENT_NAME.into()
         } else {
             EVENT_NAME.into()
@@ -144,6 +153,9 @@ struct SeriesKey {
     network_type: &'static str,
     port: u16,
     address: Option<IpAddr>,
+    /// `server.address` (with `--metrics-server-address`): the resolved name, the IP,
+    /// or `~other` beyond the cap of names per workload.
+    server: Option<String>,
     /// TCP attempts that failed; absent on success and for UDP.
     error_type: Option<&'static str>,
 }
@@ -151,6 +163,8 @@ struct SeriesKey {
 struct Series {
     counts: HashMap<SeriesKey, u64>,
     overflow: u64,
+    /// Distinct `server.address` values so far (capped).
+    names: std::collections::HashSet<String>,
     /// When these counts began (a workload's series started again after an eviction
     /// begins later than the one that ended).
     start_unix_nano: u64,
@@ -159,6 +173,9 @@ struct Series {
     /// many gone series wait for an export that succeeds).
     gone_order: u64,
 }
+
+/// The value beyond the cap of distinct names per workload.
+pub const OTHER_SERVER: &str = "~other";
 
 /// Where a workload's series is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -182,6 +199,9 @@ pub struct ConnectionCounts {
     include_address: bool,
     series: HashMap<Arc<Resource>, Series>,
     lifecycle: HashMap<Arc<Resource>, Lifecycle>,
+    dns: HashMap<Arc<Resource>, super::lifecycle::DnsMetrics>,
+    /// Cap of distinct `server.address` values per workload; `None` leaves it out.
+    server_names: Option<usize>,
     /// Containers gone lately, with the exports left before they are forgotten: a record
     /// still in the pipeline when its container went starts a series that ends too.
     recently_gone: HashMap<String, u8>,
@@ -204,6 +224,8 @@ impl ConnectionCounts {
             include_address,
             series: HashMap::new(),
             lifecycle: HashMap::new(),
+            dns: HashMap::new(),
+            server_names: None,
             recently_gone: HashMap::new(),
             departures: 0,
             max_gone: MAX_GONE_WORKLOADS,
@@ -230,6 +252,14 @@ impl ConnectionCounts {
             .insert(id.to_owned(), REMEMBER_GONE_EXPORTS);
         self.departures += 1;
         let order = self.departures;
+        // Its DNS series end at once (they are not kept past their container).
+        self.dns.retain(|resource, _| {
+            resource
+                .attributes
+                .get(semconv::CONTAINER_ID)
+                .map(String::as_str)
+                != Some(id)
+        });
         for (resource, series) in &mut self.series {
             if resource
                 .attributes
@@ -308,8 +338,23 @@ impl ConnectionCounts {
         ended
     }
 
+    /// Counts `egress.connections` per `server.address` too, at most `cap` names per
+    /// workload (the rest as `~other`).
+    pub fn with_server_address(mut self, cap: Option<usize>) -> Self {
+        self.server_names = cap;
+        self
+    }
+
     pub fn record(&mut self, record: &Record) {
         let c = &record.connection;
+        if let Some(lookup) = &c.dns {
+            // A DNS answer is not a connection.
+            self.dns
+                .entry(Arc::clone(&record.resource))
+                .or_default()
+                .record(lookup);
+            return;
+        }
         if c.outcome.is_some() || c.close.is_some() {
             self.lifecycle
                 .entry(Arc::clone(&record.resource))
@@ -320,13 +365,6 @@ impl ConnectionCounts {
             // A close is not a connection attempt.
             return;
         }
-        let key = SeriesKey {
-            transport: c.transport.as_str(),
-            network_type: c.network_type(),
-            port: c.destination.port(),
-            address: self.include_address.then(|| c.destination.ip()),
-            error_type: c.outcome.and_then(|o| o.error_type),
-        };
         let start_unix_nano = self.start_unix_nano;
         let recently_gone = &self.recently_gone;
         let order = self.departures;
@@ -339,6 +377,7 @@ impl ConnectionCounts {
                 Series {
                     counts: HashMap::new(),
                     overflow: 0,
+                    names: std::collections::HashSet::new(),
                     start_unix_nano,
                     departure: if gone {
                         Departure::Gone
@@ -351,6 +390,28 @@ impl ConnectionCounts {
         if series.departure == Departure::Final {
             series.departure = Departure::Gone;
         }
+        let server = self.server_names.map(|cap| {
+            let name = c
+                .server
+                .as_ref()
+                .map_or_else(|| c.destination.ip().to_string(), |s| s.name.clone());
+            if series.names.contains(&name) {
+                name
+            } else if series.names.len() < cap {
+                series.names.insert(name.clone());
+                name
+            } else {
+                OTHER_SERVER.to_owned()
+            }
+        });
+        let key = SeriesKey {
+            transport: c.transport.as_str(),
+            network_type: c.network_type(),
+            port: c.destination.port(),
+            address: self.include_address.then(|| c.destination.ip()),
+            server,
+            error_type: c.outcome.and_then(|o| o.error_type),
+        };
         if let Some(count) = series.counts.get_mut(&key) {
             *count += c.count;
         } else if series.counts.len() < MAX_SERIES_PER_RESOURCE {
@@ -383,6 +444,9 @@ impl ConnectionCounts {
                         address.to_string().into(),
                     ));
                 }
+                if let Some(server) = &key.server {
+                    attributes.push(key_value(semconv::SERVER_ADDRESS, server.clone().into()));
+                }
                 if let Some(error) = key.error_type {
                     attributes.push(key_value(semconv::ERROR_TYPE, error.into()));
                 }
@@ -399,12 +463,14 @@ impl ConnectionCounts {
     }
 
     pub fn resource_metrics(&self, now: u64) -> Vec<ResourceMetrics> {
-        let resources = self.series.keys().chain(
-            self.lifecycle
-                .keys()
-                .filter(|r| !self.series.contains_key(*r)),
-        );
+        let mut resources: Vec<&Arc<Resource>> = self.series.keys().collect();
+        for r in self.lifecycle.keys().chain(self.dns.keys()) {
+            if !resources.contains(&r) {
+                resources.push(r);
+            }
+        }
         resources
+            .into_iter()
             .map(|resource| {
                 let mut metrics = Vec::new();
                 if let Some(series) = self.series.get(resource) {
@@ -419,6 +485,9 @@ impl ConnectionCounts {
                     let start = (self.series.get(resource))
                         .map_or(self.start_unix_nano, |s| s.start_unix_nano);
                     metrics.extend(lifecycle.metrics(start, now));
+                }
+                if let Some(dns) = self.dns.get(resource) {
+                    metrics.extend(dns.metrics(self.start_unix_nano, now));
                 }
                 ResourceMetrics {
                     resource: Some(proto_resource(&resource.attributes)),

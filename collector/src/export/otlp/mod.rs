@@ -197,7 +197,8 @@ impl OtlpExporter {
     pub async fn run(mut self, mut input: mpsc::Receiver<Vec<Record>>) {
         let mut departures = self.departures.take();
         let start = unix_nanos_now();
-        let mut counts = ConnectionCounts::new(start, self.settings.metrics_destination_address);
+        let mut counts = ConnectionCounts::new(start, self.settings.metrics_destination_address)
+            .with_server_address(self.settings.metrics_server_address);
         let mut queue = BatchQueue::new(self.settings.queue_records);
         let mut spans = SpanBatch::default();
         let mut pending: Vec<Record> = Vec::with_capacity(self.settings.batch_size);

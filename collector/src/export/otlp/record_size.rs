@@ -16,6 +16,7 @@ use prost::Message;
 
 use super::mapping::logs_request;
 use crate::{
+    dns::cache::{Match, ServerName},
     enrich::{Record, Resource},
     events::{
         Connection, Transport,
@@ -238,6 +239,18 @@ fn records(random: &mut Random, pods: &[Pod], count: usize) -> Vec<Record> {
                     }),
                     close: None,
                     delivery: crate::events::Delivery::Both,
+                    // Names as the DNS capture gives them: most destinations were resolved.
+                    server: (random.below(4) != 0).then(|| ServerName {
+                        name: format!(
+                            "api-{}.service{}.example.com",
+                            random.below(40),
+                            random.below(8)
+                        ),
+                        cname_chain: Vec::new(),
+                        matched: Match::Container,
+                    }),
+                    dns: None,
+                    dns_sock: 0,
                 },
                 resource: Arc::clone(&pod.resource),
                 host_network: false,

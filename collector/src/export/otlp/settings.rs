@@ -439,6 +439,9 @@ pub struct OtlpSettings {
     pub queue_records: usize,
     /// Count connections per destination address too (high cardinality; off by default).
     pub metrics_destination_address: bool,
+    /// Count connections per `server.address` too, at most this many names per
+    /// workload (`~other` beyond); `None` (the default) leaves it out.
+    pub metrics_server_address: Option<usize>,
     /// `OTEL_RESOURCE_ATTRIBUTES`, for the collector's own telemetry.
     pub self_resource: Vec<(String, String)>,
 }

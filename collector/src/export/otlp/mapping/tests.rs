@@ -49,6 +49,9 @@ pub(crate) fn connection(port: u16) -> Connection {
         outcome: None,
         close: None,
         delivery: crate::events::Delivery::Both,
+        server: None,
+        dns: None,
+        dns_sock: 0,
     }
 }
 

@@ -1,0 +1,308 @@
+//! DNS answers as the workload read them: syscall tracepoints on read, recvfrom and
+//! recvmsg, limited to descriptors marked when they sent to port 53 (`DNS_SOCKETS`).
+//!
+//! Why here (docs/dns.md has the figures): on this project's CI kernels only
+//! tracepoints exist; `skb:skb_copy_datagram_iovec` misses small datagrams (udp_recvmsg
+//! copies a linear skb with `copy_linear_skb`), and no net tracepoint carries the
+//! payload as the reader gets it. The syscall tracepoints see glibc/musl (recvfrom,
+//! recvmsg), Go (read on a connected socket) and DNS over TCP (read), in the reading
+//! task, so cgroup and network namespace are the workload's. On x86_64 only the exits
+//! are hooked (the arguments are read back from the registers the task saved at entry);
+//! a read by a process that never marked a socket costs one array load there. A process
+//! that did pays a hash lookup per read. Not seen:
+//! io_uring receives (no syscall), readv/recvmmsg.
+
+use aya_ebpf::{
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_boot_ns, bpf_probe_read_user},
+    macros::tracepoint,
+    programs::TracePointContext,
+};
+use egress_shared::{DNS_PAYLOAD_MAX, DnsFlags, EventKind};
+
+use crate::{
+    emit,
+    maps::{
+        DNS_PROCESSES, DNS_READS, DNS_SCRATCH, DNS_SOCKETS, DnsRead, DnsSocket, EVENTS, config,
+    },
+    sock::{self, IPPROTO_TCP},
+    task,
+};
+
+/// `struct syscall_trace_enter`: 8-byte `trace_entry`, `int nr`, padding, then the six
+/// arguments as `unsigned long` (the same on every 64-bit kernel since 2.6.33);
+/// `struct syscall_trace_exit`: `long ret` at the same place as the first argument.
+const ARG0: usize = 16;
+const ARG1: usize = 24;
+const RET: usize = 16;
+
+pub const DNS_PORT: u16 = 53;
+
+#[inline(always)]
+fn arg(ctx: &TracePointContext, at: usize) -> Option<u64> {
+    // SAFETY: within the syscall record (see ARG0).
+    unsafe { ctx.read_at::<u64>(at).ok() }
+}
+
+/// The word and bit of `DNS_PROCESSES` for the current process.
+#[inline(always)]
+fn process_bit() -> (u32, u64) {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    ((tgid >> 6) & 1023, 1 << (tgid & 63))
+}
+
+/// Whether the current process has marked a DNS socket (see `DNS_PROCESSES`).
+#[inline(always)]
+fn process_marked() -> bool {
+    let (word, bit) = process_bit();
+    DNS_PROCESSES.get(word).is_some_and(|bits| bits & bit != 0)
+}
+
+#[inline(always)]
+fn key(fd: u64) -> u64 {
+    (bpf_get_current_pid_tgid() & 0xffff_ffff_0000_0000) | (fd & 0xffff_ffff)
+}
+
+/// Marks descriptor `fd` (socket `sk`) of the current process as DNS: its next reads are
+/// copied. Called where a send or connect to port 53 is seen with its descriptor.
+#[inline(always)]
+pub fn mark(fd: u64, sk: u64) {
+    if config!(dns) == 0 {
+        return;
+    }
+    let entry = DnsSocket {
+        sk,
+        sent_ns: unsafe { bpf_ktime_get_boot_ns() },
+    };
+    let _ = DNS_SOCKETS.insert(&key(fd), &entry, 0);
+    let (word, bit) = process_bit();
+    if let Some(slot) = DNS_PROCESSES.get_ptr_mut(word) {
+        // SAFETY: a map value; see DNS_PROCESSES on the race.
+        unsafe { *slot |= bit };
+    }
+}
+
+#[inline(always)]
+fn enter(ctx: &TracePointContext, is_msghdr: bool) {
+    // The early exit every read on the node takes: has this process marked a socket?
+    if !process_marked() {
+        return;
+    }
+    let Some(fd) = arg(ctx, ARG0) else { return };
+    // SAFETY: a plain value copied out at once.
+    let Some(marked) = (unsafe { DNS_SOCKETS.get(&key(fd)) }) else {
+        return;
+    };
+    let Some(buf) = arg(ctx, ARG1) else { return };
+    let read = DnsRead {
+        sk: marked.sk,
+        fd,
+        buf,
+        is_msghdr: is_msghdr as u64,
+        sent_ns: marked.sent_ns,
+    };
+    let tid = bpf_get_current_pid_tgid() as u32;
+    let _ = DNS_READS.insert(&tid, &read, 0);
+}
+
+/// hook: tracepoint `syscalls:sys_enter_read` (fd, buf, count).
+#[tracepoint(category = "syscalls", name = "sys_enter_read")]
+pub fn tp_dns_enter_read(ctx: TracePointContext) -> u32 {
+    enter(&ctx, false);
+    0
+}
+
+/// hook: tracepoint `syscalls:sys_enter_recvfrom` (fd, ubuf, size, flags, addr, addr_len).
+#[tracepoint(category = "syscalls", name = "sys_enter_recvfrom")]
+pub fn tp_dns_enter_recvfrom(ctx: TracePointContext) -> u32 {
+    enter(&ctx, false);
+    0
+}
+
+/// hook: tracepoint `syscalls:sys_enter_recvmsg` (fd, msg, flags).
+#[tracepoint(category = "syscalls", name = "sys_enter_recvmsg")]
+pub fn tp_dns_enter_recvmsg(ctx: TracePointContext) -> u32 {
+    enter(&ctx, true);
+    0
+}
+
+/// hook: tracepoints `syscalls:sys_exit_read` and `sys_exit_recvfrom` (ret): copies what
+/// a marked read returned into the buffer (the second argument).
+#[tracepoint]
+pub fn tp_dns_exit_read(ctx: TracePointContext) -> u32 {
+    exit(&ctx, false);
+    0
+}
+
+/// hook: tracepoint `syscalls:sys_exit_recvmsg` (ret): the same, through the `msghdr`.
+#[tracepoint]
+pub fn tp_dns_exit_recvmsg(ctx: TracePointContext) -> u32 {
+    exit(&ctx, true);
+    0
+}
+
+/// The read's descriptor and buffer: from the registers the task saved at syscall
+/// entry (they hold the arguments until the exit; the return value goes elsewhere), or
+/// from what the entry hook saved where those offsets are unknown.
+#[inline(always)]
+fn arguments(is_msghdr: bool) -> Option<DnsRead> {
+    let fd_at = config!(dns_regs_fd);
+    if fd_at == 0 {
+        let tid = bpf_get_current_pid_tgid() as u32;
+        // SAFETY: copied out before removal.
+        let read = unsafe { DNS_READS.get(&tid) }.copied()?;
+        let _ = DNS_READS.remove(&tid);
+        return Some(read);
+    }
+    // SAFETY: the helpers take the current task's BTF pointer and return its pt_regs.
+    let regs = unsafe {
+        aya_ebpf::helpers::generated::bpf_task_pt_regs(
+            aya_ebpf::helpers::generated::bpf_get_current_task_btf(),
+        )
+    } as u64;
+    let fd: u64 = crate::read::kernel(regs, fd_at).ok()?;
+    // SAFETY: a plain value copied out at once.
+    let marked = unsafe { DNS_SOCKETS.get(&key(fd)) }?;
+    Some(DnsRead {
+        sk: marked.sk,
+        fd,
+        buf: crate::read::kernel(regs, config!(dns_regs_buf)).ok()?,
+        is_msghdr: is_msghdr as u64,
+        sent_ns: marked.sent_ns,
+    })
+}
+
+#[inline(always)]
+fn exit(ctx: &TracePointContext, is_msghdr: bool) {
+    // The early exit of every read on the node, as at entry.
+    if !process_marked() {
+        return;
+    }
+    let Some(read) = arguments(is_msghdr) else {
+        return;
+    };
+    let Some(ret) = arg(ctx, RET) else { return };
+    let ret = ret as i64;
+    if ret <= 0 {
+        return;
+    }
+    // The descriptor may name another socket by now (closed and reused).
+    if sock::from_fd(read.fd) != Ok(read.sk) {
+        let _ = DNS_SOCKETS.remove(&key(read.fd));
+        return;
+    }
+    // A resolver reading a TCP message's 2-byte length on its own (glibc): no message.
+    if ret <= 2 {
+        return;
+    }
+    copy_answer(&read, ret as u64, false);
+}
+
+/// A send to port 53 that succeeded (`ret` > 0): copies the query, so lookups that get
+/// no answer are visible too. `user_addr` is the `msghdr` (sendmsg; the first of
+/// sendmmsg), or 0 for sendto, whose buffer is read back from the saved registers.
+#[inline(always)]
+pub fn query(fd: u64, sk: u64, user_addr: u64, is_msghdr: bool, ret: i64) {
+    if config!(dns) == 0 || ret <= 0 {
+        return;
+    }
+    let buf = if is_msghdr {
+        user_addr
+    } else {
+        let buf_at = config!(dns_regs_buf);
+        if buf_at == 0 {
+            return;
+        }
+        // SAFETY: as in `arguments`.
+        let regs = unsafe {
+            aya_ebpf::helpers::generated::bpf_task_pt_regs(
+                aya_ebpf::helpers::generated::bpf_get_current_task_btf(),
+            )
+        } as u64;
+        match crate::read::kernel::<u64>(regs, buf_at) {
+            Ok(buf) => buf,
+            Err(_) => return,
+        }
+    };
+    let read = DnsRead {
+        sk,
+        fd,
+        buf,
+        is_msghdr: is_msghdr as u64,
+        sent_ns: 0,
+    };
+    // sendmmsg returns a count of messages: the first iovec's length bounds the copy.
+    let returned = if is_msghdr { u64::MAX } else { ret as u64 };
+    copy_answer(&read, returned, true);
+}
+
+#[inline(always)]
+fn copy_answer(read: &DnsRead, returned: u64, is_query: bool) {
+    let Some(slot) = DNS_SCRATCH.get_ptr_mut(is_query as u32) else {
+        return;
+    };
+    // SAFETY: the per-CPU slot is ours for the rest of this program run.
+    let ev = unsafe { &mut *slot };
+    ev.head = egress_shared::ConnectEvent::zeroed();
+    ev.flags = 0;
+    let (src, mut len) = if read.is_msghdr != 0 {
+        // struct user_msghdr: msg_iov at 16; the first iovec holds the message.
+        let iov: u64 = unsafe { bpf_probe_read_user((read.buf + 16) as *const u64) }.unwrap_or(0);
+        if iov == 0 {
+            return;
+        }
+        let base: u64 = unsafe { bpf_probe_read_user(iov as *const u64) }.unwrap_or(0);
+        let iov_len: u64 = unsafe { bpf_probe_read_user((iov + 8) as *const u64) }.unwrap_or(0);
+        (base, returned.min(iov_len))
+    } else {
+        (read.buf, returned)
+    };
+    if src == 0 {
+        return;
+    }
+    if len > DNS_PAYLOAD_MAX as u64 {
+        len = DNS_PAYLOAD_MAX as u64;
+        ev.flags |= DnsFlags::TRUNCATED;
+    }
+    // Bounded for the verifier: 1 ..= DNS_PAYLOAD_MAX.
+    let n = (len as usize).min(DNS_PAYLOAD_MAX);
+    if n == 0 {
+        return;
+    }
+    let copied = unsafe {
+        aya_ebpf::helpers::generated::bpf_probe_read_user(
+            ev.payload.as_mut_ptr().cast(),
+            n as u32,
+            src as *const core::ffi::c_void,
+        )
+    };
+    if copied != 0 {
+        emit::count(egress_shared::Counter::KernelReadFailed);
+        return;
+    }
+    ev.payload_len = n as u16;
+    if !task::fill(&mut ev.head) {
+        emit::count(egress_shared::Counter::KernelReadFailed);
+    }
+    if sock::fill(&mut ev.head, read.sk).is_err() {
+        emit::count(egress_shared::Counter::KernelReadFailed);
+    }
+    if ev.head.protocol == IPPROTO_TCP {
+        ev.flags |= DnsFlags::TCP;
+    }
+    if is_query {
+        ev.flags |= DnsFlags::QUERY;
+    }
+    ev.head.kind = EventKind::DnsAnswer as u8;
+    ev.head.sock_id = read.sk;
+    ev.latency_ns = ev
+        .head
+        .boot_time_ns
+        .wrapping_sub(read.sent_ns)
+        .min(u32::MAX as u64) as u32;
+    if EVENTS
+        .output::<egress_shared::DnsEvent>(&*ev, emit::wakeup_flags())
+        .is_err()
+    {
+        emit::count(egress_shared::Counter::RingBufferFull);
+    }
+}

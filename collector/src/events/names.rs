@@ -1,0 +1,267 @@
+//! DNS in the reader: answers become `egress.dns` records and fill the name cache; each
+//! connection is named from the cache of its container (or pod) as it is read, so an
+//! answer always precedes the connections that use it (one ring buffer, in order).
+
+use std::{collections::HashMap, net::IpAddr, time::Duration};
+
+use egress_shared::EventKind;
+
+use super::{
+    clock,
+    decode::{Connection, DnsLookup, RawDns},
+    outcome::ConnectionState,
+};
+use crate::{
+    dns::{
+        self,
+        cache::{CacheLimits, Match, NameCache},
+    },
+    enrich::cgroup::pod_uid_of_component,
+    telemetry::Stats,
+};
+
+/// DNS settings of the reader (`--dns*` flags).
+#[derive(Debug, Clone)]
+pub struct DnsSettings {
+    pub enabled: bool,
+    /// Keep the `udp_send`/`udp_connect` records of lookups (port 53) besides the DNS
+    /// records.
+    pub keep_flows: bool,
+    /// The same container/name/type/rcode is reported once per window.
+    pub window: Duration,
+    pub cache: CacheLimits,
+    /// Connections named from the cache keep its entry alive until they close; only
+    /// where the kernel follows closes (`track_closes`), else entries live by TTL.
+    pub hold_open: bool,
+}
+
+impl Default for DnsSettings {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            keep_flows: false,
+            window: Duration::from_secs(60),
+            cache: CacheLimits::default(),
+            hold_open: false,
+        }
+    }
+}
+
+type DedupKey = (u64, String, u16, u8);
+
+/// A query waiting for its answer, by (socket, message id).
+type QueryKey = (u64, u16);
+
+/// A query with no answer this long is reported as unanswered.
+pub const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Queries waiting at once; beyond it new ones are not followed (counted).
+const MAX_PENDING_QUERIES: usize = 65_536;
+
+/// An open connection named from the cache, by (socket, connect time).
+type OpenKey = (u64, u64);
+
+pub struct Names {
+    settings: DnsSettings,
+    cache: NameCache,
+    reported: HashMap<DedupKey, u64>,
+    open: HashMap<OpenKey, (u64, Option<String>, IpAddr, Match)>,
+    cache_full_seen: u64,
+    /// Queries sent, until their answer (or the timeout): (record, sent at boot ns).
+    queries: HashMap<QueryKey, (Connection, u64)>,
+}
+
+fn pod_of(connection: &Connection) -> Option<String> {
+    pod_uid_of_component(&connection.cgroup.parent_name)
+}
+
+impl Names {
+    pub fn new(settings: DnsSettings) -> Self {
+        Self {
+            cache: NameCache::new(settings.cache),
+            settings,
+            reported: HashMap::new(),
+            open: HashMap::new(),
+            cache_full_seen: 0,
+            queries: HashMap::new(),
+        }
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.settings.enabled
+    }
+
+    /// A DNS message read by a workload: its record (metrics only for a repeat of the
+    /// same container/name/type/rcode in its window), or `None` for a message that does
+    /// not parse (counted).
+    pub fn answer(&mut self, raw: RawDns, stats: &Stats) -> Option<Connection> {
+        if raw.truncated {
+            stats.record_dns("truncated", 1);
+        }
+        if raw.query {
+            self.query(raw, stats);
+            return None;
+        }
+        let answer = match dns::parse(&raw.payload, raw.tcp) {
+            Ok(answer) => answer,
+            Err(e) => {
+                stats.record_dns(
+                    match e.reason() {
+                        "malformed" => "unparsed_malformed",
+                        "not_response" => "unparsed_not_response",
+                        "not_query" => "unparsed_not_query",
+                        _ => "unparsed_no_question",
+                    },
+                    1,
+                );
+                return None;
+            }
+        };
+        stats.record_dns("answers", 1);
+        let now = clock::boot_now_ns();
+        let mut record = raw.head;
+        self.queries.remove(&(record.outcome_sock(), answer.id));
+        let pod = pod_of(&record);
+        self.cache
+            .insert(record.cgroup.leaf_id, pod.as_deref(), &answer, now);
+        if self.cache.full > self.cache_full_seen {
+            stats.record_dns("cache_full", self.cache.full - self.cache_full_seen);
+            self.cache_full_seen = self.cache.full;
+        }
+        let key = (
+            record.cgroup.leaf_id,
+            answer.name.clone(),
+            answer.qtype,
+            answer.rcode,
+        );
+        let window = self.settings.window.as_nanos() as u64;
+        record.kind = EventKind::DnsAnswer;
+        if let Some(last) = self.reported.get(&key)
+            && now.saturating_sub(*last) < window
+        {
+            // A repeat in its window: counted in the metrics, not logged again.
+            stats.record_dns("deduplicated", 1);
+            record.delivery = super::Delivery::MetricsOnly;
+        } else {
+            self.reported.insert(key, now);
+        }
+        record.dns = Some(Box::new(DnsLookup {
+            answer,
+            latency_ns: raw.latency_ns,
+            unanswered: false,
+        }));
+        Some(record)
+    }
+
+    /// A query sent: followed until its answer, reported if none comes.
+    fn query(&mut self, raw: RawDns, stats: &Stats) {
+        let question = match dns::parse_query(&raw.payload, raw.tcp) {
+            Ok(q) => q,
+            Err(_) => {
+                stats.record_dns("unparsed_query", 1);
+                return;
+            }
+        };
+        stats.record_dns("queries", 1);
+        if self.queries.len() >= MAX_PENDING_QUERIES {
+            stats.record_dns("queries_not_followed", 1);
+            return;
+        }
+        let mut record = raw.head;
+        let key = (record.outcome_sock(), question.id);
+        record.kind = EventKind::DnsAnswer;
+        record.dns = Some(Box::new(DnsLookup {
+            answer: question,
+            latency_ns: 0,
+            unanswered: true,
+        }));
+        self.queries.insert(key, (record, clock::boot_now_ns()));
+    }
+
+    /// Queries still waiting (at shutdown: neither answered nor timed out).
+    pub fn pending_queries(&self) -> usize {
+        self.queries.len()
+    }
+
+    /// Queries older than [`QUERY_TIMEOUT`] with no answer: their records.
+    pub fn unanswered(&mut self) -> Vec<Connection> {
+        let now = clock::boot_now_ns();
+        let limit = QUERY_TIMEOUT.as_nanos() as u64;
+        let expired: Vec<QueryKey> = self
+            .queries
+            .iter()
+            .filter(|(_, (_, sent))| now.saturating_sub(*sent) >= limit)
+            .map(|(k, _)| *k)
+            .collect();
+        let mut records = Vec::new();
+        for key in expired {
+            if let Some((mut record, sent)) = self.queries.remove(&key) {
+                if let Some(lookup) = &mut record.dns {
+                    lookup.latency_ns = now.saturating_sub(sent);
+                }
+                records.push(record);
+            }
+        }
+        records
+    }
+
+    /// Names a connection (or folds a lookup's own flow): false drops the record.
+    pub fn connection(&mut self, connection: &mut Connection, stats: &Stats) -> bool {
+        if !self.settings.enabled {
+            return true;
+        }
+        if matches!(connection.kind, EventKind::UdpSend | EventKind::UdpConnect)
+            && connection.destination.port() == 53
+            && !self.settings.keep_flows
+        {
+            stats.record_dns("folded_flows", 1);
+            return false;
+        }
+        let pod = pod_of(connection);
+        let address = connection.destination.ip();
+        let Some(server) = self.cache.lookup(
+            connection.cgroup.leaf_id,
+            pod.as_deref(),
+            &address,
+            clock::boot_now_ns(),
+        ) else {
+            return true;
+        };
+        if let Some(outcome) = &connection.outcome
+            && outcome.state == ConnectionState::Established
+            && self.settings.hold_open
+        {
+            let key = (outcome.sock_id, outcome.connect_boot_ns);
+            self.cache.hold(
+                connection.cgroup.leaf_id,
+                pod.as_deref(),
+                &address,
+                server.matched,
+                true,
+            );
+            self.open.insert(
+                key,
+                (connection.cgroup.leaf_id, pod, address, server.matched),
+            );
+        }
+        connection.server = Some(server);
+        true
+    }
+
+    /// A close: the connection no longer keeps its name alive.
+    pub fn closed(&mut self, sock_id: u64, connect_ns: u64) {
+        if let Some((container, pod, address, matched)) = self.open.remove(&(sock_id, connect_ns)) {
+            self.cache
+                .hold(container, pod.as_deref(), &address, matched, false);
+        }
+    }
+
+    /// Drops expired names and de-duplication entries (call now and then).
+    pub fn expire(&mut self) {
+        let now = clock::boot_now_ns();
+        self.cache.expire(now);
+        let window = self.settings.window.as_nanos() as u64;
+        self.reported
+            .retain(|_, last| now.saturating_sub(*last) < window);
+    }
+}
