@@ -147,8 +147,11 @@ impl Connector {
     }
 }
 
+/// With the full attribute set: the checks read egress.cgroup.path.
 fn start_collector(args: &[&str]) -> RunningCollector {
-    RunningCollector::start(Path::new(COLLECTOR), args, Duration::from_secs(60))
+    let mut args = args.to_vec();
+    args.extend(["--attributes", "full"]);
+    RunningCollector::start(Path::new(COLLECTOR), &args, Duration::from_secs(60))
         .expect("collector starts")
 }
 

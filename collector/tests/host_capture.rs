@@ -128,7 +128,10 @@ fn each_attribute_set_carries_its_keys_and_the_same_body() {
         "destination.address",
         "destination.port",
     ];
-    const DETAIL: [&str; 6] = [
+    const DETAIL: [&str; 9] = [
+        "network.peer.address",
+        "network.peer.port",
+        "egress.dns.match",
         "source.address",
         "source.port",
         "process.parent_pid",
@@ -150,7 +153,7 @@ fn each_attribute_set_carries_its_keys_and_the_same_body() {
     let port = listener.local_addr().expect("addr").port();
     let comm = std::fs::read_to_string("/proc/self/comm").expect("comm");
     let body_end = format!(
-        " {}[{}] → 127.0.0.1:{port} tcp",
+        " {}[{}] → 127.0.0.1:{port} tcp established",
         comm.trim(),
         std::process::id()
     );

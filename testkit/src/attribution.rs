@@ -292,7 +292,8 @@ pub fn run(
             made.extend(make_cgroup(unified, &case.cgroup)?);
         }
     }
-    let mut args = vec!["--stats-interval", "1h"];
+    // The checks read egress.cgroup.path, a forensic attribute of the full set.
+    let mut args = vec!["--stats-interval", "1h", "--attributes", "full"];
     args.extend(extra_args.iter().map(String::as_str));
     let collector = RunningCollector::start(collector, &args, Duration::from_secs(120))?;
     let mut problems = Vec::new();

@@ -55,6 +55,12 @@ pub const DETAIL: &[&str] = &[
     semconv::SOURCE_ADDRESS,
     semconv::SOURCE_PORT,
     keys::HOST_NETWORK,
+    // The name (server.address) answers the audit; these repeat destination.* or say
+    // how the name was found.
+    semconv::SERVER_PORT,
+    semconv::NETWORK_PEER_ADDRESS,
+    semconv::NETWORK_PEER_PORT,
+    keys::DNS_MATCH,
 ];
 
 impl AttributeSet {

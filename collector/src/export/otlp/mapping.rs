@@ -252,14 +252,6 @@ impl ConnectionCounts {
             .insert(id.to_owned(), REMEMBER_GONE_EXPORTS);
         self.departures += 1;
         let order = self.departures;
-        // Its DNS series end at once (they are not kept past their container).
-        self.dns.retain(|resource, _| {
-            resource
-                .attributes
-                .get(semconv::CONTAINER_ID)
-                .map(String::as_str)
-                != Some(id)
-        });
         for (resource, series) in &mut self.series {
             if resource
                 .attributes
@@ -327,6 +319,16 @@ impl ConnectionCounts {
         let series = &self.series;
         self.lifecycle
             .retain(|resource, _| series.contains_key(resource));
+        // A gone container's DNS counts end after an export that succeeded carried them
+        // (this one), as its connection series do.
+        let recently_gone = &self.recently_gone;
+        self.dns.retain(|resource, _| {
+            series.contains_key(resource)
+                || !resource
+                    .attributes
+                    .get(semconv::CONTAINER_ID)
+                    .is_some_and(|id| recently_gone.contains_key(id))
+        });
         for series in self.series.values_mut() {
             if series.departure == Departure::Gone {
                 series.departure = Departure::Final;
