@@ -80,6 +80,15 @@ BREAKAGES = [
     (DASHBOARD, '"uid": "loki"', '"uid": "elastic"', "unprovisioned data source 'elastic'"),
     (DASHBOARD, "sum by (k8s_namespace_name, k8s_pod_name)", "sum by (k8s_node_name, k8s_pod_name)",
      "groups by k8s_node_name, which prometheus.yml does not promote"),
+    # Panel queries read the names the collector's metrics get in Prometheus, by their labels.
+    (DASHBOARD, "rate(egress_tcp_handshake_duration_seconds_bucket[5m])",
+     "rate(egress_tcp_handshake_duration_bucket[5m])",
+     "reads egress_tcp_handshake_duration_bucket, which is no series"),
+    (DASHBOARD, "sum by (le, k8s_namespace_name", "sum by (k8s_namespace_name",
+     "histogram_quantile over a sum that drops le"),
+    (DASHBOARD, "k8s_pod_name, dns_response_code)", "k8s_pod_name, dns_rcode)",
+     "groups by dns_rcode, which no metric it reads carries"),
+    (DASHBOARD, '"service": "shop"', '"service": ""', "Jaeger search names no service"),
 ]
 
 # Must still pass: backend.env as users edit it (long values wrap kustomize's base64).

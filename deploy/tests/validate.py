@@ -19,7 +19,10 @@
   pinned, the demo's collector has the DaemonSet's capabilities and a subset of its
   mounts, and the workload carries kubelet's labels and cgroup parent.
 - The Grafana dashboards parse and use only provisioned data sources and labels that
-  Prometheus and Loki are configured to produce.
+  Prometheus and Loki are configured to produce; Prometheus queries read only the series
+  the collector's metrics become there (Prometheus 3's OTLP names) and group only on
+  their attributes, histogram_quantile keeps `le`; Jaeger queries are searches that
+  name a service.
 
 Usage: validate.py [REPO_ROOT]. Needs PyYAML and kubernetes-validate (requirements.txt);
 VALIDATE_KUBECTL= (empty) skips the comparison with `kubectl kustomize`.
@@ -657,6 +660,79 @@ def check_compose_workload(path, services, problems):
 
 # --- Grafana ---------------------------------------------------------------------------
 
+# The metrics the collector exports per workload (docs/connections.md, docs/dns.md): OTLP
+# name -> (type, unit, data-point attributes). Self-metrics (egress_collector_*) are
+# listed in docs/ecosystem.md and not checked by name here.
+SPORT = ["network.transport", "destination.port", "destination.address"]
+COLLECTOR_METRICS = {
+    "egress.connections": ("sum", "{connection}", SPORT + [
+        "network.type", "server.address", "error.type", "otel.metric.overflow"]),
+    "egress.tcp.handshake.duration": ("histogram", "s", SPORT + ["error.type"]),
+    "egress.tcp.connection.duration": ("histogram", "s", SPORT),
+    "egress.network.io": ("sum", "By", SPORT + ["network.io.direction"]),
+    "egress.dns.queries": ("sum", "{answer}", ["dns.response_code"]),
+    "dns.lookup.duration": ("histogram", "s", ["dns.response_code"]),
+}
+PROMETHEUS_UNITS = {"s": "seconds", "ms": "milliseconds", "By": "bytes"}
+JAEGER_QUERY_TYPES = {"search", "dependencyGraph"}
+
+
+def prometheus_names(name, kind, unit):
+    """The series names Prometheus 3's OTLP receiver gives a metric (its default
+    UnderscoreEscapingWithSuffixes): dots as underscores, the unit as a suffix ({...}
+    annotations dropped), _total on monotonic sums, _bucket/_sum/_count on histograms."""
+    base = name.replace(".", "_")
+    suffix = PROMETHEUS_UNITS.get(unit, "" if unit.startswith("{") or not unit else unit)
+    if suffix and not base.endswith(f"_{suffix}"):
+        base = f"{base}_{suffix}"
+    if kind == "sum":
+        return {f"{base}_total": name}
+    return {f"{base}_{part}": name for part in ["bucket", "sum", "count"]}
+
+
+PROMETHEUS_SERIES = {}
+for _name, (_kind, _unit, _) in COLLECTOR_METRICS.items():
+    PROMETHEUS_SERIES.update(prometheus_names(_name, _kind, _unit))
+
+
+def check_prometheus_query(where, expr, promoted, problems):
+    """Metric names are series the collector's metrics become; every label grouped on is
+    a promoted resource attribute or an attribute of a metric the query reads; a
+    histogram_quantile keeps `le`."""
+    # Metric names: identifiers outside {matchers}, by/without (...) groups, and strings.
+    bare = re.sub(r'"[^"]*"|\{[^}]*\}|\b(by|without)\s*\([^)]*\)|\[[^\]]*\]', " ", expr)
+    read = set()
+    for token in re.findall(r"\b(?:egress|dns)_[a-z0-9_]+\b", bare):
+        if token.startswith("egress_collector_"):
+            continue
+        if token not in PROMETHEUS_SERIES:
+            problems.add(where, f"reads {token}, which is no series of the collector's metrics "
+                         f"({', '.join(sorted(PROMETHEUS_SERIES))})")
+        else:
+            read.add(PROMETHEUS_SERIES[token])
+    labels = {"le"} | {a.replace(".", "_") for m in read for a in COLLECTOR_METRICS[m][2]}
+    for group in re.findall(r"\bby\s*\(([^)]*)\)", expr):
+        names = [l.strip() for l in group.split(",") if l.strip()]
+        for label in names:
+            if re.match(r"(k8s|container|service|host)_", label):
+                if label not in promoted:
+                    problems.add(where, f"groups by {label}, which prometheus.yml does not promote")
+            elif read and label not in labels:
+                problems.add(where, f"groups by {label}, which no metric it reads carries")
+    if "histogram_quantile" in expr:
+        for group in re.findall(r"histogram_quantile\s*\([^,]*,\s*\w+\s+by\s*\(([^)]*)\)", expr):
+            if "le" not in [l.strip() for l in group.split(",")]:
+                problems.add(where, "histogram_quantile over a sum that drops le")
+
+
+def check_jaeger_query(where, target, problems):
+    """A Jaeger search names a service; only kinds a dashboard can run unattended."""
+    kind = target.get("queryType")
+    if kind not in JAEGER_QUERY_TYPES:
+        problems.add(where, f"Jaeger queryType {kind!r} is not one of {sorted(JAEGER_QUERY_TYPES)}")
+    elif kind == "search" and not target.get("service"):
+        problems.add(where, "Jaeger search names no service")
+
 def panel_queries(dashboard):
     for panel in dashboard.get("panels", []):
         yield from ((panel, t) for t in panel.get("targets", []))
@@ -702,11 +778,9 @@ def check_dashboards(root, problems):
             ds = sources[-1]
             expr = target.get("expr", "")
             if types[ds["uid"]] == "prometheus":
-                # Resource attributes are labels only where Prometheus promotes them.
-                for group in re.findall(r"\bby\s*\(([^)]*)\)", expr):
-                    for label in (l.strip() for l in group.split(",")):
-                        if re.match(r"(k8s|container|service|host)_", label) and label not in promoted:
-                            problems.add(where, f"groups by {label}, which prometheus.yml does not promote")
+                check_prometheus_query(where, expr, promoted, problems)
+            if types[ds["uid"]] == "jaeger":
+                check_jaeger_query(where, target, problems)
             if types[ds["uid"]] == "loki":
                 selector = re.match(r"\s*\{([^}]*)\}", expr)
                 for label in re.findall(r"(\w+)\s*=~?", selector.group(1) if selector else ""):
