@@ -264,13 +264,11 @@ fn kernel_cost(
     }
     println!("\n{summary}");
     let command: Vec<String> = std::env::args().collect();
-    let old = std::fs::read_to_string(report).unwrap_or_default();
-    std::fs::write(
+    report::put_section(
         report,
-        kernel_cost::replace_section(&old, &command.join(" "), connections, &summary),
+        "kernel-cost",
+        &kernel_cost::section(&command.join(" "), connections, &summary),
     )
-    .with_context(|| format!("writing {}", report.display()))?;
-    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -439,7 +437,6 @@ fn full(bench: PathBuf, args: RunArgs) -> anyhow::Result<()> {
     let mut document = report::document(&table, &plot, &command.join(" "), &args.report);
     // Sections other commands wrote stay until those rerun.
     if let Ok(old) = std::fs::read_to_string(&args.report) {
-        document.push_str(&kernel_cost::section_of(&old));
         document.push_str(&report::kept_sections(&old));
     }
     std::fs::write(&args.report, document)

@@ -415,7 +415,10 @@ pub fn tcp_syn_sent(sk: u64, slot: Slot) {
     let tid = aya_ebpf::helpers::bpf_get_current_pid_tgid() as u32;
     // SAFETY: copied out before removal.
     let call = unsafe { CALLS.get(&tid) }.copied();
-    let _ = CALLS.remove(&tid);
+    if call.is_some() && CALLS.remove(&tid).is_ok() {
+        // Taken, not evicted: user space counts saved - taken - held as evicted.
+        count(Counter::CallsTaken);
+    }
     let Some(ev) = scratch(slot) else { return };
     ev.kind = EventKind::TcpConnect as u8;
     if sock::fill_tcp_dest(ev, sk).is_err() {

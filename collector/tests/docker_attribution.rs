@@ -87,7 +87,7 @@ fn assert_attributed(records: &[&Value], pod: &Pod, container: &Container) {
         // The line log views show, from the same attributes.
         let a = &r["attributes"];
         let body = format!(
-            "{}/{} ({}) nc[{}] → {}:{} tcp",
+            "{}/{} ({}) nc[{}] → {}:{} tcp established",
             pod.namespace,
             pod.name,
             pod.container,

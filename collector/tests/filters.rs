@@ -252,7 +252,8 @@ fn an_excluded_namespace_is_dropped_and_then_filtered_in_the_kernel() {
         0,
         "the excluded one not at all"
     );
-    let in_user_space = last_stat(&stderr, "filtered_by_namespace").expect("user counter");
+    let in_user_space = last_stat(&stderr, "filtered_by_namespace")
+        .unwrap_or_else(|| panic!("no user counter in:\n{}", stderr.join("\n")));
     let in_kernel = last_stat(&stderr, "filtered").expect("kernel counter");
     eprintln!(
         "excluded namespace: {in_user_space} dropped by the collector, {in_kernel} in the kernel"

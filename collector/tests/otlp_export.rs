@@ -57,7 +57,7 @@ fn logs_by_pod(received: &Received, port: u16) -> BTreeMap<String, Vec<BTreeMap<
                             other => panic!("the body is a string, got {other:?}"),
                         };
                         let want = format!(
-                            "{}/{pod} ({}) nc[{}] → {}:{port} tcp",
+                            "{}/{pod} ({}) nc[{}] → {}:{port} tcp established",
                             string_attr(&resource, "k8s.namespace.name").unwrap_or_default(),
                             string_attr(&resource, "k8s.container.name").unwrap_or_default(),
                             int_attr(&log.attributes, "process.pid").unwrap_or_default(),

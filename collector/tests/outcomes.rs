@@ -68,7 +68,10 @@ struct Net {
 
 impl Net {
     fn new() -> Self {
-        let id = std::process::id();
+        // Tests of this file run in parallel, each with its own pair of namespaces.
+        static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let id = (std::process::id() % 100_000) * 4 + seq % 4;
         let client = format!("eo-c-{id}");
         let server = format!("eo-s-{id}");
         let subnet = (id % 200) as u8 + 20;
@@ -76,10 +79,7 @@ impl Net {
             format!("10.213.{subnet}.1/24"),
             format!("10.213.{subnet}.2/24"),
         );
-        let (c_if, s_if) = (
-            format!("eoc{}", id % 100_000),
-            format!("eos{}", id % 100_000),
-        );
+        let (c_if, s_if) = (format!("eoc{id}"), format!("eos{id}"));
         sh(&["ip", "netns", "add", &client]);
         sh(&["ip", "netns", "add", &server]);
         let net = Net {

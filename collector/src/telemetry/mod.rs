@@ -384,6 +384,8 @@ pub fn report(previous: &Snapshot, now: &Snapshot) {
             rejected = delta(previous.rejected, now.rejected),
             repeats_lost = delta(previous.repeats_lost, now.repeats_lost),
             decode_failed = ?now.decode_failed,
+            exported = delta(previous.exported, now.exported),
+            filtered_by_namespace = delta(previous.filtered, now.filtered),
             kernel = %kernel.join(" "),
             "Events were lost since the last report."
         );
