@@ -17,6 +17,7 @@ const COLLECTOR: &str = env!("CARGO_BIN_EXE_egress-collector");
 
 #[test]
 fn a_flooding_container_is_limited_and_counted_while_a_quiet_one_is_reported_in_full() {
+    let _alone = one_flood_at_a_time();
     require_root();
     docker::ensure_image().expect("test image");
     let gateway = docker::bridge_gateway().expect("gateway");
@@ -123,6 +124,7 @@ const WORKER_ENV: &str = "EGRESS_FLOOD_WORKER";
 /// and the two CPUs crediting the same interval do not hold the cgroup below its rate.
 #[test]
 fn a_cgroup_flooding_from_both_cpus_gets_its_rate_and_every_drop_is_counted() {
+    let _alone = one_flood_at_a_time();
     let run = flood_from_both_cpus(&[]);
     assert_eq!(
         run.reported + run.carried,
@@ -149,6 +151,7 @@ fn a_cgroup_flooding_from_both_cpus_gets_its_rate_and_every_drop_is_counted() {
 /// drop may be carried twice there (docs/kernel.md), but no record carries a wrapped count.
 #[test]
 fn without_fetching_atomics_the_flood_is_still_bounded_and_counted() {
+    let _alone = one_flood_at_a_time();
     let run = flood_from_both_cpus(&[("EGRESS_TEST_NO_FETCHING_ATOMICS", "1")]);
     assert!(
         run.reported + run.counted >= run.made,
@@ -479,4 +482,13 @@ impl Drop for TestCgroup {
             let _ = std::fs::remove_dir(dir);
         }
     }
+}
+
+/// Each flood saturates both CPUs: two at once starve each other's quiet connections
+/// (a `nc -w 1` that times out is a connection never made), so they take turns.
+fn one_flood_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static FLOODS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    FLOODS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
