@@ -31,23 +31,11 @@ use std::{
 use egress_testkit::collector::RunningCollector;
 use serde_json::Value;
 use simple_dns::{CLASS, Name, Packet, Question, TYPE, rdata::RData};
-use support::host::require_root;
+use support::host::{require_root, sh};
 
 const COLLECTOR: &str = env!("CARGO_BIN_EXE_egress-collector");
 /// Where every resolved address listens (in the server namespace).
 const PORT: u16 = 8053;
-
-fn sh(args: &[&str]) {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// The server namespace: dnsmasq, and the addresses its names resolve to.
 struct Resolver {

@@ -20,7 +20,7 @@ use std::{
 
 use egress_testkit::collector::RunningCollector;
 use serde_json::Value;
-use support::host::require_root;
+use support::host::{require_root, sh};
 
 const COLLECTOR: &str = env!("CARGO_BIN_EXE_egress-collector");
 
@@ -31,18 +31,6 @@ const PORT_ABORT_AT_ONCE: u16 = 13;
 const PORT_ABORT_AFTER_RETRANSMIT: u16 = 14;
 const PORT_UNREACHABLE: u16 = 12;
 const PORT_PENDING: u16 = 15;
-
-fn sh(args: &[&str]) {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 fn nft_in(ns: &str, script: &str) {
     let path = std::env::temp_dir().join(format!("egress-outcomes-{ns}.nft"));

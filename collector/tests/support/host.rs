@@ -96,3 +96,17 @@ pub fn last_stat(stderr: &[String], name: &str) -> Option<u64> {
         .parse()
         .ok()
 }
+
+/// Runs a command (ip, nft, ...) that must succeed; its stderr is the failure message.
+#[allow(dead_code)] // not every test binary runs commands
+pub fn sh(args: &[&str]) {
+    let out = std::process::Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
