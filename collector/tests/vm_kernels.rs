@@ -144,12 +144,8 @@ impl Drop for Scratch {
     }
 }
 
-/// The guest's /init. Every step's output goes to the serial console; the verdict lines
-/// are printed by the shell, not the scenario, so a crash still leaves a FAIL behind.
-fn init_script() -> String {
-    format!(
-        r#"#!/bin/busybox sh
-/bin/busybox --install -s /bin
+/// The start of every guest's /init: busybox, the pseudo filesystems, the console.
+const GUEST_MOUNTS: &str = "/bin/busybox --install -s /bin
 export PATH=/bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
@@ -158,7 +154,14 @@ exec </dev/console >/dev/console 2>&1
 mount -t tmpfs tmpfs /tmp
 mount -t tmpfs tmpfs /run
 mount -t tracefs tracefs /sys/kernel/tracing
-mount -t debugfs debugfs /sys/kernel/debug
+";
+
+/// The guest's /init. Every step's output goes to the serial console; the verdict lines
+/// are printed by the shell, not the scenario, so a crash still leaves a FAIL behind.
+fn init_script() -> String {
+    format!(
+        r#"#!/bin/busybox sh
+{GUEST_MOUNTS}mount -t debugfs debugfs /sys/kernel/debug
 mount -t cgroup2 cgroup2 /sys/fs/cgroup
 mount -t bpf bpf /sys/fs/bpf
 ip link set lo up
@@ -494,16 +497,7 @@ mount -t cgroup -o pids pids /sys/fs/cgroup/pids",
     };
     format!(
         r#"#!/bin/busybox sh
-/bin/busybox --install -s /bin
-export PATH=/bin
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-mount -t devtmpfs devtmpfs /dev
-exec </dev/console >/dev/console 2>&1
-mount -t tmpfs tmpfs /tmp
-mount -t tmpfs tmpfs /run
-mount -t tracefs tracefs /sys/kernel/tracing
-{cgroups}
+{GUEST_MOUNTS}{cgroups}
 mount -t bpf bpf /sys/fs/bpf
 ip link set lo up
 hostname egress-vm
