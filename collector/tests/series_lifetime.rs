@@ -109,6 +109,7 @@ fn wait_for_export(
 #[test]
 fn a_removed_containers_series_is_exported_with_its_last_counts_then_ends() {
     lifetime(Scenario {
+        name: "busy",
         host_traffic: true,
         outage: false,
     });
@@ -119,6 +120,7 @@ fn a_removed_containers_series_is_exported_with_its_last_counts_then_ends() {
 #[test]
 fn on_a_quiet_node_a_removed_containers_series_still_ends() {
     lifetime(Scenario {
+        name: "quiet",
         host_traffic: false,
         outage: false,
     });
@@ -129,6 +131,7 @@ fn on_a_quiet_node_a_removed_containers_series_still_ends() {
 #[test]
 fn a_removed_containers_last_counts_survive_an_endpoint_outage() {
     lifetime(Scenario {
+        name: "outage",
         host_traffic: true,
         outage: true,
     });
@@ -149,6 +152,8 @@ fn everything_but(kept: Ipv4Addr) -> String {
 }
 
 struct Scenario {
+    /// Distinguishes the pods (docker names, uids) of scenarios that run at once.
+    name: &'static str,
     /// Host connections every 100 ms throughout (drives the pipeline).
     host_traffic: bool,
     /// The receiver is down from before the containers start until after they are gone.
@@ -209,14 +214,17 @@ fn lifetime(scenario: Scenario) {
     let script = format!(
         "i=0; while [ $i -lt {PER_CONTAINER} ]; do echo x | nc -w 2 {gateway} {port}; i=$((i+1)); done"
     );
+    // Each scenario its own range of pod uids: the tests of this file run in parallel.
+    let seq_base =
+        0x40 + 0x10 * u32::from(scenario.host_traffic) + 0x20 * u32::from(scenario.outage);
     let containers: Vec<Container> = (0..CONTAINERS)
         .map(|n| {
             let pod = Pod::new(
-                &format!("churn{n}"),
+                &format!("churn-{}{n}", scenario.name),
                 "churn",
                 "app",
                 Some("besteffort"),
-                40 + n,
+                seq_base + n,
             );
             let container = Container::create(&pod, &script).expect("docker create");
             container.run_to_completion().expect("container runs");
