@@ -19,7 +19,7 @@ cargo build --all-targets
 step "tests (unit, host kernel, Debian kernels under qemu)"
 as_root=()
 [ "$(id -u)" -eq 0 ] || as_root=(sudo -E env "PATH=$PATH")
-"${as_root[@]}" cargo test --all-targets -- --test-threads=2
+"${as_root[@]}" cargo test --all-targets --no-fail-fast -- --test-threads=2
 step "benchmark smoke (seconds: loss accounting adds up)"
 "${as_root[@]}" target/debug/egress-bench smoke --collector target/debug/egress-collector
 step "fuzz targets (10 s each; scripts/fuzz.sh 600 by hand)"
