@@ -4,8 +4,9 @@
 use std::io::Write;
 
 use crate::{
+    config::settings::ProbeSettings,
     one_line,
-    probe::{KernelFacts, ProbeSettings, kernel_release},
+    probe::{KernelFacts, kernel_release},
 };
 
 /// Writes the report; returns whether some hook family the settings allow can run.

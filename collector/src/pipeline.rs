@@ -18,47 +18,19 @@ use std::{
 use tokio::sync::{mpsc, watch};
 
 use crate::{
+    config::settings::{AttributeSet, DnsSettings, OutcomeSettings, PipelineSettings},
     enrich::{
-        self, Enricher, HostIdentity, Record,
-        cache::CacheSettings,
-        exclude::NamespaceFilter,
-        runtime::{RuntimeFiles, RuntimeLocations},
+        self, Enricher, HostIdentity, Record, exclude::NamespaceFilter, runtime::RuntimeFiles,
     },
-    events::{EventReader, OutcomeSettings, aggregate::Aggregates},
-    export::attributes::AttributeSet,
+    events::{EventReader, aggregate::Aggregates},
     export::{
-        otlp::{OtlpExporter, SnapshotSource, settings::OtlpSettings, transport::TransportError},
+        otlp::{OtlpExporter, SnapshotSource, transport::TransportError},
         stdout::{self, Closed, Role, StdoutExporter},
     },
     health::{self, Health, HealthError},
     probe::{ProbeError, Probes},
     telemetry::{self, KernelCounters, Snapshot, Stats},
 };
-
-#[derive(Debug, Clone)]
-pub struct PipelineSettings {
-    /// Capacity of each queue between stages.
-    pub queue_capacity: usize,
-    pub stats_interval: Duration,
-    /// How long shutdown may take to drain (`--shutdown-deadline`).
-    pub drain_deadline: Duration,
-    /// Where the host's filesystem is mounted (runtime files are read under it).
-    pub host_root: PathBuf,
-    pub cache: CacheSettings,
-    /// Runtime file locations that differ from the defaults.
-    pub runtimes: RuntimeLocations,
-    /// JSON lines on stdout (always, when no OTLP endpoint is configured).
-    pub stdout: bool,
-    pub otlp: Option<OtlpSettings>,
-    /// Kubernetes namespaces whose connections are dropped.
-    pub exclude_namespaces: Vec<String>,
-    /// Pending attempts and close records (`metrics` is set here from `otlp`).
-    pub outcomes: OutcomeSettings,
-    /// The attributes each record carries.
-    pub attributes: AttributeSet,
-    /// DNS answers and the names of connections.
-    pub dns: crate::events::names::DnsSettings,
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
@@ -157,7 +129,7 @@ pub async fn run(
     let reader = EventReader::new(probes.take_events()?, aggregates, Arc::clone(&stats))
         .map_err(PipelineError::RingBuffer)?
         .with_outcomes(Some(probes.take_pending()?), outcomes)
-        .with_dns(crate::events::names::DnsSettings {
+        .with_dns(DnsSettings {
             enabled: settings.dns.enabled && probes.dns_attached,
             ..settings.dns.clone()
         });

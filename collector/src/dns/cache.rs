@@ -6,6 +6,8 @@
 
 use std::{collections::HashMap, net::IpAddr, time::Duration};
 
+use crate::config::settings::CacheLimits;
+
 /// Which cache named a connection (`egress.dns.match`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Match {
@@ -32,26 +34,6 @@ pub struct ServerName {
     /// CNAME targets between the question and the address.
     pub cname_chain: Vec<String>,
     pub matched: Match,
-}
-
-#[derive(Debug, Clone, Copy)]
-pub struct CacheLimits {
-    /// Answers are kept at least this long, whatever their TTL.
-    pub floor: Duration,
-    /// Addresses per container (and per pod).
-    pub per_scope: usize,
-    /// Addresses in all.
-    pub total: usize,
-}
-
-impl Default for CacheLimits {
-    fn default() -> Self {
-        Self {
-            floor: Duration::from_secs(30),
-            per_scope: 4096,
-            total: 262_144,
-        }
-    }
 }
 
 #[derive(Debug, Clone)]

@@ -5,7 +5,7 @@
 use std::{
     collections::{BTreeMap, HashMap},
     sync::Arc,
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use opentelemetry_semantic_conventions::attribute as semconv;
@@ -15,6 +15,7 @@ use super::{
     cgroup::ContainerRef,
     runtime::{ContainerMetadata, RuntimeFiles},
 };
+use crate::config::settings::CacheSettings;
 use crate::telemetry::Stats;
 
 /// What the pipeline attaches to each connection of one container.
@@ -32,25 +33,6 @@ struct Entry {
     retry_at: Option<Instant>,
     failure_logged: bool,
     removed_at: Option<Instant>,
-}
-
-#[derive(Debug, Clone)]
-pub struct CacheSettings {
-    pub capacity: usize,
-    /// How long a failed lookup is trusted before the files are read again.
-    pub retry_after: Duration,
-    /// How long a removed container's identity stays, for events still in flight.
-    pub removal_grace: Duration,
-}
-
-impl Default for CacheSettings {
-    fn default() -> Self {
-        Self {
-            capacity: 8192,
-            retry_after: Duration::from_secs(30),
-            removal_grace: Duration::from_secs(60),
-        }
-    }
 }
 
 pub struct ContainerCache {

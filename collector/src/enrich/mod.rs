@@ -24,13 +24,13 @@ use opentelemetry_semantic_conventions::attribute as semconv;
 use tokio::sync::mpsc;
 
 use self::{
-    cache::{CacheSettings, ContainerCache, Identity},
+    cache::{ContainerCache, Identity},
     cgroup_paths::CgroupPaths,
     exclude::NamespaceFilter,
     runtime::{RuntimeFiles, on_host},
     watch::DirChange,
 };
-use crate::{events::Connection, telemetry::Stats};
+use crate::{config::settings::CacheSettings, events::Connection, telemetry::Stats};
 
 /// Resource attributes shared by every connection of one workload.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]

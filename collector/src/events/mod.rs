@@ -7,7 +7,7 @@ pub mod decode;
 pub mod names;
 pub mod outcome;
 
-use std::{sync::Arc, time::Duration};
+use std::sync::Arc;
 
 use aya::maps::{HashMap as BpfHashMap, MapData, RingBuf};
 use egress_shared::ConnectEvent;
@@ -21,9 +21,10 @@ use self::{
     aggregate::Aggregates,
     clock::BootClock,
     decode::{Decoded, decode, decode_connect},
-    names::{DnsSettings, Names},
+    names::Names,
     outcome::Tracker,
 };
+use crate::config::settings::{DnsSettings, OutcomeSettings};
 use crate::telemetry::Stats;
 
 /// Most events handed on at once; the queues between stages hold
@@ -32,30 +33,6 @@ pub const BATCH_RECORDS: usize = 256;
 
 /// Longest an event waits in the ring buffer when too few arrive to wake the reader.
 pub const POLL_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
-
-/// What the reader does with TCP outcomes and closes.
-#[derive(Debug, Clone)]
-pub struct OutcomeSettings {
-    /// An attempt still in SYN_SENT this long is reported, marked pending.
-    pub pending_report: Duration,
-    /// Close records become log records (`--close-records`).
-    pub close_records: bool,
-    /// One span per TCP connection (`--connection-spans`).
-    pub spans: bool,
-    /// Something consumes metrics-only records (OTLP metrics or spans).
-    pub metrics: bool,
-}
-
-impl Default for OutcomeSettings {
-    fn default() -> Self {
-        Self {
-            pending_report: Duration::from_secs(5),
-            close_records: false,
-            spans: false,
-            metrics: false,
-        }
-    }
-}
 
 pub struct EventReader {
     ring: AsyncFd<RingBuf<MapData>>,

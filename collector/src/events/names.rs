@@ -11,41 +11,15 @@ use super::{
     decode::{Connection, DnsLookup, RawDns},
     outcome::ConnectionState,
 };
+use crate::config::settings::DnsSettings;
 use crate::{
     dns::{
         self,
-        cache::{CacheLimits, Match, NameCache},
+        cache::{Match, NameCache},
     },
     enrich::cgroup::pod_uid_of_component,
     telemetry::Stats,
 };
-
-/// DNS settings of the reader (`--dns*` flags).
-#[derive(Debug, Clone)]
-pub struct DnsSettings {
-    pub enabled: bool,
-    /// Keep the `udp_send`/`udp_connect` records of lookups (port 53) besides the DNS
-    /// records.
-    pub keep_flows: bool,
-    /// The same container/name/type/rcode is reported once per window.
-    pub window: Duration,
-    pub cache: CacheLimits,
-    /// Connections named from the cache keep its entry alive until they close; only
-    /// where the kernel follows closes (`track_closes`), else entries live by TTL.
-    pub hold_open: bool,
-}
-
-impl Default for DnsSettings {
-    fn default() -> Self {
-        Self {
-            enabled: false,
-            keep_flows: false,
-            window: Duration::from_secs(60),
-            cache: CacheLimits::default(),
-            hold_open: false,
-        }
-    }
-}
 
 type DedupKey = (u64, String, u16, u8);
 

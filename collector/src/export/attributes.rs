@@ -8,24 +8,8 @@ use std::{collections::BTreeMap, fmt::Write as _};
 
 use opentelemetry_semantic_conventions::attribute as semconv;
 
+pub use crate::config::settings::AttributeSet;
 use crate::{enrich::Record, events::outcome::ConnectionState};
-
-/// Which attributes a record carries (`--attributes`). The sets are defined by what they
-/// leave out, so an attribute added later is in every set until listed here.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum AttributeSet {
-    /// Who (through the resource), process name and pid, event, destination and port,
-    /// transport, outcome and counts: the audit's questions and little else.
-    Minimal,
-    /// `minimal` plus source address and port, parent pid, user id, network type and
-    /// host-network flag: everything but the deep-forensics fields.
-    #[default]
-    Default,
-    /// Every attribute: `default` plus namespace inodes, cgroup ids and names, thread id
-    /// and name, in-container pid, gid and UTS nodename.
-    Full,
-}
 
 /// Left out of `default` (and `minimal`): for deep forensics, not every record.
 pub const FORENSIC: &[&str] = &[
@@ -79,15 +63,6 @@ impl AttributeSet {
             AttributeSet::Default => !FORENSIC.contains(&key),
             AttributeSet::Minimal => !FORENSIC.contains(&key) && !DETAIL.contains(&key),
         }
-    }
-}
-
-impl std::str::FromStr for AttributeSet {
-    type Err = String;
-
-    fn from_str(text: &str) -> Result<Self, String> {
-        <Self as clap::ValueEnum>::from_str(text.trim(), true)
-            .map_err(|_| format!("{text:?} is not an attribute set (minimal, default or full)"))
     }
 }
 

@@ -12,7 +12,7 @@ pub mod programs;
 pub mod state_maps;
 pub mod tracefs;
 
-use std::{fmt, path::PathBuf, str::FromStr, time::Duration};
+use std::path::PathBuf;
 
 use aya::{
     Ebpf, EbpfLoader,
@@ -20,97 +20,16 @@ use aya::{
 };
 use egress_shared::{AggregateKey, CgroupSource, ConnectEvent, ProbeConfig, TracepointOffsets};
 
-pub use self::{attach::AttachError, filters::Cidr};
+pub use self::attach::AttachError;
 use self::{btf::KernelBtf, cgroups::CgroupInfo};
-use crate::one_line;
+use crate::{
+    config::settings::{HookMode, ProbeSettings},
+    one_line,
+};
 
 /// The eBPF object built by build.rs from `collector-ebpf`.
 static EBPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/collector-ebpf"));
-
-/// A family of hooks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HookMode {
-    Kprobe,
-    Fentry,
-    Tracepoint,
-}
-
-impl HookMode {
-    /// The order `auto` tries them in.
-    pub const PREFERENCE: [HookMode; 3] =
-        [HookMode::Kprobe, HookMode::Fentry, HookMode::Tracepoint];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            HookMode::Kprobe => "kprobe",
-            HookMode::Fentry => "fentry",
-            HookMode::Tracepoint => "tracepoint",
-        }
-    }
-}
-
-impl fmt::Display for HookMode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// `--probe`: a family, or the first that works.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ProbeChoice {
-    Auto,
-    Only(HookMode),
-}
-
-impl ProbeChoice {
-    pub fn candidates(self) -> Vec<HookMode> {
-        match self {
-            ProbeChoice::Auto => HookMode::PREFERENCE.to_vec(),
-            ProbeChoice::Only(mode) => vec![mode],
-        }
-    }
-}
-
-impl FromStr for ProbeChoice {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "auto" => Ok(ProbeChoice::Auto),
-            "kprobe" => Ok(ProbeChoice::Only(HookMode::Kprobe)),
-            "fentry" => Ok(ProbeChoice::Only(HookMode::Fentry)),
-            "tracepoint" => Ok(ProbeChoice::Only(HookMode::Tracepoint)),
-            other => Err(format!(
-                "unknown probe mode {other:?}: expected auto, kprobe, fentry or tracepoint"
-            )),
-        }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct ProbeSettings {
-    pub choice: ProbeChoice,
-    /// Kernel BTF; `None` reads `/sys/kernel/btf/vmlinux`.
-    pub btf_path: Option<PathBuf>,
-    pub udp_flow_window: Duration,
-    pub ring_buffer_bytes: u32,
-    pub host_root: PathBuf,
-    /// Events per second per cgroup (0: unlimited) and the burst allowed above it.
-    pub cgroup_rate: u32,
-    pub cgroup_burst: u32,
-    /// Destinations dropped in the kernel.
-    pub excluded_destinations: Vec<Cidr>,
-    /// User space will list cgroups to drop (it excludes Kubernetes namespaces).
-    pub exclude_cgroups: bool,
-    /// Identical connections within a window are reported once with a count; `None`
-    /// reports every connection.
-    pub aggregate_window: Option<Duration>,
-    /// Capture DNS answers (docs/dns.md).
-    pub dns: bool,
-    /// Follow TCP connections to their close (close records, metrics, spans need it).
-    pub track_closes: bool,
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {

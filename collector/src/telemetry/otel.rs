@@ -26,9 +26,9 @@ use tokio::runtime::Handle;
 use tracing::Subscriber;
 use tracing_subscriber::{Layer, filter::filter_fn, registry::LookupSpan};
 
-use crate::export::otlp::{
-    settings::OtlpSettings,
-    transport::{Client, SendError, TransportError},
+use crate::{
+    config::otlp::OtlpSettings,
+    export::otlp::transport::{Client, SendError, TransportError},
 };
 
 const SERVICE_NAME: &str = "egress-collector";

@@ -1,6 +1,9 @@
 //! The cache on a host root in a temp dir holding files dockerd wrote (the fixtures).
 
-use std::path::{Path, PathBuf};
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use super::*;
 use crate::enrich::runtime;

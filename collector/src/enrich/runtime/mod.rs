@@ -13,6 +13,7 @@ use std::{
 };
 
 use super::cgroup::RuntimeHint;
+use crate::config::settings::RuntimeLocations;
 
 /// Metadata files larger than this are refused (a real config.v2.json is a few KiB).
 pub const MAX_METADATA_BYTES: u64 = 1 << 20;
@@ -123,22 +124,6 @@ pub fn read_bounded(path: &Path) -> Result<Option<Vec<u8>>, LookupError> {
 pub fn on_host(host_root: &Path, path: impl AsRef<Path>) -> PathBuf {
     let path = path.as_ref();
     host_root.join(path.strip_prefix("/").unwrap_or(path))
-}
-
-/// Where the runtimes keep their files when a distribution moved them (config file
-/// `[enrich]`; docs/attribution.md). Host paths; empty or `None` means the defaults.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct RuntimeLocations {
-    /// docker's data-root, instead of what `/etc/docker/daemon.json` says.
-    pub docker_data_root: Option<PathBuf>,
-    /// containerd state directories (each holding `io.containerd.runtime.v2.task`),
-    /// instead of [`containerd::DEFAULT_STATE_DIRS`].
-    pub containerd_state_dirs: Vec<PathBuf>,
-    /// containerd namespaces searched first, instead of
-    /// [`containerd::DEFAULT_NAMESPACES`]; the others are still searched after them.
-    pub containerd_namespaces: Vec<String>,
-    /// CRI-O's storage run root, instead of [`crio::DEFAULT_RUN_ROOT`].
-    pub crio_run_root: Option<PathBuf>,
 }
 
 /// Where each runtime keeps its files on this host.

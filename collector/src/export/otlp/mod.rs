@@ -7,7 +7,6 @@ pub mod mapping;
 pub mod queue;
 #[cfg(test)]
 mod record_size;
-pub mod settings;
 pub mod spans;
 pub mod transport;
 
@@ -23,11 +22,11 @@ use tokio::{sync::mpsc, time::Instant};
 use self::{
     mapping::ConnectionCounts,
     queue::{Backoff, Batch, BatchQueue},
-    settings::OtlpSettings,
     spans::SpanBatch,
     transport::{Accepted, Client, SendError, TransportError},
 };
 use crate::{
+    config::otlp::OtlpSettings,
     enrich::Record,
     export::attributes::AttributeSet,
     telemetry::{Snapshot, Stats, otel::collector_resource},

@@ -23,7 +23,7 @@ use tonic::{
 };
 use tonic_types::StatusExt;
 
-use super::settings::{Compression, Protocol, SignalSettings, TlsSettings};
+use crate::config::otlp::{Compression, Protocol, SignalSettings, TlsSettings};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {

@@ -8,7 +8,7 @@ use std::{collections::HashMap, path::PathBuf, time::Duration};
 
 use serde::Deserialize;
 
-use crate::config::parse_duration;
+use super::parse_duration;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {
