@@ -10,6 +10,7 @@ pub mod enrich;
 pub mod events;
 pub mod export;
 pub mod health;
+pub mod otlp_client;
 pub mod pipeline;
 pub mod probe;
 pub mod telemetry;

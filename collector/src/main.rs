@@ -8,6 +8,7 @@ use egress_collector::{
     check,
     config::{Cli, Command, RunArgs},
     enrich::HostIdentity,
+    otlp_client::collector_resource,
     pipeline,
     probe::Probes,
     telemetry::otel::SelfTelemetry,
@@ -64,8 +65,12 @@ fn run(mut args: RunArgs) -> anyhow::Result<ExitCode> {
     let host = HostIdentity::detect(&args.probe.host_root);
     let self_telemetry = match &pipeline_settings.otlp {
         Some(otlp) if otlp.self_telemetry => Some(
-            SelfTelemetry::new(otlp, &host.host_name, runtime.handle().clone())
-                .context("configuration")?,
+            SelfTelemetry::new(
+                otlp,
+                collector_resource(&host.host_name, &otlp.self_resource),
+                runtime.handle().clone(),
+            )
+            .context("configuration")?,
         ),
         _ => None,
     };

@@ -24,10 +24,11 @@ use crate::{
     },
     events::{EventReader, aggregate::Aggregates},
     export::{
-        otlp::{OtlpExporter, SnapshotSource, transport::TransportError},
+        otlp::{OtlpExporter, SnapshotSource},
         stdout::{self, Closed, Role, StdoutExporter},
     },
     health::{self, Health, HealthError},
+    otlp_client::{collector_resource, transport::TransportError},
     probe::{ProbeError, Probes},
     telemetry::{self, KernelCounters, Snapshot, Stats},
 };
@@ -103,10 +104,11 @@ pub async fn run(
     let otlp = match settings.otlp.clone() {
         Some(otlp) => {
             let flush = settings.drain_deadline.mul_f32(0.8);
+            let resource = collector_resource(&host.host_name, &otlp.self_resource);
             Some(
                 OtlpExporter::new(
                     otlp,
-                    &host.host_name,
+                    resource,
                     Arc::clone(&stats),
                     Arc::clone(&snapshot),
                     flush,

@@ -28,27 +28,11 @@ use tracing_subscriber::{Layer, filter::filter_fn, registry::LookupSpan};
 
 use crate::{
     config::otlp::OtlpSettings,
-    export::otlp::transport::{Client, SendError, TransportError},
+    otlp_client::{
+        SERVICE_NAME,
+        transport::{Accepted, Client, SendError, TransportError},
+    },
 };
-
-const SERVICE_NAME: &str = "egress-collector";
-
-/// The collector's own identity: `service.*`, `host.name`, then `OTEL_RESOURCE_ATTRIBUTES`.
-pub fn collector_resource(host_name: &str, extra: &[(String, String)]) -> Vec<(String, String)> {
-    let mut attributes = vec![
-        ("service.name".to_owned(), SERVICE_NAME.to_owned()),
-        (
-            "service.version".to_owned(),
-            env!("CARGO_PKG_VERSION").to_owned(),
-        ),
-        ("host.name".to_owned(), host_name.to_owned()),
-    ];
-    for (key, value) in extra {
-        attributes.retain(|(k, _)| k != key);
-        attributes.push((key.clone(), value.clone()));
-    }
-    attributes
-}
 
 /// The SDK providers behind the two `tracing` layers; shut down to flush.
 pub struct SelfTelemetry {
@@ -57,18 +41,15 @@ pub struct SelfTelemetry {
 }
 
 impl SelfTelemetry {
-    /// Builds the exporters; `runtime` is where requests are sent from.
+    /// Builds the exporters; `resource` is the collector's own
+    /// ([`crate::otlp_client::collector_resource`]), `runtime` where requests are sent from.
     pub fn new(
         settings: &OtlpSettings,
-        host_name: &str,
+        resource: Vec<(String, String)>,
         runtime: Handle,
     ) -> Result<Self, TransportError> {
         let resource = Resource::builder_empty()
-            .with_attributes(
-                collector_resource(host_name, &settings.self_resource)
-                    .into_iter()
-                    .map(|(k, v)| KeyValue::new(k, v)),
-            )
+            .with_attributes(resource.into_iter().map(|(k, v)| KeyValue::new(k, v)))
             .build();
         // A gRPC channel starts its worker on the runtime it is built in.
         let _entered = runtime.enter();
@@ -139,9 +120,7 @@ impl Sender {
     async fn send<F, Fut>(&self, export: F) -> OTelSdkResult
     where
         F: FnOnce(Arc<Client>) -> Fut,
-        Fut: Future<Output = Result<crate::export::otlp::transport::Accepted, SendError>>
-            + Send
-            + 'static,
+        Fut: Future<Output = Result<Accepted, SendError>> + Send + 'static,
     {
         match self.runtime.spawn(export(Arc::clone(&self.client))).await {
             Ok(Ok(_)) => Ok(()),
@@ -182,32 +161,5 @@ impl LogExporter for Sender {
 
     fn set_resource(&mut self, resource: &Resource) {
         self.resource = resource.into();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_collector_resource_names_the_service_and_lets_the_environment_add_or_override() {
-        let resource = collector_resource(
-            "node-1",
-            &[
-                ("deployment.environment.name".into(), "prod".into()),
-                ("host.name".into(), "renamed".into()),
-            ],
-        );
-        let get = |key: &str| {
-            resource
-                .iter()
-                .find(|(k, _)| k == key)
-                .map(|(_, v)| v.as_str())
-        };
-        assert_eq!(get("service.name"), Some("egress-collector"));
-        assert_eq!(get("service.version"), Some(env!("CARGO_PKG_VERSION")));
-        assert_eq!(get("host.name"), Some("renamed"));
-        assert_eq!(get("deployment.environment.name"), Some("prod"));
-        assert_eq!(resource.len(), 4);
     }
 }

@@ -8,7 +8,6 @@ pub mod queue;
 #[cfg(test)]
 mod record_size;
 pub mod spans;
-pub mod transport;
 
 use std::{
     future::Future,
@@ -21,15 +20,18 @@ use tokio::{sync::mpsc, time::Instant};
 
 use self::{
     mapping::ConnectionCounts,
-    queue::{Backoff, Batch, BatchQueue},
+    queue::{Batch, BatchQueue},
     spans::SpanBatch,
-    transport::{Accepted, Client, SendError, TransportError},
 };
 use crate::{
     config::otlp::OtlpSettings,
     enrich::Record,
     export::attributes::AttributeSet,
-    telemetry::{Snapshot, Stats, otel::collector_resource},
+    otlp_client::{
+        retry::Backoff,
+        transport::{Accepted, Client, SendError, TransportError},
+    },
+    telemetry::{Snapshot, Stats},
 };
 
 pub fn unix_nanos_now() -> u64 {
@@ -65,14 +67,13 @@ type Sending = Pin<Box<dyn Future<Output = Result<Accepted, SendError>> + Send>>
 impl OtlpExporter {
     pub fn new(
         settings: OtlpSettings,
-        host_name: &str,
+        self_resource: Vec<(String, String)>,
         stats: Arc<Stats>,
         snapshot: SnapshotSource,
         flush_deadline: Duration,
     ) -> Result<Self, TransportError> {
         let logs = Arc::new(Client::new(&settings.logs)?);
         let metrics = Arc::new(Client::new(&settings.metrics)?);
-        let self_resource = collector_resource(host_name, &settings.self_resource);
         Ok(Self {
             settings,
             logs,
