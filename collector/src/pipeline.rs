@@ -29,8 +29,8 @@ use crate::{
     },
     health::{self, Health, HealthError},
     otlp_client::{collector_resource, transport::TransportError},
-    probe::{ProbeError, Probes},
-    telemetry::{self, KernelCounters, Snapshot, Stats},
+    probe::{ProbeError, Probes, counters::KernelCounters},
+    telemetry::{self, Snapshot, Stats},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -91,7 +91,7 @@ pub async fn run(
     ));
     let snapshot: SnapshotSource = {
         let (stats, kernel) = (Arc::clone(&stats), Arc::clone(&kernel));
-        Arc::new(move || stats.snapshot(&kernel))
+        Arc::new(move || stats.snapshot(kernel.figures()))
     };
     let health = Arc::new(Health::default());
     if let Some(listener) = health_listener {
@@ -227,7 +227,7 @@ pub async fn run(
                 break;
             }
             _ = ticker.tick() => {
-                let now = stats.snapshot(&kernel);
+                let now = stats.snapshot(kernel.figures());
                 telemetry::report(&previous, &now);
                 previous = now;
             }

@@ -182,7 +182,7 @@ impl EventReader {
                             batch.push(record);
                         }
                     }
-                    Err(e) => self.stats.record_decode_failed(&e),
+                    Err(e) => self.stats.record_decode_failed(e.reason()),
                 }
             }
             if batch.len() >= BATCH_RECORDS || (!more && !batch.is_empty()) {
@@ -218,7 +218,7 @@ impl EventReader {
                     self.names.connection(&mut connection, &self.stats);
                     batch.extend(self.tracker.pending(connection));
                 }
-                Err(e) => self.stats.record_decode_failed(&e),
+                Err(e) => self.stats.record_decode_failed(e.reason()),
             }
         }
         self.hand_on(batch, out);

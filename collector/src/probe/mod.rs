@@ -6,6 +6,7 @@
 mod attach;
 pub mod btf;
 pub mod cgroups;
+pub mod counters;
 pub mod features;
 pub mod filters;
 pub mod programs;

@@ -1,5 +1,12 @@
 //! The collector's own logs and counters. One place counts each kind of trouble; logs
-//! summarise periodically, never one line per event.
+//! summarise periodically, never one line per event. Depends on no stage: each stage
+//! reports what happened with a static reason (`record_decode_failed(reason)`), and
+//! `probe` reads the kernel's counters into plain [`KernelFigures`].
+//!
+//! Public items: [`Stats`] (the counters every stage adds to), [`Snapshot`] (one reading,
+//! for the periodic log, `/metrics` and the OTLP self-metrics), [`KernelFigures`],
+//! [`report`], [`init_tracing`], [`metrics`] (names and labels of the self-metrics) and
+//! [`otel`] (the collector's own logs and spans over OTLP).
 
 use std::{
     collections::BTreeMap,
@@ -9,14 +16,9 @@ use std::{
     },
 };
 
-use aya::maps::{MapData, PerCpuArray};
 use egress_shared::{COUNTER_COUNT, Counter};
 
-use crate::{
-    config::LogFormat,
-    events::DecodeError,
-    probe::{programs::ProgramCounts, state_maps::CallsMap},
-};
+use crate::config::LogFormat;
 
 pub mod metrics;
 pub mod otel;
@@ -215,9 +217,10 @@ impl Stats {
         self.queue_length.store(n as u64, Relaxed);
     }
 
-    pub fn record_decode_failed(&self, error: &DecodeError) {
+    /// A record the reader could not decode, by the decoder's static reason.
+    pub fn record_decode_failed(&self, reason: &'static str) {
         if let Ok(mut map) = self.decode_failed.lock() {
-            *map.entry(error.reason()).or_default() += 1;
+            *map.entry(reason).or_default() += 1;
         }
     }
 
@@ -256,11 +259,12 @@ impl Stats {
             .unwrap_or_default()
     }
 
-    pub fn snapshot(&self, kernel: &KernelCounters) -> Snapshot {
+    /// The user-space counters with the kernel's (read by `probe::counters`).
+    pub fn snapshot(&self, kernel: KernelFigures) -> Snapshot {
         Snapshot {
-            kernel: kernel.read(),
-            recursion_misses: kernel.recursion_misses(),
-            calls_evicted: kernel.calls_evicted(),
+            kernel: kernel.counters,
+            recursion_misses: kernel.recursion_misses,
+            calls_evicted: kernel.calls_evicted,
             ..self.snapshot_user()
         }
     }
@@ -300,58 +304,15 @@ impl Stats {
     }
 }
 
-/// The programs' per-CPU counters, summed over CPUs, and what the kernel counts about
-/// the programs themselves.
-pub struct KernelCounters {
-    map: PerCpuArray<MapData, u64>,
-    programs: ProgramCounts,
-    calls: CallsMap,
-    /// The highest eviction count reported, so the count never goes back.
-    calls_evicted: AtomicU64,
-}
-
-impl KernelCounters {
-    pub fn new(map: PerCpuArray<MapData, u64>, programs: ProgramCounts, calls: CallsMap) -> Self {
-        Self {
-            map,
-            programs,
-            calls,
-            calls_evicted: AtomicU64::new(0),
-        }
-    }
-
-    fn counter(&self, counter: Counter) -> u64 {
-        self.map
-            .get(&(counter as u32), 0)
-            .map_or(0, |values| values.iter().sum())
-    }
-
-    /// Entries of `CALLS` evicted before their exit took them: every entry saved is
-    /// taken, still in the map, or evicted. Read in this order (saved, then the map, then
-    /// taken), a call made or finished during the reading can only lower the figure, so
-    /// it never reports an eviction that did not happen; the highest figure is kept.
-    pub fn calls_evicted(&self) -> u64 {
-        let saved = self.counter(Counter::CallsSaved);
-        let present = self.calls.entries();
-        let taken = self.counter(Counter::CallsTaken);
-        let evicted = saved.saturating_sub(present).saturating_sub(taken);
-        self.calls_evicted.fetch_max(evicted, Relaxed).max(evicted)
-    }
-
-    /// 0 on kernels that do not count them (before 5.12).
-    pub fn recursion_misses(&self) -> u64 {
-        self.programs.recursion_misses().unwrap_or(0)
-    }
-
-    pub fn read(&self) -> [u64; COUNTER_COUNT as usize] {
-        let mut totals = [0; COUNTER_COUNT as usize];
-        for counter in Counter::ALL {
-            if let Ok(values) = self.map.get(&(counter as u32), 0) {
-                totals[counter as usize] = values.iter().sum();
-            }
-        }
-        totals
-    }
+/// What the kernel counted, read at one moment (by `probe::counters`).
+#[derive(Debug, Clone, Copy)]
+pub struct KernelFigures {
+    /// The programs' per-CPU counters, summed over CPUs, by [`Counter`].
+    pub counters: [u64; COUNTER_COUNT as usize],
+    /// Program runs the kernel skipped (`bpf_prog_info.recursion_misses`).
+    pub recursion_misses: u64,
+    /// `CALLS` entries evicted before their exit took them.
+    pub calls_evicted: u64,
 }
 
 /// Logs what changed since `previous`: a warning when events were lost.
