@@ -5,26 +5,21 @@
 
 use std::{collections::HashSet, sync::Arc};
 
-use aya::maps::{HashMap, MapData};
 use opentelemetry_semantic_conventions::attribute as semconv;
 
 use super::Record;
-use crate::telemetry::Stats;
+use crate::{probe::feedback::ExcludedCgroups, telemetry::Stats};
 
 pub struct NamespaceFilter {
     namespaces: HashSet<String>,
     /// The programs' `EXCLUDED_CGROUPS`.
-    kernel: HashMap<MapData, u64, u8>,
+    kernel: ExcludedCgroups,
     stats: Arc<Stats>,
     warned: bool,
 }
 
 impl NamespaceFilter {
-    pub fn new(
-        namespaces: &[String],
-        kernel: HashMap<MapData, u64, u8>,
-        stats: Arc<Stats>,
-    ) -> Self {
+    pub fn new(namespaces: &[String], kernel: ExcludedCgroups, stats: Arc<Stats>) -> Self {
         Self {
             namespaces: namespaces.iter().cloned().collect(),
             kernel,
@@ -57,7 +52,7 @@ impl NamespaceFilter {
         } else {
             cgroup.id
         };
-        if let Err(e) = self.kernel.insert(key, 1, 0)
+        if let Err(e) = self.kernel.exclude(key)
             && !self.warned
         {
             // Still filtered, here instead of in the kernel.

@@ -4,17 +4,16 @@
 
 use std::collections::HashMap;
 
-use aya::maps::{MapData, PerCpuHashMap};
 use egress_shared::AggregateKey;
 
 use super::{Connection, clock::BootClock};
-use crate::telemetry::Stats;
+use crate::{probe::feedback::AggregateWindows, telemetry::Stats};
 
 /// Opening records kept at most (the kernel map holds 8192 aggregates).
 const MAX_OPEN: usize = 16384;
 
 pub struct Aggregates {
-    map: PerCpuHashMap<MapData, AggregateKey, u64>,
+    map: AggregateWindows,
     window_ns: u64,
     /// The record that opened each aggregate, until its window closes.
     opened: HashMap<AggregateKey, Connection>,
@@ -23,7 +22,7 @@ pub struct Aggregates {
 }
 
 impl Aggregates {
-    pub fn new(map: PerCpuHashMap<MapData, AggregateKey, u64>, window_ns: u64) -> Self {
+    pub fn new(map: AggregateWindows, window_ns: u64) -> Self {
         Self {
             map,
             window_ns: window_ns.max(1),
@@ -62,18 +61,8 @@ impl Aggregates {
         if last_closable <= self.closed_through {
             return;
         }
-        let closable: Vec<AggregateKey> = self
-            .map
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|key| key.window <= last_closable)
-            .collect();
-        for key in closable {
-            let repeats: u64 = match self.map.get(&key, 0) {
-                Ok(per_cpu) => per_cpu.iter().sum(),
-                Err(_) => 0,
-            };
-            let _ = self.map.remove(&key);
+        for key in self.map.keys_through(last_closable) {
+            let repeats = self.map.take(&key);
             let opening = self.opened.remove(&key);
             if repeats == 0 {
                 continue;

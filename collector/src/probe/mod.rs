@@ -2,12 +2,20 @@
 //!
 //! `auto` tries kprobes (the design's choice), then fentry, then tracepoints, and keeps
 //! the reason each better family was refused so the operator can read it.
+//!
+//! Public items: [`Probes`] (load, attach, and the maps the other stages take from it:
+//! the ring buffer, the pending attempts, and the handles in [`feedback`] through which
+//! `events` and `enrich` write back into the kernel without touching aya), [`ProbeError`],
+//! [`counters`] (the kernel's counters for the telemetry), [`KernelFacts`] and
+//! [`kernel_release`] (for `check`), and the building blocks the tests reuse (`btf`,
+//! `cgroups`, `features`, `filters`, `programs`, `state_maps`, `tracefs`).
 
 mod attach;
 pub mod btf;
 pub mod cgroups;
 pub mod counters;
 pub mod features;
+pub mod feedback;
 pub mod filters;
 pub mod programs;
 pub mod state_maps;
@@ -19,7 +27,7 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap, RingBuf},
 };
-use egress_shared::{AggregateKey, CgroupSource, ConnectEvent, ProbeConfig, TracepointOffsets};
+use egress_shared::{CgroupSource, ConnectEvent, ProbeConfig, TracepointOffsets};
 
 pub use self::attach::AttachError;
 use self::{btf::KernelBtf, cgroups::CgroupInfo};
@@ -257,9 +265,7 @@ impl Probes {
     }
 
     /// The open aggregates of repeated connections, when aggregation is on.
-    pub fn take_aggregates(
-        &mut self,
-    ) -> Result<Option<PerCpuHashMap<MapData, AggregateKey, u64>>, ProbeError> {
+    pub fn take_aggregates(&mut self) -> Result<Option<feedback::AggregateWindows>, ProbeError> {
         if self.facts.config.aggregate_window_ns == 0 {
             return Ok(None);
         }
@@ -268,7 +274,7 @@ impl Probes {
             .take_map("AGGREGATES")
             .ok_or(ProbeError::MissingMap("AGGREGATES"))?;
         PerCpuHashMap::try_from(map)
-            .map(Some)
+            .map(|map| Some(feedback::AggregateWindows::new(map)))
             .map_err(|source| ProbeError::Map {
                 name: "AGGREGATES",
                 source,
@@ -288,15 +294,17 @@ impl Probes {
     }
 
     /// The cgroups the programs drop, for user space to add to.
-    pub fn take_excluded_cgroups(&mut self) -> Result<HashMap<MapData, u64, u8>, ProbeError> {
+    pub fn take_excluded_cgroups(&mut self) -> Result<feedback::ExcludedCgroups, ProbeError> {
         let map = self
             .ebpf
             .take_map("EXCLUDED_CGROUPS")
             .ok_or(ProbeError::MissingMap("EXCLUDED_CGROUPS"))?;
-        HashMap::try_from(map).map_err(|source| ProbeError::Map {
-            name: "EXCLUDED_CGROUPS",
-            source,
-        })
+        HashMap::try_from(map)
+            .map(feedback::ExcludedCgroups::new)
+            .map_err(|source| ProbeError::Map {
+                name: "EXCLUDED_CGROUPS",
+                source,
+            })
     }
 
     /// Detaches every program (dropping `Probes` does the same).
