@@ -14,7 +14,7 @@ use std::{
 
 use anyhow::Context;
 use egress_collector::{
-    enrich::cgroup_paths::{CgroupChange, CgroupPaths, walk_all},
+    enrich::cgroup_index::{CgroupChange, CgroupPaths, walk_all},
     telemetry::Stats,
 };
 use serde::Serialize;

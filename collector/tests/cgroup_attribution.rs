@@ -478,7 +478,7 @@ fn watched_inodes(dev: u64) -> Vec<u64> {
 fn removed_cgroups_leave_no_inotify_watch_behind() {
     use std::{os::unix::fs::MetadataExt, sync::Arc, time::Instant};
 
-    use egress_collector::{enrich::cgroup_paths::CgroupPaths, telemetry::Stats};
+    use egress_collector::{enrich::cgroup_index::CgroupPaths, telemetry::Stats};
 
     require_root_and_hybrid_host();
     let dev = std::fs::metadata(V1_MEMORY).expect("stat").dev();

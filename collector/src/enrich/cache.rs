@@ -12,7 +12,7 @@ use opentelemetry_semantic_conventions::attribute as semconv;
 
 use super::{
     Resource,
-    cgroup::ContainerRef,
+    container_ref::ContainerRef,
     runtime::{ContainerMetadata, RuntimeFiles},
 };
 use crate::config::settings::CacheSettings;

@@ -44,7 +44,7 @@ impl NamespaceFilter {
         // shares its v1 cgroup with others, which must not be dropped with it.
         let cgroup = &record.connection.cgroup;
         let names = format!("{}/{}", cgroup.parent_name, cgroup.leaf_name);
-        if super::cgroup::parse(&names).is_none() {
+        if super::container_ref::parse(&names).is_none() {
             return false;
         }
         let key = if cgroup.leaf_id != 0 {

@@ -6,8 +6,8 @@
 //! on its own thread: file reads on a cache miss never hold up capture.
 
 pub mod cache;
-pub mod cgroup;
-pub mod cgroup_paths;
+pub mod cgroup_index;
+pub mod container_ref;
 pub mod exclude;
 pub mod runtime;
 pub mod watch;
@@ -25,7 +25,7 @@ use tokio::sync::mpsc;
 
 use self::{
     cache::{ContainerCache, Identity},
-    cgroup_paths::CgroupPaths,
+    cgroup_index::CgroupPaths,
     exclude::NamespaceFilter,
     runtime::{RuntimeFiles, on_host},
     watch::DirChange,
@@ -111,7 +111,7 @@ pub struct Enricher {
     host: Arc<Resource>,
     host_net_ns: Option<u64>,
     containers: ContainerCache,
-    cgroup_paths: CgroupPaths,
+    cgroup_index: CgroupPaths,
     /// Hybrid hosts whose programs read a v1 hierarchy: the unified one, asked when the
     /// v1 cgroup names no container.
     unified_paths: Option<CgroupPaths>,
@@ -157,7 +157,7 @@ impl Enricher {
             }),
             host_net_ns: host.net_ns,
             containers: ContainerCache::new(files, attributes, settings, Arc::clone(&stats)),
-            cgroup_paths: CgroupPaths::watch(cgroups.probed, Arc::clone(&stats)),
+            cgroup_index: CgroupPaths::watch(cgroups.probed, Arc::clone(&stats)),
             unified_paths: cgroups
                 .unified
                 .map(|root| CgroupPaths::watch(Some(root), Arc::clone(&stats))),
@@ -189,20 +189,20 @@ impl Enricher {
         let now = Instant::now();
         let cgroup = &connection.cgroup;
         let mut cgroup_path = self
-            .cgroup_paths
+            .cgroup_index
             .resolve(cgroup.leaf_id, &cgroup.leaf_name, &cgroup.parent_name, now)
             .map(str::to_owned);
         // The full path when the cgroup still exists; else the two names the kernel kept.
         let mut container = match &cgroup_path {
-            Some(path) => cgroup::parse(path),
-            None => cgroup::parse(&format!("{}/{}", cgroup.parent_name, cgroup.leaf_name)),
+            Some(path) => container_ref::parse(path),
+            None => container_ref::parse(&format!("{}/{}", cgroup.parent_name, cgroup.leaf_name)),
         };
         // A hybrid host: the v1 cgroup names no container, the unified one may (a runtime
         // that places containers in the unified tree only).
         if container.is_none()
             && let Some(unified) = &mut self.unified_paths
             && let Some(path) = unified.resolve_known(cgroup.id, now)
-            && let Some(found) = cgroup::parse(path)
+            && let Some(found) = container_ref::parse(path)
         {
             self.stats.record_enrichment_event("hybrid_unified");
             cgroup_path = Some(path.to_owned());
@@ -245,13 +245,13 @@ impl Enricher {
                 }
             }
         }
-        self.cgroup_paths.apply_changes(now);
+        self.cgroup_index.apply_changes(now);
         if let Some(unified) = &mut self.unified_paths {
             unified.apply_changes(now);
         }
         if now.duration_since(self.last_sweep) >= SWEEP_EVERY {
             self.containers.sweep(now);
-            self.cgroup_paths.sweep(now, self.removal_grace);
+            self.cgroup_index.sweep(now, self.removal_grace);
             if let Some(unified) = &mut self.unified_paths {
                 unified.sweep(now, self.removal_grace);
             }

@@ -17,7 +17,7 @@ use crate::{
         self,
         cache::{Match, NameCache},
     },
-    enrich::cgroup::pod_uid_of_component,
+    enrich::container_ref::pod_uid_of_component,
     telemetry::Stats,
 };
 

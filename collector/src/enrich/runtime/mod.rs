@@ -12,7 +12,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use super::cgroup::RuntimeHint;
+use super::container_ref::RuntimeHint;
 use crate::config::settings::RuntimeLocations;
 
 /// Metadata files larger than this are refused (a real config.v2.json is a few KiB).
