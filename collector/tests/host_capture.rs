@@ -2,18 +2,12 @@
 
 use std::{path::PathBuf, process::Command, time::Duration};
 
-use egress_testkit::scenario::{Options, run};
+use egress_testkit::{
+    require_root,
+    scenario::{Options, run},
+};
 
 const COLLECTOR: &str = env!("CARGO_BIN_EXE_egress-collector");
-
-fn require_root() {
-    // SAFETY: trivial getter.
-    let euid = unsafe { libc::geteuid() };
-    assert_eq!(
-        euid, 0,
-        "these tests load eBPF programs: run them as root (scripts/test.sh does)"
-    );
-}
 
 #[test]
 fn auto_mode_captures_every_connection_exactly_once() {

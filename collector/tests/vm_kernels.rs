@@ -15,6 +15,8 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
+use egress_testkit::require_root;
+
 /// Hook families the scenario runs in every VM, in this order (Debian's kernels have all).
 const PROBES: [&str; 3] = ["kprobe", "fentry", "tracepoint"];
 /// The scenario's concurrent phase: threads x attempts each, at once.
@@ -61,15 +63,6 @@ fn run_scenario_in_vm(series: &str) {
         started.elapsed().as_secs_f64()
     );
     check_console(series, &console);
-}
-
-fn require_root() {
-    // SAFETY: trivial getter.
-    let euid = unsafe { libc::geteuid() };
-    assert_eq!(
-        euid, 0,
-        "these tests load eBPF programs: run them as root (scripts/test.sh does)"
-    );
 }
 
 fn workspace_root() -> PathBuf {

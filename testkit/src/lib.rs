@@ -10,3 +10,14 @@ pub mod docker;
 pub mod scenario;
 pub mod static_build;
 pub mod traffic;
+
+/// The tests load eBPF programs and start containers: they run as root, and say so
+/// plainly when they do not.
+pub fn require_root() {
+    // SAFETY: trivial getter.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "these tests load eBPF programs: run them as root (scripts/test.sh does)"
+    );
+}

@@ -6,15 +6,7 @@ use std::{
     process::Command,
 };
 
-/// The tests load eBPF programs and start containers.
-pub fn require_root() {
-    // SAFETY: trivial getter.
-    let euid = unsafe { libc::geteuid() };
-    assert_eq!(
-        euid, 0,
-        "these tests load eBPF programs: run them as root (scripts/test.sh does)"
-    );
-}
+pub use egress_testkit::require_root;
 
 /// A port on every address that accepts and at once closes each connection (busybox nc
 /// waits for the peer to close); containers reach it through the bridge gateway.
