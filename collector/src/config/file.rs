@@ -4,9 +4,7 @@
 use std::path::PathBuf;
 
 use super::{
-    ConfigError, LogFormat, RunArgs,
-    duration::parse_aggregate_window,
-    otlp::{RawSignal, SourceValues},
+    ConfigError, LogFormat, RunArgs, duration::parse_aggregate_window, otlp::SourceValues,
 };
 
 /// `[log]` in the config file.
@@ -29,7 +27,7 @@ pub(super) struct FileExport {
     pub(super) attributes: Option<String>,
 }
 
-/// `[capture]`: the in-kernel filters and aggregation (README, "Filters and aggregation").
+/// `[capture]`: the in-kernel filters and aggregation (docs/records.md).
 #[derive(Debug, Default, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct FileCapture {
@@ -82,29 +80,27 @@ fn read_config_file(path: &std::path::Path) -> Result<ConfigFile, ConfigError> {
     let logs = take(&mut otlp, "logs")?;
     let metrics = take(&mut otlp, "metrics")?;
     let traces = take(&mut otlp, "traces")?;
-    let signal = |t: toml::Table, name: &str| -> Result<RawSignal, ConfigError> {
-        t.try_into()
+    // Each table into its typed keys; an error names the table.
+    fn parse<T: serde::de::DeserializeOwned>(
+        table: toml::Table,
+        name: &str,
+        file_error: &dyn Fn(String) -> ConfigError,
+    ) -> Result<T, ConfigError> {
+        table
+            .try_into()
             .map_err(|e: toml::de::Error| file_error(format!("[{name}] {}", e.message())))
-    };
+    }
     Ok(ConfigFile {
         otlp: SourceValues {
-            general: signal(otlp, "otlp")?,
-            logs: signal(logs, "otlp.logs")?,
-            metrics: signal(metrics, "otlp.metrics")?,
-            traces: signal(traces, "otlp.traces")?,
+            general: parse(otlp, "otlp", &file_error)?,
+            logs: parse(logs, "otlp.logs", &file_error)?,
+            metrics: parse(metrics, "otlp.metrics", &file_error)?,
+            traces: parse(traces, "otlp.traces", &file_error)?,
         },
-        export: export
-            .try_into()
-            .map_err(|e: toml::de::Error| file_error(format!("[export] {}", e.message())))?,
-        capture: capture
-            .try_into()
-            .map_err(|e: toml::de::Error| file_error(format!("[capture] {}", e.message())))?,
-        log: log
-            .try_into()
-            .map_err(|e: toml::de::Error| file_error(format!("[log] {}", e.message())))?,
-        enrich: enrich
-            .try_into()
-            .map_err(|e: toml::de::Error| file_error(format!("[enrich] {}", e.message())))?,
+        export: parse(export, "export", &file_error)?,
+        capture: parse(capture, "capture", &file_error)?,
+        log: parse(log, "log", &file_error)?,
+        enrich: parse(enrich, "enrich", &file_error)?,
     })
 }
 
