@@ -4,6 +4,13 @@
 //! (so a process that has exited, or a container already stopped, is still attributed);
 //! the pod comes from the runtime's own files, read once per container and cached. Runs
 //! on its own thread: file reads on a cache miss never hold up capture.
+//!
+//! Public items: [`Enricher`] (the stage), [`Record`] and [`Resource`] (what it hands
+//! to export), [`HostIdentity`], [`CgroupRoots`], and its parts: [`container_ref`]
+//! (a container's identity from a cgroup path), [`cgroup_index`] (cgroup id -> path),
+//! [`cache`] (container identities), [`runtime`] (docker, containerd, CRI-O files),
+//! [`exclude`] (excluded namespaces, handed to the kernel through `probe::feedback`),
+//! [`watch`] (directory changes).
 
 pub mod cache;
 pub mod cgroup_index;

@@ -1,5 +1,11 @@
 //! Ring buffer reader: wakes on the ring buffer's fd, decodes every record, and hands
 //! typed connections on without ever waiting for the stages after it.
+//!
+//! Public items: [`EventReader`] (the stage), [`Connection`] and its parts ([`Transport`],
+//! [`Delivery`]), [`DecodeError`] (its `reason()` is what telemetry counts), and the
+//! helpers the reader runs: [`aggregate`] (closing in-kernel aggregates through
+//! `probe::feedback`), [`names`] (DNS names of connections), [`outcome`] (TCP outcomes
+//! and closes), [`clock`] (boot time to wall time), [`decode`].
 
 pub mod aggregate;
 pub mod clock;
@@ -24,8 +30,10 @@ use self::{
     names::Names,
     outcome::Tracker,
 };
-use crate::config::settings::{DnsSettings, OutcomeSettings};
-use crate::telemetry::Stats;
+use crate::{
+    config::settings::{DnsSettings, OutcomeSettings},
+    telemetry::Stats,
+};
 
 /// Most events handed on at once; the queues between stages hold
 /// `queue_capacity / BATCH_RECORDS` batches, so at most `queue_capacity` events.
