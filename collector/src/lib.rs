@@ -2,6 +2,9 @@
 //!
 //! One pipeline, one direction: [`probe`] (hook selection, BTF offsets, load/attach) ->
 //! [`events`] (ring buffer, checked decoding) -> [`enrich`] -> [`export`].
+//! [`config`] (flags, environment, file -> typed settings) depends on nothing else;
+//! [`telemetry`] (the collector's own counters and logs) on no stage; [`otlp_client`] is
+//! the one OTLP client, shared by the exporter and the collector's own telemetry.
 
 pub mod check;
 pub mod config;

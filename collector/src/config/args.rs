@@ -349,13 +349,7 @@ impl OtlpArgs {
             client_key: self.otlp_client_key.clone(),
         };
         let mut layers = Layers::default();
-        layers.push(
-            Source::Flags,
-            SourceValues {
-                general: flags,
-                ..SourceValues::default()
-            },
-        );
+        layers.push(Source::Flags, SourceValues::general(flags));
         layers.push(Source::Env, SourceValues::from_env(env)?);
         let no_file = FileExport::default();
         let export = match file {

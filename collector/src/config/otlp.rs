@@ -223,6 +223,14 @@ pub struct SourceValues {
 }
 
 impl SourceValues {
+    /// General values only (the flags have no per-signal ones).
+    pub fn general(general: RawSignal) -> Self {
+        Self {
+            general,
+            ..Self::default()
+        }
+    }
+
     /// From `OTEL_EXPORTER_OTLP_*` and the per-signal variables.
     pub fn from_env(env: &dyn Fn(&str) -> Option<String>) -> Result<Self, SettingError> {
         Ok(Self {

@@ -15,13 +15,7 @@ fn env(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
 fn layers(flags: RawSignal, vars: &[(&str, &str)], file: Option<RawSignal>) -> Layers {
     let env = env(vars);
     let mut layers = Layers::default();
-    layers.push(
-        Source::Flags,
-        SourceValues {
-            general: flags,
-            ..SourceValues::default()
-        },
-    );
+    layers.push(Source::Flags, SourceValues::general(flags));
     layers.push(Source::Env, SourceValues::from_env(&env).expect("env"));
     if let Some(file) = file {
         layers.push(
