@@ -1,5 +1,6 @@
-//! A counting OTLP/gRPC receiver on loopback: log records per destination port, and when
-//! the last one arrived (for records per second delivered).
+//! A counting OTLP/gRPC receiver on loopback (testkit's receiver with a counting store):
+//! log records per destination port, and when the last one arrived (for records per
+//! second delivered).
 
 use std::{
     net::SocketAddr,
@@ -7,37 +8,24 @@ use std::{
     time::Instant,
 };
 
+use egress_testkit::receiver::{self, Store};
 use opentelemetry_proto::tonic::{
-    collector::{
-        logs::v1::{
-            ExportLogsServiceRequest, ExportLogsServiceResponse,
-            logs_service_server::{LogsService, LogsServiceServer},
-        },
-        metrics::v1::{
-            ExportMetricsServiceRequest, ExportMetricsServiceResponse,
-            metrics_service_server::{MetricsService, MetricsServiceServer},
-        },
-    },
-    common::v1::any_value::Value,
+    collector::logs::v1::ExportLogsServiceRequest, common::v1::any_value::Value,
 };
 
 use crate::tool::Seen;
 
+/// Counts log records by `destination.port`; metrics are accepted and ignored.
 #[derive(Clone)]
 struct Counting {
     seen: Seen,
     last: Arc<Mutex<Option<Instant>>>,
 }
 
-#[tonic::async_trait]
-impl LogsService for Counting {
-    async fn export(
-        &self,
-        request: tonic::Request<ExportLogsServiceRequest>,
-    ) -> Result<tonic::Response<ExportLogsServiceResponse>, tonic::Status> {
+impl Store for Counting {
+    fn logs(&self, request: ExportLogsServiceRequest) {
         let mut seen = self.seen.lock().expect("lock");
         for record in request
-            .get_ref()
             .resource_logs
             .iter()
             .flat_map(|rl| &rl.scope_logs)
@@ -56,18 +44,6 @@ impl LogsService for Counting {
             }
         }
         *self.last.lock().expect("lock") = Some(Instant::now());
-        Ok(tonic::Response::new(ExportLogsServiceResponse::default()))
-    }
-}
-
-/// Metrics are accepted and ignored: the benchmark counts log records.
-#[tonic::async_trait]
-impl MetricsService for Counting {
-    async fn export(
-        &self,
-        _request: tonic::Request<ExportMetricsServiceRequest>,
-    ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
-        Ok(tonic::Response::new(ExportMetricsServiceResponse::default()))
     }
 }
 
@@ -75,9 +51,11 @@ pub struct Receiver {
     pub address: SocketAddr,
     pub seen: Seen,
     pub last: Arc<Mutex<Option<Instant>>>,
+    /// Serves while held.
+    _server: receiver::Receiver,
 }
 
-/// Serves on a free loopback port until the runtime stops.
+/// Serves on a free loopback port until dropped.
 pub async fn start() -> anyhow::Result<Receiver> {
     start_on("127.0.0.1:0".parse()?).await
 }
@@ -86,22 +64,16 @@ pub async fn start() -> anyhow::Result<Receiver> {
 pub async fn start_on(address: SocketAddr) -> anyhow::Result<Receiver> {
     let listener = tokio::net::TcpListener::bind(address).await?;
     let address = listener.local_addr()?;
-    let service = Counting {
+    let store = Counting {
         seen: Seen::default(),
         last: Arc::default(),
     };
-    let (seen, last) = (Arc::clone(&service.seen), Arc::clone(&service.last));
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(
-                LogsServiceServer::new(service.clone()).max_decoding_message_size(64 << 20),
-            )
-            .add_service(MetricsServiceServer::new(service))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
+    let (seen, last) = (Arc::clone(&store.seen), Arc::clone(&store.last));
+    let server = receiver::grpc_on(listener, store).await;
     Ok(Receiver {
         address,
         seen,
         last,
+        _server: server,
     })
 }

@@ -7,6 +7,8 @@
 pub mod attribution;
 pub mod collector;
 pub mod docker;
+#[cfg(feature = "otlp-receiver")]
+pub mod receiver;
 pub mod scenario;
 pub mod static_build;
 pub mod traffic;

@@ -1,5 +1,5 @@
 // Each test binary uses a different part of the support code.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 pub mod host;
-pub mod receiver;
+pub use egress_testkit::receiver;

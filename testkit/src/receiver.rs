@@ -1,5 +1,7 @@
 //! A real OTLP receiver on loopback: the generated tonic services for gRPC, and a hyper
-//! server for HTTP/protobuf (gzip decoded), both recording what arrives and the headers.
+//! server for HTTP/protobuf (gzip decoded), both handing what arrives, and the headers,
+//! to a [`Store`]: [`Shared`] keeps every request (the end-to-end tests), the benchmark's
+//! counts records as they come.
 
 use std::{
     io::Read,
@@ -62,61 +64,82 @@ pub fn int_attr(attributes: &[KeyValue], key: &str) -> Option<i64> {
 
 pub type Shared = Arc<Mutex<Received>>;
 
-#[derive(Clone)]
-struct Grpc(Shared);
+/// What a receiver does with each request: called on the server's tasks.
+pub trait Store: Clone + Send + Sync + 'static {
+    /// The request's headers, lower-case names, before its body.
+    fn headers(&self, _headers: Vec<(String, String)>) {}
+    fn logs(&self, request: ExportLogsServiceRequest);
+    fn metrics(&self, _request: ExportMetricsServiceRequest) {}
+    fn traces(&self, _request: ExportTraceServiceRequest) {}
+}
 
-fn remember_metadata(shared: &Shared, metadata: &tonic::metadata::MetadataMap) {
-    let mut r = shared.lock().expect("lock");
+/// Keeps everything.
+impl Store for Shared {
+    fn headers(&self, headers: Vec<(String, String)>) {
+        self.lock().expect("lock").headers.extend(headers);
+    }
+
+    fn logs(&self, request: ExportLogsServiceRequest) {
+        self.lock().expect("lock").logs.push(request);
+    }
+
+    fn metrics(&self, request: ExportMetricsServiceRequest) {
+        self.lock().expect("lock").metrics.push(request);
+    }
+
+    fn traces(&self, request: ExportTraceServiceRequest) {
+        self.lock().expect("lock").traces.push(request);
+    }
+}
+
+#[derive(Clone)]
+struct Grpc<S>(S);
+
+fn remember_metadata(store: &impl Store, metadata: &tonic::metadata::MetadataMap) {
+    let mut headers = Vec::new();
     for kv in metadata.iter() {
         if let tonic::metadata::KeyAndValueRef::Ascii(k, v) = kv {
-            r.headers.push((
+            headers.push((
                 k.as_str().to_owned(),
                 v.to_str().unwrap_or_default().to_owned(),
             ));
         }
     }
+    store.headers(headers);
 }
 
 #[tonic::async_trait]
-impl LogsService for Grpc {
+impl<S: Store> LogsService for Grpc<S> {
     async fn export(
         &self,
         request: tonic::Request<ExportLogsServiceRequest>,
     ) -> Result<tonic::Response<ExportLogsServiceResponse>, tonic::Status> {
         remember_metadata(&self.0, request.metadata());
-        self.0.lock().expect("lock").logs.push(request.into_inner());
+        self.0.logs(request.into_inner());
         Ok(tonic::Response::new(ExportLogsServiceResponse::default()))
     }
 }
 
 #[tonic::async_trait]
-impl MetricsService for Grpc {
+impl<S: Store> MetricsService for Grpc<S> {
     async fn export(
         &self,
         request: tonic::Request<ExportMetricsServiceRequest>,
     ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
         remember_metadata(&self.0, request.metadata());
-        self.0
-            .lock()
-            .expect("lock")
-            .metrics
-            .push(request.into_inner());
+        self.0.metrics(request.into_inner());
         Ok(tonic::Response::new(ExportMetricsServiceResponse::default()))
     }
 }
 
 #[tonic::async_trait]
-impl TraceService for Grpc {
+impl<S: Store> TraceService for Grpc<S> {
     async fn export(
         &self,
         request: tonic::Request<ExportTraceServiceRequest>,
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
         remember_metadata(&self.0, request.metadata());
-        self.0
-            .lock()
-            .expect("lock")
-            .traces
-            .push(request.into_inner());
+        self.0.traces(request.into_inner());
         Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
     }
 }
@@ -154,28 +177,32 @@ async fn listener(addr: SocketAddr) -> tokio::net::TcpListener {
         .expect("bind the receiver")
 }
 
-pub async fn grpc(addr: SocketAddr, received: Shared) -> Receiver {
-    grpc_with(addr, received, None).await
+pub async fn grpc(addr: SocketAddr, store: impl Store) -> Receiver {
+    grpc_with(listener(addr).await, store, None).await
 }
 
 /// gRPC over TLS with `tls` (server identity, and a client CA for mutual TLS).
 pub async fn grpc_tls(
     addr: SocketAddr,
-    received: Shared,
+    store: impl Store,
     tls: tonic::transport::ServerTlsConfig,
 ) -> Receiver {
-    grpc_with(addr, received, Some(tls)).await
+    grpc_with(listener(addr).await, store, Some(tls)).await
+}
+
+/// gRPC on a listener already bound (the caller handles a port that is taken).
+pub async fn grpc_on(listener: tokio::net::TcpListener, store: impl Store) -> Receiver {
+    grpc_with(listener, store, None).await
 }
 
 async fn grpc_with(
-    addr: SocketAddr,
-    received: Shared,
+    listener: tokio::net::TcpListener,
+    store: impl Store,
     tls: Option<tonic::transport::ServerTlsConfig>,
 ) -> Receiver {
-    let listener = listener(addr).await;
     let addr = listener.local_addr().expect("addr");
     let (stop, stopped) = oneshot::channel();
-    let service = Grpc(Arc::clone(&received));
+    let service = Grpc(store);
     let task = tokio::spawn(async move {
         let mut builder = tonic::transport::Server::builder();
         if let Some(tls) = tls {
@@ -184,7 +211,8 @@ async fn grpc_with(
         let _ = builder
             .add_service(
                 LogsServiceServer::new(service.clone())
-                    .accept_compressed(tonic::codec::CompressionEncoding::Gzip),
+                    .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
+                    .max_decoding_message_size(64 << 20),
             )
             .add_service(
                 MetricsServiceServer::new(service.clone())
@@ -210,19 +238,22 @@ async fn grpc_with(
 }
 
 async fn handle_http(
-    shared: Shared,
+    store: impl Store,
     request: hyper::Request<hyper::body::Incoming>,
 ) -> Result<hyper::Response<Full<Bytes>>, std::convert::Infallible> {
     let path = request.uri().path().to_owned();
-    {
-        let mut r = shared.lock().expect("lock");
-        for (k, v) in request.headers() {
-            r.headers.push((
-                k.as_str().to_owned(),
-                v.to_str().unwrap_or_default().to_owned(),
-            ));
-        }
-    }
+    store.headers(
+        request
+            .headers()
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.as_str().to_owned(),
+                    v.to_str().unwrap_or_default().to_owned(),
+                )
+            })
+            .collect(),
+    );
     let gzip = request
         .headers()
         .get("content-encoding")
@@ -250,15 +281,15 @@ async fn handle_http(
     };
     let response = match path.as_str() {
         "/v1/logs" => ExportLogsServiceRequest::decode(&body[..]).map(|req| {
-            shared.lock().expect("lock").logs.push(req);
+            store.logs(req);
             ExportLogsServiceResponse::default().encode_to_vec()
         }),
         "/v1/metrics" => ExportMetricsServiceRequest::decode(&body[..]).map(|req| {
-            shared.lock().expect("lock").metrics.push(req);
+            store.metrics(req);
             ExportMetricsServiceResponse::default().encode_to_vec()
         }),
         "/v1/traces" => ExportTraceServiceRequest::decode(&body[..]).map(|req| {
-            shared.lock().expect("lock").traces.push(req);
+            store.traces(req);
             ExportTraceServiceResponse::default().encode_to_vec()
         }),
         _ => {
@@ -280,34 +311,37 @@ async fn handle_http(
     })
 }
 
-pub async fn http(addr: SocketAddr, received: Shared) -> Receiver {
-    http_with(addr, received, None).await
+pub async fn http(addr: SocketAddr, store: impl Store) -> Receiver {
+    http_with(addr, store, None).await
 }
 
 /// HTTP/protobuf over TLS with `tls` (which may require a client certificate).
-pub async fn https(addr: SocketAddr, received: Shared, tls: Arc<rustls::ServerConfig>) -> Receiver {
-    http_with(addr, received, Some(tokio_rustls::TlsAcceptor::from(tls))).await
+pub async fn https(
+    addr: SocketAddr,
+    store: impl Store,
+    tls: Arc<rustls::ServerConfig>,
+) -> Receiver {
+    http_with(addr, store, Some(tokio_rustls::TlsAcceptor::from(tls))).await
 }
 
 async fn http_with(
     addr: SocketAddr,
-    received: Shared,
+    store: impl Store,
     tls: Option<tokio_rustls::TlsAcceptor>,
 ) -> Receiver {
     let listener = listener(addr).await;
     let addr = listener.local_addr().expect("addr");
     let (stop, mut stopped) = oneshot::channel::<()>();
-    let shared = Arc::clone(&received);
     let task = tokio::spawn(async move {
         loop {
             tokio::select! {
                 _ = &mut stopped => break,
                 accepted = listener.accept() => {
                     let Ok((stream, _)) = accepted else { continue };
-                    let shared = Arc::clone(&shared);
+                    let store = store.clone();
                     let tls = tls.clone();
                     tokio::spawn(async move {
-                        let service = hyper::service::service_fn(move |req| handle_http(Arc::clone(&shared), req));
+                        let service = hyper::service::service_fn(move |req| handle_http(store.clone(), req));
                         let http = hyper::server::conn::http1::Builder::new();
                         match tls {
                             None => {
