@@ -9,8 +9,9 @@ use egress_shared::{
 use crate::{
     filter,
     maps::{
-        Bucket, CALLS, CGROUP_BUCKETS, COUNTERS, CallState, EVENTS, FlowKey, OPEN_TCP, OpenConn,
-        PENDING_TCP, SCRATCH, Slot, UDP_FLOWS, config,
+        Bucket, CALL_HINT_SLOTS, CALL_HINTS, CALLS, CGROUP_BUCKETS, COUNTERS, CallState, EVENTS,
+        FlowKey, OPEN_TCP, OpenConn, PENDING_TCP, SCRATCH, Slot, TCP_CONNECT_MARKS, UDP_FLOWS,
+        config,
     },
     read,
     sock::{self, Dest, IPPROTO_UDP},
@@ -126,14 +127,15 @@ fn compare_exchange(ptr: *mut u64, old: u64, new: u64) -> bool {
 /// The arithmetic is signed 64-bit nano-events: user space caps rate and burst at
 /// `MAX_CGROUP_RATE` and `MAX_CGROUP_BURST` (10^15 nano-events) and the programs clamp
 /// them again, so a bucket (at most the burst plus one credit per CPU) cannot overflow.
+///
+/// `now` is the event's own timestamp (CLOCK_BOOTTIME), read once per event.
 #[inline(always)]
-fn admit(cgroup: u64) -> Option<u32> {
+fn admit(cgroup: u64, now: u64) -> Option<u32> {
     let rate = (config!(cgroup_rate) as u64).min(MAX_CGROUP_RATE as u64);
     if rate == 0 {
         return Some(0);
     }
     let burst = (config!(cgroup_burst) as u64).clamp(1, MAX_CGROUP_BURST as u64) * NANO;
-    let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_boot_ns() };
     let bucket = match CGROUP_BUCKETS.get_ptr_mut(&cgroup) {
         Some(bucket) => bucket,
         None => {
@@ -228,15 +230,15 @@ fn admit(cgroup: u64) -> Option<u32> {
     Some(carried.min(u32::MAX as u64) as u32)
 }
 
-/// The per-cgroup decisions, once the task is known: false (counted) when the event
-/// goes no further. Sets `rate_limited_before`.
+/// The per-cgroup decisions, once the cgroup key is known: false (counted) when the
+/// event goes no further. Sets `rate_limited_before`.
 #[inline(always)]
 fn admitted(ev: &mut ConnectEvent) -> bool {
     if filter::excluded_cgroup(ev) {
         count(Counter::Filtered);
         return false;
     }
-    match admit(filter::cgroup_key(ev)) {
+    match admit(filter::cgroup_key(ev), ev.boot_time_ns) {
         Some(dropped) => {
             ev.rate_limited_before = dropped;
             true
@@ -266,11 +268,9 @@ pub fn wakeup_flags() -> u64 {
     }
 }
 
+/// Submits an admitted event (see [`identify_and_admit`]).
 #[inline(always)]
 fn submit(ev: &mut ConnectEvent) {
-    if !admitted(ev) {
-        return;
-    }
     let flags = wakeup_flags();
     filter::open_aggregate(ev);
     if EVENTS.output::<ConnectEvent>(&*ev, flags).is_err() {
@@ -280,11 +280,22 @@ fn submit(ev: &mut ConnectEvent) {
     }
 }
 
+/// The task part of `ev` and the per-cgroup decisions (exclusion, rate limit), decided
+/// before the task's structs are read wherever the cgroup key allows it (cgroup v2: the
+/// helper's id), so an excluded or limited event costs the helpers and a map lookup or
+/// two. On cgroup v1 the key is the leaf of a v1 hierarchy, from the (cached) identity.
+/// False (counted) when the event goes no further.
 #[inline(always)]
-fn fill_task(ev: &mut ConnectEvent) {
-    if !task::fill(ev) {
+fn identify_and_admit(ev: &mut ConnectEvent, slot: Slot) -> bool {
+    task::fill_ids(ev);
+    let early = task::key_known_early();
+    if early && !admitted(ev) {
+        return false;
+    }
+    if !task::fill_process(ev, slot) {
         count(Counter::KernelReadFailed);
     }
+    early || admitted(ev)
 }
 
 #[inline(always)]
@@ -331,7 +342,9 @@ pub fn udp(sk: u64, dest: &Dest, kind: EventKind, v4_mapped_reported_inside: boo
     if !filter::wanted(ev) {
         return;
     }
-    fill_task(ev);
+    if !identify_and_admit(ev, slot) {
+        return;
+    }
     submit(ev);
 }
 
@@ -382,6 +395,9 @@ const EEXIST: i64 = 17;
 #[inline(always)]
 pub fn remember_call(state: &CallState) {
     let tid = aya_ebpf::helpers::bpf_get_current_pid_tgid() as u32;
+    if let Some(hint) = CALL_HINTS.get_ptr_mut(tid % CALL_HINT_SLOTS) {
+        atomic_add(hint, 1);
+    }
     match CALLS.insert(&tid, state, BPF_NOEXIST as u64) {
         Ok(()) => count(Counter::CallsSaved),
         Err(e) if e as i64 == -EEXIST => {
@@ -397,6 +413,13 @@ pub fn remember_call(state: &CallState) {
 #[inline(always)]
 pub fn take_call() -> Option<CallState> {
     let tid = aya_ebpf::helpers::bpf_get_current_pid_tgid() as u32;
+    // No thread of this slot ever saved state: nothing to look up (see CALL_HINTS).
+    if CALL_HINTS
+        .get(tid % CALL_HINT_SLOTS)
+        .is_none_or(|hint| *hint == 0)
+    {
+        return None;
+    }
     // SAFETY: copied out before removal.
     let state = unsafe { *CALLS.get(&tid)? };
     if CALLS.remove(&tid).is_ok() {
@@ -406,27 +429,27 @@ pub fn take_call() -> Option<CallState> {
 }
 
 /// A TCP socket entered SYN_SENT, in the connecting task (every hook family): the
-/// attempt's identity is captured here. Its source port is chosen just after, so the
-/// event waits in PENDING_TCP for the socket's next state change.
+/// attempt's identity is captured here, and every decision that can drop it is taken
+/// here, cheapest first (destination, aggregation, then cgroup exclusion and the rate
+/// limit), so a dropped attempt never enters PENDING_TCP and its later transitions miss
+/// there. Its source port is chosen just after, so the event waits in PENDING_TCP for
+/// the socket's next state change.
 #[inline(always)]
 pub fn tcp_syn_sent(sk: u64, slot: Slot) {
-    // This connect() is TCP: its syscall exit (tracepoint mode) has nothing to do, and
-    // finds no call state instead of walking fd -> file -> socket.
-    let tid = aya_ebpf::helpers::bpf_get_current_pid_tgid() as u32;
-    // SAFETY: copied out before removal.
-    let call = unsafe { CALLS.get(&tid) }.copied();
-    if call.is_some() && CALLS.remove(&tid).is_ok() {
-        // Taken, not evicted: user space counts saved - taken - held as evicted.
-        count(Counter::CallsTaken);
-    }
     let Some(ev) = scratch(slot) else { return };
     ev.kind = EventKind::TcpConnect as u8;
     if sock::fill_tcp_dest(ev, sk).is_err() {
         count(Counter::KernelReadFailed);
     }
-    // DNS over TCP: the connect's descriptor (tracepoint mode) is marked for its reads.
+    // Port 53: the exit walks to the socket and marks the descriptor for DNS.
+    if ev.dst_port != crate::probes::dns::DNS_PORT {
+        mark_tcp_connect();
+    }
+    // DNS over TCP: the connect's descriptor (tracepoint mode, where the connect's entry
+    // saved call state for TCP to port 53 only) is marked for its reads; its exit then
+    // finds nothing to do.
     if ev.dst_port == crate::probes::dns::DNS_PORT {
-        if let Some(call) = call {
+        if let Some(call) = take_call() {
             if call.fd != 0 || call.sk == 0 {
                 crate::probes::dns::mark(call.fd, sk);
             }
@@ -435,15 +458,58 @@ pub fn tcp_syn_sent(sk: u64, slot: Slot) {
     if !filter::wanted(ev) {
         return;
     }
-    fill_task(ev);
+    if !identify_and_admit(ev, slot) {
+        return;
+    }
     ev.sock_id = sk;
     if PENDING_TCP.insert(&sk, ev, 0).is_err() {
         count(Counter::StateMapFull);
     }
 }
 
+/// x86_64's connect(2): the registers are only handed to the programs there (see
+/// `ProbeConfig::regs_syscall_nr`).
+const NR_CONNECT_X86_64: u64 = 42;
+
+/// Tells this thread's connect() exit that the connect was TCP (see `TCP_CONNECT_MARKS`).
+#[inline(always)]
+fn mark_tcp_connect() {
+    let nr_at = config!(regs_syscall_nr);
+    if nr_at == 0 {
+        return;
+    }
+    // SAFETY: the helpers take the current task's BTF pointer and return its pt_regs.
+    let regs = unsafe {
+        aya_ebpf::helpers::generated::bpf_task_pt_regs(
+            aya_ebpf::helpers::generated::bpf_get_current_task_btf(),
+        )
+    } as u64;
+    if read::kernel::<u64>(regs, nr_at) != Ok(NR_CONNECT_X86_64) {
+        return;
+    }
+    let pid_tgid = aya_ebpf::helpers::bpf_get_current_pid_tgid();
+    if let Some(mark) = TCP_CONNECT_MARKS.get_ptr_mut(pid_tgid as u32 % CALL_HINT_SLOTS) {
+        store(mark, pid_tgid);
+    }
+}
+
+/// Whether this thread's connect() was marked TCP by its SYN_SENT; clears the mark.
+#[inline(always)]
+pub fn take_tcp_connect_mark() -> bool {
+    let pid_tgid = aya_ebpf::helpers::bpf_get_current_pid_tgid();
+    let Some(mark) = TCP_CONNECT_MARKS.get_ptr_mut(pid_tgid as u32 % CALL_HINT_SLOTS) else {
+        return false;
+    };
+    if load(mark) != pid_tgid {
+        return false;
+    }
+    store(mark, 0);
+    true
+}
+
 /// The attempt on `sk` left SYN_SENT for `established` (true) or CLOSE: completes and
-/// submits it, once (whoever removes the entry reports it). Runs in softirq or in any
+/// submits it, once (whoever removes the entry reports it). It was admitted (filters,
+/// rate limit) at SYN_SENT. Runs in softirq or in any
 /// task: nothing here reads the current task. The record is assembled in place in the
 /// ring buffer, not in a per-CPU slot: this runs in softirq (SYN_SENT -> ESTABLISHED) as
 /// well as in tasks, and raw tracepoints had no recursion guard before 6.2.
@@ -486,10 +552,6 @@ pub fn tcp_complete(sk: u64, established: bool) {
         ev.state = ConnState::Failed as u8;
         ev.sk_err = read::kernel::<i32>(sk, config!(offsets.sk_err)).unwrap_or(0) as u32;
         ev.sk_err_soft = read::kernel::<i32>(sk, config!(offsets.sk_err_soft)).unwrap_or(0) as u32;
-    }
-    if !admitted(ev) {
-        entry.discard(BPF_RB_NO_WAKEUP);
-        return;
     }
     filter::open_aggregate(ev);
     let connect_ns = ev.boot_time_ns;

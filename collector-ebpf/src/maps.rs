@@ -4,7 +4,10 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
-use egress_shared::{AggregateKey, COUNTER_COUNT, ConnectEvent, ProbeConfig};
+use egress_shared::{
+    AggregateKey, CGROUP_NAME_LEN, COMM_LEN, COUNTER_COUNT, ConnectEvent, NODENAME_LEN, NS_COUNT,
+    ProbeConfig,
+};
 
 use crate::sock::Dest;
 
@@ -62,10 +65,15 @@ pub enum Slot {
     SockState = 6,
     /// The raw socket state change, every family.
     RawSockState = 7,
+    /// Tracepoint mode's connect() exit (the sends' exit keeps `CallExit`).
+    ConnectExit = 8,
+    /// The DNS read exits (their `IDENTITY_SCRATCH` slot; a DNS query is identified by
+    /// the sends' exit, in `CallExit`'s).
+    DnsAnswer = 9,
 }
 
 impl Slot {
-    pub const COUNT: u32 = 8;
+    pub const COUNT: u32 = 10;
 }
 
 /// Last report time of each UDP flow, for once-per-window reporting.
@@ -93,6 +101,28 @@ pub struct Bucket {
     pub dropped: u64,
 }
 
+/// One counter per thread id (folded into 16,384 slots): non-zero once a thread of that
+/// slot saved call state in [`CALLS`]. A syscall exit whose slot is zero has nothing to
+/// take and returns on this array load (the verifier inlines it) instead of a hash lookup:
+/// every TCP connect() pays that exit, and TCP connects save no call state. Only ever
+/// incremented (an atomic add, which every supported kernel has), so no save is missed.
+#[map]
+pub static CALL_HINTS: Array<u64> = Array::with_max_entries(CALL_HINT_SLOTS, 0);
+
+pub const CALL_HINT_SLOTS: u32 = 16384;
+
+/// Tracepoint mode where connect() is seen at its exit only (`regs_syscall_nr`): CLOSE
+/// -> SYN_SENT inside a connect() stores the thread's `pid_tgid` in its slot (thread id
+/// folded into 16,384), and that connect's exit, finding its own value, clears it and
+/// returns: the state changes report TCP. Any other value (another thread of the slot,
+/// no TCP attempt) sends the exit the slow way (fd -> socket), which is always right: a
+/// collision costs time, never a record. Only a connect's own SYN_SENT marks (the
+/// syscall number is checked), so a mark outlives its exit only if the kernel skipped
+/// that exit's program (counted as a recursion miss); the thread's next connect then
+/// clears it.
+#[map]
+pub static TCP_CONNECT_MARKS: Array<u64> = Array::with_max_entries(CALL_HINT_SLOTS, 0);
+
 /// State carried from a call's entry to its exit, by thread id. LRU: an entry whose exit
 /// never runs (a missed return probe, a program skipped by the recursion guard, a call
 /// that began before attach) is the least recently used one and goes first, instead of
@@ -108,6 +138,53 @@ pub static CALLS: LruHashMap<u32, CallState> = LruHashMap::with_max_entries(8192
 /// User space reads it for `--pending-report`.
 #[map]
 pub static PENDING_TCP: LruHashMap<u64, ConnectEvent> = LruHashMap::with_max_entries(8192, 0);
+
+/// The part of a task's identity its whole process shares and that rarely changes, by
+/// `tgid`, so a process's connections after its first cost a lookup and a copy instead
+/// of ~25 kernel reads and three string reads (`task::fill_process`). LRU: 8,192
+/// processes that connect; an evicted one is read again at its next connection.
+#[map]
+pub static IDENTITIES: LruHashMap<u32, Identity> = LruHashMap::with_max_entries(8192, 0);
+
+/// Where an [`Identity`] is read before it is cached (one slot per program, as [`SCRATCH`]).
+#[map]
+pub static IDENTITY_SCRATCH: PerCpuArray<Identity> = PerCpuArray::with_max_entries(Slot::COUNT, 0);
+
+/// `ConnectEvent::process_comm` through `ConnectEvent::nodename`, contiguous in the event.
+pub const IDENTITY_NAMES_LEN: usize = COMM_LEN + 2 * CGROUP_NAME_LEN + NODENAME_LEN;
+
+/// A process's cached identity (see [`IDENTITIES`]) and what tells it is stale.
+#[repr(C)]
+#[derive(Copy, Clone)]
+pub struct Identity {
+    // Compared on every use: any change reads the identity again.
+    /// `bpf_get_current_cgroup_id()`: a move to another cgroup (v2).
+    pub cgroup_id: u64,
+    /// `task->nsproxy`: setns/unshare give the task a new one.
+    pub nsproxy: u64,
+    /// `task->cgroups` (the css_set), on cgroup v1 only: a move in a v1 hierarchy, which
+    /// the v2 id above does not see. 0 on v2.
+    pub css_set: u64,
+    /// `task->self_exec_id`: bumped by exec (new process name, possibly new cgroup or
+    /// namespaces set up by the exec'd program's parent).
+    pub exec_id: u64,
+    /// When it was read: older than `IDENTITY_MAX_AGE_NS`, it is read again. Bounds the
+    /// staleness of what nothing above detects: a new parent after the parent exited, a
+    /// nodename changed by sethostname, a process renamed through its leader's comm, a
+    /// recycled pid whose process has the same exec count, namespaces and cgroup.
+    pub filled_ns: u64,
+    // The identity, as in `ConnectEvent`.
+    pub cgroup_leaf_id: u64,
+    pub parent_tgid: u32,
+    pub ns_tgid: u32,
+    pub ns_inums: [u32; NS_COUNT],
+    /// process_comm, cgroup_name, cgroup_parent_name, nodename.
+    pub names: [u8; IDENTITY_NAMES_LEN],
+    pub _pad: [u8; 7],
+}
+
+/// A cached identity is read again after this long (see `Identity::filled_ns`).
+pub const IDENTITY_MAX_AGE_NS: u64 = 1_000_000_000;
 
 /// Established connections this collector reported, by `struct sock` address, until
 /// they reach CLOSE (only with `track_closes`). Not LRU: under churn an LRU would evict
@@ -169,7 +246,7 @@ pub static AGGREGATES: PerCpuHashMap<AggregateKey, u64> =
 #[repr(C)]
 #[derive(Copy, Clone)]
 pub struct CallState {
-    /// `struct sock *` (kprobe mode).
+    /// `struct sock *` (kprobe mode; tracepoint mode connect(), found at its entry).
     pub sk: u64,
     /// The file descriptor (tracepoint mode).
     pub fd: u64,

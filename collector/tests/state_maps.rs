@@ -1,13 +1,16 @@
 //! The programs' state maps are LRU maps: an entry they evict is counted, not silent.
 //!
 //! `CALLS` holds a call's state from its entry to its exit, 8,192 entries. Threads
-//! blocked inside connect() hold one entry each for as long as they wait: more of them
-//! than the map holds make it evict, and the collector must report those evictions as
-//! possible loss.
+//! blocked inside a send (tracepoint mode saves every sendto's arguments; connect()
+//! saves none for TCP, nor for unix sockets, since the entry looks at the protocol
+//! first) hold one entry each for as long as they wait: more of them than the map holds
+//! make it evict, and the collector must report those evictions as possible loss.
 
 mod support;
 
 use std::{os::fd::AsRawFd, path::Path, time::Duration};
+
+use std::os::unix::net::UnixStream;
 
 use egress_testkit::collector::RunningCollector;
 use support::host::{last_stat, require_root};
@@ -28,32 +31,43 @@ fn calls_evicted_from_the_full_call_map_are_reported_as_possibly_lost() {
     )
     .expect("collector starts");
 
-    // A unix stream socket listening with a backlog of 0 that never accepts: every
-    // connect() after the first blocks until the socket is closed.
-    let path = std::env::temp_dir().join(format!("egress-calls-{}.sock", std::process::id()));
-    let _ = std::fs::remove_file(&path);
-    let listener = std::os::unix::net::UnixListener::bind(&path).expect("bind");
-    // SAFETY: a listening socket's descriptor; listen() again only changes the backlog.
-    assert_eq!(unsafe { libc::listen(listener.as_raw_fd(), 0) }, 0);
+    // A unix stream socket pair whose reader never reads: once its buffer is full,
+    // every send() (the sendto syscall) blocks until the reader is closed.
+    let (writer, reader) = UnixStream::pair().expect("socketpair");
+    writer.set_nonblocking(true).expect("non-blocking");
+    let chunk = [0u8; 4096];
+    // SAFETY: a socket descriptor and a buffer that outlive the calls.
+    while unsafe {
+        libc::send(
+            writer.as_raw_fd(),
+            chunk.as_ptr().cast(),
+            chunk.len(),
+            libc::MSG_NOSIGNAL,
+        )
+    } > 0
+    {}
+    writer.set_nonblocking(false).expect("blocking");
+    let fd = writer.as_raw_fd();
     let blocked: Vec<_> = (0..BLOCKED)
         .map(|_| {
-            let path = path.clone();
             std::thread::Builder::new()
                 .stack_size(64 << 10)
                 .spawn(move || {
-                    let _ = std::os::unix::net::UnixStream::connect(&path);
+                    let byte = [0u8; 1];
+                    // SAFETY: `writer` outlives the threads (joined below).
+                    unsafe { libc::send(fd, byte.as_ptr().cast(), 1, libc::MSG_NOSIGNAL) };
                 })
-                .expect("spawn a connecting thread")
+                .expect("spawn a sending thread")
         })
         .collect();
-    // Every thread is in connect() (or past it) once the kernel has seen them all.
+    // Every thread is in send() once the kernel has seen them all.
     std::thread::sleep(Duration::from_secs(3));
-    // Closing the listener refuses the waiting connects: the threads return.
-    drop(listener);
-    let _ = std::fs::remove_file(&path);
+    // Closing the reader fails the waiting sends (EPIPE): the threads return.
+    drop(reader);
     for thread in blocked {
-        thread.join().expect("connecting thread");
+        thread.join().expect("sending thread");
     }
+    drop(writer);
     let (ok, _stdout, stderr) = collector
         .stop(Duration::from_secs(30))
         .expect("collector stops");

@@ -18,6 +18,9 @@ pub struct KernelOffsets {
     pub task_thread_pid: u32,
     pub task_cgroups: u32,
     pub task_files: u32,
+    /// `task_struct.self_exec_id` (u64 since 5.7, u32 before: the low 32 bits are read),
+    /// bumped by each exec: what tells a process's cached identity it is stale.
+    pub task_self_exec_id: u32,
     // struct nsproxy
     pub nsproxy_uts_ns: u32,
     pub nsproxy_ipc_ns: u32,
@@ -82,7 +85,7 @@ pub struct KernelOffsets {
     pub tcp_bytes_sent: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 57 * 4);
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 58 * 4);
 
 /// Field offsets inside tracepoint records, read from tracefs `format` files.
 #[repr(C)]
@@ -130,9 +133,10 @@ pub struct ProbeConfig {
     pub offsets: KernelOffsets,
     pub tracepoints: TracepointOffsets,
     /// Index into `css_set.subsys[]` of the cgroup v1 controller whose hierarchy names the
-    /// container, or [`CgroupSource::DEFAULT_HIERARCHY`]. Placed here so the u64 after it
-    /// is aligned without padding.
+    /// container, or [`CgroupSource::DEFAULT_HIERARCHY`].
     pub cgroup_subsys_index: u32,
+    /// Keeps the u64 after it aligned (the offsets are an even number of u32).
+    pub _pad_after_subsys: u32,
     /// A UDP flow (5-tuple in a network namespace) is reported at most once per window.
     pub udp_flow_window_ns: u64,
     /// The programs wake the reader only once this many bytes wait in the ring buffer
@@ -169,11 +173,16 @@ pub struct ProbeConfig {
     /// only. 0 (other architectures): an entry hook saves them instead.
     pub dns_regs_fd: u32,
     pub dns_regs_buf: u32,
-    pub _dns_pad: u32,
+    /// Offset in `struct pt_regs` of the syscall number (x86_64: `orig_ax`) where the
+    /// kernel also has `bpf_task_pt_regs` (5.15+, probed): connect() is then seen at its
+    /// exit only (its arguments read back from the registers), and CLOSE -> SYN_SENT
+    /// marks a TCP connect for that exit (`TCP_CONNECT_MARKS`). 0: an entry hook saves
+    /// the arguments.
+    pub regs_syscall_nr: u32,
 }
 
 const _: () =
-    assert!(core::mem::size_of::<ProbeConfig>() == 57 * 4 + 14 * 4 + 4 + 8 + 24 + 16 + 16);
+    assert!(core::mem::size_of::<ProbeConfig>() == 58 * 4 + 14 * 4 + 8 + 8 + 24 + 16 + 16);
 
 impl ProbeConfig {
     pub const fn zeroed() -> Self {
@@ -188,6 +197,7 @@ impl ProbeConfig {
                 task_thread_pid: 0,
                 task_cgroups: 0,
                 task_files: 0,
+                task_self_exec_id: 0,
                 nsproxy_uts_ns: 0,
                 nsproxy_ipc_ns: 0,
                 nsproxy_mnt_ns: 0,
@@ -255,6 +265,7 @@ impl ProbeConfig {
                 _pad: 0,
             },
             cgroup_subsys_index: CgroupSource::DEFAULT_HIERARCHY,
+            _pad_after_subsys: 0,
             udp_flow_window_ns: 0,
             wakeup_bytes: 0,
             cgroup_rate: 0,
@@ -268,7 +279,7 @@ impl ProbeConfig {
             dns: 0,
             dns_regs_fd: 0,
             dns_regs_buf: 0,
-            _dns_pad: 0,
+            regs_syscall_nr: 0,
         }
     }
 }

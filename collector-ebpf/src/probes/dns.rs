@@ -280,7 +280,12 @@ fn copy_answer(read: &DnsRead, returned: u64, is_query: bool) {
         return;
     }
     ev.payload_len = n as u16;
-    if !task::fill(&mut ev.head) {
+    let slot = if is_query {
+        crate::maps::Slot::CallExit
+    } else {
+        crate::maps::Slot::DnsAnswer
+    };
+    if !task::fill(&mut ev.head, slot) {
         emit::count(egress_shared::Counter::KernelReadFailed);
     }
     if sock::fill(&mut ev.head, read.sk).is_err() {

@@ -9,7 +9,7 @@ use crate::{
     emit,
     maps::{CallState, Slot, USER_ADDR_MSGHDR, USER_ADDR_SOCKADDR, config},
     read,
-    sock::{self, Dest},
+    sock::{self, Dest, IPPROTO_TCP, IPPROTO_UDP},
 };
 
 #[inline(always)]
@@ -18,12 +18,40 @@ fn field<T>(ctx: &TracePointContext, offset: u32) -> Option<T> {
     unsafe { ctx.read_at::<T>(offset as usize).ok() }
 }
 
-/// hook: tracepoint `syscalls:sys_enter_connect` (fd, uservaddr, addrlen).
+/// hook: tracepoint `syscalls:sys_enter_connect` (fd, uservaddr, addrlen). Serves UDP
+/// connect() (no tracepoint fires inside a UDP connect) and marks DNS sockets. TCP
+/// connects are followed by the socket's state changes instead, so the socket's protocol
+/// is looked at first (fd -> file -> socket, ~9 reads) and a TCP connect saves no call
+/// state (a hash insert that cost ~700 ns here), unless it goes to port 53, whose
+/// descriptor SYN_SENT marks for DNS.
 #[tracepoint(category = "syscalls", name = "sys_enter_connect")]
 pub fn tp_sys_enter_connect(ctx: TracePointContext) -> u32 {
-    let fd = config!(tracepoints.connect_fd);
-    let addr = config!(tracepoints.connect_addr);
-    remember(&ctx, fd, addr, USER_ADDR_SOCKADDR, EventKind::UdpConnect);
+    let (Some(fd), Some(user_addr)) = (
+        field::<u64>(&ctx, config!(tracepoints.connect_fd)),
+        field::<u64>(&ctx, config!(tracepoints.connect_addr)),
+    ) else {
+        return 0;
+    };
+    let Ok(sk) = sock::from_fd(fd) else {
+        return 0;
+    };
+    match sock::protocol(sk) {
+        Ok(IPPROTO_UDP) => {}
+        Ok(IPPROTO_TCP)
+            if config!(dns) != 0
+                && sock::dest_from_user(user_addr).port == super::dns::DNS_PORT => {}
+        // TCP (the state changes report it), and sockets that are neither (unix, raw):
+        // their connect reports nothing.
+        _ => return 0,
+    }
+    emit::remember_call(&CallState {
+        sk,
+        fd,
+        user_addr,
+        user_addr_kind: USER_ADDR_SOCKADDR,
+        event_kind: EventKind::UdpConnect as u32,
+        dest: Dest::NONE,
+    });
     0
 }
 
@@ -55,15 +83,68 @@ pub fn tp_sys_enter_sendmmsg(ctx: TracePointContext) -> u32 {
     0
 }
 
-/// hook: tracepoint `syscalls:sys_exit_connect`, and `sys_exit_sendto`, `sys_exit_sendmsg`,
-/// `sys_exit_sendmmsg`: the socket is bound now, so its source port is known.
+/// hook: tracepoint `syscalls:sys_exit_connect`. Where the registers can be read back
+/// (`regs_syscall_nr`), the only connect hook: a TCP connect, marked by its SYN_SENT,
+/// returns on an array load; anything else finds its socket from the arguments the task
+/// saved at entry (fd, uservaddr in `di`, `si`). Elsewhere, what the entry hook saved.
+#[tracepoint]
+pub fn tp_sys_exit_connect(ctx: TracePointContext) -> u32 {
+    let state = if config!(regs_syscall_nr) != 0 {
+        if emit::take_tcp_connect_mark() {
+            return 0;
+        }
+        // SAFETY: the helpers take the current task's BTF pointer and return its pt_regs.
+        let regs = unsafe {
+            aya_ebpf::helpers::generated::bpf_task_pt_regs(
+                aya_ebpf::helpers::generated::bpf_get_current_task_btf(),
+            )
+        } as u64;
+        let (Ok(fd), Ok(user_addr)) = (
+            read::kernel::<u64>(regs, config!(dns_regs_fd)),
+            read::kernel::<u64>(regs, config!(dns_regs_buf)),
+        ) else {
+            return 0;
+        };
+        CallState {
+            sk: 0,
+            fd,
+            user_addr,
+            user_addr_kind: USER_ADDR_SOCKADDR,
+            event_kind: EventKind::UdpConnect as u32,
+            dest: Dest::NONE,
+        }
+    } else {
+        let Some(state) = emit::take_call() else {
+            return 0;
+        };
+        state
+    };
+    exit(&ctx, &state, Slot::ConnectExit);
+    0
+}
+
+/// hook: tracepoint `syscalls:sys_exit_sendto`, `sys_exit_sendmsg`, `sys_exit_sendmmsg`:
+/// the socket is bound now, so its source port is known.
 #[tracepoint]
 pub fn tp_sys_exit(ctx: TracePointContext) -> u32 {
     let Some(state) = emit::take_call() else {
         return 0;
     };
-    let Ok(sk) = sock::from_fd(state.fd) else {
-        return 0;
+    exit(&ctx, &state, Slot::CallExit);
+    0
+}
+
+#[inline(always)]
+fn exit(ctx: &TracePointContext, state: &CallState, slot: Slot) {
+    // connect() found its socket at entry; the syscall holds the file (and so the
+    // socket) until it returns.
+    let sk = if state.sk != 0 {
+        state.sk
+    } else {
+        match sock::from_fd(state.fd) {
+            Ok(sk) => sk,
+            Err(_) => return,
+        }
     };
     let dest = match state.user_addr_kind {
         USER_ADDR_SOCKADDR => sock::dest_from_user(state.user_addr),
@@ -87,11 +168,10 @@ pub fn tp_sys_exit(ctx: TracePointContext) -> u32 {
         }
     }
     if state.event_kind == EventKind::UdpConnect as u32 {
-        emit::connect_exit(sk, &dest, Slot::CallExit);
+        emit::connect_exit(sk, &dest, slot);
     } else {
-        emit::udp(sk, &dest, EventKind::UdpSend, false, Slot::CallExit);
+        emit::udp(sk, &dest, EventKind::UdpSend, false, slot);
     }
-    0
 }
 
 #[inline(always)]

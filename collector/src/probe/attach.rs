@@ -49,19 +49,26 @@ const FENTRIES: &[(&str, &str, bool)] = &[
     ("fexit_ip6_datagram_connect", "ip6_datagram_connect", true),
 ];
 
+/// Not attached where connect()'s exit reads its arguments back from the registers
+/// (`ProbeConfig::regs_syscall_nr`): a TCP connect then runs one program, not two.
+const CONNECT_ENTRY: &str = "tp_sys_enter_connect";
+
 /// Exits first, for the same reason as the return probes.
 const TRACEPOINTS: &[Attachment] = &[
     Attachment {
         program: "tp_sys_exit",
         targets: &[
-            "syscalls/sys_exit_connect",
             "syscalls/sys_exit_sendto",
             "syscalls/sys_exit_sendmsg",
             "syscalls/sys_exit_sendmmsg",
         ],
     },
     Attachment {
-        program: "tp_sys_enter_connect",
+        program: "tp_sys_exit_connect",
+        targets: &["syscalls/sys_exit_connect"],
+    },
+    Attachment {
+        program: CONNECT_ENTRY,
         targets: &["syscalls/sys_enter_connect"],
     },
     Attachment {
@@ -174,11 +181,17 @@ impl AttachError {
 }
 
 /// Attaches every program of `mode`; on failure unloads them again.
-pub fn attach(ebpf: &mut Ebpf, mode: HookMode, btf: Option<&Btf>) -> Result<(), AttachError> {
+/// `connect_exit_only`: see [`CONNECT_ENTRY`].
+pub fn attach(
+    ebpf: &mut Ebpf,
+    mode: HookMode,
+    btf: Option<&Btf>,
+    connect_exit_only: bool,
+) -> Result<(), AttachError> {
     let result = match mode {
         HookMode::Kprobe => attach_kprobes(ebpf),
         HookMode::Fentry => attach_fentries(ebpf, btf),
-        HookMode::Tracepoint => attach_tracepoints(ebpf),
+        HookMode::Tracepoint => attach_tracepoints(ebpf, connect_exit_only),
     }
     .and_then(|()| attach_tcp_state(ebpf, mode));
     if result.is_err() {
@@ -265,8 +278,11 @@ fn attach_fentries(ebpf: &mut Ebpf, btf: Option<&Btf>) -> Result<(), AttachError
     Ok(())
 }
 
-fn attach_tracepoints(ebpf: &mut Ebpf) -> Result<(), AttachError> {
+fn attach_tracepoints(ebpf: &mut Ebpf, connect_exit_only: bool) -> Result<(), AttachError> {
     for attachment in TRACEPOINTS {
+        if connect_exit_only && attachment.program == CONNECT_ENTRY {
+            continue;
+        }
         attach_tracepoint(ebpf, attachment)?;
     }
     Ok(())

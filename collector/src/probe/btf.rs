@@ -208,6 +208,7 @@ impl KernelBtf {
             task_thread_pid: self.offset("task_struct", "thread_pid")?,
             task_cgroups: self.offset("task_struct", "cgroups")?,
             task_files: self.offset("task_struct", "files")?,
+            task_self_exec_id: self.offset("task_struct", "self_exec_id")?,
             nsproxy_uts_ns: self.offset("nsproxy", "uts_ns")?,
             nsproxy_ipc_ns: self.offset("nsproxy", "ipc_ns")?,
             nsproxy_mnt_ns: self.offset("nsproxy", "mnt_ns")?,

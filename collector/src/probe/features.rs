@@ -60,8 +60,58 @@ pub fn fetching_atomics() -> bool {
     true
 }
 
+/// `BPF_PROG_TYPE_TRACEPOINT`; helper ids `bpf_get_current_task_btf` (5.11) and
+/// `bpf_task_pt_regs` (5.15).
+const BPF_PROG_TYPE_TRACEPOINT: u32 = 5;
+const BPF_FUNC_GET_CURRENT_TASK_BTF: i32 = 158;
+const BPF_FUNC_TASK_PT_REGS: i32 = 175;
+
+/// Whether a tracepoint program may call `bpf_task_pt_regs(bpf_get_current_task_btf())`
+/// (5.15+): how connect()'s exit reads back its arguments without an entry hook.
+pub fn task_pt_regs() -> bool {
+    let program = [
+        insn(0x85, 0x00, 0, BPF_FUNC_GET_CURRENT_TASK_BTF), // r0 = bpf_get_current_task_btf()
+        insn(0xbf, 0x01, 0, 0),                             // r1 = r0
+        insn(0x85, 0x00, 0, BPF_FUNC_TASK_PT_REGS),         // r0 = bpf_task_pt_regs(r1)
+        insn(0xb7, 0x00, 0, 0),                             // r0 = 0
+        insn(0x95, 0x00, 0, 0),                             // exit
+    ];
+    loads(BPF_PROG_TYPE_TRACEPOINT, &program)
+}
+
+fn loads(prog_type: u32, program: &[u64]) -> bool {
+    let license = c"GPL";
+    let attr = ProgLoadAttr {
+        prog_type,
+        insn_cnt: program.len() as u32,
+        insns: program.as_ptr() as u64,
+        license: license.as_ptr() as u64,
+    };
+    // SAFETY: as in `fetching_atomics`.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_LOAD,
+            &attr as *const ProgLoadAttr,
+            std::mem::size_of::<ProgLoadAttr>(),
+        )
+    };
+    if fd < 0 {
+        return false;
+    }
+    // SAFETY: a descriptor the kernel just returned, owned by nobody else.
+    drop(unsafe { OwnedFd::from_raw_fd(fd as i32) });
+    true
+}
+
 #[cfg(test)]
 mod tests {
+    /// The host's 6.18 has both helpers (5.15+).
+    #[test]
+    fn this_kernel_has_task_pt_regs() {
+        assert!(super::task_pt_regs());
+    }
+
     /// Every kernel this is tested on (the host's 6.18, Debian's 6.1 and 6.12) is 5.12+,
     /// so the probe must say yes (the tests run as root, as the collector does).
     #[test]

@@ -121,8 +121,9 @@ impl KernelFacts {
             dns: u32::from(settings.dns),
             dns_regs_fd: syscall_arg_offsets(&kernel_btf).0,
             dns_regs_buf: syscall_arg_offsets(&kernel_btf).1,
-            _dns_pad: 0,
+            regs_syscall_nr: connect_regs_offset(&kernel_btf),
             cgroup_subsys_index,
+            _pad_after_subsys: 0,
         };
         // Two parsed copies of vmlinux BTF at once would set the peak memory.
         drop(kernel_btf);
@@ -151,10 +152,22 @@ impl KernelFacts {
             self.tracepoints.as_ref().map_err(Clone::clone)?;
         }
         let mut ebpf = self.load(4096).map_err(|e| one_line(&e))?;
-        attach::attach(&mut ebpf, mode, self.aya_btf.as_ref()).map_err(|e| one_line(&e))?;
+        let exit_only = self.config.regs_syscall_nr != 0;
+        attach::attach(&mut ebpf, mode, self.aya_btf.as_ref(), exit_only)
+            .map_err(|e| one_line(&e))?;
         attach::detach(&mut ebpf, mode);
         Ok(())
     }
+}
+
+/// Where `struct pt_regs` keeps the syscall number (x86_64: `orig_ax`), for connect()
+/// seen at its exit only; 0 where the arguments cannot be read back there (not x86_64,
+/// or no `bpf_task_pt_regs`: before 5.15).
+fn connect_regs_offset(btf: &KernelBtf) -> u32 {
+    if syscall_arg_offsets(btf).0 == 0 || !features::task_pt_regs() {
+        return 0;
+    }
+    btf.offset("pt_regs", "orig_ax").unwrap_or(0)
 }
 
 /// Where `struct pt_regs` keeps a syscall's first two arguments through to its exit
@@ -205,7 +218,8 @@ impl Probes {
                 refused.push((mode, why.clone()));
                 continue;
             }
-            match attach::attach(&mut ebpf, mode, facts.aya_btf.as_ref()) {
+            let exit_only = facts.config.regs_syscall_nr != 0;
+            match attach::attach(&mut ebpf, mode, facts.aya_btf.as_ref(), exit_only) {
                 Ok(()) => {
                     let dns_attached = settings.dns
                         && attach::attach_dns(&mut ebpf, mode, facts.config.dns_regs_fd != 0);
