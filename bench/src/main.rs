@@ -113,8 +113,13 @@ enum Command {
     /// User-space CPU per record, overhead ratio and peak RSS of the collector to stdout
     /// and to OTLP, at a fixed rate and at the maximum, rounds alternated.
     UserCost {
-        #[arg(long, default_value = "target/release/egress-collector")]
-        collector: PathBuf,
+        /// Collector binaries measured in the same rounds (e.g. before and after a change).
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "target/release/egress-collector"
+        )]
+        collectors: Vec<PathBuf>,
         /// Target connects per second, comma-separated; 0 is as fast as possible.
         #[arg(long, value_delimiter = ',', default_value = "10000,0")]
         rates: Vec<u64>,
@@ -360,7 +365,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             together,
         ),
         Command::UserCost {
-            collector,
+            collectors,
             rates,
             seconds,
             repeat,
@@ -368,7 +373,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let table = user_cost::measure(&user_cost::Args {
                 bench,
-                collector,
+                collectors,
                 rates,
                 seconds,
                 repeat: repeat.max(1),

@@ -20,6 +20,8 @@ use crate::{
 /// One run's figures for the section.
 #[derive(Debug, Clone)]
 struct Sample {
+    /// Which of the collectors measured (index into [`Args::collectors`]).
+    collector: usize,
     rate: u64,
     scenario: Scenario,
     round: usize,
@@ -53,7 +55,8 @@ fn min(values: &[f64]) -> Option<f64> {
 
 pub struct Args {
     pub bench: PathBuf,
-    pub collector: PathBuf,
+    /// Binaries measured in the same rounds (e.g. before and after a change).
+    pub collectors: Vec<PathBuf>,
     pub rates: Vec<u64>,
     pub seconds: f64,
     pub repeat: usize,
@@ -65,10 +68,14 @@ pub fn measure(args: &Args) -> anyhow::Result<String> {
     let mut samples = Vec::new();
     for round in 1..=args.repeat {
         for &rate in &args.rates {
-            for scenario in [Scenario::None, Scenario::Stdout, Scenario::Otlp] {
+            let mut runs = vec![(0, Scenario::None)];
+            for collector in 0..args.collectors.len() {
+                runs.extend([(collector, Scenario::Stdout), (collector, Scenario::Otlp)]);
+            }
+            for (collector, scenario) in runs {
                 let plan = Plan {
                     bench: args.bench.clone(),
-                    collector: args.collector.clone(),
+                    collector: args.collectors[collector].clone(),
                     load: LoadArgs {
                         threads: 2,
                         seconds: args.seconds,
@@ -83,13 +90,15 @@ pub fn measure(args: &Args) -> anyhow::Result<String> {
                 let result = run::measure(&plan, scenario, &rt)
                     .with_context(|| format!("{} at rate {rate}", scenario.name()))?;
                 let sample = Sample {
+                    collector,
                     rate,
                     scenario,
                     round,
                     result,
                 };
                 eprintln!(
-                    "round {round} rate {rate:>6} {:<18} {:>8.0} connects/s, exported {:?}, seen {}/{}, cpu {:.3}s ({} µs/record), peak rss {:.1} MiB",
+                    "round {round} rate {rate:>6} {} {:<18} {:>8.0} connects/s, exported {:?}, seen {}/{}, cpu {:.3}s ({} µs/record), peak rss {:.1} MiB",
+                    args.collectors[collector].display(),
                     scenario.name(),
                     sample.result.load.connects_per_second,
                     sample.result.exported,
@@ -105,24 +114,30 @@ pub fn measure(args: &Args) -> anyhow::Result<String> {
             }
         }
     }
-    Ok(table(&samples, &args.rates))
+    Ok(table(&samples, &args.rates, &args.collectors))
 }
 
-fn table(samples: &[Sample], rates: &[u64]) -> String {
+fn table(samples: &[Sample], rates: &[u64], collectors: &[PathBuf]) -> String {
     let mut out = String::from(
-        "| target rate | sink | rounds | connects/s (median) | overhead ratio (median) | CPU µs per record (min) | CPU µs per record (median) | peak RSS MiB (max) | missed |\n\
-         |---|---|---|---|---|---|---|---|---|\n",
+        "| target rate | collector | sink | rounds | connects/s (median) | overhead ratio (median) | CPU µs per record (min) | CPU µs per record (median) | peak RSS MiB (max) | missed |\n\
+         |---|---|---|---|---|---|---|---|---|---|\n",
     );
     for &rate in rates {
-        let of = |scenario: Scenario| -> Vec<&Sample> {
+        let of = |collector: usize, scenario: Scenario| -> Vec<&Sample> {
             samples
                 .iter()
-                .filter(|s| s.rate == rate && s.scenario == scenario)
+                .filter(|s| {
+                    s.rate == rate
+                        && s.scenario == scenario
+                        && (scenario == Scenario::None || s.collector == collector)
+                })
                 .collect()
         };
-        let baseline = of(Scenario::None);
-        for scenario in [Scenario::Stdout, Scenario::Otlp] {
-            let runs = of(scenario);
+        let baseline = of(0, Scenario::None);
+        let pairs =
+            (0..collectors.len()).flat_map(|c| [(c, Scenario::Stdout), (c, Scenario::Otlp)]);
+        for (collector, scenario) in pairs {
+            let runs = of(collector, scenario);
             if runs.is_empty() {
                 continue;
             }
@@ -153,12 +168,13 @@ fn table(samples: &[Sample], rates: &[u64]) -> String {
                 v.map_or("–".to_owned(), |v| format!("{v:.digits$}"))
             };
             out.push_str(&format!(
-                "| {} | {} | {} | {} | {} | {} | {} | {rss:.1} | {missed} |\n",
+                "| {} | `{}` | {} | {} | {} | {} | {} | {} | {rss:.1} | {missed} |\n",
                 if rate == 0 {
                     "max".to_owned()
                 } else {
                     rate.to_string()
                 },
+                collectors[collector].display(),
                 scenario.name(),
                 runs.len(),
                 fmt(cps, 0),
@@ -177,8 +193,8 @@ pub fn section(command: &str, table: &str) -> String {
         "## User-space cost per record\n\n\
          Generated by `egress-bench user-cost`; do not edit by hand.\n\n\
          {}\n\
-         Each round runs no probe, the collector to stdout (`--stdout`, to /dev/null) and the\n\
-         collector to OTLP (`--otlp-endpoint`, batches of 2048, the receiver in the bench\n\
+         Each round runs no probe, then each collector binary listed to stdout (`--stdout`,\n\
+         to /dev/null) and to OTLP (`--otlp-endpoint`, batches of 2048, the receiver in the bench\n\
          process on the same two cores) in turn, at each target rate (0 = as fast as the\n\
          load's 2 threads can connect), with `--cgroup-rate-limit 0`. *CPU µs per record* is\n\
          the collector process's user+sys CPU (from /proc) from the load's start until it\n\

@@ -46,6 +46,14 @@ pub struct OutcomeSettings {
     pub metrics: bool,
 }
 
+impl OutcomeSettings {
+    /// Whether close records go anywhere (log records, the metrics, spans); if not, an
+    /// established connection is not kept for its close (a copy per connection).
+    pub fn closes_used(&self) -> bool {
+        self.close_records || self.metrics || self.spans
+    }
+}
+
 impl Default for OutcomeSettings {
     fn default() -> Self {
         Self {
@@ -182,13 +190,18 @@ impl EventReader {
                         if let Some(aggregates) = &mut self.aggregates {
                             aggregates.note(&connection);
                         }
-                        self.tracker.note(&mut connection);
+                        self.tracker
+                            .note(&mut connection, self.outcomes.closes_used());
                         if connection.logged() || self.outcomes.metrics {
                             batch.push(*connection);
                         }
                     }
                     Ok(Decoded::Close(raw)) => {
                         self.names.closed(raw.sock_id, raw.connect_ns);
+                        // Nothing takes closes: their connections were not remembered.
+                        if !self.outcomes.closes_used() {
+                            continue;
+                        }
                         if let Some(mut record) = self.tracker.close(&raw, &self.clock) {
                             if !self.outcomes.close_records {
                                 record.delivery = Delivery::MetricsOnly;
