@@ -376,6 +376,35 @@ mod tests {
     }
 
     #[test]
+    fn writing_a_record_allocates_nothing_once_the_buffers_have_grown() {
+        let mut r = record(&resource("shop"), 443);
+        r.cgroup_path = Some("/kubepods/pod/abc".into());
+        let (mut out, mut scratch) = (Vec::new(), Scratch::default());
+        // The counter counts: owned attributes allocate.
+        let before = crate::export::counting::allocations();
+        let owned = crate::export::attributes::of(&r);
+        assert!(crate::export::counting::allocations() > before && !owned.is_empty());
+        for set in [
+            AttributeSet::Minimal,
+            AttributeSet::Default,
+            AttributeSet::Full,
+        ] {
+            write_line_with(&mut out, &mut scratch, &r, set).expect("write");
+            out.clear();
+            let before = crate::export::counting::allocations();
+            for _ in 0..100 {
+                write_line_with(&mut out, &mut scratch, &r, set).expect("write");
+                out.clear();
+            }
+            assert_eq!(
+                crate::export::counting::allocations() - before,
+                0,
+                "{set:?}"
+            );
+        }
+    }
+
+    #[test]
     fn a_record_is_one_json_line_with_every_attribute_and_hostile_strings_escaped() {
         let mut r = record(&resource("shop"), 443);
         r.connection.process.name = "a\"b\n\u{1}c".into();

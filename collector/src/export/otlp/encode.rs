@@ -503,6 +503,27 @@ mod tests {
     }
 
     #[test]
+    fn encoding_a_record_allocates_nothing_once_the_buffers_have_grown() {
+        let shop = resource("shop");
+        let r = record(&shop, 443);
+        let mut encoder = LogsEncoder::new(AttributeSet::Full);
+        // Two requests grow the buffers (the first keeps its group's for the second).
+        for _ in 0..2 {
+            for _ in 0..100 {
+                encoder.push(&r);
+            }
+            encoder.finish(1);
+        }
+        let before = crate::export::counting::allocations();
+        for _ in 0..100 {
+            encoder.push(&r);
+        }
+        // Putting the request together allocates it (once per request, not per record).
+        assert_eq!(crate::export::counting::allocations() - before, 0);
+        encoder.finish(1);
+    }
+
+    #[test]
     fn an_empty_request_has_no_resource_logs() {
         let mut encoder = LogsEncoder::new(AttributeSet::Default);
         assert!(encoder.finish(1).is_empty());
