@@ -134,6 +134,22 @@ fn table(samples: &[Sample], rates: &[u64], collectors: &[PathBuf]) -> String {
                 .collect()
         };
         let baseline = of(0, Scenario::None);
+        if let Some(cps) = median(
+            baseline
+                .iter()
+                .map(|s| s.result.load.connects_per_second)
+                .collect(),
+        ) {
+            out.push_str(&format!(
+                "| {} | – | no probe | {} | {cps:.0} | – | – | – | – | – |\n",
+                if rate == 0 {
+                    "max".to_owned()
+                } else {
+                    rate.to_string()
+                },
+                baseline.len(),
+            ));
+        }
         let pairs =
             (0..collectors.len()).flat_map(|c| [(c, Scenario::Stdout), (c, Scenario::Otlp)]);
         for (collector, scenario) in pairs {
@@ -202,9 +218,12 @@ pub fn section(command: &str, table: &str) -> String {
          connection on the host, not only the load's); the eBPF programs run in the\n\
          connecting tasks and are not in it (see the kernel-cost section). *Overhead ratio*\n\
          is the load's connects/s over the no-probe run of the same round, median over\n\
-         rounds. *Missed* is the load's connections the collector did not report. Other\n\
-         sessions compiled on this machine during the runs: the minimum is the least\n\
-         disturbed round, the median the typical one.\n\n\
+         rounds. *Missed* is the load's connections the collector did not report. A\n\
+         binary named after a commit (`egress-collector-<commit>`) is that commit's release\n\
+         build, measured in the same rounds for comparison. Other sessions compiled and ran\n\
+         tests on this machine during the runs (the load then falls short of its target\n\
+         rate, and CPU per record is inflated by cache and scheduler contention): the\n\
+         minimum is the least disturbed round, the median the typical one.\n\n\
          {table}",
         report::provenance(command),
     )
