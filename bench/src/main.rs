@@ -17,6 +17,7 @@ mod receiver;
 mod report;
 mod run;
 mod tool;
+mod user_cost;
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -108,6 +109,28 @@ enum Command {
         /// then falls on all of them alike.
         #[arg(long)]
         together: bool,
+    },
+    /// User-space CPU per record, overhead ratio and peak RSS of the collector to stdout
+    /// and to OTLP, at a fixed rate and at the maximum, rounds alternated.
+    UserCost {
+        /// Collector binaries measured in the same rounds (e.g. before and after a change).
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "target/release/egress-collector"
+        )]
+        collectors: Vec<PathBuf>,
+        /// Target connects per second, comma-separated; 0 is as fast as possible.
+        #[arg(long, value_delimiter = ',', default_value = "10000,0")]
+        rates: Vec<u64>,
+        /// Seconds of load per run.
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+        #[arg(long, default_value_t = 5)]
+        repeat: usize,
+        /// Report to update (its `user-cost` section).
+        #[arg(long, default_value = "BENCHMARKS.md")]
+        report: PathBuf,
     },
     /// Soak: short-lived containers (real cgroups, docker files) made, connected from
     /// and removed at a steady pace; every connection attributed, memory flat.
@@ -341,6 +364,28 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             &report,
             together,
         ),
+        Command::UserCost {
+            collectors,
+            rates,
+            seconds,
+            repeat,
+            report,
+        } => {
+            let table = user_cost::measure(&user_cost::Args {
+                bench,
+                collectors,
+                rates,
+                seconds,
+                repeat: repeat.max(1),
+            })?;
+            println!("{table}");
+            let command: Vec<String> = std::env::args().collect();
+            report::put_section(
+                &report,
+                "user-cost",
+                &user_cost::section(&command.join(" "), &table),
+            )
+        }
         Command::HopStdin { port } => churn::hop_stdin(port),
         Command::Churn {
             collector,

@@ -57,6 +57,9 @@ pub struct RunResult {
     pub seen: u64,
     /// What the collector counted as lost (all traffic, not just the load's).
     pub lost: Option<u64>,
+    /// Records the collector exported (its `Stopped.` line; all traffic).
+    #[serde(default)]
+    pub exported: Option<u64>,
     pub cpu_seconds: f64,
     pub peak_rss_bytes: u64,
     /// OTLP records delivered per second, first connect to last arrival.
@@ -212,14 +215,18 @@ pub fn measure(
     }
     let cpu_seconds = pid.map_or(0.0, |pid| tool::cpu_seconds(pid) - cpu_before);
     let peak_rss_bytes = pid.map_or(0, tool::peak_rss_bytes);
-    let (seen, lost) = match observer {
-        None => (0, None),
+    let (seen, lost, exported) = match observer {
+        None => (0, None, None),
         Some(observer) => {
             let (lines, stdout) = observer.stop()?;
             match scenario {
                 Scenario::Bpftrace => {
                     let counts = tool::bpftrace_counts(&stdout);
-                    (load.ports.iter().filter_map(|p| counts.get(p)).sum(), None)
+                    (
+                        load.ports.iter().filter_map(|p| counts.get(p)).sum(),
+                        None,
+                        None,
+                    )
                 }
                 _ => {
                     let seen = match &seen_source {
@@ -233,7 +240,11 @@ pub fn measure(
                             .unwrap_or(0)
                             .min(want),
                     };
-                    (seen, tool::stopped_field(&lines, "lost"))
+                    (
+                        seen,
+                        tool::stopped_field(&lines, "lost"),
+                        tool::stopped_field(&lines, "exported"),
+                    )
                 }
             }
         }
@@ -249,6 +260,7 @@ pub fn measure(
         load,
         seen,
         lost,
+        exported,
         cpu_seconds,
         peak_rss_bytes,
         delivered_per_second,

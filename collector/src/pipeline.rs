@@ -24,8 +24,9 @@ use crate::{
     },
     events::{EventReader, aggregate::Aggregates},
     export::{
+        self, Sink,
         otlp::{OtlpExporter, SnapshotSource},
-        stdout::{self, Closed, Role, StdoutExporter},
+        stdout::{self, Closed, Role, StdoutExporter, StdoutSink},
     },
     health::{self, Health, HealthError},
     otlp_client::{collector_resource, transport::TransportError},
@@ -347,8 +348,8 @@ impl Watchdog {
     }
 }
 
-/// OTLP, stdout, or both (a copy of each record to each). The handle completes when every
-/// exporter is done.
+/// OTLP, stdout, or both (each batch to each, shared). The handle completes when every
+/// sink is done.
 fn spawn_exporters(
     otlp: Option<OtlpExporter>,
     stdout: bool,
@@ -357,53 +358,26 @@ fn spawn_exporters(
     stats: Arc<Stats>,
     stdout_closed: Arc<Closed>,
 ) -> Result<tokio::task::JoinHandle<()>, PipelineError> {
-    let stdout_thread = |records, role| {
-        stdout::spawn(
-            StdoutExporter::new().with_attributes(attributes),
-            records,
-            role,
-            Arc::clone(&stats),
-            Arc::clone(&stdout_closed),
-        )
-        .map_err(PipelineError::StdoutThread)
+    let capacity = records.max_capacity();
+    let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
+    // stdout alone is the sink; beside OTLP it is a copy (a full queue skips it).
+    let role = if otlp.is_some() {
+        Role::Copy
+    } else {
+        Role::Sink
     };
-    Ok(match otlp {
-        None => {
-            let done = stdout_thread(records, Role::Sink)?;
-            tokio::spawn(async move {
-                let _ = done.await;
-            })
-        }
-        Some(otlp) if !stdout => tokio::spawn(otlp.run(records)),
-        Some(otlp) => {
-            let capacity = records.max_capacity();
-            let (to_otlp, otlp_rx) = mpsc::channel(capacity);
-            let (to_stdout, stdout_rx) = mpsc::channel(capacity);
-            let stdout_done = stdout_thread(stdout_rx, Role::Copy)?;
-            tokio::spawn(async move {
-                let otlp_task = tokio::spawn(otlp.run(otlp_rx));
-                let mut records = records;
-                let mut to_stdout = Some(to_stdout);
-                while let Some(record) = records.recv().await {
-                    if let Some(copy) = &to_stdout {
-                        match copy.try_send(record.clone()) {
-                            Ok(()) => {}
-                            // Only the copy: the record itself goes on to OTLP below.
-                            Err(mpsc::error::TrySendError::Full(_)) => {
-                                stats.record_stdout_copy_dropped(record.len());
-                            }
-                            // stdout's reader went away; the writer said so once.
-                            Err(mpsc::error::TrySendError::Closed(_)) => to_stdout = None,
-                        }
-                    }
-                    if to_otlp.send(record).await.is_err() {
-                        break;
-                    }
-                }
-                drop((to_otlp, to_stdout));
-                let _ = otlp_task.await;
-                let _ = stdout_done.await;
-            })
-        }
-    })
+    if otlp.is_none() || stdout {
+        let sink = StdoutSink::start(
+            StdoutExporter::new().with_attributes(attributes),
+            role,
+            stats,
+            stdout_closed,
+        )
+        .map_err(PipelineError::StdoutThread)?;
+        sinks.push(Box::new(sink));
+    }
+    if let Some(otlp) = otlp {
+        sinks.push(Box::new(otlp));
+    }
+    Ok(export::fan_out(records, sinks, capacity))
 }

@@ -196,6 +196,14 @@ impl Default for OutcomeSettings {
     }
 }
 
+impl OutcomeSettings {
+    /// Whether close records go anywhere (log records, the metrics, spans); if not, an
+    /// established connection is not kept for its close (a copy per connection).
+    pub fn closes_used(&self) -> bool {
+        self.close_records || self.metrics || self.spans
+    }
+}
+
 /// DNS settings of the reader (`--dns*` flags).
 #[derive(Debug, Clone)]
 pub struct DnsSettings {

@@ -52,16 +52,21 @@ impl ParseError {
 
 /// Type name for `dns.question.type`-like attributes; the number for the rest.
 pub fn type_name(qtype: u16) -> String {
-    match qtype {
-        1 => "A".into(),
-        5 => "CNAME".into(),
-        28 => "AAAA".into(),
-        33 => "SRV".into(),
-        12 => "PTR".into(),
-        16 => "TXT".into(),
-        65 => "HTTPS".into(),
-        other => other.to_string(),
-    }
+    known_type_name(qtype).map_or_else(|| qtype.to_string(), str::to_owned)
+}
+
+/// The name of a common question type (what [`type_name`] gives besides numbers).
+pub fn known_type_name(qtype: u16) -> Option<&'static str> {
+    Some(match qtype {
+        1 => "A",
+        5 => "CNAME",
+        28 => "AAAA",
+        33 => "SRV",
+        12 => "PTR",
+        16 => "TXT",
+        65 => "HTTPS",
+        _ => return None,
+    })
 }
 
 /// Response code name (RFC 1035, 6895).

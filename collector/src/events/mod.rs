@@ -167,13 +167,18 @@ impl EventReader {
                         if let Some(aggregates) = &mut self.aggregates {
                             aggregates.note(&connection);
                         }
-                        self.tracker.note(&mut connection);
+                        self.tracker
+                            .note(&mut connection, self.outcomes.closes_used());
                         if connection.logged() || self.outcomes.metrics {
                             batch.push(*connection);
                         }
                     }
                     Ok(Decoded::Close(raw)) => {
                         self.names.closed(raw.sock_id, raw.connect_ns);
+                        // Nothing takes closes: their connections were not remembered.
+                        if !self.outcomes.closes_used() {
+                            continue;
+                        }
                         if let Some(mut record) = self.tracker.close(&raw, &self.clock) {
                             if !self.outcomes.close_records {
                                 record.delivery = Delivery::MetricsOnly;

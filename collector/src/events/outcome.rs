@@ -164,9 +164,10 @@ pub struct Tracker {
 }
 
 impl Tracker {
-    /// A completed attempt: remembered for its close when established; marked for the
-    /// metrics only when it was already reported as pending.
-    pub fn note(&mut self, connection: &mut Connection) {
+    /// A completed attempt: remembered for its close when established and `closes` are
+    /// used (close records, the metrics); marked for the metrics only when it was
+    /// already reported as pending.
+    pub fn note(&mut self, connection: &mut Connection, closes: bool) {
         let Some(outcome) = connection.outcome else {
             return;
         };
@@ -174,7 +175,7 @@ impl Tracker {
         if self.reported_pending.remove(&key) {
             connection.delivery = Delivery::MetricsOnly;
         }
-        if outcome.state == ConnectionState::Established {
+        if closes && outcome.state == ConnectionState::Established {
             if self.open.len() >= MAX_OPEN {
                 self.evicted += 1;
             } else {

@@ -4,7 +4,7 @@
 //! OpenTelemetry semantic-convention keys where a convention exists; the rest under the
 //! documented `egress.` prefix (see README, "Output").
 
-use std::{collections::BTreeMap, fmt::Write as _};
+use std::{collections::BTreeMap, fmt::Write as _, net::IpAddr};
 
 use opentelemetry_semantic_conventions::attribute as semconv;
 
@@ -135,6 +135,7 @@ pub fn seconds(ns: u64) -> f64 {
     ns as f64 / 1e9
 }
 
+/// An owned attribute value (metrics, spans, tests); records are written from [`Attr`].
 #[derive(Debug, Clone, PartialEq)]
 pub enum Value {
     Str(String),
@@ -163,18 +164,158 @@ macro_rules! int_value {
                 Value::Int(v as i64)
             }
         }
+        impl From<$t> for Attr<'_> {
+            fn from(v: $t) -> Self {
+                Attr::Int(v as i64)
+            }
+        }
     )*};
 }
 int_value!(u16, u32, u64);
 
+/// Short text held in place (an address, a number as a name): no allocation.
+#[derive(Clone, Copy)]
+pub struct InlineText {
+    bytes: [u8; 47],
+    len: u8,
+}
+
+impl InlineText {
+    /// `value` as text; what does not fit (never an address) is cut at a character.
+    pub fn of(value: impl std::fmt::Display) -> Self {
+        let mut text = InlineText {
+            bytes: [0; 47],
+            len: 0,
+        };
+        let _ = write!(text, "{value}");
+        text
+    }
+
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.bytes[..usize::from(self.len)]).unwrap_or("")
+    }
+}
+
+impl std::fmt::Write for InlineText {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        let at = usize::from(self.len);
+        let end = at + s.len();
+        if end > self.bytes.len() {
+            return Err(std::fmt::Error);
+        }
+        self.bytes[at..end].copy_from_slice(s.as_bytes());
+        self.len = end as u8;
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for InlineText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.as_str().fmt(f)
+    }
+}
+
+impl PartialEq for InlineText {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+/// An attribute value borrowed from the record it describes: collecting a record's
+/// attributes allocates nothing, and the writers (JSON, protobuf) write from it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Attr<'a> {
+    Str(&'a str),
+    /// Text made on the spot (an address), written as a string.
+    Inline(InlineText),
+    Int(i64),
+    Bool(bool),
+    Double(f64),
+    StrArray(&'a [String]),
+    /// A DNS answer's addresses (their TTLs left out), written as an array of strings.
+    IpArray(&'a [(IpAddr, u32)]),
+}
+
+impl<'a> From<&'a str> for Attr<'a> {
+    fn from(s: &'a str) -> Self {
+        Attr::Str(s)
+    }
+}
+
+impl From<IpAddr> for Attr<'_> {
+    fn from(ip: IpAddr) -> Self {
+        Attr::Inline(InlineText::of(ip))
+    }
+}
+
+impl Attr<'_> {
+    /// The value as text, when it is one.
+    pub fn text(&self) -> Option<&str> {
+        match self {
+            Attr::Str(s) => Some(s),
+            Attr::Inline(t) => Some(t.as_str()),
+            _ => None,
+        }
+    }
+
+    pub fn to_value(&self) -> Value {
+        match self {
+            Attr::Str(s) => Value::Str((*s).to_owned()),
+            Attr::Inline(t) => Value::Str(t.as_str().to_owned()),
+            Attr::Int(n) => Value::Int(*n),
+            Attr::Bool(b) => Value::Bool(*b),
+            Attr::Double(d) => Value::Double(*d),
+            Attr::StrArray(items) => Value::StrArray(items.to_vec()),
+            Attr::IpArray(ips) => {
+                Value::StrArray(ips.iter().map(|(ip, _)| ip.to_string()).collect())
+            }
+        }
+    }
+}
+
+/// A record's attributes, borrowed from it.
+pub type Attrs<'a> = Vec<(&'static str, Attr<'a>)>;
+
+/// Buffers reused from record to record: the attribute list and the body line.
+#[derive(Default)]
+pub struct Scratch {
+    attributes: Attrs<'static>,
+    pub body: String,
+}
+
+impl Scratch {
+    /// The attributes of `set` of `record` (in `out`, its allocation reused), and its body
+    /// line (in `self.body`) built from all of them.
+    pub fn select<'a>(&mut self, record: &'a Record, set: AttributeSet) -> Attrs<'a> {
+        let mut attributes = reuse(std::mem::take(&mut self.attributes));
+        collect(record, &mut attributes);
+        self.body.clear();
+        write_body(&mut self.body, &record.resource.attributes, &attributes);
+        if set != AttributeSet::Full {
+            attributes.retain(|(key, _)| set.keeps(key));
+        }
+        attributes
+    }
+
+    /// Gives back the list [`Self::select`] lent, for the next record.
+    pub fn give_back(&mut self, attributes: Attrs<'_>) {
+        self.attributes = reuse(attributes);
+    }
+}
+
+/// An empty list with `list`'s allocation, for values of another lifetime (the standard
+/// library collects in place when the element layout is the same).
+fn reuse<'b>(mut list: Attrs<'_>) -> Attrs<'b> {
+    list.clear();
+    list.into_iter().map(|_| unreachable!("empty")).collect()
+}
+
 /// The attributes of `set`, and the record's body line built from all of them.
 pub fn select(record: &Record, set: AttributeSet) -> (Vec<(&'static str, Value)>, String) {
-    let mut attributes = of(record);
-    let line = body(&record.resource.attributes, &attributes);
-    if set != AttributeSet::Full {
-        attributes.retain(|(key, _)| set.keeps(key));
-    }
-    (attributes, line)
+    let mut scratch = Scratch::default();
+    let attributes = scratch.select(record, set);
+    let owned = attributes.iter().map(|(k, v)| (*k, v.to_value())).collect();
+    (owned, scratch.body)
 }
 
 /// Attributes whose value, when present, is the connection's outcome in the body line
@@ -190,19 +331,26 @@ const NAME_KEYS: &[&str] = &[semconv::SERVER_ADDRESS, semconv::DNS_QUESTION_NAME
 /// `payments/api-7c9d (api) python3[4242] → 52.94.233.129:443 tcp`, then the outcome and
 /// the destination's name when records carry them. Built only from the resource and the
 /// attributes, so an attribute added later shows up by its key.
-pub fn body(resource: &BTreeMap<&'static str, String>, attributes: &[(&str, Value)]) -> String {
+pub fn body(resource: &BTreeMap<&'static str, String>, attributes: &[(&str, Attr)]) -> String {
+    let mut line = String::with_capacity(96);
+    write_body(&mut line, resource, attributes);
+    line
+}
+
+/// [`body`], appended to `line`.
+pub fn write_body(
+    line: &mut String,
+    resource: &BTreeMap<&'static str, String>,
+    attributes: &[(&str, Attr)],
+) {
     let get = |key: &str| attributes.iter().find(|(k, _)| *k == key).map(|(_, v)| v);
-    let text = |key: &str| match get(key) {
-        Some(Value::Str(s)) if !s.is_empty() => Some(s.as_str()),
-        _ => None,
-    };
+    let text = |key: &str| get(key).and_then(Attr::text).filter(|s| !s.is_empty());
     let resource = |key: &str| {
         resource
             .get(key)
             .map(String::as_str)
             .filter(|s| !s.is_empty())
     };
-    let mut line = String::with_capacity(96);
     match (
         resource(semconv::K8S_NAMESPACE_NAME),
         resource(semconv::K8S_POD_NAME),
@@ -228,12 +376,12 @@ pub fn body(resource: &BTreeMap<&'static str, String>, attributes: &[(&str, Valu
         " {}",
         text(semconv::PROCESS_EXECUTABLE_NAME).unwrap_or("?")
     );
-    if let Some(Value::Int(pid)) = get(semconv::PROCESS_PID) {
+    if let Some(Attr::Int(pid)) = get(semconv::PROCESS_PID) {
         let _ = write!(line, "[{pid}]");
     }
     let address = text(semconv::DESTINATION_ADDRESS).unwrap_or("?");
     let port = match get(semconv::DESTINATION_PORT) {
-        Some(Value::Int(port)) => *port,
+        Some(Attr::Int(port)) => *port,
         _ => 0,
     };
     if address.contains(':') {
@@ -254,35 +402,39 @@ pub fn body(resource: &BTreeMap<&'static str, String>, attributes: &[(&str, Valu
     if let Some(outcome) = OUTCOME_KEYS.iter().find_map(|key| text(key)) {
         let _ = write!(line, " {outcome}");
     }
-    if let Some(Value::Int(n)) = get(keys::CONNECTION_COUNT).filter(|v| **v != Value::Int(1)) {
+    if let Some(Attr::Int(n)) = get(keys::CONNECTION_COUNT).filter(|v| **v != Attr::Int(1)) {
         let _ = write!(line, " ×{n}");
     }
-    line
 }
 
-/// Every attribute of the record (the `full` set).
+/// Every attribute of the record (the `full` set), owned.
 pub fn of(record: &Record) -> Vec<(&'static str, Value)> {
+    let mut attributes = Vec::new();
+    collect(record, &mut attributes);
+    attributes.iter().map(|(k, v)| (*k, v.to_value())).collect()
+}
+
+/// Every attribute of the record (the `full` set), borrowed from it, appended to `out`.
+pub fn collect<'a>(record: &'a Record, out: &mut Attrs<'a>) {
     let c = &record.connection;
     let p = &c.process;
     let ns = &c.namespaces;
-    let mut attributes = vec![
+    let destination: Attr = c.destination.ip().into();
+    out.extend([
         (keys::EVENT, c.kind_str().into()),
         (semconv::PROCESS_PID, p.pid.into()),
         (semconv::PROCESS_PARENT_PID, p.parent_pid.into()),
         (semconv::PROCESS_VPID, p.vpid.into()),
-        (semconv::PROCESS_EXECUTABLE_NAME, p.name.clone().into()),
+        (semconv::PROCESS_EXECUTABLE_NAME, p.name.as_str().into()),
         (semconv::PROCESS_USER_ID, p.uid.into()),
         (keys::PROCESS_GROUP_ID, p.gid.into()),
         (semconv::THREAD_ID, p.tid.into()),
-        (semconv::THREAD_NAME, p.thread_name.clone().into()),
+        (semconv::THREAD_NAME, p.thread_name.as_str().into()),
         (semconv::NETWORK_TRANSPORT, c.transport.as_str().into()),
         (semconv::NETWORK_TYPE, c.network_type().into()),
-        (semconv::SOURCE_ADDRESS, c.source.ip().to_string().into()),
+        (semconv::SOURCE_ADDRESS, c.source.ip().into()),
         (semconv::SOURCE_PORT, c.source.port().into()),
-        (
-            semconv::DESTINATION_ADDRESS,
-            c.destination.ip().to_string().into(),
-        ),
+        (semconv::DESTINATION_ADDRESS, destination),
         (semconv::DESTINATION_PORT, c.destination.port().into()),
         (keys::NAMESPACE_NET, ns.net.into()),
         (keys::NAMESPACE_UTS, ns.uts.into()),
@@ -290,126 +442,119 @@ pub fn of(record: &Record) -> Vec<(&'static str, Value)> {
         (keys::NAMESPACE_PID, ns.pid.into()),
         (keys::NAMESPACE_IPC, ns.ipc.into()),
         (keys::NAMESPACE_CGROUP, ns.cgroup.into()),
-        (keys::UTS_NODENAME, c.nodename.clone().into()),
+        (keys::UTS_NODENAME, c.nodename.as_str().into()),
         (keys::CGROUP_ID, c.cgroup.id.into()),
         (keys::CGROUP_LEAF_ID, c.cgroup.leaf_id.into()),
-        (keys::CGROUP_LEAF_NAME, c.cgroup.leaf_name.clone().into()),
+        (keys::CGROUP_LEAF_NAME, c.cgroup.leaf_name.as_str().into()),
         (
             keys::CGROUP_PARENT_NAME,
-            c.cgroup.parent_name.clone().into(),
+            c.cgroup.parent_name.as_str().into(),
         ),
-        (keys::HOST_NETWORK, Value::Bool(record.host_network)),
-    ];
+        (keys::HOST_NETWORK, Attr::Bool(record.host_network)),
+    ]);
     if let Some(lookup) = &c.dns {
         let a = &lookup.answer;
-        attributes.push((semconv::DNS_QUESTION_NAME, a.name.clone().into()));
-        attributes.push((
+        out.push((semconv::DNS_QUESTION_NAME, a.name.as_str().into()));
+        out.push((
             keys::DNS_QUESTION_TYPE,
-            crate::dns::type_name(a.qtype).into(),
+            match crate::dns::known_type_name(a.qtype) {
+                Some(name) => Attr::Str(name),
+                None => Attr::Inline(InlineText::of(a.qtype)),
+            },
         ));
         if lookup.unanswered {
-            attributes.push((semconv::ERROR_TYPE, "timeout".into()));
+            out.push((semconv::ERROR_TYPE, "timeout".into()));
         } else {
-            attributes.push((
+            out.push((
                 keys::DNS_RESPONSE_CODE,
                 crate::dns::rcode_name(a.rcode).into(),
             ));
         }
-        attributes.push((
-            semconv::DNS_ANSWERS,
-            Value::StrArray(a.addresses.iter().map(|(ip, _)| ip.to_string()).collect()),
-        ));
+        out.push((semconv::DNS_ANSWERS, Attr::IpArray(&a.addresses)));
         if !a.cname_chain.is_empty() {
-            attributes.push((
-                keys::DNS_CNAME_CHAIN,
-                Value::StrArray(a.cname_chain.clone()),
-            ));
+            out.push((keys::DNS_CNAME_CHAIN, Attr::StrArray(&a.cname_chain)));
         }
-        attributes.push((
+        out.push((
             keys::DNS_LOOKUP_DURATION,
-            Value::Double(seconds(lookup.latency_ns)),
+            Attr::Double(seconds(lookup.latency_ns)),
         ));
     } else if c.kind != egress_shared::EventKind::DnsAnswer {
         // The name the workload resolved, else the IP (semantic conventions); the
         // peer is always the IP and port.
         match &c.server {
             Some(server) => {
-                attributes.push((semconv::SERVER_ADDRESS, server.name.clone().into()));
-                attributes.push((keys::DNS_MATCH, server.matched.as_str().into()));
+                out.push((semconv::SERVER_ADDRESS, server.name.as_str().into()));
+                out.push((keys::DNS_MATCH, server.matched.as_str().into()));
                 if !server.cname_chain.is_empty() {
-                    attributes.push((
-                        keys::DNS_CNAME_CHAIN,
-                        Value::StrArray(server.cname_chain.clone()),
-                    ));
+                    out.push((keys::DNS_CNAME_CHAIN, Attr::StrArray(&server.cname_chain)));
                 }
             }
             None => {
-                attributes.push((
-                    semconv::SERVER_ADDRESS,
-                    c.destination.ip().to_string().into(),
-                ));
-                attributes.push((keys::DNS_MATCH, "none".into()));
+                out.push((semconv::SERVER_ADDRESS, destination));
+                out.push((keys::DNS_MATCH, "none".into()));
             }
         }
-        attributes.push((semconv::SERVER_PORT, c.destination.port().into()));
-        attributes.push((
-            semconv::NETWORK_PEER_ADDRESS,
-            c.destination.ip().to_string().into(),
-        ));
-        attributes.push((semconv::NETWORK_PEER_PORT, c.destination.port().into()));
+        out.push((semconv::SERVER_PORT, c.destination.port().into()));
+        out.push((semconv::NETWORK_PEER_ADDRESS, destination));
+        out.push((semconv::NETWORK_PEER_PORT, c.destination.port().into()));
     }
     if let Some(path) = &record.cgroup_path {
-        attributes.push((keys::CGROUP_PATH, path.clone().into()));
+        out.push((keys::CGROUP_PATH, path.as_str().into()));
     }
     if c.rate_limited_before > 0 {
-        attributes.push((keys::RATE_LIMITED_BEFORE, c.rate_limited_before.into()));
+        out.push((keys::RATE_LIMITED_BEFORE, c.rate_limited_before.into()));
     }
     if c.aggregate.is_some() {
-        attributes.push((keys::CONNECTION_COUNT, c.count.into()));
+        out.push((keys::CONNECTION_COUNT, c.count.into()));
     }
     if let Some(close) = &c.close {
-        attributes.push((keys::CONNECTION_START, close.connect_unix_nano.into()));
-        attributes.push((
+        out.push((keys::CONNECTION_START, close.connect_unix_nano.into()));
+        out.push((
             keys::CONNECTION_DURATION,
-            Value::Double(seconds(close.duration_ns())),
+            Attr::Double(seconds(close.duration_ns())),
         ));
         if close.still_open {
-            attributes.push((keys::OPEN_AT_SHUTDOWN, Value::Bool(true)));
+            out.push((keys::OPEN_AT_SHUTDOWN, Attr::Bool(true)));
         } else {
-            attributes.push((keys::BYTES_SENT, close.bytes_sent.into()));
-            attributes.push((keys::BYTES_RECEIVED, close.bytes_received.into()));
+            out.push((keys::BYTES_SENT, close.bytes_sent.into()));
+            out.push((keys::BYTES_RECEIVED, close.bytes_received.into()));
             if let Some(wire) = close.bytes_transmitted {
-                attributes.push((keys::BYTES_TRANSMITTED, wire.into()));
+                out.push((keys::BYTES_TRANSMITTED, wire.into()));
             }
-            attributes.push((keys::RETRANSMITS, close.retransmits.into()));
-            attributes.push((keys::RTT, Value::Double(f64::from(close.rtt_us) / 1e6)));
+            out.push((keys::RETRANSMITS, close.retransmits.into()));
+            out.push((keys::RTT, Attr::Double(f64::from(close.rtt_us) / 1e6)));
         }
         if let Some(by) = close.reset {
-            attributes.push((keys::RESET, by.into()));
+            out.push((keys::RESET, by.into()));
         }
         if let Some(error) = close.error_type {
-            attributes.push((semconv::ERROR_TYPE, error.into()));
+            out.push((semconv::ERROR_TYPE, error.into()));
         }
     } else if let Some(outcome) = &c.outcome {
-        attributes.push((keys::CONNECTION_STATE, outcome.state.as_str().into()));
+        out.push((keys::CONNECTION_STATE, outcome.state.as_str().into()));
         if let Some(error) = outcome.error_type {
-            attributes.push((semconv::ERROR_TYPE, error.into()));
+            out.push((semconv::ERROR_TYPE, error.into()));
         }
         if outcome.state != ConnectionState::Pending {
-            attributes.push((
+            out.push((
                 keys::HANDSHAKE_DURATION,
-                Value::Double(seconds(outcome.handshake_ns)),
+                Attr::Double(seconds(outcome.handshake_ns)),
             ));
-            attributes.push((keys::SYN_RETRANSMITS, outcome.syn_retransmits.into()));
+            out.push((keys::SYN_RETRANSMITS, outcome.syn_retransmits.into()));
         }
     }
-    attributes
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::export::otlp::mapping::tests::{record, resource};
+
+    fn borrowed(r: &Record) -> Attrs<'_> {
+        let mut attributes = Vec::new();
+        collect(r, &mut attributes);
+        attributes
+    }
 
     fn pod_resource() -> BTreeMap<&'static str, String> {
         let mut r = BTreeMap::new();
@@ -441,7 +586,8 @@ mod tests {
             cname_chain: Vec::new(),
             matched: crate::dns::cache::Match::Container,
         });
-        let mut attributes = of(&r);
+        let mut attributes = Vec::new();
+        collect(&r, &mut attributes);
         attributes.push((semconv::ERROR_TYPE, "refused".into()));
         assert_eq!(
             body(&pod_resource(), &attributes),
@@ -457,7 +603,7 @@ mod tests {
         let mut only_id = BTreeMap::new();
         only_id.insert(semconv::CONTAINER_ID, "0123456789abcdef0123".to_owned());
         assert_eq!(
-            body(&only_id, &of(&r)),
+            body(&only_id, &borrowed(&r)),
             "0123456789ab curl[42] → [2001:db8::1]:53 udp"
         );
         let mut host = BTreeMap::new();
@@ -474,7 +620,7 @@ mod tests {
             dst_addr: [0; 16],
         });
         assert_eq!(
-            body(&host, &of(&r)),
+            body(&host, &borrowed(&r)),
             "node-1 curl[42] → [2001:db8::1]:53 udp ×7"
         );
     }

@@ -18,8 +18,8 @@ use std::{
 use tokio::sync::{Notify, mpsc, oneshot};
 
 use super::{
-    ExportError, Exporter,
-    attributes::{self, AttributeSet},
+    ExportError, Feed, Records, Running, Sink,
+    attributes::{Attr, AttributeSet, InlineText, Scratch},
 };
 use crate::{enrich::Record, telemetry::Stats};
 
@@ -68,13 +68,86 @@ pub fn reader_gone() -> bool {
     ready > 0 && fd.revents & (libc::POLLERR | libc::POLLHUP) != 0
 }
 
+/// stdout as a [`Sink`]: its writer thread is started by [`StdoutSink::start`] (so a
+/// failure to start is known at start) and takes its queue when the sink runs.
+pub struct StdoutSink {
+    role: Role,
+    stats: Arc<Stats>,
+    input: oneshot::Sender<mpsc::Receiver<Records>>,
+    finished: oneshot::Receiver<()>,
+}
+
+impl StdoutSink {
+    /// Starts the writer thread (see [`spawn`]); it waits for its queue.
+    pub fn start<W: Write + Send + 'static>(
+        exporter: StdoutExporter<W>,
+        role: Role,
+        stats: Arc<Stats>,
+        closed: Arc<Closed>,
+    ) -> std::io::Result<Self> {
+        let (input, queue) = oneshot::channel();
+        let finished = spawn_with(exporter, queue, role, Arc::clone(&stats), closed)?;
+        Ok(Self {
+            role,
+            stats,
+            input,
+            finished,
+        })
+    }
+}
+
+impl Sink for StdoutSink {
+    fn name(&self) -> &'static str {
+        "stdout"
+    }
+
+    fn feed(&self) -> Feed {
+        match self.role {
+            Role::Sink => Feed::Every,
+            Role::Copy => {
+                let stats = Arc::clone(&self.stats);
+                Feed::Copy {
+                    skipped: Box::new(move |n| stats.record_stdout_copy_dropped(n)),
+                }
+            }
+        }
+    }
+
+    fn run(self: Box<Self>, input: mpsc::Receiver<Records>) -> Running {
+        let Self {
+            input: to_thread,
+            finished,
+            ..
+        } = *self;
+        Box::pin(async move {
+            if to_thread.send(input).is_ok() {
+                let _ = finished.await;
+            }
+        })
+    }
+}
+
 /// Runs `exporter` on its own thread until `input` closes. With [`Role::Sink`], every
 /// record is counted exported or failed, and `closed` is reported if the reader of
 /// stdout goes away (the records after that are counted failed, never written). The
 /// receiver completes when the thread is done.
 pub fn spawn<W: Write + Send + 'static>(
+    exporter: StdoutExporter<W>,
+    input: mpsc::Receiver<Records>,
+    role: Role,
+    stats: Arc<Stats>,
+    closed: Arc<Closed>,
+) -> std::io::Result<oneshot::Receiver<()>> {
+    let (to_thread, queue) = oneshot::channel();
+    let finished = spawn_with(exporter, queue, role, stats, closed)?;
+    let _ = to_thread.send(input);
+    Ok(finished)
+}
+
+/// [`spawn`], the queue handed over later (never, if `queue`'s sender is dropped).
+fn spawn_with<W: Write + Send + 'static>(
     mut exporter: StdoutExporter<W>,
-    mut input: mpsc::Receiver<Vec<Record>>,
+    queue: oneshot::Receiver<mpsc::Receiver<Records>>,
     role: Role,
     stats: Arc<Stats>,
     closed: Arc<Closed>,
@@ -83,6 +156,9 @@ pub fn spawn<W: Write + Send + 'static>(
     std::thread::Builder::new()
         .name("stdout".into())
         .spawn(move || {
+            let Ok(mut input) = queue.blocking_recv() else {
+                return;
+            };
             let sink = role == Role::Sink;
             let mut open = true;
             // One line per run of failures, not one per batch.
@@ -133,6 +209,7 @@ pub fn spawn<W: Write + Send + 'static>(
 pub struct StdoutExporter<W: Write + Send> {
     out: W,
     buffer: Vec<u8>,
+    scratch: Scratch,
     attributes: AttributeSet,
 }
 
@@ -153,6 +230,7 @@ impl<W: Write + Send> StdoutExporter<W> {
         Self {
             out,
             buffer: Vec::new(),
+            scratch: Scratch::default(),
             attributes: AttributeSet::default(),
         }
     }
@@ -167,11 +245,33 @@ impl<W: Write + Send> StdoutExporter<W> {
 /// Appends one record as a JSON line. Written field by field into a reused buffer: no
 /// intermediate `serde_json::Value`, so no map building or per-key allocation per event.
 pub fn write_line(out: &mut Vec<u8>, record: &Record, set: AttributeSet) -> serde_json::Result<()> {
-    let (attributes, body) = attributes::select(record, set);
+    write_line_with(out, &mut Scratch::default(), record, set)
+}
+
+/// [`write_line`] with buffers reused from record to record: nothing allocated per record
+/// once they have grown.
+pub fn write_line_with(
+    out: &mut Vec<u8>,
+    scratch: &mut Scratch,
+    record: &Record,
+    set: AttributeSet,
+) -> serde_json::Result<()> {
+    let attributes = scratch.select(record, set);
+    let written = write_fields(out, &scratch.body, &attributes, record);
+    scratch.give_back(attributes);
+    written
+}
+
+fn write_fields(
+    out: &mut Vec<u8>,
+    body: &str,
+    attributes: &[(&str, Attr)],
+    record: &Record,
+) -> serde_json::Result<()> {
     out.extend_from_slice(b"{\"time_unix_nano\":");
     serde_json::to_writer(&mut *out, &record.connection.time_unix_nano)?;
     out.extend_from_slice(b",\"body\":");
-    serde_json::to_writer(&mut *out, &body)?;
+    serde_json::to_writer(&mut *out, body)?;
     out.extend_from_slice(b",\"resource\":{");
     for (i, (key, value)) in record.resource.attributes.iter().enumerate() {
         if i > 0 {
@@ -189,22 +289,35 @@ pub fn write_line(out: &mut Vec<u8>, record: &Record, set: AttributeSet) -> serd
         serde_json::to_writer(&mut *out, key)?;
         out.push(b':');
         match value {
-            attributes::Value::Str(s) => serde_json::to_writer(&mut *out, s)?,
-            attributes::Value::Int(n) => serde_json::to_writer(&mut *out, n)?,
-            attributes::Value::Bool(b) => serde_json::to_writer(&mut *out, b)?,
-            attributes::Value::Double(d) => serde_json::to_writer(&mut *out, d)?,
-            attributes::Value::StrArray(items) => serde_json::to_writer(&mut *out, items)?,
+            Attr::Str(s) => serde_json::to_writer(&mut *out, s)?,
+            Attr::Inline(t) => serde_json::to_writer(&mut *out, t.as_str())?,
+            Attr::Int(n) => serde_json::to_writer(&mut *out, n)?,
+            Attr::Bool(b) => serde_json::to_writer(&mut *out, b)?,
+            Attr::Double(d) => serde_json::to_writer(&mut *out, d)?,
+            Attr::StrArray(items) => serde_json::to_writer(&mut *out, items)?,
+            Attr::IpArray(ips) => {
+                out.push(b'[');
+                for (i, (ip, _)) in ips.iter().enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    serde_json::to_writer(&mut *out, InlineText::of(ip).as_str())?;
+                }
+                out.push(b']');
+            }
         }
     }
     out.extend_from_slice(b"}}\n");
     Ok(())
 }
 
-impl<W: Write + Send> Exporter for StdoutExporter<W> {
-    fn export(&mut self, batch: &[Record]) -> Result<(), ExportError> {
+impl<W: Write + Send> StdoutExporter<W> {
+    /// Writes the batch's records that are logged, then flushes.
+    pub fn export(&mut self, batch: &[Record]) -> Result<(), ExportError> {
         self.buffer.clear();
         for record in batch.iter().filter(|r| r.connection.logged()) {
-            write_line(&mut self.buffer, record, self.attributes).map_err(std::io::Error::from)?;
+            write_line_with(&mut self.buffer, &mut self.scratch, record, self.attributes)
+                .map_err(std::io::Error::from)?;
         }
         self.out.write_all(&self.buffer)?;
         self.out.flush()?;
@@ -244,7 +357,8 @@ mod tests {
         .expect("thread");
         let r = record(&resource("shop"), 443);
         for n in [3, 2] {
-            tx.blocking_send(vec![r.clone(); n]).expect("send");
+            tx.blocking_send(Arc::new(vec![r.clone(); n]))
+                .expect("send");
         }
         drop(tx);
         done.blocking_recv().expect("finished");
@@ -259,6 +373,35 @@ mod tests {
         });
         let kernel_free = stats.snapshot_user();
         assert_eq!((kernel_free.exported, kernel_free.export_failed), (0, 5));
+    }
+
+    #[test]
+    fn writing_a_record_allocates_nothing_once_the_buffers_have_grown() {
+        let mut r = record(&resource("shop"), 443);
+        r.cgroup_path = Some("/kubepods/pod/abc".into());
+        let (mut out, mut scratch) = (Vec::new(), Scratch::default());
+        // The counter counts: owned attributes allocate.
+        let before = crate::export::counting::allocations();
+        let owned = crate::export::attributes::of(&r);
+        assert!(crate::export::counting::allocations() > before && !owned.is_empty());
+        for set in [
+            AttributeSet::Minimal,
+            AttributeSet::Default,
+            AttributeSet::Full,
+        ] {
+            write_line_with(&mut out, &mut scratch, &r, set).expect("write");
+            out.clear();
+            let before = crate::export::counting::allocations();
+            for _ in 0..100 {
+                write_line_with(&mut out, &mut scratch, &r, set).expect("write");
+                out.clear();
+            }
+            assert_eq!(
+                crate::export::counting::allocations() - before,
+                0,
+                "{set:?}"
+            );
+        }
     }
 
     #[test]
@@ -282,7 +425,7 @@ mod tests {
         );
         assert_eq!(
             json["attributes"].as_object().expect("object").len(),
-            attributes::of(&r).len()
+            crate::export::attributes::of(&r).len()
         );
         assert_eq!(
             json["body"],

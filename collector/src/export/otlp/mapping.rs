@@ -31,8 +31,8 @@ pub const CLOSE_EVENT_NAME: &str = "egress.connection.close";
 /// A DNS answer a workload received (docs/dns.md).
 pub const DNS_EVENT_NAME: &str = "egress.dns";
 pub const CONNECTIONS_METRIC: &str = "egress.connections";
-const SCOPE_NAME: &str = "egress-collector";
-const SCOPE_VERSION: &str = env!("CARGO_PKG_VERSION");
+pub(crate) const SCOPE_NAME: &str = "egress-collector";
+pub(crate) const SCOPE_VERSION: &str = env!("CARGO_PKG_VERSION");
 /// Series beyond this many per workload go to one overflow series (OpenTelemetry's
 /// cardinality limit convention), so a port scan cannot exhaust memory.
 pub const MAX_SERIES_PER_RESOURCE: usize = 2000;
@@ -105,7 +105,9 @@ pub fn log_record(record: &Record, observed_unix_nano: u64, set: AttributeSet) -
     }
 }
 
-/// One request for a batch: records of one workload share one `ResourceLogs`.
+/// One request for a batch: records of one workload share one `ResourceLogs`. The
+/// exporter writes the same bytes without building it ([`super::encode::LogsEncoder`]);
+/// this is the reference that encoder is checked against.
 pub fn logs_request(
     batch: &[Record],
     observed_unix_nano: u64,

@@ -2,6 +2,7 @@
 //! when the endpoint cannot keep up, retries with backoff and jitter, cumulative metrics
 //! per workload plus the collector's own health, and a bounded flush on shutdown.
 
+pub mod encode;
 pub mod lifecycle;
 pub mod mapping;
 pub mod queue;
@@ -19,14 +20,14 @@ use std::{
 use tokio::{sync::mpsc, time::Instant};
 
 use self::{
+    encode::LogsEncoder,
     mapping::ConnectionCounts,
     queue::{Batch, BatchQueue},
     spans::SpanBatch,
 };
 use crate::{
     config::otlp::OtlpSettings,
-    enrich::Record,
-    export::attributes::AttributeSet,
+    export::{Feed, Records, Running, Sink, attributes::AttributeSet},
     otlp_client::{
         retry::Backoff,
         transport::{Accepted, Client, SendError, TransportError},
@@ -194,14 +195,15 @@ impl OtlpExporter {
     }
 
     /// Exports until `input` closes, then flushes within the deadline.
-    pub async fn run(mut self, mut input: mpsc::Receiver<Vec<Record>>) {
+    pub async fn run(mut self, mut input: mpsc::Receiver<Records>) {
         let mut departures = self.departures.take();
         let start = unix_nanos_now();
         let mut counts = ConnectionCounts::new(start, self.settings.metrics_destination_address)
             .with_server_address(self.settings.metrics_server_address);
         let mut queue = BatchQueue::new(self.settings.queue_records);
         let mut spans = SpanBatch::default();
-        let mut pending: Vec<Record> = Vec::with_capacity(self.settings.batch_size);
+        // Log records encoded as they come; the request is put together at the seal.
+        let mut pending = LogsEncoder::new(self.attributes);
         let mut batch_due: Option<Instant> = None;
         let mut sending: Option<Sending> = None;
         let mut retry_at: Option<Instant> = None;
@@ -229,11 +231,11 @@ impl OtlpExporter {
             tokio::select! {
                 received = input.recv(), if input_open => match received {
                     Some(records) => {
-                        for record in records {
+                        for record in records.iter() {
                             if record.connection.counted() {
-                                counts.record(&record);
+                                counts.record(record);
                                 if self.traces.is_some() {
-                                    spans.push(&record);
+                                    spans.push(record);
                                 }
                             }
                             if !record.connection.logged() {
@@ -362,18 +364,31 @@ impl OtlpExporter {
         }
     }
 
-    fn seal(&self, pending: &mut Vec<Record>, queue: &mut BatchQueue) {
+    fn seal(&self, pending: &mut LogsEncoder, queue: &mut BatchQueue) {
         if pending.is_empty() {
             return;
         }
-        let request = mapping::logs_request(pending, unix_nanos_now(), self.attributes);
+        let records = pending.len();
         let dropped = queue.push(Batch {
-            encoded: prost::Message::encode_to_vec(&request).into(),
-            records: pending.len(),
+            encoded: pending.finish(unix_nanos_now()).into(),
+            records,
         });
         if dropped > 0 {
             self.stats.record_export_dropped(dropped);
         }
-        pending.clear();
+    }
+}
+
+impl Sink for OtlpExporter {
+    fn name(&self) -> &'static str {
+        "OTLP"
+    }
+
+    fn feed(&self) -> Feed {
+        Feed::Every
+    }
+
+    fn run(self: Box<Self>, input: mpsc::Receiver<Records>) -> Running {
+        Box::pin(OtlpExporter::run(*self, input))
     }
 }
