@@ -6,6 +6,7 @@
 
 pub mod attribution;
 pub mod collector;
+pub mod dns;
 pub mod docker;
 pub mod scenario;
 pub mod static_build;

@@ -3,3 +3,4 @@
 
 pub mod host;
 pub mod receiver;
+pub mod vm;
