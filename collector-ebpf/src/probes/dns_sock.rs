@@ -183,8 +183,8 @@ fn received(sk: u64, msg: u64, len: u64, ret: i64, sent_ns: u64) {
 }
 
 /// hook: `int udp_recvmsg(struct sock *sk, struct msghdr *msg, size_t len, int flags,
-/// int *addr_len)`, and `udpv6_recvmsg`, `tcp_recvmsg` (the same first three arguments
-/// since 5.19; before, a `noblock` argument came fourth). Saves the call for its return
+/// int *addr_len)`, and `udpv6_recvmsg`, `tcp_recvmsg` (the same five arguments since
+/// 5.19; before, a `noblock` argument came fourth). Saves the call for its return
 /// when the socket is marked.
 #[kprobe]
 pub fn kprobe_dns_recvmsg(ctx: ProbeContext) -> u32 {
@@ -238,11 +238,11 @@ fn fexit_recv(ctx: &FExitContext) {
     let Some(mark) = marked(sk) else {
         return;
     };
-    // The return value's place depends on the argument count (5.19 dropped one): the
-    // helper finds it (5.17+).
-    let Ok(ret) = ctx.ret::<i32>() else {
-        return;
-    };
+    // The return value follows the five arguments these functions have had since 5.19
+    // (`noblock` dropped); this hook runs on 6.0+ only (`ITER_UBUF`, see attach_dns).
+    // Read from the context, not with `FExitContext::ret`: its helper call is a
+    // subprogram taking the context, which 6.1's verifier refuses for fexit programs.
+    let ret = ctx.arg::<u64>(5) as i32;
     received(sk, ctx.arg(1), ctx.arg(2), ret as i64, mark.sent_ns);
 }
 
