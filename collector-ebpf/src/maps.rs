@@ -220,10 +220,11 @@ pub struct DnsRead {
     pub sent_ns: u64,
 }
 
-/// Where a DNS record is assembled (1744 bytes): slot 0 for answers (the read exits),
-/// slot 1 for queries (the send exit), as [`SCRATCH`] has a slot per program.
+/// Where a DNS record is assembled (1744 bytes): slot 0 for answers (the read exits,
+/// kprobe mode's receive return), slot 1 for queries (the send exits), 2-4 for the fentry
+/// family's three receive fexits, as [`SCRATCH`] has a slot per program.
 #[map]
-pub static DNS_SCRATCH: PerCpuArray<egress_shared::DnsEvent> = PerCpuArray::with_max_entries(2, 0);
+pub static DNS_SCRATCH: PerCpuArray<egress_shared::DnsEvent> = PerCpuArray::with_max_entries(5, 0);
 
 /// One bit per process (by `tgid`, folded into 65536 bits) that has marked a DNS socket:
 /// the early exit of every read syscall's entry and exit on the node is this array load

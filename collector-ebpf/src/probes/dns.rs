@@ -251,15 +251,16 @@ fn copy_answer(read: &DnsRead, returned: u64, is_query: bool) {
     } else {
         (read.buf, returned)
     };
-    emit_message(read.sk, src, len, read.sent_ns, is_query);
+    emit_message(read.sk, src, len, read.sent_ns, is_query, is_query as u32);
 }
 
 /// Copies the DNS message of `len` bytes at user address `src`, which socket `sk` received
 /// (or sent, `is_query`), into a [`egress_shared::DnsEvent`] of the current task. Every
-/// hook family ends here, so user space reads one record whatever hooked it.
+/// hook family ends here, so user space reads one record whatever hooked it. `slot`: the
+/// calling program's `DNS_SCRATCH` slot.
 #[inline(always)]
-pub fn emit_message(sk: u64, src: u64, len: u64, sent_ns: u64, is_query: bool) {
-    let Some(slot) = DNS_SCRATCH.get_ptr_mut(is_query as u32) else {
+pub fn emit_message(sk: u64, src: u64, len: u64, sent_ns: u64, is_query: bool, slot: u32) {
+    let Some(slot) = DNS_SCRATCH.get_ptr_mut(slot) else {
         return;
     };
     // SAFETY: the per-CPU slot is ours for the rest of this program run.

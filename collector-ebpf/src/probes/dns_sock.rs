@@ -97,7 +97,7 @@ pub fn udp_sent(sk: u64, dest: &Dest, msg: u64, ret: i64, v6_outer: bool) {
     }
     mark(sk, port);
     if let Some((src, n)) = consumed(msg, ret as u64) {
-        emit_message(sk, src, n, 0, true);
+        emit_message(sk, src, n, 0, true, 1);
     }
 }
 
@@ -172,13 +172,13 @@ fn marked(sk: u64) -> Option<DnsSock> {
 /// A receive on a marked socket returned `ret` (bytes, or the datagram's length with
 /// MSG_TRUNC); `len` is the caller's buffer size.
 #[inline(always)]
-fn received(sk: u64, msg: u64, len: u64, ret: i64, sent_ns: u64) {
+fn received(sk: u64, msg: u64, len: u64, ret: i64, sent_ns: u64, slot: u32) {
     // Errors, and a resolver reading a TCP message's 2-byte length on its own (glibc).
     if ret <= 2 {
         return;
     }
     if let Some((src, n)) = consumed(msg, (ret as u64).min(len)) {
-        emit_message(sk, src, n, sent_ns, false);
+        emit_message(sk, src, n, sent_ns, false, slot);
     }
 }
 
@@ -224,12 +224,12 @@ pub fn kretprobe_dns_recvmsg(ctx: RetProbeContext) -> u32 {
     };
     let _ = DNS_RECVS.remove(&tid);
     let ret = ctx.ret::<i32>() as i64;
-    received(recv.sk, recv.msg, recv.len, ret, recv.sent_ns);
+    received(recv.sk, recv.msg, recv.len, ret, recv.sent_ns, 0);
     0
 }
 
 #[inline(always)]
-fn fexit_recv(ctx: &FExitContext) {
+fn fexit_recv(ctx: &FExitContext, slot: u32) {
     // The early exit of every receive on the node.
     if !process_marked() {
         return;
@@ -243,27 +243,36 @@ fn fexit_recv(ctx: &FExitContext) {
     // Read from the context, not with `FExitContext::ret`: its helper call is a
     // subprogram taking the context, which 6.1's verifier refuses for fexit programs.
     let ret = ctx.arg::<u64>(5) as i32;
-    received(sk, ctx.arg(1), ctx.arg(2), ret as i64, mark.sent_ns);
+    received(sk, ctx.arg(1), ctx.arg(2), ret as i64, mark.sent_ns, slot);
 }
 
 /// hook: `int udp_recvmsg(struct sock *sk, struct msghdr *msg, size_t len, int flags,
 /// int *addr_len)` (see `kprobe_dns_recvmsg`).
 #[fexit(function = "udp_recvmsg")]
+#[inline(always)]
 pub fn fexit_dns_udp_recvmsg(ctx: FExitContext) -> u32 {
-    fexit_recv(&ctx);
+    // A slot of its own: the three bodies differ, so they are never merged into one
+    // subprogram (6.1's verifier refuses a call that passes the context).
+    fexit_recv(&ctx, 2);
     0
 }
 
 /// hook: `int udpv6_recvmsg(...)`, the same arguments.
 #[fexit(function = "udpv6_recvmsg")]
+#[inline(always)]
 pub fn fexit_dns_udpv6_recvmsg(ctx: FExitContext) -> u32 {
-    fexit_recv(&ctx);
+    // A slot of its own: the three bodies differ, so they are never merged into one
+    // subprogram (6.1's verifier refuses a call that passes the context).
+    fexit_recv(&ctx, 3);
     0
 }
 
 /// hook: `int tcp_recvmsg(...)`, the same arguments: DNS over TCP.
 #[fexit(function = "tcp_recvmsg")]
+#[inline(always)]
 pub fn fexit_dns_tcp_recvmsg(ctx: FExitContext) -> u32 {
-    fexit_recv(&ctx);
+    // A slot of its own: the three bodies differ, so they are never merged into one
+    // subprogram (6.1's verifier refuses a call that passes the context).
+    fexit_recv(&ctx, 4);
     0
 }
