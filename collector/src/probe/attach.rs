@@ -165,12 +165,28 @@ pub fn attach_dns(
             return false;
         }
         HookMode::Kprobe => DNS_KPROBES.iter().try_for_each(|a| attach_kprobe(ebpf, a)),
-        HookMode::Fentry => match btf {
-            Some(btf) => DNS_FEXITS
-                .iter()
-                .try_for_each(|&(program, function)| attach_fexit(ebpf, btf, program, function)),
-            None => Err(AttachError::NoBtf),
-        },
+        HookMode::Fentry => {
+            let fexits = match btf {
+                Some(btf) => DNS_FEXITS.iter().try_for_each(|&(program, function)| {
+                    attach_fexit(ebpf, btf, program, function)
+                }),
+                None => Err(AttachError::NoBtf),
+            };
+            match fexits {
+                Ok(()) => Ok(()),
+                // Debian's 6.1 refuses the receive fexits (EACCES after its main-program
+                // argument check) where it takes the send fexits: the same functions
+                // through kprobes then, where the kernel has them.
+                Err(refused) if kernel_has_kprobes() => {
+                    for &(program, _) in DNS_FEXITS {
+                        unload(ebpf, program);
+                    }
+                    tracing::warn!(%mode, reason = %one_line(&refused), "The DNS receive fexits were refused; DNS answers go through kprobes on the same functions instead.");
+                    DNS_KPROBES.iter().try_for_each(|a| attach_kprobe(ebpf, a))
+                }
+                Err(refused) => Err(refused),
+            }
+        }
     };
     if let Err(e) = result {
         tracing::warn!(%mode, reason = %one_line(&e), "DNS capture could not be attached; connections will carry no server.address.");
