@@ -8,8 +8,9 @@
 //! recvmsg), Go (read on a connected socket) and DNS over TCP (read), in the reading
 //! task, so cgroup and network namespace are the workload's. On x86_64 only the exits
 //! are hooked (the arguments are read back from the registers the task saved at entry);
-//! a read by a process that never marked a socket costs one array load there. A process
-//! that did pays a hash lookup per read. Not seen:
+//! a read that returned at most 2 bytes (an error, EAGAIN above all) exits on its return
+//! value alone, and a read by a process that never marked a socket costs one array load
+//! more. A process that did pays a hash lookup per read. Not seen:
 //! io_uring receives (no syscall), readv/recvmmsg.
 
 use aya_ebpf::{
