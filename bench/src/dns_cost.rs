@@ -290,10 +290,13 @@ pub fn section(command: &str, table: &str) -> String {
          `--dns=false`. `DNS programs` is the run time of the read/recvfrom/recvmsg\n\
          tracepoint programs (`tp_dns_*`) divided by the segments or datagrams the host\n\
          received (/proc/net/snmp; both ends are on this host), then per program run (a\n\
-         run is a syscall exit on the whole node, iperf3's or anyone's);\n\
+         run is a syscall exit on the whole node, iperf3's or anyone's: a process that\n\
+         marked a DNS socket (a DNS forwarder, say) pays a hash lookup per read);\n\
          `all programs` adds every program of the collector. The ratio is the\n\
          throughput against no collector: bpf_stats leaves out dispatch and syscall\n\
-         slow paths. A machine shared with other builds makes single rounds noisy.\n\n\
+         slow paths. A machine shared with other builds makes single rounds noisy: take\n\
+         the lowest of several rounds. The kprobe and fentry families' DNS hooks\n\
+         (`udp_recvmsg`, `udpv6_recvmsg`, `tcp_recvmsg`) cannot run on this host's kernel.\n\n\
          | load | observer | Gbit/s | ratio | received | DNS programs | per run | all programs |\n\
          |---|---|---|---|---|---|---|---|\n{table}",
         crate::report::today()

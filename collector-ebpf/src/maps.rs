@@ -297,10 +297,11 @@ pub struct DnsRead {
     pub sent_ns: u64,
 }
 
-/// Where a DNS record is assembled (1744 bytes): slot 0 for answers (the read exits),
-/// slot 1 for queries (the send exit), as [`SCRATCH`] has a slot per program.
+/// Where a DNS record is assembled (1744 bytes): slot 0 for answers (the read exits,
+/// kprobe mode's receive return), slot 1 for queries (the send exits), 2-4 for the fentry
+/// family's three receive fexits, as [`SCRATCH`] has a slot per program.
 #[map]
-pub static DNS_SCRATCH: PerCpuArray<egress_shared::DnsEvent> = PerCpuArray::with_max_entries(2, 0);
+pub static DNS_SCRATCH: PerCpuArray<egress_shared::DnsEvent> = PerCpuArray::with_max_entries(5, 0);
 
 /// One bit per process (by `tgid`, folded into 65536 bits) that has marked a DNS socket:
 /// the early exit of every read syscall's entry and exit on the node is this array load
@@ -311,3 +312,38 @@ pub static DNS_SCRATCH: PerCpuArray<egress_shared::DnsEvent> = PerCpuArray::with
 /// process's next query sets again.
 #[map]
 pub static DNS_PROCESSES: Array<u64> = Array::with_max_entries(1024, 0);
+
+/// Sockets marked as DNS in the kprobe and fentry families, by `struct sock` address: a
+/// UDP send or connect to port 53, or a TCP connect to it (every family marks TCP here, at
+/// SYN_SENT). The receive hooks (`udp_recvmsg`, `udpv6_recvmsg`, `tcp_recvmsg`) look a
+/// socket up here only once [`DNS_PROCESSES`] says its process marked one. LRU: a
+/// resolver's short-lived sockets age out; `local_port` guards against the address being
+/// reused by another socket (see `probes::dns_sock`).
+#[map]
+pub static DNS_SOCKS: LruHashMap<u64, DnsSock> = LruHashMap::with_max_entries(8192, 0);
+
+#[repr(C)]
+#[derive(Copy, Clone)]
+pub struct DnsSock {
+    /// When the last query (or the connect) went out, CLOCK_BOOTTIME.
+    pub sent_ns: u64,
+    /// The socket's local port when marked (UDP; 0 for TCP, marked before it has one).
+    pub local_port: u16,
+    pub _pad: [u8; 6],
+}
+
+/// kprobe family: a receive on a marked socket, from `kprobe_dns_recvmsg` to its return
+/// probe, by thread id (LRU, as [`CALLS`]: a missed return leaves no entry for good).
+#[map]
+pub static DNS_RECVS: LruHashMap<u32, DnsRecv> = LruHashMap::with_max_entries(1024, 0);
+
+#[repr(C)]
+#[derive(Copy, Clone)]
+pub struct DnsRecv {
+    pub sk: u64,
+    /// The kernel `struct msghdr`, alive until the call returns.
+    pub msg: u64,
+    /// The caller's buffer size (`len` argument).
+    pub len: u64,
+    pub sent_ns: u64,
+}

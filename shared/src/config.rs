@@ -179,10 +179,51 @@ pub struct ProbeConfig {
     /// marks a TCP connect for that exit (`TCP_CONNECT_MARKS`). 0: an entry hook saves
     /// the arguments.
     pub regs_syscall_nr: u32,
+    /// Where the kprobe and fentry families find a received (or sent) message's bytes.
+    pub dns_iter: DnsIterOffsets,
 }
 
 const _: () =
-    assert!(core::mem::size_of::<ProbeConfig>() == 58 * 4 + 14 * 4 + 8 + 8 + 24 + 16 + 16);
+    assert!(core::mem::size_of::<ProbeConfig>() == 58 * 4 + 14 * 4 + 8 + 8 + 24 + 16 + 16 + 8 * 4);
+
+/// The kernel `struct msghdr`'s data iterator, for the DNS hooks below the syscalls
+/// (`udp_recvmsg`, `udpv6_recvmsg`, `tcp_recvmsg`, `udp_sendmsg`): after the kernel has
+/// copied a message through `msg_iter`, the iterator points just past it in the caller's
+/// buffer. All 0 (`usable` 0) where the kernel has no `enum iter_type` with `ITER_UBUF`
+/// (before 6.0): DNS then stays off in those families.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct DnsIterOffsets {
+    /// 1 when every field below was found in BTF.
+    pub usable: u32,
+    /// `msghdr.msg_iter`
+    pub msghdr_msg_iter: u32,
+    /// `iov_iter.iter_type` (u8)
+    pub iter_type: u32,
+    /// `iov_iter.iov_offset`: bytes consumed in the current segment.
+    pub iov_offset: u32,
+    /// `iov_iter.ubuf`, which shares its place with `__iov` (`iov` before 6.4).
+    pub iter_ptr: u32,
+    /// Values of `ITER_UBUF` and `ITER_IOVEC` (their order changed in 6.4).
+    pub iter_ubuf: u32,
+    pub iter_iovec: u32,
+    pub _pad: u32,
+}
+
+impl DnsIterOffsets {
+    pub const fn zeroed() -> Self {
+        Self {
+            usable: 0,
+            msghdr_msg_iter: 0,
+            iter_type: 0,
+            iov_offset: 0,
+            iter_ptr: 0,
+            iter_ubuf: 0,
+            iter_iovec: 0,
+            _pad: 0,
+        }
+    }
+}
 
 impl ProbeConfig {
     pub const fn zeroed() -> Self {
@@ -280,6 +321,7 @@ impl ProbeConfig {
             dns_regs_fd: 0,
             dns_regs_buf: 0,
             regs_syscall_nr: 0,
+            dns_iter: DnsIterOffsets::zeroed(),
         }
     }
 }

@@ -10,7 +10,8 @@ pub mod event;
 
 pub use aggregate::AggregateKey;
 pub use config::{
-    CgroupSource, KernelOffsets, MAX_CGROUP_BURST, MAX_CGROUP_RATE, ProbeConfig, TracepointOffsets,
+    CgroupSource, DnsIterOffsets, KernelOffsets, MAX_CGROUP_BURST, MAX_CGROUP_RATE, ProbeConfig,
+    TracepointOffsets,
 };
 pub use event::{
     CGROUP_NAME_LEN, COMM_LEN, CONNECT_EVENT_SIZE, COUNTER_COUNT, CloseFlags, ConnState,

@@ -6,6 +6,7 @@
 
 pub mod attribution;
 pub mod collector;
+pub mod dns;
 pub mod docker;
 #[cfg(feature = "otlp-receiver")]
 pub mod receiver;

@@ -8,9 +8,9 @@ use std::{
 
 pub const MUSL: &str = "x86_64-unknown-linux-musl";
 
-/// Builds `egress-collector`, `egress-scenario` and `egress-attribution` statically; returns the directory
-/// holding them. A target dir of its own: the outer `cargo test` holds the lock on the
-/// default one.
+/// Builds `egress-collector` and the testkit's scenario binaries (`egress-scenario`,
+/// `egress-attribution`, `egress-dns-vm`) statically; returns the directory holding
+/// them. A target dir of its own: the outer `cargo test` holds the lock on the default one.
 pub fn build(workspace: &Path, cargo: &str) -> Result<PathBuf, String> {
     let target_dir = workspace.join("target").join("vm");
     eprintln!("building static binaries into {}", target_dir.display());
@@ -19,7 +19,7 @@ pub fn build(workspace: &Path, cargo: &str) -> Result<PathBuf, String> {
         .args(["build", "--release", "--target", MUSL])
         .args(["-p", "egress-collector", "-p", "egress-testkit"])
         .args(["--bin", "egress-collector", "--bin", "egress-scenario"])
-        .args(["--bin", "egress-attribution"])
+        .args(["--bin", "egress-attribution", "--bin", "egress-dns-vm"])
         .arg("--target-dir")
         .arg(&target_dir)
         .output()

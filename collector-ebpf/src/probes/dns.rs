@@ -8,8 +8,9 @@
 //! recvmsg), Go (read on a connected socket) and DNS over TCP (read), in the reading
 //! task, so cgroup and network namespace are the workload's. On x86_64 only the exits
 //! are hooked (the arguments are read back from the registers the task saved at entry);
-//! a read by a process that never marked a socket costs one array load there. A process
-//! that did pays a hash lookup per read. Not seen:
+//! a read that returned at most 2 bytes (an error, EAGAIN above all) exits on its return
+//! value alone, and a read by a process that never marked a socket costs one array load
+//! more. A process that did pays a hash lookup per read. Not seen:
 //! io_uring receives (no syscall), readv/recvmmsg.
 
 use aya_ebpf::{
@@ -52,7 +53,7 @@ fn process_bit() -> (u32, u64) {
 
 /// Whether the current process has marked a DNS socket (see `DNS_PROCESSES`).
 #[inline(always)]
-fn process_marked() -> bool {
+pub fn process_marked() -> bool {
     let (word, bit) = process_bit();
     DNS_PROCESSES.get(word).is_some_and(|bits| bits & bit != 0)
 }
@@ -74,6 +75,12 @@ pub fn mark(fd: u64, sk: u64) {
         sent_ns: unsafe { bpf_ktime_get_boot_ns() },
     };
     let _ = DNS_SOCKETS.insert(&key(fd), &entry, 0);
+    mark_process();
+}
+
+/// Sets the current process's bit in `DNS_PROCESSES`: its reads are looked at from now on.
+#[inline(always)]
+pub fn mark_process() {
     let (word, bit) = process_bit();
     if let Some(slot) = DNS_PROCESSES.get_ptr_mut(word) {
         // SAFETY: a map value; see DNS_PROCESSES on the race.
@@ -173,25 +180,21 @@ fn arguments(is_msghdr: bool) -> Option<DnsRead> {
 
 #[inline(always)]
 fn exit(ctx: &TracePointContext, is_msghdr: bool) {
-    // The early exit of every read on the node, as at entry.
-    if !process_marked() {
+    // The early exits of every read on the node: first what the record itself says (a
+    // failed read, EAGAIN on a non-blocking socket above all, or at most the 2-byte
+    // length a resolver reads on its own before a TCP message: no DNS message), without a
+    // helper call; then whether this process has marked a socket.
+    let Some(ret) = arg(ctx, RET) else { return };
+    let ret = ret as i64;
+    if ret <= 2 || !process_marked() {
         return;
     }
     let Some(read) = arguments(is_msghdr) else {
         return;
     };
-    let Some(ret) = arg(ctx, RET) else { return };
-    let ret = ret as i64;
-    if ret <= 0 {
-        return;
-    }
     // The descriptor may name another socket by now (closed and reused).
     if sock::from_fd(read.fd) != Ok(read.sk) {
         let _ = DNS_SOCKETS.remove(&key(read.fd));
-        return;
-    }
-    // A resolver reading a TCP message's 2-byte length on its own (glibc): no message.
-    if ret <= 2 {
         return;
     }
     copy_answer(&read, ret as u64, false);
@@ -237,14 +240,7 @@ pub fn query(fd: u64, sk: u64, user_addr: u64, is_msghdr: bool, ret: i64) {
 
 #[inline(always)]
 fn copy_answer(read: &DnsRead, returned: u64, is_query: bool) {
-    let Some(slot) = DNS_SCRATCH.get_ptr_mut(is_query as u32) else {
-        return;
-    };
-    // SAFETY: the per-CPU slot is ours for the rest of this program run.
-    let ev = unsafe { &mut *slot };
-    ev.head = egress_shared::ConnectEvent::zeroed();
-    ev.flags = 0;
-    let (src, mut len) = if read.is_msghdr != 0 {
+    let (src, len) = if read.is_msghdr != 0 {
         // struct user_msghdr: msg_iov at 16; the first iovec holds the message.
         let iov: u64 = unsafe { bpf_probe_read_user((read.buf + 16) as *const u64) }.unwrap_or(0);
         if iov == 0 {
@@ -256,6 +252,23 @@ fn copy_answer(read: &DnsRead, returned: u64, is_query: bool) {
     } else {
         (read.buf, returned)
     };
+    emit_message(read.sk, src, len, read.sent_ns, is_query, is_query as u32);
+}
+
+/// Copies the DNS message of `len` bytes at user address `src`, which socket `sk` received
+/// (or sent, `is_query`), into a [`egress_shared::DnsEvent`] of the current task. Every
+/// hook family ends here, so user space reads one record whatever hooked it. `slot`: the
+/// calling program's `DNS_SCRATCH` slot.
+#[inline(always)]
+pub fn emit_message(sk: u64, src: u64, len: u64, sent_ns: u64, is_query: bool, slot: u32) {
+    let Some(slot) = DNS_SCRATCH.get_ptr_mut(slot) else {
+        return;
+    };
+    // SAFETY: the per-CPU slot is ours for the rest of this program run.
+    let ev = unsafe { &mut *slot };
+    ev.head = egress_shared::ConnectEvent::zeroed();
+    ev.flags = 0;
+    let mut len = len;
     if src == 0 {
         return;
     }
@@ -288,7 +301,7 @@ fn copy_answer(read: &DnsRead, returned: u64, is_query: bool) {
     if !task::fill(&mut ev.head, slot) {
         emit::count(egress_shared::Counter::KernelReadFailed);
     }
-    if sock::fill(&mut ev.head, read.sk).is_err() {
+    if sock::fill(&mut ev.head, sk).is_err() {
         emit::count(egress_shared::Counter::KernelReadFailed);
     }
     if ev.head.protocol == IPPROTO_TCP {
@@ -298,11 +311,11 @@ fn copy_answer(read: &DnsRead, returned: u64, is_query: bool) {
         ev.flags |= DnsFlags::QUERY;
     }
     ev.head.kind = EventKind::DnsAnswer as u8;
-    ev.head.sock_id = read.sk;
+    ev.head.sock_id = sk;
     ev.latency_ns = ev
         .head
         .boot_time_ns
-        .wrapping_sub(read.sent_ns)
+        .wrapping_sub(sent_ns)
         .min(u32::MAX as u64) as u32;
     if EVENTS
         .output::<egress_shared::DnsEvent>(&*ev, emit::wakeup_flags())

@@ -5,6 +5,7 @@
 use aya_ebpf::{macros::fexit, programs::FExitContext};
 use egress_shared::EventKind;
 
+use super::dns_sock;
 use crate::{
     emit,
     maps::{Slot, config},
@@ -15,7 +16,7 @@ use crate::{
 /// hook: `int udp_sendmsg(struct sock *sk, struct msghdr *msg, size_t len)`.
 #[fexit(function = "udp_sendmsg")]
 pub fn fexit_udp_sendmsg(ctx: FExitContext) -> u32 {
-    udp_send(ctx.arg::<u64>(0), ctx.arg::<u64>(1), false, Slot::UdpSend);
+    udp_send(&ctx, false, Slot::UdpSend);
     0
 }
 
@@ -23,7 +24,7 @@ pub fn fexit_udp_sendmsg(ctx: FExitContext) -> u32 {
 /// destinations are reported by the inner udp_sendmsg.
 #[fexit(function = "udpv6_sendmsg")]
 pub fn fexit_udpv6_sendmsg(ctx: FExitContext) -> u32 {
-    udp_send(ctx.arg::<u64>(0), ctx.arg::<u64>(1), true, Slot::UdpSendV6);
+    udp_send(&ctx, true, Slot::UdpSendV6);
     0
 }
 
@@ -38,6 +39,7 @@ pub fn fexit_ip4_datagram_connect(ctx: FExitContext) -> u32 {
         false,
         Slot::UdpConnect,
     );
+    dns_sock::udp_connected(ctx.arg::<u64>(0), &dest, ret3(&ctx));
     0
 }
 
@@ -52,11 +54,20 @@ pub fn fexit_ip6_datagram_connect(ctx: FExitContext) -> u32 {
         false,
         Slot::UdpConnectV6,
     );
+    dns_sock::udp_connected(ctx.arg::<u64>(0), &dest, ret3(&ctx));
     0
 }
 
+/// The return value of a three-argument function: the slot after its arguments (not the
+/// `bpf_get_func_ret` helper, which would keep this family off kernels before 5.17).
 #[inline(always)]
-fn udp_send(sk: u64, msg: u64, v4_mapped_reported_inside: bool, slot: Slot) {
+fn ret3(ctx: &FExitContext) -> i64 {
+    ctx.arg::<u64>(3) as i32 as i64
+}
+
+#[inline(always)]
+fn udp_send(ctx: &FExitContext, v4_mapped_reported_inside: bool, slot: Slot) {
+    let (sk, msg) = (ctx.arg::<u64>(0), ctx.arg::<u64>(1));
     let name = read::kernel::<u64>(msg, config!(offsets.msghdr_msg_name)).unwrap_or(0);
     let dest = if name == 0 {
         Dest::NONE
@@ -70,4 +81,5 @@ fn udp_send(sk: u64, msg: u64, v4_mapped_reported_inside: bool, slot: Slot) {
         v4_mapped_reported_inside,
         slot,
     );
+    dns_sock::udp_sent(sk, &dest, msg, ret3(ctx), v4_mapped_reported_inside);
 }

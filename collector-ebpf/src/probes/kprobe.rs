@@ -8,6 +8,7 @@ use aya_ebpf::{
 };
 use egress_shared::EventKind;
 
+use super::dns_sock;
 use crate::{
     emit,
     maps::{CallState, Slot, config},
@@ -29,7 +30,7 @@ pub fn kprobe_udp_sendmsg(ctx: ProbeContext) -> u32 {
     } else {
         sock::dest_from_kernel(name)
     };
-    remember(sk, dest, EventKind::UdpSend);
+    remember(sk, dest, EventKind::UdpSend, msg);
     0
 }
 
@@ -41,27 +42,35 @@ pub fn kprobe_udp_connect(ctx: ProbeContext) -> u32 {
     let (Some(sk), Some(uaddr)) = (ctx.arg::<u64>(0), ctx.arg::<u64>(1)) else {
         return 0;
     };
-    remember(sk, sock::dest_from_kernel(uaddr), EventKind::UdpConnect);
+    remember(sk, sock::dest_from_kernel(uaddr), EventKind::UdpConnect, 0);
     0
 }
 
 /// hook: return of the four UDP functions above. udpv6_sendmsg calls udp_sendmsg for
 /// IPv4-mapped destinations; the inner call takes the saved state, so it is reported once.
 #[kretprobe]
-pub fn kretprobe_udp(_ctx: RetProbeContext) -> u32 {
+pub fn kretprobe_udp(ctx: RetProbeContext) -> u32 {
     if let Some(state) = emit::take_call() {
         let kind = EventKind::from_raw(state.event_kind as u8).unwrap_or(EventKind::UdpSend);
         emit::udp(state.sk, &state.dest, kind, false, Slot::CallExit);
+        let ret = ctx.ret::<i32>() as i64;
+        if kind == EventKind::UdpConnect {
+            dns_sock::udp_connected(state.sk, &state.dest, ret);
+        } else {
+            dns_sock::udp_sent(state.sk, &state.dest, state.user_addr, ret, false);
+        }
     }
     0
 }
 
+/// `msg`: the kernel `msghdr` of a send, for its return to copy a DNS query from (kprobe
+/// mode keeps it in `user_addr`, which only tracepoint mode uses otherwise); 0 for connects.
 #[inline(always)]
-fn remember(sk: u64, dest: Dest, kind: EventKind) {
+fn remember(sk: u64, dest: Dest, kind: EventKind, msg: u64) {
     emit::remember_call(&CallState {
         sk,
         fd: 0,
-        user_addr: 0,
+        user_addr: msg,
         user_addr_kind: 0,
         event_kind: kind as u32,
         dest,

@@ -85,10 +85,9 @@ const TRACEPOINTS: &[Attachment] = &[
     },
 ];
 
-/// DNS answers (docs/dns.md). Tracepoint family only: it is the family whose send hooks
-/// know the descriptor that marks a socket as DNS. Where the syscall's arguments can be
-/// read back from the task's saved registers (x86_64), the exits alone: one program run
-/// per read instead of two.
+/// DNS answers (docs/dns.md), tracepoint family: syscall exits limited to descriptors
+/// the send hooks marked. Where the syscall's arguments can be read back from the task's
+/// saved registers (x86_64), the exits alone: one program run per read instead of two.
 const DNS_EXITS: &[Attachment] = &[
     Attachment {
         program: "tp_dns_exit_read",
@@ -115,26 +114,110 @@ const DNS_ENTRIES: &[Attachment] = &[
     },
 ];
 
-/// Attaches the DNS programs where `mode` supports them; a failure is logged and DNS
-/// stays off (connections are still captured). Returns whether they run.
-pub fn attach_dns(ebpf: &mut Ebpf, mode: HookMode, exits_only: bool) -> bool {
-    if mode != HookMode::Tracepoint {
-        tracing::warn!(%mode, "DNS capture runs with the tracepoint hook family only for now; connections will carry no server.address (docs/dns.md).");
-        return false;
-    }
-    let entries: &[Attachment] = if exits_only { &[] } else { DNS_ENTRIES };
-    for attachment in DNS_EXITS.iter().chain(entries) {
-        if let Err(e) = attach_tracepoint(ebpf, attachment) {
-            tracing::warn!(reason = %one_line(&e), "DNS capture could not be attached; connections will carry no server.address.");
-            for a in DNS_EXITS.iter().chain(DNS_ENTRIES) {
-                if let Some(aya::programs::Program::TracePoint(p)) = ebpf.program_mut(a.program) {
-                    let _ = p.unload();
-                }
-            }
+/// The kernel functions that receive a message on a socket the kprobe and fentry
+/// families mark by address (AF_INET6 UDP sockets, IPv4-mapped peers included, never
+/// reach udp_recvmsg).
+const DNS_RECEIVES: &[&str] = &["udp_recvmsg", "udpv6_recvmsg", "tcp_recvmsg"];
+
+/// kprobe family: the return probe first, as for the UDP hooks.
+const DNS_KPROBES: &[Attachment] = &[
+    Attachment {
+        program: "kretprobe_dns_recvmsg",
+        targets: DNS_RECEIVES,
+    },
+    Attachment {
+        program: "kprobe_dns_recvmsg",
+        targets: DNS_RECEIVES,
+    },
+];
+
+/// fentry family: (program, kernel function); fexit alone has arguments and return.
+const DNS_FEXITS: &[(&str, &str)] = &[
+    ("fexit_dns_udp_recvmsg", "udp_recvmsg"),
+    ("fexit_dns_udpv6_recvmsg", "udpv6_recvmsg"),
+    ("fexit_dns_tcp_recvmsg", "tcp_recvmsg"),
+];
+
+/// Every DNS program, for unloading.
+fn dns_programs() -> impl Iterator<Item = &'static str> {
+    DNS_EXITS
+        .iter()
+        .chain(DNS_ENTRIES)
+        .chain(DNS_KPROBES)
+        .map(|a| a.program)
+        .chain(DNS_FEXITS.iter().map(|f| f.0))
+}
+
+/// Attaches the DNS programs of `mode`; a failure is logged and DNS stays off
+/// (connections are still captured). Returns whether they run. `exits_only`: tracepoint
+/// mode can read the syscall arguments back at exit. `iter_usable`: the kernel's message
+/// iterator has the layout the kprobe and fentry programs read (6.0+).
+pub fn attach_dns(
+    ebpf: &mut Ebpf,
+    mode: HookMode,
+    btf: Option<&Btf>,
+    exits_only: bool,
+    iter_usable: bool,
+) -> bool {
+    let result = match mode {
+        HookMode::Tracepoint => {
+            let entries: &[Attachment] = if exits_only { &[] } else { DNS_ENTRIES };
+            DNS_EXITS
+                .iter()
+                .chain(entries)
+                .try_for_each(|a| attach_tracepoint(ebpf, a))
+        }
+        HookMode::Kprobe | HookMode::Fentry if !iter_usable => {
+            tracing::warn!(%mode, "This kernel's message iterator has no ITER_UBUF (before 6.0): DNS capture needs --probe tracepoint here; connections will carry no server.address.");
             return false;
         }
+        HookMode::Kprobe => DNS_KPROBES.iter().try_for_each(|a| attach_kprobe(ebpf, a)),
+        HookMode::Fentry => {
+            let fexits = match btf {
+                Some(btf) => DNS_FEXITS.iter().try_for_each(|&(program, function)| {
+                    attach_fexit(ebpf, btf, program, function)
+                }),
+                None => Err(AttachError::NoBtf),
+            };
+            match fexits {
+                Ok(()) => Ok(()),
+                // Debian's 6.1 refuses the receive fexits (EACCES after its main-program
+                // argument check) where it takes the send fexits: the same functions
+                // through kprobes then, where the kernel has them.
+                Err(refused) if kernel_has_kprobes() => {
+                    for &(program, _) in DNS_FEXITS {
+                        unload(ebpf, program);
+                    }
+                    tracing::warn!(%mode, reason = %one_line(&refused), "The DNS receive fexits were refused; DNS answers go through kprobes on the same functions instead.");
+                    DNS_KPROBES.iter().try_for_each(|a| attach_kprobe(ebpf, a))
+                }
+                Err(refused) => Err(refused),
+            }
+        }
+    };
+    if let Err(e) = result {
+        tracing::warn!(%mode, reason = %one_line(&e), "DNS capture could not be attached; connections will carry no server.address.");
+        for name in dns_programs() {
+            unload(ebpf, name);
+        }
+        return false;
     }
     true
+}
+
+fn unload(ebpf: &mut Ebpf, name: &str) {
+    let Some(program) = ebpf.program_mut(name) else {
+        return;
+    };
+    // Unloading a program that was never loaded fails harmlessly.
+    let _ = match program {
+        aya::programs::Program::KProbe(p) => p.unload(),
+        aya::programs::Program::FEntry(p) => p.unload(),
+        aya::programs::Program::FExit(p) => p.unload(),
+        aya::programs::Program::TracePoint(p) => p.unload(),
+        aya::programs::Program::RawTracePoint(p) => p.unload(),
+        _ => Ok(()),
+    };
 }
 
 /// The TCP state changes, in every family: the raw tracepoint, else the tracepoint (same
@@ -210,21 +293,10 @@ pub fn detach(ebpf: &mut Ebpf, mode: HookMode) {
     let names = family
         .into_iter()
         .chain([SOCK_STATE_RAW, SOCK_STATE.program])
-        .chain(DNS_EXITS.iter().chain(DNS_ENTRIES).map(|a| a.program))
+        .chain(dns_programs())
         .chain(RESETS_RAW.iter().map(|r| r.0));
     for name in names {
-        let Some(program) = ebpf.program_mut(name) else {
-            continue;
-        };
-        // Unloading a program that was never loaded fails harmlessly.
-        let _ = match program {
-            aya::programs::Program::KProbe(p) => p.unload(),
-            aya::programs::Program::FEntry(p) => p.unload(),
-            aya::programs::Program::FExit(p) => p.unload(),
-            aya::programs::Program::TracePoint(p) => p.unload(),
-            aya::programs::Program::RawTracePoint(p) => p.unload(),
-            _ => Ok(()),
-        };
+        unload(ebpf, name);
     }
 }
 
@@ -239,22 +311,41 @@ fn attach_kprobes(ebpf: &mut Ebpf) -> Result<(), AttachError> {
     if !kernel_has_kprobes() {
         return Err(AttachError::NoKprobes);
     }
-    for attachment in KPROBES {
-        let program = attachment.program;
-        let probe: &mut KProbe = ebpf
-            .program_mut(program)
-            .ok_or(AttachError::Missing(program))?
-            .try_into()
-            .map_err(AttachError::program(program, "-"))?;
+    KPROBES.iter().try_for_each(|a| attach_kprobe(ebpf, a))
+}
+
+fn attach_kprobe(ebpf: &mut Ebpf, attachment: &Attachment) -> Result<(), AttachError> {
+    let program = attachment.program;
+    let probe: &mut KProbe = ebpf
+        .program_mut(program)
+        .ok_or(AttachError::Missing(program))?
+        .try_into()
+        .map_err(AttachError::program(program, "-"))?;
+    probe
+        .load()
+        .map_err(AttachError::program(program, "load"))?;
+    for target in attachment.targets {
         probe
-            .load()
-            .map_err(AttachError::program(program, "load"))?;
-        for target in attachment.targets {
-            probe
-                .attach(target, 0)
-                .map_err(AttachError::program(program, target))?;
-        }
+            .attach(target, 0)
+            .map_err(AttachError::program(program, target))?;
     }
+    Ok(())
+}
+
+fn attach_fexit(
+    ebpf: &mut Ebpf,
+    btf: &Btf,
+    program: &'static str,
+    function: &'static str,
+) -> Result<(), AttachError> {
+    let err = AttachError::program(program, function);
+    let p: &mut FExit = ebpf
+        .program_mut(program)
+        .ok_or(AttachError::Missing(program))?
+        .try_into()
+        .map_err(&err)?;
+    p.load(function, btf).map_err(&err)?;
+    p.attach().map_err(&err)?;
     Ok(())
 }
 

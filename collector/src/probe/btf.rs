@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use btf_rs::{Btf, BtfType, Type};
-use egress_shared::KernelOffsets;
+use egress_shared::{DnsIterOffsets, KernelOffsets};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BtfError {
@@ -264,6 +264,26 @@ impl KernelBtf {
             // Added in 4.19 (ba113c3aa79a); 0 tells the programs not to read it.
             tcp_bytes_sent: self.offset("tcp_sock", "bytes_sent").unwrap_or(0),
         })
+    }
+
+    /// The message iterator's layout for the DNS hooks of the kprobe and fentry families
+    /// (`usable` 0 where a part is missing: kernels before 6.0 have no `ITER_UBUF`).
+    pub fn dns_iter_offsets(&self) -> DnsIterOffsets {
+        let found = || -> Result<DnsIterOffsets, BtfError> {
+            Ok(DnsIterOffsets {
+                usable: 1,
+                msghdr_msg_iter: self.offset("msghdr", "msg_iter")?,
+                iter_type: self.offset("iov_iter", "iter_type")?,
+                iov_offset: self.offset("iov_iter", "iov_offset")?,
+                // `ubuf` shares a union with the iovec array pointer (`__iov`, `iov`
+                // before 6.4): one offset for both.
+                iter_ptr: self.offset("iov_iter", "ubuf")?,
+                iter_ubuf: self.enum_value("iter_type", "ITER_UBUF")?,
+                iter_iovec: self.enum_value("iter_type", "ITER_IOVEC")?,
+                _pad: 0,
+            })
+        };
+        found().unwrap_or_default()
     }
 
     /// Index of a cgroup v1 controller in `css_set.subsys[]` (`enum cgroup_subsys_id`).

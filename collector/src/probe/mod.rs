@@ -122,6 +122,7 @@ impl KernelFacts {
             dns_regs_fd: syscall_arg_offsets(&kernel_btf).0,
             dns_regs_buf: syscall_arg_offsets(&kernel_btf).1,
             regs_syscall_nr: connect_regs_offset(&kernel_btf),
+            dns_iter: kernel_btf.dns_iter_offsets(),
             cgroup_subsys_index,
             _pad_after_subsys: 0,
         };
@@ -222,7 +223,13 @@ impl Probes {
             match attach::attach(&mut ebpf, mode, facts.aya_btf.as_ref(), exit_only) {
                 Ok(()) => {
                     let dns_attached = settings.dns
-                        && attach::attach_dns(&mut ebpf, mode, facts.config.dns_regs_fd != 0);
+                        && attach::attach_dns(
+                            &mut ebpf,
+                            mode,
+                            facts.aya_btf.as_ref(),
+                            facts.config.dns_regs_fd != 0,
+                            facts.config.dns_iter.usable != 0,
+                        );
                     release_btf(&mut facts);
                     let span = tracing::Span::current();
                     span.record("probe.mode", mode.as_str());

@@ -3,3 +3,4 @@
 
 pub mod host;
 pub use egress_testkit::receiver;
+pub mod vm;
