@@ -1,4 +1,5 @@
-//! Test scenarios for egress-collector, shared by the host test and the kernel VMs.
+//! Test scenarios for egress-collector, shared by the host test and the kernel VMs, and
+//! the qemu plumbing those VMs boot with (also used by the VM benchmark).
 //!
 //! A scenario starts the real collector binary, makes known connections from a thread of
 //! this process, stops the collector with SIGINT, and checks that its JSON output holds
@@ -10,3 +11,4 @@ pub mod docker;
 pub mod scenario;
 pub mod static_build;
 pub mod traffic;
+pub mod vm;
