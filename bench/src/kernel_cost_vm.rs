@@ -18,6 +18,7 @@ use egress_testkit::vm::{self, Boot, Cpio, GUEST_MOUNTS, Scratch, after_marker};
 
 const KERNEL_MARKER: &str = "EGRESS-VM-KERNEL ";
 const DONE_MARKER: &str = "EGRESS-VM-KERNEL-COST ";
+const CLOCK_MARKER: &str = "EGRESS-VM-CLOCKSOURCE ";
 /// Where the guest finds its observers and their libraries (the host's paths, so the
 /// dynamic loader finds the libraries where ldd said they are).
 const GUEST_BENCH: &str = "/egress-bench";
@@ -88,6 +89,12 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     } else {
         args.collectors.clone()
     };
+    // The names in the table: the workspace's own build by its commit, others by path.
+    let names: Vec<String> = if args.collectors.is_empty() {
+        vec![format!("egress-collector {}", revision(&args.workspace))]
+    } else {
+        collectors.iter().map(|c| c.display().to_string()).collect()
+    };
     let kernel = vm::debian_kernel(&args.workspace, &args.series).map_err(anyhow::Error::msg)?;
     let version = std::fs::read_to_string(
         kernel
@@ -127,30 +134,54 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     if verdict != Some("PASS") {
         bail!("the guest's kernel-cost failed ({verdict:?}); console:\n{console}");
     }
+    let clock = console
+        .lines()
+        .find_map(|l| after_marker(l, CLOCK_MARKER))
+        .unwrap_or("unknown")
+        .to_owned();
     let rounds = parse_rounds(&console);
-    // Guest paths back to the names given on this host.
-    let names: Vec<(String, String)> = guest_collectors
-        .iter()
-        .zip(&collectors)
-        .map(|(guest, host)| (guest.clone(), host.display().to_string()))
-        .collect();
+    // Guest paths back to the names of this host.
     let rounds: Vec<Round> = rounds
         .into_iter()
         .map(|mut r| {
-            if let Some((_, host)) = names.iter().find(|(g, _)| *g == r.observer) {
-                r.observer = host.clone();
+            if let Some(i) = guest_collectors.iter().position(|g| *g == r.observer) {
+                r.observer = names[i].clone();
             }
             r
         })
         .collect();
-    let table = summary(&rounds, &collectors, args.repeat)?;
+    let table = summary(&rounds, &names, args.repeat)?;
     println!("{table}");
     let command: Vec<String> = std::env::args().collect();
     crate::report::put_section(
         &args.report,
         "kernel-cost-vm",
-        &section(&command.join(" "), args, &release, &version, &table),
+        &section(&command.join(" "), args, &release, &version, &clock, &table),
     )
+}
+
+/// `git describe`-like: the short commit, `-dirty` with uncommitted changes.
+fn revision(workspace: &Path) -> String {
+    let git = |args: &[&str]| {
+        Command::new("git")
+            .arg("-C")
+            .arg(workspace)
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+    };
+    let Some(commit) = git(&["rev-parse", "--short", "HEAD"]) else {
+        return "(no git commit)".to_owned();
+    };
+    let dirty =
+        git(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty());
+    if dirty {
+        format!("{commit}-dirty")
+    } else {
+        commit
+    }
 }
 
 /// The guest's files: busybox, the static bench, each collector and peer with the
@@ -274,6 +305,7 @@ mount -t bpf bpf /sys/fs/bpf
 ip link set lo up
 hostname egress-vm
 echo "{KERNEL_MARKER}$(uname -r) $(uname -v)"
+echo "{CLOCK_MARKER}$(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)"
 if EGRESS_BENCH_DETAIL=1 taskset -c 0 {GUEST_BENCH} kernel-cost --collectors {collectors} \
     --probe {probe} --peers {peers} --tcplife /usr/sbin/tcplife --tcpconnect /usr/sbin/tcpconnect \
     --connections {connections} --repeat {repeat} --throughput-seconds 0 \
@@ -328,7 +360,7 @@ fn min_median(values: &mut [f64]) -> (f64, f64) {
 /// Per observer: min and median ns, and the ratio to tcpconnect (min over min, and the
 /// median of the rounds' own ratios: each round ran both on the same loop, one after
 /// the other).
-fn summary(rounds: &[Round], collectors: &[PathBuf], repeat: usize) -> anyhow::Result<String> {
+fn summary(rounds: &[Round], collectors: &[String], repeat: usize) -> anyhow::Result<String> {
     let mut observers: Vec<String> = Vec::new();
     for r in rounds {
         if !observers.contains(&r.observer) {
@@ -342,8 +374,8 @@ fn summary(rounds: &[Round], collectors: &[PathBuf], repeat: usize) -> anyhow::R
         bail!("tcpconnect has {} of {repeat} rounds", tcpconnect.len());
     }
     for c in collectors {
-        if of(&c.display().to_string()).len() != repeat {
-            bail!("{} has not every round in the guest's output", c.display());
+        if of(c).len() != repeat {
+            bail!("{c} has not every round in the guest's output");
         }
     }
     let (reference_min, _) = min_median(
@@ -378,7 +410,14 @@ fn summary(rounds: &[Round], collectors: &[PathBuf], repeat: usize) -> anyhow::R
     Ok(table)
 }
 
-fn section(command: &str, args: &Args, release: &str, version: &str, table: &str) -> String {
+fn section(
+    command: &str,
+    args: &Args,
+    release: &str,
+    version: &str,
+    clock: &str,
+    table: &str,
+) -> String {
     let note = args
         .note
         .as_ref()
@@ -400,9 +439,10 @@ fn section(command: &str, args: &Args, release: &str, version: &str, table: &str
          (each instruction is translated), and not uniformly**: compare the ratios, not\n\
          the nanoseconds, which are shown only as raw figures of this run. The ratio\n\
          min / min takes each observer's least disturbed round; the other is the median of\n\
-         the rounds' own ratios (both observers in one round ran back to back). The host's\n\
-         2 cores were shared with whatever else ran, which slows the emulation of both\n\
-         alike within a round.{note}\n\n{table}",
+         the rounds' own ratios (both observers in one round ran back to back). bpf_stats\n\
+         times programs with the guest's sched_clock (clocksource `{clock}`). The host's\n\
+         2 cores were shared with whatever else ran, which slows the emulation of all\n\
+         observers within a round.{note}\n\n{table}",
         probe = args.probe,
         series = args.series,
         date = crate::report::today(),
@@ -424,12 +464,8 @@ mod tests {
         assert_eq!(rounds.len(), 2, "{rounds:?}");
         assert_eq!(rounds[0].observer, "/collectors/0-egress-collector");
         assert_eq!(rounds[1].ns_per_connection, 50000.0);
-        let table = summary(
-            &rounds,
-            &[PathBuf::from("/collectors/0-egress-collector")],
-            1,
-        )
-        .expect("a table");
+        let table =
+            summary(&rounds, &["/collectors/0-egress-collector".to_owned()], 1).expect("a table");
         assert!(
             table.contains("| /collectors/0-egress-collector | 9 | 0.40 | 0.40 |"),
             "{table}"
