@@ -160,7 +160,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     )
 }
 
-/// `git describe`-like: the short commit, `-dirty` with uncommitted changes.
+/// `git describe`-like: the short commit, `-dirty` with uncommitted changes to the sources.
 fn revision(workspace: &Path) -> String {
     let git = |args: &[&str]| {
         Command::new("git")
@@ -175,8 +175,16 @@ fn revision(workspace: &Path) -> String {
     let Some(commit) = git(&["rev-parse", "--short", "HEAD"]) else {
         return "(no git commit)".to_owned();
     };
-    let dirty =
-        git(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty());
+    // Reports (BENCHMARKS.md, rewritten by each run) do not change what is built.
+    let dirty = git(&[
+        "status",
+        "--porcelain",
+        "--untracked-files=no",
+        "--",
+        ".",
+        ":!*.md",
+    ])
+    .is_some_and(|s| !s.is_empty());
     if dirty {
         format!("{commit}-dirty")
     } else {
