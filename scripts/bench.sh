@@ -1,15 +1,10 @@
 #!/usr/bin/env bash
-# The benchmark: installs what is missing (bpftrace for the peer baseline), builds release
+# The benchmark: installs what is missing (setup.sh: bpftrace for the peer baseline), builds release
 # binaries, and runs egress-bench, which writes BENCHMARKS.md and bench/results/.
 # Extra arguments go to `egress-bench run`, e.g. scripts/bench.sh --repeat 1 --rates 0
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
-if ! command -v bpftrace >/dev/null; then
-  echo "bench: installing bpftrace (peer baseline)" >&2
-  as_root=(); [ "$(id -u)" -eq 0 ] || as_root=(sudo)
-  "${as_root[@]}" apt-get install -y -q bpftrace >&2
-fi
 if [ ! -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ]; then
   echo "bench: installing fonts-dejavu-core (plot labels)" >&2
   as_root=(); [ "$(id -u)" -eq 0 ] || as_root=(sudo)

@@ -11,10 +11,11 @@ SUDO=""
 # Debian packages: LLVM 22 matches nightly rustc's LLVM (bpf-linker links against it),
 # qemu + busybox-static boot the test kernels, iproute2 for test namespaces, musl-tools
 # compiles the C parts of ring (TLS) for the static build those kernels run; nftables
-# shapes the outcome tests' networks; libbpf-tools (tcplife) is the benchmark's reference;
-# prometheus scrapes the collector's /metrics in collector/tests/prometheus.rs; dnsmasq-base
-# is tests/dns.rs's real DNS server, iperf3 the DNS cost benchmark's bulk load.
-apt_packages=(llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev qemu-system-x86 busybox-static cpio iproute2 curl musl-tools nftables libbpf-tools prometheus dnsmasq-base iperf3)
+# shapes the outcome tests' networks; libbpf-tools (tcplife, tcpconnect) and bpftrace are
+# the benchmarks' peers (egress-bench run, kernel-cost, kernel-cost-vm); prometheus
+# scrapes the collector's /metrics in collector/tests/prometheus.rs; dnsmasq-base is
+# tests/dns.rs's real DNS server, iperf3 the DNS cost benchmark's bulk load.
+apt_packages=(llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev qemu-system-x86 busybox-static cpio iproute2 curl musl-tools nftables libbpf-tools bpftrace prometheus dnsmasq-base iperf3)
 missing=()
 for p in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -20,7 +20,15 @@ step "tests (unit, host kernel, Debian kernels under qemu)"
 as_root=()
 [ "$(id -u)" -eq 0 ] || as_root=(sudo -E env "PATH=$PATH")
 "${as_root[@]}" cargo test --all-targets --no-fail-fast -- --test-threads=2
-step "benchmark smoke (seconds: loss accounting adds up)"
+step "benchmark smoke (seconds: loss accounting adds up; the kernel figure is produced)"
 "${as_root[@]}" target/debug/egress-bench smoke --collector target/debug/egress-collector
+# Kernel program time per connection from bpf_stats: checks that the figure comes out (the
+# command fails when the collector's programs ran no time), not its value; a temp report.
+kernel_report=$(mktemp)
+trap 'rm -f "$kernel_report"' EXIT
+"${as_root[@]}" target/debug/egress-bench kernel-cost --collectors target/debug/egress-collector \
+  --peers none --connections 300 --repeat 1 --throughput-seconds 0 --report "$kernel_report"
+grep -q '^| target/debug/egress-collector | [0-9]' "$kernel_report" \
+  || { echo "test: kernel-cost wrote no figure to its report" >&2; exit 1; }
 step "fuzz targets (10 s each; scripts/fuzz.sh 600 by hand)"
 ./scripts/fuzz.sh 10

@@ -2,15 +2,24 @@
 //! sums each program's run time (`run_time_ns`) and runs (`run_cnt`), shown in the
 //! fdinfo of the program's fd. The observer's programs are found through its own fds,
 //! so other programs loaded on the machine do not count.
+//!
+//! The observers: the collectors given, and the peers of issue 15's table in the same run
+//! (bpftrace counting the state tracepoint in a map, the floor; bpftrace printing pid,
+//! comm, cgroup and port per connect, the same job as ours; libbpf-tools `tcplife`, and
+//! `tcpconnect` for kprobe mode). Each round can also measure each observer's throughput
+//! ratio: the load's connects per second at the maximum rate over that round's no-probe
+//! rate.
 
 use std::{
     net::{Ipv4Addr, TcpListener, TcpStream},
-    path::Path,
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, bail};
+
+use crate::load::LoadReport;
 
 const STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
 
@@ -43,8 +52,9 @@ pub fn programs_of(pid: u32) -> Vec<ProgramStats> {
             })
         })
         .collect();
-    // A program can be held by several fds (one per attachment): count it once.
-    programs.sort_by_key(|p| p.id);
+    // A program can be held by several fds (its own, and a link's, whose fdinfo names the
+    // program but has no counters): count it once, with the counters.
+    programs.sort_by_key(|p| (p.id, std::cmp::Reverse((p.run_cnt, p.run_time_ns))));
     programs.dedup_by_key(|p| p.id);
     programs
 }
@@ -117,7 +127,7 @@ pub fn measure_together(commands: &[&[&str]], connections: u64) -> anyhow::Resul
             .args(&command[1..])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(observer_stderr())
             .spawn()
             .with_context(|| format!("starting {command:?}"));
         match child {
@@ -137,10 +147,25 @@ pub fn measure_together(commands: &[&[&str]], connections: u64) -> anyhow::Resul
     result
 }
 
+/// The observers' log goes to ours with `EGRESS_BENCH_DETAIL` set (to see why one failed
+/// to attach, e.g. in a VM), else nowhere.
+fn observer_stderr() -> Stdio {
+    if detail_wanted() {
+        Stdio::inherit()
+    } else {
+        Stdio::null()
+    }
+}
+
+fn detail_wanted() -> bool {
+    std::env::var_os("EGRESS_BENCH_DETAIL").is_some()
+}
+
 /// Until every child holds programs and their count has not grown for two seconds.
+/// bpftrace compiles its program with LLVM first: seconds on a busy machine.
 fn wait_attached(children: &mut [Child]) -> anyhow::Result<()> {
     let pids: Vec<u32> = children.iter().map(Child::id).collect();
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + Duration::from_secs(120);
     let mut seen = vec![0; pids.len()];
     let mut stable_since = Instant::now();
     loop {
@@ -207,7 +232,7 @@ fn measure_children(children: &mut [Child], connections: u64) -> anyhow::Result<
         .iter()
         .zip(&after)
         .map(|(before, after)| {
-            if std::env::var_os("EGRESS_BENCH_DETAIL").is_some() {
+            if detail_wanted() {
                 detail(before, after);
             }
             let (t0, c0) = total(before);
@@ -242,44 +267,388 @@ fn detail(before: &[ProgramStats], after: &[ProgramStats]) {
     }
 }
 
-/// The collector in tracepoint mode, writing to /dev/null, on CPU 1 (`taskset`): the
-/// load runs on CPU 0 (run the bench under `taskset -c 0`), so the observers' user
-/// space does not preempt the connecting task in the middle of a program, which the
-/// kernel would count as program time.
-pub fn collector_command(collector: &Path) -> Vec<String> {
-    [
-        "taskset",
-        "-c",
-        "1",
+/// The peers of issue 15's table, measured beside the collectors in the same run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Peer {
+    /// bpftrace counting CLOSE -> SYN_SENT of `sock:inet_sock_set_state` per destination
+    /// port in a map: the floor of one program on that tracepoint.
+    BpftraceCount,
+    /// bpftrace printing pid, comm, cgroup id and port per connect: the same job as ours.
+    BpftracePrintf,
+    /// libbpf-tools `tcplife`: the same tracepoint; pid, comm, addresses, bytes and
+    /// duration per connection.
+    Tcplife,
+    /// libbpf-tools `tcpconnect`: kprobes on `tcp_v4_connect`/`tcp_v6_connect`; pid, comm
+    /// and addresses per connect (the kprobe-mode reference).
+    Tcpconnect,
+}
+
+/// The printf peer's program: what ours reports of a connect, as text.
+const BPFTRACE_PRINTF: &str = "tracepoint:sock:inet_sock_set_state \
+    /args->oldstate == 7 && args->newstate == 2/ \
+    { printf(\"%d %s %llu %d\\n\", pid, comm, cgroup, args->dport); }";
+
+impl Peer {
+    pub fn name(self) -> &'static str {
+        match self {
+            Peer::BpftraceCount => "bpftrace, count in a map (floor)",
+            Peer::BpftracePrintf => "bpftrace, printf pid comm cgroup port",
+            Peer::Tcplife => "tcplife (libbpf-tools)",
+            Peer::Tcpconnect => "tcpconnect (libbpf-tools)",
+        }
+    }
+
+    fn command(self, tools: &Tools) -> Vec<String> {
+        let bpftrace = |program: &str| vec![tools.bpftrace.clone(), "-e".into(), program.into()];
+        match self {
+            Peer::BpftraceCount => bpftrace(crate::tool::BPFTRACE_COUNT),
+            Peer::BpftracePrintf => bpftrace(BPFTRACE_PRINTF),
+            Peer::Tcplife => vec![tools.tcplife.clone()],
+            Peer::Tcpconnect => vec![tools.tcpconnect.clone()],
+        }
+    }
+}
+
+/// Where the peer tools are.
+pub struct Tools {
+    pub bpftrace: String,
+    pub tcplife: String,
+    pub tcpconnect: String,
+}
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Collector binaries to measure, in order (e.g. before and after a change).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "target/release/egress-collector"
+    )]
+    pub collectors: Vec<PathBuf>,
+    /// The collectors' hook family (`--probe`); tracepoint is what this host allows.
+    #[arg(long, default_value = "tracepoint")]
+    pub probe: String,
+    /// Peers measured beside them in the same run; `--peers none` measures none.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "bpftrace-count,bpftrace-printf,tcplife",
+        value_parser = parse_peer
+    )]
+    pub peers: Vec<Option<Peer>>,
+    /// The tcplife binary; `none` leaves tcplife out (as `--peers` without it).
+    #[arg(long, default_value = "/usr/sbin/tcplife")]
+    pub tcplife: String,
+    #[arg(long, default_value = "/usr/sbin/tcpconnect")]
+    pub tcpconnect: String,
+    #[arg(long, default_value = "bpftrace")]
+    pub bpftrace: String,
+    #[arg(long, default_value_t = 5000)]
+    pub connections: u64,
+    /// Rounds; each alternates the observers.
+    #[arg(long, default_value_t = 3)]
+    pub repeat: usize,
+    /// Seconds of load at the maximum rate per observer and round for the throughput
+    /// ratio (and once per round with no probe); 0 skips it.
+    #[arg(long, default_value_t = 3.0)]
+    pub throughput_seconds: f64,
+    /// Where the summary goes (its own section, replaced on each run).
+    #[arg(long, default_value = "BENCHMARKS.md")]
+    pub report: PathBuf,
+    /// Attach the collectors at the same time (peers still alone): machine noise then
+    /// falls on all of them alike.
+    #[arg(long)]
+    pub together: bool,
+    /// A sentence about this run's conditions for the report, e.g. what else the machine
+    /// was doing.
+    #[arg(long)]
+    pub note: Option<String>,
+}
+
+fn parse_peer(text: &str) -> Result<Option<Peer>, String> {
+    if text == "none" {
+        return Ok(None);
+    }
+    <Peer as clap::ValueEnum>::from_str(text, false)
+        .map(Some)
+        .map_err(|_| format!("unknown peer {text:?} (bpftrace-count, bpftrace-printf, tcplife, tcpconnect or none)"))
+}
+
+/// One observer: its name in the tables, and how it runs for the kernel figure (pinned
+/// to CPU 1) and for the throughput ratio (unpinned, as in `egress-bench run`).
+struct Observer {
+    name: String,
+    kernel: Vec<String>,
+    throughput: Vec<String>,
+}
+
+/// The collector in `probe` mode, writing to /dev/null. For the kernel figure it has its
+/// default flags and runs on CPU 1 (`taskset`): the load runs on CPU 0 (run the bench
+/// under `taskset -c 0`), so the observers' user space does not preempt the connecting
+/// task in the middle of a program, which the kernel would count as program time. For
+/// the throughput ratio the per-cgroup rate limit is off (the load is one cgroup; as in
+/// `egress-bench run`): every connection is reported, as the peers report every one.
+fn collector_observer(collector: &Path, probe: &str) -> Observer {
+    let base: Vec<String> = [
         collector.to_string_lossy().as_ref(),
         "run",
         "--probe",
-        "tracepoint",
+        probe,
         "--stdout",
         "--stats-interval",
         "1h",
     ]
     .iter()
     .map(|s| s.to_string())
-    .collect()
+    .collect();
+    let mut throughput = base.clone();
+    throughput.extend(["--cgroup-rate-limit".to_owned(), "0".to_owned()]);
+    Observer {
+        name: collector.display().to_string(),
+        kernel: pinned(base),
+        throughput,
+    }
+}
+
+fn pinned(command: Vec<String>) -> Vec<String> {
+    let mut all: Vec<String> = ["taskset", "-c", "1"].map(String::from).to_vec();
+    all.extend(command);
+    all
+}
+
+/// What one observer measured over the rounds.
+struct Figures {
+    ns_per_connection: Vec<f64>,
+    ratios: Vec<f64>,
+}
+
+/// `egress-bench kernel-cost`: the rounds, the table on stdout, the report's section.
+/// Fails when an observer's programs ran no time: the figure was not produced.
+pub fn run(bench: &Path, args: &Args) -> anyhow::Result<()> {
+    let tools = Tools {
+        bpftrace: args.bpftrace.clone(),
+        tcplife: args.tcplife.clone(),
+        tcpconnect: args.tcpconnect.clone(),
+    };
+    let mut observers: Vec<Observer> = args
+        .collectors
+        .iter()
+        .map(|c| collector_observer(c, &args.probe))
+        .collect();
+    let collectors = observers.len();
+    let mut peers: Vec<Peer> = args.peers.iter().flatten().copied().collect();
+    peers.dedup();
+    for peer in peers {
+        if peer == Peer::Tcplife && args.tcplife == "none" {
+            continue;
+        }
+        let command = peer.command(&tools);
+        observers.push(Observer {
+            name: peer.name().to_owned(),
+            kernel: pinned(command.clone()),
+            throughput: command,
+        });
+    }
+    let throughput = args.throughput_seconds > 0.0;
+    println!(
+        "| observer | round | programs | connections | runs | run_time_ns | ns per connection |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    let mut figures: Vec<Figures> = observers
+        .iter()
+        .map(|_| Figures {
+            ns_per_connection: Vec::new(),
+            ratios: Vec::new(),
+        })
+        .collect();
+    for round in 1..=args.repeat {
+        let mut costs: Vec<Option<Cost>> = Vec::new();
+        costs.resize_with(observers.len(), || None);
+        if args.together && collectors > 0 {
+            // Rotated each round: the first attached runs first and pays the misses.
+            let order: Vec<usize> = (0..collectors).map(|i| (i + round) % collectors).collect();
+            let commands: Vec<Vec<&str>> = order
+                .iter()
+                .map(|&i| observers[i].kernel.iter().map(String::as_str).collect())
+                .collect();
+            let refs: Vec<&[&str]> = commands.iter().map(Vec::as_slice).collect();
+            let measured = measure_together(&refs, args.connections)
+                .context("measuring the collectors together")?;
+            for (cost, &i) in measured.into_iter().zip(&order) {
+                costs[i] = Some(cost);
+            }
+        }
+        for (i, observer) in observers.iter().enumerate() {
+            let command: Vec<&str> = observer.kernel.iter().map(String::as_str).collect();
+            let cost = match costs[i].take() {
+                Some(cost) => cost,
+                None => measure(&command, args.connections)
+                    .with_context(|| format!("measuring {}", observer.name))?,
+            };
+            if cost.programs == 0 || cost.runs == 0 || cost.run_time_ns == 0 {
+                bail!(
+                    "no kernel figure for {}: {} programs ran {} times for {} ns",
+                    observer.name,
+                    cost.programs,
+                    cost.runs,
+                    cost.run_time_ns
+                );
+            }
+            figures[i].ns_per_connection.push(cost.ns_per_connection());
+            println!(
+                "| {} | {round} | {} | {} | {} | {} | {:.0} |",
+                observer.name,
+                cost.programs,
+                cost.connections,
+                cost.runs,
+                cost.run_time_ns,
+                cost.ns_per_connection()
+            );
+        }
+        if throughput {
+            // No probe first, then each observer: alternated, so a busier moment of the
+            // machine falls on one round of each rather than on one observer.
+            let baseline = connect_rate(bench, None, args.throughput_seconds)
+                .context("the load with no probe")?;
+            println!("round {round}: no probe {baseline:.0} connects/s");
+            for (i, observer) in observers.iter().enumerate() {
+                let command: Vec<&str> = observer.throughput.iter().map(String::as_str).collect();
+                let rate = connect_rate(bench, Some(&command), args.throughput_seconds)
+                    .with_context(|| format!("the load with {}", observer.name))?;
+                let ratio = rate / baseline;
+                println!(
+                    "round {round}: {} {rate:.0} connects/s, ratio {ratio:.2}",
+                    observer.name
+                );
+                figures[i].ratios.push(ratio);
+            }
+        }
+    }
+    let summary = summary(&observers, &mut figures, throughput);
+    println!("\n{summary}");
+    let command: Vec<String> = std::env::args().collect();
+    crate::report::put_section(
+        &args.report,
+        "kernel-cost",
+        &section(&command.join(" "), args, &summary),
+    )
+}
+
+/// Minimum and median of each observer's rounds. Other programs' connections and CPU
+/// contention on a shared machine only add: the minimum is the least disturbed round.
+fn summary(observers: &[Observer], figures: &mut [Figures], throughput: bool) -> String {
+    let mut table =
+        String::from("| observer | min ns per connection | median ns per connection | rounds |");
+    table.push_str(if throughput {
+        " throughput at max rate vs no probe (median) |\n|---|---|---|---|---|\n"
+    } else {
+        "\n|---|---|---|---|\n"
+    });
+    for (observer, figures) in observers.iter().zip(figures.iter_mut()) {
+        let values = &mut figures.ns_per_connection;
+        values.sort_by(f64::total_cmp);
+        table.push_str(&format!(
+            "| {} | {:.0} | {:.0} | {} |",
+            observer.name,
+            values[0],
+            values[values.len() / 2],
+            values.len()
+        ));
+        if throughput {
+            figures.ratios.sort_by(f64::total_cmp);
+            table.push_str(&format!(
+                " {:.2} |",
+                figures.ratios[figures.ratios.len() / 2]
+            ));
+        }
+        table.push('\n');
+    }
+    table
+}
+
+/// The load's connects per second at the maximum rate (2 threads, loopback, as `egress-bench
+/// run` at rate 0) for `seconds`, with `observer` attached, or none. The load may use
+/// every CPU even when the bench itself runs pinned.
+fn connect_rate(bench: &Path, observer: Option<&[&str]>, seconds: f64) -> anyhow::Result<f64> {
+    let mut children = Vec::new();
+    if let Some(command) = observer {
+        let child = Command::new(command[0])
+            .args(&command[1..])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(observer_stderr())
+            .spawn()
+            .with_context(|| format!("starting {command:?}"))?;
+        children.push(child);
+        if let Err(e) = wait_attached(&mut children) {
+            stop(&mut children);
+            return Err(e);
+        }
+    }
+    // SAFETY: sysconf has no preconditions.
+    let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1);
+    let output = Command::new("taskset")
+        .args(["-c", &format!("0-{}", cpus - 1)])
+        .arg(bench)
+        .args(["load", "--threads", "2", "--rate", "0", "--seconds"])
+        .arg(seconds.to_string())
+        .output()
+        .context("running the load");
+    stop(&mut children);
+    let output = output?;
+    if !output.status.success() {
+        bail!("load failed: {}", String::from_utf8_lossy(&output.stderr));
+    }
+    let report: LoadReport =
+        serde_json::from_slice(&output.stdout).context("reading the load's report")?;
+    if report.connects == 0 {
+        bail!("the load made no connections");
+    }
+    Ok(report.connects_per_second)
 }
 
 /// The body of the report's `kernel-cost` section (written by `report::put_section`).
-pub fn section(command: &str, connections: u64, table: &str) -> String {
+fn section(command: &str, args: &Args, table: &str) -> String {
+    let note = args
+        .note
+        .as_ref()
+        .map(|n| format!(" {}", n.trim()))
+        .unwrap_or_default();
+    let throughput = if args.throughput_seconds > 0.0 {
+        format!(
+            "*Throughput* is the load's connects per second over {} s at the maximum rate\n\
+             (2 threads, loopback, as `egress-bench run` at rate 0; load and observer\n\
+             unpinned on both cores, so the observer's user space competes with the load\n\
+             as it would on a node) with the observer attached, over the same load with no\n\
+             probe in the same round; the median over rounds. The collector runs with\n\
+             `--cgroup-rate-limit 0` there (the load is one cgroup): it reports every\n\
+             connection, as the peers do. Their output goes to /dev/null.\n\n",
+            args.throughput_seconds
+        )
+    } else {
+        String::new()
+    };
     format!(
         "## Kernel time per TCP connection\n\n\
          Generated by `egress-bench kernel-cost` on {}. Command: `{command}`.\n\n\
          With run-time statistics on (`BPF_ENABLE_STATS`, as `kernel.bpf_stats_enabled`),\n\
-         the observers attach (with `--together` the collectors all at once, one after\n\
-         the other in an order rotated each round, so machine noise falls on them alike;\n\
-         tcplife alone), then {connections} loopback TCP connections are opened and\n\
+         each observer attaches in turn (with `--together` the collectors all at once, one\n\
+         after the other in an order rotated each round, so machine noise falls on them\n\
+         alike; peers alone), then {} loopback TCP connections are opened and\n\
          closed (both ends in this host, so every program sees client and server\n\
          transitions), and the run time of each observer's own programs (found through\n\
-         its fds) is divided by the connections. Observers run on CPU 1, the load on\n\
-         CPU 0. The collector runs in tracepoint mode. `tcplife` (libbpf-tools) reads the same state changes and prints\n\
-         duration and bytes per connection. On a shared machine other programs'\n\
-         connections and CPU contention only add time: the minimum over rounds is the\n\
-         least disturbed figure.\n\n{table}",
-        crate::report::today()
+         its fds: bpftrace's programs are held by the bpftrace process) is divided by the\n\
+         connections. Observers run on CPU 1, the load on CPU 0. The collector runs in\n\
+         {} mode with default flags. The peers, as in issue 15: bpftrace counting\n\
+         CLOSE -> SYN_SENT of `sock:inet_sock_set_state` in a map (the floor of one program\n\
+         on that tracepoint); bpftrace printing pid, comm, cgroup id and port per connect\n\
+         (the same job as ours, as text); `tcplife` (libbpf-tools), which reads the same\n\
+         state changes and prints duration and bytes per connection (and, where asked,\n\
+         `tcpconnect`, libbpf-tools' kprobes on `tcp_v4_connect`). On a shared machine\n\
+         other programs' connections and CPU contention only add time, so the minimum\n\
+         over rounds is the least disturbed figure.{note}\n\n{throughput}{table}",
+        crate::report::today(),
+        args.connections,
+        args.probe,
     )
 }

@@ -11,6 +11,7 @@ mod churn;
 mod containers;
 mod dns_cost;
 mod kernel_cost;
+mod kernel_cost_vm;
 mod load;
 mod outage;
 mod receiver;
@@ -85,31 +86,12 @@ enum Command {
         report: PathBuf,
     },
     /// Kernel program time per TCP connection (kernel.bpf_stats_enabled): each collector
-    /// given, in tracepoint mode, and `tcplife` (libbpf-tools) beside them.
-    KernelCost {
-        /// Collector binaries to measure, in order (e.g. before and after a change).
-        #[arg(
-            long,
-            value_delimiter = ',',
-            default_value = "target/release/egress-collector"
-        )]
-        collectors: Vec<PathBuf>,
-        /// The reference tool; `none` skips it.
-        #[arg(long, default_value = "/usr/sbin/tcplife")]
-        tcplife: String,
-        #[arg(long, default_value_t = 5000)]
-        connections: u64,
-        /// Rounds; each alternates the observers.
-        #[arg(long, default_value_t = 3)]
-        repeat: usize,
-        /// Where the summary goes (its own section, replaced on each run).
-        #[arg(long, default_value = "BENCHMARKS.md")]
-        report: PathBuf,
-        /// Attach the collectors at the same time (tcplife still alone): machine noise
-        /// then falls on all of them alike.
-        #[arg(long)]
-        together: bool,
-    },
+    /// given, and the peers (bpftrace, libbpf-tools) in the same run; with each one's
+    /// throughput at the maximum connect rate against no probe.
+    KernelCost(kernel_cost::Args),
+    /// The same in kprobe mode on a Debian kernel booted under qemu: the static collector
+    /// against libbpf-tools `tcpconnect` (and `tcplife`) in the same VM, as a ratio.
+    KernelCostVm(kernel_cost_vm::Args),
     /// User-space CPU per record, overhead ratio and peak RSS of the collector to stdout
     /// and to OTLP, at a fixed rate and at the maximum, rounds alternated.
     UserCost {
@@ -212,88 +194,6 @@ struct SmokeArgs {
     seconds: f64,
 }
 
-fn kernel_cost(
-    collectors: &[PathBuf],
-    tcplife: &str,
-    connections: u64,
-    repeat: usize,
-    report: &std::path::Path,
-    together: bool,
-) -> anyhow::Result<()> {
-    let mut observers: Vec<(String, Vec<String>)> = collectors
-        .iter()
-        .map(|c| (c.display().to_string(), kernel_cost::collector_command(c)))
-        .collect();
-    if tcplife != "none" {
-        observers.push((
-            "tcplife".into(),
-            ["taskset", "-c", "1", tcplife].map(String::from).to_vec(),
-        ));
-    }
-    println!(
-        "| observer | round | programs | connections | runs | run_time_ns | ns per connection |"
-    );
-    println!("|---|---|---|---|---|---|---|");
-    let mut per_observer: Vec<Vec<f64>> = vec![Vec::new(); observers.len()];
-    for round in 1..=repeat {
-        let mut costs: Vec<Option<kernel_cost::Cost>> = Vec::new();
-        costs.resize_with(observers.len(), || None);
-        if together {
-            // Rotated each round: the first attached runs first and pays the misses.
-            let n = collectors.len();
-            let order: Vec<usize> = (0..n).map(|i| (i + round) % n).collect();
-            let commands: Vec<Vec<&str>> = order
-                .iter()
-                .map(|&i| observers[i].1.iter().map(String::as_str).collect())
-                .collect();
-            let refs: Vec<&[&str]> = commands.iter().map(Vec::as_slice).collect();
-            let measured = kernel_cost::measure_together(&refs, connections)
-                .context("measuring the collectors together")?;
-            for (cost, &i) in measured.into_iter().zip(&order) {
-                costs[i] = Some(cost);
-            }
-        }
-        for (i, (name, command)) in observers.iter().enumerate() {
-            let args: Vec<&str> = command.iter().map(String::as_str).collect();
-            let cost = match costs[i].take() {
-                Some(cost) => cost,
-                None => kernel_cost::measure(&args, connections)
-                    .with_context(|| format!("measuring {name}"))?,
-            };
-            per_observer[i].push(cost.ns_per_connection());
-            println!(
-                "| {name} | {round} | {} | {} | {} | {} | {:.0} |",
-                cost.programs,
-                cost.connections,
-                cost.runs,
-                cost.run_time_ns,
-                cost.ns_per_connection()
-            );
-        }
-    }
-    // Other programs' connections on a shared machine only add: the minimum is the
-    // least disturbed round, the median the typical one.
-    let mut summary = String::from(
-        "| observer | min ns per connection | median ns per connection | rounds |\n|---|---|---|---|\n",
-    );
-    for ((name, _), mut values) in observers.iter().zip(per_observer) {
-        values.sort_by(f64::total_cmp);
-        summary.push_str(&format!(
-            "| {name} | {:.0} | {:.0} | {} |\n",
-            values[0],
-            values[values.len() / 2],
-            values.len()
-        ));
-    }
-    println!("\n{summary}");
-    let command: Vec<String> = std::env::args().collect();
-    report::put_section(
-        report,
-        "kernel-cost",
-        &kernel_cost::section(&command.join(" "), connections, &summary),
-    )
-}
-
 fn main() -> ExitCode {
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
@@ -349,21 +249,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
             report::put_section(&report, "dns-cost", &dns_cost::section(&command, &table))
         }
-        Command::KernelCost {
-            collectors,
-            tcplife,
-            connections,
-            repeat,
-            report,
-            together,
-        } => kernel_cost(
-            &collectors,
-            &tcplife,
-            connections,
-            repeat,
-            &report,
-            together,
-        ),
+        Command::KernelCost(args) => kernel_cost::run(&bench, &args),
+        Command::KernelCostVm(args) => kernel_cost_vm::run(&args),
         Command::UserCost {
             collectors,
             rates,

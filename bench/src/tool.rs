@@ -14,6 +14,11 @@ use std::{
 
 use anyhow::{Context, bail};
 
+/// The peer baseline's program: TCP connects (CLOSE -> SYN_SENT) counted per destination
+/// port in an in-kernel map, printed once at exit.
+pub const BPFTRACE_COUNT: &str = "tracepoint:sock:inet_sock_set_state \
+    /args->oldstate == 7 && args->newstate == 2/ { @connects[args->dport] = count(); }";
+
 /// Connections seen per destination port.
 pub type Seen = Arc<Mutex<HashMap<u16, u64>>>;
 
@@ -138,10 +143,8 @@ impl Observer {
     /// bpftrace counting TCP connects (CLOSE -> SYN_SENT) on the tracepoint the collector
     /// uses on this kernel, in an in-kernel map.
     pub fn bpftrace() -> anyhow::Result<Self> {
-        let program = "tracepoint:sock:inet_sock_set_state \
-            /args->oldstate == 7 && args->newstate == 2/ { @connects[args->dport] = count(); }";
         let mut child = Command::new("bpftrace")
-            .args(["-e", program])
+            .args(["-e", BPFTRACE_COUNT])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -7,15 +7,13 @@
 
 use std::{
     fs,
-    io::{BufRead, BufReader, Read},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
     sync::OnceLock,
-    thread,
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant},
 };
 
 use egress_testkit::require_root;
+use egress_testkit::vm::{Boot, Cpio, GUEST_MOUNTS, Scratch, after_marker};
 
 /// Hook families the scenario runs in every VM, in this order (Debian's kernels have all).
 const PROBES: [&str; 3] = ["kprobe", "fentry", "tracepoint"];
@@ -27,7 +25,6 @@ const VM_TIMEOUT: Duration = Duration::from_secs(300);
 /// Markers /init prints on the console; nothing else in the guest prints them.
 const KERNEL_MARKER: &str = "EGRESS-VM-KERNEL ";
 const RESULT_MARKER: &str = "EGRESS-VM-RESULT ";
-const BUSYBOX: &str = "/bin/busybox";
 
 #[test]
 fn every_family_on_debian_6_1() {
@@ -52,7 +49,7 @@ fn run_scenario_in_vm(series: &str) {
     require_root();
     let binaries = static_binaries();
     let kernel = debian_kernel(series);
-    let scratch = Scratch::new(series);
+    let scratch = scratch(series);
     let initrd = scratch.0.join("initramfs.cpio");
     write_initramfs(&initrd, binaries);
 
@@ -67,6 +64,28 @@ fn run_scenario_in_vm(series: &str) {
 
 fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The vmlinuz of the newest Debian cloud kernel of `series`, downloaded on first use.
+fn debian_kernel(series: &str) -> PathBuf {
+    egress_testkit::vm::debian_kernel(&workspace_root(), series)
+        .unwrap_or_else(|problem| panic!("{problem}"))
+}
+
+/// A directory of this test's own: the tests run in parallel and must not share files.
+fn scratch(label: &str) -> Scratch {
+    Scratch::new(label).unwrap_or_else(|problem| panic!("{problem}"))
+}
+
+/// Boots the kernel and returns everything the serial console printed.
+fn boot(series: &str, kernel: &Path, initrd: &Path) -> Result<String, String> {
+    egress_testkit::vm::boot(&Boot {
+        label: series,
+        kernel,
+        initrd,
+        timeout: VM_TIMEOUT,
+        echo: &["SCENARIO ", KERNEL_MARKER, RESULT_MARKER],
+    })
 }
 
 struct StaticBinaries {
@@ -90,64 +109,6 @@ fn build_static_binaries() -> Result<StaticBinaries, String> {
         scenario: release.join("egress-scenario"),
     })
 }
-
-/// The vmlinuz of the newest Debian cloud kernel of `series`, downloaded on first use.
-fn debian_kernel(series: &str) -> PathBuf {
-    let script = workspace_root().join("scripts").join("vm-kernel.sh");
-    let output = Command::new("bash")
-        .arg(&script)
-        .arg(series)
-        .stderr(Stdio::piped())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "no {series} kernel ({}):\n{stderr}",
-        output.status
-    );
-    let vmlinuz = PathBuf::from(String::from_utf8_lossy(&output.stdout).trim());
-    assert!(
-        vmlinuz.is_file(),
-        "vm-kernel.sh printed {vmlinuz:?}, which is no file:\n{stderr}"
-    );
-    vmlinuz
-}
-
-/// A directory of this test's own under the system temp dir, removed when dropped: the
-/// two tests run in parallel and must not share files.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(series: &str) -> Self {
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or_default();
-        let dir =
-            std::env::temp_dir().join(format!("egress-vm-{series}-{}-{nanos}", std::process::id()));
-        fs::create_dir(&dir).unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
-        Self(dir)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
-
-/// The start of every guest's /init: busybox, the pseudo filesystems, the console.
-const GUEST_MOUNTS: &str = "/bin/busybox --install -s /bin
-export PATH=/bin
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-mount -t devtmpfs devtmpfs /dev
-exec </dev/console >/dev/console 2>&1
-mount -t tmpfs tmpfs /tmp
-mount -t tmpfs tmpfs /run
-mount -t tracefs tracefs /sys/kernel/tracing
-";
 
 /// The guest's /init. Every step's output goes to the serial console; the verdict lines
 /// are printed by the shell, not the scenario, so a crash still leaves a FAIL behind.
@@ -186,191 +147,12 @@ poweroff -f
 fn write_initramfs(path: &Path, binaries: &StaticBinaries) {
     let read =
         |p: &Path| fs::read(p).unwrap_or_else(|e| panic!("cannot read {}: {e}", p.display()));
-    let mut cpio = Cpio::default();
-    for dir in ["bin", "dev", "proc", "sys", "tmp", "run"] {
-        cpio.dir(dir);
-    }
-    // The kernel opens /dev/console for init's stdio before anything is mounted.
-    cpio.char_device("dev/console", 0o600, (5, 1));
-    cpio.file("bin/busybox", 0o755, &read(Path::new(BUSYBOX)));
+    let mut cpio = Cpio::with_busybox().unwrap_or_else(|problem| panic!("{problem}"));
     cpio.file("egress-collector", 0o755, &read(&binaries.collector));
     cpio.file("egress-scenario", 0o755, &read(&binaries.scenario));
     cpio.file("init", 0o755, init_script().as_bytes());
     fs::write(path, cpio.finish())
         .unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
-}
-
-/// A "newc" cpio archive, the format the kernel unpacks as an initramfs. Written here
-/// rather than by cpio(1) so no staging tree (and no mknod) is needed.
-#[derive(Default)]
-struct Cpio {
-    bytes: Vec<u8>,
-    inodes: u32,
-}
-
-impl Cpio {
-    fn dir(&mut self, name: &str) {
-        self.entry(name, 0o040_755, 2, (0, 0), &[]);
-    }
-
-    fn file(&mut self, name: &str, permissions: u32, data: &[u8]) {
-        self.entry(name, 0o100_000 | permissions, 1, (0, 0), data);
-    }
-
-    fn char_device(&mut self, name: &str, permissions: u32, rdev: (u32, u32)) {
-        self.entry(name, 0o020_000 | permissions, 1, rdev, &[]);
-    }
-
-    fn finish(mut self) -> Vec<u8> {
-        self.entry("TRAILER!!!", 0, 1, (0, 0), &[]);
-        self.bytes
-    }
-
-    fn entry(&mut self, name: &str, mode: u32, nlink: u32, rdev: (u32, u32), data: &[u8]) {
-        self.inodes += 1;
-        let size = u32::try_from(data.len()).expect("initramfs files are under 4 GiB");
-        let name_size = u32::try_from(name.len() + 1).expect("short names");
-        // ino mode uid gid nlink mtime filesize devmajor devminor rdevmajor rdevminor namesize check
-        let fields = [
-            self.inodes,
-            mode,
-            0,
-            0,
-            nlink,
-            0,
-            size,
-            0,
-            0,
-            rdev.0,
-            rdev.1,
-            name_size,
-            0,
-        ];
-        self.bytes.extend_from_slice(b"070701");
-        for field in fields {
-            self.bytes
-                .extend_from_slice(format!("{field:08x}").as_bytes());
-        }
-        self.bytes.extend_from_slice(name.as_bytes());
-        self.bytes.push(0);
-        self.pad();
-        self.bytes.extend_from_slice(data);
-        self.pad();
-    }
-
-    /// Header+name and data each end on a 4-byte boundary.
-    fn pad(&mut self) {
-        while !self.bytes.len().is_multiple_of(4) {
-            self.bytes.push(0);
-        }
-    }
-}
-
-/// Boots the kernel and returns everything the serial console printed; `Err` holds the
-/// reason and that output when qemu failed or the guest did not power off in time.
-fn boot(series: &str, kernel: &Path, initrd: &Path) -> Result<String, String> {
-    let mut qemu = Command::new("qemu-system-x86_64")
-        .args(["-accel", "tcg", "-cpu", "max", "-m", "1024", "-smp", "2"])
-        .args(["-nographic", "-no-reboot"])
-        .arg("-kernel")
-        .arg(kernel)
-        .arg("-initrd")
-        .arg(initrd)
-        // quiet + loglevel=3: kernel chatter must not interleave with the scenario's lines.
-        // panic=-1 with -no-reboot: a dying init ends qemu instead of hanging it.
-        .args(["-append", "console=ttyS0 quiet loglevel=3 panic=-1"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| {
-            format!("cannot start qemu-system-x86_64 (scripts/setup.sh installs it): {e}")
-        })?;
-    let console = read_console(series, qemu.stdout.take().expect("qemu stdout is piped"));
-    let mut qemu_stderr = qemu.stderr.take().expect("qemu stderr is piped");
-    let qemu_errors = thread::spawn(move || {
-        let mut text = String::new();
-        let _ = qemu_stderr.read_to_string(&mut text);
-        text
-    });
-
-    let exit = wait_or_kill(&mut qemu, VM_TIMEOUT);
-    // qemu is gone, so both pipes are closed and the readers finish.
-    let console = console.join().expect("console reader panicked");
-    let qemu_errors = qemu_errors.join().expect("qemu stderr reader panicked");
-    match exit {
-        Some(status) if status.success() => Ok(console),
-        Some(status) => Err(format!(
-            "[{series}] qemu exited with {status}; its stderr:\n{qemu_errors}\nconsole:\n{console}"
-        )),
-        None => Err(format!(
-            "[{series}] the VM did not power off within {VM_TIMEOUT:?}; killed it. console:\n{console}"
-        )),
-    }
-}
-
-/// Collects the console output; marker lines are echoed as they come so that
-/// `--nocapture` shows progress without the whole log.
-fn read_console(series: &str, stdout: impl Read + Send + 'static) -> thread::JoinHandle<String> {
-    let series = series.to_owned();
-    thread::spawn(move || {
-        let mut reader = BufReader::new(stdout);
-        let mut console = String::new();
-        let mut line = Vec::new();
-        // Lines, not a UTF-8 string: the firmware may write bytes that are not text.
-        while reader.read_until(b'\n', &mut line).is_ok_and(|n| n > 0) {
-            let text = printable(&String::from_utf8_lossy(&line));
-            let trimmed = text.trim_end();
-            if ["SCENARIO ", KERNEL_MARKER, RESULT_MARKER]
-                .iter()
-                .any(|m| trimmed.contains(m))
-            {
-                eprintln!("[{series}] {trimmed}");
-            }
-            console.push_str(trimmed);
-            console.push('\n');
-            line.clear();
-        }
-        console
-    })
-}
-
-/// `text` without terminal control sequences: the firmware resets and clears the screen
-/// (ESC c, ESC [2J), which would garble the terminal that shows a failure's console.
-fn printable(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        match c {
-            // CSI: parameters, then one final byte in '@'..='~'.
-            '\x1b' if chars.clone().next() == Some('[') => {
-                chars.by_ref().skip(1).find(|c| ('@'..='~').contains(c));
-            }
-            // Any other escape is ESC plus one character.
-            '\x1b' => {
-                chars.next();
-            }
-            c if c.is_control() && c != '\t' && c != '\n' => {}
-            c => out.push(c),
-        }
-    }
-    out
-}
-
-/// Waits for the child to exit; kills it past `timeout` and returns `None`.
-fn wait_or_kill(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        match child.try_wait() {
-            Ok(Some(status)) => return Some(status),
-            Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(200)),
-            _ => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return None;
-            }
-        }
-    }
 }
 
 /// The guest ran the expected kernel and every probe's scenario passed.
@@ -421,12 +203,6 @@ fn check_console(series: &str, console: &str) {
     );
 }
 
-/// The rest of a line after `marker`. Not a prefix match: the firmware leaves the cursor
-/// mid-line, so /init's first marker shares a line with whatever it printed last.
-fn after_marker<'a>(line: &'a str, marker: &str) -> Option<&'a str> {
-    line.split_once(marker).map(|(_, rest)| rest.trim())
-}
-
 // ---- Attribution on a pure cgroup v2 kernel (testkit's `attribution` scenario).
 
 const ATTRIBUTION_MARKER: &str = "EGRESS-VM-ATTRIBUTION ";
@@ -452,7 +228,7 @@ fn run_attribution_in_vm(series: &str, hybrid: bool) {
     let binaries = static_binaries();
     let kernel = debian_kernel(series);
     let layout = if hybrid { "hybrid" } else { "v2" };
-    let scratch = Scratch::new(&format!("{series}-attribution-{layout}"));
+    let scratch = scratch(&format!("{series}-attribution-{layout}"));
     let initrd = scratch.0.join("initramfs.cpio");
     write_attribution_initramfs(&initrd, binaries, hybrid);
     let console = boot(series, &kernel, &initrd).unwrap_or_else(|problem| panic!("{problem}"));
@@ -510,14 +286,10 @@ fn write_attribution_initramfs(path: &Path, binaries: &StaticBinaries, hybrid: b
     let read =
         |p: &Path| fs::read(p).unwrap_or_else(|e| panic!("cannot read {}: {e}", p.display()));
     let attribution = binaries.collector.with_file_name("egress-attribution");
-    let mut cpio = Cpio::default();
-    for dir in [
-        "bin", "dev", "proc", "sys", "tmp", "run", "var", "var/lib", "etc",
-    ] {
+    let mut cpio = Cpio::with_busybox().unwrap_or_else(|problem| panic!("{problem}"));
+    for dir in ["var", "var/lib", "etc"] {
         cpio.dir(dir);
     }
-    cpio.char_device("dev/console", 0o600, (5, 1));
-    cpio.file("bin/busybox", 0o755, &read(Path::new(BUSYBOX)));
     cpio.file("egress-collector", 0o755, &read(&binaries.collector));
     cpio.file("egress-attribution", 0o755, &read(&attribution));
     cpio.file("init", 0o755, attribution_init_script(hybrid).as_bytes());

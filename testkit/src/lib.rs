@@ -1,4 +1,5 @@
-//! Test scenarios for egress-collector, shared by the host test and the kernel VMs.
+//! Test scenarios for egress-collector, shared by the host test and the kernel VMs, and
+//! the qemu plumbing those VMs boot with (also used by the VM benchmark).
 //!
 //! A scenario starts the real collector binary, makes known connections from a thread of
 //! this process, stops the collector with SIGINT, and checks that its JSON output holds
@@ -13,6 +14,7 @@ pub mod receiver;
 pub mod scenario;
 pub mod static_build;
 pub mod traffic;
+pub mod vm;
 
 /// The tests load eBPF programs and start containers: they run as root, and say so
 /// plainly when they do not.

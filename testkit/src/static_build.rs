@@ -12,14 +12,44 @@ pub const MUSL: &str = "x86_64-unknown-linux-musl";
 /// `egress-attribution`, `egress-dns-vm`) statically; returns the directory holding
 /// them. A target dir of its own: the outer `cargo test` holds the lock on the default one.
 pub fn build(workspace: &Path, cargo: &str) -> Result<PathBuf, String> {
+    build_bins(
+        workspace,
+        cargo,
+        &["egress-collector", "egress-testkit"],
+        &["egress-collector", "egress-scenario", "egress-attribution", "egress-dns-vm"],
+    )
+}
+
+/// `egress-collector` and `egress-bench` statically, for the VM benchmark: the bench runs
+/// its own `kernel-cost` inside the guest. Same directory as [`build`].
+pub fn build_bench(workspace: &Path, cargo: &str) -> Result<PathBuf, String> {
+    build_bins(
+        workspace,
+        cargo,
+        &["egress-collector", "egress-bench"],
+        &["egress-collector", "egress-bench"],
+    )
+}
+
+fn build_bins(
+    workspace: &Path,
+    cargo: &str,
+    packages: &[&str],
+    bins: &[&str],
+) -> Result<PathBuf, String> {
     let target_dir = workspace.join("target").join("vm");
     eprintln!("building static binaries into {}", target_dir.display());
-    let output = Command::new(cargo)
+    let mut command = Command::new(cargo);
+    command
         .current_dir(workspace)
-        .args(["build", "--release", "--target", MUSL])
-        .args(["-p", "egress-collector", "-p", "egress-testkit"])
-        .args(["--bin", "egress-collector", "--bin", "egress-scenario"])
-        .args(["--bin", "egress-attribution", "--bin", "egress-dns-vm"])
+        .args(["build", "--release", "--target", MUSL]);
+    for package in packages {
+        command.args(["-p", package]);
+    }
+    for bin in bins {
+        command.args(["--bin", bin]);
+    }
+    let output = command
         .arg("--target-dir")
         .arg(&target_dir)
         .output()
