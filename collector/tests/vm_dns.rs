@@ -14,20 +14,20 @@ use std::{
     path::{Path, PathBuf},
     process::Command,
     sync::OnceLock,
-    time::Instant,
+    time::{Duration, Instant},
 };
 
-use support::{
-    host::require_root,
-    vm::{
-        BUSYBOX, Cpio, GUEST_MOUNTS, KERNEL_MARKER, RESULT_MARKER, Scratch, after_marker, boot,
-        debian_kernel, workspace_root,
-    },
-};
+use egress_testkit::vm::{Boot, Cpio, GUEST_MOUNTS, Scratch, after_marker};
+use support::host::require_root;
 
 const PROBES: [&str; 2] = ["kprobe", "fentry"];
 /// Debian's dnsmasq (scripts/setup.sh installs dnsmasq-base).
 const DNSMASQ: &str = "/usr/sbin/dnsmasq";
+/// Emulation is slow and VMs may share the host's CPUs; past this the guest is stuck.
+const VM_TIMEOUT: Duration = Duration::from_secs(300);
+/// Markers /init prints on the console; nothing else in the guest prints them.
+const KERNEL_MARKER: &str = "EGRESS-VM-KERNEL ";
+const RESULT_MARKER: &str = "EGRESS-VM-RESULT ";
 
 #[test]
 fn dns_names_in_kprobe_and_fentry_modes_on_debian_6_1() {
@@ -43,7 +43,8 @@ fn run_in_vm(series: &str) {
     require_root();
     let binaries = static_binaries();
     let kernel = debian_kernel(series);
-    let scratch = Scratch::new(&format!("{series}-dns"));
+    let scratch =
+        Scratch::new(&format!("{series}-dns")).unwrap_or_else(|problem| panic!("{problem}"));
     let initrd = scratch.0.join("initramfs.cpio");
     write_initramfs(&initrd, binaries);
     let started = Instant::now();
@@ -83,6 +84,27 @@ fn run_in_vm(series: &str) {
         "[{series}] kernel {release}: {}\nconsole:\n{console}",
         problems.join("; ")
     );
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The vmlinuz of the newest Debian cloud kernel of `series`, downloaded on first use.
+fn debian_kernel(series: &str) -> PathBuf {
+    egress_testkit::vm::debian_kernel(&workspace_root(), series)
+        .unwrap_or_else(|problem| panic!("{problem}"))
+}
+
+/// Boots the kernel and returns everything the serial console printed.
+fn boot(series: &str, kernel: &Path, initrd: &Path) -> Result<String, String> {
+    egress_testkit::vm::boot(&Boot {
+        label: series,
+        kernel,
+        initrd,
+        timeout: VM_TIMEOUT,
+        echo: &["SCENARIO ", KERNEL_MARKER, RESULT_MARKER],
+    })
 }
 
 struct StaticBinaries {
@@ -155,18 +177,10 @@ fn shared_libraries(binary: &str) -> Vec<PathBuf> {
 fn write_initramfs(path: &Path, binaries: &StaticBinaries) {
     let read =
         |p: &Path| fs::read(p).unwrap_or_else(|e| panic!("cannot read {}: {e}", p.display()));
-    let mut cpio = Cpio::default();
-    let mut dirs = vec![
-        "bin".to_owned(),
-        "dev".into(),
-        "proc".into(),
-        "sys".into(),
-        "tmp".into(),
-        "run".into(),
-        "etc".into(),
-        "usr".into(),
-        "usr/sbin".into(),
-    ];
+    // bin, dev, proc, sys, tmp, run, /dev/console and busybox.
+    let mut cpio = Cpio::with_busybox().unwrap_or_else(|problem| panic!("{problem}"));
+    let in_base = ["bin", "dev", "proc", "sys", "tmp", "run"];
+    let mut dirs = vec!["etc".to_owned(), "usr".into(), "usr/sbin".into()];
     let libraries = shared_libraries(DNSMASQ);
     for library in &libraries {
         // Every parent directory, outermost first; files at the paths ldd names.
@@ -179,7 +193,7 @@ fn write_initramfs(path: &Path, binaries: &StaticBinaries) {
             parent = dir.parent().map(Path::to_owned);
         }
         for dir in chain.into_iter().rev() {
-            if !dirs.contains(&dir) {
+            if !in_base.contains(&dir.as_str()) && !dirs.contains(&dir) {
                 dirs.push(dir);
             }
         }
@@ -187,8 +201,6 @@ fn write_initramfs(path: &Path, binaries: &StaticBinaries) {
     for dir in &dirs {
         cpio.dir(dir);
     }
-    cpio.char_device("dev/console", 0o600, (5, 1));
-    cpio.file("bin/busybox", 0o755, &read(Path::new(BUSYBOX)));
     cpio.file("egress-collector", 0o755, &read(&binaries.collector));
     cpio.file("egress-dns-vm", 0o755, &read(&binaries.scenario));
     cpio.file("usr/sbin/dnsmasq", 0o755, &read(Path::new(DNSMASQ)));

@@ -3,4 +3,3 @@
 
 pub mod host;
 pub use egress_testkit::receiver;
-pub mod vm;
