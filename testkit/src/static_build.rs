@@ -16,7 +16,12 @@ pub fn build(workspace: &Path, cargo: &str) -> Result<PathBuf, String> {
         workspace,
         cargo,
         &["egress-collector", "egress-testkit"],
-        &["egress-collector", "egress-scenario", "egress-attribution", "egress-dns-vm"],
+        &[
+            "egress-collector",
+            "egress-scenario",
+            "egress-attribution",
+            "egress-dns-vm",
+        ],
     )
 }
 
