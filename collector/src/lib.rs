@@ -4,8 +4,11 @@
 //! [`events`] (ring buffer, checked decoding) -> [`enrich`] -> [`export`].
 //! [`config`] (flags, environment, file -> typed settings) depends on nothing else;
 //! [`telemetry`] (the collector's own counters and logs) on no stage; [`otlp_client`] is
-//! the one OTLP client, shared by the exporter and the collector's own telemetry.
+//! the one OTLP client, shared by the exporter and the collector's own telemetry;
+//! [`cgroup_names`] (container and pod from cgroup names) is pure and shared by
+//! `events` and `enrich`.
 
+pub mod cgroup_names;
 pub mod check;
 pub mod config;
 pub mod dns;

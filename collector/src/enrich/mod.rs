@@ -7,14 +7,14 @@
 //!
 //! Public items: [`Enricher`] (the stage), [`Record`] and [`Resource`] (what it hands
 //! to export), [`HostIdentity`], [`CgroupRoots`], and its parts: [`container_ref`]
-//! (a container's identity from a cgroup path), [`cgroup_index`] (cgroup id -> path),
+//! (a container's identity from a cgroup path: `crate::cgroup_names`), [`cgroup_index`] (cgroup id -> path),
 //! [`cache`] (container identities), [`runtime`] (docker, containerd, CRI-O files),
 //! [`exclude`] (excluded namespaces, handed to the kernel through `probe::feedback`),
 //! [`watch`] (directory changes).
 
 pub mod cache;
 pub mod cgroup_index;
-pub mod container_ref;
+pub use crate::cgroup_names as container_ref;
 pub mod exclude;
 pub mod runtime;
 pub mod watch;

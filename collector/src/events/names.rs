@@ -13,11 +13,11 @@ use super::{
 };
 use crate::config::settings::DnsSettings;
 use crate::{
+    cgroup_names::pod_uid_of_component,
     dns::{
         self,
         cache::{Match, NameCache},
     },
-    enrich::container_ref::pod_uid_of_component,
     telemetry::Stats,
 };
 

@@ -6,6 +6,9 @@
 //!   <runtime>-<id>.scope` with runtime `docker`, `cri-containerd`, `crio`, `libpod`, and
 //!   `system.slice/docker-<id>.scope`;
 //! - any of these with child cgroups below the container's (nested init, docker in docker).
+//!
+//! Pure knowledge of names, no stage: `enrich` finds containers with it, and `events`
+//! keys DNS names by pod with [`pod_uid_of_component`].
 
 /// What a cgroup path says about its container.
 #[derive(Debug, Clone, PartialEq, Eq)]
