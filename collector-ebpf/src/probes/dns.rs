@@ -8,9 +8,8 @@
 //! recvmsg), Go (read on a connected socket) and DNS over TCP (read), in the reading
 //! task, so cgroup and network namespace are the workload's. On x86_64 only the exits
 //! are hooked (the arguments are read back from the registers the task saved at entry);
-//! a read that returned at most 2 bytes (an error, EAGAIN above all) exits on its return
-//! value alone, and a read by a process that never marked a socket costs one array load
-//! more. A process that did pays a hash lookup per read. Not seen:
+//! a read by a process that never marked a socket costs one array load there. A process
+//! that did pays a hash lookup per read that returned more than 2 bytes. Not seen:
 //! io_uring receives (no syscall), readv/recvmmsg.
 
 use aya_ebpf::{
@@ -180,13 +179,17 @@ fn arguments(is_msghdr: bool) -> Option<DnsRead> {
 
 #[inline(always)]
 fn exit(ctx: &TracePointContext, is_msghdr: bool) {
-    // The early exits of every read on the node: first what the record itself says (a
-    // failed read, EAGAIN on a non-blocking socket above all, or at most the 2-byte
-    // length a resolver reads on its own before a TCP message: no DNS message), without a
-    // helper call; then whether this process has marked a socket.
+    // The early exit of every read on the node: whether this process has marked a
+    // socket (one array load). Reading the return value first costs more: a tracepoint
+    // record field is read with a helper call (measured: 83 -> 126 ns per read).
+    if !process_marked() {
+        return;
+    }
+    // A failed read (EAGAIN on a non-blocking socket above all), or at most the 2-byte
+    // length a resolver reads on its own before a TCP message: no DNS message.
     let Some(ret) = arg(ctx, RET) else { return };
     let ret = ret as i64;
-    if ret <= 2 || !process_marked() {
+    if ret <= 2 {
         return;
     }
     let Some(read) = arguments(is_msghdr) else {
