@@ -14,20 +14,18 @@ use std::{
     path::{Path, PathBuf},
     process::Command,
     sync::OnceLock,
-    time::{Duration, Instant},
+    time::Instant,
 };
 
-use egress_testkit::vm::{Boot, Cpio, GUEST_MOUNTS, Scratch, after_marker};
+use egress_testkit::vm::{
+    Cpio, GUEST_MOUNTS, KERNEL_MARKER, RESULT_MARKER, Scratch, after_marker, boot_test as boot,
+    test_kernel as debian_kernel, workspace_root,
+};
 use support::host::require_root;
 
 const PROBES: [&str; 2] = ["kprobe", "fentry"];
 /// Debian's dnsmasq (scripts/setup.sh installs dnsmasq-base).
 const DNSMASQ: &str = "/usr/sbin/dnsmasq";
-/// Emulation is slow and VMs may share the host's CPUs; past this the guest is stuck.
-const VM_TIMEOUT: Duration = Duration::from_secs(300);
-/// Markers /init prints on the console; nothing else in the guest prints them.
-const KERNEL_MARKER: &str = "EGRESS-VM-KERNEL ";
-const RESULT_MARKER: &str = "EGRESS-VM-RESULT ";
 
 #[test]
 fn dns_names_in_kprobe_and_fentry_modes_on_debian_6_1() {
@@ -84,27 +82,6 @@ fn run_in_vm(series: &str) {
         "[{series}] kernel {release}: {}\nconsole:\n{console}",
         problems.join("; ")
     );
-}
-
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// The vmlinuz of the newest Debian cloud kernel of `series`, downloaded on first use.
-fn debian_kernel(series: &str) -> PathBuf {
-    egress_testkit::vm::debian_kernel(&workspace_root(), series)
-        .unwrap_or_else(|problem| panic!("{problem}"))
-}
-
-/// Boots the kernel and returns everything the serial console printed.
-fn boot(series: &str, kernel: &Path, initrd: &Path) -> Result<String, String> {
-    egress_testkit::vm::boot(&Boot {
-        label: series,
-        kernel,
-        initrd,
-        timeout: VM_TIMEOUT,
-        echo: &["SCENARIO ", KERNEL_MARKER, RESULT_MARKER],
-    })
 }
 
 struct StaticBinaries {

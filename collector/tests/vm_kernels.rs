@@ -9,22 +9,19 @@ use std::{
     fs,
     path::{Path, PathBuf},
     sync::OnceLock,
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use egress_testkit::require_root;
-use egress_testkit::vm::{Boot, Cpio, GUEST_MOUNTS, Scratch, after_marker};
+use egress_testkit::vm::{
+    Cpio, GUEST_MOUNTS, KERNEL_MARKER, RESULT_MARKER, Scratch, after_marker, boot_test as boot,
+    test_kernel as debian_kernel, workspace_root,
+};
 
 /// Hook families the scenario runs in every VM, in this order (Debian's kernels have all).
 const PROBES: [&str; 3] = ["kprobe", "fentry", "tracepoint"];
 /// The scenario's concurrent phase: threads x attempts each, at once.
 const CONCURRENT: &str = "4x150";
-/// Emulation is slow and the two VMs may share the host's CPUs, but a healthy run takes a
-/// fraction of this; past it the guest is stuck.
-const VM_TIMEOUT: Duration = Duration::from_secs(300);
-/// Markers /init prints on the console; nothing else in the guest prints them.
-const KERNEL_MARKER: &str = "EGRESS-VM-KERNEL ";
-const RESULT_MARKER: &str = "EGRESS-VM-RESULT ";
 
 #[test]
 fn every_family_on_debian_6_1() {
@@ -62,30 +59,9 @@ fn run_scenario_in_vm(series: &str) {
     check_console(series, &console);
 }
 
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// The vmlinuz of the newest Debian cloud kernel of `series`, downloaded on first use.
-fn debian_kernel(series: &str) -> PathBuf {
-    egress_testkit::vm::debian_kernel(&workspace_root(), series)
-        .unwrap_or_else(|problem| panic!("{problem}"))
-}
-
 /// A directory of this test's own: the tests run in parallel and must not share files.
 fn scratch(label: &str) -> Scratch {
     Scratch::new(label).unwrap_or_else(|problem| panic!("{problem}"))
-}
-
-/// Boots the kernel and returns everything the serial console printed.
-fn boot(series: &str, kernel: &Path, initrd: &Path) -> Result<String, String> {
-    egress_testkit::vm::boot(&Boot {
-        label: series,
-        kernel,
-        initrd,
-        timeout: VM_TIMEOUT,
-        echo: &["SCENARIO ", KERNEL_MARKER, RESULT_MARKER],
-    })
 }
 
 struct StaticBinaries {

@@ -291,6 +291,36 @@ pub fn after_marker<'a>(line: &'a str, marker: &str) -> Option<&'a str> {
     line.split_once(marker).map(|(_, rest)| rest.trim())
 }
 
+/// What the test guests' /init prints before and with each verdict; nothing else in the
+/// guest prints them.
+pub const KERNEL_MARKER: &str = "EGRESS-VM-KERNEL ";
+pub const RESULT_MARKER: &str = "EGRESS-VM-RESULT ";
+/// Emulation is slow and VMs may share the host's CPUs; past this a test guest is stuck.
+pub const TEST_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// The workspace these tests and benchmarks belong to.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// For the tests: the vmlinuz of `series`, downloaded on first use; panics with the
+/// reason when there is none (a test must not skip).
+pub fn test_kernel(series: &str) -> PathBuf {
+    debian_kernel(&workspace_root(), series).unwrap_or_else(|problem| panic!("{problem}"))
+}
+
+/// For the tests: boots `kernel` with `initrd`, echoing the scenario's and the markers'
+/// lines as they come, and returns everything the serial console printed.
+pub fn boot_test(series: &str, kernel: &Path, initrd: &Path) -> Result<String, String> {
+    boot(&Boot {
+        label: series,
+        kernel,
+        initrd,
+        timeout: TEST_TIMEOUT,
+        echo: &["SCENARIO ", KERNEL_MARKER, RESULT_MARKER],
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
