@@ -247,6 +247,11 @@ pub fn run(options: &Options) -> Result<Outcome, String> {
         "1h",
         "--attributes",
         "full",
+        // Stopping under qemu's emulation took longer than the 10 s default once (6.12-rt,
+        // kprobe mode, no record left to drain: the teardown, not the drain). The deadline
+        // itself is tested in tests/shutdown.rs; here it must not fail a capture check.
+        "--shutdown-deadline",
+        "60s",
     ];
     args.extend(options.extra_args.iter().map(String::as_str));
     let collector = RunningCollector::start(&options.collector, &args, options.ready_timeout)?;
