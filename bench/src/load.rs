@@ -38,6 +38,20 @@ pub struct LoadArgs {
     pub address: Ipv4Addr,
 }
 
+impl LoadArgs {
+    /// TCP connects on 127.0.0.1 over the default 8 listeners, no UDP: the benchmarks' load.
+    pub fn tcp_loopback(threads: usize, seconds: f64, rate: u64) -> Self {
+        Self {
+            threads,
+            seconds,
+            rate,
+            udp_ports: 0,
+            listeners: 8,
+            address: Ipv4Addr::LOCALHOST,
+        }
+    }
+}
+
 /// What the load did; printed as one JSON line.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct LoadReport {

@@ -330,14 +330,7 @@ fn full(bench: PathBuf, args: RunArgs) -> anyhow::Result<()> {
                 let plan = Plan {
                     bench: bench.clone(),
                     collector: args.collector.clone(),
-                    load: LoadArgs {
-                        threads: args.threads,
-                        seconds: args.seconds,
-                        rate,
-                        udp_ports: 0,
-                        listeners: 8,
-                        address: std::net::Ipv4Addr::LOCALHOST,
-                    },
+                    load: LoadArgs::tcp_loopback(args.threads, args.seconds, rate),
                     count_stdout: false,
                     collector_args: Vec::new(),
                 };

@@ -76,14 +76,7 @@ pub fn measure(args: &Args) -> anyhow::Result<String> {
                 let plan = Plan {
                     bench: args.bench.clone(),
                     collector: args.collectors[collector].clone(),
-                    load: LoadArgs {
-                        threads: 2,
-                        seconds: args.seconds,
-                        rate,
-                        udp_ports: 0,
-                        listeners: 8,
-                        address: std::net::Ipv4Addr::LOCALHOST,
-                    },
+                    load: LoadArgs::tcp_loopback(2, args.seconds, rate),
                     count_stdout: false,
                     collector_args: Vec::new(),
                 };

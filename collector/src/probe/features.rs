@@ -35,29 +35,7 @@ pub fn fetching_atomics() -> bool {
         insn(0xb7, 0x00, 0, 0),                  // r0 = 0
         insn(0x95, 0x00, 0, 0),                  // exit
     ];
-    let license = c"GPL";
-    let attr = ProgLoadAttr {
-        prog_type: BPF_PROG_TYPE_SOCKET_FILTER,
-        insn_cnt: program.len() as u32,
-        insns: program.as_ptr() as u64,
-        license: license.as_ptr() as u64,
-    };
-    // SAFETY: `attr` points to the instructions and the licence string, which outlive the
-    // call; the kernel reads `size_of::<ProgLoadAttr>()` bytes and treats the rest as zero.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_LOAD,
-            &attr as *const ProgLoadAttr,
-            std::mem::size_of::<ProgLoadAttr>(),
-        )
-    };
-    if fd < 0 {
-        return false;
-    }
-    // SAFETY: a descriptor the kernel just returned, owned by nobody else.
-    drop(unsafe { OwnedFd::from_raw_fd(fd as i32) });
-    true
+    loads(BPF_PROG_TYPE_SOCKET_FILTER, &program)
 }
 
 /// `BPF_PROG_TYPE_TRACEPOINT`; helper ids `bpf_get_current_task_btf` (5.11) and
@@ -87,7 +65,8 @@ fn loads(prog_type: u32, program: &[u64]) -> bool {
         insns: program.as_ptr() as u64,
         license: license.as_ptr() as u64,
     };
-    // SAFETY: as in `fetching_atomics`.
+    // SAFETY: `attr` points to the instructions and the licence string, which outlive the
+    // call; the kernel reads `size_of::<ProgLoadAttr>()` bytes and treats the rest as zero.
     let fd = unsafe {
         libc::syscall(
             libc::SYS_bpf,
