@@ -31,6 +31,9 @@ pub struct ChurnReport {
     pub connects_reported: u64,
     /// Distinct pods named by the records.
     pub pods_attributed: usize,
+    /// The collector's warnings that a container's runtime files could not be read (one
+    /// per container), to tell a late read from a lost record when pods are missing.
+    pub metadata_warnings: Vec<String>,
     /// The collector's own count of lost events: all traffic on the machine, not only
     /// the run's.
     pub lost: u64,
@@ -245,6 +248,11 @@ pub fn run(
     let (lines, _) = observer.stop()?;
     drop(runtime);
     let lost = tool::stopped_field(&lines, "lost").context("no lost= in the Stopped. line")?;
+    let metadata_warnings = lines
+        .iter()
+        .filter(|l| l.contains("No pod metadata"))
+        .cloned()
+        .collect();
     let metric_workloads: Vec<u64> = lines
         .iter()
         .filter(|l| l.contains("Collector statistics."))
@@ -269,6 +277,7 @@ pub fn run(
         lifetime_seconds: lifetime.as_secs_f64(),
         connects_reported,
         pods_attributed,
+        metadata_warnings,
         lost,
         rss_after_warmup_bytes: after.first().copied().unwrap_or(0),
         rss_end_bytes: rss.last().map_or(0, |(_, r)| *r),
@@ -347,10 +356,11 @@ fn series_summary(values: &[u64]) -> String {
 pub fn check(r: &ChurnReport) -> anyhow::Result<()> {
     if r.connects_reported < r.containers as u64 || r.pods_attributed != r.containers {
         bail!(
-            "churn: {} containers, {} connects reported, {} pods attributed",
+            "churn: {} containers, {} connects reported, {} pods attributed; the collector's metadata warnings: {:?}",
             r.containers,
             r.connects_reported,
-            r.pods_attributed
+            r.pods_attributed,
+            r.metadata_warnings
         );
     }
     Ok(())

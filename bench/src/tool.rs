@@ -114,15 +114,17 @@ impl Observer {
             let (seen, pods) = (Arc::clone(&seen), Arc::clone(&pods));
             thread::spawn(move || {
                 for line in BufReader::new(out).lines().map_while(Result::ok) {
-                    if let Some(port) = destination_port(&line) {
-                        *seen.lock().expect("lock").entry(port).or_default() +=
-                            connection_count(&line);
-                    }
+                    // The pod first: a reader that sees a line counted (`seen_to`) then
+                    // finds its pod (`pods_seen`) too.
                     if let Some(pod) = pod_name(&line) {
                         let mut pods = pods.lock().expect("lock");
                         if !pods.contains(pod) {
                             pods.insert(pod.to_owned());
                         }
+                    }
+                    if let Some(port) = destination_port(&line) {
+                        *seen.lock().expect("lock").entry(port).or_default() +=
+                            connection_count(&line);
                     }
                 }
                 String::new()
