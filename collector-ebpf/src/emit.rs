@@ -369,7 +369,7 @@ fn first_in_window(ev: &ConnectEvent) -> bool {
         protocol: ev.protocol as u16,
         src_port: ev.src_port,
         dst_port: ev.dst_port,
-        _pad: 0,
+        tgid: (aya_ebpf::helpers::bpf_get_current_pid_tgid() >> 32) as u32,
         src_addr: ev.src_addr,
         dst_addr: ev.dst_addr,
     };

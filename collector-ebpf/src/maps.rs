@@ -206,7 +206,10 @@ pub struct OpenConn {
     pub _pad: [u8; 7],
 }
 
-/// A UDP flow: the 5-tuple within one network namespace.
+/// A UDP flow: the 5-tuple within one network namespace, of one process. The process
+/// is part of it because two processes can send the same 5-tuple within a window (a
+/// port freed by one and taken by the next, SO_REUSEPORT, two hostNetwork pods): folded
+/// into one record, the second would never be attributed to its own pod.
 #[repr(C)]
 #[derive(Copy, Clone)]
 pub struct FlowKey {
@@ -215,7 +218,7 @@ pub struct FlowKey {
     pub protocol: u16,
     pub src_port: u16,
     pub dst_port: u16,
-    pub _pad: u32,
+    pub tgid: u32,
     pub src_addr: [u8; 16],
     pub dst_addr: [u8; 16],
 }

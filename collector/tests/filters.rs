@@ -268,3 +268,72 @@ fn an_excluded_namespace_is_dropped_and_then_filtered_in_the_kernel() {
         "once the collector has seen the cgroup, the kernel drops its connections"
     );
 }
+
+/// UDP flows are reported once per window, but a flow is one process's: two processes
+/// sending the same 5-tuple within a window (SO_REUSEPORT here; in life a port freed by
+/// one process and taken by the next, or two host-network pods) are each reported, each
+/// with its own pid, or the second would never be attributed to its pod.
+#[test]
+fn two_processes_sending_the_same_udp_5_tuple_are_each_reported() {
+    require_root();
+    let destination = "127.0.0.1:9";
+    let source_port = UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .expect("a free port")
+        .port();
+    let collector = RunningCollector::start(
+        Path::new(COLLECTOR),
+        &["--cgroup-rate-limit", "0"],
+        Duration::from_secs(60),
+    )
+    .expect("collector starts");
+    // Two processes, one after the other, each sending from 127.0.0.1:<source_port>.
+    let script = format!(
+        "import os, socket\n\
+         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)\n\
+         s.bind(('127.0.0.1', {source_port}))\n\
+         s.sendto(b'x', ('127.0.0.1', 9))\n\
+         print(os.getpid())\n"
+    );
+    let pids: Vec<u64> = (0..2)
+        .map(|_| {
+            let out = std::process::Command::new("python3")
+                .args(["-c", &script])
+                .output()
+                .expect("python3 runs");
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8_lossy(&out.stdout)
+                .trim()
+                .parse()
+                .expect("a pid")
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let (stdout, _) = stop(collector);
+    let mut reported: Vec<u64> = records(&stdout)
+        .iter()
+        .map(|r| &r["attributes"])
+        .filter(|a| {
+            a["egress.event"] == "udp_send"
+                && a["source.port"] == u64::from(source_port)
+                && format!(
+                    "{}:{}",
+                    a["destination.address"].as_str().unwrap_or(""),
+                    a["destination.port"]
+                ) == destination
+        })
+        .filter_map(|a| a["process.pid"].as_u64())
+        .collect();
+    reported.sort_unstable();
+    let mut want = pids.clone();
+    want.sort_unstable();
+    assert_eq!(
+        reported, want,
+        "one record per process for the same 5-tuple"
+    );
+}

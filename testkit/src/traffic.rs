@@ -62,6 +62,7 @@ fn udp(what: String, event: &'static str, source: SocketAddr, destination: Socke
 pub fn generate(n: usize) -> io::Result<Vec<Expected>> {
     let mut expected = Vec::new();
     let mut keep = Vec::new();
+    let mut udp_keep = Vec::new();
 
     let listener4 = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
     let listener6 = TcpListener::bind((Ipv6Addr::LOCALHOST, 0))?;
@@ -115,6 +116,9 @@ pub fn generate(n: usize) -> io::Result<Vec<Expected>> {
             socket.local_addr()?,
             receiver4.local_addr()?,
         ));
+        // Kept open: a port freed here could be the next socket's, and the same process
+        // sending the same 5-tuple within the flow window is the same flow (one record).
+        udp_keep.push(socket);
         // connect() then send: the connect reports the flow, the sends are the same flow.
         let socket = UdpSocket::bind((Ipv6Addr::UNSPECIFIED, 0))?;
         socket.connect(receiver6.local_addr()?)?;
@@ -126,6 +130,7 @@ pub fn generate(n: usize) -> io::Result<Vec<Expected>> {
             socket.local_addr()?,
             receiver6.local_addr()?,
         ));
+        udp_keep.push(socket);
     }
 
     // A dual-stack IPv6 socket talking to an IPv4-mapped address (what Java does for every
@@ -176,6 +181,7 @@ pub fn generate(n: usize) -> io::Result<Vec<Expected>> {
     // Let in-flight handshakes finish before the sockets close.
     std::thread::sleep(Duration::from_millis(100));
     drop(keep);
+    drop(udp_keep);
     Ok(expected)
 }
 
