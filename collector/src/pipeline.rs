@@ -160,7 +160,7 @@ pub async fn run(
         containerd_task_dirs = ?files.containerd_task_roots(),
         "Reading container metadata from the runtimes' files."
     );
-    let changes = enrich::watch::spawn(files.watched_dirs());
+    let changes = enrich::watch::spawn(files.watched_dirs(), files.clone());
     let under_host = |mount: &Option<PathBuf>| {
         (mount.as_ref()).map(|mount| enrich::runtime::on_host(&settings.host_root, mount))
     };

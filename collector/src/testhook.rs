@@ -3,7 +3,8 @@
 //! prove the collector still exits within its deadline with its statistics line. Stages:
 //! `enrich` (the enrichment thread), `stdout` (the stdout writer thread) and `shutdown`
 //! (the main thread, right after the probes are detached). `EGRESS_TEST_SLOW=detach:<secs>`
-//! makes detaching the probes take that much longer (a slow kernel). A test hook, not a setting:
+//! makes detaching the probes take that much longer (a slow kernel); `enrich:<secs>` holds
+//! each batch that long before it is enriched (a lagging enrichment). A test hook, not a setting:
 //! docs/operations.md says so, and the collector warns when it is set.
 
 use std::sync::OnceLock;

@@ -14,7 +14,7 @@ use std::{
 };
 
 use egress_testkit::{
-    attribution::{containerd_bundle, crio_config},
+    attribution::{containerd_bundle, crio_config, docker_config},
     collector::RunningCollector,
     docker::{self, Container, Pod},
 };
@@ -531,4 +531,78 @@ fn removed_cgroups_leave_no_inotify_watch_behind() {
         Duration::from_secs(60),
     );
     assert_eq!(paths.resolve_known(last, Instant::now()), None);
+}
+
+/// A container that connects and is gone (its files and cgroups removed, as containerd
+/// removes an exited task's bundle) before its record reaches enrichment, held back here
+/// by the `EGRESS_TEST_SLOW` hook, is still attributed to its pod: its files were read as
+/// its directory appeared.
+#[test]
+fn a_container_gone_before_its_record_is_enriched_is_still_attributed_to_its_pod() {
+    require_root_and_hybrid_host();
+    let (id, uid) = ids(40);
+    let host = HostRoot::new("gone");
+    host.write(
+        "/etc/docker/daemon.json",
+        r#"{"data-root": "/docker-data"}"#,
+    );
+    let containers = host.0.join("docker-data/containers");
+    std::fs::create_dir_all(&containers).expect("containers dir");
+    let port = listener();
+    let root = host.arg();
+    let collector = RunningCollector::start_wrapped(
+        &["env", "EGRESS_TEST_SLOW=enrich:1"],
+        Path::new(COLLECTOR),
+        // Every batch on the machine is held (other tests' too): time to drain them all.
+        &[
+            "--stdout",
+            "--host-root",
+            &root,
+            "--attributes",
+            "full",
+            "--shutdown-deadline",
+            "300s",
+        ],
+        Duration::from_secs(60),
+    )
+    .expect("collector starts");
+    // As dockerd does: the directory first, its files a moment later.
+    let files = containers.join(&id);
+    std::fs::create_dir(&files).expect("container dir");
+    std::thread::sleep(Duration::from_millis(50));
+    std::fs::write(
+        files.join("config.v2.json"),
+        docker_config(&id, "short-job-x1", "batch", &uid, "job"),
+    )
+    .expect("config.v2.json");
+    // The runtime starts the container (runc alone takes longer than this).
+    std::thread::sleep(Duration::from_millis(150));
+    let mut cgroups = Cgroups::default();
+    let leaf = cgroups.make(V1_MEMORY, &format!("kubepods/besteffort/pod{uid}/{id}"));
+    let connector = Connector::spawn(port);
+    connector.join(&leaf);
+    connector.connect();
+    // Gone at once: well before the held-back record is enriched.
+    std::fs::remove_dir_all(&files).expect("remove the container's files");
+    drop(cgroups);
+    std::thread::sleep(Duration::from_secs(2));
+    let (ok, stdout, stderr) = collector
+        .stop(Duration::from_secs(330))
+        .expect("collector stops");
+    assert!(ok, "collector failed:\n{}", stderr.join("\n"));
+    let records: Vec<Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).expect("every stdout line is JSON"))
+        .filter(|r| r["attributes"]["destination.port"] == port)
+        .collect();
+    assert_eq!(records.len(), 1, "{records:?}\n{}", stderr.join("\n"));
+    let resource = &records[0]["resource"];
+    assert_eq!(resource["container.id"], id.as_str(), "{resource}");
+    assert_eq!(
+        resource["k8s.pod.name"],
+        "short-job-x1",
+        "{resource}\n{}",
+        stderr.join("\n")
+    );
+    assert_eq!(resource["k8s.namespace.name"], "batch", "{resource}");
 }

@@ -156,6 +156,44 @@ impl ContainerCache {
         identity
     }
 
+    /// A new container's metadata, read as its directory appeared (`watch`): cached
+    /// before its first connection, so a container whose files are gone by the time its
+    /// records are enriched is still attributed. A container already known keeps its entry.
+    pub fn prefill(&mut self, id: String, metadata: &ContainerMetadata, now: Instant) {
+        if self
+            .entries
+            .get(&id)
+            .is_some_and(|entry| entry.retry_at.is_none())
+        {
+            return;
+        }
+        let container = ContainerRef {
+            id,
+            runtime_hint: None,
+            pod_uid: None,
+        };
+        let identity = Identity {
+            resource: Arc::new(resource_of(&self.host, &container, Some(metadata))),
+            host_network: metadata.host_network,
+        };
+        if self.entries.len() >= self.settings.capacity && !self.entries.contains_key(&container.id)
+        {
+            self.evict_least_recently_used();
+        }
+        self.entries.insert(
+            container.id,
+            Entry {
+                identity,
+                last_used: now,
+                retry_at: None,
+                failure_logged: false,
+                removed_at: None,
+            },
+        );
+        self.stats
+            .record_enrichment_event("container_read_at_creation");
+    }
+
     fn evict_least_recently_used(&mut self) {
         let oldest = self
             .entries

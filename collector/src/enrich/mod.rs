@@ -243,6 +243,7 @@ impl Enricher {
         while let Ok(change) = self.changes.try_recv() {
             match change {
                 DirChange::Created(id) => self.containers.container_created(&id, now),
+                DirChange::Read(id, metadata) => self.containers.prefill(id, &metadata, now),
                 DirChange::Removed(id) => {
                     self.containers.container_removed(&id, now);
                     if let Some(departures) = &self.departures {
@@ -278,7 +279,11 @@ impl Enricher {
         let runtime = tokio::runtime::Handle::current();
         loop {
             let batch = match runtime.block_on(tokio::time::timeout(APPLY_EVERY, input.recv())) {
-                Ok(Some(batch)) => batch,
+                Ok(Some(batch)) => {
+                    // A lagging enrichment (test hook): records reach it late.
+                    crate::testhook::slow_if("enrich");
+                    batch
+                }
                 Ok(None) => break,
                 Err(_) => {
                     self.apply_changes();

@@ -164,3 +164,39 @@ fn removed_containers_go_after_the_grace_time_and_the_size_is_bounded() {
     cache.sweep(now + Duration::from_secs(61));
     assert_eq!(cache.len(), 1);
 }
+
+#[test]
+fn metadata_read_at_creation_serves_a_container_whose_files_are_gone() {
+    let host = HostRoot::new("prefill");
+    let (mut cache, stats) = host.cache(CacheSettings::default());
+    let now = Instant::now();
+    host.write_config(ID, CONFIG);
+    let (files, _) = RuntimeFiles::discover(Path::new(&host.0), &Default::default());
+    let metadata = files.lookup(ID, None).expect("the fixture reads");
+    cache.prefill(ID.to_owned(), &metadata, now);
+    std::fs::remove_dir_all(host.container_dir(ID)).expect("files gone");
+    let identity = cache.identity(&container(ID), now);
+    assert_eq!(attr(&identity, semconv::K8S_POD_NAME), metadata.pod_name);
+    assert!(metadata.pod_name.is_some());
+    assert!(stats.enrichment_failures().is_empty(), "no lookup failed");
+    assert_eq!(
+        stats.enrichment_events().get("container_read_at_creation"),
+        Some(&1)
+    );
+}
+
+#[test]
+fn a_container_already_known_keeps_its_entry_when_read_at_creation() {
+    let host = HostRoot::new("prefill-known");
+    let (mut cache, _) = host.cache(CacheSettings::default());
+    let now = Instant::now();
+    host.write_config(ID, CONFIG);
+    let first = cache.identity(&container(ID), now);
+    let other = runtime::ContainerMetadata {
+        pod_name: Some("another".into()),
+        ..Default::default()
+    };
+    cache.prefill(ID.to_owned(), &other, now);
+    let again = cache.identity(&container(ID), now);
+    assert!(Arc::ptr_eq(&first.resource, &again.resource));
+}
