@@ -31,7 +31,7 @@ use crate::{
     health::{self, Health, HealthError},
     otlp_client::{collector_resource, transport::TransportError},
     probe::{ProbeError, Probes, counters::KernelCounters},
-    telemetry::{self, Snapshot, Stats},
+    telemetry::{self, Snapshot, Stats, export::ExportTelemetry},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -102,13 +102,15 @@ pub async fn run(
     // Built before anything starts, so bad TLS material fails the start.
     // Enrichment tells the OTLP metrics sink which containers went away (their series end).
     let (departures_tx, departures_rx) = tokio::sync::mpsc::unbounded_channel();
+    // What the export stage may report, and nothing else.
+    let export_telemetry = ExportTelemetry::new(Arc::clone(&stats));
     let otlp = match settings.otlp.clone() {
         Some(otlp) => {
             let self_resource = collector_resource(&host.host_name, &otlp.self_resource);
             let sinks = OtlpSinks {
                 settings: otlp,
                 self_resource,
-                stats: Arc::clone(&stats),
+                telemetry: export_telemetry.clone(),
                 snapshot: Arc::clone(&snapshot),
                 flush_deadline: settings.drain_deadline.mul_f32(0.8),
                 attributes: settings.attributes,
@@ -190,7 +192,7 @@ pub async fn run(
         settings.stdout,
         settings.attributes,
         records_rx,
-        Arc::clone(&stats),
+        export_telemetry,
         Arc::clone(&stdout_closed),
     )?;
 
@@ -353,7 +355,7 @@ fn spawn_exporters(
     stdout: bool,
     attributes: AttributeSet,
     records: mpsc::Receiver<Vec<Record>>,
-    stats: Arc<Stats>,
+    telemetry: ExportTelemetry,
     stdout_closed: Arc<Closed>,
 ) -> Result<tokio::task::JoinHandle<()>, PipelineError> {
     let capacity = records.max_capacity();
@@ -368,7 +370,7 @@ fn spawn_exporters(
         let sink = StdoutSink::start(
             StdoutExporter::new().with_attributes(attributes),
             role,
-            stats,
+            telemetry,
             stdout_closed,
         )
         .map_err(PipelineError::StdoutThread)?;

@@ -2,6 +2,8 @@
 //! and OTLP (`otlp`: a logs, a metrics and a connection-spans sink), with the attributes
 //! they share. Every destination is a [`Sink`], and [`fan_out`] is the only place that
 //! hands batches to them; a new output (a DNS-records stream, say) is one more sink.
+//! Sinks report what happened through [`crate::telemetry::export::ExportTelemetry`]
+//! (typed events, counted and logged in one place), never through the shared `Stats`.
 //!
 //! Public items: [`Sink`] (what every destination is), [`Feed`], [`Records`] (a batch as
 //! every sink gets it: shared, never copied), [`fan_out`] (one queue per sink, fed from

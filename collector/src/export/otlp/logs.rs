@@ -21,7 +21,7 @@ use crate::{
         retry::Backoff,
         transport::{Accepted, Client, SendError, TransportError},
     },
-    telemetry::Stats,
+    telemetry::export::{ExportEvent, ExportTelemetry},
 };
 
 type Sending = Pin<Box<dyn Future<Output = Result<Accepted, SendError>> + Send>>;
@@ -33,7 +33,7 @@ pub struct LogsSink {
     queue_records: usize,
     /// The attributes each log record carries.
     attributes: AttributeSet,
-    stats: Arc<Stats>,
+    telemetry: ExportTelemetry,
     /// How long shutdown may spend flushing the queue.
     flush_deadline: Duration,
     /// Held until the flush is over (the metrics sink's last export waits for it).
@@ -44,7 +44,7 @@ impl LogsSink {
     pub(super) fn new(
         settings: &OtlpSettings,
         attributes: AttributeSet,
-        stats: Arc<Stats>,
+        telemetry: ExportTelemetry,
         flush_deadline: Duration,
         finishing: Finishing,
     ) -> Result<Self, TransportError> {
@@ -54,7 +54,7 @@ impl LogsSink {
             batch_timeout: settings.batch_timeout,
             queue_records: settings.queue_records,
             attributes,
-            stats,
+            telemetry,
             flush_deadline,
             _finishing: finishing,
         })
@@ -125,28 +125,35 @@ impl LogsSink {
                             let records = queue.finish_front();
                             backoff.reset();
                             if failing {
-                                tracing::info!(queued = queue.records(), "The OTLP endpoint accepts records again.");
+                                self.telemetry.emit(ExportEvent::EndpointRecovered { queued: queue.records() });
                                 failing = false;
                             }
-                            self.stats.record_exported(records.saturating_sub(accepted.rejected as usize));
+                            self.telemetry.emit(ExportEvent::Delivered {
+                                records: records.saturating_sub(accepted.rejected as usize),
+                            });
                             if accepted.rejected > 0 {
-                                self.stats.record_rejected(accepted.rejected);
-                                tracing::warn!(rejected = accepted.rejected, message = %accepted.message, "The OTLP endpoint rejected part of a batch.");
+                                self.telemetry.emit(ExportEvent::PartlyRejected {
+                                    rejected: accepted.rejected,
+                                    message: &accepted.message,
+                                });
                             }
                         }
                         Err(SendError::Retryable { reason, retry_after }) => {
                             queue.release_front();
                             let delay = backoff.next_delay(retry_after);
                             if !failing {
-                                tracing::warn!(%reason, retry_in = ?delay, queued = queue.records(), "OTLP export failed; records are queued and retried.");
+                                self.telemetry.emit(ExportEvent::EndpointFailing {
+                                    reason: &reason,
+                                    retry_in: delay,
+                                    queued: queue.records(),
+                                });
                                 failing = true;
                             }
                             retry_at = Some(Instant::now() + delay);
                         }
                         Err(SendError::Permanent { reason }) => {
                             let records = queue.finish_front();
-                            self.stats.record_export_failed(records);
-                            tracing::error!(%reason, records, "The OTLP endpoint refused a batch; it is dropped.");
+                            self.telemetry.emit(ExportEvent::Refused { records, reason: &reason });
                         }
                     }
                 }
@@ -154,15 +161,17 @@ impl LogsSink {
                     retry_at = None;
                 }
                 _ = tokio::time::sleep_until(give_up_at.unwrap_or_else(far)), if give_up_at.is_some() => {
-                    let lost = queue.clear() + pending.len();
-                    self.stats.record_export_failed(lost);
-                    tracing::error!(records = lost, deadline = ?self.flush_deadline, "Shutdown flush deadline passed; queued records are lost.");
+                    self.telemetry.emit(ExportEvent::FlushDeadlinePassed {
+                        records: queue.clear() + pending.len(),
+                        deadline: self.flush_deadline,
+                    });
                     break;
                 }
             }
-            self.stats.set_queue_length(queue.records() + pending.len());
+            self.telemetry
+                .set_queue_length(queue.records() + pending.len());
         }
-        self.stats.set_queue_length(0);
+        self.telemetry.set_queue_length(0);
     }
 
     fn seal(&self, pending: &mut LogsEncoder, queue: &mut BatchQueue) {
@@ -175,7 +184,8 @@ impl LogsSink {
             records,
         });
         if dropped > 0 {
-            self.stats.record_export_dropped(dropped);
+            self.telemetry
+                .emit(ExportEvent::QueueOverflow { records: dropped });
         }
     }
 }

@@ -15,7 +15,10 @@ use crate::{
     config::otlp::OtlpSettings,
     export::{Feed, Records, Running, Sink},
     otlp_client::transport::{Client, TransportError},
-    telemetry::{Snapshot, Stats},
+    telemetry::{
+        Snapshot,
+        export::{ExportEvent, ExportTelemetry},
+    },
 };
 
 pub struct MetricsSink {
@@ -23,7 +26,7 @@ pub struct MetricsSink {
     export_interval: Duration,
     destination_address: bool,
     server_address: Option<usize>,
-    stats: Arc<Stats>,
+    telemetry: ExportTelemetry,
     snapshot: SnapshotSource,
     /// The collector's own resource (service.name, host.name, OTEL_RESOURCE_ATTRIBUTES).
     self_resource: Vec<(String, String)>,
@@ -39,7 +42,7 @@ impl MetricsSink {
     pub(super) fn new(
         settings: &OtlpSettings,
         self_resource: Vec<(String, String)>,
-        stats: Arc<Stats>,
+        telemetry: ExportTelemetry,
         snapshot: SnapshotSource,
         flush_deadline: Duration,
         departures: mpsc::UnboundedReceiver<String>,
@@ -50,7 +53,7 @@ impl MetricsSink {
             export_interval: settings.export_interval,
             destination_address: settings.metrics_destination_address,
             server_address: settings.metrics_server_address,
-            stats,
+            telemetry,
             snapshot,
             self_resource,
             flush_deadline,
@@ -70,12 +73,13 @@ impl MetricsSink {
         resource_metrics.push(self.health_metrics(start, now));
         let request = mapping::metrics_request(resource_metrics);
         let client = Arc::clone(&self.client);
+        let telemetry = self.telemetry.clone();
         tokio::spawn(async move {
             // Cumulative sums: a lost export is made good by the next one.
             match client.export_metrics(&request).await {
                 Ok(_) => true,
-                Err(e) => {
-                    tracing::warn!(error = %e, "Metric export failed; the next export carries the totals.");
+                Err(error) => {
+                    telemetry.emit(ExportEvent::MetricExportFailed { error: &error });
                     false
                 }
             }
@@ -156,28 +160,24 @@ impl MetricsSink {
                     if metrics_export.is_none() {
                         metrics_export = Some(self.export_metrics(&counts, start));
                     }
-                    self.stats.set_metric_workloads(counts.workloads());
+                    self.telemetry.set_metric_workloads(counts.workloads());
                 }
                 done = async { metrics_export.as_mut().expect("guarded").await }, if metrics_export.is_some() => {
                     metrics_export = None;
                     if matches!(done, Ok(true)) {
                         let ended = counts.exported(unix_nanos_now());
-                        self.stats.set_metric_workloads(counts.workloads());
+                        self.telemetry.set_metric_workloads(counts.workloads());
                         if ended > 0 {
-                            tracing::debug!(ended, workloads = counts.workloads(), "Metric series of containers gone have ended.");
+                            self.telemetry.emit(ExportEvent::SeriesEnded { ended, workloads: counts.workloads() });
                         }
                     }
                 }
                 departed = self.departures.recv(), if departures_open => {
                     match departed {
                         Some(id) => {
-                            let dropped = counts.container_gone(&id);
-                            if dropped > 0 {
-                                // Counted; logged at debug only (one per departure at most).
-                                for _ in 0..dropped {
-                                    self.stats.record_enrichment_event("metric_series_dropped_unexported");
-                                }
-                                tracing::debug!(dropped, "Gone workloads' series dropped before an export succeeded (bound reached).");
+                            let series = counts.container_gone(&id);
+                            if series > 0 {
+                                self.telemetry.emit(ExportEvent::SeriesDroppedUnexported { series });
                             }
                         }
                         None => departures_open = false,
@@ -193,7 +193,7 @@ impl MetricsSink {
             .await
             .is_err()
         {
-            tracing::warn!("The last metric export did not finish before the shutdown deadline.");
+            self.telemetry.emit(ExportEvent::LastMetricsLate);
         }
     }
 }

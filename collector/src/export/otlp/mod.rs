@@ -32,7 +32,7 @@ use crate::{
     config::otlp::OtlpSettings,
     export::{Sink, attributes::AttributeSet},
     otlp_client::transport::TransportError,
-    telemetry::{Snapshot, Stats},
+    telemetry::{Snapshot, export::ExportTelemetry},
 };
 
 pub fn unix_nanos_now() -> u64 {
@@ -50,7 +50,7 @@ pub struct OtlpSinks {
     pub settings: OtlpSettings,
     /// The collector's own resource (service.name, host.name, OTEL_RESOURCE_ATTRIBUTES).
     pub self_resource: Vec<(String, String)>,
-    pub stats: Arc<Stats>,
+    pub telemetry: ExportTelemetry,
     pub snapshot: SnapshotSource,
     /// How long shutdown may spend flushing the logs queue.
     pub flush_deadline: Duration,
@@ -69,14 +69,14 @@ impl OtlpSinks {
         let logs = LogsSink::new(
             &self.settings,
             self.attributes,
-            Arc::clone(&self.stats),
+            self.telemetry.clone(),
             self.flush_deadline,
             finishing.clone(),
         )?;
         let metrics = MetricsSink::new(
             &self.settings,
             self.self_resource,
-            Arc::clone(&self.stats),
+            self.telemetry.clone(),
             self.snapshot,
             self.flush_deadline,
             self.departures,
@@ -86,7 +86,7 @@ impl OtlpSinks {
         if self.connection_spans {
             sinks.push(Box::new(SpansSink::new(
                 &self.settings,
-                self.stats,
+                self.telemetry,
                 self.flush_deadline,
                 finishing,
             )?));

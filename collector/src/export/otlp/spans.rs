@@ -25,7 +25,7 @@ use crate::{
     events::outcome::ConnectionState,
     export::{Feed, Records, Running, Sink, attributes},
     otlp_client::transport::{Client, TransportError},
-    telemetry::Stats,
+    telemetry::export::{ExportEvent, ExportTelemetry},
 };
 
 /// splitmix64: ids from what names a connection, so they are unique per connection
@@ -133,7 +133,7 @@ pub struct SpansSink {
     client: Arc<Client>,
     batch_size: usize,
     batch_timeout: Duration,
-    stats: Arc<Stats>,
+    telemetry: ExportTelemetry,
     /// The logs flush's share of the shutdown deadline; the last spans get an eighth more.
     flush_deadline: Duration,
     /// Held until the last spans are sent (the metrics sink's last export waits for it).
@@ -143,7 +143,7 @@ pub struct SpansSink {
 impl SpansSink {
     pub(super) fn new(
         settings: &OtlpSettings,
-        stats: Arc<Stats>,
+        telemetry: ExportTelemetry,
         flush_deadline: Duration,
         finishing: Finishing,
     ) -> Result<Self, TransportError> {
@@ -151,7 +151,7 @@ impl SpansSink {
             client: Arc::new(Client::new(&settings.traces)?),
             batch_size: settings.batch_size,
             batch_timeout: settings.batch_timeout,
-            stats,
+            telemetry,
             flush_deadline,
             _finishing: finishing,
         })
@@ -162,17 +162,18 @@ impl SpansSink {
     fn send(&self, spans: &mut SpanBatch) -> Option<tokio::task::JoinHandle<()>> {
         let client = Arc::clone(&self.client);
         let (request, n) = spans.take_request()?;
-        let stats = Arc::clone(&self.stats);
+        let telemetry = self.telemetry.clone();
         Some(tokio::spawn(async move {
             match client.export_traces(&request).await {
-                Ok(accepted) if accepted.rejected > 0 => {
-                    stats.record_spans_failed(accepted.rejected as usize)
-                }
+                Ok(accepted) if accepted.rejected > 0 => telemetry.emit(ExportEvent::SpansFailed {
+                    spans: accepted.rejected as usize,
+                    error: None,
+                }),
                 Ok(_) => {}
-                Err(e) => {
-                    stats.record_spans_failed(n);
-                    tracing::warn!(error = %e, spans = n, "Connection spans were not exported.");
-                }
+                Err(error) => telemetry.emit(ExportEvent::SpansFailed {
+                    spans: n,
+                    error: Some(&error),
+                }),
             }
         }))
     }
@@ -213,7 +214,7 @@ impl SpansSink {
         if let Some(last) = self.send(&mut spans)
             && tokio::time::timeout_at(until, last).await.is_err()
         {
-            tracing::warn!("The last connection spans were not sent before the shutdown deadline.");
+            self.telemetry.emit(ExportEvent::LastSpansLate);
         }
     }
 }
