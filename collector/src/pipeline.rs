@@ -25,13 +25,13 @@ use crate::{
     events::{EventReader, aggregate::Aggregates},
     export::{
         self, Sink,
-        otlp::{OtlpExporter, SnapshotSource},
+        otlp::{OtlpSinks, SnapshotSource},
         stdout::{self, Closed, Role, StdoutExporter, StdoutSink},
     },
     health::{self, Health, HealthError},
     otlp_client::{collector_resource, transport::TransportError},
     probe::{ProbeError, Probes, counters::KernelCounters},
-    telemetry::{self, Snapshot, Stats},
+    telemetry::{self, Snapshot, Stats, export::ExportTelemetry},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -100,24 +100,24 @@ pub async fn run(
         tracing::info!(address = %bound, "Serving /healthz, /readyz and /metrics.");
     }
     // Built before anything starts, so bad TLS material fails the start.
-    // Enrichment tells the OTLP exporter which containers went away (their series end).
+    // Enrichment tells the OTLP metrics sink which containers went away (their series end).
     let (departures_tx, departures_rx) = tokio::sync::mpsc::unbounded_channel();
+    // What the export stage may report, and nothing else.
+    let export_telemetry = ExportTelemetry::new(Arc::clone(&stats));
     let otlp = match settings.otlp.clone() {
         Some(otlp) => {
-            let flush = settings.drain_deadline.mul_f32(0.8);
-            let resource = collector_resource(&host.host_name, &otlp.self_resource);
-            Some(
-                OtlpExporter::new(
-                    otlp,
-                    resource,
-                    Arc::clone(&stats),
-                    Arc::clone(&snapshot),
-                    flush,
-                )?
-                .with_departures(departures_rx)
-                .with_attributes(settings.attributes)
-                .with_connection_spans(settings.outcomes.spans)?,
-            )
+            let self_resource = collector_resource(&host.host_name, &otlp.self_resource);
+            let sinks = OtlpSinks {
+                settings: otlp,
+                self_resource,
+                telemetry: export_telemetry.clone(),
+                snapshot: Arc::clone(&snapshot),
+                flush_deadline: settings.drain_deadline.mul_f32(0.8),
+                attributes: settings.attributes,
+                departures: departures_rx,
+                connection_spans: settings.outcomes.spans,
+            };
+            Some(sinks.build()?)
         }
         None => None,
     };
@@ -192,7 +192,7 @@ pub async fn run(
         settings.stdout,
         settings.attributes,
         records_rx,
-        Arc::clone(&stats),
+        export_telemetry,
         Arc::clone(&stdout_closed),
     )?;
 
@@ -348,14 +348,14 @@ impl Watchdog {
     }
 }
 
-/// OTLP, stdout, or both (each batch to each, shared). The handle completes when every
-/// sink is done.
+/// The OTLP sinks, stdout, or both (each batch to each, shared). The handle completes
+/// when every sink is done.
 fn spawn_exporters(
-    otlp: Option<OtlpExporter>,
+    otlp: Option<Vec<Box<dyn Sink>>>,
     stdout: bool,
     attributes: AttributeSet,
     records: mpsc::Receiver<Vec<Record>>,
-    stats: Arc<Stats>,
+    telemetry: ExportTelemetry,
     stdout_closed: Arc<Closed>,
 ) -> Result<tokio::task::JoinHandle<()>, PipelineError> {
     let capacity = records.max_capacity();
@@ -370,14 +370,12 @@ fn spawn_exporters(
         let sink = StdoutSink::start(
             StdoutExporter::new().with_attributes(attributes),
             role,
-            stats,
+            telemetry,
             stdout_closed,
         )
         .map_err(PipelineError::StdoutThread)?;
         sinks.push(Box::new(sink));
     }
-    if let Some(otlp) = otlp {
-        sinks.push(Box::new(otlp));
-    }
+    sinks.extend(otlp.into_iter().flatten());
     Ok(export::fan_out(records, sinks, capacity))
 }

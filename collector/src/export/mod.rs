@@ -1,5 +1,9 @@
 //! Where records go: JSON lines on stdout (the embedded default while no endpoint is set)
-//! and OTLP (`otlp`), with the attributes both share.
+//! and OTLP (`otlp`: a logs, a metrics and a connection-spans sink), with the attributes
+//! they share. Every destination is a [`Sink`], and [`fan_out`] is the only place that
+//! hands batches to them; a new output (a DNS-records stream, say) is one more sink.
+//! Sinks report what happened through [`crate::telemetry::export::ExportTelemetry`]
+//! (typed events, counted and logged in one place), never through the shared `Stats`.
 //!
 //! Public items: [`Sink`] (what every destination is), [`Feed`], [`Records`] (a batch as
 //! every sink gets it: shared, never copied), [`fan_out`] (one queue per sink, fed from
@@ -36,8 +40,9 @@ pub enum Feed {
     Copy { skipped: Box<dyn Fn(usize) + Send> },
 }
 
-/// A destination of records: stdout, OTLP. Each runs on its own (a task, or a thread
-/// for a blocking writer) and takes batches from its own queue, fed by [`fan_out`].
+/// A destination of records: stdout, OTLP logs, OTLP metrics, OTLP spans. Each runs on
+/// its own (a task, or a thread for a blocking writer) and takes batches from its own
+/// queue, fed by [`fan_out`].
 pub trait Sink: Send {
     /// For logs.
     fn name(&self) -> &'static str;

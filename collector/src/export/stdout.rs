@@ -21,7 +21,10 @@ use super::{
     ExportError, Feed, Records, Running, Sink,
     attributes::{Attr, AttributeSet, InlineText, Scratch},
 };
-use crate::{enrich::Record, telemetry::Stats};
+use crate::{
+    enrich::Record,
+    telemetry::export::{ExportEvent, ExportTelemetry},
+};
 
 /// What stdout is to the collector.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,7 +75,7 @@ pub fn reader_gone() -> bool {
 /// failure to start is known at start) and takes its queue when the sink runs.
 pub struct StdoutSink {
     role: Role,
-    stats: Arc<Stats>,
+    telemetry: ExportTelemetry,
     input: oneshot::Sender<mpsc::Receiver<Records>>,
     finished: oneshot::Receiver<()>,
 }
@@ -82,14 +85,14 @@ impl StdoutSink {
     pub fn start<W: Write + Send + 'static>(
         exporter: StdoutExporter<W>,
         role: Role,
-        stats: Arc<Stats>,
+        telemetry: ExportTelemetry,
         closed: Arc<Closed>,
     ) -> std::io::Result<Self> {
         let (input, queue) = oneshot::channel();
-        let finished = spawn_with(exporter, queue, role, Arc::clone(&stats), closed)?;
+        let finished = spawn_with(exporter, queue, role, telemetry.clone(), closed)?;
         Ok(Self {
             role,
-            stats,
+            telemetry,
             input,
             finished,
         })
@@ -105,9 +108,11 @@ impl Sink for StdoutSink {
         match self.role {
             Role::Sink => Feed::Every,
             Role::Copy => {
-                let stats = Arc::clone(&self.stats);
+                let telemetry = self.telemetry.clone();
                 Feed::Copy {
-                    skipped: Box::new(move |n| stats.record_stdout_copy_dropped(n)),
+                    skipped: Box::new(move |records| {
+                        telemetry.emit(ExportEvent::StdoutCopySkipped { records })
+                    }),
                 }
             }
         }
@@ -135,11 +140,11 @@ pub fn spawn<W: Write + Send + 'static>(
     exporter: StdoutExporter<W>,
     input: mpsc::Receiver<Records>,
     role: Role,
-    stats: Arc<Stats>,
+    telemetry: ExportTelemetry,
     closed: Arc<Closed>,
 ) -> std::io::Result<oneshot::Receiver<()>> {
     let (to_thread, queue) = oneshot::channel();
-    let finished = spawn_with(exporter, queue, role, stats, closed)?;
+    let finished = spawn_with(exporter, queue, role, telemetry, closed)?;
     let _ = to_thread.send(input);
     Ok(finished)
 }
@@ -149,7 +154,7 @@ fn spawn_with<W: Write + Send + 'static>(
     mut exporter: StdoutExporter<W>,
     queue: oneshot::Receiver<mpsc::Receiver<Records>>,
     role: Role,
-    stats: Arc<Stats>,
+    telemetry: ExportTelemetry,
     closed: Arc<Closed>,
 ) -> std::io::Result<oneshot::Receiver<()>> {
     let (done, finished) = oneshot::channel();
@@ -167,34 +172,37 @@ fn spawn_with<W: Write + Send + 'static>(
                 // Records for the metrics only have nothing to write here.
                 let n = batch.iter().filter(|r| r.connection.logged()).count();
                 if !open {
-                    stats.record_export_failed(n);
+                    telemetry.emit(ExportEvent::WriteFailed { records: n });
                     continue;
                 }
                 match exporter.export(&batch) {
                     Ok(()) => {
                         if sink {
-                            stats.record_exported(n);
+                            telemetry.emit(ExportEvent::Delivered { records: n });
                         }
                         if failing {
-                            tracing::info!("Writing to stdout works again.");
+                            telemetry.emit(ExportEvent::StdoutRecovered);
                             failing = false;
                         }
                     }
                     Err(ExportError::Io(e)) if e.kind() == ErrorKind::BrokenPipe => {
                         if !sink {
-                            tracing::warn!("stdout was closed by its reader; records go on to OTLP only.");
+                            telemetry.emit(ExportEvent::StdoutCopyClosed);
                             return;
                         }
-                        stats.record_export_failed(n);
+                        telemetry.emit(ExportEvent::WriteFailed { records: n });
                         closed.report();
                         open = false;
                     }
                     Err(e) => {
                         if sink {
-                            stats.record_export_failed(n);
+                            telemetry.emit(ExportEvent::WriteFailed { records: n });
                         }
                         if !failing {
-                            tracing::error!(error = %e, records = n, "Writing to stdout failed; the records are lost (counted export_failed until it works again).");
+                            telemetry.emit(ExportEvent::StdoutFailing {
+                                error: &e,
+                                records: n,
+                            });
                             failing = true;
                         }
                     }
@@ -344,14 +352,14 @@ mod tests {
 
     #[test]
     fn a_closed_stdout_counts_every_later_record_failed_and_notifies_once() {
-        let stats = Arc::new(Stats::default());
+        let stats = Arc::new(crate::telemetry::Stats::default());
         let closed = Arc::new(Closed::default());
         let (tx, rx) = mpsc::channel(4);
         let done = spawn(
             StdoutExporter::with_writer(ReaderGone),
             rx,
             Role::Sink,
-            Arc::clone(&stats),
+            ExportTelemetry::new(Arc::clone(&stats)),
             Arc::clone(&closed),
         )
         .expect("thread");

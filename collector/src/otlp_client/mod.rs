@@ -1,4 +1,4 @@
-//! The one OTLP client, used by the exporter (`export::otlp`) and by the collector's own
+//! The one OTLP client, used by the OTLP sinks (`export::otlp`) and by the collector's own
 //! telemetry (`telemetry::otel`): [`transport::Client`] sends requests over gRPC or
 //! HTTP/protobuf with TLS, headers and compression (its settings are
 //! [`crate::config::otlp::SignalSettings`]), [`retry::Backoff`] spaces the retries, and

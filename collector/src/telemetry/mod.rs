@@ -3,10 +3,19 @@
 //! reports what happened with a static reason (`record_decode_failed(reason)`), and
 //! `probe` reads the kernel's counters into plain [`KernelFigures`].
 //!
-//! Public items: [`Stats`] (the counters every stage adds to), [`Snapshot`] (one reading,
-//! for the periodic log, `/metrics` and the OTLP self-metrics), [`KernelFigures`],
-//! [`report`], [`init_tracing`], [`metrics`] (names and labels of the self-metrics) and
-//! [`otel`] (the collector's own logs and spans over OTLP).
+//! Export reports through typed internal events ([`export::ExportEvent`]) and a narrow
+//! handle ([`export::ExportTelemetry`]): the counters only export moves are private to
+//! this module, and the words of each export log line live there. The other stages
+//! still call `record_*` on a shared [`Stats`]; each is to follow the same shape (an
+//! `<stage>.rs` here with the stage's event enum, static reasons as `&'static str`
+//! fields, and a handle that is all the stage gets), after which `Stats` keeps no public
+//! `record_*` method.
+//!
+//! Public items: [`Stats`] (the counters the other stages add to), [`Snapshot`] (one
+//! reading, for the periodic log, `/metrics` and the OTLP self-metrics),
+//! [`KernelFigures`], [`report`], [`init_tracing`], [`export`] (export's events and
+//! handle), [`metrics`] (names and labels of the self-metrics) and [`otel`] (the
+//! collector's own logs and spans over OTLP).
 
 use std::{
     collections::BTreeMap,
@@ -20,6 +29,7 @@ use egress_shared::{COUNTER_COUNT, Counter};
 
 use crate::config::LogFormat;
 
+pub mod export;
 pub mod metrics;
 pub mod otel;
 
@@ -172,19 +182,19 @@ impl Stats {
         self.queue_full.fetch_add(n as u64, Relaxed);
     }
 
-    pub fn record_exported(&self, n: usize) {
+    fn record_exported(&self, n: usize) {
         self.exported.fetch_add(n as u64, Relaxed);
     }
 
-    pub fn record_export_failed(&self, n: usize) {
+    fn record_export_failed(&self, n: usize) {
         self.export_failed.fetch_add(n as u64, Relaxed);
     }
 
-    pub fn record_export_dropped(&self, n: usize) {
+    fn record_export_dropped(&self, n: usize) {
         self.export_dropped.fetch_add(n as u64, Relaxed);
     }
 
-    pub fn record_rejected(&self, n: u64) {
+    fn record_rejected(&self, n: u64) {
         self.rejected.fetch_add(n, Relaxed);
     }
 
@@ -192,11 +202,11 @@ impl Stats {
         self.repeats_lost.fetch_add(n, Relaxed);
     }
 
-    pub fn record_stdout_copy_dropped(&self, n: usize) {
+    fn record_stdout_copy_dropped(&self, n: usize) {
         self.stdout_copy_dropped.fetch_add(n as u64, Relaxed);
     }
 
-    pub fn record_spans_failed(&self, n: usize) {
+    fn record_spans_failed(&self, n: usize) {
         self.spans_failed.fetch_add(n as u64, Relaxed);
     }
 
@@ -209,11 +219,11 @@ impl Stats {
         self.filtered.fetch_add(n as u64, Relaxed);
     }
 
-    pub fn set_metric_workloads(&self, n: usize) {
+    fn set_metric_workloads(&self, n: usize) {
         self.metric_workloads.store(n as u64, Relaxed);
     }
 
-    pub fn set_queue_length(&self, n: usize) {
+    fn set_queue_length(&self, n: usize) {
         self.queue_length.store(n as u64, Relaxed);
     }
 

@@ -1,8 +1,11 @@
 //! `--connection-spans`: one OTLP span per TCP connection, kind CLIENT, from the connect
 //! to the close (or to the failure), under the workload's resource. Kernel spans start
 //! their own traces: nothing joins them to the application's.
+//!
+//! [`SpansSink`] batches them by size and time and sends each batch in the background;
+//! spans the endpoint does not take are counted (`spans_failed`), not retried.
 
-use std::{collections::HashMap, sync::Arc};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use opentelemetry_proto::tonic::{
     collector::trace::v1::ExportTraceServiceRequest,
@@ -10,11 +13,19 @@ use opentelemetry_proto::tonic::{
 };
 use opentelemetry_semantic_conventions::attribute as semconv;
 
-use super::mapping::{key_value, proto_resource, scope};
+use tokio::{sync::mpsc, time::Instant};
+
+use super::{
+    Finishing,
+    mapping::{key_value, proto_resource, scope},
+};
 use crate::{
+    config::otlp::OtlpSettings,
     enrich::{Record, Resource},
     events::outcome::ConnectionState,
-    export::attributes,
+    export::{Feed, Records, Running, Sink, attributes},
+    otlp_client::transport::{Client, TransportError},
+    telemetry::export::{ExportEvent, ExportTelemetry},
 };
 
 /// splitmix64: ids from what names a connection, so they are unique per connection
@@ -114,6 +125,111 @@ impl SpanBatch {
             })
             .collect();
         Some((ExportTraceServiceRequest { resource_spans }, len))
+    }
+}
+
+/// `--connection-spans`: sends the spans of the records it is fed to the traces endpoint.
+pub struct SpansSink {
+    client: Arc<Client>,
+    batch_size: usize,
+    batch_timeout: Duration,
+    telemetry: ExportTelemetry,
+    /// The logs flush's share of the shutdown deadline; the last spans get an eighth more.
+    flush_deadline: Duration,
+    /// Held until the last spans are sent (the metrics sink's last export waits for it).
+    _finishing: Finishing,
+}
+
+impl SpansSink {
+    pub(super) fn new(
+        settings: &OtlpSettings,
+        telemetry: ExportTelemetry,
+        flush_deadline: Duration,
+        finishing: Finishing,
+    ) -> Result<Self, TransportError> {
+        Ok(Self {
+            client: Arc::new(Client::new(&settings.traces)?),
+            batch_size: settings.batch_size,
+            batch_timeout: settings.batch_timeout,
+            telemetry,
+            flush_deadline,
+            _finishing: finishing,
+        })
+    }
+
+    /// Sends the spans held, in the background; spans the endpoint does not take are
+    /// counted (`spans_failed`).
+    fn send(&self, spans: &mut SpanBatch) -> Option<tokio::task::JoinHandle<()>> {
+        let client = Arc::clone(&self.client);
+        let (request, n) = spans.take_request()?;
+        let telemetry = self.telemetry.clone();
+        Some(tokio::spawn(async move {
+            match client.export_traces(&request).await {
+                Ok(accepted) if accepted.rejected > 0 => telemetry.emit(ExportEvent::SpansFailed {
+                    spans: accepted.rejected as usize,
+                    error: None,
+                }),
+                Ok(_) => {}
+                Err(error) => telemetry.emit(ExportEvent::SpansFailed {
+                    spans: n,
+                    error: Some(&error),
+                }),
+            }
+        }))
+    }
+
+    /// Sends spans until `input` closes, then the last ones within the shutdown deadline.
+    pub async fn run(self, mut input: mpsc::Receiver<Records>) {
+        let mut spans = SpanBatch::default();
+        let mut due: Option<Instant> = None;
+        let far = || Instant::now() + Duration::from_secs(86_400);
+        loop {
+            tokio::select! {
+                received = input.recv() => match received {
+                    Some(records) => {
+                        for record in records.iter() {
+                            if record.connection.counted() {
+                                spans.push(record);
+                            }
+                        }
+                        if spans.len >= self.batch_size {
+                            self.send(&mut spans);
+                            due = None;
+                        }
+                        if spans.len > 0 {
+                            due.get_or_insert_with(|| Instant::now() + self.batch_timeout);
+                        }
+                    }
+                    None => break,
+                },
+                _ = tokio::time::sleep_until(due.unwrap_or_else(far)), if due.is_some() => {
+                    self.send(&mut spans);
+                    due = None;
+                }
+            }
+        }
+        // The same deadline as the metrics sink's last export: the logs flush has 80 %
+        // of the shutdown deadline, this a tenth more.
+        let until = Instant::now() + self.flush_deadline + self.flush_deadline / 8;
+        if let Some(last) = self.send(&mut spans)
+            && tokio::time::timeout_at(until, last).await.is_err()
+        {
+            self.telemetry.emit(ExportEvent::LastSpansLate);
+        }
+    }
+}
+
+impl Sink for SpansSink {
+    fn name(&self) -> &'static str {
+        "OTLP spans"
+    }
+
+    fn feed(&self) -> Feed {
+        Feed::Every
+    }
+
+    fn run(self: Box<Self>, input: mpsc::Receiver<Records>) -> Running {
+        Box::pin(SpansSink::run(*self, input))
     }
 }
 
