@@ -123,6 +123,16 @@ pub const CALL_HINT_SLOTS: u32 = 16384;
 #[map]
 pub static TCP_CONNECT_MARKS: Array<u64> = Array::with_max_entries(CALL_HINT_SLOTS, 0);
 
+/// Sockets in the middle of a simultaneous open (SYN_SENT -> SYN_RECV, both sides
+/// connect()ed to each other at once), by a fold of the socket address into 256 slots,
+/// so SYN_RECV -> ESTABLISHED, which every accepted connection also passes, costs an
+/// array load. Two such opens in one slot at once: the first stays in `PENDING_TCP`
+/// (reported pending) instead of completing. Simultaneous opens are rare.
+#[map]
+pub static SIMULTANEOUS_OPENS: Array<u64> = Array::with_max_entries(SIMULTANEOUS_OPEN_SLOTS, 0);
+
+pub const SIMULTANEOUS_OPEN_SLOTS: u32 = 256;
+
 /// State carried from a call's entry to its exit, by thread id. LRU: an entry whose exit
 /// never runs (a missed return probe, a program skipped by the recursion guard, a call
 /// that began before attach) is the least recently used one and goes first, instead of
