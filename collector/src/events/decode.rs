@@ -133,6 +133,9 @@ pub struct Connection {
     pub dns: Option<Box<DnsLookup>>,
     /// DNS records: the socket (`ConnectEvent::sock_id`), to match queries and answers.
     pub dns_sock: u64,
+    /// UDP flow records: payload bytes the flow sent since its previous record, this
+    /// record's datagram included (`egress.udp.bytes.sent`).
+    pub udp_bytes: Option<u64>,
 }
 
 /// A DNS answer a workload received (an `egress.dns` record).
@@ -374,6 +377,9 @@ pub fn decode_connect(bytes: &[u8], clock: &BootClock) -> Result<Connection, Dec
         } else {
             0
         },
+        // The kernel carries them in the field TCP uses for the handshake.
+        udp_bytes: matches!(kind, EventKind::UdpSend | EventKind::UdpConnect)
+            .then_some(raw.handshake_ns),
     })
 }
 
