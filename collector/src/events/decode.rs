@@ -478,6 +478,22 @@ pub(super) mod tests {
     }
 
     #[test]
+    fn udp_records_carry_their_flow_bytes_and_tcp_ones_none() {
+        let clock = BootClock::with_offset(0);
+        let mut ev = sample();
+        ev.state = egress_shared::ConnState::Established as u8;
+        ev.handshake_ns = 77;
+        let tcp = decode_connect(ev.as_bytes(), &clock).expect("valid");
+        assert_eq!(tcp.udp_bytes, None);
+        ev.protocol = IPPROTO_UDP;
+        ev.kind = EventKind::UdpSend as u8;
+        ev.state = 0;
+        let udp = decode_connect(ev.as_bytes(), &clock).expect("valid");
+        assert_eq!(udp.udp_bytes, Some(77));
+        assert_eq!(udp.outcome, None);
+    }
+
+    #[test]
     fn a_failed_attempt_carries_its_error_type() {
         let mut ev = sample();
         ev.state = ConnState::Failed as u8;

@@ -416,4 +416,33 @@ mod tests {
         values.sort();
         assert_eq!(values, [14, 200]);
     }
+
+    #[test]
+    fn udp_flow_records_add_their_bytes_to_udp_transmit() {
+        let shop = resource("shop");
+        let mut lifecycle = Lifecycle::default();
+        let mut flow = record(&shop, 53);
+        flow.connection.udp_bytes = Some(40);
+        lifecycle.record(&flow, false);
+        flow.connection.udp_bytes = Some(2);
+        lifecycle.record(&flow, false);
+        let metrics = lifecycle.metrics(0, 1);
+        assert_eq!(metrics.len(), 1);
+        let Some(metric::Data::Sum(io)) = &metrics[0].data else {
+            panic!("sum")
+        };
+        let [point] = io.data_points.as_slice() else {
+            panic!("one point: {:?}", io.data_points)
+        };
+        assert_eq!(point.value, Some(number_data_point::Value::AsInt(42)));
+        let text = |key: &str| {
+            point
+                .attributes
+                .iter()
+                .find(|kv| kv.key == key)
+                .map(|kv| format!("{:?}", kv.value))
+        };
+        assert!(text("network.transport").is_some_and(|v| v.contains("\"udp\"")));
+        assert!(text("network.io.direction").is_some_and(|v| v.contains("\"transmit\"")));
+    }
 }
