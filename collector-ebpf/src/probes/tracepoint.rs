@@ -182,8 +182,8 @@ fn exit(ctx: &TracePointContext, state: &CallState, slot: Slot) {
     }
 }
 
-/// Most messages of one sendmmsg whose bytes are counted (the loop is unrolled for the
-/// verifier); the bytes of later ones are not.
+/// Most messages of one sendmmsg whose bytes are counted (a bounded loop, one user read
+/// each); the bytes of later ones are not (docs/connections.md).
 const MMSG_COUNTED: u64 = 64;
 /// `struct mmsghdr` on 64-bit: its `msghdr` (56 bytes), then `unsigned int msg_len`.
 const MMSGHDR_SIZE: u64 = 64;
