@@ -300,7 +300,8 @@ fn sendmsg_parts(socket: &UdpSocket, to: SocketAddr, parts: &[usize]) -> io::Res
         msg.msg_name = (&mut sin as *mut libc::sockaddr_in).cast();
         msg.msg_namelen = size_of::<libc::sockaddr_in>() as u32;
         msg.msg_iov = iov.as_mut_ptr();
-        msg.msg_iovlen = iov.len();
+        // usize on glibc, int on musl (the static test binaries).
+        msg.msg_iovlen = iov.len() as _;
         if libc::sendmsg(socket.as_raw_fd(), &msg, 0) < 0 {
             return Err(io::Error::last_os_error());
         }
