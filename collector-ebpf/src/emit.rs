@@ -10,8 +10,8 @@ use crate::{
     filter,
     maps::{
         Bucket, CALL_HINT_SLOTS, CALL_HINTS, CALLS, CGROUP_BUCKETS, COUNTERS, CallState, EVENTS,
-        FlowKey, OPEN_TCP, OpenConn, PENDING_TCP, SCRATCH, Slot, TCP_CONNECT_MARKS, UDP_FLOWS,
-        config,
+        FlowKey, FlowState, OPEN_TCP, OpenConn, PENDING_TCP, SCRATCH, Slot, TCP_CONNECT_MARKS,
+        UDP_FLOWS, config,
     },
     read,
     sock::{self, Dest, IPPROTO_UDP},
@@ -307,9 +307,17 @@ fn fill_sock(ev: &mut ConnectEvent, sk: u64) {
 
 /// A UDP connect or send on `sk`; `dest` is the caller's destination, if it named one.
 /// `v4_mapped_reported_inside`: the hook is udpv6_sendmsg, which hands IPv4-mapped
-/// destinations to udp_sendmsg, whose own hook reports them.
+/// destinations to udp_sendmsg, whose own hook reports them. `bytes`: the payload the
+/// send put in datagrams (0 for a connect or a failed send).
 #[inline(always)]
-pub fn udp(sk: u64, dest: &Dest, kind: EventKind, v4_mapped_reported_inside: bool, slot: Slot) {
+pub fn udp(
+    sk: u64,
+    dest: &Dest,
+    kind: EventKind,
+    v4_mapped_reported_inside: bool,
+    bytes: u64,
+    slot: Slot,
+) {
     match sock::protocol(sk) {
         Ok(IPPROTO_UDP) => {}
         Ok(_) => return,
@@ -335,10 +343,11 @@ pub fn udp(sk: u64, dest: &Dest, kind: EventKind, v4_mapped_reported_inside: boo
     }
     // Cheap part first: a datagram of a flow already reported costs one map lookup.
     ev.ns_inums[NsIndex::Net as usize] = current_netns();
-    if !first_in_window(ev) {
+    let Some(carried) = first_in_window(ev, bytes) else {
         count(Counter::UdpFlowSuppressed);
         return;
-    }
+    };
+    ev.handshake_ns = carried;
     if !filter::wanted(ev) {
         return;
     }
@@ -360,9 +369,12 @@ fn current_netns() -> u32 {
     read::kernel(net, config!(offsets.net_ns_inum)).unwrap_or(0)
 }
 
-/// Records the flow and says whether it was last reported more than a window ago.
+/// Counts `bytes` on the flow; if its last record is more than a window old (or it has
+/// none), starts a new window and returns the bytes the new record carries: those the
+/// flow sent since its previous record, this datagram's included. `None`: a datagram of
+/// a flow reported in this window.
 #[inline(always)]
-fn first_in_window(ev: &ConnectEvent) -> bool {
+fn first_in_window(ev: &ConnectEvent, bytes: u64) -> Option<u64> {
     let key = FlowKey {
         netns: ev.ns_inums[NsIndex::Net as usize],
         family: ev.family,
@@ -374,15 +386,36 @@ fn first_in_window(ev: &ConnectEvent) -> bool {
         dst_addr: ev.dst_addr,
     };
     let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_boot_ns() };
-    // SAFETY: the value is a plain u64 read once.
-    if let Some(last) = unsafe { UDP_FLOWS.get(&key) } {
-        if now.wrapping_sub(*last) < config!(udp_flow_window_ns) {
-            return false;
+    let Some(flow) = UDP_FLOWS.get_ptr_mut(&key) else {
+        // LRU: a full map forgets the oldest flow, which at worst reports it again.
+        let fresh = FlowState {
+            last_ns: now,
+            bytes: 0,
+        };
+        let _ = UDP_FLOWS.insert(&key, &fresh, 0);
+        return Some(bytes);
+    };
+    // SAFETY: a valid map value; fields are reached by pointer, since sends of the flow
+    // on other CPUs change them at the same time.
+    let (last_ns, counted) = unsafe { (&raw mut (*flow).last_ns, &raw mut (*flow).bytes) };
+    if now.wrapping_sub(load(last_ns)) < config!(udp_flow_window_ns) {
+        if bytes > 0 {
+            atomic_add(counted, bytes);
         }
+        return None;
     }
-    // LRU: a full map forgets the oldest flow, which at worst reports it again.
-    let _ = UDP_FLOWS.insert(&key, &now, 0);
-    true
+    store(last_ns, now);
+    // Take what the window counted: with an exchange where the kernel has one (5.12+),
+    // else by subtracting what was read (an add racing in between stays for the next
+    // record either way).
+    let before = if config!(fetching_atomics) != 0 {
+        exchange(counted, 0)
+    } else {
+        let before = load(counted);
+        atomic_add(counted, before.wrapping_neg());
+        before
+    };
+    Some(before.wrapping_add(bytes))
 }
 
 /// `-EEXIST`, from an insert with `BPF_NOEXIST` on a key that is there.
@@ -640,7 +673,7 @@ pub fn tcp_reset(sk: u64, by: u8) {
 #[inline(always)]
 pub fn connect_exit(sk: u64, dest: &Dest, slot: Slot) {
     match sock::protocol(sk) {
-        Ok(IPPROTO_UDP) => udp(sk, dest, EventKind::UdpConnect, false, slot),
+        Ok(IPPROTO_UDP) => udp(sk, dest, EventKind::UdpConnect, false, 0, slot),
         Ok(_) => {}
         Err(_) => count(Counter::KernelReadFailed),
     }

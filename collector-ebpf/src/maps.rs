@@ -76,9 +76,22 @@ impl Slot {
     pub const COUNT: u32 = 10;
 }
 
-/// Last report time of each UDP flow, for once-per-window reporting.
+/// Each UDP flow's last report and the bytes it sent since, for once-per-window
+/// reporting. LRU: a forgotten flow is reported again at its next datagram, and the bytes
+/// it had counted since its last record are lost.
 #[map]
-pub static UDP_FLOWS: LruHashMap<FlowKey, u64> = LruHashMap::with_max_entries(16384, 0);
+pub static UDP_FLOWS: LruHashMap<FlowKey, FlowState> = LruHashMap::with_max_entries(16384, 0);
+
+/// A UDP flow's window ([`UDP_FLOWS`]).
+#[repr(C)]
+#[derive(Copy, Clone)]
+pub struct FlowState {
+    /// When the flow's last record was made (CLOCK_BOOTTIME).
+    pub last_ns: u64,
+    /// Payload bytes of the flow's datagrams since that record (atomic adds: sends of
+    /// one flow run on many CPUs).
+    pub bytes: u64,
+}
 
 /// Token bucket of each cgroup (by the id of the cgroup that names its container), for
 /// the per-cgroup rate limit, shared by all CPUs (see `emit::admit` for how they update
@@ -122,6 +135,16 @@ pub const CALL_HINT_SLOTS: u32 = 16384;
 /// clears it.
 #[map]
 pub static TCP_CONNECT_MARKS: Array<u64> = Array::with_max_entries(CALL_HINT_SLOTS, 0);
+
+/// Sockets in the middle of a simultaneous open (SYN_SENT -> SYN_RECV, both sides
+/// connect()ed to each other at once), by a fold of the socket address into 256 slots,
+/// so SYN_RECV -> ESTABLISHED, which every accepted connection also passes, costs an
+/// array load. Two such opens in one slot at once: the first stays in `PENDING_TCP`
+/// (reported pending) instead of completing. Simultaneous opens are rare.
+#[map]
+pub static SIMULTANEOUS_OPENS: Array<u64> = Array::with_max_entries(SIMULTANEOUS_OPEN_SLOTS, 0);
+
+pub const SIMULTANEOUS_OPEN_SLOTS: u32 = 256;
 
 /// State carried from a call's entry to its exit, by thread id. LRU: an entry whose exit
 /// never runs (a missed return probe, a program skipped by the recursion guard, a call
@@ -264,8 +287,11 @@ pub struct CallState {
 
 /// `CallState::user_addr` points to a `struct sockaddr`.
 pub const USER_ADDR_SOCKADDR: u32 = 1;
-/// `CallState::user_addr` points to a `struct user_msghdr` (sendmsg, first of sendmmsg).
+/// `CallState::user_addr` points to a `struct user_msghdr` (sendmsg).
 pub const USER_ADDR_MSGHDR: u32 = 2;
+/// `CallState::user_addr` points to a `struct mmsghdr` array (sendmmsg), which starts
+/// with its first message's `user_msghdr`.
+pub const USER_ADDR_MMSGHDR: u32 = 3;
 
 /// Sockets marked as DNS: a UDP send or connect to port 53 (or a TCP connect to it) by
 /// process `tgid` on descriptor `fd`, keyed `tgid << 32 | fd`. The read hooks look up

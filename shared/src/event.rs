@@ -110,7 +110,9 @@ pub struct ConnectEvent {
     /// TCP failure: `sk->sk_err` and `sk->sk_err_soft` (positive errno) at SYN_SENT->CLOSE.
     pub sk_err: u32,
     pub sk_err_soft: u32,
-    /// TCP: nanoseconds from SYN_SENT to the attempt's completion.
+    /// TCP: nanoseconds from SYN_SENT to the attempt's completion. UDP (`UdpSend`,
+    /// `UdpConnect`, which have no handshake): the payload bytes the flow sent since its
+    /// previous record, this record's datagram included.
     pub handshake_ns: u64,
     /// TCP: the socket's kernel address; with `boot_time_ns` it names the connection
     /// that a later [`TcpCloseEvent`] closes.

@@ -151,6 +151,9 @@ fn check_record(record: &Value, e: &Expected, me: &Me) -> Vec<String> {
     want("thread.name", TRAFFIC_THREAD.into());
     want("network.transport", e.transport.into());
     want("network.type", e.network_type.into());
+    if let Some(bytes) = e.udp_bytes {
+        want("egress.udp.bytes.sent", bytes.into());
+    }
     if let Some(ip) = e.source_ip {
         want("source.address", ip.to_string().into());
     }

@@ -22,6 +22,9 @@ pub struct Expected {
     pub destination: SocketAddr,
     /// TCP: `egress.connection.state` and `error.type` (None: absent) the record carries.
     pub outcome: Option<(&'static str, Option<&'static str>)>,
+    /// UDP: `egress.udp.bytes.sent`, the flow's bytes up to its record (the first
+    /// datagram's: every flow here is reported once).
+    pub udp_bytes: Option<u64>,
 }
 
 fn tcp(what: String, source: SocketAddr, destination: SocketAddr) -> Expected {
@@ -38,10 +41,13 @@ fn tcp(what: String, source: SocketAddr, destination: SocketAddr) -> Expected {
         source_ip: Some(source.ip()),
         destination,
         outcome: Some(("established", None)),
+        udp_bytes: None,
     }
 }
 
 fn udp(what: String, event: &'static str, source: SocketAddr, destination: SocketAddr) -> Expected {
+    // A connect sends nothing; each send here starts with a 4-byte datagram.
+    let udp_bytes = Some(if event == "udp_connect" { 0 } else { 4 });
     Expected {
         what,
         event,
@@ -55,6 +61,7 @@ fn udp(what: String, event: &'static str, source: SocketAddr, destination: Socke
         source_ip: Some(source.ip()),
         destination,
         outcome: None,
+        udp_bytes,
     }
 }
 
@@ -178,6 +185,19 @@ pub fn generate(n: usize) -> io::Result<Vec<Expected>> {
         receiver4.local_addr()?,
     ));
 
+    // sendmsg() of one datagram in two iovecs: the bytes are the datagram's, 30 + 70.
+    let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+    sendmsg_parts(&socket, receiver4.local_addr()?, &[30, 70])?;
+    expected.push(Expected {
+        udp_bytes: Some(100),
+        ..udp(
+            "udp4 sendmsg iovecs".into(),
+            "udp_send",
+            socket.local_addr()?,
+            receiver4.local_addr()?,
+        )
+    });
+
     // Let in-flight handshakes finish before the sockets close.
     std::thread::sleep(Duration::from_millis(100));
     drop(keep);
@@ -266,19 +286,28 @@ fn nonblocking_connect(to: SocketAddr) -> io::Result<(SocketAddr, Fd)> {
 }
 
 fn sendmsg_to(socket: &UdpSocket, to: SocketAddr) -> io::Result<()> {
+    sendmsg_parts(socket, to, &[4])
+}
+
+/// One datagram of `parts` bytes, one iovec each, with the destination in msg_name.
+fn sendmsg_parts(socket: &UdpSocket, to: SocketAddr, parts: &[usize]) -> io::Result<()> {
     let mut sin = sockaddr_in(v4(to)?);
-    let mut payload = *b"ping";
-    let mut iov = libc::iovec {
-        iov_base: payload.as_mut_ptr().cast(),
-        iov_len: payload.len(),
-    };
+    let mut buffers: Vec<Vec<u8>> = parts.iter().map(|n| vec![b'p'; *n]).collect();
+    let mut iov: Vec<libc::iovec> = buffers
+        .iter_mut()
+        .map(|b| libc::iovec {
+            iov_base: b.as_mut_ptr().cast(),
+            iov_len: b.len(),
+        })
+        .collect();
     // SAFETY: msghdr is plain old data; every pointer in it outlives the call.
     unsafe {
         let mut msg: libc::msghdr = zeroed();
         msg.msg_name = (&mut sin as *mut libc::sockaddr_in).cast();
         msg.msg_namelen = size_of::<libc::sockaddr_in>() as u32;
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
+        msg.msg_iov = iov.as_mut_ptr();
+        // usize on glibc, int on musl (the static test binaries).
+        msg.msg_iovlen = iov.len() as _;
         if libc::sendmsg(socket.as_raw_fd(), &msg, 0) < 0 {
             return Err(io::Error::last_os_error());
         }

@@ -37,6 +37,7 @@ pub fn fexit_ip4_datagram_connect(ctx: FExitContext) -> u32 {
         &dest,
         EventKind::UdpConnect,
         false,
+        0,
         Slot::UdpConnect,
     );
     dns_sock::udp_connected(ctx.arg::<u64>(0), &dest, ret3(&ctx));
@@ -52,6 +53,7 @@ pub fn fexit_ip6_datagram_connect(ctx: FExitContext) -> u32 {
         &dest,
         EventKind::UdpConnect,
         false,
+        0,
         Slot::UdpConnectV6,
     );
     dns_sock::udp_connected(ctx.arg::<u64>(0), &dest, ret3(&ctx));
@@ -74,11 +76,14 @@ fn udp_send(ctx: &FExitContext, v4_mapped_reported_inside: bool, slot: Slot) {
     } else {
         sock::dest_from_kernel(name)
     };
+    // udp_sendmsg and udpv6_sendmsg return the payload bytes sent.
+    let bytes = ret3(ctx).max(0) as u64;
     emit::udp(
         sk,
         &dest,
         EventKind::UdpSend,
         v4_mapped_reported_inside,
+        bytes,
         slot,
     );
     dns_sock::udp_sent(sk, &dest, msg, ret3(ctx), v4_mapped_reported_inside);

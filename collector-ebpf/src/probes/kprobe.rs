@@ -52,8 +52,14 @@ pub fn kprobe_udp_connect(ctx: ProbeContext) -> u32 {
 pub fn kretprobe_udp(ctx: RetProbeContext) -> u32 {
     if let Some(state) = emit::take_call() {
         let kind = EventKind::from_raw(state.event_kind as u8).unwrap_or(EventKind::UdpSend);
-        emit::udp(state.sk, &state.dest, kind, false, Slot::CallExit);
         let ret = ctx.ret::<i32>() as i64;
+        // udp_sendmsg and udpv6_sendmsg return the payload bytes sent.
+        let bytes = if kind == EventKind::UdpSend {
+            ret.max(0) as u64
+        } else {
+            0
+        };
+        emit::udp(state.sk, &state.dest, kind, false, bytes, Slot::CallExit);
         if kind == EventKind::UdpConnect {
             dns_sock::udp_connected(state.sk, &state.dest, ret);
         } else {

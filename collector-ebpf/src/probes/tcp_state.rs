@@ -12,18 +12,56 @@ use egress_shared::ResetBy;
 
 use crate::{
     emit,
-    maps::{Slot, config},
+    maps::{SIMULTANEOUS_OPEN_SLOTS, SIMULTANEOUS_OPENS, Slot, config},
     sock::{self, IPPROTO_TCP},
 };
 
 const TCP_ESTABLISHED: i32 = 1;
 const TCP_SYN_SENT: i32 = 2;
+const TCP_SYN_RECV: i32 = 3;
 const TCP_CLOSE: i32 = 7;
 
 /// The transitions the state machine acts on; every other one returns at once.
+/// SYN_RECV -> ESTABLISHED is every accepted connection's too: it costs them an array
+/// load (`SIMULTANEOUS_OPENS`), not a hash lookup.
 #[inline(always)]
 fn interesting(old: i32, new: i32) -> bool {
-    (old == TCP_CLOSE && new == TCP_SYN_SENT) || old == TCP_SYN_SENT || new == TCP_CLOSE
+    (old == TCP_CLOSE && new == TCP_SYN_SENT)
+        || old == TCP_SYN_SENT
+        || (old == TCP_SYN_RECV && new == TCP_ESTABLISHED)
+        || new == TCP_CLOSE
+}
+
+/// The `SIMULTANEOUS_OPENS` slot of a socket (a fold of its address).
+#[inline(always)]
+fn simultaneous_slot(sk: u64) -> u32 {
+    ((sk >> 6) ^ (sk >> 16)) as u32 % SIMULTANEOUS_OPEN_SLOTS
+}
+
+/// SYN_SENT -> SYN_RECV: a SYN crossed ours (simultaneous open); the attempt stays in
+/// `PENDING_TCP` and completes at SYN_RECV -> ESTABLISHED (or CLOSE).
+#[inline(always)]
+fn mark_simultaneous(sk: u64) {
+    if let Some(mark) = SIMULTANEOUS_OPENS.get_ptr_mut(simultaneous_slot(sk)) {
+        // SAFETY: an 8-byte aligned array value, valid for this run.
+        unsafe { core::ptr::write_volatile(mark, sk) };
+    }
+}
+
+/// Whether `sk` was marked by [`mark_simultaneous`]; clears the mark.
+#[inline(always)]
+fn take_simultaneous(sk: u64) -> bool {
+    let Some(mark) = SIMULTANEOUS_OPENS.get_ptr_mut(simultaneous_slot(sk)) else {
+        return false;
+    };
+    // SAFETY: as above.
+    unsafe {
+        if core::ptr::read_volatile(mark) != sk {
+            return false;
+        }
+        core::ptr::write_volatile(mark, 0);
+    }
+    true
 }
 
 /// One transition of a TCP socket; `slot` is the program's scratch slot.
@@ -34,10 +72,15 @@ fn transition(sk: u64, old: i32, new: i32, slot: Slot) {
         super::dns_sock::tcp_connecting(sk);
         emit::tcp_syn_sent(sk, slot);
     } else if old == TCP_SYN_SENT {
-        // SYN_SENT -> SYN_RECV (simultaneous open) is left pending until CLOSE.
         if new == TCP_ESTABLISHED || new == TCP_CLOSE {
             emit::tcp_complete(sk, new == TCP_ESTABLISHED);
+        } else if new == TCP_SYN_RECV {
+            mark_simultaneous(sk);
         }
+    } else if old == TCP_SYN_RECV && take_simultaneous(sk) {
+        // The second half of a simultaneous open (ESTABLISHED, or CLOSE on a reset or a
+        // timeout). An accepted connection is never marked: it goes on below.
+        emit::tcp_complete(sk, new == TCP_ESTABLISHED);
     } else if new == TCP_CLOSE && config!(track_closes) != 0 {
         emit::tcp_closed(sk, old as u8);
     }

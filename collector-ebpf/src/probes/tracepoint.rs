@@ -7,7 +7,7 @@ use egress_shared::EventKind;
 
 use crate::{
     emit,
-    maps::{CallState, Slot, USER_ADDR_MSGHDR, USER_ADDR_SOCKADDR, config},
+    maps::{CallState, Slot, USER_ADDR_MMSGHDR, USER_ADDR_MSGHDR, USER_ADDR_SOCKADDR, config},
     read,
     sock::{self, Dest, IPPROTO_TCP, IPPROTO_UDP},
 };
@@ -79,7 +79,7 @@ pub fn tp_sys_enter_sendmsg(ctx: TracePointContext) -> u32 {
 pub fn tp_sys_enter_sendmmsg(ctx: TracePointContext) -> u32 {
     let fd = config!(tracepoints.sendmmsg_fd);
     let msg = config!(tracepoints.sendmmsg_msg);
-    remember(&ctx, fd, msg, USER_ADDR_MSGHDR, EventKind::UdpSend);
+    remember(&ctx, fd, msg, USER_ADDR_MMSGHDR, EventKind::UdpSend);
     0
 }
 
@@ -148,7 +148,8 @@ fn exit(ctx: &TracePointContext, state: &CallState, slot: Slot) {
     };
     let dest = match state.user_addr_kind {
         USER_ADDR_SOCKADDR => sock::dest_from_user(state.user_addr),
-        USER_ADDR_MSGHDR => sock::dest_from_user_msghdr(state.user_addr),
+        // An mmsghdr array starts with its first message's msghdr.
+        USER_ADDR_MSGHDR | USER_ADDR_MMSGHDR => sock::dest_from_user_msghdr(state.user_addr),
         _ => Dest::NONE,
     };
     let port = if dest.is_some() {
@@ -156,13 +157,13 @@ fn exit(ctx: &TracePointContext, state: &CallState, slot: Slot) {
     } else {
         read::kernel::<u16>(sk, config!(offsets.skc_dport)).map_or(0, u16::from_be)
     };
+    // struct syscall_trace_exit: `long ret` at 16.
+    // SAFETY: within the syscall exit record.
+    let ret = unsafe { ctx.read_at::<i64>(16) }.unwrap_or(0);
     if port == super::dns::DNS_PORT {
         super::dns::mark(state.fd, sk);
         if state.event_kind == EventKind::UdpSend as u32 {
-            // struct syscall_trace_exit: `long ret` at 16.
-            // SAFETY: within the syscall exit record.
-            let ret = unsafe { ctx.read_at::<i64>(16) }.unwrap_or(0);
-            let msghdr = state.user_addr_kind == USER_ADDR_MSGHDR;
+            let msghdr = matches!(state.user_addr_kind, USER_ADDR_MSGHDR | USER_ADDR_MMSGHDR);
             let user_addr = if msghdr { state.user_addr } else { 0 };
             super::dns::query(state.fd, sk, user_addr, msghdr, ret);
         }
@@ -170,8 +171,48 @@ fn exit(ctx: &TracePointContext, state: &CallState, slot: Slot) {
     if state.event_kind == EventKind::UdpConnect as u32 {
         emit::connect_exit(sk, &dest, slot);
     } else {
-        emit::udp(sk, &dest, EventKind::UdpSend, false, slot);
+        emit::udp(
+            sk,
+            &dest,
+            EventKind::UdpSend,
+            false,
+            sent_bytes(state, ret),
+            slot,
+        );
     }
+}
+
+/// Most messages of one sendmmsg whose bytes are counted (a bounded loop, one user read
+/// each); the bytes of later ones are not (docs/connections.md).
+const MMSG_COUNTED: u64 = 64;
+/// `struct mmsghdr` on 64-bit: its `msghdr` (56 bytes), then `unsigned int msg_len`.
+const MMSGHDR_SIZE: u64 = 64;
+const MMSGHDR_MSG_LEN: u64 = 56;
+
+/// The payload a send syscall put in datagrams, from what it returned: sendto and
+/// sendmsg return the bytes (so no iovec needs summing), sendmmsg the number of messages
+/// sent, each of whose `msg_len` the kernel wrote back into the caller's array.
+#[inline(always)]
+fn sent_bytes(state: &CallState, ret: i64) -> u64 {
+    if ret <= 0 {
+        return 0;
+    }
+    if state.user_addr_kind != USER_ADDR_MMSGHDR {
+        return ret as u64;
+    }
+    let mut total = 0u64;
+    for i in 0..MMSG_COUNTED {
+        if i >= ret as u64 {
+            break;
+        }
+        let at = state.user_addr + i * MMSGHDR_SIZE + MMSGHDR_MSG_LEN;
+        // SAFETY: bpf_probe_read_user checks the address and fails instead of faulting.
+        match unsafe { aya_ebpf::helpers::bpf_probe_read_user(at as *const u32) } {
+            Ok(len) => total += u64::from(len),
+            Err(_) => break,
+        }
+    }
+    total
 }
 
 #[inline(always)]

@@ -75,6 +75,8 @@ impl Aggregates {
                     record.source.set_port(0);
                     record.rate_limited_before = 0;
                     record.count = repeats;
+                    // The repeats' UDP bytes were not counted; the opener's are its own.
+                    record.udp_bytes = None;
                     out.push(record);
                 }
                 None => stats.record_repeats_lost(repeats),

@@ -133,6 +133,9 @@ pub struct Connection {
     pub dns: Option<Box<DnsLookup>>,
     /// DNS records: the socket (`ConnectEvent::sock_id`), to match queries and answers.
     pub dns_sock: u64,
+    /// UDP flow records: payload bytes the flow sent since its previous record, this
+    /// record's datagram included (`egress.udp.bytes.sent`).
+    pub udp_bytes: Option<u64>,
 }
 
 /// A DNS answer a workload received (an `egress.dns` record).
@@ -374,6 +377,9 @@ pub fn decode_connect(bytes: &[u8], clock: &BootClock) -> Result<Connection, Dec
         } else {
             0
         },
+        // The kernel carries them in the field TCP uses for the handshake.
+        udp_bytes: matches!(kind, EventKind::UdpSend | EventKind::UdpConnect)
+            .then_some(raw.handshake_ns),
     })
 }
 
@@ -469,6 +475,22 @@ pub(super) mod tests {
         let mut close = TcpCloseEvent::zeroed();
         close.kind = 1;
         assert_eq!(decode(close.as_bytes(), &clock), Err(DecodeError::Kind(1)));
+    }
+
+    #[test]
+    fn udp_records_carry_their_flow_bytes_and_tcp_ones_none() {
+        let clock = BootClock::with_offset(0);
+        let mut ev = sample();
+        ev.state = egress_shared::ConnState::Established as u8;
+        ev.handshake_ns = 77;
+        let tcp = decode_connect(ev.as_bytes(), &clock).expect("valid");
+        assert_eq!(tcp.udp_bytes, None);
+        ev.protocol = IPPROTO_UDP;
+        ev.kind = EventKind::UdpSend as u8;
+        ev.state = 0;
+        let udp = decode_connect(ev.as_bytes(), &clock).expect("valid");
+        assert_eq!(udp.udp_bytes, Some(77));
+        assert_eq!(udp.outcome, None);
     }
 
     #[test]

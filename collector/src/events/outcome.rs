@@ -77,7 +77,10 @@ pub fn error_type(sk_err: u32, source_port: u16) -> &'static str {
 }
 
 // TCP states (include/net/tcp_states.h).
+const TCP_ESTABLISHED: u8 = 1;
+const TCP_FIN_WAIT1: u8 = 4;
 const TCP_FIN_WAIT2: u8 = 5;
+const TCP_CLOSE_WAIT: u8 = 8;
 const TCP_LAST_ACK: u8 = 9;
 const TCP_CLOSING: u8 = 11;
 
@@ -113,6 +116,10 @@ impl Close {
             && raw.sk_err == 0
             && raw.reset == ResetBy::NONE;
         let fin_received = raw.flags & CloseFlags::FIN_RECEIVED != 0;
+        let reset = match raw.reset {
+            ResetBy::NONE if local_reset_follows(raw) => ResetBy::LOCAL,
+            by => by,
+        };
         Self {
             connect_unix_nano: clock.to_unix_nanos(raw.connect_ns),
             established_unix_nano: clock.to_unix_nanos(raw.established_ns),
@@ -127,12 +134,12 @@ impl Close {
                 .then_some(raw.bytes_sent),
             retransmits: raw.total_retrans,
             rtt_us: raw.srtt_us_x8 >> 3,
-            reset: match raw.reset {
+            reset: match reset {
                 ResetBy::PEER => Some("peer"),
                 ResetBy::LOCAL => Some("local"),
                 _ => None,
             },
-            error_type: match (raw.sk_err, raw.reset) {
+            error_type: match (raw.sk_err, reset) {
                 (0, ResetBy::NONE) => None,
                 (0, _) => Some("reset"),
                 (err, _) => Some(error_type(err, 1)),
@@ -145,6 +152,23 @@ impl Close {
         self.close_unix_nano
             .saturating_sub(self.established_unix_nano)
     }
+}
+
+/// Whether this host resets the connection just after the CLOSE the event reports.
+///
+/// A close that aborts (close() with unread data, `SO_LINGER` 0, connect(AF_UNSPEC))
+/// sets CLOSE first and sends its RST after (`__tcp_close`, `tcp_disconnect`), so the
+/// close is reported before `tcp:tcp_send_reset` runs. Such a close leaves ESTABLISHED,
+/// CLOSE_WAIT or FIN_WAIT1 with no error and no reset seen, and nothing else does: the
+/// peer's RST is seen first and sets an error, timeouts set an error, an orderly close
+/// goes through FIN_WAIT2, CLOSING or LAST_ACK, and the aborts that send their RST first
+/// (`tcp_abort`, the FIN_WAIT2 timeout) were marked by the reset tracepoint already.
+fn local_reset_follows(raw: &TcpCloseEvent) -> bool {
+    raw.sk_err == 0
+        && matches!(
+            raw.old_state,
+            TCP_ESTABLISHED | TCP_CLOSE_WAIT | TCP_FIN_WAIT1
+        )
 }
 
 /// Established connections kept for their close, at most (the kernel tracks 65536).
@@ -286,5 +310,15 @@ mod tests {
         assert_eq!(close.bytes_sent, 1_048_576);
         assert_eq!(close.reset, Some("peer"));
         assert_eq!(close.error_type, Some("reset"));
+        // An abortive close (unread data, SO_LINGER 0): CLOSE from ESTABLISHED with no
+        // error, the RST sent after.
+        let mut raw = close_event(TCP_ESTABLISHED);
+        raw.flags = 0;
+        let close = Close::from_raw(&raw, &clock);
+        assert_eq!(close.reset, Some("local"));
+        assert_eq!(close.error_type, Some("reset"));
+        // An orderly close from FIN_WAIT2 is no reset.
+        let close = Close::from_raw(&close_event(TCP_FIN_WAIT2), &clock);
+        assert_eq!((close.reset, close.error_type), (None, None));
     }
 }

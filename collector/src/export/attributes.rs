@@ -115,6 +115,9 @@ pub mod keys {
     pub const RTT: &str = "egress.tcp.rtt";
     /// Close records: who sent the RST that ended it (`peer` or `local`).
     pub const RESET: &str = "egress.tcp.reset";
+    /// UDP flow records: payload bytes the flow sent since its previous record, this
+    /// record's datagram included.
+    pub const UDP_BYTES_SENT: &str = "egress.udp.bytes.sent";
     /// Close records: the connection was still open when the collector stopped (no
     /// byte counts: the kernel gives them at the close).
     pub const OPEN_AT_SHUTDOWN: &str = "egress.connection.open_at_shutdown";
@@ -506,6 +509,9 @@ pub fn collect<'a>(record: &'a Record, out: &mut Attrs<'a>) {
     }
     if c.aggregate.is_some() {
         out.push((keys::CONNECTION_COUNT, c.count.into()));
+    }
+    if let Some(bytes) = c.udp_bytes {
+        out.push((keys::UDP_BYTES_SENT, bytes.into()));
     }
     if let Some(close) = &c.close {
         out.push((keys::CONNECTION_START, close.connect_unix_nano.into()));

@@ -82,21 +82,31 @@ pub struct Lifecycle {
     durations: HashMap<PortKey, Buckets>,
     /// (transmit, receive) payload bytes.
     io: HashMap<PortKey, (u64, u64)>,
+    /// UDP payload bytes sent, carried by flow records.
+    udp_sent: HashMap<PortKey, u64>,
     /// Observations beyond the series limit (counted, not kept).
     pub overflow: u64,
 }
 
 impl Lifecycle {
     fn full(&self) -> bool {
-        self.handshakes.len() + self.durations.len() + self.io.len() >= MAX_SERIES_PER_RESOURCE
+        self.handshakes.len() + self.durations.len() + self.io.len() + self.udp_sent.len()
+            >= MAX_SERIES_PER_RESOURCE
     }
 
-    /// A TCP attempt's completion, or a close.
+    /// A TCP attempt's completion, a close, or a UDP flow record's bytes.
     pub fn record(&mut self, record: &Record, include_address: bool) {
         let c = &record.connection;
         let port = c.destination.port();
         let address = include_address.then(|| c.destination.ip());
-        if let Some(close) = &c.close {
+        if let Some(bytes) = c.udp_bytes {
+            let key = PortKey { port, address };
+            if !self.udp_sent.contains_key(&key) && self.full() {
+                self.overflow += 1;
+                return;
+            }
+            *self.udp_sent.entry(key).or_default() += bytes;
+        } else if let Some(close) = &c.close {
             if close.still_open {
                 return;
             }
@@ -133,9 +143,9 @@ impl Lifecycle {
     }
 
     pub fn metrics(&self, start: u64, now: u64) -> Vec<Metric> {
-        let port_attributes = |port: u16, address: Option<IpAddr>| {
+        let transport_attributes = |transport: &'static str, port: u16, address: Option<IpAddr>| {
             let mut attributes = vec![
-                key_value(semconv::NETWORK_TRANSPORT, "tcp".into()),
+                key_value(semconv::NETWORK_TRANSPORT, transport.into()),
                 key_value(semconv::DESTINATION_PORT, port.into()),
             ];
             if let Some(address) = address {
@@ -146,6 +156,8 @@ impl Lifecycle {
             }
             attributes
         };
+        let port_attributes =
+            |port: u16, address: Option<IpAddr>| transport_attributes("tcp", port, address);
         let mut metrics = Vec::new();
         if !self.handshakes.is_empty() {
             let points = self
@@ -185,8 +197,22 @@ impl Lifecycle {
                 points,
             ));
         }
-        if !self.io.is_empty() {
+        if !self.io.is_empty() || !self.udp_sent.is_empty() {
             let mut points = Vec::new();
+            for (key, sent) in &self.udp_sent {
+                let mut attributes = transport_attributes("udp", key.port, key.address);
+                attributes.push(key_value(
+                    semconv::NETWORK_IO_DIRECTION,
+                    Value::Str("transmit".into()),
+                ));
+                points.push(NumberDataPoint {
+                    attributes,
+                    start_time_unix_nano: start,
+                    time_unix_nano: now,
+                    value: Some(number_data_point::Value::AsInt(*sent as i64)),
+                    ..Default::default()
+                });
+            }
             for (key, (sent, received)) in &self.io {
                 for (direction, bytes) in [("transmit", sent), ("receive", received)] {
                     let mut attributes = port_attributes(key.port, key.address);
@@ -205,7 +231,7 @@ impl Lifecycle {
             }
             metrics.push(cumulative_sum(
                 IO_METRIC,
-                "Payload bytes of closed TCP connections, each way.",
+                "Payload bytes: TCP each way at each close, UDP sent as flow records carry it.",
                 "By",
                 points,
             ));
@@ -389,5 +415,34 @@ mod tests {
             .collect();
         values.sort();
         assert_eq!(values, [14, 200]);
+    }
+
+    #[test]
+    fn udp_flow_records_add_their_bytes_to_udp_transmit() {
+        let shop = resource("shop");
+        let mut lifecycle = Lifecycle::default();
+        let mut flow = record(&shop, 53);
+        flow.connection.udp_bytes = Some(40);
+        lifecycle.record(&flow, false);
+        flow.connection.udp_bytes = Some(2);
+        lifecycle.record(&flow, false);
+        let metrics = lifecycle.metrics(0, 1);
+        assert_eq!(metrics.len(), 1);
+        let Some(metric::Data::Sum(io)) = &metrics[0].data else {
+            panic!("sum")
+        };
+        let [point] = io.data_points.as_slice() else {
+            panic!("one point: {:?}", io.data_points)
+        };
+        assert_eq!(point.value, Some(number_data_point::Value::AsInt(42)));
+        let text = |key: &str| {
+            point
+                .attributes
+                .iter()
+                .find(|kv| kv.key == key)
+                .map(|kv| format!("{:?}", kv.value))
+        };
+        assert!(text("network.transport").is_some_and(|v| v.contains("\"udp\"")));
+        assert!(text("network.io.direction").is_some_and(|v| v.contains("\"transmit\"")));
     }
 }

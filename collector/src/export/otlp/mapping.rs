@@ -359,7 +359,7 @@ impl ConnectionCounts {
                 .record(lookup);
             return;
         }
-        if c.outcome.is_some() || c.close.is_some() {
+        if c.outcome.is_some() || c.close.is_some() || c.udp_bytes.is_some() {
             self.lifecycle
                 .entry(Arc::clone(&record.resource))
                 .or_default()

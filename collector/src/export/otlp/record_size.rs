@@ -251,6 +251,7 @@ fn records(random: &mut Random, pods: &[Pod], count: usize) -> Vec<Record> {
                     }),
                     dns: None,
                     dns_sock: 0,
+                    udp_bytes: None,
                 },
                 resource: Arc::clone(&pod.resource),
                 host_network: false,

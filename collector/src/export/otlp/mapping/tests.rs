@@ -52,6 +52,7 @@ pub(crate) fn connection(port: u16) -> Connection {
         server: None,
         dns: None,
         dns_sock: 0,
+        udp_bytes: None,
     }
 }
 

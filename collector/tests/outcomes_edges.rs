@@ -1,0 +1,383 @@
+//! The rarer ways a TCP connection goes, on this machine's kernel (tracepoint mode): a
+//! reset this host sends while closing (unread data, `SO_LINGER` 0) and a simultaneous
+//! open (both sides connect() to each other at once).
+
+mod support;
+
+use std::{
+    io::{Read, Write},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream},
+    os::fd::AsRawFd,
+    process::Command,
+    thread,
+    time::{Duration, Instant},
+};
+
+use egress_testkit::collector::RunningCollector;
+use serde_json::Value;
+use support::host::{require_root, sh};
+
+const COLLECTOR: &str = env!("CARGO_BIN_EXE_egress-collector");
+
+fn attr<'a>(record: &'a Value, key: &str) -> &'a Value {
+    &record["attributes"][key]
+}
+
+fn parse(stdout: &str) -> Vec<Value> {
+    stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect()
+}
+
+/// The records of this process to `dest` of one `egress.event`.
+fn records_to<'a>(records: &'a [Value], dest: SocketAddr, event: &str) -> Vec<&'a Value> {
+    records
+        .iter()
+        .filter(|r| {
+            attr(r, "process.pid") == std::process::id()
+                && attr(r, "egress.event") == event
+                && attr(r, "destination.address") == dest.ip().to_string().as_str()
+                && attr(r, "destination.port") == dest.port()
+        })
+        .collect()
+}
+
+fn start(extra: &[&str]) -> RunningCollector {
+    let mut args = vec!["--probe", "tracepoint", "--stats-interval", "1h"];
+    args.extend_from_slice(extra);
+    RunningCollector::start(
+        std::path::Path::new(COLLECTOR),
+        &args,
+        Duration::from_secs(60),
+    )
+    .expect("collector starts")
+}
+
+fn set_linger_zero(fd: i32) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt on a socket the caller owns.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            size_of::<libc::linger>() as u32,
+        )
+    };
+    assert_eq!(rc, 0, "SO_LINGER");
+}
+
+/// A server that accepts one connection, writes `greeting` bytes, and returns what its
+/// read after that gave (the client's abortive close must reset it).
+fn resetting_client(
+    greeting: usize,
+    abort: impl FnOnce(TcpStream) + Send + 'static,
+) -> (SocketAddr, std::io::Result<usize>) {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("listen");
+    let addr = listener.local_addr().expect("addr");
+    let client = thread::spawn(move || {
+        let stream = TcpStream::connect(addr).expect("connect");
+        // Wait until the greeting is in the receive buffer, without reading it.
+        let mut peek = [0u8; 1];
+        if greeting > 0 {
+            stream.peek(&mut peek).expect("peek");
+            thread::sleep(Duration::from_millis(50));
+        }
+        abort(stream);
+    });
+    let (mut s, _) = listener.accept().expect("accept");
+    s.write_all(&vec![5u8; greeting]).expect("greet");
+    client.join().expect("client");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let mut buf = [0u8; 16];
+    (addr, s.read(&mut buf))
+}
+
+/// close() with unread data and close() with `SO_LINGER` 0 send a RST after the socket
+/// reached CLOSE: both close records say `reset` by `local`, as one the peer sent says
+/// `peer`; an orderly close says neither.
+#[test]
+fn a_reset_this_host_sends_while_closing_is_reported_local() {
+    require_root();
+    let collector = start(&["--close-records", "--pending-report", "30s"]);
+    let (unread, unread_read) = resetting_client(100, drop);
+    let (linger, linger_read) = resetting_client(0, |s| {
+        set_linger_zero(s.as_raw_fd());
+        drop(s);
+    });
+    let (orderly, orderly_read) = resetting_client(0, drop);
+    thread::sleep(Duration::from_millis(300));
+    let (clean, stdout, stderr) = collector.stop(Duration::from_secs(30)).expect("stop");
+    assert!(clean, "collector failed:\n{}", stderr.join("\n"));
+    // The kernel did send the RSTs: the server's read failed with ECONNRESET.
+    for (what, read) in [("unread data", &unread_read), ("SO_LINGER 0", &linger_read)] {
+        assert_eq!(
+            read.as_ref().map_err(|e| e.kind()),
+            Err(std::io::ErrorKind::ConnectionReset),
+            "{what}: the server should see the reset"
+        );
+    }
+    assert_eq!(orderly_read.as_ref().ok(), Some(&0), "orderly close: EOF");
+    let records = parse(&stdout);
+    let mut problems = Vec::new();
+    for (what, dest, reset, error) in [
+        (
+            "unread data",
+            unread,
+            Value::from("local"),
+            Value::from("reset"),
+        ),
+        ("SO_LINGER 0", linger, "local".into(), "reset".into()),
+        ("orderly", orderly, Value::Null, Value::Null),
+    ] {
+        let closes = records_to(&records, dest, "tcp_close");
+        let [close] = closes.as_slice() else {
+            problems.push(format!("{what}: {} close records, want 1", closes.len()));
+            continue;
+        };
+        for (key, want) in [("egress.tcp.reset", &reset), ("error.type", &error)] {
+            if attr(close, key) != want {
+                problems.push(format!(
+                    "{what}: {key} is {}, want {want}",
+                    attr(close, key)
+                ));
+            }
+        }
+    }
+    assert!(
+        problems.is_empty(),
+        "{}\nrecords of this process:\n{}",
+        problems.join("\n"),
+        records
+            .iter()
+            .filter(|r| attr(r, "process.pid") == std::process::id())
+            .map(|r| r["attributes"].to_string())
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
+
+/// A network namespace with loopback up; removed on drop.
+struct Netns(String);
+
+impl Netns {
+    fn new(name: String) -> Self {
+        sh(&["ip", "netns", "add", &name]);
+        let ns = Netns(name);
+        sh(&["ip", "-n", &ns.0, "link", "set", "lo", "up"]);
+        ns
+    }
+
+    fn exec(&self, args: &[&str]) {
+        let mut all = vec!["ip", "netns", "exec", &self.0];
+        all.extend_from_slice(args);
+        sh(&all);
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+/// A tracefs instance recording `sock:inet_sock_set_state` of two ports; removed on drop.
+struct StateTrace(std::path::PathBuf);
+
+impl StateTrace {
+    fn new(ports: [u16; 2]) -> Self {
+        let dir = std::path::PathBuf::from(format!(
+            "/sys/kernel/tracing/instances/egress-simopen-{}",
+            std::process::id()
+        ));
+        std::fs::create_dir(&dir).expect("tracefs instance");
+        let event = dir.join("events/sock/inet_sock_set_state");
+        std::fs::write(
+            event.join("filter"),
+            format!("sport == {} || sport == {}", ports[0], ports[1]),
+        )
+        .expect("filter");
+        std::fs::write(event.join("enable"), "1").expect("enable");
+        StateTrace(dir)
+    }
+
+    fn text(&self) -> String {
+        std::fs::read_to_string(self.0.join("trace")).expect("read trace")
+    }
+}
+
+impl Drop for StateTrace {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.0.join("events/sock/inet_sock_set_state/enable"), "0");
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+/// A non-blocking TCP socket bound to `from`, connect()ing to `to` (SYN sent).
+fn bound_connect(from: SocketAddrV4, to: SocketAddrV4) -> i32 {
+    let sin = |a: SocketAddrV4| libc::sockaddr_in {
+        sin_family: libc::AF_INET as u16,
+        sin_port: a.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(*a.ip()).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    let len = size_of::<libc::sockaddr_in>() as u32;
+    // SAFETY: plain socket calls on a socket this function owns.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_NONBLOCK, 0);
+        assert!(fd >= 0, "socket");
+        let local = sin(from);
+        let rc = libc::bind(fd, (&local as *const libc::sockaddr_in).cast(), len);
+        assert_eq!(rc, 0, "bind {from}");
+        let remote = sin(to);
+        let rc = libc::connect(fd, (&remote as *const libc::sockaddr_in).cast(), len);
+        assert!(
+            rc == -1 && *libc::__errno_location() == libc::EINPROGRESS,
+            "connect should be in progress"
+        );
+        fd
+    }
+}
+
+/// Whether `fd` finished connecting (writable, no error) within `timeout`.
+fn connected(fd: i32, timeout: Duration) -> bool {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    // SAFETY: poll and getsockopt on a socket the caller owns.
+    unsafe {
+        if libc::poll(&mut pfd, 1, timeout.as_millis() as i32) != 1 {
+            return false;
+        }
+        let mut err = 0i32;
+        let mut len = size_of::<i32>() as u32;
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ERROR,
+            (&mut err as *mut i32).cast(),
+            &mut len,
+        );
+        err == 0
+    }
+}
+
+/// Two sockets bound to fixed ports connect() to each other at once: each SYN reaches a
+/// socket in SYN_SENT, which goes to SYN_RECV and answers with a SYN-ACK. On loopback
+/// the first SYN would find the other socket still closed (refused), so the SYNs are
+/// dropped in a private namespace until both sockets are in SYN_SENT, and the drop is
+/// lifted: the retransmitted SYNs cross. The state changes the kernel traced show the
+/// path was taken; both attempts are then reported established, once each.
+#[test]
+fn a_simultaneous_open_is_reported_established() {
+    require_root();
+    let ns = Netns::new(format!("eo-simopen-{}", std::process::id()));
+    let (a, b) = (
+        SocketAddrV4::new(Ipv4Addr::LOCALHOST, 47_011),
+        SocketAddrV4::new(Ipv4Addr::LOCALHOST, 47_012),
+    );
+    let script = std::env::temp_dir().join(format!("egress-simopen-{}.nft", std::process::id()));
+    std::fs::write(
+        &script,
+        format!(
+            "table inet egress_simopen {{
+                chain output {{
+                    type filter hook output priority 0; policy accept;
+                    tcp sport {{ {}, {} }} drop
+                }}
+            }}",
+            a.port(),
+            b.port()
+        ),
+    )
+    .expect("nft script");
+    ns.exec(&["nft", "-f", script.to_str().expect("utf-8")]);
+    let _ = std::fs::remove_file(&script);
+    let trace = StateTrace::new([a.port(), b.port()]);
+    let collector = start(&["--pending-report", "30s"]);
+
+    let path = format!("/run/netns/{}", ns.0);
+    let started = Instant::now();
+    let both = thread::spawn(move || {
+        let file = std::fs::File::open(&path).expect("open netns");
+        // SAFETY: setns on this thread only, with a valid namespace fd.
+        assert_eq!(
+            unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) },
+            0
+        );
+        let fa = bound_connect(a, b);
+        let fb = bound_connect(b, a);
+        (fa, fb)
+    });
+    let (fa, fb) = both.join().expect("connects");
+    thread::sleep(Duration::from_millis(200));
+    ns.exec(&["nft", "delete", "table", "inet", "egress_simopen"]);
+    // The SYNs are retransmitted after the initial RTO (1 s).
+    let (ok_a, ok_b) = (
+        connected(fa, Duration::from_secs(5)),
+        connected(fb, Duration::from_secs(5)),
+    );
+    let took = started.elapsed();
+    // SAFETY: closing the sockets this test opened.
+    unsafe {
+        libc::close(fa);
+        libc::close(fb);
+    }
+    thread::sleep(Duration::from_millis(300));
+    let (clean, stdout, stderr) = collector.stop(Duration::from_secs(30)).expect("stop");
+    assert!(clean, "collector failed:\n{}", stderr.join("\n"));
+    let states = trace.text();
+    assert!(
+        ok_a && ok_b,
+        "both sockets connect ({ok_a}, {ok_b}):\n{states}"
+    );
+    assert!(
+        states
+            .matches("oldstate=TCP_SYN_SENT newstate=TCP_SYN_RECV")
+            .count()
+            >= 1
+            && states
+                .matches("oldstate=TCP_SYN_RECV newstate=TCP_ESTABLISHED")
+                .count()
+                >= 1,
+        "the kernel should take the simultaneous path:\n{states}"
+    );
+    let records = parse(&stdout);
+    let mut problems = Vec::new();
+    for dest in [a, b] {
+        let found = records_to(&records, dest.into(), "tcp_connect");
+        let [r] = found.as_slice() else {
+            problems.push(format!(
+                "to {dest}: {} records, want 1: {found:?}",
+                found.len()
+            ));
+            continue;
+        };
+        if attr(r, "egress.connection.state") != "established" {
+            problems.push(format!("to {dest}: {r}"));
+        }
+        let h = attr(r, "egress.tcp.handshake.duration")
+            .as_f64()
+            .unwrap_or(0.0);
+        if !(0.9..=took.as_secs_f64()).contains(&h) {
+            problems.push(format!(
+                "to {dest}: handshake {h} s, connecting took {took:?}"
+            ));
+        }
+    }
+    assert!(
+        problems.is_empty(),
+        "{}\nstate changes:\n{states}",
+        problems.join("\n")
+    );
+}
