@@ -279,9 +279,14 @@ pub fn emit_message(sk: u64, src: u64, len: u64, sent_ns: u64, is_query: bool, s
         len = DNS_PAYLOAD_MAX as u64;
         ev.flags |= DnsFlags::TRUNCATED;
     }
-    // Bounded for the verifier: 1 ..= DNS_PAYLOAD_MAX.
-    let n = (len as usize).min(DNS_PAYLOAD_MAX);
-    if n == 0 {
+    // Bounded for the verifier (1 ..= DNS_PAYLOAD_MAX) on the value the helper gets: read
+    // back through a volatile load and checked right before the call. Otherwise LLVM may
+    // bound one copy in a register and hand the helper another reloaded from the stack,
+    // whose bounds 6.1's verifier does not carry over from the check ("R2 min value is
+    // negative": it refused the receive fexits so; 6.12's links the two copies).
+    // SAFETY: a read of a local.
+    let n = unsafe { core::ptr::read_volatile(&len) };
+    if n == 0 || n > DNS_PAYLOAD_MAX as u64 {
         return;
     }
     let copied = unsafe {
