@@ -73,8 +73,17 @@ enum Command {
     /// DNS under a loopback iperf3 bulk transfer, the transfer's throughput with and
     /// without the collector, and kernel time per DNS answer.
     DnsCost {
-        #[arg(long, default_value = "target/release/egress-collector")]
-        collector: PathBuf,
+        /// Collector binaries measured in the same rounds (e.g. before and after a change).
+        #[arg(
+            long,
+            alias = "collector",
+            value_delimiter = ',',
+            default_value = "target/release/egress-collector"
+        )]
+        collectors: Vec<String>,
+        /// Rounds; the observers' order alternates from one round to the next.
+        #[arg(long, default_value_t = 3)]
+        rounds: u32,
         /// Seconds per bulk transfer.
         #[arg(long, default_value_t = 5)]
         seconds: u64,
@@ -236,16 +245,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Hop { list, port } => containers::hop(&list, port),
         Command::DnsCost {
-            collector,
+            collectors,
+            rounds,
             seconds,
             queries,
             report,
         } => {
-            let table = dns_cost::measure(&collector, seconds, queries)?;
+            let table = dns_cost::measure(&collectors, seconds, queries, rounds)?;
             print!("{table}");
             let command = format!(
-                "egress-bench dns-cost --collector {} --seconds {seconds} --queries {queries}",
-                collector.display()
+                "egress-bench dns-cost --collectors {} --rounds {rounds} --seconds {seconds} --queries {queries}",
+                collectors.join(",")
             );
             report::put_section(&report, "dns-cost", &dns_cost::section(&command, &table))
         }

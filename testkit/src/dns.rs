@@ -270,6 +270,13 @@ pub fn run(collector: &Path, dnsmasq: &Path, probe: &str) -> Result<Vec<String>,
     if let Some(off) = stderr.iter().find(|l| l.contains("DNS capture")) {
         problems.push(format!("DNS capture is off: {off}"));
     }
+    // In fentry mode the receives must go through the fexits, not the kprobe fallback.
+    if let Some(fallback) = stderr
+        .iter()
+        .find(|l| l.contains("receive fexits were refused"))
+    {
+        problems.push(format!("the DNS fexits fell back to kprobes: {fallback}"));
+    }
     let records: Vec<Value> = stdout
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())

@@ -8,11 +8,13 @@
 //! recvmsg), Go (read on a connected socket) and DNS over TCP (read), in the reading
 //! task, so cgroup and network namespace are the workload's. On x86_64 only the exits
 //! are hooked (the arguments are read back from the registers the task saved at entry);
-//! a read by a process that never marked a socket costs one array load there. A process
-//! that did pays a hash lookup per read that returned more than 2 bytes. Not seen:
+//! a read that returned more than 2 bytes, by a process that never marked a socket, costs
+//! a load from the record, one helper call and one array load there. A process that did
+//! pays a hash lookup per such read. Not seen:
 //! io_uring receives (no syscall), readv/recvmmsg.
 
 use aya_ebpf::{
+    EbpfContext,
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_boot_ns, bpf_probe_read_user},
     macros::tracepoint,
     programs::TracePointContext,
@@ -37,29 +39,34 @@ const RET: usize = 16;
 
 pub const DNS_PORT: u16 = 53;
 
+/// A field of the syscall record, loaded directly from the context (a tracepoint program
+/// may read its record at any aligned offset past the first 8 bytes): one instruction,
+/// where `TracePointContext::read_at` is a helper call (measured: 83 -> 126 ns per run
+/// when one was added to every read's exit).
 #[inline(always)]
-fn arg(ctx: &TracePointContext, at: usize) -> Option<u64> {
-    // SAFETY: within the syscall record (see ARG0).
-    unsafe { ctx.read_at::<u64>(at).ok() }
+fn arg(ctx: &TracePointContext, at: usize) -> u64 {
+    // SAFETY: within the syscall record (see ARG0), 8-byte aligned.
+    unsafe { core::ptr::read((ctx.as_ptr() as *const u8).add(at).cast::<u64>()) }
 }
 
-/// The word and bit of `DNS_PROCESSES` for the current process.
+/// The word and bit of `DNS_PROCESSES` for the process of `pid_tgid`.
 #[inline(always)]
-fn process_bit() -> (u32, u64) {
-    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+fn process_bit(pid_tgid: u64) -> (u32, u64) {
+    let tgid = (pid_tgid >> 32) as u32;
     ((tgid >> 6) & 1023, 1 << (tgid & 63))
 }
 
-/// Whether the current process has marked a DNS socket (see `DNS_PROCESSES`).
+/// Whether the process of `pid_tgid` (`bpf_get_current_pid_tgid()`) has marked a DNS
+/// socket (see `DNS_PROCESSES`).
 #[inline(always)]
-pub fn process_marked() -> bool {
-    let (word, bit) = process_bit();
+pub fn process_marked(pid_tgid: u64) -> bool {
+    let (word, bit) = process_bit(pid_tgid);
     DNS_PROCESSES.get(word).is_some_and(|bits| bits & bit != 0)
 }
 
 #[inline(always)]
-fn key(fd: u64) -> u64 {
-    (bpf_get_current_pid_tgid() & 0xffff_ffff_0000_0000) | (fd & 0xffff_ffff)
+fn key(pid_tgid: u64, fd: u64) -> u64 {
+    (pid_tgid & 0xffff_ffff_0000_0000) | (fd & 0xffff_ffff)
 }
 
 /// Marks descriptor `fd` (socket `sk`) of the current process as DNS: its next reads are
@@ -73,14 +80,14 @@ pub fn mark(fd: u64, sk: u64) {
         sk,
         sent_ns: unsafe { bpf_ktime_get_boot_ns() },
     };
-    let _ = DNS_SOCKETS.insert(&key(fd), &entry, 0);
+    let _ = DNS_SOCKETS.insert(&key(bpf_get_current_pid_tgid(), fd), &entry, 0);
     mark_process();
 }
 
 /// Sets the current process's bit in `DNS_PROCESSES`: its reads are looked at from now on.
 #[inline(always)]
 pub fn mark_process() {
-    let (word, bit) = process_bit();
+    let (word, bit) = process_bit(bpf_get_current_pid_tgid());
     if let Some(slot) = DNS_PROCESSES.get_ptr_mut(word) {
         // SAFETY: a map value; see DNS_PROCESSES on the race.
         unsafe { *slot |= bit };
@@ -90,15 +97,16 @@ pub fn mark_process() {
 #[inline(always)]
 fn enter(ctx: &TracePointContext, is_msghdr: bool) {
     // The early exit every read on the node takes: has this process marked a socket?
-    if !process_marked() {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if !process_marked(pid_tgid) {
         return;
     }
-    let Some(fd) = arg(ctx, ARG0) else { return };
+    let fd = arg(ctx, ARG0);
     // SAFETY: a plain value copied out at once.
-    let Some(marked) = (unsafe { DNS_SOCKETS.get(&key(fd)) }) else {
+    let Some(marked) = (unsafe { DNS_SOCKETS.get(&key(pid_tgid, fd)) }) else {
         return;
     };
-    let Some(buf) = arg(ctx, ARG1) else { return };
+    let buf = arg(ctx, ARG1);
     let read = DnsRead {
         sk: marked.sk,
         fd,
@@ -106,8 +114,7 @@ fn enter(ctx: &TracePointContext, is_msghdr: bool) {
         is_msghdr: is_msghdr as u64,
         sent_ns: marked.sent_ns,
     };
-    let tid = bpf_get_current_pid_tgid() as u32;
-    let _ = DNS_READS.insert(&tid, &read, 0);
+    let _ = DNS_READS.insert(&(pid_tgid as u32), &read, 0);
 }
 
 /// hook: tracepoint `syscalls:sys_enter_read` (fd, buf, count).
@@ -150,24 +157,19 @@ pub fn tp_dns_exit_recvmsg(ctx: TracePointContext) -> u32 {
 /// entry (they hold the arguments until the exit; the return value goes elsewhere), or
 /// from what the entry hook saved where those offsets are unknown.
 #[inline(always)]
-fn arguments(is_msghdr: bool) -> Option<DnsRead> {
+fn arguments(pid_tgid: u64, is_msghdr: bool) -> Option<DnsRead> {
     let fd_at = config!(dns_regs_fd);
     if fd_at == 0 {
-        let tid = bpf_get_current_pid_tgid() as u32;
+        let tid = pid_tgid as u32;
         // SAFETY: copied out before removal.
         let read = unsafe { DNS_READS.get(&tid) }.copied()?;
         let _ = DNS_READS.remove(&tid);
         return Some(read);
     }
-    // SAFETY: the helpers take the current task's BTF pointer and return its pt_regs.
-    let regs = unsafe {
-        aya_ebpf::helpers::generated::bpf_task_pt_regs(
-            aya_ebpf::helpers::generated::bpf_get_current_task_btf(),
-        )
-    } as u64;
+    let regs = saved_regs();
     let fd: u64 = crate::read::kernel(regs, fd_at).ok()?;
     // SAFETY: a plain value copied out at once.
-    let marked = unsafe { DNS_SOCKETS.get(&key(fd)) }?;
+    let marked = unsafe { DNS_SOCKETS.get(&key(pid_tgid, fd)) }?;
     Some(DnsRead {
         sk: marked.sk,
         fd,
@@ -177,27 +179,39 @@ fn arguments(is_msghdr: bool) -> Option<DnsRead> {
     })
 }
 
+/// The registers the current task saved at syscall entry.
+#[inline(always)]
+fn saved_regs() -> u64 {
+    // SAFETY: the helpers take the current task's BTF pointer and return its pt_regs.
+    let regs = unsafe {
+        aya_ebpf::helpers::generated::bpf_task_pt_regs(
+            aya_ebpf::helpers::generated::bpf_get_current_task_btf(),
+        )
+    };
+    regs as u64
+}
+
 #[inline(always)]
 fn exit(ctx: &TracePointContext, is_msghdr: bool) {
-    // The early exit of every read on the node: whether this process has marked a
-    // socket (one array load). Reading the return value first costs more: a tracepoint
-    // record field is read with a helper call (measured: 83 -> 126 ns per read).
-    if !process_marked() {
-        return;
-    }
-    // A failed read (EAGAIN on a non-blocking socket above all), or at most the 2-byte
-    // length a resolver reads on its own before a TCP message: no DNS message.
-    let Some(ret) = arg(ctx, RET) else { return };
-    let ret = ret as i64;
+    // The return value first: a load from the record. A failed read (EAGAIN on a
+    // non-blocking socket above all), or at most the 2-byte length a resolver reads on
+    // its own before a TCP message: no DNS message.
+    let ret = arg(ctx, RET) as i64;
     if ret <= 2 {
         return;
     }
-    let Some(read) = arguments(is_msghdr) else {
+    // Then the early exit of every other read on the node: whether this process has
+    // marked a socket (a helper call and an array load).
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if !process_marked(pid_tgid) {
+        return;
+    }
+    let Some(read) = arguments(pid_tgid, is_msghdr) else {
         return;
     };
     // The descriptor may name another socket by now (closed and reused).
     if sock::from_fd(read.fd) != Ok(read.sk) {
-        let _ = DNS_SOCKETS.remove(&key(read.fd));
+        let _ = DNS_SOCKETS.remove(&key(pid_tgid, read.fd));
         return;
     }
     copy_answer(&read, ret as u64, false);
@@ -218,13 +232,7 @@ pub fn query(fd: u64, sk: u64, user_addr: u64, is_msghdr: bool, ret: i64) {
         if buf_at == 0 {
             return;
         }
-        // SAFETY: as in `arguments`.
-        let regs = unsafe {
-            aya_ebpf::helpers::generated::bpf_task_pt_regs(
-                aya_ebpf::helpers::generated::bpf_get_current_task_btf(),
-            )
-        } as u64;
-        match crate::read::kernel::<u64>(regs, buf_at) {
+        match crate::read::kernel::<u64>(saved_regs(), buf_at) {
             Ok(buf) => buf,
             Err(_) => return,
         }
@@ -279,9 +287,14 @@ pub fn emit_message(sk: u64, src: u64, len: u64, sent_ns: u64, is_query: bool, s
         len = DNS_PAYLOAD_MAX as u64;
         ev.flags |= DnsFlags::TRUNCATED;
     }
-    // Bounded for the verifier: 1 ..= DNS_PAYLOAD_MAX.
-    let n = (len as usize).min(DNS_PAYLOAD_MAX);
-    if n == 0 {
+    // Bounded for the verifier (1 ..= DNS_PAYLOAD_MAX) on the value the helper gets: read
+    // back through a volatile load and checked right before the call. Otherwise LLVM may
+    // bound one copy in a register and hand the helper another reloaded from the stack,
+    // whose bounds 6.1's verifier does not carry over from the check ("R2 min value is
+    // negative": it refused the receive fexits so; 6.12's links the two copies).
+    // SAFETY: a read of a local.
+    let n = unsafe { core::ptr::read_volatile(&len) };
+    if n == 0 || n > DNS_PAYLOAD_MAX as u64 {
         return;
     }
     let copied = unsafe {

@@ -7,8 +7,8 @@
 //! Answers: `udp_recvmsg`, `udpv6_recvmsg` (AF_INET6 sockets, IPv4-mapped peers
 //! included, never reach the first) and `tcp_recvmsg`, at return (kretprobe, after a
 //! kprobe that saves the arguments; fexit, which has both). Every receive on the node
-//! pays the process bit first (one array load); a process that marked a socket pays a
-//! hash lookup by socket. After the copy the message's iterator points just past the
+//! pays the process bit (one array load; fexit looks at the return value before it); a
+//! process that marked a socket pays a hash lookup by socket. After the copy the message's iterator points just past the
 //! message in the caller's buffer: that is where the bytes are read from ([`consumed`]),
 //! whatever the syscall (read, recvfrom, recvmsg, recvmmsg, readv) or io_uring. The
 //! task is the receiving one, so cgroup and network namespace are the workload's.
@@ -189,7 +189,8 @@ fn received(sk: u64, msg: u64, len: u64, ret: i64, sent_ns: u64, slot: u32) {
 #[kprobe]
 pub fn kprobe_dns_recvmsg(ctx: ProbeContext) -> u32 {
     // The early exit of every receive on the node.
-    if !process_marked() {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if !process_marked(pid_tgid) {
         return 0;
     }
     let (Some(sk), Some(msg), Some(len)) =
@@ -206,18 +207,18 @@ pub fn kprobe_dns_recvmsg(ctx: ProbeContext) -> u32 {
         len,
         sent_ns: mark.sent_ns,
     };
-    let tid = bpf_get_current_pid_tgid() as u32;
-    let _ = DNS_RECVS.insert(&tid, &recv, 0);
+    let _ = DNS_RECVS.insert(&(pid_tgid as u32), &recv, 0);
     0
 }
 
 /// hook: return of the three functions above.
 #[kretprobe]
 pub fn kretprobe_dns_recvmsg(ctx: RetProbeContext) -> u32 {
-    if !process_marked() {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if !process_marked(pid_tgid) {
         return 0;
     }
-    let tid = bpf_get_current_pid_tgid() as u32;
+    let tid = pid_tgid as u32;
     // SAFETY: copied out before removal.
     let Some(recv) = (unsafe { DNS_RECVS.get(&tid) }).copied() else {
         return 0;
@@ -230,20 +231,23 @@ pub fn kretprobe_dns_recvmsg(ctx: RetProbeContext) -> u32 {
 
 #[inline(always)]
 fn fexit_recv(ctx: &FExitContext, slot: u32) {
-    // The early exit of every receive on the node.
-    if !process_marked() {
+    // The return value first, one load from the context (`FExitContext::ret` is a helper
+    // call): it follows the five arguments these functions have had since 5.19 (`noblock`
+    // dropped); this hook runs on 6.0+ only (`ITER_UBUF`, see attach_dns). Errors (EAGAIN
+    // on non-blocking sockets above all) and 2-byte reads leave at once.
+    let ret = ctx.arg::<u64>(5) as i32 as i64;
+    if ret <= 2 {
+        return;
+    }
+    // Then the early exit of every other receive on the node.
+    if !process_marked(bpf_get_current_pid_tgid()) {
         return;
     }
     let sk: u64 = ctx.arg(0);
     let Some(mark) = marked(sk) else {
         return;
     };
-    // The return value follows the five arguments these functions have had since 5.19
-    // (`noblock` dropped); this hook runs on 6.0+ only (`ITER_UBUF`, see attach_dns).
-    // Read from the context, not with `FExitContext::ret`: its helper call is a
-    // subprogram taking the context, which 6.1's verifier refuses for fexit programs.
-    let ret = ctx.arg::<u64>(5) as i32;
-    received(sk, ctx.arg(1), ctx.arg(2), ret as i64, mark.sent_ns, slot);
+    received(sk, ctx.arg(1), ctx.arg(2), ret, mark.sent_ns, slot);
 }
 
 /// hook: `int udp_recvmsg(struct sock *sk, struct msghdr *msg, size_t len, int flags,
@@ -251,8 +255,8 @@ fn fexit_recv(ctx: &FExitContext, slot: u32) {
 #[fexit(function = "udp_recvmsg")]
 #[inline(always)]
 pub fn fexit_dns_udp_recvmsg(ctx: FExitContext) -> u32 {
-    // A slot of its own: the three bodies differ, so they are never merged into one
-    // subprogram (6.1's verifier refuses a call that passes the context).
+    // A scratch slot of its own: on preemptible kernels another of these can run on this
+    // CPU while this one is preempted (docs/kernel.md).
     fexit_recv(&ctx, 2);
     0
 }
@@ -261,8 +265,8 @@ pub fn fexit_dns_udp_recvmsg(ctx: FExitContext) -> u32 {
 #[fexit(function = "udpv6_recvmsg")]
 #[inline(always)]
 pub fn fexit_dns_udpv6_recvmsg(ctx: FExitContext) -> u32 {
-    // A slot of its own: the three bodies differ, so they are never merged into one
-    // subprogram (6.1's verifier refuses a call that passes the context).
+    // A scratch slot of its own: on preemptible kernels another of these can run on this
+    // CPU while this one is preempted (docs/kernel.md).
     fexit_recv(&ctx, 3);
     0
 }
@@ -271,8 +275,8 @@ pub fn fexit_dns_udpv6_recvmsg(ctx: FExitContext) -> u32 {
 #[fexit(function = "tcp_recvmsg")]
 #[inline(always)]
 pub fn fexit_dns_tcp_recvmsg(ctx: FExitContext) -> u32 {
-    // A slot of its own: the three bodies differ, so they are never merged into one
-    // subprogram (6.1's verifier refuses a call that passes the context).
+    // A scratch slot of its own: on preemptible kernels another of these can run on this
+    // CPU while this one is preempted (docs/kernel.md).
     fexit_recv(&ctx, 4);
     0
 }

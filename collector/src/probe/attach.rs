@@ -181,9 +181,9 @@ pub fn attach_dns(
             };
             match fexits {
                 Ok(()) => Ok(()),
-                // Debian's 6.1 refuses the receive fexits (EACCES after its main-program
-                // argument check) where it takes the send fexits: the same functions
-                // through kprobes then, where the kernel has them.
+                // A verifier that refuses the receive fexits (6.1 did until the copy's
+                // length was bounded on the register the helper gets, docs/dns.md): the
+                // same functions through kprobes then, where the kernel has them.
                 Err(refused) if kernel_has_kprobes() => {
                     for &(program, _) in DNS_FEXITS {
                         unload(ebpf, program);
