@@ -5,13 +5,15 @@
 //! [`Delivery`]), [`DecodeError`] (its `reason()` is what telemetry counts), and the
 //! helpers the reader runs: [`aggregate`] (closing in-kernel aggregates through
 //! `probe::feedback`), [`names`] (DNS names of connections), [`outcome`] (TCP outcomes
-//! and closes), [`clock`] (boot time to wall time), [`decode`].
+//! and closes), [`clock`] (boot time to wall time), [`decode`], [`text`] (names as
+//! shared text).
 
 pub mod aggregate;
 pub mod clock;
 pub mod decode;
 pub mod names;
 pub mod outcome;
+pub mod text;
 
 use std::sync::Arc;
 
@@ -29,6 +31,7 @@ use self::{
     decode::{Decoded, decode, decode_connect},
     names::Names,
     outcome::Tracker,
+    text::Interner,
 };
 use crate::{
     config::settings::{DnsSettings, OutcomeSettings},
@@ -51,6 +54,8 @@ pub struct EventReader {
     pending: Option<BpfHashMap<MapData, u64, ConnectEvent>>,
     outcomes: OutcomeSettings,
     names: Names,
+    /// Process, node and cgroup names as shared text (see [`text`]).
+    interned: Interner,
     ticks: u32,
 }
 
@@ -73,6 +78,7 @@ impl EventReader {
             pending: None,
             outcomes: OutcomeSettings::default(),
             names: Names::new(DnsSettings::default()),
+            interned: Interner::default(),
             ticks: 0,
         })
     }
@@ -159,7 +165,7 @@ impl EventReader {
             let item = ring.next();
             let more = item.is_some();
             if let Some(item) = item {
-                match decode(&item, &self.clock) {
+                match decode(&item, &self.clock, &mut self.interned) {
                     Ok(Decoded::Connection(mut connection)) => {
                         if !self.names.connection(&mut connection, &self.stats) {
                             continue;
@@ -170,7 +176,7 @@ impl EventReader {
                         self.tracker
                             .note(&mut connection, self.outcomes.closes_used());
                         if connection.logged() || self.outcomes.metrics {
-                            batch.push(*connection);
+                            batch.push(connection);
                         }
                     }
                     Ok(Decoded::Close(raw)) => {
@@ -226,7 +232,7 @@ impl EventReader {
                 continue;
             }
             let bytes = raw.as_bytes();
-            match decode_connect(bytes, &self.clock) {
+            match decode_connect(bytes, &self.clock, &mut self.interned) {
                 Ok(mut connection) => {
                     self.names.connection(&mut connection, &self.stats);
                     batch.extend(self.tracker.pending(connection));
