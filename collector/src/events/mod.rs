@@ -40,7 +40,7 @@ use crate::{
 
 /// Most events handed on at once; the queues between stages hold
 /// `queue_capacity / BATCH_RECORDS` batches, so at most `queue_capacity` events.
-pub const BATCH_RECORDS: usize = 256;
+pub const BATCH_RECORDS: usize = 1024;
 
 /// Longest an event waits in the ring buffer when too few arrive to wake the reader.
 pub const POLL_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
