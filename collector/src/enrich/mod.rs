@@ -196,8 +196,8 @@ impl Enricher {
         self
     }
 
-    pub fn enrich(&mut self, connection: Connection) -> Record {
-        let now = Instant::now();
+    /// `now` is read once per batch by the caller.
+    pub fn enrich(&mut self, connection: Connection, now: Instant) -> Record {
         let cgroup = &connection.cgroup;
         let mut cgroup_path = self
             .cgroup_index
@@ -290,7 +290,8 @@ impl Enricher {
                 }
             };
             self.apply_changes();
-            let mut records: Vec<Record> = batch.into_iter().map(|c| self.enrich(c)).collect();
+            let now = Instant::now();
+            let mut records: Vec<Record> = batch.into_iter().map(|c| self.enrich(c, now)).collect();
             if let Some(filter) = &mut self.namespace_filter {
                 records.retain(|r| filter.keep(r));
             }

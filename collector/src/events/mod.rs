@@ -159,6 +159,7 @@ impl EventReader {
     /// Hands events on in batches: one wake-up of the next stage per batch, not per event.
     fn drain(&mut self, out: &mpsc::Sender<Vec<Connection>>) {
         self.clock.refresh();
+        let now = clock::boot_now_ns();
         let ring = self.ring.get_mut();
         let mut batch = Vec::new();
         loop {
@@ -167,7 +168,7 @@ impl EventReader {
             if let Some(item) = item {
                 match decode(&item, &self.clock, &mut self.interned) {
                     Ok(Decoded::Connection(mut connection)) => {
-                        if !self.names.connection(&mut connection, &self.stats) {
+                        if !self.names.connection(&mut connection, now, &self.stats) {
                             continue;
                         }
                         if let Some(aggregates) = &mut self.aggregates {
@@ -234,7 +235,7 @@ impl EventReader {
             let bytes = raw.as_bytes();
             match decode_connect(bytes, &self.clock, &mut self.interned) {
                 Ok(mut connection) => {
-                    self.names.connection(&mut connection, &self.stats);
+                    self.names.connection(&mut connection, now, &self.stats);
                     batch.extend(self.tracker.pending(connection));
                 }
                 Err(e) => self.stats.record_decode_failed(e.reason()),
