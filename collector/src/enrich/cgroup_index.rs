@@ -23,7 +23,7 @@ use std::{
 
 use inotify::{EventMask, Inotify, WatchDescriptor, WatchMask};
 
-use crate::telemetry::Stats;
+use crate::{events::text::Text, telemetry::Stats};
 
 /// Upper bound on remembered cgroups, far above any node's count.
 const MAX_ENTRIES: usize = 500_000;
@@ -45,8 +45,8 @@ pub enum CgroupChange {
     Resync(Vec<(u64, String)>),
 }
 
-/// One path string shared by the three maps.
-type SharedPath = Arc<str>;
+/// One path string shared by the three maps and the records of its cgroup.
+type SharedPath = Text;
 
 struct Known {
     path: SharedPath,
@@ -146,11 +146,11 @@ impl CgroupPaths {
         if let Some(known) = self.by_id.get(&id)
             && self.by_path.get(&known.path) == Some(&id)
         {
-            let old = Arc::clone(&known.path);
+            let old = known.path.clone();
             self.forget_path(&old);
         }
         let path: SharedPath = path.into();
-        match self.by_path.insert(Arc::clone(&path), id) {
+        match self.by_path.insert(path.clone(), id) {
             // Same path, new cgroup: the old one was removed unseen.
             Some(old) => {
                 if let Some(known) = self.by_id.get_mut(&old) {
@@ -161,7 +161,7 @@ impl CgroupPaths {
                 .by_name
                 .entry(last_component(&path).into())
                 .or_default()
-                .push(Arc::clone(&path)),
+                .push(path.clone()),
         }
         self.by_id.insert(
             id,
@@ -202,6 +202,17 @@ impl CgroupPaths {
     /// The path of cgroup `id` (named `leaf`, child of a cgroup named `parent`, as the
     /// kernel captured them) relative to its hierarchy's root (`/kubepods/...`).
     pub fn resolve(&mut self, id: u64, leaf: &str, parent: &str, now: Instant) -> Option<&str> {
+        self.resolve_shared(id, leaf, parent, now).map(Text::as_str)
+    }
+
+    /// [`Self::resolve`], as the text records share.
+    pub fn resolve_shared(
+        &mut self,
+        id: u64,
+        leaf: &str,
+        parent: &str,
+        now: Instant,
+    ) -> Option<&Text> {
         if id == 0 || self.root.is_none() {
             return None;
         }
@@ -212,19 +223,24 @@ impl CgroupPaths {
             self.stats.record_enrichment_event("cgroup_unresolved");
             return None;
         }
-        self.by_id.get(&id).map(|k| k.path.as_ref())
+        self.by_id.get(&id).map(|k| &k.path)
     }
 
     /// The path of cgroup `id` when the index knows it (no name to look it up by: the
     /// other hierarchy of a hybrid host).
     pub fn resolve_known(&mut self, id: u64, now: Instant) -> Option<&str> {
+        self.known_shared(id, now).map(Text::as_str)
+    }
+
+    /// [`Self::resolve_known`], as the text records share.
+    pub fn known_shared(&mut self, id: u64, now: Instant) -> Option<&Text> {
         if id == 0 || self.root.is_none() {
             return None;
         }
         if !self.by_id.contains_key(&id) {
             self.apply_changes(now);
         }
-        self.by_id.get(&id).map(|k| k.path.as_ref())
+        self.by_id.get(&id).map(|k| &k.path)
     }
 
     /// `<parent>/<leaf>` under each live directory named `parent`; true when one is `id`.

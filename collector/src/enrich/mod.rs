@@ -37,7 +37,11 @@ use self::{
     runtime::{RuntimeFiles, on_host},
     watch::DirChange,
 };
-use crate::{config::settings::CacheSettings, events::Connection, telemetry::Stats};
+use crate::{
+    config::settings::CacheSettings,
+    events::{Connection, text::Text},
+    telemetry::Stats,
+};
 
 /// Resource attributes shared by every connection of one workload.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
@@ -54,7 +58,7 @@ pub struct Record {
     /// the UTS nodename is then the node's, not the pod's.
     pub host_network: bool,
     /// The task's cgroup path in the hierarchy the probes read, when it still existed.
-    pub cgroup_path: Option<String>,
+    pub cgroup_path: Option<Text>,
 }
 
 /// The node this collector runs on.
@@ -192,13 +196,13 @@ impl Enricher {
         self
     }
 
-    pub fn enrich(&mut self, connection: Connection) -> Record {
-        let now = Instant::now();
+    /// `now` is read once per batch by the caller.
+    pub fn enrich(&mut self, connection: Connection, now: Instant) -> Record {
         let cgroup = &connection.cgroup;
         let mut cgroup_path = self
             .cgroup_index
-            .resolve(cgroup.leaf_id, &cgroup.leaf_name, &cgroup.parent_name, now)
-            .map(str::to_owned);
+            .resolve_shared(cgroup.leaf_id, &cgroup.leaf_name, &cgroup.parent_name, now)
+            .cloned();
         // The full path when the cgroup still exists; else the two names the kernel kept.
         let mut container = match &cgroup_path {
             Some(path) => container_ref::parse(path),
@@ -208,11 +212,11 @@ impl Enricher {
         // that places containers in the unified tree only).
         if container.is_none()
             && let Some(unified) = &mut self.unified_paths
-            && let Some(path) = unified.resolve_known(cgroup.id, now)
+            && let Some(path) = unified.known_shared(cgroup.id, now)
             && let Some(found) = container_ref::parse(path)
         {
             self.stats.record_enrichment_event("hybrid_unified");
-            cgroup_path = Some(path.to_owned());
+            cgroup_path = Some(path.clone());
             container = Some(found);
         }
         let Some(container) = container else {
@@ -291,7 +295,8 @@ impl Enricher {
                 }
             };
             self.apply_changes();
-            let mut records: Vec<Record> = batch.into_iter().map(|c| self.enrich(c)).collect();
+            let now = Instant::now();
+            let mut records: Vec<Record> = batch.into_iter().map(|c| self.enrich(c, now)).collect();
             if let Some(filter) = &mut self.namespace_filter {
                 records.retain(|r| filter.keep(r));
             }

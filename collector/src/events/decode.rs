@@ -11,6 +11,7 @@ use egress_shared::{
 use super::{
     clock::BootClock,
     outcome::{Close, ConnectionState, Outcome, error_type},
+    text::{Interner, Text},
 };
 
 const AF_INET: u16 = 2;
@@ -74,8 +75,8 @@ pub struct Process {
     pub vpid: u32,
     pub uid: u32,
     pub gid: u32,
-    pub name: String,
-    pub thread_name: String,
+    pub name: Text,
+    pub thread_name: Text,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,9 +96,9 @@ pub struct Cgroup {
     /// kernfs id of the cgroup named by `leaf_name`.
     pub leaf_id: u64,
     /// Last path component of the task's cgroup in the hierarchy the probes read.
-    pub leaf_name: String,
+    pub leaf_name: Text,
     /// The component before it.
-    pub parent_name: String,
+    pub parent_name: Text,
 }
 
 /// One connection attempt, decoded.
@@ -111,7 +112,7 @@ pub struct Connection {
     pub process: Process,
     pub namespaces: Namespaces,
     /// UTS nodename the task sees (the pod name, except for hostNetwork pods).
-    pub nodename: String,
+    pub nodename: Text,
     pub cgroup: Cgroup,
     /// Events of this cgroup the kernel dropped for its rate limit just before this one.
     pub rate_limited_before: u32,
@@ -197,12 +198,6 @@ impl Connection {
     }
 }
 
-/// Text up to the first NUL, invalid UTF-8 replaced.
-fn c_string(bytes: &[u8]) -> String {
-    let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
-    String::from_utf8_lossy(&bytes[..end]).into_owned()
-}
-
 fn address(family: u16, bytes: &[u8; 16], port: u16) -> SocketAddr {
     let ip = if family == AF_INET {
         IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]))
@@ -214,9 +209,12 @@ fn address(family: u16, bytes: &[u8; 16], port: u16) -> SocketAddr {
 
 /// A ring-buffer record: a connection (attempt or flow), or the close of a TCP one.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "most records are connections: boxing them was an allocation per record"
+)]
 pub enum Decoded {
-    /// Boxed: a connection is large, and most records are connections anyway.
-    Connection(Box<Connection>),
+    Connection(Connection),
     Close(TcpCloseEvent),
     /// A DNS message a workload read: the reading socket and task, and the bytes.
     Dns(Box<RawDns>),
@@ -236,14 +234,19 @@ pub struct RawDns {
 }
 
 /// Decodes one ring-buffer record; the two record types differ in length.
-pub fn decode(bytes: &[u8], clock: &BootClock) -> Result<Decoded, DecodeError> {
+/// Names are made into text through `names`.
+pub fn decode(
+    bytes: &[u8],
+    clock: &BootClock,
+    names: &mut Interner,
+) -> Result<Decoded, DecodeError> {
     match bytes.len() {
         CONNECT_EVENT_SIZE => {
-            let c = decode_connect(bytes, clock)?;
+            let c = decode_connect(bytes, clock, names)?;
             if c.kind == EventKind::DnsAnswer {
                 return Err(DecodeError::Kind(EventKind::DnsAnswer as u8));
             }
-            Ok(Decoded::Connection(Box::new(c)))
+            Ok(Decoded::Connection(c))
         }
         TCP_CLOSE_EVENT_SIZE => {
             // SAFETY: the length is checked; TcpCloseEvent is plain old data for which
@@ -254,12 +257,16 @@ pub fn decode(bytes: &[u8], clock: &BootClock) -> Result<Decoded, DecodeError> {
             }
             Ok(Decoded::Close(raw))
         }
-        DNS_EVENT_SIZE => decode_dns(bytes, clock).map(|d| Decoded::Dns(Box::new(d))),
+        DNS_EVENT_SIZE => decode_dns(bytes, clock, names).map(|d| Decoded::Dns(Box::new(d))),
         got => Err(DecodeError::Length { got }),
     }
 }
 
-fn decode_dns(bytes: &[u8], clock: &BootClock) -> Result<RawDns, DecodeError> {
+fn decode_dns(
+    bytes: &[u8],
+    clock: &BootClock,
+    names: &mut Interner,
+) -> Result<RawDns, DecodeError> {
     // SAFETY: the length is checked (by the caller), DnsEvent is plain old data for
     // which every bit pattern is valid; read_unaligned needs no alignment.
     let raw: DnsEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
@@ -270,7 +277,7 @@ fn decode_dns(bytes: &[u8], clock: &BootClock) -> Result<RawDns, DecodeError> {
     if len > DNS_PAYLOAD_MAX {
         return Err(DecodeError::DnsLength(raw.payload_len));
     }
-    let head = decode_connect(raw.head.as_bytes(), clock)?;
+    let head = decode_connect(raw.head.as_bytes(), clock, names)?;
     Ok(RawDns {
         head,
         payload: raw.payload[..len].to_vec(),
@@ -282,7 +289,11 @@ fn decode_dns(bytes: &[u8], clock: &BootClock) -> Result<RawDns, DecodeError> {
 }
 
 /// Decodes a [`ConnectEvent`] (also what user space reads from the pending-attempt map).
-pub fn decode_connect(bytes: &[u8], clock: &BootClock) -> Result<Connection, DecodeError> {
+pub fn decode_connect(
+    bytes: &[u8],
+    clock: &BootClock,
+    names: &mut Interner,
+) -> Result<Connection, DecodeError> {
     if bytes.len() != CONNECT_EVENT_SIZE {
         return Err(DecodeError::Length { got: bytes.len() });
     }
@@ -345,8 +356,8 @@ pub fn decode_connect(bytes: &[u8], clock: &BootClock) -> Result<Connection, Dec
             vpid: raw.ns_tgid,
             uid: raw.uid,
             gid: raw.gid,
-            name: c_string(&raw.process_comm),
-            thread_name: c_string(&raw.thread_comm),
+            name: names.get(&raw.process_comm),
+            thread_name: names.get(&raw.thread_comm),
         },
         namespaces: Namespaces {
             net: ns(NsIndex::Net),
@@ -356,12 +367,12 @@ pub fn decode_connect(bytes: &[u8], clock: &BootClock) -> Result<Connection, Dec
             ipc: ns(NsIndex::Ipc),
             cgroup: ns(NsIndex::Cgroup),
         },
-        nodename: c_string(&raw.nodename),
+        nodename: names.get(&raw.nodename),
         cgroup: Cgroup {
             id: raw.cgroup_id,
             leaf_id: raw.cgroup_leaf_id,
-            leaf_name: c_string(&raw.cgroup_name),
-            parent_name: c_string(&raw.cgroup_parent_name),
+            leaf_name: names.get(&raw.cgroup_name),
+            parent_name: names.get(&raw.cgroup_parent_name),
         },
         rate_limited_before: raw.rate_limited_before,
         count: 1,
@@ -416,7 +427,8 @@ pub(super) mod tests {
     #[test]
     fn round_trip_of_a_tcp_v4_event() {
         let clock = BootClock::with_offset(1_000_000);
-        let c = decode_connect(sample().as_bytes(), &clock).expect("valid event");
+        let c = decode_connect(sample().as_bytes(), &clock, &mut Interner::default())
+            .expect("valid event");
         assert_eq!(c.time_unix_nano, 1_005_000);
         assert_eq!(c.kind, EventKind::TcpConnect);
         assert_eq!(c.transport, Transport::Tcp);
@@ -443,7 +455,12 @@ pub(super) mod tests {
         ev.protocol = IPPROTO_UDP;
         ev.kind = EventKind::UdpSend as u8;
         ev.dst_addr = Ipv6Addr::LOCALHOST.octets();
-        let c = decode_connect(ev.as_bytes(), &BootClock::with_offset(0)).expect("valid event");
+        let c = decode_connect(
+            ev.as_bytes(),
+            &BootClock::with_offset(0),
+            &mut Interner::default(),
+        )
+        .expect("valid event");
         assert_eq!(c.destination, "[::1]:443".parse().expect("addr"));
         assert_eq!(c.network_type(), "ipv6");
         assert_eq!(c.kind_str(), "udp_send");
@@ -454,27 +471,45 @@ pub(super) mod tests {
         let clock = BootClock::with_offset(0);
         let bytes = sample().as_bytes().to_vec();
         assert_eq!(
-            decode(&bytes[..100], &clock),
+            decode(&bytes[..100], &clock, &mut Interner::default()),
             Err(DecodeError::Length { got: 100 })
         );
         let mut ev = sample();
         ev.kind = 200;
-        assert_eq!(decode(ev.as_bytes(), &clock), Err(DecodeError::Kind(200)));
+        assert_eq!(
+            decode(ev.as_bytes(), &clock, &mut Interner::default()),
+            Err(DecodeError::Kind(200))
+        );
         let mut ev = sample();
         ev.kind = EventKind::TcpClose as u8;
-        assert_eq!(decode(ev.as_bytes(), &clock), Err(DecodeError::Kind(4)));
+        assert_eq!(
+            decode(ev.as_bytes(), &clock, &mut Interner::default()),
+            Err(DecodeError::Kind(4))
+        );
         let mut ev = sample();
         ev.family = 1;
-        assert_eq!(decode(ev.as_bytes(), &clock), Err(DecodeError::Family(1)));
+        assert_eq!(
+            decode(ev.as_bytes(), &clock, &mut Interner::default()),
+            Err(DecodeError::Family(1))
+        );
         let mut ev = sample();
         ev.protocol = 1;
-        assert_eq!(decode(ev.as_bytes(), &clock), Err(DecodeError::Protocol(1)));
+        assert_eq!(
+            decode(ev.as_bytes(), &clock, &mut Interner::default()),
+            Err(DecodeError::Protocol(1))
+        );
         let mut ev = sample();
         ev.state = 9;
-        assert_eq!(decode(ev.as_bytes(), &clock), Err(DecodeError::State(9)));
+        assert_eq!(
+            decode(ev.as_bytes(), &clock, &mut Interner::default()),
+            Err(DecodeError::State(9))
+        );
         let mut close = TcpCloseEvent::zeroed();
         close.kind = 1;
-        assert_eq!(decode(close.as_bytes(), &clock), Err(DecodeError::Kind(1)));
+        assert_eq!(
+            decode(close.as_bytes(), &clock, &mut Interner::default()),
+            Err(DecodeError::Kind(1))
+        );
     }
 
     #[test]
@@ -500,7 +535,11 @@ pub(super) mod tests {
         ev.sk_err = 111;
         ev.handshake_ns = 7;
         ev.syn_retransmits = 2;
-        let Ok(Decoded::Connection(c)) = decode(ev.as_bytes(), &BootClock::with_offset(0)) else {
+        let Ok(Decoded::Connection(c)) = decode(
+            ev.as_bytes(),
+            &BootClock::with_offset(0),
+            &mut Interner::default(),
+        ) else {
             panic!("a connection")
         };
         let outcome = c.outcome.expect("TCP has an outcome");
@@ -508,7 +547,12 @@ pub(super) mod tests {
         assert_eq!(outcome.error_type, Some("refused"));
         assert_eq!((outcome.handshake_ns, outcome.syn_retransmits), (7, 2));
         ev.state = ConnState::Established as u8;
-        let c = decode_connect(ev.as_bytes(), &BootClock::with_offset(0)).expect("valid");
+        let c = decode_connect(
+            ev.as_bytes(),
+            &BootClock::with_offset(0),
+            &mut Interner::default(),
+        )
+        .expect("valid");
         assert_eq!(c.outcome.expect("outcome").error_type, None);
     }
 
@@ -523,7 +567,7 @@ pub(super) mod tests {
         dns.payload[..3].copy_from_slice(b"abc");
         dns.flags = egress_shared::DnsFlags::TRUNCATED;
         dns.latency_ns = 9;
-        let Ok(Decoded::Dns(raw)) = decode(dns.as_bytes(), &clock) else {
+        let Ok(Decoded::Dns(raw)) = decode(dns.as_bytes(), &clock, &mut Interner::default()) else {
             panic!("a DNS record")
         };
         assert_eq!(raw.payload, b"abc");
@@ -532,12 +576,12 @@ pub(super) mod tests {
         assert_eq!(raw.head.kind_str(), "dns");
         dns.payload_len = DNS_PAYLOAD_MAX as u16 + 1;
         assert_eq!(
-            decode(dns.as_bytes(), &clock),
+            decode(dns.as_bytes(), &clock, &mut Interner::default()),
             Err(DecodeError::DnsLength(DNS_PAYLOAD_MAX as u16 + 1))
         );
         // A connection-sized record cannot claim to be DNS.
         assert_eq!(
-            decode(dns.head.as_bytes(), &clock),
+            decode(dns.head.as_bytes(), &clock, &mut Interner::default()),
             Err(DecodeError::Kind(EventKind::DnsAnswer as u8))
         );
     }
@@ -546,7 +590,11 @@ pub(super) mod tests {
     fn a_close_record_round_trips() {
         let mut close = TcpCloseEvent::zeroed();
         close.bytes_acked = 10;
-        let decoded = decode(close.as_bytes(), &BootClock::with_offset(0));
+        let decoded = decode(
+            close.as_bytes(),
+            &BootClock::with_offset(0),
+            &mut Interner::default(),
+        );
         assert_eq!(decoded, Ok(Decoded::Close(close)));
     }
 
@@ -555,7 +603,12 @@ pub(super) mod tests {
         let mut ev = sample();
         ev.process_comm = [0xff; 16];
         ev.cgroup_name = [b'a'; 128];
-        let c = decode_connect(ev.as_bytes(), &BootClock::with_offset(0)).expect("valid event");
+        let c = decode_connect(
+            ev.as_bytes(),
+            &BootClock::with_offset(0),
+            &mut Interner::default(),
+        )
+        .expect("valid event");
         assert_eq!(c.process.name.chars().count(), 16);
         assert_eq!(c.cgroup.leaf_name.len(), 128);
     }
@@ -563,25 +616,26 @@ pub(super) mod tests {
 
 #[cfg(test)]
 mod fuzz {
-    use super::{BootClock, decode, tests::sample};
+    use super::{BootClock, Interner, decode, tests::sample};
     use crate::mutate::mutations;
     use egress_shared::TcpCloseEvent;
 
     #[test]
     fn decoding_never_panics() {
         let clock = BootClock::with_offset(i128::from(u64::MAX));
+        let mut names = Interner::default();
         for input in mutations(sample().as_bytes(), 50_000) {
-            let _ = decode(&input, &clock);
+            let _ = decode(&input, &clock, &mut names);
         }
         for input in mutations(TcpCloseEvent::zeroed().as_bytes(), 20_000) {
-            let _ = decode(&input, &clock);
+            let _ = decode(&input, &clock, &mut names);
         }
         let mut dns = egress_shared::DnsEvent::zeroed();
         dns.head = sample();
         dns.head.kind = egress_shared::EventKind::DnsAnswer as u8;
         dns.payload_len = 40;
         for input in mutations(dns.as_bytes(), 5_000) {
-            let _ = decode(&input, &clock);
+            let _ = decode(&input, &clock, &mut names);
         }
     }
 }

@@ -5,13 +5,15 @@
 //! [`Delivery`]), [`DecodeError`] (its `reason()` is what telemetry counts), and the
 //! helpers the reader runs: [`aggregate`] (closing in-kernel aggregates through
 //! `probe::feedback`), [`names`] (DNS names of connections), [`outcome`] (TCP outcomes
-//! and closes), [`clock`] (boot time to wall time), [`decode`].
+//! and closes), [`clock`] (boot time to wall time), [`decode`], [`text`] (names as
+//! shared text).
 
 pub mod aggregate;
 pub mod clock;
 pub mod decode;
 pub mod names;
 pub mod outcome;
+pub mod text;
 
 use std::sync::Arc;
 
@@ -29,6 +31,7 @@ use self::{
     decode::{Decoded, decode, decode_connect},
     names::Names,
     outcome::Tracker,
+    text::Interner,
 };
 use crate::{
     config::settings::{DnsSettings, OutcomeSettings},
@@ -37,7 +40,7 @@ use crate::{
 
 /// Most events handed on at once; the queues between stages hold
 /// `queue_capacity / BATCH_RECORDS` batches, so at most `queue_capacity` events.
-pub const BATCH_RECORDS: usize = 256;
+pub const BATCH_RECORDS: usize = 1024;
 
 /// Longest an event waits in the ring buffer when too few arrive to wake the reader.
 pub const POLL_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
@@ -51,6 +54,8 @@ pub struct EventReader {
     pending: Option<BpfHashMap<MapData, u64, ConnectEvent>>,
     outcomes: OutcomeSettings,
     names: Names,
+    /// Process, node and cgroup names as shared text (see [`text`]).
+    interned: Interner,
     ticks: u32,
 }
 
@@ -73,6 +78,7 @@ impl EventReader {
             pending: None,
             outcomes: OutcomeSettings::default(),
             names: Names::new(DnsSettings::default()),
+            interned: Interner::default(),
             ticks: 0,
         })
     }
@@ -153,15 +159,16 @@ impl EventReader {
     /// Hands events on in batches: one wake-up of the next stage per batch, not per event.
     fn drain(&mut self, out: &mpsc::Sender<Vec<Connection>>) {
         self.clock.refresh();
+        let now = clock::boot_now_ns();
         let ring = self.ring.get_mut();
         let mut batch = Vec::new();
         loop {
             let item = ring.next();
             let more = item.is_some();
             if let Some(item) = item {
-                match decode(&item, &self.clock) {
+                match decode(&item, &self.clock, &mut self.interned) {
                     Ok(Decoded::Connection(mut connection)) => {
-                        if !self.names.connection(&mut connection, &self.stats) {
+                        if !self.names.connection(&mut connection, now, &self.stats) {
                             continue;
                         }
                         if let Some(aggregates) = &mut self.aggregates {
@@ -170,7 +177,7 @@ impl EventReader {
                         self.tracker
                             .note(&mut connection, self.outcomes.closes_used());
                         if connection.logged() || self.outcomes.metrics {
-                            batch.push(*connection);
+                            batch.push(connection);
                         }
                     }
                     Ok(Decoded::Close(raw)) => {
@@ -226,9 +233,9 @@ impl EventReader {
                 continue;
             }
             let bytes = raw.as_bytes();
-            match decode_connect(bytes, &self.clock) {
+            match decode_connect(bytes, &self.clock, &mut self.interned) {
                 Ok(mut connection) => {
-                    self.names.connection(&mut connection, &self.stats);
+                    self.names.connection(&mut connection, now, &self.stats);
                     batch.extend(self.tracker.pending(connection));
                 }
                 Err(e) => self.stats.record_decode_failed(e.reason()),

@@ -179,8 +179,9 @@ impl Names {
         records
     }
 
-    /// Names a connection (or folds a lookup's own flow): false drops the record.
-    pub fn connection(&mut self, connection: &mut Connection, stats: &Stats) -> bool {
+    /// Names a connection (or folds a lookup's own flow): false drops the record. `now`
+    /// (boot ns) is read once per batch by the caller, not per connection.
+    pub fn connection(&mut self, connection: &mut Connection, now: u64, stats: &Stats) -> bool {
         if !self.settings.enabled {
             return true;
         }
@@ -193,12 +194,10 @@ impl Names {
         }
         let pod = pod_of(connection);
         let address = connection.destination.ip();
-        let Some(server) = self.cache.lookup(
-            connection.cgroup.leaf_id,
-            pod.as_deref(),
-            &address,
-            clock::boot_now_ns(),
-        ) else {
+        let Some(server) =
+            self.cache
+                .lookup(connection.cgroup.leaf_id, pod.as_deref(), &address, now)
+        else {
             return true;
         };
         if let Some(outcome) = &connection.outcome

@@ -279,26 +279,26 @@ fn write_fields(
     out.extend_from_slice(b"{\"time_unix_nano\":");
     serde_json::to_writer(&mut *out, &record.connection.time_unix_nano)?;
     out.extend_from_slice(b",\"body\":");
-    serde_json::to_writer(&mut *out, body)?;
+    write_str(out, body)?;
     out.extend_from_slice(b",\"resource\":{");
     for (i, (key, value)) in record.resource.attributes.iter().enumerate() {
         if i > 0 {
             out.push(b',');
         }
-        serde_json::to_writer(&mut *out, key)?;
+        write_str(out, key)?;
         out.push(b':');
-        serde_json::to_writer(&mut *out, value)?;
+        write_str(out, value)?;
     }
     out.extend_from_slice(b"},\"attributes\":{");
     for (i, (key, value)) in attributes.iter().enumerate() {
         if i > 0 {
             out.push(b',');
         }
-        serde_json::to_writer(&mut *out, key)?;
+        write_str(out, key)?;
         out.push(b':');
         match value {
-            Attr::Str(s) => serde_json::to_writer(&mut *out, s)?,
-            Attr::Inline(t) => serde_json::to_writer(&mut *out, t.as_str())?,
+            Attr::Str(s) => write_str(out, s)?,
+            Attr::Inline(t) => write_str(out, t.as_str())?,
             Attr::Int(n) => serde_json::to_writer(&mut *out, n)?,
             Attr::Bool(b) => serde_json::to_writer(&mut *out, b)?,
             Attr::Double(d) => serde_json::to_writer(&mut *out, d)?,
@@ -319,6 +319,25 @@ fn write_fields(
     Ok(())
 }
 
+/// `s` as a JSON string, byte for byte what serde_json writes: text with nothing to
+/// escape (keys always, values nearly always) is copied as it is; the rest goes through
+/// serde_json.
+fn write_str(out: &mut Vec<u8>, s: &str) -> serde_json::Result<()> {
+    // No early exit: the compiler checks many bytes at once.
+    let plain = !s.bytes().fold(false, |escape, b| {
+        escape | (b < 0x20) | (b == b'"') | (b == b'\\')
+    });
+    if plain {
+        out.reserve(s.len() + 2);
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+        Ok(())
+    } else {
+        serde_json::to_writer(out, s)
+    }
+}
+
 impl<W: Write + Send> StdoutExporter<W> {
     /// Writes the batch's records that are logged, then flushes.
     pub fn export(&mut self, batch: &[Record]) -> Result<(), ExportError> {
@@ -336,7 +355,10 @@ impl<W: Write + Send> StdoutExporter<W> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::export::otlp::mapping::tests::{record, resource};
+    use crate::export::{
+        attributes::Value,
+        otlp::mapping::tests::{record, resource},
+    };
 
     /// A writer whose reader has gone, as a pipe after `head` exits.
     struct ReaderGone;
@@ -409,6 +431,75 @@ mod tests {
                 0,
                 "{set:?}"
             );
+        }
+    }
+
+    #[test]
+    fn strings_are_written_byte_for_byte_as_serde_json_writes_them() {
+        let mut hostile: String = (0u8..0x80).map(char::from).collect();
+        hostile.push_str("\u{7f}\u{80}é→\u{2028}\u{fffd}\"\\/");
+        for s in [
+            "",
+            "curl",
+            "a\"b",
+            "back\\slash",
+            "tab\there",
+            "ünï",
+            hostile.as_str(),
+        ] {
+            let mut ours = Vec::new();
+            write_str(&mut ours, s).expect("write");
+            assert_eq!(ours, serde_json::to_vec(s).expect("serde"), "{s:?}");
+        }
+    }
+
+    /// The whole line, every string and number written by serde_json itself, in order.
+    #[test]
+    fn a_line_is_what_serde_json_makes_of_the_record() {
+        let mut r = record(&resource("shop \"q\""), 443);
+        r.connection.process.name = "a\"b\n\u{1}c→".into();
+        r.cgroup_path = Some("/kubepods/pod/abc".into());
+        let json = |v: &dyn erased::Json| v.to_json();
+        for set in [AttributeSet::Minimal, AttributeSet::Full] {
+            let mut out = Vec::new();
+            write_line(&mut out, &r, set).expect("write");
+            let (attributes, body) = crate::export::attributes::select(&r, set);
+            let resource: Vec<String> = (r.resource.attributes.iter())
+                .map(|(k, v)| format!("{}:{}", json(k), json(v)))
+                .collect();
+            let attributes: Vec<String> = attributes
+                .iter()
+                .map(|(k, v)| {
+                    let v = match v {
+                        Value::Str(s) => json(s),
+                        Value::Int(n) => json(n),
+                        Value::Bool(b) => json(b),
+                        Value::Double(d) => json(d),
+                        Value::StrArray(items) => json(items),
+                    };
+                    format!("{}:{v}", json(k))
+                })
+                .collect();
+            let expected = format!(
+                "{{\"time_unix_nano\":{},\"body\":{},\"resource\":{{{}}},\"attributes\":{{{}}}}}\n",
+                r.connection.time_unix_nano,
+                json(&body),
+                resource.join(","),
+                attributes.join(",")
+            );
+            assert_eq!(String::from_utf8(out).expect("utf-8"), expected, "{set:?}");
+        }
+    }
+
+    mod erased {
+        /// A value serde_json writes, behind a reference of one type.
+        pub trait Json {
+            fn to_json(&self) -> String;
+        }
+        impl<T: serde::Serialize> Json for T {
+            fn to_json(&self) -> String {
+                serde_json::to_string(self).expect("serializable")
+            }
         }
     }
 

@@ -405,7 +405,7 @@ mod tests {
             close.bytes_transmitted = None;
         }
         r.connection.process.name = "ünïcode\u{1}\n".into();
-        r.connection.nodename = String::new();
+        r.connection.nodename = Default::default();
         records.push(r);
         for (qtype, unanswered, addresses) in [
             (

@@ -122,10 +122,10 @@ fn pods(random: &mut Random, count: usize) -> Vec<Pod> {
                         vpid: 1 + random.below(40) as u32,
                         uid: [0, 1000, 65532][random.below(3) as usize],
                         gid: [0, 1000, 65532][random.below(3) as usize],
-                        name: (*name).to_owned(),
+                        name: (*name).into(),
                         thread_name: random
                             .pick(&[name, "tokio-runtime-w", "http-nio-8080-e", "grpc-default-e"])
-                            .to_owned(),
+                            .into(),
                     }
                 })
                 .collect();
@@ -146,8 +146,8 @@ fn pods(random: &mut Random, count: usize) -> Vec<Pod> {
                 cgroup: Cgroup {
                     id: 10_000 + random.below(2_000_000),
                     leaf_id: 10_000 + random.below(2_000_000),
-                    leaf_name: scope.clone(),
-                    parent_name: slice.clone(),
+                    leaf_name: scope.as_str().into(),
+                    parent_name: slice.as_str().into(),
                 },
                 cgroup_path: format!("/kubepods.slice/kubepods-burstable.slice/{slice}/{scope}"),
                 address: format!("10.244.{}.{}", random.below(16), 2 + random.below(250)),
@@ -223,7 +223,9 @@ fn records(random: &mut Random, pods: &[Pod], count: usize) -> Vec<Record> {
                     destination: destination.parse().expect("destination address"),
                     process: process.clone(),
                     namespaces: pod.namespaces,
-                    nodename: pod.resource.attributes[semconv::K8S_POD_NAME].clone(),
+                    nodename: pod.resource.attributes[semconv::K8S_POD_NAME]
+                        .as_str()
+                        .into(),
                     cgroup: pod.cgroup.clone(),
                     rate_limited_before: 0,
                     count: 1,
@@ -255,7 +257,7 @@ fn records(random: &mut Random, pods: &[Pod], count: usize) -> Vec<Record> {
                 },
                 resource: Arc::clone(&pod.resource),
                 host_network: false,
-                cgroup_path: Some(pod.cgroup_path.clone()),
+                cgroup_path: Some(pod.cgroup_path.as_str().into()),
             }
         })
         .collect()

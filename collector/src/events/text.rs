@@ -1,0 +1,171 @@
+//! Names carried by records (process and thread names, nodename, cgroup names and path)
+//! as shared text: the kernel sends the same few names over and over, so each distinct
+//! one is made into a string once and every record after holds a reference to it. A
+//! record then costs no allocation for its names, and dropping it (on another thread)
+//! no free.
+
+use std::{borrow::Borrow, fmt, ops::Deref, sync::Arc};
+
+/// Immutable shared text; clones are a reference count.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Text(Arc<str>);
+
+impl Text {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Default for Text {
+    fn default() -> Self {
+        Self(Arc::from(""))
+    }
+}
+
+impl Deref for Text {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Equal texts hash as their `str`s do (derived), so maps keyed by text are searched by `str`.
+impl Borrow<str> for Text {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl AsRef<str> for Text {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<&str> for Text {
+    fn from(s: &str) -> Self {
+        Self(Arc::from(s))
+    }
+}
+
+impl From<String> for Text {
+    fn from(s: String) -> Self {
+        Self(Arc::from(s))
+    }
+}
+
+impl From<Arc<str>> for Text {
+    fn from(s: Arc<str>) -> Self {
+        Self(s)
+    }
+}
+
+impl PartialEq<str> for Text {
+    fn eq(&self, other: &str) -> bool {
+        self.as_str() == other
+    }
+}
+
+impl PartialEq<&str> for Text {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+impl fmt::Debug for Text {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.as_str().fmt(f)
+    }
+}
+
+impl fmt::Display for Text {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.as_str().fmt(f)
+    }
+}
+
+/// Slots of the interning cache: far more than the names one node's connections carry
+/// at once; a name that lost its slot is simply made again.
+const SLOTS: usize = 1024;
+
+/// Kernel names (NUL-terminated byte arrays) to [`Text`], through a direct-mapped cache:
+/// one hash and one comparison per name, no allocation on a hit. Bounded by [`SLOTS`].
+pub struct Interner {
+    slots: Vec<Option<(Box<[u8]>, Text)>>,
+    empty: Text,
+}
+
+impl Default for Interner {
+    fn default() -> Self {
+        Self {
+            slots: vec![None; SLOTS],
+            empty: Text::default(),
+        }
+    }
+}
+
+impl Interner {
+    /// The text up to the first NUL of `bytes`, invalid UTF-8 replaced.
+    pub fn get(&mut self, bytes: &[u8]) -> Text {
+        let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+        let bytes = &bytes[..end];
+        if bytes.is_empty() {
+            return self.empty.clone();
+        }
+        let slot = &mut self.slots[hash(bytes) % SLOTS];
+        if let Some((key, text)) = slot
+            && **key == *bytes
+        {
+            return text.clone();
+        }
+        let text = Text::from(String::from_utf8_lossy(bytes).as_ref());
+        *slot = Some((bytes.into(), text.clone()));
+        text
+    }
+}
+
+/// FNV-1a over 8-byte words: cheap, and good enough to spread a node's names.
+fn hash(bytes: &[u8]) -> usize {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut chunks = bytes.chunks_exact(8);
+    for chunk in &mut chunks {
+        let mut word = [0; 8];
+        word.copy_from_slice(chunk);
+        h = (h ^ u64::from_le_bytes(word)).wrapping_mul(0x0000_0100_0000_01b3);
+        h ^= h >> 29;
+    }
+    for &b in chunks.remainder() {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    (h ^ (h >> 32)) as usize
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_name_seen_again_is_the_same_text_and_costs_no_allocation() {
+        let mut names = Interner::default();
+        let first = names.get(b"curl\0\0\0garbage");
+        assert_eq!(first, "curl");
+        let before = crate::export::counting::allocations();
+        let again = names.get(b"curl\0other");
+        assert_eq!(crate::export::counting::allocations(), before);
+        assert!(Arc::ptr_eq(&first.0, &again.0));
+        assert_eq!(names.get(b"\0curl"), "");
+        assert_eq!(names.get(b"cur"), "cur");
+    }
+
+    #[test]
+    fn colliding_names_each_keep_their_own_text() {
+        let mut names = Interner::default();
+        let all: Vec<String> = (0..5 * SLOTS).map(|i| format!("name-{i}")).collect();
+        for _ in 0..2 {
+            for name in &all {
+                assert_eq!(names.get(name.as_bytes()), name.as_str());
+            }
+        }
+        assert_eq!(names.get(&[0xff, b'a']), "\u{fffd}a");
+    }
+}
