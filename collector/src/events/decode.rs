@@ -518,12 +518,12 @@ pub(super) mod tests {
         let mut ev = sample();
         ev.state = egress_shared::ConnState::Established as u8;
         ev.handshake_ns = 77;
-        let tcp = decode_connect(ev.as_bytes(), &clock).expect("valid");
+        let tcp = decode_connect(ev.as_bytes(), &clock, &mut Interner::default()).expect("valid");
         assert_eq!(tcp.udp_bytes, None);
         ev.protocol = IPPROTO_UDP;
         ev.kind = EventKind::UdpSend as u8;
         ev.state = 0;
-        let udp = decode_connect(ev.as_bytes(), &clock).expect("valid");
+        let udp = decode_connect(ev.as_bytes(), &clock, &mut Interner::default()).expect("valid");
         assert_eq!(udp.udp_bytes, Some(77));
         assert_eq!(udp.outcome, None);
     }
