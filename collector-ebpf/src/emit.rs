@@ -441,9 +441,13 @@ pub fn tcp_syn_sent(sk: u64, slot: Slot) {
     if sock::fill_tcp_dest(ev, sk).is_err() {
         count(Counter::KernelReadFailed);
     }
-    // Port 53: the exit walks to the socket and marks the descriptor for DNS.
+    // Port 53: the exit walks to the socket and marks the descriptor for DNS; the
+    // socket is marked for the kprobe and fentry families' receive hooks (which read
+    // the port again: only a DNS connect pays that read).
     if ev.dst_port != crate::probes::dns::DNS_PORT {
         mark_tcp_connect();
+    } else {
+        crate::probes::dns_sock::tcp_connecting(sk);
     }
     // DNS over TCP: the connect's descriptor (tracepoint mode, where the connect's entry
     // saved call state for TCP to port 53 only) is marked for its reads; its exit then

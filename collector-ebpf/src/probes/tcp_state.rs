@@ -30,8 +30,7 @@ fn interesting(old: i32, new: i32) -> bool {
 #[inline(always)]
 fn transition(sk: u64, old: i32, new: i32, slot: Slot) {
     if old == TCP_CLOSE && new == TCP_SYN_SENT {
-        // In the connecting task: a connect to port 53 marks the socket for DNS.
-        super::dns_sock::tcp_connecting(sk);
+        // In the connecting task (a connect to port 53 marks the socket for DNS there).
         emit::tcp_syn_sent(sk, slot);
     } else if old == TCP_SYN_SENT {
         // SYN_SENT -> SYN_RECV (simultaneous open) is left pending until CLOSE.
