@@ -275,6 +275,14 @@ impl Probes {
         })
     }
 
+    /// `IDENTITIES`, for the evictions user space reports (see [`state_maps`]).
+    pub fn take_identities(&mut self) -> Result<state_maps::CallsMap, ProbeError> {
+        self.ebpf
+            .take_map("IDENTITIES")
+            .and_then(state_maps::CallsMap::new)
+            .ok_or(ProbeError::MissingMap("IDENTITIES"))
+    }
+
     /// `CALLS`, for the evictions user space reports (see [`state_maps`]).
     pub fn take_calls(&mut self) -> Result<state_maps::CallsMap, ProbeError> {
         self.ebpf
