@@ -124,7 +124,10 @@ pub fn fill_process(ev: &mut ConnectEvent, slot: Slot) -> bool {
         // LRU: a full map forgets the process that connected least recently. A new entry
         // is counted, a refreshed one is not: user space tells the evictions from the
         // entries left (`identities_evicted`).
-        if IDENTITIES.insert(&ev.tgid, &*id, BPF_NOEXIST as u64).is_ok() {
+        if IDENTITIES
+            .insert(&ev.tgid, &*id, BPF_NOEXIST as u64)
+            .is_ok()
+        {
             crate::emit::count(Counter::IdentitiesCached);
         } else {
             let _ = IDENTITIES.insert(&ev.tgid, id, 0);
