@@ -10,8 +10,8 @@ use crate::{
     filter,
     maps::{
         Bucket, CALL_HINT_SLOTS, CALL_HINTS, CALLS, CGROUP_BUCKETS, COUNTERS, CallState, EVENTS,
-        FlowKey, FlowState, OPEN_TCP, OpenConn, PENDING_TCP, SCRATCH, Slot, TCP_CONNECT_MARKS,
-        UDP_FLOWS, config,
+        FlowKey, FlowState, OPEN_TCP, OpenConn, PENDING_SLOT_BITS, PENDING_SLOTS, PENDING_SPILLS,
+        PENDING_TCP, SCRATCH, Slot, TCP_CONNECT_MARKS, UDP_FLOWS, config,
     },
     read,
     sock::{self, Dest, IPPROTO_UDP},
@@ -474,9 +474,13 @@ pub fn tcp_syn_sent(sk: u64, slot: Slot) {
     if sock::fill_tcp_dest(ev, sk).is_err() {
         count(Counter::KernelReadFailed);
     }
-    // Port 53: the exit walks to the socket and marks the descriptor for DNS.
+    // Port 53: the exit walks to the socket and marks the descriptor for DNS; the
+    // socket is marked for the kprobe and fentry families' receive hooks (which read
+    // the port again: only a DNS connect pays that read).
     if ev.dst_port != crate::probes::dns::DNS_PORT {
         mark_tcp_connect();
+    } else {
+        crate::probes::dns_sock::tcp_connecting(sk);
     }
     // DNS over TCP: the connect's descriptor (tracepoint mode, where the connect's entry
     // saved call state for TCP to port 53 only) is marked for its reads; its exit then
@@ -495,6 +499,38 @@ pub fn tcp_syn_sent(sk: u64, slot: Slot) {
         return;
     }
     ev.sock_id = sk;
+    pend(sk, ev);
+}
+
+/// The [`PENDING_SLOTS`] slot of `sk`: a multiplicative hash of the address (socket
+/// addresses are slab objects, their low bits alike).
+#[inline(always)]
+fn pending_slot(sk: u64) -> u32 {
+    (sk.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - PENDING_SLOT_BITS)) as u32
+}
+
+/// Keeps the admitted attempt `ev` on `sk` for its completion: in its slot if the slot
+/// is free (or already this socket's: an attempt whose completion was skipped), else in
+/// `PENDING_TCP` (see `maps::PENDING_SLOTS`).
+#[inline(always)]
+fn pend(sk: u64, ev: &ConnectEvent) {
+    if config!(fetching_atomics) != 0 {
+        let index = pending_slot(sk);
+        if let Some(slot) = PENDING_SLOTS.get_ptr_mut(index) {
+            // SAFETY: a map value; the tag is reached by pointer, other CPUs swap it.
+            let tag = unsafe { &raw mut (*slot).sock_id };
+            let held = load(tag);
+            if held == sk || (held == 0 && compare_exchange(tag, 0, sk)) {
+                // SAFETY: the slot is this socket's until its completion releases it;
+                // `ev.sock_id` is `sk`, so the tag keeps its value through the copy.
+                unsafe { core::ptr::copy_nonoverlapping(ev, slot, 1) };
+                return;
+            }
+            if let Some(spills) = PENDING_SPILLS.get_ptr_mut(index) {
+                atomic_add(spills, 1);
+            }
+        }
+    }
     if PENDING_TCP.insert(&sk, ev, 0).is_err() {
         count(Counter::StateMapFull);
     }
@@ -541,18 +577,53 @@ pub fn take_tcp_connect_mark() -> bool {
 }
 
 /// The attempt on `sk` left SYN_SENT for `established` (true) or CLOSE: completes and
-/// submits it, once (whoever removes the entry reports it). It was admitted (filters,
-/// rate limit) at SYN_SENT. Runs in softirq or in any
-/// task: nothing here reads the current task. The record is assembled in place in the
-/// ring buffer, not in a per-CPU slot: this runs in softirq (SYN_SENT -> ESTABLISHED) as
-/// well as in tasks, and raw tracepoints had no recursion guard before 6.2.
+/// submits it, once (whoever releases its slot or removes its entry reports it). It was
+/// admitted (filters, rate limit) at SYN_SENT. Runs in softirq or in any task: nothing
+/// here reads the current task. The record is assembled in place in the ring buffer, not
+/// in a per-CPU slot: this runs in softirq (SYN_SENT -> ESTABLISHED) as well as in tasks,
+/// and raw tracepoints had no recursion guard before 6.2.
 #[inline(always)]
 pub fn tcp_complete(sk: u64, established: bool) {
+    if config!(fetching_atomics) != 0 {
+        let index = pending_slot(sk);
+        let Some(slot) = PENDING_SLOTS.get_ptr_mut(index) else {
+            return;
+        };
+        // SAFETY: a map value; the tag is reached by pointer, other CPUs swap it.
+        let tag = unsafe { &raw mut (*slot).sock_id };
+        if load(tag) == sk {
+            let Some(mut entry) = EVENTS.reserve::<ConnectEvent>(0) else {
+                if release(slot, sk) {
+                    count(Counter::RingBufferFull);
+                }
+                return;
+            };
+            // SAFETY: both pointers are valid (a map value this socket holds, a reserved
+            // record of its size); the copy happens before the release.
+            let ev = unsafe {
+                let ev = entry.as_mut_ptr();
+                core::ptr::copy_nonoverlapping(slot, ev, 1);
+                &mut *ev
+            };
+            if !release(slot, sk) {
+                entry.discard(BPF_RB_NO_WAKEUP);
+                return;
+            }
+            let (connect_ns, now) = (ev.boot_time_ns, complete(ev, sk, established));
+            entry.submit(wakeup_flags());
+            track_open(sk, established, connect_ns, now);
+            return;
+        }
+        // Not in its slot: in PENDING_TCP only if an attempt of this slot went there.
+        if PENDING_SPILLS.get(index).is_none_or(|spills| *spills == 0) {
+            return;
+        }
+    }
     let Some(pending) = PENDING_TCP.get_ptr(&sk) else {
         return;
     };
     let Some(mut entry) = EVENTS.reserve::<ConnectEvent>(0) else {
-        if PENDING_TCP.remove(&sk).is_ok() {
+        if take_spilled(sk) {
             count(Counter::RingBufferFull);
         }
         return;
@@ -564,10 +635,44 @@ pub fn tcp_complete(sk: u64, established: bool) {
         core::ptr::copy_nonoverlapping(pending, ev, 1);
         &mut *ev
     };
-    if PENDING_TCP.remove(&sk).is_err() {
+    if !take_spilled(sk) {
         entry.discard(BPF_RB_NO_WAKEUP);
         return;
     }
+    let (connect_ns, now) = (ev.boot_time_ns, complete(ev, sk, established));
+    entry.submit(wakeup_flags());
+    track_open(sk, established, connect_ns, now);
+}
+
+/// Gives `sk`'s slot back; true if this call did (and so reports the attempt). The
+/// slot's time is cleared first (see `maps::PENDING_SLOTS`).
+#[inline(always)]
+fn release(slot: *mut ConnectEvent, sk: u64) -> bool {
+    // SAFETY: a map value; fields reached by pointer.
+    unsafe {
+        store(&raw mut (*slot).boot_time_ns, u64::MAX);
+        compare_exchange(&raw mut (*slot).sock_id, sk, 0)
+    }
+}
+
+/// Removes `sk`'s attempt from `PENDING_TCP`; true if this call did.
+#[inline(always)]
+fn take_spilled(sk: u64) -> bool {
+    if PENDING_TCP.remove(&sk).is_err() {
+        return false;
+    }
+    if config!(fetching_atomics) != 0 {
+        if let Some(spills) = PENDING_SPILLS.get_ptr_mut(pending_slot(sk)) {
+            atomic_add(spills, 1u64.wrapping_neg());
+        }
+    }
+    true
+}
+
+/// What the attempt's record learns at completion: source, handshake time, outcome.
+/// Returns the time of completion.
+#[inline(always)]
+fn complete(ev: &mut ConnectEvent, sk: u64, established: bool) -> u64 {
     if sock::fill_tcp_source(ev, sk).is_err() {
         count(Counter::KernelReadFailed);
     }
@@ -587,18 +692,23 @@ pub fn tcp_complete(sk: u64, established: bool) {
         ev.sk_err_soft = read::kernel::<i32>(sk, config!(offsets.sk_err_soft)).unwrap_or(0) as u32;
     }
     filter::open_aggregate(ev);
-    let connect_ns = ev.boot_time_ns;
-    entry.submit(wakeup_flags());
-    if established && config!(track_closes) != 0 {
-        let open = OpenConn {
-            connect_ns,
-            established_ns: now,
-            reset: ResetBy::NONE,
-            _pad: [0; 7],
-        };
-        if OPEN_TCP.insert(&sk, &open, 0).is_err() {
-            count(Counter::CloseUntracked);
-        }
+    now
+}
+
+/// An established connection whose close is to be reported goes into `OPEN_TCP`.
+#[inline(always)]
+fn track_open(sk: u64, established: bool, connect_ns: u64, established_ns: u64) {
+    if !established || config!(track_closes) == 0 {
+        return;
+    }
+    let open = OpenConn {
+        connect_ns,
+        established_ns,
+        reset: ResetBy::NONE,
+        _pad: [0; 7],
+    };
+    if OPEN_TCP.insert(&sk, &open, 0).is_err() {
+        count(Counter::CloseUntracked);
     }
 }
 

@@ -156,11 +156,37 @@ pub static CALLS: LruHashMap<u32, CallState> = LruHashMap::with_max_entries(8192
 
 /// TCP attempts in SYN_SENT, by `struct sock` address, with the identity captured in the
 /// connecting task; completed (and removed) at the socket's next state change (every
-/// hook family). LRU, as `CALLS`: an attempt whose completion was skipped does not stay
+/// hook family). Kernels before 5.12 keep every attempt here; later ones only those whose
+/// [`PENDING_SLOTS`] slot was taken. LRU, as `CALLS`: an attempt whose completion was skipped does not stay
 /// for good; a full map (8,192 attempts in flight at once) forgets the oldest attempt.
 /// User space reads it for `--pending-report`.
 #[map]
 pub static PENDING_TCP: LruHashMap<u64, ConnectEvent> = LruHashMap::with_max_entries(8192, 0);
+
+/// Where an admitted TCP attempt waits from SYN_SENT to its completion, on kernels with
+/// compare-and-exchange (`fetching_atomics`, 5.12+): one slot per socket address hash
+/// (1,024 slots), claimed by swapping its `sock_id` from 0 to the socket, released by
+/// swapping it back. An array element is a pointer the verifier computes inline, so an
+/// attempt costs two atomic swaps and two copies instead of a hash insert and delete
+/// (~290 ns and more each here). A socket whose slot another attempt holds goes to
+/// [`PENDING_TCP`] instead (counted in [`PENDING_SPILLS`]), so a collision costs time,
+/// never a record. Mmapable: user space reads it for `--pending-report` without a
+/// syscall per slot. A released slot's `boot_time_ns` is `u64::MAX`, so a reader never
+/// takes the leftovers of the previous attempt for a pending one.
+#[map]
+pub static PENDING_SLOTS: Array<ConnectEvent> =
+    Array::with_max_entries(PENDING_SLOT_COUNT, aya_ebpf::bindings::BPF_F_MMAPABLE);
+
+/// log2 of the [`PENDING_SLOTS`] count.
+pub const PENDING_SLOT_BITS: u32 = 10;
+pub const PENDING_SLOT_COUNT: u32 = 1 << PENDING_SLOT_BITS;
+
+/// Per [`PENDING_SLOTS`] slot: attempts of that slot now in [`PENDING_TCP`] (added at
+/// insert, taken back at removal; an attempt the LRU evicted leaves it high, which only
+/// costs its slot's misses a hash lookup). Zero, a completion that finds its slot held
+/// by another socket (an attempt the filters or the rate limit dropped) looks no further.
+#[map]
+pub static PENDING_SPILLS: Array<u64> = Array::with_max_entries(PENDING_SLOT_COUNT, 0);
 
 /// The part of a task's identity its whole process shares and that rarely changes, by
 /// `tgid`, so a process's connections after its first cost a lookup and a copy instead

@@ -138,13 +138,39 @@ pub fn fill_ports_and_addrs(ev: &mut ConnectEvent, sk: u64) -> Result<(), i64> {
     Ok(())
 }
 
+/// How much of `struct sock_common` one read takes: `skc_daddr`, `skc_rcv_saddr`,
+/// `skc_dport`, `skc_num` and `skc_family` lie in its first 18 bytes on every kernel we
+/// know (4.x to 6.18), so the TCP paths read them at once instead of one read (~38 ns
+/// here) each. A field found elsewhere (BTF says where) is read on its own.
+const HEAD_LEN: usize = 24;
+
+/// The head of `sk`'s `struct sock_common`.
+#[inline(always)]
+fn head(sk: u64) -> Result<[u8; HEAD_LEN], i64> {
+    read::kernel::<[u8; HEAD_LEN]>(sk, 0)
+}
+
+/// `N` bytes at `at`, from `head` if they lie within it, else read from `sk`.
+#[inline(always)]
+fn head_bytes<const N: usize>(head: &[u8; HEAD_LEN], sk: u64, at: u32) -> Result<[u8; N], i64> {
+    let at = at as usize;
+    if at + N <= HEAD_LEN {
+        let mut out = [0; N];
+        out.copy_from_slice(&head[at..at + N]);
+        Ok(out)
+    } else {
+        read::kernel::<[u8; N]>(sk, at as u32)
+    }
+}
+
 /// A TCP socket entering SYN_SENT: family and destination (the source port is chosen
 /// just after, and the source address is re-read then: only what the filters need now).
 #[inline(always)]
 pub fn fill_tcp_dest(ev: &mut ConnectEvent, sk: u64) -> Result<(), i64> {
     ev.protocol = IPPROTO_TCP;
-    ev.family = read::kernel(sk, config!(offsets.skc_family))?;
-    ev.dst_port = u16::from_be(read::kernel(sk, config!(offsets.skc_dport))?);
+    let head = head(sk)?;
+    ev.family = u16::from_ne_bytes(head_bytes(&head, sk, config!(offsets.skc_family))?);
+    ev.dst_port = u16::from_be_bytes(head_bytes(&head, sk, config!(offsets.skc_dport))?);
     if ev.family == AF_INET6 {
         read::kernel_buf(sk, config!(offsets.skc_v6_daddr), &mut ev.dst_addr)?;
         // IPv4-mapped: recorded as IPv4 (see `fill_ports_and_addrs`); tcp_v4_connect
@@ -155,7 +181,8 @@ pub fn fill_tcp_dest(ev: &mut ConnectEvent, sk: u64) -> Result<(), i64> {
         }
     }
     if ev.family == AF_INET {
-        read::kernel_buf(sk, config!(offsets.skc_daddr), &mut ev.dst_addr[..4])?;
+        let daddr: [u8; 4] = head_bytes(&head, sk, config!(offsets.skc_daddr))?;
+        ev.dst_addr[..4].copy_from_slice(&daddr);
     }
     Ok(())
 }
@@ -164,9 +191,11 @@ pub fn fill_tcp_dest(ev: &mut ConnectEvent, sk: u64) -> Result<(), i64> {
 /// socket is only written after SYN_SENT).
 #[inline(always)]
 pub fn fill_tcp_source(ev: &mut ConnectEvent, sk: u64) -> Result<(), i64> {
-    ev.src_port = read::kernel(sk, config!(offsets.skc_num))?;
+    let head = head(sk)?;
+    ev.src_port = u16::from_ne_bytes(head_bytes(&head, sk, config!(offsets.skc_num))?);
     if ev.family == AF_INET {
-        read::kernel_buf(sk, config!(offsets.skc_rcv_saddr), &mut ev.src_addr[..4])?;
+        let saddr: [u8; 4] = head_bytes(&head, sk, config!(offsets.skc_rcv_saddr))?;
+        ev.src_addr[..4].copy_from_slice(&saddr);
     } else if ev.family == AF_INET6 {
         read::kernel_buf(sk, config!(offsets.skc_v6_rcv_saddr), &mut ev.src_addr)?;
     }

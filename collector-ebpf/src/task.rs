@@ -13,12 +13,13 @@
 //! a connection arrive out of order on two CPUs), and the copy (~340 bytes of stores)
 //! costs far less than the reads it replaces (~40 ns each on the measured host).
 
+use aya_ebpf::bindings::BPF_NOEXIST;
 use aya_ebpf::helpers::{
     bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
     bpf_get_current_task, bpf_get_current_uid_gid, bpf_ktime_get_boot_ns,
     bpf_probe_read_kernel_str_bytes,
 };
-use egress_shared::{CgroupSource, ConnectEvent, NsIndex};
+use egress_shared::{CgroupSource, ConnectEvent, Counter, NsIndex};
 
 use crate::{
     maps::{
@@ -120,8 +121,17 @@ pub fn fill_process(ev: &mut ConnectEvent, slot: Slot) -> bool {
     copy(ev, id);
     let ok = lineage && namespaces && cgroup;
     if ok {
-        // LRU: a full map forgets the process that connected least recently.
-        let _ = IDENTITIES.insert(&ev.tgid, id, 0);
+        // LRU: a full map forgets the process that connected least recently. A new entry
+        // is counted, a refreshed one is not: user space tells the evictions from the
+        // entries left (`identities_evicted`).
+        if IDENTITIES
+            .insert(&ev.tgid, &*id, BPF_NOEXIST as u64)
+            .is_ok()
+        {
+            crate::emit::count(Counter::IdentitiesCached);
+        } else {
+            let _ = IDENTITIES.insert(&ev.tgid, id, 0);
+        }
     }
     ok
 }

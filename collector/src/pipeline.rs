@@ -89,6 +89,7 @@ pub async fn run(
         probes.take_counters()?,
         probes.program_counts(),
         probes.take_calls()?,
+        probes.take_identities()?,
     ));
     let snapshot: SnapshotSource = {
         let (stats, kernel) = (Arc::clone(&stats), Arc::clone(&kernel));

@@ -5,6 +5,10 @@
 //! saves none for TCP, nor for unix sockets, since the entry looks at the protocol
 //! first) hold one entry each for as long as they wait: more of them than the map holds
 //! make it evict, and the collector must report those evictions as possible loss.
+//!
+//! `IDENTITIES` caches each connecting process's identity, 8,192 processes: more
+//! processes than that make it evict, reported as `identities_evicted` (a cost, not a
+//! loss).
 
 mod support;
 
@@ -18,6 +22,8 @@ use support::host::{last_stat, require_root};
 const COLLECTOR: &str = env!("CARGO_BIN_EXE_egress-collector");
 /// `CALLS`'s capacity (collector-ebpf/src/maps.rs).
 const CALLS_CAPACITY: u64 = 8192;
+/// `IDENTITIES`'s capacity (collector-ebpf/src/maps.rs).
+const IDENTITIES_CAPACITY: u64 = 8192;
 
 #[test]
 fn calls_evicted_from_the_full_call_map_are_reported_as_possibly_lost() {
@@ -98,5 +104,81 @@ fn calls_evicted_from_the_full_call_map_are_reported_as_possibly_lost() {
     assert!(
         possibly_lost >= evicted,
         "the evictions are possible loss on the Stopped line ({possibly_lost} < {evicted})"
+    );
+}
+
+#[test]
+fn identities_evicted_from_the_full_identity_cache_are_counted() {
+    require_root();
+    const PROCESSES: u64 = IDENTITIES_CAPACITY + 1000;
+    let collector = RunningCollector::start(
+        Path::new(COLLECTOR),
+        // One cgroup makes all the connects: no limit, so every one is identified.
+        &["--stats-interval", "1h", "--cgroup-rate-limit", "0"],
+        Duration::from_secs(60),
+    )
+    .expect("collector starts");
+    let mut target = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(std::net::Ipv4Addr::LOCALHOST).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    for i in 0..PROCESSES {
+        // A port of its own per process: two flows with the same ports would be one UDP
+        // flow, reported (and identified) once.
+        target.sin_port = (10_000 + i as u16).to_be();
+        // SAFETY: the child only makes async-signal-safe calls (socket, connect, _exit)
+        // on memory it inherited, and the parent reaps it.
+        unsafe {
+            match libc::fork() {
+                0 => {
+                    let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
+                    libc::connect(
+                        fd,
+                        (&raw const target).cast(),
+                        size_of::<libc::sockaddr_in>() as libc::socklen_t,
+                    );
+                    libc::_exit(0);
+                }
+                pid if pid > 0 => {
+                    libc::waitpid(pid, std::ptr::null_mut(), 0);
+                }
+                _ => panic!("fork: {}", std::io::Error::last_os_error()),
+            }
+        }
+    }
+    let (ok, _stdout, stderr) = collector
+        .stop(Duration::from_secs(30))
+        .expect("collector stops");
+    assert!(ok, "collector failed:\n{}", stderr.join("\n"));
+    let evicted = last_stat(&stderr, "identities_evicted").unwrap_or_else(|| {
+        panic!(
+            "identities_evicted in the statistics:\n{}",
+            stderr.join("\n")
+        )
+    });
+    let cached = last_stat(&stderr, "identities_cached").unwrap_or_else(|| {
+        panic!(
+            "identities_cached in the statistics:\n{}",
+            stderr.join("\n")
+        )
+    });
+    eprintln!(
+        "{PROCESSES} processes connected, a cache of {IDENTITIES_CAPACITY}: {cached} cached, {evicted} evicted"
+    );
+    // Every process was cached once (a pid this run already cached would be refreshed,
+    // not new: allow 1% for that); the map holds at most its capacity, so at least the
+    // rest were evicted (the LRU may evict sooner, never fewer).
+    let made = PROCESSES * 99 / 100;
+    assert!(
+        cached >= made,
+        "{cached} identities cached for {PROCESSES} processes"
+    );
+    assert!(
+        evicted >= made - IDENTITIES_CAPACITY && evicted <= cached,
+        "{evicted} evictions counted for {cached} identities in a map of {IDENTITIES_CAPACITY}"
     );
 }

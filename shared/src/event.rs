@@ -305,9 +305,14 @@ pub enum Counter {
     /// `calls_saved - calls_taken -` the entries still in the map as evicted: calls whose
     /// exit never found their state, each possibly a lost event.
     CallsTaken = 9,
+    /// A process's identity entered `IDENTITIES` (a new entry, not one refreshed). User
+    /// space reports this minus the entries in the map as `identities_evicted`: processes
+    /// the LRU forgot, whose next connection reads their identity again (a cost, not a
+    /// loss).
+    IdentitiesCached = 10,
 }
 
-pub const COUNTER_COUNT: u32 = 10;
+pub const COUNTER_COUNT: u32 = 11;
 
 impl Counter {
     pub const ALL: [Counter; COUNTER_COUNT as usize] = [
@@ -321,6 +326,7 @@ impl Counter {
         Counter::CloseUntracked,
         Counter::CallsSaved,
         Counter::CallsTaken,
+        Counter::IdentitiesCached,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -335,6 +341,7 @@ impl Counter {
             Counter::CloseUntracked => "close_untracked",
             Counter::CallsSaved => "calls_saved",
             Counter::CallsTaken => "calls_taken",
+            Counter::IdentitiesCached => "identities_cached",
         }
     }
 }

@@ -1,6 +1,6 @@
 //! One module per hook family. Entry points stay thin: read the arguments, call `emit`.
 pub mod dns;
-mod dns_sock;
+pub mod dns_sock;
 mod fentry;
 mod kprobe;
 mod tcp_state;

@@ -38,8 +38,8 @@ fn simultaneous_slot(sk: u64) -> u32 {
     ((sk >> 6) ^ (sk >> 16)) as u32 % SIMULTANEOUS_OPEN_SLOTS
 }
 
-/// SYN_SENT -> SYN_RECV: a SYN crossed ours (simultaneous open); the attempt stays in
-/// `PENDING_TCP` and completes at SYN_RECV -> ESTABLISHED (or CLOSE).
+/// SYN_SENT -> SYN_RECV: a SYN crossed ours (simultaneous open); the attempt stays
+/// pending (its `PENDING_SLOTS` slot or `PENDING_TCP`) and completes at SYN_RECV -> ESTABLISHED (or CLOSE).
 #[inline(always)]
 fn mark_simultaneous(sk: u64) {
     if let Some(mark) = SIMULTANEOUS_OPENS.get_ptr_mut(simultaneous_slot(sk)) {
@@ -68,8 +68,7 @@ fn take_simultaneous(sk: u64) -> bool {
 #[inline(always)]
 fn transition(sk: u64, old: i32, new: i32, slot: Slot) {
     if old == TCP_CLOSE && new == TCP_SYN_SENT {
-        // In the connecting task: a connect to port 53 marks the socket for DNS.
-        super::dns_sock::tcp_connecting(sk);
+        // In the connecting task (a connect to port 53 marks the socket for DNS there).
         emit::tcp_syn_sent(sk, slot);
     } else if old == TCP_SYN_SENT {
         if new == TCP_ESTABLISHED || new == TCP_CLOSE {

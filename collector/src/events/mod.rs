@@ -17,8 +17,7 @@ pub mod text;
 
 use std::sync::Arc;
 
-use aya::maps::{HashMap as BpfHashMap, MapData, RingBuf};
-use egress_shared::ConnectEvent;
+use aya::maps::{MapData, RingBuf};
 use tokio::{
     io::{Interest, unix::AsyncFd},
     sync::{mpsc, watch},
@@ -35,6 +34,7 @@ use self::{
 };
 use crate::{
     config::settings::{DnsSettings, OutcomeSettings},
+    probe::pending::PendingAttempts,
     telemetry::Stats,
 };
 
@@ -51,7 +51,7 @@ pub struct EventReader {
     stats: Arc<Stats>,
     aggregates: Option<Aggregates>,
     tracker: Tracker,
-    pending: Option<BpfHashMap<MapData, u64, ConnectEvent>>,
+    pending: Option<PendingAttempts>,
     outcomes: OutcomeSettings,
     names: Names,
     /// Process, node and cgroup names as shared text (see [`text`]).
@@ -92,7 +92,7 @@ impl EventReader {
     /// Reports TCP attempts left in SYN_SENT (the kernel's pending map) and closes.
     pub fn with_outcomes(
         mut self,
-        pending: Option<BpfHashMap<MapData, u64, ConnectEvent>>,
+        pending: Option<PendingAttempts>,
         outcomes: OutcomeSettings,
     ) -> Self {
         self.pending = pending;
@@ -227,13 +227,8 @@ impl EventReader {
         let now = clock::boot_now_ns();
         let limit = self.outcomes.pending_report.as_nanos() as u64;
         let mut batch = Vec::new();
-        for entry in map.iter() {
-            let Ok((_, raw)) = entry else { continue };
-            if now.saturating_sub(raw.boot_time_ns) < limit {
-                continue;
-            }
-            let bytes = raw.as_bytes();
-            match decode_connect(bytes, &self.clock, &mut self.interned) {
+        for raw in map.started_by(now.saturating_sub(limit)) {
+            match decode_connect(raw.as_bytes(), &self.clock, &mut self.interned) {
                 Ok(mut connection) => {
                     self.names.connection(&mut connection, now, &self.stats);
                     batch.extend(self.tracker.pending(connection));

@@ -17,15 +17,25 @@ pub struct KernelCounters {
     calls: CallsMap,
     /// The highest eviction count reported, so the count never goes back.
     calls_evicted: AtomicU64,
+    /// `IDENTITIES` (also u32-keyed), for the identities the LRU forgot.
+    identities: CallsMap,
+    identities_evicted: AtomicU64,
 }
 
 impl KernelCounters {
-    pub fn new(map: PerCpuArray<MapData, u64>, programs: ProgramCounts, calls: CallsMap) -> Self {
+    pub fn new(
+        map: PerCpuArray<MapData, u64>,
+        programs: ProgramCounts,
+        calls: CallsMap,
+        identities: CallsMap,
+    ) -> Self {
         Self {
             map,
             programs,
             calls,
             calls_evicted: AtomicU64::new(0),
+            identities,
+            identities_evicted: AtomicU64::new(0),
         }
     }
 
@@ -47,6 +57,19 @@ impl KernelCounters {
         self.calls_evicted.fetch_max(evicted, Relaxed).max(evicted)
     }
 
+    /// Identities the LRU evicted from `IDENTITIES`: every new entry is still in the map
+    /// or was evicted (the programs never delete one). Read in this order (the map, then
+    /// the count), an entry added during the reading can only lower the figure; the
+    /// highest figure is kept.
+    pub fn identities_evicted(&self) -> u64 {
+        let present = self.identities.entries();
+        let cached = self.counter(Counter::IdentitiesCached);
+        let evicted = cached.saturating_sub(present);
+        self.identities_evicted
+            .fetch_max(evicted, Relaxed)
+            .max(evicted)
+    }
+
     /// 0 on kernels that do not count them (before 5.12).
     pub fn recursion_misses(&self) -> u64 {
         self.programs.recursion_misses().unwrap_or(0)
@@ -58,6 +81,7 @@ impl KernelCounters {
             counters: self.read(),
             recursion_misses: self.recursion_misses(),
             calls_evicted: self.calls_evicted(),
+            identities_evicted: self.identities_evicted(),
         }
     }
 

@@ -17,6 +17,7 @@ pub mod counters;
 pub mod features;
 pub mod feedback;
 pub mod filters;
+pub mod pending;
 pub mod programs;
 pub mod state_maps;
 pub mod tracefs;
@@ -27,7 +28,7 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap, RingBuf},
 };
-use egress_shared::{CgroupSource, ConnectEvent, ProbeConfig, TracepointOffsets};
+use egress_shared::{CgroupSource, ProbeConfig, TracepointOffsets};
 
 pub use self::attach::AttachError;
 use self::{btf::KernelBtf, cgroups::CgroupInfo};
@@ -56,6 +57,8 @@ pub enum ProbeError {
         #[source]
         source: MapError,
     },
+    #[error("eBPF map {name}: {reason}")]
+    MapView { name: &'static str, reason: String },
     #[error("eBPF map {0} is missing from the object")]
     MissingMap(&'static str),
     #[error("cannot install the exclusion of {cidr}: {source}")]
@@ -273,6 +276,14 @@ impl Probes {
         })
     }
 
+    /// `IDENTITIES`, for the evictions user space reports (see [`state_maps`]).
+    pub fn take_identities(&mut self) -> Result<state_maps::CallsMap, ProbeError> {
+        self.ebpf
+            .take_map("IDENTITIES")
+            .and_then(state_maps::CallsMap::new)
+            .ok_or(ProbeError::MissingMap("IDENTITIES"))
+    }
+
     /// `CALLS`, for the evictions user space reports (see [`state_maps`]).
     pub fn take_calls(&mut self) -> Result<state_maps::CallsMap, ProbeError> {
         self.ebpf
@@ -304,15 +315,24 @@ impl Probes {
     }
 
     /// TCP attempts in SYN_SENT, for `--pending-report`.
-    pub fn take_pending(&mut self) -> Result<HashMap<MapData, u64, ConnectEvent>, ProbeError> {
+    pub fn take_pending(&mut self) -> Result<pending::PendingAttempts, ProbeError> {
         let map = self
             .ebpf
             .take_map("PENDING_TCP")
             .ok_or(ProbeError::MissingMap("PENDING_TCP"))?;
-        HashMap::try_from(map).map_err(|source| ProbeError::Map {
+        let spilled = HashMap::try_from(map).map_err(|source| ProbeError::Map {
             name: "PENDING_TCP",
             source,
-        })
+        })?;
+        let slots = self
+            .ebpf
+            .take_map("PENDING_SLOTS")
+            .ok_or(ProbeError::MissingMap("PENDING_SLOTS"))?;
+        let slots = pending::SlotView::new(slots).map_err(|reason| ProbeError::MapView {
+            name: "PENDING_SLOTS",
+            reason,
+        })?;
+        Ok(pending::PendingAttempts::new(spilled, slots))
     }
 
     /// The cgroups the programs drop, for user space to add to.

@@ -17,7 +17,8 @@ struct NextKeyAttr {
     next_key: u64,
 }
 
-/// `CALLS`: a call's state from its entry to its exit, by thread id (u32 keys).
+/// `CALLS` (a call's state from its entry to its exit, by thread id) or `IDENTITIES` (by
+/// `tgid`): an LRU map with u32 keys and 8,192 entries.
 pub struct CallsMap {
     data: MapData,
 }

@@ -135,6 +135,9 @@ pub struct Snapshot {
     /// Entries of `CALLS` the LRU evicted before their call's exit took them: each call
     /// may have been a lost event (see `probe::state_maps`).
     pub calls_evicted: u64,
+    /// Processes whose cached identity the LRU forgot (read again at their next
+    /// connection: a cost, not a loss).
+    pub identities_evicted: u64,
 }
 
 impl Snapshot {
@@ -275,6 +278,7 @@ impl Stats {
             kernel: kernel.counters,
             recursion_misses: kernel.recursion_misses,
             calls_evicted: kernel.calls_evicted,
+            identities_evicted: kernel.identities_evicted,
             ..self.snapshot_user()
         }
     }
@@ -310,6 +314,7 @@ impl Stats {
             kernel: [0; COUNTER_COUNT as usize],
             recursion_misses: 0,
             calls_evicted: 0,
+            identities_evicted: 0,
         }
     }
 }
@@ -323,6 +328,8 @@ pub struct KernelFigures {
     pub recursion_misses: u64,
     /// `CALLS` entries evicted before their exit took them.
     pub calls_evicted: u64,
+    /// `IDENTITIES` entries evicted (see [`Snapshot::identities_evicted`]).
+    pub identities_evicted: u64,
 }
 
 /// Logs what changed since `previous`: a warning when events were lost.
@@ -341,6 +348,10 @@ pub fn report(previous: &Snapshot, now: &Snapshot) {
             format!(
                 "calls_evicted={}",
                 delta(previous.calls_evicted, now.calls_evicted)
+            ),
+            format!(
+                "identities_evicted={}",
+                delta(previous.identities_evicted, now.identities_evicted)
             ),
         ])
         .collect();
