@@ -5,12 +5,13 @@ use egress_collector::events::{
     clock::BootClock,
     decode::{Decoded, decode},
     outcome::Close,
+    text::Interner,
 };
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let clock = BootClock::with_offset(1_700_000_000_000_000_000);
-    match decode(data, &clock) {
+    match decode(data, &clock, &mut Interner::default()) {
         Ok(Decoded::Connection(connection)) => {
             let _ = connection.kind_str();
             let _ = connection.network_type();
