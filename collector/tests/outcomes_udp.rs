@@ -14,7 +14,7 @@ use std::{
     time::Duration,
 };
 
-use egress_testkit::collector::RunningCollector;
+use egress_testkit::{collector::RunningCollector, traffic};
 use opentelemetry_proto::tonic::{
     common::v1::{KeyValue, any_value::Value as V},
     metrics::v1::{metric::Data, number_data_point},
@@ -42,26 +42,9 @@ fn sockaddr(to: SocketAddr) -> libc::sockaddr_in {
 
 /// One sendmsg of `parts` as that many iovecs (one datagram); returns the bytes sent.
 fn sendmsg_parts(socket: &UdpSocket, to: SocketAddr, parts: &[usize]) -> usize {
-    let mut sin = sockaddr(to);
-    let mut buffers: Vec<Vec<u8>> = parts.iter().map(|n| vec![3u8; *n]).collect();
-    let mut iov: Vec<libc::iovec> = buffers
-        .iter_mut()
-        .map(|b| libc::iovec {
-            iov_base: b.as_mut_ptr().cast(),
-            iov_len: b.len(),
-        })
-        .collect();
-    // SAFETY: msghdr is plain old data; every pointer in it outlives the call.
-    let sent = unsafe {
-        let mut msg: libc::msghdr = zeroed();
-        msg.msg_name = (&mut sin as *mut libc::sockaddr_in).cast();
-        msg.msg_namelen = size_of::<libc::sockaddr_in>() as u32;
-        msg.msg_iov = iov.as_mut_ptr();
-        msg.msg_iovlen = iov.len();
-        libc::sendmsg(socket.as_raw_fd(), &msg, 0)
-    };
-    assert_eq!(sent, parts.iter().sum::<usize>() as isize, "sendmsg");
-    sent as usize
+    let sent = traffic::sendmsg_parts(socket, to, parts).expect("sendmsg");
+    assert_eq!(sent, parts.iter().sum::<usize>(), "sendmsg");
+    sent
 }
 
 /// One sendmmsg of one datagram per entry of `sizes`; returns the bytes sent.

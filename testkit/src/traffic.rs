@@ -286,11 +286,12 @@ fn nonblocking_connect(to: SocketAddr) -> io::Result<(SocketAddr, Fd)> {
 }
 
 fn sendmsg_to(socket: &UdpSocket, to: SocketAddr) -> io::Result<()> {
-    sendmsg_parts(socket, to, &[4])
+    sendmsg_parts(socket, to, &[4]).map(drop)
 }
 
-/// One datagram of `parts` bytes, one iovec each, with the destination in msg_name.
-fn sendmsg_parts(socket: &UdpSocket, to: SocketAddr, parts: &[usize]) -> io::Result<()> {
+/// One datagram of `parts` bytes, one iovec each, with the destination (IPv4) in
+/// msg_name; the bytes sent.
+pub fn sendmsg_parts(socket: &UdpSocket, to: SocketAddr, parts: &[usize]) -> io::Result<usize> {
     let mut sin = sockaddr_in(v4(to)?);
     let mut buffers: Vec<Vec<u8>> = parts.iter().map(|n| vec![b'p'; *n]).collect();
     let mut iov: Vec<libc::iovec> = buffers
@@ -308,9 +309,10 @@ fn sendmsg_parts(socket: &UdpSocket, to: SocketAddr, parts: &[usize]) -> io::Res
         msg.msg_iov = iov.as_mut_ptr();
         // usize on glibc, int on musl (the static test binaries).
         msg.msg_iovlen = iov.len() as _;
-        if libc::sendmsg(socket.as_raw_fd(), &msg, 0) < 0 {
+        let sent = libc::sendmsg(socket.as_raw_fd(), &msg, 0);
+        if sent < 0 {
             return Err(io::Error::last_os_error());
         }
+        Ok(sent as usize)
     }
-    Ok(())
 }
