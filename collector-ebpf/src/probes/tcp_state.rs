@@ -23,12 +23,14 @@ const TCP_CLOSE: i32 = 7;
 
 /// The transitions the state machine acts on; every other one returns at once.
 /// SYN_RECV -> ESTABLISHED is every accepted connection's too: it costs them an array
-/// load (`SIMULTANEOUS_OPENS`), not a hash lookup.
+/// load (`SIMULTANEOUS_OPENS`), not a hash lookup. Every move out of SYN_RECV counts: a
+/// simultaneous open the application closes before it is established leaves by
+/// SYN_RECV -> FIN_WAIT1, and must still complete (failed) and free its mark and slot.
 #[inline(always)]
 fn interesting(old: i32, new: i32) -> bool {
     (old == TCP_CLOSE && new == TCP_SYN_SENT)
         || old == TCP_SYN_SENT
-        || (old == TCP_SYN_RECV && new == TCP_ESTABLISHED)
+        || old == TCP_SYN_RECV
         || new == TCP_CLOSE
 }
 
@@ -77,8 +79,9 @@ fn transition(sk: u64, old: i32, new: i32, slot: Slot) {
             mark_simultaneous(sk);
         }
     } else if old == TCP_SYN_RECV && take_simultaneous(sk) {
-        // The second half of a simultaneous open (ESTABLISHED, or CLOSE on a reset or a
-        // timeout). An accepted connection is never marked: it goes on below.
+        // The second half of a simultaneous open (ESTABLISHED; CLOSE on a reset or a
+        // timeout; FIN_WAIT1 when the application closed it first). An accepted
+        // connection is never marked: it goes on below.
         emit::tcp_complete(sk, new == TCP_ESTABLISHED);
     } else if new == TCP_CLOSE && config!(track_closes) != 0 {
         emit::tcp_closed(sk, old as u8);

@@ -160,13 +160,12 @@ impl ContainerCache {
     /// before its first connection, so a container whose files are gone by the time its
     /// records are enriched is still attributed. A container already known keeps its entry.
     pub fn prefill(&mut self, id: String, metadata: &ContainerMetadata, now: Instant) {
-        if self
-            .entries
-            .get(&id)
-            .is_some_and(|entry| entry.retry_at.is_none())
-        {
-            return;
-        }
+        let removed_at = match self.entries.get(&id) {
+            Some(entry) if entry.retry_at.is_none() => return,
+            // A failed lookup's entry: its removal, if seen, still counts for the sweep.
+            Some(entry) => entry.removed_at,
+            None => None,
+        };
         let container = ContainerRef {
             id,
             runtime_hint: None,
@@ -187,7 +186,7 @@ impl ContainerCache {
                 last_used: now,
                 retry_at: None,
                 failure_logged: false,
-                removed_at: None,
+                removed_at,
             },
         );
         self.stats

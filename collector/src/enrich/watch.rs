@@ -102,10 +102,16 @@ pub fn spawn(dirs: Vec<PathBuf>, files: RuntimeFiles) -> mpsc::Receiver<DirChang
                 let change = if event.mask.intersects(EventMask::CREATE | EventMask::MOVED_TO) {
                     // The reader may be gone (it could not start): the lookup at the
                     // first connection remains.
-                    let _ = created_tx.send(name.clone());
+                    let _ = created_tx.send(DirChange::Created(name.clone()));
                     DirChange::Created(name)
                 } else {
-                    DirChange::Removed(name)
+                    // Through the reader, so a removal reaches the cache after the
+                    // metadata read before it (and ends that container's retries);
+                    // directly when the reader is gone.
+                    match created_tx.send(DirChange::Removed(name)) {
+                        Ok(()) => continue,
+                        Err(mpsc::SendError(change)) => change,
+                    }
                 };
                 if tx.send(change).is_err() {
                     return;
@@ -120,10 +126,11 @@ pub fn spawn(dirs: Vec<PathBuf>, files: RuntimeFiles) -> mpsc::Receiver<DirChang
 }
 
 /// Reads each new container's metadata on the [`READ_AFTER`] schedule until found, and
-/// sends it. Ends when the watcher or the enricher is gone.
+/// sends it; passes removals on after it (stopping that container's reads). Ends when
+/// the watcher or the enricher is gone.
 fn read_new_containers(
     files: &RuntimeFiles,
-    created: &mpsc::Receiver<String>,
+    created: &mpsc::Receiver<DirChange>,
     out: &mpsc::Sender<DirChange>,
 ) {
     // (when, sequence) -> (container, attempts made): the earliest first.
@@ -139,11 +146,18 @@ fn read_new_containers(
             Some((at, _)) => created.recv_timeout(at.saturating_duration_since(Instant::now())),
         };
         match received {
-            Ok(id) if waiting.len() < MAX_WAITING => {
+            Ok(DirChange::Removed(id)) => {
+                waiting.retain(|_, (waiting_id, _)| *waiting_id != id);
+                if out.send(DirChange::Removed(id)).is_err() {
+                    return;
+                }
+            }
+            Ok(DirChange::Created(id)) if waiting.len() < MAX_WAITING => {
                 sequence += 1;
                 waiting.insert((Instant::now(), sequence), (id, 0));
             }
-            Ok(_) => {
+            Ok(DirChange::Read(..)) => {}
+            Ok(DirChange::Created(_)) => {
                 if !overflow_logged {
                     tracing::warn!(
                         waiting = MAX_WAITING,

@@ -102,8 +102,14 @@ impl SlotView {
                 (ev, std::ptr::read_volatile(&raw const (*slot).sock_id))
             };
             // Released or taken by another socket during the copy: not a whole record.
-            // A released slot's time is u64::MAX (never started by now).
-            if ev.sock_id == 0 || tag_after != ev.sock_id || ev.boot_time_ns > started_by {
+            // A released slot's time is u64::MAX (never started by now); a slot claimed
+            // for the first time holds its tag before its record, with a time of 0 until
+            // the record is copied in: not a record either.
+            if ev.sock_id == 0
+                || tag_after != ev.sock_id
+                || ev.boot_time_ns == 0
+                || ev.boot_time_ns > started_by
+            {
                 continue;
             }
             found.push(ev);

@@ -200,3 +200,26 @@ fn a_container_already_known_keeps_its_entry_when_read_at_creation() {
     let again = cache.identity(&container(ID), now);
     assert!(Arc::ptr_eq(&first.resource, &again.resource));
 }
+
+#[test]
+fn a_container_removed_before_its_metadata_read_is_still_swept() {
+    let host = HostRoot::new("prefill-removed");
+    let settings = CacheSettings::default();
+    let grace = settings.removal_grace;
+    let (mut cache, _) = host.cache(settings);
+    let now = Instant::now();
+    // A failed lookup (no files yet), then its removal, then the read made at creation.
+    cache.identity(&container(ID), now);
+    cache.container_removed(ID, now);
+    let metadata = runtime::ContainerMetadata {
+        pod_name: Some("short-lived".into()),
+        ..Default::default()
+    };
+    cache.prefill(ID.to_owned(), &metadata, now);
+    assert_eq!(cache.len(), 1);
+    cache.sweep(now + grace + Duration::from_secs(1));
+    assert!(
+        cache.is_empty(),
+        "the removal seen before the read still ends the entry"
+    );
+}
