@@ -492,14 +492,36 @@ pub fn tcp_syn_sent(sk: u64, slot: Slot) {
             }
         }
     }
-    if !filter::wanted(ev) {
-        return;
-    }
-    if !identify_and_admit(ev, slot) {
+    if !filter::wanted(ev) || !identify_and_admit(ev, slot) {
+        abandon(sk);
         return;
     }
     ev.sock_id = sk;
     pend(sk, ev);
+}
+
+/// A new attempt on `sk` that goes unreported (filtered, or not admitted): an older
+/// attempt kept for the same socket address, whose completion the kernel skipped (a
+/// program run that would nest in another on one CPU is not run), must not be completed
+/// in this one's name (its process and destination on this socket's record). One array
+/// load when there is none. Before 5.12 every attempt waits in `PENDING_TCP`, where a
+/// stale one is left to the LRU (a delete per dropped attempt costs more than it saves).
+#[inline(always)]
+fn abandon(sk: u64) {
+    if config!(fetching_atomics) == 0 {
+        return;
+    }
+    let index = pending_slot(sk);
+    let Some(slot) = PENDING_SLOTS.get_ptr_mut(index) else {
+        return;
+    };
+    // SAFETY: a map value; the tag is reached by pointer, other CPUs swap it.
+    if load(unsafe { &raw mut (*slot).sock_id }) == sk {
+        release(slot, sk);
+    }
+    if PENDING_SPILLS.get(index).is_some_and(|spills| *spills != 0) {
+        take_spilled(sk);
+    }
 }
 
 /// The [`PENDING_SLOTS`] slot of `sk`: a multiplicative hash of the address (socket
