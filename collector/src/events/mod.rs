@@ -44,6 +44,10 @@ pub const BATCH_RECORDS: usize = 1024;
 
 /// Longest an event waits in the ring buffer when too few arrive to wake the reader.
 pub const POLL_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
+/// An attempt reported as pending whose completion is still unseen this long after it
+/// began is forgotten once the kernel no longer holds it (see
+/// `outcome::Tracker::forget_stale_pending`): longer than any SYN timeout by default.
+const STALE_PENDING_NS: u64 = 600_000_000_000;
 
 pub struct EventReader {
     ring: AsyncFd<RingBuf<MapData>>,
@@ -227,7 +231,9 @@ impl EventReader {
         let now = clock::boot_now_ns();
         let limit = self.outcomes.pending_report.as_nanos() as u64;
         let mut batch = Vec::new();
+        let mut still = std::collections::HashSet::new();
         for raw in map.started_by(now.saturating_sub(limit)) {
+            still.insert((raw.sock_id, raw.boot_time_ns));
             match decode_connect(raw.as_bytes(), &self.clock, &mut self.interned) {
                 Ok(mut connection) => {
                     self.names.connection(&mut connection, now, &self.stats);
@@ -236,6 +242,8 @@ impl EventReader {
                 Err(e) => self.stats.record_decode_failed(e.reason()),
             }
         }
+        self.tracker
+            .forget_stale_pending(&still, now.saturating_sub(STALE_PENDING_NS));
         self.hand_on(batch, out);
     }
 

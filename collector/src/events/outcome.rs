@@ -236,6 +236,16 @@ impl Tracker {
         Some(connection)
     }
 
+    /// Forgets the attempts reported as pending that the kernel no longer holds (`still`:
+    /// the keys of the latest scan) and that began before `started_before` (boot ns): an
+    /// attempt whose completion was never seen (a skipped run, an eviction). Without this
+    /// they would fill the set and end pending reports for good. Only old ones: a
+    /// completion released from the kernel's map may still be on its way to the reader.
+    pub fn forget_stale_pending(&mut self, still: &HashSet<(u64, u64)>, started_before: u64) {
+        self.reported_pending
+            .retain(|key| still.contains(key) || key.1 >= started_before);
+    }
+
     /// Connections still open (the flush at shutdown): what is known of them.
     pub fn drain_open(&mut self, clock: &BootClock) -> Vec<Connection> {
         let now = clock.to_unix_nanos(super::clock::boot_now_ns());
@@ -320,5 +330,16 @@ mod tests {
         // An orderly close from FIN_WAIT2 is no reset.
         let close = Close::from_raw(&close_event(TCP_FIN_WAIT2), &clock);
         assert_eq!((close.reset, close.error_type), (None, None));
+    }
+
+    #[test]
+    fn stale_pending_keys_are_forgotten_and_recent_or_held_ones_kept() {
+        let mut tracker = Tracker::default();
+        let stale = (1, 10);
+        let held = (2, 20);
+        let recent = (3, 1_000);
+        tracker.reported_pending.extend([stale, held, recent]);
+        tracker.forget_stale_pending(&HashSet::from([held]), 500);
+        assert_eq!(tracker.reported_pending, HashSet::from([held, recent]));
     }
 }
