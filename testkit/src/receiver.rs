@@ -28,6 +28,7 @@ use opentelemetry_proto::tonic::collector::{
 use opentelemetry_proto::tonic::{
     common::v1::{KeyValue, any_value},
     logs::v1::LogRecord,
+    resource::v1::Resource,
 };
 use prost::Message;
 use tokio::sync::oneshot;
@@ -60,6 +61,21 @@ pub fn int_attr(attributes: &[KeyValue], key: &str) -> Option<i64> {
             _ => None,
         }
     })
+}
+
+/// The string value of attribute `key`, if it has one.
+pub fn str_attr(attributes: &[KeyValue], key: &str) -> Option<String> {
+    attributes.iter().find(|kv| kv.key == key).and_then(|kv| {
+        match kv.value.as_ref()?.value.as_ref()? {
+            any_value::Value::StringValue(s) => Some(s.clone()),
+            _ => None,
+        }
+    })
+}
+
+/// The attributes of a request's resource (none when it has no resource).
+pub fn resource_attributes(resource: &Option<Resource>) -> &[KeyValue] {
+    resource.as_ref().map_or(&[], |r| &r.attributes)
 }
 
 pub type Shared = Arc<Mutex<Received>>;
