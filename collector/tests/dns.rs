@@ -25,15 +25,12 @@ use egress_testkit::{
     otlp_run::OtlpRun,
     records::{attr, parse},
 };
-use opentelemetry_proto::tonic::{
-    common::v1::KeyValue,
-    metrics::v1::{metric::Data, number_data_point},
-};
+use opentelemetry_proto::tonic::common::v1::KeyValue;
 use serde_json::Value;
 use simple_dns::{CLASS, Name, Packet, Question, TYPE, rdata::RData};
 use support::{
     host::{require_root, sh},
-    receiver::{int_attr, str_attr},
+    receiver::{int_attr, int_value, str_attr},
 };
 
 const COLLECTOR: &str = env!("CARGO_BIN_EXE_egress-collector");
@@ -695,10 +692,6 @@ fn dns_records_metrics_and_names_over_otlp() {
         &[
             "--probe",
             "tracepoint",
-            "--export-interval",
-            "1s",
-            "--batch-timeout",
-            "200ms",
             "--close-records",
             "--connection-spans",
             "--metrics-server-address",
@@ -751,14 +744,7 @@ fn dns_records_metrics_and_names_over_otlp() {
         str_attr(&closes[0].attributes, "server.address").as_deref(),
         Some("go.test")
     );
-    let spans: Vec<_> = received
-        .traces
-        .iter()
-        .flat_map(|t| &t.resource_spans)
-        .flat_map(|rs| &rs.scope_spans)
-        .flat_map(|ss| &ss.spans)
-        .filter(|s| to_go(&s.attributes))
-        .collect();
+    let spans: Vec<_> = received.spans().filter(|s| to_go(&s.attributes)).collect();
     assert_eq!(spans.len(), 1, "one span to go.test");
     assert_eq!(
         str_attr(&spans[0].attributes, "server.address").as_deref(),
@@ -767,41 +753,22 @@ fn dns_records_metrics_and_names_over_otlp() {
 
     // The last export of each metric holds the cumulative values.
     let mut queries = BTreeMap::new();
-    let mut lookups = 0;
-    let mut named_connections = 0;
-    for request in &received.metrics {
-        for rm in &request.resource_metrics {
-            for metric in rm.scope_metrics.iter().flat_map(|sm| &sm.metrics) {
-                match (metric.name.as_str(), &metric.data) {
-                    ("egress.dns.queries", Some(Data::Sum(sum))) => {
-                        for p in &sum.data_points {
-                            if let (Some(rcode), Some(number_data_point::Value::AsInt(n))) =
-                                (str_attr(&p.attributes, "dns.response_code"), p.value)
-                            {
-                                let slot = queries.entry(rcode).or_insert(0);
-                                *slot = (*slot).max(n);
-                            }
-                        }
-                    }
-                    ("dns.lookup.duration", Some(Data::Histogram(h))) => {
-                        for p in &h.data_points {
-                            lookups = lookups.max(p.count);
-                        }
-                    }
-                    ("egress.connections", Some(Data::Sum(sum))) => {
-                        for p in &sum.data_points {
-                            if str_attr(&p.attributes, "server.address").as_deref()
-                                == Some("go.test")
-                            {
-                                named_connections += 1;
-                            }
-                        }
-                    }
-                    _ => {}
-                }
-            }
+    for p in received.sum_points("egress.dns.queries") {
+        if let (Some(rcode), Some(n)) = (str_attr(&p.attributes, "dns.response_code"), int_value(p))
+        {
+            let slot = queries.entry(rcode).or_insert(0);
+            *slot = (*slot).max(n);
         }
     }
+    let lookups = received
+        .histogram_points("dns.lookup.duration")
+        .map(|p| p.count)
+        .max()
+        .unwrap_or(0);
+    let named_connections = received
+        .sum_points("egress.connections")
+        .filter(|p| str_attr(&p.attributes, "server.address").as_deref() == Some("go.test"))
+        .count();
     // go.test twice (the repeat counted though not logged again), and this host's
     // other processes may have looked names up too.
     assert!(

@@ -174,10 +174,6 @@ fn two_containers_to_otlp(protocol: Protocol) {
             "gzip",
             "--otlp-header",
             &format!("x-tenant={TENANT}"),
-            "--export-interval",
-            "1s",
-            "--batch-timeout",
-            "200ms",
         ],
     );
     for (_, container) in &pods {

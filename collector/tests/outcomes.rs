@@ -525,51 +525,33 @@ fn an_unanswered_syn_is_reported_pending_once() {
 
 mod otlp {
     use egress_testkit::otlp_run::OtlpRun;
-    use opentelemetry_proto::tonic::{
-        metrics::v1::{metric::Data, number_data_point},
-        trace::v1::{span::SpanKind, status::StatusCode},
-    };
+    use opentelemetry_proto::tonic::trace::v1::{span::SpanKind, status::StatusCode};
 
     use super::*;
-    use crate::support::receiver::{Received, int_attr, str_attr};
+    use crate::support::receiver::{Received, int_attr, int_value, str_attr};
 
     /// The last cumulative value of a sum's point whose attributes include `with`.
     fn last_sum(received: &Received, metric: &str, with: &[(&str, &str)], port: u16) -> i64 {
-        let mut last = 0;
-        for rm in received.metrics.iter().flat_map(|r| &r.resource_metrics) {
-            for m in rm.scope_metrics.iter().flat_map(|s| &s.metrics) {
-                let Some(Data::Sum(sum)) = (m.name == metric).then_some(m.data.as_ref()).flatten()
-                else {
-                    continue;
-                };
-                for p in &sum.data_points {
-                    let matches = int_attr(&p.attributes, "destination.port") == Some(port.into())
-                        && with
-                            .iter()
-                            .all(|(k, v)| str_attr(&p.attributes, k).as_deref() == Some(*v));
-                    if let (true, Some(number_data_point::Value::AsInt(v))) = (matches, p.value) {
-                        last = v;
-                    }
-                }
-            }
-        }
-        last
+        received
+            .sum_points(metric)
+            .filter(|p| {
+                int_attr(&p.attributes, "destination.port") == Some(port.into())
+                    && with
+                        .iter()
+                        .all(|(k, v)| str_attr(&p.attributes, k).as_deref() == Some(*v))
+            })
+            .filter_map(int_value)
+            .last()
+            .unwrap_or(0)
     }
 
     fn histogram_count(received: &Received, metric: &str, port: u16) -> u64 {
-        let mut last = 0;
-        for rm in received.metrics.iter().flat_map(|r| &r.resource_metrics) {
-            for m in rm.scope_metrics.iter().flat_map(|s| &s.metrics) {
-                if let (true, Some(Data::Histogram(h))) = (m.name == metric, m.data.as_ref()) {
-                    for p in &h.data_points {
-                        if int_attr(&p.attributes, "destination.port") == Some(port.into()) {
-                            last = p.count;
-                        }
-                    }
-                }
-            }
-        }
-        last
+        received
+            .histogram_points(metric)
+            .filter(|p| int_attr(&p.attributes, "destination.port") == Some(port.into()))
+            .map(|p| p.count)
+            .last()
+            .unwrap_or(0)
     }
 
     /// Spans, close records and the lifecycle metrics arrive at a real OTLP receiver.
@@ -583,10 +565,6 @@ mod otlp {
                 "tracepoint",
                 "--connection-spans",
                 "--close-records",
-                "--export-interval",
-                "1s",
-                "--batch-timeout",
-                "200ms",
                 "--stats-interval",
                 "1h",
             ],
@@ -605,11 +583,7 @@ mod otlp {
         let pid = i64::from(std::process::id());
 
         let spans: Vec<_> = received
-            .traces
-            .iter()
-            .flat_map(|t| &t.resource_spans)
-            .flat_map(|rs| &rs.scope_spans)
-            .flat_map(|ss| &ss.spans)
+            .spans()
             .filter(|s| int_attr(&s.attributes, "process.pid") == Some(pid))
             .collect();
         let named = |addr: SocketAddr| -> Vec<_> {

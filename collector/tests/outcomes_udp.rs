@@ -12,10 +12,9 @@ use std::{
 };
 
 use egress_testkit::{otlp_run::OtlpRun, traffic};
-use opentelemetry_proto::tonic::metrics::v1::{metric::Data, number_data_point};
 use support::{
     host::require_root,
-    receiver::{Received, int_attr, str_attr},
+    receiver::{Received, int_attr, int_value, str_attr},
 };
 
 const COLLECTOR: &str = env!("CARGO_BIN_EXE_egress-collector");
@@ -40,27 +39,15 @@ fn send_to(socket: &UdpSocket, to: SocketAddr, n: usize) -> usize {
 
 /// The last cumulative UDP transmit value of `egress.network.io` for `port`.
 fn udp_transmitted(received: &Received, port: u16) -> Option<i64> {
-    let mut last = None;
-    for rm in received.metrics.iter().flat_map(|r| &r.resource_metrics) {
-        for m in rm.scope_metrics.iter().flat_map(|s| &s.metrics) {
-            let Some(Data::Sum(sum)) = (m.name == "egress.network.io")
-                .then_some(m.data.as_ref())
-                .flatten()
-            else {
-                continue;
-            };
-            for p in &sum.data_points {
-                let ours = int_attr(&p.attributes, "destination.port") == Some(port.into())
-                    && str_attr(&p.attributes, "network.transport").as_deref() == Some("udp")
-                    && str_attr(&p.attributes, "network.io.direction").as_deref()
-                        == Some("transmit");
-                if let (true, Some(number_data_point::Value::AsInt(v))) = (ours, p.value) {
-                    last = Some(v);
-                }
-            }
-        }
-    }
-    last
+    received
+        .sum_points("egress.network.io")
+        .filter(|p| {
+            int_attr(&p.attributes, "destination.port") == Some(port.into())
+                && str_attr(&p.attributes, "network.transport").as_deref() == Some("udp")
+                && str_attr(&p.attributes, "network.io.direction").as_deref() == Some("transmit")
+        })
+        .filter_map(int_value)
+        .last()
 }
 
 /// Three windows of one flow (a 1 s window, 1.3 s apart): the records carry 100 (the
@@ -77,10 +64,6 @@ fn udp_bytes_are_carried_by_flow_records_and_counted_in_network_io() {
             "tracepoint",
             "--udp-flow-window",
             "1s",
-            "--export-interval",
-            "1s",
-            "--batch-timeout",
-            "200ms",
             "--stats-interval",
             "1h",
         ],

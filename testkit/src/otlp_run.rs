@@ -53,7 +53,8 @@ pub struct Finished {
 }
 
 impl OtlpRun {
-    /// A gRPC receiver, then `collector run --otlp-endpoint http://<receiver> <args>`.
+    /// A gRPC receiver, then `collector run --otlp-endpoint http://<receiver> <args>`,
+    /// exporting soon: metrics each second, a batch of records within 200 ms.
     pub fn start(collector: &Path, args: &[&str]) -> Self {
         Self::start_serving(Protocol::Grpc, collector, args)
     }
@@ -67,7 +68,14 @@ impl OtlpRun {
             Shared::clone(&received),
         ));
         let endpoint = format!("http://{}", receiver.addr);
-        let mut all = vec!["--otlp-endpoint", endpoint.as_str()];
+        let mut all = vec![
+            "--otlp-endpoint",
+            endpoint.as_str(),
+            "--export-interval",
+            "1s",
+            "--batch-timeout",
+            "200ms",
+        ];
         all.extend_from_slice(args);
         let collector = RunningCollector::start_with(collector, &all, Duration::from_secs(60))
             .unwrap_or_else(|e| panic!("{e}"));

@@ -28,7 +28,9 @@ use opentelemetry_proto::tonic::collector::{
 use opentelemetry_proto::tonic::{
     common::v1::{KeyValue, any_value},
     logs::v1::LogRecord,
+    metrics::v1::{HistogramDataPoint, Metric, NumberDataPoint, metric::Data, number_data_point},
     resource::v1::Resource,
+    trace::v1::Span,
 };
 use prost::Message;
 use tokio::sync::oneshot;
@@ -50,6 +52,57 @@ impl Received {
             .flat_map(|r| &r.resource_logs)
             .flat_map(|rl| &rl.scope_logs)
             .flat_map(|sl| &sl.log_records)
+    }
+
+    /// Every span received, whatever its resource.
+    pub fn spans(&self) -> impl Iterator<Item = &Span> {
+        self.traces
+            .iter()
+            .flat_map(|t| &t.resource_spans)
+            .flat_map(|rs| &rs.scope_spans)
+            .flat_map(|ss| &ss.spans)
+    }
+
+    /// Every metric received, whatever its resource, in the order they arrived.
+    pub fn all_metrics(&self) -> impl Iterator<Item = &Metric> {
+        self.metrics
+            .iter()
+            .flat_map(|r| &r.resource_metrics)
+            .flat_map(|rm| &rm.scope_metrics)
+            .flat_map(|sm| &sm.metrics)
+    }
+
+    /// The points of every sum named `name`, in the order they arrived.
+    pub fn sum_points<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a NumberDataPoint> {
+        self.all_metrics()
+            .filter(move |m| m.name == name)
+            .filter_map(|m| match &m.data {
+                Some(Data::Sum(sum)) => Some(&sum.data_points),
+                _ => None,
+            })
+            .flatten()
+    }
+
+    /// The points of every histogram named `name`, in the order they arrived.
+    pub fn histogram_points<'a>(
+        &'a self,
+        name: &'a str,
+    ) -> impl Iterator<Item = &'a HistogramDataPoint> {
+        self.all_metrics()
+            .filter(move |m| m.name == name)
+            .filter_map(|m| match &m.data {
+                Some(Data::Histogram(h)) => Some(&h.data_points),
+                _ => None,
+            })
+            .flatten()
+    }
+}
+
+/// The integer value of a point, if it has one.
+pub fn int_value(point: &NumberDataPoint) -> Option<i64> {
+    match point.value {
+        Some(number_data_point::Value::AsInt(v)) => Some(v),
+        _ => None,
     }
 }
 
