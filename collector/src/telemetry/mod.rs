@@ -85,10 +85,10 @@ pub struct Stats {
     stdout_copy_dropped: AtomicU64,
     spans_failed: AtomicU64,
     abandoned: AtomicU64,
-    decode_failed: Mutex<BTreeMap<&'static str, u64>>,
-    enrichment_failed: Mutex<BTreeMap<&'static str, u64>>,
-    dns: Mutex<BTreeMap<&'static str, u64>>,
-    enrichment_events: Mutex<BTreeMap<&'static str, u64>>,
+    decode_failed: ByReason,
+    enrichment_failed: ByReason,
+    dns: ByReason,
+    enrichment_events: ByReason,
 }
 
 /// A point-in-time copy of every counter, user space and kernel.
@@ -239,30 +239,19 @@ impl Stats {
 
     /// A record the reader could not decode, by the decoder's static reason.
     fn record_decode_failed(&self, reason: &'static str) {
-        if let Ok(mut map) = self.decode_failed.lock() {
-            *map.entry(reason).or_default() += 1;
-        }
+        add(&self.decode_failed, reason, 1);
     }
 
     fn record_enrichment_failed(&self, reason: &'static str) {
-        if let Ok(mut map) = self.enrichment_failed.lock() {
-            *map.entry(reason).or_default() += 1;
-        }
+        add(&self.enrichment_failed, reason, 1);
     }
 
     fn record_dns(&self, what: &'static str, n: u64) {
-        if n == 0 {
-            return;
-        }
-        if let Ok(mut map) = self.dns.lock() {
-            *map.entry(what).or_default() += n;
-        }
+        add(&self.dns, what, n);
     }
 
     fn record_enrichment_event(&self, kind: &'static str) {
-        if let Ok(mut map) = self.enrichment_events.lock() {
-            *map.entry(kind).or_default() += 1;
-        }
+        add(&self.enrichment_events, kind, 1);
     }
 
     /// The user-space counters with the kernel's (read by `probe::counters`).
@@ -292,28 +281,32 @@ impl Stats {
             stdout_copy_dropped: self.stdout_copy_dropped.load(Relaxed),
             spans_failed: self.spans_failed.load(Relaxed),
             abandoned: self.abandoned.load(Relaxed),
-            decode_failed: self
-                .decode_failed
-                .lock()
-                .map(|m| m.clone())
-                .unwrap_or_default(),
-            enrichment_failed: self
-                .enrichment_failed
-                .lock()
-                .map(|m| m.clone())
-                .unwrap_or_default(),
-            dns: self.dns.lock().map(|m| m.clone()).unwrap_or_default(),
-            enrichment_events: self
-                .enrichment_events
-                .lock()
-                .map(|m| m.clone())
-                .unwrap_or_default(),
+            decode_failed: read(&self.decode_failed),
+            enrichment_failed: read(&self.enrichment_failed),
+            dns: read(&self.dns),
+            enrichment_events: read(&self.enrichment_events),
             kernel: [0; COUNTER_COUNT as usize],
             recursion_misses: 0,
             calls_evicted: 0,
             identities_evicted: 0,
         }
     }
+}
+
+/// Counters by static reason. A zero count adds no reason (it would show as `reason=0`).
+type ByReason = Mutex<BTreeMap<&'static str, u64>>;
+
+fn add(counters: &ByReason, reason: &'static str, n: u64) {
+    if n == 0 {
+        return;
+    }
+    if let Ok(mut map) = counters.lock() {
+        *map.entry(reason).or_default() += n;
+    }
+}
+
+fn read(counters: &ByReason) -> BTreeMap<&'static str, u64> {
+    counters.lock().map(|m| m.clone()).unwrap_or_default()
 }
 
 /// What the kernel counted, read at one moment (by `probe::counters`).
