@@ -8,14 +8,13 @@ use std::{
     fs,
     os::unix::fs::MetadataExt,
     path::PathBuf,
-    sync::Arc,
     time::{Duration, Instant},
 };
 
 use anyhow::Context;
 use egress_collector::{
     enrich::cgroup_index::{CgroupChange, CgroupPaths, walk_all},
-    telemetry::Stats,
+    telemetry::enrich::EnrichTelemetry,
 };
 use serde::Serialize;
 
@@ -93,8 +92,7 @@ pub fn measure(count: usize, samples: usize) -> anyhow::Result<IndexReport> {
     }
 
     // The lookup by names, alone: an index from one walk, no watcher.
-    let stats = Arc::new(Stats::default());
-    let mut index = CgroupPaths::new(Some(root.clone()), Arc::clone(&stats));
+    let mut index = CgroupPaths::new(Some(root.clone()), EnrichTelemetry::default());
     for (id, path) in walk_all(&root) {
         index.apply(CgroupChange::Added { id, path }, Instant::now());
     }
@@ -117,7 +115,7 @@ pub fn measure(count: usize, samples: usize) -> anyhow::Result<IndexReport> {
 
     // The watcher: how soon a new cgroup is in the index without any lookup.
     let t = Instant::now();
-    let mut watched = CgroupPaths::watch(Some(root.clone()), Arc::new(Stats::default()));
+    let mut watched = CgroupPaths::watch(Some(root.clone()), EnrichTelemetry::default());
     let initial_walk_us = us(t.elapsed());
     let mut latencies = Vec::new();
     for s in 0..samples {

@@ -118,10 +118,18 @@ pub fn measure(command: &[&str], connections: u64) -> anyhow::Result<Cost> {
 /// fairest comparison of two builds on a shared machine.
 pub fn measure_together(commands: &[&[&str]], connections: u64) -> anyhow::Result<Vec<Cost>> {
     let _stats = enable_stats()?;
+    let mut children = start_attached(commands)?;
+    let result = measure_children(&mut children, connections);
+    stop(&mut children);
+    result
+}
+
+/// Starts the observers one after the other, each attached before the next starts:
+/// programs on one tracepoint run in attach order, and the first pays the cache misses
+/// on the socket and the task, so callers rotate the order between rounds. On an error,
+/// those already started are stopped.
+fn start_attached(commands: &[&[&str]]) -> anyhow::Result<Vec<Child>> {
     let mut children = Vec::new();
-    // One after the other, each attached before the next starts: programs on one
-    // tracepoint run in attach order, and the first pays the cache misses on the socket
-    // and the task, so callers rotate the order between rounds.
     for command in commands {
         let child = Command::new(command[0])
             .args(&command[1..])
@@ -142,9 +150,7 @@ pub fn measure_together(commands: &[&[&str]], connections: u64) -> anyhow::Resul
             return Err(e);
         }
     }
-    let result = measure_children(&mut children, connections);
-    stop(&mut children);
-    result
+    Ok(children)
 }
 
 /// The observers' log goes to ours with `EGRESS_BENCH_DETAIL` set (to see why one failed
@@ -570,21 +576,10 @@ fn summary(observers: &[Observer], figures: &mut [Figures], throughput: bool) ->
 /// run` at rate 0) for `seconds`, with `observer` attached, or none. The load may use
 /// every CPU even when the bench itself runs pinned.
 fn connect_rate(bench: &Path, observer: Option<&[&str]>, seconds: f64) -> anyhow::Result<f64> {
-    let mut children = Vec::new();
-    if let Some(command) = observer {
-        let child = Command::new(command[0])
-            .args(&command[1..])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(observer_stderr())
-            .spawn()
-            .with_context(|| format!("starting {command:?}"))?;
-        children.push(child);
-        if let Err(e) = wait_attached(&mut children) {
-            stop(&mut children);
-            return Err(e);
-        }
-    }
+    let mut children = match observer {
+        Some(command) => start_attached(&[command])?,
+        None => Vec::new(),
+    };
     // SAFETY: sysconf has no preconditions.
     let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1);
     let output = Command::new("taskset")

@@ -31,7 +31,10 @@ use crate::{
     health::{self, Health, HealthError},
     otlp_client::{collector_resource, transport::TransportError},
     probe::{ProbeError, Probes, counters::KernelCounters},
-    telemetry::{self, Snapshot, Stats, export::ExportTelemetry},
+    telemetry::{
+        self, Snapshot, Stats, enrich::EnrichTelemetry, events::ReaderTelemetry,
+        export::ExportTelemetry,
+    },
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -130,20 +133,26 @@ pub async fn run(
         spans: settings.outcomes.spans && settings.otlp.is_some(),
         ..settings.outcomes.clone()
     };
-    let reader = EventReader::new(probes.take_events()?, aggregates, Arc::clone(&stats))
-        .map_err(PipelineError::RingBuffer)?
-        .with_outcomes(Some(probes.take_pending()?), outcomes)
-        .with_dns(DnsSettings {
-            enabled: settings.dns.enabled && probes.dns_attached,
-            ..settings.dns.clone()
-        });
+    let reader = EventReader::new(
+        probes.take_events()?,
+        aggregates,
+        ReaderTelemetry::new(Arc::clone(&stats)),
+    )
+    .map_err(PipelineError::RingBuffer)?
+    .with_outcomes(Some(probes.take_pending()?), outcomes)
+    .with_dns(DnsSettings {
+        enabled: settings.dns.enabled && probes.dns_attached,
+        ..settings.dns.clone()
+    });
+    // What enrichment may report, and nothing else.
+    let enrich_telemetry = EnrichTelemetry::new(Arc::clone(&stats));
     let namespace_filter = if settings.exclude_namespaces.is_empty() {
         None
     } else {
         Some(NamespaceFilter::new(
             &settings.exclude_namespaces,
             probes.take_excluded_cgroups()?,
-            Arc::clone(&stats),
+            enrich_telemetry.clone(),
         ))
     };
 
@@ -175,7 +184,7 @@ pub async fn run(
         files,
         settings.cache.clone(),
         changes,
-        Arc::clone(&stats),
+        enrich_telemetry,
     );
     if let Some(filter) = namespace_filter {
         enricher = enricher.with_namespace_filter(filter);
@@ -299,11 +308,7 @@ pub async fn run(
 /// Counts what is still between stages as `abandoned`; returns the final counters, read
 /// once so they add up even while a stage past its deadline still counts.
 fn abandon_in_flight(stats: &Stats, snapshot: &SnapshotSource) -> Snapshot {
-    let mut last = snapshot();
-    let in_flight = last.in_flight();
-    stats.record_abandoned(in_flight);
-    last.abandoned += in_flight;
-    last
+    stats.abandon_in_flight(snapshot())
 }
 
 /// The last line: `captured = exported + filtered + dropped`; `lost` adds what never

@@ -476,13 +476,13 @@ fn watched_inodes(dev: u64) -> Vec<u64> {
 
 #[test]
 fn removed_cgroups_leave_no_inotify_watch_behind() {
-    use std::{os::unix::fs::MetadataExt, sync::Arc, time::Instant};
+    use std::{os::unix::fs::MetadataExt, time::Instant};
 
-    use egress_collector::{enrich::cgroup_index::CgroupPaths, telemetry::Stats};
+    use egress_collector::{enrich::cgroup_index::CgroupPaths, telemetry::enrich::EnrichTelemetry};
 
     require_root_and_hybrid_host();
     let dev = std::fs::metadata(V1_MEMORY).expect("stat").dev();
-    let mut paths = CgroupPaths::watch(Some(PathBuf::from(V1_MEMORY)), Arc::new(Stats::default()));
+    let mut paths = CgroupPaths::watch(Some(PathBuf::from(V1_MEMORY)), EnrichTelemetry::default());
     let root_ino = std::fs::metadata(V1_MEMORY).expect("stat").ino();
     assert!(
         watched_inodes(dev).contains(&root_ino),

@@ -9,14 +9,6 @@
 
 mod support;
 
-use std::sync::{Arc, Mutex};
-
-use opentelemetry_proto::tonic::{
-    common::v1::{KeyValue, any_value::Value as V},
-    metrics::v1::{metric::Data, number_data_point},
-};
-use support::receiver::{self, Received, Shared, runtime};
-
 use std::{
     collections::BTreeMap,
     io::{Read, Write},
@@ -28,10 +20,18 @@ use std::{
     time::Duration,
 };
 
-use egress_testkit::collector::RunningCollector;
+use egress_testkit::{
+    collector::RunningCollector,
+    otlp_run::OtlpRun,
+    records::{attr, parse},
+};
+use opentelemetry_proto::tonic::common::v1::KeyValue;
 use serde_json::Value;
 use simple_dns::{CLASS, Name, Packet, Question, TYPE, rdata::RData};
-use support::host::{require_root, sh};
+use support::{
+    host::{require_root, sh},
+    receiver::{int_attr, int_value, str_attr},
+};
 
 const COLLECTOR: &str = env!("CARGO_BIN_EXE_egress-collector");
 /// Where every resolved address listens (in the server namespace).
@@ -368,17 +368,6 @@ fn query_tcp(server: SocketAddr, name: &str) -> IpAddr {
     first_address(&buf[2..got]).expect("an address over TCP")
 }
 
-fn attr<'a>(record: &'a Value, key: &str) -> &'a Value {
-    &record["attributes"][key]
-}
-
-fn parse(stdout: &str) -> Vec<Value> {
-    stdout
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
-        .collect()
-}
-
 /// The records of `pid` of one `egress.event` to `dest` (any port when None).
 fn records<'a>(all: &'a [Value], pid: u32, event: &str, dest: Option<IpAddr>) -> Vec<&'a Value> {
     all.iter()
@@ -690,15 +679,6 @@ socket.create_connection(('{short}', {port})).close()"
     );
 }
 
-fn str_attr(attributes: &[KeyValue], key: &str) -> Option<String> {
-    attributes.iter().find(|kv| kv.key == key).and_then(|kv| {
-        match kv.value.as_ref()?.value.as_ref()? {
-            V::StringValue(s) => Some(s.clone()),
-            _ => None,
-        }
-    })
-}
-
 /// Over OTLP: `egress.dns` log records (a repeat in its window logged once), the name on
 /// close records and spans, `egress.dns.queries` by response code, `dns.lookup.duration`,
 /// and `egress.connections` per `server.address` behind its flag.
@@ -707,31 +687,16 @@ fn dns_records_metrics_and_names_over_otlp() {
     require_root();
     let resolver = Resolver::start();
     resolver.listen();
-    let rt = runtime();
-    let received: Shared = Arc::new(Mutex::new(Received::default()));
-    let receiver = rt.block_on(receiver::grpc(
-        "127.0.0.1:0".parse().expect("addr"),
-        Arc::clone(&received),
-    ));
-    let endpoint = format!("http://{}", receiver.addr);
-    let collector = RunningCollector::start_with(
+    let run = OtlpRun::start(
         Path::new(COLLECTOR),
         &[
             "--probe",
             "tracepoint",
-            "--otlp-endpoint",
-            &endpoint,
-            "--export-interval",
-            "1s",
-            "--batch-timeout",
-            "200ms",
             "--close-records",
             "--connection-spans",
             "--metrics-server-address",
         ],
-        Duration::from_secs(60),
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
+    );
     let go = query_udp_connected(resolver.server(), "go.test", TYPE::A).expect("go.test");
     let again = query_udp_connected(resolver.server(), "go.test", TYPE::A).expect("go.test");
     assert_eq!(go, again);
@@ -744,17 +709,9 @@ fn dns_records_metrics_and_names_over_otlp() {
     stream.write_all(b"hello").expect("write");
     drop(stream);
     thread::sleep(Duration::from_millis(2500));
-    let (clean, _, stderr) = collector
-        .stop(Duration::from_secs(30))
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert!(
-        clean,
-        "collector did not stop cleanly:\n{}",
-        stderr.join("\n")
-    );
-    let received = received.lock().expect("lock");
+    let received = run.stop().received;
     let me = i64::from(std::process::id());
-    let mine = |attributes: &[KeyValue]| receiver::int_attr(attributes, "process.pid") == Some(me);
+    let mine = |attributes: &[KeyValue]| int_attr(attributes, "process.pid") == Some(me);
 
     let dns_logs: Vec<_> = received
         .log_records()
@@ -787,14 +744,7 @@ fn dns_records_metrics_and_names_over_otlp() {
         str_attr(&closes[0].attributes, "server.address").as_deref(),
         Some("go.test")
     );
-    let spans: Vec<_> = received
-        .traces
-        .iter()
-        .flat_map(|t| &t.resource_spans)
-        .flat_map(|rs| &rs.scope_spans)
-        .flat_map(|ss| &ss.spans)
-        .filter(|s| to_go(&s.attributes))
-        .collect();
+    let spans: Vec<_> = received.spans().filter(|s| to_go(&s.attributes)).collect();
     assert_eq!(spans.len(), 1, "one span to go.test");
     assert_eq!(
         str_attr(&spans[0].attributes, "server.address").as_deref(),
@@ -803,41 +753,22 @@ fn dns_records_metrics_and_names_over_otlp() {
 
     // The last export of each metric holds the cumulative values.
     let mut queries = BTreeMap::new();
-    let mut lookups = 0;
-    let mut named_connections = 0;
-    for request in &received.metrics {
-        for rm in &request.resource_metrics {
-            for metric in rm.scope_metrics.iter().flat_map(|sm| &sm.metrics) {
-                match (metric.name.as_str(), &metric.data) {
-                    ("egress.dns.queries", Some(Data::Sum(sum))) => {
-                        for p in &sum.data_points {
-                            if let (Some(rcode), Some(number_data_point::Value::AsInt(n))) =
-                                (str_attr(&p.attributes, "dns.response_code"), p.value)
-                            {
-                                let slot = queries.entry(rcode).or_insert(0);
-                                *slot = (*slot).max(n);
-                            }
-                        }
-                    }
-                    ("dns.lookup.duration", Some(Data::Histogram(h))) => {
-                        for p in &h.data_points {
-                            lookups = lookups.max(p.count);
-                        }
-                    }
-                    ("egress.connections", Some(Data::Sum(sum))) => {
-                        for p in &sum.data_points {
-                            if str_attr(&p.attributes, "server.address").as_deref()
-                                == Some("go.test")
-                            {
-                                named_connections += 1;
-                            }
-                        }
-                    }
-                    _ => {}
-                }
-            }
+    for p in received.sum_points("egress.dns.queries") {
+        if let (Some(rcode), Some(n)) = (str_attr(&p.attributes, "dns.response_code"), int_value(p))
+        {
+            let slot = queries.entry(rcode).or_insert(0);
+            *slot = (*slot).max(n);
         }
     }
+    let lookups = received
+        .histogram_points("dns.lookup.duration")
+        .map(|p| p.count)
+        .max()
+        .unwrap_or(0);
+    let named_connections = received
+        .sum_points("egress.connections")
+        .filter(|p| str_attr(&p.attributes, "server.address").as_deref() == Some("go.test"))
+        .count();
     // go.test twice (the repeat counted though not logged again), and this host's
     // other processes may have looked names up too.
     assert!(

@@ -14,39 +14,27 @@ use std::{
 use egress_testkit::{
     collector::RunningCollector,
     docker::{self, Container, Pod},
+    otlp_run::{OtlpRun, Protocol},
 };
 use opentelemetry_proto::tonic::{
-    common::v1::{KeyValue, any_value::Value as V},
+    common::v1::any_value::Value as V,
     metrics::v1::{metric::Data, number_data_point},
 };
 use support::{
     host::{require_root, sink_port},
-    receiver::{self, Received, Receiver, Shared, int_attr, runtime},
+    receiver::{self, Received, Shared, int_attr, resource_attributes, runtime, str_attr},
 };
 
 const COLLECTOR: &str = env!("CARGO_BIN_EXE_egress-collector");
 const TENANT: &str = "egress-e2e";
-
-fn string_attr(attributes: &[KeyValue], key: &str) -> Option<String> {
-    attributes.iter().find(|kv| kv.key == key).and_then(|kv| {
-        match kv.value.as_ref()?.value.as_ref()? {
-            V::StringValue(s) => Some(s.clone()),
-            _ => None,
-        }
-    })
-}
 
 /// Log records to `port`, by the `k8s.pod.name` of their resource (one entry per record).
 fn logs_by_pod(received: &Received, port: u16) -> BTreeMap<String, Vec<BTreeMap<String, String>>> {
     let mut by_pod: BTreeMap<String, Vec<BTreeMap<String, String>>> = BTreeMap::new();
     for request in &received.logs {
         for rl in &request.resource_logs {
-            let resource = rl
-                .resource
-                .as_ref()
-                .map(|r| r.attributes.clone())
-                .unwrap_or_default();
-            let pod = string_attr(&resource, "k8s.pod.name").unwrap_or_default();
+            let resource = resource_attributes(&rl.resource);
+            let pod = str_attr(resource, "k8s.pod.name").unwrap_or_default();
             for sl in &rl.scope_logs {
                 for log in &sl.log_records {
                     if int_attr(&log.attributes, "destination.port") == Some(i64::from(port)) {
@@ -58,21 +46,21 @@ fn logs_by_pod(received: &Received, port: u16) -> BTreeMap<String, Vec<BTreeMap<
                         };
                         let want = format!(
                             "{}/{pod} ({}) nc[{}] → {}:{port} tcp established",
-                            string_attr(&resource, "k8s.namespace.name").unwrap_or_default(),
-                            string_attr(&resource, "k8s.container.name").unwrap_or_default(),
+                            str_attr(resource, "k8s.namespace.name").unwrap_or_default(),
+                            str_attr(resource, "k8s.container.name").unwrap_or_default(),
                             int_attr(&log.attributes, "process.pid").unwrap_or_default(),
-                            string_attr(&log.attributes, "destination.address").unwrap_or_default(),
+                            str_attr(&log.attributes, "destination.address").unwrap_or_default(),
                         );
                         assert_eq!(body, want);
                         assert!(
-                            string_attr(&log.attributes, "thread.name").is_none()
+                            str_attr(&log.attributes, "thread.name").is_none()
                                 && int_attr(&log.attributes, "egress.namespace.net").is_none(),
                             "the default attribute set leaves the forensic fields out"
                         );
                         let resource_map = resource
                             .iter()
                             .filter_map(|kv| {
-                                string_attr(&resource, &kv.key).map(|v| (kv.key.clone(), v))
+                                str_attr(resource, &kv.key).map(|v| (kv.key.clone(), v))
                             })
                             .collect();
                         by_pod.entry(pod.clone()).or_default().push(resource_map);
@@ -89,12 +77,8 @@ fn connection_sums(received: &Received, port: u16) -> BTreeMap<String, i64> {
     let mut sums = BTreeMap::new();
     for request in &received.metrics {
         for rm in &request.resource_metrics {
-            let resource = rm
-                .resource
-                .as_ref()
-                .map(|r| r.attributes.clone())
-                .unwrap_or_default();
-            let Some(pod) = string_attr(&resource, "k8s.pod.name") else {
+            let resource = resource_attributes(&rm.resource);
+            let Some(pod) = str_attr(resource, "k8s.pod.name") else {
                 continue;
             };
             for metric in rm.scope_metrics.iter().flat_map(|sm| &sm.metrics) {
@@ -126,12 +110,8 @@ fn health(received: &Received, name: &str, reason: Option<&str>) -> Option<i64> 
     let mut last = None;
     for request in &received.metrics {
         for rm in &request.resource_metrics {
-            let resource = rm
-                .resource
-                .as_ref()
-                .map(|r| r.attributes.clone())
-                .unwrap_or_default();
-            if string_attr(&resource, "service.name").as_deref() != Some("egress-collector") {
+            let resource = resource_attributes(&rm.resource);
+            if str_attr(resource, "service.name").as_deref() != Some("egress-collector") {
                 continue;
             }
             for metric in rm
@@ -148,9 +128,8 @@ fn health(received: &Received, name: &str, reason: Option<&str>) -> Option<i64> 
                 let value = points
                     .iter()
                     .filter(|p| {
-                        reason.is_none_or(|r| {
-                            string_attr(&p.attributes, "reason").as_deref() == Some(r)
-                        })
+                        reason
+                            .is_none_or(|r| str_attr(&p.attributes, "reason").as_deref() == Some(r))
                     })
                     .filter_map(|p| match p.value {
                         Some(number_data_point::Value::AsInt(v)) => Some(v),
@@ -180,53 +159,33 @@ fn two_pods_connect(port: u16, per_pod: u32) -> [(Pod, Container); 2] {
     })
 }
 
-/// Starts a receiver on an address, recording into the shared store.
-type ReceiverStart = std::pin::Pin<Box<dyn std::future::Future<Output = Receiver>>>;
-
-fn two_containers_to_otlp(protocol: &str, start_receiver: fn(SocketAddr, Shared) -> ReceiverStart) {
+fn two_containers_to_otlp(protocol: Protocol) {
     require_root();
     const PER_POD: u32 = 5;
-    let rt = runtime();
-    let received: Shared = Arc::new(Mutex::new(Received::default()));
-    let receiver = rt.block_on(start_receiver(
-        "127.0.0.1:0".parse().expect("addr"),
-        Arc::clone(&received),
-    ));
     let port = sink_port();
     let pods = two_pods_connect(port, PER_POD);
-    let endpoint = format!("http://{}", receiver.addr);
-    let collector = RunningCollector::start_with(
+    let run = OtlpRun::start_serving(
+        protocol,
         Path::new(COLLECTOR),
         &[
-            "--otlp-endpoint",
-            &endpoint,
             "--otlp-protocol",
-            protocol,
+            protocol.flag(),
             "--otlp-compression",
             "gzip",
             "--otlp-header",
             &format!("x-tenant={TENANT}"),
-            "--export-interval",
-            "1s",
-            "--batch-timeout",
-            "200ms",
         ],
-        Duration::from_secs(60),
-    )
-    .expect("collector starts");
+    );
     for (_, container) in &pods {
         container.run_to_completion().expect("container runs");
     }
     std::thread::sleep(Duration::from_millis(1500));
-    let (ok, stdout, stderr) = collector
-        .stop(Duration::from_secs(30))
-        .expect("collector stops");
-    assert!(ok, "collector failed:\n{}", stderr.join("\n"));
+    let finished = run.stop();
+    let (received, stderr) = (finished.received, finished.stderr);
     assert!(
-        stdout.is_empty(),
+        finished.stdout.is_empty(),
         "with an endpoint, stdout stays empty unless --stdout"
     );
-    let received = received.lock().expect("lock");
 
     let logs = logs_by_pod(&received, port);
     assert_eq!(
@@ -284,16 +243,12 @@ fn two_containers_to_otlp(protocol: &str, start_receiver: fn(SocketAddr, Shared)
 
 #[test]
 fn grpc_two_containers_arrive_under_their_resources() {
-    two_containers_to_otlp("grpc", |addr, shared| {
-        Box::pin(receiver::grpc(addr, shared))
-    });
+    two_containers_to_otlp(Protocol::Grpc);
 }
 
 #[test]
 fn http_protobuf_two_containers_arrive_under_their_resources() {
-    two_containers_to_otlp("http/protobuf", |addr, shared| {
-        Box::pin(receiver::http(addr, shared))
-    });
+    two_containers_to_otlp(Protocol::HttpProtobuf);
 }
 
 /// Connections from this process to `port`; returns their source ports.

@@ -18,7 +18,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use egress_testkit::collector::RunningCollector;
+use egress_testkit::{
+    collector::RunningCollector,
+    records::{attr, parse, records_to},
+};
 use serde_json::Value;
 use support::host::{require_root, sh};
 
@@ -172,30 +175,6 @@ fn connect_nonblocking(dest: SocketAddr) -> i32 {
 fn close_fd(fd: i32) {
     // SAFETY: closing a socket this test opened.
     unsafe { libc::close(fd) };
-}
-
-fn attr<'a>(record: &'a Value, key: &str) -> &'a Value {
-    &record["attributes"][key]
-}
-
-/// The records of this process to `dest` of one `egress.event`.
-fn records_to<'a>(records: &'a [Value], dest: SocketAddr, event: &str) -> Vec<&'a Value> {
-    records
-        .iter()
-        .filter(|r| {
-            attr(r, "process.pid") == std::process::id()
-                && attr(r, "egress.event") == event
-                && attr(r, "destination.address") == dest.ip().to_string().as_str()
-                && attr(r, "destination.port") == dest.port()
-        })
-        .collect()
-}
-
-fn parse(stdout: &str) -> Vec<Value> {
-    stdout
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
-        .collect()
 }
 
 /// One record, or a problem.
@@ -545,95 +524,51 @@ fn an_unanswered_syn_is_reported_pending_once() {
 }
 
 mod otlp {
-    use std::sync::{Arc, Mutex};
-
-    use opentelemetry_proto::tonic::{
-        common::v1::{KeyValue, any_value::Value as V},
-        metrics::v1::{metric::Data, number_data_point},
-        trace::v1::{span::SpanKind, status::StatusCode},
-    };
+    use egress_testkit::otlp_run::OtlpRun;
+    use opentelemetry_proto::tonic::trace::v1::{span::SpanKind, status::StatusCode};
 
     use super::*;
-    use crate::support::receiver::{self, Received, Shared, int_attr, runtime};
-
-    fn str_attr(attributes: &[KeyValue], key: &str) -> Option<String> {
-        attributes.iter().find(|kv| kv.key == key).and_then(|kv| {
-            match kv.value.as_ref()?.value.as_ref()? {
-                V::StringValue(s) => Some(s.clone()),
-                _ => None,
-            }
-        })
-    }
+    use crate::support::receiver::{Received, int_attr, int_value, str_attr};
 
     /// The last cumulative value of a sum's point whose attributes include `with`.
     fn last_sum(received: &Received, metric: &str, with: &[(&str, &str)], port: u16) -> i64 {
-        let mut last = 0;
-        for rm in received.metrics.iter().flat_map(|r| &r.resource_metrics) {
-            for m in rm.scope_metrics.iter().flat_map(|s| &s.metrics) {
-                let Some(Data::Sum(sum)) = (m.name == metric).then_some(m.data.as_ref()).flatten()
-                else {
-                    continue;
-                };
-                for p in &sum.data_points {
-                    let matches = int_attr(&p.attributes, "destination.port") == Some(port.into())
-                        && with
-                            .iter()
-                            .all(|(k, v)| str_attr(&p.attributes, k).as_deref() == Some(*v));
-                    if let (true, Some(number_data_point::Value::AsInt(v))) = (matches, p.value) {
-                        last = v;
-                    }
-                }
-            }
-        }
-        last
+        received
+            .sum_points(metric)
+            .filter(|p| {
+                int_attr(&p.attributes, "destination.port") == Some(port.into())
+                    && with
+                        .iter()
+                        .all(|(k, v)| str_attr(&p.attributes, k).as_deref() == Some(*v))
+            })
+            .filter_map(int_value)
+            .last()
+            .unwrap_or(0)
     }
 
     fn histogram_count(received: &Received, metric: &str, port: u16) -> u64 {
-        let mut last = 0;
-        for rm in received.metrics.iter().flat_map(|r| &r.resource_metrics) {
-            for m in rm.scope_metrics.iter().flat_map(|s| &s.metrics) {
-                if let (true, Some(Data::Histogram(h))) = (m.name == metric, m.data.as_ref()) {
-                    for p in &h.data_points {
-                        if int_attr(&p.attributes, "destination.port") == Some(port.into()) {
-                            last = p.count;
-                        }
-                    }
-                }
-            }
-        }
-        last
+        received
+            .histogram_points(metric)
+            .filter(|p| int_attr(&p.attributes, "destination.port") == Some(port.into()))
+            .map(|p| p.count)
+            .last()
+            .unwrap_or(0)
     }
 
     /// Spans, close records and the lifecycle metrics arrive at a real OTLP receiver.
     #[test]
     fn spans_close_records_and_metrics_reach_the_otlp_receiver() {
         require_root();
-        let rt = runtime();
-        let received: Shared = Arc::new(Mutex::new(Received::default()));
-        let receiver = rt.block_on(receiver::grpc(
-            "127.0.0.1:0".parse().expect("addr"),
-            Arc::clone(&received),
-        ));
-        let endpoint = format!("http://{}", receiver.addr);
-        let collector = RunningCollector::start_with(
+        let run = OtlpRun::start(
             std::path::Path::new(COLLECTOR),
             &[
                 "--probe",
                 "tracepoint",
-                "--otlp-endpoint",
-                &endpoint,
                 "--connection-spans",
                 "--close-records",
-                "--export-interval",
-                "1s",
-                "--batch-timeout",
-                "200ms",
                 "--stats-interval",
                 "1h",
             ],
-            Duration::from_secs(60),
-        )
-        .expect("collector starts");
+        );
         let (bytes_addr, bytes_server) = bytes_server();
         let mut stream = TcpStream::connect(bytes_addr).expect("connect");
         stream.write_all(&vec![1u8; 1 << 20]).expect("write 1 MiB");
@@ -644,18 +579,11 @@ mod otlp {
         let refused = closed_port();
         TcpStream::connect(refused).expect_err("refused");
         thread::sleep(Duration::from_millis(1500));
-        let (clean, _, stderr) = collector.stop(Duration::from_secs(30)).expect("stop");
-        assert!(clean, "collector failed:\n{}", stderr.join("\n"));
-        drop(receiver);
-        let received = received.lock().expect("lock");
+        let received = run.stop().received;
         let pid = i64::from(std::process::id());
 
         let spans: Vec<_> = received
-            .traces
-            .iter()
-            .flat_map(|t| &t.resource_spans)
-            .flat_map(|rs| &rs.scope_spans)
-            .flat_map(|ss| &ss.spans)
+            .spans()
             .filter(|s| int_attr(&s.attributes, "process.pid") == Some(pid))
             .collect();
         let named = |addr: SocketAddr| -> Vec<_> {

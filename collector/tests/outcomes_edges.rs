@@ -13,35 +13,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use egress_testkit::collector::RunningCollector;
+use egress_testkit::{
+    collector::RunningCollector,
+    records::{attr, parse, records_to},
+};
 use serde_json::Value;
 use support::host::{require_root, sh};
 
 const COLLECTOR: &str = env!("CARGO_BIN_EXE_egress-collector");
-
-fn attr<'a>(record: &'a Value, key: &str) -> &'a Value {
-    &record["attributes"][key]
-}
-
-fn parse(stdout: &str) -> Vec<Value> {
-    stdout
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
-        .collect()
-}
-
-/// The records of this process to `dest` of one `egress.event`.
-fn records_to<'a>(records: &'a [Value], dest: SocketAddr, event: &str) -> Vec<&'a Value> {
-    records
-        .iter()
-        .filter(|r| {
-            attr(r, "process.pid") == std::process::id()
-                && attr(r, "egress.event") == event
-                && attr(r, "destination.address") == dest.ip().to_string().as_str()
-                && attr(r, "destination.port") == dest.port()
-        })
-        .collect()
-}
 
 fn start(extra: &[&str]) -> RunningCollector {
     let mut args = vec!["--probe", "tracepoint", "--stats-interval", "1h"];

@@ -6,39 +6,18 @@
 mod support;
 
 use std::{
-    mem::zeroed,
     net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket},
-    os::fd::AsRawFd,
-    sync::{Arc, Mutex},
     thread,
     time::Duration,
 };
 
-use egress_testkit::{collector::RunningCollector, traffic};
-use opentelemetry_proto::tonic::{
-    common::v1::{KeyValue, any_value::Value as V},
-    metrics::v1::{metric::Data, number_data_point},
-};
+use egress_testkit::{otlp_run::OtlpRun, traffic};
 use support::{
     host::require_root,
-    receiver::{self, Received, Shared, int_attr, runtime},
+    receiver::{Received, int_attr, int_value, str_attr},
 };
 
 const COLLECTOR: &str = env!("CARGO_BIN_EXE_egress-collector");
-
-fn sockaddr(to: SocketAddr) -> libc::sockaddr_in {
-    let SocketAddr::V4(v4) = to else {
-        unreachable!("IPv4 only")
-    };
-    libc::sockaddr_in {
-        sin_family: libc::AF_INET as u16,
-        sin_port: v4.port().to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from(*v4.ip()).to_be(),
-        },
-        sin_zero: [0; 8],
-    }
-}
 
 /// One sendmsg of `parts` as that many iovecs (one datagram); returns the bytes sent.
 fn sendmsg_parts(socket: &UdpSocket, to: SocketAddr, parts: &[usize]) -> usize {
@@ -49,29 +28,8 @@ fn sendmsg_parts(socket: &UdpSocket, to: SocketAddr, parts: &[usize]) -> usize {
 
 /// One sendmmsg of one datagram per entry of `sizes`; returns the bytes sent.
 fn sendmmsg_sizes(socket: &UdpSocket, to: SocketAddr, sizes: &[usize]) -> usize {
-    let mut sin = sockaddr(to);
-    let mut buffers: Vec<Vec<u8>> = sizes.iter().map(|n| vec![4u8; *n]).collect();
-    let mut iov: Vec<libc::iovec> = buffers
-        .iter_mut()
-        .map(|b| libc::iovec {
-            iov_base: b.as_mut_ptr().cast(),
-            iov_len: b.len(),
-        })
-        .collect();
-    // SAFETY: mmsghdr is plain old data; every pointer in it outlives the call.
-    let sent = unsafe {
-        let mut msgs: Vec<libc::mmsghdr> = (0..sizes.len()).map(|_| zeroed()).collect();
-        for (m, iov) in msgs.iter_mut().zip(iov.iter_mut()) {
-            m.msg_hdr.msg_name = (&mut sin as *mut libc::sockaddr_in).cast();
-            m.msg_hdr.msg_namelen = size_of::<libc::sockaddr_in>() as u32;
-            m.msg_hdr.msg_iov = iov;
-            m.msg_hdr.msg_iovlen = 1;
-        }
-        let n = libc::sendmmsg(socket.as_raw_fd(), msgs.as_mut_ptr(), msgs.len() as u32, 0);
-        assert_eq!(n, sizes.len() as i32, "sendmmsg");
-        msgs.iter().map(|m| m.msg_len as usize).sum::<usize>()
-    };
-    assert_eq!(sent, sizes.iter().sum::<usize>());
+    let sent = traffic::sendmmsg_sizes(socket, to, sizes).expect("sendmmsg");
+    assert_eq!(sent, sizes.iter().sum::<usize>(), "sendmmsg");
     sent
 }
 
@@ -79,38 +37,17 @@ fn send_to(socket: &UdpSocket, to: SocketAddr, n: usize) -> usize {
     socket.send_to(&vec![1u8; n], to).expect("sendto")
 }
 
-fn str_attr(attributes: &[KeyValue], key: &str) -> Option<String> {
-    attributes.iter().find(|kv| kv.key == key).and_then(|kv| {
-        match kv.value.as_ref()?.value.as_ref()? {
-            V::StringValue(s) => Some(s.clone()),
-            _ => None,
-        }
-    })
-}
-
 /// The last cumulative UDP transmit value of `egress.network.io` for `port`.
 fn udp_transmitted(received: &Received, port: u16) -> Option<i64> {
-    let mut last = None;
-    for rm in received.metrics.iter().flat_map(|r| &r.resource_metrics) {
-        for m in rm.scope_metrics.iter().flat_map(|s| &s.metrics) {
-            let Some(Data::Sum(sum)) = (m.name == "egress.network.io")
-                .then_some(m.data.as_ref())
-                .flatten()
-            else {
-                continue;
-            };
-            for p in &sum.data_points {
-                let ours = int_attr(&p.attributes, "destination.port") == Some(port.into())
-                    && str_attr(&p.attributes, "network.transport").as_deref() == Some("udp")
-                    && str_attr(&p.attributes, "network.io.direction").as_deref()
-                        == Some("transmit");
-                if let (true, Some(number_data_point::Value::AsInt(v))) = (ours, p.value) {
-                    last = Some(v);
-                }
-            }
-        }
-    }
-    last
+    received
+        .sum_points("egress.network.io")
+        .filter(|p| {
+            int_attr(&p.attributes, "destination.port") == Some(port.into())
+                && str_attr(&p.attributes, "network.transport").as_deref() == Some("udp")
+                && str_attr(&p.attributes, "network.io.direction").as_deref() == Some("transmit")
+        })
+        .filter_map(int_value)
+        .last()
 }
 
 /// Three windows of one flow (a 1 s window, 1.3 s apart): the records carry 100 (the
@@ -120,32 +57,17 @@ fn udp_transmitted(received: &Received, port: u16) -> Option<i64> {
 #[test]
 fn udp_bytes_are_carried_by_flow_records_and_counted_in_network_io() {
     require_root();
-    let rt = runtime();
-    let received: Shared = Arc::new(Mutex::new(Received::default()));
-    let receiver = rt.block_on(receiver::grpc(
-        "127.0.0.1:0".parse().expect("addr"),
-        Arc::clone(&received),
-    ));
-    let endpoint = format!("http://{}", receiver.addr);
-    let collector = RunningCollector::start_with(
+    let run = OtlpRun::start(
         std::path::Path::new(COLLECTOR),
         &[
             "--probe",
             "tracepoint",
-            "--otlp-endpoint",
-            &endpoint,
             "--udp-flow-window",
             "1s",
-            "--export-interval",
-            "1s",
-            "--batch-timeout",
-            "200ms",
             "--stats-interval",
             "1h",
         ],
-        Duration::from_secs(60),
-    )
-    .expect("collector starts");
+    );
     let sink = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).expect("sink");
     let to = sink.local_addr().expect("addr");
     let socket = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0)).expect("bind");
@@ -160,10 +82,7 @@ fn udp_bytes_are_carried_by_flow_records_and_counted_in_network_io() {
     total += send_to(&socket, to, 7);
     assert_eq!(total, 283);
     thread::sleep(Duration::from_millis(1500));
-    let (clean, _, stderr) = collector.stop(Duration::from_secs(30)).expect("stop");
-    assert!(clean, "collector failed:\n{}", stderr.join("\n"));
-    drop(receiver);
-    let received = received.lock().expect("lock");
+    let received = run.stop().received;
     let pid = i64::from(std::process::id());
     let source_port = i64::from(socket.local_addr().expect("addr").port());
     let mut records: Vec<_> = received

@@ -12,6 +12,18 @@ use std::{
 /// The line the collector logs once its probes are attached.
 pub const READY_LINE: &str = "Capturing egress connections.";
 
+/// A counter `name=<n>` in one of the collector's log lines (user space, or inside
+/// `kernel=…`).
+pub fn stat_in(line: &str, name: &str) -> Option<u64> {
+    let needle = format!(" {name}=");
+    let at = line.find(&needle)? + needle.len();
+    line[at..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
 pub struct RunningCollector {
     child: Child,
     /// Taken when stopped.

@@ -10,7 +10,10 @@ pub mod collector;
 pub mod dns;
 pub mod docker;
 #[cfg(feature = "otlp-receiver")]
+pub mod otlp_run;
+#[cfg(feature = "otlp-receiver")]
 pub mod receiver;
+pub mod records;
 pub mod scenario;
 pub mod static_build;
 pub mod traffic;

@@ -28,6 +28,9 @@ use opentelemetry_proto::tonic::collector::{
 use opentelemetry_proto::tonic::{
     common::v1::{KeyValue, any_value},
     logs::v1::LogRecord,
+    metrics::v1::{HistogramDataPoint, Metric, NumberDataPoint, metric::Data, number_data_point},
+    resource::v1::Resource,
+    trace::v1::Span,
 };
 use prost::Message;
 use tokio::sync::oneshot;
@@ -50,6 +53,57 @@ impl Received {
             .flat_map(|rl| &rl.scope_logs)
             .flat_map(|sl| &sl.log_records)
     }
+
+    /// Every span received, whatever its resource.
+    pub fn spans(&self) -> impl Iterator<Item = &Span> {
+        self.traces
+            .iter()
+            .flat_map(|t| &t.resource_spans)
+            .flat_map(|rs| &rs.scope_spans)
+            .flat_map(|ss| &ss.spans)
+    }
+
+    /// Every metric received, whatever its resource, in the order they arrived.
+    pub fn all_metrics(&self) -> impl Iterator<Item = &Metric> {
+        self.metrics
+            .iter()
+            .flat_map(|r| &r.resource_metrics)
+            .flat_map(|rm| &rm.scope_metrics)
+            .flat_map(|sm| &sm.metrics)
+    }
+
+    /// The points of every sum named `name`, in the order they arrived.
+    pub fn sum_points<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a NumberDataPoint> {
+        self.all_metrics()
+            .filter(move |m| m.name == name)
+            .filter_map(|m| match &m.data {
+                Some(Data::Sum(sum)) => Some(&sum.data_points),
+                _ => None,
+            })
+            .flatten()
+    }
+
+    /// The points of every histogram named `name`, in the order they arrived.
+    pub fn histogram_points<'a>(
+        &'a self,
+        name: &'a str,
+    ) -> impl Iterator<Item = &'a HistogramDataPoint> {
+        self.all_metrics()
+            .filter(move |m| m.name == name)
+            .filter_map(|m| match &m.data {
+                Some(Data::Histogram(h)) => Some(&h.data_points),
+                _ => None,
+            })
+            .flatten()
+    }
+}
+
+/// The integer value of a point, if it has one.
+pub fn int_value(point: &NumberDataPoint) -> Option<i64> {
+    match point.value {
+        Some(number_data_point::Value::AsInt(v)) => Some(v),
+        _ => None,
+    }
 }
 
 /// The integer value of attribute `key`, if it has one.
@@ -60,6 +114,21 @@ pub fn int_attr(attributes: &[KeyValue], key: &str) -> Option<i64> {
             _ => None,
         }
     })
+}
+
+/// The string value of attribute `key`, if it has one.
+pub fn str_attr(attributes: &[KeyValue], key: &str) -> Option<String> {
+    attributes.iter().find(|kv| kv.key == key).and_then(|kv| {
+        match kv.value.as_ref()?.value.as_ref()? {
+            any_value::Value::StringValue(s) => Some(s.clone()),
+            _ => None,
+        }
+    })
+}
+
+/// The attributes of a request's resource (none when it has no resource).
+pub fn resource_attributes(resource: &Option<Resource>) -> &[KeyValue] {
+    resource.as_ref().map_or(&[], |r| &r.attributes)
 }
 
 pub type Shared = Arc<Mutex<Received>>;

@@ -6,6 +6,7 @@ use serde_json::Value;
 
 use crate::{
     collector::RunningCollector,
+    records::attr,
     traffic::{self, Expected},
 };
 
@@ -74,13 +75,7 @@ impl Storm {
 /// `name=<n>` on the collector's last "Stopped." line.
 fn stopped_stat(stderr: &[String], name: &str) -> Option<u64> {
     let line = stderr.iter().rev().find(|l| l.contains("Stopped."))?;
-    let needle = format!(" {name}=");
-    let at = line.find(&needle)? + needle.len();
-    line[at..]
-        .split(|c: char| !c.is_ascii_digit())
-        .next()?
-        .parse()
-        .ok()
+    crate::collector::stat_in(line, name)
 }
 
 /// `threads` threads at once, each making `per_thread` attempts to a closed port (refused:
@@ -115,10 +110,6 @@ fn storm(threads: usize, per_thread: usize) -> Result<(u16, u64), String> {
             .map_err(|_| "a storm thread panicked".to_owned())??;
     }
     Ok((closed.port(), made))
-}
-
-fn attr<'a>(record: &'a Value, key: &str) -> &'a Value {
-    &record["attributes"][key]
 }
 
 fn matches(record: &Value, e: &Expected) -> bool {

@@ -27,16 +27,20 @@ pub struct Expected {
     pub udp_bytes: Option<u64>,
 }
 
+fn network_type(destination: SocketAddr) -> &'static str {
+    if destination.is_ipv4() {
+        "ipv4"
+    } else {
+        "ipv6"
+    }
+}
+
 fn tcp(what: String, source: SocketAddr, destination: SocketAddr) -> Expected {
     Expected {
         what,
         event: "tcp_connect",
         transport: "tcp",
-        network_type: if destination.is_ipv4() {
-            "ipv4"
-        } else {
-            "ipv6"
-        },
+        network_type: network_type(destination),
         source_port: Some(source.port()),
         source_ip: Some(source.ip()),
         destination,
@@ -52,11 +56,7 @@ fn udp(what: String, event: &'static str, source: SocketAddr, destination: Socke
         what,
         event,
         transport: "udp",
-        network_type: if destination.is_ipv4() {
-            "ipv4"
-        } else {
-            "ipv6"
-        },
+        network_type: network_type(destination),
         source_port: Some(source.port()),
         source_ip: Some(source.ip()),
         destination,
@@ -293,14 +293,8 @@ fn sendmsg_to(socket: &UdpSocket, to: SocketAddr) -> io::Result<()> {
 /// msg_name; the bytes sent.
 pub fn sendmsg_parts(socket: &UdpSocket, to: SocketAddr, parts: &[usize]) -> io::Result<usize> {
     let mut sin = sockaddr_in(v4(to)?);
-    let mut buffers: Vec<Vec<u8>> = parts.iter().map(|n| vec![b'p'; *n]).collect();
-    let mut iov: Vec<libc::iovec> = buffers
-        .iter_mut()
-        .map(|b| libc::iovec {
-            iov_base: b.as_mut_ptr().cast(),
-            iov_len: b.len(),
-        })
-        .collect();
+    let mut buffers = payloads(parts);
+    let mut iov = iovecs(&mut buffers);
     // SAFETY: msghdr is plain old data; every pointer in it outlives the call.
     unsafe {
         let mut msg: libc::msghdr = zeroed();
@@ -315,4 +309,42 @@ pub fn sendmsg_parts(socket: &UdpSocket, to: SocketAddr, parts: &[usize]) -> io:
         }
         Ok(sent as usize)
     }
+}
+
+/// One sendmmsg of one datagram per entry of `sizes`, each with the destination (IPv4)
+/// in msg_name; the bytes sent.
+pub fn sendmmsg_sizes(socket: &UdpSocket, to: SocketAddr, sizes: &[usize]) -> io::Result<usize> {
+    let mut sin = sockaddr_in(v4(to)?);
+    let mut buffers = payloads(sizes);
+    let mut iov = iovecs(&mut buffers);
+    // SAFETY: mmsghdr is plain old data; every pointer in it outlives the call.
+    unsafe {
+        let mut msgs: Vec<libc::mmsghdr> = (0..sizes.len()).map(|_| zeroed()).collect();
+        for (m, iov) in msgs.iter_mut().zip(iov.iter_mut()) {
+            m.msg_hdr.msg_name = (&mut sin as *mut libc::sockaddr_in).cast();
+            m.msg_hdr.msg_namelen = size_of::<libc::sockaddr_in>() as u32;
+            m.msg_hdr.msg_iov = iov;
+            m.msg_hdr.msg_iovlen = 1;
+        }
+        let n = libc::sendmmsg(socket.as_raw_fd(), msgs.as_mut_ptr(), msgs.len() as u32, 0);
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(msgs[..n as usize].iter().map(|m| m.msg_len as usize).sum())
+    }
+}
+
+fn payloads(sizes: &[usize]) -> Vec<Vec<u8>> {
+    sizes.iter().map(|n| vec![b'p'; *n]).collect()
+}
+
+/// One iovec per buffer; the buffers must outlive the call they are handed to.
+fn iovecs(buffers: &mut [Vec<u8>]) -> Vec<libc::iovec> {
+    buffers
+        .iter_mut()
+        .map(|b| libc::iovec {
+            iov_base: b.as_mut_ptr().cast(),
+            iov_len: b.len(),
+        })
+        .collect()
 }

@@ -22,7 +22,7 @@ use std::path::PathBuf;
 
 use self::otlp::SettingError;
 pub use self::{
-    args::{Cli, Command, EnrichArgs, OtlpArgs, ProbeArgs, RunArgs},
+    args::{Cli, Command, RunArgs},
     duration::parse_duration,
     file::ConfigFile,
 };

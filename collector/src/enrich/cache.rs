@@ -16,7 +16,7 @@ use super::{
     runtime::{ContainerMetadata, RuntimeFiles},
 };
 use crate::config::settings::CacheSettings;
-use crate::telemetry::Stats;
+use crate::telemetry::enrich::{EnrichEvent, EnrichTelemetry};
 
 /// What the pipeline attaches to each connection of one container.
 #[derive(Debug, Clone)]
@@ -40,7 +40,7 @@ pub struct ContainerCache {
     host: BTreeMap<&'static str, String>,
     settings: CacheSettings,
     entries: HashMap<String, Entry>,
-    stats: Arc<Stats>,
+    telemetry: EnrichTelemetry,
 }
 
 fn resource_of(
@@ -79,14 +79,14 @@ impl ContainerCache {
         files: RuntimeFiles,
         host: BTreeMap<&'static str, String>,
         settings: CacheSettings,
-        stats: Arc<Stats>,
+        telemetry: EnrichTelemetry,
     ) -> Self {
         Self {
             files,
             host,
             settings,
             entries: HashMap::new(),
-            stats,
+            telemetry,
         }
     }
 
@@ -119,16 +119,13 @@ impl ContainerCache {
                 )
             }
             Err(e) => {
-                self.stats.record_enrichment_failed(e.reason());
-                if !failure_logged {
-                    tracing::warn!(
-                        container.id = %container.id,
-                        reason = e.reason(),
-                        error = %e,
-                        "No pod metadata for a container; its connections carry the container id only."
-                    );
-                    failure_logged = true;
-                }
+                self.telemetry.emit(EnrichEvent::LookupFailed {
+                    reason: e.reason(),
+                    container: &container.id,
+                    error: &e,
+                    first: !failure_logged,
+                });
+                failure_logged = true;
                 let resource = resource_of(&self.host, container, None);
                 (
                     Identity {
@@ -189,8 +186,7 @@ impl ContainerCache {
                 removed_at,
             },
         );
-        self.stats
-            .record_enrichment_event("container_read_at_creation");
+        self.telemetry.emit(EnrichEvent::ContainerReadAtCreation);
     }
 
     fn evict_least_recently_used(&mut self) {
@@ -201,8 +197,7 @@ impl ContainerCache {
             .map(|(id, _)| id.clone());
         if let Some(id) = oldest {
             self.entries.remove(&id);
-            self.stats
-                .record_enrichment_event("container_cache_evicted");
+            self.telemetry.emit(EnrichEvent::ContainerCacheEvicted);
         }
     }
 

@@ -23,7 +23,10 @@ use std::{
 
 use inotify::{EventMask, Inotify, WatchDescriptor, WatchMask};
 
-use crate::{events::text::Text, telemetry::Stats};
+use crate::{
+    events::text::Text,
+    telemetry::enrich::{EnrichEvent, EnrichTelemetry},
+};
 
 /// Upper bound on remembered cgroups, far above any node's count.
 const MAX_ENTRIES: usize = 500_000;
@@ -65,13 +68,13 @@ pub struct CgroupPaths {
     /// Set by the watcher when it queues a whole-tree resync, cleared once applied: at
     /// most one waits in the channel, however long enrichment takes to apply it.
     resync_pending: Arc<AtomicBool>,
-    stats: Arc<Stats>,
+    telemetry: EnrichTelemetry,
 }
 
 impl CgroupPaths {
     /// Walks `root` and starts its watcher thread.
-    pub fn watch(root: Option<PathBuf>, stats: Arc<Stats>) -> Self {
-        let mut paths = Self::new(root.clone(), stats);
+    pub fn watch(root: Option<PathBuf>, telemetry: EnrichTelemetry) -> Self {
+        let mut paths = Self::new(root.clone(), telemetry);
         if let Some(root) = root {
             let (tx, rx) = mpsc::channel();
             let initial = Watcher::start(root, tx, Arc::clone(&paths.resync_pending));
@@ -82,7 +85,7 @@ impl CgroupPaths {
     }
 
     /// An empty index without a watcher (tests; or no hierarchy).
-    pub fn new(root: Option<PathBuf>, stats: Arc<Stats>) -> Self {
+    pub fn new(root: Option<PathBuf>, telemetry: EnrichTelemetry) -> Self {
         Self {
             root,
             by_id: HashMap::new(),
@@ -90,7 +93,7 @@ impl CgroupPaths {
             by_name: HashMap::new(),
             changes: None,
             resync_pending: Arc::new(AtomicBool::new(false)),
-            stats,
+            telemetry,
         }
     }
 
@@ -139,7 +142,7 @@ impl CgroupPaths {
             return;
         }
         if self.by_id.len() >= MAX_ENTRIES && !self.by_id.contains_key(&id) {
-            self.stats.record_enrichment_event("cgroup_index_full");
+            self.telemetry.emit(EnrichEvent::CgroupIndexFull);
             return;
         }
         // A cgroup renamed (v1 allows it): its old path is no longer its.
@@ -220,7 +223,7 @@ impl CgroupPaths {
             self.apply_changes(now);
         }
         if !self.by_id.contains_key(&id) && !self.look_up(id, leaf, parent) {
-            self.stats.record_enrichment_event("cgroup_unresolved");
+            self.telemetry.emit(EnrichEvent::CgroupUnresolved);
             return None;
         }
         self.by_id.get(&id).map(|k| &k.path)
@@ -264,7 +267,7 @@ impl CgroupPaths {
         });
         match found {
             Some(path) => {
-                self.stats.record_enrichment_event("cgroup_looked_up");
+                self.telemetry.emit(EnrichEvent::CgroupLookedUp);
                 self.insert(id, path);
                 true
             }
@@ -571,6 +574,7 @@ pub fn walk_all(root: &Path) -> Vec<(u64, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::telemetry::Stats;
 
     fn ino(p: &Path) -> u64 {
         std::fs::metadata(p).expect("stat").ino()
@@ -614,7 +618,8 @@ mod tests {
         let early = root.join("kubepods/burstable/podabc");
         std::fs::create_dir_all(&early).expect("dirs");
         let stats = Arc::new(Stats::default());
-        let mut paths = CgroupPaths::watch(Some(root.clone()), Arc::clone(&stats));
+        let mut paths =
+            CgroupPaths::watch(Some(root.clone()), EnrichTelemetry::new(Arc::clone(&stats)));
         let now = Instant::now();
         assert_eq!(
             paths.resolve(ino(&early), "podabc", "burstable", now),
@@ -655,7 +660,8 @@ mod tests {
         std::fs::create_dir_all(&pod).expect("dirs");
         let stats = Arc::new(Stats::default());
         // No watcher: only the walk's index and the lookup by name.
-        let mut paths = CgroupPaths::new(Some(root.clone()), Arc::clone(&stats));
+        let mut paths =
+            CgroupPaths::new(Some(root.clone()), EnrichTelemetry::new(Arc::clone(&stats)));
         for (id, path) in walk_all(root) {
             paths.apply(CgroupChange::Added { id, path }, Instant::now());
         }
@@ -677,7 +683,7 @@ mod tests {
             None
         );
         assert_eq!(paths.resolve(0, "x", "y", now), None);
-        let counts = stats.enrichment_events();
+        let counts = stats.snapshot_user().enrichment_events;
         assert_eq!(counts.get("cgroup_looked_up"), Some(&1));
         assert_eq!(counts.get("cgroup_unresolved"), Some(&3));
         // A child of the root: the root's kernfs name is empty.
@@ -691,8 +697,10 @@ mod tests {
 
     #[test]
     fn a_resync_forgets_what_is_gone() {
-        let stats = Arc::new(Stats::default());
-        let mut paths = CgroupPaths::new(Some(PathBuf::from("/nonexistent")), stats);
+        let mut paths = CgroupPaths::new(
+            Some(PathBuf::from("/nonexistent")),
+            EnrichTelemetry::default(),
+        );
         let t0 = Instant::now();
         paths.apply(
             CgroupChange::Resync(vec![(1, "/".into()), (2, "/a".into()), (3, "/a/b".into())]),
@@ -747,7 +755,7 @@ mod tests {
         std::fs::create_dir_all(root.join("a/b/c/d")).expect("dirs");
         std::fs::create_dir_all(root.join("elsewhere")).expect("dirs");
         let (mut watcher, initial) = watcher(root, true);
-        let mut paths = CgroupPaths::new(Some(root.clone()), Arc::new(Stats::default()));
+        let mut paths = CgroupPaths::new(Some(root.clone()), EnrichTelemetry::default());
         paths.apply(CgroupChange::Resync(initial), Instant::now());
         let (tx, rx) = mpsc::channel();
         let mut buffer = vec![0u8; 64 * 1024];
@@ -799,7 +807,7 @@ mod tests {
         assert_eq!(queued.len(), 1, "one resync waits");
         assert!(watcher.resync_owed);
         // Applied: the owed one goes out at the next step.
-        let mut paths = CgroupPaths::new(Some(root.clone()), Arc::new(Stats::default()));
+        let mut paths = CgroupPaths::new(Some(root.clone()), EnrichTelemetry::default());
         paths.resync_pending = Arc::clone(&watcher.resync_pending);
         for change in queued {
             paths.apply(change, Instant::now());
@@ -811,7 +819,7 @@ mod tests {
 
     #[test]
     fn without_a_hierarchy_nothing_resolves() {
-        let mut paths = CgroupPaths::watch(None, Arc::new(Stats::default()));
+        let mut paths = CgroupPaths::watch(None, EnrichTelemetry::default());
         assert_eq!(paths.resolve(42, "a", "b", Instant::now()), None);
     }
 }

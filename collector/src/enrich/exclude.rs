@@ -3,27 +3,30 @@
 //! dropped here; its cgroup is then handed to the kernel, which drops the rest before
 //! they cost a record.
 
-use std::{collections::HashSet, sync::Arc};
+use std::collections::HashSet;
 
 use opentelemetry_semantic_conventions::attribute as semconv;
 
 use super::Record;
-use crate::{probe::feedback::ExcludedCgroups, telemetry::Stats};
+use crate::{
+    probe::feedback::ExcludedCgroups,
+    telemetry::enrich::{EnrichEvent, EnrichTelemetry},
+};
 
 pub struct NamespaceFilter {
     namespaces: HashSet<String>,
     /// The programs' `EXCLUDED_CGROUPS`.
     kernel: ExcludedCgroups,
-    stats: Arc<Stats>,
+    telemetry: EnrichTelemetry,
     warned: bool,
 }
 
 impl NamespaceFilter {
-    pub fn new(namespaces: &[String], kernel: ExcludedCgroups, stats: Arc<Stats>) -> Self {
+    pub fn new(namespaces: &[String], kernel: ExcludedCgroups, telemetry: EnrichTelemetry) -> Self {
         Self {
             namespaces: namespaces.iter().cloned().collect(),
             kernel,
-            stats,
+            telemetry,
             warned: false,
         }
     }
@@ -37,7 +40,9 @@ impl NamespaceFilter {
             return true;
         }
         // The connections it stands for (more than one for an aggregate's closing record).
-        self.stats.record_filtered(record.connection.count as usize);
+        self.telemetry.emit(EnrichEvent::Filtered {
+            connections: record.connection.count,
+        });
         // The key the programs use: the cgroup whose name the kernel read. Handed over
         // only when it (or its parent, for a child cgroup of the container) names the
         // container: on a hybrid host a container found through the unified hierarchy
@@ -55,8 +60,8 @@ impl NamespaceFilter {
         if let Err(e) = self.kernel.exclude(key)
             && !self.warned
         {
-            // Still filtered, here instead of in the kernel.
-            tracing::warn!(error = %e, "Cannot hand an excluded cgroup to the kernel; filtering it in user space.");
+            self.telemetry
+                .emit(EnrichEvent::ExclusionNotHandedToKernel { error: &e });
             self.warned = true;
         }
         false

@@ -5,7 +5,8 @@
 //! the pod comes from the runtime's own files, read once per container and cached. Runs
 //! on its own thread: file reads on a cache miss never hold up capture.
 //!
-//! Public items: [`Enricher`] (the stage), [`Record`] and [`Resource`] (what it hands
+//! Public items: [`Enricher`] (the stage, reporting through
+//! `telemetry::enrich::EnrichTelemetry`), [`Record`] and [`Resource`] (what it hands
 //! to export), [`HostIdentity`], [`CgroupRoots`], and its parts: [`container_ref`]
 //! (a container's identity from a cgroup path: `crate::cgroup_names`), [`cgroup_index`] (cgroup id -> path),
 //! [`cache`] (container identities), [`runtime`] (docker, containerd, CRI-O files),
@@ -40,7 +41,7 @@ use self::{
 use crate::{
     config::settings::CacheSettings,
     events::{Connection, text::Text},
-    telemetry::Stats,
+    telemetry::enrich::{EnrichEvent, EnrichTelemetry},
 };
 
 /// Resource attributes shared by every connection of one workload.
@@ -130,7 +131,7 @@ pub struct Enricher {
     last_sweep: Instant,
     removal_grace: Duration,
     namespace_filter: Option<NamespaceFilter>,
-    stats: Arc<Stats>,
+    telemetry: EnrichTelemetry,
     /// Where the ids of containers that went away are sent (the OTLP exporter ends their
     /// metric series).
     departures: Option<tokio::sync::mpsc::UnboundedSender<String>>,
@@ -138,7 +139,7 @@ pub struct Enricher {
 
 const SWEEP_EVERY: Duration = Duration::from_secs(10);
 /// How often changes are applied when no connection arrives.
-pub const APPLY_EVERY: Duration = Duration::from_secs(1);
+const APPLY_EVERY: Duration = Duration::from_secs(1);
 
 /// Where the cgroup hierarchies are mounted, under the host root.
 #[derive(Debug, Clone, Default)]
@@ -158,7 +159,7 @@ impl Enricher {
         files: RuntimeFiles,
         settings: CacheSettings,
         changes: std_mpsc::Receiver<DirChange>,
-        stats: Arc<Stats>,
+        telemetry: EnrichTelemetry,
     ) -> Self {
         let attributes = host.attributes();
         let removal_grace = settings.removal_grace;
@@ -167,16 +168,16 @@ impl Enricher {
                 attributes: attributes.clone(),
             }),
             host_net_ns: host.net_ns,
-            containers: ContainerCache::new(files, attributes, settings, Arc::clone(&stats)),
-            cgroup_index: CgroupPaths::watch(cgroups.probed, Arc::clone(&stats)),
+            containers: ContainerCache::new(files, attributes, settings, telemetry.clone()),
+            cgroup_index: CgroupPaths::watch(cgroups.probed, telemetry.clone()),
             unified_paths: cgroups
                 .unified
-                .map(|root| CgroupPaths::watch(Some(root), Arc::clone(&stats))),
+                .map(|root| CgroupPaths::watch(Some(root), telemetry.clone())),
             changes,
             last_sweep: Instant::now(),
             removal_grace,
             namespace_filter: None,
-            stats,
+            telemetry,
             departures: None,
         }
     }
@@ -215,7 +216,7 @@ impl Enricher {
             && let Some(path) = unified.known_shared(cgroup.id, now)
             && let Some(found) = container_ref::parse(path)
         {
-            self.stats.record_enrichment_event("hybrid_unified");
+            self.telemetry.emit(EnrichEvent::HybridUnified);
             cgroup_path = Some(path.clone());
             container = Some(found);
         }

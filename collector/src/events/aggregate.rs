@@ -7,7 +7,10 @@ use std::collections::HashMap;
 use egress_shared::AggregateKey;
 
 use super::{Connection, clock::BootClock};
-use crate::{probe::feedback::AggregateWindows, telemetry::Stats};
+use crate::{
+    probe::feedback::AggregateWindows,
+    telemetry::events::{ReaderEvent, ReaderTelemetry},
+};
 
 /// Opening records kept at most (the kernel map holds 8192 aggregates).
 const MAX_OPEN: usize = 16384;
@@ -49,7 +52,7 @@ impl Aggregates {
         now_boot_ns: u64,
         all: bool,
         clock: &BootClock,
-        stats: &Stats,
+        telemetry: &ReaderTelemetry,
         out: &mut Vec<Connection>,
     ) {
         let current = AggregateKey::window_of(now_boot_ns, self.window_ns);
@@ -79,7 +82,7 @@ impl Aggregates {
                     record.udp_bytes = None;
                     out.push(record);
                 }
-                None => stats.record_repeats_lost(repeats),
+                None => telemetry.emit(ReaderEvent::RepeatsLost { repeats }),
             }
         }
         // Opening records whose aggregate had no repeats (or was already gone).

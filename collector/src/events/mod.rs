@@ -1,8 +1,10 @@
 //! Ring buffer reader: wakes on the ring buffer's fd, decodes every record, and hands
 //! typed connections on without ever waiting for the stages after it.
 //!
-//! Public items: [`EventReader`] (the stage), [`Connection`] and its parts ([`Transport`],
-//! [`Delivery`]), [`DecodeError`] (its `reason()` is what telemetry counts), and the
+//! Public items: [`EventReader`] (the stage, reporting through
+//! `telemetry::events::ReaderTelemetry`), [`BATCH_RECORDS`] (the batch size the queues
+//! are counted in), [`Connection`] and its parts ([`Transport`], [`Delivery`]),
+//! [`DecodeError`] (its static `reason()` is what telemetry counts), and the
 //! helpers the reader runs: [`aggregate`] (closing in-kernel aggregates through
 //! `probe::feedback`), [`names`] (DNS names of connections), [`outcome`] (TCP outcomes
 //! and closes), [`clock`] (boot time to wall time), [`decode`], [`text`] (names as
@@ -14,8 +16,6 @@ pub mod decode;
 pub mod names;
 pub mod outcome;
 pub mod text;
-
-use std::sync::Arc;
 
 use aya::maps::{MapData, RingBuf};
 use tokio::{
@@ -35,7 +35,7 @@ use self::{
 use crate::{
     config::settings::{DnsSettings, OutcomeSettings},
     probe::pending::PendingAttempts,
-    telemetry::Stats,
+    telemetry::events::{ReaderEvent, ReaderTelemetry},
 };
 
 /// Most events handed on at once; the queues between stages hold
@@ -43,7 +43,7 @@ use crate::{
 pub const BATCH_RECORDS: usize = 1024;
 
 /// Longest an event waits in the ring buffer when too few arrive to wake the reader.
-pub const POLL_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
+const POLL_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
 /// An attempt reported as pending whose completion is still unseen this long after it
 /// began is forgotten once the kernel no longer holds it (see
 /// `outcome::Tracker::forget_stale_pending`): longer than any SYN timeout by default.
@@ -52,7 +52,7 @@ const STALE_PENDING_NS: u64 = 600_000_000_000;
 pub struct EventReader {
     ring: AsyncFd<RingBuf<MapData>>,
     clock: BootClock,
-    stats: Arc<Stats>,
+    telemetry: ReaderTelemetry,
     aggregates: Option<Aggregates>,
     tracker: Tracker,
     pending: Option<PendingAttempts>,
@@ -67,7 +67,7 @@ impl EventReader {
     pub fn new(
         ring: RingBuf<MapData>,
         aggregates: Option<Aggregates>,
-        stats: Arc<Stats>,
+        telemetry: ReaderTelemetry,
     ) -> std::io::Result<Self> {
         // SAFETY: the RingBuf owns its map fd and keeps it open, unchanged, for as long
         // as the AsyncFd owns the RingBuf.
@@ -76,7 +76,7 @@ impl EventReader {
         Ok(Self {
             ring,
             clock: BootClock::now(),
-            stats,
+            telemetry,
             aggregates,
             tracker: Tracker::default(),
             pending: None,
@@ -134,7 +134,7 @@ impl EventReader {
                             guard.clear_ready();
                         }
                         Err(e) => {
-                            tracing::error!(error = %e, "The ring buffer cannot be polled; capture stops.");
+                            self.telemetry.emit(ReaderEvent::RingBufferFailed { error: &e });
                             break;
                         }
                     }
@@ -150,10 +150,9 @@ impl EventReader {
                     let unanswered = self.names.unanswered();
                     self.hand_on(unanswered, &out);
                     // Younger queries cannot be called unanswered yet: counted.
-                    self.stats.record_dns(
-                        "queries_pending_at_shutdown",
-                        self.names.pending_queries() as u64,
-                    );
+                    self.telemetry.emit(ReaderEvent::DnsQueriesPendingAtShutdown {
+                        queries: self.names.pending_queries() as u64,
+                    });
                     break;
                 }
             }
@@ -172,7 +171,7 @@ impl EventReader {
             if let Some(item) = item {
                 match decode(&item, &self.clock, &mut self.interned) {
                     Ok(Decoded::Connection(mut connection)) => {
-                        if !self.names.connection(&mut connection, now, &self.stats) {
+                        if !self.names.connection(&mut connection, now, &self.telemetry) {
                             continue;
                         }
                         if let Some(aggregates) = &mut self.aggregates {
@@ -200,21 +199,23 @@ impl EventReader {
                         }
                     }
                     Ok(Decoded::Dns(raw)) => {
-                        if let Some(record) = self.names.answer(*raw, &self.stats)
+                        if let Some(record) = self.names.answer(*raw, &self.telemetry)
                             && (record.logged() || self.outcomes.metrics)
                         {
                             batch.push(record);
                         }
                     }
-                    Err(e) => self.stats.record_decode_failed(e.reason()),
+                    Err(e) => self
+                        .telemetry
+                        .emit(ReaderEvent::DecodeFailed { reason: e.reason() }),
                 }
             }
             if batch.len() >= BATCH_RECORDS || (!more && !batch.is_empty()) {
                 // Records for the metrics only are not records to export.
                 let n = batch.iter().filter(|c| c.logged()).count();
-                self.stats.record_captured(n);
+                self.telemetry.emit(ReaderEvent::HandedOn { records: n });
                 if out.try_send(std::mem::take(&mut batch)).is_err() {
-                    self.stats.record_queue_full(n);
+                    self.telemetry.emit(ReaderEvent::QueueFull { records: n });
                 }
             }
             if !more {
@@ -236,10 +237,12 @@ impl EventReader {
             still.insert((raw.sock_id, raw.boot_time_ns));
             match decode_connect(raw.as_bytes(), &self.clock, &mut self.interned) {
                 Ok(mut connection) => {
-                    self.names.connection(&mut connection, now, &self.stats);
+                    self.names.connection(&mut connection, now, &self.telemetry);
                     batch.extend(self.tracker.pending(connection));
                 }
-                Err(e) => self.stats.record_decode_failed(e.reason()),
+                Err(e) => self
+                    .telemetry
+                    .emit(ReaderEvent::DecodeFailed { reason: e.reason() }),
             }
         }
         self.tracker
@@ -252,10 +255,8 @@ impl EventReader {
     fn flush_open(&mut self, out: &mpsc::Sender<Vec<Connection>>) {
         let unmatched = self.tracker.unmatched_closes;
         if unmatched > 0 {
-            tracing::info!(
-                closes = unmatched,
-                "Closes of connections reported before this collector started were not reported."
-            );
+            self.telemetry
+                .emit(ReaderEvent::ClosesUnmatched { closes: unmatched });
         }
         if !self.outcomes.close_records && !self.outcomes.spans {
             return;
@@ -272,9 +273,9 @@ impl EventReader {
     fn hand_on(&self, records: Vec<Connection>, out: &mpsc::Sender<Vec<Connection>>) {
         for batch in records.chunks(BATCH_RECORDS) {
             let n = batch.iter().filter(|c| c.logged()).count();
-            self.stats.record_captured(n);
+            self.telemetry.emit(ReaderEvent::HandedOn { records: n });
             if out.try_send(batch.to_vec()).is_err() {
-                self.stats.record_queue_full(n);
+                self.telemetry.emit(ReaderEvent::QueueFull { records: n });
             }
         }
     }
@@ -290,17 +291,19 @@ impl EventReader {
             clock::boot_now_ns(),
             all,
             &self.clock,
-            &self.stats,
+            &self.telemetry,
             &mut closing,
         );
         for batch in closing.chunks(BATCH_RECORDS) {
-            self.stats.record_captured(batch.len());
+            let records = batch.len();
+            self.telemetry.emit(ReaderEvent::HandedOn { records });
             if out.try_send(batch.to_vec()).is_err() {
                 // Each record stands for its repeats: all of them are lost.
                 let connections = batch.iter().map(|c| c.count).sum::<u64>();
-                self.stats.record_queue_full(batch.len());
-                self.stats
-                    .record_repeats_lost(connections.saturating_sub(batch.len() as u64));
+                self.telemetry.emit(ReaderEvent::QueueFull { records });
+                self.telemetry.emit(ReaderEvent::RepeatsLost {
+                    repeats: connections.saturating_sub(records as u64),
+                });
             }
         }
     }

@@ -18,7 +18,7 @@ use crate::{
         self,
         cache::{Match, NameCache},
     },
-    telemetry::Stats,
+    telemetry::events::{ReaderEvent, ReaderTelemetry},
 };
 
 type DedupKey = (u64, String, u16, u8);
@@ -68,30 +68,22 @@ impl Names {
     /// A DNS message read by a workload: its record (metrics only for a repeat of the
     /// same container/name/type/rcode in its window), or `None` for a message that does
     /// not parse (counted).
-    pub fn answer(&mut self, raw: RawDns, stats: &Stats) -> Option<Connection> {
+    pub fn answer(&mut self, raw: RawDns, telemetry: &ReaderTelemetry) -> Option<Connection> {
         if raw.truncated {
-            stats.record_dns("truncated", 1);
+            telemetry.emit(ReaderEvent::DnsTruncated);
         }
         if raw.query {
-            self.query(raw, stats);
+            self.query(raw, telemetry);
             return None;
         }
         let answer = match dns::parse(&raw.payload, raw.tcp) {
             Ok(answer) => answer,
             Err(e) => {
-                stats.record_dns(
-                    match e.reason() {
-                        "malformed" => "unparsed_malformed",
-                        "not_response" => "unparsed_not_response",
-                        "not_query" => "unparsed_not_query",
-                        _ => "unparsed_no_question",
-                    },
-                    1,
-                );
+                telemetry.emit(ReaderEvent::DnsAnswerUnparsed { reason: e.reason() });
                 return None;
             }
         };
-        stats.record_dns("answers", 1);
+        telemetry.emit(ReaderEvent::DnsAnswer);
         let now = clock::boot_now_ns();
         let mut record = raw.head;
         self.queries.remove(&(record.outcome_sock(), answer.id));
@@ -99,7 +91,9 @@ impl Names {
         self.cache
             .insert(record.cgroup.leaf_id, pod.as_deref(), &answer, now);
         if self.cache.full > self.cache_full_seen {
-            stats.record_dns("cache_full", self.cache.full - self.cache_full_seen);
+            telemetry.emit(ReaderEvent::DnsCacheFull {
+                names: self.cache.full - self.cache_full_seen,
+            });
             self.cache_full_seen = self.cache.full;
         }
         let key = (
@@ -114,7 +108,7 @@ impl Names {
             && now.saturating_sub(*last) < window
         {
             // A repeat in its window: counted in the metrics, not logged again.
-            stats.record_dns("deduplicated", 1);
+            telemetry.emit(ReaderEvent::DnsDeduplicated);
             record.delivery = super::Delivery::MetricsOnly;
         } else {
             self.reported.insert(key, now);
@@ -128,17 +122,17 @@ impl Names {
     }
 
     /// A query sent: followed until its answer, reported if none comes.
-    fn query(&mut self, raw: RawDns, stats: &Stats) {
+    fn query(&mut self, raw: RawDns, telemetry: &ReaderTelemetry) {
         let question = match dns::parse_query(&raw.payload, raw.tcp) {
             Ok(q) => q,
             Err(_) => {
-                stats.record_dns("unparsed_query", 1);
+                telemetry.emit(ReaderEvent::DnsQueryUnparsed);
                 return;
             }
         };
-        stats.record_dns("queries", 1);
+        telemetry.emit(ReaderEvent::DnsQuery);
         if self.queries.len() >= MAX_PENDING_QUERIES {
-            stats.record_dns("queries_not_followed", 1);
+            telemetry.emit(ReaderEvent::DnsQueryNotFollowed);
             return;
         }
         let mut record = raw.head;
@@ -181,7 +175,12 @@ impl Names {
 
     /// Names a connection (or folds a lookup's own flow): false drops the record. `now`
     /// (boot ns) is read once per batch by the caller, not per connection.
-    pub fn connection(&mut self, connection: &mut Connection, now: u64, stats: &Stats) -> bool {
+    pub fn connection(
+        &mut self,
+        connection: &mut Connection,
+        now: u64,
+        telemetry: &ReaderTelemetry,
+    ) -> bool {
         if !self.settings.enabled {
             return true;
         }
@@ -189,7 +188,7 @@ impl Names {
             && connection.destination.port() == 53
             && !self.settings.keep_flows
         {
-            stats.record_dns("folded_flows", 1);
+            telemetry.emit(ReaderEvent::DnsFlowFolded);
             return false;
         }
         let pod = pod_of(connection);

@@ -5,7 +5,8 @@
 //! Sinks report what happened through [`crate::telemetry::export::ExportTelemetry`]
 //! (typed events, counted and logged in one place), never through the shared `Stats`.
 //!
-//! Public items: [`Sink`] (what every destination is), [`Feed`], [`Records`] (a batch as
+//! Public items: [`Sink`] (what every destination is) with its [`Feed`] and [`Running`],
+//! [`Records`] (a batch as
 //! every sink gets it: shared, never copied), [`fan_out`] (one queue per sink, fed from
 //! enrichment's), [`ExportError`].
 

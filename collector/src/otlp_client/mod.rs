@@ -1,9 +1,11 @@
 //! The one OTLP client, used by the OTLP sinks (`export::otlp`) and by the collector's own
-//! telemetry (`telemetry::otel`): [`transport::Client`] sends requests over gRPC or
-//! HTTP/protobuf with TLS, headers and compression (its settings are
-//! [`crate::config::otlp::SignalSettings`]), [`retry::Backoff`] spaces the retries, and
-//! [`collector_resource`] is the collector's own identity, built once and handed to each
-//! user as a value.
+//! telemetry (`telemetry::otel`). Depends on `config` only.
+//!
+//! Public items: [`transport`] ([`transport::Client`] sends requests over gRPC or
+//! HTTP/protobuf with TLS, headers and compression; its settings are
+//! [`crate::config::otlp::SignalSettings`]), [`retry`] ([`retry::Backoff`] spaces the
+//! retries), [`collector_resource`] (the collector's own identity, built once and handed
+//! to each user as a value) and [`SERVICE_NAME`].
 
 pub mod retry;
 pub mod transport;

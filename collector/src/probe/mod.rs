@@ -4,10 +4,11 @@
 //! the reason each better family was refused so the operator can read it.
 //!
 //! Public items: [`Probes`] (load, attach, and the maps the other stages take from it:
-//! the ring buffer, the pending attempts, and the handles in [`feedback`] through which
-//! `events` and `enrich` write back into the kernel without touching aya), [`ProbeError`],
-//! [`counters`] (the kernel's counters for the telemetry), [`KernelFacts`] and
-//! [`kernel_release`] (for `check`), and the building blocks the tests reuse (`btf`,
+//! the ring buffer, the pending attempts ([`pending`]), and the handles in [`feedback`]
+//! through which `events` and `enrich` write back into the kernel without touching aya),
+//! [`ProbeError`] and [`AttachError`], [`counters`] (the kernel's counters for the
+//! telemetry), [`KernelFacts`] and [`kernel_release`] (for `check`),
+//! [`warn_if_fentry_on_realtime`], and the building blocks the tests reuse (`btf`,
 //! `cgroups`, `features`, `filters`, `programs`, `state_maps`, `tracefs`).
 
 mod attach;
@@ -361,7 +362,7 @@ pub fn kernel_release() -> String {
 }
 
 /// `uname -v`: the build's version string (names `PREEMPT_RT` on real-time kernels).
-pub fn kernel_version() -> String {
+fn kernel_version() -> String {
     uname_field(|uts| uts.version.as_ptr())
 }
 

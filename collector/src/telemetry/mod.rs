@@ -1,20 +1,20 @@
 //! The collector's own logs and counters. One place counts each kind of trouble; logs
-//! summarise periodically, never one line per event. Depends on no stage: each stage
-//! reports what happened with a static reason (`record_decode_failed(reason)`), and
-//! `probe` reads the kernel's counters into plain [`KernelFigures`].
+//! summarise periodically, never one line per event. Depends on no stage.
 //!
-//! Export reports through typed internal events ([`export::ExportEvent`]) and a narrow
-//! handle ([`export::ExportTelemetry`]): the counters only export moves are private to
-//! this module, and the words of each export log line live there. The other stages
-//! still call `record_*` on a shared [`Stats`]; each is to follow the same shape (an
-//! `<stage>.rs` here with the stage's event enum, static reasons as `&'static str`
-//! fields, and a handle that is all the stage gets), after which `Stats` keeps no public
-//! `record_*` method.
+//! Each stage reports through typed internal events (after Vector's `internal_events`)
+//! and a narrow handle that is all the stage gets: [`events`] for the ring buffer reader
+//! ([`events::ReaderEvent`], [`events::ReaderTelemetry`]), [`enrich`] for enrichment
+//! ([`enrich::EnrichEvent`], [`enrich::EnrichTelemetry`]) and [`export`] for the sinks
+//! ([`export::ExportEvent`], [`export::ExportTelemetry`]). An event carries static
+//! reasons (`&'static str`), never a stage's types; each event's counter, level and log
+//! wording live in its stage's file here, and [`Stats`]' counters move only through
+//! them. `probe` reads the kernel's counters into plain [`KernelFigures`].
 //!
-//! Public items: [`Stats`] (the counters the other stages add to), [`Snapshot`] (one
-//! reading, for the periodic log, `/metrics` and the OTLP self-metrics),
-//! [`KernelFigures`], [`report`], [`init_tracing`], [`export`] (export's events and
-//! handle), [`metrics`] (names and labels of the self-metrics) and [`otel`] (the
+//! Public items: [`Stats`] (the counters, owned by the pipeline, which reads them and
+//! counts what the shutdown deadline abandoned), [`Snapshot`] (one reading, for the
+//! periodic log, `/metrics` and the OTLP self-metrics), [`KernelFigures`], [`report`],
+//! [`init_tracing`], the stages' events and handles ([`events`], [`enrich`],
+//! [`export`]), [`metrics`] (names and labels of the self-metrics) and [`otel`] (the
 //! collector's own logs and spans over OTLP).
 
 use std::{
@@ -29,6 +29,8 @@ use egress_shared::{COUNTER_COUNT, Counter};
 
 use crate::config::LogFormat;
 
+pub mod enrich;
+pub mod events;
 pub mod export;
 pub mod metrics;
 pub mod otel;
@@ -83,10 +85,10 @@ pub struct Stats {
     stdout_copy_dropped: AtomicU64,
     spans_failed: AtomicU64,
     abandoned: AtomicU64,
-    decode_failed: Mutex<BTreeMap<&'static str, u64>>,
-    enrichment_failed: Mutex<BTreeMap<&'static str, u64>>,
-    dns: Mutex<BTreeMap<&'static str, u64>>,
-    enrichment_events: Mutex<BTreeMap<&'static str, u64>>,
+    decode_failed: ByReason,
+    enrichment_failed: ByReason,
+    dns: ByReason,
+    enrichment_events: ByReason,
 }
 
 /// A point-in-time copy of every counter, user space and kernel.
@@ -177,11 +179,11 @@ impl Snapshot {
 }
 
 impl Stats {
-    pub fn record_captured(&self, n: usize) {
+    fn record_captured(&self, n: usize) {
         self.captured.fetch_add(n as u64, Relaxed);
     }
 
-    pub fn record_queue_full(&self, n: usize) {
+    fn record_queue_full(&self, n: usize) {
         self.queue_full.fetch_add(n as u64, Relaxed);
     }
 
@@ -201,7 +203,7 @@ impl Stats {
         self.rejected.fetch_add(n, Relaxed);
     }
 
-    pub fn record_repeats_lost(&self, n: u64) {
+    fn record_repeats_lost(&self, n: u64) {
         self.repeats_lost.fetch_add(n, Relaxed);
     }
 
@@ -213,12 +215,17 @@ impl Stats {
         self.spans_failed.fetch_add(n as u64, Relaxed);
     }
 
-    /// The records still in the pipeline when the shutdown deadline passed.
-    pub fn record_abandoned(&self, n: u64) {
-        self.abandoned.fetch_add(n, Relaxed);
+    /// Counts what is still between stages in `last` as `abandoned` (the shutdown
+    /// deadline passed); returns `last` with it, so the final counters add up even while
+    /// a stage past its deadline still counts.
+    pub fn abandon_in_flight(&self, mut last: Snapshot) -> Snapshot {
+        let in_flight = last.in_flight();
+        self.abandoned.fetch_add(in_flight, Relaxed);
+        last.abandoned += in_flight;
+        last
     }
 
-    pub fn record_filtered(&self, n: usize) {
+    fn record_filtered(&self, n: usize) {
         self.filtered.fetch_add(n as u64, Relaxed);
     }
 
@@ -231,45 +238,20 @@ impl Stats {
     }
 
     /// A record the reader could not decode, by the decoder's static reason.
-    pub fn record_decode_failed(&self, reason: &'static str) {
-        if let Ok(mut map) = self.decode_failed.lock() {
-            *map.entry(reason).or_default() += 1;
-        }
+    fn record_decode_failed(&self, reason: &'static str) {
+        add(&self.decode_failed, reason, 1);
     }
 
-    pub fn record_enrichment_failed(&self, reason: &'static str) {
-        if let Ok(mut map) = self.enrichment_failed.lock() {
-            *map.entry(reason).or_default() += 1;
-        }
+    fn record_enrichment_failed(&self, reason: &'static str) {
+        add(&self.enrichment_failed, reason, 1);
     }
 
-    pub fn record_dns(&self, what: &'static str, n: u64) {
-        if n == 0 {
-            return;
-        }
-        if let Ok(mut map) = self.dns.lock() {
-            *map.entry(what).or_default() += n;
-        }
+    fn record_dns(&self, what: &'static str, n: u64) {
+        add(&self.dns, what, n);
     }
 
-    pub fn record_enrichment_event(&self, kind: &'static str) {
-        if let Ok(mut map) = self.enrichment_events.lock() {
-            *map.entry(kind).or_default() += 1;
-        }
-    }
-
-    pub fn enrichment_events(&self) -> BTreeMap<&'static str, u64> {
-        self.enrichment_events
-            .lock()
-            .map(|m| m.clone())
-            .unwrap_or_default()
-    }
-
-    pub fn enrichment_failures(&self) -> BTreeMap<&'static str, u64> {
-        self.enrichment_failed
-            .lock()
-            .map(|m| m.clone())
-            .unwrap_or_default()
+    fn record_enrichment_event(&self, kind: &'static str) {
+        add(&self.enrichment_events, kind, 1);
     }
 
     /// The user-space counters with the kernel's (read by `probe::counters`).
@@ -299,24 +281,32 @@ impl Stats {
             stdout_copy_dropped: self.stdout_copy_dropped.load(Relaxed),
             spans_failed: self.spans_failed.load(Relaxed),
             abandoned: self.abandoned.load(Relaxed),
-            decode_failed: self
-                .decode_failed
-                .lock()
-                .map(|m| m.clone())
-                .unwrap_or_default(),
-            enrichment_failed: self
-                .enrichment_failed
-                .lock()
-                .map(|m| m.clone())
-                .unwrap_or_default(),
-            dns: self.dns.lock().map(|m| m.clone()).unwrap_or_default(),
-            enrichment_events: self.enrichment_events(),
+            decode_failed: read(&self.decode_failed),
+            enrichment_failed: read(&self.enrichment_failed),
+            dns: read(&self.dns),
+            enrichment_events: read(&self.enrichment_events),
             kernel: [0; COUNTER_COUNT as usize],
             recursion_misses: 0,
             calls_evicted: 0,
             identities_evicted: 0,
         }
     }
+}
+
+/// Counters by static reason. A zero count adds no reason (it would show as `reason=0`).
+type ByReason = Mutex<BTreeMap<&'static str, u64>>;
+
+fn add(counters: &ByReason, reason: &'static str, n: u64) {
+    if n == 0 {
+        return;
+    }
+    if let Ok(mut map) = counters.lock() {
+        *map.entry(reason).or_default() += n;
+    }
+}
+
+fn read(counters: &ByReason) -> BTreeMap<&'static str, u64> {
+    counters.lock().map(|m| m.clone()).unwrap_or_default()
 }
 
 /// What the kernel counted, read at one moment (by `probe::counters`).
@@ -405,7 +395,8 @@ mod tests {
         let s = stats.snapshot_user();
         assert_eq!(s.dropped(), 10);
         assert_eq!(s.in_flight(), 25);
-        stats.record_abandoned(s.in_flight());
+        let last = stats.abandon_in_flight(s);
+        assert_eq!(last, stats.snapshot_user());
         let s = stats.snapshot_user();
         assert_eq!((s.in_flight(), s.dropped(), s.lost()), (0, 35, 35));
         assert_eq!(s.captured, s.exported + s.filtered + s.dropped());

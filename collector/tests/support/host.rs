@@ -80,13 +80,7 @@ pub fn last_stat(stderr: &[String], name: &str) -> Option<u64> {
         .iter()
         .rev()
         .find(|l| l.contains("Collector statistics.") || l.contains("Events were lost"))?;
-    let needle = format!(" {name}=");
-    let at = line.find(&needle)? + needle.len();
-    line[at..]
-        .split(|c: char| !c.is_ascii_digit())
-        .next()?
-        .parse()
-        .ok()
+    egress_testkit::collector::stat_in(line, name)
 }
 
 /// Runs a command (ip, nft, ...) that must succeed; its stderr is the failure message.

@@ -6,7 +6,7 @@ use std::{
 };
 
 use super::*;
-use crate::enrich::runtime;
+use crate::{enrich::runtime, telemetry::Stats};
 
 const ID: &str = "a84caa1530973e062aa698124808daf69856e2c5329d9ec6fc0ab9bda5a06c17";
 const CONFIG: &[u8] = include_bytes!("../runtime/fixtures/docker-config.v2.json");
@@ -35,7 +35,12 @@ impl HostRoot {
         let stats = Arc::new(Stats::default());
         let host = BTreeMap::from([(semconv::HOST_NAME, "node-1".to_owned())]);
         (
-            ContainerCache::new(files, host, settings, Arc::clone(&stats)),
+            ContainerCache::new(
+                files,
+                host,
+                settings,
+                EnrichTelemetry::new(Arc::clone(&stats)),
+            ),
             stats,
         )
     }
@@ -60,7 +65,7 @@ fn attr(identity: &Identity, key: &str) -> Option<String> {
 }
 
 fn failures(stats: &Stats) -> BTreeMap<&'static str, u64> {
-    stats.enrichment_failures()
+    stats.snapshot_user().enrichment_failed
 }
 
 #[test]
@@ -153,7 +158,10 @@ fn removed_containers_go_after_the_grace_time_and_the_size_is_bounded() {
     }
     assert_eq!(cache.len(), 2);
     assert_eq!(
-        stats.enrichment_events().get("container_cache_evicted"),
+        stats
+            .snapshot_user()
+            .enrichment_events
+            .get("container_cache_evicted"),
         Some(&1),
         "each eviction is counted"
     );
@@ -178,9 +186,12 @@ fn metadata_read_at_creation_serves_a_container_whose_files_are_gone() {
     let identity = cache.identity(&container(ID), now);
     assert_eq!(attr(&identity, semconv::K8S_POD_NAME), metadata.pod_name);
     assert!(metadata.pod_name.is_some());
-    assert!(stats.enrichment_failures().is_empty(), "no lookup failed");
+    assert!(failures(&stats).is_empty(), "no lookup failed");
     assert_eq!(
-        stats.enrichment_events().get("container_read_at_creation"),
+        stats
+            .snapshot_user()
+            .enrichment_events
+            .get("container_read_at_creation"),
         Some(&1)
     );
 }
