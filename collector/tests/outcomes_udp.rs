@@ -1,7 +1,9 @@
 //! UDP payload bytes per reported flow window, on this machine's kernel (tracepoint
 //! mode): known datagrams sent with sendto, sendmsg (two iovecs) and sendmmsg (three
 //! messages) over three windows; each flow record carries the bytes sent since the
-//! flow's previous record, and `egress.network.io` their sum.
+//! flow's previous record, and `egress.network.io` their sum. Bytes sent after a flow's
+//! last record reach the metric through the sweep of `UDP_FLOWS`, while the collector
+//! runs and at its shutdown.
 
 mod support;
 
@@ -11,7 +13,7 @@ use std::{
     os::fd::AsRawFd,
     sync::{Arc, Mutex},
     thread,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use egress_testkit::{collector::RunningCollector, traffic};
@@ -113,6 +115,120 @@ fn udp_transmitted(received: &Received, port: u16) -> Option<i64> {
     last
 }
 
+/// The collector in tracepoint mode with 1 s UDP flow windows and exports every second.
+fn start(endpoint: &str) -> RunningCollector {
+    RunningCollector::start_with(
+        std::path::Path::new(COLLECTOR),
+        &[
+            "--probe",
+            "tracepoint",
+            "--otlp-endpoint",
+            endpoint,
+            "--udp-flow-window",
+            "1s",
+            "--export-interval",
+            "1s",
+            "--batch-timeout",
+            "200ms",
+            "--stats-interval",
+            "1h",
+        ],
+        Duration::from_secs(60),
+    )
+    .expect("collector starts")
+}
+
+/// This test's `udp_send` records from `socket`: (time, bytes carried), in time order.
+fn flow_records(received: &Received, socket: &UdpSocket) -> Vec<(u64, Option<i64>)> {
+    let pid = i64::from(std::process::id());
+    let source_port = i64::from(socket.local_addr().expect("addr").port());
+    let mut records: Vec<_> = received
+        .log_records()
+        .filter(|r| int_attr(&r.attributes, "process.pid") == Some(pid))
+        .filter(|r| int_attr(&r.attributes, "source.port") == Some(source_port))
+        .map(|r| {
+            (
+                r.time_unix_nano,
+                int_attr(&r.attributes, "egress.udp.bytes.sent"),
+            )
+        })
+        .collect();
+    records.sort();
+    records
+}
+
+/// A flow that sends 100 B (reported), then 30 + 70 B within its window and nothing
+/// more: the metric reaches 200 while the collector runs (the sweep, two windows after
+/// the record, takes the 100 B the flow's next record would have carried); a datagram
+/// sent after the sweep is reported again, carrying its own 5 B only. A second flow
+/// sends 50 B then 25 B and the collector stops at once: the shutdown sweep flushes
+/// them (75). Only the two datagrams that opened windows make log records.
+#[test]
+fn udp_bytes_after_a_flows_last_record_reach_the_metric() {
+    require_root();
+    let rt = runtime();
+    let received: Shared = Arc::new(Mutex::new(Received::default()));
+    let receiver = rt.block_on(receiver::grpc(
+        "127.0.0.1:0".parse().expect("addr"),
+        Arc::clone(&received),
+    ));
+    let collector = start(&format!("http://{}", receiver.addr));
+    let sink = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).expect("sink");
+    let to = sink.local_addr().expect("addr");
+    let socket = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0)).expect("bind");
+    assert_eq!(send_to(&socket, to, 100), 100);
+    thread::sleep(Duration::from_millis(100));
+    assert_eq!(sendmsg_parts(&socket, to, &[30, 70]), 100);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let now = udp_transmitted(&received.lock().expect("lock"), to.port());
+        if now == Some(200) {
+            break;
+        }
+        if Instant::now() > deadline {
+            let (_, _, stderr) = collector.stop(Duration::from_secs(30)).expect("stop");
+            panic!(
+                "the bytes after the flow's record never reached the metric: {now:?}\n{}",
+                stderr.join("\n")
+            );
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(send_to(&socket, to, 5), 5);
+
+    let late_sink = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).expect("sink");
+    let late_to = late_sink.local_addr().expect("addr");
+    let late = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0)).expect("bind");
+    assert_eq!(send_to(&late, late_to, 50), 50);
+    assert_eq!(send_to(&late, late_to, 25), 25);
+    // The records reach user space before the stop (the ring is drained every 100 ms).
+    thread::sleep(Duration::from_millis(500));
+    let (clean, _, stderr) = collector.stop(Duration::from_secs(30)).expect("stop");
+    assert!(clean, "collector failed:\n{}", stderr.join("\n"));
+    drop(receiver);
+    let received = received.lock().expect("lock");
+    let carried: Vec<_> = flow_records(&received, &socket)
+        .iter()
+        .map(|(_, b)| *b)
+        .collect();
+    assert_eq!(
+        carried,
+        [Some(100), Some(5)],
+        "the sweep adds no log record; the flow's next datagram is reported again"
+    );
+    assert_eq!(udp_transmitted(&received, to.port()), Some(205));
+    let carried: Vec<_> = flow_records(&received, &late)
+        .iter()
+        .map(|(_, b)| *b)
+        .collect();
+    assert_eq!(carried, [Some(50)]);
+    assert_eq!(
+        udp_transmitted(&received, late_to.port()),
+        Some(75),
+        "the shutdown sweep flushes the bytes after the last record"
+    );
+}
+
 /// Three windows of one flow (a 1 s window, 1.3 s apart): the records carry 100 (the
 /// first datagram), 165 (the rest of window 1: sendmsg 30 + 70, sendmmsg 10 + 20 + 30;
 /// then window 2's first datagram, 5) and 18 (window 2's 11, window 3's 7); the metric
@@ -126,26 +242,7 @@ fn udp_bytes_are_carried_by_flow_records_and_counted_in_network_io() {
         "127.0.0.1:0".parse().expect("addr"),
         Arc::clone(&received),
     ));
-    let endpoint = format!("http://{}", receiver.addr);
-    let collector = RunningCollector::start_with(
-        std::path::Path::new(COLLECTOR),
-        &[
-            "--probe",
-            "tracepoint",
-            "--otlp-endpoint",
-            &endpoint,
-            "--udp-flow-window",
-            "1s",
-            "--export-interval",
-            "1s",
-            "--batch-timeout",
-            "200ms",
-            "--stats-interval",
-            "1h",
-        ],
-        Duration::from_secs(60),
-    )
-    .expect("collector starts");
+    let collector = start(&format!("http://{}", receiver.addr));
     let sink = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).expect("sink");
     let to = sink.local_addr().expect("addr");
     let socket = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0)).expect("bind");
