@@ -115,15 +115,31 @@ fn udp_transmitted(received: &Received, port: u16) -> Option<i64> {
     last
 }
 
-/// The collector in tracepoint mode with 1 s UDP flow windows and exports every second.
-fn start(endpoint: &str) -> RunningCollector {
-    RunningCollector::start_with(
+/// A receiver on loopback (with its runtime) and the collector in tracepoint mode with
+/// 1 s UDP flow windows, exporting to it every second.
+struct Setup {
+    _rt: tokio::runtime::Runtime,
+    received: Shared,
+    receiver: receiver::Receiver,
+    collector: RunningCollector,
+}
+
+fn start() -> Setup {
+    require_root();
+    let rt = runtime();
+    let received: Shared = Arc::new(Mutex::new(Received::default()));
+    let receiver = rt.block_on(receiver::grpc(
+        "127.0.0.1:0".parse().expect("addr"),
+        Arc::clone(&received),
+    ));
+    let endpoint = format!("http://{}", receiver.addr);
+    let collector = RunningCollector::start_with(
         std::path::Path::new(COLLECTOR),
         &[
             "--probe",
             "tracepoint",
             "--otlp-endpoint",
-            endpoint,
+            &endpoint,
             "--udp-flow-window",
             "1s",
             "--export-interval",
@@ -135,11 +151,31 @@ fn start(endpoint: &str) -> RunningCollector {
         ],
         Duration::from_secs(60),
     )
-    .expect("collector starts")
+    .expect("collector starts");
+    Setup {
+        _rt: rt,
+        received,
+        receiver,
+        collector,
+    }
 }
 
-/// This test's `udp_send` records from `socket`: (time, bytes carried), in time order.
-fn flow_records(received: &Received, socket: &UdpSocket) -> Vec<(u64, Option<i64>)> {
+impl Setup {
+    /// Stops the collector (it must stop cleanly) and the receiver; what it received.
+    fn stop(self) -> Shared {
+        let (clean, _, stderr) = self.collector.stop(Duration::from_secs(30)).expect("stop");
+        assert!(clean, "collector failed:\n{}", stderr.join("\n"));
+        drop(self.receiver);
+        self.received
+    }
+}
+
+/// This test's records of flows from `socket`: (time, `egress.event`, bytes carried),
+/// in time order.
+fn flow_records(
+    received: &Received,
+    socket: &UdpSocket,
+) -> Vec<(u64, Option<String>, Option<i64>)> {
     let pid = i64::from(std::process::id());
     let source_port = i64::from(socket.local_addr().expect("addr").port());
     let mut records: Vec<_> = received
@@ -149,12 +185,17 @@ fn flow_records(received: &Received, socket: &UdpSocket) -> Vec<(u64, Option<i64
         .map(|r| {
             (
                 r.time_unix_nano,
+                str_attr(&r.attributes, "egress.event"),
                 int_attr(&r.attributes, "egress.udp.bytes.sent"),
             )
         })
         .collect();
     records.sort();
     records
+}
+
+fn carried(records: &[(u64, Option<String>, Option<i64>)]) -> Vec<Option<i64>> {
+    records.iter().map(|(_, _, b)| *b).collect()
 }
 
 /// A flow that sends 100 B (reported), then 30 + 70 B within its window and nothing
@@ -165,14 +206,7 @@ fn flow_records(received: &Received, socket: &UdpSocket) -> Vec<(u64, Option<i64
 /// them (75). Only the two datagrams that opened windows make log records.
 #[test]
 fn udp_bytes_after_a_flows_last_record_reach_the_metric() {
-    require_root();
-    let rt = runtime();
-    let received: Shared = Arc::new(Mutex::new(Received::default()));
-    let receiver = rt.block_on(receiver::grpc(
-        "127.0.0.1:0".parse().expect("addr"),
-        Arc::clone(&received),
-    ));
-    let collector = start(&format!("http://{}", receiver.addr));
+    let setup = start();
     let sink = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).expect("sink");
     let to = sink.local_addr().expect("addr");
     let socket = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0)).expect("bind");
@@ -181,12 +215,12 @@ fn udp_bytes_after_a_flows_last_record_reach_the_metric() {
     assert_eq!(sendmsg_parts(&socket, to, &[30, 70]), 100);
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let now = udp_transmitted(&received.lock().expect("lock"), to.port());
+        let now = udp_transmitted(&setup.received.lock().expect("lock"), to.port());
         if now == Some(200) {
             break;
         }
         if Instant::now() > deadline {
-            let (_, _, stderr) = collector.stop(Duration::from_secs(30)).expect("stop");
+            let (_, _, stderr) = setup.collector.stop(Duration::from_secs(30)).expect("stop");
             panic!(
                 "the bytes after the flow's record never reached the metric: {now:?}\n{}",
                 stderr.join("\n")
@@ -203,25 +237,15 @@ fn udp_bytes_after_a_flows_last_record_reach_the_metric() {
     assert_eq!(send_to(&late, late_to, 25), 25);
     // The records reach user space before the stop (the ring is drained every 100 ms).
     thread::sleep(Duration::from_millis(500));
-    let (clean, _, stderr) = collector.stop(Duration::from_secs(30)).expect("stop");
-    assert!(clean, "collector failed:\n{}", stderr.join("\n"));
-    drop(receiver);
+    let received = setup.stop();
     let received = received.lock().expect("lock");
-    let carried: Vec<_> = flow_records(&received, &socket)
-        .iter()
-        .map(|(_, b)| *b)
-        .collect();
     assert_eq!(
-        carried,
+        carried(&flow_records(&received, &socket)),
         [Some(100), Some(5)],
         "the sweep adds no log record; the flow's next datagram is reported again"
     );
     assert_eq!(udp_transmitted(&received, to.port()), Some(205));
-    let carried: Vec<_> = flow_records(&received, &late)
-        .iter()
-        .map(|(_, b)| *b)
-        .collect();
-    assert_eq!(carried, [Some(50)]);
+    assert_eq!(carried(&flow_records(&received, &late)), [Some(50)]);
     assert_eq!(
         udp_transmitted(&received, late_to.port()),
         Some(75),
@@ -235,14 +259,7 @@ fn udp_bytes_after_a_flows_last_record_reach_the_metric() {
 /// says 283, every byte sent.
 #[test]
 fn udp_bytes_are_carried_by_flow_records_and_counted_in_network_io() {
-    require_root();
-    let rt = runtime();
-    let received: Shared = Arc::new(Mutex::new(Received::default()));
-    let receiver = rt.block_on(receiver::grpc(
-        "127.0.0.1:0".parse().expect("addr"),
-        Arc::clone(&received),
-    ));
-    let collector = start(&format!("http://{}", receiver.addr));
+    let setup = start();
     let sink = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).expect("sink");
     let to = sink.local_addr().expect("addr");
     let socket = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0)).expect("bind");
@@ -257,28 +274,11 @@ fn udp_bytes_are_carried_by_flow_records_and_counted_in_network_io() {
     total += send_to(&socket, to, 7);
     assert_eq!(total, 283);
     thread::sleep(Duration::from_millis(1500));
-    let (clean, _, stderr) = collector.stop(Duration::from_secs(30)).expect("stop");
-    assert!(clean, "collector failed:\n{}", stderr.join("\n"));
-    drop(receiver);
+    let received = setup.stop();
     let received = received.lock().expect("lock");
-    let pid = i64::from(std::process::id());
-    let source_port = i64::from(socket.local_addr().expect("addr").port());
-    let mut records: Vec<_> = received
-        .log_records()
-        .filter(|r| int_attr(&r.attributes, "process.pid") == Some(pid))
-        .filter(|r| int_attr(&r.attributes, "source.port") == Some(source_port))
-        .map(|r| {
-            (
-                r.time_unix_nano,
-                str_attr(&r.attributes, "egress.event"),
-                int_attr(&r.attributes, "egress.udp.bytes.sent"),
-            )
-        })
-        .collect();
-    records.sort();
-    let carried: Vec<_> = records.iter().map(|(_, _, b)| *b).collect();
+    let records = flow_records(&received, &socket);
     assert_eq!(
-        carried,
+        carried(&records),
         [Some(100), Some(165), Some(18)],
         "one record per window, with the bytes since the previous one: {records:?}"
     );
