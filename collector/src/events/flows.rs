@@ -19,10 +19,7 @@ use std::{
 use egress_shared::{EventKind, FlowKey};
 
 use super::{Connection, Delivery, Transport, clock::BootClock};
-use crate::{
-    probe::flow_sweep::{FlowSweep, SweepError, Swept},
-    telemetry::Stats,
-};
+use crate::probe::flow_sweep::{FlowSweep, SweepError, Swept};
 
 /// Flows whose last record is kept: twice the kernel map's 16,384 entries.
 const MAX_KNOWN: usize = 32768;
@@ -66,16 +63,17 @@ impl FlowSweeper {
 
     /// Sweeps the flows whose window started two windows ago or more, or every flow with
     /// `all` (the programs are detached), pushing a metric-only record per flow that had
-    /// bytes after its record.
+    /// bytes after its record. Returns the bytes that had no record to go with (for the
+    /// telemetry).
     pub fn sweep(
         &mut self,
         now_boot_ns: u64,
         all: bool,
         clock: &BootClock,
-        stats: &Stats,
         out: &mut Vec<Connection>,
-    ) {
-        match self.try_sweep(now_boot_ns, all, clock, stats, out) {
+    ) -> u64 {
+        let mut unattributed = 0;
+        match self.try_sweep(now_boot_ns, all, clock, out, &mut unattributed) {
             Ok(()) => self.failed = false,
             Err(e) if !self.failed => {
                 self.failed = true;
@@ -83,6 +81,7 @@ impl FlowSweeper {
             }
             Err(_) => {}
         }
+        unattributed
     }
 
     fn try_sweep(
@@ -90,8 +89,8 @@ impl FlowSweeper {
         now_boot_ns: u64,
         all: bool,
         clock: &BootClock,
-        stats: &Stats,
         out: &mut Vec<Connection>,
+        unattributed: &mut u64,
     ) -> Result<(), SweepError> {
         let min_age_ns = if all {
             0
@@ -116,7 +115,7 @@ impl FlowSweeper {
                     }
                     // Folded into DNS records, whose flows are not counted.
                     Some(None) => {}
-                    None => stats.record_udp_bytes_unattributed(bytes),
+                    None => *unattributed += bytes,
                 },
             }
         }

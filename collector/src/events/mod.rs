@@ -303,13 +303,8 @@ impl EventReader {
             return;
         };
         let mut tails = Vec::new();
-        flows.sweep(
-            clock::boot_now_ns(),
-            all,
-            &self.clock,
-            &self.stats,
-            &mut tails,
-        );
+        let unattributed = flows.sweep(clock::boot_now_ns(), all, &self.clock, &mut tails);
+        self.stats.record_udp_bytes_unattributed(unattributed);
         // Without a metrics exporter the sweep only frees the kernel's entries.
         if self.outcomes.metrics {
             self.hand_on(tails, out);
