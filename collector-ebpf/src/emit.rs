@@ -2,15 +2,15 @@
 
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_get_current_task};
 use egress_shared::{
-    CloseFlags, ConnState, ConnectEvent, Counter, EventKind, MAX_CGROUP_BURST, MAX_CGROUP_RATE,
-    NsIndex, ResetBy, TcpCloseEvent,
+    CloseFlags, ConnState, ConnectEvent, Counter, EventKind, FlowKey, FlowState, MAX_CGROUP_BURST,
+    MAX_CGROUP_RATE, NsIndex, ResetBy, TcpCloseEvent, flow::sweep,
 };
 
 use crate::{
     filter,
     maps::{
         Bucket, CALL_HINT_SLOTS, CALL_HINTS, CALLS, CGROUP_BUCKETS, COUNTERS, CallState, EVENTS,
-        FlowKey, FlowState, OPEN_TCP, OpenConn, PENDING_SLOT_BITS, PENDING_SLOTS, PENDING_SPILLS,
+        FLOW_SWEPT, OPEN_TCP, OpenConn, PENDING_SLOT_BITS, PENDING_SLOTS, PENDING_SPILLS,
         PENDING_TCP, SCRATCH, Slot, TCP_CONNECT_MARKS, UDP_FLOWS, config,
     },
     read,
@@ -343,7 +343,8 @@ pub fn udp(
     }
     // Cheap part first: a datagram of a flow already reported costs one map lookup.
     ev.ns_inums[NsIndex::Net as usize] = current_netns();
-    let Some(carried) = first_in_window(ev, bytes) else {
+    let key = flow_key(ev);
+    let Some((carried, window_ns)) = first_in_window(&key, bytes) else {
         count(Counter::UdpFlowSuppressed);
         return;
     };
@@ -354,6 +355,7 @@ pub fn udp(
     if !identify_and_admit(ev, slot) {
         return;
     }
+    mark_reported(&key, window_ns);
     submit(ev);
 }
 
@@ -369,13 +371,9 @@ fn current_netns() -> u32 {
     read::kernel(net, config!(offsets.net_ns_inum)).unwrap_or(0)
 }
 
-/// Counts `bytes` on the flow; if its last record is more than a window old (or it has
-/// none), starts a new window and returns the bytes the new record carries: those the
-/// flow sent since its previous record, this datagram's included. `None`: a datagram of
-/// a flow reported in this window.
 #[inline(always)]
-fn first_in_window(ev: &ConnectEvent, bytes: u64) -> Option<u64> {
-    let key = FlowKey {
+fn flow_key(ev: &ConnectEvent) -> FlowKey {
+    FlowKey {
         netns: ev.ns_inums[NsIndex::Net as usize],
         family: ev.family,
         protocol: ev.protocol as u16,
@@ -384,21 +382,46 @@ fn first_in_window(ev: &ConnectEvent, bytes: u64) -> Option<u64> {
         tgid: (aya_ebpf::helpers::bpf_get_current_pid_tgid() >> 32) as u32,
         src_addr: ev.src_addr,
         dst_addr: ev.dst_addr,
-    };
+    }
+}
+
+/// Counts `bytes` on the flow; if its last record is more than a window old (or it has
+/// none), starts a new window and returns the bytes the new record carries (those the
+/// flow sent since its previous record, this datagram's included) and the window's
+/// start. `None`: a datagram of a flow reported in this window.
+#[inline(always)]
+fn first_in_window(key: &FlowKey, bytes: u64) -> Option<(u64, u64)> {
     let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_boot_ns() };
-    let Some(flow) = UDP_FLOWS.get_ptr_mut(&key) else {
-        // LRU: a full map forgets the oldest flow, which at worst reports it again.
+    let Some(flow) = UDP_FLOWS.get_ptr_mut(key) else {
         let fresh = FlowState {
             last_ns: now,
             bytes: 0,
+            reported_ns: 0,
         };
-        let _ = UDP_FLOWS.insert(&key, &fresh, 0);
-        return Some(bytes);
+        // NOEXIST: of two CPUs inserting a new flow at once, one reports it; the other
+        // finds the winner's entry and counts its datagram there, as any later one.
+        return match UDP_FLOWS.insert(key, &fresh, BPF_NOEXIST as u64) {
+            Err(e) if e as i64 == -EEXIST => {
+                if let Some(flow) = UDP_FLOWS.get_ptr_mut(key)
+                    && bytes > 0
+                {
+                    // SAFETY: a valid map value, reached by pointer (see below).
+                    atomic_add(unsafe { &raw mut (*flow).bytes }, bytes);
+                }
+                None
+            }
+            // LRU: a full map forgets the oldest flow, which at worst reports it again.
+            // No entry to be had (no memory): reported, as if new, every time.
+            _ => Some((bytes, now)),
+        };
     };
     // SAFETY: a valid map value; fields are reached by pointer, since sends of the flow
     // on other CPUs change them at the same time.
     let (last_ns, counted) = unsafe { (&raw mut (*flow).last_ns, &raw mut (*flow).bytes) };
-    if now.wrapping_sub(load(last_ns)) < config!(udp_flow_window_ns) {
+    // Signed: another CPU may have started the window after this CPU read the clock,
+    // and stored a `last_ns` later than `now`: that datagram is inside the window.
+    let elapsed = now.wrapping_sub(load(last_ns)) as i64;
+    if elapsed < 0 || (elapsed as u64) < config!(udp_flow_window_ns) {
         if bytes > 0 {
             atomic_add(counted, bytes);
         }
@@ -407,7 +430,8 @@ fn first_in_window(ev: &ConnectEvent, bytes: u64) -> Option<u64> {
     store(last_ns, now);
     // Take what the window counted: with an exchange where the kernel has one (5.12+),
     // else by subtracting what was read (an add racing in between stays for the next
-    // record either way).
+    // record either way). The sweep takes with an exchange too (5.12+ only): each byte
+    // goes to one of them.
     let before = if config!(fetching_atomics) != 0 {
         exchange(counted, 0)
     } else {
@@ -415,7 +439,67 @@ fn first_in_window(ev: &ConnectEvent, bytes: u64) -> Option<u64> {
         atomic_add(counted, before.wrapping_neg());
         before
     };
-    Some(before.wrapping_add(bytes))
+    Some((before.wrapping_add(bytes), now))
+}
+
+/// Notes that the record of the flow's window starting at `window_ns` goes out (it passed
+/// the filters and the rate limit): the bytes the sweep finds after it are reported. A
+/// second lookup, on a window's first datagram only.
+#[inline(always)]
+fn mark_reported(key: &FlowKey, window_ns: u64) {
+    if let Some(flow) = UDP_FLOWS.get_ptr_mut(key) {
+        // SAFETY: a valid map value, reached by pointer.
+        store(unsafe { &raw mut (*flow).reported_ns }, window_ns);
+    }
+}
+
+/// The sweep of one flow (`probes::udp_sweep`, run by user space with the key): a flow
+/// whose window started at least `min_age_ns` ago gives up the bytes counted since its
+/// record, and its entry. Returns an `egress_shared::flow::sweep` value.
+///
+/// The bytes are taken with an exchange, as a new window's record takes them
+/// ([`first_in_window`]), so a datagram racing the sweep has its bytes carried by one
+/// of the two, never both nor neither. Kernels without exchange (before 5.12) are not
+/// swept: a subtract there could race the record's own subtract into a double count.
+/// Deleting the entry is what the window's end already meant: the flow's next datagram
+/// makes a record either way. Only a datagram that starts a new window in the instant
+/// between the age check and the delete loses its entry (the next datagram reports the
+/// flow again).
+#[inline(always)]
+pub fn sweep_flow(key: &FlowKey, min_age_ns: u64) -> u32 {
+    if config!(fetching_atomics) == 0 {
+        return sweep::KEPT;
+    }
+    let Some(flow) = UDP_FLOWS.get_ptr_mut(key) else {
+        return sweep::KEPT;
+    };
+    let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_boot_ns() };
+    // SAFETY: a valid map value, reached by pointer: the flow's sends change it.
+    let (last_ns, counted, reported_ns) = unsafe {
+        (
+            &raw mut (*flow).last_ns,
+            &raw mut (*flow).bytes,
+            &raw mut (*flow).reported_ns,
+        )
+    };
+    let last = load(last_ns);
+    let age = now.wrapping_sub(last) as i64;
+    if age < 0 || (age as u64) < min_age_ns {
+        return sweep::KEPT;
+    }
+    let reported = load(reported_ns) == last;
+    let taken = exchange(counted, 0);
+    let _ = UDP_FLOWS.remove(key);
+    if !reported {
+        return sweep::UNREPORTED;
+    }
+    if taken < u64::from(sweep::IN_MAP - sweep::BASE) {
+        return sweep::BASE + taken as u32;
+    }
+    if let Some(slot) = FLOW_SWEPT.get_ptr_mut(0) {
+        store(slot, taken);
+    }
+    sweep::IN_MAP
 }
 
 /// `-EEXIST`, from an insert with `BPF_NOEXIST` on a key that is there.

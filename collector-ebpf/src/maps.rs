@@ -5,8 +5,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use egress_shared::{
-    AggregateKey, CGROUP_NAME_LEN, COMM_LEN, COUNTER_COUNT, ConnectEvent, NODENAME_LEN, NS_COUNT,
-    ProbeConfig,
+    AggregateKey, CGROUP_NAME_LEN, COMM_LEN, COUNTER_COUNT, ConnectEvent, FlowKey, FlowState,
+    NODENAME_LEN, NS_COUNT, ProbeConfig,
 };
 
 use crate::sock::Dest;
@@ -77,21 +77,18 @@ impl Slot {
 }
 
 /// Each UDP flow's last report and the bytes it sent since, for once-per-window
-/// reporting. LRU: a forgotten flow is reported again at its next datagram, and the bytes
-/// it had counted since its last record are lost.
+/// reporting. User space sweeps it (`emit::sweep_flow`, run by `BPF_PROG_TEST_RUN`): a
+/// flow whose window has been over for a whole window more gives up its bytes and its
+/// entry, so the LRU evicts only flows nobody sweeps. LRU: a forgotten flow is reported
+/// again at its next datagram, and the bytes it had counted since its last record are
+/// lost.
 #[map]
 pub static UDP_FLOWS: LruHashMap<FlowKey, FlowState> = LruHashMap::with_max_entries(16384, 0);
 
-/// A UDP flow's window ([`UDP_FLOWS`]).
-#[repr(C)]
-#[derive(Copy, Clone)]
-pub struct FlowState {
-    /// When the flow's last record was made (CLOCK_BOOTTIME).
-    pub last_ns: u64,
-    /// Payload bytes of the flow's datagrams since that record (atomic adds: sends of
-    /// one flow run on many CPUs).
-    pub bytes: u64,
-}
+/// Where the sweep program leaves bytes too many for its return value (see
+/// `egress_shared::flow::sweep`). One sweeper (user space's reader) at a time.
+#[map]
+pub static FLOW_SWEPT: Array<u64> = Array::with_max_entries(1, 0);
 
 /// Token bucket of each cgroup (by the id of the cgroup that names its container), for
 /// the per-cgroup rate limit, shared by all CPUs (see `emit::admit` for how they update
@@ -253,23 +250,6 @@ pub struct OpenConn {
     /// An `egress_shared::ResetBy` value, set by the reset tracepoints.
     pub reset: u8,
     pub _pad: [u8; 7],
-}
-
-/// A UDP flow: the 5-tuple within one network namespace, of one process. The process
-/// is part of it because two processes can send the same 5-tuple within a window (a
-/// port freed by one and taken by the next, SO_REUSEPORT, two hostNetwork pods): folded
-/// into one record, the second would never be attributed to its own pod.
-#[repr(C)]
-#[derive(Copy, Clone)]
-pub struct FlowKey {
-    pub netns: u32,
-    pub family: u16,
-    pub protocol: u16,
-    pub src_port: u16,
-    pub dst_port: u16,
-    pub tgid: u32,
-    pub src_addr: [u8; 16],
-    pub dst_addr: [u8; 16],
 }
 
 /// Destinations users exclude (`--exclude-cidr`, `--exclude-loopback`), IPv4 and IPv6.

@@ -22,7 +22,7 @@ use crate::{
     enrich::{
         self, Enricher, HostIdentity, Record, exclude::NamespaceFilter, runtime::RuntimeFiles,
     },
-    events::{EventReader, aggregate::Aggregates},
+    events::{EventReader, aggregate::Aggregates, flows::FlowSweeper},
     export::{
         self, Sink,
         otlp::{OtlpSinks, SnapshotSource},
@@ -140,6 +140,11 @@ pub async fn run(
     )
     .map_err(PipelineError::RingBuffer)?
     .with_outcomes(Some(probes.take_pending()?), outcomes)
+    .with_flow_sweep(
+        probes
+            .take_flow_sweep()?
+            .map(|map| FlowSweeper::new(map, probes.facts.config.udp_flow_window_ns)),
+    )
     .with_dns(DnsSettings {
         enabled: settings.dns.enabled && probes.dns_attached,
         ..settings.dns.clone()

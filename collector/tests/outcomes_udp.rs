@@ -1,14 +1,16 @@
 //! UDP payload bytes per reported flow window, on this machine's kernel (tracepoint
 //! mode): known datagrams sent with sendto, sendmsg (two iovecs) and sendmmsg (three
 //! messages) over three windows; each flow record carries the bytes sent since the
-//! flow's previous record, and `egress.network.io` their sum.
+//! flow's previous record, and `egress.network.io` their sum. Bytes sent after a flow's
+//! last record reach the metric through the sweep of `UDP_FLOWS`, while the collector
+//! runs and at its shutdown.
 
 mod support;
 
 use std::{
     net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket},
     thread,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use egress_testkit::{otlp_run::OtlpRun, traffic};
@@ -50,14 +52,11 @@ fn udp_transmitted(received: &Received, port: u16) -> Option<i64> {
         .last()
 }
 
-/// Three windows of one flow (a 1 s window, 1.3 s apart): the records carry 100 (the
-/// first datagram), 165 (the rest of window 1: sendmsg 30 + 70, sendmmsg 10 + 20 + 30;
-/// then window 2's first datagram, 5) and 18 (window 2's 11, window 3's 7); the metric
-/// says 283, every byte sent.
-#[test]
-fn udp_bytes_are_carried_by_flow_records_and_counted_in_network_io() {
+/// The collector in tracepoint mode with 1 s UDP flow windows, exporting to a receiver
+/// on loopback.
+fn start() -> OtlpRun {
     require_root();
-    let run = OtlpRun::start(
+    OtlpRun::start(
         std::path::Path::new(COLLECTOR),
         &[
             "--probe",
@@ -67,22 +66,15 @@ fn udp_bytes_are_carried_by_flow_records_and_counted_in_network_io() {
             "--stats-interval",
             "1h",
         ],
-    );
-    let sink = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).expect("sink");
-    let to = sink.local_addr().expect("addr");
-    let socket = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0)).expect("bind");
-    let mut total = 0;
-    total += send_to(&socket, to, 100);
-    total += sendmsg_parts(&socket, to, &[30, 70]);
-    total += sendmmsg_sizes(&socket, to, &[10, 20, 30]);
-    thread::sleep(Duration::from_millis(1300));
-    total += send_to(&socket, to, 5);
-    total += send_to(&socket, to, 11);
-    thread::sleep(Duration::from_millis(1300));
-    total += send_to(&socket, to, 7);
-    assert_eq!(total, 283);
-    thread::sleep(Duration::from_millis(1500));
-    let received = run.stop().received;
+    )
+}
+
+/// This test's records of flows from `socket`: (time, `egress.event`, bytes carried),
+/// in time order.
+fn flow_records(
+    received: &Received,
+    socket: &UdpSocket,
+) -> Vec<(u64, Option<String>, Option<i64>)> {
     let pid = i64::from(std::process::id());
     let source_port = i64::from(socket.local_addr().expect("addr").port());
     let mut records: Vec<_> = received
@@ -98,9 +90,92 @@ fn udp_bytes_are_carried_by_flow_records_and_counted_in_network_io() {
         })
         .collect();
     records.sort();
-    let carried: Vec<_> = records.iter().map(|(_, _, b)| *b).collect();
+    records
+}
+
+fn carried(records: &[(u64, Option<String>, Option<i64>)]) -> Vec<Option<i64>> {
+    records.iter().map(|(_, _, b)| *b).collect()
+}
+
+/// A flow that sends 100 B (reported), then 30 + 70 B within its window and nothing
+/// more: the metric reaches 200 while the collector runs (the sweep, two windows after
+/// the record, takes the 100 B the flow's next record would have carried); a datagram
+/// sent after the sweep is reported again, carrying its own 5 B only. A second flow
+/// sends 50 B then 25 B and the collector stops at once: the shutdown sweep flushes
+/// them (75). Only the two datagrams that opened windows make log records.
+#[test]
+fn udp_bytes_after_a_flows_last_record_reach_the_metric() {
+    let run = start();
+    let sink = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).expect("sink");
+    let to = sink.local_addr().expect("addr");
+    let socket = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0)).expect("bind");
+    assert_eq!(send_to(&socket, to, 100), 100);
+    thread::sleep(Duration::from_millis(100));
+    assert_eq!(sendmsg_parts(&socket, to, &[30, 70]), 100);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let now = run.peek(|received| udp_transmitted(received, to.port()));
+        if now == Some(200) {
+            break;
+        }
+        if Instant::now() > deadline {
+            let stderr = run.stop().stderr;
+            panic!(
+                "the bytes after the flow's record never reached the metric: {now:?}\n{}",
+                stderr.join("\n")
+            );
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(send_to(&socket, to, 5), 5);
+
+    let late_sink = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).expect("sink");
+    let late_to = late_sink.local_addr().expect("addr");
+    let late = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0)).expect("bind");
+    assert_eq!(send_to(&late, late_to, 50), 50);
+    assert_eq!(send_to(&late, late_to, 25), 25);
+    // The records reach user space before the stop (the ring is drained every 100 ms).
+    thread::sleep(Duration::from_millis(500));
+    let received = run.stop().received;
     assert_eq!(
-        carried,
+        carried(&flow_records(&received, &socket)),
+        [Some(100), Some(5)],
+        "the sweep adds no log record; the flow's next datagram is reported again"
+    );
+    assert_eq!(udp_transmitted(&received, to.port()), Some(205));
+    assert_eq!(carried(&flow_records(&received, &late)), [Some(50)]);
+    assert_eq!(
+        udp_transmitted(&received, late_to.port()),
+        Some(75),
+        "the shutdown sweep flushes the bytes after the last record"
+    );
+}
+
+/// Three windows of one flow (a 1 s window, 1.3 s apart): the records carry 100 (the
+/// first datagram), 165 (the rest of window 1: sendmsg 30 + 70, sendmmsg 10 + 20 + 30;
+/// then window 2's first datagram, 5) and 18 (window 2's 11, window 3's 7); the metric
+/// says 283, every byte sent.
+#[test]
+fn udp_bytes_are_carried_by_flow_records_and_counted_in_network_io() {
+    let run = start();
+    let sink = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).expect("sink");
+    let to = sink.local_addr().expect("addr");
+    let socket = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0)).expect("bind");
+    let mut total = 0;
+    total += send_to(&socket, to, 100);
+    total += sendmsg_parts(&socket, to, &[30, 70]);
+    total += sendmmsg_sizes(&socket, to, &[10, 20, 30]);
+    thread::sleep(Duration::from_millis(1300));
+    total += send_to(&socket, to, 5);
+    total += send_to(&socket, to, 11);
+    thread::sleep(Duration::from_millis(1300));
+    total += send_to(&socket, to, 7);
+    assert_eq!(total, 283);
+    thread::sleep(Duration::from_millis(1500));
+    let received = run.stop().received;
+    let records = flow_records(&received, &socket);
+    assert_eq!(
+        carried(&records),
         [Some(100), Some(165), Some(18)],
         "one record per window, with the bytes since the previous one: {records:?}"
     );

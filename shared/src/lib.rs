@@ -7,6 +7,7 @@
 pub mod aggregate;
 pub mod config;
 pub mod event;
+pub mod flow;
 
 pub use aggregate::AggregateKey;
 pub use config::{
@@ -18,3 +19,4 @@ pub use event::{
     ConnectEvent, Counter, DNS_EVENT_SIZE, DNS_PAYLOAD_MAX, DnsEvent, DnsFlags, EventKind,
     NODENAME_LEN, NS_COUNT, NsIndex, ResetBy, TCP_CLOSE_EVENT_SIZE, TcpCloseEvent,
 };
+pub use flow::{FLOW_KEY_WORDS, FlowKey, FlowState};

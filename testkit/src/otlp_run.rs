@@ -91,6 +91,11 @@ impl OtlpRun {
         &self.collector
     }
 
+    /// `read` on what the receiver has taken so far, while the collector runs.
+    pub fn peek<R>(&self, read: impl FnOnce(&Received) -> R) -> R {
+        read(&self.received.lock().expect("lock"))
+    }
+
     /// Stops the collector (SIGINT) and fails the test unless it stopped cleanly; then
     /// the receiver: nothing is in flight any more.
     pub fn stop(self) -> Finished {

@@ -5,3 +5,4 @@ mod fentry;
 mod kprobe;
 mod tcp_state;
 mod tracepoint;
+mod udp_sweep;

@@ -6,13 +6,15 @@
 //! are counted in), [`Connection`] and its parts ([`Transport`], [`Delivery`]),
 //! [`DecodeError`] (its static `reason()` is what telemetry counts), and the
 //! helpers the reader runs: [`aggregate`] (closing in-kernel aggregates through
-//! `probe::feedback`), [`names`] (DNS names of connections), [`outcome`] (TCP outcomes
-//! and closes), [`clock`] (boot time to wall time), [`decode`], [`text`] (names as
+//! `probe::feedback`), [`flows`] (UDP bytes sent after a flow's last record, swept
+//! through `probe::flow_sweep`), [`names`] (DNS names of connections), [`outcome`] (TCP
+//! outcomes and closes), [`clock`] (boot time to wall time), [`decode`], [`text`] (names as
 //! shared text).
 
 pub mod aggregate;
 pub mod clock;
 pub mod decode;
+pub mod flows;
 pub mod names;
 pub mod outcome;
 pub mod text;
@@ -28,6 +30,7 @@ use self::{
     aggregate::Aggregates,
     clock::BootClock,
     decode::{Decoded, decode, decode_connect},
+    flows::FlowSweeper,
     names::Names,
     outcome::Tracker,
     text::Interner,
@@ -54,6 +57,7 @@ pub struct EventReader {
     clock: BootClock,
     telemetry: ReaderTelemetry,
     aggregates: Option<Aggregates>,
+    flows: Option<FlowSweeper>,
     tracker: Tracker,
     pending: Option<PendingAttempts>,
     outcomes: OutcomeSettings,
@@ -78,6 +82,7 @@ impl EventReader {
             clock: BootClock::now(),
             telemetry,
             aggregates,
+            flows: None,
             tracker: Tracker::default(),
             pending: None,
             outcomes: OutcomeSettings::default(),
@@ -104,6 +109,12 @@ impl EventReader {
         self
     }
 
+    /// Sweeps UDP flows for the bytes sent after their last record (see [`flows`]).
+    pub fn with_flow_sweep(mut self, flows: Option<FlowSweeper>) -> Self {
+        self.flows = flows;
+        self
+    }
+
     /// Reads until `shutdown` turns true, then drains what is left in the ring.
     pub async fn run(
         mut self,
@@ -124,6 +135,7 @@ impl EventReader {
                         self.names.expire();
                     }
                     if self.ticks.is_multiple_of(10) {
+                        self.sweep_flows(false, &out);
                         let unanswered = self.names.unanswered();
                         self.hand_on(unanswered, &out);
                     }
@@ -146,6 +158,7 @@ impl EventReader {
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                     self.drain(&out);
                     self.close_aggregates(true, &out);
+                    self.sweep_flows(true, &out);
                     self.flush_open(&out);
                     let unanswered = self.names.unanswered();
                     self.hand_on(unanswered, &out);
@@ -171,7 +184,11 @@ impl EventReader {
             if let Some(item) = item {
                 match decode(&item, &self.clock, &mut self.interned) {
                     Ok(Decoded::Connection(mut connection)) => {
-                        if !self.names.connection(&mut connection, now, &self.telemetry) {
+                        let kept = self.names.connection(&mut connection, now, &self.telemetry);
+                        if let Some(flows) = &mut self.flows {
+                            flows.note(&connection, kept);
+                        }
+                        if !kept {
                             continue;
                         }
                         if let Some(aggregates) = &mut self.aggregates {
@@ -277,6 +294,25 @@ impl EventReader {
             if out.try_send(batch.to_vec()).is_err() {
                 self.telemetry.emit(ReaderEvent::QueueFull { records: n });
             }
+        }
+    }
+
+    /// Hands on the UDP bytes of flows whose window is long over (every flow with
+    /// `all`), as metric-only records; call after a drain, so their last records are known.
+    fn sweep_flows(&mut self, all: bool, out: &mpsc::Sender<Vec<Connection>>) {
+        let Some(flows) = &mut self.flows else {
+            return;
+        };
+        let mut tails = Vec::new();
+        let unattributed = flows.sweep(clock::boot_now_ns(), all, &self.clock, &mut tails);
+        if unattributed > 0 {
+            self.telemetry.emit(ReaderEvent::UdpBytesUnattributed {
+                bytes: unattributed,
+            });
+        }
+        // Without a metrics exporter the sweep only frees the kernel's entries.
+        if self.outcomes.metrics {
+            self.hand_on(tails, out);
         }
     }
 

@@ -4,11 +4,12 @@
 //! the reason each better family was refused so the operator can read it.
 //!
 //! Public items: [`Probes`] (load, attach, and the maps the other stages take from it:
-//! the ring buffer, the pending attempts ([`pending`]), and the handles in [`feedback`]
-//! through which `events` and `enrich` write back into the kernel without touching aya),
-//! [`ProbeError`] and [`AttachError`], [`counters`] (the kernel's counters for the
-//! telemetry), [`KernelFacts`] and [`kernel_release`] (for `check`),
-//! [`warn_if_fentry_on_realtime`], and the building blocks the tests reuse (`btf`,
+//! the ring buffer, the pending attempts ([`pending`]), the UDP flow sweep
+//! ([`flow_sweep`]), and the handles in [`feedback`] through which `events` and `enrich`
+//! write back into the kernel without touching aya), [`ProbeError`] and [`AttachError`],
+//! [`counters`] (the kernel's counters for the telemetry), [`KernelFacts`] and
+//! [`kernel_release`] (for `check`), [`warn_if_fentry_on_realtime`], and the building
+//! blocks the tests reuse (`btf`,
 //! `cgroups`, `features`, `filters`, `programs`, `state_maps`, `tracefs`).
 
 mod attach;
@@ -18,6 +19,7 @@ pub mod counters;
 pub mod features;
 pub mod feedback;
 pub mod filters;
+pub mod flow_sweep;
 pub mod pending;
 pub mod programs;
 pub mod state_maps;
@@ -27,7 +29,8 @@ use std::path::PathBuf;
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, RingBuf},
+    programs::{ProgramError, RawTracePoint},
 };
 use egress_shared::{CgroupSource, ProbeConfig, TracepointOffsets};
 
@@ -62,6 +65,14 @@ pub enum ProbeError {
     MapView { name: &'static str, reason: String },
     #[error("eBPF map {0} is missing from the object")]
     MissingMap(&'static str),
+    #[error("eBPF program {name}: {source}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("eBPF program {0} is missing from the object")]
+    MissingProgram(&'static str),
     #[error("cannot install the exclusion of {cidr}: {source}")]
     Filter {
         cidr: String,
@@ -334,6 +345,44 @@ impl Probes {
             reason,
         })?;
         Ok(pending::PendingAttempts::new(spilled, slots))
+    }
+
+    /// `UDP_FLOWS` and its sweep program, for the bytes a flow sends after its last
+    /// record; `None` on kernels without the atomic exchange the sweep needs (5.12+).
+    pub fn take_flow_sweep(&mut self) -> Result<Option<flow_sweep::FlowSweep>, ProbeError> {
+        const PROGRAM: &str = "udp_flow_sweep";
+        if self.facts.config.fetching_atomics == 0 {
+            return Ok(None);
+        }
+        let program = |source| ProbeError::Program {
+            name: PROGRAM,
+            source,
+        };
+        let sweep: &mut RawTracePoint = self
+            .ebpf
+            .program_mut(PROGRAM)
+            .ok_or(ProbeError::MissingProgram(PROGRAM))?
+            .try_into()
+            .map_err(program)?;
+        sweep.load().map_err(program)?;
+        let fd = sweep
+            .fd()
+            .map_err(program)?
+            .try_clone()
+            .map_err(|e| program(ProgramError::IOError(e)))?;
+        let flows = match self.ebpf.take_map("UDP_FLOWS") {
+            Some(Map::LruHashMap(data)) => data,
+            _ => return Err(ProbeError::MissingMap("UDP_FLOWS")),
+        };
+        let swept = self
+            .ebpf
+            .take_map("FLOW_SWEPT")
+            .ok_or(ProbeError::MissingMap("FLOW_SWEPT"))?;
+        let swept = Array::try_from(swept).map_err(|source| ProbeError::Map {
+            name: "FLOW_SWEPT",
+            source,
+        })?;
+        Ok(Some(flow_sweep::FlowSweep::new(flows, swept, fd)))
     }
 
     /// The cgroups the programs drop, for user space to add to.

@@ -42,6 +42,9 @@ pub enum ReaderEvent<'a> {
     DnsFlowFolded,
     /// Queries neither answered nor timed out when the collector stopped.
     DnsQueriesPendingAtShutdown { queries: u64 },
+    /// UDP bytes a flow sent after its last record that the sweep found but could not
+    /// attribute (no record of the flow known in user space).
+    UdpBytesUnattributed { bytes: u64 },
 }
 
 /// The reader's handle on the collector's counters: it reports [`ReaderEvent`]s.
@@ -92,6 +95,9 @@ impl ReaderTelemetry {
             ReaderEvent::DnsQueriesPendingAtShutdown { queries } => {
                 stats.record_dns("queries_pending_at_shutdown", queries);
             }
+            ReaderEvent::UdpBytesUnattributed { bytes } => {
+                stats.record_udp_bytes_unattributed(bytes)
+            }
         }
     }
 }
@@ -111,8 +117,10 @@ mod tests {
         reader.emit(ReaderEvent::RepeatsLost { repeats: 5 });
         reader.emit(ReaderEvent::ClosesUnmatched { closes: 4 });
         reader.emit(ReaderEvent::RingBufferFailed { error: &"gone" });
+        reader.emit(ReaderEvent::UdpBytesUnattributed { bytes: 9 });
         let s = stats.snapshot_user();
         assert_eq!((s.captured, s.queue_full, s.repeats_lost), (7, 3, 5));
+        assert_eq!(s.udp_bytes_unattributed, 9);
         assert_eq!(s.decode_failed.get("short"), Some(&2));
         assert!(s.dns.is_empty(), "no DNS event was reported");
         assert_eq!(

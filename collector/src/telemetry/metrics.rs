@@ -140,6 +140,12 @@ pub fn self_metrics(s: &Snapshot) -> Vec<SelfMetric> {
             vec![Point::plain(s.kernel(Counter::UdpFlowSuppressed))],
         ),
         counter(
+            "egress_collector.udp.bytes_unattributed",
+            "UDP payload bytes sent after a flow's last record whose flow had no record in user space to attribute them to (not in egress.network.io).",
+            "By",
+            vec![Point::plain(s.udp_bytes_unattributed)],
+        ),
+        counter(
             "egress_collector.events.filtered",
             "Connections dropped by a user filter (excluded destination or namespace).",
             "{event}",

@@ -81,6 +81,7 @@ pub struct Stats {
     queue_length: AtomicU64,
     metric_workloads: AtomicU64,
     repeats_lost: AtomicU64,
+    udp_bytes_unattributed: AtomicU64,
     filtered: AtomicU64,
     stdout_copy_dropped: AtomicU64,
     spans_failed: AtomicU64,
@@ -109,6 +110,9 @@ pub struct Snapshot {
     /// Repeats counted by an in-kernel aggregate that no record carries (its opening
     /// record, or its closing one, was lost).
     pub repeats_lost: u64,
+    /// UDP payload bytes sent after a flow's last record that the sweep found but could
+    /// not attribute (the flow's record never reached user space): not in the metrics.
+    pub udp_bytes_unattributed: u64,
     /// Records dropped by user space for a user filter (an excluded Kubernetes namespace).
     pub filtered: u64,
     /// With OTLP and `--stdout`: copies not written to stdout because its queue was
@@ -207,6 +211,10 @@ impl Stats {
         self.repeats_lost.fetch_add(n, Relaxed);
     }
 
+    fn record_udp_bytes_unattributed(&self, n: u64) {
+        self.udp_bytes_unattributed.fetch_add(n, Relaxed);
+    }
+
     fn record_stdout_copy_dropped(&self, n: usize) {
         self.stdout_copy_dropped.fetch_add(n as u64, Relaxed);
     }
@@ -277,6 +285,7 @@ impl Stats {
             queue_length: self.queue_length.load(Relaxed),
             metric_workloads: self.metric_workloads.load(Relaxed),
             repeats_lost: self.repeats_lost.load(Relaxed),
+            udp_bytes_unattributed: self.udp_bytes_unattributed.load(Relaxed),
             filtered: self.filtered.load(Relaxed),
             stdout_copy_dropped: self.stdout_copy_dropped.load(Relaxed),
             spans_failed: self.spans_failed.load(Relaxed),
