@@ -118,6 +118,7 @@ impl Observer {
 enum Running {
     Nothing,
     Collector(Killed),
+    /// Held, never read: dropping it detaches the programs.
     Empty(#[allow(dead_code)] crate::empty_probe::EmptyPrograms),
 }
 
