@@ -11,6 +11,7 @@ mod cgroup_index;
 mod churn;
 mod containers;
 mod dns_cost;
+mod dns_cost_guest;
 mod dns_cost_vm;
 mod empty_probe;
 mod kernel_cost;
@@ -103,7 +104,7 @@ enum Command {
     DnsCostVm(dns_cost_vm::Args),
     /// Internal to `dns-cost-vm`: the guest's half, one line per transfer.
     #[command(hide = true)]
-    DnsCostGuest(dns_cost_vm::GuestArgs),
+    DnsCostGuest(dns_cost_guest::GuestArgs),
     /// Kernel program time per TCP connection (kernel.bpf_stats_enabled): each collector
     /// given, and the peers (bpftrace, libbpf-tools) in the same run; with each one's
     /// throughput at the maximum connect rate against no probe.
@@ -270,7 +271,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             report::put_section(&report, "dns-cost", &dns_cost::section(&command, &table))
         }
         Command::DnsCostVm(args) => dns_cost_vm::run(&args),
-        Command::DnsCostGuest(args) => dns_cost_vm::guest(&args),
+        Command::DnsCostGuest(args) => dns_cost_guest::guest(&args),
         Command::KernelCost(args) => kernel_cost::run(&bench, &args),
         Command::KernelCostVm(args) => kernel_cost_vm::run(&args),
         Command::UserCost {
