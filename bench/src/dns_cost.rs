@@ -19,7 +19,7 @@ use crate::kernel_cost::{ProgramStats, enable_stats, programs_of};
 const IPERF_PORT: &str = "5299";
 const DNS_ADDR: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 153);
 
-struct Killed(Child);
+pub(crate) struct Killed(pub(crate) Child);
 
 impl Drop for Killed {
     fn drop(&mut self) {
@@ -34,7 +34,7 @@ impl Drop for Killed {
     }
 }
 
-fn spawn(command: &[&str]) -> anyhow::Result<Killed> {
+pub(crate) fn spawn(command: &[&str]) -> anyhow::Result<Killed> {
     Command::new(command[0])
         .args(&command[1..])
         .stdin(Stdio::null())
@@ -46,7 +46,7 @@ fn spawn(command: &[&str]) -> anyhow::Result<Killed> {
 }
 
 /// Waits until `pid` holds BPF programs and their count has not changed for 2 s.
-fn wait_attached(child: &mut Killed) -> anyhow::Result<()> {
+pub(crate) fn wait_attached(child: &mut Killed) -> anyhow::Result<()> {
     let pid = child.0.id();
     let deadline = Instant::now() + Duration::from_secs(60);
     let (mut seen, mut since) = (0, Instant::now());
@@ -66,7 +66,7 @@ fn wait_attached(child: &mut Killed) -> anyhow::Result<()> {
 }
 
 /// Program names by id (names are cut at 15 bytes), read with BPF_OBJ_GET_INFO_BY_FD.
-fn names(programs: &[ProgramStats]) -> Vec<(u64, String)> {
+pub(crate) fn names(programs: &[ProgramStats]) -> Vec<(u64, String)> {
     aya::programs::loaded_programs()
         .filter_map(Result::ok)
         .filter(|info| programs.iter().any(|p| p.id == u64::from(info.id())))
@@ -78,7 +78,7 @@ fn names(programs: &[ProgramStats]) -> Vec<(u64, String)> {
 }
 
 /// (run time, runs) of the programs whose name starts with `prefix`, between two reads.
-fn delta(
+pub(crate) fn delta(
     before: &[ProgramStats],
     after: &[ProgramStats],
     names: &[(u64, String)],
@@ -101,7 +101,7 @@ fn delta(
 }
 
 /// `InSegs` (TCP) or `InDatagrams` (UDP) from /proc/net/snmp.
-fn snmp(protocol: &str, field: &str) -> u64 {
+pub(crate) fn snmp(protocol: &str, field: &str) -> u64 {
     let text = std::fs::read_to_string("/proc/net/snmp").unwrap_or_default();
     let mut lines = text
         .lines()
@@ -194,47 +194,16 @@ fn lookup() -> anyhow::Result<()> {
 /// takes the marked path (the descriptor looked up, not found). 1400-byte datagrams from
 /// a thread, read with recv(); `pid`: the observer whose programs are read around it.
 fn marked_bulk(pid: Option<u32>, seconds: u64) -> anyhow::Result<Bulk> {
-    use std::sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    };
     lookup()?;
-    let receiver = UdpSocket::bind("127.0.0.1:0")?;
-    receiver.set_read_timeout(Some(Duration::from_millis(200)))?;
-    let to = receiver.local_addr()?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let sender = {
-        let stop = Arc::clone(&stop);
-        std::thread::spawn(move || -> std::io::Result<()> {
-            let socket = UdpSocket::bind("127.0.0.1:0")?;
-            let datagram = [0u8; 1400];
-            while !stop.load(Ordering::Relaxed) {
-                // A full receive queue drops datagrams; only received ones count.
-                let _ = socket.send_to(&datagram, to);
-            }
-            Ok(())
-        })
-    };
     let before = pid.map(programs_of).unwrap_or_default();
-    let (mut received, mut buf) = (0u64, [0u8; 2048]);
-    let started = Instant::now();
-    while started.elapsed() < Duration::from_secs(seconds) {
-        if receiver.recv(&mut buf).is_ok() {
-            received += 1;
-        }
-    }
+    let transfer = crate::bulk::udp(seconds as f64)?;
     let after = pid.map(programs_of).unwrap_or_default();
-    stop.store(true, Ordering::Relaxed);
-    match sender.join() {
-        Ok(result) => result.context("the bulk sender")?,
-        Err(_) => bail!("the bulk sender panicked"),
-    }
     let names = names(&after);
     let (dns_ns, dns_runs) = delta(&before, &after, &names, "tp_dns_");
     let (all_ns, _) = delta(&before, &after, &names, "");
     Ok(Bulk {
-        gbps: (received * 1400 * 8) as f64 / started.elapsed().as_secs_f64() / 1e9,
-        received,
+        gbps: transfer.gbps(),
+        received: transfer.reads,
         dns_ns,
         dns_runs,
         all_ns,

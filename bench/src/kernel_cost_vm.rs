@@ -161,7 +161,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
 }
 
 /// `git describe`-like: the short commit, `-dirty` with uncommitted changes to the sources.
-fn revision(workspace: &Path) -> String {
+pub(crate) fn revision(workspace: &Path) -> String {
     let git = |args: &[&str]| {
         Command::new("git")
             .arg("-C")
@@ -231,13 +231,13 @@ fn write_initramfs(
 }
 
 /// The initramfs being written, with what it holds: a directory or library is added once.
-struct Tree {
-    cpio: Cpio,
+pub(crate) struct Tree {
+    pub(crate) cpio: Cpio,
     entries: BTreeSet<String>,
 }
 
 impl Tree {
-    fn new() -> anyhow::Result<Self> {
+    pub(crate) fn new() -> anyhow::Result<Self> {
         Ok(Self {
             cpio: Cpio::with_busybox().map_err(anyhow::Error::msg)?,
             entries: ["bin", "dev", "proc", "sys", "tmp", "run"]
@@ -247,7 +247,7 @@ impl Tree {
     }
 
     /// `from` at `guest`, its parent directories made first.
-    fn add(&mut self, guest: &str, from: &Path) -> anyhow::Result<()> {
+    pub(crate) fn add(&mut self, guest: &str, from: &Path) -> anyhow::Result<()> {
         let relative = guest.trim_start_matches('/');
         let mut parent = String::new();
         let parts: Vec<&str> = relative.split('/').collect();
@@ -268,7 +268,7 @@ impl Tree {
 
     /// `from` at `guest`, and every shared library it loads at the host path ldd gives
     /// (the guest has no ld.so.cache: the loader looks in /lib/x86_64-linux-gnu).
-    fn add_with_libraries(&mut self, guest: &str, from: &Path) -> anyhow::Result<()> {
+    pub(crate) fn add_with_libraries(&mut self, guest: &str, from: &Path) -> anyhow::Result<()> {
         self.add(guest, from)?;
         // A static binary: ldd says "not a dynamic executable" and fails.
         let output = Command::new("ldd")

@@ -6,10 +6,14 @@
 //! and the raw results. `egress-bench smoke` is the seconds-long CI check that loss
 //! accounting adds up. `egress-bench load` is the load generator itself.
 
+mod bulk;
 mod cgroup_index;
 mod churn;
 mod containers;
 mod dns_cost;
+mod dns_cost_guest;
+mod dns_cost_vm;
+mod empty_probe;
 mod kernel_cost;
 mod kernel_cost_vm;
 mod load;
@@ -94,6 +98,13 @@ enum Command {
         #[arg(long, default_value = "BENCHMARKS.md")]
         report: PathBuf,
     },
+    /// The same in the kprobe and fentry families on a Debian kernel booted under qemu:
+    /// a built-in bulk transfer without the collector, with it (DNS on and off) and with
+    /// empty programs on the same hooks (the floor), as ratios.
+    DnsCostVm(dns_cost_vm::Args),
+    /// Internal to `dns-cost-vm`: the guest's half, one line per transfer.
+    #[command(hide = true)]
+    DnsCostGuest(dns_cost_guest::GuestArgs),
     /// Kernel program time per TCP connection (kernel.bpf_stats_enabled): each collector
     /// given, and the peers (bpftrace, libbpf-tools) in the same run; with each one's
     /// throughput at the maximum connect rate against no probe.
@@ -259,6 +270,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
             report::put_section(&report, "dns-cost", &dns_cost::section(&command, &table))
         }
+        Command::DnsCostVm(args) => dns_cost_vm::run(&args),
+        Command::DnsCostGuest(args) => dns_cost_guest::guest(&args),
         Command::KernelCost(args) => kernel_cost::run(&bench, &args),
         Command::KernelCostVm(args) => kernel_cost_vm::run(&args),
         Command::UserCost {

@@ -27,6 +27,14 @@ mount -t tmpfs tmpfs /run
 mount -t tracefs tracefs /sys/kernel/tracing
 ";
 
+/// What a guest that loads BPF programs mounts after [`GUEST_MOUNTS`]: debugfs, the
+/// cgroup2 hierarchy the collector attributes by, bpffs; and loopback up.
+pub const GUEST_BPF_MOUNTS: &str = "mount -t debugfs debugfs /sys/kernel/debug
+mount -t cgroup2 cgroup2 /sys/fs/cgroup
+mount -t bpf bpf /sys/fs/bpf
+ip link set lo up
+";
+
 /// The vmlinuz of the newest Debian cloud kernel of `series` (6.1, 6.12, 6.12-rt),
 /// downloaded by `workspace`'s scripts/vm-kernel.sh on first use.
 pub fn debian_kernel(workspace: &Path, series: &str) -> Result<PathBuf, String> {
