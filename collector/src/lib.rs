@@ -23,6 +23,8 @@ pub mod telemetry;
 pub mod testhook;
 
 #[cfg(test)]
+mod alloc_counting;
+#[cfg(test)]
 mod mutate;
 
 /// An error and its causes on one line, for logs and exit messages.

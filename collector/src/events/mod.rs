@@ -19,7 +19,6 @@ pub mod names;
 pub mod outcome;
 pub mod text;
 
-use aya::maps::{MapData, RingBuf};
 use tokio::{
     io::{Interest, unix::AsyncFd},
     sync::{mpsc, watch},
@@ -37,7 +36,7 @@ use self::{
 };
 use crate::{
     config::settings::{DnsSettings, OutcomeSettings},
-    probe::pending::PendingAttempts,
+    probe::{pending::PendingAttempts, ring::EventRing},
     telemetry::events::{ReaderEvent, ReaderTelemetry},
 };
 
@@ -53,7 +52,7 @@ const POLL_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100)
 const STALE_PENDING_NS: u64 = 600_000_000_000;
 
 pub struct EventReader {
-    ring: AsyncFd<RingBuf<MapData>>,
+    ring: AsyncFd<EventRing>,
     clock: BootClock,
     telemetry: ReaderTelemetry,
     aggregates: Option<Aggregates>,
@@ -69,12 +68,12 @@ pub struct EventReader {
 
 impl EventReader {
     pub fn new(
-        ring: RingBuf<MapData>,
+        ring: EventRing,
         aggregates: Option<Aggregates>,
         telemetry: ReaderTelemetry,
     ) -> std::io::Result<Self> {
-        // SAFETY: the RingBuf owns its map fd and keeps it open, unchanged, for as long
-        // as the AsyncFd owns the RingBuf.
+        // SAFETY: the ring owns its map fd and keeps it open, unchanged, for as long
+        // as the AsyncFd owns the ring.
         let ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
             .map_err(|e| e.into_parts().1)?;
         Ok(Self {
@@ -179,7 +178,7 @@ impl EventReader {
         let ring = self.ring.get_mut();
         let mut batch = Vec::new();
         loop {
-            let item = ring.next();
+            let item = ring.next_record();
             let more = item.is_some();
             if let Some(item) = item {
                 match decode(&item, &self.clock, &mut self.interned) {

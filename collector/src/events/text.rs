@@ -149,9 +149,9 @@ mod tests {
         let mut names = Interner::default();
         let first = names.get(b"curl\0\0\0garbage");
         assert_eq!(first, "curl");
-        let before = crate::export::counting::allocations();
+        let before = crate::alloc_counting::allocations();
         let again = names.get(b"curl\0other");
-        assert_eq!(crate::export::counting::allocations(), before);
+        assert_eq!(crate::alloc_counting::allocations(), before);
         assert!(Arc::ptr_eq(&first.0, &again.0));
         assert_eq!(names.get(b"\0curl"), "");
         assert_eq!(names.get(b"cur"), "cur");

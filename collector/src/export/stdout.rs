@@ -411,9 +411,9 @@ mod tests {
         r.cgroup_path = Some("/kubepods/pod/abc".into());
         let (mut out, mut scratch) = (Vec::new(), Scratch::default());
         // The counter counts: owned attributes allocate.
-        let before = crate::export::counting::allocations();
+        let before = crate::alloc_counting::allocations();
         let owned = crate::export::attributes::of(&r);
-        assert!(crate::export::counting::allocations() > before && !owned.is_empty());
+        assert!(crate::alloc_counting::allocations() > before && !owned.is_empty());
         for set in [
             AttributeSet::Minimal,
             AttributeSet::Default,
@@ -421,16 +421,12 @@ mod tests {
         ] {
             write_line_with(&mut out, &mut scratch, &r, set).expect("write");
             out.clear();
-            let before = crate::export::counting::allocations();
+            let before = crate::alloc_counting::allocations();
             for _ in 0..100 {
                 write_line_with(&mut out, &mut scratch, &r, set).expect("write");
                 out.clear();
             }
-            assert_eq!(
-                crate::export::counting::allocations() - before,
-                0,
-                "{set:?}"
-            );
+            assert_eq!(crate::alloc_counting::allocations() - before, 0, "{set:?}");
         }
     }
 

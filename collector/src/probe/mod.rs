@@ -4,7 +4,7 @@
 //! the reason each better family was refused so the operator can read it.
 //!
 //! Public items: [`Probes`] (load, attach, and the maps the other stages take from it:
-//! the ring buffer, the pending attempts ([`pending`]), the UDP flow sweep
+//! the ring buffer ([`ring`]), the pending attempts ([`pending`]), the UDP flow sweep
 //! ([`flow_sweep`]), and the handles in [`feedback`] through which `events` and `enrich`
 //! write back into the kernel without touching aya), [`ProbeError`] and [`AttachError`],
 //! [`counters`] (the kernel's counters for the telemetry), [`KernelFacts`] and
@@ -22,6 +22,7 @@ pub mod filters;
 pub mod flow_sweep;
 pub mod pending;
 pub mod programs;
+pub mod ring;
 pub mod state_maps;
 pub mod tracefs;
 
@@ -265,15 +266,17 @@ impl Probes {
     }
 
     /// The ring buffer the programs write events to.
-    pub fn take_events(&mut self) -> Result<RingBuf<MapData>, ProbeError> {
+    pub fn take_events(&mut self) -> Result<ring::EventRing, ProbeError> {
         let map = self
             .ebpf
             .take_map("EVENTS")
             .ok_or(ProbeError::MissingMap("EVENTS"))?;
-        RingBuf::try_from(map).map_err(|source| ProbeError::Map {
-            name: "EVENTS",
-            source,
-        })
+        RingBuf::try_from(map)
+            .map(ring::EventRing::new)
+            .map_err(|source| ProbeError::Map {
+                name: "EVENTS",
+                source,
+            })
     }
 
     /// The per-CPU counters the programs keep.

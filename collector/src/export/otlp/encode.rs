@@ -514,12 +514,12 @@ mod tests {
             }
             encoder.finish(1);
         }
-        let before = crate::export::counting::allocations();
+        let before = crate::alloc_counting::allocations();
         for _ in 0..100 {
             encoder.push(&r);
         }
         // Putting the request together allocates it (once per request, not per record).
-        assert_eq!(crate::export::counting::allocations() - before, 0);
+        assert_eq!(crate::alloc_counting::allocations() - before, 0);
         encoder.finish(1);
     }
 
