@@ -34,6 +34,7 @@ use tokio::sync::mpsc;
 use self::{
     cache::{ContainerCache, Identity},
     cgroup_index::CgroupPaths,
+    container_ref::ContainerRef,
     exclude::NamespaceFilter,
     runtime::{RuntimeFiles, on_host},
     watch::DirChange,
@@ -135,6 +136,41 @@ pub struct Enricher {
     /// Where the ids of containers that went away are sent (the OTLP exporter ends their
     /// metric series).
     departures: Option<tokio::sync::mpsc::UnboundedSender<String>>,
+    parsed: ParsedPaths,
+}
+
+/// Slots of [`ParsedPaths`]: more than the cgroups one node's connections come from at
+/// once; a path that lost its slot is parsed again.
+const PARSED_SLOTS: usize = 256;
+
+/// What each cgroup path says about its container ([`container_ref::parse`]), kept by
+/// the path's shared text: a node's connections come from a few cgroups, whose records
+/// share one text per path, so each is parsed once, not once per connection.
+struct ParsedPaths {
+    slots: Vec<Option<(Text, Option<Arc<ContainerRef>>)>>,
+}
+
+impl Default for ParsedPaths {
+    fn default() -> Self {
+        Self {
+            slots: vec![None; PARSED_SLOTS],
+        }
+    }
+}
+
+impl ParsedPaths {
+    fn parse(&mut self, path: &Text) -> Option<Arc<ContainerRef>> {
+        // The text's address, less the bits every allocation shares.
+        let slot = &mut self.slots[(path.addr() >> 4) % PARSED_SLOTS];
+        match slot {
+            Some((text, container)) if Text::ptr_eq(text, path) => container.clone(),
+            _ => {
+                let container = container_ref::parse(path).map(Arc::new);
+                *slot = Some((path.clone(), container.clone()));
+                container
+            }
+        }
+    }
 }
 
 const SWEEP_EVERY: Duration = Duration::from_secs(10);
@@ -179,6 +215,7 @@ impl Enricher {
             namespace_filter: None,
             telemetry,
             departures: None,
+            parsed: ParsedPaths::default(),
         }
     }
 
@@ -206,15 +243,16 @@ impl Enricher {
             .cloned();
         // The full path when the cgroup still exists; else the two names the kernel kept.
         let mut container = match &cgroup_path {
-            Some(path) => container_ref::parse(path),
-            None => container_ref::parse(&format!("{}/{}", cgroup.parent_name, cgroup.leaf_name)),
+            Some(path) => self.parsed.parse(path),
+            None => container_ref::parse(&format!("{}/{}", cgroup.parent_name, cgroup.leaf_name))
+                .map(Arc::new),
         };
         // A hybrid host: the v1 cgroup names no container, the unified one may (a runtime
         // that places containers in the unified tree only).
         if container.is_none()
             && let Some(unified) = &mut self.unified_paths
             && let Some(path) = unified.known_shared(cgroup.id, now)
-            && let Some(found) = container_ref::parse(path)
+            && let Some(found) = self.parsed.parse(path)
         {
             self.telemetry.emit(EnrichEvent::HybridUnified);
             cgroup_path = Some(path.clone());
@@ -309,5 +347,36 @@ impl Enricher {
             }
         }
         crate::testhook::hang_if("enrich");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_path_is_parsed_once_and_every_path_gets_its_own_container() {
+        let id = "b5fa49123b796b99fe605af0f8d019f3b3a8cb445b529b892e0d3788682469af";
+        let mut parsed = ParsedPaths::default();
+        // More paths than slots: some share one.
+        let paths: Vec<Text> = (0..2 * PARSED_SLOTS)
+            .map(|i| match i % 3 {
+                0 => Text::from(format!("/kubepods/pod{i}/{id}")),
+                1 => Text::from(format!("/docker/{i}{}", &id[1..])),
+                _ => Text::from(format!("/user.slice/session-{i}.scope")),
+            })
+            .collect();
+        for _ in 0..2 {
+            for path in &paths {
+                let expected = container_ref::parse(path);
+                assert_eq!(parsed.parse(path).as_deref(), expected.as_ref(), "{path}");
+            }
+        }
+        let path = &paths[0];
+        let first = parsed.parse(path).expect("a container");
+        let before = crate::export::counting::allocations();
+        let again = parsed.parse(&path.clone()).expect("a container");
+        assert_eq!(crate::export::counting::allocations(), before);
+        assert!(Arc::ptr_eq(&first, &again), "parsed once");
     }
 }

@@ -14,6 +14,17 @@ impl Text {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// Whether both are the same shared text (not only equal text).
+    pub fn ptr_eq(a: &Text, b: &Text) -> bool {
+        Arc::ptr_eq(&a.0, &b.0)
+    }
+
+    /// Where the shared text is: the same for every clone, different for every other
+    /// text alive.
+    pub fn addr(&self) -> usize {
+        Arc::as_ptr(&self.0).cast::<u8>().addr()
+    }
 }
 
 impl Default for Text {

@@ -4,15 +4,33 @@
 //! OpenTelemetry semantic-convention keys where a convention exists; the rest under the
 //! documented `egress.` prefix (see README, "Output").
 
-use std::{collections::BTreeMap, fmt::Write as _, net::IpAddr};
+use std::{collections::BTreeMap, fmt::Write as _, net::IpAddr, sync::Arc};
 
 use opentelemetry_semantic_conventions::attribute as semconv;
 
 pub use crate::config::settings::AttributeSet;
-use crate::{enrich::Record, events::outcome::ConnectionState};
+use crate::{
+    enrich::{Record, Resource},
+    events::outcome::ConnectionState,
+};
 
-/// Left out of `default` (and `minimal`): for deep forensics, not every record.
-pub const FORENSIC: &[&str] = &[
+/// A list of keys and its membership test: a `match` (a length switch and a comparison
+/// or two) rather than a search, since it runs for every attribute of every record.
+macro_rules! key_list {
+    ($(#[$doc:meta])* $list:ident, $test:ident: $($key:path),* $(,)?) => {
+        $(#[$doc])*
+        pub const $list: &[&str] = &[$($key),*];
+
+        /// Whether `key` is in the list of the same name.
+        fn $test(key: &str) -> bool {
+            matches!(key, $($key)|*)
+        }
+    };
+}
+
+key_list! {
+    /// Left out of `default` (and `minimal`): for deep forensics, not every record.
+    FORENSIC, forensic:
     semconv::PROCESS_VPID,
     keys::PROCESS_GROUP_ID,
     semconv::THREAD_ID,
@@ -29,10 +47,11 @@ pub const FORENSIC: &[&str] = &[
     keys::CGROUP_LEAF_NAME,
     keys::CGROUP_PARENT_NAME,
     keys::CGROUP_PATH,
-];
+}
 
-/// Also left out of `minimal`.
-pub const DETAIL: &[&str] = &[
+key_list! {
+    /// Also left out of `minimal`.
+    DETAIL, detail:
     semconv::PROCESS_PARENT_PID,
     semconv::PROCESS_USER_ID,
     semconv::NETWORK_TYPE,
@@ -45,7 +64,7 @@ pub const DETAIL: &[&str] = &[
     semconv::NETWORK_PEER_ADDRESS,
     semconv::NETWORK_PEER_PORT,
     keys::DNS_MATCH,
-];
+}
 
 impl AttributeSet {
     pub fn as_str(self) -> &'static str {
@@ -60,8 +79,8 @@ impl AttributeSet {
     pub fn keeps(self, key: &str) -> bool {
         match self {
             AttributeSet::Full => true,
-            AttributeSet::Default => !FORENSIC.contains(&key),
-            AttributeSet::Minimal => !FORENSIC.contains(&key) && !DETAIL.contains(&key),
+            AttributeSet::Default => !forensic(key),
+            AttributeSet::Minimal => !forensic(key) && !detail(key),
         }
     }
 }
@@ -194,8 +213,42 @@ impl InlineText {
         text
     }
 
+    /// `ip` as text, what its `Display` writes; an IPv4 address (nearly every record's,
+    /// twice) without the formatting machinery.
+    pub fn ip(ip: IpAddr) -> Self {
+        let IpAddr::V4(v4) = ip else {
+            return Self::of(ip);
+        };
+        let mut text = InlineText {
+            bytes: [0; 47],
+            len: 0,
+        };
+        let mut at = 0;
+        for (i, octet) in v4.octets().into_iter().enumerate() {
+            if i > 0 {
+                text.bytes[at] = b'.';
+                at += 1;
+            }
+            if octet >= 100 {
+                text.bytes[at] = b'0' + octet / 100;
+                at += 1;
+            }
+            if octet >= 10 {
+                text.bytes[at] = b'0' + octet / 10 % 10;
+                at += 1;
+            }
+            text.bytes[at] = b'0' + octet % 10;
+            at += 1;
+        }
+        text.len = at as u8;
+        text
+    }
+
     pub fn as_str(&self) -> &str {
-        std::str::from_utf8(&self.bytes[..usize::from(self.len)]).unwrap_or("")
+        let bytes = &self.bytes[..usize::from(self.len)];
+        // SAFETY: `bytes` is only ever written whole `&str`s at a time (`write_str`, which
+        // refuses a piece that does not fit) or ASCII digits and dots (`ip`): UTF-8.
+        unsafe { std::str::from_utf8_unchecked(bytes) }
     }
 }
 
@@ -247,7 +300,7 @@ impl<'a> From<&'a str> for Attr<'a> {
 
 impl From<IpAddr> for Attr<'_> {
     fn from(ip: IpAddr) -> Self {
-        Attr::Inline(InlineText::of(ip))
+        Attr::Inline(InlineText::ip(ip))
     }
 }
 
@@ -284,6 +337,8 @@ pub type Attrs<'a> = Vec<(&'static str, Attr<'a>)>;
 pub struct Scratch {
     attributes: Attrs<'static>,
     pub body: String,
+    /// The body's start for the last resource (records come in runs of one workload).
+    workload: Option<(Arc<Resource>, String)>,
 }
 
 impl Scratch {
@@ -293,7 +348,16 @@ impl Scratch {
         let mut attributes = reuse(std::mem::take(&mut self.attributes));
         collect(record, &mut attributes);
         self.body.clear();
-        write_body(&mut self.body, &record.resource.attributes, &attributes);
+        match &self.workload {
+            Some((resource, workload)) if Arc::ptr_eq(resource, &record.resource) => {
+                self.body.push_str(workload);
+            }
+            _ => {
+                write_workload(&mut self.body, &record.resource.attributes);
+                self.workload = Some((Arc::clone(&record.resource), self.body.clone()));
+            }
+        }
+        write_connection(&mut self.body, &attributes);
         if set != AttributeSet::Full {
             attributes.retain(|(key, _)| set.keeps(key));
         }
@@ -321,15 +385,6 @@ pub fn select(record: &Record, set: AttributeSet) -> (Vec<(&'static str, Value)>
     (owned, scratch.body)
 }
 
-/// Attributes whose value, when present, is the connection's outcome in the body line
-/// (the first one present wins): a failure's type, else the connection's state (the
-/// key issue 13's records use; no semantic convention exists for it).
-const OUTCOME_KEYS: &[&str] = &[semconv::ERROR_TYPE, "egress.connection.state"];
-
-/// Attributes that may carry the destination's name (from DNS, never reverse lookups);
-/// shown when they differ from the address.
-const NAME_KEYS: &[&str] = &[semconv::SERVER_ADDRESS, semconv::DNS_QUESTION_NAME];
-
 /// The record as one short human line, what log views (Loki, Grafana) show:
 /// `payments/api-7c9d (api) python3[4242] → 52.94.233.129:443 tcp`, then the outcome and
 /// the destination's name when records carry them. Built only from the resource and the
@@ -346,8 +401,12 @@ pub fn write_body(
     resource: &BTreeMap<&'static str, String>,
     attributes: &[(&str, Attr)],
 ) {
-    let get = |key: &str| attributes.iter().find(|(k, _)| *k == key).map(|(_, v)| v);
-    let text = |key: &str| get(key).and_then(Attr::text).filter(|s| !s.is_empty());
+    write_workload(line, resource);
+    write_connection(line, attributes);
+}
+
+/// The body's first part, which only the resource decides: who.
+fn write_workload(line: &mut String, resource: &BTreeMap<&'static str, String>) {
     let resource = |key: &str| {
         resource
             .get(key)
@@ -359,7 +418,9 @@ pub fn write_body(
         resource(semconv::K8S_POD_NAME),
     ) {
         (Some(namespace), Some(pod)) => {
-            let _ = write!(line, "{namespace}/{pod}");
+            line.push_str(namespace);
+            line.push('/');
+            line.push_str(pod);
         }
         (None, Some(pod)) => line.push_str(pod),
         _ => match (
@@ -372,41 +433,104 @@ pub fn write_body(
         },
     }
     if let Some(container) = resource(semconv::K8S_CONTAINER_NAME) {
-        let _ = write!(line, " ({container})");
+        line.push_str(" (");
+        line.push_str(container);
+        line.push(')');
     }
-    let _ = write!(
-        line,
-        " {}",
-        text(semconv::PROCESS_EXECUTABLE_NAME).unwrap_or("?")
-    );
-    if let Some(Attr::Int(pid)) = get(semconv::PROCESS_PID) {
-        let _ = write!(line, "[{pid}]");
+}
+
+/// The attributes the body shows, each the first of its key (one pass over them).
+#[derive(Default)]
+struct Shown<'r, 'a> {
+    executable: Option<&'r Attr<'a>>,
+    pid: Option<&'r Attr<'a>>,
+    address: Option<&'r Attr<'a>>,
+    port: Option<&'r Attr<'a>>,
+    /// Attributes that may carry the destination's name (from DNS, never reverse
+    /// lookups), the first present shown when it differs from the address:
+    /// `server.address`, `dns.question.name`.
+    names: [Option<&'r Attr<'a>>; 2],
+    transport: Option<&'r Attr<'a>>,
+    /// Attributes whose value is the connection's outcome, the first present shown: a
+    /// failure's type (`error.type`), else the connection's state (the key issue 13's
+    /// records use; no semantic convention exists for it).
+    outcomes: [Option<&'r Attr<'a>>; 2],
+    count: Option<&'r Attr<'a>>,
+}
+
+impl<'r, 'a> Shown<'r, 'a> {
+    fn of(attributes: &'r [(&str, Attr<'a>)]) -> Self {
+        let mut shown = Shown::default();
+        for (key, value) in attributes {
+            let slot = match *key {
+                semconv::PROCESS_EXECUTABLE_NAME => &mut shown.executable,
+                semconv::PROCESS_PID => &mut shown.pid,
+                semconv::DESTINATION_ADDRESS => &mut shown.address,
+                semconv::DESTINATION_PORT => &mut shown.port,
+                semconv::SERVER_ADDRESS => &mut shown.names[0],
+                semconv::DNS_QUESTION_NAME => &mut shown.names[1],
+                semconv::NETWORK_TRANSPORT => &mut shown.transport,
+                semconv::ERROR_TYPE => &mut shown.outcomes[0],
+                keys::CONNECTION_STATE => &mut shown.outcomes[1],
+                keys::CONNECTION_COUNT => &mut shown.count,
+                _ => continue,
+            };
+            slot.get_or_insert(value);
+        }
+        shown
     }
-    let address = text(semconv::DESTINATION_ADDRESS).unwrap_or("?");
-    let port = match get(semconv::DESTINATION_PORT) {
+}
+
+/// Text of an attribute, when it is non-empty text.
+fn shown_text<'r>(value: Option<&'r Attr>) -> Option<&'r str> {
+    value.and_then(Attr::text).filter(|s| !s.is_empty())
+}
+
+/// The body's second part, from the attributes: what, where to, how it went.
+fn write_connection(line: &mut String, attributes: &[(&str, Attr)]) {
+    let shown = Shown::of(attributes);
+    let mut digits = itoa::Buffer::new();
+    line.push(' ');
+    line.push_str(shown_text(shown.executable).unwrap_or("?"));
+    if let Some(Attr::Int(pid)) = shown.pid {
+        line.push('[');
+        line.push_str(digits.format(*pid));
+        line.push(']');
+    }
+    let address = shown_text(shown.address).unwrap_or("?");
+    let port = match shown.port {
         Some(Attr::Int(port)) => *port,
         _ => 0,
     };
     if address.contains(':') {
-        let _ = write!(line, " → [{address}]:{port}");
+        line.push_str(" → [");
+        line.push_str(address);
+        line.push(']');
     } else {
-        let _ = write!(line, " → {address}:{port}");
+        line.push_str(" → ");
+        line.push_str(address);
     }
-    if let Some(name) = NAME_KEYS
-        .iter()
-        .find_map(|key| text(key))
+    line.push(':');
+    line.push_str(digits.format(port));
+    if let Some(name) = (shown.names.iter())
+        .find_map(|value| shown_text(*value))
         .filter(|name| *name != address)
     {
-        let _ = write!(line, " ({name})");
+        line.push_str(" (");
+        line.push_str(name);
+        line.push(')');
     }
-    if let Some(transport) = text(semconv::NETWORK_TRANSPORT) {
-        let _ = write!(line, " {transport}");
+    if let Some(transport) = shown_text(shown.transport) {
+        line.push(' ');
+        line.push_str(transport);
     }
-    if let Some(outcome) = OUTCOME_KEYS.iter().find_map(|key| text(key)) {
-        let _ = write!(line, " {outcome}");
+    if let Some(outcome) = shown.outcomes.iter().find_map(|value| shown_text(*value)) {
+        line.push(' ');
+        line.push_str(outcome);
     }
-    if let Some(Attr::Int(n)) = get(keys::CONNECTION_COUNT).filter(|v| **v != Attr::Int(1)) {
-        let _ = write!(line, " ×{n}");
+    if let Some(Attr::Int(n)) = shown.count.filter(|v| **v != Attr::Int(1)) {
+        line.push_str(" ×");
+        line.push_str(digits.format(*n));
     }
 }
 

@@ -276,8 +276,9 @@ fn write_fields(
     attributes: &[(&str, Attr)],
     record: &Record,
 ) -> serde_json::Result<()> {
+    let mut digits = itoa::Buffer::new();
     out.extend_from_slice(b"{\"time_unix_nano\":");
-    serde_json::to_writer(&mut *out, &record.connection.time_unix_nano)?;
+    out.extend_from_slice(digits.format(record.connection.time_unix_nano).as_bytes());
     out.extend_from_slice(b",\"body\":");
     write_str(out, body)?;
     out.extend_from_slice(b",\"resource\":{");
@@ -285,8 +286,7 @@ fn write_fields(
         if i > 0 {
             out.push(b',');
         }
-        write_str(out, key)?;
-        out.push(b':');
+        write_key(out, key);
         write_str(out, value)?;
     }
     out.extend_from_slice(b"},\"attributes\":{");
@@ -294,13 +294,12 @@ fn write_fields(
         if i > 0 {
             out.push(b',');
         }
-        write_str(out, key)?;
-        out.push(b':');
+        write_key(out, key);
         match value {
             Attr::Str(s) => write_str(out, s)?,
             Attr::Inline(t) => write_str(out, t.as_str())?,
-            Attr::Int(n) => serde_json::to_writer(&mut *out, n)?,
-            Attr::Bool(b) => serde_json::to_writer(&mut *out, b)?,
+            Attr::Int(n) => out.extend_from_slice(digits.format(*n).as_bytes()),
+            Attr::Bool(b) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
             Attr::Double(d) => serde_json::to_writer(&mut *out, d)?,
             Attr::StrArray(items) => serde_json::to_writer(&mut *out, items)?,
             Attr::IpArray(ips) => {
@@ -309,7 +308,7 @@ fn write_fields(
                     if i > 0 {
                         out.push(b',');
                     }
-                    serde_json::to_writer(&mut *out, InlineText::of(ip).as_str())?;
+                    write_plain(out, InlineText::ip(*ip).as_str());
                 }
                 out.push(b']');
             }
@@ -317,6 +316,23 @@ fn write_fields(
     }
     out.extend_from_slice(b"}}\n");
     Ok(())
+}
+
+/// An attribute's key and the colon after it. Keys are the collector's own constants,
+/// none with a character JSON escapes (a unit test checks every one).
+fn write_key(out: &mut Vec<u8>, key: &str) {
+    out.reserve(key.len() + 3);
+    out.push(b'"');
+    out.extend_from_slice(key.as_bytes());
+    out.extend_from_slice(b"\":");
+}
+
+/// Text known to hold nothing JSON escapes (an address), quoted.
+fn write_plain(out: &mut Vec<u8>, s: &str) {
+    out.reserve(s.len() + 2);
+    out.push(b'"');
+    out.extend_from_slice(s.as_bytes());
+    out.push(b'"');
 }
 
 /// `s` as a JSON string, byte for byte what serde_json writes: text with nothing to
@@ -328,10 +344,7 @@ fn write_str(out: &mut Vec<u8>, s: &str) -> serde_json::Result<()> {
         escape | (b < 0x20) | (b == b'"') | (b == b'\\')
     });
     if plain {
-        out.reserve(s.len() + 2);
-        out.push(b'"');
-        out.extend_from_slice(s.as_bytes());
-        out.push(b'"');
+        write_plain(out, s);
         Ok(())
     } else {
         serde_json::to_writer(out, s)
@@ -431,6 +444,21 @@ mod tests {
     }
 
     #[test]
+    fn every_key_is_written_as_serde_json_writes_it() {
+        for r in crate::export::otlp::encode::tests::every_kind() {
+            let attributes = crate::export::attributes::of(&r);
+            let keys = attributes.iter().map(|(key, _)| *key);
+            for key in keys.chain(r.resource.attributes.keys().copied()) {
+                let mut ours = Vec::new();
+                write_key(&mut ours, key);
+                let mut expected = serde_json::to_vec(key).expect("serde");
+                expected.push(b':');
+                assert_eq!(ours, expected, "{key}");
+            }
+        }
+    }
+
+    #[test]
     fn strings_are_written_byte_for_byte_as_serde_json_writes_them() {
         let mut hostile: String = (0u8..0x80).map(char::from).collect();
         hostile.push_str("\u{7f}\u{80}é→\u{2028}\u{fffd}\"\\/");
@@ -456,10 +484,12 @@ mod tests {
         r.connection.process.name = "a\"b\n\u{1}c→".into();
         r.cgroup_path = Some("/kubepods/pod/abc".into());
         let json = |v: &dyn erased::Json| v.to_json();
-        for set in [AttributeSet::Minimal, AttributeSet::Full] {
+        let every = crate::export::otlp::encode::tests::every_kind();
+        let sets = [AttributeSet::Minimal, AttributeSet::Full];
+        for (r, set) in (every.iter().chain([&r])).flat_map(|r| sets.map(|set| (r, set))) {
             let mut out = Vec::new();
-            write_line(&mut out, &r, set).expect("write");
-            let (attributes, body) = crate::export::attributes::select(&r, set);
+            write_line(&mut out, r, set).expect("write");
+            let (attributes, body) = crate::export::attributes::select(r, set);
             let resource: Vec<String> = (r.resource.attributes.iter())
                 .map(|(k, v)| format!("{}:{}", json(k), json(v)))
                 .collect();

@@ -319,7 +319,7 @@ impl LogsEncoder {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use prost::Message;
 
     use super::*;
@@ -329,7 +329,7 @@ mod tests {
     };
 
     /// One record of every kind and shape the exporter writes.
-    fn every_kind() -> Vec<Record> {
+    pub(crate) fn every_kind() -> Vec<Record> {
         use crate::{
             dns::{
                 Answer,

@@ -350,78 +350,108 @@ impl ConnectionCounts {
     }
 
     pub fn record(&mut self, record: &Record) {
-        let c = &record.connection;
-        if let Some(lookup) = &c.dns {
-            // A DNS answer is not a connection.
-            self.dns
-                .entry(Arc::clone(&record.resource))
-                .or_default()
-                .record(lookup);
-            return;
+        self.record_run(&record.resource, [record]);
+    }
+
+    /// Every record of `records` that counts in the metrics ([`Connection::counted`]).
+    /// Each run of records of one workload looks its series up once, not once per record.
+    ///
+    /// [`Connection::counted`]: crate::events::Connection::counted
+    pub fn record_counted(&mut self, records: &[Record]) {
+        for run in records.chunk_by(|a, b| Arc::ptr_eq(&a.resource, &b.resource)) {
+            let counted = run.iter().filter(|r| r.connection.counted());
+            self.record_run(&run[0].resource, counted);
         }
-        if c.outcome.is_some() || c.close.is_some() || c.udp_bytes.is_some() {
-            self.lifecycle
-                .entry(Arc::clone(&record.resource))
-                .or_default()
-                .record(record, self.include_address);
-        }
-        if c.close.is_some() {
-            // A close is not a connection attempt.
-            return;
-        }
-        let start_unix_nano = self.start_unix_nano;
-        let recently_gone = &self.recently_gone;
-        let order = self.departures;
-        let series = self
-            .series
-            .entry(Arc::clone(&record.resource))
-            .or_insert_with(|| {
-                let gone = (record.resource.attributes.get(semconv::CONTAINER_ID))
-                    .is_some_and(|id| recently_gone.contains_key(id));
-                Series {
-                    counts: HashMap::new(),
-                    overflow: 0,
-                    names: std::collections::HashSet::new(),
-                    start_unix_nano,
-                    departure: if gone {
-                        Departure::Gone
-                    } else {
-                        Departure::Present
-                    },
-                    gone_order: order,
+    }
+
+    /// Records whose resource is `resource`.
+    fn record_run<'r>(
+        &mut self,
+        resource: &Arc<Resource>,
+        records: impl IntoIterator<Item = &'r Record>,
+    ) {
+        // Each entry looked up at the run's first record that needs it.
+        let (mut run_dns, mut run_lifecycle, mut run_series) = (None, None, None);
+        for record in records {
+            let c = &record.connection;
+            if let Some(lookup) = &c.dns {
+                // A DNS answer is not a connection.
+                if run_dns.is_none() {
+                    run_dns = Some(self.dns.entry(Arc::clone(resource)).or_default());
+                }
+                if let Some(dns) = &mut run_dns {
+                    dns.record(lookup);
+                }
+                continue;
+            }
+            if c.outcome.is_some() || c.close.is_some() || c.udp_bytes.is_some() {
+                if run_lifecycle.is_none() {
+                    run_lifecycle = Some(self.lifecycle.entry(Arc::clone(resource)).or_default());
+                }
+                if let Some(lifecycle) = &mut run_lifecycle {
+                    lifecycle.record(record, self.include_address);
+                }
+            }
+            if c.close.is_some() {
+                // A close is not a connection attempt.
+                continue;
+            }
+            if run_series.is_none() {
+                let (start_unix_nano, recently_gone) = (self.start_unix_nano, &self.recently_gone);
+                let order = self.departures;
+                let series = self.series.entry(Arc::clone(resource)).or_insert_with(|| {
+                    let gone = (resource.attributes.get(semconv::CONTAINER_ID))
+                        .is_some_and(|id| recently_gone.contains_key(id));
+                    Series {
+                        counts: HashMap::new(),
+                        overflow: 0,
+                        names: std::collections::HashSet::new(),
+                        start_unix_nano,
+                        departure: if gone {
+                            Departure::Gone
+                        } else {
+                            Departure::Present
+                        },
+                        gone_order: order,
+                    }
+                });
+                run_series = Some(series);
+            }
+            let Some(series) = run_series.as_deref_mut() else {
+                continue;
+            };
+            if series.departure == Departure::Final {
+                series.departure = Departure::Gone;
+            }
+            let server = self.server_names.map(|cap| {
+                let name = c
+                    .server
+                    .as_ref()
+                    .map_or_else(|| c.destination.ip().to_string(), |s| s.name.clone());
+                if series.names.contains(&name) {
+                    name
+                } else if series.names.len() < cap {
+                    series.names.insert(name.clone());
+                    name
+                } else {
+                    OTHER_SERVER.to_owned()
                 }
             });
-        if series.departure == Departure::Final {
-            series.departure = Departure::Gone;
-        }
-        let server = self.server_names.map(|cap| {
-            let name = c
-                .server
-                .as_ref()
-                .map_or_else(|| c.destination.ip().to_string(), |s| s.name.clone());
-            if series.names.contains(&name) {
-                name
-            } else if series.names.len() < cap {
-                series.names.insert(name.clone());
-                name
+            let key = SeriesKey {
+                transport: c.transport.as_str(),
+                network_type: c.network_type(),
+                port: c.destination.port(),
+                address: self.include_address.then(|| c.destination.ip()),
+                server,
+                error_type: c.outcome.and_then(|o| o.error_type),
+            };
+            if let Some(count) = series.counts.get_mut(&key) {
+                *count += c.count;
+            } else if series.counts.len() < MAX_SERIES_PER_RESOURCE {
+                series.counts.insert(key, c.count);
             } else {
-                OTHER_SERVER.to_owned()
+                series.overflow += c.count;
             }
-        });
-        let key = SeriesKey {
-            transport: c.transport.as_str(),
-            network_type: c.network_type(),
-            port: c.destination.port(),
-            address: self.include_address.then(|| c.destination.ip()),
-            server,
-            error_type: c.outcome.and_then(|o| o.error_type),
-        };
-        if let Some(count) = series.counts.get_mut(&key) {
-            *count += c.count;
-        } else if series.counts.len() < MAX_SERIES_PER_RESOURCE {
-            series.counts.insert(key, c.count);
-        } else {
-            series.overflow += c.count;
         }
     }
 

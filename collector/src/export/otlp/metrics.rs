@@ -139,13 +139,7 @@ impl MetricsSink {
         loop {
             tokio::select! {
                 received = input.recv(), if input_open => match received {
-                    Some(records) => {
-                        for record in records.iter() {
-                            if record.connection.counted() {
-                                counts.record(record);
-                            }
-                        }
-                    }
+                    Some(records) => counts.record_counted(&records),
                     None => {
                         input_open = false;
                         until = Some(Instant::now() + self.flush_deadline + self.flush_deadline / 8);

@@ -344,3 +344,51 @@ fn a_gone_series_waits_for_successful_exports_and_the_oldest_beyond_the_bound_ar
     assert_eq!(counts.exported(40), 2);
     assert_eq!(counts.workloads(), 1);
 }
+
+/// Every data point as text, with its resource and metric, in a fixed order.
+fn points_text(metrics: &[ResourceMetrics]) -> Vec<String> {
+    use opentelemetry_proto::tonic::metrics::v1::metric::Data;
+    let mut points = Vec::new();
+    for rm in metrics {
+        let resource = format!("{:?}", rm.resource);
+        for metric in rm.scope_metrics.iter().flat_map(|sm| &sm.metrics) {
+            let each: Vec<String> = match &metric.data {
+                Some(Data::Sum(sum)) => sum.data_points.iter().map(|p| format!("{p:?}")).collect(),
+                Some(Data::Histogram(h)) => {
+                    h.data_points.iter().map(|p| format!("{p:?}")).collect()
+                }
+                other => vec![format!("{other:?}")],
+            };
+            points.extend(
+                each.into_iter()
+                    .map(|p| format!("{resource} {} {p}", metric.name)),
+            );
+        }
+    }
+    points.sort();
+    points
+}
+
+#[test]
+fn a_batch_counts_as_its_records_one_by_one() {
+    use crate::events::Delivery;
+    let mut batch = crate::export::otlp::encode::tests::every_kind();
+    let mut more = batch.clone();
+    more.reverse();
+    for (i, r) in more.iter_mut().enumerate() {
+        r.connection.delivery = [Delivery::Both, Delivery::LogOnly, Delivery::MetricsOnly][i % 3];
+    }
+    batch.extend(more);
+    let mut by_batch = ConnectionCounts::new(10, true);
+    by_batch.record_counted(&batch);
+    let mut one_by_one = ConnectionCounts::new(10, true);
+    for r in batch.iter().filter(|r| r.connection.counted()) {
+        one_by_one.record(r);
+    }
+    let (batched, single) = (
+        points_text(&by_batch.resource_metrics(20)),
+        points_text(&one_by_one.resource_metrics(20)),
+    );
+    assert!(batched.len() > 10, "{batched:?}");
+    assert_eq!(batched, single);
+}
