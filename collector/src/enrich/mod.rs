@@ -374,9 +374,9 @@ mod tests {
         }
         let path = &paths[0];
         let first = parsed.parse(path).expect("a container");
-        let before = crate::export::counting::allocations();
+        let before = crate::alloc_counting::allocations();
         let again = parsed.parse(&path.clone()).expect("a container");
-        assert_eq!(crate::export::counting::allocations(), before);
+        assert_eq!(crate::alloc_counting::allocations(), before);
         assert!(Arc::ptr_eq(&first, &again), "parsed once");
     }
 }
