@@ -58,10 +58,12 @@ fn store(ptr: *mut u64, value: u64) {
 fn scratch(slot: Slot) -> Option<&'static mut ConnectEvent> {
     let slot = SCRATCH.get_ptr_mut(slot as u32)?;
     // SAFETY: this program's slot on this CPU is ours for the rest of this run: the
-    // program cannot re-enter itself on this CPU (the kernel's recursion guard).
-    let ev = unsafe { &mut *slot };
-    *ev = ConnectEvent::zeroed();
-    Some(ev)
+    // program cannot re-enter itself on this CPU (the kernel's recursion guard). An
+    // aligned map value of plain integers.
+    unsafe {
+        crate::words::zero(slot);
+        Some(&mut *slot)
+    }
 }
 
 const NANO: u64 = 1_000_000_000;
