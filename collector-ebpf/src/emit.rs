@@ -183,7 +183,10 @@ fn admit(cgroup: u64, now: u64) -> Option<u32> {
                 break;
             }
         }
-        if elapsed > 0 {
+        // A bucket already full takes no credit: the add and the trim after it would
+        // cancel out, two locked instructions for nothing (a take racing this load
+        // only leaves the bucket a token short: fewer events, never more).
+        if elapsed > 0 && (load(tokens) as i64) < burst as i64 {
             // elapsed x rate < burst <= 10^15 below fill_ns: no overflow.
             let credit = if elapsed >= fill_ns {
                 burst
@@ -221,6 +224,11 @@ fn admit(cgroup: u64, now: u64) -> Option<u32> {
         return None;
     }
     if exact {
+        // Nothing to carry (the usual case) is read, not exchanged: a drop counted after
+        // the load is carried by the cgroup's next record.
+        if load(dropped) == 0 {
+            return Some(0);
+        }
         let carried = exchange(dropped, 0);
         return Some(carried.min(u32::MAX as u64) as u32);
     }
