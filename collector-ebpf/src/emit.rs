@@ -113,8 +113,9 @@ fn compare_exchange(ptr: *mut u64, old: u64, new: u64) -> bool {
 ///   the value read to `now` with a compare-and-exchange and credits `now - prev` only if
 ///   it succeeded, so every interval is credited by one CPU, however many read `last_ns`
 ///   at once, and `last_ns` never goes back (a CPU whose clock reading is older, or that
-///   was preempted between its reading and the exchange, credits nothing). Drops:
-///   `exchange(dropped, 0)` hands each drop to exactly one record.
+///   was preempted between its reading and the exchange, credits nothing); a bucket
+///   already full is not credited. Drops: `exchange(dropped, 0)` hands each drop to
+///   exactly one record (a plain read first: none to carry is the usual case).
 /// - kernels 5.8-5.11 have only the plain atomic add (no fetching add either: LLVM
 ///   refuses to use the result of an add for our `-mcpu=generic` object anyway). Refill credits the time since
 ///   `last_ns` and advances `last_ns` by exactly that (an add): k CPUs crediting one
