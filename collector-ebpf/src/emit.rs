@@ -58,10 +58,12 @@ fn store(ptr: *mut u64, value: u64) {
 fn scratch(slot: Slot) -> Option<&'static mut ConnectEvent> {
     let slot = SCRATCH.get_ptr_mut(slot as u32)?;
     // SAFETY: this program's slot on this CPU is ours for the rest of this run: the
-    // program cannot re-enter itself on this CPU (the kernel's recursion guard).
-    let ev = unsafe { &mut *slot };
-    *ev = ConnectEvent::zeroed();
-    Some(ev)
+    // program cannot re-enter itself on this CPU (the kernel's recursion guard). An
+    // aligned map value of plain integers.
+    unsafe {
+        crate::words::zero(slot);
+        Some(&mut *slot)
+    }
 }
 
 const NANO: u64 = 1_000_000_000;
@@ -111,8 +113,9 @@ fn compare_exchange(ptr: *mut u64, old: u64, new: u64) -> bool {
 ///   the value read to `now` with a compare-and-exchange and credits `now - prev` only if
 ///   it succeeded, so every interval is credited by one CPU, however many read `last_ns`
 ///   at once, and `last_ns` never goes back (a CPU whose clock reading is older, or that
-///   was preempted between its reading and the exchange, credits nothing). Drops:
-///   `exchange(dropped, 0)` hands each drop to exactly one record.
+///   was preempted between its reading and the exchange, credits nothing); a bucket
+///   already full is not credited. Drops: `exchange(dropped, 0)` hands each drop to
+///   exactly one record (a plain read first: none to carry is the usual case).
 /// - kernels 5.8-5.11 have only the plain atomic add (no fetching add either: LLVM
 ///   refuses to use the result of an add for our `-mcpu=generic` object anyway). Refill credits the time since
 ///   `last_ns` and advances `last_ns` by exactly that (an add): k CPUs crediting one
@@ -181,7 +184,10 @@ fn admit(cgroup: u64, now: u64) -> Option<u32> {
                 break;
             }
         }
-        if elapsed > 0 {
+        // A bucket already full takes no credit: the add and the trim after it would
+        // cancel out, two locked instructions for nothing (a take racing this load
+        // only leaves the bucket a token short: fewer events, never more).
+        if elapsed > 0 && (load(tokens) as i64) < burst as i64 {
             // elapsed x rate < burst <= 10^15 below fill_ns: no overflow.
             let credit = if elapsed >= fill_ns {
                 burst
@@ -219,6 +225,11 @@ fn admit(cgroup: u64, now: u64) -> Option<u32> {
         return None;
     }
     if exact {
+        // Nothing to carry (the usual case) is read, not exchanged: a drop counted after
+        // the load is carried by the cgroup's next record.
+        if load(dropped) == 0 {
+            return Some(0);
+        }
         let carried = exchange(dropped, 0);
         return Some(carried.min(u32::MAX as u64) as u32);
     }

@@ -23,6 +23,8 @@ mod read;
 mod sock;
 #[cfg(target_arch = "bpf")]
 mod task;
+#[cfg(target_arch = "bpf")]
+mod words;
 
 #[cfg(target_arch = "bpf")]
 #[unsafe(link_section = "license")]

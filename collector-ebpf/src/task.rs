@@ -103,18 +103,17 @@ pub fn fill_process(ev: &mut ConnectEvent, slot: Slot) -> bool {
     let Some(id) = IDENTITY_SCRATCH.get_ptr_mut(slot as u32) else {
         return false;
     };
-    // SAFETY: this program's slot on this CPU (see `maps::SCRATCH`).
-    let id = unsafe { &mut *id };
+    // SAFETY: this program's slot on this CPU (see `maps::SCRATCH`); an aligned map
+    // value of plain integers. Zeroed a word at a time (see `words`).
+    let id = unsafe {
+        crate::words::zero(id);
+        &mut *id
+    };
     id.cgroup_id = ev.cgroup_id;
     id.nsproxy = nsproxy;
     id.css_set = css_set;
     id.exec_id = exec_id;
     id.filled_ns = ev.boot_time_ns;
-    id.cgroup_leaf_id = 0;
-    id.parent_tgid = 0;
-    id.ns_tgid = 0;
-    id.ns_inums = [0; egress_shared::NS_COUNT];
-    id.names = [0; IDENTITY_NAMES_LEN];
     let lineage = fill_lineage(id, task).is_ok();
     let namespaces = fill_namespaces(id, nsproxy).is_ok();
     let cgroup = fill_cgroup(id, task).is_ok();
@@ -141,17 +140,28 @@ fn copy(ev: &mut ConnectEvent, id: &Identity) {
     ev.cgroup_leaf_id = id.cgroup_leaf_id;
     ev.parent_tgid = id.parent_tgid;
     ev.ns_tgid = id.ns_tgid;
-    ev.ns_inums = id.ns_inums;
-    // SAFETY: `process_comm` starts IDENTITY_NAMES_LEN contiguous bytes of `ev` (asserted
-    // above), 8-byte aligned; `names` is as long.
+    // Word copies (see `words`). SAFETY: `ns_inums` starts 8-byte aligned in both and is
+    // NS_WORDS words long; `process_comm` starts IDENTITY_NAMES_LEN contiguous bytes of
+    // `ev` (asserted above), 8-byte aligned, as `names` does in `id`, which is as long.
     unsafe {
-        core::ptr::copy_nonoverlapping(
-            id.names.as_ptr(),
-            ev.process_comm.as_mut_ptr(),
-            IDENTITY_NAMES_LEN,
+        crate::words::copy::<NS_WORDS>(
+            ev.ns_inums.as_mut_ptr().cast(),
+            id.ns_inums.as_ptr().cast(),
         );
+        crate::words::copy::<NAME_WORDS>(ev.process_comm.as_mut_ptr(), id.names.as_ptr());
     }
+    ev.nodename[egress_shared::NODENAME_LEN - 1] = id.names[IDENTITY_NAMES_LEN - 1];
 }
+
+/// `ns_inums` in 8-byte words.
+const NS_WORDS: usize = egress_shared::NS_COUNT * 4 / 8;
+/// The whole words of the names; the last byte is copied on its own.
+const NAME_WORDS: usize = IDENTITY_NAMES_LEN / 8;
+const _: () = assert!(NS_WORDS * 8 == egress_shared::NS_COUNT * 4);
+const _: () = assert!(NAME_WORDS * 8 + 1 == IDENTITY_NAMES_LEN);
+const _: () = assert!(core::mem::offset_of!(ConnectEvent, ns_inums) % 8 == 0);
+const _: () = assert!(core::mem::offset_of!(Identity, ns_inums) % 8 == 0);
+const _: () = assert!(core::mem::offset_of!(Identity, names) % 8 == 0);
 
 // Where each name starts in `Identity::names` (the order of the event's fields).
 const PROCESS_COMM_AT: usize = 0;

@@ -26,12 +26,13 @@ const TCP_CLOSE: i32 = 7;
 /// load (`SIMULTANEOUS_OPENS`), not a hash lookup. Every move out of SYN_RECV counts: a
 /// simultaneous open the application closes before it is established leaves by
 /// SYN_RECV -> FIN_WAIT1, and must still complete (failed) and free its mark and slot.
+/// Other moves to CLOSE (both ends of every connection) only when closes are reported.
 #[inline(always)]
 fn interesting(old: i32, new: i32) -> bool {
     (old == TCP_CLOSE && new == TCP_SYN_SENT)
         || old == TCP_SYN_SENT
         || old == TCP_SYN_RECV
-        || new == TCP_CLOSE
+        || (new == TCP_CLOSE && config!(track_closes) != 0)
 }
 
 /// The `SIMULTANEOUS_OPENS` slot of a socket (a fold of its address).
