@@ -431,14 +431,29 @@ fn first_in_window(key: &FlowKey, bytes: u64) -> Option<(u64, u64)> {
     let (last_ns, counted) = unsafe { (&raw mut (*flow).last_ns, &raw mut (*flow).bytes) };
     // Signed: another CPU may have started the window after this CPU read the clock,
     // and stored a `last_ns` later than `now`: that datagram is inside the window.
-    let elapsed = now.wrapping_sub(load(last_ns)) as i64;
+    let prev = load(last_ns);
+    let elapsed = now.wrapping_sub(prev) as i64;
     if elapsed < 0 || (elapsed as u64) < config!(udp_flow_window_ns) {
         if bytes > 0 {
             atomic_add(counted, bytes);
         }
         return None;
     }
-    store(last_ns, now);
+    // Start the window: with a compare-and-exchange where the kernel has one (5.12+), so
+    // of two CPUs finding the window over at once only one reports the flow, and it alone
+    // marks the window reported (the other's mark would leave `reported_ns` naming a
+    // window that never started, and the sweep would drop the flow's last bytes). The
+    // other's datagram is in the window just started. Before 5.12 both may report it.
+    if config!(fetching_atomics) != 0 {
+        if !compare_exchange(last_ns, prev, now) {
+            if bytes > 0 {
+                atomic_add(counted, bytes);
+            }
+            return None;
+        }
+    } else {
+        store(last_ns, now);
+    }
     // Take what the window counted: with an exchange where the kernel has one (5.12+),
     // else by subtracting what was read (an add racing in between stays for the next
     // record either way). The sweep takes with an exchange too (5.12+ only): each byte

@@ -55,6 +55,10 @@ fn udp_transmitted(received: &Received, port: u16) -> Option<i64> {
 /// The collector in tracepoint mode with 1 s UDP flow windows, exporting to a receiver
 /// on loopback.
 fn start() -> OtlpRun {
+    start_with_window("1s")
+}
+
+fn start_with_window(window: &str) -> OtlpRun {
     require_root();
     OtlpRun::start(
         std::path::Path::new(COLLECTOR),
@@ -62,7 +66,7 @@ fn start() -> OtlpRun {
             "--probe",
             "tracepoint",
             "--udp-flow-window",
-            "1s",
+            window,
             "--stats-interval",
             "1h",
         ],
@@ -185,4 +189,52 @@ fn udp_bytes_are_carried_by_flow_records_and_counted_in_network_io() {
             .all(|(_, e, _)| e.as_deref() == Some("udp_send"))
     );
     assert_eq!(udp_transmitted(&received, to.port()), Some(283));
+}
+
+/// Threads of one process sending on one socket (one flow) across many 1 ms windows: each
+/// window is started by one datagram only, so no two records of the flow are less than
+/// half a window apart (two CPUs finding the window over at once must not both report
+/// it), and the metric still says every byte sent.
+#[test]
+fn concurrent_senders_start_each_window_of_their_flow_once() {
+    const WINDOW_NS: u64 = 1_000_000;
+    let run = start_with_window("1ms");
+    let sink = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).expect("sink");
+    let to = sink.local_addr().expect("addr");
+    let socket = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0)).expect("bind");
+    let until = Instant::now() + Duration::from_secs(3);
+    let total: usize = thread::scope(|scope| {
+        let senders: Vec<_> = (0..4)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut sent = 0;
+                    while Instant::now() < until {
+                        sent += send_to(&socket, to, 3);
+                    }
+                    sent
+                })
+            })
+            .collect();
+        senders.into_iter().map(|s| s.join().expect("sender")).sum()
+    });
+    thread::sleep(Duration::from_millis(500));
+    let received = run.stop().received;
+    let records = flow_records(&received, &socket);
+    assert!(
+        records.len() > 100,
+        "records of many windows: {}",
+        records.len()
+    );
+    let doubles: Vec<_> = records
+        .windows(2)
+        .filter(|pair| pair[1].0 - pair[0].0 < WINDOW_NS / 2)
+        .map(|pair| (pair[0].0, pair[1].0))
+        .collect();
+    assert!(
+        doubles.is_empty(),
+        "{} of {} windows reported twice: {doubles:?}",
+        doubles.len(),
+        records.len()
+    );
+    assert_eq!(udp_transmitted(&received, to.port()), Some(total as i64));
 }

@@ -34,8 +34,19 @@ pub struct FlowSweeper {
     /// Each flow's last record; `None` for a flow whose records are not counted (a DNS
     /// query's own flow, folded into its DNS record).
     known: HashMap<FlowKey, Option<Connection>>,
-    /// A sweep failed once (said once, not at every poll).
+    /// The last sweep failed (its successor's failure is not the first).
     failed: bool,
+}
+
+/// What one sweep did, for the telemetry.
+#[derive(Debug, Default)]
+pub struct SweepReport {
+    /// Bytes that had no record to go with.
+    pub unattributed: u64,
+    /// The error the sweep stopped at, if any (what it swept before is handed on).
+    pub error: Option<SweepError>,
+    /// The error is the first since the last sweep that succeeded.
+    pub first_failure: bool,
 }
 
 impl FlowSweeper {
@@ -63,25 +74,24 @@ impl FlowSweeper {
 
     /// Sweeps the flows whose window started two windows ago or more, or every flow with
     /// `all` (the programs are detached), pushing a metric-only record per flow that had
-    /// bytes after its record. Returns the bytes that had no record to go with (for the
-    /// telemetry).
+    /// bytes after its record. Reports the bytes that had no record to go with and the
+    /// error the sweep stopped at (for the telemetry, which counts every failure and
+    /// logs the first of a run).
     pub fn sweep(
         &mut self,
         now_boot_ns: u64,
         all: bool,
         clock: &BootClock,
         out: &mut Vec<Connection>,
-    ) -> u64 {
-        let mut unattributed = 0;
-        match self.try_sweep(now_boot_ns, all, clock, out, &mut unattributed) {
-            Ok(()) => self.failed = false,
-            Err(e) if !self.failed => {
-                self.failed = true;
-                tracing::error!(error = %e, "UDP flows cannot be swept: bytes sent after a flow's last record are not counted until this recovers.");
-            }
-            Err(_) => {}
+    ) -> SweepReport {
+        let mut report = SweepReport::default();
+        let result = self.try_sweep(now_boot_ns, all, clock, out, &mut report.unattributed);
+        if let Err(e) = result {
+            report.first_failure = !self.failed;
+            report.error = Some(e);
         }
-        unattributed
+        self.failed = report.error.is_some();
+        report
     }
 
     fn try_sweep(

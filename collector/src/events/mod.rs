@@ -303,10 +303,16 @@ impl EventReader {
             return;
         };
         let mut tails = Vec::new();
-        let unattributed = flows.sweep(clock::boot_now_ns(), all, &self.clock, &mut tails);
-        if unattributed > 0 {
+        let report = flows.sweep(clock::boot_now_ns(), all, &self.clock, &mut tails);
+        if report.unattributed > 0 {
             self.telemetry.emit(ReaderEvent::UdpBytesUnattributed {
-                bytes: unattributed,
+                bytes: report.unattributed,
+            });
+        }
+        if let Some(error) = &report.error {
+            self.telemetry.emit(ReaderEvent::UdpSweepFailed {
+                error,
+                first: report.first_failure,
             });
         }
         // Without a metrics exporter the sweep only frees the kernel's entries.

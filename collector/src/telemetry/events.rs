@@ -45,6 +45,9 @@ pub enum ReaderEvent<'a> {
     /// UDP bytes a flow sent after its last record that the sweep found but could not
     /// attribute (no record of the flow known in user space).
     UdpBytesUnattributed { bytes: u64 },
+    /// A sweep of the kernel's UDP flows stopped at an error; `first` for the first
+    /// failure since the last sweep that succeeded, which is logged.
+    UdpSweepFailed { error: &'a dyn Display, first: bool },
 }
 
 /// The reader's handle on the collector's counters: it reports [`ReaderEvent`]s.
@@ -98,6 +101,12 @@ impl ReaderTelemetry {
             ReaderEvent::UdpBytesUnattributed { bytes } => {
                 stats.record_udp_bytes_unattributed(bytes)
             }
+            ReaderEvent::UdpSweepFailed { error, first } => {
+                stats.record_udp_sweep_failed();
+                if first {
+                    tracing::error!(error = %error, "UDP flows cannot be swept: bytes sent after a flow's last record are not counted until this recovers.");
+                }
+            }
         }
     }
 }
@@ -118,9 +127,15 @@ mod tests {
         reader.emit(ReaderEvent::ClosesUnmatched { closes: 4 });
         reader.emit(ReaderEvent::RingBufferFailed { error: &"gone" });
         reader.emit(ReaderEvent::UdpBytesUnattributed { bytes: 9 });
+        for first in [true, false] {
+            reader.emit(ReaderEvent::UdpSweepFailed {
+                error: &"EPERM",
+                first,
+            });
+        }
         let s = stats.snapshot_user();
         assert_eq!((s.captured, s.queue_full, s.repeats_lost), (7, 3, 5));
-        assert_eq!(s.udp_bytes_unattributed, 9);
+        assert_eq!((s.udp_bytes_unattributed, s.udp_sweeps_failed), (9, 2));
         assert_eq!(s.decode_failed.get("short"), Some(&2));
         assert!(s.dns.is_empty(), "no DNS event was reported");
         assert_eq!(

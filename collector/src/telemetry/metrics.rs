@@ -146,6 +146,12 @@ pub fn self_metrics(s: &Snapshot) -> Vec<SelfMetric> {
             vec![Point::plain(s.udp_bytes_unattributed)],
         ),
         counter(
+            "egress_collector.udp.sweeps_failed",
+            "Sweeps of the kernel's UDP flows that stopped at an error (bytes sent after a flow's last record wait for a sweep that succeeds).",
+            "{sweep}",
+            vec![Point::plain(s.udp_sweeps_failed)],
+        ),
+        counter(
             "egress_collector.events.filtered",
             "Connections dropped by a user filter (excluded destination or namespace).",
             "{event}",

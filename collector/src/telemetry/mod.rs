@@ -82,6 +82,7 @@ pub struct Stats {
     metric_workloads: AtomicU64,
     repeats_lost: AtomicU64,
     udp_bytes_unattributed: AtomicU64,
+    udp_sweeps_failed: AtomicU64,
     filtered: AtomicU64,
     stdout_copy_dropped: AtomicU64,
     spans_failed: AtomicU64,
@@ -113,6 +114,9 @@ pub struct Snapshot {
     /// UDP payload bytes sent after a flow's last record that the sweep found but could
     /// not attribute (the flow's record never reached user space): not in the metrics.
     pub udp_bytes_unattributed: u64,
+    /// Sweeps of `UDP_FLOWS` that stopped at an error (the flows not swept wait for the
+    /// next sweep; the kernel's LRU forgets them, and their bytes, if none succeeds).
+    pub udp_sweeps_failed: u64,
     /// Records dropped by user space for a user filter (an excluded Kubernetes namespace).
     pub filtered: u64,
     /// With OTLP and `--stdout`: copies not written to stdout because its queue was
@@ -215,6 +219,10 @@ impl Stats {
         self.udp_bytes_unattributed.fetch_add(n, Relaxed);
     }
 
+    fn record_udp_sweep_failed(&self) {
+        self.udp_sweeps_failed.fetch_add(1, Relaxed);
+    }
+
     fn record_stdout_copy_dropped(&self, n: usize) {
         self.stdout_copy_dropped.fetch_add(n as u64, Relaxed);
     }
@@ -286,6 +294,7 @@ impl Stats {
             metric_workloads: self.metric_workloads.load(Relaxed),
             repeats_lost: self.repeats_lost.load(Relaxed),
             udp_bytes_unattributed: self.udp_bytes_unattributed.load(Relaxed),
+            udp_sweeps_failed: self.udp_sweeps_failed.load(Relaxed),
             filtered: self.filtered.load(Relaxed),
             stdout_copy_dropped: self.stdout_copy_dropped.load(Relaxed),
             spans_failed: self.spans_failed.load(Relaxed),
