@@ -14,7 +14,7 @@ use std::{
 };
 
 use anyhow::{Context, bail};
-use egress_testkit::vm::{self, Boot, Cpio, GUEST_MOUNTS, Scratch, after_marker};
+use egress_testkit::vm::{self, Boot, Cpio, GUEST_BPF_MOUNTS, GUEST_MOUNTS, Scratch, after_marker};
 
 const KERNEL_MARKER: &str = "EGRESS-VM-KERNEL ";
 const DONE_MARKER: &str = "EGRESS-VM-KERNEL-COST ";
@@ -307,11 +307,7 @@ fn init_script(args: &Args, collectors: &[String]) -> String {
     let peers = args.peers.join(",");
     format!(
         r#"#!/bin/busybox sh
-{GUEST_MOUNTS}mount -t debugfs debugfs /sys/kernel/debug
-mount -t cgroup2 cgroup2 /sys/fs/cgroup
-mount -t bpf bpf /sys/fs/bpf
-ip link set lo up
-hostname egress-vm
+{GUEST_MOUNTS}{GUEST_BPF_MOUNTS}hostname egress-vm
 echo "{KERNEL_MARKER}$(uname -r) $(uname -v)"
 echo "{CLOCK_MARKER}$(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)"
 if EGRESS_BENCH_DETAIL=1 taskset -c 0 {GUEST_BENCH} kernel-cost --collectors {collectors} \

@@ -14,8 +14,8 @@ use std::{
 
 use egress_testkit::require_root;
 use egress_testkit::vm::{
-    Cpio, GUEST_MOUNTS, KERNEL_MARKER, RESULT_MARKER, Scratch, after_marker, boot_test as boot,
-    test_kernel as debian_kernel, workspace_root,
+    Cpio, GUEST_BPF_MOUNTS, GUEST_MOUNTS, KERNEL_MARKER, RESULT_MARKER, Scratch, after_marker,
+    boot_test as boot, test_kernel as debian_kernel, workspace_root,
 };
 
 /// Hook families the scenario runs in every VM, in this order (Debian's kernels have all).
@@ -91,11 +91,7 @@ fn build_static_binaries() -> Result<StaticBinaries, String> {
 fn init_script() -> String {
     format!(
         r#"#!/bin/busybox sh
-{GUEST_MOUNTS}mount -t debugfs debugfs /sys/kernel/debug
-mount -t cgroup2 cgroup2 /sys/fs/cgroup
-mount -t bpf bpf /sys/fs/bpf
-ip link set lo up
-hostname egress-vm
+{GUEST_MOUNTS}{GUEST_BPF_MOUNTS}hostname egress-vm
 echo "{KERNEL_MARKER}$(uname -r) $(uname -v)"
 for probe in {probes}; do
     dmesg -c >/dev/null
