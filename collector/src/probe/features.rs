@@ -59,7 +59,7 @@ pub fn task_pt_regs() -> bool {
 
 fn loads(prog_type: u32, program: &[u64]) -> bool {
     let license = c"GPL";
-    let attr = ProgLoadAttr {
+    let mut attr = ProgLoadAttr {
         prog_type,
         insn_cnt: program.len() as u32,
         insns: program.as_ptr() as u64,
@@ -67,17 +67,9 @@ fn loads(prog_type: u32, program: &[u64]) -> bool {
     };
     // SAFETY: `attr` points to the instructions and the licence string, which outlive the
     // call; the kernel reads `size_of::<ProgLoadAttr>()` bytes and treats the rest as zero.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_LOAD,
-            &attr as *const ProgLoadAttr,
-            std::mem::size_of::<ProgLoadAttr>(),
-        )
-    };
-    if fd < 0 {
+    let Ok(fd) = (unsafe { super::sys::bpf(BPF_PROG_LOAD, &mut attr) }) else {
         return false;
-    }
+    };
     // SAFETY: a descriptor the kernel just returned, owned by nobody else.
     drop(unsafe { OwnedFd::from_raw_fd(fd as i32) });
     true

@@ -122,15 +122,7 @@ impl FlowSweep {
             // SAFETY: every pointer in `attr` outlives the call and holds `count` keys
             // and values of the map's sizes (FlowKey and FlowState, as the programs'),
             // or one bucket token.
-            let rc = unsafe {
-                libc::syscall(
-                    libc::SYS_bpf,
-                    BPF_MAP_LOOKUP_BATCH,
-                    &mut attr as *mut BatchAttr,
-                    size_of::<BatchAttr>(),
-                )
-            };
-            let error = (rc != 0).then(std::io::Error::last_os_error);
+            let error = unsafe { super::sys::bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) }.err();
             let got = (attr.count as usize).min(BATCH);
             match &error {
                 None => {}
@@ -165,17 +157,7 @@ impl FlowSweep {
         };
         // SAFETY: `attr` names a loaded raw tracepoint program and an argument array
         // that outlives the call; the kernel writes only `retval`.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_PROG_TEST_RUN,
-                &mut attr as *mut TestRunAttr,
-                size_of::<TestRunAttr>(),
-            )
-        };
-        if rc != 0 {
-            return Err(SweepError::Run(std::io::Error::last_os_error()));
-        }
+        unsafe { super::sys::bpf(BPF_PROG_TEST_RUN, &mut attr) }.map_err(SweepError::Run)?;
         Ok(match attr.retval {
             sweep::KEPT => Swept::Kept,
             sweep::UNREPORTED => Swept::Unreported,

@@ -24,6 +24,7 @@ pub mod pending;
 pub mod programs;
 pub mod ring;
 pub mod state_maps;
+mod sys;
 pub mod tracefs;
 
 use std::path::PathBuf;

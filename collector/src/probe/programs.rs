@@ -73,15 +73,8 @@ fn recursion_misses(fd: &ProgramFd) -> Option<u64> {
     };
     // SAFETY: `attr` names a buffer of `info_len` bytes that outlives the call; the kernel
     // writes at most that many bytes and updates `info_len` to what it filled.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET_INFO_BY_FD,
-            &mut attr as *mut InfoAttr,
-            std::mem::size_of::<InfoAttr>(),
-        )
-    };
-    if rc != 0 || (attr.info_len as usize) < INFO_LEN {
+    let done = unsafe { super::sys::bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr) };
+    if done.is_err() || (attr.info_len as usize) < INFO_LEN {
         return None;
     }
     let bytes = info[RECURSION_MISSES_OFFSET..INFO_LEN].try_into().ok()?;

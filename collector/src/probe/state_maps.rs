@@ -43,7 +43,7 @@ impl CallsMap {
         let mut count = 0;
         let mut first = true;
         while count < LIMIT {
-            let attr = NextKeyAttr {
+            let mut attr = NextKeyAttr {
                 map_fd: fd,
                 _pad: 0,
                 key: if first { 0 } else { &key as *const u32 as u64 },
@@ -51,15 +51,7 @@ impl CallsMap {
             };
             // SAFETY: `attr` points to two u32 keys that outlive the call (the map's key
             // size, checked at load); a null key asks for the first one.
-            let rc = unsafe {
-                libc::syscall(
-                    libc::SYS_bpf,
-                    BPF_MAP_GET_NEXT_KEY,
-                    &attr as *const NextKeyAttr,
-                    std::mem::size_of::<NextKeyAttr>(),
-                )
-            };
-            if rc != 0 {
+            if unsafe { super::sys::bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) }.is_err() {
                 break;
             }
             count += 1;
