@@ -369,6 +369,43 @@ pub struct Args {
     /// was doing.
     #[arg(long)]
     pub note: Option<String>,
+    /// How each collector runs, each measured as an observer of its own: `default` (its
+    /// default flags), `closes` (close records on: the CLOSE transitions tracked),
+    /// `filtered` (the load's destination excluded), `rate-limited` (1 connection per
+    /// second per cgroup), `aggregated` (repeats to one destination counted in a window):
+    /// the last three drop (nearly) every connection in the kernel.
+    #[arg(long, value_delimiter = ',', default_value = "default")]
+    pub variants: Vec<Variant>,
+}
+
+/// A way of running the collector (see [`Args::variants`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Variant {
+    Default,
+    Closes,
+    Filtered,
+    RateLimited,
+    Aggregated,
+}
+
+impl Variant {
+    /// The collector flags that make the variant. The load connects to 127.0.0.1, one
+    /// port, from one process and cgroup.
+    fn flags(self) -> &'static [&'static str] {
+        match self {
+            Variant::Default => &[],
+            Variant::Closes => &["--close-records"],
+            Variant::Filtered => &["--exclude-cidr", "127.0.0.0/8"],
+            Variant::RateLimited => &["--cgroup-rate-limit", "1", "--cgroup-burst", "1"],
+            Variant::Aggregated => &["--aggregate-window", "1h"],
+        }
+    }
+
+    /// Whether the variant sets the rate limit itself (the throughput run otherwise turns
+    /// it off).
+    fn sets_rate_limit(self) -> bool {
+        self == Variant::RateLimited
+    }
 }
 
 fn parse_peer(text: &str) -> Result<Option<Peer>, String> {
@@ -388,14 +425,14 @@ struct Observer {
     throughput: Vec<String>,
 }
 
-/// The collector in `probe` mode, writing to /dev/null. For the kernel figure it has its
-/// default flags and runs on CPU 1 (`taskset`): the load runs on CPU 0 (run the bench
+/// The collector in `probe` mode with `variant`'s flags, writing to /dev/null. For the
+/// kernel figure it runs on CPU 1 (`taskset`): the load runs on CPU 0 (run the bench
 /// under `taskset -c 0`), so the observers' user space does not preempt the connecting
 /// task in the middle of a program, which the kernel would count as program time. For
 /// the throughput ratio the per-cgroup rate limit is off (the load is one cgroup; as in
 /// `egress-bench run`): every connection is reported, as the peers report every one.
-fn collector_observer(collector: &Path, probe: &str) -> Observer {
-    let base: Vec<String> = [
+fn collector_observer(collector: &Path, probe: &str, variant: Variant) -> Observer {
+    let mut base: Vec<String> = [
         collector.to_string_lossy().as_ref(),
         "run",
         "--probe",
@@ -407,10 +444,18 @@ fn collector_observer(collector: &Path, probe: &str) -> Observer {
     .iter()
     .map(|s| s.to_string())
     .collect();
+    base.extend(variant.flags().iter().map(|s| s.to_string()));
     let mut throughput = base.clone();
-    throughput.extend(["--cgroup-rate-limit".to_owned(), "0".to_owned()]);
+    if !variant.sets_rate_limit() {
+        throughput.extend(["--cgroup-rate-limit".to_owned(), "0".to_owned()]);
+    }
+    // The default variant is named by the binary alone (the CI smoke looks for that row).
+    let mut name = collector.display().to_string();
+    if variant != Variant::Default {
+        name = format!("{name} {}", variant.flags().join(" "));
+    }
     Observer {
-        name: collector.display().to_string(),
+        name,
         kernel: pinned(base),
         throughput,
     }
@@ -436,10 +481,16 @@ pub fn run(bench: &Path, args: &Args) -> anyhow::Result<()> {
         tcplife: args.tcplife.clone(),
         tcpconnect: args.tcpconnect.clone(),
     };
+    let mut variants = args.variants.clone();
+    variants.dedup();
     let mut observers: Vec<Observer> = args
         .collectors
         .iter()
-        .map(|c| collector_observer(c, &args.probe))
+        .flat_map(|c| {
+            variants
+                .iter()
+                .map(|&v| collector_observer(c, &args.probe, v))
+        })
         .collect();
     let collectors = observers.len();
     let mut peers: Vec<Peer> = args.peers.iter().flatten().copied().collect();
@@ -634,7 +685,11 @@ fn section(command: &str, args: &Args, table: &str) -> String {
          transitions), and the run time of each observer's own programs (found through\n\
          its fds: bpftrace's programs are held by the bpftrace process) is divided by the\n\
          connections. Observers run on CPU 1, the load on CPU 0. The collector runs in\n\
-         {} mode with default flags. The peers, as in issue 15: bpftrace counting\n\
+         {} mode with default flags; a row whose name carries flags is the same\n\
+         binary run with them (`--variants`): `--close-records` tracks every connection to\n\
+         its close; `--exclude-cidr`, the rate limit and aggregation drop (nearly) every\n\
+         connection in the kernel, so those rows are what a dropped connection costs, its\n\
+         state changes included. The peers, as in issue 15: bpftrace counting\n\
          CLOSE -> SYN_SENT of `sock:inet_sock_set_state` in a map (the floor of one program\n\
          on that tracepoint); bpftrace printing pid, comm, cgroup id and port per connect\n\
          (the same job as ours, as text); `tcplife` (libbpf-tools), which reads the same\n\
