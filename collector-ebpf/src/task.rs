@@ -26,7 +26,7 @@ use crate::{
         IDENTITIES, IDENTITY_MAX_AGE_NS, IDENTITY_NAMES_LEN, IDENTITY_SCRATCH, Identity, Slot,
         config,
     },
-    read,
+    read::{self, Reader},
 };
 
 // The names an identity carries are one run of bytes in the event, copied as one.
@@ -59,7 +59,7 @@ pub fn fill_ids(ev: &mut ConnectEvent) {
 #[inline(always)]
 pub fn fill(ev: &mut ConnectEvent, slot: Slot) -> bool {
     fill_ids(ev);
-    fill_process(ev, slot)
+    fill_process::<read::Probe>(ev, slot)
 }
 
 /// Whether the cgroup that keys the per-cgroup maps is known from [`fill_ids`] alone
@@ -72,18 +72,20 @@ pub fn key_known_early() -> bool {
 /// Fills the process part of `ev` (after [`fill_ids`]) from the cache, or from the task
 /// when the cache has none or a stale one. The struct walks each fail on their own, so
 /// one bad read zeroes only its fields; an identity with a failed walk is not cached.
-/// Returns whether every walk succeeded.
+/// Returns whether every walk succeeded. `R` reads what tells a cached identity is still
+/// right (the hot path); the walks of a miss, once per process and second at most,
+/// always take the helper.
 #[inline(always)]
-pub fn fill_process(ev: &mut ConnectEvent, slot: Slot) -> bool {
-    let task = unsafe { bpf_get_current_task() };
+pub fn fill_process<R: Reader>(ev: &mut ConnectEvent, slot: Slot) -> bool {
+    let task = R::current_task();
     // What could have changed since the identity was cached: three reads (two on v2).
     // A task that is exiting has no nsproxy any more: never a cache hit.
-    let nsproxy = read::kernel::<u64>(task, config!(offsets.task_nsproxy)).unwrap_or(0);
-    let exec_id = read::kernel::<u32>(task, config!(offsets.task_self_exec_id)).unwrap_or(0) as u64;
+    let nsproxy = R::kernel::<u64>(task, config!(offsets.task_nsproxy)).unwrap_or(0);
+    let exec_id = R::kernel::<u32>(task, config!(offsets.task_self_exec_id)).unwrap_or(0) as u64;
     let css_set = if key_known_early() {
         0
     } else {
-        read::kernel::<u64>(task, config!(offsets.task_cgroups)).unwrap_or(0)
+        R::kernel::<u64>(task, config!(offsets.task_cgroups)).unwrap_or(0)
     };
     if let Some(cached) = IDENTITIES.get_ptr(&ev.tgid) {
         // SAFETY: a map value. An update replaces the element rather than writing into
@@ -114,6 +116,8 @@ pub fn fill_process(ev: &mut ConnectEvent, slot: Slot) -> bool {
     id.css_set = css_set;
     id.exec_id = exec_id;
     id.filled_ns = ev.boot_time_ns;
+    // The walks take the helper from an untyped address (see above).
+    let task = unsafe { bpf_get_current_task() };
     let lineage = fill_lineage(id, task).is_ok();
     let namespaces = fill_namespaces(id, nsproxy).is_ok();
     let cgroup = fill_cgroup(id, task).is_ok();

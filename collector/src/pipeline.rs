@@ -215,6 +215,7 @@ pub async fn run(
     health.set_ready(probes.mode.as_str());
     tracing::info!(
         mode = %probes.mode,
+        tcp_state = %probes.state_hook,
         btf = %probes.facts.btf_path.display(),
         cgroups = %probes.facts.cgroups.layout,
         attributes = settings.attributes.as_str(),
