@@ -298,7 +298,7 @@ fn submit(ev: &mut ConnectEvent) {
 /// False (counted) when the event goes no further.
 #[inline(always)]
 fn identify_and_admit<R: Reader>(ev: &mut ConnectEvent, slot: Slot) -> bool {
-    task::fill_ids(ev);
+    task::fill_ids::<R>(ev);
     let early = task::key_known_early();
     if early && !admitted(ev) {
         return false;

@@ -15,11 +15,11 @@
 
 use aya_ebpf::bindings::BPF_NOEXIST;
 use aya_ebpf::helpers::{
-    bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
+    bpf_get_current_cgroup_id, bpf_get_current_pid_tgid,
     bpf_get_current_task, bpf_get_current_uid_gid, bpf_ktime_get_boot_ns,
-    bpf_probe_read_kernel_str_bytes,
+    bpf_probe_read_kernel_str_bytes, generated::bpf_get_current_comm as bpf_get_current_comm_raw,
 };
-use egress_shared::{CgroupSource, ConnectEvent, Counter, NsIndex};
+use egress_shared::{COMM_LEN, CgroupSource, ConnectEvent, Counter, NsIndex};
 
 use crate::{
     maps::{
@@ -39,9 +39,11 @@ const _: () = assert!(core::mem::offset_of!(ConnectEvent, process_comm) % 8 == 0
 const _: () = assert!(core::mem::size_of::<Identity>() == 424);
 
 /// What the helpers give for every event: the time, ids, credentials, thread name and
-/// cgroup id. Enough for the per-cgroup decisions on cgroup v2.
+/// cgroup id. Enough for the per-cgroup decisions on cgroup v2. The thread name is the
+/// current task's `comm`: two loads where `R` reads directly, else the helper, writing
+/// into the event (aya's wrapper zeroes a stack copy a byte at a time first).
 #[inline(always)]
-pub fn fill_ids(ev: &mut ConnectEvent) {
+pub fn fill_ids<R: Reader>(ev: &mut ConnectEvent) {
     ev.boot_time_ns = unsafe { bpf_ktime_get_boot_ns() };
     let pid_tgid = bpf_get_current_pid_tgid();
     ev.tid = pid_tgid as u32;
@@ -50,15 +52,31 @@ pub fn fill_ids(ev: &mut ConnectEvent) {
     ev.uid = uid_gid as u32;
     ev.gid = (uid_gid >> 32) as u32;
     ev.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-    if let Ok(comm) = bpf_get_current_comm() {
-        ev.thread_comm = comm;
+    let comm = ev.thread_comm.as_mut_ptr();
+    if R::DIRECT {
+        let task = R::current_task();
+        let at = config!(offsets.task_comm);
+        let (Ok(low), Ok(high)) = (R::kernel::<u64>(task, at), R::kernel::<u64>(task, at + 8))
+        else {
+            return;
+        };
+        // SAFETY: `thread_comm` is 16 bytes, 8-byte aligned in the event (asserted below).
+        unsafe {
+            core::ptr::write(comm.cast::<u64>(), low);
+            core::ptr::write(comm.cast::<u64>().add(1), high);
+        }
+    } else {
+        // SAFETY: the helper writes at most `COMM_LEN` bytes into the event's field.
+        let _ = unsafe { bpf_get_current_comm_raw(comm.cast(), COMM_LEN as u32) };
     }
 }
+
+const _: () = assert!(core::mem::offset_of!(ConnectEvent, thread_comm) % 8 == 0);
 
 /// The whole task part of `ev`; false when a read failed (see [`fill_process`]).
 #[inline(always)]
 pub fn fill(ev: &mut ConnectEvent, slot: Slot) -> bool {
-    fill_ids(ev);
+    fill_ids::<read::Probe>(ev);
     fill_process::<read::Probe>(ev, slot)
 }
 
