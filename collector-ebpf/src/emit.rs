@@ -581,7 +581,9 @@ pub fn take_call() -> Option<CallState> {
 /// `sk` and `sk_id` as for [`tcp_complete`].
 #[inline(always)]
 pub fn tcp_syn_sent<R: Reader>(sk: u64, sk_id: u64, slot: Slot) {
-    let Some(ev) = scratch(slot) else { return };
+    let Some((ev, in_slot)) = attempt_record(sk_id, slot) else {
+        return;
+    };
     ev.kind = EventKind::TcpConnect as u8;
     if sock::fill_tcp_dest::<R>(ev, sk).is_err() {
         count(Counter::KernelReadFailed);
@@ -608,8 +610,10 @@ pub fn tcp_syn_sent<R: Reader>(sk: u64, sk_id: u64, slot: Slot) {
         abandon(sk_id);
         return;
     }
-    ev.sock_id = sk_id;
-    pend(sk_id, ev);
+    if !in_slot {
+        ev.sock_id = sk_id;
+        spill(sk_id, ev);
+    }
 }
 
 /// A new attempt on `sk` that goes unreported (filtered, or not admitted): an older
@@ -643,27 +647,51 @@ fn pending_slot(sk: u64) -> u32 {
     (sk.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - PENDING_SLOT_BITS)) as u32
 }
 
-/// Keeps the admitted attempt `ev` on `sk` for its completion: in its slot if the slot
-/// is free (or already this socket's: an attempt whose completion was skipped), else in
-/// `PENDING_TCP` (see `maps::PENDING_SLOTS`).
+/// Where the attempt on `sk` is assembled: in place in its [`PENDING_SLOTS`] slot, claimed
+/// now, if the slot is free (or already this socket's: an attempt whose completion was
+/// skipped), so an admitted attempt is neither zeroed in a scratch record nor copied
+/// (504 bytes each way); else in the program's [`SCRATCH`] slot, for [`spill`]. True when
+/// in place. A dropped attempt gives its slot back ([`abandon`]).
+///
+/// In place, the slot's time is left as it was (`u64::MAX` once released, see
+/// `maps::PENDING_SLOTS`) until the attempt's own is written, so `--pending-report` never
+/// takes the half-written slot for an old attempt; the tag (`sock_id`) keeps `sk`.
 #[inline(always)]
-fn pend(sk: u64, ev: &ConnectEvent) {
-    if config!(fetching_atomics) != 0 {
-        let index = pending_slot(sk);
-        if let Some(slot) = PENDING_SLOTS.get_ptr_mut(index) {
-            // SAFETY: a map value; the tag is reached by pointer, other CPUs swap it.
-            let tag = unsafe { &raw mut (*slot).sock_id };
-            let held = load(tag);
-            if held == sk || (held == 0 && compare_exchange(tag, 0, sk)) {
-                // SAFETY: the slot is this socket's until its completion releases it;
-                // `ev.sock_id` is `sk`, so the tag keeps its value through the copy.
-                unsafe { core::ptr::copy_nonoverlapping(ev, slot, 1) };
-                return;
-            }
-            if let Some(spills) = PENDING_SPILLS.get_ptr_mut(index) {
-                atomic_add(spills, 1);
+fn attempt_record(sk: u64, scratch_slot: Slot) -> Option<(&'static mut ConnectEvent, bool)> {
+    if config!(fetching_atomics) != 0
+        && let Some(slot) = PENDING_SLOTS.get_ptr_mut(pending_slot(sk))
+    {
+        // SAFETY: a map value; the tag is reached by pointer, other CPUs swap it.
+        let tag = unsafe { &raw mut (*slot).sock_id };
+        let held = load(tag);
+        if held == sk || (held == 0 && compare_exchange(tag, 0, sk)) {
+            // SAFETY: the slot is this socket's until its completion or `abandon`
+            // releases it (both run after this program, the socket being locked); an
+            // aligned map value of plain integers. Every word but the first (the time)
+            // and the last (the tag) is zeroed.
+            unsafe {
+                crate::words::zero_between(slot, 1, ATTEMPT_WORDS - 1);
+                return Some((&mut *slot, true));
             }
         }
+    }
+    scratch(scratch_slot).map(|ev| (ev, false))
+}
+
+/// `ConnectEvent` in 8-byte words: the time first, the tag (`sock_id`) last.
+const ATTEMPT_WORDS: usize = core::mem::size_of::<ConnectEvent>() / 8;
+const _: () = assert!(core::mem::offset_of!(ConnectEvent, boot_time_ns) == 0);
+const _: () =
+    assert!(core::mem::offset_of!(ConnectEvent, sock_id) == (ATTEMPT_WORDS - 1) * 8);
+
+/// Keeps the admitted attempt `ev` on `sk`, whose slot another socket holds (or the
+/// kernel lacks compare-and-exchange), in `PENDING_TCP` (see `maps::PENDING_SLOTS`).
+#[inline(always)]
+fn spill(sk: u64, ev: &ConnectEvent) {
+    if config!(fetching_atomics) != 0
+        && let Some(spills) = PENDING_SPILLS.get_ptr_mut(pending_slot(sk))
+    {
+        atomic_add(spills, 1);
     }
     if PENDING_TCP.insert(&sk, ev, 0).is_err() {
         count(Counter::StateMapFull);
