@@ -681,8 +681,7 @@ fn attempt_record(sk: u64, scratch_slot: Slot) -> Option<(&'static mut ConnectEv
 /// `ConnectEvent` in 8-byte words: the time first, the tag (`sock_id`) last.
 const ATTEMPT_WORDS: usize = core::mem::size_of::<ConnectEvent>() / 8;
 const _: () = assert!(core::mem::offset_of!(ConnectEvent, boot_time_ns) == 0);
-const _: () =
-    assert!(core::mem::offset_of!(ConnectEvent, sock_id) == (ATTEMPT_WORDS - 1) * 8);
+const _: () = assert!(core::mem::offset_of!(ConnectEvent, sock_id) == (ATTEMPT_WORDS - 1) * 8);
 
 /// Keeps the admitted attempt `ev` on `sk`, whose slot another socket holds (or the
 /// kernel lacks compare-and-exchange), in `PENDING_TCP` (see `maps::PENDING_SLOTS`).

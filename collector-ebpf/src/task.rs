@@ -15,9 +15,9 @@
 
 use aya_ebpf::bindings::BPF_NOEXIST;
 use aya_ebpf::helpers::{
-    bpf_get_current_cgroup_id, bpf_get_current_pid_tgid,
-    bpf_get_current_task, bpf_get_current_uid_gid, bpf_ktime_get_boot_ns,
-    bpf_probe_read_kernel_str_bytes, generated::bpf_get_current_comm as bpf_get_current_comm_raw,
+    bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_task,
+    bpf_get_current_uid_gid, bpf_ktime_get_boot_ns, bpf_probe_read_kernel_str_bytes,
+    generated::bpf_get_current_comm as bpf_get_current_comm_raw,
 };
 use egress_shared::{COMM_LEN, CgroupSource, ConnectEvent, Counter, NsIndex};
 

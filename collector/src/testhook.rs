@@ -47,7 +47,9 @@ pub fn without_fetching_atomics() -> bool {
 pub fn refuse_tp_btf() -> bool {
     let set = std::env::var_os("EGRESS_TEST_REFUSE_TP_BTF").is_some_and(|v| v == "1");
     if set {
-        tracing::warn!("EGRESS_TEST_REFUSE_TP_BTF: the BTF-enabled state-change program is not attached (test hook).");
+        tracing::warn!(
+            "EGRESS_TEST_REFUSE_TP_BTF: the BTF-enabled state-change program is not attached (test hook)."
+        );
     }
     set
 }

@@ -105,7 +105,9 @@ fn connections_reported_once(wrapper: &[&str]) -> Vec<String> {
     );
     // Seen while it ran: the program is gone once the collector stopped.
     let mut log = stderr;
-    log.push(format!("test: tp_btf program loaded while running: {tp_btf_attached}"));
+    log.push(format!(
+        "test: tp_btf program loaded while running: {tp_btf_attached}"
+    ));
     log
 }
 
