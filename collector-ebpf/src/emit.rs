@@ -574,9 +574,10 @@ pub fn take_call() -> Option<CallState> {
 /// A TCP socket entered SYN_SENT, in the connecting task (every hook family): the
 /// attempt's identity is captured here, and every decision that can drop it is taken
 /// here, cheapest first (destination, aggregation, then cgroup exclusion and the rate
-/// limit), so a dropped attempt never enters PENDING_TCP and its later transitions miss
-/// there. Its source port is chosen just after, so the event waits in PENDING_TCP for
-/// the socket's next state change.
+/// limit), so a dropped attempt keeps no slot and never enters PENDING_TCP, and its later
+/// transitions miss there. Its source port is chosen just after, so the event waits (in
+/// its `PENDING_SLOTS` slot, where it was assembled, or in PENDING_TCP) for the socket's
+/// next state change.
 ///
 /// `sk` and `sk_id` as for [`tcp_complete`].
 #[inline(always)]
