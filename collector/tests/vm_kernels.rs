@@ -174,7 +174,9 @@ fn check_console(series: &str, console: &str) {
             .iter()
             .any(|l| l.contains(&pass) && l.contains(" tcp_state=tp_btf "))
         {
-            problems.push(format!("{probe}: the state changes did not go through tp_btf"));
+            problems.push(format!(
+                "{probe}: the state changes did not go through tp_btf"
+            ));
         }
     }
     assert!(
