@@ -212,7 +212,7 @@ pub async fn run(
     )?;
 
     // Ready before the line that says so, which tests and operators wait for.
-    health.set_ready(probes.mode.as_str());
+    health.set_ready(probes.mode.as_str(), probes.state_hook.as_str());
     tracing::info!(
         mode = %probes.mode,
         tcp_state = %probes.state_hook,
