@@ -13,7 +13,7 @@ use crate::{
         FLOW_SWEPT, OPEN_TCP, OpenConn, PENDING_SLOT_BITS, PENDING_SLOTS, PENDING_SPILLS,
         PENDING_TCP, SCRATCH, Slot, TCP_CONNECT_MARKS, UDP_FLOWS, config,
     },
-    read,
+    read::{self, Probe, Reader},
     sock::{self, Dest, IPPROTO_UDP},
     task,
 };
@@ -297,13 +297,13 @@ fn submit(ev: &mut ConnectEvent) {
 /// two. On cgroup v1 the key is the leaf of a v1 hierarchy, from the (cached) identity.
 /// False (counted) when the event goes no further.
 #[inline(always)]
-fn identify_and_admit(ev: &mut ConnectEvent, slot: Slot) -> bool {
-    task::fill_ids(ev);
+fn identify_and_admit<R: Reader>(ev: &mut ConnectEvent, slot: Slot) -> bool {
+    task::fill_ids::<R>(ev);
     let early = task::key_known_early();
     if early && !admitted(ev) {
         return false;
     }
-    if !task::fill_process(ev, slot) {
+    if !task::fill_process::<R>(ev, slot) {
         count(Counter::KernelReadFailed);
     }
     early || admitted(ev)
@@ -363,7 +363,7 @@ pub fn udp(
     if !filter::wanted(ev) {
         return;
     }
-    if !identify_and_admit(ev, slot) {
+    if !identify_and_admit::<Probe>(ev, slot) {
         return;
     }
     mark_reported(&key, window_ns);
@@ -574,23 +574,28 @@ pub fn take_call() -> Option<CallState> {
 /// A TCP socket entered SYN_SENT, in the connecting task (every hook family): the
 /// attempt's identity is captured here, and every decision that can drop it is taken
 /// here, cheapest first (destination, aggregation, then cgroup exclusion and the rate
-/// limit), so a dropped attempt never enters PENDING_TCP and its later transitions miss
-/// there. Its source port is chosen just after, so the event waits in PENDING_TCP for
-/// the socket's next state change.
+/// limit), so a dropped attempt keeps no slot and never enters PENDING_TCP, and its later
+/// transitions miss there. Its source port is chosen just after, so the event waits (in
+/// its `PENDING_SLOTS` slot, where it was assembled, or in PENDING_TCP) for the socket's
+/// next state change.
+///
+/// `sk` and `sk_id` as for [`tcp_complete`].
 #[inline(always)]
-pub fn tcp_syn_sent(sk: u64, slot: Slot) {
-    let Some(ev) = scratch(slot) else { return };
+pub fn tcp_syn_sent<R: Reader>(sk: u64, sk_id: u64, slot: Slot) {
+    let Some((ev, in_slot)) = attempt_record(sk_id, slot) else {
+        return;
+    };
     ev.kind = EventKind::TcpConnect as u8;
-    if sock::fill_tcp_dest(ev, sk).is_err() {
+    if sock::fill_tcp_dest::<R>(ev, sk).is_err() {
         count(Counter::KernelReadFailed);
     }
     // Port 53: the exit walks to the socket and marks the descriptor for DNS; the
     // socket is marked for the kprobe and fentry families' receive hooks (which read
     // the port again: only a DNS connect pays that read).
     if ev.dst_port != crate::probes::dns::DNS_PORT {
-        mark_tcp_connect();
+        mark_tcp_connect::<R>();
     } else {
-        crate::probes::dns_sock::tcp_connecting(sk);
+        crate::probes::dns_sock::tcp_connecting(sk_id);
     }
     // DNS over TCP: the connect's descriptor (tracepoint mode, where the connect's entry
     // saved call state for TCP to port 53 only) is marked for its reads; its exit then
@@ -598,16 +603,18 @@ pub fn tcp_syn_sent(sk: u64, slot: Slot) {
     if ev.dst_port == crate::probes::dns::DNS_PORT {
         if let Some(call) = take_call() {
             if call.fd != 0 || call.sk == 0 {
-                crate::probes::dns::mark(call.fd, sk);
+                crate::probes::dns::mark(call.fd, sk_id);
             }
         }
     }
-    if !filter::wanted(ev) || !identify_and_admit(ev, slot) {
-        abandon(sk);
+    if !filter::wanted(ev) || !identify_and_admit::<R>(ev, slot) {
+        abandon(sk_id);
         return;
     }
-    ev.sock_id = sk;
-    pend(sk, ev);
+    if !in_slot {
+        ev.sock_id = sk_id;
+        spill(sk_id, ev);
+    }
 }
 
 /// A new attempt on `sk` that goes unreported (filtered, or not admitted): an older
@@ -641,27 +648,50 @@ fn pending_slot(sk: u64) -> u32 {
     (sk.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - PENDING_SLOT_BITS)) as u32
 }
 
-/// Keeps the admitted attempt `ev` on `sk` for its completion: in its slot if the slot
-/// is free (or already this socket's: an attempt whose completion was skipped), else in
-/// `PENDING_TCP` (see `maps::PENDING_SLOTS`).
+/// Where the attempt on `sk` is assembled: in place in its [`PENDING_SLOTS`] slot, claimed
+/// now, if the slot is free (or already this socket's: an attempt whose completion was
+/// skipped), so an admitted attempt is neither zeroed in a scratch record nor copied
+/// (504 bytes each way); else in the program's [`SCRATCH`] slot, for [`spill`]. True when
+/// in place. A dropped attempt gives its slot back ([`abandon`]).
+///
+/// In place, the slot's time is left as it was (`u64::MAX` once released, see
+/// `maps::PENDING_SLOTS`) until the attempt's own is written, so `--pending-report` never
+/// takes the half-written slot for an old attempt; the tag (`sock_id`) keeps `sk`.
 #[inline(always)]
-fn pend(sk: u64, ev: &ConnectEvent) {
-    if config!(fetching_atomics) != 0 {
-        let index = pending_slot(sk);
-        if let Some(slot) = PENDING_SLOTS.get_ptr_mut(index) {
-            // SAFETY: a map value; the tag is reached by pointer, other CPUs swap it.
-            let tag = unsafe { &raw mut (*slot).sock_id };
-            let held = load(tag);
-            if held == sk || (held == 0 && compare_exchange(tag, 0, sk)) {
-                // SAFETY: the slot is this socket's until its completion releases it;
-                // `ev.sock_id` is `sk`, so the tag keeps its value through the copy.
-                unsafe { core::ptr::copy_nonoverlapping(ev, slot, 1) };
-                return;
-            }
-            if let Some(spills) = PENDING_SPILLS.get_ptr_mut(index) {
-                atomic_add(spills, 1);
+fn attempt_record(sk: u64, scratch_slot: Slot) -> Option<(&'static mut ConnectEvent, bool)> {
+    if config!(fetching_atomics) != 0
+        && let Some(slot) = PENDING_SLOTS.get_ptr_mut(pending_slot(sk))
+    {
+        // SAFETY: a map value; the tag is reached by pointer, other CPUs swap it.
+        let tag = unsafe { &raw mut (*slot).sock_id };
+        let held = load(tag);
+        if held == sk || (held == 0 && compare_exchange(tag, 0, sk)) {
+            // SAFETY: the slot is this socket's until its completion or `abandon`
+            // releases it (both run after this program, the socket being locked); an
+            // aligned map value of plain integers. Every word but the first (the time)
+            // and the last (the tag) is zeroed.
+            unsafe {
+                crate::words::zero_between(slot, 1, ATTEMPT_WORDS - 1);
+                return Some((&mut *slot, true));
             }
         }
+    }
+    scratch(scratch_slot).map(|ev| (ev, false))
+}
+
+/// `ConnectEvent` in 8-byte words: the time first, the tag (`sock_id`) last.
+const ATTEMPT_WORDS: usize = core::mem::size_of::<ConnectEvent>() / 8;
+const _: () = assert!(core::mem::offset_of!(ConnectEvent, boot_time_ns) == 0);
+const _: () = assert!(core::mem::offset_of!(ConnectEvent, sock_id) == (ATTEMPT_WORDS - 1) * 8);
+
+/// Keeps the admitted attempt `ev` on `sk`, whose slot another socket holds (or the
+/// kernel lacks compare-and-exchange), in `PENDING_TCP` (see `maps::PENDING_SLOTS`).
+#[inline(always)]
+fn spill(sk: u64, ev: &ConnectEvent) {
+    if config!(fetching_atomics) != 0
+        && let Some(spills) = PENDING_SPILLS.get_ptr_mut(pending_slot(sk))
+    {
+        atomic_add(spills, 1);
     }
     if PENDING_TCP.insert(&sk, ev, 0).is_err() {
         count(Counter::StateMapFull);
@@ -674,18 +704,13 @@ const NR_CONNECT_X86_64: u64 = 42;
 
 /// Tells this thread's connect() exit that the connect was TCP (see `TCP_CONNECT_MARKS`).
 #[inline(always)]
-fn mark_tcp_connect() {
+fn mark_tcp_connect<R: Reader>() {
     let nr_at = config!(regs_syscall_nr);
     if nr_at == 0 {
         return;
     }
-    // SAFETY: the helpers take the current task's BTF pointer and return its pt_regs.
-    let regs = unsafe {
-        aya_ebpf::helpers::generated::bpf_task_pt_regs(
-            aya_ebpf::helpers::generated::bpf_get_current_task_btf(),
-        )
-    } as u64;
-    if read::kernel::<u64>(regs, nr_at) != Ok(NR_CONNECT_X86_64) {
+    let regs = R::current_pt_regs();
+    if R::kernel::<u64>(regs, nr_at) != Ok(NR_CONNECT_X86_64) {
         return;
     }
     let pid_tgid = aya_ebpf::helpers::bpf_get_current_pid_tgid();
@@ -714,18 +739,21 @@ pub fn take_tcp_connect_mark() -> bool {
 /// here reads the current task. The record is assembled in place in the ring buffer, not
 /// in a per-CPU slot: this runs in softirq (SYN_SENT -> ESTABLISHED) as well as in tasks,
 /// and raw tracepoints had no recursion guard before 6.2.
+///
+/// `sk` is what `R` reads the socket from; `sk_id` its address as a plain number, which
+/// keys the maps (the same value; see `probes::tcp_state::sock_id`).
 #[inline(always)]
-pub fn tcp_complete(sk: u64, established: bool) {
+pub fn tcp_complete<R: Reader>(sk: u64, sk_id: u64, established: bool) {
     if config!(fetching_atomics) != 0 {
-        let index = pending_slot(sk);
+        let index = pending_slot(sk_id);
         let Some(slot) = PENDING_SLOTS.get_ptr_mut(index) else {
             return;
         };
         // SAFETY: a map value; the tag is reached by pointer, other CPUs swap it.
         let tag = unsafe { &raw mut (*slot).sock_id };
-        if load(tag) == sk {
+        if load(tag) == sk_id {
             let Some(mut entry) = EVENTS.reserve::<ConnectEvent>(0) else {
-                if release(slot, sk) {
+                if release(slot, sk_id) {
                     count(Counter::RingBufferFull);
                 }
                 return;
@@ -737,13 +765,13 @@ pub fn tcp_complete(sk: u64, established: bool) {
                 core::ptr::copy_nonoverlapping(slot, ev, 1);
                 &mut *ev
             };
-            if !release(slot, sk) {
+            if !release(slot, sk_id) {
                 entry.discard(BPF_RB_NO_WAKEUP);
                 return;
             }
-            let (connect_ns, now) = (ev.boot_time_ns, complete(ev, sk, established));
+            let (connect_ns, now) = (ev.boot_time_ns, complete::<R>(ev, sk, established));
             entry.submit(wakeup_flags());
-            track_open(sk, established, connect_ns, now);
+            track_open(sk_id, established, connect_ns, now);
             return;
         }
         // Not in its slot: in PENDING_TCP only if an attempt of this slot went there.
@@ -751,11 +779,11 @@ pub fn tcp_complete(sk: u64, established: bool) {
             return;
         }
     }
-    let Some(pending) = PENDING_TCP.get_ptr(&sk) else {
+    let Some(pending) = PENDING_TCP.get_ptr(&sk_id) else {
         return;
     };
     let Some(mut entry) = EVENTS.reserve::<ConnectEvent>(0) else {
-        if take_spilled(sk) {
+        if take_spilled(sk_id) {
             count(Counter::RingBufferFull);
         }
         return;
@@ -767,13 +795,13 @@ pub fn tcp_complete(sk: u64, established: bool) {
         core::ptr::copy_nonoverlapping(pending, ev, 1);
         &mut *ev
     };
-    if !take_spilled(sk) {
+    if !take_spilled(sk_id) {
         entry.discard(BPF_RB_NO_WAKEUP);
         return;
     }
-    let (connect_ns, now) = (ev.boot_time_ns, complete(ev, sk, established));
+    let (connect_ns, now) = (ev.boot_time_ns, complete::<R>(ev, sk, established));
     entry.submit(wakeup_flags());
-    track_open(sk, established, connect_ns, now);
+    track_open(sk_id, established, connect_ns, now);
 }
 
 /// Gives `sk`'s slot back; true if this call did (and so reports the attempt). The
@@ -804,24 +832,26 @@ fn take_spilled(sk: u64) -> bool {
 /// What the attempt's record learns at completion: source, handshake time, outcome.
 /// Returns the time of completion.
 #[inline(always)]
-fn complete(ev: &mut ConnectEvent, sk: u64, established: bool) -> u64 {
-    if sock::fill_tcp_source(ev, sk).is_err() {
+fn complete<R: Reader>(ev: &mut ConnectEvent, sk: u64, established: bool) -> u64 {
+    if sock::fill_tcp_source::<R>(ev, sk).is_err() {
         count(Counter::KernelReadFailed);
     }
+    // `inet_sock` and `tcp_sock` fields lie beyond `struct sock`.
+    let tp = R::tcp_sock(sk);
     if ev.src_port == 0 {
         // On the way to CLOSE the port is released (inet_num zeroed) before this runs;
         // inet_sport (network order) still names it.
-        ev.src_port = read::kernel::<u16>(sk, config!(offsets.inet_sport)).map_or(0, u16::from_be);
+        ev.src_port = R::kernel::<u16>(tp, config!(offsets.inet_sport)).map_or(0, u16::from_be);
     }
     let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_boot_ns() };
     ev.handshake_ns = now.wrapping_sub(ev.boot_time_ns);
-    ev.syn_retransmits = read::kernel(sk, config!(offsets.tcp_total_retrans)).unwrap_or(0);
+    ev.syn_retransmits = R::kernel(tp, config!(offsets.tcp_total_retrans)).unwrap_or(0);
     if established {
         ev.state = ConnState::Established as u8;
     } else {
         ev.state = ConnState::Failed as u8;
-        ev.sk_err = read::kernel::<i32>(sk, config!(offsets.sk_err)).unwrap_or(0) as u32;
-        ev.sk_err_soft = read::kernel::<i32>(sk, config!(offsets.sk_err_soft)).unwrap_or(0) as u32;
+        ev.sk_err = R::kernel::<i32>(sk, config!(offsets.sk_err)).unwrap_or(0) as u32;
+        ev.sk_err_soft = R::kernel::<i32>(sk, config!(offsets.sk_err_soft)).unwrap_or(0) as u32;
     }
     filter::open_aggregate(ev);
     now
@@ -846,45 +876,47 @@ fn track_open(sk: u64, established: bool, connect_ns: u64, established_ns: u64) 
 
 /// A socket reached CLOSE from `old_state` (not SYN_SENT): if it is a connection this
 /// collector reported, its life as `tcp_sock` counted it goes out. One map lookup for
-/// every other socket (servers, unreported ones).
+/// every other socket (servers, unreported ones). `sk` and `sk_id` as for [`tcp_complete`].
 #[inline(always)]
-pub fn tcp_closed(sk: u64, old_state: u8) {
-    let Some(open) = OPEN_TCP.get_ptr(&sk) else {
+pub fn tcp_closed<R: Reader>(sk: u64, sk_id: u64, old_state: u8) {
+    let Some(open) = OPEN_TCP.get_ptr(&sk_id) else {
         return;
     };
     // SAFETY: a valid map value, copied before removal.
     let open = unsafe { *open };
-    if OPEN_TCP.remove(&sk).is_err() {
+    if OPEN_TCP.remove(&sk_id).is_err() {
         return;
     }
     let mut ev = TcpCloseEvent::zeroed();
-    ev.sock_id = sk;
+    ev.sock_id = sk_id;
     ev.connect_ns = open.connect_ns;
     ev.established_ns = open.established_ns;
     ev.close_ns = unsafe { aya_ebpf::helpers::bpf_ktime_get_boot_ns() };
     ev.old_state = old_state;
     ev.reset = open.reset;
+    // `tcp_sock` fields lie beyond `struct sock`.
+    let tp = R::tcp_sock(sk);
     let mut failed = false;
-    let mut read_u64 = |offset: u32| -> u64 {
-        read::kernel::<u64>(sk, offset).unwrap_or_else(|_| {
+    let mut read_u64 = |base: u64, offset: u32| -> u64 {
+        R::kernel::<u64>(base, offset).unwrap_or_else(|_| {
             failed = true;
             0
         })
     };
-    ev.bytes_acked = read_u64(config!(offsets.tcp_bytes_acked));
-    ev.bytes_received = read_u64(config!(offsets.tcp_bytes_received));
+    ev.bytes_acked = read_u64(tp, config!(offsets.tcp_bytes_acked));
+    ev.bytes_received = read_u64(tp, config!(offsets.tcp_bytes_received));
     let sent_at = config!(offsets.tcp_bytes_sent);
     if sent_at != 0 {
-        ev.bytes_sent = read_u64(sent_at);
+        ev.bytes_sent = read_u64(tp, sent_at);
         ev.flags |= CloseFlags::BYTES_SENT_KNOWN;
     }
-    let sk_flags = read_u64(config!(offsets.sk_flags));
+    let sk_flags = read_u64(sk, config!(offsets.sk_flags));
     if (sk_flags >> (config!(offsets.sock_done_bit) & 63)) & 1 == 1 {
         ev.flags |= CloseFlags::FIN_RECEIVED;
     }
-    ev.total_retrans = read::kernel(sk, config!(offsets.tcp_total_retrans)).unwrap_or(0);
-    ev.srtt_us_x8 = read::kernel(sk, config!(offsets.tcp_srtt_us)).unwrap_or(0);
-    ev.sk_err = read::kernel::<i32>(sk, config!(offsets.sk_err)).unwrap_or(0) as u32;
+    ev.total_retrans = R::kernel(tp, config!(offsets.tcp_total_retrans)).unwrap_or(0);
+    ev.srtt_us_x8 = R::kernel(tp, config!(offsets.tcp_srtt_us)).unwrap_or(0);
+    ev.sk_err = R::kernel::<i32>(sk, config!(offsets.sk_err)).unwrap_or(0) as u32;
     if failed {
         count(Counter::KernelReadFailed);
     }

@@ -47,6 +47,13 @@ pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_CO
 #[map]
 pub static SCRATCH: PerCpuArray<ConnectEvent> = PerCpuArray::with_max_entries(Slot::COUNT, 0);
 
+/// Where the BTF-enabled state-change program turns its typed socket pointer into a
+/// plain number (`probes::tcp_state::sock_id`): the verifier refuses the arithmetic that
+/// hashes an address, and the map keys and records want the number, on any pointer it
+/// types, but a value stored in a map and loaded back is a number to it.
+#[map]
+pub static SOCK_IDS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
 /// The [`SCRATCH`] slot of each program that assembles events.
 #[derive(Copy, Clone)]
 #[repr(u32)]
@@ -63,7 +70,8 @@ pub enum Slot {
     CallExit = 5,
     /// The socket state change tracepoint (`emit::tcp_syn_sent`), every family.
     SockState = 6,
-    /// The raw socket state change, every family.
+    /// The raw socket state change (its raw or its BTF-enabled program: one of them is
+    /// attached), every family.
     RawSockState = 7,
     /// Tracepoint mode's connect() exit (the sends' exit keeps `CallExit`).
     ConnectExit = 8,

@@ -4,7 +4,10 @@
 use aya_ebpf::helpers::{bpf_get_current_task, bpf_probe_read_user};
 use egress_shared::ConnectEvent;
 
-use crate::{maps::config, read};
+use crate::{
+    maps::config,
+    read::{self, Reader},
+};
 
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
@@ -100,7 +103,13 @@ pub fn dest_from_user_msghdr(msghdr: u64) -> Dest {
 /// `sk->sk_protocol`.
 #[inline(always)]
 pub fn protocol(sk: u64) -> Result<u8, i64> {
-    read::kernel::<u16>(sk, config!(offsets.sk_protocol)).map(|p| p as u8)
+    protocol_by::<read::Probe>(sk)
+}
+
+/// `sk->sk_protocol`, read by `R`.
+#[inline(always)]
+pub fn protocol_by<R: Reader>(sk: u64) -> Result<u8, i64> {
+    R::kernel::<u16>(sk, config!(offsets.sk_protocol)).map(|p| p as u8)
 }
 
 /// Family, protocol, and both ends of the socket as the kernel has them now.
@@ -138,41 +147,65 @@ pub fn fill_ports_and_addrs(ev: &mut ConnectEvent, sk: u64) -> Result<(), i64> {
     Ok(())
 }
 
-/// How much of `struct sock_common` one read takes: `skc_daddr`, `skc_rcv_saddr`,
+/// How much of `struct sock_common` one helper read takes: `skc_daddr`, `skc_rcv_saddr`,
 /// `skc_dport`, `skc_num` and `skc_family` lie in its first 18 bytes on every kernel we
 /// know (4.x to 6.18), so the TCP paths read them at once instead of one read (~38 ns
-/// here) each. A field found elsewhere (BTF says where) is read on its own.
+/// here) each. A field found elsewhere (BTF says where) is read on its own, as is every
+/// field when reads are plain loads ([`Reader::DIRECT`]).
 const HEAD_LEN: usize = 24;
 
-/// The head of `sk`'s `struct sock_common`.
+/// The head of `sk`'s `struct sock_common`, or nothing when fields are read one by one.
 #[inline(always)]
-fn head(sk: u64) -> Result<[u8; HEAD_LEN], i64> {
+fn head<R: Reader>(sk: u64) -> Result<[u8; HEAD_LEN], i64> {
+    if R::DIRECT {
+        return Ok([0; HEAD_LEN]);
+    }
     read::kernel::<[u8; HEAD_LEN]>(sk, 0)
 }
 
-/// `N` bytes at `at`, from `head` if they lie within it, else read from `sk`.
+/// The `u16` at `at` in `sk`: from `head` if it lies within it, else read by `R`.
 #[inline(always)]
-fn head_bytes<const N: usize>(head: &[u8; HEAD_LEN], sk: u64, at: u32) -> Result<[u8; N], i64> {
-    let at = at as usize;
-    if at + N <= HEAD_LEN {
-        let mut out = [0; N];
-        out.copy_from_slice(&head[at..at + N]);
+fn head_u16<R: Reader>(head: &[u8; HEAD_LEN], sk: u64, at: u32) -> Result<u16, i64> {
+    let at_usize = at as usize;
+    if !R::DIRECT && at_usize + 2 <= HEAD_LEN {
+        Ok(u16::from_ne_bytes([head[at_usize], head[at_usize + 1]]))
+    } else {
+        R::kernel::<u16>(sk, at)
+    }
+}
+
+/// The 4 bytes at `at` in `sk` (an IPv4 address, as stored), as [`head_u16`].
+#[inline(always)]
+fn head_4<R: Reader>(head: &[u8; HEAD_LEN], sk: u64, at: u32) -> Result<[u8; 4], i64> {
+    let at_usize = at as usize;
+    if !R::DIRECT && at_usize + 4 <= HEAD_LEN {
+        let mut out = [0; 4];
+        out.copy_from_slice(&head[at_usize..at_usize + 4]);
         Ok(out)
     } else {
-        read::kernel::<[u8; N]>(sk, at as u32)
+        R::kernel::<u32>(sk, at).map(u32::to_ne_bytes)
     }
+}
+
+/// An IPv6 address at `at` in `sk`, into `dst`.
+#[inline(always)]
+fn addr6<R: Reader>(sk: u64, at: u32, dst: &mut [u8; 16]) -> Result<(), i64> {
+    let [low, high] = R::words16(sk, at)?;
+    dst[..8].copy_from_slice(&low.to_ne_bytes());
+    dst[8..].copy_from_slice(&high.to_ne_bytes());
+    Ok(())
 }
 
 /// A TCP socket entering SYN_SENT: family and destination (the source port is chosen
 /// just after, and the source address is re-read then: only what the filters need now).
 #[inline(always)]
-pub fn fill_tcp_dest(ev: &mut ConnectEvent, sk: u64) -> Result<(), i64> {
+pub fn fill_tcp_dest<R: Reader>(ev: &mut ConnectEvent, sk: u64) -> Result<(), i64> {
     ev.protocol = IPPROTO_TCP;
-    let head = head(sk)?;
-    ev.family = u16::from_ne_bytes(head_bytes(&head, sk, config!(offsets.skc_family))?);
-    ev.dst_port = u16::from_be_bytes(head_bytes(&head, sk, config!(offsets.skc_dport))?);
+    let head = head::<R>(sk)?;
+    ev.family = head_u16::<R>(&head, sk, config!(offsets.skc_family))?;
+    ev.dst_port = u16::from_be(head_u16::<R>(&head, sk, config!(offsets.skc_dport))?);
     if ev.family == AF_INET6 {
-        read::kernel_buf(sk, config!(offsets.skc_v6_daddr), &mut ev.dst_addr)?;
+        addr6::<R>(sk, config!(offsets.skc_v6_daddr), &mut ev.dst_addr)?;
         // IPv4-mapped: recorded as IPv4 (see `fill_ports_and_addrs`); tcp_v4_connect
         // has filled the IPv4 fields before SYN_SENT.
         if is_v4_mapped(&ev.dst_addr) {
@@ -181,7 +214,7 @@ pub fn fill_tcp_dest(ev: &mut ConnectEvent, sk: u64) -> Result<(), i64> {
         }
     }
     if ev.family == AF_INET {
-        let daddr: [u8; 4] = head_bytes(&head, sk, config!(offsets.skc_daddr))?;
+        let daddr = head_4::<R>(&head, sk, config!(offsets.skc_daddr))?;
         ev.dst_addr[..4].copy_from_slice(&daddr);
     }
     Ok(())
@@ -190,14 +223,14 @@ pub fn fill_tcp_dest(ev: &mut ConnectEvent, sk: u64) -> Result<(), i64> {
 /// The source of a TCP attempt once it left SYN_SENT (an IPv4-mapped source on an IPv6
 /// socket is only written after SYN_SENT).
 #[inline(always)]
-pub fn fill_tcp_source(ev: &mut ConnectEvent, sk: u64) -> Result<(), i64> {
-    let head = head(sk)?;
-    ev.src_port = u16::from_ne_bytes(head_bytes(&head, sk, config!(offsets.skc_num))?);
+pub fn fill_tcp_source<R: Reader>(ev: &mut ConnectEvent, sk: u64) -> Result<(), i64> {
+    let head = head::<R>(sk)?;
+    ev.src_port = head_u16::<R>(&head, sk, config!(offsets.skc_num))?;
     if ev.family == AF_INET {
-        let saddr: [u8; 4] = head_bytes(&head, sk, config!(offsets.skc_rcv_saddr))?;
+        let saddr = head_4::<R>(&head, sk, config!(offsets.skc_rcv_saddr))?;
         ev.src_addr[..4].copy_from_slice(&saddr);
     } else if ev.family == AF_INET6 {
-        read::kernel_buf(sk, config!(offsets.skc_v6_rcv_saddr), &mut ev.src_addr)?;
+        addr6::<R>(sk, config!(offsets.skc_v6_rcv_saddr), &mut ev.src_addr)?;
     }
     Ok(())
 }

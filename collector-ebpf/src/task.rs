@@ -15,18 +15,18 @@
 
 use aya_ebpf::bindings::BPF_NOEXIST;
 use aya_ebpf::helpers::{
-    bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-    bpf_get_current_task, bpf_get_current_uid_gid, bpf_ktime_get_boot_ns,
-    bpf_probe_read_kernel_str_bytes,
+    bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_task,
+    bpf_get_current_uid_gid, bpf_ktime_get_boot_ns, bpf_probe_read_kernel_str_bytes,
+    generated::bpf_get_current_comm as bpf_get_current_comm_raw,
 };
-use egress_shared::{CgroupSource, ConnectEvent, Counter, NsIndex};
+use egress_shared::{COMM_LEN, CgroupSource, ConnectEvent, Counter, NsIndex};
 
 use crate::{
     maps::{
         IDENTITIES, IDENTITY_MAX_AGE_NS, IDENTITY_NAMES_LEN, IDENTITY_SCRATCH, Identity, Slot,
         config,
     },
-    read,
+    read::{self, Reader},
 };
 
 // The names an identity carries are one run of bytes in the event, copied as one.
@@ -39,9 +39,11 @@ const _: () = assert!(core::mem::offset_of!(ConnectEvent, process_comm) % 8 == 0
 const _: () = assert!(core::mem::size_of::<Identity>() == 424);
 
 /// What the helpers give for every event: the time, ids, credentials, thread name and
-/// cgroup id. Enough for the per-cgroup decisions on cgroup v2.
+/// cgroup id. Enough for the per-cgroup decisions on cgroup v2. The thread name is the
+/// current task's `comm`: two loads where `R` reads directly, else the helper, writing
+/// into the event (aya's wrapper zeroes a stack copy a byte at a time first).
 #[inline(always)]
-pub fn fill_ids(ev: &mut ConnectEvent) {
+pub fn fill_ids<R: Reader>(ev: &mut ConnectEvent) {
     ev.boot_time_ns = unsafe { bpf_ktime_get_boot_ns() };
     let pid_tgid = bpf_get_current_pid_tgid();
     ev.tid = pid_tgid as u32;
@@ -50,16 +52,32 @@ pub fn fill_ids(ev: &mut ConnectEvent) {
     ev.uid = uid_gid as u32;
     ev.gid = (uid_gid >> 32) as u32;
     ev.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-    if let Ok(comm) = bpf_get_current_comm() {
-        ev.thread_comm = comm;
+    let comm = ev.thread_comm.as_mut_ptr();
+    if R::DIRECT {
+        let task = R::current_task();
+        let at = config!(offsets.task_comm);
+        let (Ok(low), Ok(high)) = (R::kernel::<u64>(task, at), R::kernel::<u64>(task, at + 8))
+        else {
+            return;
+        };
+        // SAFETY: `thread_comm` is 16 bytes, 8-byte aligned in the event (asserted below).
+        unsafe {
+            core::ptr::write(comm.cast::<u64>(), low);
+            core::ptr::write(comm.cast::<u64>().add(1), high);
+        }
+    } else {
+        // SAFETY: the helper writes at most `COMM_LEN` bytes into the event's field.
+        let _ = unsafe { bpf_get_current_comm_raw(comm.cast(), COMM_LEN as u32) };
     }
 }
+
+const _: () = assert!(core::mem::offset_of!(ConnectEvent, thread_comm) % 8 == 0);
 
 /// The whole task part of `ev`; false when a read failed (see [`fill_process`]).
 #[inline(always)]
 pub fn fill(ev: &mut ConnectEvent, slot: Slot) -> bool {
-    fill_ids(ev);
-    fill_process(ev, slot)
+    fill_ids::<read::Probe>(ev);
+    fill_process::<read::Probe>(ev, slot)
 }
 
 /// Whether the cgroup that keys the per-cgroup maps is known from [`fill_ids`] alone
@@ -72,18 +90,20 @@ pub fn key_known_early() -> bool {
 /// Fills the process part of `ev` (after [`fill_ids`]) from the cache, or from the task
 /// when the cache has none or a stale one. The struct walks each fail on their own, so
 /// one bad read zeroes only its fields; an identity with a failed walk is not cached.
-/// Returns whether every walk succeeded.
+/// Returns whether every walk succeeded. `R` reads what tells a cached identity is still
+/// right (the hot path); the walks of a miss, once per process and second at most,
+/// always take the helper.
 #[inline(always)]
-pub fn fill_process(ev: &mut ConnectEvent, slot: Slot) -> bool {
-    let task = unsafe { bpf_get_current_task() };
+pub fn fill_process<R: Reader>(ev: &mut ConnectEvent, slot: Slot) -> bool {
+    let task = R::current_task();
     // What could have changed since the identity was cached: three reads (two on v2).
     // A task that is exiting has no nsproxy any more: never a cache hit.
-    let nsproxy = read::kernel::<u64>(task, config!(offsets.task_nsproxy)).unwrap_or(0);
-    let exec_id = read::kernel::<u32>(task, config!(offsets.task_self_exec_id)).unwrap_or(0) as u64;
+    let nsproxy = R::kernel::<u64>(task, config!(offsets.task_nsproxy)).unwrap_or(0);
+    let exec_id = R::kernel::<u32>(task, config!(offsets.task_self_exec_id)).unwrap_or(0) as u64;
     let css_set = if key_known_early() {
         0
     } else {
-        read::kernel::<u64>(task, config!(offsets.task_cgroups)).unwrap_or(0)
+        R::kernel::<u64>(task, config!(offsets.task_cgroups)).unwrap_or(0)
     };
     if let Some(cached) = IDENTITIES.get_ptr(&ev.tgid) {
         // SAFETY: a map value. An update replaces the element rather than writing into
@@ -114,6 +134,8 @@ pub fn fill_process(ev: &mut ConnectEvent, slot: Slot) -> bool {
     id.css_set = css_set;
     id.exec_id = exec_id;
     id.filled_ns = ev.boot_time_ns;
+    // The walks take the helper from an untyped address (see above).
+    let task = unsafe { bpf_get_current_task() };
     let lineage = fill_lineage(id, task).is_ok();
     let namespaces = fill_namespaces(id, nsproxy).is_ok();
     let cgroup = fill_cgroup(id, task).is_ok();

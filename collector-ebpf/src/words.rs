@@ -25,6 +25,22 @@ pub unsafe fn zero<T>(dst: *mut T) {
     }
 }
 
+/// Zeroes the 8-byte words `from..to` of `*dst`.
+///
+/// # Safety
+/// As for [`zero`]; `to` is at most `*dst`'s size in words.
+#[inline(always)]
+pub unsafe fn zero_between<T>(dst: *mut T, from: usize, to: usize) {
+    const { assert!(core::mem::size_of::<T>() % 8 == 0) };
+    let words = dst.cast::<u64>();
+    let mut i = from;
+    while i < to && i < core::mem::size_of::<T>() / 8 {
+        // SAFETY: within `*dst`, aligned (the caller).
+        unsafe { write_volatile(words.add(i), 0) };
+        i += 1;
+    }
+}
+
 /// Copies `WORDS` 8-byte words from `src` to `dst`.
 ///
 /// # Safety

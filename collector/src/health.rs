@@ -27,15 +27,17 @@ const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 #[derive(Default)]
 pub struct Health {
     ready: AtomicBool,
-    mode: Mutex<Option<String>>,
+    /// The hook family, and the program that follows the TCP state changes.
+    mode: Mutex<Option<(String, String)>>,
     failure: Mutex<Option<String>>,
 }
 
 impl Health {
-    /// The probes are attached in `mode` and events flow.
-    pub fn set_ready(&self, mode: &str) {
+    /// The probes are attached in `mode`, TCP state changes followed by `tcp_state`
+    /// (`attach::StateHook`), and events flow.
+    pub fn set_ready(&self, mode: &str, tcp_state: &str) {
         if let Ok(mut m) = self.mode.lock() {
-            *m = Some(mode.to_owned());
+            *m = Some((mode.to_owned(), tcp_state.to_owned()));
         }
         self.ready.store(true, Relaxed);
     }
@@ -60,7 +62,14 @@ impl Health {
         }
         let failure = self.failure.lock().ok().and_then(|f| f.clone());
         let ready = self.ready.load(Relaxed);
-        let mode = self.mode.lock().ok().and_then(|m| m.clone());
+        let (mode, tcp_state) = self
+            .mode
+            .lock()
+            .ok()
+            .and_then(|m| m.clone())
+            .map_or((None, None), |(mode, tcp_state)| {
+                (Some(mode), Some(tcp_state))
+            });
         let status = match path {
             "/healthz" if failure.is_none() => StatusCode::OK,
             "/readyz" if failure.is_none() && ready => StatusCode::OK,
@@ -78,6 +87,7 @@ impl Health {
             "ready": ready,
             "failure": failure,
             "probe": mode,
+            "tcp_state": tcp_state,
             "events_captured": counters.captured,
             "events_lost": counters.lost(),
             "records_exported": counters.exported,
@@ -153,17 +163,18 @@ mod tests {
             health.answer("/readyz", &counters).0,
             StatusCode::SERVICE_UNAVAILABLE
         );
-        health.set_ready("tracepoint");
+        health.set_ready("tracepoint", "tp_btf");
         let (status, _, body) = health.answer("/readyz", &counters);
         assert_eq!(status, StatusCode::OK);
         assert!(body.contains("\"probe\":\"tracepoint\""), "{body}");
+        assert!(body.contains("\"tcp_state\":\"tp_btf\""), "{body}");
         health.set_not_ready();
         assert_eq!(
             health.answer("/readyz", &counters).0,
             StatusCode::SERVICE_UNAVAILABLE
         );
         assert_eq!(health.answer("/healthz", &counters).0, StatusCode::OK);
-        health.set_ready("tracepoint");
+        health.set_ready("tracepoint", "tp_btf");
         health.set_failed("the event reader stopped".into());
         let (status, _, body) = health.answer("/healthz", &counters);
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);

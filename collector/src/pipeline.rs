@@ -212,9 +212,10 @@ pub async fn run(
     )?;
 
     // Ready before the line that says so, which tests and operators wait for.
-    health.set_ready(probes.mode.as_str());
+    health.set_ready(probes.mode.as_str(), probes.state_hook.as_str());
     tracing::info!(
         mode = %probes.mode,
+        tcp_state = %probes.state_hook,
         btf = %probes.facts.btf_path.display(),
         cgroups = %probes.facts.cgroups.layout,
         attributes = settings.attributes.as_str(),

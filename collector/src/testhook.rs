@@ -4,7 +4,9 @@
 //! `enrich` (the enrichment thread), `stdout` (the stdout writer thread) and `shutdown`
 //! (the main thread, right after the probes are detached). `EGRESS_TEST_SLOW=detach:<secs>`
 //! makes detaching the probes take that much longer (a slow kernel); `enrich:<secs>` holds
-//! each batch that long before it is enriched (a lagging enrichment). A test hook, not a setting:
+//! each batch that long before it is enriched (a lagging enrichment).
+//! `EGRESS_TEST_REFUSE_TP_BTF=1` refuses the BTF-enabled state-change program (the raw
+//! tracepoint's fallback). A test hook, not a setting:
 //! docs/operations.md says so, and the collector warns when it is set.
 
 use std::sync::OnceLock;
@@ -35,6 +37,18 @@ pub fn without_fetching_atomics() -> bool {
     if set {
         tracing::warn!(
             "EGRESS_TEST_NO_FETCHING_ATOMICS: the rate limit takes its pre-5.12 path (test hook)."
+        );
+    }
+    set
+}
+
+/// `EGRESS_TEST_REFUSE_TP_BTF=1` makes the BTF-enabled state-change program count as
+/// refused, so a test proves the raw tracepoint still takes over where it is.
+pub fn refuse_tp_btf() -> bool {
+    let set = std::env::var_os("EGRESS_TEST_REFUSE_TP_BTF").is_some_and(|v| v == "1");
+    if set {
+        tracing::warn!(
+            "EGRESS_TEST_REFUSE_TP_BTF: the BTF-enabled state-change program is not attached (test hook)."
         );
     }
     set

@@ -58,6 +58,11 @@ fn health_and_readiness_are_served_and_a_taken_address_fails_the_start() {
     let json: serde_json::Value = serde_json::from_str(&body).expect("JSON body");
     assert_eq!(json["status"], "ok");
     assert!(json["probe"].is_string(), "names the hook mode: {body}");
+    assert!(
+        ["tp_btf", "raw_tracepoint", "tracepoint"]
+            .contains(&json["tcp_state"].as_str().unwrap_or("")),
+        "names the program that follows TCP state changes: {body}"
+    );
     assert_eq!(get(port, "/healthz").0, 200);
     assert_eq!(get(port, "/nothing").0, 404);
 

@@ -167,6 +167,17 @@ fn check_console(series: &str, console: &str) {
             [] => problems.push(format!("{probe}: no verdict")),
             other => problems.push(format!("{probe}: {}", other.join(", "))),
         }
+        // Every kernel here has BTF and the helpers the BTF-enabled state-change program
+        // calls (5.11+): every family follows TCP state changes with it.
+        let pass = format!("SCENARIO PASS probe={probe} ");
+        if !lines
+            .iter()
+            .any(|l| l.contains(&pass) && l.contains(" tcp_state=tp_btf "))
+        {
+            problems.push(format!(
+                "{probe}: the state changes did not go through tp_btf"
+            ));
+        }
     }
     assert!(
         problems.is_empty(),

@@ -34,6 +34,9 @@ pub struct Options {
 pub struct Outcome {
     /// Hook family the collector reported running in.
     pub mode: String,
+    /// The program it said follows the TCP state changes (`tcp_state=` on its start-up
+    /// line: `tp_btf`, `raw_tracepoint` or `tracepoint`).
+    pub tcp_state: String,
     pub expected: usize,
     pub records: Vec<Value>,
     pub storm: Option<Storm>,
@@ -256,6 +259,13 @@ pub fn run(options: &Options) -> Result<Outcome, String> {
         .and_then(|rest| rest.split_whitespace().next())
         .unwrap_or("unknown")
         .to_owned();
+    let tcp_state = collector
+        .stderr()
+        .iter()
+        .find_map(|line| line.split(" tcp_state=").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or("unknown")
+        .to_owned();
 
     let n = options.n;
     let traffic = std::thread::Builder::new()
@@ -351,6 +361,7 @@ pub fn run(options: &Options) -> Result<Outcome, String> {
     if problems.is_empty() {
         Ok(Outcome {
             mode,
+            tcp_state,
             expected: expected.len(),
             records,
             storm,

@@ -5,14 +5,15 @@
 //! counted. Resets are noted on the way by `tcp:tcp_receive_reset` / `tcp_send_reset`.
 
 use aya_ebpf::{
-    macros::{raw_tracepoint, tracepoint},
-    programs::{RawTracePointContext, TracePointContext},
+    macros::{btf_tracepoint, raw_tracepoint, tracepoint},
+    programs::{BtfTracePointContext, RawTracePointContext, TracePointContext},
 };
 use egress_shared::ResetBy;
 
 use crate::{
     emit,
-    maps::{SIMULTANEOUS_OPEN_SLOTS, SIMULTANEOUS_OPENS, Slot, config},
+    maps::{SIMULTANEOUS_OPEN_SLOTS, SIMULTANEOUS_OPENS, SOCK_IDS, Slot, config},
+    read::{Direct, Probe, Reader},
     sock::{self, IPPROTO_TCP},
 };
 
@@ -67,26 +68,77 @@ fn take_simultaneous(sk: u64) -> bool {
     true
 }
 
-/// One transition of a TCP socket; `slot` is the program's scratch slot.
+/// One transition of a TCP socket; `slot` is the program's scratch slot. `R` reads the
+/// socket `sk`; `sk_id` is its address as a plain number (see [`sock_id`]), which keys
+/// the maps.
 #[inline(always)]
-fn transition(sk: u64, old: i32, new: i32, slot: Slot) {
+fn transition<R: Reader>(sk: u64, sk_id: u64, old: i32, new: i32, slot: Slot) {
     if old == TCP_CLOSE && new == TCP_SYN_SENT {
         // In the connecting task (a connect to port 53 marks the socket for DNS there).
-        emit::tcp_syn_sent(sk, slot);
+        emit::tcp_syn_sent::<R>(sk, sk_id, slot);
     } else if old == TCP_SYN_SENT {
         if new == TCP_ESTABLISHED || new == TCP_CLOSE {
-            emit::tcp_complete(sk, new == TCP_ESTABLISHED);
+            emit::tcp_complete::<R>(sk, sk_id, new == TCP_ESTABLISHED);
         } else if new == TCP_SYN_RECV {
-            mark_simultaneous(sk);
+            mark_simultaneous(sk_id);
         }
-    } else if old == TCP_SYN_RECV && take_simultaneous(sk) {
+    } else if old == TCP_SYN_RECV && take_simultaneous(sk_id) {
         // The second half of a simultaneous open (ESTABLISHED; CLOSE on a reset or a
         // timeout; FIN_WAIT1 when the application closed it first). An accepted
         // connection is never marked: it goes on below.
-        emit::tcp_complete(sk, new == TCP_ESTABLISHED);
+        emit::tcp_complete::<R>(sk, sk_id, new == TCP_ESTABLISHED);
     } else if new == TCP_CLOSE && config!(track_closes) != 0 {
-        emit::tcp_closed(sk, old as u8);
+        emit::tcp_closed::<R>(sk, sk_id, old as u8);
     }
+}
+
+/// hook: BTF-enabled raw tracepoint `inet_sock_set_state(const struct sock *sk, int
+/// oldstate, int newstate)` (5.5+ with BTF; 5.11+ for the task's typed pointer):
+/// preferred to the raw tracepoint below, in every family. The same arguments, but `sk`
+/// is a typed pointer: the socket's and the task's fields are read with plain loads
+/// (`read::Direct`) instead of a helper call each.
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn tp_btf_inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
+    let old = ctx.arg::<u64>(1) as i32;
+    let new = ctx.arg::<u64>(2) as i32;
+    if !interesting(old, new) {
+        return 0;
+    }
+    let sk = ctx.arg::<u64>(0);
+    let opening = old == TCP_CLOSE && new == TCP_SYN_SENT;
+    if opening && sock::protocol_by::<Direct>(sk) != Ok(IPPROTO_TCP) {
+        return 0;
+    }
+    let Some(sk_id) = sock_id(sk) else {
+        return 0;
+    };
+    // One of this program and the raw one is attached: they share the scratch slot.
+    transition::<Direct>(sk, sk_id, old, new, Slot::RawSockState);
+    0
+}
+
+/// The typed pointer `sk` as a plain number, the same value: stored in this CPU's
+/// `SOCK_IDS` slot and loaded back (see there). Checked against `sk`: before 6.2 a
+/// softirq can run this program again between the store and the load; a few tries, then
+/// the transition is missed (counted).
+#[inline(always)]
+fn sock_id(sk: u64) -> Option<u64> {
+    let slot = SOCK_IDS.get_ptr_mut(0)?;
+    for _ in 0..3 {
+        // SAFETY: this CPU's 8-byte aligned map value, valid for this run; volatile, so
+        // the load is not folded into the store.
+        let id = unsafe {
+            core::ptr::write_volatile(slot, sk);
+            core::ptr::read_volatile(slot)
+        };
+        // Compared through an opaque copy: LLVM would otherwise use `sk` for `id` where
+        // they are equal, handing the verifier its pointer again.
+        if core::hint::black_box(id) == sk {
+            return Some(id);
+        }
+    }
+    emit::count(egress_shared::Counter::KernelReadFailed);
+    None
 }
 
 /// hook: raw tracepoint `inet_sock_set_state(const struct sock *sk, int oldstate, int
@@ -109,7 +161,7 @@ pub fn raw_tp_inet_sock_set_state(ctx: RawTracePointContext) -> i32 {
     if opening && sock::protocol(sk) != Ok(IPPROTO_TCP) {
         return 0;
     }
-    transition(sk, old, new, Slot::RawSockState);
+    transition::<Probe>(sk, sk, old, new, Slot::RawSockState);
     0
 }
 
@@ -139,7 +191,7 @@ pub fn tp_inet_sock_set_state(ctx: TracePointContext) -> u32 {
     if !interesting(old, new) {
         return 0;
     }
-    transition(sk, old, new, Slot::SockState);
+    transition::<Probe>(sk, sk, old, new, Slot::SockState);
     0
 }
 

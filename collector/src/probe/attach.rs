@@ -5,7 +5,7 @@ use std::path::Path;
 
 use aya::{
     Btf, Ebpf,
-    programs::{FEntry, FExit, KProbe, ProgramError, RawTracePoint, TracePoint},
+    programs::{BtfTracePoint, FEntry, FExit, KProbe, ProgramError, RawTracePoint, TracePoint},
 };
 
 use super::HookMode;
@@ -216,12 +216,15 @@ fn unload(ebpf: &mut Ebpf, name: &str) {
         aya::programs::Program::FExit(p) => p.unload(),
         aya::programs::Program::TracePoint(p) => p.unload(),
         aya::programs::Program::RawTracePoint(p) => p.unload(),
+        aya::programs::Program::BtfTracePoint(p) => p.unload(),
         _ => Ok(()),
     };
 }
 
-/// The TCP state changes, in every family: the raw tracepoint, else the tracepoint (same
-/// event, costlier).
+/// The TCP state changes, in every family: the BTF-enabled raw tracepoint (typed
+/// arguments: plain loads instead of helper reads), else the raw tracepoint, else the
+/// tracepoint (same event, costlier each).
+const SOCK_STATE_BTF: &str = "tp_btf_inet_sock_set_state";
 const SOCK_STATE_RAW: &str = "raw_tp_inet_sock_set_state";
 const SOCK_STATE: Attachment = Attachment {
     program: "tp_inet_sock_set_state",
@@ -245,8 +248,10 @@ pub enum AttachError {
     },
     #[error("program {0} is missing from the embedded eBPF object")]
     Missing(&'static str),
-    #[error("fentry needs kernel BTF, and none could be read")]
+    #[error("fentry and BTF-enabled tracepoints need kernel BTF, and none could be read")]
     NoBtf,
+    #[error("program {0} refused by EGRESS_TEST_REFUSE_TP_BTF (test hook)")]
+    Refused(&'static str),
     #[error(
         "this kernel has no kprobes (no kprobe PMU in /sys/bus/event_source/devices, no kprobe_events in tracefs)"
     )]
@@ -263,20 +268,44 @@ impl AttachError {
     }
 }
 
-/// Attaches every program of `mode`; on failure unloads them again.
-/// `connect_exit_only`: see [`CONNECT_ENTRY`].
+/// Which program follows the TCP state changes (see [`SOCK_STATE_BTF`]).
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum StateHook {
+    BtfTracepoint,
+    RawTracepoint,
+    Tracepoint,
+}
+
+impl StateHook {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StateHook::BtfTracepoint => "tp_btf",
+            StateHook::RawTracepoint => "raw_tracepoint",
+            StateHook::Tracepoint => "tracepoint",
+        }
+    }
+}
+
+impl std::fmt::Display for StateHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Attaches every program of `mode`; on failure unloads them again. Returns the program
+/// that follows the TCP state changes. `connect_exit_only`: see [`CONNECT_ENTRY`].
 pub fn attach(
     ebpf: &mut Ebpf,
     mode: HookMode,
     btf: Option<&Btf>,
     connect_exit_only: bool,
-) -> Result<(), AttachError> {
+) -> Result<StateHook, AttachError> {
     let result = match mode {
         HookMode::Kprobe => attach_kprobes(ebpf),
         HookMode::Fentry => attach_fentries(ebpf, btf),
         HookMode::Tracepoint => attach_tracepoints(ebpf, connect_exit_only),
     }
-    .and_then(|()| attach_tcp_state(ebpf, mode));
+    .and_then(|()| attach_tcp_state(ebpf, mode, btf));
     if result.is_err() {
         detach(ebpf, mode);
     }
@@ -292,7 +321,7 @@ pub fn detach(ebpf: &mut Ebpf, mode: HookMode) {
     };
     let names = family
         .into_iter()
-        .chain([SOCK_STATE_RAW, SOCK_STATE.program])
+        .chain([SOCK_STATE_BTF, SOCK_STATE_RAW, SOCK_STATE.program])
         .chain(dns_programs())
         .chain(RESETS_RAW.iter().map(|r| r.0));
     for name in names {
@@ -380,17 +409,54 @@ fn attach_tracepoints(ebpf: &mut Ebpf, connect_exit_only: bool) -> Result<(), At
 }
 
 /// The TCP state machine (every family), then the reset hooks (optional).
-fn attach_tcp_state(ebpf: &mut Ebpf, mode: HookMode) -> Result<(), AttachError> {
-    if let Err(raw) = attach_raw(ebpf, SOCK_STATE_RAW, "inet_sock_set_state") {
-        tracing::info!(%mode, reason = %one_line(&raw), "No raw tracepoint for TCP state changes; using the tracepoint.");
-        attach_tracepoint(ebpf, &SOCK_STATE)?;
-    }
+fn attach_tcp_state(
+    ebpf: &mut Ebpf,
+    mode: HookMode,
+    btf: Option<&Btf>,
+) -> Result<StateHook, AttachError> {
+    let hook = match attach_btf_state(ebpf, btf) {
+        Ok(()) => StateHook::BtfTracepoint,
+        Err(btf_refused) => {
+            tracing::info!(%mode, reason = %one_line(&btf_refused), "No BTF-enabled raw tracepoint for TCP state changes; trying the raw tracepoint.");
+            match attach_raw(ebpf, SOCK_STATE_RAW, "inet_sock_set_state") {
+                Ok(()) => StateHook::RawTracepoint,
+                Err(raw) => {
+                    tracing::info!(%mode, reason = %one_line(&raw), "No raw tracepoint for TCP state changes; using the tracepoint.");
+                    attach_tracepoint(ebpf, &SOCK_STATE)?;
+                    StateHook::Tracepoint
+                }
+            }
+        }
+    };
     for (program, target) in RESETS_RAW {
         if let Err(e) = attach_raw(ebpf, program, target) {
             tracing::warn!(%mode, reason = %one_line(&e), "No raw tracepoint for TCP resets; connections will not say who reset them.");
         }
     }
-    Ok(())
+    Ok(hook)
+}
+
+/// The BTF-enabled state-change program; unloaded again if it cannot be attached.
+fn attach_btf_state(ebpf: &mut Ebpf, btf: Option<&Btf>) -> Result<(), AttachError> {
+    const TARGET: &str = "inet_sock_set_state";
+    let btf = btf.ok_or(AttachError::NoBtf)?;
+    if crate::testhook::refuse_tp_btf() {
+        return Err(AttachError::Refused(SOCK_STATE_BTF));
+    }
+    let err = AttachError::program(SOCK_STATE_BTF, TARGET);
+    let program: &mut BtfTracePoint = ebpf
+        .program_mut(SOCK_STATE_BTF)
+        .ok_or(AttachError::Missing(SOCK_STATE_BTF))?
+        .try_into()
+        .map_err(&err)?;
+    let result = program
+        .load(TARGET, btf)
+        .map_err(&err)
+        .and_then(|()| program.attach().map(drop).map_err(&err));
+    if result.is_err() {
+        let _ = program.unload();
+    }
+    result
 }
 
 fn attach_tracepoint(ebpf: &mut Ebpf, attachment: &Attachment) -> Result<(), AttachError> {

@@ -36,7 +36,7 @@ use aya::{
 };
 use egress_shared::{CgroupSource, ProbeConfig, TracepointOffsets};
 
-pub use self::attach::AttachError;
+pub use self::attach::{AttachError, StateHook};
 use self::{btf::KernelBtf, cgroups::CgroupInfo};
 use crate::{
     config::settings::{HookMode, ProbeSettings},
@@ -211,6 +211,8 @@ pub struct Probes {
     pub facts: KernelFacts,
     /// The DNS programs are attached (see `attach::attach_dns`).
     pub dns_attached: bool,
+    /// The program that follows the TCP state changes.
+    pub state_hook: attach::StateHook,
 }
 
 /// The kernel's BTF is only needed to load and attach: tens of MiB handed back.
@@ -239,7 +241,7 @@ impl Probes {
             }
             let exit_only = facts.config.regs_syscall_nr != 0;
             match attach::attach(&mut ebpf, mode, facts.aya_btf.as_ref(), exit_only) {
-                Ok(()) => {
+                Ok(state_hook) => {
                     let dns_attached = settings.dns
                         && attach::attach_dns(
                             &mut ebpf,
@@ -258,6 +260,7 @@ impl Probes {
                         refused,
                         facts,
                         dns_attached,
+                        state_hook,
                     });
                 }
                 Err(e) => refused.push((mode, one_line(&e))),

@@ -52,9 +52,10 @@ fn main() -> ExitCode {
                 println!("SCENARIO WARN {warning}");
             }
             println!(
-                "SCENARIO PASS probe={} mode={} connections={} records={}{storm}",
+                "SCENARIO PASS probe={} mode={} tcp_state={} connections={} records={}{storm}",
                 options.probe,
                 outcome.mode,
+                outcome.tcp_state,
                 outcome.expected,
                 outcome.records.len()
             );
