@@ -22,7 +22,7 @@ use super::{
     attributes::{Attr, AttributeSet, InlineText, Scratch},
 };
 use crate::{
-    enrich::Record,
+    enrich::{Record, Resource},
     telemetry::export::{ExportEvent, ExportTelemetry},
 };
 
@@ -217,8 +217,39 @@ fn spawn_with<W: Write + Send + 'static>(
 pub struct StdoutExporter<W: Write + Send> {
     out: W,
     buffer: Vec<u8>,
-    scratch: Scratch,
+    scratch: LineScratch,
     attributes: AttributeSet,
+}
+
+/// Buffers reused from line to line: the attributes and body ([`Scratch`]), and the
+/// JSON of the last resource written (records come in runs of one workload, whose
+/// resource is then escaped and written out once, not once per record).
+#[derive(Default)]
+pub struct LineScratch {
+    attributes: Scratch,
+    resource: Option<(Arc<Resource>, Vec<u8>)>,
+}
+
+/// The members of `resource`'s JSON object, from `cache` when it holds them.
+fn resource_json<'c>(
+    cache: &'c mut Option<(Arc<Resource>, Vec<u8>)>,
+    resource: &Arc<Resource>,
+) -> serde_json::Result<&'c [u8]> {
+    let cached = matches!(cache, Some((last, _)) if Arc::ptr_eq(last, resource));
+    if !cached {
+        // Taken out while written: a failure leaves no stale entry behind.
+        let mut json = cache.take().map(|(_, json)| json).unwrap_or_default();
+        json.clear();
+        for (i, (key, value)) in resource.attributes.iter().enumerate() {
+            if i > 0 {
+                json.push(b',');
+            }
+            write_key(&mut json, key);
+            write_str(&mut json, value)?;
+        }
+        *cache = Some((Arc::clone(resource), json));
+    }
+    Ok(cache.as_ref().map_or(&[], |(_, json)| json.as_slice()))
 }
 
 impl StdoutExporter<std::io::Stdout> {
@@ -238,7 +269,7 @@ impl<W: Write + Send> StdoutExporter<W> {
         Self {
             out,
             buffer: Vec::new(),
-            scratch: Scratch::default(),
+            scratch: LineScratch::default(),
             attributes: AttributeSet::default(),
         }
     }
@@ -253,26 +284,28 @@ impl<W: Write + Send> StdoutExporter<W> {
 /// Appends one record as a JSON line. Written field by field into a reused buffer: no
 /// intermediate `serde_json::Value`, so no map building or per-key allocation per event.
 pub fn write_line(out: &mut Vec<u8>, record: &Record, set: AttributeSet) -> serde_json::Result<()> {
-    write_line_with(out, &mut Scratch::default(), record, set)
+    write_line_with(out, &mut LineScratch::default(), record, set)
 }
 
 /// [`write_line`] with buffers reused from record to record: nothing allocated per record
 /// once they have grown.
 pub fn write_line_with(
     out: &mut Vec<u8>,
-    scratch: &mut Scratch,
+    scratch: &mut LineScratch,
     record: &Record,
     set: AttributeSet,
 ) -> serde_json::Result<()> {
-    let attributes = scratch.select(record, set);
-    let written = write_fields(out, &scratch.body, &attributes, record);
-    scratch.give_back(attributes);
+    let attributes = scratch.attributes.select(record, set);
+    let resource = resource_json(&mut scratch.resource, &record.resource)?;
+    let written = write_fields(out, &scratch.attributes.body, resource, &attributes, record);
+    scratch.attributes.give_back(attributes);
     written
 }
 
 fn write_fields(
     out: &mut Vec<u8>,
     body: &str,
+    resource: &[u8],
     attributes: &[(&str, Attr)],
     record: &Record,
 ) -> serde_json::Result<()> {
@@ -282,13 +315,7 @@ fn write_fields(
     out.extend_from_slice(b",\"body\":");
     write_str(out, body)?;
     out.extend_from_slice(b",\"resource\":{");
-    for (i, (key, value)) in record.resource.attributes.iter().enumerate() {
-        if i > 0 {
-            out.push(b',');
-        }
-        write_key(out, key);
-        write_str(out, value)?;
-    }
+    out.extend_from_slice(resource);
     out.extend_from_slice(b"},\"attributes\":{");
     for (i, (key, value)) in attributes.iter().enumerate() {
         if i > 0 {
@@ -422,7 +449,7 @@ mod tests {
     fn writing_a_record_allocates_nothing_once_the_buffers_have_grown() {
         let mut r = record(&resource("shop"), 443);
         r.cgroup_path = Some("/kubepods/pod/abc".into());
-        let (mut out, mut scratch) = (Vec::new(), Scratch::default());
+        let (mut out, mut scratch) = (Vec::new(), LineScratch::default());
         // The counter counts: owned attributes allocate.
         let before = crate::alloc_counting::allocations();
         let owned = crate::export::attributes::of(&r);
