@@ -366,16 +366,36 @@ fn write_plain(out: &mut Vec<u8>, s: &str) {
 /// escape (keys always, values nearly always) is copied as it is; the rest goes through
 /// serde_json.
 fn write_str(out: &mut Vec<u8>, s: &str) -> serde_json::Result<()> {
-    // No early exit: the compiler checks many bytes at once.
-    let plain = !s.bytes().fold(false, |escape, b| {
-        escape | (b < 0x20) | (b == b'"') | (b == b'\\')
-    });
-    if plain {
+    if !needs_escape(s.as_bytes()) {
         write_plain(out, s);
         Ok(())
     } else {
         serde_json::to_writer(out, s)
     }
+}
+
+/// Whether JSON escapes any byte of `bytes` (a control character, `"` or `\\`), eight
+/// bytes at a time: most strings written are short names with nothing to escape.
+fn needs_escape(bytes: &[u8]) -> bool {
+    const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
+    const HIGH: u64 = u64::from_ne_bytes([0x80; 8]);
+    // A byte of `word` below `n` (n <= 0x80) sets its high bit in the result.
+    let below = |word: u64, n: u8| word.wrapping_sub(ONES * u64::from(n)) & !word & HIGH;
+    let zero = |word: u64| below(word, 1);
+    let escaped = |word: u64| {
+        below(word, 0x20)
+            | zero(word ^ (ONES * u64::from(b'"')))
+            | zero(word ^ (ONES * u64::from(b'\\')))
+    };
+    let mut chunks = bytes.chunks_exact(8);
+    let mut found = 0;
+    for chunk in &mut chunks {
+        let mut word = [0; 8];
+        word.copy_from_slice(chunk);
+        found |= escaped(u64::from_ne_bytes(word));
+    }
+    let rest = chunks.remainder();
+    found != 0 || rest.iter().any(|&b| b < 0x20 || b == b'"' || b == b'\\')
 }
 
 impl<W: Write + Send> StdoutExporter<W> {
@@ -483,6 +503,21 @@ mod tests {
                 assert_eq!(ours, expected, "{key}");
             }
         }
+    }
+
+    #[test]
+    fn a_byte_to_escape_is_found_wherever_it_is() {
+        let escaped = |b: u8| b < 0x20 || b == b'"' || b == b'\\';
+        for len in 0..20 {
+            for at in 0..len {
+                for b in 0..=255u8 {
+                    let mut bytes = vec![b'a'; len];
+                    bytes[at] = b;
+                    assert_eq!(needs_escape(&bytes), escaped(b), "{b:#x} at {at} of {len}");
+                }
+            }
+        }
+        assert!(!needs_escape("ünï→\u{7f}".as_bytes()));
     }
 
     #[test]
