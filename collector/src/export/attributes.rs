@@ -22,7 +22,7 @@ macro_rules! key_list {
         pub const $list: &[&str] = &[$($key),*];
 
         /// Whether `key` is in the list of the same name. Inlined: with a constant key
-        /// (every call [`collect_kept`] makes) the compiler decides it, no comparison runs.
+        /// (every call [`visit`] makes) the compiler decides it, no comparison runs.
         #[inline(always)]
         fn $test(key: &str) -> bool {
             matches!(key, $($key)|*)
@@ -349,7 +349,14 @@ impl Scratch {
     /// line (in `self.body`) built from all of them.
     pub fn select<'a>(&mut self, record: &'a Record, set: AttributeSet) -> Attrs<'a> {
         let mut attributes = reuse(std::mem::take(&mut self.attributes));
-        let shown = collect_kept(record, set, &mut attributes);
+        attributes.reserve(48);
+        let shown = visit(record, set, &mut attributes);
+        self.write_body(record, &shown);
+        attributes
+    }
+
+    /// The record's body line (in `self.body`), from the attributes it shows.
+    pub(crate) fn write_body(&mut self, record: &Record, shown: &ShownValues) {
         self.body.clear();
         match &self.workload {
             Some((resource, workload)) if Arc::ptr_eq(resource, &record.resource) => {
@@ -360,8 +367,7 @@ impl Scratch {
                 self.workload = Some((Arc::clone(&record.resource), self.body.clone()));
             }
         }
-        write_connection(&mut self.body, &shown.resolve(&attributes));
-        attributes
+        write_connection(&mut self.body, &shown.shown());
     }
 
     /// Gives back the list [`Self::select`] lent, for the next record.
@@ -402,7 +408,11 @@ pub fn write_body(
     attributes: &[(&str, Attr)],
 ) {
     write_workload(line, resource);
-    write_connection(line, &Shown::of(attributes));
+    let mut shown = ShownValues::default();
+    for (key, value) in attributes {
+        shown.note(key, value);
+    }
+    write_connection(line, &shown.shown());
 }
 
 /// The body's first part, which only the resource decides: who.
@@ -459,7 +469,7 @@ struct Shown<'r, 'a> {
 }
 
 /// Which field of [`Shown`] an attribute's key fills, if any. Inlined: with a constant
-/// key (every call [`collect_kept`] makes) the compiler decides it, no comparison runs.
+/// key (every call [`visit`] makes) the compiler decides it, no comparison runs.
 #[inline(always)]
 fn shown_slot(key: &str) -> Option<usize> {
     Some(match key {
@@ -478,26 +488,24 @@ fn shown_slot(key: &str) -> Option<usize> {
 }
 
 /// Keys the body shows (see [`shown_slot`]); every attribute set keeps them (a test
-/// checks), so [`collect_kept`] finds them among the attributes it keeps.
+/// checks), so [`visit`] finds them among the attributes it keeps.
 const SHOWN_KEYS: usize = 10;
 
-/// Where in a record's attribute list each attribute the body shows is (the first of
-/// its key), noted while the list is collected.
+/// The attributes the body shows (the first of each key), copied as the record's
+/// attributes are collected.
 #[derive(Default)]
-pub(crate) struct ShownAt([Option<u16>; SHOWN_KEYS]);
+pub(crate) struct ShownValues<'a>([Option<Attr<'a>>; SHOWN_KEYS]);
 
-impl ShownAt {
+impl<'a> ShownValues<'a> {
     #[inline(always)]
-    fn note(&mut self, key: &str, at: usize) {
+    fn note(&mut self, key: &str, value: &Attr<'a>) {
         if let Some(slot) = shown_slot(key) {
-            self.0[slot].get_or_insert(at as u16);
+            self.0[slot].get_or_insert(*value);
         }
     }
 
-    fn resolve<'r, 'a>(&self, attributes: &'r [(&str, Attr<'a>)]) -> Shown<'r, 'a> {
-        let get = |slot: usize| {
-            self.0[slot].and_then(|at| attributes.get(usize::from(at)).map(|(_, value)| value))
-        };
+    fn shown(&self) -> Shown<'_, 'a> {
+        let get = |slot: usize| self.0[slot].as_ref();
         Shown {
             executable: get(0),
             pid: get(1),
@@ -508,16 +516,6 @@ impl ShownAt {
             outcomes: [get(7), get(8)],
             count: get(9),
         }
-    }
-}
-
-impl<'r, 'a> Shown<'r, 'a> {
-    fn of(attributes: &'r [(&str, Attr<'a>)]) -> Self {
-        let mut at = ShownAt::default();
-        for (i, (key, _)) in attributes.iter().enumerate() {
-            at.note(key, i);
-        }
-        at.resolve(attributes)
     }
 }
 
@@ -582,42 +580,54 @@ pub fn of(record: &Record) -> Vec<(&'static str, Value)> {
 
 /// Every attribute of the record (the `full` set), borrowed from it, appended to `out`.
 pub fn collect<'a>(record: &'a Record, out: &mut Attrs<'a>) {
-    collect_kept(record, AttributeSet::Full, out);
+    visit(record, AttributeSet::Full, out);
 }
 
-/// Appends to a record's attribute list the attributes its set keeps, and notes where
-/// the ones the body shows are. One pass, no list of every attribute to filter after.
-struct Kept<'a, 'o> {
+/// Where [`visit`] hands a record's attributes, in order: a list, or a writer that
+/// writes each as it comes (no list in between).
+pub(crate) trait AttrSink<'a> {
+    fn attr(&mut self, key: &'static str, value: Attr<'a>);
+}
+
+impl<'a> AttrSink<'a> for Attrs<'a> {
+    #[inline(always)]
+    fn attr(&mut self, key: &'static str, value: Attr<'a>) {
+        self.push((key, value));
+    }
+}
+
+/// Hands on the attributes its set keeps, and copies the ones the body shows.
+struct Kept<'a, 'o, S> {
     set: AttributeSet,
-    out: &'o mut Attrs<'a>,
-    shown: ShownAt,
+    sink: &'o mut S,
+    shown: ShownValues<'a>,
 }
 
-impl<'a> Kept<'a, '_> {
+impl<'a, S: AttrSink<'a>> Kept<'a, '_, S> {
     /// Inlined at every call, whose key is a constant: whether the set keeps it, and
-    /// whether the body shows it, are decided by the compiler.
+    /// whether the body shows it, are decided by the compiler, and a sink that writes
+    /// (inlined too) writes the key as a constant.
     #[inline(always)]
     fn push(&mut self, key: &'static str, value: Attr<'a>) {
         if self.set.keeps(key) {
-            self.shown.note(key, self.out.len());
-            self.out.push((key, value));
+            self.shown.note(key, &value);
+            self.sink.attr(key, value);
         }
     }
 }
 
-/// The attributes of `set` of the record, borrowed from it, appended to `out` (which
-/// should be empty: the positions noted are in it); where the body's attributes are.
-pub(crate) fn collect_kept<'a>(
+/// Hands the attributes of `set` of the record, borrowed from it, to `sink` in order
+/// (one pass, nothing to filter after); returns the ones the body shows.
+pub(crate) fn visit<'a, S: AttrSink<'a>>(
     record: &'a Record,
     set: AttributeSet,
-    out: &mut Attrs<'a>,
-) -> ShownAt {
+    sink: &mut S,
+) -> ShownValues<'a> {
     let mut out = Kept {
         set,
-        out,
-        shown: ShownAt::default(),
+        sink,
+        shown: ShownValues::default(),
     };
-    out.out.reserve(48);
     let c = &record.connection;
     let p = &c.process;
     let ns = &c.namespaces;

@@ -19,7 +19,7 @@ use tokio::sync::{Notify, mpsc, oneshot};
 
 use super::{
     ExportError, Feed, Records, Running, Sink,
-    attributes::{Attr, AttributeSet, InlineText, Scratch},
+    attributes::{Attr, AttrSink, AttributeSet, InlineText, Scratch, visit},
 };
 use crate::{
     enrich::{Record, Resource},
@@ -228,6 +228,9 @@ pub struct StdoutExporter<W: Write + Send> {
 pub struct LineScratch {
     attributes: Scratch,
     resource: Option<(Arc<Resource>, Vec<u8>)>,
+    /// The attributes' JSON members, each after a comma; written before the body (which
+    /// is made from them) and copied after it.
+    members: Vec<u8>,
 }
 
 /// The members of `resource`'s JSON object, from `cache` when it holds them.
@@ -295,40 +298,63 @@ pub fn write_line_with(
     record: &Record,
     set: AttributeSet,
 ) -> serde_json::Result<()> {
-    let attributes = scratch.attributes.select(record, set);
-    let resource = resource_json(&mut scratch.resource, &record.resource)?;
-    let written = write_fields(out, &scratch.attributes.body, resource, &attributes, record);
-    scratch.attributes.give_back(attributes);
-    written
-}
-
-fn write_fields(
-    out: &mut Vec<u8>,
-    body: &str,
-    resource: &[u8],
-    attributes: &[(&str, Attr)],
-    record: &Record,
-) -> serde_json::Result<()> {
+    let LineScratch {
+        attributes,
+        resource,
+        members,
+    } = scratch;
+    members.clear();
+    let mut sink = JsonMembers {
+        out: members,
+        failed: None,
+    };
+    let shown = visit(record, set, &mut sink);
+    if let Some(e) = sink.failed {
+        return Err(e);
+    }
+    attributes.write_body(record, &shown);
+    let resource = resource_json(resource, &record.resource)?;
     let mut digits = itoa::Buffer::new();
     out.extend_from_slice(b"{\"time_unix_nano\":");
     out.extend_from_slice(digits.format(record.connection.time_unix_nano).as_bytes());
     out.extend_from_slice(b",\"body\":");
-    write_str(out, body)?;
+    write_str(out, &attributes.body)?;
     out.extend_from_slice(b",\"resource\":{");
     out.extend_from_slice(resource);
     out.extend_from_slice(b"},\"attributes\":{");
-    for (i, (key, value)) in attributes.iter().enumerate() {
-        if i > 0 {
-            out.push(b',');
-        }
+    out.extend_from_slice(members.get(1..).unwrap_or_default());
+    out.extend_from_slice(b"}}\n");
+    Ok(())
+}
+
+/// Writes each attribute as it is collected: `,"key":value`. Inlined at each of
+/// [`visit`]'s calls, where key and value's kind are known: the key is copied as a
+/// constant and only the value's own writer runs.
+struct JsonMembers<'o> {
+    out: &'o mut Vec<u8>,
+    /// The first failure (serde_json writing a number or array); the line is not written.
+    failed: Option<serde_json::Error>,
+}
+
+impl<'a> AttrSink<'a> for JsonMembers<'_> {
+    #[inline(always)]
+    fn attr(&mut self, key: &'static str, value: Attr<'a>) {
+        let out = &mut *self.out;
+        out.push(b',');
         write_key(out, key);
-        match value {
-            Attr::Str(s) => write_str(out, s)?,
-            Attr::Inline(t) => write_str(out, t.as_str())?,
-            Attr::Int(n) => out.extend_from_slice(digits.format(*n).as_bytes()),
-            Attr::Bool(b) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
-            Attr::Double(d) => serde_json::to_writer(&mut *out, d)?,
-            Attr::StrArray(items) => serde_json::to_writer(&mut *out, items)?,
+        let written = match value {
+            Attr::Str(s) => write_str(out, s),
+            Attr::Inline(t) => write_str(out, t.as_str()),
+            Attr::Int(n) => {
+                out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+                Ok(())
+            }
+            Attr::Bool(b) => {
+                out.extend_from_slice(if b { b"true" } else { b"false" });
+                Ok(())
+            }
+            Attr::Double(d) => serde_json::to_writer(&mut *out, &d),
+            Attr::StrArray(items) => serde_json::to_writer(&mut *out, items),
             Attr::IpArray(ips) => {
                 out.push(b'[');
                 for (i, (ip, _)) in ips.iter().enumerate() {
@@ -338,15 +364,18 @@ fn write_fields(
                     write_plain(out, InlineText::ip(*ip).as_str());
                 }
                 out.push(b']');
+                Ok(())
             }
+        };
+        if let Err(e) = written {
+            self.failed.get_or_insert(e);
         }
     }
-    out.extend_from_slice(b"}}\n");
-    Ok(())
 }
 
 /// An attribute's key and the colon after it. Keys are the collector's own constants,
 /// none with a character JSON escapes (a unit test checks every one).
+#[inline(always)]
 fn write_key(out: &mut Vec<u8>, key: &str) {
     out.reserve(key.len() + 3);
     out.push(b'"');
