@@ -25,6 +25,7 @@ use inotify::{EventMask, Inotify, WatchDescriptor, WatchMask};
 
 use crate::{
     events::text::Text,
+    fast_hash::FastHash,
     telemetry::enrich::{EnrichEvent, EnrichTelemetry},
 };
 
@@ -51,32 +52,6 @@ pub enum CgroupChange {
 /// One path string shared by the three maps and the records of its cgroup.
 type SharedPath = Text;
 
-/// Hashes cgroup ids with a multiply, not SipHash: the index is asked for every
-/// record, and its keys are kernel inode numbers, which no workload chooses.
-#[derive(Default, Clone, Copy)]
-struct IdHasher(u64);
-
-impl std::hash::Hasher for IdHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.write_u64(u64::from(b));
-        }
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    }
-
-    /// Folds a wide multiply: the table takes both the high bits (its tags) and the low
-    /// bits (its buckets) from the hash.
-    fn finish(&self) -> u64 {
-        let wide = u128::from(self.0) * 0xa076_1d64_78bd_642f;
-        (wide as u64) ^ ((wide >> 64) as u64)
-    }
-}
-
-type IdHash = std::hash::BuildHasherDefault<IdHasher>;
-
 struct Known {
     path: SharedPath,
     removed_at: Option<Instant>,
@@ -85,7 +60,8 @@ struct Known {
 pub struct CgroupPaths {
     /// The hierarchy's mount point under the host root; `None` disables resolution.
     root: Option<PathBuf>,
-    by_id: HashMap<u64, Known, IdHash>,
+    /// Asked for every record: hashed by [`FastHash`].
+    by_id: HashMap<u64, Known, FastHash>,
     /// Live cgroups only.
     by_path: HashMap<SharedPath, u64>,
     /// Last path component -> live paths with that name ("" is the root's).

@@ -64,6 +64,9 @@ pub struct EventReader {
     /// Process, node and cgroup names as shared text (see [`text`]).
     interned: Interner,
     ticks: u32,
+    /// Records in the last batch handed on: the next one is allocated that large at once
+    /// (records are large; growing a batch by doubling copies them again).
+    last_batch: usize,
 }
 
 impl EventReader {
@@ -88,6 +91,7 @@ impl EventReader {
             names: Names::new(DnsSettings::default()),
             interned: Interner::default(),
             ticks: 0,
+            last_batch: 0,
         })
     }
 
@@ -177,6 +181,7 @@ impl EventReader {
         let now = clock::boot_now_ns();
         let ring = self.ring.get_mut();
         let mut batch = Vec::new();
+        let mut expected = self.last_batch;
         loop {
             let item = ring.next_record();
             let more = item.is_some();
@@ -226,7 +231,12 @@ impl EventReader {
                         .emit(ReaderEvent::DecodeFailed { reason: e.reason() }),
                 }
             }
+            if batch.len() == 1 && batch.capacity() < expected {
+                batch.reserve_exact(expected - 1);
+            }
             if batch.len() >= BATCH_RECORDS || (!more && !batch.is_empty()) {
+                expected = batch.len();
+                self.last_batch = expected;
                 // Records for the metrics only are not records to export.
                 let n = batch.iter().filter(|c| c.logged()).count();
                 self.telemetry.emit(ReaderEvent::HandedOn { records: n });
