@@ -60,7 +60,9 @@ pub fn container_id_of_leaf(leaf: &str) -> Option<(String, Option<RuntimeHint>)>
 /// The pod UID in one path component: `pod<uid>` or `kubepods-<qos>-pod<uid_>.slice`.
 pub(crate) fn pod_uid_of_component(component: &str) -> Option<String> {
     let stem = component.strip_suffix(".slice").unwrap_or(component);
-    let start = stem.rfind("pod")?;
+    // A byte search, not `rfind`'s two-way searcher: this runs for every record (the
+    // DNS join) on a short name.
+    let start = stem.as_bytes().windows(3).rposition(|w| w == b"pod")?;
     if start > 0 && !stem[..start].ends_with('-') {
         return None;
     }

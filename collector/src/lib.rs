@@ -15,6 +15,7 @@ pub mod dns;
 pub mod enrich;
 pub mod events;
 pub mod export;
+pub mod fast_hash;
 pub mod health;
 pub mod otlp_client;
 pub mod pipeline;

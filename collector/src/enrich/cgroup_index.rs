@@ -25,6 +25,7 @@ use inotify::{EventMask, Inotify, WatchDescriptor, WatchMask};
 
 use crate::{
     events::text::Text,
+    fast_hash::FastHash,
     telemetry::enrich::{EnrichEvent, EnrichTelemetry},
 };
 
@@ -59,7 +60,8 @@ struct Known {
 pub struct CgroupPaths {
     /// The hierarchy's mount point under the host root; `None` disables resolution.
     root: Option<PathBuf>,
-    by_id: HashMap<u64, Known>,
+    /// Asked for every record: hashed by [`FastHash`].
+    by_id: HashMap<u64, Known, FastHash>,
     /// Live cgroups only.
     by_path: HashMap<SharedPath, u64>,
     /// Last path component -> live paths with that name ("" is the root's).
@@ -88,7 +90,7 @@ impl CgroupPaths {
     pub fn new(root: Option<PathBuf>, telemetry: EnrichTelemetry) -> Self {
         Self {
             root,
-            by_id: HashMap::new(),
+            by_id: HashMap::default(),
             by_path: HashMap::new(),
             by_name: HashMap::new(),
             changes: None,
@@ -219,12 +221,13 @@ impl CgroupPaths {
         if id == 0 || self.root.is_none() {
             return None;
         }
+        // One lookup for a known cgroup (nearly every record); the rest only on a miss.
         if !self.by_id.contains_key(&id) {
             self.apply_changes(now);
-        }
-        if !self.by_id.contains_key(&id) && !self.look_up(id, leaf, parent) {
-            self.telemetry.emit(EnrichEvent::CgroupUnresolved);
-            return None;
+            if !self.by_id.contains_key(&id) && !self.look_up(id, leaf, parent) {
+                self.telemetry.emit(EnrichEvent::CgroupUnresolved);
+                return None;
+            }
         }
         self.by_id.get(&id).map(|k| &k.path)
     }

@@ -46,6 +46,16 @@ pub const BATCH_RECORDS: usize = 1024;
 
 /// Longest an event waits in the ring buffer when too few arrive to wake the reader.
 const POLL_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
+/// Every how many polls the kernel's pending attempts are read: a tenth of
+/// `pending_report` (a report is at most 10% late), every poll to once a second.
+/// Reading them touches every slot of the map, whether any attempt waits or not.
+fn pending_every(pending_report: std::time::Duration) -> u32 {
+    let polls = pending_report.as_nanos() / 10 / POLL_INTERVAL.as_nanos();
+    polls.clamp(1, PENDING_EVERY_MAX) as u32
+}
+
+/// Polls between two reads of the pending attempts, at most (a second).
+const PENDING_EVERY_MAX: u128 = 10;
 /// An attempt reported as pending whose completion is still unseen this long after it
 /// began is forgotten once the kernel no longer holds it (see
 /// `outcome::Tracker::forget_stale_pending`): longer than any SYN timeout by default.
@@ -64,6 +74,9 @@ pub struct EventReader {
     /// Process, node and cgroup names as shared text (see [`text`]).
     interned: Interner,
     ticks: u32,
+    /// Records in the last batch handed on: the next one is allocated that large at once
+    /// (records are large; growing a batch by doubling copies them again).
+    last_batch: usize,
 }
 
 impl EventReader {
@@ -88,6 +101,7 @@ impl EventReader {
             names: Names::new(DnsSettings::default()),
             interned: Interner::default(),
             ticks: 0,
+            last_batch: 0,
         })
     }
 
@@ -128,7 +142,9 @@ impl EventReader {
                 _ = poll.tick() => {
                     self.drain(&out);
                     self.close_aggregates(false, &out);
-                    self.report_pending(&out);
+                    if self.ticks.is_multiple_of(self.pending_every()) {
+                        self.report_pending(&out);
+                    }
                     self.ticks = self.ticks.wrapping_add(1);
                     if self.ticks.is_multiple_of(50) {
                         self.names.expire();
@@ -177,6 +193,7 @@ impl EventReader {
         let now = clock::boot_now_ns();
         let ring = self.ring.get_mut();
         let mut batch = Vec::new();
+        let mut expected = self.last_batch;
         loop {
             let item = ring.next_record();
             let more = item.is_some();
@@ -226,7 +243,12 @@ impl EventReader {
                         .emit(ReaderEvent::DecodeFailed { reason: e.reason() }),
                 }
             }
+            if batch.len() == 1 && batch.capacity() < expected {
+                batch.reserve_exact(expected - 1);
+            }
             if batch.len() >= BATCH_RECORDS || (!more && !batch.is_empty()) {
+                expected = batch.len();
+                self.last_batch = expected;
                 // Records for the metrics only are not records to export.
                 let n = batch.iter().filter(|c| c.logged()).count();
                 self.telemetry.emit(ReaderEvent::HandedOn { records: n });
@@ -238,6 +260,10 @@ impl EventReader {
                 break;
             }
         }
+    }
+
+    fn pending_every(&self) -> u32 {
+        pending_every(self.outcomes.pending_report)
     }
 
     /// Reports attempts in SYN_SENT for longer than `pending_report`, once each.
@@ -347,5 +373,20 @@ impl EventReader {
                 });
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn pending_attempts_are_read_at_a_tenth_of_their_report_time() {
+        assert_eq!(pending_every(Duration::from_millis(200)), 1);
+        assert_eq!(pending_every(Duration::from_secs(1)), 1);
+        assert_eq!(pending_every(Duration::from_secs(5)), 5);
+        assert_eq!(pending_every(Duration::from_secs(30)), 10);
     }
 }

@@ -4,6 +4,8 @@
 
 use std::collections::{HashMap, HashSet};
 
+use crate::fast_hash::FastHash;
+
 use egress_shared::{CloseFlags, ResetBy, TcpCloseEvent};
 
 use super::{
@@ -179,7 +181,8 @@ const MAX_REPORTED: usize = 16_384;
 /// Joins closes to their connections and remembers the attempts reported as pending.
 #[derive(Default)]
 pub struct Tracker {
-    open: HashMap<(u64, u64), Connection>,
+    /// Kernel socket ids and times, one lookup per record: hashed by [`FastHash`].
+    open: HashMap<(u64, u64), Connection, FastHash>,
     reported_pending: HashSet<(u64, u64)>,
     /// Closes whose connection was not known (reported before a restart, or dropped).
     pub unmatched_closes: u64,

@@ -118,8 +118,7 @@ impl Default for Interner {
 impl Interner {
     /// The text up to the first NUL of `bytes`, invalid UTF-8 replaced.
     pub fn get(&mut self, bytes: &[u8]) -> Text {
-        let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
-        let bytes = &bytes[..end];
+        let bytes = until_nul(bytes);
         if bytes.is_empty() {
             return self.empty.clone();
         }
@@ -133,6 +132,28 @@ impl Interner {
         *slot = Some((bytes.into(), text.clone()));
         text
     }
+}
+
+/// `bytes` up to its first NUL (all of it without one), found eight bytes at a time:
+/// the kernel's names are fixed arrays, mostly NUL padding after a short name.
+fn until_nul(bytes: &[u8]) -> &[u8] {
+    const ONES: u64 = u64::from_le_bytes([0x01; 8]);
+    const HIGH: u64 = u64::from_le_bytes([0x80; 8]);
+    let mut chunks = bytes.chunks_exact(8);
+    let mut at = 0;
+    for chunk in &mut chunks {
+        let mut word = [0; 8];
+        word.copy_from_slice(chunk);
+        let word = u64::from_le_bytes(word);
+        // The lowest byte flagged is the first NUL (a flag above it may be a borrow's).
+        let zero = word.wrapping_sub(ONES) & !word & HIGH;
+        if zero != 0 {
+            return &bytes[..at + (zero.trailing_zeros() / 8) as usize];
+        }
+        at += 8;
+    }
+    let rest = chunks.remainder();
+    &bytes[..at + rest.iter().position(|&b| b == 0).unwrap_or(rest.len())]
 }
 
 /// FNV-1a over 8-byte words: cheap, and good enough to spread a node's names.
@@ -166,6 +187,24 @@ mod tests {
         assert!(Arc::ptr_eq(&first.0, &again.0));
         assert_eq!(names.get(b"\0curl"), "");
         assert_eq!(names.get(b"cur"), "cur");
+    }
+
+    #[test]
+    fn a_name_ends_at_its_first_nul_wherever_it_is() {
+        for len in 0..40 {
+            for nul in 0..=len {
+                let mut bytes: Vec<u8> = (0..len).map(|i| 0x80 | (i as u8 % 3)).collect();
+                if nul < len {
+                    bytes[nul] = 0;
+                    // A second NUL, and a byte a borrow could flag, after the first.
+                    if nul + 2 < len {
+                        bytes[nul + 1] = 1;
+                        bytes[nul + 2] = 0;
+                    }
+                }
+                assert_eq!(until_nul(&bytes).len(), nul, "{bytes:?}");
+            }
+        }
     }
 
     #[test]

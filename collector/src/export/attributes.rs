@@ -21,7 +21,9 @@ macro_rules! key_list {
         $(#[$doc])*
         pub const $list: &[&str] = &[$($key),*];
 
-        /// Whether `key` is in the list of the same name.
+        /// Whether `key` is in the list of the same name. Inlined: with a constant key
+        /// (every call [`visit`] makes) the compiler decides it, no comparison runs.
+        #[inline(always)]
         fn $test(key: &str) -> bool {
             matches!(key, $($key)|*)
         }
@@ -76,6 +78,7 @@ impl AttributeSet {
     }
 
     /// Whether records of this set carry `key`.
+    #[inline(always)]
     pub fn keeps(self, key: &str) -> bool {
         match self {
             AttributeSet::Full => true,
@@ -346,7 +349,14 @@ impl Scratch {
     /// line (in `self.body`) built from all of them.
     pub fn select<'a>(&mut self, record: &'a Record, set: AttributeSet) -> Attrs<'a> {
         let mut attributes = reuse(std::mem::take(&mut self.attributes));
-        collect(record, &mut attributes);
+        attributes.reserve(48);
+        let shown = visit(record, set, &mut attributes);
+        self.write_body(record, &shown);
+        attributes
+    }
+
+    /// The record's body line (in `self.body`), from the attributes it shows.
+    pub(crate) fn write_body(&mut self, record: &Record, shown: &ShownValues) {
         self.body.clear();
         match &self.workload {
             Some((resource, workload)) if Arc::ptr_eq(resource, &record.resource) => {
@@ -357,11 +367,7 @@ impl Scratch {
                 self.workload = Some((Arc::clone(&record.resource), self.body.clone()));
             }
         }
-        write_connection(&mut self.body, &attributes);
-        if set != AttributeSet::Full {
-            attributes.retain(|(key, _)| set.keeps(key));
-        }
-        attributes
+        write_connection(&mut self.body, &shown.shown());
     }
 
     /// Gives back the list [`Self::select`] lent, for the next record.
@@ -402,7 +408,11 @@ pub fn write_body(
     attributes: &[(&str, Attr)],
 ) {
     write_workload(line, resource);
-    write_connection(line, attributes);
+    let mut shown = ShownValues::default();
+    for (key, value) in attributes {
+        shown.note(key, value);
+    }
+    write_connection(line, &shown.shown());
 }
 
 /// The body's first part, which only the resource decides: who.
@@ -458,26 +468,54 @@ struct Shown<'r, 'a> {
     count: Option<&'r Attr<'a>>,
 }
 
-impl<'r, 'a> Shown<'r, 'a> {
-    fn of(attributes: &'r [(&str, Attr<'a>)]) -> Self {
-        let mut shown = Shown::default();
-        for (key, value) in attributes {
-            let slot = match *key {
-                semconv::PROCESS_EXECUTABLE_NAME => &mut shown.executable,
-                semconv::PROCESS_PID => &mut shown.pid,
-                semconv::DESTINATION_ADDRESS => &mut shown.address,
-                semconv::DESTINATION_PORT => &mut shown.port,
-                semconv::SERVER_ADDRESS => &mut shown.names[0],
-                semconv::DNS_QUESTION_NAME => &mut shown.names[1],
-                semconv::NETWORK_TRANSPORT => &mut shown.transport,
-                semconv::ERROR_TYPE => &mut shown.outcomes[0],
-                keys::CONNECTION_STATE => &mut shown.outcomes[1],
-                keys::CONNECTION_COUNT => &mut shown.count,
-                _ => continue,
-            };
-            slot.get_or_insert(value);
+/// Which field of [`Shown`] an attribute's key fills, if any. Inlined: with a constant
+/// key (every call [`visit`] makes) the compiler decides it, no comparison runs.
+#[inline(always)]
+fn shown_slot(key: &str) -> Option<usize> {
+    Some(match key {
+        semconv::PROCESS_EXECUTABLE_NAME => 0,
+        semconv::PROCESS_PID => 1,
+        semconv::DESTINATION_ADDRESS => 2,
+        semconv::DESTINATION_PORT => 3,
+        semconv::SERVER_ADDRESS => 4,
+        semconv::DNS_QUESTION_NAME => 5,
+        semconv::NETWORK_TRANSPORT => 6,
+        semconv::ERROR_TYPE => 7,
+        keys::CONNECTION_STATE => 8,
+        keys::CONNECTION_COUNT => 9,
+        _ => return None,
+    })
+}
+
+/// Keys the body shows (see [`shown_slot`]); every attribute set keeps them (a test
+/// checks), so [`visit`] finds them among the attributes it keeps.
+const SHOWN_KEYS: usize = 10;
+
+/// The attributes the body shows (the first of each key), copied as the record's
+/// attributes are collected.
+#[derive(Default)]
+pub(crate) struct ShownValues<'a>([Option<Attr<'a>>; SHOWN_KEYS]);
+
+impl<'a> ShownValues<'a> {
+    #[inline(always)]
+    fn note(&mut self, key: &str, value: &Attr<'a>) {
+        if let Some(slot) = shown_slot(key) {
+            self.0[slot].get_or_insert(*value);
         }
-        shown
+    }
+
+    fn shown(&self) -> Shown<'_, 'a> {
+        let get = |slot: usize| self.0[slot].as_ref();
+        Shown {
+            executable: get(0),
+            pid: get(1),
+            address: get(2),
+            port: get(3),
+            names: [get(4), get(5)],
+            transport: get(6),
+            outcomes: [get(7), get(8)],
+            count: get(9),
+        }
     }
 }
 
@@ -487,8 +525,7 @@ fn shown_text<'r>(value: Option<&'r Attr>) -> Option<&'r str> {
 }
 
 /// The body's second part, from the attributes: what, where to, how it went.
-fn write_connection(line: &mut String, attributes: &[(&str, Attr)]) {
-    let shown = Shown::of(attributes);
+fn write_connection(line: &mut String, shown: &Shown) {
     let mut digits = itoa::Buffer::new();
     line.push(' ');
     line.push_str(shown_text(shown.executable).unwrap_or("?"));
@@ -543,136 +580,183 @@ pub fn of(record: &Record) -> Vec<(&'static str, Value)> {
 
 /// Every attribute of the record (the `full` set), borrowed from it, appended to `out`.
 pub fn collect<'a>(record: &'a Record, out: &mut Attrs<'a>) {
+    visit(record, AttributeSet::Full, out);
+}
+
+/// Where [`visit`] hands a record's attributes, in order: a list, or a writer that
+/// writes each as it comes (no list in between).
+pub(crate) trait AttrSink<'a> {
+    fn attr(&mut self, key: &'static str, value: Attr<'a>);
+}
+
+impl<'a> AttrSink<'a> for Attrs<'a> {
+    #[inline(always)]
+    fn attr(&mut self, key: &'static str, value: Attr<'a>) {
+        self.push((key, value));
+    }
+}
+
+/// Hands on the attributes its set keeps, and copies the ones the body shows.
+struct Kept<'a, 'o, S> {
+    set: AttributeSet,
+    sink: &'o mut S,
+    shown: ShownValues<'a>,
+}
+
+impl<'a, S: AttrSink<'a>> Kept<'a, '_, S> {
+    /// Inlined at every call, whose key is a constant: whether the set keeps it, and
+    /// whether the body shows it, are decided by the compiler, and a sink that writes
+    /// (inlined too) writes the key as a constant.
+    #[inline(always)]
+    fn push(&mut self, key: &'static str, value: Attr<'a>) {
+        if self.set.keeps(key) {
+            self.shown.note(key, &value);
+            self.sink.attr(key, value);
+        }
+    }
+}
+
+/// Hands the attributes of `set` of the record, borrowed from it, to `sink` in order
+/// (one pass, nothing to filter after); returns the ones the body shows.
+pub(crate) fn visit<'a, S: AttrSink<'a>>(
+    record: &'a Record,
+    set: AttributeSet,
+    sink: &mut S,
+) -> ShownValues<'a> {
+    let mut out = Kept {
+        set,
+        sink,
+        shown: ShownValues::default(),
+    };
     let c = &record.connection;
     let p = &c.process;
     let ns = &c.namespaces;
     let destination: Attr = c.destination.ip().into();
-    out.extend([
-        (keys::EVENT, c.kind_str().into()),
-        (semconv::PROCESS_PID, p.pid.into()),
-        (semconv::PROCESS_PARENT_PID, p.parent_pid.into()),
-        (semconv::PROCESS_VPID, p.vpid.into()),
-        (semconv::PROCESS_EXECUTABLE_NAME, p.name.as_str().into()),
-        (semconv::PROCESS_USER_ID, p.uid.into()),
-        (keys::PROCESS_GROUP_ID, p.gid.into()),
-        (semconv::THREAD_ID, p.tid.into()),
-        (semconv::THREAD_NAME, p.thread_name.as_str().into()),
-        (semconv::NETWORK_TRANSPORT, c.transport.as_str().into()),
-        (semconv::NETWORK_TYPE, c.network_type().into()),
-        (semconv::SOURCE_ADDRESS, c.source.ip().into()),
-        (semconv::SOURCE_PORT, c.source.port().into()),
-        (semconv::DESTINATION_ADDRESS, destination),
-        (semconv::DESTINATION_PORT, c.destination.port().into()),
-        (keys::NAMESPACE_NET, ns.net.into()),
-        (keys::NAMESPACE_UTS, ns.uts.into()),
-        (keys::NAMESPACE_MNT, ns.mnt.into()),
-        (keys::NAMESPACE_PID, ns.pid.into()),
-        (keys::NAMESPACE_IPC, ns.ipc.into()),
-        (keys::NAMESPACE_CGROUP, ns.cgroup.into()),
-        (keys::UTS_NODENAME, c.nodename.as_str().into()),
-        (keys::CGROUP_ID, c.cgroup.id.into()),
-        (keys::CGROUP_LEAF_ID, c.cgroup.leaf_id.into()),
-        (keys::CGROUP_LEAF_NAME, c.cgroup.leaf_name.as_str().into()),
-        (
-            keys::CGROUP_PARENT_NAME,
-            c.cgroup.parent_name.as_str().into(),
-        ),
-        (keys::HOST_NETWORK, Attr::Bool(record.host_network)),
-    ]);
+    out.push(keys::EVENT, c.kind_str().into());
+    out.push(semconv::PROCESS_PID, p.pid.into());
+    out.push(semconv::PROCESS_PARENT_PID, p.parent_pid.into());
+    out.push(semconv::PROCESS_VPID, p.vpid.into());
+    out.push(semconv::PROCESS_EXECUTABLE_NAME, p.name.as_str().into());
+    out.push(semconv::PROCESS_USER_ID, p.uid.into());
+    out.push(keys::PROCESS_GROUP_ID, p.gid.into());
+    out.push(semconv::THREAD_ID, p.tid.into());
+    out.push(semconv::THREAD_NAME, p.thread_name.as_str().into());
+    out.push(semconv::NETWORK_TRANSPORT, c.transport.as_str().into());
+    out.push(semconv::NETWORK_TYPE, c.network_type().into());
+    out.push(semconv::SOURCE_ADDRESS, c.source.ip().into());
+    out.push(semconv::SOURCE_PORT, c.source.port().into());
+    out.push(semconv::DESTINATION_ADDRESS, destination);
+    out.push(semconv::DESTINATION_PORT, c.destination.port().into());
+    out.push(keys::NAMESPACE_NET, ns.net.into());
+    out.push(keys::NAMESPACE_UTS, ns.uts.into());
+    out.push(keys::NAMESPACE_MNT, ns.mnt.into());
+    out.push(keys::NAMESPACE_PID, ns.pid.into());
+    out.push(keys::NAMESPACE_IPC, ns.ipc.into());
+    out.push(keys::NAMESPACE_CGROUP, ns.cgroup.into());
+    out.push(keys::UTS_NODENAME, c.nodename.as_str().into());
+    out.push(keys::CGROUP_ID, c.cgroup.id.into());
+    out.push(keys::CGROUP_LEAF_ID, c.cgroup.leaf_id.into());
+    out.push(keys::CGROUP_LEAF_NAME, c.cgroup.leaf_name.as_str().into());
+    out.push(
+        keys::CGROUP_PARENT_NAME,
+        c.cgroup.parent_name.as_str().into(),
+    );
+    out.push(keys::HOST_NETWORK, Attr::Bool(record.host_network));
     if let Some(lookup) = &c.dns {
         let a = &lookup.answer;
-        out.push((semconv::DNS_QUESTION_NAME, a.name.as_str().into()));
-        out.push((
+        out.push(semconv::DNS_QUESTION_NAME, a.name.as_str().into());
+        out.push(
             keys::DNS_QUESTION_TYPE,
             match crate::dns::known_type_name(a.qtype) {
                 Some(name) => Attr::Str(name),
                 None => Attr::Inline(InlineText::of(a.qtype)),
             },
-        ));
+        );
         if lookup.unanswered {
-            out.push((semconv::ERROR_TYPE, "timeout".into()));
+            out.push(semconv::ERROR_TYPE, "timeout".into());
         } else {
-            out.push((
+            out.push(
                 keys::DNS_RESPONSE_CODE,
                 crate::dns::rcode_name(a.rcode).into(),
-            ));
+            );
         }
-        out.push((semconv::DNS_ANSWERS, Attr::IpArray(&a.addresses)));
+        out.push(semconv::DNS_ANSWERS, Attr::IpArray(&a.addresses));
         if !a.cname_chain.is_empty() {
-            out.push((keys::DNS_CNAME_CHAIN, Attr::StrArray(&a.cname_chain)));
+            out.push(keys::DNS_CNAME_CHAIN, Attr::StrArray(&a.cname_chain));
         }
-        out.push((
+        out.push(
             keys::DNS_LOOKUP_DURATION,
             Attr::Double(seconds(lookup.latency_ns)),
-        ));
+        );
     } else if c.kind != egress_shared::EventKind::DnsAnswer {
         // The name the workload resolved, else the IP (semantic conventions); the
         // peer is always the IP and port.
         match &c.server {
             Some(server) => {
-                out.push((semconv::SERVER_ADDRESS, server.name.as_str().into()));
-                out.push((keys::DNS_MATCH, server.matched.as_str().into()));
+                out.push(semconv::SERVER_ADDRESS, server.name.as_str().into());
+                out.push(keys::DNS_MATCH, server.matched.as_str().into());
                 if !server.cname_chain.is_empty() {
-                    out.push((keys::DNS_CNAME_CHAIN, Attr::StrArray(&server.cname_chain)));
+                    out.push(keys::DNS_CNAME_CHAIN, Attr::StrArray(&server.cname_chain));
                 }
             }
             None => {
-                out.push((semconv::SERVER_ADDRESS, destination));
-                out.push((keys::DNS_MATCH, "none".into()));
+                out.push(semconv::SERVER_ADDRESS, destination);
+                out.push(keys::DNS_MATCH, "none".into());
             }
         }
-        out.push((semconv::SERVER_PORT, c.destination.port().into()));
-        out.push((semconv::NETWORK_PEER_ADDRESS, destination));
-        out.push((semconv::NETWORK_PEER_PORT, c.destination.port().into()));
+        out.push(semconv::SERVER_PORT, c.destination.port().into());
+        out.push(semconv::NETWORK_PEER_ADDRESS, destination);
+        out.push(semconv::NETWORK_PEER_PORT, c.destination.port().into());
     }
     if let Some(path) = &record.cgroup_path {
-        out.push((keys::CGROUP_PATH, path.as_str().into()));
+        out.push(keys::CGROUP_PATH, path.as_str().into());
     }
     if c.rate_limited_before > 0 {
-        out.push((keys::RATE_LIMITED_BEFORE, c.rate_limited_before.into()));
+        out.push(keys::RATE_LIMITED_BEFORE, c.rate_limited_before.into());
     }
     if c.aggregate.is_some() {
-        out.push((keys::CONNECTION_COUNT, c.count.into()));
+        out.push(keys::CONNECTION_COUNT, c.count.into());
     }
     if let Some(bytes) = c.udp_bytes {
-        out.push((keys::UDP_BYTES_SENT, bytes.into()));
+        out.push(keys::UDP_BYTES_SENT, bytes.into());
     }
     if let Some(close) = &c.close {
-        out.push((keys::CONNECTION_START, close.connect_unix_nano.into()));
-        out.push((
+        out.push(keys::CONNECTION_START, close.connect_unix_nano.into());
+        out.push(
             keys::CONNECTION_DURATION,
             Attr::Double(seconds(close.duration_ns())),
-        ));
+        );
         if close.still_open {
-            out.push((keys::OPEN_AT_SHUTDOWN, Attr::Bool(true)));
+            out.push(keys::OPEN_AT_SHUTDOWN, Attr::Bool(true));
         } else {
-            out.push((keys::BYTES_SENT, close.bytes_sent.into()));
-            out.push((keys::BYTES_RECEIVED, close.bytes_received.into()));
+            out.push(keys::BYTES_SENT, close.bytes_sent.into());
+            out.push(keys::BYTES_RECEIVED, close.bytes_received.into());
             if let Some(wire) = close.bytes_transmitted {
-                out.push((keys::BYTES_TRANSMITTED, wire.into()));
+                out.push(keys::BYTES_TRANSMITTED, wire.into());
             }
-            out.push((keys::RETRANSMITS, close.retransmits.into()));
-            out.push((keys::RTT, Attr::Double(f64::from(close.rtt_us) / 1e6)));
+            out.push(keys::RETRANSMITS, close.retransmits.into());
+            out.push(keys::RTT, Attr::Double(f64::from(close.rtt_us) / 1e6));
         }
         if let Some(by) = close.reset {
-            out.push((keys::RESET, by.into()));
+            out.push(keys::RESET, by.into());
         }
         if let Some(error) = close.error_type {
-            out.push((semconv::ERROR_TYPE, error.into()));
+            out.push(semconv::ERROR_TYPE, error.into());
         }
     } else if let Some(outcome) = &c.outcome {
-        out.push((keys::CONNECTION_STATE, outcome.state.as_str().into()));
+        out.push(keys::CONNECTION_STATE, outcome.state.as_str().into());
         if let Some(error) = outcome.error_type {
-            out.push((semconv::ERROR_TYPE, error.into()));
+            out.push(semconv::ERROR_TYPE, error.into());
         }
         if outcome.state != ConnectionState::Pending {
-            out.push((
+            out.push(
                 keys::HANDSHAKE_DURATION,
                 Attr::Double(seconds(outcome.handshake_ns)),
-            ));
-            out.push((keys::SYN_RETRANSMITS, outcome.syn_retransmits.into()));
+            );
+            out.push(keys::SYN_RETRANSMITS, outcome.syn_retransmits.into());
         }
     }
+    out.shown
 }
 
 #[cfg(test)]

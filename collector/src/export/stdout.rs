@@ -19,10 +19,10 @@ use tokio::sync::{Notify, mpsc, oneshot};
 
 use super::{
     ExportError, Feed, Records, Running, Sink,
-    attributes::{Attr, AttributeSet, InlineText, Scratch},
+    attributes::{Attr, AttrSink, AttributeSet, InlineText, Scratch, visit},
 };
 use crate::{
-    enrich::Record,
+    enrich::{Record, Resource},
     telemetry::export::{ExportEvent, ExportTelemetry},
 };
 
@@ -217,8 +217,42 @@ fn spawn_with<W: Write + Send + 'static>(
 pub struct StdoutExporter<W: Write + Send> {
     out: W,
     buffer: Vec<u8>,
-    scratch: Scratch,
+    scratch: LineScratch,
     attributes: AttributeSet,
+}
+
+/// Buffers reused from line to line: the attributes and body ([`Scratch`]), and the
+/// JSON of the last resource written (records come in runs of one workload, whose
+/// resource is then escaped and written out once, not once per record).
+#[derive(Default)]
+pub struct LineScratch {
+    attributes: Scratch,
+    resource: Option<(Arc<Resource>, Vec<u8>)>,
+    /// The attributes' JSON members, each after a comma; written before the body (which
+    /// is made from them) and copied after it.
+    members: Vec<u8>,
+}
+
+/// The members of `resource`'s JSON object, from `cache` when it holds them.
+fn resource_json<'c>(
+    cache: &'c mut Option<(Arc<Resource>, Vec<u8>)>,
+    resource: &Arc<Resource>,
+) -> serde_json::Result<&'c [u8]> {
+    let cached = matches!(cache, Some((last, _)) if Arc::ptr_eq(last, resource));
+    if !cached {
+        // Taken out while written: a failure leaves no stale entry behind.
+        let mut json = cache.take().map(|(_, json)| json).unwrap_or_default();
+        json.clear();
+        for (i, (key, value)) in resource.attributes.iter().enumerate() {
+            if i > 0 {
+                json.push(b',');
+            }
+            write_key(&mut json, key);
+            write_str(&mut json, value)?;
+        }
+        *cache = Some((Arc::clone(resource), json));
+    }
+    Ok(cache.as_ref().map_or(&[], |(_, json)| json.as_slice()))
 }
 
 impl StdoutExporter<std::io::Stdout> {
@@ -238,7 +272,7 @@ impl<W: Write + Send> StdoutExporter<W> {
         Self {
             out,
             buffer: Vec::new(),
-            scratch: Scratch::default(),
+            scratch: LineScratch::default(),
             attributes: AttributeSet::default(),
         }
     }
@@ -253,55 +287,74 @@ impl<W: Write + Send> StdoutExporter<W> {
 /// Appends one record as a JSON line. Written field by field into a reused buffer: no
 /// intermediate `serde_json::Value`, so no map building or per-key allocation per event.
 pub fn write_line(out: &mut Vec<u8>, record: &Record, set: AttributeSet) -> serde_json::Result<()> {
-    write_line_with(out, &mut Scratch::default(), record, set)
+    write_line_with(out, &mut LineScratch::default(), record, set)
 }
 
 /// [`write_line`] with buffers reused from record to record: nothing allocated per record
 /// once they have grown.
 pub fn write_line_with(
     out: &mut Vec<u8>,
-    scratch: &mut Scratch,
+    scratch: &mut LineScratch,
     record: &Record,
     set: AttributeSet,
 ) -> serde_json::Result<()> {
-    let attributes = scratch.select(record, set);
-    let written = write_fields(out, &scratch.body, &attributes, record);
-    scratch.give_back(attributes);
-    written
-}
-
-fn write_fields(
-    out: &mut Vec<u8>,
-    body: &str,
-    attributes: &[(&str, Attr)],
-    record: &Record,
-) -> serde_json::Result<()> {
+    let LineScratch {
+        attributes,
+        resource,
+        members,
+    } = scratch;
+    members.clear();
+    let mut sink = JsonMembers {
+        out: members,
+        failed: None,
+    };
+    let shown = visit(record, set, &mut sink);
+    if let Some(e) = sink.failed {
+        return Err(e);
+    }
+    attributes.write_body(record, &shown);
+    let resource = resource_json(resource, &record.resource)?;
     let mut digits = itoa::Buffer::new();
     out.extend_from_slice(b"{\"time_unix_nano\":");
     out.extend_from_slice(digits.format(record.connection.time_unix_nano).as_bytes());
     out.extend_from_slice(b",\"body\":");
-    write_str(out, body)?;
+    write_str(out, &attributes.body)?;
     out.extend_from_slice(b",\"resource\":{");
-    for (i, (key, value)) in record.resource.attributes.iter().enumerate() {
-        if i > 0 {
-            out.push(b',');
-        }
-        write_key(out, key);
-        write_str(out, value)?;
-    }
+    out.extend_from_slice(resource);
     out.extend_from_slice(b"},\"attributes\":{");
-    for (i, (key, value)) in attributes.iter().enumerate() {
-        if i > 0 {
-            out.push(b',');
-        }
+    out.extend_from_slice(members.get(1..).unwrap_or_default());
+    out.extend_from_slice(b"}}\n");
+    Ok(())
+}
+
+/// Writes each attribute as it is collected: `,"key":value`. Inlined at each of
+/// [`visit`]'s calls, where key and value's kind are known: the key is copied as a
+/// constant and only the value's own writer runs.
+struct JsonMembers<'o> {
+    out: &'o mut Vec<u8>,
+    /// The first failure (serde_json writing a number or array); the line is not written.
+    failed: Option<serde_json::Error>,
+}
+
+impl<'a> AttrSink<'a> for JsonMembers<'_> {
+    #[inline(always)]
+    fn attr(&mut self, key: &'static str, value: Attr<'a>) {
+        let out = &mut *self.out;
+        out.push(b',');
         write_key(out, key);
-        match value {
-            Attr::Str(s) => write_str(out, s)?,
-            Attr::Inline(t) => write_str(out, t.as_str())?,
-            Attr::Int(n) => out.extend_from_slice(digits.format(*n).as_bytes()),
-            Attr::Bool(b) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
-            Attr::Double(d) => serde_json::to_writer(&mut *out, d)?,
-            Attr::StrArray(items) => serde_json::to_writer(&mut *out, items)?,
+        let written = match value {
+            Attr::Str(s) => write_str(out, s),
+            Attr::Inline(t) => write_str(out, t.as_str()),
+            Attr::Int(n) => {
+                out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+                Ok(())
+            }
+            Attr::Bool(b) => {
+                out.extend_from_slice(if b { b"true" } else { b"false" });
+                Ok(())
+            }
+            Attr::Double(d) => serde_json::to_writer(&mut *out, &d),
+            Attr::StrArray(items) => serde_json::to_writer(&mut *out, items),
             Attr::IpArray(ips) => {
                 out.push(b'[');
                 for (i, (ip, _)) in ips.iter().enumerate() {
@@ -311,15 +364,18 @@ fn write_fields(
                     write_plain(out, InlineText::ip(*ip).as_str());
                 }
                 out.push(b']');
+                Ok(())
             }
+        };
+        if let Err(e) = written {
+            self.failed.get_or_insert(e);
         }
     }
-    out.extend_from_slice(b"}}\n");
-    Ok(())
 }
 
 /// An attribute's key and the colon after it. Keys are the collector's own constants,
 /// none with a character JSON escapes (a unit test checks every one).
+#[inline(always)]
 fn write_key(out: &mut Vec<u8>, key: &str) {
     out.reserve(key.len() + 3);
     out.push(b'"');
@@ -339,16 +395,36 @@ fn write_plain(out: &mut Vec<u8>, s: &str) {
 /// escape (keys always, values nearly always) is copied as it is; the rest goes through
 /// serde_json.
 fn write_str(out: &mut Vec<u8>, s: &str) -> serde_json::Result<()> {
-    // No early exit: the compiler checks many bytes at once.
-    let plain = !s.bytes().fold(false, |escape, b| {
-        escape | (b < 0x20) | (b == b'"') | (b == b'\\')
-    });
-    if plain {
+    if !needs_escape(s.as_bytes()) {
         write_plain(out, s);
         Ok(())
     } else {
         serde_json::to_writer(out, s)
     }
+}
+
+/// Whether JSON escapes any byte of `bytes` (a control character, `"` or `\\`), eight
+/// bytes at a time: most strings written are short names with nothing to escape.
+fn needs_escape(bytes: &[u8]) -> bool {
+    const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
+    const HIGH: u64 = u64::from_ne_bytes([0x80; 8]);
+    // A byte of `word` below `n` (n <= 0x80) sets its high bit in the result.
+    let below = |word: u64, n: u8| word.wrapping_sub(ONES * u64::from(n)) & !word & HIGH;
+    let zero = |word: u64| below(word, 1);
+    let escaped = |word: u64| {
+        below(word, 0x20)
+            | zero(word ^ (ONES * u64::from(b'"')))
+            | zero(word ^ (ONES * u64::from(b'\\')))
+    };
+    let mut chunks = bytes.chunks_exact(8);
+    let mut found = 0;
+    for chunk in &mut chunks {
+        let mut word = [0; 8];
+        word.copy_from_slice(chunk);
+        found |= escaped(u64::from_ne_bytes(word));
+    }
+    let rest = chunks.remainder();
+    found != 0 || rest.iter().any(|&b| b < 0x20 || b == b'"' || b == b'\\')
 }
 
 impl<W: Write + Send> StdoutExporter<W> {
@@ -422,7 +498,7 @@ mod tests {
     fn writing_a_record_allocates_nothing_once_the_buffers_have_grown() {
         let mut r = record(&resource("shop"), 443);
         r.cgroup_path = Some("/kubepods/pod/abc".into());
-        let (mut out, mut scratch) = (Vec::new(), Scratch::default());
+        let (mut out, mut scratch) = (Vec::new(), LineScratch::default());
         // The counter counts: owned attributes allocate.
         let before = crate::alloc_counting::allocations();
         let owned = crate::export::attributes::of(&r);
@@ -456,6 +532,21 @@ mod tests {
                 assert_eq!(ours, expected, "{key}");
             }
         }
+    }
+
+    #[test]
+    fn a_byte_to_escape_is_found_wherever_it_is() {
+        let escaped = |b: u8| b < 0x20 || b == b'"' || b == b'\\';
+        for len in 0..20 {
+            for at in 0..len {
+                for b in 0..=255u8 {
+                    let mut bytes = vec![b'a'; len];
+                    bytes[at] = b;
+                    assert_eq!(needs_escape(&bytes), escaped(b), "{b:#x} at {at} of {len}");
+                }
+            }
+        }
+        assert!(!needs_escape("ünï→\u{7f}".as_bytes()));
     }
 
     #[test]

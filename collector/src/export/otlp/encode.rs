@@ -9,7 +9,7 @@ use std::{collections::HashMap, sync::Arc};
 use super::mapping::{CLOSE_EVENT_NAME, DNS_EVENT_NAME, EVENT_NAME, SCOPE_NAME, SCOPE_VERSION};
 use crate::{
     enrich::{Record, Resource},
-    export::attributes::{Attr, AttributeSet, InlineText, Scratch},
+    export::attributes::{Attr, AttrSink, AttributeSet, InlineText, Scratch, visit},
 };
 
 const LEN: u8 = 2;
@@ -110,7 +110,21 @@ fn any(out: &mut Vec<u8>, value: &Attr) {
     }
 }
 
+/// Encodes each attribute as it is collected, a log record's `attributes` (field 6).
+/// Inlined at each of [`visit`]'s calls, where the key and the value's kind are known.
+struct KeyValues<'o> {
+    out: &'o mut Vec<u8>,
+}
+
+impl<'a> AttrSink<'a> for KeyValues<'_> {
+    #[inline(always)]
+    fn attr(&mut self, key: &'static str, value: Attr<'a>) {
+        key_value(self.out, 6, key, &value);
+    }
+}
+
 /// A `KeyValue { key = 1, value = 2 }` as field `field` of its parent.
+#[inline(always)]
 fn key_value(out: &mut Vec<u8>, field: u32, name: &str, value: &Attr) {
     let value_len = any_len(value);
     key(out, field, LEN);
@@ -161,6 +175,8 @@ pub struct LogsEncoder {
     resources: HashMap<usize, (Arc<Resource>, Arc<[u8]>)>,
     scope: Vec<u8>,
     scratch: Scratch,
+    /// The record's attributes, encoded.
+    members: Vec<u8>,
     record: Vec<u8>,
     /// Groups' buffers kept for the next request.
     spare: Vec<(Vec<u8>, Vec<usize>)>,
@@ -177,6 +193,7 @@ impl LogsEncoder {
             resources: HashMap::new(),
             scope: scope(),
             scratch: Scratch::default(),
+            members: Vec::new(),
             record: Vec::new(),
             spare: Vec::new(),
             len: 0,
@@ -238,7 +255,16 @@ impl LogsEncoder {
         let slot = self.group(&record.resource);
         let out = &mut self.record;
         out.clear();
-        let attributes = self.scratch.select(record, self.set);
+        // The attributes first (the body is made from them), written after it.
+        self.members.clear();
+        let shown = visit(
+            record,
+            self.set,
+            &mut KeyValues {
+                out: &mut self.members,
+            },
+        );
+        self.scratch.write_body(record, &shown);
         let time = record.connection.time_unix_nano;
         if time != 0 {
             key(out, 1, FIXED64);
@@ -251,9 +277,7 @@ impl LogsEncoder {
         key(out, 5, LEN);
         varint(out, any_len(&body) as u64);
         any(out, &body);
-        for (name, value) in &attributes {
-            key_value(out, 6, name, value);
-        }
+        out.extend_from_slice(&self.members);
         // observed_time_unix_nano: set when the request is finished. (prost writes the
         // fields in tag order.)
         key(out, 11, FIXED64);
@@ -267,7 +291,6 @@ impl LogsEncoder {
             EVENT_NAME
         };
         bytes_field(out, 12, event_name.as_bytes());
-        self.scratch.give_back(attributes);
         let group = &mut self.groups[slot];
         key(&mut group.records, 2, LEN);
         varint(&mut group.records, out.len() as u64);

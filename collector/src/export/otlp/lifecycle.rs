@@ -13,6 +13,7 @@ use super::mapping::{MAX_SERIES_PER_RESOURCE, cumulative_sum, key_value};
 use crate::{
     enrich::Record,
     export::attributes::{Value, seconds},
+    fast_hash::FastHash,
 };
 
 pub const HANDSHAKE_METRIC: &str = "egress.tcp.handshake.duration";
@@ -78,12 +79,12 @@ struct PortKey {
 /// One workload's series.
 #[derive(Default)]
 pub struct Lifecycle {
-    handshakes: HashMap<HandshakeKey, Buckets>,
-    durations: HashMap<PortKey, Buckets>,
+    handshakes: HashMap<HandshakeKey, Buckets, FastHash>,
+    durations: HashMap<PortKey, Buckets, FastHash>,
     /// (transmit, receive) payload bytes.
-    io: HashMap<PortKey, (u64, u64)>,
+    io: HashMap<PortKey, (u64, u64), FastHash>,
     /// UDP payload bytes sent, carried by flow records.
-    udp_sent: HashMap<PortKey, u64>,
+    udp_sent: HashMap<PortKey, u64, FastHash>,
     /// Observations beyond the series limit (counted, not kept).
     pub overflow: u64,
 }
@@ -131,14 +132,17 @@ impl Lifecycle {
                 address,
                 error_type: outcome.error_type,
             };
-            if !self.handshakes.contains_key(&key) && self.full() {
+            let seconds = seconds(outcome.handshake_ns);
+            // One lookup for a series already kept (nearly every record).
+            if let Some(buckets) = self.handshakes.get_mut(&key) {
+                buckets.record(&HANDSHAKE_BOUNDS, seconds);
+            } else if self.full() {
                 self.overflow += 1;
-                return;
+            } else {
+                let mut buckets = Buckets::new(&HANDSHAKE_BOUNDS);
+                buckets.record(&HANDSHAKE_BOUNDS, seconds);
+                self.handshakes.insert(key, buckets);
             }
-            self.handshakes
-                .entry(key)
-                .or_insert_with(|| Buckets::new(&HANDSHAKE_BOUNDS))
-                .record(&HANDSHAKE_BOUNDS, seconds(outcome.handshake_ns));
         }
     }
 

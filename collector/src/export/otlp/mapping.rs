@@ -23,6 +23,7 @@ use super::lifecycle::Lifecycle;
 use crate::{
     enrich::{Record, Resource},
     export::attributes::{self, AttributeSet, Value},
+    fast_hash::FastHash,
 };
 
 pub const EVENT_NAME: &str = "egress.connection";
@@ -163,10 +164,10 @@ struct SeriesKey {
 }
 
 struct Series {
-    counts: HashMap<SeriesKey, u64>,
+    counts: HashMap<SeriesKey, u64, FastHash>,
     overflow: u64,
     /// Distinct `server.address` values so far (capped).
-    names: std::collections::HashSet<String>,
+    names: std::collections::HashSet<String, FastHash>,
     /// When these counts began (a workload's series started again after an eviction
     /// begins later than the one that ended).
     start_unix_nano: u64,
@@ -403,9 +404,9 @@ impl ConnectionCounts {
                     let gone = (resource.attributes.get(semconv::CONTAINER_ID))
                         .is_some_and(|id| recently_gone.contains_key(id));
                     Series {
-                        counts: HashMap::new(),
+                        counts: HashMap::default(),
                         overflow: 0,
-                        names: std::collections::HashSet::new(),
+                        names: std::collections::HashSet::default(),
                         start_unix_nano,
                         departure: if gone {
                             Departure::Gone
