@@ -654,9 +654,10 @@ fn pending_slot(sk: u64) -> u32 {
 /// (504 bytes each way); else in the program's [`SCRATCH`] slot, for [`spill`]. True when
 /// in place. A dropped attempt gives its slot back ([`abandon`]).
 ///
-/// In place, the slot's time is left as it was (`u64::MAX` once released, see
-/// `maps::PENDING_SLOTS`) until the attempt's own is written, so `--pending-report` never
-/// takes the half-written slot for an old attempt; the tag (`sock_id`) keeps `sk`.
+/// In place, the slot's time is `u64::MAX` (as a release leaves it, see
+/// `maps::PENDING_SLOTS`; 0 in a slot never used) until the attempt's own is written, so
+/// `--pending-report` never takes the half-written slot for an old attempt; the tag
+/// (`sock_id`) keeps `sk`.
 #[inline(always)]
 fn attempt_record(sk: u64, scratch_slot: Slot) -> Option<(&'static mut ConnectEvent, bool)> {
     if config!(fetching_atomics) != 0
@@ -671,6 +672,12 @@ fn attempt_record(sk: u64, scratch_slot: Slot) -> Option<(&'static mut ConnectEv
             // aligned map value of plain integers. Every word but the first (the time)
             // and the last (the tag) is zeroed.
             unsafe {
+                if held == sk {
+                    // Still this address's older attempt (its completion was skipped):
+                    // its time goes first, as at a release, or the reader would take
+                    // the slot being rewritten for that attempt.
+                    store(&raw mut (*slot).boot_time_ns, u64::MAX);
+                }
                 crate::words::zero_between(slot, 1, ATTEMPT_WORDS - 1);
                 return Some((&mut *slot, true));
             }

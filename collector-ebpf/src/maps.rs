@@ -172,7 +172,8 @@ pub static PENDING_TCP: LruHashMap<u64, ConnectEvent> = LruHashMap::with_max_ent
 /// compare-and-exchange (`fetching_atomics`, 5.12+): one slot per socket address hash
 /// (1,024 slots), claimed by swapping its `sock_id` from 0 to the socket, released by
 /// swapping it back. An array element is a pointer the verifier computes inline, so an
-/// attempt costs two atomic swaps and two copies instead of a hash insert and delete
+/// attempt costs two atomic swaps and one copy (it is assembled in its slot, and copied
+/// into the ring buffer at completion) instead of a hash insert and delete
 /// (~290 ns and more each here). A socket whose slot another attempt holds goes to
 /// [`PENDING_TCP`] instead (counted in [`PENDING_SPILLS`]), so a collision costs time,
 /// never a record. Mmapable: user space reads it for `--pending-report` without a

@@ -106,11 +106,18 @@ pub fn protocol(sk: u64) -> Result<u8, i64> {
     protocol_by::<read::Probe>(sk)
 }
 
-/// `sk->sk_protocol`, read by `R`.
+/// `sk->sk_protocol`, read by `R`. 16 bits (5.6+): a protocol beyond a byte, MPTCP's
+/// 262, is [`PROTOCOL_BEYOND_BYTE`], never its low byte (262's is TCP's 6: an MPTCP
+/// socket, which goes to SYN_SENT beside its TCP subflow, would pass for a TCP attempt).
 #[inline(always)]
 pub fn protocol_by<R: Reader>(sk: u64) -> Result<u8, i64> {
-    R::kernel::<u16>(sk, config!(offsets.sk_protocol)).map(|p| p as u8)
+    R::kernel::<u16>(sk, config!(offsets.sk_protocol))
+        .map(|p| u8::try_from(p).unwrap_or(PROTOCOL_BEYOND_BYTE))
 }
+
+/// What [`protocol_by`] gives for a protocol number above 255: `IPPROTO_RAW`, which no
+/// program follows.
+const PROTOCOL_BEYOND_BYTE: u8 = 255;
 
 /// Family, protocol, and both ends of the socket as the kernel has them now.
 #[inline(always)]

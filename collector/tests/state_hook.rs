@@ -144,3 +144,153 @@ fn tp_btf_follows_the_state_changes_and_the_raw_tracepoint_takes_over_when_it_is
         "the fallback is logged"
     );
 }
+
+/// Where each record goes, and its state: enough to tell duplicates apart.
+fn summary(records: &[&serde_json::Value]) -> String {
+    let each: Vec<String> = records
+        .iter()
+        .map(|r| {
+            format!(
+                "[to {}:{} {}]",
+                attr(r, "destination.address"),
+                attr(r, "destination.port"),
+                attr(r, "egress.connection.state")
+            )
+        })
+        .collect();
+    format!("{} {}", records.len(), each.join(" "))
+}
+
+/// `IPPROTO_MPTCP` (uapi/linux/in.h): 262, whose low byte is TCP's 6.
+const IPPROTO_MPTCP: libc::c_int = 262;
+
+/// An MPTCP socket connected to `addr`, or nothing when this kernel has no MPTCP
+/// (not built, or `net.mptcp.enabled=0`).
+fn mptcp_connect(addr: std::net::SocketAddrV4) -> Option<TcpStream> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain socket syscalls on a descriptor this function owns.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_INET,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
+            IPPROTO_MPTCP,
+        )
+    };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: `fd` is a new socket owned by nothing else.
+    let stream = unsafe { TcpStream::from_raw_fd(fd) };
+    let sin = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: addr.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(*addr.ip()).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: `sin` is a valid sockaddr_in of the length given.
+    let rc = unsafe {
+        libc::connect(
+            fd,
+            (&raw const sin).cast(),
+            size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "MPTCP connect: {}", std::io::Error::last_os_error());
+    Some(stream)
+}
+
+/// An MPTCP connect opens two sockets that both go CLOSE -> SYN_SENT: the MPTCP socket
+/// (`sk_protocol` 262) and its first subflow, a TCP socket, which is the attempt on the
+/// wire. Only the subflow is a TCP attempt: read as a byte, 262 would pass for TCP and the
+/// MPTCP socket would give every connection a second record, to 0.0.0.0:0 (it has no
+/// destination of its own at SYN_SENT). Both state-change programs that read the socket
+/// (tp_btf and the raw tracepoint) are checked.
+#[test]
+fn an_mptcp_connect_is_reported_once_by_its_tcp_subflow() {
+    require_root();
+    // SAFETY: a socket created and closed at once, to learn whether MPTCP exists here.
+    let probe = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, IPPROTO_MPTCP) };
+    if probe < 0 {
+        eprintln!("this kernel has no MPTCP (net.mptcp.enabled=0?): nothing to check");
+        return;
+    }
+    // SAFETY: closes the descriptor just created.
+    unsafe { libc::close(probe) };
+    for (wrapper, program) in [
+        (&[][..], "tp_btf"),
+        (
+            &["env", "EGRESS_TEST_REFUSE_TP_BTF=1"][..],
+            "raw_tracepoint",
+        ),
+    ] {
+        let collector = RunningCollector::start_wrapped(
+            wrapper,
+            std::path::Path::new(COLLECTOR),
+            &[
+                "--stdout",
+                "--probe",
+                "tracepoint",
+                "--close-records",
+                "--stats-interval",
+                "1h",
+            ],
+            Duration::from_secs(60),
+        )
+        .expect("collector starts");
+        let (addr, server) = sink();
+        let std::net::SocketAddr::V4(addr_v4) = addr else {
+            unreachable!("the sink listens on IPv4")
+        };
+        let mut ports = Vec::new();
+        for _ in 0..CONNECTIONS {
+            let mut stream = mptcp_connect(addr_v4).expect("MPTCP socket");
+            ports.push(stream.local_addr().expect("local address").port());
+            stream.write_all(&[7u8; PAYLOAD]).expect("write");
+            drop(stream);
+        }
+        server.join().expect("server");
+        thread::sleep(Duration::from_millis(300));
+        let (clean, stdout, stderr) = collector.stop(Duration::from_secs(30)).expect("stop");
+        assert!(clean, "collector failed:\n{}", stderr.join("\n"));
+        assert!(
+            capturing_line(&stderr).contains(&format!("tcp_state={program}")),
+            "{}",
+            capturing_line(&stderr)
+        );
+        let records = parse(&stdout);
+        let mut problems = Vec::new();
+        for port in &ports {
+            // This socket's records: to the listener, or to nowhere (the MPTCP socket's).
+            let of_socket = |kind: &str| -> Vec<&serde_json::Value> {
+                records
+                    .iter()
+                    .filter(|r| {
+                        attr(r, "egress.event") == kind
+                            && attr(r, "source.port") == *port
+                            && [addr.port(), 0].contains(
+                                &(attr(r, "destination.port").as_u64().unwrap_or(1) as u16),
+                            )
+                    })
+                    .collect()
+            };
+            match of_socket("tcp_connect").as_slice() {
+                [r] if attr(r, "destination.port") == addr.port()
+                    && attr(r, "egress.connection.state") == "established" => {}
+                other => problems.push(format!(
+                    "{program}, port {port}: connect records {}",
+                    summary(other)
+                )),
+            }
+            match of_socket("tcp_close").as_slice() {
+                [r] if attr(r, "destination.port") == addr.port() => {}
+                other => problems.push(format!(
+                    "{program}, port {port}: close records {}",
+                    summary(other)
+                )),
+            }
+        }
+        assert!(problems.is_empty(), "{}", problems.join("\n"));
+    }
+}

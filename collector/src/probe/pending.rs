@@ -23,8 +23,8 @@ impl PendingAttempts {
     }
 
     /// Every attempt that entered SYN_SENT at or before `started_by` (CLOCK_BOOTTIME), in
-    /// no particular order. A slot being rewritten while it is read may give a record
-    /// that mixes two attempts of one socket; the decoder checks what it is handed.
+    /// no particular order. A slot released or rewritten while it is read is left out (see
+    /// `whole_record`); the decoder checks what it is handed.
     pub fn started_by(&self, started_by: u64) -> Vec<ConnectEvent> {
         let mut found = self.slots.started_by(started_by);
         found.extend(
@@ -93,34 +93,115 @@ impl SlotView {
         for i in 0..SLOTS {
             // SAFETY: `i` is within the mapping; the kernel changes the slot at any time,
             // so it is copied with volatile loads and judged by its copy.
-            let (ev, tag_after) = unsafe {
+            let (ev, after) = unsafe {
                 let slot = self.base.add(i);
                 if std::ptr::read_volatile(&raw const (*slot).sock_id) == 0 {
                     continue;
                 }
                 let ev = std::ptr::read_volatile(slot);
-                (ev, std::ptr::read_volatile(&raw const (*slot).sock_id))
+                // The copy's loads before the loads that judge it (arm64 reorders loads).
+                std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
+                (
+                    ev,
+                    After {
+                        tag: std::ptr::read_volatile(&raw const (*slot).sock_id),
+                        time: std::ptr::read_volatile(&raw const (*slot).boot_time_ns),
+                    },
+                )
             };
-            // Released or taken by another socket during the copy: not a whole record.
-            // A released slot's time is u64::MAX (never started by now); a slot claimed
-            // for the first time holds its tag before its record, with a time of 0 until
-            // the record is copied in: not a record either.
-            if ev.sock_id == 0
-                || tag_after != ev.sock_id
-                || ev.boot_time_ns == 0
-                || ev.boot_time_ns > started_by
-            {
-                continue;
+            if whole_record(&ev, after, started_by) {
+                found.push(ev);
             }
-            found.push(ev);
         }
         found
     }
+}
+
+/// A slot's tag and time read again once its copy is made.
+#[derive(Copy, Clone)]
+struct After {
+    tag: u64,
+    time: u64,
+}
+
+/// Whether `copy`, a slot copied while the kernel may write it, is one whole attempt
+/// that started by `started_by`. Released or taken by another socket during the copy: not
+/// a whole record. A released slot's time is u64::MAX (never started by now); a slot
+/// claimed holds its tag before its record, with a time of 0 (never used) or u64::MAX
+/// (released) until the attempt's own is written: not a record either. The tag alone does
+/// not tell a slot released and taken again during the copy (the new tag is read at the
+/// copy's end), the time does: a release writes u64::MAX into it first, and no attempt's
+/// time comes back, so a time that still holds after the copy means no release in it.
+fn whole_record(copy: &ConnectEvent, after: After, started_by: u64) -> bool {
+    copy.sock_id != 0
+        && after.tag == copy.sock_id
+        && after.time == copy.boot_time_ns
+        && copy.boot_time_ns != 0
+        && copy.boot_time_ns <= started_by
 }
 
 impl Drop for SlotView {
     fn drop(&mut self) {
         // SAFETY: the mapping made in `new`, unmapped once.
         unsafe { libc::munmap(self.base as *mut libc::c_void, self.len) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn attempt(sock_id: u64, boot_time_ns: u64) -> ConnectEvent {
+        let mut ev = ConnectEvent::zeroed();
+        ev.sock_id = sock_id;
+        ev.boot_time_ns = boot_time_ns;
+        ev
+    }
+
+    #[test]
+    fn a_slot_unchanged_by_the_copy_is_taken() {
+        let copy = attempt(0xffff_8880_1234_5600, 1_000);
+        let after = After {
+            tag: copy.sock_id,
+            time: copy.boot_time_ns,
+        };
+        assert!(whole_record(&copy, after, 2_000));
+        assert!(!whole_record(&copy, after, 999), "started after");
+    }
+
+    /// The copy began on an old attempt (its time read first) and the slot was released
+    /// and taken by another socket before the copy read the rest, tag included: the tag
+    /// agrees, but the time the slot holds now (`u64::MAX` from the release, then the new
+    /// attempt's) does not. Taken, it would be a pending record of one socket's time and
+    /// the other's fields.
+    #[test]
+    fn a_slot_released_and_taken_again_during_the_copy_is_not_taken() {
+        let copy = attempt(0xffff_8880_1234_5600, 1_000);
+        for time_now in [u64::MAX, 5_000] {
+            let after = After {
+                tag: copy.sock_id,
+                time: time_now,
+            };
+            assert!(!whole_record(&copy, after, 2_000), "time now {time_now}");
+        }
+    }
+
+    #[test]
+    fn released_never_used_and_retagged_slots_are_not_taken() {
+        let started_by = 2_000;
+        let released = attempt(7, u64::MAX);
+        let unused = attempt(7, 0);
+        let retagged = attempt(7, 1_000);
+        let same = |ev: &ConnectEvent| After {
+            tag: ev.sock_id,
+            time: ev.boot_time_ns,
+        };
+        assert!(!whole_record(&released, same(&released), started_by));
+        assert!(!whole_record(&unused, same(&unused), started_by));
+        let other = After {
+            tag: 8,
+            time: retagged.boot_time_ns,
+        };
+        assert!(!whole_record(&retagged, other, started_by));
     }
 }
