@@ -19,9 +19,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::{
     config::settings::{AttributeSet, DnsSettings, OutcomeSettings, PipelineSettings},
-    enrich::{
-        self, Enricher, HostIdentity, Record, exclude::NamespaceFilter, runtime::RuntimeFiles,
-    },
+    enrich::{self, Enricher, HostIdentity, exclude::NamespaceFilter, runtime::RuntimeFiles},
     events::{EventReader, aggregate::Aggregates, flows::FlowSweeper},
     export::{
         self, Sink,
@@ -366,7 +364,7 @@ fn spawn_exporters(
     otlp: Option<Vec<Box<dyn Sink>>>,
     stdout: bool,
     attributes: AttributeSet,
-    records: mpsc::Receiver<Vec<Record>>,
+    records: mpsc::Receiver<export::Records>,
     telemetry: ExportTelemetry,
     stdout_closed: Arc<Closed>,
 ) -> Result<tokio::task::JoinHandle<()>, PipelineError> {

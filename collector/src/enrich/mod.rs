@@ -317,7 +317,7 @@ impl Enricher {
     pub fn run_blocking(
         mut self,
         mut input: mpsc::Receiver<Vec<Connection>>,
-        out: mpsc::Sender<Vec<Record>>,
+        out: mpsc::Sender<crate::export::Records>,
     ) {
         let runtime = tokio::runtime::Handle::current();
         loop {
@@ -342,7 +342,8 @@ impl Enricher {
             if records.is_empty() {
                 continue;
             }
-            if out.blocking_send(records).is_err() {
+            // Shared from here on: the sinks each take a reference.
+            if out.blocking_send(Arc::new(records)).is_err() {
                 break;
             }
         }

@@ -123,8 +123,9 @@ pub struct Connection {
     pub aggregate: Option<AggregateKey>,
     /// TCP: how the attempt went (`None` for UDP).
     pub outcome: Option<Outcome>,
-    /// [`EventKind::TcpClose`] records: the connection's life.
-    pub close: Option<Close>,
+    /// [`EventKind::TcpClose`] records: the connection's life. Boxed: few records are
+    /// closes, and every record is moved several times between decode and export.
+    pub close: Option<Box<Close>>,
     /// Where the record goes: every record feeds the metrics unless `log_only`; it
     /// becomes a log record (and a line on stdout) unless `metrics_only`.
     pub delivery: Delivery,

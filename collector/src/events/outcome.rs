@@ -220,7 +220,7 @@ impl Tracker {
         let close = Close::from_raw(raw, clock);
         record.kind = egress_shared::EventKind::TcpClose;
         record.time_unix_nano = close.close_unix_nano;
-        record.close = Some(close);
+        record.close = Some(Box::new(close));
         record.delivery = Delivery::Both;
         record.aggregate = None;
         record.rate_limited_before = 0;
@@ -256,7 +256,7 @@ impl Tracker {
             .drain()
             .map(|(_, mut record)| {
                 let handshake = record.outcome.map_or(0, |o| o.handshake_ns);
-                record.close = Some(Close {
+                record.close = Some(Box::new(Close {
                     connect_unix_nano: record.time_unix_nano,
                     established_unix_nano: record.time_unix_nano + handshake,
                     close_unix_nano: now,
@@ -268,7 +268,7 @@ impl Tracker {
                     reset: None,
                     error_type: None,
                     still_open: true,
-                });
+                }));
                 record.kind = egress_shared::EventKind::TcpClose;
                 record.time_unix_nano = now;
                 record.delivery = Delivery::Both;

@@ -55,11 +55,18 @@ pub trait Sink: Send {
 
 /// Runs every sink and hands each batch of `input` to all of them (a reference each, no
 /// copy); queues hold `capacity` batches. The handle completes when every sink is done.
+/// A lone sink fed every batch takes `input` itself: no task in between to wake per batch.
 pub fn fan_out(
-    mut input: mpsc::Receiver<Vec<Record>>,
-    sinks: Vec<Box<dyn Sink>>,
+    mut input: mpsc::Receiver<Records>,
+    mut sinks: Vec<Box<dyn Sink>>,
     capacity: usize,
 ) -> tokio::task::JoinHandle<()> {
+    if sinks.len() == 1
+        && matches!(sinks[0].feed(), Feed::Every)
+        && let Some(sink) = sinks.pop()
+    {
+        return tokio::spawn(sink.run(input));
+    }
     struct Fed {
         to: Option<mpsc::Sender<Records>>,
         feed: Feed,
@@ -78,7 +85,6 @@ pub fn fan_out(
     }
     tokio::spawn(async move {
         while let Some(batch) = input.recv().await {
-            let batch: Records = Arc::new(batch);
             for sink in &mut fed {
                 let Some(to) = &sink.to else { continue };
                 match &sink.feed {

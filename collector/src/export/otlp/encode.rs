@@ -409,7 +409,7 @@ pub(crate) mod tests {
         records.push(r);
         let mut r = record(&cart, 8443);
         r.connection.kind = egress_shared::EventKind::TcpClose;
-        r.connection.close = Some(Close {
+        r.connection.close = Some(Box::new(Close {
             connect_unix_nano: 1_699_999_999_000_000_000,
             established_unix_nano: 1_699_999_999_100_000_000,
             close_unix_nano: 1_700_000_000_000_000_000,
@@ -421,7 +421,7 @@ pub(crate) mod tests {
             reset: Some("peer"),
             error_type: Some("reset"),
             still_open: false,
-        });
+        }));
         records.push(r.clone());
         if let Some(close) = &mut r.connection.close {
             close.still_open = true;

@@ -376,7 +376,7 @@ mod tests {
         });
         lifecycle.record(&attempt, false);
         let mut close = record(&shop, 443);
-        close.connection.close = Some(Close {
+        close.connection.close = Some(Box::new(Close {
             connect_unix_nano: 0,
             established_unix_nano: 1_000_000_000,
             close_unix_nano: 3_000_000_000,
@@ -388,7 +388,7 @@ mod tests {
             reset: None,
             error_type: None,
             still_open: false,
-        });
+        }));
         lifecycle.record(&close, false);
         lifecycle.record(&close, false);
         let metrics = lifecycle.metrics(0, 1);

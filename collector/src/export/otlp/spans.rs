@@ -268,7 +268,7 @@ mod tests {
         let mut open = record(&shop, 443);
         open.connection.outcome = Some(outcome(ConnectionState::Established, None));
         assert!(span_of(&open).is_none());
-        open.connection.close = Some(Close {
+        open.connection.close = Some(Box::new(Close {
             connect_unix_nano: 100,
             established_unix_nano: 150,
             close_unix_nano: 900,
@@ -280,7 +280,7 @@ mod tests {
             reset: None,
             error_type: None,
             still_open: false,
-        });
+        }));
         let span = span_of(&open).expect("a span");
         assert_eq!(
             (span.start_time_unix_nano, span.end_time_unix_nano),
