@@ -50,10 +50,10 @@ fn sink() -> (SocketAddr, thread::JoinHandle<()>) {
     (addr, server)
 }
 
-/// Runs the collector (through `wrapper`), makes the connections, and checks the records;
-/// returns the collector's log.
-fn connections_reported_once(wrapper: &[&str]) -> Vec<String> {
-    let collector = RunningCollector::start_wrapped(
+/// The collector in tracepoint mode with close records, on stdout, started through
+/// `wrapper` (e.g. `env` with a test hook).
+fn start_collector(wrapper: &[&str]) -> RunningCollector {
+    RunningCollector::start_wrapped(
         wrapper,
         std::path::Path::new(COLLECTOR),
         &[
@@ -66,7 +66,13 @@ fn connections_reported_once(wrapper: &[&str]) -> Vec<String> {
         ],
         Duration::from_secs(60),
     )
-    .expect("collector starts");
+    .expect("collector starts")
+}
+
+/// Runs the collector (through `wrapper`), makes the connections, and checks the records;
+/// returns the collector's log.
+fn connections_reported_once(wrapper: &[&str]) -> Vec<String> {
+    let collector = start_collector(wrapper);
     let tp_btf_attached = tp_btf_loaded();
     let (addr, server) = sink();
     let mut ports = Vec::new();
@@ -210,12 +216,17 @@ fn mptcp_connect(addr: std::net::SocketAddrV4) -> Option<TcpStream> {
 #[test]
 fn an_mptcp_connect_is_reported_once_by_its_tcp_subflow() {
     require_root();
-    // SAFETY: a socket created and closed at once, to learn whether MPTCP exists here.
+    // MPTCP sockets are refused while net.mptcp.enabled is 0: switched on (a host setting
+    // that changes nothing for plain TCP sockets); a kernel without MPTCP fails here.
+    std::fs::write("/proc/sys/net/mptcp/enabled", "1")
+        .expect("net.mptcp.enabled (a kernel with CONFIG_MPTCP)");
+    // SAFETY: a socket created and closed at once, to prove MPTCP works here.
     let probe = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, IPPROTO_MPTCP) };
-    if probe < 0 {
-        eprintln!("this kernel has no MPTCP (net.mptcp.enabled=0?): nothing to check");
-        return;
-    }
+    assert!(
+        probe >= 0,
+        "an MPTCP socket: {}",
+        std::io::Error::last_os_error()
+    );
     // SAFETY: closes the descriptor just created.
     unsafe { libc::close(probe) };
     for (wrapper, program) in [
@@ -225,20 +236,7 @@ fn an_mptcp_connect_is_reported_once_by_its_tcp_subflow() {
             "raw_tracepoint",
         ),
     ] {
-        let collector = RunningCollector::start_wrapped(
-            wrapper,
-            std::path::Path::new(COLLECTOR),
-            &[
-                "--stdout",
-                "--probe",
-                "tracepoint",
-                "--close-records",
-                "--stats-interval",
-                "1h",
-            ],
-            Duration::from_secs(60),
-        )
-        .expect("collector starts");
+        let collector = start_collector(wrapper);
         let (addr, server) = sink();
         let std::net::SocketAddr::V4(addr_v4) = addr else {
             unreachable!("the sink listens on IPv4")
