@@ -99,22 +99,37 @@ fn transition<R: Reader>(sk: u64, sk_id: u64, old: i32, new: i32, slot: Slot) {
 /// (`read::Direct`) instead of a helper call each.
 #[btf_tracepoint(function = "inet_sock_set_state")]
 pub fn tp_btf_inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
-    let old = ctx.arg::<u64>(1) as i32;
-    let new = ctx.arg::<u64>(2) as i32;
-    if !interesting(old, new) {
-        return 0;
-    }
-    let sk = ctx.arg::<u64>(0);
-    let opening = old == TCP_CLOSE && new == TCP_SYN_SENT;
-    if opening && sock::protocol_by::<Direct>(sk) != Ok(IPPROTO_TCP) {
-        return 0;
-    }
-    let Some(sk_id) = sock_id(sk) else {
-        return 0;
-    };
-    // One of this program and the raw one is attached: they share the scratch slot.
-    transition::<Direct>(sk, sk_id, old, new, Slot::RawSockState);
+    state_change::<Direct>(
+        ctx.arg::<u64>(0),
+        ctx.arg::<u64>(1) as i32,
+        ctx.arg::<u64>(2) as i32,
+    );
     0
+}
+
+/// What both programs that get the arguments as they are do (`R`: how they read).
+#[inline(always)]
+fn state_change<R: Reader>(sk: u64, old: i32, new: i32) {
+    if !interesting(old, new) {
+        return;
+    }
+    // Only the opening needs the protocol: later transitions look the socket up in maps
+    // that hold TCP sockets only, which costs no more than reading it.
+    let opening = old == TCP_CLOSE && new == TCP_SYN_SENT;
+    if opening && sock::protocol_by::<R>(sk) != Ok(IPPROTO_TCP) {
+        return;
+    }
+    // A typed pointer (plain loads) needs its number through `sock_id`; a raw one is one.
+    let sk_id = if R::DIRECT {
+        match sock_id(sk) {
+            Some(id) => id,
+            None => return,
+        }
+    } else {
+        sk
+    };
+    // One of the two programs is attached: they share the scratch slot.
+    transition::<R>(sk, sk_id, old, new, Slot::RawSockState);
 }
 
 /// The typed pointer `sk` as a plain number, the same value: stored in this CPU's
@@ -149,19 +164,11 @@ fn sock_id(sk: u64) -> Option<u64> {
 /// only on the transitions the state machine acts on.
 #[raw_tracepoint(tracepoint = "inet_sock_set_state")]
 pub fn raw_tp_inet_sock_set_state(ctx: RawTracePointContext) -> i32 {
-    let old = ctx.arg::<u64>(1) as i32;
-    let new = ctx.arg::<u64>(2) as i32;
-    if !interesting(old, new) {
-        return 0;
-    }
-    let sk = ctx.arg::<u64>(0);
-    // Only the opening needs the protocol: later transitions look the socket up in maps
-    // that hold TCP sockets only, which costs no more than reading it.
-    let opening = old == TCP_CLOSE && new == TCP_SYN_SENT;
-    if opening && sock::protocol(sk) != Ok(IPPROTO_TCP) {
-        return 0;
-    }
-    transition::<Probe>(sk, sk, old, new, Slot::RawSockState);
+    state_change::<Probe>(
+        ctx.arg::<u64>(0),
+        ctx.arg::<u64>(1) as i32,
+        ctx.arg::<u64>(2) as i32,
+    );
     0
 }
 
