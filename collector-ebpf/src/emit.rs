@@ -2,8 +2,8 @@
 
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_get_current_task};
 use egress_shared::{
-    CloseFlags, ConnState, ConnectEvent, Counter, EventKind, FlowKey, FlowState, MAX_CGROUP_BURST,
-    MAX_CGROUP_RATE, NsIndex, ResetBy, TcpCloseEvent, flow::sweep,
+    AggregateKey, CloseFlags, ConnState, ConnectEvent, Counter, EventKind, FlowKey, FlowState,
+    MAX_CGROUP_BURST, MAX_CGROUP_RATE, NsIndex, ResetBy, TcpCloseEvent, flow::sweep,
 };
 
 use crate::{
@@ -14,7 +14,7 @@ use crate::{
         PENDING_TCP, SCRATCH, Slot, TCP_CONNECT_MARKS, UDP_FLOWS, config,
     },
     read::{self, Probe, Reader},
-    sock::{self, Dest, IPPROTO_UDP},
+    sock::{self, Dest, IPPROTO_TCP, IPPROTO_UDP},
     task,
 };
 
@@ -94,42 +94,44 @@ fn compare_exchange(ptr: *mut u64, old: u64, new: u64) -> bool {
     }
 }
 
-/// The per-cgroup token bucket: `Some(dropped before)` admits the event, `None` drops it.
+/// The per-cgroup rate limit: `Some(dropped before)` admits the event, `None` drops it.
 ///
 /// All CPUs share one bucket per cgroup, so the limit is the configured rate whatever
 /// CPUs a cgroup's tasks run on (per-CPU buckets would need a share of the rate each, and
 /// would hold a one-CPU process to rate / CPUs). Races must err on the side of fewer
-/// events, never more, and never count a drop twice.
+/// events, never more, and never count a drop twice. Two ways, chosen by user space
+/// before load (`fetching_atomics`; the verifier prunes the path not taken, so the object
+/// loads on kernels that lack the instruction):
 ///
-/// Tokens: a CPU takes its token (atomic subtract) before it looks, and gives it back if
-/// the count went below zero: two CPUs racing for the last token may both drop; neither
-/// can take a token that is not there. Refill adds its credit, then takes back what the
-/// bucket holds beyond the burst, at most its own credit.
-///
-/// Refill time and the carried drops, two ways, chosen by user space before load
-/// (`fetching_atomics`; the verifier prunes the path not taken, so the object loads on
-/// kernels that lack the instruction):
-/// - kernels 5.12+ have compare-and-exchange and exchange. Refill moves `last_ns` from
-///   the value read to `now` with a compare-and-exchange and credits `now - prev` only if
-///   it succeeded, so every interval is credited by one CPU, however many read `last_ns`
-///   at once, and `last_ns` never goes back (a CPU whose clock reading is older, or that
-///   was preempted between its reading and the exchange, credits nothing); a bucket
-///   already full is not credited. Drops: `exchange(dropped, 0)` hands each drop to
-///   exactly one record (a plain read first: none to carry is the usual case).
+/// - kernels 5.12+ (compare-and-exchange, exchange): the cell-rate form of a token bucket
+///   (GCRA), one word per cgroup: `last_ns` is the theoretical arrival time, when the
+///   bucket would be full again. An event admitted at `now` moves it from `t` to
+///   `max(t, now) + interval` (interval = 1 s / rate, rounded up); the event is dropped if
+///   that lands more than `burst` intervals after `now` (the bucket is empty). The move is
+///   one compare-and-exchange, so two CPUs never admit on the same credit (one that loses
+///   the race reads again; after a few losses it drops); a drop writes nothing. The same
+///   limit and burst as refilling tokens, for one locked instruction per admitted event
+///   instead of three or four. Drops: `exchange(dropped, 0)` hands each drop to exactly
+///   one record (a plain read first: none to carry is the usual case).
 /// - kernels 5.8-5.11 have only the plain atomic add (no fetching add either: LLVM
-///   refuses to use the result of an add for our `-mcpu=generic` object anyway). Refill credits the time since
-///   `last_ns` and advances `last_ns` by exactly that (an add): k CPUs crediting one
-///   interval push `last_ns` up to k-1 intervals ahead of the clock and nothing is
-///   credited until the clock catches up (the limit is then tighter than configured, not
-///   looser). A bucket idle long enough to be full is reset with stores (a race there
-///   passes at most one extra event per CPU, once). Drops: two CPUs can read the same
-///   count and both carry it; a record carries only a positive count, so the count goes
-///   negative instead of wrapping and the next drops are not carried until it is positive
-///   again (the sum carried drifts by that race; the kernel counter stays exact).
+///   refuses to use the result of an add for our `-mcpu=generic` object anyway): tokens
+///   in nano-events. A CPU takes its token (atomic subtract) before it looks, and gives it
+///   back if the count went below zero: two CPUs racing for the last token may both drop;
+///   neither can take a token that is not there. Refill credits the time since `last_ns`
+///   and advances `last_ns` by exactly that (an add): k CPUs crediting one interval push
+///   `last_ns` up to k-1 intervals ahead of the clock and nothing is credited until the
+///   clock catches up (the limit is then tighter than configured, not looser), then takes
+///   back what the bucket holds beyond the burst. A bucket idle long enough to be full is
+///   reset with stores (a race there passes at most one extra event per CPU, once).
+///   Drops: two CPUs can read the same count and both carry it; a record carries only a
+///   positive count, so the count goes negative instead of wrapping and the next drops
+///   are not carried until it is positive again (the sum carried drifts by that race; the
+///   kernel counter stays exact).
 ///
-/// The arithmetic is signed 64-bit nano-events: user space caps rate and burst at
-/// `MAX_CGROUP_RATE` and `MAX_CGROUP_BURST` (10^15 nano-events) and the programs clamp
-/// them again, so a bucket (at most the burst plus one credit per CPU) cannot overflow.
+/// The arithmetic is 64-bit: user space caps rate and burst at `MAX_CGROUP_RATE` and
+/// `MAX_CGROUP_BURST` and the programs clamp them again, so `burst x interval` (at most
+/// 10^15 ns) and the token counts (nano-events, at most the burst plus one credit per
+/// CPU) cannot overflow.
 ///
 /// `now` is the event's own timestamp (CLOCK_BOOTTIME), read once per event.
 #[inline(always)]
@@ -138,12 +140,14 @@ fn admit(cgroup: u64, now: u64) -> Option<u32> {
     if rate == 0 {
         return Some(0);
     }
-    let burst = (config!(cgroup_burst) as u64).clamp(1, MAX_CGROUP_BURST as u64) * NANO;
+    let burst_events = (config!(cgroup_burst) as u64).clamp(1, MAX_CGROUP_BURST as u64);
+    let exact = config!(fetching_atomics) != 0;
     let bucket = match CGROUP_BUCKETS.get_ptr_mut(&cgroup) {
         Some(bucket) => bucket,
         None => {
+            // Full either way: tokens at the burst, or an arrival time of now.
             let fresh = Bucket {
-                nano_tokens: burst,
+                nano_tokens: burst_events * NANO,
                 last_ns: now,
                 dropped: 0,
             };
@@ -165,62 +169,12 @@ fn admit(cgroup: u64, now: u64) -> Option<u32> {
             &raw mut (*bucket).dropped,
         )
     };
-    // Time to fill an empty bucket: past it, the bucket is full whatever it held.
-    let fill_ns = burst / rate;
-    let exact = config!(fetching_atomics) != 0;
-    if exact {
-        // Advance last_ns from what this CPU read to `now` with a compare-and-exchange:
-        // it only moves forward, and the CPU that moves it credits that interval alone.
-        // A CPU that loses the race reads again (a few times: then the CPUs that won have
-        // credited up to about `now`, and the rest is credited by the next event).
-        let mut elapsed = 0;
-        for _ in 0..4 {
-            let prev = load(last_ns);
-            if now <= prev {
-                break;
-            }
-            if compare_exchange(last_ns, prev, now) {
-                elapsed = now - prev;
-                break;
-            }
-        }
-        // A bucket already full takes no credit: the add and the trim after it would
-        // cancel out, two locked instructions for nothing (a take racing this load
-        // only leaves the bucket a token short: fewer events, never more).
-        if elapsed > 0 && (load(tokens) as i64) < burst as i64 {
-            // elapsed x rate < burst <= 10^15 below fill_ns: no overflow.
-            let credit = if elapsed >= fill_ns {
-                burst
-            } else {
-                elapsed * rate
-            };
-            atomic_add(tokens, credit);
-            let over = load(tokens) as i64 - burst as i64;
-            if over > 0 {
-                atomic_add(tokens, (over as u64).min(credit).wrapping_neg());
-            }
-        }
+    let admitted = if exact {
+        admit_cell_rate(last_ns, now, rate, burst_events)
     } else {
-        let last = load(last_ns);
-        if now > last {
-            let elapsed = now - last;
-            if elapsed >= fill_ns {
-                store(last_ns, now);
-                store(tokens, burst);
-            } else {
-                // elapsed x rate < burst <= 10^15: no overflow.
-                atomic_add(last_ns, elapsed);
-                atomic_add(tokens, elapsed * rate);
-                let over = load(tokens) as i64 - burst as i64;
-                if over > 0 {
-                    atomic_add(tokens, (over as u64).min(elapsed * rate).wrapping_neg());
-                }
-            }
-        }
-    }
-    atomic_add(tokens, NANO.wrapping_neg());
-    if (load(tokens) as i64) < 0 {
-        atomic_add(tokens, NANO);
+        admit_tokens(tokens, last_ns, now, rate, burst_events * NANO)
+    };
+    if !admitted {
         atomic_add(dropped, 1);
         return None;
     }
@@ -239,6 +193,55 @@ fn admit(cgroup: u64, now: u64) -> Option<u32> {
     }
     atomic_add(dropped, carried.wrapping_neg());
     Some(carried.min(u32::MAX as u64) as u32)
+}
+
+/// 5.12+: the cell-rate test (see [`admit`]) on the arrival time at `tat`.
+#[inline(always)]
+fn admit_cell_rate(tat: *mut u64, now: u64, rate: u64, burst_events: u64) -> bool {
+    // Rounded up: the limit errs below the configured rate (by under 0.1 %), never above.
+    let interval = NANO.div_ceil(rate);
+    let tolerance = burst_events * interval;
+    for _ in 0..4 {
+        let prev = load(tat);
+        let next = prev.max(now) + interval;
+        if next - now > tolerance {
+            return false;
+        }
+        if compare_exchange(tat, prev, next) {
+            return true;
+        }
+    }
+    // Four CPUs' admissions won the race meanwhile: this one errs on the side of fewer.
+    false
+}
+
+/// 5.8-5.11: the token count (see [`admit`]).
+#[inline(always)]
+fn admit_tokens(tokens: *mut u64, last_ns: *mut u64, now: u64, rate: u64, burst: u64) -> bool {
+    // Time to fill an empty bucket: past it, the bucket is full whatever it held.
+    let fill_ns = burst / rate;
+    let last = load(last_ns);
+    if now > last {
+        let elapsed = now - last;
+        if elapsed >= fill_ns {
+            store(last_ns, now);
+            store(tokens, burst);
+        } else {
+            // elapsed x rate < burst <= 10^15: no overflow.
+            atomic_add(last_ns, elapsed);
+            atomic_add(tokens, elapsed * rate);
+            let over = load(tokens) as i64 - burst as i64;
+            if over > 0 {
+                atomic_add(tokens, (over as u64).min(elapsed * rate).wrapping_neg());
+            }
+        }
+    }
+    atomic_add(tokens, NANO.wrapping_neg());
+    if (load(tokens) as i64) < 0 {
+        atomic_add(tokens, NANO);
+        return false;
+    }
+    true
 }
 
 /// The per-cgroup decisions, once the cgroup key is known: false (counted) when the
@@ -582,32 +585,52 @@ pub fn take_call() -> Option<CallState> {
 /// `sk` and `sk_id` as for [`tcp_complete`].
 #[inline(always)]
 pub fn tcp_syn_sent<R: Reader>(sk: u64, sk_id: u64, slot: Slot) {
-    let Some((ev, in_slot)) = attempt_record(sk_id, slot) else {
-        return;
-    };
-    ev.kind = EventKind::TcpConnect as u8;
-    if sock::fill_tcp_dest::<R>(ev, sk).is_err() {
+    let mut dest = Dest::NONE;
+    if sock::tcp_dest::<R>(sk, &mut dest).is_err() {
         count(Counter::KernelReadFailed);
     }
     // Port 53: the exit walks to the socket and marks the descriptor for DNS; the
     // socket is marked for the kprobe and fentry families' receive hooks (which read
     // the port again: only a DNS connect pays that read).
-    if ev.dst_port != crate::probes::dns::DNS_PORT {
+    if dest.port != crate::probes::dns::DNS_PORT {
         mark_tcp_connect::<R>();
     } else {
         crate::probes::dns_sock::tcp_connecting(sk_id);
-    }
-    // DNS over TCP: the connect's descriptor (tracepoint mode, where the connect's entry
-    // saved call state for TCP to port 53 only) is marked for its reads; its exit then
-    // finds nothing to do.
-    if ev.dst_port == crate::probes::dns::DNS_PORT {
+        // DNS over TCP: the connect's descriptor (tracepoint mode, where the connect's
+        // entry saved call state for TCP to port 53 only) is marked for its reads; its
+        // exit then finds nothing to do.
         if let Some(call) = take_call() {
             if call.fd != 0 || call.sk == 0 {
                 crate::probes::dns::mark(call.fd, sk_id);
             }
         }
     }
-    if !filter::wanted(ev) || !identify_and_admit::<R>(ev, slot) {
+    // Destination filters and aggregation before a record is claimed: an attempt they
+    // drop costs no zeroing and no slot.
+    let mut key = AggregateKey {
+        tgid: 0,
+        window: 0,
+        family: dest.family,
+        dst_port: dest.port,
+        protocol: IPPROTO_TCP,
+        kind: EventKind::TcpConnect as u8,
+        _pad: [0; 2],
+        dst_addr: dest.addr,
+    };
+    if !filter::wanted_key(&mut key) {
+        abandon(sk_id);
+        return;
+    }
+    let Some((ev, in_slot)) = attempt_record(sk_id, slot) else {
+        return;
+    };
+    ev.kind = EventKind::TcpConnect as u8;
+    ev.protocol = IPPROTO_TCP;
+    ev.family = dest.family;
+    ev.dst_port = dest.port;
+    ev.dst_addr = dest.addr;
+    ev.tgid = key.tgid;
+    if !identify_and_admit::<R>(ev, slot) {
         abandon(sk_id);
         return;
     }
@@ -669,8 +692,9 @@ fn attempt_record(sk: u64, scratch_slot: Slot) -> Option<(&'static mut ConnectEv
         if held == sk || (held == 0 && compare_exchange(tag, 0, sk)) {
             // SAFETY: the slot is this socket's until its completion or `abandon`
             // releases it (both run after this program, the socket being locked); an
-            // aligned map value of plain integers. Every word but the first (the time)
-            // and the last (the tag) is zeroed.
+            // aligned map value of plain integers. Every word but the first (the time),
+            // the last (the tag) and the process identity's (written whole by
+            // `task::fill_process` before the record can go out) is zeroed.
             unsafe {
                 if held == sk {
                     // Still this address's older attempt (its completion was skipped):
@@ -678,7 +702,7 @@ fn attempt_record(sk: u64, scratch_slot: Slot) -> Option<(&'static mut ConnectEv
                     // the slot being rewritten for that attempt.
                     store(&raw mut (*slot).boot_time_ns, u64::MAX);
                 }
-                crate::words::zero_between(slot, 1, ATTEMPT_WORDS - 1);
+                task::zero_all_but_identity(slot, 1, ATTEMPT_WORDS - 1);
                 return Some((&mut *slot, true));
             }
         }

@@ -15,12 +15,23 @@ use crate::{
 /// Sets `ev.tgid`, which the aggregate key needs before the task is read.
 #[inline(always)]
 pub fn wanted(ev: &mut ConnectEvent) -> bool {
-    if excluded_destination(ev) {
+    let mut key = AggregateKey::of(ev, 0);
+    let wanted = wanted_key(&mut key);
+    ev.tgid = key.tgid;
+    wanted
+}
+
+/// [`wanted`] from what it looks at alone (destination, protocol, kind), before any
+/// record is claimed: a connection dropped here costs neither a record's zeroing nor its
+/// slot. Sets `key.tgid`.
+#[inline(always)]
+pub fn wanted_key(key: &mut AggregateKey) -> bool {
+    if excluded_destination(key.family, &key.dst_addr) {
         count(Counter::Filtered);
         return false;
     }
-    ev.tgid = (aya_ebpf::helpers::bpf_get_current_pid_tgid() >> 32) as u32;
-    if repeat_in_window(ev) {
+    key.tgid = (aya_ebpf::helpers::bpf_get_current_pid_tgid() >> 32) as u32;
+    if repeat_in_window(key) {
         count(Counter::Aggregated);
         return false;
     }
@@ -28,19 +39,18 @@ pub fn wanted(ev: &mut ConnectEvent) -> bool {
 }
 
 #[inline(always)]
-fn excluded_destination(ev: &ConnectEvent) -> bool {
+fn excluded_destination(family: u16, a: &[u8; 16]) -> bool {
     if config!(exclude_addresses) == 0 {
         return false;
     }
-    let a = &ev.dst_addr;
-    if ev.family == AF_INET || (ev.family == AF_INET6 && is_v4_mapped(a)) {
-        let v4 = if ev.family == AF_INET {
+    if family == AF_INET || (family == AF_INET6 && is_v4_mapped(a)) {
+        let v4 = if family == AF_INET {
             [a[0], a[1], a[2], a[3]]
         } else {
             [a[12], a[13], a[14], a[15]]
         };
         EXCLUDED_V4.get(Key::new(32, v4)).is_some()
-    } else if ev.family == AF_INET6 {
+    } else if family == AF_INET6 {
         EXCLUDED_V6.get(Key::new(128, *a)).is_some()
     } else {
         false
@@ -67,16 +77,17 @@ pub fn excluded_cgroup(ev: &ConnectEvent) -> bool {
     unsafe { EXCLUDED_CGROUPS.get(&cgroup_key(ev)).is_some() }
 }
 
-/// Counts `ev` into its window's aggregate if one is open.
+/// Counts the connection of `key` into its window's aggregate if one is open (sets the
+/// key's window).
 #[inline(always)]
-fn repeat_in_window(ev: &ConnectEvent) -> bool {
+fn repeat_in_window(key: &mut AggregateKey) -> bool {
     let window_ns = config!(aggregate_window_ns);
     if window_ns == 0 {
         return false;
     }
     let now = unsafe { bpf_ktime_get_boot_ns() };
-    let key = AggregateKey::of(ev, AggregateKey::window_of(now, window_ns));
-    let Some(repeats) = AGGREGATES.get_ptr_mut(&key) else {
+    key.window = AggregateKey::window_of(now, window_ns);
+    let Some(repeats) = AGGREGATES.get_ptr_mut(key) else {
         return false;
     };
     // This CPU's slot, but two programs can interleave on one CPU: an atomic add.

@@ -105,15 +105,19 @@ pub static FLOW_SWEPT: Array<u64> = Array::with_max_entries(1, 0);
 #[map]
 pub static CGROUP_BUCKETS: LruHashMap<u64, Bucket> = LruHashMap::with_max_entries(8192, 0);
 
-/// Tokens are kept in nano-events (events x 1e9) so refill is integer arithmetic. Every
-/// field is changed only by atomic adds or by stores whose repetition is harmless.
+/// A cgroup's rate-limit state (see `emit::admit`, which keeps one of two forms, chosen
+/// per kernel). Every field is changed only by atomic operations or by stores whose
+/// repetition is harmless.
 #[repr(C)]
 #[derive(Copy, Clone)]
 pub struct Bucket {
-    /// Signed (two's complement): a CPU takes its token before it looks, so the value can
-    /// dip below zero for a moment.
+    /// Before 5.12: tokens in nano-events (events x 1e9), so refill is integer
+    /// arithmetic. Signed (two's complement): a CPU takes its token before it looks, so
+    /// the value can dip below zero for a moment. Unused from 5.12.
     pub nano_tokens: u64,
-    /// Time up to which refill has been credited; may run slightly ahead of the clock.
+    /// From 5.12: the theoretical arrival time (CLOCK_BOOTTIME) at which the bucket is
+    /// full again. Before: the time up to which refill has been credited; may run
+    /// slightly ahead of the clock.
     pub last_ns: u64,
     /// Events dropped since the cgroup's last submitted one.
     pub dropped: u64,

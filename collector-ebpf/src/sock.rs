@@ -205,24 +205,25 @@ fn addr6<R: Reader>(sk: u64, at: u32, dst: &mut [u8; 16]) -> Result<(), i64> {
 
 /// A TCP socket entering SYN_SENT: family and destination (the source port is chosen
 /// just after, and the source address is re-read then: only what the filters need now).
+/// Read into a small [`Dest`] on the stack, so the filters decide before a record is
+/// claimed or zeroed. On a failed read, what was read before it stays in `dest`.
 #[inline(always)]
-pub fn fill_tcp_dest<R: Reader>(ev: &mut ConnectEvent, sk: u64) -> Result<(), i64> {
-    ev.protocol = IPPROTO_TCP;
+pub fn tcp_dest<R: Reader>(sk: u64, dest: &mut Dest) -> Result<(), i64> {
     let head = head::<R>(sk)?;
-    ev.family = head_u16::<R>(&head, sk, config!(offsets.skc_family))?;
-    ev.dst_port = u16::from_be(head_u16::<R>(&head, sk, config!(offsets.skc_dport))?);
-    if ev.family == AF_INET6 {
-        addr6::<R>(sk, config!(offsets.skc_v6_daddr), &mut ev.dst_addr)?;
+    dest.family = head_u16::<R>(&head, sk, config!(offsets.skc_family))?;
+    dest.port = u16::from_be(head_u16::<R>(&head, sk, config!(offsets.skc_dport))?);
+    if dest.family == AF_INET6 {
+        addr6::<R>(sk, config!(offsets.skc_v6_daddr), &mut dest.addr)?;
         // IPv4-mapped: recorded as IPv4 (see `fill_ports_and_addrs`); tcp_v4_connect
         // has filled the IPv4 fields before SYN_SENT.
-        if is_v4_mapped(&ev.dst_addr) {
-            ev.family = AF_INET;
-            ev.dst_addr = [0; 16];
+        if is_v4_mapped(&dest.addr) {
+            dest.family = AF_INET;
+            dest.addr = [0; 16];
         }
     }
-    if ev.family == AF_INET {
+    if dest.family == AF_INET {
         let daddr = head_4::<R>(&head, sk, config!(offsets.skc_daddr))?;
-        ev.dst_addr[..4].copy_from_slice(&daddr);
+        dest.addr[..4].copy_from_slice(&daddr);
     }
     Ok(())
 }

@@ -121,6 +121,10 @@ pub fn fill_process<R: Reader>(ev: &mut ConnectEvent, slot: Slot) -> bool {
         }
     }
     let Some(id) = IDENTITY_SCRATCH.get_ptr_mut(slot as u32) else {
+        // The record may be a pending slot whose identity words were left as an older
+        // attempt wrote them (see `zero_all_but_identity`).
+        // SAFETY: `ev` is a whole, aligned record.
+        unsafe { zero_identity(ev) };
         return false;
     };
     // SAFETY: this program's slot on this CPU (see `maps::SCRATCH`); an aligned map
@@ -174,6 +178,40 @@ fn copy(ev: &mut ConnectEvent, id: &Identity) {
     }
     ev.nodename[egress_shared::NODENAME_LEN - 1] = id.names[IDENTITY_NAMES_LEN - 1];
 }
+
+/// Zeroes the words of `*ev` outside the process identity (which [`fill_process`] writes
+/// on every path, hit or miss), from word `from` to word `to`: a record assembled in
+/// place skips the ~45 words it would zero only to overwrite them.
+///
+/// # Safety
+/// `ev` is valid for writes and 8-byte aligned; `to` is at most its size in words.
+#[inline(always)]
+pub unsafe fn zero_all_but_identity(ev: *mut ConnectEvent, from: usize, to: usize) {
+    // SAFETY: within `*ev` (the caller).
+    unsafe {
+        crate::words::zero_between(ev, from, NS_FIRST_WORD.min(to));
+        crate::words::zero_between(ev, NS_FIRST_WORD + NS_WORDS, NAMES_FIRST_WORD.min(to));
+        crate::words::zero_between(ev, NAMES_FIRST_WORD + NAME_WORDS, to);
+    }
+}
+
+/// Zeroes the identity words [`zero_all_but_identity`] skips.
+///
+/// # Safety
+/// As for [`zero_all_but_identity`].
+#[inline(always)]
+unsafe fn zero_identity(ev: *mut ConnectEvent) {
+    // SAFETY: within `*ev`.
+    unsafe {
+        crate::words::zero_between(ev, NS_FIRST_WORD, NS_FIRST_WORD + NS_WORDS);
+        crate::words::zero_between(ev, NAMES_FIRST_WORD, NAMES_FIRST_WORD + NAME_WORDS);
+    }
+}
+
+/// The first words of `ns_inums` and of the names in `ConnectEvent`.
+const NS_FIRST_WORD: usize = core::mem::offset_of!(ConnectEvent, ns_inums) / 8;
+const NAMES_FIRST_WORD: usize = core::mem::offset_of!(ConnectEvent, process_comm) / 8;
+const _: () = assert!(NS_FIRST_WORD + NS_WORDS <= NAMES_FIRST_WORD);
 
 /// `ns_inums` in 8-byte words.
 const NS_WORDS: usize = egress_shared::NS_COUNT * 4 / 8;
