@@ -306,7 +306,20 @@ fn identify_and_admit<R: Reader>(ev: &mut ConnectEvent, slot: Slot) -> bool {
     if early && !admitted(ev) {
         return false;
     }
-    if !task::fill_process::<R>(ev, slot) {
+    let check = task::check::<R>();
+    if let Some(cached) = task::cached(ev, &check) {
+        // On cgroup v1 the key is the cached leaf: decided before the identity's ~45
+        // words are copied, which a dropped event then never pays.
+        if !early {
+            ev.cgroup_leaf_id = cached.cgroup_leaf_id;
+            if !admitted(ev) {
+                return false;
+            }
+        }
+        task::copy(ev, cached);
+        return true;
+    }
+    if !task::walk(ev, slot, &check) {
         count(Counter::KernelReadFailed);
     }
     early || admitted(ev)
@@ -693,8 +706,8 @@ fn attempt_record(sk: u64, scratch_slot: Slot) -> Option<(&'static mut ConnectEv
             // SAFETY: the slot is this socket's until its completion or `abandon`
             // releases it (both run after this program, the socket being locked); an
             // aligned map value of plain integers. Every word but the first (the time),
-            // the last (the tag) and the process identity's (written whole by
-            // `task::fill_process` before the record can go out) is zeroed.
+            // the last (the tag) and the process identity's (written whole, copied or
+            // walked, by `identify_and_admit` before the record can go out) is zeroed.
             unsafe {
                 if held == sk {
                     // Still this address's older attempt (its completion was skipped):

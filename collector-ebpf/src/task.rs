@@ -87,39 +87,65 @@ pub fn key_known_early() -> bool {
     config!(cgroup_subsys_index) == CgroupSource::DEFAULT_HIERARCHY
 }
 
+/// What could have changed a process's identity since it was cached, read from the
+/// current task: three reads (two on cgroup v2).
+pub struct Check {
+    nsproxy: u64,
+    exec_id: u64,
+    css_set: u64,
+}
+
+/// Reads the current task's [`Check`]. A task that is exiting has no nsproxy any more:
+/// never a cache hit.
+#[inline(always)]
+pub fn check<R: Reader>() -> Check {
+    let task = R::current_task();
+    Check {
+        nsproxy: R::kernel::<u64>(task, config!(offsets.task_nsproxy)).unwrap_or(0),
+        exec_id: R::kernel::<u32>(task, config!(offsets.task_self_exec_id)).unwrap_or(0) as u64,
+        css_set: if key_known_early() {
+            0
+        } else {
+            R::kernel::<u64>(task, config!(offsets.task_cgroups)).unwrap_or(0)
+        },
+    }
+}
+
+/// The process's cached identity (after [`fill_ids`]), if `check` says it still holds.
+#[inline(always)]
+pub fn cached(ev: &ConnectEvent, check: &Check) -> Option<&'static Identity> {
+    let cached = IDENTITIES.get_ptr(&ev.tgid)?;
+    // SAFETY: a map value. An update replaces the element rather than writing into it, so
+    // this one stays whole while the program runs (RCU).
+    let cached = unsafe { &*cached };
+    (check.nsproxy != 0
+        && cached.nsproxy == check.nsproxy
+        && cached.cgroup_id == ev.cgroup_id
+        && cached.exec_id == check.exec_id
+        && cached.css_set == check.css_set
+        && ev.boot_time_ns.wrapping_sub(cached.filled_ns) < IDENTITY_MAX_AGE_NS)
+        .then_some(cached)
+}
+
 /// Fills the process part of `ev` (after [`fill_ids`]) from the cache, or from the task
-/// when the cache has none or a stale one. The struct walks each fail on their own, so
-/// one bad read zeroes only its fields; an identity with a failed walk is not cached.
-/// Returns whether every walk succeeded. `R` reads what tells a cached identity is still
-/// right (the hot path); the walks of a miss, once per process and second at most,
-/// always take the helper.
+/// when the cache has none or a stale one ([`walk`]). Returns whether every walk
+/// succeeded. `R` reads what tells a cached identity is still right (the hot path).
 #[inline(always)]
 pub fn fill_process<R: Reader>(ev: &mut ConnectEvent, slot: Slot) -> bool {
-    let task = R::current_task();
-    // What could have changed since the identity was cached: three reads (two on v2).
-    // A task that is exiting has no nsproxy any more: never a cache hit.
-    let nsproxy = R::kernel::<u64>(task, config!(offsets.task_nsproxy)).unwrap_or(0);
-    let exec_id = R::kernel::<u32>(task, config!(offsets.task_self_exec_id)).unwrap_or(0) as u64;
-    let css_set = if key_known_early() {
-        0
-    } else {
-        R::kernel::<u64>(task, config!(offsets.task_cgroups)).unwrap_or(0)
-    };
-    if let Some(cached) = IDENTITIES.get_ptr(&ev.tgid) {
-        // SAFETY: a map value. An update replaces the element rather than writing into
-        // it, so this one stays whole while the program runs (RCU).
-        let cached = unsafe { &*cached };
-        if nsproxy != 0
-            && cached.nsproxy == nsproxy
-            && cached.cgroup_id == ev.cgroup_id
-            && cached.exec_id == exec_id
-            && cached.css_set == css_set
-            && ev.boot_time_ns.wrapping_sub(cached.filled_ns) < IDENTITY_MAX_AGE_NS
-        {
-            copy(ev, cached);
-            return true;
-        }
+    let check = check::<R>();
+    if let Some(cached) = cached(ev, &check) {
+        copy(ev, cached);
+        return true;
     }
+    walk(ev, slot, &check)
+}
+
+/// Reads the process part of `ev` from the task's structs and caches it. The struct walks
+/// each fail on their own, so one bad read zeroes only its fields; an identity with a
+/// failed walk is not cached. Returns whether every walk succeeded. The walks, once per
+/// process and second at most, always take the helper.
+#[inline(always)]
+pub fn walk(ev: &mut ConnectEvent, slot: Slot, check: &Check) -> bool {
     let Some(id) = IDENTITY_SCRATCH.get_ptr_mut(slot as u32) else {
         // The record may be a pending slot whose identity words were left as an older
         // attempt wrote them (see `zero_all_but_identity`).
@@ -134,14 +160,14 @@ pub fn fill_process<R: Reader>(ev: &mut ConnectEvent, slot: Slot) -> bool {
         &mut *id
     };
     id.cgroup_id = ev.cgroup_id;
-    id.nsproxy = nsproxy;
-    id.css_set = css_set;
-    id.exec_id = exec_id;
+    id.nsproxy = check.nsproxy;
+    id.css_set = check.css_set;
+    id.exec_id = check.exec_id;
     id.filled_ns = ev.boot_time_ns;
     // The walks take the helper from an untyped address (see above).
     let task = unsafe { bpf_get_current_task() };
     let lineage = fill_lineage(id, task).is_ok();
-    let namespaces = fill_namespaces(id, nsproxy).is_ok();
+    let namespaces = fill_namespaces(id, check.nsproxy).is_ok();
     let cgroup = fill_cgroup(id, task).is_ok();
     copy(ev, id);
     let ok = lineage && namespaces && cgroup;
@@ -161,8 +187,9 @@ pub fn fill_process<R: Reader>(ev: &mut ConnectEvent, slot: Slot) -> bool {
     ok
 }
 
+/// Copies the cached identity `id` into `ev`.
 #[inline(always)]
-fn copy(ev: &mut ConnectEvent, id: &Identity) {
+pub fn copy(ev: &mut ConnectEvent, id: &Identity) {
     ev.cgroup_leaf_id = id.cgroup_leaf_id;
     ev.parent_tgid = id.parent_tgid;
     ev.ns_tgid = id.ns_tgid;
@@ -179,8 +206,8 @@ fn copy(ev: &mut ConnectEvent, id: &Identity) {
     ev.nodename[egress_shared::NODENAME_LEN - 1] = id.names[IDENTITY_NAMES_LEN - 1];
 }
 
-/// Zeroes the words of `*ev` outside the process identity (which [`fill_process`] writes
-/// on every path, hit or miss), from word `from` to word `to`: a record assembled in
+/// Zeroes the words of `*ev` outside the process identity (which [`copy`] or [`walk`]
+/// writes whole on every path that submits the record), from word `from` to word `to`: a record assembled in
 /// place skips the ~45 words it would zero only to overwrite them.
 ///
 /// # Safety
