@@ -11,7 +11,7 @@ use std::{
 };
 
 use anyhow::{Context, bail};
-use aya::programs::{FExit, KProbe, ProbeKind, loaded_programs};
+use aya::programs::{BtfTracePoint, FExit, KProbe, ProbeKind, TracePoint, loaded_programs};
 use aya_obj::{
     btf::BtfKind,
     generated::{bpf_attach_type, bpf_prog_type},
@@ -74,9 +74,59 @@ pub fn attach(probe: &str) -> anyhow::Result<EmptyPrograms> {
     })
 }
 
+/// Empty programs where the collector's default TCP path runs in tracepoint mode: the
+/// BTF-enabled raw tracepoint `inet_sock_set_state` (each of a connection's ~10 state
+/// changes) and the tracepoint `syscalls:sys_exit_connect` (each connect()). The floor
+/// under ours in `kernel-cost`: what dispatch and bpf_stats' clock reads cost programs
+/// that do nothing on the same hooks, the same number of times.
+pub struct EmptyStateHooks {
+    _state: BtfTracePoint,
+    _connect_exit: TracePoint,
+}
+
+/// Attaches [`EmptyStateHooks`].
+pub fn attach_state_hooks() -> anyhow::Result<EmptyStateHooks> {
+    let btf = aya::Btf::from_sys_fs().context("kernel BTF")?;
+    let typedef = btf.id_by_type_name_kind("btf_trace_inet_sock_set_state", BtfKind::Typedef)?;
+    let fd = load_for(
+        bpf_prog_type::BPF_PROG_TYPE_TRACING,
+        Some((bpf_attach_type::BPF_TRACE_RAW_TP, typedef)),
+        "empty_tp_btf",
+    )?;
+    // SAFETY: loaded as BPF_PROG_TYPE_TRACING, BPF_TRACE_RAW_TP, on that tracepoint.
+    let mut state =
+        unsafe { BtfTracePoint::from_program_info(info_of(&fd)?, Cow::Borrowed("empty_tp_btf")) }?;
+    state
+        .attach()
+        .context("an empty BTF-enabled raw tracepoint on inet_sock_set_state")?;
+    let fd = load_for(bpf_prog_type::BPF_PROG_TYPE_TRACEPOINT, None, "empty_tp")?;
+    let mut connect_exit = TracePoint::from_program_info(info_of(&fd)?, Cow::Borrowed("empty_tp"))?;
+    connect_exit
+        .attach("syscalls", "sys_exit_connect")
+        .context("an empty tracepoint on syscalls:sys_exit_connect")?;
+    Ok(EmptyStateHooks {
+        _state: state,
+        _connect_exit: connect_exit,
+    })
+}
+
 /// `r0 = 0; exit`, loaded with BPF_PROG_LOAD; `fexit_of`: the BTF id of the function an
 /// fexit program is for.
 fn load(prog_type: bpf_prog_type, fexit_of: Option<u32>, name: &str) -> anyhow::Result<OwnedFd> {
+    load_for(
+        prog_type,
+        fexit_of.map(|id| (bpf_attach_type::BPF_TRACE_FEXIT, id)),
+        name,
+    )
+}
+
+/// As [`load`], for any attach type: `attach_to`, the expected attach type and the BTF id
+/// of what the program is for (a function, or a BTF-enabled tracepoint's typedef).
+fn load_for(
+    prog_type: bpf_prog_type,
+    attach_to: Option<(bpf_attach_type, u32)>,
+    name: &str,
+) -> anyhow::Result<OwnedFd> {
     const BPF_PROG_LOAD: libc::c_long = 5;
     // struct bpf_insn: code, dst/src registers, offset, immediate (little endian).
     let insns: [u64; 2] = [0xb7, 0x95];
@@ -95,8 +145,8 @@ fn load(prog_type: bpf_prog_type, fexit_of: Option<u32>, name: &str) -> anyhow::
     put64(&mut attr, 16, license.as_ptr() as u64);
     let bytes = name.as_bytes();
     attr[48..48 + bytes.len().min(15)].copy_from_slice(&bytes[..bytes.len().min(15)]);
-    if let Some(btf_id) = fexit_of {
-        put32(&mut attr, 68, bpf_attach_type::BPF_TRACE_FEXIT as u32);
+    if let Some((attach_type, btf_id)) = attach_to {
+        put32(&mut attr, 68, attach_type as u32);
         put32(&mut attr, 108, btf_id);
     }
     // SAFETY: bpf(2) reads `size` bytes of attr; the pointers in it outlive the call.

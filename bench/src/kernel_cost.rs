@@ -276,6 +276,10 @@ fn detail(before: &[ProgramStats], after: &[ProgramStats]) {
 /// The peers of issue 15's table, measured beside the collectors in the same run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Peer {
+    /// Empty programs on the hooks our TCP path runs on in tracepoint mode (the
+    /// BTF-enabled `inet_sock_set_state` and `sys_exit_connect`): the floor under ours,
+    /// dispatch and bpf_stats' clock reads on the same runs.
+    EmptyHooks,
     /// bpftrace counting CLOSE -> SYN_SENT of `sock:inet_sock_set_state` per destination
     /// port in a map: the floor of one program on that tracepoint.
     BpftraceCount,
@@ -297,7 +301,8 @@ const BPFTRACE_PRINTF: &str = "tracepoint:sock:inet_sock_set_state \
 impl Peer {
     pub fn name(self) -> &'static str {
         match self {
-            Peer::BpftraceCount => "bpftrace, count in a map (floor)",
+            Peer::EmptyHooks => "empty programs on our hooks (floor)",
+            Peer::BpftraceCount => "bpftrace, count in a map",
             Peer::BpftracePrintf => "bpftrace, printf pid comm cgroup port",
             Peer::Tcplife => "tcplife (libbpf-tools)",
             Peer::Tcpconnect => "tcpconnect (libbpf-tools)",
@@ -307,6 +312,7 @@ impl Peer {
     fn command(self, tools: &Tools) -> Vec<String> {
         let bpftrace = |program: &str| vec![tools.bpftrace.clone(), "-e".into(), program.into()];
         match self {
+            Peer::EmptyHooks => vec![tools.bench.clone(), "empty-state-hooks".into()],
             Peer::BpftraceCount => bpftrace(crate::tool::BPFTRACE_COUNT),
             Peer::BpftracePrintf => bpftrace(BPFTRACE_PRINTF),
             Peer::Tcplife => vec![tools.tcplife.clone()],
@@ -317,6 +323,8 @@ impl Peer {
 
 /// Where the peer tools are.
 pub struct Tools {
+    /// This bench's own binary (the empty programs' holder).
+    pub bench: String,
     pub bpftrace: String,
     pub tcplife: String,
     pub tcpconnect: String,
@@ -338,7 +346,7 @@ pub struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "bpftrace-count,bpftrace-printf,tcplife",
+        default_value = "empty-hooks,bpftrace-count,bpftrace-printf,tcplife",
         value_parser = parse_peer
     )]
     pub peers: Vec<Option<Peer>>,
@@ -414,7 +422,7 @@ fn parse_peer(text: &str) -> Result<Option<Peer>, String> {
     }
     <Peer as clap::ValueEnum>::from_str(text, false)
         .map(Some)
-        .map_err(|_| format!("unknown peer {text:?} (bpftrace-count, bpftrace-printf, tcplife, tcpconnect or none)"))
+        .map_err(|_| format!("unknown peer {text:?} (empty-hooks, bpftrace-count, bpftrace-printf, tcplife, tcpconnect or none)"))
 }
 
 /// One observer: its name in the tables, and how it runs for the kernel figure (pinned
@@ -477,6 +485,7 @@ struct Figures {
 /// Fails when an observer's programs ran no time: the figure was not produced.
 pub fn run(bench: &Path, args: &Args) -> anyhow::Result<()> {
     let tools = Tools {
+        bench: bench.display().to_string(),
         bpftrace: args.bpftrace.clone(),
         tcplife: args.tcplife.clone(),
         tcpconnect: args.tcpconnect.clone(),
@@ -594,16 +603,30 @@ pub fn run(bench: &Path, args: &Args) -> anyhow::Result<()> {
 /// Minimum and median of each observer's rounds. Other programs' connections and CPU
 /// contention on a shared machine only add: the minimum is the least disturbed round.
 fn summary(observers: &[Observer], figures: &mut [Figures], throughput: bool) -> String {
+    for figures in figures.iter_mut() {
+        figures.ns_per_connection.sort_by(f64::total_cmp);
+    }
+    // What our programs add to the empty ones on the same hooks, where those were measured.
+    let floor = observers
+        .iter()
+        .position(|o| o.name == Peer::EmptyHooks.name())
+        .map(|i| figures[i].ns_per_connection[0]);
     let mut table =
         String::from("| observer | min ns per connection | median ns per connection | rounds |");
-    table.push_str(if throughput {
-        " throughput at max rate vs no probe (median) |\n|---|---|---|---|---|\n"
-    } else {
-        "\n|---|---|---|---|\n"
-    });
+    let mut columns = 4;
+    if floor.is_some() {
+        table.push_str(" min ns above the empty programs |");
+        columns += 1;
+    }
+    if throughput {
+        table.push_str(" throughput at max rate vs no probe (median) |");
+        columns += 1;
+    }
+    table.push('\n');
+    table.push_str(&"|---".repeat(columns));
+    table.push_str("|\n");
     for (observer, figures) in observers.iter().zip(figures.iter_mut()) {
-        let values = &mut figures.ns_per_connection;
-        values.sort_by(f64::total_cmp);
+        let values = &figures.ns_per_connection;
         table.push_str(&format!(
             "| {} | {:.0} | {:.0} | {} |",
             observer.name,
@@ -611,6 +634,9 @@ fn summary(observers: &[Observer], figures: &mut [Figures], throughput: bool) ->
             values[values.len() / 2],
             values.len()
         ));
+        if let Some(floor) = floor {
+            table.push_str(&format!(" {:.0} |", values[0] - floor));
+        }
         if throughput {
             figures.ratios.sort_by(f64::total_cmp);
             table.push_str(&format!(
@@ -689,9 +715,14 @@ fn section(command: &str, args: &Args, table: &str) -> String {
          binary run with them (`--variants`): `--close-records` tracks every connection to\n\
          its close; `--exclude-cidr`, the rate limit and aggregation drop (nearly) every\n\
          connection in the kernel, so those rows are what a dropped connection costs, its\n\
-         state changes included. The peers, as in issue 15: bpftrace counting\n\
-         CLOSE -> SYN_SENT of `sock:inet_sock_set_state` in a map (the floor of one program\n\
-         on that tracepoint); bpftrace printing pid, comm, cgroup id and port per connect\n\
+         state changes included. The floor: empty programs (two instructions) on the\n\
+         hooks our TCP path runs on in tracepoint mode, the BTF-enabled raw tracepoint\n\
+         `inet_sock_set_state` and the tracepoint `syscalls:sys_exit_connect`, so the same\n\
+         runs: what dispatch and bpf_stats' two clock reads per run cost a program that\n\
+         does nothing (*above the empty programs*: an observer's minimum over the\n\
+         floor's, what its programs' work costs). The peers, as in issue 15: bpftrace\n\
+         counting CLOSE -> SYN_SENT of `sock:inet_sock_set_state` in a map (one program on\n\
+         that tracepoint, a classic one); bpftrace printing pid, comm, cgroup id and port per connect\n\
          (the same job as ours, as text); `tcplife` (libbpf-tools), which reads the same\n\
          state changes and prints duration and bytes per connection (and, where asked,\n\
          `tcpconnect`, libbpf-tools' kprobes on `tcp_v4_connect`). On a shared machine\n\

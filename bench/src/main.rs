@@ -112,6 +112,10 @@ enum Command {
     /// The same in kprobe mode on a Debian kernel booted under qemu: the static collector
     /// against libbpf-tools `tcpconnect` (and `tcplife`) in the same VM, as a ratio.
     KernelCostVm(kernel_cost_vm::Args),
+    /// Empty programs on the hooks of the collector's TCP path in tracepoint mode, held
+    /// until killed: `kernel-cost`'s floor peer.
+    #[command(hide = true)]
+    EmptyStateHooks,
     /// User-space CPU per record, overhead ratio and peak RSS of the collector to stdout
     /// and to OTLP, at a fixed rate and at the maximum, rounds alternated.
     UserCost {
@@ -274,6 +278,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::DnsCostGuest(args) => dns_cost_guest::guest(&args),
         Command::KernelCost(args) => kernel_cost::run(&bench, &args),
         Command::KernelCostVm(args) => kernel_cost_vm::run(&args),
+        Command::EmptyStateHooks => {
+            let _programs = empty_probe::attach_state_hooks()?;
+            loop {
+                std::thread::park();
+            }
+        }
         Command::UserCost {
             collectors,
             rates,
