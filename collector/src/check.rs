@@ -33,15 +33,21 @@ pub fn run(settings: &ProbeSettings, out: &mut dyn Write) -> std::io::Result<boo
     let mut first_usable = None;
     for mode in settings.choice.candidates() {
         match facts.try_mode(mode) {
-            Ok(()) => {
-                writeln!(out, "hook {mode}: usable")?;
-                first_usable.get_or_insert(mode);
+            Ok(state_hook) => {
+                writeln!(
+                    out,
+                    "hook {mode}: usable (TCP state changes through {state_hook})"
+                )?;
+                first_usable.get_or_insert((mode, state_hook));
             }
             Err(why) => writeln!(out, "hook {mode}: unusable: {why}")?,
         }
     }
     match first_usable {
-        Some(mode) => writeln!(out, "result: would run with {mode} hooks")?,
+        Some((mode, state_hook)) => writeln!(
+            out,
+            "result: would run with {mode} hooks, TCP state changes through {state_hook}"
+        )?,
         None => writeln!(out, "result: no hook can run")?,
     }
     Ok(first_usable.is_some())

@@ -53,6 +53,17 @@ fn check_reports_a_usable_hook() {
             "check output lacks {line:?}:\n{report}"
         );
     }
+    // The result names the program that would follow TCP state changes.
+    let result = report
+        .lines()
+        .find(|l| l.starts_with("result: "))
+        .unwrap_or_default();
+    assert!(
+        ["tp_btf", "raw_tracepoint", "tracepoint"]
+            .iter()
+            .any(|hook| result.ends_with(&format!("TCP state changes through {hook}"))),
+        "the result names the TCP state program:\n{report}"
+    );
 }
 
 /// A hook family this kernel refuses (kprobe and fentry on this project's CI host) is a

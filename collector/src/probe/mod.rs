@@ -167,16 +167,16 @@ impl KernelFacts {
     }
 
     /// Tries `mode` in a fresh object and detaches at once (for `check`).
-    pub fn try_mode(&self, mode: HookMode) -> Result<(), String> {
+    pub fn try_mode(&self, mode: HookMode) -> Result<StateHook, String> {
         if mode == HookMode::Tracepoint {
             self.tracepoints.as_ref().map_err(Clone::clone)?;
         }
         let mut ebpf = self.load(4096).map_err(|e| one_line(&e))?;
         let exit_only = self.config.regs_syscall_nr != 0;
-        attach::attach(&mut ebpf, mode, self.aya_btf.as_ref(), exit_only)
+        let state_hook = attach::attach(&mut ebpf, mode, self.aya_btf.as_ref(), exit_only)
             .map_err(|e| one_line(&e))?;
         attach::detach(&mut ebpf, mode);
-        Ok(())
+        Ok(state_hook)
     }
 }
 
