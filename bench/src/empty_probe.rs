@@ -11,7 +11,9 @@ use std::{
 };
 
 use anyhow::{Context, bail};
-use aya::programs::{BtfTracePoint, FExit, KProbe, ProbeKind, TracePoint, loaded_programs};
+use aya::programs::{
+    BtfTracePoint, FExit, KProbe, ProbeKind, RawTracePoint, TracePoint, loaded_programs,
+};
 use aya_obj::{
     btf::BtfKind,
     generated::{bpf_attach_type, bpf_prog_type},
@@ -74,31 +76,44 @@ pub fn attach(probe: &str) -> anyhow::Result<EmptyPrograms> {
     })
 }
 
-/// Empty programs where the collector's default TCP path runs in tracepoint mode: the
-/// BTF-enabled raw tracepoint `inet_sock_set_state` (each of a connection's ~10 state
-/// changes) and the tracepoint `syscalls:sys_exit_connect` (each connect()). The floor
+/// Empty programs where the collector's default TCP path runs in tracepoint mode on
+/// x86_64: the BTF-enabled raw tracepoint `inet_sock_set_state` (each of a connection's
+/// ~10 state changes; the raw tracepoint where that is refused, as the collector falls
+/// back) and the tracepoint `syscalls:sys_exit_connect` (each connect(); elsewhere the
+/// collector also has `sys_enter_connect`, not counted here). The floor
 /// under ours in `kernel-cost`: what dispatch and bpf_stats' clock reads cost programs
 /// that do nothing on the same hooks, the same number of times.
 pub struct EmptyStateHooks {
-    _state: BtfTracePoint,
+    _state: StateProgram,
     _connect_exit: TracePoint,
+}
+
+/// The state-change program, as the collector chooses it: BTF-enabled where the kernel
+/// allows, else the raw tracepoint.
+/// Held, never read: dropping it detaches.
+enum StateProgram {
+    Btf { _program: BtfTracePoint },
+    Raw { _program: RawTracePoint },
 }
 
 /// Attaches [`EmptyStateHooks`].
 pub fn attach_state_hooks() -> anyhow::Result<EmptyStateHooks> {
-    let btf = aya::Btf::from_sys_fs().context("kernel BTF")?;
-    let typedef = btf.id_by_type_name_kind("btf_trace_inet_sock_set_state", BtfKind::Typedef)?;
-    let fd = load_for(
-        bpf_prog_type::BPF_PROG_TYPE_TRACING,
-        Some((bpf_attach_type::BPF_TRACE_RAW_TP, typedef)),
-        "empty_tp_btf",
-    )?;
-    // SAFETY: loaded as BPF_PROG_TYPE_TRACING, BPF_TRACE_RAW_TP, on that tracepoint.
-    let mut state =
-        unsafe { BtfTracePoint::from_program_info(info_of(&fd)?, Cow::Borrowed("empty_tp_btf")) }?;
-    state
-        .attach()
-        .context("an empty BTF-enabled raw tracepoint on inet_sock_set_state")?;
+    let state = match attach_btf_state() {
+        Ok(program) => StateProgram::Btf { _program: program },
+        Err(btf_refused) => {
+            let fd = load_for(
+                bpf_prog_type::BPF_PROG_TYPE_RAW_TRACEPOINT,
+                None,
+                "empty_raw_tp",
+            )?;
+            let mut program =
+                RawTracePoint::from_program_info(info_of(&fd)?, Cow::Borrowed("empty_raw_tp"))?;
+            program.attach("inet_sock_set_state").with_context(|| {
+                format!("an empty raw tracepoint on inet_sock_set_state (the BTF-enabled one: {btf_refused:#})")
+            })?;
+            StateProgram::Raw { _program: program }
+        }
+    };
     let fd = load_for(bpf_prog_type::BPF_PROG_TYPE_TRACEPOINT, None, "empty_tp")?;
     let mut connect_exit = TracePoint::from_program_info(info_of(&fd)?, Cow::Borrowed("empty_tp"))?;
     connect_exit
@@ -108,6 +123,23 @@ pub fn attach_state_hooks() -> anyhow::Result<EmptyStateHooks> {
         _state: state,
         _connect_exit: connect_exit,
     })
+}
+
+fn attach_btf_state() -> anyhow::Result<BtfTracePoint> {
+    let btf = aya::Btf::from_sys_fs().context("kernel BTF")?;
+    let typedef = btf.id_by_type_name_kind("btf_trace_inet_sock_set_state", BtfKind::Typedef)?;
+    let fd = load_for(
+        bpf_prog_type::BPF_PROG_TYPE_TRACING,
+        Some((bpf_attach_type::BPF_TRACE_RAW_TP, typedef)),
+        "empty_tp_btf",
+    )?;
+    // SAFETY: loaded as BPF_PROG_TYPE_TRACING, BPF_TRACE_RAW_TP, on that tracepoint.
+    let mut program =
+        unsafe { BtfTracePoint::from_program_info(info_of(&fd)?, Cow::Borrowed("empty_tp_btf")) }?;
+    program
+        .attach()
+        .context("an empty BTF-enabled raw tracepoint on inet_sock_set_state")?;
+    Ok(program)
 }
 
 /// `r0 = 0; exit`, loaded with BPF_PROG_LOAD; `fexit_of`: the BTF id of the function an

@@ -3,8 +3,9 @@
 //! fdinfo of the program's fd. The observer's programs are found through its own fds,
 //! so other programs loaded on the machine do not count.
 //!
-//! The observers: the collectors given, and the peers of issue 15's table in the same run
-//! (bpftrace counting the state tracepoint in a map, the floor; bpftrace printing pid,
+//! The observers: the collectors given, a floor (empty programs on the hooks our TCP path
+//! runs on in tracepoint mode), and the peers of issue 15's table in the same run
+//! (bpftrace counting the state tracepoint in a map; bpftrace printing pid,
 //! comm, cgroup and port per connect, the same job as ours; libbpf-tools `tcplife`, and
 //! `tcpconnect` for kprobe mode). Each round can also measure each observer's throughput
 //! ratio: the load's connects per second at the maximum rate over that round's no-probe
@@ -281,7 +282,7 @@ pub enum Peer {
     /// dispatch and bpf_stats' clock reads on the same runs.
     EmptyHooks,
     /// bpftrace counting CLOSE -> SYN_SENT of `sock:inet_sock_set_state` per destination
-    /// port in a map: the floor of one program on that tracepoint.
+    /// port in a map: one program on that (classic) tracepoint.
     BpftraceCount,
     /// bpftrace printing pid, comm, cgroup id and port per connect: the same job as ours.
     BpftracePrintf,
@@ -429,6 +430,8 @@ fn parse_peer(text: &str) -> Result<Option<Peer>, String> {
 /// to CPU 1) and for the throughput ratio (unpinned, as in `egress-bench run`).
 struct Observer {
     name: String,
+    /// One of the collectors (not a peer).
+    collector: bool,
     kernel: Vec<String>,
     throughput: Vec<String>,
 }
@@ -464,6 +467,7 @@ fn collector_observer(collector: &Path, probe: &str, variant: Variant) -> Observ
     }
     Observer {
         name,
+        collector: true,
         kernel: pinned(base),
         throughput,
     }
@@ -508,9 +512,14 @@ pub fn run(bench: &Path, args: &Args) -> anyhow::Result<()> {
         if peer == Peer::Tcplife && args.tcplife == "none" {
             continue;
         }
+        // Its hooks are tracepoint mode's: no floor for the kprobe or fentry families.
+        if peer == Peer::EmptyHooks && args.probe != "tracepoint" {
+            continue;
+        }
         let command = peer.command(&tools);
         observers.push(Observer {
             name: peer.name().to_owned(),
+            collector: false,
             kernel: pinned(command.clone()),
             throughput: command,
         });
@@ -590,7 +599,12 @@ pub fn run(bench: &Path, args: &Args) -> anyhow::Result<()> {
             }
         }
     }
-    let summary = summary(&observers, &mut figures, throughput);
+    let summary = summary(
+        &observers,
+        &mut figures,
+        throughput,
+        args.probe == "tracepoint",
+    );
     println!("\n{summary}");
     let command: Vec<String> = std::env::args().collect();
     crate::report::put_section(
@@ -602,15 +616,22 @@ pub fn run(bench: &Path, args: &Args) -> anyhow::Result<()> {
 
 /// Minimum and median of each observer's rounds. Other programs' connections and CPU
 /// contention on a shared machine only add: the minimum is the least disturbed round.
-fn summary(observers: &[Observer], figures: &mut [Figures], throughput: bool) -> String {
+fn summary(
+    observers: &[Observer],
+    figures: &mut [Figures],
+    throughput: bool,
+    tracepoint_mode: bool,
+) -> String {
     for figures in figures.iter_mut() {
         figures.ns_per_connection.sort_by(f64::total_cmp);
     }
-    // What our programs add to the empty ones on the same hooks, where those were measured.
+    // What our programs add to the empty ones on the same hooks, where those were measured
+    // (the hooks of tracepoint mode: the collectors' rows in that mode only).
     let floor = observers
         .iter()
         .position(|o| o.name == Peer::EmptyHooks.name())
-        .map(|i| figures[i].ns_per_connection[0]);
+        .map(|i| figures[i].ns_per_connection[0])
+        .filter(|_| tracepoint_mode);
     let mut table =
         String::from("| observer | min ns per connection | median ns per connection | rounds |");
     let mut columns = 4;
@@ -635,7 +656,11 @@ fn summary(observers: &[Observer], figures: &mut [Figures], throughput: bool) ->
             values.len()
         ));
         if let Some(floor) = floor {
-            table.push_str(&format!(" {:.0} |", values[0] - floor));
+            if observer.collector {
+                table.push_str(&format!(" {:.0} |", values[0] - floor));
+            } else {
+                table.push_str(" – |");
+            }
         }
         if throughput {
             figures.ratios.sort_by(f64::total_cmp);

@@ -201,14 +201,16 @@ fn admit_cell_rate(tat: *mut u64, now: u64, rate: u64, burst_events: u64) -> boo
     // Rounded up: the limit errs below the configured rate (by under 0.1 %), never above.
     let interval = NANO.div_ceil(rate);
     let tolerance = burst_events * interval;
+    let mut prev = load(tat);
     for _ in 0..4 {
-        let prev = load(tat);
         let next = prev.max(now) + interval;
         if next - now > tolerance {
             return false;
         }
-        if compare_exchange(tat, prev, next) {
-            return true;
+        match compare_exchange_value(tat, prev, next) {
+            Ok(()) => return true,
+            // Another CPU moved it: try again from what it found.
+            Err(found) => prev = found,
         }
     }
     // Four CPUs' admissions won the race meanwhile: this one errs on the side of fewer.
@@ -244,15 +246,29 @@ fn admit_tokens(tokens: *mut u64, last_ns: *mut u64, now: u64, rate: u64, burst:
     true
 }
 
+/// `*ptr = new` if `*ptr` is still `old`, as [`compare_exchange`]; else the value found.
+#[inline(always)]
+fn compare_exchange_value(ptr: *mut u64, old: u64, new: u64) -> Result<(), u64> {
+    // SAFETY: as for [`atomic_add`].
+    let (found, exchanged) = unsafe {
+        core::intrinsics::atomic_cxchg::<
+            u64,
+            { core::intrinsics::AtomicOrdering::Relaxed },
+            { core::intrinsics::AtomicOrdering::Relaxed },
+        >(ptr, old, new)
+    };
+    if exchanged { Ok(()) } else { Err(found) }
+}
+
 /// The per-cgroup decisions, once the cgroup key is known: false (counted) when the
 /// event goes no further. Sets `rate_limited_before`.
 #[inline(always)]
-fn admitted(ev: &mut ConnectEvent) -> bool {
+fn admitted(ev: &mut ConnectEvent, now: u64) -> bool {
     if filter::excluded_cgroup(ev) {
         count(Counter::Filtered);
         return false;
     }
-    match admit(filter::cgroup_key(ev), ev.boot_time_ns) {
+    match admit(filter::cgroup_key(ev), now) {
         Some(dropped) => {
             ev.rate_limited_before = dropped;
             true
@@ -301,28 +317,57 @@ fn submit(ev: &mut ConnectEvent) {
 /// False (counted) when the event goes no further.
 #[inline(always)]
 fn identify_and_admit<R: Reader>(ev: &mut ConnectEvent, slot: Slot) -> bool {
-    task::fill_ids::<R>(ev);
+    let now = task::fill_ids::<R>(ev);
     let early = task::key_known_early();
-    if early && !admitted(ev) {
+    if early && !admitted(ev, now) {
         return false;
     }
     let check = task::check::<R>();
-    if let Some(cached) = task::cached(ev, &check) {
+    if let Some(cached) = task::cached(ev, &check, now) {
+        let filled_ns = task::filled_ns(cached);
         // On cgroup v1 the key is the cached leaf: decided before the identity's ~45
         // words are copied, which a dropped event then never pays.
         if !early {
             ev.cgroup_leaf_id = cached.cgroup_leaf_id;
-            if !admitted(ev) {
+            if !admitted(ev, now) {
                 return false;
             }
         }
         task::copy(ev, cached);
+        if task::unchanged(cached, filled_ns, &check) {
+            publish_time(ev, now);
+            return true;
+        }
+        // Reused for another insert while copied: walked below; the event was admitted.
+        if !task::walk(ev, slot, &check, now) {
+            count(Counter::KernelReadFailed);
+        }
+        publish_time(ev, now);
         return true;
     }
-    if !task::walk(ev, slot, &check) {
+    if !task::walk(ev, slot, &check, now) {
         count(Counter::KernelReadFailed);
     }
-    early || admitted(ev)
+    if !early && !admitted(ev, now) {
+        return false;
+    }
+    publish_time(ev, now);
+    true
+}
+
+/// Writes the event's time, last: a record assembled in its `PENDING_SLOTS` slot keeps
+/// the released slot's `u64::MAX` until then, so the `--pending-report` reader, which
+/// trusts a slot whose time is set, never sees it before its identity is written. An
+/// exchange where the kernel has one (5.12+, where slots are used): a full barrier, so
+/// the identity's stores are visible first on every architecture.
+#[inline(always)]
+fn publish_time(ev: &mut ConnectEvent, now: u64) {
+    let time = &raw mut ev.boot_time_ns;
+    if config!(fetching_atomics) != 0 {
+        exchange(time, now);
+    } else {
+        store(time, now);
+    }
 }
 
 #[inline(always)]

@@ -181,8 +181,9 @@ pub static PENDING_TCP: LruHashMap<u64, ConnectEvent> = LruHashMap::with_max_ent
 /// (~290 ns and more each here). A socket whose slot another attempt holds goes to
 /// [`PENDING_TCP`] instead (counted in [`PENDING_SPILLS`]), so a collision costs time,
 /// never a record. Mmapable: user space reads it for `--pending-report` without a
-/// syscall per slot. A released slot's `boot_time_ns` is `u64::MAX`, so a reader never
-/// takes the leftovers of the previous attempt for a pending one.
+/// syscall per slot. A released slot's `boot_time_ns` is `u64::MAX`, and an attempt
+/// assembled in place writes its own last (after its identity), so a reader never takes
+/// the leftovers of the previous attempt for a pending one.
 #[map]
 pub static PENDING_SLOTS: Array<ConnectEvent> =
     Array::with_max_entries(PENDING_SLOT_COUNT, aya_ebpf::bindings::BPF_F_MMAPABLE);

@@ -38,13 +38,14 @@ const _: () = assert!(
 const _: () = assert!(core::mem::offset_of!(ConnectEvent, process_comm) % 8 == 0);
 const _: () = assert!(core::mem::size_of::<Identity>() == 424);
 
-/// What the helpers give for every event: the time, ids, credentials, thread name and
-/// cgroup id. Enough for the per-cgroup decisions on cgroup v2. The thread name is the
+/// What the helpers give for every event: ids, credentials, thread name and cgroup id,
+/// and the time, returned, not written: the caller writes it last (see
+/// `emit::identify_and_admit`). Enough for the per-cgroup decisions on cgroup v2. The thread name is the
 /// current task's `comm`: two loads where `R` reads directly, else the helper, writing
 /// into the event (aya's wrapper zeroes a stack copy a byte at a time first).
 #[inline(always)]
-pub fn fill_ids<R: Reader>(ev: &mut ConnectEvent) {
-    ev.boot_time_ns = unsafe { bpf_ktime_get_boot_ns() };
+pub fn fill_ids<R: Reader>(ev: &mut ConnectEvent) -> u64 {
+    let now = unsafe { bpf_ktime_get_boot_ns() };
     let pid_tgid = bpf_get_current_pid_tgid();
     ev.tid = pid_tgid as u32;
     ev.tgid = (pid_tgid >> 32) as u32;
@@ -58,7 +59,7 @@ pub fn fill_ids<R: Reader>(ev: &mut ConnectEvent) {
         let at = config!(offsets.task_comm);
         let (Ok(low), Ok(high)) = (R::kernel::<u64>(task, at), R::kernel::<u64>(task, at + 8))
         else {
-            return;
+            return now;
         };
         // SAFETY: `thread_comm` is 16 bytes, 8-byte aligned in the event (asserted below).
         unsafe {
@@ -69,6 +70,7 @@ pub fn fill_ids<R: Reader>(ev: &mut ConnectEvent) {
         // SAFETY: the helper writes at most `COMM_LEN` bytes into the event's field.
         let _ = unsafe { bpf_get_current_comm_raw(comm.cast(), COMM_LEN as u32) };
     }
+    now
 }
 
 const _: () = assert!(core::mem::offset_of!(ConnectEvent, thread_comm) % 8 == 0);
@@ -76,8 +78,9 @@ const _: () = assert!(core::mem::offset_of!(ConnectEvent, thread_comm) % 8 == 0)
 /// The whole task part of `ev`; false when a read failed (see [`fill_process`]).
 #[inline(always)]
 pub fn fill(ev: &mut ConnectEvent, slot: Slot) -> bool {
-    fill_ids::<read::Probe>(ev);
-    fill_process::<read::Probe>(ev, slot)
+    let now = fill_ids::<read::Probe>(ev);
+    ev.boot_time_ns = now;
+    fill_process::<read::Probe>(ev, slot, now)
 }
 
 /// Whether the cgroup that keys the per-cgroup maps is known from [`fill_ids`] alone
@@ -111,9 +114,10 @@ pub fn check<R: Reader>() -> Check {
     }
 }
 
-/// The process's cached identity (after [`fill_ids`]), if `check` says it still holds.
+/// The process's cached identity (after [`fill_ids`], which returned `now`), if `check`
+/// says it still holds.
 #[inline(always)]
-pub fn cached(ev: &ConnectEvent, check: &Check) -> Option<&'static Identity> {
+pub fn cached(ev: &ConnectEvent, check: &Check, now: u64) -> Option<&'static Identity> {
     let cached = IDENTITIES.get_ptr(&ev.tgid)?;
     // SAFETY: a map value. An update replaces the element rather than writing into it, so
     // this one stays whole while the program runs (RCU).
@@ -123,7 +127,7 @@ pub fn cached(ev: &ConnectEvent, check: &Check) -> Option<&'static Identity> {
         && cached.cgroup_id == ev.cgroup_id
         && cached.exec_id == check.exec_id
         && cached.css_set == check.css_set
-        && ev.boot_time_ns.wrapping_sub(cached.filled_ns) < IDENTITY_MAX_AGE_NS)
+        && now.wrapping_sub(cached.filled_ns) < IDENTITY_MAX_AGE_NS)
         .then_some(cached)
 }
 
@@ -131,13 +135,37 @@ pub fn cached(ev: &ConnectEvent, check: &Check) -> Option<&'static Identity> {
 /// when the cache has none or a stale one ([`walk`]). Returns whether every walk
 /// succeeded. `R` reads what tells a cached identity is still right (the hot path).
 #[inline(always)]
-pub fn fill_process<R: Reader>(ev: &mut ConnectEvent, slot: Slot) -> bool {
+pub fn fill_process<R: Reader>(ev: &mut ConnectEvent, slot: Slot, now: u64) -> bool {
     let check = check::<R>();
-    if let Some(cached) = cached(ev, &check) {
+    if let Some(cached) = cached(ev, &check, now) {
+        let filled_ns = filled_ns(cached);
         copy(ev, cached);
-        return true;
+        if unchanged(cached, filled_ns, &check) {
+            return true;
+        }
     }
-    walk(ev, slot, &check)
+    walk(ev, slot, &check, now)
+}
+
+/// When `id` was filled: read before a copy, so [`unchanged`] can tell afterwards.
+#[inline(always)]
+pub fn filled_ns(id: &Identity) -> u64 {
+    // SAFETY: a field of a map value, read once (volatile: not folded into a later read).
+    unsafe { core::ptr::read_volatile(&id.filled_ns) }
+}
+
+/// Whether the cached identity `id` is still the one checked, `filled_ns` being when it
+/// was filled then: the LRU map reuses a freed element for another insert without
+/// waiting for the programs reading it, so one evicted and refilled (another process,
+/// or this one again) while it was copied is told apart by its fill time; the copy is
+/// then redone from the task.
+#[inline(always)]
+pub fn unchanged(id: &Identity, filled_ns: u64, check: &Check) -> bool {
+    // SAFETY: as in `filled_ns`.
+    unsafe {
+        core::ptr::read_volatile(&id.filled_ns) == filled_ns
+            && core::ptr::read_volatile(&id.nsproxy) == check.nsproxy
+    }
 }
 
 /// Reads the process part of `ev` from the task's structs and caches it. The struct walks
@@ -145,7 +173,7 @@ pub fn fill_process<R: Reader>(ev: &mut ConnectEvent, slot: Slot) -> bool {
 /// failed walk is not cached. Returns whether every walk succeeded. The walks, once per
 /// process and second at most, always take the helper.
 #[inline(always)]
-pub fn walk(ev: &mut ConnectEvent, slot: Slot, check: &Check) -> bool {
+pub fn walk(ev: &mut ConnectEvent, slot: Slot, check: &Check, now: u64) -> bool {
     let Some(id) = IDENTITY_SCRATCH.get_ptr_mut(slot as u32) else {
         // The record may be a pending slot whose identity words were left as an older
         // attempt wrote them (see `zero_all_but_identity`).
@@ -163,7 +191,7 @@ pub fn walk(ev: &mut ConnectEvent, slot: Slot, check: &Check) -> bool {
     id.nsproxy = check.nsproxy;
     id.css_set = check.css_set;
     id.exec_id = check.exec_id;
-    id.filled_ns = ev.boot_time_ns;
+    id.filled_ns = now;
     // The walks take the helper from an untyped address (see above).
     let task = unsafe { bpf_get_current_task() };
     let lineage = fill_lineage(id, task).is_ok();

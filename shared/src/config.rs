@@ -122,8 +122,9 @@ impl CgroupSource {
 
 /// Largest `cgroup_rate` (events per second) user space accepts, and the programs apply.
 pub const MAX_CGROUP_RATE: u32 = 1_000_000;
-/// Largest `cgroup_burst` user space accepts, and the programs apply: 10^15 nano-events,
-/// so a bucket's signed arithmetic cannot overflow however many CPUs refill it at once.
+/// Largest `cgroup_burst` user space accepts, and the programs apply: `burst x interval`
+/// of the cell-rate form (5.12+) is at most 10^15 ns, and the token form's 10^15
+/// nano-events cannot overflow its signed arithmetic however many CPUs refill it at once.
 pub const MAX_CGROUP_BURST: u32 = 1_000_000;
 
 /// The whole configuration, set as the global `CONFIG` before load.
