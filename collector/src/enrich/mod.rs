@@ -63,6 +63,20 @@ pub struct Record {
     pub cgroup_path: Option<Text>,
 }
 
+impl Record {
+    /// A record as capture hands it on: enrichment fills in its workload in place
+    /// ([`Enricher::enrich`]); until then it is `unattributed`'s. Records are large: made
+    /// once, where the connection is decoded, not copied into another batch per stage.
+    pub fn captured(connection: Connection, unattributed: &Arc<Resource>) -> Self {
+        Self {
+            connection,
+            resource: Arc::clone(unattributed),
+            host_network: false,
+            cgroup_path: None,
+        }
+    }
+}
+
 /// The node this collector runs on.
 #[derive(Debug, Clone)]
 pub struct HostIdentity {
@@ -234,8 +248,10 @@ impl Enricher {
         self
     }
 
-    /// `now` is read once per batch by the caller.
-    pub fn enrich(&mut self, connection: Connection, now: Instant) -> Record {
+    /// Sets the record's workload (resource, host network, cgroup path) in place. `now`
+    /// is read once per batch by the caller.
+    pub fn enrich(&mut self, record: &mut Record, now: Instant) {
+        let connection = &record.connection;
         let cgroup = &connection.cgroup;
         let mut cgroup_path = self
             .cgroup_index
@@ -259,26 +275,19 @@ impl Enricher {
             container = Some(found);
         }
         let Some(container) = container else {
-            let resource = Arc::clone(&self.host);
-            return Record {
-                connection,
-                resource,
-                host_network: false,
-                cgroup_path,
-            };
+            record.resource = Arc::clone(&self.host);
+            record.host_network = false;
+            record.cgroup_path = cgroup_path;
+            return;
         };
+        let in_host_netns = self.host_net_ns == Some(u64::from(connection.namespaces.net));
         let Identity {
             resource,
             host_network,
         } = self.containers.identity(&container, now);
-        let in_host_netns = self.host_net_ns == Some(u64::from(connection.namespaces.net));
-        let host_network = host_network || in_host_netns;
-        Record {
-            connection,
-            resource,
-            host_network,
-            cgroup_path,
-        }
+        record.resource = resource;
+        record.host_network = host_network || in_host_netns;
+        record.cgroup_path = cgroup_path;
     }
 
     fn apply_changes(&mut self) {
@@ -316,26 +325,29 @@ impl Enricher {
     /// one, so a quiet node still ends gone containers' series and sweeps its indexes.
     pub fn run_blocking(
         mut self,
-        mut input: mpsc::Receiver<Vec<Connection>>,
+        mut input: mpsc::Receiver<Vec<Record>>,
         out: mpsc::Sender<crate::export::Records>,
     ) {
         let runtime = tokio::runtime::Handle::current();
         loop {
-            let batch = match runtime.block_on(tokio::time::timeout(APPLY_EVERY, input.recv())) {
-                Ok(Some(batch)) => {
-                    // A lagging enrichment (test hook): records reach it late.
-                    crate::testhook::slow_if("enrich");
-                    batch
-                }
-                Ok(None) => break,
-                Err(_) => {
-                    self.apply_changes();
-                    continue;
-                }
-            };
+            let mut records =
+                match runtime.block_on(tokio::time::timeout(APPLY_EVERY, input.recv())) {
+                    Ok(Some(batch)) => {
+                        // A lagging enrichment (test hook): records reach it late.
+                        crate::testhook::slow_if("enrich");
+                        batch
+                    }
+                    Ok(None) => break,
+                    Err(_) => {
+                        self.apply_changes();
+                        continue;
+                    }
+                };
             self.apply_changes();
             let now = Instant::now();
-            let mut records: Vec<Record> = batch.into_iter().map(|c| self.enrich(c, now)).collect();
+            for record in &mut records {
+                self.enrich(record, now);
+            }
             if let Some(filter) = &mut self.namespace_filter {
                 records.retain(|r| filter.keep(r));
             }

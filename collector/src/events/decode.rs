@@ -298,9 +298,25 @@ pub fn decode_connect(
     if bytes.len() != CONNECT_EVENT_SIZE {
         return Err(DecodeError::Length { got: bytes.len() });
     }
-    // SAFETY: the length is checked, ConnectEvent is plain old data for which every bit
-    // pattern is valid, and read_unaligned does not require alignment.
-    let raw: ConnectEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+    let event = bytes.as_ptr().cast::<ConnectEvent>();
+    if event.is_aligned() {
+        // SAFETY: the length is checked, the pointer aligned, ConnectEvent is plain old
+        // data for which every bit pattern is valid, and `bytes` is borrowed for as long
+        // as the reference lives. Ring records are 8-byte aligned: decoded where they
+        // lie, not copied out first (they are ~480 bytes, most of them names).
+        connect_event(unsafe { &*event }, clock, names)
+    } else {
+        // SAFETY: as above; read_unaligned does not require alignment.
+        connect_event(&unsafe { std::ptr::read_unaligned(event) }, clock, names)
+    }
+}
+
+/// [`decode_connect`], from the event in place.
+fn connect_event(
+    raw: &ConnectEvent,
+    clock: &BootClock,
+    names: &mut Interner,
+) -> Result<Connection, DecodeError> {
     let kind = EventKind::from_raw(raw.kind).ok_or(DecodeError::Kind(raw.kind))?;
     if kind == EventKind::TcpClose {
         return Err(DecodeError::Kind(raw.kind));
@@ -377,8 +393,7 @@ pub fn decode_connect(
         },
         rate_limited_before: raw.rate_limited_before,
         count: 1,
-        aggregate: (raw.aggregate_window != 0)
-            .then(|| AggregateKey::of(&raw, raw.aggregate_window)),
+        aggregate: (raw.aggregate_window != 0).then(|| AggregateKey::of(raw, raw.aggregate_window)),
         outcome,
         close: None,
         delivery: Delivery::Both,

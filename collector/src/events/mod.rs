@@ -36,6 +36,7 @@ use self::{
 };
 use crate::{
     config::settings::{DnsSettings, OutcomeSettings},
+    enrich::{Record, Resource},
     probe::{pending::PendingAttempts, ring::EventRing},
     telemetry::events::{ReaderEvent, ReaderTelemetry},
 };
@@ -77,6 +78,8 @@ pub struct EventReader {
     /// Records in the last batch handed on: the next one is allocated that large at once
     /// (records are large; growing a batch by doubling copies them again).
     last_batch: usize,
+    /// The workload of records not enriched yet (see [`Record::captured`]).
+    unattributed: std::sync::Arc<Resource>,
 }
 
 impl EventReader {
@@ -102,6 +105,7 @@ impl EventReader {
             interned: Interner::default(),
             ticks: 0,
             last_batch: 0,
+            unattributed: Default::default(),
         })
     }
 
@@ -131,7 +135,7 @@ impl EventReader {
     /// Reads until `shutdown` turns true, then drains what is left in the ring.
     pub async fn run(
         mut self,
-        out: mpsc::Sender<Vec<Connection>>,
+        out: mpsc::Sender<Vec<Record>>,
         mut shutdown: watch::Receiver<bool>,
     ) {
         // The programs wake us only when a batch has piled up; this drains the rest.
@@ -188,7 +192,7 @@ impl EventReader {
     }
 
     /// Hands events on in batches: one wake-up of the next stage per batch, not per event.
-    fn drain(&mut self, out: &mpsc::Sender<Vec<Connection>>) {
+    fn drain(&mut self, out: &mpsc::Sender<Vec<Record>>) {
         self.clock.refresh();
         let now = clock::boot_now_ns();
         let ring = self.ring.get_mut();
@@ -213,7 +217,7 @@ impl EventReader {
                         self.tracker
                             .note(&mut connection, self.outcomes.closes_used());
                         if connection.logged() || self.outcomes.metrics {
-                            batch.push(connection);
+                            batch.push(Record::captured(connection, &self.unattributed));
                         }
                     }
                     Ok(Decoded::Close(raw)) => {
@@ -227,7 +231,7 @@ impl EventReader {
                                 record.delivery = Delivery::MetricsOnly;
                             }
                             if record.logged() || self.outcomes.metrics {
-                                batch.push(record);
+                                batch.push(Record::captured(record, &self.unattributed));
                             }
                         }
                     }
@@ -235,7 +239,7 @@ impl EventReader {
                         if let Some(record) = self.names.answer(*raw, &self.telemetry)
                             && (record.logged() || self.outcomes.metrics)
                         {
-                            batch.push(record);
+                            batch.push(Record::captured(record, &self.unattributed));
                         }
                     }
                     Err(e) => self
@@ -250,7 +254,7 @@ impl EventReader {
                 expected = batch.len();
                 self.last_batch = expected;
                 // Records for the metrics only are not records to export.
-                let n = batch.iter().filter(|c| c.logged()).count();
+                let n = batch.iter().filter(|r| r.connection.logged()).count();
                 self.telemetry.emit(ReaderEvent::HandedOn { records: n });
                 if out.try_send(std::mem::take(&mut batch)).is_err() {
                     self.telemetry.emit(ReaderEvent::QueueFull { records: n });
@@ -267,7 +271,7 @@ impl EventReader {
     }
 
     /// Reports attempts in SYN_SENT for longer than `pending_report`, once each.
-    fn report_pending(&mut self, out: &mpsc::Sender<Vec<Connection>>) {
+    fn report_pending(&mut self, out: &mpsc::Sender<Vec<Record>>) {
         let Some(map) = &self.pending else {
             return;
         };
@@ -294,7 +298,7 @@ impl EventReader {
 
     /// At shutdown: close records for the connections still open, with what is known
     /// (no close time, no byte counts: the kernel reports those only at CLOSE).
-    fn flush_open(&mut self, out: &mpsc::Sender<Vec<Connection>>) {
+    fn flush_open(&mut self, out: &mpsc::Sender<Vec<Record>>) {
         let unmatched = self.tracker.unmatched_closes;
         if unmatched > 0 {
             self.telemetry
@@ -312,11 +316,15 @@ impl EventReader {
         self.hand_on(open, out);
     }
 
-    fn hand_on(&self, records: Vec<Connection>, out: &mpsc::Sender<Vec<Connection>>) {
-        for batch in records.chunks(BATCH_RECORDS) {
-            let n = batch.iter().filter(|c| c.logged()).count();
+    fn hand_on(&self, records: Vec<Connection>, out: &mpsc::Sender<Vec<Record>>) {
+        let mut records = records.into_iter().peekable();
+        while records.peek().is_some() {
+            let batch: Vec<Record> = (records.by_ref().take(BATCH_RECORDS))
+                .map(|c| Record::captured(c, &self.unattributed))
+                .collect();
+            let n = batch.iter().filter(|r| r.connection.logged()).count();
             self.telemetry.emit(ReaderEvent::HandedOn { records: n });
-            if out.try_send(batch.to_vec()).is_err() {
+            if out.try_send(batch).is_err() {
                 self.telemetry.emit(ReaderEvent::QueueFull { records: n });
             }
         }
@@ -324,7 +332,7 @@ impl EventReader {
 
     /// Hands on the UDP bytes of flows whose window is long over (every flow with
     /// `all`), as metric-only records; call after a drain, so their last records are known.
-    fn sweep_flows(&mut self, all: bool, out: &mpsc::Sender<Vec<Connection>>) {
+    fn sweep_flows(&mut self, all: bool, out: &mpsc::Sender<Vec<Record>>) {
         let Some(flows) = &mut self.flows else {
             return;
         };
@@ -349,7 +357,7 @@ impl EventReader {
 
     /// Hands on the records of aggregation windows that have closed; call after a
     /// drain, so the records that opened them have been seen.
-    fn close_aggregates(&mut self, all: bool, out: &mpsc::Sender<Vec<Connection>>) {
+    fn close_aggregates(&mut self, all: bool, out: &mpsc::Sender<Vec<Record>>) {
         let Some(aggregates) = &mut self.aggregates else {
             return;
         };
@@ -364,7 +372,10 @@ impl EventReader {
         for batch in closing.chunks(BATCH_RECORDS) {
             let records = batch.len();
             self.telemetry.emit(ReaderEvent::HandedOn { records });
-            if out.try_send(batch.to_vec()).is_err() {
+            let captured = (batch.iter().cloned())
+                .map(|c| Record::captured(c, &self.unattributed))
+                .collect();
+            if out.try_send(captured).is_err() {
                 // Each record stands for its repeats: all of them are lost.
                 let connections = batch.iter().map(|c| c.count).sum::<u64>();
                 self.telemetry.emit(ReaderEvent::QueueFull { records });

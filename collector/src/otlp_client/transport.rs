@@ -42,6 +42,52 @@ pub enum TransportError {
     Header { name: String },
 }
 
+/// An export request already encoded, as the parts it was written in (a workload's
+/// resource, then its log records, ...): sent as they are, one after the other, so a large
+/// request is never copied just to put its parts together. Clones share the parts.
+#[derive(Debug, Clone, Default)]
+pub struct Encoded {
+    parts: Vec<Bytes>,
+}
+
+impl Encoded {
+    pub fn from_parts(parts: Vec<Bytes>) -> Self {
+        Self { parts }
+    }
+
+    /// Bytes in all the parts.
+    pub fn len(&self) -> usize {
+        self.parts.iter().map(Bytes::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.parts.iter().all(Bytes::is_empty)
+    }
+
+    /// The request in one piece (copied, unless it is one part already).
+    pub fn contiguous(&self) -> Bytes {
+        match self.parts.as_slice() {
+            [] => Bytes::new(),
+            [one] => one.clone(),
+            parts => {
+                let mut all = Vec::with_capacity(self.len());
+                for part in parts {
+                    all.extend_from_slice(part);
+                }
+                all.into()
+            }
+        }
+    }
+}
+
+impl From<Vec<u8>> for Encoded {
+    fn from(bytes: Vec<u8>) -> Self {
+        Self {
+            parts: vec![bytes.into()],
+        }
+    }
+}
+
 /// Why a request failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SendError {
@@ -223,7 +269,7 @@ impl Client {
     }
 
     /// An `ExportLogsServiceRequest` already encoded: the workload records' hot path.
-    pub async fn export_encoded_logs(&self, encoded: Bytes) -> Result<Accepted, SendError> {
+    pub async fn export_encoded_logs(&self, encoded: Encoded) -> Result<Accepted, SendError> {
         let response: ExportLogsServiceResponse = self
             .export_encoded(
                 "/opentelemetry.proto.collector.logs.v1.LogsService/Export",
@@ -289,7 +335,7 @@ impl Client {
     async fn export_encoded<R: Message + Default + Send + 'static>(
         &self,
         grpc_path: &'static str,
-        encoded: Bytes,
+        encoded: Encoded,
     ) -> Result<R, SendError> {
         match &self.inner {
             Inner::Grpc {
@@ -317,7 +363,7 @@ impl Client {
                     .into_inner())
             }
             Inner::Http { .. } => {
-                let body = self.post(encoded).await?;
+                let body = self.post(encoded.contiguous()).await?;
                 Ok(R::decode(body).unwrap_or_default())
             }
         }
@@ -441,15 +487,17 @@ impl<R> Default for PreEncoded<R> {
 struct BytesEncoder;
 
 impl tonic::codec::Encoder for BytesEncoder {
-    type Item = Bytes;
+    type Item = Encoded;
     type Error = tonic::Status;
 
     fn encode(
         &mut self,
-        item: Bytes,
+        item: Encoded,
         dst: &mut tonic::codec::EncodeBuf<'_>,
     ) -> Result<(), tonic::Status> {
-        bytes::BufMut::put_slice(dst, &item);
+        for part in &item.parts {
+            bytes::BufMut::put_slice(dst, part);
+        }
         Ok(())
     }
 }
@@ -471,7 +519,7 @@ impl<R: Message + Default> tonic::codec::Decoder for MessageDecoder<R> {
 }
 
 impl<R: Message + Default + Send + 'static> tonic::codec::Codec for PreEncoded<R> {
-    type Encode = Bytes;
+    type Encode = Encoded;
     type Decode = R;
     type Encoder = BytesEncoder;
     type Decoder = MessageDecoder<R>;

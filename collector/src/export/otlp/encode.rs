@@ -10,6 +10,7 @@ use super::mapping::{CLOSE_EVENT_NAME, DNS_EVENT_NAME, EVENT_NAME, SCOPE_NAME, S
 use crate::{
     enrich::{Record, Resource},
     export::attributes::{Attr, AttrSink, AttributeSet, InlineText, Scratch, visit},
+    otlp_client::transport::Encoded,
 };
 
 const LEN: u8 = 2;
@@ -177,7 +178,6 @@ pub struct LogsEncoder {
     scratch: Scratch,
     /// The record's attributes, encoded.
     members: Vec<u8>,
-    record: Vec<u8>,
     /// Groups' buffers kept for the next request.
     spare: Vec<(Vec<u8>, Vec<usize>)>,
     len: usize,
@@ -194,7 +194,6 @@ impl LogsEncoder {
             scope: scope(),
             scratch: Scratch::default(),
             members: Vec::new(),
-            record: Vec::new(),
             spare: Vec::new(),
             len: 0,
         }
@@ -250,11 +249,11 @@ impl LogsEncoder {
         slot
     }
 
-    /// Encodes one log record (its attributes of the set, its body line).
+    /// Encodes one log record (its attributes of the set, its body line), straight into
+    /// its group: every part is known (or sized) before the first byte, so the record's
+    /// length is written first and the record is not copied from a buffer of its own.
     pub fn push(&mut self, record: &Record) {
         let slot = self.group(&record.resource);
-        let out = &mut self.record;
-        out.clear();
         // The attributes first (the body is made from them), written after it.
         self.members.clear();
         let shown = visit(
@@ -266,23 +265,8 @@ impl LogsEncoder {
         );
         self.scratch.write_body(record, &shown);
         let time = record.connection.time_unix_nano;
-        if time != 0 {
-            key(out, 1, FIXED64);
-            out.extend_from_slice(&time.to_le_bytes());
-        }
-        key(out, 2, VARINT);
-        varint(out, SEVERITY_INFO);
-        bytes_field(out, 3, b"INFO");
         let body = Attr::Str(&self.scratch.body);
-        key(out, 5, LEN);
-        varint(out, any_len(&body) as u64);
-        any(out, &body);
-        out.extend_from_slice(&self.members);
-        // observed_time_unix_nano: set when the request is finished. (prost writes the
-        // fields in tag order.)
-        key(out, 11, FIXED64);
-        let observed = out.len();
-        out.extend_from_slice(&[0; 8]);
+        let body_len = any_len(&body);
         let event_name = if record.connection.dns.is_some() {
             DNS_EVENT_NAME
         } else if record.connection.close.is_some() {
@@ -290,42 +274,68 @@ impl LogsEncoder {
         } else {
             EVENT_NAME
         };
-        bytes_field(out, 12, event_name.as_bytes());
+        // Each field's tag is one byte.
+        let len = if time != 0 { 9 } else { 0 }
+            + 2
+            + len_field(b"INFO".len())
+            + len_field(body_len)
+            + self.members.len()
+            + 9
+            + len_field(event_name.len());
         let group = &mut self.groups[slot];
-        key(&mut group.records, 2, LEN);
-        varint(&mut group.records, out.len() as u64);
-        group.observed_at.push(group.records.len() + observed);
-        group.records.extend_from_slice(out);
+        let out = &mut group.records;
+        key(out, 2, LEN);
+        varint(out, len as u64);
+        let start = out.len();
+        if time != 0 {
+            key(out, 1, FIXED64);
+            out.extend_from_slice(&time.to_le_bytes());
+        }
+        key(out, 2, VARINT);
+        varint(out, SEVERITY_INFO);
+        bytes_field(out, 3, b"INFO");
+        key(out, 5, LEN);
+        varint(out, body_len as u64);
+        any(out, &body);
+        out.extend_from_slice(&self.members);
+        // observed_time_unix_nano: set when the request is finished. (prost writes the
+        // fields in tag order.)
+        key(out, 11, FIXED64);
+        group.observed_at.push(out.len());
+        out.extend_from_slice(&[0; 8]);
+        bytes_field(out, 12, event_name.as_bytes());
+        debug_assert_eq!(out.len() - start, len, "the record's length as computed");
         self.len += 1;
     }
 
     /// The request for the records pushed since the last call, observed at
-    /// `observed_unix_nano`; the encoder is empty after.
-    pub fn finish(&mut self, observed_unix_nano: u64) -> Vec<u8> {
-        let scope_logs_len = |group: &Group| len_field(self.scope.len()) + group.records.len();
-        let resource_logs_len = |group: &Group| {
-            len_field(group.encoded_resource.len()) + len_field(scope_logs_len(group))
-        };
-        let total: usize = self
-            .groups
-            .iter()
-            .map(|g| len_field(resource_logs_len(g)))
-            .sum();
-        let mut out = Vec::with_capacity(total);
-        for group in &mut self.groups {
+    /// `observed_unix_nano`; the encoder is empty after. Its parts are each group's
+    /// header (resource, scope) and the group's records as they were encoded: handed
+    /// over, not copied into one buffer.
+    pub fn finish(&mut self, observed_unix_nano: u64) -> Encoded {
+        let mut parts = Vec::with_capacity(2 * self.groups.len());
+        for mut group in self.groups.drain(..) {
             for &at in &group.observed_at {
                 group.records[at..at + 8].copy_from_slice(&observed_unix_nano.to_le_bytes());
             }
-            key(&mut out, 1, LEN);
-            varint(&mut out, resource_logs_len(group) as u64);
-            bytes_field(&mut out, 1, &group.encoded_resource);
-            key(&mut out, 2, LEN);
-            varint(&mut out, scope_logs_len(group) as u64);
-            bytes_field(&mut out, 1, &self.scope);
-            out.extend_from_slice(&group.records);
-        }
-        for mut group in self.groups.drain(..) {
-            group.records.clear();
+            let scope_logs_len = len_field(self.scope.len()) + group.records.len();
+            let resource_logs_len =
+                len_field(group.encoded_resource.len()) + len_field(scope_logs_len);
+            let mut head = Vec::with_capacity(
+                resource_logs_len - group.records.len() + 2 * varint_len(u64::MAX),
+            );
+            key(&mut head, 1, LEN);
+            varint(&mut head, resource_logs_len as u64);
+            bytes_field(&mut head, 1, &group.encoded_resource);
+            key(&mut head, 2, LEN);
+            varint(&mut head, scope_logs_len as u64);
+            bytes_field(&mut head, 1, &self.scope);
+            parts.push(head.into());
+            // The next request's buffer as large at once: growing it by doubling would
+            // copy its records again.
+            let grown = group.records.len();
+            let records = std::mem::replace(&mut group.records, Vec::with_capacity(grown));
+            parts.push(records.into());
             group.observed_at.clear();
             self.spare.push((group.records, group.observed_at));
         }
@@ -337,7 +347,7 @@ impl LogsEncoder {
             self.resources
                 .retain(|_, (resource, _)| Arc::strong_count(resource) > 1);
         }
-        out
+        Encoded::from_parts(parts)
     }
 }
 
@@ -507,7 +517,7 @@ pub(crate) mod tests {
                     encoder.push(r);
                 }
                 assert_eq!(encoder.len(), records.len());
-                let ours = encoder.finish(observed);
+                let ours = encoder.finish(observed).contiguous();
                 let theirs = logs_request(&records, observed, set).encode_to_vec();
                 same(&ours, &theirs, set);
                 assert!(encoder.is_empty());
@@ -517,7 +527,7 @@ pub(crate) mod tests {
                 encoder.push(r);
                 let one = std::slice::from_ref(r);
                 same(
-                    &encoder.finish(5),
+                    &encoder.finish(5).contiguous(),
                     &logs_request(one, 5, set).encode_to_vec(),
                     set,
                 );

@@ -180,7 +180,7 @@ impl LogsSink {
         }
         let records = pending.len();
         let dropped = queue.push(Batch {
-            encoded: pending.finish(unix_nanos_now()).into(),
+            encoded: pending.finish(unix_nanos_now()),
             records,
         });
         if dropped > 0 {

@@ -4,12 +4,12 @@
 
 use std::collections::VecDeque;
 
-use bytes::Bytes;
+use crate::otlp_client::transport::Encoded;
 
 /// A sealed batch: the `ExportLogsServiceRequest` encoded once, so a retry re-sends the
 /// same bytes without re-encoding or copying.
 pub struct Batch {
-    pub encoded: Bytes,
+    pub encoded: Encoded,
     pub records: usize,
 }
 
@@ -94,7 +94,7 @@ mod tests {
 
     fn batch(records: usize) -> Batch {
         Batch {
-            encoded: Bytes::new(),
+            encoded: Encoded::default(),
             records,
         }
     }
