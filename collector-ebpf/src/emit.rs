@@ -323,32 +323,29 @@ fn identify_and_admit<R: Reader>(ev: &mut ConnectEvent, slot: Slot) -> bool {
         return false;
     }
     let check = task::check::<R>();
+    let mut decided = early;
     if let Some(cached) = task::cached(ev, &check, now) {
         let filled_ns = task::filled_ns(cached);
         // On cgroup v1 the key is the cached leaf: decided before the identity's ~45
         // words are copied, which a dropped event then never pays.
-        if !early {
+        if !decided {
             ev.cgroup_leaf_id = cached.cgroup_leaf_id;
             if !admitted(ev, now) {
                 return false;
             }
+            decided = true;
         }
         task::copy(ev, cached);
         if task::unchanged(cached, filled_ns, &check) {
             publish_time(ev, now);
             return true;
         }
-        // Reused for another insert while copied: walked below; the event was admitted.
-        if !task::walk(ev, slot, &check, now) {
-            count(Counter::KernelReadFailed);
-        }
-        publish_time(ev, now);
-        return true;
+        // Reused for another insert while it was copied: walked below.
     }
     if !task::walk(ev, slot, &check, now) {
         count(Counter::KernelReadFailed);
     }
-    if !early && !admitted(ev, now) {
+    if !decided && !admitted(ev, now) {
         return false;
     }
     publish_time(ev, now);
