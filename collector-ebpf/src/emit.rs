@@ -83,15 +83,7 @@ fn exchange(ptr: *mut u64, value: u64) -> u64 {
 /// true if it was.
 #[inline(always)]
 fn compare_exchange(ptr: *mut u64, old: u64, new: u64) -> bool {
-    // SAFETY: as for [`atomic_add`].
-    unsafe {
-        core::intrinsics::atomic_cxchg::<
-            u64,
-            { core::intrinsics::AtomicOrdering::Relaxed },
-            { core::intrinsics::AtomicOrdering::Relaxed },
-        >(ptr, old, new)
-        .1
-    }
+    compare_exchange_value(ptr, old, new).is_ok()
 }
 
 /// The per-cgroup rate limit: `Some(dropped before)` admits the event, `None` drops it.
@@ -246,7 +238,8 @@ fn admit_tokens(tokens: *mut u64, last_ns: *mut u64, now: u64, rate: u64, burst:
     true
 }
 
-/// `*ptr = new` if `*ptr` is still `old`, as [`compare_exchange`]; else the value found.
+/// `*ptr = new` if `*ptr` is still `old`, as one BPF compare-and-exchange (kernel 5.12+);
+/// else the value found there.
 #[inline(always)]
 fn compare_exchange_value(ptr: *mut u64, old: u64, new: u64) -> Result<(), u64> {
     // SAFETY: as for [`atomic_add`].

@@ -40,9 +40,10 @@ const _: () = assert!(core::mem::size_of::<Identity>() == 424);
 
 /// What the helpers give for every event: ids, credentials, thread name and cgroup id,
 /// and the time, returned, not written: the caller writes it last (see
-/// `emit::identify_and_admit`). Enough for the per-cgroup decisions on cgroup v2. The thread name is the
-/// current task's `comm`: two loads where `R` reads directly, else the helper, writing
-/// into the event (aya's wrapper zeroes a stack copy a byte at a time first).
+/// `emit::identify_and_admit`). Enough for the per-cgroup decisions on cgroup v2. The
+/// thread name is the current task's `comm`: two loads where `R` reads directly, else
+/// the helper, writing into the event (aya's wrapper zeroes a stack copy a byte at a time
+/// first).
 #[inline(always)]
 pub fn fill_ids<R: Reader>(ev: &mut ConnectEvent) -> u64 {
     let now = unsafe { bpf_ktime_get_boot_ns() };
@@ -119,8 +120,8 @@ pub fn check<R: Reader>() -> Check {
 #[inline(always)]
 pub fn cached(ev: &ConnectEvent, check: &Check, now: u64) -> Option<&'static Identity> {
     let cached = IDENTITIES.get_ptr(&ev.tgid)?;
-    // SAFETY: a map value. An update replaces the element rather than writing into it, so
-    // this one stays whole while the program runs (RCU).
+    // SAFETY: a map value, valid memory for this run. Its content is not guaranteed: the
+    // LRU map may reuse the element for another insert meanwhile (see [`unchanged`]).
     let cached = unsafe { &*cached };
     (check.nsproxy != 0
         && cached.nsproxy == check.nsproxy
