@@ -230,7 +230,9 @@ const SOCK_STATE: Attachment = Attachment {
     program: "tp_inet_sock_set_state",
     targets: &["sock/inet_sock_set_state"],
 };
-/// Resets (raw tracepoints only: without them, `reset` is never set).
+/// Resets (raw tracepoints only: without them, `reset` is never set). Only a close
+/// record says who reset a connection: where closes are not followed, they are not
+/// attached (each would cost every reset a program run and a map lookup for nothing).
 const RESETS_RAW: [(&str, &str); 2] = [
     ("raw_tp_tcp_receive_reset", "tcp_receive_reset"),
     ("raw_tp_tcp_send_reset", "tcp_send_reset"),
@@ -294,18 +296,20 @@ impl std::fmt::Display for StateHook {
 
 /// Attaches every program of `mode`; on failure unloads them again. Returns the program
 /// that follows the TCP state changes. `connect_exit_only`: see [`CONNECT_ENTRY`].
+/// `resets`: the reset hooks too (see [`RESETS_RAW`]).
 pub fn attach(
     ebpf: &mut Ebpf,
     mode: HookMode,
     btf: Option<&Btf>,
     connect_exit_only: bool,
+    resets: bool,
 ) -> Result<StateHook, AttachError> {
     let result = match mode {
         HookMode::Kprobe => attach_kprobes(ebpf),
         HookMode::Fentry => attach_fentries(ebpf, btf),
         HookMode::Tracepoint => attach_tracepoints(ebpf, connect_exit_only),
     }
-    .and_then(|()| attach_tcp_state(ebpf, mode, btf));
+    .and_then(|()| attach_tcp_state(ebpf, mode, btf, resets));
     if result.is_err() {
         detach(ebpf, mode);
     }
@@ -408,11 +412,12 @@ fn attach_tracepoints(ebpf: &mut Ebpf, connect_exit_only: bool) -> Result<(), At
     Ok(())
 }
 
-/// The TCP state machine (every family), then the reset hooks (optional).
+/// The TCP state machine (every family), then the reset hooks (optional; if `resets`).
 fn attach_tcp_state(
     ebpf: &mut Ebpf,
     mode: HookMode,
     btf: Option<&Btf>,
+    resets: bool,
 ) -> Result<StateHook, AttachError> {
     let hook = match attach_btf_state(ebpf, btf) {
         Ok(()) => StateHook::BtfTracepoint,
@@ -428,9 +433,11 @@ fn attach_tcp_state(
             }
         }
     };
-    for (program, target) in RESETS_RAW {
-        if let Err(e) = attach_raw(ebpf, program, target) {
-            tracing::warn!(%mode, reason = %one_line(&e), "No raw tracepoint for TCP resets; connections will not say who reset them.");
+    if resets {
+        for (program, target) in RESETS_RAW {
+            if let Err(e) = attach_raw(ebpf, program, target) {
+                tracing::warn!(%mode, reason = %one_line(&e), "No raw tracepoint for TCP resets; connections will not say who reset them.");
+            }
         }
     }
     Ok(hook)

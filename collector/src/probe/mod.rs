@@ -173,7 +173,7 @@ impl KernelFacts {
         }
         let mut ebpf = self.load(4096).map_err(|e| one_line(&e))?;
         let exit_only = self.config.regs_syscall_nr != 0;
-        let state_hook = attach::attach(&mut ebpf, mode, self.aya_btf.as_ref(), exit_only)
+        let state_hook = attach::attach(&mut ebpf, mode, self.aya_btf.as_ref(), exit_only, true)
             .map_err(|e| one_line(&e))?;
         attach::detach(&mut ebpf, mode);
         Ok(state_hook)
@@ -241,7 +241,8 @@ impl Probes {
                 continue;
             }
             let exit_only = facts.config.regs_syscall_nr != 0;
-            match attach::attach(&mut ebpf, mode, facts.aya_btf.as_ref(), exit_only) {
+            let resets = facts.config.track_closes != 0;
+            match attach::attach(&mut ebpf, mode, facts.aya_btf.as_ref(), exit_only, resets) {
                 Ok(state_hook) => {
                     let dns_attached = settings.dns
                         && attach::attach_dns(
