@@ -247,12 +247,43 @@ pub struct Identity {
 pub const IDENTITY_MAX_AGE_NS: u64 = 1_000_000_000;
 
 /// Established connections this collector reported, by `struct sock` address, until
-/// they reach CLOSE (only with `track_closes`). Not LRU: under churn an LRU would evict
+/// they reach CLOSE (only with `track_closes`): on 5.12+ only those whose [`OPEN_SLOTS`]
+/// slot was taken, before every one. Not LRU: under churn an LRU would evict
 /// the long-lived connections (the ones whose close matters most) in favour of short
 /// ones. When full, the newest connection goes untracked and is counted
 /// (`close_untracked`). 65536 x 24 bytes.
 #[map]
 pub static OPEN_TCP: HashMap<u64, OpenConn> = HashMap::with_max_entries(65536, 0);
+
+/// Where an established connection waits for its close on kernels with
+/// compare-and-exchange (`fetching_atomics`, 5.12+), as an attempt waits in
+/// [`PENDING_SLOTS`]: one slot per socket address hash (4,096 slots), claimed by swapping
+/// its `sock_id` from 0 to the socket, released at CLOSE by swapping it back. The close
+/// of every TCP socket (both ends of every connection, reported or not) then costs an
+/// inline array load instead of a hash lookup, and a reported connection a swap each way
+/// instead of a hash insert and delete. A connection whose slot another one holds goes
+/// to [`OPEN_TCP`] (counted in [`OPEN_SPILLS`]): a collision costs time, never a close.
+#[map]
+pub static OPEN_SLOTS: Array<OpenSlot> = Array::with_max_entries(OPEN_SLOT_COUNT, 0);
+
+/// log2 of the [`OPEN_SLOTS`] count.
+pub const OPEN_SLOT_BITS: u32 = 12;
+pub const OPEN_SLOT_COUNT: u32 = 1 << OPEN_SLOT_BITS;
+
+/// Per [`OPEN_SLOTS`] slot: its connections now in [`OPEN_TCP`] (added at insert, taken
+/// back at removal). Zero, a close whose slot another socket holds looks no further.
+#[map]
+pub static OPEN_SPILLS: Array<u64> = Array::with_max_entries(OPEN_SLOT_COUNT, 0);
+
+/// An [`OPEN_SLOTS`] slot: the socket that holds it (0: free) and its [`OpenConn`]. The
+/// connection's transitions after ESTABLISHED (its resets, its CLOSE) run under the
+/// socket's lock, one at a time, so the fields need no atomics; only the tag does.
+#[repr(C)]
+#[derive(Copy, Clone)]
+pub struct OpenSlot {
+    pub sock_id: u64,
+    pub open: OpenConn,
+}
 
 /// What the close of a tracked connection needs that the socket does not keep.
 #[repr(C)]

@@ -673,3 +673,96 @@ mod otlp {
         );
     }
 }
+
+/// More connections open at once than the kernel has slots for established connections
+/// (`OPEN_SLOTS`, 4,096): at least 404 of them must share a slot and wait for their close
+/// in `OPEN_TCP` instead. Every close is reported once, with its own connection's bytes
+/// (each client sends a different count), whichever way it waited.
+#[test]
+fn every_close_is_reported_when_connections_outnumber_the_open_slots() {
+    const CONNECTIONS: usize = 4_500;
+    require_root();
+    raise_open_files(4 * CONNECTIONS as u64);
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("listen");
+    let dest = listener.local_addr().expect("addr");
+    let collector = RunningCollector::start(
+        std::path::Path::new(COLLECTOR),
+        &[
+            "--probe",
+            "tracepoint",
+            "--close-records",
+            "--stats-interval",
+            "1h",
+        ],
+        Duration::from_secs(60),
+    )
+    .expect("collector starts");
+    let server = thread::spawn(move || {
+        (0..CONNECTIONS)
+            .map(|_| listener.accept().expect("accept").0)
+            .collect::<Vec<_>>()
+    });
+    let mut sent_by_port = std::collections::HashMap::new();
+    let mut clients = Vec::with_capacity(CONNECTIONS);
+    for i in 0..CONNECTIONS {
+        let mut stream = TcpStream::connect(dest).expect("connect");
+        let bytes = i % 1000 + 1;
+        stream.write_all(&vec![1u8; bytes]).expect("write");
+        sent_by_port.insert(stream.local_addr().expect("local").port(), bytes as u64);
+        clients.push(stream);
+        if i % 500 == 499 {
+            // Paced: the collector's ring holds ~8,000 records.
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+    let accepted = server.join().expect("server");
+    // Every connection is open at once here; then each closes.
+    for (i, stream) in clients.into_iter().enumerate() {
+        drop(stream);
+        if i % 500 == 499 {
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+    drop(accepted);
+    thread::sleep(Duration::from_millis(1500));
+    let (clean, stdout, stderr) = collector.stop(Duration::from_secs(30)).expect("stop");
+    assert!(clean, "collector failed:\n{}", stderr.join("\n"));
+    let records = parse(&stdout);
+    let closes = records_to(&records, dest, "tcp_close");
+    let mut problems = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for r in &closes {
+        let port = attr(r, "source.port").as_u64().unwrap_or(0) as u16;
+        let sent = attr(r, "egress.tcp.bytes.sent").as_u64();
+        match sent_by_port.get(&port) {
+            Some(&want) if sent == Some(want) => {}
+            want => problems.push(format!("port {port}: sent {sent:?}, want {want:?}")),
+        }
+        if !seen.insert(port) {
+            problems.push(format!("port {port}: closed twice"));
+        }
+    }
+    assert_eq!(
+        closes.len(),
+        CONNECTIONS,
+        "one close per connection; problems: {:?}",
+        &problems[..problems.len().min(10)]
+    );
+    assert!(
+        problems.is_empty(),
+        "{} problems, first: {:?}",
+        problems.len(),
+        &problems[..problems.len().min(10)]
+    );
+}
+
+/// Lets this process hold `files` descriptors (it runs as root).
+fn raise_open_files(files: u64) {
+    let limit = libc::rlimit {
+        rlim_cur: files,
+        rlim_max: files,
+    };
+    // SAFETY: setrlimit with a valid struct.
+    let rc = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) };
+    assert_eq!(rc, 0, "setrlimit(RLIMIT_NOFILE, {files})");
+}
