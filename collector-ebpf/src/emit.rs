@@ -10,9 +10,9 @@ use crate::{
     filter,
     maps::{
         Bucket, CALL_HINT_SLOTS, CALL_HINTS, CALLS, CGROUP_BUCKETS, COUNTERS, CallState, EVENTS,
-        FLOW_SWEPT, OPEN_SLOT_BITS, OPEN_SLOTS, OPEN_SPILLS, OPEN_TCP, OpenConn, PENDING_SLOT_BITS,
-        PENDING_SLOTS, PENDING_SPILLS, PENDING_TCP, SCRATCH, Slot, TCP_CONNECT_MARKS, UDP_FLOWS,
-        config,
+        FLOW_SWEPT, Identity, OPEN_SLOT_BITS, OPEN_SLOTS, OPEN_SPILLS, OPEN_TCP, OpenConn,
+        PENDING_SLOT_BITS, PENDING_SLOTS, PENDING_SPILLS, PENDING_TCP, SCRATCH, Slot,
+        TCP_CONNECT_MARKS, UDP_FLOWS, config,
     },
     read::{self, Probe, Reader},
     sock::{self, Dest, IPPROTO_TCP, IPPROTO_UDP},
@@ -254,24 +254,19 @@ fn compare_exchange_value(ptr: *mut u64, old: u64, new: u64) -> Result<(), u64> 
     if exchanged { Ok(()) } else { Err(found) }
 }
 
-/// The per-cgroup decisions, once the cgroup key is known: false (counted) when the
-/// event goes no further. Sets `rate_limited_before`.
+/// The per-cgroup decisions for the cgroup `key` (see `filter::cgroup_key`):
+/// `Some(dropped before)` admits the event; `None` (counted) when it goes no further.
 #[inline(always)]
-fn admitted(ev: &mut ConnectEvent, now: u64) -> bool {
-    if filter::excluded_cgroup(ev) {
+fn admit_cgroup(key: u64, now: u64) -> Option<u32> {
+    if filter::excluded_cgroup(key) {
         count(Counter::Filtered);
-        return false;
+        return None;
     }
-    match admit(filter::cgroup_key(ev), now) {
-        Some(dropped) => {
-            ev.rate_limited_before = dropped;
-            true
-        }
-        None => {
-            count(Counter::RateLimited);
-            false
-        }
+    let admitted = admit(key, now);
+    if admitted.is_none() {
+        count(Counter::RateLimited);
     }
+    admitted
 }
 
 // bpf_ringbuf_query / bpf_ringbuf_output flags (uapi/linux/bpf.h).
@@ -292,7 +287,7 @@ pub fn wakeup_flags() -> u64 {
     }
 }
 
-/// Submits an admitted event (see [`identify_and_admit`]).
+/// Submits an admitted event (see [`identify`]).
 #[inline(always)]
 fn submit(ev: &mut ConnectEvent) {
     let flags = wakeup_flags();
@@ -304,45 +299,83 @@ fn submit(ev: &mut ConnectEvent) {
     }
 }
 
-/// The task part of `ev` and the per-cgroup decisions (exclusion, rate limit), decided
-/// before the task's structs are read wherever the cgroup key allows it (cgroup v2: the
-/// helper's id), so an excluded or limited event costs the helpers and a map lookup or
-/// two. On cgroup v1 the key is the leaf of a v1 hierarchy, from the (cached) identity.
-/// False (counted) when the event goes no further.
+/// What the per-cgroup decisions (exclusion, rate limit) found before any record is
+/// claimed: [`decide`], then [`identify`].
+struct Early {
+    now: u64,
+    pid_tgid: u64,
+    cgroup_id: u64,
+    check: task::Check,
+    /// The process's cached identity, if it still holds, and when it was filled.
+    cached: Option<(&'static Identity, u64)>,
+    /// `Some(dropped before)`: admitted; `None`: not decided yet (cgroup v1 and no cached
+    /// identity: the key is known once the task is walked).
+    admitted: Option<u32>,
+}
+
+/// The per-cgroup decisions, taken before any record is claimed or written wherever the
+/// cgroup key allows: on cgroup v2 from the helper's cgroup id (before anything else is
+/// read), on v1 from the process's cached identity (the leaf of a v1 hierarchy). A
+/// dropped event then costs the helpers and a lookup or two, not a record. `None`
+/// (counted): dropped.
 #[inline(always)]
-fn identify_and_admit<R: Reader>(ev: &mut ConnectEvent, slot: Slot) -> bool {
-    let now = task::fill_ids::<R>(ev);
-    let early = task::key_known_early();
-    if early && !admitted(ev, now) {
-        return false;
+fn decide<R: Reader>() -> Option<Early> {
+    let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_boot_ns() };
+    let pid_tgid = aya_ebpf::helpers::bpf_get_current_pid_tgid();
+    let cgroup_id = unsafe { aya_ebpf::helpers::bpf_get_current_cgroup_id() };
+    let mut admitted = None;
+    if task::key_known_early() {
+        admitted = Some(admit_cgroup(cgroup_id, now)?);
     }
     let check = task::check::<R>();
-    let mut decided = early;
-    if let Some(cached) = task::cached(ev, &check, now) {
-        let filled_ns = task::filled_ns(cached);
-        // On cgroup v1 the key is the cached leaf: decided before the identity's ~45
-        // words are copied, which a dropped event then never pays.
-        if !decided {
-            ev.cgroup_leaf_id = cached.cgroup_leaf_id;
-            if !admitted(ev, now) {
-                return false;
-            }
-            decided = true;
-        }
+    let cached = task::cached((pid_tgid >> 32) as u32, cgroup_id, &check, now)
+        .map(|id| (id, task::filled_ns(id)));
+    if admitted.is_none()
+        && let Some((id, _)) = cached
+    {
+        let key = filter::cgroup_key(id.cgroup_leaf_id, cgroup_id);
+        admitted = Some(admit_cgroup(key, now)?);
+    }
+    Some(Early {
+        now,
+        pid_tgid,
+        cgroup_id,
+        check,
+        cached,
+        admitted,
+    })
+}
+
+/// The task part of `ev` once [`decide`] let it through: the cached identity where it
+/// still holds, else a walk of the task (and, where that was the only way to the
+/// cgroup key, the decisions after it). False (counted) when the event goes no further.
+#[inline(always)]
+fn identify<R: Reader>(ev: &mut ConnectEvent, slot: Slot, early: Early) -> bool {
+    task::fill_thread::<R>(ev, early.pid_tgid, early.cgroup_id);
+    if let Some((cached, filled_ns)) = early.cached {
         task::copy(ev, cached);
-        if task::unchanged(cached, filled_ns, &check) {
-            publish_time(ev, now);
+        if task::unchanged(cached, filled_ns, &early.check) {
+            ev.rate_limited_before = early.admitted.unwrap_or(0);
+            publish_time(ev, early.now);
             return true;
         }
         // Reused for another insert while it was copied: walked below.
     }
-    if !task::walk(ev, slot, &check, now) {
+    if !task::walk(ev, slot, &early.check, early.now) {
         count(Counter::KernelReadFailed);
     }
-    if !decided && !admitted(ev, now) {
-        return false;
-    }
-    publish_time(ev, now);
+    let admitted = match early.admitted {
+        Some(dropped) => dropped,
+        None => match admit_cgroup(
+            filter::cgroup_key(ev.cgroup_leaf_id, ev.cgroup_id),
+            early.now,
+        ) {
+            Some(dropped) => dropped,
+            None => return false,
+        },
+    };
+    ev.rate_limited_before = admitted;
+    publish_time(ev, early.now);
     true
 }
 
@@ -415,7 +448,10 @@ pub fn udp(
     if !filter::wanted(ev) {
         return;
     }
-    if !identify_and_admit::<Probe>(ev, slot) {
+    let Some(early) = decide::<Probe>() else {
+        return;
+    };
+    if !identify::<Probe>(ev, slot, early) {
         return;
     }
     mark_reported(&key, window_ns);
@@ -670,6 +706,12 @@ pub fn tcp_syn_sent<R: Reader>(sk: u64, sk_id: u64, slot: Slot) {
         abandon(sk_id);
         return;
     }
+    // The per-cgroup decisions too, where the key is known by now: an attempt they drop
+    // claims no slot either.
+    let Some(early) = decide::<R>() else {
+        abandon(sk_id);
+        return;
+    };
     let Some((ev, in_slot)) = attempt_record(sk_id, slot) else {
         return;
     };
@@ -678,8 +720,7 @@ pub fn tcp_syn_sent<R: Reader>(sk: u64, sk_id: u64, slot: Slot) {
     ev.family = dest.family;
     ev.dst_port = dest.port;
     ev.dst_addr = dest.addr;
-    ev.tgid = key.tgid;
-    if !identify_and_admit::<R>(ev, slot) {
+    if !identify::<R>(ev, slot, early) {
         abandon(sk_id);
         return;
     }
@@ -743,7 +784,7 @@ fn attempt_record(sk: u64, scratch_slot: Slot) -> Option<(&'static mut ConnectEv
             // releases it (both run after this program, the socket being locked); an
             // aligned map value of plain integers. Every word but the first (the time),
             // the last (the tag) and the process identity's (written whole, copied or
-            // walked, by `identify_and_admit` before the record can go out) is zeroed.
+            // walked, by `identify` before the record can go out) is zeroed.
             unsafe {
                 if held == sk {
                     // Still this address's older attempt (its completion was skipped):

@@ -57,24 +57,23 @@ fn excluded_destination(family: u16, a: &[u8; 16]) -> bool {
     }
 }
 
-/// The cgroup that names the event's container: the key of the per-cgroup maps.
+/// The cgroup that names the event's container, the key of the per-cgroup maps: the leaf
+/// of the configured hierarchy (`ConnectEvent::cgroup_leaf_id`) where known, else the v2
+/// cgroup id.
 #[inline(always)]
-pub fn cgroup_key(ev: &ConnectEvent) -> u64 {
-    if ev.cgroup_leaf_id != 0 {
-        ev.cgroup_leaf_id
-    } else {
-        ev.cgroup_id
-    }
+pub fn cgroup_key(leaf_id: u64, cgroup_id: u64) -> u64 {
+    if leaf_id != 0 { leaf_id } else { cgroup_id }
 }
 
-/// A cgroup user space excluded (a Kubernetes namespace it was told to ignore).
+/// A cgroup (by [`cgroup_key`]) user space excluded (a Kubernetes namespace it was told
+/// to ignore).
 #[inline(always)]
-pub fn excluded_cgroup(ev: &ConnectEvent) -> bool {
+pub fn excluded_cgroup(key: u64) -> bool {
     if config!(exclude_cgroups) == 0 {
         return false;
     }
     // SAFETY: the value is not read, only its presence.
-    unsafe { EXCLUDED_CGROUPS.get(&cgroup_key(ev)).is_some() }
+    unsafe { EXCLUDED_CGROUPS.get(&key).is_some() }
 }
 
 /// Counts the connection of `key` into its window's aggregate if one is open (sets the

@@ -40,27 +40,34 @@ const _: () = assert!(core::mem::size_of::<Identity>() == 424);
 
 /// What the helpers give for every event: ids, credentials, thread name and cgroup id,
 /// and the time, returned, not written: the caller writes it last (see
-/// `emit::identify_and_admit`). Enough for the per-cgroup decisions on cgroup v2. The
-/// thread name is the current task's `comm`: two loads where `R` reads directly, else
-/// the helper, writing into the event (aya's wrapper zeroes a stack copy a byte at a time
-/// first).
+/// `emit::identify`). Enough for the per-cgroup decisions on cgroup v2.
 #[inline(always)]
 pub fn fill_ids<R: Reader>(ev: &mut ConnectEvent) -> u64 {
     let now = unsafe { bpf_ktime_get_boot_ns() };
-    let pid_tgid = bpf_get_current_pid_tgid();
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    fill_thread::<R>(ev, bpf_get_current_pid_tgid(), cgroup_id);
+    now
+}
+
+/// [`fill_ids`] but the time, from the pid/tgid and cgroup id the caller read already.
+/// The thread name is the current task's `comm`: two loads where `R` reads directly,
+/// else the helper, writing into the event (aya's wrapper zeroes a stack copy a byte at a
+/// time first).
+#[inline(always)]
+pub fn fill_thread<R: Reader>(ev: &mut ConnectEvent, pid_tgid: u64, cgroup_id: u64) {
     ev.tid = pid_tgid as u32;
     ev.tgid = (pid_tgid >> 32) as u32;
     let uid_gid = bpf_get_current_uid_gid();
     ev.uid = uid_gid as u32;
     ev.gid = (uid_gid >> 32) as u32;
-    ev.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    ev.cgroup_id = cgroup_id;
     let comm = ev.thread_comm.as_mut_ptr();
     if R::DIRECT {
         let task = R::current_task();
         let at = config!(offsets.task_comm);
         let (Ok(low), Ok(high)) = (R::kernel::<u64>(task, at), R::kernel::<u64>(task, at + 8))
         else {
-            return now;
+            return;
         };
         // SAFETY: `thread_comm` is 16 bytes, 8-byte aligned in the event (asserted below).
         unsafe {
@@ -71,7 +78,6 @@ pub fn fill_ids<R: Reader>(ev: &mut ConnectEvent) -> u64 {
         // SAFETY: the helper writes at most `COMM_LEN` bytes into the event's field.
         let _ = unsafe { bpf_get_current_comm_raw(comm.cast(), COMM_LEN as u32) };
     }
-    now
 }
 
 const _: () = assert!(core::mem::offset_of!(ConnectEvent, thread_comm) % 8 == 0);
@@ -115,17 +121,17 @@ pub fn check<R: Reader>() -> Check {
     }
 }
 
-/// The process's cached identity (after [`fill_ids`], which returned `now`), if `check`
-/// says it still holds.
+/// The cached identity of process `tgid`, whose task is in v2 cgroup `cgroup_id`, if
+/// `check` (read at `now`) says it still holds.
 #[inline(always)]
-pub fn cached(ev: &ConnectEvent, check: &Check, now: u64) -> Option<&'static Identity> {
-    let cached = IDENTITIES.get_ptr(&ev.tgid)?;
+pub fn cached(tgid: u32, cgroup_id: u64, check: &Check, now: u64) -> Option<&'static Identity> {
+    let cached = IDENTITIES.get_ptr(&tgid)?;
     // SAFETY: a map value, valid memory for this run. Its content is not guaranteed: the
     // LRU map may reuse the element for another insert meanwhile (see [`unchanged`]).
     let cached = unsafe { &*cached };
     (check.nsproxy != 0
         && cached.nsproxy == check.nsproxy
-        && cached.cgroup_id == ev.cgroup_id
+        && cached.cgroup_id == cgroup_id
         && cached.exec_id == check.exec_id
         && cached.css_set == check.css_set
         && now.wrapping_sub(cached.filled_ns) < IDENTITY_MAX_AGE_NS)
@@ -138,7 +144,7 @@ pub fn cached(ev: &ConnectEvent, check: &Check, now: u64) -> Option<&'static Ide
 #[inline(always)]
 pub fn fill_process<R: Reader>(ev: &mut ConnectEvent, slot: Slot, now: u64) -> bool {
     let check = check::<R>();
-    if let Some(cached) = cached(ev, &check, now) {
+    if let Some(cached) = cached(ev.tgid, ev.cgroup_id, &check, now) {
         let filled_ns = filled_ns(cached);
         copy(ev, cached);
         if unchanged(cached, filled_ns, &check) {
