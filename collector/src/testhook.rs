@@ -6,7 +6,9 @@
 //! makes detaching the probes take that much longer (a slow kernel); `enrich:<secs>` holds
 //! each batch that long before it is enriched (a lagging enrichment).
 //! `EGRESS_TEST_REFUSE_TP_BTF=1` refuses the BTF-enabled state-change program (the raw
-//! tracepoint's fallback). A test hook, not a setting:
+//! tracepoint's fallback). `EGRESS_TEST_NO_EXIT_REGS=1` leaves the syscall arguments
+//! unread at the syscalls' exits, so the tracepoint family's entry hooks save them, as on
+//! kernels before 5.15 or off x86_64. A test hook, not a setting:
 //! docs/operations.md says so, and the collector warns when it is set.
 
 use std::sync::OnceLock;
@@ -52,6 +54,22 @@ pub fn refuse_tp_btf() -> bool {
         );
     }
     set
+}
+
+/// `EGRESS_TEST_NO_EXIT_REGS=1`: the syscall exits do not read the arguments back from
+/// the task's saved registers, so the entry hooks that save them run (the path of kernels
+/// before 5.15 and of other architectures), and a test proves it on this kernel too.
+pub fn without_exit_regs() -> bool {
+    static SET: OnceLock<bool> = OnceLock::new();
+    *SET.get_or_init(|| {
+        let set = std::env::var_os("EGRESS_TEST_NO_EXIT_REGS").is_some_and(|v| v == "1");
+        if set {
+            tracing::warn!(
+                "EGRESS_TEST_NO_EXIT_REGS: syscall arguments are saved by entry hooks (test hook)."
+            );
+        }
+        set
+    })
 }
 
 /// Sleeps for the seconds `EGRESS_TEST_SLOW` gives `stage` (`<stage>:<secs>`), if any.

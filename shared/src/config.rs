@@ -180,12 +180,19 @@ pub struct ProbeConfig {
     /// marks a TCP connect for that exit (`TCP_CONNECT_MARKS`). 0: an entry hook saves
     /// the arguments.
     pub regs_syscall_nr: u32,
+    /// Offset in `struct pt_regs` of a syscall's fifth argument (x86_64: `r8`, sendto's
+    /// destination) where `regs_syscall_nr` is set: the sends are then seen at their
+    /// exits only, which read their arguments back (no entry program, no saved call
+    /// state: every send on the host, TCP's included, ran both). 0: entry hooks save them.
+    pub regs_sendto_addr: u32,
+    /// Explicit padding: keeps the struct's size a multiple of its alignment.
+    pub _pad_after_regs: u32,
     /// Where the kprobe and fentry families find a received (or sent) message's bytes.
     pub dns_iter: DnsIterOffsets,
 }
 
 const _: () =
-    assert!(core::mem::size_of::<ProbeConfig>() == 58 * 4 + 14 * 4 + 8 + 8 + 24 + 16 + 16 + 8 * 4);
+    assert!(core::mem::size_of::<ProbeConfig>() == 58 * 4 + 16 * 4 + 8 + 8 + 24 + 16 + 16 + 8 * 4);
 
 /// The kernel `struct msghdr`'s data iterator, for the DNS hooks below the syscalls
 /// (`udp_recvmsg`, `udpv6_recvmsg`, `tcp_recvmsg`, `udp_sendmsg`): after the kernel has
@@ -322,6 +329,8 @@ impl ProbeConfig {
             dns_regs_fd: 0,
             dns_regs_buf: 0,
             regs_syscall_nr: 0,
+            regs_sendto_addr: 0,
+            _pad_after_regs: 0,
             dns_iter: DnsIterOffsets::zeroed(),
         }
     }

@@ -61,6 +61,17 @@ impl OtlpRun {
 
     /// As [`Self::start`] with a receiver of `protocol` (`args` say `--otlp-protocol`).
     pub fn start_serving(protocol: Protocol, collector: &Path, args: &[&str]) -> Self {
+        Self::start_wrapped(protocol, &[], collector, args)
+    }
+
+    /// As [`Self::start_serving`], the collector started as `<wrapper...> collector run`
+    /// (e.g. `env NAME=value` for a test hook).
+    pub fn start_wrapped(
+        protocol: Protocol,
+        wrapper: &[&str],
+        collector: &Path,
+        args: &[&str],
+    ) -> Self {
         let runtime = receiver::runtime();
         let received = Shared::default();
         let receiver = runtime.block_on(protocol.serve(
@@ -77,8 +88,9 @@ impl OtlpRun {
             "200ms",
         ];
         all.extend_from_slice(args);
-        let collector = RunningCollector::start_with(collector, &all, Duration::from_secs(60))
-            .unwrap_or_else(|e| panic!("{e}"));
+        let collector =
+            RunningCollector::start_wrapped(wrapper, collector, &all, Duration::from_secs(60))
+                .unwrap_or_else(|e| panic!("{e}"));
         Self {
             collector,
             receiver,

@@ -124,14 +124,60 @@ pub fn tp_sys_exit_connect(ctx: TracePointContext) -> u32 {
 }
 
 /// hook: tracepoint `syscalls:sys_exit_sendto`, `sys_exit_sendmsg`, `sys_exit_sendmmsg`:
-/// the socket is bound now, so its source port is known.
+/// the socket is bound now, so its source port is known. Where the registers can be read
+/// back (`regs_sendto_addr`), the only send hook: the syscall's number and arguments come
+/// from the task's saved registers; elsewhere, what the entry hook saved.
 #[tracepoint]
 pub fn tp_sys_exit(ctx: TracePointContext) -> u32 {
-    let Some(state) = emit::take_call() else {
-        return 0;
+    let state = if config!(regs_sendto_addr) != 0 {
+        match send_from_regs() {
+            Some(state) => state,
+            None => return 0,
+        }
+    } else {
+        match emit::take_call() {
+            Some(state) => state,
+            None => return 0,
+        }
     };
     exit(&ctx, &state, Slot::CallExit);
     0
+}
+
+/// x86_64's sendto(2), sendmsg(2), sendmmsg(2) (the registers are only handed to the
+/// programs there, see `ProbeConfig::regs_sendto_addr`).
+const NR_SENDTO_X86_64: u64 = 44;
+const NR_SENDMSG_X86_64: u64 = 46;
+const NR_SENDMMSG_X86_64: u64 = 307;
+
+/// The send whose exit this is, from the task's saved registers: the syscall number
+/// says which send, the first argument is the descriptor, the destination (sendto's
+/// fifth argument) or message header (sendmsg's and sendmmsg's second) the rest.
+#[inline(always)]
+fn send_from_regs() -> Option<CallState> {
+    // SAFETY: the helpers take the current task's BTF pointer and return its pt_regs.
+    let regs = unsafe {
+        aya_ebpf::helpers::generated::bpf_task_pt_regs(
+            aya_ebpf::helpers::generated::bpf_get_current_task_btf(),
+        )
+    } as u64;
+    let nr = read::kernel::<u64>(regs, config!(regs_syscall_nr)).ok()?;
+    let (addr_at, user_addr_kind) = match nr {
+        NR_SENDTO_X86_64 => (config!(regs_sendto_addr), USER_ADDR_SOCKADDR),
+        NR_SENDMSG_X86_64 => (config!(dns_regs_buf), USER_ADDR_MSGHDR),
+        NR_SENDMMSG_X86_64 => (config!(dns_regs_buf), USER_ADDR_MMSGHDR),
+        _ => return None,
+    };
+    let fd = read::kernel::<u64>(regs, config!(dns_regs_fd)).ok()?;
+    let user_addr = read::kernel::<u64>(regs, addr_at).ok()?;
+    Some(CallState {
+        sk: 0,
+        fd,
+        user_addr,
+        user_addr_kind,
+        event_kind: EventKind::UdpSend as u32,
+        dest: Dest::NONE,
+    })
 }
 
 #[inline(always)]

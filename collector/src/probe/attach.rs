@@ -52,6 +52,36 @@ const FENTRIES: &[(&str, &str, bool)] = &[
 /// Not attached where connect()'s exit reads its arguments back from the registers
 /// (`ProbeConfig::regs_syscall_nr`): a TCP connect then runs one program, not two.
 const CONNECT_ENTRY: &str = "tp_sys_enter_connect";
+/// Not attached where the sends' exit reads their arguments back from the registers
+/// (`ProbeConfig::regs_sendto_addr`): every send on the host (TCP's, unix sockets')
+/// then runs one program, and saves no call state.
+const SEND_ENTRIES: [&str; 3] = [
+    "tp_sys_enter_sendto",
+    "tp_sys_enter_sendmsg",
+    "tp_sys_enter_sendmmsg",
+];
+
+/// Which syscall entry hooks the tracepoint family leaves out, their exits reading the
+/// arguments back from the task's saved registers.
+#[derive(Copy, Clone, Debug, Default)]
+pub struct ExitsOnly {
+    pub connect: bool,
+    pub sends: bool,
+}
+
+impl ExitsOnly {
+    pub fn of(config: &egress_shared::ProbeConfig) -> Self {
+        Self {
+            connect: config.regs_syscall_nr != 0,
+            sends: config.regs_sendto_addr != 0,
+        }
+    }
+
+    fn skips(self, program: &str) -> bool {
+        (self.connect && program == CONNECT_ENTRY)
+            || (self.sends && SEND_ENTRIES.contains(&program))
+    }
+}
 
 /// Exits first, for the same reason as the return probes.
 const TRACEPOINTS: &[Attachment] = &[
@@ -295,19 +325,19 @@ impl std::fmt::Display for StateHook {
 }
 
 /// Attaches every program of `mode`; on failure unloads them again. Returns the program
-/// that follows the TCP state changes. `connect_exit_only`: see [`CONNECT_ENTRY`].
+/// that follows the TCP state changes. `exits_only`: see [`ExitsOnly`].
 /// `resets`: the reset hooks too (see [`RESETS_RAW`]).
 pub fn attach(
     ebpf: &mut Ebpf,
     mode: HookMode,
     btf: Option<&Btf>,
-    connect_exit_only: bool,
+    exits_only: ExitsOnly,
     resets: bool,
 ) -> Result<StateHook, AttachError> {
     let result = match mode {
         HookMode::Kprobe => attach_kprobes(ebpf),
         HookMode::Fentry => attach_fentries(ebpf, btf),
-        HookMode::Tracepoint => attach_tracepoints(ebpf, connect_exit_only),
+        HookMode::Tracepoint => attach_tracepoints(ebpf, exits_only),
     }
     .and_then(|()| attach_tcp_state(ebpf, mode, btf, resets));
     if result.is_err() {
@@ -402,9 +432,9 @@ fn attach_fentries(ebpf: &mut Ebpf, btf: Option<&Btf>) -> Result<(), AttachError
     Ok(())
 }
 
-fn attach_tracepoints(ebpf: &mut Ebpf, connect_exit_only: bool) -> Result<(), AttachError> {
+fn attach_tracepoints(ebpf: &mut Ebpf, exits_only: ExitsOnly) -> Result<(), AttachError> {
     for attachment in TRACEPOINTS {
-        if connect_exit_only && attachment.program == CONNECT_ENTRY {
+        if exits_only.skips(attachment.program) {
             continue;
         }
         attach_tracepoint(ebpf, attachment)?;

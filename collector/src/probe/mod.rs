@@ -141,6 +141,8 @@ impl KernelFacts {
             dns_regs_fd: syscall_arg_offsets(&kernel_btf).0,
             dns_regs_buf: syscall_arg_offsets(&kernel_btf).1,
             regs_syscall_nr: connect_regs_offset(&kernel_btf),
+            regs_sendto_addr: sendto_addr_regs_offset(&kernel_btf),
+            _pad_after_regs: 0,
             dns_iter: kernel_btf.dns_iter_offsets(),
             cgroup_subsys_index,
             _pad_after_subsys: 0,
@@ -172,8 +174,8 @@ impl KernelFacts {
             self.tracepoints.as_ref().map_err(Clone::clone)?;
         }
         let mut ebpf = self.load(4096).map_err(|e| one_line(&e))?;
-        let exit_only = self.config.regs_syscall_nr != 0;
-        let state_hook = attach::attach(&mut ebpf, mode, self.aya_btf.as_ref(), exit_only, true)
+        let exits = attach::ExitsOnly::of(&self.config);
+        let state_hook = attach::attach(&mut ebpf, mode, self.aya_btf.as_ref(), exits, true)
             .map_err(|e| one_line(&e))?;
         attach::detach(&mut ebpf, mode);
         Ok(state_hook)
@@ -190,11 +192,21 @@ fn connect_regs_offset(btf: &KernelBtf) -> u32 {
     btf.offset("pt_regs", "orig_ax").unwrap_or(0)
 }
 
+/// Where `struct pt_regs` keeps sendto()'s destination (its fifth argument, x86_64: `r8`)
+/// through to its exit, where connect() is seen at its exit too; 0 elsewhere (the sends'
+/// entry hooks then save their arguments).
+fn sendto_addr_regs_offset(btf: &KernelBtf) -> u32 {
+    if connect_regs_offset(btf) == 0 {
+        return 0;
+    }
+    btf.offset("pt_regs", "r8").unwrap_or(0)
+}
+
 /// Where `struct pt_regs` keeps a syscall's first two arguments through to its exit
 /// (x86_64: `di`, `si`; the return value goes to `ax`); (0, 0) where unknown, and the DNS
 /// read hooks then save them at syscall entry.
 fn syscall_arg_offsets(btf: &KernelBtf) -> (u32, u32) {
-    if !cfg!(target_arch = "x86_64") {
+    if !cfg!(target_arch = "x86_64") || crate::testhook::without_exit_regs() {
         return (0, 0);
     }
     match (btf.offset("pt_regs", "di"), btf.offset("pt_regs", "si")) {
@@ -240,9 +252,9 @@ impl Probes {
                 refused.push((mode, why.clone()));
                 continue;
             }
-            let exit_only = facts.config.regs_syscall_nr != 0;
+            let exits = attach::ExitsOnly::of(&facts.config);
             let resets = facts.config.track_closes != 0;
-            match attach::attach(&mut ebpf, mode, facts.aya_btf.as_ref(), exit_only, resets) {
+            match attach::attach(&mut ebpf, mode, facts.aya_btf.as_ref(), exits, resets) {
                 Ok(state_hook) => {
                     let dns_attached = settings.dns
                         && attach::attach_dns(
