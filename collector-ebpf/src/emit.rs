@@ -821,7 +821,19 @@ fn spill(sk: u64, ev: &ConnectEvent) {
 
 /// x86_64's connect(2): the registers are only handed to the programs there (see
 /// `ProbeConfig::regs_syscall_nr`).
-const NR_CONNECT_X86_64: u64 = 42;
+const NR_CONNECT_X86_64: u32 = 42;
+
+/// The number of the current syscall, from the task's saved registers `regs` at
+/// `regs_syscall_nr` (x86_64: `orig_ax`): its low 32 bits, as the kernel takes them
+/// (entry_64.S sign-extends `eax`; `syscall_get_nr` returns an int). `orig_ax` keeps the
+/// whole `rax` the task passed: a process that sets its upper half still runs the same
+/// syscall, and its exit tracepoint fires, so comparing all 64 bits would let it send
+/// unseen.
+#[inline(always)]
+pub fn syscall_nr(regs: u64) -> Option<u32> {
+    // Little-endian (x86_64 alone sets `regs_syscall_nr`): the low half comes first.
+    read::kernel::<u32>(regs, config!(regs_syscall_nr)).ok()
+}
 
 /// Tells this thread's connect() exit that the connect was TCP (see `TCP_CONNECT_MARKS`).
 #[inline(always)]
@@ -831,7 +843,8 @@ fn mark_tcp_connect<R: Reader>() {
         return;
     }
     let regs = R::current_pt_regs();
-    if R::kernel::<u64>(regs, nr_at) != Ok(NR_CONNECT_X86_64) {
+    // The low half, as in `syscall_nr` (which reads with the helper; `R` may not).
+    if R::kernel::<u32>(regs, nr_at) != Ok(NR_CONNECT_X86_64) {
         return;
     }
     let pid_tgid = aya_ebpf::helpers::bpf_get_current_pid_tgid();

@@ -220,6 +220,60 @@ fn udp_bytes_are_carried_and_counted(run: OtlpRun) {
     assert_eq!(udp_transmitted(&received, to.port()), Some(283));
 }
 
+/// A sendto(2) whose syscall number has its upper half set: the kernel takes `eax` alone,
+/// so the send runs and its exit tracepoint fires, while the saved `orig_ax` keeps all
+/// of `rax`. Its flow is reported like any other (the exit reading its arguments back
+/// from the registers must not compare all 64 bits, or a process could send unseen).
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn a_send_whose_syscall_number_has_its_upper_half_set_is_reported() {
+    let run = start();
+    let sink = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).expect("sink");
+    let SocketAddr::V4(to) = sink.local_addr().expect("addr") else {
+        panic!("an IPv4 sink");
+    };
+    let socket = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0)).expect("bind");
+    assert_eq!(send_to_with_upper_half_set(&socket, to, 42), 42);
+    thread::sleep(Duration::from_millis(1500));
+    let received = run.stop().received;
+    let records = flow_records(&received, &socket);
+    assert_eq!(carried(&records), [Some(42)], "{records:?}");
+}
+
+/// sendto(2) of `n` bytes to `to`, made with `rax` = the syscall number plus 1 << 32.
+#[cfg(target_arch = "x86_64")]
+fn send_to_with_upper_half_set(socket: &UdpSocket, to: SocketAddrV4, n: usize) -> i64 {
+    use std::os::fd::AsRawFd;
+    let addr = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: to.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(*to.ip()).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    let payload = vec![1u8; n];
+    let mut rax = (1u64 << 32) | libc::SYS_sendto as u64;
+    // SAFETY: sendto(2) on a socket this test owns, with a buffer and an address that
+    // outlive the call; the syscall instruction clobbers rcx and r11 only.
+    unsafe {
+        std::arch::asm!(
+            "syscall",
+            inout("rax") rax,
+            in("rdi") socket.as_raw_fd() as u64,
+            in("rsi") payload.as_ptr(),
+            in("rdx") n,
+            in("r10") 0u64,
+            in("r8") &raw const addr,
+            in("r9") std::mem::size_of::<libc::sockaddr_in>(),
+            lateout("rcx") _,
+            lateout("r11") _,
+            options(nostack),
+        );
+    }
+    rax as i64
+}
+
 /// Threads of one process sending on one socket (one flow) across many 1 ms windows: each
 /// window is started by one datagram only, so no two records of the flow are less than
 /// half a window apart (two CPUs finding the window over at once must not both report

@@ -146,9 +146,9 @@ pub fn tp_sys_exit(ctx: TracePointContext) -> u32 {
 
 /// x86_64's sendto(2), sendmsg(2), sendmmsg(2) (the registers are only handed to the
 /// programs there, see `ProbeConfig::regs_sendto_addr`).
-const NR_SENDTO_X86_64: u64 = 44;
-const NR_SENDMSG_X86_64: u64 = 46;
-const NR_SENDMMSG_X86_64: u64 = 307;
+const NR_SENDTO_X86_64: u32 = 44;
+const NR_SENDMSG_X86_64: u32 = 46;
+const NR_SENDMMSG_X86_64: u32 = 307;
 
 /// The send whose exit this is, from the task's saved registers: the syscall number
 /// says which send, the first argument is the descriptor, the destination (sendto's
@@ -161,7 +161,7 @@ fn send_from_regs() -> Option<CallState> {
             aya_ebpf::helpers::generated::bpf_get_current_task_btf(),
         )
     } as u64;
-    let nr = read::kernel::<u64>(regs, config!(regs_syscall_nr)).ok()?;
+    let nr = emit::syscall_nr(regs)?;
     let (addr_at, user_addr_kind) = match nr {
         NR_SENDTO_X86_64 => (config!(regs_sendto_addr), USER_ADDR_SOCKADDR),
         NR_SENDMSG_X86_64 => (config!(dns_regs_buf), USER_ADDR_MSGHDR),
