@@ -272,6 +272,10 @@ pub fn is_v4_mapped(addr: &[u8; 16]) -> bool {
 /// file checked so a non-socket fd is never taken for one.
 #[inline(always)]
 pub fn from_fd(fd: u64) -> Result<u64, i64> {
+    // The syscalls take an `int` descriptor: the kernel uses the register's low half
+    // whatever the caller left in the upper one (the syscall records and the saved
+    // registers keep the whole register), so only the low 32 bits name the file.
+    let fd = fd & 0xffff_ffff;
     let task = unsafe { bpf_get_current_task() };
     let files = read::pointer(task, config!(offsets.task_files))?;
     let fdt = read::pointer(files, config!(offsets.files_fdt))?;

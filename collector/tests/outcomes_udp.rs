@@ -220,13 +220,14 @@ fn udp_bytes_are_carried_and_counted(run: OtlpRun) {
     assert_eq!(udp_transmitted(&received, to.port()), Some(283));
 }
 
-/// A sendto(2) whose syscall number has its upper half set: the kernel takes `eax` alone,
-/// so the send runs and its exit tracepoint fires, while the saved `orig_ax` keeps all
-/// of `rax`. Its flow is reported like any other (the exit reading its arguments back
-/// from the registers must not compare all 64 bits, or a process could send unseen).
+/// A sendto(2) whose syscall number and descriptor have their upper halves set: the
+/// kernel takes `eax` and the `int` fd's low half alone, so the send runs and its exit
+/// tracepoint fires, while the saved registers (`orig_ax`, `di`) keep all 64 bits. Its
+/// flow is reported like any other (comparing or indexing with all 64 bits would let a
+/// process send unseen).
 #[cfg(target_arch = "x86_64")]
 #[test]
-fn a_send_whose_syscall_number_has_its_upper_half_set_is_reported() {
+fn a_send_whose_syscall_number_and_fd_have_their_upper_halves_set_is_reported() {
     let run = start();
     let sink = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).expect("sink");
     let SocketAddr::V4(to) = sink.local_addr().expect("addr") else {
@@ -240,7 +241,8 @@ fn a_send_whose_syscall_number_has_its_upper_half_set_is_reported() {
     assert_eq!(carried(&records), [Some(42)], "{records:?}");
 }
 
-/// sendto(2) of `n` bytes to `to`, made with `rax` = the syscall number plus 1 << 32.
+/// sendto(2) of `n` bytes to `to`, made with 1 << 32 added to the syscall number (`rax`)
+/// and to the descriptor (`rdi`).
 #[cfg(target_arch = "x86_64")]
 fn send_to_with_upper_half_set(socket: &UdpSocket, to: SocketAddrV4, n: usize) -> i64 {
     use std::os::fd::AsRawFd;
@@ -260,7 +262,7 @@ fn send_to_with_upper_half_set(socket: &UdpSocket, to: SocketAddrV4, n: usize) -
         std::arch::asm!(
             "syscall",
             inout("rax") rax,
-            in("rdi") socket.as_raw_fd() as u64,
+            in("rdi") (1u64 << 32) | socket.as_raw_fd() as u64,
             in("rsi") payload.as_ptr(),
             in("rdx") n,
             in("r10") 0u64,
