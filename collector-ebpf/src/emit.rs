@@ -311,6 +311,8 @@ struct Early {
     /// `Some(dropped before)`: admitted; `None`: not decided yet (cgroup v1 and no cached
     /// identity: the key is known once the task is walked).
     admitted: Option<u32>,
+    /// The cgroup key `admitted` was decided for.
+    decided_key: u64,
 }
 
 /// The per-cgroup decisions, taken before any record is claimed or written wherever the
@@ -323,18 +325,18 @@ fn decide<R: Reader>() -> Option<Early> {
     let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_boot_ns() };
     let pid_tgid = aya_ebpf::helpers::bpf_get_current_pid_tgid();
     let cgroup_id = unsafe { aya_ebpf::helpers::bpf_get_current_cgroup_id() };
-    let mut admitted = None;
+    let (mut admitted, mut decided_key) = (None, 0);
     if task::key_known_early() {
         admitted = Some(admit_cgroup(cgroup_id, now)?);
+        decided_key = cgroup_id;
     }
     let check = task::check::<R>();
-    let cached = task::cached((pid_tgid >> 32) as u32, cgroup_id, &check, now)
-        .map(|id| (id, task::filled_ns(id)));
+    let cached = task::cached((pid_tgid >> 32) as u32, cgroup_id, &check, now);
     if admitted.is_none()
         && let Some((id, _)) = cached
     {
-        let key = filter::cgroup_key(id.cgroup_leaf_id, cgroup_id);
-        admitted = Some(admit_cgroup(key, now)?);
+        decided_key = filter::cgroup_key(id.cgroup_leaf_id, cgroup_id);
+        admitted = Some(admit_cgroup(decided_key, now)?);
     }
     Some(Early {
         now,
@@ -343,6 +345,7 @@ fn decide<R: Reader>() -> Option<Early> {
         check,
         cached,
         admitted,
+        decided_key,
     })
 }
 
@@ -361,15 +364,17 @@ fn identify<R: Reader>(ev: &mut ConnectEvent, slot: Slot, early: Early) -> bool 
         }
         // Reused for another insert while it was copied: walked below.
     }
-    if !task::walk(ev, slot, &early.check, early.now) {
+    let walked = task::walk(ev, slot, &early.check, early.now);
+    if !walked {
         count(Counter::KernelReadFailed);
     }
+    // Decided already, unless the walk found another key than the decision's (a cached
+    // identity the LRU reused for another process while it was read): decided again for
+    // the right cgroup (the first decision's token stays spent: fewer events, never more).
+    let key = filter::cgroup_key(ev.cgroup_leaf_id, ev.cgroup_id);
     let admitted = match early.admitted {
-        Some(dropped) => dropped,
-        None => match admit_cgroup(
-            filter::cgroup_key(ev.cgroup_leaf_id, ev.cgroup_id),
-            early.now,
-        ) {
+        Some(dropped) if !walked || key == early.decided_key => dropped,
+        _ => match admit_cgroup(key, early.now) {
             Some(dropped) => dropped,
             None => return false,
         },
@@ -670,6 +675,12 @@ pub fn take_call() -> Option<CallState> {
 /// `sk` and `sk_id` as for [`tcp_complete`].
 #[inline(always)]
 pub fn tcp_syn_sent<R: Reader>(sk: u64, sk_id: u64, slot: Slot) {
+    // A connection still kept under this socket's address is stale (its CLOSE was
+    // skipped: a program run the kernel did not make): let it go, or another socket's
+    // CLOSE at this address would be reported in its name. One array load.
+    if config!(track_closes) != 0 {
+        let _ = take_open(sk_id);
+    }
     let mut dest = Dest::NONE;
     if sock::tcp_dest::<R>(sk, &mut dest).is_err() {
         count(Counter::KernelReadFailed);
@@ -712,6 +723,8 @@ pub fn tcp_syn_sent<R: Reader>(sk: u64, sk_id: u64, slot: Slot) {
         abandon(sk_id);
         return;
     };
+    // No record only if the program's own scratch slot cannot be had (an array lookup
+    // in bounds: never in practice).
     let Some((ev, in_slot)) = attempt_record(sk_id, slot) else {
         return;
     };
@@ -1021,10 +1034,20 @@ fn track_open(sk: u64, established: bool, connect_ns: u64, established_ns: u64) 
         }
         spills = OPEN_SPILLS.get_ptr_mut(index);
     }
-    if OPEN_TCP.insert(&sk, &open, 0).is_err() {
-        count(Counter::CloseUntracked);
-    } else if let Some(spills) = spills {
-        atomic_add(spills, 1);
+    // A new entry adds to its slot's spills; one that replaces a stale entry of the same
+    // address does not (the count would never come back to 0).
+    match OPEN_TCP.insert(&sk, &open, BPF_NOEXIST as u64) {
+        Ok(()) => {
+            if let Some(spills) = spills {
+                atomic_add(spills, 1);
+            }
+        }
+        Err(e) if e as i64 == -EEXIST => {
+            if OPEN_TCP.insert(&sk, &open, 0).is_err() {
+                count(Counter::CloseUntracked);
+            }
+        }
+        Err(_) => count(Counter::CloseUntracked),
     }
 }
 

@@ -122,20 +122,28 @@ pub fn check<R: Reader>() -> Check {
 }
 
 /// The cached identity of process `tgid`, whose task is in v2 cgroup `cgroup_id`, if
-/// `check` (read at `now`) says it still holds.
+/// `check` (read at `now`) says it still holds, and when it was filled: read before the
+/// fields it vouches for, so [`unchanged`] tells afterwards whether the LRU reused the
+/// element for another insert meanwhile.
 #[inline(always)]
-pub fn cached(tgid: u32, cgroup_id: u64, check: &Check, now: u64) -> Option<&'static Identity> {
+pub fn cached(
+    tgid: u32,
+    cgroup_id: u64,
+    check: &Check,
+    now: u64,
+) -> Option<(&'static Identity, u64)> {
     let cached = IDENTITIES.get_ptr(&tgid)?;
     // SAFETY: a map value, valid memory for this run. Its content is not guaranteed: the
     // LRU map may reuse the element for another insert meanwhile (see [`unchanged`]).
     let cached = unsafe { &*cached };
+    let filled_ns = filled_ns(cached);
     (check.nsproxy != 0
         && cached.nsproxy == check.nsproxy
         && cached.cgroup_id == cgroup_id
         && cached.exec_id == check.exec_id
         && cached.css_set == check.css_set
-        && now.wrapping_sub(cached.filled_ns) < IDENTITY_MAX_AGE_NS)
-        .then_some(cached)
+        && now.wrapping_sub(filled_ns) < IDENTITY_MAX_AGE_NS)
+        .then_some((cached, filled_ns))
 }
 
 /// Fills the process part of `ev` (after [`fill_ids`]) from the cache, or from the task
@@ -144,8 +152,7 @@ pub fn cached(tgid: u32, cgroup_id: u64, check: &Check, now: u64) -> Option<&'st
 #[inline(always)]
 pub fn fill_process<R: Reader>(ev: &mut ConnectEvent, slot: Slot, now: u64) -> bool {
     let check = check::<R>();
-    if let Some(cached) = cached(ev.tgid, ev.cgroup_id, &check, now) {
-        let filled_ns = filled_ns(cached);
+    if let Some((cached, filled_ns)) = cached(ev.tgid, ev.cgroup_id, &check, now) {
         copy(ev, cached);
         if unchanged(cached, filled_ns, &check) {
             return true;
@@ -154,9 +161,9 @@ pub fn fill_process<R: Reader>(ev: &mut ConnectEvent, slot: Slot, now: u64) -> b
     walk(ev, slot, &check, now)
 }
 
-/// When `id` was filled: read before a copy, so [`unchanged`] can tell afterwards.
+/// When `id` was filled: read before its fields, so [`unchanged`] can tell afterwards.
 #[inline(always)]
-pub fn filled_ns(id: &Identity) -> u64 {
+fn filled_ns(id: &Identity) -> u64 {
     // SAFETY: a field of a map value, read once (volatile: not folded into a later read).
     unsafe { core::ptr::read_volatile(&id.filled_ns) }
 }

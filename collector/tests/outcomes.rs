@@ -691,6 +691,8 @@ fn every_close_is_reported_when_connections_outnumber_the_open_slots() {
             "--probe",
             "tracepoint",
             "--close-records",
+            "--cgroup-rate-limit",
+            "0",
             "--stats-interval",
             "1h",
         ],

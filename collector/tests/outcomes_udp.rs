@@ -18,7 +18,7 @@ use egress_testkit::{
     traffic,
 };
 use support::{
-    host::require_root,
+    host::{last_stat, require_root},
     receiver::{Received, int_attr, int_value, str_attr},
 };
 
@@ -164,7 +164,7 @@ fn udp_bytes_after_a_flows_last_record_reach_the_metric() {
 /// says 283, every byte sent.
 #[test]
 fn udp_bytes_are_carried_by_flow_records_and_counted_in_network_io() {
-    udp_bytes_are_carried_and_counted(start());
+    udp_bytes_are_carried_and_counted(start(), false);
 }
 
 /// The same where the sends' entry hooks save their arguments (kernels before 5.15,
@@ -185,12 +185,14 @@ fn udp_bytes_are_carried_and_counted_where_entry_hooks_save_the_arguments() {
             "1h",
         ],
     );
-    udp_bytes_are_carried_and_counted(run);
+    udp_bytes_are_carried_and_counted(run, true);
 }
 
 /// Sendto, sendmsg and sendmmsg over three flow windows: one record per window with the
-/// bytes since the previous one, and every byte in the metric.
-fn udp_bytes_are_carried_and_counted(run: OtlpRun) {
+/// bytes since the previous one, and every byte in the metric. `entry_hooks`: the
+/// sends' entry hooks ran (call state saved), else none did (arguments read back at the
+/// exits): the collector's statistics tell which path was taken.
+fn udp_bytes_are_carried_and_counted(run: OtlpRun, entry_hooks: bool) {
     let sink = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).expect("sink");
     let to = sink.local_addr().expect("addr");
     let socket = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0)).expect("bind");
@@ -205,7 +207,17 @@ fn udp_bytes_are_carried_and_counted(run: OtlpRun) {
     total += send_to(&socket, to, 7);
     assert_eq!(total, 283);
     thread::sleep(Duration::from_millis(1500));
-    let received = run.stop().received;
+    let finished = run.stop();
+    let calls_saved = last_stat(&finished.stderr, "calls_saved");
+    if entry_hooks {
+        assert!(
+            calls_saved.is_some_and(|n| n >= 6),
+            "calls_saved {calls_saved:?}"
+        );
+    } else {
+        assert_eq!(calls_saved, Some(0), "no entry hook saves call state");
+    }
+    let received = finished.received;
     let records = flow_records(&received, &socket);
     assert_eq!(
         carried(&records),

@@ -203,10 +203,16 @@ fn sendto_addr_regs_offset(btf: &KernelBtf) -> u32 {
 }
 
 /// Where `struct pt_regs` keeps a syscall's first two arguments through to its exit
-/// (x86_64: `di`, `si`; the return value goes to `ax`); (0, 0) where unknown, and the DNS
-/// read hooks then save them at syscall entry.
+/// (x86_64: `di`, `si`; the return value goes to `ax`), where the programs can read them
+/// (`bpf_task_pt_regs`, 5.15+); (0, 0) elsewhere, and the DNS read hooks then save them
+/// at syscall entry.
 fn syscall_arg_offsets(btf: &KernelBtf) -> (u32, u32) {
-    if !cfg!(target_arch = "x86_64") || crate::testhook::without_exit_regs() {
+    // The programs reach the registers through `bpf_task_pt_regs` (5.15+): without it, a
+    // program that calls it would be refused, and the whole family with it.
+    if !cfg!(target_arch = "x86_64")
+        || !features::task_pt_regs()
+        || crate::testhook::without_exit_regs()
+    {
         return (0, 0);
     }
     match (btf.offset("pt_regs", "di"), btf.offset("pt_regs", "si")) {
