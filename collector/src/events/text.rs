@@ -104,18 +104,46 @@ const SLOTS: usize = 1024;
 pub struct Interner {
     slots: Vec<Option<(Box<[u8]>, Text)>>,
     empty: Text,
+    /// Each field's last raw bytes and their text (see [`Interner::get_field`]).
+    recent: [Option<(Box<[u8]>, Text)>; FIELDS],
 }
+
+/// Fields remembered by [`Interner::get_field`], at most.
+pub const FIELDS: usize = 8;
 
 impl Default for Interner {
     fn default() -> Self {
         Self {
             slots: vec![None; SLOTS],
             empty: Text::default(),
+            recent: Default::default(),
         }
     }
 }
 
 impl Interner {
+    /// [`Interner::get`] for the field numbered `field` (below [`FIELDS`]) of a kernel
+    /// record, through the bytes it held last time: events come in runs from one task,
+    /// whose names repeat, and comparing the whole field (NUL padding included) costs
+    /// less than finding its end and hashing it.
+    #[inline]
+    pub fn get_field(&mut self, field: usize, bytes: &[u8]) -> Text {
+        if let Some((raw, text)) = &self.recent[field]
+            && **raw == *bytes
+        {
+            return text.clone();
+        }
+        let text = self.get(bytes);
+        match &mut self.recent[field] {
+            Some((raw, last)) if raw.len() == bytes.len() => {
+                raw.copy_from_slice(bytes);
+                *last = text.clone();
+            }
+            slot => *slot = Some((bytes.into(), text.clone())),
+        }
+        text
+    }
+
     /// The text up to the first NUL of `bytes`, invalid UTF-8 replaced.
     pub fn get(&mut self, bytes: &[u8]) -> Text {
         let bytes = until_nul(bytes);
@@ -187,6 +215,24 @@ mod tests {
         assert!(Arc::ptr_eq(&first.0, &again.0));
         assert_eq!(names.get(b"\0curl"), "");
         assert_eq!(names.get(b"cur"), "cur");
+    }
+
+    #[test]
+    fn a_field_holding_what_it_held_last_is_its_last_text_and_a_changed_one_is_not() {
+        let mut names = Interner::default();
+        let curl = names.get_field(0, b"curl\0\0\0\0");
+        let again = names.get_field(0, b"curl\0\0\0\0");
+        assert!(Text::ptr_eq(&curl, &again), "the last text");
+        // Another field with the same bytes: the interned text, the same one.
+        assert!(Text::ptr_eq(&names.get_field(1, b"curl\0\0\0\0"), &curl));
+        // Other bytes after the NUL: the same name.
+        assert!(Text::ptr_eq(&names.get_field(0, b"curl\0xyz"), &curl));
+        assert_eq!(names.get_field(0, b"wget\0\0\0\0"), "wget");
+        assert_eq!(names.get_field(0, b"wg\0"), "wg", "another length");
+        assert_eq!(names.get_field(0, b"curl\0\0\0\0"), "curl");
+        let before = crate::alloc_counting::allocations();
+        names.get_field(0, b"curl\0\0\0\0");
+        assert_eq!(crate::alloc_counting::allocations(), before);
     }
 
     #[test]
