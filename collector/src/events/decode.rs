@@ -289,6 +289,16 @@ fn decode_dns(
     })
 }
 
+/// The name fields of a [`ConnectEvent`], each remembered by [`Interner::get_field`].
+mod name_field {
+    pub const PROCESS: usize = 0;
+    pub const THREAD: usize = 1;
+    pub const NODENAME: usize = 2;
+    pub const CGROUP: usize = 3;
+    pub const CGROUP_PARENT: usize = 4;
+    const _: () = assert!(CGROUP_PARENT < crate::events::text::FIELDS);
+}
+
 /// Decodes a [`ConnectEvent`] (also what user space reads from the pending-attempt map).
 pub fn decode_connect(
     bytes: &[u8],
@@ -373,8 +383,8 @@ fn connect_event(
             vpid: raw.ns_tgid,
             uid: raw.uid,
             gid: raw.gid,
-            name: names.get(&raw.process_comm),
-            thread_name: names.get(&raw.thread_comm),
+            name: names.get_field(name_field::PROCESS, &raw.process_comm),
+            thread_name: names.get_field(name_field::THREAD, &raw.thread_comm),
         },
         namespaces: Namespaces {
             net: ns(NsIndex::Net),
@@ -384,12 +394,12 @@ fn connect_event(
             ipc: ns(NsIndex::Ipc),
             cgroup: ns(NsIndex::Cgroup),
         },
-        nodename: names.get(&raw.nodename),
+        nodename: names.get_field(name_field::NODENAME, &raw.nodename),
         cgroup: Cgroup {
             id: raw.cgroup_id,
             leaf_id: raw.cgroup_leaf_id,
-            leaf_name: names.get(&raw.cgroup_name),
-            parent_name: names.get(&raw.cgroup_parent_name),
+            leaf_name: names.get_field(name_field::CGROUP, &raw.cgroup_name),
+            parent_name: names.get_field(name_field::CGROUP_PARENT, &raw.cgroup_parent_name),
         },
         rate_limited_before: raw.rate_limited_before,
         count: 1,

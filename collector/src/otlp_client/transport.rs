@@ -6,7 +6,7 @@
 use std::{io::Write, str::FromStr, sync::Arc, time::Duration};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::BodyExt;
 use hyper_util::{client::legacy::Client as HyperClient, rt::TokioExecutor};
 use opentelemetry_proto::tonic::collector::{
     logs::v1::{ExportLogsServiceRequest, ExportLogsServiceResponse},
@@ -88,6 +88,47 @@ impl From<Vec<u8>> for Encoded {
     }
 }
 
+/// An HTTP request body sent as an [`Encoded`] request's parts, one data frame each;
+/// its exact length is known, so it goes with a `Content-Length`.
+pub struct PartsBody {
+    parts: std::vec::IntoIter<Bytes>,
+    remaining: u64,
+}
+
+impl PartsBody {
+    fn new(encoded: Encoded) -> Self {
+        Self {
+            remaining: encoded.len() as u64,
+            parts: encoded.parts.into_iter(),
+        }
+    }
+}
+
+impl hyper::body::Body for PartsBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        let part = this.parts.find(|part| !part.is_empty());
+        if let Some(part) = &part {
+            this.remaining -= part.len() as u64;
+        }
+        std::task::Poll::Ready(part.map(|part| Ok(hyper::body::Frame::data(part))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.remaining == 0
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        hyper::body::SizeHint::with_exact(self.remaining)
+    }
+}
+
 /// Why a request failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SendError {
@@ -128,7 +169,7 @@ enum Inner {
     Http {
         client: HyperClient<
             hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
-            Full<Bytes>,
+            PartsBody,
         >,
         url: hyper::Uri,
         gzip: bool,
@@ -363,14 +404,16 @@ impl Client {
                     .into_inner())
             }
             Inner::Http { .. } => {
-                let body = self.post(encoded.contiguous()).await?;
+                let body = self.post(encoded).await?;
                 Ok(R::decode(body).unwrap_or_default())
             }
         }
     }
 
-    /// POSTs a protobuf body; returns the response body of a 2xx.
-    async fn post(&self, body: Bytes) -> Result<Bytes, SendError> {
+    /// POSTs a protobuf body; returns the response body of a 2xx. The body goes out as
+    /// the parts it was encoded in (each attempt, a retry too, shares them: nothing is
+    /// joined or copied), or gzipped part after part.
+    async fn post(&self, body: Encoded) -> Result<Bytes, SendError> {
         let Inner::Http {
             client,
             url,
@@ -388,8 +431,8 @@ impl Client {
             builder = builder.header(hyper::header::CONTENT_ENCODING, "gzip");
             let mut encoder =
                 flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-            encoder
-                .write_all(&body)
+            (body.parts.iter())
+                .try_for_each(|part| encoder.write_all(part))
                 .and_then(|()| encoder.finish())
                 .map_err(|e| SendError::Permanent {
                     reason: format!("gzip: {e}"),
@@ -402,7 +445,7 @@ impl Client {
             builder = builder.header(name, value);
         }
         let request = builder
-            .body(Full::new(body))
+            .body(PartsBody::new(body))
             .map_err(|e| SendError::Permanent {
                 reason: e.to_string(),
             })?;
@@ -535,3 +578,31 @@ impl<R: Message + Default + Send + 'static> tonic::codec::Codec for PreEncoded<R
 
 /// Shared handle, so the log and metric loops can use one client each.
 pub type SharedClient = Arc<Client>;
+
+#[cfg(test)]
+mod tests {
+    use hyper::body::Body as _;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_parts_body_is_the_request_part_after_part_with_its_exact_length() {
+        let encoded = Encoded::from_parts(vec![
+            Bytes::from_static(b"head"),
+            Bytes::new(),
+            Bytes::from_static(b"records"),
+        ]);
+        let body = PartsBody::new(encoded.clone());
+        assert_eq!(body.size_hint().exact(), Some(11));
+        assert!(!body.is_end_stream());
+        let mut frames = Vec::new();
+        let mut body = std::pin::pin!(body);
+        while let Some(frame) = body.frame().await {
+            let frame = frame.expect("infallible");
+            frames.push(frame.into_data().expect("a data frame"));
+        }
+        assert_eq!(frames, [&b"head"[..], &b"records"[..]], "one frame a part");
+        assert!(body.is_end_stream());
+        assert_eq!(frames.concat(), encoded.contiguous());
+    }
+}

@@ -44,6 +44,7 @@ fn len_field(len: usize) -> usize {
     1 + varint_len(len as u64) + len
 }
 
+#[inline(always)]
 fn bytes_field(out: &mut Vec<u8>, field: u32, bytes: &[u8]) {
     key(out, field, LEN);
     varint(out, bytes.len() as u64);
@@ -62,7 +63,10 @@ fn array_len(value: &Attr) -> usize {
     }
 }
 
-/// The size of an `AnyValue`'s content holding `value`.
+/// The size of an `AnyValue`'s content holding `value`. Inlined, as [`any`] is, at each
+/// of [`visit`]'s calls (through [`key_value`]), where the value's kind is known: only
+/// its own arm is left.
+#[inline(always)]
 fn any_len(value: &Attr) -> usize {
     match value {
         Attr::Str(s) => len_field(s.len()),
@@ -75,6 +79,7 @@ fn any_len(value: &Attr) -> usize {
 }
 
 /// An `AnyValue`'s content.
+#[inline(always)]
 fn any(out: &mut Vec<u8>, value: &Attr) {
     match value {
         Attr::Str(s) => bytes_field(out, 1, s.as_bytes()),
