@@ -1057,37 +1057,60 @@ fn open_slot(sk: u64) -> u32 {
     (sk.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - OPEN_SLOT_BITS)) as u32
 }
 
-/// The tracked connection `sk`, if it is one, taken out of its slot or `OPEN_TCP`: one
-/// inline array load for every other socket on 5.12+ (a hash lookup before).
-#[inline(always)]
-fn take_open(sk: u64) -> Option<OpenConn> {
-    if config!(fetching_atomics) != 0 {
-        let index = open_slot(sk);
-        let slot = OPEN_SLOTS.get_ptr_mut(index)?;
-        // SAFETY: a map value; the tag is reached by pointer, other CPUs swap it.
-        let tag = unsafe { &raw mut (*slot).sock_id };
-        if load(tag) == sk {
-            // SAFETY: this socket's slot (see `track_open`): copied before the release.
-            let open = unsafe { (*slot).open };
-            return compare_exchange(tag, sk, 0).then_some(open);
-        }
-        let spills = OPEN_SPILLS.get_ptr_mut(index)?;
-        if load(spills) == 0 {
-            return None;
-        }
-        let open = take_open_spilled(sk)?;
-        atomic_add(spills, 1u64.wrapping_neg());
-        return Some(open);
-    }
-    take_open_spilled(sk)
+/// Where a tracked connection is kept.
+enum OpenAt {
+    /// Its `OPEN_SLOTS` slot: the slot's tag and the connection.
+    Slot(*mut u64, *mut OpenConn),
+    /// `OPEN_TCP`, and (5.12+) the spill count of the slot it would have had.
+    Spilled(*mut OpenConn, Option<*mut u64>),
 }
 
-/// Removes `sk`'s connection from `OPEN_TCP`, if there.
+/// Where the tracked connection `sk` is, if it is one: one inline array load for every
+/// other socket on 5.12+ (a hash lookup before).
 #[inline(always)]
-fn take_open_spilled(sk: u64) -> Option<OpenConn> {
-    // SAFETY: a valid map value, copied before removal.
-    let open = unsafe { *OPEN_TCP.get_ptr(&sk)? };
-    OPEN_TCP.remove(&sk).is_ok().then_some(open)
+fn find_open(sk: u64) -> Option<OpenAt> {
+    if config!(fetching_atomics) == 0 {
+        return OPEN_TCP
+            .get_ptr_mut(&sk)
+            .map(|open| OpenAt::Spilled(open, None));
+    }
+    let index = open_slot(sk);
+    let slot = OPEN_SLOTS.get_ptr_mut(index)?;
+    // SAFETY: a map value; the tag is reached by pointer, other CPUs swap it.
+    let tag = unsafe { &raw mut (*slot).sock_id };
+    if load(tag) == sk {
+        // SAFETY: this socket's slot, its transitions serialised (see `track_open`).
+        return Some(OpenAt::Slot(tag, unsafe { &raw mut (*slot).open }));
+    }
+    let spills = OPEN_SPILLS.get_ptr_mut(index)?;
+    if load(spills) == 0 {
+        return None;
+    }
+    OPEN_TCP
+        .get_ptr_mut(&sk)
+        .map(|open| OpenAt::Spilled(open, Some(spills)))
+}
+
+/// The tracked connection `sk`, if it is one, taken out of its slot or `OPEN_TCP` (see
+/// [`find_open`]).
+#[inline(always)]
+fn take_open(sk: u64) -> Option<OpenConn> {
+    match find_open(sk)? {
+        OpenAt::Slot(tag, open) => {
+            // SAFETY: this socket's slot: copied before the release.
+            let open = unsafe { *open };
+            compare_exchange(tag, sk, 0).then_some(open)
+        }
+        OpenAt::Spilled(open, spills) => {
+            // SAFETY: a valid map value, copied before removal.
+            let open = unsafe { *open };
+            OPEN_TCP.remove(&sk).ok()?;
+            if let Some(spills) = spills {
+                atomic_add(spills, 1u64.wrapping_neg());
+            }
+            Some(open)
+        }
+    }
 }
 
 /// A socket reached CLOSE from `old_state` (not SYN_SENT): if it is a connection this
@@ -1143,28 +1166,8 @@ pub fn tcp_reset(sk: u64, by: u8) {
     if sk == 0 {
         return;
     }
-    let open = if config!(fetching_atomics) != 0 {
-        let index = open_slot(sk);
-        let Some(slot) = OPEN_SLOTS.get_ptr_mut(index) else {
-            return;
-        };
-        // SAFETY: a map value; the tag is reached by pointer, other CPUs swap it.
-        if load(unsafe { &raw mut (*slot).sock_id }) == sk {
-            // SAFETY: this socket's slot, its transitions serialised (see `track_open`).
-            unsafe { &raw mut (*slot).open }
-        } else if OPEN_SPILLS.get(index).is_some_and(|spills| *spills != 0) {
-            match OPEN_TCP.get_ptr_mut(&sk) {
-                Some(open) => open,
-                None => return,
-            }
-        } else {
-            return;
-        }
-    } else {
-        match OPEN_TCP.get_ptr_mut(&sk) {
-            Some(open) => open,
-            None => return,
-        }
+    let (Some(OpenAt::Slot(_, open)) | Some(OpenAt::Spilled(open, _))) = find_open(sk) else {
+        return;
     };
     // SAFETY: a valid map value; a byte store.
     unsafe {

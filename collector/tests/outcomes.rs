@@ -680,14 +680,28 @@ mod otlp {
 /// (each client sends a different count), whichever way it waited.
 #[test]
 fn every_close_is_reported_when_connections_outnumber_the_open_slots() {
+    every_close_is_reported_with_its_bytes(&[]);
+}
+
+/// The same where the kernel has no compare-and-exchange (before 5.12, forced by a test
+/// hook): every connection waits in `OPEN_TCP`.
+#[test]
+fn every_close_is_reported_without_fetching_atomics() {
+    every_close_is_reported_with_its_bytes(&["env", "EGRESS_TEST_NO_FETCHING_ATOMICS=1"]);
+}
+
+/// 4,500 connections open at once, then closed; `wrapper` runs the collector.
+fn every_close_is_reported_with_its_bytes(wrapper: &[&str]) {
     const CONNECTIONS: usize = 4_500;
     require_root();
     raise_open_files(4 * CONNECTIONS as u64);
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("listen");
     let dest = listener.local_addr().expect("addr");
-    let collector = RunningCollector::start(
+    let collector = RunningCollector::start_wrapped(
+        wrapper,
         std::path::Path::new(COLLECTOR),
         &[
+            "--stdout",
             "--probe",
             "tracepoint",
             "--close-records",
