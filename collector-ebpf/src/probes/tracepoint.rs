@@ -8,7 +8,7 @@ use egress_shared::EventKind;
 use crate::{
     emit,
     maps::{CallState, Slot, USER_ADDR_MMSGHDR, USER_ADDR_MSGHDR, USER_ADDR_SOCKADDR, config},
-    read,
+    read::{self, Reader},
     sock::{self, Dest, IPPROTO_TCP, IPPROTO_UDP},
 };
 
@@ -93,12 +93,7 @@ pub fn tp_sys_exit_connect(ctx: TracePointContext) -> u32 {
         if emit::take_tcp_connect_mark() {
             return 0;
         }
-        // SAFETY: the helpers take the current task's BTF pointer and return its pt_regs.
-        let regs = unsafe {
-            aya_ebpf::helpers::generated::bpf_task_pt_regs(
-                aya_ebpf::helpers::generated::bpf_get_current_task_btf(),
-            )
-        } as u64;
+        let regs = read::Probe::current_pt_regs();
         let (Ok(fd), Ok(user_addr)) = (
             read::kernel::<u64>(regs, config!(dns_regs_fd)),
             read::kernel::<u64>(regs, config!(dns_regs_buf)),
@@ -155,12 +150,7 @@ const NR_SENDMMSG_X86_64: u32 = 307;
 /// fifth argument) or message header (sendmsg's and sendmmsg's second) the rest.
 #[inline(always)]
 fn send_from_regs() -> Option<CallState> {
-    // SAFETY: the helpers take the current task's BTF pointer and return its pt_regs.
-    let regs = unsafe {
-        aya_ebpf::helpers::generated::bpf_task_pt_regs(
-            aya_ebpf::helpers::generated::bpf_get_current_task_btf(),
-        )
-    } as u64;
+    let regs = read::Probe::current_pt_regs();
     let nr = emit::syscall_nr(regs)?;
     let (addr_at, user_addr_kind) = match nr {
         NR_SENDTO_X86_64 => (config!(regs_sendto_addr), USER_ADDR_SOCKADDR),

@@ -116,6 +116,7 @@ impl KernelFacts {
         let tracepoints = tracefs::root()
             .and_then(|root| tracefs::tracepoint_offsets(&root))
             .map_err(|e| one_line(&e));
+        let exit_regs = ExitRegs::of(&kernel_btf);
         let config = ProbeConfig {
             offsets: kernel_btf.kernel_offsets()?,
             tracepoints: tracepoints.clone().unwrap_or_default(),
@@ -138,10 +139,10 @@ impl KernelFacts {
             exclude_addresses: u32::from(!settings.excluded_destinations.is_empty()),
             exclude_cgroups: u32::from(settings.exclude_cgroups),
             dns: u32::from(settings.dns),
-            dns_regs_fd: syscall_arg_offsets(&kernel_btf).0,
-            dns_regs_buf: syscall_arg_offsets(&kernel_btf).1,
-            regs_syscall_nr: connect_regs_offset(&kernel_btf),
-            regs_sendto_addr: sendto_addr_regs_offset(&kernel_btf),
+            dns_regs_fd: exit_regs.fd,
+            dns_regs_buf: exit_regs.buf,
+            regs_syscall_nr: exit_regs.syscall_nr,
+            regs_sendto_addr: exit_regs.sendto_addr,
             _pad_after_regs: 0,
             dns_iter: kernel_btf.dns_iter_offsets(),
             cgroup_subsys_index,
@@ -182,42 +183,49 @@ impl KernelFacts {
     }
 }
 
-/// Where `struct pt_regs` keeps the syscall number (x86_64: `orig_ax`), for connect()
-/// seen at its exit only; 0 where the arguments cannot be read back there (not x86_64,
-/// or no `bpf_task_pt_regs`: before 5.15).
-fn connect_regs_offset(btf: &KernelBtf) -> u32 {
-    if syscall_arg_offsets(btf).0 == 0 || !features::task_pt_regs() {
-        return 0;
-    }
-    btf.offset("pt_regs", "orig_ax").unwrap_or(0)
+/// Where `struct pt_regs` keeps what the syscall exits read back from the registers the
+/// task saved at entry (x86_64, and only where the programs can reach them through
+/// `bpf_task_pt_regs`, 5.15+: a program calling it elsewhere would be refused, and its
+/// whole family with it). All 0 elsewhere: entry hooks save the arguments instead.
+#[derive(Default)]
+struct ExitRegs {
+    /// A syscall's first two arguments (`di`, `si`; the return value goes to `ax`): the
+    /// fd, and the buffer or message header (the DNS reads, the sends).
+    fd: u32,
+    buf: u32,
+    /// The syscall number (`orig_ax`): connect() and the sends are seen at their exits.
+    syscall_nr: u32,
+    /// sendto()'s fifth argument, its destination (`r8`).
+    sendto_addr: u32,
 }
 
-/// Where `struct pt_regs` keeps sendto()'s destination (its fifth argument, x86_64: `r8`)
-/// through to its exit, where connect() is seen at its exit too; 0 elsewhere (the sends'
-/// entry hooks then save their arguments).
-fn sendto_addr_regs_offset(btf: &KernelBtf) -> u32 {
-    if connect_regs_offset(btf) == 0 {
-        return 0;
-    }
-    btf.offset("pt_regs", "r8").unwrap_or(0)
-}
-
-/// Where `struct pt_regs` keeps a syscall's first two arguments through to its exit
-/// (x86_64: `di`, `si`; the return value goes to `ax`), where the programs can read them
-/// (`bpf_task_pt_regs`, 5.15+); (0, 0) elsewhere, and the DNS read hooks then save them
-/// at syscall entry.
-fn syscall_arg_offsets(btf: &KernelBtf) -> (u32, u32) {
-    // The programs reach the registers through `bpf_task_pt_regs` (5.15+): without it, a
-    // program that calls it would be refused, and the whole family with it.
-    if !cfg!(target_arch = "x86_64")
-        || !features::task_pt_regs()
-        || crate::testhook::without_exit_regs()
-    {
-        return (0, 0);
-    }
-    match (btf.offset("pt_regs", "di"), btf.offset("pt_regs", "si")) {
-        (Ok(fd), Ok(buf)) if fd != 0 && buf != 0 => (fd, buf),
-        _ => (0, 0),
+impl ExitRegs {
+    /// One probe of the kernel (a program load), then BTF offsets.
+    fn of(btf: &KernelBtf) -> Self {
+        if !cfg!(target_arch = "x86_64")
+            || crate::testhook::without_exit_regs()
+            || !features::task_pt_regs()
+        {
+            return Self::default();
+        }
+        let (Ok(fd), Ok(buf)) = (btf.offset("pt_regs", "di"), btf.offset("pt_regs", "si")) else {
+            return Self::default();
+        };
+        if fd == 0 || buf == 0 {
+            return Self::default();
+        }
+        let syscall_nr = btf.offset("pt_regs", "orig_ax").unwrap_or(0);
+        let sendto_addr = if syscall_nr == 0 {
+            0
+        } else {
+            btf.offset("pt_regs", "r8").unwrap_or(0)
+        };
+        Self {
+            fd,
+            buf,
+            syscall_nr,
+            sendto_addr,
+        }
     }
 }
 
