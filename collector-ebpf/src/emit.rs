@@ -3,7 +3,7 @@
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_get_current_task};
 use egress_shared::{
     AggregateKey, CloseFlags, ConnState, ConnectEvent, Counter, EventKind, FlowKey, FlowState,
-    MAX_CGROUP_BURST, MAX_CGROUP_RATE, NsIndex, ResetBy, TcpCloseEvent, flow::sweep,
+    MAX_CGROUP_BURST, MAX_CGROUP_RATE, ResetBy, TcpCloseEvent, flow::sweep,
 };
 
 use crate::{
@@ -335,7 +335,7 @@ fn decide<R: Reader>() -> Option<Early> {
     if admitted.is_none()
         && let Some((id, _)) = cached
     {
-        decided_key = filter::cgroup_key(id.cgroup_leaf_id, cgroup_id);
+        decided_key = filter::cgroup_key(id.record.cgroup_leaf_id, cgroup_id);
         admitted = Some(admit_cgroup(decided_key, now)?);
     }
     Some(Early {
@@ -355,25 +355,25 @@ fn decide<R: Reader>() -> Option<Early> {
 #[inline(always)]
 fn identify<R: Reader>(ev: &mut ConnectEvent, slot: Slot, early: Early) -> bool {
     task::fill_thread::<R>(ev, early.pid_tgid, early.cgroup_id);
-    if let Some((cached, filled_ns)) = early.cached {
-        task::copy(ev, cached);
-        if task::unchanged(cached, filled_ns, &early.check) {
-            ev.rate_limited_before = early.admitted.unwrap_or(0);
-            publish_time(ev, early.now);
-            return true;
-        }
-        // Reused for another insert while it was copied: walked below.
+    if let Some((cached, filled_ns)) = early.cached
+        && task::unchanged(cached, filled_ns, &early.check)
+    {
+        ev.identity_ns = filled_ns;
+        ev.rate_limited_before = early.admitted.unwrap_or(0);
+        publish_time(ev, early.now);
+        return true;
     }
+    // None cached, or reused for another insert while it was read: walked.
     let walked = task::walk(ev, slot, &early.check, early.now);
-    if !walked {
+    if !walked.complete {
         count(Counter::KernelReadFailed);
     }
     // Decided already, unless the walk found another key than the decision's (a cached
     // identity the LRU reused for another process while it was read): decided again for
     // the right cgroup (the first decision's token stays spent: fewer events, never more).
-    let key = filter::cgroup_key(ev.cgroup_leaf_id, ev.cgroup_id);
+    let key = filter::cgroup_key(walked.cgroup_leaf_id, ev.cgroup_id);
     let admitted = match early.admitted {
-        Some(dropped) if !walked || key == early.decided_key => dropped,
+        Some(dropped) if !walked.complete || key == early.decided_key => dropped,
         _ => match admit_cgroup(key, early.now) {
             Some(dropped) => dropped,
             None => return false,
@@ -443,7 +443,7 @@ pub fn udp(
         return;
     }
     // Cheap part first: a datagram of a flow already reported costs one map lookup.
-    ev.ns_inums[NsIndex::Net as usize] = current_netns();
+    ev.flow_netns = current_netns();
     let key = flow_key(ev);
     let Some((carried, window_ns)) = first_in_window(&key, bytes) else {
         count(Counter::UdpFlowSuppressed);
@@ -478,7 +478,7 @@ fn current_netns() -> u32 {
 #[inline(always)]
 fn flow_key(ev: &ConnectEvent) -> FlowKey {
     FlowKey {
-        netns: ev.ns_inums[NsIndex::Net as usize],
+        netns: ev.flow_netns,
         family: ev.family,
         protocol: ev.protocol as u16,
         src_port: ev.src_port,
@@ -795,9 +795,8 @@ fn attempt_record(sk: u64, scratch_slot: Slot) -> Option<(&'static mut ConnectEv
         if held == sk || (held == 0 && compare_exchange(tag, 0, sk)) {
             // SAFETY: the slot is this socket's until its completion or `abandon`
             // releases it (both run after this program, the socket being locked); an
-            // aligned map value of plain integers. Every word but the first (the time),
-            // the last (the tag) and the process identity's (written whole, copied or
-            // walked, by `identify` before the record can go out) is zeroed.
+            // aligned map value of plain integers. Every word but the first (the time)
+            // and the last (the tag) is zeroed.
             unsafe {
                 if held == sk {
                     // Still this address's older attempt (its completion was skipped):
@@ -805,7 +804,7 @@ fn attempt_record(sk: u64, scratch_slot: Slot) -> Option<(&'static mut ConnectEv
                     // the slot being rewritten for that attempt.
                     store(&raw mut (*slot).boot_time_ns, u64::MAX);
                 }
-                task::zero_all_but_identity(slot, 1, ATTEMPT_WORDS - 1);
+                crate::words::zero_between(slot, 1, ATTEMPT_WORDS - 1);
                 return Some((&mut *slot, true));
             }
         }

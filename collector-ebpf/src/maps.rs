@@ -5,8 +5,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use egress_shared::{
-    AggregateKey, CGROUP_NAME_LEN, COMM_LEN, COUNTER_COUNT, ConnectEvent, FlowKey, FlowState,
-    NODENAME_LEN, NS_COUNT, ProbeConfig,
+    AggregateKey, COUNTER_COUNT, ConnectEvent, FlowKey, FlowState, IdentityEvent, ProbeConfig,
 };
 
 use crate::sock::Dest;
@@ -210,37 +209,26 @@ pub static IDENTITIES: LruHashMap<u32, Identity> = LruHashMap::with_max_entries(
 #[map]
 pub static IDENTITY_SCRATCH: PerCpuArray<Identity> = PerCpuArray::with_max_entries(Slot::COUNT, 0);
 
-/// `ConnectEvent::process_comm` through `ConnectEvent::nodename`, contiguous in the event.
-pub const IDENTITY_NAMES_LEN: usize = COMM_LEN + 2 * CGROUP_NAME_LEN + NODENAME_LEN;
-
 /// A process's cached identity (see [`IDENTITIES`]) and what tells it is stale.
 #[repr(C)]
 #[derive(Copy, Clone)]
 pub struct Identity {
-    // Compared on every use: any change reads the identity again.
-    /// `bpf_get_current_cgroup_id()`: a move to another cgroup (v2).
-    pub cgroup_id: u64,
+    // Compared on every use, with the record's `cgroup_id` (a move to another v2
+    // cgroup) and `filled_ns` (its age): any change reads the identity again.
     /// `task->nsproxy`: setns/unshare give the task a new one.
     pub nsproxy: u64,
     /// `task->cgroups` (the css_set), on cgroup v1 only: a move in a v1 hierarchy, which
-    /// the v2 id above does not see. 0 on v2.
+    /// the v2 id does not see. 0 on v2.
     pub css_set: u64,
     /// `task->self_exec_id`: bumped by exec (new process name, possibly new cgroup or
     /// namespaces set up by the exec'd program's parent).
     pub exec_id: u64,
-    /// When it was read: older than `IDENTITY_MAX_AGE_NS`, it is read again. Bounds the
+    /// The identity as it was sent to user space. Its `filled_ns`, when it was read:
+    /// older than `IDENTITY_MAX_AGE_NS`, it is read (and sent) again. Bounds the
     /// staleness of what nothing above detects: a new parent after the parent exited, a
     /// nodename changed by sethostname, a process renamed through its leader's comm, a
     /// recycled pid whose process has the same exec count, namespaces and cgroup.
-    pub filled_ns: u64,
-    // The identity, as in `ConnectEvent`.
-    pub cgroup_leaf_id: u64,
-    pub parent_tgid: u32,
-    pub ns_tgid: u32,
-    pub ns_inums: [u32; NS_COUNT],
-    /// process_comm, cgroup_name, cgroup_parent_name, nodename.
-    pub names: [u8; IDENTITY_NAMES_LEN],
-    pub _pad: [u8; 7],
+    pub record: IdentityEvent,
 }
 
 /// A cached identity is read again after this long (see `Identity::filled_ns`).

@@ -7,11 +7,15 @@
 //! structs once and cached per process in `IDENTITIES` ([`fill_process`]), checked on
 //! each use against what could have changed it.
 //!
-//! Why a cache copied into the record, not a reference user space joins: the record
-//! stays self-contained (user space, the pending-attempt reader and every exporter keep
-//! their contract; nothing has to be held or re-requested when an identity record and
-//! a connection arrive out of order on two CPUs), and the copy (~340 bytes of stores)
-//! costs far less than the reads it replaces (~40 ns each on the measured host).
+//! The cached identity goes to user space once, not in every record: the walk sends it
+//! as an `IdentityEvent` before it caches it, and a record carries only the time it was
+//! read (`ConnectEvent::identity_ns`), which user space joins with the process id. The
+//! ring holds the identity before any record that refers to it: a record refers to an
+//! identity walked in its own run (sent earlier in that run) or found in the cache (put
+//! there after it was sent), and a record's place in the ring is taken when it is
+//! reserved, after either. A record then costs no copy of the ~340 bytes of names and
+//! ids, and its ring slot, its pending slot and user space's decoding are a third as
+//! large.
 
 use aya_ebpf::bindings::BPF_NOEXIST;
 use aya_ebpf::helpers::{
@@ -19,24 +23,16 @@ use aya_ebpf::helpers::{
     bpf_get_current_uid_gid, bpf_ktime_get_boot_ns, bpf_probe_read_kernel_str_bytes,
     generated::bpf_get_current_comm as bpf_get_current_comm_raw,
 };
-use egress_shared::{COMM_LEN, CgroupSource, ConnectEvent, Counter, NsIndex};
+use egress_shared::{
+    COMM_LEN, CgroupSource, ConnectEvent, Counter, EventKind, IdentityEvent, NsIndex,
+};
 
 use crate::{
-    maps::{
-        IDENTITIES, IDENTITY_MAX_AGE_NS, IDENTITY_NAMES_LEN, IDENTITY_SCRATCH, Identity, Slot,
-        config,
-    },
+    maps::{EVENTS, IDENTITIES, IDENTITY_MAX_AGE_NS, IDENTITY_SCRATCH, Identity, Slot, config},
     read::{self, Reader},
 };
 
-// The names an identity carries are one run of bytes in the event, copied as one.
-const _: () = assert!(
-    core::mem::offset_of!(ConnectEvent, nodename) + egress_shared::NODENAME_LEN
-        - core::mem::offset_of!(ConnectEvent, process_comm)
-        == IDENTITY_NAMES_LEN
-);
-const _: () = assert!(core::mem::offset_of!(ConnectEvent, process_comm) % 8 == 0);
-const _: () = assert!(core::mem::size_of::<Identity>() == 424);
+const _: () = assert!(core::mem::size_of::<Identity>() == 24 + egress_shared::IDENTITY_EVENT_SIZE);
 
 /// What the helpers give for every event: ids, credentials, thread name and cgroup id,
 /// and the time, returned, not written: the caller writes it last (see
@@ -139,7 +135,7 @@ pub fn cached(
     let filled_ns = filled_ns(cached);
     (check.nsproxy != 0
         && cached.nsproxy == check.nsproxy
-        && cached.cgroup_id == cgroup_id
+        && cached.record.cgroup_id == cgroup_id
         && cached.exec_id == check.exec_id
         && cached.css_set == check.css_set
         && now.wrapping_sub(filled_ns) < IDENTITY_MAX_AGE_NS)
@@ -152,20 +148,20 @@ pub fn cached(
 #[inline(always)]
 pub fn fill_process<R: Reader>(ev: &mut ConnectEvent, slot: Slot, now: u64) -> bool {
     let check = check::<R>();
-    if let Some((cached, filled_ns)) = cached(ev.tgid, ev.cgroup_id, &check, now) {
-        copy(ev, cached);
-        if unchanged(cached, filled_ns, &check) {
-            return true;
-        }
+    if let Some((cached, filled_ns)) = cached(ev.tgid, ev.cgroup_id, &check, now)
+        && unchanged(cached, filled_ns, &check)
+    {
+        ev.identity_ns = filled_ns;
+        return true;
     }
-    walk(ev, slot, &check, now)
+    walk(ev, slot, &check, now).complete
 }
 
 /// When `id` was filled: read before its fields, so [`unchanged`] can tell afterwards.
 #[inline(always)]
 fn filled_ns(id: &Identity) -> u64 {
     // SAFETY: a field of a map value, read once (volatile: not folded into a later read).
-    unsafe { core::ptr::read_volatile(&id.filled_ns) }
+    unsafe { core::ptr::read_volatile(&id.record.filled_ns) }
 }
 
 /// Whether the cached identity `id` is still the one checked, `filled_ns` being when it
@@ -177,23 +173,24 @@ fn filled_ns(id: &Identity) -> u64 {
 pub fn unchanged(id: &Identity, filled_ns: u64, check: &Check) -> bool {
     // SAFETY: as in `filled_ns`.
     unsafe {
-        core::ptr::read_volatile(&id.filled_ns) == filled_ns
+        core::ptr::read_volatile(&id.record.filled_ns) == filled_ns
             && core::ptr::read_volatile(&id.nsproxy) == check.nsproxy
     }
 }
 
-/// Reads the process part of `ev` from the task's structs and caches it. The struct walks
-/// each fail on their own, so one bad read zeroes only its fields; an identity with a
-/// failed walk is not cached. Returns whether every walk succeeded. The walks, once per
-/// process and second at most, always take the helper.
+/// Reads the process's identity from the task's structs, sends it to user space and
+/// caches it; `ev` refers to it. The struct walks each fail on their own, so one bad
+/// read zeroes only its fields; an identity with a failed walk is sent but not cached.
+/// The walks, once per process and second at most, always take the helper.
+///
+/// Sent before it is cached, so every record that refers to it is reserved in the ring
+/// after it (see the module's documentation). An identity the full ring refused is not
+/// cached (counted): only this record refers to it, and user space counts it unknown.
 #[inline(always)]
-pub fn walk(ev: &mut ConnectEvent, slot: Slot, check: &Check, now: u64) -> bool {
+pub fn walk(ev: &mut ConnectEvent, slot: Slot, check: &Check, now: u64) -> Walked {
+    ev.identity_ns = now;
     let Some(id) = IDENTITY_SCRATCH.get_ptr_mut(slot as u32) else {
-        // The record may be a pending slot whose identity words were left as an older
-        // attempt wrote them (see `zero_all_but_identity`).
-        // SAFETY: `ev` is a whole, aligned record.
-        unsafe { zero_identity(ev) };
-        return false;
+        return Walked::default();
     };
     // SAFETY: this program's slot on this CPU (see `maps::SCRATCH`); an aligned map
     // value of plain integers. Zeroed a word at a time (see `words`).
@@ -201,114 +198,67 @@ pub fn walk(ev: &mut ConnectEvent, slot: Slot, check: &Check, now: u64) -> bool 
         crate::words::zero(id);
         &mut *id
     };
-    id.cgroup_id = ev.cgroup_id;
     id.nsproxy = check.nsproxy;
     id.css_set = check.css_set;
     id.exec_id = check.exec_id;
-    id.filled_ns = now;
+    let record = &mut id.record;
+    record.kind = EventKind::Identity as u8;
+    record.filled_ns = now;
+    record.tgid = ev.tgid;
+    record.cgroup_id = ev.cgroup_id;
     // The walks take the helper from an untyped address (see above).
     let task = unsafe { bpf_get_current_task() };
-    let lineage = fill_lineage(id, task).is_ok();
-    let namespaces = fill_namespaces(id, check.nsproxy).is_ok();
-    let cgroup = fill_cgroup(id, task).is_ok();
-    copy(ev, id);
-    let ok = lineage && namespaces && cgroup;
-    if ok {
-        // LRU: a full map forgets the process that connected least recently. A new entry
-        // is counted, a refreshed one is not: user space tells the evictions from the
-        // entries left (`identities_evicted`).
-        if IDENTITIES
-            .insert(&ev.tgid, &*id, BPF_NOEXIST as u64)
-            .is_ok()
-        {
-            crate::emit::count(Counter::IdentitiesCached);
-        } else {
-            let _ = IDENTITIES.insert(&ev.tgid, id, 0);
-        }
+    let lineage = fill_lineage(record, task).is_ok();
+    let namespaces = fill_namespaces(record, check.nsproxy).is_ok();
+    let cgroup = fill_cgroup(record, task).is_ok();
+    let walked = Walked {
+        complete: lineage && namespaces && cgroup,
+        cgroup_leaf_id: record.cgroup_leaf_id,
+    };
+    if EVENTS
+        .output::<IdentityEvent>(record, BPF_RB_NO_WAKEUP)
+        .is_err()
+    {
+        crate::emit::count(Counter::RingBufferFull);
+        return walked;
     }
-    ok
+    if !walked.complete {
+        return walked;
+    }
+    // LRU: a full map forgets the process that connected least recently. A new entry
+    // is counted, a refreshed one is not: user space tells the evictions from the
+    // entries left (`identities_evicted`).
+    if IDENTITIES
+        .insert(&ev.tgid, &*id, BPF_NOEXIST as u64)
+        .is_ok()
+    {
+        crate::emit::count(Counter::IdentitiesCached);
+    } else {
+        let _ = IDENTITIES.insert(&ev.tgid, &*id, 0);
+    }
+    walked
 }
 
-/// Copies the cached identity `id` into `ev`.
-#[inline(always)]
-pub fn copy(ev: &mut ConnectEvent, id: &Identity) {
-    ev.cgroup_leaf_id = id.cgroup_leaf_id;
-    ev.parent_tgid = id.parent_tgid;
-    ev.ns_tgid = id.ns_tgid;
-    // Word copies (see `words`). SAFETY: `ns_inums` starts 8-byte aligned in both and is
-    // NS_WORDS words long; `process_comm` starts IDENTITY_NAMES_LEN contiguous bytes of
-    // `ev` (asserted above), 8-byte aligned, as `names` does in `id`, which is as long.
-    unsafe {
-        crate::words::copy::<NS_WORDS>(
-            ev.ns_inums.as_mut_ptr().cast(),
-            id.ns_inums.as_ptr().cast(),
-        );
-        crate::words::copy::<NAME_WORDS>(ev.process_comm.as_mut_ptr(), id.names.as_ptr());
-    }
-    ev.nodename[egress_shared::NODENAME_LEN - 1] = id.names[IDENTITY_NAMES_LEN - 1];
+/// What [`walk`] found.
+#[derive(Default)]
+pub struct Walked {
+    /// Every walk succeeded (else the failed ones' fields are zero).
+    pub complete: bool,
+    /// The leaf of the cgroup hierarchy read (the per-cgroup maps' key on v1).
+    pub cgroup_leaf_id: u64,
 }
 
-/// Zeroes the words of `*ev` outside the process identity (which [`copy`] or [`walk`]
-/// writes whole on every path that submits the record), from word `from` to word `to`: a record assembled in
-/// place skips the ~45 words it would zero only to overwrite them.
-///
-/// # Safety
-/// `ev` is valid for writes and 8-byte aligned; `to` is at most its size in words.
-#[inline(always)]
-pub unsafe fn zero_all_but_identity(ev: *mut ConnectEvent, from: usize, to: usize) {
-    // SAFETY: within `*ev` (the caller).
-    unsafe {
-        crate::words::zero_between(ev, from, NS_FIRST_WORD.min(to));
-        crate::words::zero_between(ev, NS_FIRST_WORD + NS_WORDS, NAMES_FIRST_WORD.min(to));
-        crate::words::zero_between(ev, NAMES_FIRST_WORD + NAME_WORDS, to);
-    }
-}
-
-/// Zeroes the identity words [`zero_all_but_identity`] skips.
-///
-/// # Safety
-/// As for [`zero_all_but_identity`].
-#[inline(always)]
-unsafe fn zero_identity(ev: *mut ConnectEvent) {
-    // SAFETY: within `*ev`.
-    unsafe {
-        crate::words::zero_between(ev, NS_FIRST_WORD, NS_FIRST_WORD + NS_WORDS);
-        crate::words::zero_between(ev, NAMES_FIRST_WORD, NAMES_FIRST_WORD + NAME_WORDS);
-    }
-}
-
-/// The first words of `ns_inums` and of the names in `ConnectEvent`.
-const NS_FIRST_WORD: usize = core::mem::offset_of!(ConnectEvent, ns_inums) / 8;
-const NAMES_FIRST_WORD: usize = core::mem::offset_of!(ConnectEvent, process_comm) / 8;
-const _: () = assert!(NS_FIRST_WORD + NS_WORDS <= NAMES_FIRST_WORD);
-
-/// `ns_inums` in 8-byte words.
-const NS_WORDS: usize = egress_shared::NS_COUNT * 4 / 8;
-/// The whole words of the names; the last byte is copied on its own.
-const NAME_WORDS: usize = IDENTITY_NAMES_LEN / 8;
-const _: () = assert!(NS_WORDS * 8 == egress_shared::NS_COUNT * 4);
-const _: () = assert!(NAME_WORDS * 8 + 1 == IDENTITY_NAMES_LEN);
-const _: () = assert!(core::mem::offset_of!(ConnectEvent, ns_inums) % 8 == 0);
-const _: () = assert!(core::mem::offset_of!(Identity, ns_inums) % 8 == 0);
-const _: () = assert!(core::mem::offset_of!(Identity, names) % 8 == 0);
-
-// Where each name starts in `Identity::names` (the order of the event's fields).
-const PROCESS_COMM_AT: usize = 0;
-const CGROUP_NAME_AT: usize = PROCESS_COMM_AT + egress_shared::COMM_LEN;
-const CGROUP_PARENT_NAME_AT: usize = CGROUP_NAME_AT + egress_shared::CGROUP_NAME_LEN;
-const NODENAME_AT: usize = CGROUP_PARENT_NAME_AT + egress_shared::CGROUP_NAME_LEN;
+/// `bpf_ringbuf_output` flag: the reader is not woken for an identity (it drains on a
+/// timer, and the record that refers to the identity wakes it where it should).
+const BPF_RB_NO_WAKEUP: u64 = 1;
 
 /// Parent process id, process name, and the process id inside its pid namespace.
 #[inline(always)]
-fn fill_lineage(id: &mut Identity, task: u64) -> Result<(), i64> {
+fn fill_lineage(id: &mut IdentityEvent, task: u64) -> Result<(), i64> {
     let parent = read::pointer(task, config!(offsets.task_real_parent))?;
     id.parent_tgid = read::kernel(parent, config!(offsets.task_tgid))?;
     let leader = read::pointer(task, config!(offsets.task_group_leader))?;
-    read::kernel_buf(
-        leader,
-        config!(offsets.task_comm),
-        &mut id.names[PROCESS_COMM_AT..CGROUP_NAME_AT],
-    )?;
+    read::kernel_buf(leader, config!(offsets.task_comm), &mut id.process_comm)?;
     // The pid namespace a task lives in is that of its own struct pid at its deepest
     // level (nsproxy->pid_ns_for_children is the one for its future children).
     let pid = read::pointer(leader, config!(offsets.task_thread_pid))?;
@@ -323,7 +273,7 @@ fn fill_lineage(id: &mut Identity, task: u64) -> Result<(), i64> {
 }
 
 #[inline(always)]
-fn fill_namespaces(id: &mut Identity, nsproxy: u64) -> Result<(), i64> {
+fn fill_namespaces(id: &mut IdentityEvent, nsproxy: u64) -> Result<(), i64> {
     if nsproxy == 0 {
         return Err(-1);
     }
@@ -332,7 +282,7 @@ fn fill_namespaces(id: &mut Identity, nsproxy: u64) -> Result<(), i64> {
     let uts = read::pointer(nsproxy, config!(offsets.nsproxy_uts_ns))?;
     id.ns_inums[NsIndex::Uts as usize] = read::kernel(uts, config!(offsets.uts_ns_inum))?;
     let nodename = uts + config!(offsets.uts_nodename) as u64;
-    unsafe { bpf_probe_read_kernel_str_bytes(nodename as *const u8, &mut id.names[NODENAME_AT..]) }
+    unsafe { bpf_probe_read_kernel_str_bytes(nodename as *const u8, &mut id.nodename) }
         .map_err(|e| e as i64)?;
     let mnt = read::pointer(nsproxy, config!(offsets.nsproxy_mnt_ns))?;
     id.ns_inums[NsIndex::Mnt as usize] = read::kernel(mnt, config!(offsets.mnt_ns_inum))?;
@@ -347,7 +297,7 @@ fn fill_namespaces(id: &mut Identity, nsproxy: u64) -> Result<(), i64> {
 /// cgroup v1 a controller's hierarchy (where docker's cgroupfs driver names the leaf
 /// after the container), else the unified hierarchy.
 #[inline(always)]
-fn fill_cgroup(id: &mut Identity, task: u64) -> Result<(), i64> {
+fn fill_cgroup(id: &mut IdentityEvent, task: u64) -> Result<(), i64> {
     let css_set = read::pointer(task, config!(offsets.task_cgroups))?;
     let subsys = config!(cgroup_subsys_index);
     let cgroup = if subsys == CgroupSource::DEFAULT_HIERARCHY {
@@ -360,21 +310,13 @@ fn fill_cgroup(id: &mut Identity, task: u64) -> Result<(), i64> {
     let kn = read::pointer(cgroup, config!(offsets.cgroup_kn))?;
     id.cgroup_leaf_id = read::kernel(kn, config!(offsets.kernfs_node_id))?;
     let name = read::pointer(kn, config!(offsets.kernfs_node_name))?;
-    unsafe {
-        bpf_probe_read_kernel_str_bytes(
-            name as *const u8,
-            &mut id.names[CGROUP_NAME_AT..CGROUP_PARENT_NAME_AT],
-        )
-    }
-    .map_err(|e| e as i64)?;
+    unsafe { bpf_probe_read_kernel_str_bytes(name as *const u8, &mut id.cgroup_name) }
+        .map_err(|e| e as i64)?;
     // The root cgroup has no parent; that is not a failure.
     if let Ok(parent) = read::pointer(kn, config!(offsets.kernfs_node_parent)) {
         let parent_name = read::pointer(parent, config!(offsets.kernfs_node_name))?;
         unsafe {
-            bpf_probe_read_kernel_str_bytes(
-                parent_name as *const u8,
-                &mut id.names[CGROUP_PARENT_NAME_AT..NODENAME_AT],
-            )
+            bpf_probe_read_kernel_str_bytes(parent_name as *const u8, &mut id.cgroup_parent_name)
         }
         .map_err(|e| e as i64)?;
     }

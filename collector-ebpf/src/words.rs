@@ -1,12 +1,12 @@
-//! Zeroing and copying records a word at a time.
+//! Zeroing records a word at a time.
 //!
 //! LLVM's BPF backend turns a large `*ev = zeroed()` or a byte-slice copy into a call to
 //! compiler-builtins' `memset`/`memcpy`, which on BPF are byte loops: zeroing the
-//! 504-byte `ConnectEvent` ran ~2,000 instructions (~390 ns here), copying the cached
-//! identity's names ~2,400. Volatile 8-byte stores are never merged back into those
-//! calls, and a loop of them runs a quarter of an instruction per byte.
+//! 504-byte `ConnectEvent` of the time ran ~2,000 instructions (~390 ns here). Volatile
+//! 8-byte stores are never merged back into those calls, and a loop of them runs a
+//! quarter of an instruction per byte.
 
-use core::ptr::{read_volatile, write_volatile};
+use core::ptr::write_volatile;
 
 /// Zeroes the whole of `*dst`, 8 bytes at a time.
 ///
@@ -37,21 +37,6 @@ pub unsafe fn zero_between<T>(dst: *mut T, from: usize, to: usize) {
     while i < to && i < core::mem::size_of::<T>() / 8 {
         // SAFETY: within `*dst`, aligned (the caller).
         unsafe { write_volatile(words.add(i), 0) };
-        i += 1;
-    }
-}
-
-/// Copies `WORDS` 8-byte words from `src` to `dst`.
-///
-/// # Safety
-/// Both are 8-byte aligned, valid for `WORDS * 8` bytes, and do not overlap.
-#[inline(always)]
-pub unsafe fn copy<const WORDS: usize>(dst: *mut u8, src: *const u8) {
-    let (dst, src) = (dst.cast::<u64>(), src.cast::<u64>());
-    let mut i = 0;
-    while i < WORDS {
-        // SAFETY: within both ranges, aligned (the caller).
-        unsafe { write_volatile(dst.add(i), read_volatile(src.add(i))) };
         i += 1;
     }
 }

@@ -210,3 +210,89 @@ fn each_attribute_set_carries_its_keys_and_the_same_body() {
         }
     }
 }
+
+/// The kernel sends a process's identity once and each record refers to it: a process
+/// that connects, execs another program (the same pid, another name) and connects again
+/// within the identity cache's second has each record joined with the identity it had
+/// then, the first one still after the second was sent; threads of the process share it.
+#[test]
+fn each_record_carries_the_identity_its_process_had_when_it_connected() {
+    use std::net::{Ipv4Addr, TcpListener};
+
+    use egress_testkit::collector::RunningCollector;
+    require_root();
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("listen");
+    let port = listener.local_addr().expect("addr").port();
+    let collector = RunningCollector::start(
+        std::path::Path::new(COLLECTOR),
+        &["--attributes", "full", "--stats-interval", "1h"],
+        Duration::from_secs(60),
+    )
+    .expect("collector starts");
+    // python3 connects from two threads, then execs bash, which connects twice.
+    let script = format!(
+        "import os, socket, threading\n\
+         def connect():\n    socket.create_connection(('127.0.0.1', {port})).close()\n\
+         connect()\n\
+         t = threading.Thread(target=connect); t.start(); t.join()\n\
+         os.execv('/bin/bash', ['bash', '-c', 'exec 3<>/dev/tcp/127.0.0.1/{port}; exec 3>&-; exec 4<>/dev/tcp/127.0.0.1/{port}'])\n"
+    );
+    let child = Command::new("python3")
+        .args(["-c", &script])
+        .spawn()
+        .expect("spawn python3");
+    let pid = child.id();
+    let status = child.wait_with_output().expect("python3 runs").status;
+    assert!(status.success(), "the script failed: {status}");
+    std::thread::sleep(Duration::from_millis(300));
+    let (ok, stdout, stderr) = collector
+        .stop(Duration::from_secs(30))
+        .expect("collector stops");
+    assert!(ok, "collector failed:\n{}", stderr.join("\n"));
+    let mine: Vec<serde_json::Value> = stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|r| {
+            r["attributes"]["destination.port"] == port && r["attributes"]["process.pid"] == pid
+        })
+        .collect();
+    let names: Vec<&str> = (mine.iter())
+        .map(|r| {
+            r["attributes"]["process.executable.name"]
+                .as_str()
+                .unwrap_or("?")
+        })
+        .collect();
+    assert_eq!(
+        names,
+        ["python3", "python3", "bash", "bash"],
+        "records in order: {mine:#?}"
+    );
+    let ours = std::process::id();
+    for record in &mine {
+        let attributes = &record["attributes"];
+        assert_eq!(attributes["process.parent_pid"], ours, "{record:#}");
+        assert!(
+            attributes["egress.namespace.net"].as_u64().unwrap_or(0) > 0,
+            "the namespaces are joined: {record:#}"
+        );
+        assert!(
+            attributes["egress.uts.nodename"]
+                .as_str()
+                .is_some_and(|n| !n.is_empty()),
+            "the nodename is joined: {record:#}"
+        );
+    }
+    let threads: std::collections::HashSet<&serde_json::Value> = mine[..2]
+        .iter()
+        .map(|r| &r["attributes"]["thread.id"])
+        .collect();
+    assert_eq!(threads.len(), 2, "two threads of python3: {mine:#?}");
+    assert!(
+        !stderr
+            .iter()
+            .any(|l| l.contains("without their process's identity")),
+        "every identity was known:\n{}",
+        stderr.join("\n")
+    );
+}

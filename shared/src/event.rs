@@ -23,6 +23,8 @@ pub enum EventKind {
     /// A message read from a socket that sent to port 53: a DNS answer, as the
     /// workload received it (a [`DnsEvent`], not a `ConnectEvent`).
     DnsAnswer = 5,
+    /// A process's identity (an [`IdentityEvent`], not a `ConnectEvent`).
+    Identity = 6,
 }
 
 impl EventKind {
@@ -33,6 +35,7 @@ impl EventKind {
             3 => Some(Self::UdpSend),
             4 => Some(Self::TcpClose),
             5 => Some(Self::DnsAnswer),
+            6 => Some(Self::Identity),
             _ => None,
         }
     }
@@ -55,7 +58,10 @@ pub const NS_COUNT: usize = 6;
 /// One connection attempt, as the kernel saw it.
 ///
 /// Addresses are in network byte order as 16 bytes (IPv4 in the first 4); ports are in
-/// host byte order. Strings are NUL-padded and may be truncated by the kernel.
+/// host byte order. Strings are NUL-padded and may be truncated by the kernel. The
+/// process's identity (lineage, namespaces, nodename, cgroup) is not in it: the record
+/// refers to the [`IdentityEvent`] its process sent (`tgid`, `identity_ns`), which the
+/// ring holds before it.
 #[repr(C)]
 #[derive(Copy, Clone)]
 pub struct ConnectEvent {
@@ -63,25 +69,23 @@ pub struct ConnectEvent {
     pub boot_time_ns: u64,
     /// Cgroup v2 id of the task (`bpf_get_current_cgroup_id`).
     pub cgroup_id: u64,
-    /// kernfs id of the cgroup whose leaf name is in `cgroup_name` (v1 hierarchy or v2).
-    pub cgroup_leaf_id: u64,
+    /// The process's identity: [`IdentityEvent::filled_ns`] of the identity record
+    /// (of process `tgid`) this connection's process had.
+    pub identity_ns: u64,
     /// Thread id (kernel `pid`).
     pub tid: u32,
     /// Process id (kernel `tgid`).
     pub tgid: u32,
-    /// Process id of the parent (`real_parent->tgid`).
-    pub parent_tgid: u32,
     pub uid: u32,
     pub gid: u32,
-    /// Process id as seen inside the task's own pid namespace.
-    pub ns_tgid: u32,
     /// Events of this cgroup dropped by its rate limit since its previous event.
     pub rate_limited_before: u32,
     /// Non-zero when this event opened an in-kernel aggregate: the window index (see
     /// [`AggregateKey`](crate::AggregateKey)); repeats in that window are counted there.
     pub aggregate_window: u32,
-    /// Namespace inode numbers, indexed by [`NsIndex`].
-    pub ns_inums: [u32; NS_COUNT],
+    /// UDP: the network namespace inode the flow is keyed by (see
+    /// [`FlowKey`](crate::FlowKey)), read at the send; 0 for TCP.
+    pub flow_netns: u32,
     /// AF_INET or AF_INET6.
     pub family: u16,
     pub src_port: u16,
@@ -90,26 +94,19 @@ pub struct ConnectEvent {
     pub protocol: u8,
     /// An [`EventKind`] value.
     pub kind: u8,
+    /// TCP: a [`ConnState`] value (how the attempt completed); 0 for UDP.
+    pub state: u8,
+    pub _pad: [u8; 3],
     pub src_addr: [u8; 16],
     pub dst_addr: [u8; 16],
     /// Name of the thread that made the call.
     pub thread_comm: [u8; COMM_LEN],
-    /// Name of the process (its thread-group leader).
-    pub process_comm: [u8; COMM_LEN],
-    pub cgroup_name: [u8; CGROUP_NAME_LEN],
-    /// Name of that cgroup's parent (`pod<uid>` or `kubepods-<qos>-pod<uid>.slice` for a
-    /// pod's container), captured so the pod survives the cgroup's removal.
-    pub cgroup_parent_name: [u8; CGROUP_NAME_LEN],
-    /// UTS nodename of the task's UTS namespace.
-    pub nodename: [u8; NODENAME_LEN],
-    /// TCP: a [`ConnState`] value (how the attempt completed); 0 for UDP.
-    pub state: u8,
-    pub _pad: [u8; 2],
     /// TCP: retransmitted SYNs (`tcp_sock.total_retrans` when the attempt completed).
     pub syn_retransmits: u32,
     /// TCP failure: `sk->sk_err` and `sk->sk_err_soft` (positive errno) at SYN_SENT->CLOSE.
     pub sk_err: u32,
     pub sk_err_soft: u32,
+    pub _pad2: u32,
     /// TCP: nanoseconds from SYN_SENT to the attempt's completion. UDP (`UdpSend`,
     /// `UdpConnect`, which have no handshake): the payload bytes the flow sent since its
     /// previous record, this record's datagram included.
@@ -119,7 +116,7 @@ pub struct ConnectEvent {
     pub sock_id: u64,
 }
 
-pub const CONNECT_EVENT_SIZE: usize = 504;
+pub const CONNECT_EVENT_SIZE: usize = 144;
 const _: () = assert!(core::mem::size_of::<ConnectEvent>() == CONNECT_EVENT_SIZE);
 const _: () = assert!(core::mem::align_of::<ConnectEvent>() == 8);
 
@@ -128,33 +125,28 @@ impl ConnectEvent {
         Self {
             boot_time_ns: 0,
             cgroup_id: 0,
-            cgroup_leaf_id: 0,
+            identity_ns: 0,
             tid: 0,
             tgid: 0,
-            parent_tgid: 0,
             uid: 0,
             gid: 0,
-            ns_tgid: 0,
             rate_limited_before: 0,
             aggregate_window: 0,
-            ns_inums: [0; NS_COUNT],
+            flow_netns: 0,
             family: 0,
             src_port: 0,
             dst_port: 0,
             protocol: 0,
             kind: 0,
+            state: 0,
+            _pad: [0; 3],
             src_addr: [0; 16],
             dst_addr: [0; 16],
             thread_comm: [0; COMM_LEN],
-            process_comm: [0; COMM_LEN],
-            cgroup_name: [0; CGROUP_NAME_LEN],
-            cgroup_parent_name: [0; CGROUP_NAME_LEN],
-            nodename: [0; NODENAME_LEN],
-            state: 0,
-            _pad: [0; 2],
             syn_retransmits: 0,
             sk_err: 0,
             sk_err_soft: 0,
+            _pad2: 0,
             handshake_ns: 0,
             sock_id: 0,
         }
@@ -166,6 +158,73 @@ impl ConnectEvent {
         // so all CONNECT_EVENT_SIZE bytes are initialised.
         unsafe {
             core::slice::from_raw_parts((self as *const Self).cast::<u8>(), CONNECT_EVENT_SIZE)
+        }
+    }
+}
+
+/// What a process's connections share, as the kernel read it from one of its tasks: sent
+/// when read (a process's first connection, a change, and at most once a second while it
+/// connects), before any [`ConnectEvent`] that refers to it (`tgid`, `filled_ns`).
+#[repr(C)]
+#[derive(Copy, Clone)]
+pub struct IdentityEvent {
+    /// When it was read (CLOCK_BOOTTIME): with `tgid`, what connections refer to.
+    pub filled_ns: u64,
+    /// Cgroup v2 id of the task it was read from.
+    pub cgroup_id: u64,
+    /// kernfs id of the cgroup whose leaf name is in `cgroup_name` (v1 hierarchy or v2).
+    pub cgroup_leaf_id: u64,
+    /// Process id (kernel `tgid`).
+    pub tgid: u32,
+    /// Process id of the parent (`real_parent->tgid`).
+    pub parent_tgid: u32,
+    /// Process id as seen inside the task's own pid namespace.
+    pub ns_tgid: u32,
+    /// Namespace inode numbers, indexed by [`NsIndex`].
+    pub ns_inums: [u32; NS_COUNT],
+    /// [`EventKind::Identity`].
+    pub kind: u8,
+    pub _pad: [u8; 3],
+    /// Name of the process (its thread-group leader).
+    pub process_comm: [u8; COMM_LEN],
+    pub cgroup_name: [u8; CGROUP_NAME_LEN],
+    /// Name of that cgroup's parent (`pod<uid>` or `kubepods-<qos>-pod<uid>.slice` for a
+    /// pod's container), captured so the pod survives the cgroup's removal.
+    pub cgroup_parent_name: [u8; CGROUP_NAME_LEN],
+    /// UTS nodename of the task's UTS namespace.
+    pub nodename: [u8; NODENAME_LEN],
+    pub _pad2: [u8; 7],
+}
+
+pub const IDENTITY_EVENT_SIZE: usize = 408;
+const _: () = assert!(core::mem::size_of::<IdentityEvent>() == IDENTITY_EVENT_SIZE);
+const _: () = assert!(core::mem::align_of::<IdentityEvent>() == 8);
+
+impl IdentityEvent {
+    pub const fn zeroed() -> Self {
+        Self {
+            filled_ns: 0,
+            cgroup_id: 0,
+            cgroup_leaf_id: 0,
+            tgid: 0,
+            parent_tgid: 0,
+            ns_tgid: 0,
+            ns_inums: [0; NS_COUNT],
+            kind: EventKind::Identity as u8,
+            _pad: [0; 3],
+            process_comm: [0; COMM_LEN],
+            cgroup_name: [0; CGROUP_NAME_LEN],
+            cgroup_parent_name: [0; CGROUP_NAME_LEN],
+            nodename: [0; NODENAME_LEN],
+            _pad2: [0; 7],
+        }
+    }
+
+    /// The raw bytes, as the kernel writes them (decoder tests and fuzzing).
+    pub fn as_bytes(&self) -> &[u8] {
+        // SAFETY: repr(C), integer and byte-array fields, explicit padding (size asserted).
+        unsafe {
+            core::slice::from_raw_parts((self as *const Self).cast::<u8>(), IDENTITY_EVENT_SIZE)
         }
     }
 }
@@ -414,3 +473,7 @@ unsafe impl aya::Pod for TcpCloseEvent {}
 #[cfg(feature = "user")]
 // SAFETY: plain old data, no padding holes (asserted above).
 unsafe impl aya::Pod for DnsEvent {}
+
+#[cfg(feature = "user")]
+// SAFETY: plain old data, no padding holes (asserted above).
+unsafe impl aya::Pod for IdentityEvent {}

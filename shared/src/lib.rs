@@ -17,6 +17,7 @@ pub use config::{
 pub use event::{
     CGROUP_NAME_LEN, COMM_LEN, CONNECT_EVENT_SIZE, COUNTER_COUNT, CloseFlags, ConnState,
     ConnectEvent, Counter, DNS_EVENT_SIZE, DNS_PAYLOAD_MAX, DnsEvent, DnsFlags, EventKind,
-    NODENAME_LEN, NS_COUNT, NsIndex, ResetBy, TCP_CLOSE_EVENT_SIZE, TcpCloseEvent,
+    IDENTITY_EVENT_SIZE, IdentityEvent, NODENAME_LEN, NS_COUNT, NsIndex, ResetBy,
+    TCP_CLOSE_EVENT_SIZE, TcpCloseEvent,
 };
 pub use flow::{FLOW_KEY_WORDS, FlowKey, FlowState};

@@ -5,13 +5,15 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use egress_shared::{
     AggregateKey, CONNECT_EVENT_SIZE, ConnState, ConnectEvent, DNS_EVENT_SIZE, DNS_PAYLOAD_MAX,
-    DnsEvent, DnsFlags, EventKind, NsIndex, TCP_CLOSE_EVENT_SIZE, TcpCloseEvent,
+    DnsEvent, DnsFlags, EventKind, IDENTITY_EVENT_SIZE, IdentityEvent, TCP_CLOSE_EVENT_SIZE,
+    TcpCloseEvent,
 };
 
 use super::{
     clock::BootClock,
+    identities::{Identities, name_field},
     outcome::{Close, ConnectionState, Outcome, error_type},
-    text::{Interner, Text},
+    text::Text,
 };
 
 const AF_INET: u16 = 2;
@@ -22,7 +24,7 @@ const IPPROTO_UDP: u8 = 17;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
     #[error(
-        "record is {got} bytes, expected {CONNECT_EVENT_SIZE}, {TCP_CLOSE_EVENT_SIZE} or {DNS_EVENT_SIZE}"
+        "record is {got} bytes, expected {CONNECT_EVENT_SIZE}, {TCP_CLOSE_EVENT_SIZE}, {DNS_EVENT_SIZE} or {IDENTITY_EVENT_SIZE}"
     )]
     Length { got: usize },
     #[error("DNS record claims {0} payload bytes, at most {DNS_PAYLOAD_MAX} fit")]
@@ -79,7 +81,7 @@ pub struct Process {
     pub thread_name: Text,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Namespaces {
     pub net: u32,
     pub uts: u32,
@@ -172,6 +174,8 @@ impl Connection {
             EventKind::UdpSend => "udp_send",
             EventKind::TcpClose => "tcp_close",
             EventKind::DnsAnswer => "dns",
+            // Never a connection's kind (the decoder refuses it).
+            EventKind::Identity => "identity",
         }
     }
 
@@ -219,6 +223,8 @@ pub enum Decoded {
     Close(TcpCloseEvent),
     /// A DNS message a workload read: the reading socket and task, and the bytes.
     Dns(Box<RawDns>),
+    /// A process's identity, learned (for the records that refer to it).
+    Identity,
 }
 
 /// A DNS record before its payload is parsed.
@@ -234,16 +240,16 @@ pub struct RawDns {
     pub latency_ns: u64,
 }
 
-/// Decodes one ring-buffer record; the two record types differ in length.
-/// Names are made into text through `names`.
+/// Decodes one ring-buffer record; the record types differ in length. Identities are
+/// learned into `identities`, and connections joined with theirs.
 pub fn decode(
     bytes: &[u8],
     clock: &BootClock,
-    names: &mut Interner,
+    identities: &mut Identities,
 ) -> Result<Decoded, DecodeError> {
     match bytes.len() {
         CONNECT_EVENT_SIZE => {
-            let c = decode_connect(bytes, clock, names)?;
+            let c = decode_connect(bytes, clock, identities)?;
             if c.kind == EventKind::DnsAnswer {
                 return Err(DecodeError::Kind(EventKind::DnsAnswer as u8));
             }
@@ -258,7 +264,17 @@ pub fn decode(
             }
             Ok(Decoded::Close(raw))
         }
-        DNS_EVENT_SIZE => decode_dns(bytes, clock, names).map(|d| Decoded::Dns(Box::new(d))),
+        DNS_EVENT_SIZE => decode_dns(bytes, clock, identities).map(|d| Decoded::Dns(Box::new(d))),
+        IDENTITY_EVENT_SIZE => {
+            // SAFETY: the length is checked; IdentityEvent is plain old data for which
+            // every bit pattern is valid; read_unaligned needs no alignment.
+            let raw: IdentityEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+            if raw.kind != EventKind::Identity as u8 {
+                return Err(DecodeError::Kind(raw.kind));
+            }
+            identities.learn(&raw);
+            Ok(Decoded::Identity)
+        }
         got => Err(DecodeError::Length { got }),
     }
 }
@@ -266,7 +282,7 @@ pub fn decode(
 fn decode_dns(
     bytes: &[u8],
     clock: &BootClock,
-    names: &mut Interner,
+    identities: &mut Identities,
 ) -> Result<RawDns, DecodeError> {
     // SAFETY: the length is checked (by the caller), DnsEvent is plain old data for
     // which every bit pattern is valid; read_unaligned needs no alignment.
@@ -278,7 +294,7 @@ fn decode_dns(
     if len > DNS_PAYLOAD_MAX {
         return Err(DecodeError::DnsLength(raw.payload_len));
     }
-    let head = decode_connect(raw.head.as_bytes(), clock, names)?;
+    let head = decode_connect(raw.head.as_bytes(), clock, identities)?;
     Ok(RawDns {
         head,
         payload: raw.payload[..len].to_vec(),
@@ -289,21 +305,11 @@ fn decode_dns(
     })
 }
 
-/// The name fields of a [`ConnectEvent`], each remembered by [`Interner::get_field`].
-mod name_field {
-    pub const PROCESS: usize = 0;
-    pub const THREAD: usize = 1;
-    pub const NODENAME: usize = 2;
-    pub const CGROUP: usize = 3;
-    pub const CGROUP_PARENT: usize = 4;
-    const _: () = assert!(CGROUP_PARENT < crate::events::text::FIELDS);
-}
-
 /// Decodes a [`ConnectEvent`] (also what user space reads from the pending-attempt map).
 pub fn decode_connect(
     bytes: &[u8],
     clock: &BootClock,
-    names: &mut Interner,
+    identities: &mut Identities,
 ) -> Result<Connection, DecodeError> {
     if bytes.len() != CONNECT_EVENT_SIZE {
         return Err(DecodeError::Length { got: bytes.len() });
@@ -313,11 +319,15 @@ pub fn decode_connect(
         // SAFETY: the length is checked, the pointer aligned, ConnectEvent is plain old
         // data for which every bit pattern is valid, and `bytes` is borrowed for as long
         // as the reference lives. Ring records are 8-byte aligned: decoded where they
-        // lie, not copied out first (they are ~480 bytes, most of them names).
-        connect_event(unsafe { &*event }, clock, names)
+        // lie, not copied out first.
+        connect_event(unsafe { &*event }, clock, identities)
     } else {
         // SAFETY: as above; read_unaligned does not require alignment.
-        connect_event(&unsafe { std::ptr::read_unaligned(event) }, clock, names)
+        connect_event(
+            &unsafe { std::ptr::read_unaligned(event) },
+            clock,
+            identities,
+        )
     }
 }
 
@@ -325,10 +335,10 @@ pub fn decode_connect(
 fn connect_event(
     raw: &ConnectEvent,
     clock: &BootClock,
-    names: &mut Interner,
+    identities: &mut Identities,
 ) -> Result<Connection, DecodeError> {
     let kind = EventKind::from_raw(raw.kind).ok_or(DecodeError::Kind(raw.kind))?;
-    if kind == EventKind::TcpClose {
+    if matches!(kind, EventKind::TcpClose | EventKind::Identity) {
         return Err(DecodeError::Kind(raw.kind));
     }
     let transport = match raw.protocol {
@@ -369,7 +379,16 @@ fn connect_event(
             })
         }
     };
-    let ns = |i: NsIndex| raw.ns_inums[i as usize];
+    // Unknown (counted by `identities`): the record keeps what it carries itself.
+    let identity = identities
+        .get(raw.tgid, raw.identity_ns)
+        .unwrap_or_default();
+    let mut namespaces = identity.namespaces;
+    if raw.flow_netns != 0 {
+        // The namespace the kernel keyed the UDP flow by (the same, unless the process
+        // moved between its identity's read and the send).
+        namespaces.net = raw.flow_netns;
+    }
     Ok(Connection {
         time_unix_nano: clock.to_unix_nanos(raw.boot_time_ns),
         kind,
@@ -379,27 +398,20 @@ fn connect_event(
         process: Process {
             pid: raw.tgid,
             tid: raw.tid,
-            parent_pid: raw.parent_tgid,
-            vpid: raw.ns_tgid,
+            parent_pid: identity.parent_pid,
+            vpid: identity.vpid,
             uid: raw.uid,
             gid: raw.gid,
-            name: names.get_field(name_field::PROCESS, &raw.process_comm),
-            thread_name: names.get_field(name_field::THREAD, &raw.thread_comm),
+            name: identity.name,
+            thread_name: (identities.names()).get_field(name_field::THREAD, &raw.thread_comm),
         },
-        namespaces: Namespaces {
-            net: ns(NsIndex::Net),
-            uts: ns(NsIndex::Uts),
-            mnt: ns(NsIndex::Mnt),
-            pid: ns(NsIndex::Pid),
-            ipc: ns(NsIndex::Ipc),
-            cgroup: ns(NsIndex::Cgroup),
-        },
-        nodename: names.get_field(name_field::NODENAME, &raw.nodename),
+        namespaces,
+        nodename: identity.nodename,
         cgroup: Cgroup {
             id: raw.cgroup_id,
-            leaf_id: raw.cgroup_leaf_id,
-            leaf_name: names.get_field(name_field::CGROUP, &raw.cgroup_name),
-            parent_name: names.get_field(name_field::CGROUP_PARENT, &raw.cgroup_parent_name),
+            leaf_id: identity.cgroup_leaf_id,
+            leaf_name: identity.cgroup_leaf_name,
+            parent_name: identity.cgroup_parent_name,
         },
         rate_limited_before: raw.rate_limited_before,
         count: 1,
@@ -436,25 +448,47 @@ pub(super) mod tests {
         ev.dst_port = 443;
         ev.tgid = 42;
         ev.tid = 43;
-        ev.parent_tgid = 1;
-        ev.ns_tgid = 7;
+        ev.identity_ns = 4_000;
         ev.uid = 1000;
-        ev.ns_inums = [11, 12, 13, 14, 15, 16];
-        ev.process_comm[..4].copy_from_slice(b"curl");
         ev.thread_comm[..6].copy_from_slice(b"worker");
-        ev.nodename[..6].copy_from_slice(b"pod-1\0");
-        ev.cgroup_name[..5].copy_from_slice(b"abcde");
-        ev.cgroup_parent_name[..6].copy_from_slice(b"pod123");
         ev.cgroup_id = 99;
         ev.rate_limited_before = 3;
         ev
     }
 
+    /// The identity [`sample`] refers to.
+    pub(super) fn sample_identity() -> IdentityEvent {
+        let mut id = IdentityEvent::zeroed();
+        id.filled_ns = 4_000;
+        id.tgid = 42;
+        id.cgroup_id = 99;
+        id.cgroup_leaf_id = 98;
+        id.parent_tgid = 1;
+        id.ns_tgid = 7;
+        id.ns_inums = [11, 12, 13, 14, 15, 16];
+        id.process_comm[..4].copy_from_slice(b"curl");
+        id.nodename[..6].copy_from_slice(b"pod-1\0");
+        id.cgroup_name[..5].copy_from_slice(b"abcde");
+        id.cgroup_parent_name[..6].copy_from_slice(b"pod123");
+        id
+    }
+
+    /// Identities that know [`sample_identity`], learned as the reader learns it.
+    pub(super) fn known() -> Identities {
+        let mut identities = Identities::default();
+        let learned = decode(
+            sample_identity().as_bytes(),
+            &BootClock::with_offset(0),
+            &mut identities,
+        );
+        assert_eq!(learned, Ok(Decoded::Identity));
+        identities
+    }
+
     #[test]
     fn round_trip_of_a_tcp_v4_event() {
         let clock = BootClock::with_offset(1_000_000);
-        let c = decode_connect(sample().as_bytes(), &clock, &mut Interner::default())
-            .expect("valid event");
+        let c = decode_connect(sample().as_bytes(), &clock, &mut known()).expect("valid event");
         assert_eq!(c.time_unix_nano, 1_005_000);
         assert_eq!(c.kind, EventKind::TcpConnect);
         assert_eq!(c.transport, Transport::Tcp);
@@ -470,8 +504,44 @@ pub(super) mod tests {
         assert_eq!(c.nodename, "pod-1");
         assert_eq!(c.cgroup.leaf_name, "abcde");
         assert_eq!(c.cgroup.parent_name, "pod123");
+        assert_eq!((c.cgroup.id, c.cgroup.leaf_id), (99, 98));
         assert_eq!(c.rate_limited_before, 3);
         assert_eq!(c.network_type(), "ipv4");
+    }
+
+    #[test]
+    fn a_record_whose_identity_is_unknown_keeps_its_own_fields_and_is_counted() {
+        let clock = BootClock::with_offset(0);
+        let mut identities = known();
+        let mut ev = sample();
+        // A read of this process the ring did not carry (lost when it was full).
+        ev.identity_ns = 4_001;
+        let c = decode_connect(ev.as_bytes(), &clock, &mut identities).expect("valid event");
+        assert_eq!((c.process.pid, c.process.tid, c.cgroup.id), (42, 43, 99));
+        assert_eq!(c.process.thread_name, "worker");
+        assert_eq!(c.process.name, "");
+        assert_eq!((c.cgroup.leaf_name.as_str(), c.nodename.as_str()), ("", ""));
+        assert_eq!(identities.take_unknown(), 1);
+        // Another process's record is not joined with this one's identity either.
+        let mut other = sample();
+        other.tgid = 7;
+        decode_connect(other.as_bytes(), &clock, &mut identities).expect("valid event");
+        assert_eq!(identities.take_unknown(), 1);
+        decode_connect(sample().as_bytes(), &clock, &mut identities).expect("valid event");
+        assert_eq!(identities.take_unknown(), 0);
+    }
+
+    #[test]
+    fn a_udp_record_keeps_the_network_namespace_its_flow_was_keyed_by() {
+        let mut ev = sample();
+        ev.protocol = IPPROTO_UDP;
+        ev.kind = EventKind::UdpSend as u8;
+        let clock = BootClock::with_offset(0);
+        let c = decode_connect(ev.as_bytes(), &clock, &mut known()).expect("valid event");
+        assert_eq!(c.namespaces.net, 11);
+        ev.flow_netns = 21;
+        let c = decode_connect(ev.as_bytes(), &clock, &mut known()).expect("valid event");
+        assert_eq!((c.namespaces.net, c.namespaces.uts), (21, 12));
     }
 
     #[test]
@@ -481,12 +551,8 @@ pub(super) mod tests {
         ev.protocol = IPPROTO_UDP;
         ev.kind = EventKind::UdpSend as u8;
         ev.dst_addr = Ipv6Addr::LOCALHOST.octets();
-        let c = decode_connect(
-            ev.as_bytes(),
-            &BootClock::with_offset(0),
-            &mut Interner::default(),
-        )
-        .expect("valid event");
+        let c = decode_connect(ev.as_bytes(), &BootClock::with_offset(0), &mut known())
+            .expect("valid event");
         assert_eq!(c.destination, "[::1]:443".parse().expect("addr"));
         assert_eq!(c.network_type(), "ipv6");
         assert_eq!(c.kind_str(), "udp_send");
@@ -497,43 +563,55 @@ pub(super) mod tests {
         let clock = BootClock::with_offset(0);
         let bytes = sample().as_bytes().to_vec();
         assert_eq!(
-            decode(&bytes[..100], &clock, &mut Interner::default()),
+            decode(&bytes[..100], &clock, &mut known()),
             Err(DecodeError::Length { got: 100 })
         );
         let mut ev = sample();
         ev.kind = 200;
         assert_eq!(
-            decode(ev.as_bytes(), &clock, &mut Interner::default()),
+            decode(ev.as_bytes(), &clock, &mut known()),
             Err(DecodeError::Kind(200))
         );
         let mut ev = sample();
         ev.kind = EventKind::TcpClose as u8;
         assert_eq!(
-            decode(ev.as_bytes(), &clock, &mut Interner::default()),
+            decode(ev.as_bytes(), &clock, &mut known()),
             Err(DecodeError::Kind(4))
         );
         let mut ev = sample();
         ev.family = 1;
         assert_eq!(
-            decode(ev.as_bytes(), &clock, &mut Interner::default()),
+            decode(ev.as_bytes(), &clock, &mut known()),
             Err(DecodeError::Family(1))
         );
         let mut ev = sample();
         ev.protocol = 1;
         assert_eq!(
-            decode(ev.as_bytes(), &clock, &mut Interner::default()),
+            decode(ev.as_bytes(), &clock, &mut known()),
             Err(DecodeError::Protocol(1))
         );
         let mut ev = sample();
         ev.state = 9;
         assert_eq!(
-            decode(ev.as_bytes(), &clock, &mut Interner::default()),
+            decode(ev.as_bytes(), &clock, &mut known()),
             Err(DecodeError::State(9))
+        );
+        let mut id = sample_identity();
+        id.kind = EventKind::TcpConnect as u8;
+        assert_eq!(
+            decode(id.as_bytes(), &clock, &mut known()),
+            Err(DecodeError::Kind(1))
+        );
+        let mut ev = sample();
+        ev.kind = EventKind::Identity as u8;
+        assert_eq!(
+            decode(ev.as_bytes(), &clock, &mut known()),
+            Err(DecodeError::Kind(6))
         );
         let mut close = TcpCloseEvent::zeroed();
         close.kind = 1;
         assert_eq!(
-            decode(close.as_bytes(), &clock, &mut Interner::default()),
+            decode(close.as_bytes(), &clock, &mut known()),
             Err(DecodeError::Kind(1))
         );
     }
@@ -544,12 +622,12 @@ pub(super) mod tests {
         let mut ev = sample();
         ev.state = egress_shared::ConnState::Established as u8;
         ev.handshake_ns = 77;
-        let tcp = decode_connect(ev.as_bytes(), &clock, &mut Interner::default()).expect("valid");
+        let tcp = decode_connect(ev.as_bytes(), &clock, &mut known()).expect("valid");
         assert_eq!(tcp.udp_bytes, None);
         ev.protocol = IPPROTO_UDP;
         ev.kind = EventKind::UdpSend as u8;
         ev.state = 0;
-        let udp = decode_connect(ev.as_bytes(), &clock, &mut Interner::default()).expect("valid");
+        let udp = decode_connect(ev.as_bytes(), &clock, &mut known()).expect("valid");
         assert_eq!(udp.udp_bytes, Some(77));
         assert_eq!(udp.outcome, None);
     }
@@ -561,11 +639,9 @@ pub(super) mod tests {
         ev.sk_err = 111;
         ev.handshake_ns = 7;
         ev.syn_retransmits = 2;
-        let Ok(Decoded::Connection(c)) = decode(
-            ev.as_bytes(),
-            &BootClock::with_offset(0),
-            &mut Interner::default(),
-        ) else {
+        let Ok(Decoded::Connection(c)) =
+            decode(ev.as_bytes(), &BootClock::with_offset(0), &mut known())
+        else {
             panic!("a connection")
         };
         let outcome = c.outcome.expect("TCP has an outcome");
@@ -573,12 +649,8 @@ pub(super) mod tests {
         assert_eq!(outcome.error_type, Some("refused"));
         assert_eq!((outcome.handshake_ns, outcome.syn_retransmits), (7, 2));
         ev.state = ConnState::Established as u8;
-        let c = decode_connect(
-            ev.as_bytes(),
-            &BootClock::with_offset(0),
-            &mut Interner::default(),
-        )
-        .expect("valid");
+        let c =
+            decode_connect(ev.as_bytes(), &BootClock::with_offset(0), &mut known()).expect("valid");
         assert_eq!(c.outcome.expect("outcome").error_type, None);
     }
 
@@ -593,7 +665,7 @@ pub(super) mod tests {
         dns.payload[..3].copy_from_slice(b"abc");
         dns.flags = egress_shared::DnsFlags::TRUNCATED;
         dns.latency_ns = 9;
-        let Ok(Decoded::Dns(raw)) = decode(dns.as_bytes(), &clock, &mut Interner::default()) else {
+        let Ok(Decoded::Dns(raw)) = decode(dns.as_bytes(), &clock, &mut known()) else {
             panic!("a DNS record")
         };
         assert_eq!(raw.payload, b"abc");
@@ -602,12 +674,12 @@ pub(super) mod tests {
         assert_eq!(raw.head.kind_str(), "dns");
         dns.payload_len = DNS_PAYLOAD_MAX as u16 + 1;
         assert_eq!(
-            decode(dns.as_bytes(), &clock, &mut Interner::default()),
+            decode(dns.as_bytes(), &clock, &mut known()),
             Err(DecodeError::DnsLength(DNS_PAYLOAD_MAX as u16 + 1))
         );
         // A connection-sized record cannot claim to be DNS.
         assert_eq!(
-            decode(dns.head.as_bytes(), &clock, &mut Interner::default()),
+            decode(dns.head.as_bytes(), &clock, &mut known()),
             Err(DecodeError::Kind(EventKind::DnsAnswer as u8))
         );
     }
@@ -616,25 +688,22 @@ pub(super) mod tests {
     fn a_close_record_round_trips() {
         let mut close = TcpCloseEvent::zeroed();
         close.bytes_acked = 10;
-        let decoded = decode(
-            close.as_bytes(),
-            &BootClock::with_offset(0),
-            &mut Interner::default(),
-        );
+        let decoded = decode(close.as_bytes(), &BootClock::with_offset(0), &mut known());
         assert_eq!(decoded, Ok(Decoded::Close(close)));
     }
 
     #[test]
     fn unterminated_and_invalid_utf8_strings_are_kept_lossily() {
-        let mut ev = sample();
-        ev.process_comm = [0xff; 16];
-        ev.cgroup_name = [b'a'; 128];
-        let c = decode_connect(
-            ev.as_bytes(),
-            &BootClock::with_offset(0),
-            &mut Interner::default(),
-        )
-        .expect("valid event");
+        let mut id = sample_identity();
+        id.process_comm = [0xff; 16];
+        id.cgroup_name = [b'a'; 128];
+        let clock = BootClock::with_offset(0);
+        let mut identities = Identities::default();
+        assert_eq!(
+            decode(id.as_bytes(), &clock, &mut identities),
+            Ok(Decoded::Identity)
+        );
+        let c = decode_connect(sample().as_bytes(), &clock, &mut identities).expect("valid event");
         assert_eq!(c.process.name.chars().count(), 16);
         assert_eq!(c.cgroup.leaf_name.len(), 128);
     }
@@ -642,14 +711,20 @@ pub(super) mod tests {
 
 #[cfg(test)]
 mod fuzz {
-    use super::{BootClock, Interner, decode, tests::sample};
+    use super::{
+        BootClock, Identities, decode,
+        tests::{sample, sample_identity},
+    };
     use crate::mutate::mutations;
     use egress_shared::TcpCloseEvent;
 
     #[test]
     fn decoding_never_panics() {
         let clock = BootClock::with_offset(i128::from(u64::MAX));
-        let mut names = Interner::default();
+        let mut names = Identities::default();
+        for input in mutations(sample_identity().as_bytes(), 20_000) {
+            let _ = decode(&input, &clock, &mut names);
+        }
         for input in mutations(sample().as_bytes(), 50_000) {
             let _ = decode(&input, &clock, &mut names);
         }

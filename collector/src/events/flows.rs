@@ -183,10 +183,11 @@ mod tests {
     use egress_shared::ConnectEvent;
 
     use super::*;
-    use crate::events::{decode::decode_connect, text::Interner};
+    use crate::events::{decode::decode_connect, identities::Identities};
 
     fn decoded(ev: &ConnectEvent) -> Connection {
-        decode_connect(ev.as_bytes(), &BootClock::now(), &mut Interner::default()).expect("decodes")
+        decode_connect(ev.as_bytes(), &BootClock::now(), &mut Identities::default())
+            .expect("decodes")
     }
 
     fn udp_event(family: u16, src: &[u8], dst: &[u8]) -> ConnectEvent {
@@ -199,13 +200,13 @@ mod tests {
         ev.src_port = 40000;
         ev.dst_port = 443;
         ev.tgid = 4242;
-        ev.ns_inums[egress_shared::NsIndex::Net as usize] = 4026531840;
+        ev.flow_netns = 4026531840;
         ev
     }
 
     fn kernel_key(ev: &ConnectEvent) -> FlowKey {
         FlowKey {
-            netns: ev.ns_inums[egress_shared::NsIndex::Net as usize],
+            netns: ev.flow_netns,
             family: ev.family,
             protocol: u16::from(ev.protocol),
             src_port: ev.src_port,

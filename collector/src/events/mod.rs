@@ -15,6 +15,7 @@ pub mod aggregate;
 pub mod clock;
 pub mod decode;
 pub mod flows;
+pub mod identities;
 pub mod names;
 pub mod outcome;
 pub mod text;
@@ -30,9 +31,9 @@ use self::{
     clock::BootClock,
     decode::{Decoded, decode, decode_connect},
     flows::FlowSweeper,
+    identities::Identities,
     names::Names,
     outcome::Tracker,
-    text::Interner,
 };
 use crate::{
     config::settings::{DnsSettings, OutcomeSettings},
@@ -72,8 +73,10 @@ pub struct EventReader {
     pending: Option<PendingAttempts>,
     outcomes: OutcomeSettings,
     names: Names,
-    /// Process, node and cgroup names as shared text (see [`text`]).
-    interned: Interner,
+    /// Process identities, which connections are joined with (see [`identities`]).
+    identities: Identities,
+    /// Whether a record with no known identity was reported (the first is logged).
+    identities_unknown_seen: bool,
     ticks: u32,
     /// Records in the last batch handed on: the next one is allocated that large at once
     /// (records are large; growing a batch by doubling copies them again).
@@ -102,7 +105,8 @@ impl EventReader {
             pending: None,
             outcomes: OutcomeSettings::default(),
             names: Names::new(DnsSettings::default()),
-            interned: Interner::default(),
+            identities: Identities::default(),
+            identities_unknown_seen: false,
             ticks: 0,
             last_batch: 0,
             unattributed: Default::default(),
@@ -202,7 +206,7 @@ impl EventReader {
             let item = ring.next_record();
             let more = item.is_some();
             if let Some(item) = item {
-                match decode(&item, &self.clock, &mut self.interned) {
+                match decode(&item, &self.clock, &mut self.identities) {
                     Ok(Decoded::Connection(mut connection)) => {
                         let kept = self.names.connection(&mut connection, now, &self.telemetry);
                         if let Some(flows) = &mut self.flows {
@@ -242,6 +246,7 @@ impl EventReader {
                             batch.push(Record::captured(record, &self.unattributed));
                         }
                     }
+                    Ok(Decoded::Identity) => {}
                     Err(e) => self
                         .telemetry
                         .emit(ReaderEvent::DecodeFailed { reason: e.reason() }),
@@ -264,6 +269,18 @@ impl EventReader {
                 break;
             }
         }
+        self.count_unknown_identities();
+    }
+
+    /// Reports the records joined with no known identity since the last call.
+    fn count_unknown_identities(&mut self) {
+        let records = self.identities.take_unknown();
+        if records > 0 {
+            let first = !self.identities_unknown_seen;
+            self.identities_unknown_seen = true;
+            self.telemetry
+                .emit(ReaderEvent::IdentitiesUnknown { records, first });
+        }
     }
 
     fn pending_every(&self) -> u32 {
@@ -281,7 +298,7 @@ impl EventReader {
         let mut still = std::collections::HashSet::new();
         for raw in map.started_by(now.saturating_sub(limit)) {
             still.insert((raw.sock_id, raw.boot_time_ns));
-            match decode_connect(raw.as_bytes(), &self.clock, &mut self.interned) {
+            match decode_connect(raw.as_bytes(), &self.clock, &mut self.identities) {
                 Ok(mut connection) => {
                     self.names.connection(&mut connection, now, &self.telemetry);
                     batch.extend(self.tracker.pending(connection));
@@ -291,6 +308,7 @@ impl EventReader {
                     .emit(ReaderEvent::DecodeFailed { reason: e.reason() }),
             }
         }
+        self.count_unknown_identities();
         self.tracker
             .forget_stale_pending(&still, now.saturating_sub(STALE_PENDING_NS));
         self.hand_on(batch, out);

@@ -45,6 +45,10 @@ pub enum ReaderEvent<'a> {
     /// UDP bytes a flow sent after its last record that the sweep found but could not
     /// attribute (no record of the flow known in user space).
     UdpBytesUnattributed { bytes: u64 },
+    /// Records joined with no known identity of their process (see
+    /// `events::identities`); `first` for the first since the collector started, which
+    /// is logged.
+    IdentitiesUnknown { records: u64, first: bool },
     /// A sweep of the kernel's UDP flows stopped at an error; `first` for the first
     /// failure since the last sweep that succeeded, which is logged.
     UdpSweepFailed { error: &'a dyn Display, first: bool },
@@ -100,6 +104,15 @@ impl ReaderTelemetry {
             }
             ReaderEvent::UdpBytesUnattributed { bytes } => {
                 stats.record_udp_bytes_unattributed(bytes)
+            }
+            ReaderEvent::IdentitiesUnknown { records, first } => {
+                stats.record_identities_unknown(records);
+                if first {
+                    tracing::warn!(
+                        records,
+                        "Records went out without their process's identity (names, namespaces, cgroup): its identity record was lost (the ring buffer was full) or forgotten; counted in egress_collector.events.identities_unknown."
+                    );
+                }
             }
             ReaderEvent::UdpSweepFailed { error, first } => {
                 stats.record_udp_sweep_failed();

@@ -146,6 +146,12 @@ pub fn self_metrics(s: &Snapshot) -> Vec<SelfMetric> {
             vec![Point::plain(s.udp_bytes_unattributed)],
         ),
         counter(
+            "egress_collector.events.identities_unknown",
+            "Records whose process identity (names, namespaces, cgroup) was not known: its identity record was lost to a full ring buffer or forgotten; the record carries its process and cgroup ids only.",
+            "{record}",
+            vec![Point::plain(s.identities_unknown)],
+        ),
+        counter(
             "egress_collector.udp.sweeps_failed",
             "Sweeps of the kernel's UDP flows that stopped at an error (bytes sent after a flow's last record wait for a sweep that succeeds).",
             "{sweep}",

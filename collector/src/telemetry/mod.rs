@@ -83,6 +83,7 @@ pub struct Stats {
     repeats_lost: AtomicU64,
     udp_bytes_unattributed: AtomicU64,
     udp_sweeps_failed: AtomicU64,
+    identities_unknown: AtomicU64,
     filtered: AtomicU64,
     stdout_copy_dropped: AtomicU64,
     spans_failed: AtomicU64,
@@ -117,6 +118,10 @@ pub struct Snapshot {
     /// Sweeps of `UDP_FLOWS` that stopped at an error (the flows not swept wait for the
     /// next sweep; the kernel's LRU forgets them, and their bytes, if none succeeds).
     pub udp_sweeps_failed: u64,
+    /// Records whose process identity (names, namespaces, cgroup) was not known in user
+    /// space: its identity record was lost (the ring was full) or forgotten. The record
+    /// goes out with its process and cgroup ids only.
+    pub identities_unknown: u64,
     /// Records dropped by user space for a user filter (an excluded Kubernetes namespace).
     pub filtered: u64,
     /// With OTLP and `--stdout`: copies not written to stdout because its queue was
@@ -219,6 +224,10 @@ impl Stats {
         self.udp_bytes_unattributed.fetch_add(n, Relaxed);
     }
 
+    fn record_identities_unknown(&self, n: u64) {
+        self.identities_unknown.fetch_add(n, Relaxed);
+    }
+
     fn record_udp_sweep_failed(&self) {
         self.udp_sweeps_failed.fetch_add(1, Relaxed);
     }
@@ -295,6 +304,7 @@ impl Stats {
             repeats_lost: self.repeats_lost.load(Relaxed),
             udp_bytes_unattributed: self.udp_bytes_unattributed.load(Relaxed),
             udp_sweeps_failed: self.udp_sweeps_failed.load(Relaxed),
+            identities_unknown: self.identities_unknown.load(Relaxed),
             filtered: self.filtered.load(Relaxed),
             stdout_copy_dropped: self.stdout_copy_dropped.load(Relaxed),
             spans_failed: self.spans_failed.load(Relaxed),
