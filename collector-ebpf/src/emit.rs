@@ -777,7 +777,7 @@ fn pending_slot(sk: u64) -> u32 {
 /// Where the attempt on `sk` is assembled: in place in its [`PENDING_SLOTS`] slot, claimed
 /// now, if the slot is free (or already this socket's: an attempt whose completion was
 /// skipped), so an admitted attempt is neither zeroed in a scratch record nor copied
-/// (504 bytes each way); else in the program's [`SCRATCH`] slot, for [`spill`]. True when
+/// (144 bytes each way); else in the program's [`SCRATCH`] slot, for [`spill`]. True when
 /// in place. A dropped attempt gives its slot back ([`abandon`]).
 ///
 /// In place, the slot's time is `u64::MAX` (as a release leaves it, see

@@ -58,7 +58,7 @@ fn excluded_destination(family: u16, a: &[u8; 16]) -> bool {
 }
 
 /// The cgroup that names the event's container, the key of the per-cgroup maps: the leaf
-/// of the configured hierarchy (`ConnectEvent::cgroup_leaf_id`) where known, else the v2
+/// of the configured hierarchy (`IdentityEvent::cgroup_leaf_id`) where known, else the v2
 /// cgroup id.
 #[inline(always)]
 pub fn cgroup_key(leaf_id: u64, cgroup_id: u64) -> u64 {

@@ -199,8 +199,9 @@ pub const PENDING_SLOT_COUNT: u32 = 1 << PENDING_SLOT_BITS;
 pub static PENDING_SPILLS: Array<u64> = Array::with_max_entries(PENDING_SLOT_COUNT, 0);
 
 /// The part of a task's identity its whole process shares and that rarely changes, by
-/// `tgid`, so a process's connections after its first cost a lookup and a copy instead
-/// of ~25 kernel reads and three string reads (`task::fill_process`). LRU: 8,192
+/// `tgid`, so a process's connections after its first cost a lookup and a few checking
+/// loads instead of ~25 kernel reads and three string reads, and carry a reference to
+/// the identity sent once (`task::walk`), not a copy. LRU: 8,192
 /// processes that connect; an evicted one is read again at its next connection.
 #[map]
 pub static IDENTITIES: LruHashMap<u32, Identity> = LruHashMap::with_max_entries(8192, 0);
@@ -365,7 +366,7 @@ pub struct DnsRead {
     pub sent_ns: u64,
 }
 
-/// Where a DNS record is assembled (1744 bytes): slot 0 for answers (the read exits,
+/// Where a DNS record is assembled (1,384 bytes): slot 0 for answers (the read exits,
 /// kprobe mode's receive return), slot 1 for queries (the send exits), 2-4 for the fentry
 /// family's three receive fexits, as [`SCRATCH`] has a slot per program.
 #[map]

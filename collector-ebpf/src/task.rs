@@ -133,7 +133,10 @@ pub fn cached(
     // LRU map may reuse the element for another insert meanwhile (see [`unchanged`]).
     let cached = unsafe { &*cached };
     let filled_ns = filled_ns(cached);
+    // The process id too: an element the LRU reused for another process of the same
+    // namespaces, cgroup and exec count would otherwise pass for this one's.
     (check.nsproxy != 0
+        && cached.record.tgid == tgid
         && cached.nsproxy == check.nsproxy
         && cached.record.cgroup_id == cgroup_id
         && cached.exec_id == check.exec_id
@@ -167,8 +170,8 @@ fn filled_ns(id: &Identity) -> u64 {
 /// Whether the cached identity `id` is still the one checked, `filled_ns` being when it
 /// was filled then: the LRU map reuses a freed element for another insert without
 /// waiting for the programs reading it, so one evicted and refilled (another process,
-/// or this one again) while it was copied is told apart by its fill time; the copy is
-/// then redone from the task.
+/// or this one again) while it was read is told apart by its fill time; the identity is
+/// then read again from the task.
 #[inline(always)]
 pub fn unchanged(id: &Identity, filled_ns: u64, check: &Check) -> bool {
     // SAFETY: as in `filled_ns`.
@@ -185,7 +188,8 @@ pub fn unchanged(id: &Identity, filled_ns: u64, check: &Check) -> bool {
 ///
 /// Sent before it is cached, so every record that refers to it is reserved in the ring
 /// after it (see the module's documentation). An identity the full ring refused is not
-/// cached (counted): only this record refers to it, and user space counts it unknown.
+/// cached (counted `identity_lost`): only this record refers to it, and user space
+/// counts it unknown.
 #[inline(always)]
 pub fn walk(ev: &mut ConnectEvent, slot: Slot, check: &Check, now: u64) -> Walked {
     ev.identity_ns = now;
@@ -219,7 +223,7 @@ pub fn walk(ev: &mut ConnectEvent, slot: Slot, check: &Check, now: u64) -> Walke
         .output::<IdentityEvent>(record, BPF_RB_NO_WAKEUP)
         .is_err()
     {
-        crate::emit::count(Counter::RingBufferFull);
+        crate::emit::count(Counter::IdentityLost);
         return walked;
     }
     if !walked.complete {

@@ -292,3 +292,52 @@ fn an_mptcp_connect_is_reported_once_by_its_tcp_subflow() {
         assert!(problems.is_empty(), "{}", problems.join("\n"));
     }
 }
+
+/// The names of the programs process `pid` holds (by the program ids in its fds' info),
+/// truncated by the kernel to 15 bytes.
+fn programs_held_by(pid: u32) -> Vec<String> {
+    let mut ids = std::collections::HashSet::new();
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fdinfo")).expect("fdinfo") {
+        let info = std::fs::read_to_string(fd.expect("fd").path()).unwrap_or_default();
+        ids.extend(
+            info.lines()
+                .filter_map(|l| l.strip_prefix("prog_id:"))
+                .filter_map(|id| id.trim().parse::<u32>().ok()),
+        );
+    }
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter(|p| ids.contains(&p.id()))
+        .filter_map(|p| p.name_as_str().map(str::to_owned))
+        .collect()
+}
+
+/// A reset is only ever reported on a close record, so the reset tracepoints cost every
+/// connection that ends in a RST two program runs only where closes are followed
+/// (`--close-records`, or OTLP's spans and durations): not with the default flags.
+#[test]
+fn the_reset_hooks_are_attached_only_where_closes_are_followed() {
+    require_root();
+    let resets = |names: &[String]| {
+        names
+            .iter()
+            .filter(|n| n.starts_with("raw_tp_tcp_rec") || n.starts_with("raw_tp_tcp_sen"))
+            .count()
+    };
+    for (args, want) in [(&[][..], 0), (&["--close-records"][..], 2)] {
+        let collector = RunningCollector::start(
+            std::path::Path::new(COLLECTOR),
+            args,
+            Duration::from_secs(60),
+        )
+        .expect("collector starts");
+        let names = programs_held_by(collector.pid());
+        let (ok, _, stderr) = collector.stop(Duration::from_secs(30)).expect("stops");
+        assert!(ok, "collector failed:\n{}", stderr.join("\n"));
+        assert!(
+            names.iter().any(|n| n.contains("inet_so")),
+            "{args:?}: the state program is among {names:?}"
+        );
+        assert_eq!(resets(&names), want, "{args:?}: programs {names:?}");
+    }
+}

@@ -41,7 +41,7 @@ impl EventKind {
     }
 }
 
-/// Index into [`ConnectEvent::ns_inums`].
+/// Index into [`IdentityEvent::ns_inums`].
 #[repr(usize)]
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub enum NsIndex {
@@ -369,9 +369,13 @@ pub enum Counter {
     /// the LRU forgot, whose next connection reads their identity again (a cost, not a
     /// loss).
     IdentitiesCached = 10,
+    /// A process's identity the full ring buffer refused: not cached, so only the record
+    /// whose run read it refers to it, which user space then reports without it
+    /// (`identities_unknown`). Not an event lost.
+    IdentityLost = 11,
 }
 
-pub const COUNTER_COUNT: u32 = 11;
+pub const COUNTER_COUNT: u32 = 12;
 
 impl Counter {
     pub const ALL: [Counter; COUNTER_COUNT as usize] = [
@@ -386,6 +390,7 @@ impl Counter {
         Counter::CallsSaved,
         Counter::CallsTaken,
         Counter::IdentitiesCached,
+        Counter::IdentityLost,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -401,6 +406,7 @@ impl Counter {
             Counter::CallsSaved => "calls_saved",
             Counter::CallsTaken => "calls_taken",
             Counter::IdentitiesCached => "identities_cached",
+            Counter::IdentityLost => "identity_lost",
         }
     }
 }

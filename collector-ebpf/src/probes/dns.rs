@@ -26,6 +26,7 @@ use crate::{
     maps::{
         DNS_PROCESSES, DNS_READS, DNS_SCRATCH, DNS_SOCKETS, DnsRead, DnsSocket, EVENTS, config,
     },
+    read::Reader,
     sock::{self, IPPROTO_TCP},
     task,
 };
@@ -166,7 +167,7 @@ fn arguments(pid_tgid: u64, is_msghdr: bool) -> Option<DnsRead> {
         let _ = DNS_READS.remove(&tid);
         return Some(read);
     }
-    let regs = saved_regs();
+    let regs = crate::read::Probe::current_pt_regs();
     let fd: u64 = crate::read::kernel(regs, fd_at).ok()?;
     // SAFETY: a plain value copied out at once.
     let marked = unsafe { DNS_SOCKETS.get(&key(pid_tgid, fd)) }?;
@@ -177,18 +178,6 @@ fn arguments(pid_tgid: u64, is_msghdr: bool) -> Option<DnsRead> {
         is_msghdr: is_msghdr as u64,
         sent_ns: marked.sent_ns,
     })
-}
-
-/// The registers the current task saved at syscall entry.
-#[inline(always)]
-fn saved_regs() -> u64 {
-    // SAFETY: the helpers take the current task's BTF pointer and return its pt_regs.
-    let regs = unsafe {
-        aya_ebpf::helpers::generated::bpf_task_pt_regs(
-            aya_ebpf::helpers::generated::bpf_get_current_task_btf(),
-        )
-    };
-    regs as u64
 }
 
 #[inline(always)]
@@ -232,7 +221,7 @@ pub fn query(fd: u64, sk: u64, user_addr: u64, is_msghdr: bool, ret: i64) {
         if buf_at == 0 {
             return;
         }
-        match crate::read::kernel::<u64>(saved_regs(), buf_at) {
+        match crate::read::kernel::<u64>(crate::read::Probe::current_pt_regs(), buf_at) {
             Ok(buf) => buf,
             Err(_) => return,
         }

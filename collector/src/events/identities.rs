@@ -49,8 +49,10 @@ struct Known {
 /// process had when it began, which a long SYN_SENT keeps for minutes.
 type History = Vec<Known>;
 
-/// Distinct identities kept per process.
-const HISTORY: usize = 4;
+/// Identities kept per process: distinct ones (an exec, a move), or one again after
+/// another (threads of one process in different namespaces or v1 cgroups, each read in
+/// turn), whose records may still be pending.
+const HISTORY: usize = 8;
 
 /// Processes kept in each of the two generations (see [`Identities`]): twice the
 /// kernel's cache (`IDENTITIES`, 8,192), so every process the kernel can still refer to
@@ -93,13 +95,20 @@ impl Identities {
         let identity = self.decode(raw);
         let (tgid, read_ns) = (raw.tgid, raw.filled_ns);
         let history = self.history_mut(tgid);
-        if let Some(last) = history.last_mut()
+        if let Some((last, older)) = history.split_last_mut()
             && last.identity == identity
         {
-            // Reads on two CPUs may arrive out of order.
-            last.first_ns = last.first_ns.min(read_ns);
-            last.last_ns = last.last_ns.max(read_ns);
-            return;
+            // Reads on two CPUs may arrive out of order: widened over a time another
+            // identity was sent at (a thread of the process in other namespaces, read
+            // in between), the range would join that identity's records with this one.
+            let (first_ns, last_ns) = (last.first_ns.min(read_ns), last.last_ns.max(read_ns));
+            if !older
+                .iter()
+                .any(|known| known.first_ns <= last_ns && first_ns <= known.last_ns)
+            {
+                (last.first_ns, last.last_ns) = (first_ns, last_ns);
+                return;
+            }
         }
         if history.len() == HISTORY {
             history.remove(0);
@@ -112,11 +121,18 @@ impl Identities {
     }
 
     /// The identity process `tgid` had when the kernel read it at `read_ns`; `None`
-    /// (counted) when not known.
+    /// (counted) when not known. A read time that starts or ends a range was sent with
+    /// that range's identity: looked for first, since a range widened before a read
+    /// from another thread arrived out of order may hold that read's time inside it
+    /// (see [`Self::learn`]); then the newest range that holds it.
     pub fn get(&mut self, tgid: u32, read_ns: u64) -> Option<Identity> {
         let found = self.history(tgid).and_then(|history| {
             (history.iter().rev())
-                .find(|known| (known.first_ns..=known.last_ns).contains(&read_ns))
+                .find(|known| known.first_ns == read_ns || known.last_ns == read_ns)
+                .or_else(|| {
+                    (history.iter().rev())
+                        .find(|known| (known.first_ns..=known.last_ns).contains(&read_ns))
+                })
                 .map(|known| known.identity.clone())
         });
         if found.is_none() {
@@ -236,6 +252,34 @@ mod tests {
         }
         assert_eq!(name(&mut identities, 7, 400), None);
         assert_eq!(name(&mut identities, 7, 500).as_deref(), Some("p0"));
+    }
+
+    #[test]
+    fn a_read_out_of_order_never_widens_an_identity_over_another_ones_time() {
+        let mut identities = Identities::default();
+        // Two threads in two network namespaces: B read at 1200 arrives first, then A's
+        // read at 1000, then A again at 5000.
+        let in_netns = |read_ns, net| {
+            let mut id = identity(7, read_ns, b"agent");
+            id.ns_inums[0] = net;
+            id
+        };
+        identities.learn(&in_netns(1200, 2));
+        identities.learn(&in_netns(1000, 1));
+        identities.learn(&in_netns(5000, 1));
+        let net = |identities: &mut Identities, read_ns| {
+            (identities.get(7, read_ns)).map(|id| id.namespaces.net)
+        };
+        assert_eq!(net(&mut identities, 1200), Some(2));
+        assert_eq!(net(&mut identities, 1000), Some(1));
+        assert_eq!(net(&mut identities, 5000), Some(1));
+        // And the other way: A at 1000 and 5000, then B's read at 1200 arrives.
+        let mut identities = Identities::default();
+        identities.learn(&in_netns(1000, 1));
+        identities.learn(&in_netns(5000, 1));
+        identities.learn(&in_netns(1200, 2));
+        assert_eq!(net(&mut identities, 1200), Some(2));
+        assert_eq!(net(&mut identities, 5000), Some(1));
     }
 
     #[test]

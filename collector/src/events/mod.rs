@@ -62,6 +62,9 @@ const PENDING_EVERY_MAX: u128 = 10;
 /// began is forgotten once the kernel no longer holds it (see
 /// `outcome::Tracker::forget_stale_pending`): longer than any SYN timeout by default.
 const STALE_PENDING_NS: u64 = 600_000_000_000;
+/// How long after its attempt began its process's identity is in the ring at most (the
+/// identity is sent by the same program run, microseconds after the attempt's time).
+const IDENTITY_SENT_WITHIN_NS: u64 = 10_000_000;
 
 pub struct EventReader {
     ring: AsyncFd<EventRing>,
@@ -77,6 +80,8 @@ pub struct EventReader {
     identities: Identities,
     /// Whether a record with no known identity was reported (the first is logged).
     identities_unknown_seen: bool,
+    /// When the last drain began (boot ns): see [`EventReader::report_pending`].
+    drained_at: u64,
     ticks: u32,
     /// Records in the last batch handed on: the next one is allocated that large at once
     /// (records are large; growing a batch by doubling copies them again).
@@ -107,6 +112,7 @@ impl EventReader {
             names: Names::new(DnsSettings::default()),
             identities: Identities::default(),
             identities_unknown_seen: false,
+            drained_at: 0,
             ticks: 0,
             last_batch: 0,
             unattributed: Default::default(),
@@ -199,6 +205,7 @@ impl EventReader {
     fn drain(&mut self, out: &mpsc::Sender<Vec<Record>>) {
         self.clock.refresh();
         let now = clock::boot_now_ns();
+        self.drained_at = now;
         let ring = self.ring.get_mut();
         let mut batch = Vec::new();
         let mut expected = self.last_batch;
@@ -269,12 +276,12 @@ impl EventReader {
                 break;
             }
         }
-        self.count_unknown_identities();
+        let unknown = self.identities.take_unknown();
+        self.count_unknown_identities(unknown);
     }
 
-    /// Reports the records joined with no known identity since the last call.
-    fn count_unknown_identities(&mut self) {
-        let records = self.identities.take_unknown();
+    /// Reports `records` handed on with no known identity.
+    fn count_unknown_identities(&mut self, records: u64) {
         if records > 0 {
             let first = !self.identities_unknown_seen;
             self.identities_unknown_seen = true;
@@ -294,21 +301,34 @@ impl EventReader {
         };
         let now = clock::boot_now_ns();
         let limit = self.outcomes.pending_report.as_nanos() as u64;
+        // Only attempts whose identity the last drain read: one sent up to a few
+        // microseconds after its attempt began, which began well before that drain (a
+        // `--pending-report` near 0 would otherwise take attempts younger than it).
+        let started_by = (now.saturating_sub(limit))
+            .min(self.drained_at.saturating_sub(IDENTITY_SENT_WITHIN_NS));
         let mut batch = Vec::new();
         let mut still = std::collections::HashSet::new();
-        for raw in map.started_by(now.saturating_sub(limit)) {
+        // An attempt is read at every poll until it completes, and reported once: only
+        // the reports count an unknown identity.
+        let mut unknown = 0;
+        for raw in map.started_by(started_by) {
             still.insert((raw.sock_id, raw.boot_time_ns));
             match decode_connect(raw.as_bytes(), &self.clock, &mut self.identities) {
                 Ok(mut connection) => {
+                    let known = self.identities.take_unknown() == 0;
                     self.names.connection(&mut connection, now, &self.telemetry);
+                    let reported = batch.len();
                     batch.extend(self.tracker.pending(connection));
+                    if !known && batch.len() > reported {
+                        unknown += 1;
+                    }
                 }
                 Err(e) => self
                     .telemetry
                     .emit(ReaderEvent::DecodeFailed { reason: e.reason() }),
             }
         }
-        self.count_unknown_identities();
+        self.count_unknown_identities(unknown);
         self.tracker
             .forget_stale_pending(&still, now.saturating_sub(STALE_PENDING_NS));
         self.hand_on(batch, out);

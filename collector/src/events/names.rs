@@ -88,8 +88,12 @@ impl Names {
         let mut record = raw.head;
         self.queries.remove(&(record.outcome_sock(), answer.id));
         let pod = pod_of(&record);
-        self.cache
-            .insert(record.cgroup.leaf_id, pod.as_deref(), &answer, now);
+        // No cgroup known (the reader's identity unknown, or its walk failed): the answer
+        // names nothing, or it would name every such record's connections.
+        if record.cgroup.leaf_id != 0 {
+            self.cache
+                .insert(record.cgroup.leaf_id, pod.as_deref(), &answer, now);
+        }
         if self.cache.full > self.cache_full_seen {
             telemetry.emit(ReaderEvent::DnsCacheFull {
                 names: self.cache.full - self.cache_full_seen,
@@ -190,6 +194,10 @@ impl Names {
         {
             telemetry.emit(ReaderEvent::DnsFlowFolded);
             return false;
+        }
+        if connection.cgroup.leaf_id == 0 {
+            // No cgroup known: no answer is this workload's (see `answer`).
+            return true;
         }
         let pod = pod_of(connection);
         let address = connection.destination.ip();
