@@ -147,9 +147,15 @@ fn connect_nonblocking(dest: SocketAddr) -> i32 {
     let SocketAddr::V4(v4) = dest else {
         unreachable!()
     };
-    // SAFETY: plain socket calls on a socket this function owns.
+    // SAFETY: plain socket calls on a socket this function owns. Close-on-exec: a child
+    // another test spawns meanwhile (a collector) would otherwise keep the socket open
+    // past this test's close, and the attempt would time out instead of being aborted.
     unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_NONBLOCK, 0);
+        let fd = libc::socket(
+            libc::AF_INET,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        );
         assert!(fd >= 0, "socket");
         let addr = libc::sockaddr_in {
             sin_family: libc::AF_INET as u16,
@@ -758,15 +764,20 @@ fn every_close_is_reported_with_its_bytes(wrapper: &[&str]) {
             problems.push(format!("port {port}: closed twice"));
         }
     }
+    let stats = stderr
+        .iter()
+        .rev()
+        .find(|l| l.contains("Collector statistics."))
+        .map_or("no statistics line", String::as_str);
     assert_eq!(
         closes.len(),
         CONNECTIONS,
-        "one close per connection; problems: {:?}",
+        "one close per connection; problems: {:?}; {stats}",
         &problems[..problems.len().min(10)]
     );
     assert!(
         problems.is_empty(),
-        "{} problems, first: {:?}",
+        "{} problems, first: {:?}; {stats}",
         problems.len(),
         &problems[..problems.len().min(10)]
     );

@@ -211,7 +211,11 @@ fn bound_connect(from: SocketAddrV4, to: SocketAddrV4) -> i32 {
     let len = size_of::<libc::sockaddr_in>() as u32;
     // SAFETY: plain socket calls on a socket this function owns.
     unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_NONBLOCK, 0);
+        let fd = libc::socket(
+            libc::AF_INET,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        );
         assert!(fd >= 0, "socket");
         let local = sin(from);
         let rc = libc::bind(fd, (&local as *const libc::sockaddr_in).cast(), len);
