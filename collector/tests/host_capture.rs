@@ -184,19 +184,7 @@ fn each_attribute_set_carries_its_keys_and_the_same_body() {
         for _ in 0..3 {
             let _ = TcpStream::connect((Ipv4Addr::LOCALHOST, port)).expect("connect");
         }
-        std::thread::sleep(Duration::from_millis(300));
-        let (ok, stdout, stderr) = collector
-            .stop(Duration::from_secs(30))
-            .expect("collector stops");
-        assert!(ok, "collector failed:\n{}", stderr.join("\n"));
-        let mine: Vec<serde_json::Value> = stdout
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|r| {
-                r["attributes"]["destination.port"] == port
-                    && r["attributes"]["process.pid"] == std::process::id()
-            })
-            .collect();
+        let (mine, _) = records_of(collector, port, std::process::id());
         assert_eq!(mine.len(), 3, "{set}: three connects, three records");
         for r in &mine {
             for key in has {
@@ -244,18 +232,7 @@ fn each_record_carries_the_identity_its_process_had_when_it_connected() {
     let pid = child.id();
     let status = child.wait_with_output().expect("python3 runs").status;
     assert!(status.success(), "the script failed: {status}");
-    std::thread::sleep(Duration::from_millis(300));
-    let (ok, stdout, stderr) = collector
-        .stop(Duration::from_secs(30))
-        .expect("collector stops");
-    assert!(ok, "collector failed:\n{}", stderr.join("\n"));
-    let mine: Vec<serde_json::Value> = stdout
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|r| {
-            r["attributes"]["destination.port"] == port && r["attributes"]["process.pid"] == pid
-        })
-        .collect();
+    let (mine, stderr) = records_of(collector, port, pid);
     let names: Vec<&str> = (mine.iter())
         .map(|r| {
             r["attributes"]["process.executable.name"]
@@ -295,4 +272,26 @@ fn each_record_carries_the_identity_its_process_had_when_it_connected() {
         "every identity was known:\n{}",
         stderr.join("\n")
     );
+}
+
+/// Stops `collector` (after its reader's 100 ms poll has passed) and returns the records
+/// it wrote of connections process `pid` made to `port`, in order, and its log.
+fn records_of(
+    collector: egress_testkit::collector::RunningCollector,
+    port: u16,
+    pid: u32,
+) -> (Vec<serde_json::Value>, Vec<String>) {
+    std::thread::sleep(Duration::from_millis(300));
+    let (ok, stdout, stderr) = collector
+        .stop(Duration::from_secs(30))
+        .expect("collector stops");
+    assert!(ok, "collector failed:\n{}", stderr.join("\n"));
+    let mine = stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|r| {
+            r["attributes"]["destination.port"] == port && r["attributes"]["process.pid"] == pid
+        })
+        .collect();
+    (mine, stderr)
 }
