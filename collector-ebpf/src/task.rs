@@ -219,8 +219,10 @@ pub fn walk(ev: &mut ConnectEvent, slot: Slot, check: &Check, now: u64) -> Walke
         complete: lineage && namespaces && cgroup,
         cgroup_leaf_id: record.cgroup_leaf_id,
     };
+    // The reader is not woken for an identity: it drains on a timer, and the record
+    // that refers to the identity wakes it where it should.
     if EVENTS
-        .output::<IdentityEvent>(record, BPF_RB_NO_WAKEUP)
+        .output::<IdentityEvent>(record, crate::emit::BPF_RB_NO_WAKEUP)
         .is_err()
     {
         crate::emit::count(Counter::IdentityLost);
@@ -251,10 +253,6 @@ pub struct Walked {
     /// The leaf of the cgroup hierarchy read (the per-cgroup maps' key on v1).
     pub cgroup_leaf_id: u64,
 }
-
-/// `bpf_ringbuf_output` flag: the reader is not woken for an identity (it drains on a
-/// timer, and the record that refers to the identity wakes it where it should).
-const BPF_RB_NO_WAKEUP: u64 = 1;
 
 /// Parent process id, process name, and the process id inside its pid namespace.
 #[inline(always)]
