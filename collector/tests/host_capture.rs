@@ -3,6 +3,7 @@
 use std::{path::PathBuf, process::Command, time::Duration};
 
 use egress_testkit::{
+    records::attr,
     require_root,
     scenario::{Options, run},
 };
@@ -286,12 +287,9 @@ fn records_of(
         .stop(Duration::from_secs(30))
         .expect("collector stops");
     assert!(ok, "collector failed:\n{}", stderr.join("\n"));
-    let mine = stdout
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|r| {
-            r["attributes"]["destination.port"] == port && r["attributes"]["process.pid"] == pid
-        })
+    let mine = egress_testkit::records::parse(&stdout)
+        .into_iter()
+        .filter(|r| attr(r, "destination.port") == port && attr(r, "process.pid") == pid)
         .collect();
     (mine, stderr)
 }
