@@ -302,6 +302,8 @@ fn submit(ev: &mut ConnectEvent) {
 /// What the per-cgroup decisions (exclusion, rate limit) found before any record is
 /// claimed: [`decide`], then [`identify`].
 struct Early {
+    /// The current task (`Reader::current_task`).
+    task: u64,
     now: u64,
     pid_tgid: u64,
     cgroup_id: u64,
@@ -316,21 +318,21 @@ struct Early {
 }
 
 /// The per-cgroup decisions, taken before any record is claimed or written wherever the
-/// cgroup key allows: on cgroup v2 from the helper's cgroup id (before anything else is
+/// cgroup key allows: on cgroup v2 from the task's cgroup id (before anything else is
 /// read), on v1 from the process's cached identity (the leaf of a v1 hierarchy). A
-/// dropped event then costs the helpers and a lookup or two, not a record. `None`
-/// (counted): dropped.
+/// dropped event then costs a few loads (or helpers) and a lookup or two, not a record.
+/// `None` (counted): dropped.
 #[inline(always)]
-fn decide<R: Reader>() -> Option<Early> {
+fn decide<R: Reader>(task: u64) -> Option<Early> {
     let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_boot_ns() };
-    let pid_tgid = aya_ebpf::helpers::bpf_get_current_pid_tgid();
-    let cgroup_id = unsafe { aya_ebpf::helpers::bpf_get_current_cgroup_id() };
+    let pid_tgid = R::pid_tgid(task);
+    let cgroup_id = R::cgroup_id(task);
     let (mut admitted, mut decided_key) = (None, 0);
     if task::key_known_early() {
         admitted = Some(admit_cgroup(cgroup_id, now)?);
         decided_key = cgroup_id;
     }
-    let check = task::check::<R>();
+    let check = task::check::<R>(task);
     let cached = task::cached((pid_tgid >> 32) as u32, cgroup_id, &check, now);
     if admitted.is_none()
         && let Some((id, _)) = cached
@@ -339,6 +341,7 @@ fn decide<R: Reader>() -> Option<Early> {
         admitted = Some(admit_cgroup(decided_key, now)?);
     }
     Some(Early {
+        task,
         now,
         pid_tgid,
         cgroup_id,
@@ -354,7 +357,7 @@ fn decide<R: Reader>() -> Option<Early> {
 /// cgroup key, the decisions after it). False (counted) when the event goes no further.
 #[inline(always)]
 fn identify<R: Reader>(ev: &mut ConnectEvent, slot: Slot, early: Early) -> bool {
-    task::fill_thread::<R>(ev, early.pid_tgid, early.cgroup_id);
+    task::fill_thread::<R>(ev, early.task, early.pid_tgid, early.cgroup_id);
     if let Some((cached, filled_ns)) = early.cached
         && task::unchanged(cached, filled_ns, &early.check)
     {
@@ -453,7 +456,7 @@ pub fn udp(
     if !filter::wanted(ev) {
         return;
     }
-    let Some(early) = decide::<Probe>() else {
+    let Some(early) = decide::<Probe>(Probe::current_task()) else {
         return;
     };
     if !identify::<Probe>(ev, slot, early) {
@@ -685,11 +688,14 @@ pub fn tcp_syn_sent<R: Reader>(sk: u64, sk_id: u64, slot: Slot) {
     if sock::tcp_dest::<R>(sk, &mut dest).is_err() {
         count(Counter::KernelReadFailed);
     }
+    // Read once: what follows takes the ids and registers from it (plain loads where `R`
+    // reads directly, see `Reader::pid_tgid`).
+    let task = R::current_task();
     // Port 53: the exit walks to the socket and marks the descriptor for DNS; the
     // socket is marked for the kprobe and fentry families' receive hooks (which read
     // the port again: only a DNS connect pays that read).
     if dest.port != crate::probes::dns::DNS_PORT {
-        mark_tcp_connect::<R>();
+        mark_tcp_connect::<R>(task);
     } else {
         crate::probes::dns_sock::tcp_connecting(sk_id);
         // DNS over TCP: the connect's descriptor (tracepoint mode, where the connect's
@@ -713,13 +719,13 @@ pub fn tcp_syn_sent<R: Reader>(sk: u64, sk_id: u64, slot: Slot) {
         _pad: [0; 2],
         dst_addr: dest.addr,
     };
-    if !filter::wanted_key(&mut key) {
+    if !filter::wanted_key::<R>(&mut key, task) {
         abandon(sk_id);
         return;
     }
     // The per-cgroup decisions too, where the key is known by now: an attempt they drop
     // claims no slot either.
-    let Some(early) = decide::<R>() else {
+    let Some(early) = decide::<R>(task) else {
         abandon(sk_id);
         return;
     };
@@ -849,17 +855,17 @@ pub fn syscall_nr(regs: u64) -> Option<u32> {
 
 /// Tells this thread's connect() exit that the connect was TCP (see `TCP_CONNECT_MARKS`).
 #[inline(always)]
-fn mark_tcp_connect<R: Reader>() {
+fn mark_tcp_connect<R: Reader>(task: u64) {
     let nr_at = config!(regs_syscall_nr);
     if nr_at == 0 {
         return;
     }
-    let regs = R::current_pt_regs();
+    let regs = R::pt_regs(task);
     // The low half, as in `syscall_nr` (which reads with the helper; `R` may not).
     if R::kernel::<u32>(regs, nr_at) != Ok(NR_CONNECT_X86_64) {
         return;
     }
-    let pid_tgid = aya_ebpf::helpers::bpf_get_current_pid_tgid();
+    let pid_tgid = R::pid_tgid(task);
     if let Some(mark) = TCP_CONNECT_MARKS.get_ptr_mut(pid_tgid as u32 % CALL_HINT_SLOTS) {
         store(mark, pid_tgid);
     }

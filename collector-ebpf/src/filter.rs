@@ -7,6 +7,7 @@ use egress_shared::{AggregateKey, ConnectEvent, Counter};
 use crate::{
     emit::count,
     maps::{AGGREGATES, EXCLUDED_CGROUPS, EXCLUDED_V4, EXCLUDED_V6, config},
+    read::Reader,
     sock::{AF_INET, AF_INET6, is_v4_mapped},
 };
 
@@ -16,7 +17,8 @@ use crate::{
 #[inline(always)]
 pub fn wanted(ev: &mut ConnectEvent) -> bool {
     let mut key = AggregateKey::of(ev, 0);
-    let wanted = wanted_key(&mut key);
+    // The Probe reader's ids are the helpers': no task needed.
+    let wanted = wanted_key::<crate::read::Probe>(&mut key, 0);
     ev.tgid = key.tgid;
     wanted
 }
@@ -25,12 +27,12 @@ pub fn wanted(ev: &mut ConnectEvent) -> bool {
 /// record is claimed: a connection dropped here costs neither a record's zeroing nor its
 /// slot. Sets `key.tgid`.
 #[inline(always)]
-pub fn wanted_key(key: &mut AggregateKey) -> bool {
+pub fn wanted_key<R: Reader>(key: &mut AggregateKey, task: u64) -> bool {
     if excluded_destination(key.family, &key.dst_addr) {
         count(Counter::Filtered);
         return false;
     }
-    key.tgid = (aya_ebpf::helpers::bpf_get_current_pid_tgid() >> 32) as u32;
+    key.tgid = (R::pid_tgid(task) >> 32) as u32;
     if repeat_in_window(key) {
         count(Counter::Aggregated);
         return false;

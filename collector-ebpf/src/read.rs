@@ -12,9 +12,12 @@
 //!   `inet_sock`'s) is read through the pointer [`Reader::tcp_sock`] gives.
 
 use aya_ebpf::helpers::{
-    bpf_get_current_task, bpf_probe_read_kernel, bpf_probe_read_kernel_buf,
+    bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_task,
+    bpf_get_current_uid_gid, bpf_probe_read_kernel, bpf_probe_read_kernel_buf,
     generated::{bpf_get_current_task_btf, bpf_skc_to_tcp_sock, bpf_task_pt_regs},
 };
+
+use crate::maps::config;
 
 /// How a program reads kernel memory (see the module's comment). Addresses are `u64`s;
 /// for [`Direct`] they must be the verifier's typed pointers plus constant offsets.
@@ -33,6 +36,40 @@ pub trait Reader {
     /// The `tcp_sock` of the TCP socket `sk`, through which fields beyond `struct sock`
     /// are read (0 if `sk` is not a full TCP socket; reads from it then fail).
     fn tcp_sock(sk: u64) -> u64;
+
+    // The current task's ids, each given `task` = [`Reader::current_task`], read once
+    // per program run: a `Direct` reader loads them from it, where each helper would be
+    // a call (tens of ns each with the return thunks of today's CPU mitigations, and
+    // `bpf_get_current_task_btf` itself is not inlined before 6.15's x86_64 JIT); a
+    // `Probe` reader calls the helper (one call, where its reads would be several).
+
+    /// What `bpf_get_current_pid_tgid()` returns: the thread's id in the low half, its
+    /// process's in the high half.
+    #[inline(always)]
+    fn pid_tgid(_task: u64) -> u64 {
+        bpf_get_current_pid_tgid()
+    }
+
+    /// What `bpf_get_current_uid_gid()` returns: the uid in the low half, the gid in the
+    /// high half.
+    #[inline(always)]
+    fn uid_gid(_task: u64) -> u64 {
+        bpf_get_current_uid_gid()
+    }
+
+    /// What `bpf_get_current_cgroup_id()` returns: the id of the task's cgroup v2
+    /// (unified hierarchy) cgroup.
+    #[inline(always)]
+    fn cgroup_id(_task: u64) -> u64 {
+        // SAFETY: a helper without arguments.
+        unsafe { bpf_get_current_cgroup_id() }
+    }
+
+    /// The user registers the current task `task` saved on kernel entry.
+    #[inline(always)]
+    fn pt_regs(_task: u64) -> u64 {
+        Self::current_pt_regs()
+    }
 
     /// The user registers the current task saved on kernel entry.
     #[inline(always)]
@@ -99,6 +136,42 @@ impl Reader for Direct {
     fn current_task() -> u64 {
         // SAFETY: a helper without arguments (5.11+; tracing programs have it).
         unsafe { bpf_get_current_task_btf() as u64 }
+    }
+
+    /// `task->pid` and `task->tgid`, as the helper reads them.
+    #[inline(always)]
+    fn pid_tgid(task: u64) -> u64 {
+        // Two loads: the verifier refuses one 8-byte load across the two members.
+        let pid = Self::kernel::<u32>(task, config!(offsets.task_pid)).unwrap_or(0);
+        let tgid = Self::kernel::<u32>(task, config!(offsets.task_tgid)).unwrap_or(0);
+        (tgid as u64) << 32 | pid as u64
+    }
+
+    /// `task->cred->uid`, `->gid`, as the helper reads them.
+    #[inline(always)]
+    fn uid_gid(task: u64) -> u64 {
+        let Ok(cred) = Self::kernel::<u64>(task, config!(offsets.task_cred)) else {
+            return 0;
+        };
+        let uid = Self::kernel::<u32>(cred, config!(offsets.cred_uid)).unwrap_or(0);
+        let gid = Self::kernel::<u32>(cred, config!(offsets.cred_gid)).unwrap_or(0);
+        (gid as u64) << 32 | uid as u64
+    }
+
+    /// `task->cgroups->dfl_cgrp->kn->id`, as the helper reads it.
+    #[inline(always)]
+    fn cgroup_id(task: u64) -> u64 {
+        Self::kernel::<u64>(task, config!(offsets.task_cgroups))
+            .and_then(|css_set| Self::kernel::<u64>(css_set, config!(offsets.css_set_dfl_cgrp)))
+            .and_then(|cgroup| Self::kernel::<u64>(cgroup, config!(offsets.cgroup_kn)))
+            .and_then(|kn| Self::kernel::<u64>(kn, config!(offsets.kernfs_node_id)))
+            .unwrap_or(0)
+    }
+
+    #[inline(always)]
+    fn pt_regs(task: u64) -> u64 {
+        // SAFETY: `task` is the current task's typed pointer.
+        unsafe { bpf_task_pt_regs(task as *mut _) as u64 }
     }
 
     #[inline(always)]

@@ -19,8 +19,7 @@
 
 use aya_ebpf::bindings::BPF_NOEXIST;
 use aya_ebpf::helpers::{
-    bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_task,
-    bpf_get_current_uid_gid, bpf_ktime_get_boot_ns, bpf_probe_read_kernel_str_bytes,
+    bpf_get_current_task, bpf_ktime_get_boot_ns, bpf_probe_read_kernel_str_bytes,
     generated::bpf_get_current_comm as bpf_get_current_comm_raw,
 };
 use egress_shared::{
@@ -38,10 +37,9 @@ const _: () = assert!(core::mem::size_of::<Identity>() == 24 + egress_shared::ID
 /// and the time, returned, not written: the caller writes it last (see
 /// `emit::identify`). Enough for the per-cgroup decisions on cgroup v2.
 #[inline(always)]
-pub fn fill_ids<R: Reader>(ev: &mut ConnectEvent) -> u64 {
+pub fn fill_ids<R: Reader>(ev: &mut ConnectEvent, task: u64) -> u64 {
     let now = unsafe { bpf_ktime_get_boot_ns() };
-    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-    fill_thread::<R>(ev, bpf_get_current_pid_tgid(), cgroup_id);
+    fill_thread::<R>(ev, task, R::pid_tgid(task), R::cgroup_id(task));
     now
 }
 
@@ -50,16 +48,15 @@ pub fn fill_ids<R: Reader>(ev: &mut ConnectEvent) -> u64 {
 /// else the helper, writing into the event (aya's wrapper zeroes a stack copy a byte at a
 /// time first).
 #[inline(always)]
-pub fn fill_thread<R: Reader>(ev: &mut ConnectEvent, pid_tgid: u64, cgroup_id: u64) {
+pub fn fill_thread<R: Reader>(ev: &mut ConnectEvent, task: u64, pid_tgid: u64, cgroup_id: u64) {
     ev.tid = pid_tgid as u32;
     ev.tgid = (pid_tgid >> 32) as u32;
-    let uid_gid = bpf_get_current_uid_gid();
+    let uid_gid = R::uid_gid(task);
     ev.uid = uid_gid as u32;
     ev.gid = (uid_gid >> 32) as u32;
     ev.cgroup_id = cgroup_id;
     let comm = ev.thread_comm.as_mut_ptr();
     if R::DIRECT {
-        let task = R::current_task();
         let at = config!(offsets.task_comm);
         let (Ok(low), Ok(high)) = (R::kernel::<u64>(task, at), R::kernel::<u64>(task, at + 8))
         else {
@@ -81,9 +78,10 @@ const _: () = assert!(core::mem::offset_of!(ConnectEvent, thread_comm) % 8 == 0)
 /// The whole task part of `ev`; false when a read failed (see [`fill_process`]).
 #[inline(always)]
 pub fn fill(ev: &mut ConnectEvent, slot: Slot) -> bool {
-    let now = fill_ids::<read::Probe>(ev);
+    let task = read::Probe::current_task();
+    let now = fill_ids::<read::Probe>(ev, task);
     ev.boot_time_ns = now;
-    fill_process::<read::Probe>(ev, slot, now)
+    fill_process::<read::Probe>(ev, task, slot, now)
 }
 
 /// Whether the cgroup that keys the per-cgroup maps is known from [`fill_ids`] alone
@@ -104,8 +102,7 @@ pub struct Check {
 /// Reads the current task's [`Check`]. A task that is exiting has no nsproxy any more:
 /// never a cache hit.
 #[inline(always)]
-pub fn check<R: Reader>() -> Check {
-    let task = R::current_task();
+pub fn check<R: Reader>(task: u64) -> Check {
     Check {
         nsproxy: R::kernel::<u64>(task, config!(offsets.task_nsproxy)).unwrap_or(0),
         exec_id: R::kernel::<u32>(task, config!(offsets.task_self_exec_id)).unwrap_or(0) as u64,
@@ -149,8 +146,8 @@ pub fn cached(
 /// when the cache has none or a stale one ([`walk`]). Returns whether every walk
 /// succeeded. `R` reads what tells a cached identity is still right (the hot path).
 #[inline(always)]
-pub fn fill_process<R: Reader>(ev: &mut ConnectEvent, slot: Slot, now: u64) -> bool {
-    let check = check::<R>();
+pub fn fill_process<R: Reader>(ev: &mut ConnectEvent, task: u64, slot: Slot, now: u64) -> bool {
+    let check = check::<R>(task);
     if let Some((cached, filled_ns)) = cached(ev.tgid, ev.cgroup_id, &check, now)
         && unchanged(cached, filled_ns, &check)
     {

@@ -275,6 +275,101 @@ fn each_record_carries_the_identity_its_process_had_when_it_connected() {
     );
 }
 
+/// The ids a record carries are the connecting thread's, whichever way the programs read
+/// them: the TCP attempt from the task's typed pointer (plain loads in the BTF-enabled
+/// state program), the UDP connect through the helpers. An unprivileged uid and gid and
+/// a second thread, so a root id, the process's main thread or another task's cgroup
+/// would show.
+#[test]
+fn each_record_carries_the_ids_of_the_thread_that_connected() {
+    use std::{
+        net::{Ipv4Addr, TcpListener, UdpSocket},
+        os::unix::fs::MetadataExt,
+    };
+
+    use egress_testkit::collector::RunningCollector;
+    require_root();
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("listen");
+    let port = listener.local_addr().expect("addr").port();
+    let udp = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).expect("udp bind");
+    let udp_port = udp.local_addr().expect("addr").port();
+    let collector = RunningCollector::start(
+        std::path::Path::new(COLLECTOR),
+        &["--attributes", "full", "--stats-interval", "1h"],
+        Duration::from_secs(60),
+    )
+    .expect("collector starts");
+    let script = format!(
+        "import socket, threading\n\
+         def connect():\n    print(threading.get_native_id(), flush=True)\n    \
+         socket.create_connection(('127.0.0.1', {port})).close()\n    \
+         u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.connect(('127.0.0.1', {udp_port})); u.send(b'x')\n\
+         t = threading.Thread(target=connect); t.start(); t.join()\n"
+    );
+    let output = Command::new("setpriv")
+        .args(["--reuid", "65534", "--regid", "65533", "--clear-groups"])
+        .args(["/usr/bin/python3", "-c", &script])
+        .output()
+        .expect("spawn setpriv python3");
+    assert!(output.status.success(), "the script failed: {output:?}");
+    let tid: u64 = String::from_utf8_lossy(&output.stdout)
+        .trim()
+        .parse()
+        .expect("the thread printed its id");
+    std::thread::sleep(Duration::from_millis(300));
+    let (ok, stdout, stderr) = collector
+        .stop(Duration::from_secs(30))
+        .expect("collector stops");
+    assert!(ok, "collector failed:\n{}", stderr.join("\n"));
+    // The child ran in this test's cgroup: its v2 id is the inode of that directory.
+    let cgroup_id = std::fs::metadata(unified_mount().join(unified_path().trim_start_matches('/')))
+        .expect("this test's cgroup v2 directory")
+        .ino();
+    let records = egress_testkit::records::parse(&stdout);
+    for (kind, destination) in [("tcp_connect", port), ("udp_connect", udp_port)] {
+        let record = records
+            .iter()
+            .find(|r| {
+                attr(r, "egress.event") == kind
+                    && attr(r, "destination.port") == destination
+                    && attr(r, "thread.id") == tid
+            })
+            .unwrap_or_else(|| panic!("no {kind} record of thread {tid}: {records:#?}"));
+        let attributes = &record["attributes"];
+        assert_eq!(attributes["process.user.id"], 65534, "{record:#}");
+        assert_eq!(attributes["egress.process.group.id"], 65533, "{record:#}");
+        assert_ne!(
+            attributes["process.pid"], tid,
+            "the thread is not the main one: {record:#}"
+        );
+        assert_eq!(attributes["egress.cgroup.id"], cgroup_id, "{record:#}");
+    }
+}
+
+/// Where this host mounts cgroup2 (the unified hierarchy: `/sys/fs/cgroup` on a pure v2
+/// host, `/sys/fs/cgroup/unified` on a hybrid one).
+fn unified_mount() -> PathBuf {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    mountinfo
+        .lines()
+        .find_map(|line| {
+            let (mount, fs) = line.split_once(" - ")?;
+            fs.starts_with("cgroup2 ").then_some(())?;
+            Some(PathBuf::from(mount.split(' ').nth(4)?))
+        })
+        .expect("a cgroup2 mount")
+}
+
+/// This process's cgroup v2 path (`0::<path>` in /proc/self/cgroup).
+fn unified_path() -> String {
+    let cgroups = std::fs::read_to_string("/proc/self/cgroup").expect("/proc/self/cgroup");
+    cgroups
+        .lines()
+        .find_map(|line| line.strip_prefix("0::"))
+        .expect("a cgroup v2 line")
+        .to_string()
+}
+
 /// Stops `collector` (after its reader's 100 ms poll has passed) and returns the records
 /// it wrote of connections process `pid` made to `port`, in order, and its log.
 fn records_of(

@@ -10,6 +10,10 @@
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
 pub struct KernelOffsets {
     // struct task_struct
+    /// `task_struct.pid` (the thread id) and `tgid`: with `cred` and the cgroups below,
+    /// what `bpf_get_current_pid_tgid`, `_uid_gid` and `_cgroup_id` return, read with
+    /// plain loads where a program has the task's typed pointer (`read::Direct`).
+    pub task_pid: u32,
     pub task_tgid: u32,
     pub task_real_parent: u32,
     pub task_group_leader: u32,
@@ -21,6 +25,11 @@ pub struct KernelOffsets {
     /// `task_struct.self_exec_id` (u64 since 5.7, u32 before: the low 32 bits are read),
     /// bumped by each exec: what tells a process's cached identity it is stale.
     pub task_self_exec_id: u32,
+    /// `task_struct.cred` (the subjective credentials `bpf_get_current_uid_gid` reads).
+    pub task_cred: u32,
+    /// `cred.uid.val`, `cred.gid.val`.
+    pub cred_uid: u32,
+    pub cred_gid: u32,
     // struct nsproxy
     pub nsproxy_uts_ns: u32,
     pub nsproxy_ipc_ns: u32,
@@ -85,7 +94,7 @@ pub struct KernelOffsets {
     pub tcp_bytes_sent: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 58 * 4);
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 62 * 4);
 
 /// Field offsets inside tracepoint records, read from tracefs `format` files.
 #[repr(C)]
@@ -192,7 +201,7 @@ pub struct ProbeConfig {
 }
 
 const _: () =
-    assert!(core::mem::size_of::<ProbeConfig>() == 58 * 4 + 16 * 4 + 8 + 8 + 24 + 16 + 16 + 8 * 4);
+    assert!(core::mem::size_of::<ProbeConfig>() == 62 * 4 + 16 * 4 + 8 + 8 + 24 + 16 + 16 + 8 * 4);
 
 /// The kernel `struct msghdr`'s data iterator, for the DNS hooks below the syscalls
 /// (`udp_recvmsg`, `udpv6_recvmsg`, `tcp_recvmsg`, `udp_sendmsg`): after the kernel has
@@ -238,6 +247,7 @@ impl ProbeConfig {
         // Spelled out so it is usable in a `static` initialiser on the eBPF side.
         Self {
             offsets: KernelOffsets {
+                task_pid: 0,
                 task_tgid: 0,
                 task_real_parent: 0,
                 task_group_leader: 0,
@@ -247,6 +257,9 @@ impl ProbeConfig {
                 task_cgroups: 0,
                 task_files: 0,
                 task_self_exec_id: 0,
+                task_cred: 0,
+                cred_uid: 0,
+                cred_gid: 0,
                 nsproxy_uts_ns: 0,
                 nsproxy_ipc_ns: 0,
                 nsproxy_mnt_ns: 0,

@@ -206,6 +206,7 @@ impl KernelBtf {
             Ok(self.offset(ns, "ns")? + self.offset("ns_common", "inum")?)
         };
         Ok(KernelOffsets {
+            task_pid: self.offset("task_struct", "pid")?,
             task_tgid: self.offset("task_struct", "tgid")?,
             task_real_parent: self.offset("task_struct", "real_parent")?,
             task_group_leader: self.offset("task_struct", "group_leader")?,
@@ -215,6 +216,11 @@ impl KernelBtf {
             task_cgroups: self.offset("task_struct", "cgroups")?,
             task_files: self.offset("task_struct", "files")?,
             task_self_exec_id: self.offset("task_struct", "self_exec_id")?,
+            task_cred: self.offset("task_struct", "cred")?,
+            // kuid_t and kgid_t are `struct { uid_t val; }` (typedefs of anonymous
+            // structs): the number is where the field starts.
+            cred_uid: self.offset("cred", "uid")?,
+            cred_gid: self.offset("cred", "gid")?,
             nsproxy_uts_ns: self.offset("nsproxy", "uts_ns")?,
             nsproxy_ipc_ns: self.offset("nsproxy", "ipc_ns")?,
             nsproxy_mnt_ns: self.offset("nsproxy", "mnt_ns")?,
