@@ -39,8 +39,8 @@ pub trait Reader {
 
     // The current task's ids, each given `task` = [`Reader::current_task`], read once
     // per program run: a `Direct` reader loads them from it, where each helper would be
-    // a call (tens of ns each with the return thunks of today's CPU mitigations, and
-    // `bpf_get_current_task_btf` itself is not inlined before 6.15's x86_64 JIT); a
+    // a call (tens of ns each with the return thunks of today's CPU mitigations; on
+    // 6.18 `bpf_get_current_task_btf` is one too: perf samples land in its body); a
     // `Probe` reader calls the helper (one call, where its reads would be several).
 
     /// What `bpf_get_current_pid_tgid()` returns: the thread's id in the low half, its
@@ -151,7 +151,8 @@ impl Reader for Direct {
     #[inline(always)]
     fn uid_gid(task: u64) -> u64 {
         let Ok(cred) = Self::kernel::<u64>(task, config!(offsets.task_cred)) else {
-            return 0;
+            // Never for the current task; the helper rather than uid 0 if it were.
+            return bpf_get_current_uid_gid();
         };
         let uid = Self::kernel::<u32>(cred, config!(offsets.cred_uid)).unwrap_or(0);
         let gid = Self::kernel::<u32>(cred, config!(offsets.cred_gid)).unwrap_or(0);

@@ -1,8 +1,9 @@
 //! The current task's identity: ids, names, namespaces and cgroup.
 //!
 //! Split in two for cost: what differs between threads or can change at any call (ids,
-//! credentials, thread name, cgroup id) comes from helpers on every event
-//! ([`fill_ids`]); what the whole process shares and rarely changes (parent, process
+//! credentials, thread name, cgroup id) is read on every event, from the current task
+//! with plain loads where the program has its typed pointer, else from helpers
+//! ([`fill_ids`], `read::Reader::pid_tgid`); what the whole process shares and rarely changes (parent, process
 //! name, pid-namespace pid, namespaces, nodename, cgroup names) is read from the task's
 //! structs once and cached per process in `IDENTITIES` ([`fill_process`]), checked on
 //! each use against what could have changed it.
@@ -33,8 +34,8 @@ use crate::{
 
 const _: () = assert!(core::mem::size_of::<Identity>() == 24 + egress_shared::IDENTITY_EVENT_SIZE);
 
-/// What the helpers give for every event: ids, credentials, thread name and cgroup id,
-/// and the time, returned, not written: the caller writes it last (see
+/// What every event reads from the current task `task` (`R::current_task()`): ids,
+/// credentials, thread name and cgroup id, and the time, returned, not written: the caller writes it last (see
 /// `emit::identify`). Enough for the per-cgroup decisions on cgroup v2.
 #[inline(always)]
 pub fn fill_ids<R: Reader>(ev: &mut ConnectEvent, task: u64) -> u64 {
@@ -85,7 +86,7 @@ pub fn fill(ev: &mut ConnectEvent, slot: Slot) -> bool {
 }
 
 /// Whether the cgroup that keys the per-cgroup maps is known from [`fill_ids`] alone
-/// (cgroup v2: the leaf is the task's v2 cgroup, whose id the helper gives).
+/// (cgroup v2: the leaf is the task's v2 cgroup, whose id every event reads).
 #[inline(always)]
 pub fn key_known_early() -> bool {
     config!(cgroup_subsys_index) == CgroupSource::DEFAULT_HIERARCHY

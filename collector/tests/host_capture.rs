@@ -306,6 +306,8 @@ fn each_record_carries_the_ids_of_the_thread_that_connected() {
          u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.connect(('127.0.0.1', {udp_port})); u.send(b'x')\n\
          t = threading.Thread(target=connect); t.start(); t.join()\n"
     );
+    // The system's python3: a per-user shim on PATH (pyenv's, under /root) is not
+    // executable by uid 65534.
     let output = Command::new("setpriv")
         .args(["--reuid", "65534", "--regid", "65533", "--clear-groups"])
         .args(["/usr/bin/python3", "-c", &script])
@@ -321,6 +323,11 @@ fn each_record_carries_the_ids_of_the_thread_that_connected() {
         .stop(Duration::from_secs(30))
         .expect("collector stops");
     assert!(ok, "collector failed:\n{}", stderr.join("\n"));
+    assert!(
+        stderr.iter().any(|l| l.contains("tcp_state=tp_btf")),
+        "this kernel loads tp_btf programs, whose reads this test is about:\n{}",
+        stderr.join("\n")
+    );
     // The child ran in this test's cgroup: its v2 id is the inode of that directory.
     let cgroup_id = std::fs::metadata(unified_mount().join(unified_path().trim_start_matches('/')))
         .expect("this test's cgroup v2 directory")
@@ -355,7 +362,10 @@ fn unified_mount() -> PathBuf {
         .find_map(|line| {
             let (mount, fs) = line.split_once(" - ")?;
             fs.starts_with("cgroup2 ").then_some(())?;
-            Some(PathBuf::from(mount.split(' ').nth(4)?))
+            // The whole hierarchy (root `/`), not a bind mount of a subtree.
+            let fields: Vec<&str> = mount.split(' ').collect();
+            (fields.get(3) == Some(&"/")).then_some(())?;
+            Some(PathBuf::from(fields.get(4)?))
         })
         .expect("a cgroup2 mount")
 }

@@ -67,7 +67,7 @@ pub const NS_COUNT: usize = 6;
 pub struct ConnectEvent {
     /// `bpf_ktime_get_boot_ns()`: CLOCK_BOOTTIME nanoseconds.
     pub boot_time_ns: u64,
-    /// Cgroup v2 id of the task (`bpf_get_current_cgroup_id`).
+    /// Cgroup v2 id of the task (what `bpf_get_current_cgroup_id` returns).
     pub cgroup_id: u64,
     /// The process's identity: [`IdentityEvent::filled_ns`] of the identity record
     /// (of process `tgid`) this connection's process had.
