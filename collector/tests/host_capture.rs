@@ -208,16 +208,10 @@ fn each_attribute_set_carries_its_keys_and_the_same_body() {
 fn each_record_carries_the_identity_its_process_had_when_it_connected() {
     use std::net::{Ipv4Addr, TcpListener};
 
-    use egress_testkit::collector::RunningCollector;
     require_root();
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("listen");
     let port = listener.local_addr().expect("addr").port();
-    let collector = RunningCollector::start(
-        std::path::Path::new(COLLECTOR),
-        &["--attributes", "full", "--stats-interval", "1h"],
-        Duration::from_secs(60),
-    )
-    .expect("collector starts");
+    let collector = full_collector();
     // python3 connects from two threads, then execs bash, which connects twice.
     let script = format!(
         "import os, socket, threading\n\
@@ -287,18 +281,12 @@ fn each_record_carries_the_ids_of_the_thread_that_connected() {
         os::unix::fs::MetadataExt,
     };
 
-    use egress_testkit::collector::RunningCollector;
     require_root();
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("listen");
     let port = listener.local_addr().expect("addr").port();
     let udp = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).expect("udp bind");
     let udp_port = udp.local_addr().expect("addr").port();
-    let collector = RunningCollector::start(
-        std::path::Path::new(COLLECTOR),
-        &["--attributes", "full", "--stats-interval", "1h"],
-        Duration::from_secs(60),
-    )
-    .expect("collector starts");
+    let collector = full_collector();
     let script = format!(
         "import socket, threading\n\
          def connect():\n    print(threading.get_native_id(), flush=True)\n    \
@@ -318,11 +306,7 @@ fn each_record_carries_the_ids_of_the_thread_that_connected() {
         .trim()
         .parse()
         .expect("the thread printed its id");
-    std::thread::sleep(Duration::from_millis(300));
-    let (ok, stdout, stderr) = collector
-        .stop(Duration::from_secs(30))
-        .expect("collector stops");
-    assert!(ok, "collector failed:\n{}", stderr.join("\n"));
+    let (records, stderr) = stop(collector);
     assert!(
         stderr.iter().any(|l| l.contains("tcp_state=tp_btf")),
         "this kernel loads tp_btf programs, whose reads this test is about:\n{}",
@@ -332,7 +316,6 @@ fn each_record_carries_the_ids_of_the_thread_that_connected() {
     let cgroup_id = std::fs::metadata(unified_mount().join(unified_path().trim_start_matches('/')))
         .expect("this test's cgroup v2 directory")
         .ino();
-    let records = egress_testkit::records::parse(&stdout);
     for (kind, destination) in [("tcp_connect", port), ("udp_connect", udp_port)] {
         let record = records
             .iter()
@@ -380,19 +363,39 @@ fn unified_path() -> String {
         .to_string()
 }
 
-/// Stops `collector` (after its reader's 100 ms poll has passed) and returns the records
-/// it wrote of connections process `pid` made to `port`, in order, and its log.
-fn records_of(
+/// A collector with every attribute set (the identity tests read namespaces, cgroup ids,
+/// thread ids), statistics quiet.
+fn full_collector() -> egress_testkit::collector::RunningCollector {
+    egress_testkit::collector::RunningCollector::start(
+        std::path::Path::new(COLLECTOR),
+        &["--attributes", "full", "--stats-interval", "1h"],
+        Duration::from_secs(60),
+    )
+    .expect("collector starts")
+}
+
+/// Stops `collector` (after its reader's 100 ms poll has passed) and returns every record
+/// it wrote, and its log.
+fn stop(
     collector: egress_testkit::collector::RunningCollector,
-    port: u16,
-    pid: u32,
 ) -> (Vec<serde_json::Value>, Vec<String>) {
     std::thread::sleep(Duration::from_millis(300));
     let (ok, stdout, stderr) = collector
         .stop(Duration::from_secs(30))
         .expect("collector stops");
     assert!(ok, "collector failed:\n{}", stderr.join("\n"));
-    let mine = egress_testkit::records::parse(&stdout)
+    (egress_testkit::records::parse(&stdout), stderr)
+}
+
+/// The records of connections process `pid` made to `port`, in order, and the log of
+/// `collector`, stopped.
+fn records_of(
+    collector: egress_testkit::collector::RunningCollector,
+    port: u16,
+    pid: u32,
+) -> (Vec<serde_json::Value>, Vec<String>) {
+    let (records, stderr) = stop(collector);
+    let mine = records
         .into_iter()
         .filter(|r| attr(r, "destination.port") == port && attr(r, "process.pid") == pid)
         .collect();
