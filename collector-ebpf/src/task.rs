@@ -3,10 +3,10 @@
 //! Split in two for cost: what differs between threads or can change at any call (ids,
 //! credentials, thread name, cgroup id) is read on every event, from the current task
 //! with plain loads where the program has its typed pointer, else from helpers
-//! ([`fill_ids`], `read::Reader::pid_tgid`); what the whole process shares and rarely changes (parent, process
-//! name, pid-namespace pid, namespaces, nodename, cgroup names) is read from the task's
-//! structs once and cached per process in `IDENTITIES` ([`fill_process`]), checked on
-//! each use against what could have changed it.
+//! ([`fill_ids`], `read::Reader::pid_tgid`); what the whole process shares and rarely
+//! changes (parent, process name, pid-namespace pid, namespaces, nodename, cgroup names)
+//! is read from the task's structs once and cached per process in `IDENTITIES`
+//! ([`fill_process`]), checked on each use against what could have changed it.
 //!
 //! The cached identity goes to user space once, not in every record: the walk sends it
 //! as an `IdentityEvent` before it caches it, and a record carries only the time it was
@@ -35,8 +35,9 @@ use crate::{
 const _: () = assert!(core::mem::size_of::<Identity>() == 24 + egress_shared::IDENTITY_EVENT_SIZE);
 
 /// What every event reads from the current task `task` (`R::current_task()`): ids,
-/// credentials, thread name and cgroup id, and the time, returned, not written: the caller writes it last (see
-/// `emit::identify`). Enough for the per-cgroup decisions on cgroup v2.
+/// credentials, thread name and cgroup id, and the time, returned, not written: the
+/// caller writes it last (see `emit::identify`). Enough for the per-cgroup decisions on
+/// cgroup v2.
 #[inline(always)]
 pub fn fill_ids<R: Reader>(ev: &mut ConnectEvent, task: u64) -> u64 {
     let now = unsafe { bpf_ktime_get_boot_ns() };
