@@ -9,9 +9,9 @@ use egress_shared::{
 use crate::{
     filter,
     maps::{
-        Bucket, CALL_HINT_SLOTS, CALL_HINTS, CALLS, CGROUP_BUCKETS, COUNTERS, CallState, EVENTS,
-        FLOW_SWEPT, Identity, OPEN_SLOT_BITS, OPEN_SLOTS, OPEN_SPILLS, OPEN_TCP, OpenConn,
-        PENDING_SLOT_BITS, PENDING_SLOTS, PENDING_SPILLS, PENDING_TCP, SCRATCH, Slot,
+        BOOT_OFFSET, Bucket, CALL_HINT_SLOTS, CALL_HINTS, CALLS, CGROUP_BUCKETS, COUNTERS,
+        CallState, EVENTS, FLOW_SWEPT, Identity, OPEN_SLOT_BITS, OPEN_SLOTS, OPEN_SPILLS, OPEN_TCP,
+        OpenConn, PENDING_SLOT_BITS, PENDING_SLOTS, PENDING_SPILLS, PENDING_TCP, SCRATCH, Slot,
         TCP_CONNECT_MARKS, UDP_FLOWS, config,
     },
     read::{self, Probe, Reader},
@@ -895,7 +895,7 @@ pub fn take_tcp_connect_mark() -> bool {
 /// `sk` is what `R` reads the socket from; `sk_id` its address as a plain number, which
 /// keys the maps (the same value; see `probes::tcp_state::sock_id`).
 #[inline(always)]
-pub fn tcp_complete<R: Reader>(sk: u64, sk_id: u64, established: bool) {
+pub fn tcp_complete<R: Reader>(sk: u64, sk_id: u64, established: bool, clock_fresh: bool) {
     if config!(fetching_atomics) != 0 {
         let index = pending_slot(sk_id);
         let Some(slot) = PENDING_SLOTS.get_ptr_mut(index) else {
@@ -921,7 +921,10 @@ pub fn tcp_complete<R: Reader>(sk: u64, sk_id: u64, established: bool) {
                 entry.discard(BPF_RB_NO_WAKEUP);
                 return;
             }
-            let (connect_ns, now) = (ev.boot_time_ns, complete::<R>(ev, sk, established));
+            let (connect_ns, now) = (
+                ev.boot_time_ns,
+                complete::<R>(ev, sk, established, clock_fresh),
+            );
             entry.submit(wakeup_flags());
             track_open(sk_id, established, connect_ns, now);
             return;
@@ -951,7 +954,10 @@ pub fn tcp_complete<R: Reader>(sk: u64, sk_id: u64, established: bool) {
         entry.discard(BPF_RB_NO_WAKEUP);
         return;
     }
-    let (connect_ns, now) = (ev.boot_time_ns, complete::<R>(ev, sk, established));
+    let (connect_ns, now) = (
+        ev.boot_time_ns,
+        complete::<R>(ev, sk, established, clock_fresh),
+    );
     entry.submit(wakeup_flags());
     track_open(sk_id, established, connect_ns, now);
 }
@@ -982,9 +988,14 @@ fn take_spilled(sk: u64) -> bool {
 }
 
 /// What the attempt's record learns at completion: source, handshake time, outcome.
-/// Returns the time of completion.
+/// Returns the time of completion. `clock_fresh` as for [`completion_time`].
 #[inline(always)]
-fn complete<R: Reader>(ev: &mut ConnectEvent, sk: u64, established: bool) -> u64 {
+fn complete<R: Reader>(
+    ev: &mut ConnectEvent,
+    sk: u64,
+    established: bool,
+    clock_fresh: bool,
+) -> u64 {
     if sock::fill_tcp_source::<R>(ev, sk).is_err() {
         count(Counter::KernelReadFailed);
     }
@@ -995,7 +1006,7 @@ fn complete<R: Reader>(ev: &mut ConnectEvent, sk: u64, established: bool) -> u64
         // inet_sport (network order) still names it.
         ev.src_port = R::kernel::<u16>(tp, config!(offsets.inet_sport)).map_or(0, u16::from_be);
     }
-    let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_boot_ns() };
+    let now = completion_time::<R>(tp, ev.boot_time_ns, clock_fresh);
     ev.handshake_ns = now.wrapping_sub(ev.boot_time_ns);
     ev.syn_retransmits = R::kernel(tp, config!(offsets.tcp_total_retrans)).unwrap_or(0);
     if established {
@@ -1007,6 +1018,31 @@ fn complete<R: Reader>(ev: &mut ConnectEvent, sk: u64, established: bool) -> u64
     }
     filter::open_aggregate(ev);
     now
+}
+
+/// The time (CLOCK_BOOTTIME) of a completion of an attempt made at `started`.
+/// `clock_fresh`: the transition comes from a segment the kernel is processing now
+/// (SYN_SENT -> ESTABLISHED: `tcp_rcv_state_process` refreshes the socket's clock cache
+/// before it looks at the SYN-ACK), so `tcp_clock_cache` (monotonic) plus [`BOOT_OFFSET`]
+/// is the time within the segment's processing, for a load instead of a clock read
+/// (~85 ns on an AMD host: the TSC read under `bpf_ktime_get_boot_ns` waits for the loads
+/// before it). Anything else (a close, a timeout: the cache may be as old as the last
+/// segment), or a cache that reads as earlier than the attempt (a kernel without the
+/// field, a resume the offset has not caught up with yet), reads the clock.
+#[inline(always)]
+fn completion_time<R: Reader>(tp: u64, started: u64, clock_fresh: bool) -> u64 {
+    let cache_at = config!(offsets.tcp_clock_cache);
+    if clock_fresh
+        && cache_at != 0
+        && let Ok(cached) = R::kernel::<u64>(tp, cache_at)
+        && let Some(offset) = BOOT_OFFSET.get(0)
+    {
+        let now = cached.wrapping_add(*offset);
+        if cached != 0 && now >= started {
+            return now;
+        }
+    }
+    unsafe { aya_ebpf::helpers::bpf_ktime_get_boot_ns() }
 }
 
 /// An established connection whose close is to be reported is kept: in its

@@ -97,6 +97,13 @@ pub static UDP_FLOWS: LruHashMap<FlowKey, FlowState> = LruHashMap::with_max_entr
 #[map]
 pub static FLOW_SWEPT: Array<u64> = Array::with_max_entries(1, 0);
 
+/// CLOCK_BOOTTIME minus CLOCK_MONOTONIC (the time the machine spent suspended), written
+/// by user space before the programs attach and again every second: turns the socket's
+/// clock cache (`tcp_sock.tcp_clock_cache`, monotonic) into the records' boot time
+/// without a clock read (`emit::completion_time`). It changes only at a resume.
+#[map]
+pub static BOOT_OFFSET: Array<u64> = Array::with_max_entries(1, 0);
+
 /// Token bucket of each cgroup (by the id of the cgroup that names its container), for
 /// the per-cgroup rate limit, shared by all CPUs (see `emit::admit` for how they update
 /// it). LRU: a forgotten cgroup starts again with a full bucket (the drops it had yet to

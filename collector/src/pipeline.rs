@@ -143,6 +143,7 @@ pub async fn run(
             .take_flow_sweep()?
             .map(|map| FlowSweeper::new(map, probes.facts.config.udp_flow_window_ns)),
     )
+    .with_boot_offset(probes.take_boot_offset()?)
     .with_dns(DnsSettings {
         enabled: settings.dns.enabled && probes.dns_attached,
         ..settings.dns.clone()

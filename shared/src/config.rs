@@ -92,9 +92,14 @@ pub struct KernelOffsets {
     pub tcp_bytes_received: u32,
     /// 0 when the kernel has no `bytes_sent` (before 4.19).
     pub tcp_bytes_sent: u32,
+    /// `tcp_sock.tcp_clock_cache` (CLOCK_MONOTONIC ns, refreshed by the kernel when a
+    /// segment arrives and when a timer fires): the time an attempt was established, read
+    /// instead of the clock (see `emit::completion_time`). 0 when the kernel has none
+    /// (before 4.20): the clock is read.
+    pub tcp_clock_cache: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 62 * 4);
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 63 * 4);
 
 /// Field offsets inside tracepoint records, read from tracefs `format` files.
 #[repr(C)]
@@ -116,10 +121,10 @@ pub struct TracepointOffsets {
     pub sendmsg_msg: u32,
     pub sendmmsg_fd: u32,
     pub sendmmsg_msg: u32,
-    pub _pad: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<TracepointOffsets>() == 14 * 4);
+/// With [`KernelOffsets`] an even number of u32: what follows is 8-byte aligned.
+const _: () = assert!(core::mem::size_of::<TracepointOffsets>() == 13 * 4);
 
 /// Which cgroup's leaf name the programs capture.
 pub struct CgroupSource;
@@ -201,7 +206,7 @@ pub struct ProbeConfig {
 }
 
 const _: () =
-    assert!(core::mem::size_of::<ProbeConfig>() == 62 * 4 + 16 * 4 + 8 + 8 + 24 + 16 + 16 + 8 * 4);
+    assert!(core::mem::size_of::<ProbeConfig>() == 63 * 4 + 15 * 4 + 8 + 8 + 24 + 16 + 16 + 8 * 4);
 
 /// The kernel `struct msghdr`'s data iterator, for the DNS hooks below the syscalls
 /// (`udp_recvmsg`, `udpv6_recvmsg`, `tcp_recvmsg`, `udp_sendmsg`): after the kernel has
@@ -309,6 +314,7 @@ impl ProbeConfig {
                 tcp_bytes_acked: 0,
                 tcp_bytes_received: 0,
                 tcp_bytes_sent: 0,
+                tcp_clock_cache: 0,
             },
             tracepoints: TracepointOffsets {
                 state_skaddr: 0,
@@ -324,7 +330,6 @@ impl ProbeConfig {
                 sendmsg_msg: 0,
                 sendmmsg_fd: 0,
                 sendmmsg_msg: 0,
-                _pad: 0,
             },
             cgroup_subsys_index: CgroupSource::DEFAULT_HIERARCHY,
             _pad_after_subsys: 0,

@@ -78,7 +78,9 @@ fn transition<R: Reader>(sk: u64, sk_id: u64, old: i32, new: i32, slot: Slot) {
         emit::tcp_syn_sent::<R>(sk, sk_id, slot);
     } else if old == TCP_SYN_SENT {
         if new == TCP_ESTABLISHED || new == TCP_CLOSE {
-            emit::tcp_complete::<R>(sk, sk_id, new == TCP_ESTABLISHED);
+            // Established by the SYN-ACK being processed: the socket's clock is fresh.
+            let established = new == TCP_ESTABLISHED;
+            emit::tcp_complete::<R>(sk, sk_id, established, established);
         } else if new == TCP_SYN_RECV {
             mark_simultaneous(sk_id);
         }
@@ -86,7 +88,7 @@ fn transition<R: Reader>(sk: u64, sk_id: u64, old: i32, new: i32, slot: Slot) {
         // The second half of a simultaneous open (ESTABLISHED; CLOSE on a reset or a
         // timeout; FIN_WAIT1 when the application closed it first). An accepted
         // connection is never marked: it goes on below.
-        emit::tcp_complete::<R>(sk, sk_id, new == TCP_ESTABLISHED);
+        emit::tcp_complete::<R>(sk, sk_id, new == TCP_ESTABLISHED, false);
     } else if new == TCP_CLOSE && config!(track_closes) != 0 {
         emit::tcp_closed::<R>(sk, sk_id, old as u8);
     }

@@ -38,7 +38,7 @@ use self::{
 use crate::{
     config::settings::{DnsSettings, OutcomeSettings},
     enrich::{Record, Resource},
-    probe::{pending::PendingAttempts, ring::EventRing},
+    probe::{boot_offset::BootOffset, pending::PendingAttempts, ring::EventRing},
     telemetry::events::{ReaderEvent, ReaderTelemetry},
 };
 
@@ -72,6 +72,10 @@ pub struct EventReader {
     telemetry: ReaderTelemetry,
     aggregates: Option<Aggregates>,
     flows: Option<FlowSweeper>,
+    /// The programs' boot offset, refreshed every second (see `probe::boot_offset`).
+    boot_offset: Option<BootOffset>,
+    /// Whether refreshing it failed since it last succeeded (the first failure is logged).
+    boot_offset_failing: bool,
     tracker: Tracker,
     pending: Option<PendingAttempts>,
     outcomes: OutcomeSettings,
@@ -106,6 +110,8 @@ impl EventReader {
             telemetry,
             aggregates,
             flows: None,
+            boot_offset: None,
+            boot_offset_failing: false,
             tracker: Tracker::default(),
             pending: None,
             outcomes: OutcomeSettings::default(),
@@ -142,6 +148,12 @@ impl EventReader {
         self
     }
 
+    /// Keeps the programs' boot offset current (see `probe::boot_offset`).
+    pub fn with_boot_offset(mut self, offset: BootOffset) -> Self {
+        self.boot_offset = Some(offset);
+        self
+    }
+
     /// Reads until `shutdown` turns true, then drains what is left in the ring.
     pub async fn run(
         mut self,
@@ -164,6 +176,7 @@ impl EventReader {
                         self.names.expire();
                     }
                     if self.ticks.is_multiple_of(10) {
+                        self.refresh_boot_offset();
                         self.sweep_flows(false, &out);
                         let unanswered = self.names.unanswered();
                         self.hand_on(unanswered, &out);
@@ -370,6 +383,21 @@ impl EventReader {
 
     /// Hands on the UDP bytes of flows whose window is long over (every flow with
     /// `all`), as metric-only records; call after a drain, so their last records are known.
+    fn refresh_boot_offset(&mut self) {
+        let Some(offset) = &mut self.boot_offset else {
+            return;
+        };
+        match offset.refresh() {
+            Ok(()) => self.boot_offset_failing = false,
+            Err(e) => {
+                let first = !self.boot_offset_failing;
+                self.boot_offset_failing = true;
+                self.telemetry
+                    .emit(ReaderEvent::BootOffsetFailed { error: &e, first });
+            }
+        }
+    }
+
     fn sweep_flows(&mut self, all: bool, out: &mpsc::Sender<Vec<Record>>) {
         let Some(flows) = &mut self.flows else {
             return;

@@ -275,6 +275,8 @@ impl KernelBtf {
             tcp_bytes_received: self.offset("tcp_sock", "bytes_received")?,
             // Added in 4.19 (ba113c3aa79a); 0 tells the programs not to read it.
             tcp_bytes_sent: self.offset("tcp_sock", "bytes_sent").unwrap_or(0),
+            // Added in 4.20 (the earliest-departure-time model); 0: the clock is read.
+            tcp_clock_cache: self.offset("tcp_sock", "tcp_clock_cache").unwrap_or(0),
         })
     }
 

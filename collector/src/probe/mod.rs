@@ -13,6 +13,7 @@
 //! `cgroups`, `features`, `filters`, `programs`, `state_maps`, `tracefs`).
 
 mod attach;
+pub mod boot_offset;
 pub mod btf;
 pub mod cgroups;
 pub mod counters;
@@ -242,6 +243,14 @@ pub struct Probes {
     pub state_hook: attach::StateHook,
 }
 
+/// The boot offset, written before the programs attach (see [`boot_offset`]).
+fn install_boot_offset(ebpf: &mut Ebpf) -> Result<(), ProbeError> {
+    let name = "BOOT_OFFSET";
+    let map = ebpf.map_mut(name).ok_or(ProbeError::MissingMap(name))?;
+    let mut array = Array::try_from(map).map_err(|source| ProbeError::Map { name, source })?;
+    boot_offset::write(&mut array).map_err(|source| ProbeError::Map { name, source })
+}
+
 /// The kernel's BTF is only needed to load and attach: tens of MiB handed back.
 fn release_btf(facts: &mut KernelFacts) {
     facts.aya_btf = None;
@@ -258,6 +267,7 @@ impl Probes {
         let mut facts = KernelFacts::read(settings)?;
         let mut ebpf = facts.load(settings.ring_buffer_bytes)?;
         filters::install(&mut ebpf, &settings.excluded_destinations)?;
+        install_boot_offset(&mut ebpf)?;
         let mut refused = Vec::new();
         for mode in settings.choice.candidates() {
             if mode == HookMode::Tracepoint
@@ -418,6 +428,20 @@ impl Probes {
             source,
         })?;
         Ok(Some(flow_sweep::FlowSweep::new(flows, swept, fd)))
+    }
+
+    /// `BOOT_OFFSET`, for the reader to keep current.
+    pub fn take_boot_offset(&mut self) -> Result<boot_offset::BootOffset, ProbeError> {
+        let map = self
+            .ebpf
+            .take_map("BOOT_OFFSET")
+            .ok_or(ProbeError::MissingMap("BOOT_OFFSET"))?;
+        Array::try_from(map)
+            .map(boot_offset::BootOffset::new)
+            .map_err(|source| ProbeError::Map {
+                name: "BOOT_OFFSET",
+                source,
+            })
     }
 
     /// The cgroups the programs drop, for user space to add to.

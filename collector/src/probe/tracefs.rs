@@ -160,7 +160,6 @@ pub fn tracepoint_offsets(root: &Path) -> Result<TracepointOffsets, TracefsError
         sendmsg_msg: sendmsg.field("msg")?,
         sendmmsg_fd: sendmmsg.field("fd")?,
         sendmmsg_msg: sendmmsg.field("mmsg")?,
-        _pad: 0,
     })
 }
 

@@ -52,6 +52,10 @@ pub enum ReaderEvent<'a> {
     /// A sweep of the kernel's UDP flows stopped at an error; `first` for the first
     /// failure since the last sweep that succeeded, which is logged.
     UdpSweepFailed { error: &'a dyn Display, first: bool },
+    /// The programs' boot offset could not be written (`probe::boot_offset`); `first` for
+    /// the first failure, which is logged. Nothing is lost: after a resume the programs
+    /// read the clock at each completion until a write succeeds.
+    BootOffsetFailed { error: &'a dyn Display, first: bool },
 }
 
 /// The reader's handle on the collector's counters: it reports [`ReaderEvent`]s.
@@ -118,6 +122,11 @@ impl ReaderTelemetry {
                 stats.record_udp_sweep_failed();
                 if first {
                     tracing::error!(error = %error, "UDP flows cannot be swept: bytes sent after a flow's last record are not counted until this recovers.");
+                }
+            }
+            ReaderEvent::BootOffsetFailed { error, first } => {
+                if first {
+                    tracing::warn!(error = %error, "The programs' boot offset cannot be refreshed: after a suspend and resume, each completion reads the clock instead of the socket's clock cache.");
                 }
             }
         }
