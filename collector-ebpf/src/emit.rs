@@ -1026,9 +1026,12 @@ fn complete<R: Reader>(
 /// before it looks at the SYN-ACK), so `tcp_clock_cache` (monotonic) plus [`BOOT_OFFSET`]
 /// is the time within the segment's processing, for a load instead of a clock read
 /// (~85 ns on an AMD host: the TSC read under `bpf_ktime_get_boot_ns` waits for the loads
-/// before it). Anything else (a close, a timeout: the cache may be as old as the last
-/// segment), or a cache that reads as earlier than the attempt (a kernel without the
-/// field, a resume the offset has not caught up with yet), reads the clock.
+/// before it). A failed attempt reads the clock: a timeout or a reset refreshes the cache
+/// too, but this program cannot tell them from the application's close or an ICMP
+/// error, which do not (and a cache refreshed by `tcp_connect`, after the attempt's
+/// start, would pass the check below). So does a cache that reads as 0 or as earlier
+/// than the attempt: a kernel without the field, a TCP_REPAIR socket (established
+/// without a segment), an offset a resume made too small by more than the handshake.
 #[inline(always)]
 fn completion_time<R: Reader>(tp: u64, started: u64, clock_fresh: bool) -> u64 {
     let cache_at = config!(offsets.tcp_clock_cache);

@@ -207,6 +207,8 @@ pub struct ProbeConfig {
 
 const _: () =
     assert!(core::mem::size_of::<ProbeConfig>() == 63 * 4 + 15 * 4 + 8 + 8 + 24 + 16 + 16 + 8 * 4);
+/// The offsets' counts (odd plus odd) keep the first u64 after them aligned.
+const _: () = assert!(core::mem::offset_of!(ProbeConfig, udp_flow_window_ns) % 8 == 0);
 
 /// The kernel `struct msghdr`'s data iterator, for the DNS hooks below the syscalls
 /// (`udp_recvmsg`, `udpv6_recvmsg`, `tcp_recvmsg`, `udp_sendmsg`): after the kernel has

@@ -78,7 +78,8 @@ fn transition<R: Reader>(sk: u64, sk_id: u64, old: i32, new: i32, slot: Slot) {
         emit::tcp_syn_sent::<R>(sk, sk_id, slot);
     } else if old == TCP_SYN_SENT {
         if new == TCP_ESTABLISHED || new == TCP_CLOSE {
-            // Established by the SYN-ACK being processed: the socket's clock is fresh.
+            // Established by the SYN-ACK being processed: the socket's clock is fresh (a
+            // TCP_REPAIR socket is not, and fails the completion's check).
             let established = new == TCP_ESTABLISHED;
             emit::tcp_complete::<R>(sk, sk_id, established, established);
         } else if new == TCP_SYN_RECV {

@@ -381,8 +381,8 @@ impl EventReader {
         }
     }
 
-    /// Hands on the UDP bytes of flows whose window is long over (every flow with
-    /// `all`), as metric-only records; call after a drain, so their last records are known.
+    /// Writes the programs' boot offset again (see `probe::boot_offset`); a failure is
+    /// logged once until a write succeeds.
     fn refresh_boot_offset(&mut self) {
         let Some(offset) = &mut self.boot_offset else {
             return;
@@ -398,6 +398,8 @@ impl EventReader {
         }
     }
 
+    /// Hands on the UDP bytes of flows whose window is long over (every flow with
+    /// `all`), as metric-only records; call after a drain, so their last records are known.
     fn sweep_flows(&mut self, all: bool, out: &mpsc::Sender<Vec<Record>>) {
         let Some(flows) = &mut self.flows else {
             return;

@@ -241,10 +241,12 @@ pub struct Probes {
     pub dns_attached: bool,
     /// The program that follows the TCP state changes.
     pub state_hook: attach::StateHook,
+    /// The boot offset written before the programs attached (see [`boot_offset`]).
+    boot_offset_written: u64,
 }
 
 /// The boot offset, written before the programs attach (see [`boot_offset`]).
-fn install_boot_offset(ebpf: &mut Ebpf) -> Result<(), ProbeError> {
+fn install_boot_offset(ebpf: &mut Ebpf) -> Result<u64, ProbeError> {
     let name = "BOOT_OFFSET";
     let map = ebpf.map_mut(name).ok_or(ProbeError::MissingMap(name))?;
     let mut array = Array::try_from(map).map_err(|source| ProbeError::Map { name, source })?;
@@ -267,7 +269,7 @@ impl Probes {
         let mut facts = KernelFacts::read(settings)?;
         let mut ebpf = facts.load(settings.ring_buffer_bytes)?;
         filters::install(&mut ebpf, &settings.excluded_destinations)?;
-        install_boot_offset(&mut ebpf)?;
+        let boot_offset_written = install_boot_offset(&mut ebpf)?;
         let mut refused = Vec::new();
         for mode in settings.choice.candidates() {
             if mode == HookMode::Tracepoint
@@ -299,6 +301,7 @@ impl Probes {
                         facts,
                         dns_attached,
                         state_hook,
+                        boot_offset_written,
                     });
                 }
                 Err(e) => refused.push((mode, one_line(&e))),
@@ -436,8 +439,9 @@ impl Probes {
             .ebpf
             .take_map("BOOT_OFFSET")
             .ok_or(ProbeError::MissingMap("BOOT_OFFSET"))?;
+        let written = self.boot_offset_written;
         Array::try_from(map)
-            .map(boot_offset::BootOffset::new)
+            .map(|map| boot_offset::BootOffset::new(map, written))
             .map_err(|source| ProbeError::Map {
                 name: "BOOT_OFFSET",
                 source,

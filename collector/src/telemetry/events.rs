@@ -53,8 +53,9 @@ pub enum ReaderEvent<'a> {
     /// failure since the last sweep that succeeded, which is logged.
     UdpSweepFailed { error: &'a dyn Display, first: bool },
     /// The programs' boot offset could not be written (`probe::boot_offset`); `first` for
-    /// the first failure, which is logged. Nothing is lost: after a resume the programs
-    /// read the clock at each completion until a write succeeds.
+    /// the first failure, which is logged. Nothing is lost, but after a resume the
+    /// handshake times come out short by the time suspended (or from the clock, where
+    /// that is longer than the handshake) until a write succeeds.
     BootOffsetFailed { error: &'a dyn Display, first: bool },
 }
 
@@ -126,7 +127,7 @@ impl ReaderTelemetry {
             }
             ReaderEvent::BootOffsetFailed { error, first } => {
                 if first {
-                    tracing::warn!(error = %error, "The programs' boot offset cannot be refreshed: after a suspend and resume, each completion reads the clock instead of the socket's clock cache.");
+                    tracing::warn!(error = %error, "The programs' boot offset cannot be refreshed: after a suspend and resume, handshake times are short by the time suspended until it can.");
                 }
             }
         }

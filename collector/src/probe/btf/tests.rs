@@ -257,6 +257,15 @@ fn running_kernel_offsets_are_consistent() {
     }
     assert!(o.sk_protocol >= common);
     assert_ne!(o.task_nsproxy, o.task_cgroups);
+    // The clock cache the completion reads as a u64 (this kernel has it: 4.20+), inside
+    // tcp_sock, past the sock at its start.
+    let tcp_sock = btf.struct_size("tcp_sock").expect("tcp_sock");
+    assert!(
+        o.tcp_clock_cache >= common && o.tcp_clock_cache + 8 <= tcp_sock,
+        "tcp_clock_cache at {} in a tcp_sock of {tcp_sock} bytes",
+        o.tcp_clock_cache
+    );
+    assert_eq!(o.tcp_clock_cache % 8, 0);
 }
 
 #[test]
