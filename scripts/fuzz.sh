@@ -9,6 +9,8 @@ cd "$(dirname "$0")/.."
 seconds=${1:-10}
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 cd fuzz
+# Leaks by design (the name interner's permanent names), listed with why.
+export LSAN_OPTIONS="suppressions=$(pwd)/lsan-suppressions.txt${LSAN_OPTIONS:+:$LSAN_OPTIONS}"
 # Listed first, so a failing `cargo fuzz list` stops the script (set -e) instead of
 # leaving an empty loop that reports success.
 targets=$(cargo +nightly fuzz list)
@@ -16,7 +18,10 @@ ran=0
 for target in $targets; do
   mkdir -p "corpus/$target"
   echo "fuzz: $target for ${seconds}s" >&2
-  output=$(cargo +nightly fuzz run --dev "$target" "corpus/$target" ../collector/src/enrich/runtime/fixtures \
+  # Committed seeds (earlier findings) first, so every run starts from them.
+  seeds=()
+  if [ -d "seeds/$target" ]; then seeds=("seeds/$target"); fi
+  output=$(cargo +nightly fuzz run --dev "$target" "corpus/$target" ${seeds[@]+"${seeds[@]}"} ../collector/src/enrich/runtime/fixtures \
     -- -max_total_time="$seconds" -print_final_stats=0 2>&1) \
     || { echo "$output" | grep -E "ERROR|panicked|SUMMARY" >&2 || true; echo "fuzz: $target failed; see fuzz/artifacts/$target" >&2; exit 1; }
   # libFuzzer ends a run that happened with "Done <n> runs".
