@@ -107,8 +107,8 @@ mod tests {
     #[test]
     fn the_estimate_now_is_within_the_clocks_difference() {
         let estimate = estimate() as i128;
-        let boot = now_ns(libc::CLOCK_BOOTTIME).unwrap();
-        let monotonic = now_ns(libc::CLOCK_MONOTONIC).unwrap();
+        let boot = now_ns(libc::CLOCK_BOOTTIME).expect("CLOCK_BOOTTIME");
+        let monotonic = now_ns(libc::CLOCK_MONOTONIC).expect("CLOCK_MONOTONIC");
         // At most the difference (read the other way round: boot first, then monotonic,
         // is a lower bound too), and within a millisecond of it on a machine this calm.
         let difference = boot - monotonic;
