@@ -123,7 +123,8 @@ pub struct TracepointOffsets {
     pub sendmmsg_msg: u32,
 }
 
-/// With [`KernelOffsets`] an even number of u32: what follows is 8-byte aligned.
+/// With [`KernelOffsets`] (63 u32) an even number of u32 (76): what follows is 8-byte
+/// aligned (asserted below [`ProbeConfig`]).
 const _: () = assert!(core::mem::size_of::<TracepointOffsets>() == 13 * 4);
 
 /// Which cgroup's leaf name the programs capture.
