@@ -247,7 +247,9 @@ pub const IDENTITY_MAX_AGE_NS: u64 = 1_000_000_000;
 /// slot was taken, before every one. Not LRU: under churn an LRU would evict
 /// the long-lived connections (the ones whose close matters most) in favour of short
 /// ones. When full, the newest connection goes untracked and is counted
-/// (`close_untracked`). 65536 x 24 bytes.
+/// (`close_untracked`), as is an entry found stale: a connection whose CLOSE was never
+/// seen, found when another socket takes its address (its SYN_SENT, or a close whose
+/// ports are not the entry's). 65536 x 24 bytes.
 #[map]
 pub static OPEN_TCP: HashMap<u64, OpenConn> = HashMap::with_max_entries(65536, 0);
 
@@ -290,8 +292,13 @@ pub struct OpenConn {
     pub established_ns: u64,
     /// An `egress_shared::ResetBy` value, set by the reset tracepoints.
     pub reset: u8,
-    pub _pad: [u8; 7],
+    pub _pad: [u8; 3],
+    /// The connection's source port (high half) and destination port, host order: a
+    /// close at this socket address whose ports differ is another socket's (this one's
+    /// CLOSE was never seen, and its address was reused).
+    pub ports: u32,
 }
+const _: () = assert!(core::mem::size_of::<OpenConn>() == 24);
 
 /// Destinations users exclude (`--exclude-cidr`, `--exclude-loopback`), IPv4 and IPv6.
 #[map]

@@ -355,8 +355,10 @@ pub enum Counter {
     /// A repeat of a connection already reported in its aggregation window: counted in
     /// the window's aggregate, which user space reports when the window closes.
     Aggregated = 6,
-    /// An established connection could not be tracked to its close (the map of open
-    /// connections was full): its close, duration and bytes are not reported.
+    /// An established connection's close is not reported (its duration and bytes
+    /// neither): the map of open connections was full; or its CLOSE was never seen (a
+    /// program run the kernel skipped or did not make), found when another socket
+    /// takes its address; or the map refused its removal.
     CloseUntracked = 7,
     /// A call's entry saved its state in `CALLS` (a new entry, not one replaced).
     CallsSaved = 8,
