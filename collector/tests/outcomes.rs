@@ -702,6 +702,11 @@ fn every_close_is_reported_with_its_bytes(wrapper: &[&str]) {
     require_root();
     raise_open_files(4 * CONNECTIONS as u64);
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("listen");
+    // A full accept queue (std listens with 128) drops a SYN, which the client sends
+    // again from a timer: its handshake would then end in a timer's softirq (see below).
+    // SAFETY: listen(2) on a listening socket this test owns only sets its backlog.
+    let relisten = unsafe { libc::listen(listener.as_raw_fd(), CONNECTIONS as i32) };
+    assert_eq!(relisten, 0, "listen: {}", std::io::Error::last_os_error());
     let dest = listener.local_addr().expect("addr");
     let collector = RunningCollector::start_wrapped(
         wrapper,
@@ -730,7 +735,10 @@ fn every_close_is_reported_with_its_bytes(wrapper: &[&str]) {
         let mut stream = TcpStream::connect(dest).expect("connect");
         let bytes = i % 1000 + 1;
         stream.write_all(&vec![1u8; bytes]).expect("write");
-        sent_by_port.insert(stream.local_addr().expect("local").port(), bytes as u64);
+        sent_by_port.insert(
+            stream.local_addr().expect("local").port(),
+            (i, bytes as u64),
+        );
         clients.push(stream);
         if i % 500 == 499 {
             // Paced: the collector's ring holds ~8,000 records.
@@ -738,27 +746,58 @@ fn every_close_is_reported_with_its_bytes(wrapper: &[&str]) {
         }
     }
     let accepted = server.join().expect("server");
-    // Every connection is open at once here; then each closes.
+    // Every connection is open at once here. The server ends each first (a FIN; its
+    // data stays unread, and a shutdown sends no reset), so each client's CLOSE comes
+    // in its own close(): the server answers the client's FIN at once, and the client
+    // reaches CLOSE as it processes that answer, in this thread (or in ksoftirqd).
+    // Closed first instead, a client reaches CLOSE when the server's delayed ACK timer
+    // fires, on top of whatever task that CPU runs; on this sandbox's kernel BPF
+    // programs do not run for events in softirqs taken on top of its VM agent (PID 1):
+    // runs of closes (and a handshake whose SYN a full accept queue had dropped) went
+    // unseen by every BPF observer (bpftrace too) while ftrace saw them, with no
+    // recursion miss counted (docs/kernel.md, "Closes no program sees").
+    for (i, stream) in accepted.iter().enumerate() {
+        stream
+            .shutdown(std::net::Shutdown::Write)
+            .expect("server shutdown");
+        if i % 500 == 499 {
+            // Paced, as the connects: the loopback backlog holds 1,000 packets.
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
     for (i, stream) in clients.into_iter().enumerate() {
         drop(stream);
         if i % 500 == 499 {
             thread::sleep(Duration::from_millis(100));
         }
     }
-    drop(accepted);
     thread::sleep(Duration::from_millis(1500));
+    drop(accepted);
+    // The kernel's own view as the collector stops: a client socket still in LAST-ACK
+    // has not reached CLOSE, so no close can be reported for it yet.
+    let states = client_socket_states(dest);
     let (clean, stdout, stderr) = collector.stop(Duration::from_secs(30)).expect("stop");
     assert!(clean, "collector failed:\n{}", stderr.join("\n"));
     let records = parse(&stdout);
     let closes = records_to(&records, dest, "tcp_close");
     let mut problems = Vec::new();
+    // Which connections (in the order they were made, and closed) went wrong: a run of
+    // them points at a moment, scattered ones at a table.
+    let mut wrong = Vec::new();
     let mut seen = std::collections::HashSet::new();
     for r in &closes {
         let port = attr(r, "source.port").as_u64().unwrap_or(0) as u16;
         let sent = attr(r, "egress.tcp.bytes.sent").as_u64();
         match sent_by_port.get(&port) {
-            Some(&want) if sent == Some(want) => {}
-            want => problems.push(format!("port {port}: sent {sent:?}, want {want:?}")),
+            Some(&(_, want)) if sent == Some(want) => {}
+            Some(&(i, want)) => {
+                wrong.push(i);
+                let state = states.get(&port).map_or("gone", String::as_str);
+                problems.push(format!(
+                    "port {port} (connection {i}, socket {state} at stop): sent {sent:?}, want {want}"
+                ));
+            }
+            None => problems.push(format!("port {port}: not one of the test's")),
         }
         if !seen.insert(port) {
             problems.push(format!("port {port}: closed twice"));
@@ -767,7 +806,7 @@ fn every_close_is_reported_with_its_bytes(wrapper: &[&str]) {
     let stats = stderr
         .iter()
         .rev()
-        .find(|l| l.contains("Collector statistics."))
+        .find(|l| l.contains("Collector statistics.") || l.contains("Events were lost"))
         .map_or("no statistics line", String::as_str);
     // Closes the kernel reported that matched no connection the reader knew (a close
     // whose connect record it had not noted): tells a close lost in the kernel from one
@@ -777,7 +816,33 @@ fn every_close_is_reported_with_its_bytes(wrapper: &[&str]) {
         .filter(|l| l.contains("Closes of connections"))
         .map(String::as_str)
         .collect();
-    let stats = format!("{stats}; unmatched closes logged: {unmatched:?}");
+    // Connections with no close record at all: what their connect record said, and
+    // the kernel's socket at stop.
+    let connects = records_to(&records, dest, "tcp_connect");
+    let closed: std::collections::HashSet<u16> = closes
+        .iter()
+        .map(|r| attr(r, "source.port").as_u64().unwrap_or(0) as u16)
+        .collect();
+    let mut unclosed: Vec<String> = sent_by_port
+        .iter()
+        .filter(|(port, _)| !closed.contains(port))
+        .map(|(port, (i, _))| {
+            let connect = connects
+                .iter()
+                .filter(|r| attr(r, "source.port").as_u64() == Some(u64::from(*port)))
+                .map(|r| attr(r, "egress.connection.state").to_string())
+                .collect::<Vec<_>>();
+            let state = states.get(port).map_or("gone", String::as_str);
+            format!(
+                "connection {i} port {port}: connect records {connect:?}, socket {state} at stop"
+            )
+        })
+        .collect();
+    unclosed.sort();
+    let stats = format!(
+        "{stats}; never closed: {unclosed:?}; unmatched closes logged: {unmatched:?}; wrong connections: {}",
+        index_ranges(&mut wrong)
+    );
     assert_eq!(
         closes.len(),
         CONNECTIONS,
@@ -790,6 +855,45 @@ fn every_close_is_reported_with_its_bytes(wrapper: &[&str]) {
         problems.len(),
         &problems[..problems.len().min(10)]
     );
+}
+
+/// The state (`ss`) of each socket connected to `dest`, by local port.
+fn client_socket_states(dest: SocketAddr) -> std::collections::HashMap<u16, String> {
+    let out = Command::new("ss")
+        .args(["-tanH", "state", "all", "dst", &dest.to_string()])
+        .output()
+        .expect("ss");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let port = fields.get(3)?.rsplit(':').next()?.parse().ok()?;
+            Some((port, fields[0].to_string()))
+        })
+        .collect()
+}
+
+/// `indices` as sorted ranges: "3-114, 2003-2010".
+fn index_ranges(indices: &mut [usize]) -> String {
+    indices.sort_unstable();
+    let mut ranges: Vec<(usize, usize)> = Vec::new();
+    for &i in indices.iter() {
+        match ranges.last_mut() {
+            Some((_, end)) if *end + 1 >= i => *end = i,
+            _ => ranges.push((i, i)),
+        }
+    }
+    let text: Vec<String> = ranges
+        .iter()
+        .map(|(a, b)| {
+            if a == b {
+                a.to_string()
+            } else {
+                format!("{a}-{b}")
+            }
+        })
+        .collect();
+    text.join(", ")
 }
 
 /// Lets this process hold `files` descriptors (it runs as root).
