@@ -966,9 +966,13 @@ pub fn tcp_complete<R: Reader>(sk: u64, sk_id: u64, established: bool, clock_fre
     track_open(sk_id, established, connect_ns, now, ports);
 }
 
-/// What [`OpenConn::ports`] holds for the connection `ev` reports.
+/// What [`OpenConn::ports`] holds for the connection `ev` reports (read before the
+/// record is submitted, and only where closes are tracked).
 #[inline(always)]
 fn open_ports(ev: &ConnectEvent) -> u32 {
+    if config!(track_closes) == 0 {
+        return 0;
+    }
     (u32::from(ev.src_port) << 16) | u32::from(ev.dst_port)
 }
 
