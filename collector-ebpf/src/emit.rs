@@ -1167,11 +1167,9 @@ fn take_open(sk: u64) -> Option<OpenConn> {
                 Ok(()) => {}
                 // Taken out since it was found, by the run that handles it.
                 Err(e) if e as i64 == -ENOENT => return None,
-                // The bucket's lock refused (a deadlock or a timeout): the close is lost.
-                Err(_) => {
-                    count(Counter::CloseUntracked);
-                    return None;
-                }
+                // The bucket's lock refused (-EBUSY before 6.15, a deadlock or a timeout
+                // after): the entry stays, and is counted once it is found stale.
+                Err(_) => return None,
             }
             if let Some(spills) = spills {
                 atomic_add(spills, 1u64.wrapping_neg());
@@ -1192,13 +1190,24 @@ pub fn tcp_closed<R: Reader>(sk: u64, sk_id: u64, old_state: u8) {
     // `tcp_sock` fields lie beyond `struct sock`.
     let tp = R::tcp_sock(sk);
     // The port is released (inet_num zeroed) before CLOSE; inet_sport still names it.
-    let sport = R::kernel::<u16>(tp, config!(offsets.inet_sport)).map_or(0, u16::from_be);
-    let dport = R::kernel::<u16>(sk, config!(offsets.skc_dport)).map_or(0, u16::from_be);
-    if (u32::from(sport) << 16) | u32::from(dport) != open.ports {
-        // Another socket at the address of a tracked connection whose CLOSE was never
-        // seen (a run the kernel skipped or did not make): not reported in its name.
-        count(Counter::CloseUntracked);
-        return;
+    let sport = R::kernel::<u16>(tp, config!(offsets.inet_sport));
+    let dport = R::kernel::<u16>(sk, config!(offsets.skc_dport));
+    match (sport, dport) {
+        // Both ports known on both sides and not the entry's: another socket at the
+        // address of a tracked connection whose CLOSE was never seen (a run the kernel
+        // skipped or did not make). Not reported in its name.
+        (Ok(sport), Ok(dport))
+            if open.ports >> 16 != 0
+                && open.ports & 0xffff != 0
+                && (u32::from(u16::from_be(sport)) << 16) | u32::from(u16::from_be(dport))
+                    != open.ports =>
+        {
+            count(Counter::CloseUntracked);
+            return;
+        }
+        (Ok(_), Ok(_)) => {}
+        // Unchecked: reported, as before the check existed.
+        _ => count(Counter::KernelReadFailed),
     }
     let mut ev = TcpCloseEvent::zeroed();
     ev.sock_id = sk_id;

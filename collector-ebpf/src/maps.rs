@@ -247,9 +247,9 @@ pub const IDENTITY_MAX_AGE_NS: u64 = 1_000_000_000;
 /// slot was taken, before every one. Not LRU: under churn an LRU would evict
 /// the long-lived connections (the ones whose close matters most) in favour of short
 /// ones. When full, the newest connection goes untracked and is counted
-/// (`close_untracked`), as is an entry found stale: a connection whose CLOSE was never
-/// seen, found when another socket takes its address (its SYN_SENT, or a close whose
-/// ports are not the entry's). 65536 x 24 bytes.
+/// (`close_untracked`), as is an entry found stale here or in [`OPEN_SLOTS`]: a
+/// connection whose CLOSE was never seen, found when another socket takes its address
+/// (its SYN_SENT, or a close whose ports are not the entry's). 65536 x 24 bytes.
 #[map]
 pub static OPEN_TCP: HashMap<u64, OpenConn> = HashMap::with_max_entries(65536, 0);
 

@@ -77,7 +77,7 @@ pub struct KernelOffsets {
     pub file_private_data: u32,
     pub socket_sk: u32,
     pub socket_file: u32,
-    /// inet_sock.inet_sport (network order; raw tracepoint mode).
+    /// inet_sock.inet_sport (network order): the source port once CLOSE released it.
     pub inet_sport: u32,
     // struct sock: the outcome of an attempt, the end of a connection
     pub sk_err: u32,

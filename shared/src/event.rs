@@ -357,8 +357,8 @@ pub enum Counter {
     Aggregated = 6,
     /// An established connection's close is not reported (its duration and bytes
     /// neither): the map of open connections was full; or its CLOSE was never seen (a
-    /// program run the kernel skipped or did not make), found when another socket
-    /// takes its address; or the map refused its removal.
+    /// program run the kernel skipped or did not make, or a removal the map refused),
+    /// found when another socket takes its address.
     CloseUntracked = 7,
     /// A call's entry saved its state in `CALLS` (a new entry, not one replaced).
     CallsSaved = 8,
