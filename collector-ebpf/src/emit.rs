@@ -973,7 +973,22 @@ fn open_ports(ev: &ConnectEvent) -> u32 {
     if config!(track_closes) == 0 {
         return 0;
     }
-    (u32::from(ev.src_port) << 16) | u32::from(ev.dst_port)
+    port_pair(ev.src_port, ev.dst_port)
+}
+
+/// Source and destination port (host order) as [`OpenConn::ports`] keeps them.
+#[inline(always)]
+fn port_pair(src: u16, dst: u16) -> u32 {
+    (u32::from(src) << 16) | u32::from(dst)
+}
+
+/// Whether the tracked connection `open` is another socket's than the one closing with
+/// these ports: only when both sides know both ports (a port the completion could not
+/// read is 0).
+#[inline(always)]
+fn ports_differ(open: &OpenConn, src: u16, dst: u16) -> bool {
+    let known = open.ports >> 16 != 0 && open.ports & 0xffff != 0;
+    known && port_pair(src, dst) != open.ports
 }
 
 /// Gives `sk`'s slot back; true if this call did (and so reports the attempt). The
@@ -1193,15 +1208,9 @@ pub fn tcp_closed<R: Reader>(sk: u64, sk_id: u64, old_state: u8) {
     let sport = R::kernel::<u16>(tp, config!(offsets.inet_sport));
     let dport = R::kernel::<u16>(sk, config!(offsets.skc_dport));
     match (sport, dport) {
-        // Both ports known on both sides and not the entry's: another socket at the
-        // address of a tracked connection whose CLOSE was never seen (a run the kernel
-        // skipped or did not make). Not reported in its name.
-        (Ok(sport), Ok(dport))
-            if open.ports >> 16 != 0
-                && open.ports & 0xffff != 0
-                && (u32::from(u16::from_be(sport)) << 16) | u32::from(u16::from_be(dport))
-                    != open.ports =>
-        {
+        // Another socket at the address of a tracked connection whose CLOSE was never
+        // seen (a run the kernel skipped or did not make): not reported in its name.
+        (Ok(sport), Ok(dport)) if ports_differ(&open, u16::from_be(sport), u16::from_be(dport)) => {
             count(Counter::CloseUntracked);
             return;
         }
