@@ -89,16 +89,24 @@ pub fn tp_sys_enter_sendmmsg(ctx: TracePointContext) -> u32 {
 /// saved at entry (fd, uservaddr in `di`, `si`). Elsewhere, what the entry hook saved.
 #[tracepoint]
 pub fn tp_sys_exit_connect(ctx: TracePointContext) -> u32 {
+    if config!(regs_syscall_nr) != 0 && emit::take_tcp_connect_mark() {
+        return 0;
+    }
+    connect_exit(&ctx);
+    0
+}
+
+/// A connect() exit not marked TCP, out of line: the marked ones (every TCP connect)
+/// then return without jumping to an epilogue JITed some 8 KB further on.
+#[inline(never)]
+fn connect_exit(ctx: &TracePointContext) {
     let state = if config!(regs_syscall_nr) != 0 {
-        if emit::take_tcp_connect_mark() {
-            return 0;
-        }
         let regs = read::Probe::current_pt_regs();
         let (Ok(fd), Ok(user_addr)) = (
             read::kernel::<u64>(regs, config!(dns_regs_fd)),
             read::kernel::<u64>(regs, config!(dns_regs_buf)),
         ) else {
-            return 0;
+            return;
         };
         CallState {
             sk: 0,
@@ -110,12 +118,11 @@ pub fn tp_sys_exit_connect(ctx: TracePointContext) -> u32 {
         }
     } else {
         let Some(state) = emit::take_call() else {
-            return 0;
+            return;
         };
         state
     };
-    exit(&ctx, &state, Slot::ConnectExit);
-    0
+    exit(ctx, &state, Slot::ConnectExit);
 }
 
 /// hook: tracepoint `syscalls:sys_exit_sendto`, `sys_exit_sendmsg`, `sys_exit_sendmmsg`:
