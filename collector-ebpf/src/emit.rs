@@ -308,14 +308,21 @@ struct Early {
     pid_tgid: u64,
     cgroup_id: u64,
     check: task::Check,
-    /// The process's cached identity, if it still holds, and when it was filled.
-    cached: Option<(&'static Identity, u64)>,
-    /// `Some(dropped before)`: admitted; `None`: not decided yet (cgroup v1 and no cached
-    /// identity: the key is known once the task is walked).
-    admitted: Option<u32>,
+    /// The process's cached identity, if it still holds.
+    cached: Option<&'static Identity>,
+    /// When `cached` was filled (0 without one).
+    cached_ns: u64,
+    /// Admitted already, with `dropped_before`; else not decided yet (cgroup v1 and no
+    /// cached identity: the key is known once the task is walked).
+    admitted: bool,
+    /// The drops counted before this event (`egress.rate_limited.before`).
+    dropped_before: u32,
     /// The cgroup key `admitted` was decided for.
     decided_key: u64,
 }
+// Every field is written (no `Option` of a payload): `Early` is handed by reference to
+// an out-of-line function, and LLVM would store an undefined payload's register, which
+// the verifier refuses to read.
 
 /// The per-cgroup decisions, taken before any record is claimed or written wherever the
 /// cgroup key allows: on cgroup v2 from the task's cgroup id (before anything else is
@@ -327,18 +334,21 @@ fn decide<R: Reader>(task: u64) -> Option<Early> {
     let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_boot_ns() };
     let pid_tgid = R::pid_tgid(task);
     let cgroup_id = R::cgroup_id(task);
-    let (mut admitted, mut decided_key) = (None, 0);
+    let (mut admitted, mut dropped_before, mut decided_key) = (false, 0, 0);
     if task::key_known_early() {
-        admitted = Some(admit_cgroup(cgroup_id, now)?);
-        decided_key = cgroup_id;
+        dropped_before = admit_cgroup(cgroup_id, now)?;
+        (admitted, decided_key) = (true, cgroup_id);
     }
     let check = task::check::<R>(task);
-    let cached = task::cached((pid_tgid >> 32) as u32, cgroup_id, &check, now);
-    if admitted.is_none()
-        && let Some((id, _)) = cached
+    let (cached, cached_ns) = match task::cached((pid_tgid >> 32) as u32, cgroup_id, &check, now)
     {
-        decided_key = filter::cgroup_key(id.record.cgroup_leaf_id, cgroup_id);
-        admitted = Some(admit_cgroup(decided_key, now)?);
+        Some((identity, filled_ns)) => (Some(identity), filled_ns),
+        None => (None, 0),
+    };
+    if !admitted && let Some(identity) = cached {
+        decided_key = filter::cgroup_key(identity.record.cgroup_leaf_id, cgroup_id);
+        dropped_before = admit_cgroup(decided_key, now)?;
+        admitted = true;
     }
     Some(Early {
         task,
@@ -347,7 +357,9 @@ fn decide<R: Reader>(task: u64) -> Option<Early> {
         cgroup_id,
         check,
         cached,
+        cached_ns,
         admitted,
+        dropped_before,
         decided_key,
     })
 }
@@ -356,13 +368,13 @@ fn decide<R: Reader>(task: u64) -> Option<Early> {
 /// still holds, else a walk of the task (and, where that was the only way to the
 /// cgroup key, the decisions after it). False (counted) when the event goes no further.
 #[inline(always)]
-fn identify<R: Reader>(ev: &mut ConnectEvent, slot: Slot, early: Early) -> bool {
+fn identify<R: Reader>(ev: &mut ConnectEvent, slot: Slot, early: &Early) -> bool {
     task::fill_thread::<R>(ev, early.task, early.pid_tgid, early.cgroup_id);
-    if let Some((cached, filled_ns)) = early.cached
-        && task::unchanged(cached, filled_ns, &early.check)
+    if let Some(cached) = early.cached
+        && task::unchanged(cached, early.cached_ns, &early.check)
     {
-        ev.identity_ns = filled_ns;
-        ev.rate_limited_before = early.admitted.unwrap_or(0);
+        ev.identity_ns = early.cached_ns;
+        ev.rate_limited_before = early.dropped_before;
         publish_time(ev, early.now);
         return true;
     }
@@ -376,7 +388,7 @@ fn identify<R: Reader>(ev: &mut ConnectEvent, slot: Slot, early: Early) -> bool 
     // the right cgroup (the first decision's token stays spent: fewer events, never more).
     let key = filter::cgroup_key(walked.cgroup_leaf_id, ev.cgroup_id);
     let admitted = match early.admitted {
-        Some(dropped) if !walked.complete || key == early.decided_key => dropped,
+        true if !walked.complete || key == early.decided_key => early.dropped_before,
         _ => match admit_cgroup(key, early.now) {
             Some(dropped) => dropped,
             None => return false,
@@ -459,7 +471,7 @@ pub fn udp(
     let Some(early) = decide::<Probe>(Probe::current_task()) else {
         return;
     };
-    if !identify::<Probe>(ev, slot, early) {
+    if !identify::<Probe>(ev, slot, &early) {
         return;
     }
     mark_reported(&key, window_ns);
@@ -741,6 +753,21 @@ pub fn tcp_syn_sent<R: Reader>(sk: u64, sk_id: u64, slot: Slot) {
     ev.family = dest.family;
     ev.dst_port = dest.port;
     ev.dst_addr = dest.addr;
+    identify_attempt::<R>(ev, sk_id, slot, in_slot, &early);
+}
+
+/// The admitted attempt `ev` on `sk_id`, identified where it waits for its completion.
+/// Out of line, like the rest of the admitted paths: a dropped attempt's run then stays
+/// within a few lines of code instead of jumping over this. (The destination is written
+/// before: handed by reference, it would be zeroed in memory by a `memset` call.)
+#[inline(never)]
+fn identify_attempt<R: Reader>(
+    ev: &mut ConnectEvent,
+    sk_id: u64,
+    slot: Slot,
+    in_slot: bool,
+    early: &Early,
+) {
     if !identify::<R>(ev, slot, early) {
         abandon(sk_id);
         return;
@@ -906,30 +933,7 @@ pub fn tcp_complete<R: Reader>(sk: u64, sk_id: u64, established: bool, clock_fre
         // SAFETY: a map value; the tag is reached by pointer, other CPUs swap it.
         let tag = unsafe { &raw mut (*slot).sock_id };
         if load(tag) == sk_id {
-            let Some(mut entry) = EVENTS.reserve::<ConnectEvent>(0) else {
-                if release(slot, sk_id) {
-                    count(Counter::RingBufferFull);
-                }
-                return;
-            };
-            // SAFETY: both pointers are valid (a map value this socket holds, a reserved
-            // record of its size); the copy happens before the release.
-            let ev = unsafe {
-                let ev = entry.as_mut_ptr();
-                core::ptr::copy_nonoverlapping(slot, ev, 1);
-                &mut *ev
-            };
-            if !release(slot, sk_id) {
-                entry.discard(BPF_RB_NO_WAKEUP);
-                return;
-            }
-            let (connect_ns, now) = (
-                ev.boot_time_ns,
-                complete::<R>(ev, sk, established, clock_fresh),
-            );
-            let ports = open_ports(ev);
-            entry.submit(wakeup_flags());
-            track_open(sk_id, established, connect_ns, now, ports);
+            complete_in_slot::<R>(slot, sk, sk_id, established, clock_fresh);
             return;
         }
         // Not in its slot: in PENDING_TCP only if an attempt of this slot went there.
@@ -937,6 +941,49 @@ pub fn tcp_complete<R: Reader>(sk: u64, sk_id: u64, established: bool, clock_fre
             return;
         }
     }
+    complete_spilled::<R>(sk, sk_id, established, clock_fresh);
+}
+
+/// [`tcp_complete`] of an attempt in its `PENDING_SLOTS` slot `slot`. Out of line: an
+/// attempt that was dropped (it has no slot) returns within a few lines of code.
+#[inline(never)]
+fn complete_in_slot<R: Reader>(
+    slot: *mut ConnectEvent,
+    sk: u64,
+    sk_id: u64,
+    established: bool,
+    clock_fresh: bool,
+) {
+    let Some(mut entry) = EVENTS.reserve::<ConnectEvent>(0) else {
+        if release(slot, sk_id) {
+            count(Counter::RingBufferFull);
+        }
+        return;
+    };
+    // SAFETY: both pointers are valid (a map value this socket holds, a reserved
+    // record of its size); the copy happens before the release.
+    let ev = unsafe {
+        let ev = entry.as_mut_ptr();
+        core::ptr::copy_nonoverlapping(slot, ev, 1);
+        &mut *ev
+    };
+    if !release(slot, sk_id) {
+        entry.discard(BPF_RB_NO_WAKEUP);
+        return;
+    }
+    let (connect_ns, now) = (
+        ev.boot_time_ns,
+        complete::<R>(ev, sk, established, clock_fresh),
+    );
+    let ports = open_ports(ev);
+    entry.submit(wakeup_flags());
+    track_open(sk_id, established, connect_ns, now, ports);
+}
+
+/// [`tcp_complete`] of an attempt kept in `PENDING_TCP` (spilled, or on a kernel
+/// without compare-and-exchange), if there is one.
+#[inline(never)]
+fn complete_spilled<R: Reader>(sk: u64, sk_id: u64, established: bool, clock_fresh: bool) {
     let Some(pending) = PENDING_TCP.get_ptr(&sk_id) else {
         return;
     };
