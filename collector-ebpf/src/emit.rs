@@ -300,7 +300,9 @@ fn submit(ev: &mut ConnectEvent) {
 }
 
 /// What the per-cgroup decisions (exclusion, rate limit) found before any record is
-/// claimed: [`decide`], then [`identify`].
+/// claimed: [`decide`], then [`identify`]. Every field is written (no `Option` with a
+/// payload): `Early` is handed by reference to an out-of-line function, and LLVM would
+/// store the undefined payload's register, which the verifier refuses to read.
 struct Early {
     /// The current task (`Reader::current_task`).
     task: u64,
@@ -320,9 +322,6 @@ struct Early {
     /// The cgroup key `admitted` was decided for.
     decided_key: u64,
 }
-// Every field is written (no `Option` of a payload): `Early` is handed by reference to
-// an out-of-line function, and LLVM would store an undefined payload's register, which
-// the verifier refuses to read.
 
 /// The per-cgroup decisions, taken before any record is claimed or written wherever the
 /// cgroup key allows: on cgroup v2 from the task's cgroup id (before anything else is
@@ -340,8 +339,7 @@ fn decide<R: Reader>(task: u64) -> Option<Early> {
         (admitted, decided_key) = (true, cgroup_id);
     }
     let check = task::check::<R>(task);
-    let (cached, cached_ns) = match task::cached((pid_tgid >> 32) as u32, cgroup_id, &check, now)
-    {
+    let (cached, cached_ns) = match task::cached((pid_tgid >> 32) as u32, cgroup_id, &check, now) {
         Some((identity, filled_ns)) => (Some(identity), filled_ns),
         None => (None, 0),
     };

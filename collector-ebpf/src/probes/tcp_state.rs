@@ -71,7 +71,12 @@ fn take_simultaneous(sk: u64) -> bool {
 /// One transition of a TCP socket; `slot` is the program's scratch slot. `R` reads the
 /// socket `sk`; `sk_id` is its address as a plain number (see [`sock_id`]), which keys
 /// the maps.
-#[inline(always)]
+///
+/// Out of line (a BPF-to-BPF call): most runs of the programs (the server's side, the FIN
+/// states) return on the state check before this, and with this body inlined their
+/// return was a jump from the program's first lines to its epilogue, which the x86 JIT
+/// emits at the first `exit` in program order, placed ~10 KB further on by LLVM.
+#[inline(never)]
 fn transition<R: Reader>(sk: u64, sk_id: u64, old: i32, new: i32, slot: Slot) {
     if old == TCP_CLOSE && new == TCP_SYN_SENT {
         // In the connecting task (a connect to port 53 marks the socket for DNS there).
@@ -113,17 +118,9 @@ pub fn tp_btf_inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
 /// What both programs that get the arguments as they are do (`R`: how they read).
 #[inline(always)]
 fn state_change<R: Reader>(sk: u64, old: i32, new: i32) {
-    if interesting(old, new) {
-        act::<R>(sk, old, new);
+    if !interesting(old, new) {
+        return;
     }
-}
-
-/// An interesting transition, out of line: most runs (the server's side, the FIN
-/// states) return on the state check, and with this body inlined they jumped from the
-/// program's first lines to its epilogue, JITed some 10 KB further on, touching code
-/// lines no other part of their run needs.
-#[inline(never)]
-fn act<R: Reader>(sk: u64, old: i32, new: i32) {
     // Only the opening needs the protocol: later transitions look the socket up in maps
     // that hold TCP sockets only, which costs no more than reading it.
     let opening = old == TCP_CLOSE && new == TCP_SYN_SENT;

@@ -96,8 +96,9 @@ pub fn tp_sys_exit_connect(ctx: TracePointContext) -> u32 {
     0
 }
 
-/// A connect() exit not marked TCP, out of line: the marked ones (every TCP connect)
-/// then return without jumping to an epilogue JITed some 8 KB further on.
+/// A connect() exit not marked TCP (or any, where nothing is marked), out of line: where
+/// SYN_SENT marks (`regs_syscall_nr`), every TCP connect's exit returns on the mark, and
+/// with this body inlined that return jumped to an epilogue JITed ~8 KB further on.
 #[inline(never)]
 fn connect_exit(ctx: &TracePointContext) {
     let state = if config!(regs_syscall_nr) != 0 {
