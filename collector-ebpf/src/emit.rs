@@ -1,5 +1,7 @@
 //! Assembling, de-duplicating and submitting events; the counters.
 
+use core::ptr::NonNull;
+
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_get_current_task};
 use egress_shared::{
     AggregateKey, CloseFlags, ConnState, ConnectEvent, Counter, EventKind, FlowKey, FlowState,
@@ -510,14 +512,19 @@ fn flow_key(ev: &ConnectEvent) -> FlowKey {
 fn first_in_window(key: &FlowKey, bytes: u64) -> Option<(u64, u64)> {
     let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_boot_ns() };
     let Some(flow) = UDP_FLOWS.get_ptr_mut(key) else {
-        let fresh = FlowState {
-            last_ns: now,
-            bytes: 0,
-            reported_ns: 0,
+        // Written a word at a time: as a struct literal, LLVM merged its two zero fields
+        // into a byte-loop `memset` call (see `words`).
+        let mut fresh = core::mem::MaybeUninit::<FlowState>::uninit();
+        // SAFETY: a local FlowState of three u64s (aligned; all-zero is a value), whole
+        // once zeroed.
+        let fresh = unsafe {
+            crate::words::zero(fresh.as_mut_ptr());
+            (*fresh.as_mut_ptr()).last_ns = now;
+            &*fresh.as_ptr()
         };
         // NOEXIST: of two CPUs inserting a new flow at once, one reports it; the other
         // finds the winner's entry and counts its datagram there, as any later one.
-        return match UDP_FLOWS.insert(key, &fresh, BPF_NOEXIST as u64) {
+        return match UDP_FLOWS.insert(key, fresh, BPF_NOEXIST as u64) {
             Err(e) if e as i64 == -EEXIST => {
                 if let Some(flow) = UDP_FLOWS.get_ptr_mut(key)
                     && bytes > 0
@@ -1180,8 +1187,11 @@ fn open_slot(sk: u64) -> u32 {
 enum OpenAt {
     /// Its `OPEN_SLOTS` slot: the slot's tag and the connection.
     Slot(*mut u64, *mut OpenConn),
-    /// `OPEN_TCP`, and (5.12+) the spill count of the slot it would have had.
-    Spilled(*mut OpenConn, Option<*mut u64>),
+    /// `OPEN_TCP`, and (5.12+) the spill count of the slot it would have had. A
+    /// `NonNull`, whose `None` is a null pointer: an `Option` of a raw pointer leaves
+    /// its payload undefined there, and LLVM kept that register for a later store that
+    /// the verifier refused (`!read_ok`) once this ran in an out-of-line function.
+    Spilled(*mut OpenConn, Option<NonNull<u64>>),
 }
 
 /// Where the tracked connection `sk` is, if it is one: one inline array load for every
@@ -1207,7 +1217,7 @@ fn find_open(sk: u64) -> Option<OpenAt> {
     }
     OPEN_TCP
         .get_ptr_mut(&sk)
-        .map(|open| OpenAt::Spilled(open, Some(spills)))
+        .map(|open| OpenAt::Spilled(open, NonNull::new(spills)))
 }
 
 /// The tracked connection `sk`, if it is one, taken out of its slot or `OPEN_TCP` (see
@@ -1232,7 +1242,7 @@ fn take_open(sk: u64) -> Option<OpenConn> {
                 Err(_) => return None,
             }
             if let Some(spills) = spills {
-                atomic_add(spills, 1u64.wrapping_neg());
+                atomic_add(spills.as_ptr(), 1u64.wrapping_neg());
             }
             Some(open)
         }

@@ -7,6 +7,7 @@ use egress_shared::ConnectEvent;
 use crate::{
     maps::config,
     read::{self, Reader},
+    words::zero_addr,
 };
 
 pub const AF_INET: u16 = 2;
@@ -15,7 +16,8 @@ pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 
 /// A destination given by the caller (`sockaddr_in` / `sockaddr_in6`); family 0 when none.
-#[repr(C)]
+/// Aligned to 8 for `words::zero_addr`.
+#[repr(C, align(8))]
 #[derive(Copy, Clone)]
 pub struct Dest {
     pub family: u16,
@@ -24,6 +26,8 @@ pub struct Dest {
     pub _pad: u32,
     pub addr: [u8; 16],
 }
+const _: () = assert!(core::mem::size_of::<Dest>() == 24);
+const _: () = assert!(core::mem::offset_of!(Dest, addr) % 8 == 0);
 
 impl Dest {
     pub const NONE: Dest = Dest {
@@ -142,7 +146,8 @@ pub fn fill_ports_and_addrs(ev: &mut ConnectEvent, sk: u64) -> Result<(), i64> {
         read::kernel_buf(sk, config!(offsets.skc_v6_daddr), &mut ev.dst_addr)?;
         if is_v4_mapped(&ev.dst_addr) {
             ev.family = AF_INET;
-            ev.dst_addr = [0; 16];
+            // SAFETY: an aligned `ConnectEvent` field.
+            unsafe { zero_addr(&mut ev.dst_addr) };
         } else {
             read::kernel_buf(sk, config!(offsets.skc_v6_rcv_saddr), &mut ev.src_addr)?;
         }
@@ -218,7 +223,8 @@ pub fn tcp_dest<R: Reader>(sk: u64, dest: &mut Dest) -> Result<(), i64> {
         // has filled the IPv4 fields before SYN_SENT.
         if is_v4_mapped(&dest.addr) {
             dest.family = AF_INET;
-            dest.addr = [0; 16];
+            // SAFETY: `Dest::addr` is aligned.
+            unsafe { zero_addr(&mut dest.addr) };
         }
     }
     if dest.family == AF_INET {
@@ -250,12 +256,14 @@ pub fn set_dest(ev: &mut ConnectEvent, sk: u64, dest: &Dest) {
     let mapped = dest.family == AF_INET6 && is_v4_mapped(&dest.addr);
     if (dest.family == AF_INET || mapped) && ev.family == AF_INET6 {
         ev.family = AF_INET;
-        ev.src_addr = [0; 16];
+        // SAFETY: an aligned `ConnectEvent` field.
+        unsafe { zero_addr(&mut ev.src_addr) };
         let _ = read::kernel_buf(sk, config!(offsets.skc_rcv_saddr), &mut ev.src_addr[..4]);
     }
     ev.dst_port = dest.port;
     if mapped {
-        ev.dst_addr = [0; 16];
+        // SAFETY: as above.
+        unsafe { zero_addr(&mut ev.dst_addr) };
         ev.dst_addr[..4].copy_from_slice(&dest.addr[12..]);
     } else {
         ev.dst_addr = dest.addr;

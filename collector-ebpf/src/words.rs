@@ -40,3 +40,18 @@ pub unsafe fn zero_between<T>(dst: *mut T, from: usize, to: usize) {
         i += 1;
     }
 }
+
+/// Zeroes a 16-byte address (`ConnectEvent::src_addr`/`dst_addr`, `Dest::addr`) with two
+/// 8-byte stores: `*addr = [0; 16]` is one of the byte-loop `memset` calls above.
+///
+/// # Safety
+/// `addr` is 8-byte aligned (those fields are: asserted beside their types).
+#[inline(always)]
+pub unsafe fn zero_addr(addr: &mut [u8; 16]) {
+    let words = addr.as_mut_ptr().cast::<u64>();
+    // SAFETY: 16 bytes, aligned (the caller).
+    unsafe {
+        write_volatile(words, 0);
+        write_volatile(words.add(1), 0);
+    }
+}

@@ -119,6 +119,9 @@ pub struct ConnectEvent {
 pub const CONNECT_EVENT_SIZE: usize = 144;
 const _: () = assert!(core::mem::size_of::<ConnectEvent>() == CONNECT_EVENT_SIZE);
 const _: () = assert!(core::mem::align_of::<ConnectEvent>() == 8);
+// The addresses are zeroed a word at a time in the kernel (`words::zero_addr`).
+const _: () = assert!(core::mem::offset_of!(ConnectEvent, src_addr) % 8 == 0);
+const _: () = assert!(core::mem::offset_of!(ConnectEvent, dst_addr) % 8 == 0);
 
 impl ConnectEvent {
     pub const fn zeroed() -> Self {
