@@ -675,14 +675,15 @@ mod tests {
             paths.resolve(ino(&container), "c1", "podabc", now),
             Some("/kubepods/podabc/c1")
         );
-        // A wrong id under the right names, unknown names, a gone cgroup: nothing.
+        // A wrong id under the right names, unknown names, a gone cgroup: nothing. The
+        // ids are no inode's (ext4's are 32-bit): one near this tree's could be another
+        // directory's of it, the filesystem reusing numbers freed by other tests (a run
+        // once found `c1` at the pod's inode + 7).
+        let unknown = u64::MAX;
+        assert_eq!(paths.resolve(unknown - 1, "c1", "podabc", now), None);
+        assert_eq!(paths.resolve(unknown - 7, "c2", "podzzz", now), None);
         assert_eq!(
-            paths.resolve(ino(&container) + 1, "c1", "podabc", now),
-            None
-        );
-        assert_eq!(paths.resolve(ino(&pod) + 7, "c2", "podzzz", now), None);
-        assert_eq!(
-            paths.resolve(ino(&pod) + 9, "../podabc", "kubepods", now),
+            paths.resolve(unknown - 9, "../podabc", "kubepods", now),
             None
         );
         assert_eq!(paths.resolve(0, "x", "y", now), None);
