@@ -959,30 +959,8 @@ fn complete_in_slot<R: Reader>(
     established: bool,
     clock_fresh: bool,
 ) {
-    let Some(mut entry) = EVENTS.reserve::<ConnectEvent>(0) else {
-        if release(slot, sk_id) {
-            count(Counter::RingBufferFull);
-        }
-        return;
-    };
-    // SAFETY: both pointers are valid (a map value this socket holds, a reserved
-    // record of its size); the copy happens before the release.
-    let ev = unsafe {
-        let ev = entry.as_mut_ptr();
-        core::ptr::copy_nonoverlapping(slot, ev, 1);
-        &mut *ev
-    };
-    if !release(slot, sk_id) {
-        entry.discard(BPF_RB_NO_WAKEUP);
-        return;
-    }
-    let (connect_ns, now) = (
-        ev.boot_time_ns,
-        complete::<R>(ev, sk, established, clock_fresh),
-    );
-    let ports = open_ports(ev);
-    entry.submit(wakeup_flags());
-    track_open(sk_id, established, connect_ns, now, ports);
+    let kept = Kept::Slot(slot);
+    complete_kept::<R>(slot, kept, sk, sk_id, established, clock_fresh);
 }
 
 /// [`tcp_complete`] of an attempt kept in `PENDING_TCP` (spilled, or on a kernel
@@ -992,20 +970,50 @@ fn complete_spilled<R: Reader>(sk: u64, sk_id: u64, established: bool, clock_fre
     let Some(pending) = PENDING_TCP.get_ptr(&sk_id) else {
         return;
     };
+    complete_kept::<R>(pending, Kept::Spilled, sk, sk_id, established, clock_fresh);
+}
+
+/// Where a pending attempt was kept, to be given up by whoever reports it.
+#[derive(Clone, Copy)]
+enum Kept {
+    Slot(*mut ConnectEvent),
+    Spilled,
+}
+
+/// Gives the attempt on `sk` up from where it was `kept`; true if this call did.
+#[inline(always)]
+fn give_up(kept: Kept, sk: u64) -> bool {
+    match kept {
+        Kept::Slot(slot) => release(slot, sk),
+        Kept::Spilled => take_spilled(sk),
+    }
+}
+
+/// Reports the attempt at `pending` (kept as `kept`): copied into the ring buffer, given
+/// up (once: a run that loses the race discards its copy), completed and submitted.
+#[inline(always)]
+fn complete_kept<R: Reader>(
+    pending: *const ConnectEvent,
+    kept: Kept,
+    sk: u64,
+    sk_id: u64,
+    established: bool,
+    clock_fresh: bool,
+) {
     let Some(mut entry) = EVENTS.reserve::<ConnectEvent>(0) else {
-        if take_spilled(sk_id) {
+        if give_up(kept, sk_id) {
             count(Counter::RingBufferFull);
         }
         return;
     };
-    // SAFETY: both pointers are valid (a map value, a reserved record of its size); the
-    // copy happens before removal.
+    // SAFETY: both pointers are valid (a map value this socket holds, a reserved record
+    // of its size); the copy happens before the attempt is given up.
     let ev = unsafe {
         let ev = entry.as_mut_ptr();
         core::ptr::copy_nonoverlapping(pending, ev, 1);
         &mut *ev
     };
-    if !take_spilled(sk_id) {
+    if !give_up(kept, sk_id) {
         entry.discard(BPF_RB_NO_WAKEUP);
         return;
     }
