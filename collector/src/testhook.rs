@@ -6,7 +6,7 @@
 //! makes detaching the probes take that much longer (a slow kernel); `enrich:<secs>` holds
 //! each batch that long before it is enriched (a lagging enrichment).
 //! `EGRESS_TEST_REFUSE_TP_BTF=1` refuses the BTF-enabled state-change program (the raw
-//! tracepoint's fallback). `EGRESS_TEST_NO_EXIT_REGS=1` leaves the syscall arguments
+//! tracepoint's fallback); `=raw` refuses the raw tracepoint too (the tracepoint's). `EGRESS_TEST_NO_EXIT_REGS=1` leaves the syscall arguments
 //! unread at the syscalls' exits, so the tracepoint family's entry hooks save them, as on
 //! kernels before 5.15 or off x86_64. A test hook, not a setting:
 //! docs/operations.md says so, and the collector warns when it is set.
@@ -44,13 +44,25 @@ pub fn without_fetching_atomics() -> bool {
     set
 }
 
-/// `EGRESS_TEST_REFUSE_TP_BTF=1` makes the BTF-enabled state-change program count as
-/// refused, so a test proves the raw tracepoint still takes over where it is.
+/// `EGRESS_TEST_REFUSE_TP_BTF=1` (or `=raw`) makes the BTF-enabled state-change program
+/// count as refused, so a test proves the raw tracepoint still takes over where it is.
 pub fn refuse_tp_btf() -> bool {
-    let set = std::env::var_os("EGRESS_TEST_REFUSE_TP_BTF").is_some_and(|v| v == "1");
+    let set = std::env::var_os("EGRESS_TEST_REFUSE_TP_BTF").is_some_and(|v| v == "1" || v == "raw");
     if set {
         tracing::warn!(
             "EGRESS_TEST_REFUSE_TP_BTF: the BTF-enabled state-change program is not attached (test hook)."
+        );
+    }
+    set
+}
+
+/// `EGRESS_TEST_REFUSE_TP_BTF=raw` refuses the raw state-change program as well, so a test
+/// proves the tracepoint (kernels that refuse raw tracepoints) takes over.
+pub fn refuse_raw_state() -> bool {
+    let set = std::env::var_os("EGRESS_TEST_REFUSE_TP_BTF").is_some_and(|v| v == "raw");
+    if set {
+        tracing::warn!(
+            "EGRESS_TEST_REFUSE_TP_BTF=raw: the raw state-change program is not attached (test hook)."
         );
     }
     set

@@ -124,7 +124,7 @@ fn capturing_line(log: &[String]) -> &str {
 }
 
 #[test]
-fn tp_btf_follows_the_state_changes_and_the_raw_tracepoint_takes_over_when_it_is_refused() {
+fn tp_btf_follows_the_state_changes_and_each_fallback_takes_over_when_the_one_before_is_refused() {
     require_root();
     let log = connections_reported_once(&[]);
     let line = capturing_line(&log);
@@ -148,6 +148,20 @@ fn tp_btf_follows_the_state_changes_and_the_raw_tracepoint_takes_over_when_it_is
         log.iter()
             .any(|l| l.contains("No BTF-enabled raw tracepoint for TCP state changes")),
         "the fallback is logged"
+    );
+
+    // Both refused (kernels without raw tracepoints): the tracepoint, whose kernel-built
+    // record carries the states, the protocol and the socket.
+    let log = connections_reported_once(&["env", "EGRESS_TEST_REFUSE_TP_BTF=raw"]);
+    let line = capturing_line(&log);
+    assert!(
+        line.contains("tcp_state=tracepoint"),
+        "with tp_btf and the raw tracepoint refused, the tracepoint follows the state changes: {line}"
+    );
+    assert!(
+        log.iter()
+            .any(|l| l.contains("No raw tracepoint for TCP state changes; using the tracepoint")),
+        "the second fallback is logged"
     );
 }
 

@@ -453,7 +453,12 @@ fn attach_tcp_state(
         Ok(()) => StateHook::BtfTracepoint,
         Err(btf_refused) => {
             tracing::info!(%mode, reason = %one_line(&btf_refused), "No BTF-enabled raw tracepoint for TCP state changes; trying the raw tracepoint.");
-            match attach_raw(ebpf, SOCK_STATE_RAW, "inet_sock_set_state") {
+            let raw = if crate::testhook::refuse_raw_state() {
+                Err(AttachError::Refused(SOCK_STATE_RAW))
+            } else {
+                attach_raw(ebpf, SOCK_STATE_RAW, "inet_sock_set_state")
+            };
+            match raw {
                 Ok(()) => StateHook::RawTracepoint,
                 Err(raw) => {
                     tracing::info!(%mode, reason = %one_line(&raw), "No raw tracepoint for TCP state changes; using the tracepoint.");
