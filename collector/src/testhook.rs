@@ -47,23 +47,22 @@ pub fn without_fetching_atomics() -> bool {
 /// `EGRESS_TEST_REFUSE_TP_BTF=1` (or `=raw`) makes the BTF-enabled state-change program
 /// count as refused, so a test proves the raw tracepoint still takes over where it is.
 pub fn refuse_tp_btf() -> bool {
-    let set = std::env::var_os("EGRESS_TEST_REFUSE_TP_BTF").is_some_and(|v| v == "1" || v == "raw");
-    if set {
-        tracing::warn!(
-            "EGRESS_TEST_REFUSE_TP_BTF: the BTF-enabled state-change program is not attached (test hook)."
-        );
-    }
-    set
+    refused_state_hook(&["1", "raw"], "the BTF-enabled state-change program")
 }
 
 /// `EGRESS_TEST_REFUSE_TP_BTF=raw` refuses the raw state-change program as well, so a test
 /// proves the tracepoint (kernels that refuse raw tracepoints) takes over.
 pub fn refuse_raw_state() -> bool {
-    let set = std::env::var_os("EGRESS_TEST_REFUSE_TP_BTF").is_some_and(|v| v == "raw");
+    refused_state_hook(&["raw"], "the raw state-change program")
+}
+
+/// Whether `EGRESS_TEST_REFUSE_TP_BTF` is one of `values` (warned: `program` is then not
+/// attached).
+fn refused_state_hook(values: &[&str], program: &str) -> bool {
+    let set =
+        std::env::var("EGRESS_TEST_REFUSE_TP_BTF").is_ok_and(|v| values.contains(&v.as_str()));
     if set {
-        tracing::warn!(
-            "EGRESS_TEST_REFUSE_TP_BTF=raw: the raw state-change program is not attached (test hook)."
-        );
+        tracing::warn!("EGRESS_TEST_REFUSE_TP_BTF: {program} is not attached (test hook).");
     }
     set
 }

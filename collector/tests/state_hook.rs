@@ -138,31 +138,33 @@ fn tp_btf_follows_the_state_changes_and_each_fallback_takes_over_when_the_one_be
         "no {BTF_PROGRAM} program of type tracing was loaded while the collector ran"
     );
 
-    let log = connections_reported_once(&["env", "EGRESS_TEST_REFUSE_TP_BTF=1"]);
-    let line = capturing_line(&log);
-    assert!(
-        line.contains("tcp_state=raw_tracepoint"),
-        "with tp_btf refused, the raw tracepoint follows the state changes: {line}"
-    );
-    assert!(
-        log.iter()
-            .any(|l| l.contains("No BTF-enabled raw tracepoint for TCP state changes")),
-        "the fallback is logged"
-    );
-
-    // Both refused (kernels without raw tracepoints): the tracepoint, whose kernel-built
-    // record carries the states, the protocol and the socket.
-    let log = connections_reported_once(&["env", "EGRESS_TEST_REFUSE_TP_BTF=raw"]);
-    let line = capturing_line(&log);
-    assert!(
-        line.contains("tcp_state=tracepoint"),
-        "with tp_btf and the raw tracepoint refused, the tracepoint follows the state changes: {line}"
-    );
-    assert!(
-        log.iter()
-            .any(|l| l.contains("No raw tracepoint for TCP state changes; using the tracepoint")),
-        "the second fallback is logged"
-    );
+    // Each fallback in turn: tp_btf refused, then the raw tracepoint too (kernels without
+    // raw tracepoints), where the tracepoint's kernel-built record carries the states, the
+    // protocol and the socket.
+    for (refused, hook, fallback) in [
+        (
+            "1",
+            "raw_tracepoint",
+            "No BTF-enabled raw tracepoint for TCP state changes",
+        ),
+        (
+            "raw",
+            "tracepoint",
+            "No raw tracepoint for TCP state changes; using the tracepoint",
+        ),
+    ] {
+        let env = format!("EGRESS_TEST_REFUSE_TP_BTF={refused}");
+        let log = connections_reported_once(&["env", &env]);
+        let line = capturing_line(&log);
+        assert!(
+            line.contains(&format!("tcp_state={hook}")),
+            "with {env}, {hook} follows the state changes: {line}"
+        );
+        assert!(
+            log.iter().any(|l| l.contains(fallback)),
+            "with {env}, the fallback is logged ({fallback})"
+        );
+    }
 }
 
 /// Where each record goes, and its state: enough to tell duplicates apart.
