@@ -6,9 +6,10 @@
 //! makes detaching the probes take that much longer (a slow kernel); `enrich:<secs>` holds
 //! each batch that long before it is enriched (a lagging enrichment).
 //! `EGRESS_TEST_REFUSE_TP_BTF=1` refuses the BTF-enabled state-change program (the raw
-//! tracepoint's fallback); `=raw` refuses the raw tracepoint too (the tracepoint's). `EGRESS_TEST_NO_EXIT_REGS=1` leaves the syscall arguments
-//! unread at the syscalls' exits, so the tracepoint family's entry hooks save them, as on
-//! kernels before 5.15 or off x86_64. A test hook, not a setting:
+//! tracepoint's fallback); `=raw` refuses the raw tracepoint too (the tracepoint's).
+//! `EGRESS_TEST_NO_EXIT_REGS=1` leaves the syscall arguments unread at the syscalls'
+//! exits, so the tracepoint family's entry hooks save them, as on kernels before 5.15 or
+//! off x86_64. A test hook, not a setting:
 //! docs/operations.md says so, and the collector warns when it is set.
 
 use std::sync::OnceLock;
