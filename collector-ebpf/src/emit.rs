@@ -959,8 +959,7 @@ fn complete_in_slot<R: Reader>(
     established: bool,
     clock_fresh: bool,
 ) {
-    let kept = Kept::Slot(slot);
-    complete_kept::<R>(slot, kept, sk, sk_id, established, clock_fresh);
+    complete_kept::<R>(Kept::Slot(slot), sk, sk_id, established, clock_fresh);
 }
 
 /// [`tcp_complete`] of an attempt kept in `PENDING_TCP` (spilled, or on a kernel
@@ -970,14 +969,15 @@ fn complete_spilled<R: Reader>(sk: u64, sk_id: u64, established: bool, clock_fre
     let Some(pending) = PENDING_TCP.get_ptr(&sk_id) else {
         return;
     };
-    complete_kept::<R>(pending, Kept::Spilled, sk, sk_id, established, clock_fresh);
+    complete_kept::<R>(Kept::Spilled(pending), sk, sk_id, established, clock_fresh);
 }
 
-/// Where a pending attempt was kept, to be given up by whoever reports it.
+/// Where a pending attempt is kept (its record there), to be given up by whoever reports
+/// it.
 #[derive(Clone, Copy)]
 enum Kept {
     Slot(*mut ConnectEvent),
-    Spilled,
+    Spilled(*const ConnectEvent),
 }
 
 /// Gives the attempt on `sk` up from where it was `kept`; true if this call did.
@@ -985,21 +985,14 @@ enum Kept {
 fn give_up(kept: Kept, sk: u64) -> bool {
     match kept {
         Kept::Slot(slot) => release(slot, sk),
-        Kept::Spilled => take_spilled(sk),
+        Kept::Spilled(_) => take_spilled(sk),
     }
 }
 
-/// Reports the attempt at `pending` (kept as `kept`): copied into the ring buffer, given
+/// Reports the attempt `kept` where it waits: copied into the ring buffer, given
 /// up (once: a run that loses the race discards its copy), completed and submitted.
 #[inline(always)]
-fn complete_kept<R: Reader>(
-    pending: *const ConnectEvent,
-    kept: Kept,
-    sk: u64,
-    sk_id: u64,
-    established: bool,
-    clock_fresh: bool,
-) {
+fn complete_kept<R: Reader>(kept: Kept, sk: u64, sk_id: u64, established: bool, clock_fresh: bool) {
     let Some(mut entry) = EVENTS.reserve::<ConnectEvent>(0) else {
         if give_up(kept, sk_id) {
             count(Counter::RingBufferFull);
@@ -1010,6 +1003,10 @@ fn complete_kept<R: Reader>(
     // of its size); the copy happens before the attempt is given up.
     let ev = unsafe {
         let ev = entry.as_mut_ptr();
+        let pending = match kept {
+            Kept::Slot(slot) => slot.cast_const(),
+            Kept::Spilled(pending) => pending,
+        };
         core::ptr::copy_nonoverlapping(pending, ev, 1);
         &mut *ev
     };
