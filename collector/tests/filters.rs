@@ -14,6 +14,7 @@ use std::{
 use egress_testkit::{
     collector::RunningCollector,
     docker::{self, Container, Pod},
+    ports::unused_port,
 };
 use serde_json::Value;
 use support::host::{last_stat, require_root, sink_port};
@@ -277,10 +278,7 @@ fn an_excluded_namespace_is_dropped_and_then_filtered_in_the_kernel() {
 fn two_processes_sending_the_same_udp_5_tuple_are_each_reported() {
     require_root();
     let destination = "127.0.0.1:9";
-    let source_port = UdpSocket::bind("127.0.0.1:0")
-        .and_then(|s| s.local_addr())
-        .expect("a free port")
-        .port();
+    let source_port = unused_port();
     let collector = RunningCollector::start(
         Path::new(COLLECTOR),
         &["--cgroup-rate-limit", "0"],

@@ -9,6 +9,7 @@ use std::{path::Path, time::Duration};
 use egress_testkit::{
     collector::RunningCollector,
     docker::{self, Container, Pod},
+    ports::unused_port,
 };
 use serde_json::Value;
 use support::host::{require_root, sink_port};
@@ -193,13 +194,7 @@ fn flood_from_both_cpus(env: &[(&str, &str)]) -> FloodRun {
     );
     // Refused connections: the cheapest attempt there is (no accept, no TIME_WAIT), and
     // each one is a full connect attempt, reported once.
-    let closed = |_: ()| {
-        std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0))
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port()
-    };
-    let (noisy_port, last_port, quiet_port) = (closed(()), closed(()), closed(()));
+    let (noisy_port, last_port, quiet_port) = (unused_port(), unused_port(), unused_port());
     let noisy_group = TestCgroup::create("noisy");
     let quiet_group = TestCgroup::create("quiet");
 

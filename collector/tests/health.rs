@@ -2,13 +2,13 @@
 
 use std::{
     io::{Read, Write},
-    net::{Ipv4Addr, TcpListener, TcpStream},
+    net::{Ipv4Addr, TcpStream},
     path::Path,
     process::Command,
     time::Duration,
 };
 
-use egress_testkit::collector::RunningCollector;
+use egress_testkit::{collector::RunningCollector, ports::unused_port};
 
 const COLLECTOR: &str = env!("CARGO_BIN_EXE_egress-collector");
 
@@ -41,10 +41,7 @@ fn get(port: u16, path: &str) -> (u16, String) {
 fn health_and_readiness_are_served_and_a_taken_address_fails_the_start() {
     // SAFETY: trivial getter.
     assert_eq!(unsafe { libc::geteuid() }, 0, "run as root: loads eBPF");
-    let port = {
-        let probe = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("free port");
-        probe.local_addr().expect("addr").port()
-    };
+    let port = unused_port();
     let address = format!("127.0.0.1:{port}");
     let collector = RunningCollector::start(
         Path::new(COLLECTOR),

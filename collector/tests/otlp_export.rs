@@ -5,7 +5,7 @@ mod support;
 
 use std::{
     collections::BTreeMap,
-    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    net::{Ipv4Addr, SocketAddr, TcpStream},
     path::Path,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
@@ -15,6 +15,7 @@ use egress_testkit::{
     collector::RunningCollector,
     docker::{self, Container, Pod},
     otlp_run::{OtlpRun, Protocol},
+    ports::unused_port,
 };
 use opentelemetry_proto::tonic::{
     common::v1::any_value::Value as V,
@@ -283,10 +284,7 @@ fn an_outage_loses_nothing_within_the_queue_bound_and_counts_what_it_drops() {
     require_root();
     const QUEUE: usize = 60;
     let rt = runtime();
-    let addr: SocketAddr = {
-        let probe = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("free port");
-        probe.local_addr().expect("addr")
-    };
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, unused_port()));
     let collector = RunningCollector::start_with(
         Path::new(COLLECTOR),
         &[

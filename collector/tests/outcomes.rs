@@ -20,6 +20,7 @@ use std::{
 
 use egress_testkit::{
     collector::RunningCollector,
+    ports::unused_port,
     records::{attr, parse, records_to},
 };
 use serde_json::Value;
@@ -243,8 +244,7 @@ fn reset_server() -> (SocketAddr, thread::JoinHandle<()>) {
 }
 
 fn closed_port() -> SocketAddr {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind");
-    listener.local_addr().expect("addr")
+    SocketAddr::from((Ipv4Addr::LOCALHOST, unused_port()))
 }
 
 #[test]

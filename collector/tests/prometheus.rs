@@ -5,23 +5,18 @@ mod support;
 
 use std::{
     io::{Read, Write},
-    net::{Ipv4Addr, TcpListener, TcpStream},
+    net::{Ipv4Addr, TcpStream},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
-use egress_testkit::collector::RunningCollector;
+use egress_testkit::{collector::RunningCollector, ports::unused_port};
 use serde_json::Value;
 use support::host::{require_root, sink_port};
 
 const COLLECTOR: &str = env!("CARGO_BIN_EXE_egress-collector");
 const CONNECTIONS: usize = 25;
-
-fn free_port() -> u16 {
-    let probe = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("free port");
-    probe.local_addr().expect("addr").port()
-}
 
 /// Status, headers and body of `GET path`.
 fn get(port: u16, path: &str) -> Option<(u16, String, String)> {
@@ -140,7 +135,7 @@ fn wait_for<T>(what: &str, timeout: Duration, mut done: impl FnMut() -> Option<T
 #[test]
 fn a_real_prometheus_scrapes_the_self_metrics() {
     require_root();
-    let health_port = free_port();
+    let health_port = unused_port();
     let target = format!("127.0.0.1:{health_port}");
     let collector = RunningCollector::start(
         Path::new(COLLECTOR),
@@ -171,7 +166,7 @@ fn a_real_prometheus_scrapes_the_self_metrics() {
         let _ = TcpStream::connect((Ipv4Addr::LOCALHOST, sink)).expect("connect");
     }
 
-    let prometheus_port = free_port();
+    let prometheus_port = unused_port();
     let _prometheus = Prometheus::start(prometheus_port, &target);
     let up = wait_for(
         "Prometheus to scrape the collector",

@@ -12,7 +12,7 @@ use std::{
     time::Duration,
 };
 
-use egress_testkit::{collector::RunningCollector, docker};
+use egress_testkit::{collector::RunningCollector, docker, ports::unused_port};
 use prost::Message;
 use support::{
     host::{last_stat, require_root, sink_port},
@@ -187,10 +187,7 @@ fn a_flag_beats_the_environment_variable_for_the_same_setting() {
         Arc::clone(&received),
     ));
     // Nothing listens there.
-    let dead = {
-        let probe = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("port");
-        probe.local_addr().expect("addr").port()
-    };
+    let dead = unused_port();
     let endpoint = format!("http://{}", otlp.addr);
     let collector = RunningCollector::start_wrapped(
         &[

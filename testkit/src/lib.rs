@@ -11,6 +11,7 @@ pub mod dns;
 pub mod docker;
 #[cfg(feature = "otlp-receiver")]
 pub mod otlp_run;
+pub mod ports;
 #[cfg(feature = "otlp-receiver")]
 pub mod receiver;
 pub mod records;

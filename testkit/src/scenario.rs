@@ -84,9 +84,8 @@ fn stopped_stat(stderr: &[String], name: &str) -> Option<u64> {
 /// `threads` threads at once, each making `per_thread` attempts to a closed port (refused:
 /// one attempt each, nothing to accept). Returns the port and the attempts made.
 fn storm(threads: usize, per_thread: usize) -> Result<(u16, u64), String> {
-    let closed = std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0))
-        .and_then(|l| l.local_addr())
-        .map_err(|e| format!("no free port: {e}"))?;
+    let closed =
+        std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, crate::ports::unused_port()));
     let start = std::sync::Arc::new(std::sync::Barrier::new(threads));
     let workers: Vec<_> = (0..threads)
         .map(|_| {
