@@ -4,7 +4,7 @@
 //! collector must count nothing lost, as long as the outage fits its queue.
 
 use std::{
-    net::{SocketAddr, TcpListener},
+    net::{Ipv4Addr, SocketAddr},
     path::Path,
     time::{Duration, Instant},
 };
@@ -22,7 +22,7 @@ pub fn run(bench: &Path, collector: &Path, rate: u64, down: u64) -> anyhow::Resu
         .worker_threads(1)
         .enable_all()
         .build()?;
-    let address: SocketAddr = TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let address = SocketAddr::from((Ipv4Addr::LOCALHOST, egress_testkit::ports::unused_port()));
     // Room for the whole outage, with margin: the bound is what makes it lossless.
     let queue = (rate * (down + 30) * 2).to_string();
     let observer = Observer::collector(
@@ -41,7 +41,7 @@ pub fn run(bench: &Path, collector: &Path, rate: u64, down: u64) -> anyhow::Resu
         rate,
         udp_ports: 0,
         listeners: 2,
-        address: std::net::Ipv4Addr::LOCALHOST,
+        address: Ipv4Addr::LOCALHOST,
     };
     let bench = bench.to_owned();
     let loader = std::thread::spawn(move || crate::run::run_load(&bench, &load));

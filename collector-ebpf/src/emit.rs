@@ -326,9 +326,8 @@ struct Early {
 }
 
 /// The per-cgroup decisions, taken before any record is claimed or written wherever the
-/// cgroup key allows (`task::early_key`): on cgroup v2 from the task's cgroup id, on v1
-/// from the leaf of the hierarchy read with plain loads, both before the identity cache
-/// is looked up; on v1 with the helper reader, from the process's cached identity. A
+/// cgroup key allows: on cgroup v2 from the task's cgroup id (before anything else is
+/// read), on v1 from the process's cached identity (the leaf of a v1 hierarchy). A
 /// dropped event then costs a few loads (or helpers) and a lookup or two, not a record.
 /// `None` (counted): dropped.
 #[inline(always)]
@@ -337,9 +336,9 @@ fn decide<R: Reader>(task: u64) -> Option<Early> {
     let pid_tgid = R::pid_tgid(task);
     let cgroup_id = R::cgroup_id(task);
     let (mut admitted, mut dropped_before, mut decided_key) = (false, 0, 0);
-    if let Some(key) = task::early_key::<R>(task, cgroup_id) {
-        dropped_before = admit_cgroup(key, now)?;
-        (admitted, decided_key) = (true, key);
+    if task::key_known_early() {
+        dropped_before = admit_cgroup(cgroup_id, now)?;
+        (admitted, decided_key) = (true, cgroup_id);
     }
     let check = task::check::<R>(task);
     let (cached, cached_ns) = match task::cached((pid_tgid >> 32) as u32, cgroup_id, &check, now) {

@@ -86,36 +86,11 @@ pub fn fill(ev: &mut ConnectEvent, slot: Slot) -> bool {
     fill_process::<read::Probe>(ev, task, slot, now)
 }
 
-/// Whether the configured hierarchy is the unified one (cgroup v2): the leaf is then the
-/// task's v2 cgroup, whose id every event reads.
+/// Whether the cgroup that keys the per-cgroup maps is known from [`fill_ids`] alone
+/// (cgroup v2: the leaf is the task's v2 cgroup, whose id every event reads).
 #[inline(always)]
-pub fn unified() -> bool {
+pub fn key_known_early() -> bool {
     config!(cgroup_subsys_index) == CgroupSource::DEFAULT_HIERARCHY
-}
-
-/// The cgroup that keys the per-cgroup maps (see `filter::cgroup_key`) of the current
-/// task `task`, in v2 cgroup `cgroup_id`, where it is cheaper to read than the process's
-/// cached identity (a hash lookup): on cgroup v2 that id; on v1, where `R` reads with
-/// plain loads, the leaf's kernfs id in the configured controller's hierarchy (five
-/// dependent loads of lines the task's own syscalls keep warm). `None`: known once the
-/// identity is (the helper reader, or a read that failed).
-#[inline(always)]
-pub fn early_key<R: Reader>(task: u64, cgroup_id: u64) -> Option<u64> {
-    if unified() {
-        return Some(cgroup_id);
-    }
-    if !R::DIRECT {
-        return None;
-    }
-    let css_set = R::kernel::<u64>(task, config!(offsets.task_cgroups)).ok()?;
-    let slot = config!(offsets.css_set_subsys) + (config!(cgroup_subsys_index) & 0x3f) * 8;
-    let css = R::kernel::<u64>(css_set, slot).ok()?;
-    let cgroup = R::kernel::<u64>(css, config!(offsets.css_cgroup)).ok()?;
-    let kn = R::kernel::<u64>(cgroup, config!(offsets.cgroup_kn)).ok()?;
-    match R::kernel::<u64>(kn, config!(offsets.kernfs_node_id)) {
-        Ok(id) if id != 0 => Some(id),
-        _ => None,
-    }
 }
 
 /// What could have changed a process's identity since it was cached, read from the
@@ -133,7 +108,7 @@ pub fn check<R: Reader>(task: u64) -> Check {
     Check {
         nsproxy: R::kernel::<u64>(task, config!(offsets.task_nsproxy)).unwrap_or(0),
         exec_id: R::kernel::<u32>(task, config!(offsets.task_self_exec_id)).unwrap_or(0) as u64,
-        css_set: if unified() {
+        css_set: if key_known_early() {
             0
         } else {
             R::kernel::<u64>(task, config!(offsets.task_cgroups)).unwrap_or(0)

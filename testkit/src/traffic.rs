@@ -91,7 +91,7 @@ pub fn generate(n: usize) -> io::Result<Vec<Expected>> {
     }
 
     // A refused attempt: the audit needs the attempt, not only the successes.
-    let closed = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?.local_addr()?;
+    let closed = SocketAddr::from((Ipv4Addr::LOCALHOST, crate::ports::unused_port()));
     if TcpStream::connect_timeout(&closed, Duration::from_secs(2)).is_ok() {
         return Err(io::Error::other("a closed port accepted a connection"));
     }
