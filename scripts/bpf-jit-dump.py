@@ -13,6 +13,7 @@ docs/kernel.md ("Finding the hot instruction") has the whole procedure. Run as r
 """
 
 import ctypes
+import os
 import struct
 import sys
 
@@ -29,7 +30,7 @@ def bpf(cmd: int, attr: bytes) -> int:
     fd = libc.syscall(SYS_BPF, cmd, buf, len(attr))
     if fd < 0:
         errno = ctypes.get_errno()
-        raise OSError(errno, f"bpf({cmd}) failed")
+        raise OSError(errno, f"bpf({cmd}): {os.strerror(errno)}")
     return fd
 
 
