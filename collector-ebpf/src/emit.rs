@@ -9,7 +9,7 @@ use egress_shared::{
 };
 
 use crate::{
-    filter,
+    clock, filter,
     maps::{
         BOOT_OFFSET, Bucket, CALL_HINT_SLOTS, CALL_HINTS, CALLS, CGROUP_BUCKETS, COUNTERS,
         CallState, EVENTS, FLOW_SWEPT, Identity, OPEN_SLOT_BITS, OPEN_SLOTS, OPEN_SPILLS, OPEN_TCP,
@@ -128,7 +128,8 @@ fn compare_exchange(ptr: *mut u64, old: u64, new: u64) -> bool {
 /// 10^15 ns) and the token counts (nano-events, at most the burst plus one credit per
 /// CPU) cannot overflow.
 ///
-/// `now` is the event's own timestamp (CLOCK_BOOTTIME), read once per event.
+/// `now` is the decisions' clock (`clock::decision_ns`), read once per event: the
+/// buckets' times are on that clock only.
 #[inline(always)]
 fn admit(cgroup: u64, now: u64) -> Option<u32> {
     let rate = (config!(cgroup_rate) as u64).min(MAX_CGROUP_RATE as u64);
@@ -308,7 +309,8 @@ fn submit(ev: &mut ConnectEvent) {
 struct Early {
     /// The current task (`Reader::current_task`).
     task: u64,
-    now: u64,
+    /// When the decisions were taken, on their clock (`clock::decision_ns`).
+    decision_ns: u64,
     pid_tgid: u64,
     cgroup_id: u64,
     check: task::Check,
@@ -332,7 +334,7 @@ struct Early {
 /// `None` (counted): dropped.
 #[inline(always)]
 fn decide<R: Reader>(task: u64) -> Option<Early> {
-    let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_boot_ns() };
+    let now = clock::decision_ns();
     let pid_tgid = R::pid_tgid(task);
     let cgroup_id = R::cgroup_id(task);
     let (mut admitted, mut dropped_before, mut decided_key) = (false, 0, 0);
@@ -352,7 +354,7 @@ fn decide<R: Reader>(task: u64) -> Option<Early> {
     }
     Some(Early {
         task,
-        now,
+        decision_ns: now,
         pid_tgid,
         cgroup_id,
         check,
@@ -370,16 +372,17 @@ fn decide<R: Reader>(task: u64) -> Option<Early> {
 #[inline(always)]
 fn identify<R: Reader>(ev: &mut ConnectEvent, slot: Slot, early: &Early) -> bool {
     task::fill_thread::<R>(ev, early.task, early.pid_tgid, early.cgroup_id);
+    let now = clock::event_ns(early.decision_ns);
     if let Some(cached) = early.cached
         && task::unchanged(cached, early.cached_ns, &early.check)
     {
         ev.identity_ns = early.cached_ns;
         ev.rate_limited_before = early.dropped_before;
-        publish_time(ev, early.now);
+        publish_time(ev, now);
         return true;
     }
     // None cached, or reused for another insert while it was read: walked.
-    let walked = task::walk(ev, slot, &early.check, early.now);
+    let walked = task::walk(ev, slot, &early.check, now, early.decision_ns);
     if !walked.complete {
         count(Counter::KernelReadFailed);
     }
@@ -389,13 +392,13 @@ fn identify<R: Reader>(ev: &mut ConnectEvent, slot: Slot, early: &Early) -> bool
     let key = filter::cgroup_key(walked.cgroup_leaf_id, ev.cgroup_id);
     let admitted = match early.admitted {
         true if !walked.complete || key == early.decided_key => early.dropped_before,
-        _ => match admit_cgroup(key, early.now) {
+        _ => match admit_cgroup(key, early.decision_ns) {
             Some(dropped) => dropped,
             None => return false,
         },
     };
     ev.rate_limited_before = admitted;
-    publish_time(ev, early.now);
+    publish_time(ev, now);
     true
 }
 

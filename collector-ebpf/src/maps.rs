@@ -121,8 +121,8 @@ pub struct Bucket {
     /// arithmetic. Signed (two's complement): a CPU takes its token before it looks, so
     /// the value can dip below zero for a moment. Unused from 5.12.
     pub nano_tokens: u64,
-    /// From 5.12: the theoretical arrival time (CLOCK_BOOTTIME) at which the bucket is
-    /// full again. Before: the time up to which refill has been credited; may run
+    /// From 5.12: the theoretical arrival time (on the decisions' clock,
+    /// `clock::decision_ns`) at which the bucket is full again. Before: the time up to which refill has been credited; may run
     /// slightly ahead of the clock.
     pub last_ns: u64,
     /// Events dropped since the cgroup's last submitted one.
@@ -222,7 +222,7 @@ pub static IDENTITY_SCRATCH: PerCpuArray<Identity> = PerCpuArray::with_max_entri
 #[derive(Copy, Clone)]
 pub struct Identity {
     // Compared on every use, with the record's `cgroup_id` (a move to another v2
-    // cgroup) and `filled_ns` (its age): any change reads the identity again.
+    // cgroup) and `filled_decision_ns` (its age): any change reads the identity again.
     /// `task->nsproxy`: setns/unshare give the task a new one.
     pub nsproxy: u64,
     /// `task->cgroups` (the css_set), on cgroup v1 only: a move in a v1 hierarchy, which
@@ -231,15 +231,17 @@ pub struct Identity {
     /// `task->self_exec_id`: bumped by exec (new process name, possibly new cgroup or
     /// namespaces set up by the exec'd program's parent).
     pub exec_id: u64,
-    /// The identity as it was sent to user space. Its `filled_ns`, when it was read:
-    /// older than `IDENTITY_MAX_AGE_NS`, it is read (and sent) again. Bounds the
-    /// staleness of what nothing above detects: a new parent after the parent exited, a
+    /// When it was filled, on the decisions' clock (`clock::decision_ns`): older than
+    /// `IDENTITY_MAX_AGE_NS`, it is read (and sent) again.
+    pub filled_decision_ns: u64,
+    /// The identity as it was sent to user space; its `filled_ns` (CLOCK_BOOTTIME) is what
+    /// records refer to it by. The age limit bounds the staleness of what nothing above detects: a new parent after the parent exited, a
     /// nodename changed by sethostname, a process renamed through its leader's comm, a
     /// recycled pid whose process has the same exec count, namespaces and cgroup.
     pub record: IdentityEvent,
 }
 
-/// A cached identity is read again after this long (see `Identity::filled_ns`).
+/// A cached identity is read again after this long (see `Identity::filled_decision_ns`).
 pub const IDENTITY_MAX_AGE_NS: u64 = 1_000_000_000;
 
 /// Established connections this collector reported, by `struct sock` address, until

@@ -32,7 +32,7 @@ use crate::{
     read::{self, Reader},
 };
 
-const _: () = assert!(core::mem::size_of::<Identity>() == 24 + egress_shared::IDENTITY_EVENT_SIZE);
+const _: () = assert!(core::mem::size_of::<Identity>() == 32 + egress_shared::IDENTITY_EVENT_SIZE);
 
 /// What every event reads from the current task `task` (`R::current_task()`): ids,
 /// credentials, thread name and cgroup id, and the time, returned, not written: the
@@ -83,7 +83,7 @@ pub fn fill(ev: &mut ConnectEvent, slot: Slot) -> bool {
     let task = read::Probe::current_task();
     let now = fill_ids::<read::Probe>(ev, task);
     ev.boot_time_ns = now;
-    fill_process::<read::Probe>(ev, task, slot, now)
+    fill_process::<read::Probe>(ev, task, slot, now, crate::clock::decision_ns())
 }
 
 /// Whether the cgroup that keys the per-cgroup maps is known from [`fill_ids`] alone
@@ -117,7 +117,7 @@ pub fn check<R: Reader>(task: u64) -> Check {
 }
 
 /// The cached identity of process `tgid`, whose task is in v2 cgroup `cgroup_id`, if
-/// `check` (read at `now`) says it still holds, and when it was filled: read before the
+/// `check` (read at `decision_ns`, see `clock`) says it still holds, and when it was filled: read before the
 /// fields it vouches for, so [`unchanged`] tells afterwards whether the LRU reused the
 /// element for another insert meanwhile.
 #[inline(always)]
@@ -125,7 +125,7 @@ pub fn cached(
     tgid: u32,
     cgroup_id: u64,
     check: &Check,
-    now: u64,
+    decision_ns: u64,
 ) -> Option<(&'static Identity, u64)> {
     let cached = IDENTITIES.get_ptr(&tgid)?;
     // SAFETY: a map value, valid memory for this run. Its content is not guaranteed: the
@@ -140,23 +140,32 @@ pub fn cached(
         && cached.record.cgroup_id == cgroup_id
         && cached.exec_id == check.exec_id
         && cached.css_set == check.css_set
-        && now.wrapping_sub(filled_ns) < IDENTITY_MAX_AGE_NS)
+        // Signed: another CPU may have filled it after this CPU read the clock.
+        && (decision_ns.wrapping_sub(cached.filled_decision_ns) as i64)
+            < IDENTITY_MAX_AGE_NS as i64)
         .then_some((cached, filled_ns))
 }
 
 /// Fills the process part of `ev` (after [`fill_ids`]) from the cache, or from the task
 /// when the cache has none or a stale one ([`walk`]). Returns whether every walk
 /// succeeded. `R` reads what tells a cached identity is still right (the hot path).
+/// `now` is the event's time, `decision_ns` the same moment on the decisions' clock.
 #[inline(always)]
-pub fn fill_process<R: Reader>(ev: &mut ConnectEvent, task: u64, slot: Slot, now: u64) -> bool {
+pub fn fill_process<R: Reader>(
+    ev: &mut ConnectEvent,
+    task: u64,
+    slot: Slot,
+    now: u64,
+    decision_ns: u64,
+) -> bool {
     let check = check::<R>(task);
-    if let Some((cached, filled_ns)) = cached(ev.tgid, ev.cgroup_id, &check, now)
+    if let Some((cached, filled_ns)) = cached(ev.tgid, ev.cgroup_id, &check, decision_ns)
         && unchanged(cached, filled_ns, &check)
     {
         ev.identity_ns = filled_ns;
         return true;
     }
-    walk(ev, slot, &check, now).complete
+    walk(ev, slot, &check, now, decision_ns).complete
 }
 
 /// When `id` was filled: read before its fields, so [`unchanged`] can tell afterwards.
@@ -188,9 +197,16 @@ pub fn unchanged(id: &Identity, filled_ns: u64, check: &Check) -> bool {
 /// Sent before it is cached, so every record that refers to it is reserved in the ring
 /// after it (see the module's documentation). An identity the full ring refused is not
 /// cached (counted `identity_lost`): only this record refers to it, and user space
-/// counts it unknown.
+/// counts it unknown. `now` is the event's time (the identity's `filled_ns`),
+/// `decision_ns` the same moment on the decisions' clock (its age).
 #[inline(always)]
-pub fn walk(ev: &mut ConnectEvent, slot: Slot, check: &Check, now: u64) -> Walked {
+pub fn walk(
+    ev: &mut ConnectEvent,
+    slot: Slot,
+    check: &Check,
+    now: u64,
+    decision_ns: u64,
+) -> Walked {
     ev.identity_ns = now;
     let Some(id) = IDENTITY_SCRATCH.get_ptr_mut(slot as u32) else {
         return Walked::default();
@@ -204,6 +220,7 @@ pub fn walk(ev: &mut ConnectEvent, slot: Slot, check: &Check, now: u64) -> Walke
     id.nsproxy = check.nsproxy;
     id.css_set = check.css_set;
     id.exec_id = check.exec_id;
+    id.filled_decision_ns = decision_ns;
     let record = &mut id.record;
     record.kind = EventKind::Identity as u8;
     record.filled_ns = now;

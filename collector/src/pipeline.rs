@@ -217,6 +217,7 @@ pub async fn run(
         tcp_state = %probes.state_hook,
         btf = %probes.facts.btf_path.display(),
         cgroups = %probes.facts.cgroups.layout,
+        decision_clock = %probes.facts.decision_clock(),
         attributes = settings.attributes.as_str(),
         "Capturing egress connections."
     );

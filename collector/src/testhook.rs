@@ -45,6 +45,19 @@ pub fn without_fetching_atomics() -> bool {
     set
 }
 
+/// `EGRESS_TEST_PRECISE_DECISIONS=1` makes the rate limit and the identity cache go by
+/// the precise clock, as where the kernel's tick cannot be read, so the flood test runs
+/// that path on this kernel too.
+pub fn precise_decisions() -> bool {
+    let set = std::env::var_os("EGRESS_TEST_PRECISE_DECISIONS").is_some_and(|v| v == "1");
+    if set {
+        tracing::warn!(
+            "EGRESS_TEST_PRECISE_DECISIONS: the rate limit and the identity cache read the precise clock (test hook)."
+        );
+    }
+    set
+}
+
 /// `EGRESS_TEST_REFUSE_TP_BTF=1` (or `=raw`) makes the BTF-enabled state-change program
 /// count as refused, so a test proves the raw tracepoint still takes over where it is.
 pub fn refuse_tp_btf() -> bool {

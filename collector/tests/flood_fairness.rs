@@ -123,10 +123,33 @@ const WORKER_ENV: &str = "EGRESS_FLOOD_WORKER";
 /// Exact books: every attempt is a record or a drop that exactly one record carries (the
 /// worker's last connection, made once the bucket has a token again, carries the rest),
 /// and the two CPUs crediting the same interval do not hold the cgroup below its rate.
+/// The limit goes by the kernel's tick count here (this kernel lets tracing programs
+/// read it): time in steps of 4 ms.
 #[test]
 fn a_cgroup_flooding_from_both_cpus_gets_its_rate_and_every_drop_is_counted() {
     let _alone = one_flood_at_a_time();
     let run = flood_from_both_cpus(&[]);
+    assert!(
+        run.decision_clock.starts_with("jiffies@"),
+        "the decisions go by the tick count: {}",
+        run.decision_clock
+    );
+    assert_exact_books(&run);
+}
+
+/// The same flood with the limit on the precise clock, as on kernels whose tick the
+/// collector cannot read (forced by a test hook): the same books and rate.
+#[test]
+fn on_the_precise_clock_the_flood_gets_its_rate_and_every_drop_is_counted() {
+    let _alone = one_flood_at_a_time();
+    let run = flood_from_both_cpus(&[("EGRESS_TEST_PRECISE_DECISIONS", "1")]);
+    assert_eq!(run.decision_clock, "boottime");
+    assert_exact_books(&run);
+}
+
+/// What the 5.12+ rate limit guarantees: every attempt reported or carried by exactly
+/// one record, and the cgroup given its rate.
+fn assert_exact_books(run: &FloodRun) {
     assert_eq!(
         run.reported + run.carried,
         run.made,
@@ -175,6 +198,8 @@ struct FloodRun {
     carried: u64,
     largest_carried: u64,
     counted: u64,
+    /// What the start line names as the decisions' clock.
+    decision_clock: String,
     /// rate x the time the worker flooded + burst.
     due: f64,
 }
@@ -302,6 +327,12 @@ fn flood_from_both_cpus(env: &[(&str, &str)]) -> FloodRun {
         largest_carried: carried_each.iter().copied().max().unwrap_or(0),
         counted,
         due: RATE as f64 * flood_time + BURST as f64,
+        decision_clock: stderr
+            .iter()
+            .find_map(|l| l.split("decision_clock=").nth(1))
+            .and_then(|rest| rest.split_whitespace().next())
+            .unwrap_or_else(|| panic!("the start line names the clock:\n{}", stderr.join("\n")))
+            .to_owned(),
     }
 }
 

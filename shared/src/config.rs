@@ -172,8 +172,11 @@ pub struct ProbeConfig {
     /// then updates its buckets exactly (`emit::admit`); 0 takes the path older kernels
     /// verify (the verifier prunes the path not taken).
     pub fetching_atomics: u32,
-    /// Explicit padding: keeps `aggregate_window_ns` 8-byte aligned.
-    pub _pad_after_flags: u32,
+    /// The kernel's tick length in ns where tracing programs may read the tick count
+    /// (`bpf_jiffies64`) and user space measured the tick: the rate limit and the identity
+    /// cache's age then go by the tick count, not by an ordered TSC read. 0: they read
+    /// CLOCK_BOOTTIME, as the events do.
+    pub coarse_tick_ns: u32,
     /// Identical connections (same process, protocol, destination) within one window of
     /// this length are reported once, with a count; 0 reports every connection.
     pub aggregate_window_ns: u64,
@@ -210,6 +213,7 @@ const _: () =
     assert!(core::mem::size_of::<ProbeConfig>() == 63 * 4 + 15 * 4 + 8 + 8 + 24 + 16 + 16 + 8 * 4);
 /// The offsets' counts (odd plus odd) keep the first u64 after them aligned.
 const _: () = assert!(core::mem::offset_of!(ProbeConfig, udp_flow_window_ns) % 8 == 0);
+const _: () = assert!(core::mem::offset_of!(ProbeConfig, aggregate_window_ns) % 8 == 0);
 
 /// The kernel `struct msghdr`'s data iterator, for the DNS hooks below the syscalls
 /// (`udp_recvmsg`, `udpv6_recvmsg`, `tcp_recvmsg`, `udp_sendmsg`): after the kernel has
@@ -342,7 +346,7 @@ impl ProbeConfig {
             cgroup_burst: 0,
             track_closes: 0,
             fetching_atomics: 0,
-            _pad_after_flags: 0,
+            coarse_tick_ns: 0,
             aggregate_window_ns: 0,
             exclude_addresses: 0,
             exclude_cgroups: 0,

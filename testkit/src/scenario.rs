@@ -37,6 +37,9 @@ pub struct Outcome {
     /// The program it said follows the TCP state changes (`tcp_state=` on its start-up
     /// line: `tp_btf`, `raw_tracepoint` or `tracepoint`).
     pub tcp_state: String,
+    /// The clock it said its rate limit goes by (`decision_clock=` on that line:
+    /// `jiffies@<HZ>Hz` or `boottime`).
+    pub decision_clock: String,
     pub expected: usize,
     pub records: Vec<Value>,
     pub storm: Option<Storm>,
@@ -265,6 +268,13 @@ pub fn run(options: &Options) -> Result<Outcome, String> {
         .and_then(|rest| rest.split_whitespace().next())
         .unwrap_or("unknown")
         .to_owned();
+    let decision_clock = collector
+        .stderr()
+        .iter()
+        .find_map(|line| line.split(" decision_clock=").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or("unknown")
+        .to_owned();
 
     let n = options.n;
     let traffic = std::thread::Builder::new()
@@ -361,6 +371,7 @@ pub fn run(options: &Options) -> Result<Outcome, String> {
         Ok(Outcome {
             mode,
             tcp_state,
+            decision_clock,
             expected: expected.len(),
             records,
             storm,

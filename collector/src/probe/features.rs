@@ -16,7 +16,7 @@ struct ProgLoadAttr {
 }
 
 /// One BPF instruction: opcode, registers (dst low nibble, src high), offset, immediate.
-const fn insn(code: u8, regs: u8, off: i16, imm: i32) -> u64 {
+pub(super) const fn insn(code: u8, regs: u8, off: i16, imm: i32) -> u64 {
     (code as u64) | ((regs as u64) << 8) | ((off as u16 as u64) << 16) | ((imm as u32 as u64) << 32)
 }
 
@@ -58,6 +58,11 @@ pub fn task_pt_regs() -> bool {
 }
 
 fn loads(prog_type: u32, program: &[u64]) -> bool {
+    load(prog_type, program).is_ok()
+}
+
+/// Loads `program` as a `prog_type` program: its descriptor, or why the kernel refused it.
+pub(super) fn load(prog_type: u32, program: &[u64]) -> std::io::Result<OwnedFd> {
     let license = c"GPL";
     let mut attr = ProgLoadAttr {
         prog_type,
@@ -67,12 +72,9 @@ fn loads(prog_type: u32, program: &[u64]) -> bool {
     };
     // SAFETY: `attr` points to the instructions and the licence string, which outlive the
     // call; the kernel reads `size_of::<ProgLoadAttr>()` bytes and treats the rest as zero.
-    let Ok(fd) = (unsafe { super::sys::bpf(BPF_PROG_LOAD, &mut attr) }) else {
-        return false;
-    };
+    let fd = unsafe { super::sys::bpf(BPF_PROG_LOAD, &mut attr) }?;
     // SAFETY: a descriptor the kernel just returned, owned by nobody else.
-    drop(unsafe { OwnedFd::from_raw_fd(fd as i32) });
-    true
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
 #[cfg(test)]

@@ -12,34 +12,11 @@ use aya::{
 };
 use egress_shared::{FLOW_KEY_WORDS, FlowKey, FlowState, flow::sweep};
 
-/// `BPF_PROG_TEST_RUN` and `BPF_MAP_LOOKUP_BATCH` (uapi/linux/bpf.h).
-const BPF_PROG_TEST_RUN: libc::c_long = 10;
+/// `BPF_MAP_LOOKUP_BATCH` (uapi/linux/bpf.h).
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 
 /// Entries asked for per batch lookup (the map holds 16,384).
 const BATCH: usize = 1024;
-
-/// The test-run member of `union bpf_attr`.
-#[repr(C)]
-#[derive(Default)]
-struct TestRunAttr {
-    prog_fd: u32,
-    retval: u32,
-    data_size_in: u32,
-    data_size_out: u32,
-    data_in: u64,
-    data_out: u64,
-    repeat: u32,
-    duration: u32,
-    ctx_size_in: u32,
-    ctx_size_out: u32,
-    ctx_in: u64,
-    ctx_out: u64,
-    flags: u32,
-    cpu: u32,
-    batch_size: u32,
-    _pad: u32,
-}
 
 /// The batch member of `union bpf_attr`.
 #[repr(C)]
@@ -149,15 +126,16 @@ impl FlowSweep {
         let mut args = [0u64; FLOW_KEY_WORDS + 1];
         args[..FLOW_KEY_WORDS].copy_from_slice(&key.to_words());
         args[FLOW_KEY_WORDS] = min_age_ns;
-        let mut attr = TestRunAttr {
+        let mut attr = super::sys::TestRunAttr {
             prog_fd: self.program.as_fd().as_raw_fd() as u32,
             ctx_in: args.as_ptr() as u64,
             ctx_size_in: size_of_val(&args) as u32,
-            ..TestRunAttr::default()
+            ..super::sys::TestRunAttr::default()
         };
         // SAFETY: `attr` names a loaded raw tracepoint program and an argument array
         // that outlives the call; the kernel writes only `retval`.
-        unsafe { super::sys::bpf(BPF_PROG_TEST_RUN, &mut attr) }.map_err(SweepError::Run)?;
+        unsafe { super::sys::bpf(super::sys::BPF_PROG_TEST_RUN, &mut attr) }
+            .map_err(SweepError::Run)?;
         Ok(match attr.retval {
             sweep::KEPT => Swept::Kept,
             sweep::UNREPORTED => Swept::Unreported,

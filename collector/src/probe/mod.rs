@@ -26,6 +26,7 @@ pub mod programs;
 pub mod ring;
 pub mod state_maps;
 mod sys;
+mod tick;
 pub mod tracefs;
 
 use std::path::PathBuf;
@@ -102,7 +103,35 @@ pub struct KernelFacts {
     aya_btf: Option<aya::Btf>,
 }
 
+/// `ProbeConfig::coarse_tick_ns`: the kernel's tick, measured; 0 (the decisions then read
+/// the precise clock, at some cost per event) with one line saying why where it cannot be
+/// had.
+fn coarse_tick_ns() -> u32 {
+    if crate::testhook::precise_decisions() {
+        return 0;
+    }
+    match tick::measure() {
+        Ok(ns) => ns,
+        Err(e) => {
+            tracing::info!(
+                reason = %e,
+                "The rate limit and the identity cache read the precise clock."
+            );
+            0
+        }
+    }
+}
+
 impl KernelFacts {
+    /// The clock the rate limit and the identity cache go by, for the start line:
+    /// `jiffies@<HZ>Hz`, or `boottime` (see `ProbeConfig::coarse_tick_ns`).
+    pub fn decision_clock(&self) -> String {
+        match self.config.coarse_tick_ns {
+            0 => "boottime".to_owned(),
+            ns => format!("jiffies@{}Hz", (1e9 / f64::from(ns)).round()),
+        }
+    }
+
     pub fn read(settings: &ProbeSettings) -> Result<Self, ProbeError> {
         let btf_path = settings
             .btf_path
@@ -133,7 +162,7 @@ impl KernelFacts {
             fetching_atomics: u32::from(
                 features::fetching_atomics() && !crate::testhook::without_fetching_atomics(),
             ),
-            _pad_after_flags: 0,
+            coarse_tick_ns: coarse_tick_ns(),
             aggregate_window_ns: settings
                 .aggregate_window
                 .map_or(0, |w| w.as_nanos().clamp(1, u64::MAX as u128) as u64),

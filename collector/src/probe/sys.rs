@@ -16,3 +16,28 @@ pub(super) unsafe fn bpf<A>(cmd: libc::c_long, attr: &mut A) -> std::io::Result<
         Ok(rc)
     }
 }
+
+/// `BPF_PROG_TEST_RUN` (uapi/linux/bpf.h).
+pub(super) const BPF_PROG_TEST_RUN: libc::c_long = 10;
+
+/// The test-run member of `union bpf_attr`.
+#[repr(C)]
+#[derive(Default)]
+pub(super) struct TestRunAttr {
+    pub prog_fd: u32,
+    pub retval: u32,
+    pub data_size_in: u32,
+    pub data_size_out: u32,
+    pub data_in: u64,
+    pub data_out: u64,
+    pub repeat: u32,
+    pub duration: u32,
+    pub ctx_size_in: u32,
+    pub ctx_size_out: u32,
+    pub ctx_in: u64,
+    pub ctx_out: u64,
+    pub flags: u32,
+    pub cpu: u32,
+    pub batch_size: u32,
+    pub _pad: u32,
+}

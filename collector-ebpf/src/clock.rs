@@ -1,0 +1,47 @@
+//! The programs' two clocks. An event's own time is CLOCK_BOOTTIME
+//! (`bpf_ktime_get_boot_ns`), which user space turns into wall time. The decisions that
+//! only compare their times with each other (the per-cgroup rate limit, the age of a
+//! cached identity) go by [`decision_ns`] instead: the kernel's tick count, where tracing
+//! programs may read it. The clock is an ordered TSC read, which waits for every load
+//! issued before it, and was the largest single cost of an attempt the rate limit drops
+//! (docs/kernel.md, "The tick clock for the decisions"); the tick count is one load in
+//! a helper.
+//!
+//! The two are different time bases: a time of one is never compared with the other.
+
+use aya_ebpf::helpers::{bpf_jiffies64, bpf_ktime_get_boot_ns};
+
+use crate::maps::config;
+
+/// CLOCK_BOOTTIME in ns: when an event happened.
+#[inline(always)]
+pub fn boot_ns() -> u64 {
+    // SAFETY: a helper without arguments.
+    unsafe { bpf_ktime_get_boot_ns() }
+}
+
+/// The time the decisions go by, in ns from an arbitrary origin, in steps of one tick
+/// (1-10 ms): `jiffies` times the tick length user space measured
+/// (`ProbeConfig::coarse_tick_ns`), else (the kernel refuses `bpf_jiffies64` to tracing
+/// programs, or the tick could not be measured) [`boot_ns`].
+#[inline(always)]
+pub fn decision_ns() -> u64 {
+    let tick_ns = config!(coarse_tick_ns) as u64;
+    if tick_ns == 0 {
+        return boot_ns();
+    }
+    // SAFETY: a helper without arguments (5.5+; user space loaded a program that calls
+    // it before it set `coarse_tick_ns`).
+    unsafe { bpf_jiffies64() }.wrapping_mul(tick_ns)
+}
+
+/// An event's own time, given the [`decision_ns`] read for it: the same value where the
+/// decisions go by the clock (no second read).
+#[inline(always)]
+pub fn event_ns(decision_ns: u64) -> u64 {
+    if config!(coarse_tick_ns) == 0 {
+        decision_ns
+    } else {
+        boot_ns()
+    }
+}
