@@ -122,8 +122,8 @@ pub struct Bucket {
     /// the value can dip below zero for a moment. Unused from 5.12.
     pub nano_tokens: u64,
     /// From 5.12: the theoretical arrival time (on the decisions' clock,
-    /// `clock::decision_ns`) at which the bucket is full again. Before: the time up to which refill has been credited; may run
-    /// slightly ahead of the clock.
+    /// `clock::decision_ns`) at which the bucket is full again. Before: the time up to
+    /// which refill has been credited; may run slightly ahead of the clock.
     pub last_ns: u64,
     /// Events dropped since the cgroup's last submitted one.
     pub dropped: u64,
@@ -235,9 +235,10 @@ pub struct Identity {
     /// `IDENTITY_MAX_AGE_NS`, it is read (and sent) again.
     pub filled_decision_ns: u64,
     /// The identity as it was sent to user space; its `filled_ns` (CLOCK_BOOTTIME) is what
-    /// records refer to it by. The age limit bounds the staleness of what nothing above detects: a new parent after the parent exited, a
-    /// nodename changed by sethostname, a process renamed through its leader's comm, a
-    /// recycled pid whose process has the same exec count, namespaces and cgroup.
+    /// records refer to it by. The age limit bounds the staleness of what nothing above
+    /// detects: a new parent after the parent exited, a nodename changed by sethostname,
+    /// a process renamed through its leader's comm, a recycled pid whose process has the
+    /// same exec count, namespaces and cgroup.
     pub record: IdentityEvent,
 }
 

@@ -117,9 +117,9 @@ pub fn check<R: Reader>(task: u64) -> Check {
 }
 
 /// The cached identity of process `tgid`, whose task is in v2 cgroup `cgroup_id`, if
-/// `check` (read at `decision_ns`, see `clock`) says it still holds, and when it was filled: read before the
-/// fields it vouches for, so [`unchanged`] tells afterwards whether the LRU reused the
-/// element for another insert meanwhile.
+/// `check` (read at `decision_ns`, see `clock`) says it still holds, and when it was
+/// filled: read before the fields it vouches for, so [`unchanged`] tells afterwards
+/// whether the LRU reused the element for another insert meanwhile.
 #[inline(always)]
 pub fn cached(
     tgid: u32,
