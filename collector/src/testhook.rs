@@ -36,24 +36,27 @@ pub fn hang_if(stage: &str) {
 /// `EGRESS_TEST_NO_FETCHING_ATOMICS=1` makes the programs take the rate limit's path for
 /// kernels before 5.12 (no atomic exchange), so the flood test runs it on this kernel too.
 pub fn without_fetching_atomics() -> bool {
-    let set = std::env::var_os("EGRESS_TEST_NO_FETCHING_ATOMICS").is_some_and(|v| v == "1");
-    if set {
-        tracing::warn!(
-            "EGRESS_TEST_NO_FETCHING_ATOMICS: the rate limit takes its pre-5.12 path (test hook)."
-        );
-    }
-    set
+    flag(
+        "EGRESS_TEST_NO_FETCHING_ATOMICS",
+        "the rate limit takes its pre-5.12 path",
+    )
 }
 
 /// `EGRESS_TEST_PRECISE_DECISIONS=1` makes the rate limit and the identity cache go by
 /// the precise clock, as where the kernel's tick cannot be read, so the flood test runs
 /// that path on this kernel too.
 pub fn precise_decisions() -> bool {
-    let set = std::env::var_os("EGRESS_TEST_PRECISE_DECISIONS").is_some_and(|v| v == "1");
+    flag(
+        "EGRESS_TEST_PRECISE_DECISIONS",
+        "the rate limit and the identity cache read the precise clock",
+    )
+}
+
+/// Whether the test hook `name` is set to 1; warned with `effect` when it is.
+fn flag(name: &str, effect: &str) -> bool {
+    let set = std::env::var_os(name).is_some_and(|v| v == "1");
     if set {
-        tracing::warn!(
-            "EGRESS_TEST_PRECISE_DECISIONS: the rate limit and the identity cache read the precise clock (test hook)."
-        );
+        tracing::warn!("{name}: {effect} (test hook).");
     }
     set
 }
@@ -87,13 +90,10 @@ fn refused_state_hook(values: &[&str], program: &str) -> bool {
 pub fn without_exit_regs() -> bool {
     static SET: OnceLock<bool> = OnceLock::new();
     *SET.get_or_init(|| {
-        let set = std::env::var_os("EGRESS_TEST_NO_EXIT_REGS").is_some_and(|v| v == "1");
-        if set {
-            tracing::warn!(
-                "EGRESS_TEST_NO_EXIT_REGS: syscall arguments are saved by entry hooks (test hook)."
-            );
-        }
-        set
+        flag(
+            "EGRESS_TEST_NO_EXIT_REGS",
+            "syscall arguments are saved by entry hooks",
+        )
     })
 }
 

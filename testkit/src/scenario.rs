@@ -254,27 +254,9 @@ pub fn run(options: &Options) -> Result<Outcome, String> {
     ];
     args.extend(options.extra_args.iter().map(String::as_str));
     let collector = RunningCollector::start(&options.collector, &args, options.ready_timeout)?;
-    let mode = collector
-        .stderr()
-        .iter()
-        .find_map(|line| line.split("mode=").nth(1))
-        .and_then(|rest| rest.split_whitespace().next())
-        .unwrap_or("unknown")
-        .to_owned();
-    let tcp_state = collector
-        .stderr()
-        .iter()
-        .find_map(|line| line.split(" tcp_state=").nth(1))
-        .and_then(|rest| rest.split_whitespace().next())
-        .unwrap_or("unknown")
-        .to_owned();
-    let decision_clock = collector
-        .stderr()
-        .iter()
-        .find_map(|line| line.split(" decision_clock=").nth(1))
-        .and_then(|rest| rest.split_whitespace().next())
-        .unwrap_or("unknown")
-        .to_owned();
+    let field = |key: &str| start_line_field(collector.stderr(), key);
+    let (mode, tcp_state, decision_clock) =
+        (field("mode"), field("tcp_state"), field("decision_clock"));
 
     let n = options.n;
     let traffic = std::thread::Builder::new()
@@ -395,4 +377,16 @@ pub fn run(options: &Options) -> Result<Outcome, String> {
             stderr.join("\n  ")
         ))
     }
+}
+
+/// The value of ` key=` on the first stderr line that has it (the collector's start line
+/// names its mode, state hook and decision clock so), or `unknown`.
+fn start_line_field(stderr: &[String], key: &str) -> String {
+    let marker = format!(" {key}=");
+    stderr
+        .iter()
+        .find_map(|line| line.split(&marker).nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or("unknown")
+        .to_owned()
 }

@@ -107,22 +107,16 @@ mod tests {
 
     #[test]
     fn kernel_rates_give_the_kernels_tick() {
-        assert_eq!(
-            tick_ns(10, Duration::from_millis(40)).expect("a kernel rate"),
-            4_000_000
-        );
-        assert_eq!(
-            tick_ns(12, Duration::from_micros(40_010)).expect("a kernel rate"),
-            3_333_333
-        );
-        assert_eq!(
-            tick_ns(4, Duration::from_millis(40)).expect("a kernel rate"),
-            10_000_000
-        );
-        assert_eq!(
-            tick_ns(40, Duration::from_millis(40)).expect("a kernel rate"),
-            1_000_000
-        );
+        // (ticks, µs, tick ns): 250, 300 (10 µs late), 100 and 1,000 Hz.
+        for (ticks, micros, want) in [
+            (10, 40_000, 4_000_000),
+            (12, 40_010, 3_333_333),
+            (4, 40_000, 10_000_000),
+            (40, 40_000, 1_000_000),
+        ] {
+            let got = tick_ns(ticks, Duration::from_micros(micros));
+            assert_eq!(got.ok(), Some(want), "{ticks} ticks in {micros} µs");
+        }
     }
 
     #[test]
