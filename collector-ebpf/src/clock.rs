@@ -4,8 +4,8 @@
 //! cached identity) go by [`decision_ns`] instead: the kernel's tick count, where tracing
 //! programs may read it. The clock is an ordered TSC read, which waits for every load
 //! issued before it, and was the largest single cost of an attempt the rate limit drops
-//! (docs/kernel.md, "The tick clock for the decisions"); the tick count is one load in
-//! a helper.
+//! (docs/kernel.md, "The tick clock for the decisions"); the tick count is one plain
+//! load (the verifier inlines the helper on 64-bit JITs).
 //!
 //! The two are different time bases: a time of one is never compared with the other.
 
@@ -30,9 +30,21 @@ pub fn decision_ns() -> u64 {
     if tick_ns == 0 {
         return boot_ns();
     }
-    // SAFETY: a helper without arguments (5.5+; user space loaded a program that calls
-    // it before it set `coarse_tick_ns`).
+    // SAFETY: a helper without arguments (tracing programs: 5.9+; user space loaded a
+    // program that calls it before it set `coarse_tick_ns`). The verifier inlines it
+    // into a load of `jiffies_64` on 64-bit JITs.
     unsafe { bpf_jiffies64() }.wrapping_mul(tick_ns)
+}
+
+/// [`decision_ns`] for an event whose own time `now` was read already: `now` itself
+/// where the decisions go by the clock (no second read).
+#[inline(always)]
+pub fn decision_ns_at(now: u64) -> u64 {
+    if config!(coarse_tick_ns) == 0 {
+        now
+    } else {
+        decision_ns()
+    }
 }
 
 /// An event's own time, given the [`decision_ns`] read for it: the same value where the

@@ -194,7 +194,8 @@ fn admit(cgroup: u64, now: u64) -> Option<u32> {
 /// 5.12+: the cell-rate test (see [`admit`]) on the arrival time at `tat`.
 #[inline(always)]
 fn admit_cell_rate(tat: *mut u64, now: u64, rate: u64, burst_events: u64) -> bool {
-    // Rounded up: the limit errs below the configured rate (by under 0.1 %), never above.
+    // Rounded up: the limit errs below the configured rate (by under 0.1 %), never above
+    // in the long run (on the tick count a window sees a tick's worth more or fewer).
     let interval = NANO.div_ceil(rate);
     let tolerance = burst_events * interval;
     let mut prev = load(tat);

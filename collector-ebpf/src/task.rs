@@ -34,6 +34,10 @@ use crate::{
 
 const _: () = assert!(core::mem::size_of::<Identity>() == 32 + egress_shared::IDENTITY_EVENT_SIZE);
 
+/// How far ahead of this CPU's clock reading a cached identity's fill time may be (see
+/// [`fresh`]): a few ticks.
+const IDENTITY_MAX_AHEAD_NS: i64 = 50_000_000;
+
 /// What every event reads from the current task `task` (`R::current_task()`): ids,
 /// credentials, thread name and cgroup id, and the time, returned, not written: the
 /// caller writes it last (see `emit::identify`). Enough for the per-cgroup decisions on
@@ -83,7 +87,7 @@ pub fn fill(ev: &mut ConnectEvent, slot: Slot) -> bool {
     let task = read::Probe::current_task();
     let now = fill_ids::<read::Probe>(ev, task);
     ev.boot_time_ns = now;
-    fill_process::<read::Probe>(ev, task, slot, now, crate::clock::decision_ns())
+    fill_process::<read::Probe>(ev, task, slot, now, crate::clock::decision_ns_at(now))
 }
 
 /// Whether the cgroup that keys the per-cgroup maps is known from [`fill_ids`] alone
@@ -140,10 +144,17 @@ pub fn cached(
         && cached.record.cgroup_id == cgroup_id
         && cached.exec_id == check.exec_id
         && cached.css_set == check.css_set
-        // Signed: another CPU may have filled it after this CPU read the clock.
-        && (decision_ns.wrapping_sub(cached.filled_decision_ns) as i64)
-            < IDENTITY_MAX_AGE_NS as i64)
-        .then_some((cached, filled_ns))
+        && fresh(decision_ns.wrapping_sub(cached.filled_decision_ns) as i64))
+    .then_some((cached, filled_ns))
+}
+
+/// Whether an identity filled `age` ns ago is young enough to use. Signed: another CPU
+/// may have filled it after this CPU read the clock (by a tick at most on the tick
+/// count); a fill time further ahead than that is nothing this clock wrote, and is
+/// read again.
+#[inline(always)]
+fn fresh(age: i64) -> bool {
+    age > -IDENTITY_MAX_AHEAD_NS && age < IDENTITY_MAX_AGE_NS as i64
 }
 
 /// Fills the process part of `ev` (after [`fill_ids`]) from the cache, or from the task

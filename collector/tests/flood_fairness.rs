@@ -134,6 +134,13 @@ fn a_cgroup_flooding_from_both_cpus_gets_its_rate_and_every_drop_is_counted() {
         "the decisions go by the tick count: {}",
         run.decision_clock
     );
+    // The programs' own times: the tick count times the tick, which runs ahead of
+    // CLOCK_MONOTONIC by `(2^32 - 300 x HZ) x tick` (the count starts 5 min short of a
+    // 32-bit wrap), at least 41 days at any HZ.
+    let tick = clock_resolution_ns(libc::CLOCK_MONOTONIC_COARSE);
+    let hz = (1e9 / tick as f64).round() as u64;
+    let ticks_ahead = ((1u64 << 32) - 300 * hz) * tick;
+    assert_bucket_times(&run, now_ns(libc::CLOCK_MONOTONIC) + ticks_ahead);
     assert_exact_books(&run);
 }
 
@@ -144,7 +151,61 @@ fn on_the_precise_clock_the_flood_gets_its_rate_and_every_drop_is_counted() {
     let _alone = one_flood_at_a_time();
     let run = flood_from_both_cpus(&[("EGRESS_TEST_PRECISE_DECISIONS", "1")]);
     assert_eq!(run.decision_clock, "boottime");
+    assert_bucket_times(&run, now_ns(libc::CLOCK_BOOTTIME));
     assert_exact_books(&run);
+}
+
+/// Every bucket's time lies within two minutes of `expected` (the run lasts seconds; a
+/// bucket's arrival time runs at most a burst's worth of intervals ahead).
+fn assert_bucket_times(run: &FloodRun, expected: u64) {
+    assert!(
+        !run.bucket_times.is_empty(),
+        "the flood's cgroup has a bucket"
+    );
+    for &time in &run.bucket_times {
+        assert!(
+            time.abs_diff(expected) < 120_000_000_000,
+            "a bucket's time {time} is not on the expected clock ({expected})"
+        );
+    }
+}
+
+/// The times in every `CGROUP_BUCKETS` map loaded (only the running collector's: one
+/// flood at a time).
+fn bucket_times() -> Vec<u64> {
+    let mut times = Vec::new();
+    for info in aya::maps::loaded_maps() {
+        let info = info.expect("the loaded maps can be listed");
+        if info.name_as_str() != Some("CGROUP_BUCKETS") {
+            continue;
+        }
+        let map = aya::maps::MapData::from_id(info.id()).expect("the bucket map opens");
+        let map = aya::maps::HashMap::<_, u64, [u64; 3]>::try_from(aya::maps::Map::LruHashMap(map))
+            .expect("a hash map of u64 to a bucket");
+        // `Bucket`: nano_tokens, last_ns, dropped.
+        times.extend(map.iter().map(|entry| entry.expect("a bucket").1[1]));
+    }
+    times
+}
+
+fn now_ns(clock: libc::clockid_t) -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid out-pointer.
+    assert_eq!(unsafe { libc::clock_gettime(clock, &mut ts) }, 0);
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+fn clock_resolution_ns(clock: libc::clockid_t) -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid out-pointer.
+    assert_eq!(unsafe { libc::clock_getres(clock, &mut ts) }, 0);
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// What the 5.12+ rate limit guarantees: every attempt reported or carried by exactly
@@ -200,6 +261,8 @@ struct FloodRun {
     counted: u64,
     /// What the start line names as the decisions' clock.
     decision_clock: String,
+    /// The rate limit's buckets' times (`Bucket::last_ns`), as the programs wrote them.
+    bucket_times: Vec<u64>,
     /// rate x the time the worker flooded + burst.
     due: f64,
 }
@@ -252,6 +315,7 @@ fn flood_from_both_cpus(env: &[(&str, &str)]) -> FloodRun {
     let (noisy_pid, noisy_out) = wait_worker(noisy);
     let (quiet_pid, _) = wait_worker(quiet);
     std::thread::sleep(Duration::from_millis(500));
+    let bucket_times = bucket_times();
     let (ok, stdout, stderr) = collector
         .stop(Duration::from_secs(30))
         .expect("collector stops");
@@ -327,6 +391,7 @@ fn flood_from_both_cpus(env: &[(&str, &str)]) -> FloodRun {
         largest_carried: carried_each.iter().copied().max().unwrap_or(0),
         counted,
         due: RATE as f64 * flood_time + BURST as f64,
+        bucket_times,
         decision_clock: stderr
             .iter()
             .find_map(|l| l.split("decision_clock=").nth(1))

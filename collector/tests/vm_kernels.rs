@@ -178,8 +178,8 @@ fn check_console(series: &str, console: &str) {
                 "{probe}: the state changes did not go through tp_btf"
             ));
         }
-        // Every kernel here lets tracing programs call `bpf_jiffies64` (5.5+) and test-run
-        // a raw tracepoint (5.10+): the rate limit goes by the tick count in every family.
+        // Every kernel here lets tracing programs call `bpf_jiffies64` (5.9+): the rate
+        // limit goes by the tick count in every family.
         if !lines
             .iter()
             .any(|l| l.contains(&pass) && l.contains(" decision_clock=jiffies@"))

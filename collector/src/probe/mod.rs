@@ -103,23 +103,34 @@ pub struct KernelFacts {
     aya_btf: Option<aya::Btf>,
 }
 
-/// `ProbeConfig::coarse_tick_ns`: the kernel's tick, measured; 0 (the decisions then read
-/// the precise clock, at some cost per event) with one line saying why where it cannot be
-/// had.
-fn coarse_tick_ns() -> u32 {
+/// `ProbeConfig::coarse_tick_ns`: the kernel's tick; 0 (the decisions then read the
+/// precise clock, at some cost per event) with one line saying why where it cannot be
+/// had or would hold a cgroup below its rate.
+fn coarse_tick_ns(settings: &ProbeSettings) -> u32 {
     if crate::testhook::precise_decisions() {
         return 0;
     }
-    match tick::measure() {
+    let tick_ns = match tick::tick_ns() {
         Ok(ns) => ns,
         Err(e) => {
             tracing::info!(
                 reason = %e,
                 "The rate limit and the identity cache read the precise clock."
             );
-            0
+            return 0;
         }
+    };
+    let burst = settings.cgroup_burst.max(1);
+    if !tick::suits_limit(tick_ns, settings.cgroup_rate, burst) {
+        tracing::info!(
+            rate = settings.cgroup_rate,
+            burst,
+            tick_ns,
+            "The rate limit reads the precise clock: its burst is under two ticks' worth of events."
+        );
+        return 0;
     }
+    tick_ns
 }
 
 impl KernelFacts {
@@ -162,7 +173,7 @@ impl KernelFacts {
             fetching_atomics: u32::from(
                 features::fetching_atomics() && !crate::testhook::without_fetching_atomics(),
             ),
-            coarse_tick_ns: coarse_tick_ns(),
+            coarse_tick_ns: coarse_tick_ns(settings),
             aggregate_window_ns: settings
                 .aggregate_window
                 .map_or(0, |w| w.as_nanos().clamp(1, u64::MAX as u128) as u64),

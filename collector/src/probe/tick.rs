@@ -1,143 +1,115 @@
-//! The kernel's tick length, measured: the programs' decisions (the per-cgroup rate
-//! limit, the identity cache's age) go by the tick count (`bpf_jiffies64`) times this,
-//! which spares them an ordered TSC read (collector-ebpf `clock`,
-//! `ProbeConfig::coarse_tick_ns`). The kernel does not publish its HZ to user space, so
-//! a raw tracepoint program that returns the tick count is run (`BPF_PROG_TEST_RUN`) to
-//! find two of its steps some tens of milliseconds apart. That the program loads also
-//! answers whether tracing programs may call the helper.
-
-use std::os::fd::{AsRawFd, OwnedFd};
-use std::time::{Duration, Instant};
+//! The kernel's tick, for the programs' decisions (the per-cgroup rate limit, the
+//! identity cache's age): they go by the tick count (`bpf_jiffies64`, which the verifier
+//! inlines into a load on 64-bit JITs) times its length, which spares them an ordered TSC
+//! read (collector-ebpf `clock`, `ProbeConfig::coarse_tick_ns`). The length is the
+//! resolution of CLOCK_MONOTONIC_COARSE (the kernel's `TICK_NSEC`); whether tracing
+//! programs may call the helper (5.9+) is answered by loading one that does.
 
 use super::features::{insn, load};
-use super::sys::{BPF_PROG_TEST_RUN, TestRunAttr, bpf};
 
 /// `BPF_PROG_TYPE_RAW_TRACEPOINT`, `BPF_FUNC_jiffies64` (uapi/linux/bpf.h).
 const BPF_PROG_TYPE_RAW_TRACEPOINT: u32 = 17;
 const BPF_FUNC_JIFFIES64: i32 = 118;
 
-/// Between the two steps timed: four ticks at the slowest common HZ (100), each step
-/// found within the few microseconds of one test run.
-const SPAN: Duration = Duration::from_millis(40);
-/// Longest wait for the count to step: ten ticks at 100 Hz.
-const STEP_TIMEOUT: Duration = Duration::from_millis(100);
-/// Measurements tried: a preemption between a step and its time reading can spoil one.
-const TRIES: usize = 3;
-
 #[derive(Debug, thiserror::Error)]
 pub enum TickError {
     #[error("the kernel refuses bpf_jiffies64 to tracing programs: {0}")]
     Refused(std::io::Error),
-    #[error("running the tick program failed: {0}")]
-    Run(std::io::Error),
-    #[error("the tick count did not move in {0:?}")]
-    Stalled(Duration),
-    #[error("the tick rate measured, {0:.2} Hz, is none a kernel is built with")]
-    Implausible(f64),
+    #[error("the resolution of CLOCK_MONOTONIC_COARSE cannot be read: {0}")]
+    Resolution(std::io::Error),
+    #[error("the tick length read, {0} ns, is not one of 1,200 to 24 Hz")]
+    Implausible(u64),
 }
 
-/// The tick length in ns (`1e9 / HZ`, rounded as the kernel's `TICK_NSEC`).
-pub fn measure() -> Result<u32, TickError> {
+/// The tick length in ns, where tracing programs may read the tick count.
+pub fn tick_ns() -> Result<u32, TickError> {
     let program = [
         insn(0x85, 0x00, 0, BPF_FUNC_JIFFIES64), // r0 = bpf_jiffies64()
         insn(0x95, 0x00, 0, 0),                  // exit
     ];
-    let program = load(BPF_PROG_TYPE_RAW_TRACEPOINT, &program).map_err(TickError::Refused)?;
-    let mut last = TickError::Stalled(STEP_TIMEOUT);
-    for _ in 0..TRIES {
-        let (first, first_at) = next_step(&program)?;
-        std::thread::sleep(SPAN);
-        let (second, second_at) = next_step(&program)?;
-        match tick_ns(second.wrapping_sub(first), second_at - first_at) {
-            Ok(ns) => return Ok(ns),
-            Err(e) => last = e,
-        }
-    }
-    Err(last)
-}
-
-/// The rates a kernel can be built with (`CONFIG_HZ`: 100, 250, 300 and 1,000 on x86 and
-/// arm64; the others on older architectures).
-const KERNEL_HZ: [u32; 10] = [24, 48, 100, 128, 250, 256, 300, 1000, 1024, 1200];
-
-/// The tick length from `ticks` counted over `elapsed`, if the rate is within 1 % of one
-/// a kernel is built with (a step seen late, after a preemption, is further off).
-fn tick_ns(ticks: u32, elapsed: Duration) -> Result<u32, TickError> {
-    let hz = f64::from(ticks) / elapsed.as_secs_f64();
-    let Some(&kernel_hz) = KERNEL_HZ
-        .iter()
-        .find(|&&k| (hz - f64::from(k)).abs() <= f64::from(k) * 0.01)
-    else {
-        return Err(TickError::Implausible(hz));
+    drop(load(BPF_PROG_TYPE_RAW_TRACEPOINT, &program).map_err(TickError::Refused)?);
+    let mut res = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
     };
-    Ok((1e9 / f64::from(kernel_hz)).round() as u32)
+    // SAFETY: `res` is a valid out-pointer.
+    if unsafe { libc::clock_getres(libc::CLOCK_MONOTONIC_COARSE, &mut res) } != 0 {
+        return Err(TickError::Resolution(std::io::Error::last_os_error()));
+    }
+    plausible(res.tv_sec as u64 * 1_000_000_000 + res.tv_nsec as u64)
 }
 
-/// Waits for the tick count to step: the new count and when it was seen.
-fn next_step(program: &OwnedFd) -> Result<(u32, Instant), TickError> {
-    let start = Instant::now();
-    let before = ticks(program)?;
-    loop {
-        let now = ticks(program)?;
-        let at = Instant::now();
-        if now != before {
-            return Ok((now, at));
-        }
-        if at - start > STEP_TIMEOUT {
-            return Err(TickError::Stalled(STEP_TIMEOUT));
-        }
+/// `ns` if it is the tick of a rate a kernel can be built with (24 to 1,200 Hz).
+fn plausible(ns: u64) -> Result<u32, TickError> {
+    if (833_333..=41_666_667).contains(&ns) {
+        Ok(ns as u32)
+    } else {
+        Err(TickError::Implausible(ns))
     }
 }
 
-/// The tick count's low 32 bits: the program's return value.
-fn ticks(program: &OwnedFd) -> Result<u32, TickError> {
-    let mut attr = TestRunAttr {
-        prog_fd: program.as_raw_fd() as u32,
-        ..TestRunAttr::default()
-    };
-    // SAFETY: `attr` names a loaded raw tracepoint program that reads no context; the
-    // kernel writes only `retval`.
-    unsafe { bpf(BPF_PROG_TEST_RUN, &mut attr) }.map_err(TickError::Run)?;
-    Ok(attr.retval)
+/// Whether the rate limit may go by the tick: each tick may then admit at most the
+/// burst, so a burst smaller than the events of a tick (twice, for margin) would hold
+/// the cgroup below its rate. 0 (no limit) always may.
+pub fn suits_limit(tick_ns: u32, rate: u32, burst: u32) -> bool {
+    u64::from(burst) * 1_000_000_000 >= 2 * u64::from(rate) * u64::from(tick_ns)
 }
 
 #[cfg(test)]
 mod tests {
+    use std::os::fd::{AsRawFd, OwnedFd};
+    use std::time::{Duration, Instant};
+
     use super::*;
+    use crate::probe::sys::{BPF_PROG_TEST_RUN, TestRunAttr, bpf};
 
     #[test]
-    fn kernel_rates_give_the_kernels_tick() {
-        // (ticks, µs, tick ns): 250, 300 (10 µs late), 100 and 1,000 Hz.
-        for (ticks, micros, want) in [
-            (10, 40_000, 4_000_000),
-            (12, 40_010, 3_333_333),
-            (4, 40_000, 10_000_000),
-            (40, 40_000, 1_000_000),
-        ] {
-            let got = tick_ns(ticks, Duration::from_micros(micros));
-            assert_eq!(got.ok(), Some(want), "{ticks} ticks in {micros} µs");
-        }
+    fn only_a_kernel_rate_is_taken() {
+        assert_eq!(plausible(4_000_000).ok(), Some(4_000_000));
+        assert_eq!(plausible(1_000_000).ok(), Some(1_000_000));
+        assert!(plausible(1).is_err(), "a high-resolution clock's 1 ns");
+        assert!(plausible(100_000_000).is_err());
     }
 
     #[test]
-    fn a_spoiled_measurement_is_refused() {
-        // 10 ticks over 41 ms (a step seen a millisecond late): 243.9 Hz, 2.4 % off 250.
-        assert!(matches!(
-            tick_ns(10, Duration::from_millis(41)),
-            Err(TickError::Implausible(_))
-        ));
-        assert!(matches!(
-            tick_ns(0, Duration::from_millis(40)),
-            Err(TickError::Implausible(_))
-        ));
+    fn a_burst_smaller_than_a_tick_of_events_keeps_the_clock() {
+        // 250 Hz: 5,000/s is 20 events a tick.
+        assert!(suits_limit(4_000_000, 5_000, 10_000));
+        assert!(suits_limit(4_000_000, 5_000, 40));
+        assert!(!suits_limit(4_000_000, 5_000, 39));
+        assert!(!suits_limit(10_000_000, 1_000, 1));
+        assert!(suits_limit(4_000_000, 0, 1));
     }
 
-    /// The host's kernel lets tracing programs read the tick count, and the measurement
-    /// gives one of the rates kernels are built with (250 Hz here).
+    /// The length read is the tick's: a program returning the tick count, run at two
+    /// moments 400 ms apart, sees it advance by 400 ms over that length (within 5 %: a
+    /// tick either way, and a preemption between a run and its time reading).
     #[test]
-    fn this_kernel_has_a_measurable_tick() {
-        let ns = measure().expect("the tick is measured");
-        let hz = (1e9 / f64::from(ns)).round() as u32;
-        assert!(KERNEL_HZ.contains(&hz), "{ns} ns");
+    fn the_tick_length_is_the_rate_the_count_advances_at() {
+        let tick = tick_ns().expect("this kernel lets tracing programs read the tick count");
+        let program = [
+            insn(0x85, 0x00, 0, BPF_FUNC_JIFFIES64), // r0 = bpf_jiffies64()
+            insn(0x95, 0x00, 0, 0),                  // exit
+        ];
+        let program = load(BPF_PROG_TYPE_RAW_TRACEPOINT, &program).expect("the program loads");
+        let ticks = |program: &OwnedFd| {
+            let mut attr = TestRunAttr {
+                prog_fd: program.as_raw_fd() as u32,
+                ..TestRunAttr::default()
+            };
+            // SAFETY: a loaded raw tracepoint program that reads no context.
+            unsafe { bpf(BPF_PROG_TEST_RUN, &mut attr) }.expect("the test run");
+            (attr.retval, Instant::now())
+        };
+        let (first, first_at) = ticks(&program);
+        std::thread::sleep(Duration::from_millis(400));
+        let (second, second_at) = ticks(&program);
+        let counted = f64::from(second.wrapping_sub(first)) * f64::from(tick);
+        let elapsed = (second_at - first_at).as_nanos() as f64;
+        assert!(
+            (counted - elapsed).abs() <= 0.05 * elapsed,
+            "{} ticks of {tick} ns in {elapsed} ns",
+            second.wrapping_sub(first)
+        );
     }
 }

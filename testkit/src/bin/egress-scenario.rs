@@ -52,13 +52,17 @@ fn main() -> ExitCode {
                 println!("SCENARIO WARN {warning}");
             }
             println!(
-                "SCENARIO PASS probe={} mode={} tcp_state={} decision_clock={} connections={} records={}{storm}",
+                concat!(
+                    "SCENARIO PASS probe={} mode={} tcp_state={} decision_clock={} ",
+                    "connections={} records={}{storm}"
+                ),
                 options.probe,
                 outcome.mode,
                 outcome.tcp_state,
                 outcome.decision_clock,
                 outcome.expected,
-                outcome.records.len()
+                outcome.records.len(),
+                storm = storm,
             );
             ExitCode::SUCCESS
         }
