@@ -189,22 +189,24 @@ fn bucket_times() -> Vec<u64> {
 }
 
 fn now_ns(clock: libc::clockid_t) -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid out-pointer.
-    assert_eq!(unsafe { libc::clock_gettime(clock, &mut ts) }, 0);
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+    clock_ns(libc::clock_gettime, clock)
 }
 
 fn clock_resolution_ns(clock: libc::clockid_t) -> u64 {
+    clock_ns(libc::clock_getres, clock)
+}
+
+/// What `read` (`clock_gettime` or `clock_getres`) gives for `clock`, in ns.
+fn clock_ns(
+    read: unsafe extern "C" fn(libc::clockid_t, *mut libc::timespec) -> libc::c_int,
+    clock: libc::clockid_t,
+) -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
     // SAFETY: `ts` is a valid out-pointer.
-    assert_eq!(unsafe { libc::clock_getres(clock, &mut ts) }, 0);
+    assert_eq!(unsafe { read(clock, &mut ts) }, 0);
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
