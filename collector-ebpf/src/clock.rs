@@ -21,9 +21,10 @@ pub fn boot_ns() -> u64 {
 }
 
 /// The time the decisions go by, in ns from an arbitrary origin, in steps of one tick
-/// (1-10 ms): `jiffies` times the tick length user space measured
+/// (1-42 ms): `jiffies` times the tick length user space read
 /// (`ProbeConfig::coarse_tick_ns`), else (the kernel refuses `bpf_jiffies64` to tracing
-/// programs, or the tick could not be measured) [`boot_ns`].
+/// programs, the tick could not be read, or the burst is under two ticks of events)
+/// [`boot_ns`].
 #[inline(always)]
 pub fn decision_ns() -> u64 {
     let tick_ns = config!(coarse_tick_ns) as u64;

@@ -173,9 +173,9 @@ pub struct ProbeConfig {
     /// verify (the verifier prunes the path not taken).
     pub fetching_atomics: u32,
     /// The kernel's tick length in ns where tracing programs may read the tick count
-    /// (`bpf_jiffies64`) and user space measured the tick: the rate limit and the identity
-    /// cache's age then go by the tick count, not by an ordered TSC read. 0: they read
-    /// CLOCK_BOOTTIME, as the events do.
+    /// (`bpf_jiffies64`) and the rate limit's burst holds two ticks of events: the rate
+    /// limit and the identity cache's age then go by the tick count, not by an ordered TSC
+    /// read. 0: they read CLOCK_BOOTTIME, as the events do.
     pub coarse_tick_ns: u32,
     /// Identical connections (same process, protocol, destination) within one window of
     /// this length are reported once, with a count; 0 reports every connection.
