@@ -30,6 +30,11 @@ pub fn run(settings: &ProbeSettings, out: &mut dyn Write) -> std::io::Result<boo
         None => "container cgroup read from the unified hierarchy".to_owned(),
     };
     writeln!(out, "cgroups: {} ({hierarchy})", facts.cgroups.layout)?;
+    writeln!(
+        out,
+        "decision clock: {} (the rate limit and the identity cache's age)",
+        facts.decision_clock()
+    )?;
     let mut first_usable = None;
     for mode in settings.choice.candidates() {
         match facts.try_mode(mode) {

@@ -44,6 +44,8 @@ fn check_reports_a_usable_hook() {
         "kernel: ",
         "btf: ",
         "cgroups: ",
+        // This kernel lets tracing programs read the tick count.
+        "decision clock: jiffies@",
         "hook kprobe: ",
         "hook fentry: ",
         "hook tracepoint: ",
