@@ -12,6 +12,8 @@ use aya::{
 };
 use egress_shared::{FLOW_KEY_WORDS, FlowKey, FlowState, flow::sweep};
 
+use super::sys::{self, BPF_PROG_TEST_RUN, TestRunAttr};
+
 /// `BPF_MAP_LOOKUP_BATCH` (uapi/linux/bpf.h).
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 
@@ -99,7 +101,7 @@ impl FlowSweep {
             // SAFETY: every pointer in `attr` outlives the call and holds `count` keys
             // and values of the map's sizes (FlowKey and FlowState, as the programs'),
             // or one bucket token.
-            let error = unsafe { super::sys::bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) }.err();
+            let error = unsafe { sys::bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) }.err();
             let got = (attr.count as usize).min(BATCH);
             match &error {
                 None => {}
@@ -126,16 +128,15 @@ impl FlowSweep {
         let mut args = [0u64; FLOW_KEY_WORDS + 1];
         args[..FLOW_KEY_WORDS].copy_from_slice(&key.to_words());
         args[FLOW_KEY_WORDS] = min_age_ns;
-        let mut attr = super::sys::TestRunAttr {
+        let mut attr = TestRunAttr {
             prog_fd: self.program.as_fd().as_raw_fd() as u32,
             ctx_in: args.as_ptr() as u64,
             ctx_size_in: size_of_val(&args) as u32,
-            ..super::sys::TestRunAttr::default()
+            ..TestRunAttr::default()
         };
         // SAFETY: `attr` names a loaded raw tracepoint program and an argument array
         // that outlives the call; the kernel writes only `retval`.
-        unsafe { super::sys::bpf(super::sys::BPF_PROG_TEST_RUN, &mut attr) }
-            .map_err(SweepError::Run)?;
+        unsafe { sys::bpf(BPF_PROG_TEST_RUN, &mut attr) }.map_err(SweepError::Run)?;
         Ok(match attr.retval {
             sweep::KEPT => Swept::Kept,
             sweep::UNREPORTED => Swept::Unreported,

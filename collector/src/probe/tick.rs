@@ -11,6 +11,13 @@ use super::features::{insn, load};
 const BPF_PROG_TYPE_RAW_TRACEPOINT: u32 = 17;
 const BPF_FUNC_JIFFIES64: i32 = 118;
 
+/// A raw tracepoint program that returns the tick count: that it loads tells whether
+/// tracing programs may call the helper.
+const TICKS_PROGRAM: [u64; 2] = [
+    insn(0x85, 0x00, 0, BPF_FUNC_JIFFIES64), // r0 = bpf_jiffies64()
+    insn(0x95, 0x00, 0, 0),                  // exit
+];
+
 #[derive(Debug, thiserror::Error)]
 pub enum TickError {
     #[error("the kernel refuses bpf_jiffies64 to tracing programs: {0}")]
@@ -23,11 +30,7 @@ pub enum TickError {
 
 /// The tick length in ns, where tracing programs may read the tick count.
 pub fn tick_ns() -> Result<u32, TickError> {
-    let program = [
-        insn(0x85, 0x00, 0, BPF_FUNC_JIFFIES64), // r0 = bpf_jiffies64()
-        insn(0x95, 0x00, 0, 0),                  // exit
-    ];
-    drop(load(BPF_PROG_TYPE_RAW_TRACEPOINT, &program).map_err(TickError::Refused)?);
+    drop(load(BPF_PROG_TYPE_RAW_TRACEPOINT, &TICKS_PROGRAM).map_err(TickError::Refused)?);
     let mut res = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
@@ -87,11 +90,8 @@ mod tests {
     #[test]
     fn the_tick_length_is_the_rate_the_count_advances_at() {
         let tick = tick_ns().expect("this kernel lets tracing programs read the tick count");
-        let program = [
-            insn(0x85, 0x00, 0, BPF_FUNC_JIFFIES64), // r0 = bpf_jiffies64()
-            insn(0x95, 0x00, 0, 0),                  // exit
-        ];
-        let program = load(BPF_PROG_TYPE_RAW_TRACEPOINT, &program).expect("the program loads");
+        let program =
+            load(BPF_PROG_TYPE_RAW_TRACEPOINT, &TICKS_PROGRAM).expect("the program loads");
         // The count and when it was read: a run bracketed by two time readings under a
         // millisecond apart (a run the scheduler interrupted is tried again).
         let ticks = |program: &OwnedFd| {
