@@ -46,12 +46,18 @@ pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_CO
 #[map]
 pub static SCRATCH: PerCpuArray<ConnectEvent> = PerCpuArray::with_max_entries(Slot::COUNT, 0);
 
-/// Where the BTF-enabled state-change program turns its typed socket pointer into a
-/// plain number (`probes::tcp_state::sock_id`): the verifier refuses the arithmetic that
-/// hashes an address, and the map keys and records want the number, on any pointer it
-/// types, but a value stored in a map and loaded back is a number to it.
+/// One word that holds its own address, written by the first program run that finds it
+/// 0: how the BTF-enabled state-change program turns its typed socket pointer into a
+/// plain number (`probes::tcp_state::sock_id`). The verifier refuses the arithmetic that
+/// hashes an address on any pointer it types, and the map keys and records want the
+/// number; but the difference of two pointers is a number to it, and so is a value
+/// loaded from a map: `sk - &word + word` is `sk`'s address as a number. A plain array
+/// (its one value's address is computed inline, no load) read by every CPU and written
+/// once: one shared cache line, where a per-CPU slot to store the pointer in and load it
+/// back took the map's per-CPU pointer table and the slot, and could be overwritten by a
+/// softirq between the two.
 #[map]
-pub static SOCK_IDS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+pub static SELF_ADDRESS: Array<u64> = Array::with_max_entries(1, 0);
 
 /// The [`SCRATCH`] slot of each program that assembles events.
 #[derive(Copy, Clone)]

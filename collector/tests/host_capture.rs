@@ -271,6 +271,79 @@ fn each_record_carries_the_identity_its_process_had_when_it_connected() {
     );
 }
 
+/// A cached identity is read again once it is a second old, on either decision clock
+/// (the tick count, and CLOCK_BOOTTIME with the test hook): a process renamed through its
+/// leader's `comm`, which no check on use catches, connects at once and again 1.5 s
+/// later; the later record has the new name. The one at once has the old name when it
+/// came within half a second of the first connect (the cache was used; a machine that
+/// stalled the script longer may have read it again already).
+#[test]
+fn a_cached_identity_is_read_again_after_a_second() {
+    use std::net::{Ipv4Addr, TcpListener};
+
+    require_root();
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("listen");
+    let port = listener.local_addr().expect("addr").port();
+    let precise: &[&str] = &["env", "EGRESS_TEST_PRECISE_DECISIONS=1"];
+    for (clock, wrapper) in [("jiffies@", &[][..]), ("boottime", precise)] {
+        let collector = egress_testkit::collector::RunningCollector::start_wrapped(
+            wrapper,
+            std::path::Path::new(COLLECTOR),
+            &["--stdout", "--attributes", "full", "--stats-interval", "1h"],
+            Duration::from_secs(60),
+        )
+        .expect("collector starts");
+        let script = format!(
+            "import ctypes, socket, time\n\
+             def connect():\n    socket.create_connection(('127.0.0.1', {port})).close()\n\
+             connect(); first = time.monotonic()\n\
+             ctypes.CDLL(None).prctl(15, b'renamed', 0, 0, 0)\n\
+             connect(); print(time.monotonic() - first, flush=True)\n\
+             time.sleep(1.5); connect()\n"
+        );
+        let child = Command::new("/usr/bin/python3")
+            .args(["-c", &script])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn python3");
+        let pid = child.id();
+        let output = child.wait_with_output().expect("python3 runs");
+        assert!(output.status.success(), "the script failed: {output:?}");
+        let cached_within: f64 = String::from_utf8_lossy(&output.stdout)
+            .trim()
+            .parse()
+            .expect("the script printed the time between its first two connects");
+        let (mine, stderr) = records_of(collector, port, pid);
+        let start = stderr
+            .iter()
+            .find(|l| l.contains("decision_clock="))
+            .unwrap_or_else(|| panic!("no start line:\n{}", stderr.join("\n")));
+        assert!(
+            start.contains(&format!("decision_clock={clock}")),
+            "{clock}: {start}"
+        );
+        let names: Vec<&str> = (mine.iter())
+            .map(|r| {
+                r["attributes"]["process.executable.name"]
+                    .as_str()
+                    .unwrap_or("?")
+            })
+            .collect();
+        assert_eq!(names.len(), 3, "{clock}: three records: {mine:#?}");
+        assert_eq!(names[0], "python3", "{clock}: {mine:#?}");
+        if cached_within < 0.5 {
+            assert_eq!(
+                names[1], "python3",
+                "{clock}: {cached_within:.3} s after the first connect the cached identity holds: {mine:#?}"
+            );
+        }
+        assert_eq!(
+            names[2], "renamed",
+            "{clock}: 1.5 s later the identity is read again: {mine:#?}"
+        );
+    }
+}
+
 /// The ids a record carries are the connecting thread's, whichever way the programs read
 /// them: the TCP attempt from the task's typed pointer (plain loads in the BTF-enabled
 /// state program), the UDP connect through the helpers. An unprivileged uid and gid and

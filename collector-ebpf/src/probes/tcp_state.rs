@@ -12,7 +12,7 @@ use egress_shared::ResetBy;
 
 use crate::{
     emit,
-    maps::{SIMULTANEOUS_OPEN_SLOTS, SIMULTANEOUS_OPENS, SOCK_IDS, Slot, config},
+    maps::{SELF_ADDRESS, SIMULTANEOUS_OPEN_SLOTS, SIMULTANEOUS_OPENS, Slot, config},
     read::{Direct, Probe, Reader},
     sock::{self, IPPROTO_TCP},
 };
@@ -140,28 +140,28 @@ fn state_change<R: Reader>(sk: u64, old: i32, new: i32) {
     transition::<R>(sk, sk_id, old, new, Slot::RawSockState);
 }
 
-/// The typed pointer `sk` as a plain number, the same value: stored in this CPU's
-/// `SOCK_IDS` slot and loaded back (see there). Checked against `sk`: before 6.2 a
-/// softirq can run this program again between the store and the load; a few tries, then
-/// the transition is missed (counted).
+/// The typed pointer `sk` as a plain number, the same value: its distance from
+/// [`SELF_ADDRESS`] (pointer minus pointer: a number to the verifier) plus the address
+/// that word holds (see there). `None` only if the array's one element cannot be had.
 #[inline(always)]
 fn sock_id(sk: u64) -> Option<u64> {
-    let slot = SOCK_IDS.get_ptr_mut(0)?;
-    for _ in 0..3 {
-        // SAFETY: this CPU's 8-byte aligned map value, valid for this run; volatile, so
-        // the load is not folded into the store.
-        let id = unsafe {
-            core::ptr::write_volatile(slot, sk);
-            core::ptr::read_volatile(slot)
+    let word = SELF_ADDRESS.get_ptr_mut(0)?;
+    // SAFETY: the map's one 8-byte aligned value, valid for this run; every writer
+    // stores the same value.
+    let mut address = unsafe { core::ptr::read_volatile(word) };
+    if address == 0 {
+        // SAFETY: as above; volatile, so the load below is not folded into this store
+        // (the verifier must see a number loaded, not the pointer stored).
+        address = unsafe {
+            core::ptr::write_volatile(word, word as u64);
+            core::ptr::read_volatile(word)
         };
-        // Compared through an opaque copy: LLVM would otherwise use `sk` for `id` where
-        // they are equal, handing the verifier its pointer again.
-        if core::hint::black_box(id) == sk {
-            return Some(id);
-        }
     }
-    emit::count(egress_shared::Counter::KernelReadFailed);
-    None
+    // The distance first, through an opaque copy: LLVM could otherwise compute
+    // `address - word` first, a pointer subtracted from a number, which the verifier
+    // refuses.
+    let distance = core::hint::black_box(sk.wrapping_sub(word as u64));
+    Some(distance.wrapping_add(address))
 }
 
 /// hook: raw tracepoint `inet_sock_set_state(const struct sock *sk, int oldstate, int
