@@ -291,6 +291,26 @@ pub fn wakeup_flags() -> u64 {
     }
 }
 
+/// [`wakeup_flags`] for a record reserved at `record` (its address as a number, see
+/// `maps::address_number`) of `len` bytes, without asking the ring: wake the reader when
+/// the record spans a multiple of `wakeup_bytes` in the ring's address space
+/// (`egress_shared::ring::spans_boundary`), so once per `wakeup_bytes` written, as often
+/// as the threshold wakes a reader that lags. A boundary spanned by a record submitted
+/// with [`wakeup_flags`] wakes no one: the threshold or the reader's timer takes over.
+/// Where the address cannot be had, [`wakeup_flags`].
+#[inline(always)]
+fn wakeup_flags_at(record: Option<u64>, len: u64) -> u64 {
+    let every = config!(wakeup_bytes) as u64;
+    if every == 0 {
+        return 0;
+    }
+    match record {
+        Some(data) if egress_shared::ring::spans_boundary(data, len, every) => BPF_RB_FORCE_WAKEUP,
+        Some(_) => BPF_RB_NO_WAKEUP,
+        None => wakeup_flags(),
+    }
+}
+
 /// Submits an admitted event (see [`identify`]).
 #[inline(always)]
 fn submit(ev: &mut ConnectEvent) {
@@ -1023,7 +1043,11 @@ fn complete_kept<R: Reader>(kept: Kept, sk: u64, sk_id: u64, established: bool, 
         complete::<R>(ev, sk, established, clock_fresh),
     );
     let ports = open_ports(ev);
-    entry.submit(wakeup_flags());
+    let record = crate::maps::address_number(ev as *mut ConnectEvent as u64);
+    entry.submit(wakeup_flags_at(
+        record,
+        core::mem::size_of::<ConnectEvent>() as u64,
+    ));
     track_open(sk_id, established, connect_ns, now, ports);
 }
 

@@ -59,6 +59,31 @@ pub static SCRATCH: PerCpuArray<ConnectEvent> = PerCpuArray::with_max_entries(Sl
 #[map]
 pub static SELF_ADDRESS: Array<u64> = Array::with_max_entries(1, 0);
 
+/// The address `pointer` holds (a typed pointer, a ring buffer record) as a plain number:
+/// its distance from [`SELF_ADDRESS`] (pointer minus pointer: a number to the verifier)
+/// plus the address that word holds. `None` only if the array's one element cannot be
+/// had.
+#[inline(always)]
+pub fn address_number(pointer: u64) -> Option<u64> {
+    let word = SELF_ADDRESS.get_ptr_mut(0)?;
+    // SAFETY: the map's one 8-byte aligned value, valid for this run; every writer
+    // stores the same value.
+    let mut address = unsafe { core::ptr::read_volatile(word) };
+    if address == 0 {
+        // SAFETY: as above; volatile, so the load below is not folded into this store
+        // (the verifier must see a number loaded, not the pointer stored).
+        address = unsafe {
+            core::ptr::write_volatile(word, word as u64);
+            core::ptr::read_volatile(word)
+        };
+    }
+    // The distance first, through an opaque copy: LLVM could otherwise compute
+    // `address - word` first, a pointer subtracted from a number, which the verifier
+    // refuses.
+    let distance = core::hint::black_box(pointer.wrapping_sub(word as u64));
+    Some(distance.wrapping_add(address))
+}
+
 /// The [`SCRATCH`] slot of each program that assembles events.
 #[derive(Copy, Clone)]
 #[repr(u32)]

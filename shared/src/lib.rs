@@ -8,6 +8,7 @@ pub mod aggregate;
 pub mod config;
 pub mod event;
 pub mod flow;
+pub mod ring;
 
 pub use aggregate::AggregateKey;
 pub use config::{

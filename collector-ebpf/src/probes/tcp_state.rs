@@ -12,7 +12,7 @@ use egress_shared::ResetBy;
 
 use crate::{
     emit,
-    maps::{SELF_ADDRESS, SIMULTANEOUS_OPEN_SLOTS, SIMULTANEOUS_OPENS, Slot, config},
+    maps::{SIMULTANEOUS_OPEN_SLOTS, SIMULTANEOUS_OPENS, Slot, address_number, config},
     read::{Direct, Probe, Reader},
     sock::{self, IPPROTO_TCP},
 };
@@ -127,9 +127,9 @@ fn state_change<R: Reader>(sk: u64, old: i32, new: i32) {
     if opening && sock::protocol_by::<R>(sk) != Ok(IPPROTO_TCP) {
         return;
     }
-    // A typed pointer (plain loads) needs its number through `sock_id`; a raw one is one.
+    // A typed pointer (plain loads) needs its number (`address_number`); a raw one is one.
     let sk_id = if R::DIRECT {
-        match sock_id(sk) {
+        match address_number(sk) {
             Some(id) => id,
             None => return,
         }
@@ -138,30 +138,6 @@ fn state_change<R: Reader>(sk: u64, old: i32, new: i32) {
     };
     // One of the two programs is attached: they share the scratch slot.
     transition::<R>(sk, sk_id, old, new, Slot::RawSockState);
-}
-
-/// The typed pointer `sk` as a plain number, the same value: its distance from
-/// [`SELF_ADDRESS`] (pointer minus pointer: a number to the verifier) plus the address
-/// that word holds (see there). `None` only if the array's one element cannot be had.
-#[inline(always)]
-fn sock_id(sk: u64) -> Option<u64> {
-    let word = SELF_ADDRESS.get_ptr_mut(0)?;
-    // SAFETY: the map's one 8-byte aligned value, valid for this run; every writer
-    // stores the same value.
-    let mut address = unsafe { core::ptr::read_volatile(word) };
-    if address == 0 {
-        // SAFETY: as above; volatile, so the load below is not folded into this store
-        // (the verifier must see a number loaded, not the pointer stored).
-        address = unsafe {
-            core::ptr::write_volatile(word, word as u64);
-            core::ptr::read_volatile(word)
-        };
-    }
-    // The distance first, through an opaque copy: LLVM could otherwise compute
-    // `address - word` first, a pointer subtracted from a number, which the verifier
-    // refuses.
-    let distance = core::hint::black_box(sk.wrapping_sub(word as u64));
-    Some(distance.wrapping_add(address))
 }
 
 /// hook: raw tracepoint `inet_sock_set_state(const struct sock *sk, int oldstate, int
