@@ -973,6 +973,24 @@ pub fn tcp_complete<R: Reader>(sk: u64, sk_id: u64, established: bool, clock_fre
     complete_spilled::<R>(sk, sk_id, established, clock_fresh);
 }
 
+/// Whether an attempt on `sk_id` may be waiting for its completion ([`tcp_complete`]
+/// finds it): its slot holds it, or an attempt of its slot went to `PENDING_TCP`, or the
+/// kernel has no compare-and-exchange (every attempt waits in `PENDING_TCP`). Two array
+/// loads at most; false for an attempt that was dropped.
+#[inline(always)]
+pub fn attempt_may_be_kept(sk_id: u64) -> bool {
+    if config!(fetching_atomics) == 0 {
+        return true;
+    }
+    let index = pending_slot(sk_id);
+    let Some(slot) = PENDING_SLOTS.get_ptr_mut(index) else {
+        return true;
+    };
+    // SAFETY: a map value; the tag is reached by pointer, other CPUs swap it.
+    load(unsafe { &raw mut (*slot).sock_id }) == sk_id
+        || PENDING_SPILLS.get(index).is_some_and(|spills| *spills != 0)
+}
+
 /// [`tcp_complete`] of an attempt in its `PENDING_SLOTS` slot `slot`. Out of line: an
 /// attempt that was dropped (it has no slot) returns within a few lines of code.
 #[inline(never)]
