@@ -296,8 +296,8 @@ pub fn wakeup_flags() -> u64 {
 /// the record spans a multiple of `wakeup_bytes` in the ring's address space
 /// (`egress_shared::ring::spans_boundary`), so once per `wakeup_bytes` written, as often
 /// as the threshold wakes a reader that lags. A boundary spanned by a record submitted
-/// with [`wakeup_flags`] wakes no one: the threshold or the reader's timer takes over.
-/// Where the address cannot be had, [`wakeup_flags`].
+/// with [`wakeup_flags`] (identity and DNS records) wakes no one: the threshold or the
+/// reader's timer takes over. Where the address cannot be had, [`wakeup_flags`].
 #[inline(always)]
 fn wakeup_flags_at(record: Option<u64>, len: u64) -> u64 {
     let every = config!(wakeup_bytes) as u64;
@@ -311,12 +311,26 @@ fn wakeup_flags_at(record: Option<u64>, len: u64) -> u64 {
     }
 }
 
+/// Copies `ev` into a record of the ring buffer and submits it, waking the reader by
+/// the record's place ([`wakeup_flags_at`]); false if the ring is full.
+#[inline(always)]
+fn output<T: 'static>(ev: &T) -> bool {
+    let Some(mut entry) = EVENTS.reserve::<T>(0) else {
+        return false;
+    };
+    let record = entry.as_mut_ptr();
+    // SAFETY: a reserved record of `T`'s size, and `ev` a valid `T`.
+    unsafe { core::ptr::copy_nonoverlapping(ev, record, 1) };
+    let at = crate::maps::address_number(record as u64);
+    entry.submit(wakeup_flags_at(at, core::mem::size_of::<T>() as u64));
+    true
+}
+
 /// Submits an admitted event (see [`identify`]).
 #[inline(always)]
 fn submit(ev: &mut ConnectEvent) {
-    let flags = wakeup_flags();
     filter::open_aggregate(ev);
-    if EVENTS.output::<ConnectEvent>(&*ev, flags).is_err() {
+    if !output(&*ev) {
         // An aggregate this record opened stays: user space finds its repeats without
         // their opening record when the window closes and counts them as lost.
         count(Counter::RingBufferFull);
@@ -1355,7 +1369,7 @@ pub fn tcp_closed<R: Reader>(sk: u64, sk_id: u64, old_state: u8) {
     if failed {
         count(Counter::KernelReadFailed);
     }
-    if EVENTS.output::<TcpCloseEvent>(&ev, wakeup_flags()).is_err() {
+    if !output(&ev) {
         count(Counter::RingBufferFull);
     }
 }
