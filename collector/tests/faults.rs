@@ -5,14 +5,14 @@
 mod support;
 
 use std::{
-    net::{Ipv4Addr, TcpListener, TcpStream},
+    net::{Ipv4Addr, TcpStream},
     path::Path,
     process::Command,
     time::Duration,
 };
 
 use egress_testkit::collector::RunningCollector;
-use support::host::{our_programs, our_programs_settled_at, require_root};
+use support::host::{our_programs, our_programs_settled_at, require_root, sink_port};
 
 const COLLECTOR: &str = env!("CARGO_BIN_EXE_egress-collector");
 
@@ -40,13 +40,7 @@ fn source_ports(stdout: &str, port: u16) -> Vec<u64> {
 #[test]
 fn a_restart_loses_no_connection_made_while_running_and_leaves_nothing_loaded() {
     require_root();
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("listen");
-    let port = listener.local_addr().expect("addr").port();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            drop(stream);
-        }
-    });
+    let port = sink_port();
     let before = our_programs();
     for round in 0..2 {
         let collector = RunningCollector::start(Path::new(COLLECTOR), &[], Duration::from_secs(60))

@@ -1,5 +1,7 @@
 //! The collector on this machine's kernel, as it is: real probes, real connections.
 
+mod support;
+
 use std::{path::PathBuf, process::Command, time::Duration};
 
 use egress_testkit::{
@@ -230,13 +232,7 @@ fn each_record_carries_the_identity_its_process_had_when_it_connected() {
     let status = child.wait_with_output().expect("python3 runs").status;
     assert!(status.success(), "the script failed: {status}");
     let (mine, stderr) = records_of(collector, port, pid);
-    let names: Vec<&str> = (mine.iter())
-        .map(|r| {
-            r["attributes"]["process.executable.name"]
-                .as_str()
-                .unwrap_or("?")
-        })
-        .collect();
+    let names = process_names(&mine);
     assert_eq!(
         names,
         ["python3", "python3", "bash", "bash"],
@@ -322,13 +318,7 @@ fn a_cached_identity_is_read_again_after_a_second() {
             start.contains(&format!("decision_clock={clock}")),
             "{clock}: {start}"
         );
-        let names: Vec<&str> = (mine.iter())
-            .map(|r| {
-                r["attributes"]["process.executable.name"]
-                    .as_str()
-                    .unwrap_or("?")
-            })
-            .collect();
+        let names = process_names(&mine);
         assert_eq!(names.len(), 3, "{clock}: three records: {mine:#?}");
         assert_eq!(names[0], "python3", "{clock}: {mine:#?}");
         if cached_within < 0.5 {
@@ -350,16 +340,10 @@ fn a_cached_identity_is_read_again_after_a_second() {
 /// ring holds) all arrive, none dropped.
 #[test]
 fn a_small_ring_is_drained_as_it_fills() {
-    use std::net::{Ipv4Addr, TcpListener, TcpStream};
+    use std::net::{Ipv4Addr, TcpStream};
 
     require_root();
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("listen");
-    let port = listener.local_addr().expect("addr").port();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            drop(stream);
-        }
-    });
+    let port = support::host::sink_port();
     let collector = egress_testkit::collector::RunningCollector::start(
         std::path::Path::new(COLLECTOR),
         &["--ring-buffer-bytes", "16384", "--stats-interval", "1h"],
@@ -455,6 +439,17 @@ fn each_record_carries_the_ids_of_the_thread_that_connected() {
         );
         assert_eq!(attributes["egress.cgroup.id"], cgroup_id, "{record:#}");
     }
+}
+
+/// Each record's process name, in order.
+fn process_names(records: &[serde_json::Value]) -> Vec<&str> {
+    (records.iter())
+        .map(|r| {
+            r["attributes"]["process.executable.name"]
+                .as_str()
+                .unwrap_or("?")
+        })
+        .collect()
 }
 
 /// Where this host mounts cgroup2 (the unified hierarchy: `/sys/fs/cgroup` on a pure v2
