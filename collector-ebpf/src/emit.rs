@@ -314,7 +314,10 @@ fn wakeup_flags_at(record: Option<u64>, len: u64) -> u64 {
 /// Copies `ev` into a record of the ring buffer and submits it, waking the reader by
 /// the record's place ([`wakeup_flags_at`]); false if the ring is full.
 #[inline(always)]
-fn output<T: 'static>(ev: &T) -> bool {
+pub fn output<T: 'static>(ev: &T) -> bool {
+    // The kernel rounds a record up to 8 bytes: a boundary in that padding would be
+    // spanned by no record `spans_boundary` is asked about.
+    const { assert!(core::mem::size_of::<T>() % 8 == 0) };
     let Some(mut entry) = EVENTS.reserve::<T>(0) else {
         return false;
     };
@@ -965,7 +968,7 @@ pub fn take_tcp_connect_mark() -> bool {
 /// and raw tracepoints had no recursion guard before 6.2.
 ///
 /// `sk` is what `R` reads the socket from; `sk_id` its address as a plain number, which
-/// keys the maps (the same value; see `probes::tcp_state::sock_id`).
+/// keys the maps (the same value; see `maps::address_number`).
 #[inline(always)]
 pub fn tcp_complete<R: Reader>(sk: u64, sk_id: u64, established: bool, clock_fresh: bool) {
     if config!(fetching_atomics) != 0 {
@@ -1066,8 +1069,12 @@ fn complete_kept<R: Reader>(kept: Kept, sk: u64, sk_id: u64, established: bool, 
         core::ptr::copy_nonoverlapping(pending, ev, 1);
         &mut *ev
     };
+    let record = crate::maps::address_number(ev as *mut ConnectEvent as u64);
+    let flags = wakeup_flags_at(record, core::mem::size_of::<ConnectEvent>() as u64);
     if !give_up(kept, sk_id) {
-        entry.discard(BPF_RB_NO_WAKEUP);
+        // A discarded record keeps its place in the ring until the reader passes it: it
+        // wakes the reader for a boundary it spans, as a submitted one.
+        entry.discard(flags);
         return;
     }
     let (connect_ns, now) = (
@@ -1075,11 +1082,7 @@ fn complete_kept<R: Reader>(kept: Kept, sk: u64, sk_id: u64, established: bool, 
         complete::<R>(ev, sk, established, clock_fresh),
     );
     let ports = open_ports(ev);
-    let record = crate::maps::address_number(ev as *mut ConnectEvent as u64);
-    entry.submit(wakeup_flags_at(
-        record,
-        core::mem::size_of::<ConnectEvent>() as u64,
-    ));
+    entry.submit(flags);
     track_open(sk_id, established, connect_ns, now, ports);
 }
 

@@ -48,7 +48,11 @@ pub static SCRATCH: PerCpuArray<ConnectEvent> = PerCpuArray::with_max_entries(Sl
 
 /// One word that holds its own address, written by the first program run that finds it
 /// 0: how the BTF-enabled state-change program turns its typed socket pointer into a
-/// plain number (`probes::tcp_state::sock_id`). The verifier refuses the arithmetic that
+/// plain number, and the record emitters a ring buffer record's address
+/// ([`address_number`]). Both the store of a pointer into a map and the difference of
+/// two pointers need the loader's `CAP_PERFMON` (the verifier's `allow_ptr_leaks`), which
+/// the collector needs anyway; the word is a kernel address root can read from the map,
+/// as the pending slots' socket addresses are. The verifier refuses the arithmetic that
 /// hashes an address on any pointer it types, and the map keys and records want the
 /// number; but the difference of two pointers is a number to it, and so is a value
 /// loaded from a map: `sk - &word + word` is `sk`'s address as a number. A plain array

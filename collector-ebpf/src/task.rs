@@ -246,12 +246,9 @@ pub fn walk(
         complete: lineage && namespaces && cgroup,
         cgroup_leaf_id: record.cgroup_leaf_id,
     };
-    // The reader is not woken for an identity: it drains on a timer, and the record
-    // that refers to the identity wakes it where it should.
-    if EVENTS
-        .output::<IdentityEvent>(record, crate::emit::BPF_RB_NO_WAKEUP)
-        .is_err()
-    {
+    // Woken by the record's place, as the records that refer to it (a boundary that
+    // fell in an identity and woke no one would wait for the next one).
+    if !crate::emit::output::<IdentityEvent>(record) {
         crate::emit::count(Counter::IdentityLost);
         return walked;
     }

@@ -335,31 +335,29 @@ fn a_cached_identity_is_read_again_after_a_second() {
 }
 
 /// The programs wake the reader as the ring fills, not only its 100 ms timer: with a
-/// 16 KiB ring (~100 connection records; a wake-up every 4 KiB, ~27 records), 3,000
-/// connections at over 1,500 a second (over 150 between two timer polls, more than the
-/// ring holds) all arrive, none dropped.
+/// 32 KiB ring and 1,500 connections each from a process of its own (a connection
+/// record and an identity record each, ~576 bytes: the ring holds ~56; a wake-up every
+/// 8 KiB, whichever kind of record spans it), made at over 800 a second (over 80
+/// between two timer polls), every connection arrives with its identity.
 #[test]
 fn a_small_ring_is_drained_as_it_fills() {
-    use std::net::{Ipv4Addr, TcpStream};
-
     require_root();
     let port = support::host::sink_port();
     let collector = egress_testkit::collector::RunningCollector::start(
         std::path::Path::new(COLLECTOR),
-        &["--ring-buffer-bytes", "16384", "--stats-interval", "1h"],
+        &["--ring-buffer-bytes", "32768", "--stats-interval", "1h"],
         Duration::from_secs(60),
     )
     .expect("collector starts");
-    const CONNECTIONS: usize = 3000;
+    const CONNECTIONS: usize = 1500;
     let started = std::time::Instant::now();
     for _ in 0..CONNECTIONS {
-        drop(TcpStream::connect((Ipv4Addr::LOCALHOST, port)).expect("connect"));
-        std::thread::sleep(Duration::from_micros(300));
+        connect_from_a_new_process(port);
     }
     let rate = CONNECTIONS as f64 / started.elapsed().as_secs_f64();
     let (records, stderr) = stop(collector);
     assert!(
-        rate > 1500.0,
+        rate > 800.0,
         "{rate:.0} connections/s: too slow to fill the ring between two timer polls"
     );
     let arrived = records
@@ -370,6 +368,13 @@ fn a_small_ring_is_drained_as_it_fills() {
         arrived,
         CONNECTIONS,
         "at {rate:.0} connections/s:\n{}",
+        stderr.join("\n")
+    );
+    assert!(
+        !stderr
+            .iter()
+            .any(|l| l.contains("without their process's identity")),
+        "every identity arrived:\n{}",
         stderr.join("\n")
     );
 }
@@ -438,6 +443,40 @@ fn each_record_carries_the_ids_of_the_thread_that_connected() {
             "the thread is not the main one: {record:#}"
         );
         assert_eq!(attributes["egress.cgroup.id"], cgroup_id, "{record:#}");
+    }
+}
+
+/// Forks a process that connects to `port` on the loopback address and exits, and waits
+/// for it. The child makes only system calls (this process has other threads).
+fn connect_from_a_new_process(port: u16) {
+    // SAFETY: the child calls only async-signal-safe functions, then `_exit`.
+    unsafe {
+        let child = libc::fork();
+        assert!(child >= 0, "fork: {}", std::io::Error::last_os_error());
+        if child == 0 {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+            let address = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: port.to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from(std::net::Ipv4Addr::LOCALHOST).to_be(),
+                },
+                sin_zero: [0; 8],
+            };
+            let connected = libc::connect(
+                fd,
+                (&raw const address).cast(),
+                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            );
+            libc::close(fd);
+            libc::_exit(if connected == 0 { 0 } else { 1 });
+        }
+        let mut status = 0;
+        libc::waitpid(child, &mut status, 0);
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "the child's connect failed: status {status}"
+        );
     }
 }
 

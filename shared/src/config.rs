@@ -158,8 +158,8 @@ pub struct ProbeConfig {
     /// The programs wake the reader only once this many bytes wait in the ring buffer
     /// (the reader also drains on a timer), so a storm costs one wake-up per batch, not
     /// per event. 0 wakes it for every event; else a power of two (a quarter of the ring,
-    /// at most 1 MiB), which the TCP completion's record-address test needs
-    /// (`ring::spans_boundary`).
+    /// at most 1 MiB), which the record-address test of connection, UDP, close and
+    /// identity records needs (`ring::spans_boundary`).
     pub wakeup_bytes: u32,
     /// Events per second each cgroup may submit (token bucket refill); 0 is unlimited. A
     /// container in a connect loop then cannot fill the ring buffer and blind the others.

@@ -47,6 +47,28 @@ mod tests {
         assert_eq!(&found[..4], &[0, 27, 54, u64::MAX]);
     }
 
+    /// Connection, close and identity records mixed, over blocks of 4 KiB and of 1 MiB:
+    /// as many records wake as there are boundaries in the bytes they cover.
+    #[test]
+    fn mixed_records_wake_once_per_boundary() {
+        const LENS: [u64; 5] = [144, 72, 416, 144, 144];
+        for every in [4096u64, 1 << 20] {
+            let start = 1_000_000u64;
+            let mut at = start;
+            let mut woke = 0;
+            for i in 0..40_000 {
+                let len = LENS[i % LENS.len()];
+                if spans_boundary(at + RING_HEADER, len, every) {
+                    woke += 1;
+                }
+                at += RING_HEADER + len;
+            }
+            // Multiples of `every` in [start, at).
+            let boundaries = (at - 1) / every - (start - 1) / every;
+            assert_eq!(woke, boundaries, "every {every}");
+        }
+    }
+
     #[test]
     fn a_boundary_in_the_header_or_on_the_last_byte_counts() {
         // Boundary at the header's second byte.

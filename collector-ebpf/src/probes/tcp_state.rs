@@ -77,7 +77,7 @@ fn take_simultaneous(sk: u64) -> bool {
 }
 
 /// One transition of a TCP socket; `slot` is the program's scratch slot. `R` reads the
-/// socket `sk`; `sk_id` is its address as a plain number (see [`sock_id`]), which keys
+/// socket `sk`; `sk_id` is its address as a plain number (see [`address_number`]), which keys
 /// the maps.
 ///
 /// Out of line (a BPF-to-BPF call): most runs of the programs (the server's side, the FIN

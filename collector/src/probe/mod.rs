@@ -162,11 +162,10 @@ impl KernelFacts {
             offsets: kernel_btf.kernel_offsets()?,
             tracepoints: tracepoints.clone().unwrap_or_default(),
             udp_flow_window_ns: settings.udp_flow_window.as_nanos().min(u64::MAX as u128) as u64,
-            // At most a quarter of the ring (room left for the reader to catch up before
-            // it fills), and 1 MiB: a wake-up per ~2,000 events, each of which costs the
-            // reader and every stage after it a sleep and a wake. Below ~10k events/s
-            // the reader's 100 ms poll drains the ring before this fills.
-            wakeup_bytes: (settings.ring_buffer_bytes / 4).min(1 << 20),
+            // 1 MiB at most: a wake-up per ~7,000 connection records, each of which
+            // costs the reader and every stage after it a sleep and a wake. Below ~10k
+            // events/s the reader's 100 ms poll drains the ring before this fills.
+            wakeup_bytes: ring::wakeup_bytes(settings.ring_buffer_bytes),
             cgroup_rate: settings.cgroup_rate,
             cgroup_burst: settings.cgroup_burst.max(1),
             track_closes: u32::from(settings.track_closes),
