@@ -296,7 +296,7 @@ pub fn wakeup_flags() -> u64 {
 /// the record spans a multiple of `wakeup_bytes` in the ring's address space
 /// (`egress_shared::ring::spans_boundary`), so once per `wakeup_bytes` written, as often
 /// as the threshold wakes a reader that lags. A boundary spanned by a record submitted
-/// with [`wakeup_flags`] (identity and DNS records) wakes no one: the threshold or the
+/// with [`wakeup_flags`] (DNS records) wakes no one: the threshold or the
 /// reader's timer takes over. Where the address cannot be had, [`wakeup_flags`].
 #[inline(always)]
 fn wakeup_flags_at(record: Option<u64>, len: u64) -> u64 {
