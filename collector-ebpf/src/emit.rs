@@ -275,7 +275,7 @@ fn admit_cgroup(key: u64, now: u64) -> Option<u32> {
 
 // bpf_ringbuf_query / bpf_ringbuf_output flags (uapi/linux/bpf.h).
 const BPF_RB_AVAIL_DATA: u64 = 0;
-pub const BPF_RB_NO_WAKEUP: u64 = 1;
+const BPF_RB_NO_WAKEUP: u64 = 1;
 const BPF_RB_FORCE_WAKEUP: u64 = 2;
 
 /// Wake the reader only once `wakeup_bytes` wait (it also drains on a timer).

@@ -28,7 +28,7 @@ use egress_shared::{
 };
 
 use crate::{
-    maps::{EVENTS, IDENTITIES, IDENTITY_MAX_AGE_NS, IDENTITY_SCRATCH, Identity, Slot, config},
+    maps::{IDENTITIES, IDENTITY_MAX_AGE_NS, IDENTITY_SCRATCH, Identity, Slot, config},
     read::{self, Reader},
 };
 
