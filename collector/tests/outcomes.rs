@@ -205,24 +205,30 @@ fn expect(problems: &mut Vec<String>, what: &str, record: &Value, key: &str, wan
 }
 
 /// Accepts one connection, reads 1 MiB, answers 256 KiB, closes.
-fn bytes_server() -> (SocketAddr, thread::JoinHandle<()>) {
+/// The listener is returned: while the caller holds it, no later server is given its
+/// port, so each case's records are told apart by their destination.
+fn bytes_server() -> (SocketAddr, thread::JoinHandle<()>, TcpListener) {
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("listen");
     let addr = listener.local_addr().expect("addr");
+    let accepting = listener.try_clone().expect("listener clone");
     let handle = thread::spawn(move || {
-        let (mut s, _) = listener.accept().expect("accept");
+        let (mut s, _) = accepting.accept().expect("accept");
         let mut buf = vec![0u8; 1 << 20];
         s.read_exact(&mut buf).expect("read 1 MiB");
         s.write_all(&vec![7u8; 256 << 10]).expect("write 256 KiB");
     });
-    (addr, handle)
+    (addr, handle, listener)
 }
 
 /// Accepts one connection and resets it (SO_LINGER 0, then close).
-fn reset_server() -> (SocketAddr, thread::JoinHandle<()>) {
+/// The listener is returned: while the caller holds it, no later server is given its
+/// port, so each case's records are told apart by their destination.
+fn reset_server() -> (SocketAddr, thread::JoinHandle<()>, TcpListener) {
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("listen");
     let addr = listener.local_addr().expect("addr");
+    let accepting = listener.try_clone().expect("listener clone");
     let handle = thread::spawn(move || {
-        let (s, _) = listener.accept().expect("accept");
+        let (s, _) = accepting.accept().expect("accept");
         let linger = libc::linger {
             l_onoff: 1,
             l_linger: 0,
@@ -240,7 +246,7 @@ fn reset_server() -> (SocketAddr, thread::JoinHandle<()>) {
         thread::sleep(Duration::from_millis(100));
         drop(s);
     });
-    (addr, handle)
+    (addr, handle, listener)
 }
 
 fn closed_port() -> SocketAddr {
@@ -274,7 +280,7 @@ fn every_outcome_once_with_its_error_type_and_exact_payload_bytes() {
     .expect("collector starts");
 
     // Loopback: success with known payloads, refused, reset by the peer.
-    let (bytes_addr, bytes_server) = bytes_server();
+    let (bytes_addr, bytes_server, _bytes_listener) = bytes_server();
     let mut stream = TcpStream::connect(bytes_addr).expect("connect");
     stream.write_all(&vec![1u8; 1 << 20]).expect("write 1 MiB");
     let mut back = Vec::new();
@@ -289,7 +295,7 @@ fn every_outcome_once_with_its_error_type_and_exact_payload_bytes() {
     let err = TcpStream::connect(refused).expect_err("nothing listens");
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused);
 
-    let (reset_addr, reset_server) = reset_server();
+    let (reset_addr, reset_server, _reset_listener) = reset_server();
     let mut stream = TcpStream::connect(reset_addr).expect("connect");
     reset_server.join().expect("reset server");
     let mut buf = [0u8; 16];
@@ -575,7 +581,7 @@ mod otlp {
                 "1h",
             ],
         );
-        let (bytes_addr, bytes_server) = bytes_server();
+        let (bytes_addr, bytes_server, _bytes_listener) = bytes_server();
         let mut stream = TcpStream::connect(bytes_addr).expect("connect");
         stream.write_all(&vec![1u8; 1 << 20]).expect("write 1 MiB");
         let mut back = Vec::new();

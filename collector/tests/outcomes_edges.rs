@@ -52,11 +52,13 @@ fn set_linger_zero(fd: i32) {
 }
 
 /// A server that accepts one connection, writes `greeting` bytes, and returns what its
-/// read after that gave (the client's abortive close must reset it).
+/// read after that gave (the client's abortive close must reset it). The listener is
+/// returned too: while the caller holds it, no later server is given the same port, so
+/// each case's records are told apart by their destination.
 fn resetting_client(
     greeting: usize,
     abort: impl FnOnce(TcpStream) + Send + 'static,
-) -> (SocketAddr, std::io::Result<usize>) {
+) -> (SocketAddr, std::io::Result<usize>, TcpListener) {
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("listen");
     let addr = listener.local_addr().expect("addr");
     let client = thread::spawn(move || {
@@ -75,7 +77,7 @@ fn resetting_client(
     s.set_read_timeout(Some(Duration::from_secs(5)))
         .expect("timeout");
     let mut buf = [0u8; 16];
-    (addr, s.read(&mut buf))
+    (addr, s.read(&mut buf), listener)
 }
 
 /// close() with unread data and close() with `SO_LINGER` 0 send a RST after the socket
@@ -85,12 +87,12 @@ fn resetting_client(
 fn a_reset_this_host_sends_while_closing_is_reported_local() {
     require_root();
     let collector = start(&["--close-records", "--pending-report", "30s"]);
-    let (unread, unread_read) = resetting_client(100, drop);
-    let (linger, linger_read) = resetting_client(0, |s| {
+    let (unread, unread_read, _unread_listener) = resetting_client(100, drop);
+    let (linger, linger_read, _linger_listener) = resetting_client(0, |s| {
         set_linger_zero(s.as_raw_fd());
         drop(s);
     });
-    let (orderly, orderly_read) = resetting_client(0, drop);
+    let (orderly, orderly_read, _orderly_listener) = resetting_client(0, drop);
     thread::sleep(Duration::from_millis(300));
     let (clean, stdout, stderr) = collector.stop(Duration::from_secs(30)).expect("stop");
     assert!(clean, "collector failed:\n{}", stderr.join("\n"));
