@@ -105,10 +105,12 @@ fn excluded_destinations_are_dropped_in_the_kernel_and_counted() {
     let kept_tcp: SocketAddr = format!("127.0.0.2:{port}").parse().expect("addr");
     tcp_connects(excluded_tcp, N);
     tcp_connects(kept_tcp, N);
-    // Nothing listens there: UDP needs no peer. ::ffff:127.0.0.1 is IPv4 on the wire.
-    udp_sends("[::1]:9".parse().expect("addr"), N);
-    udp_sends("127.0.0.1:9".parse().expect("addr"), N);
-    udp_sends("127.0.0.3:9".parse().expect("addr"), N);
+    // Nothing listens there: UDP needs no peer. A port of this test's own: the other
+    // tests of this process (the same pid) send UDP too, while this collector runs.
+    let udp = unused_port();
+    udp_sends(format!("[::1]:{udp}").parse().expect("addr"), N);
+    udp_sends(format!("127.0.0.1:{udp}").parse().expect("addr"), N);
+    udp_sends(format!("127.0.0.3:{udp}").parse().expect("addr"), N);
     std::thread::sleep(Duration::from_millis(500));
     let (stdout, stderr) = stop(collector);
 
@@ -120,7 +122,7 @@ fn excluded_destinations_are_dropped_in_the_kernel_and_counted() {
         "every connection to a destination not excluded is a record: {seen:?}"
     );
     assert_eq!(
-        seen.get(&("udp_send".into(), "127.0.0.3".into(), 9)),
+        seen.get(&("udp_send".into(), "127.0.0.3".into(), u64::from(udp))),
         Some(&(N, N)),
         "{seen:?}"
     );
@@ -140,6 +142,8 @@ fn excluded_destinations_are_dropped_in_the_kernel_and_counted() {
 fn repeated_connections_become_few_records_whose_counts_add_up() {
     require_root();
     let (busy, other) = (sink_port(), sink_port());
+    // A UDP port of this test's own (see above).
+    let udp = unused_port();
     const BUSY: u64 = 3000;
     const OTHER: u64 = 25;
     const UDP: u64 = 200;
@@ -152,7 +156,7 @@ fn repeated_connections_become_few_records_whose_counts_add_up() {
     let started = std::time::Instant::now();
     tcp_connects(format!("127.0.0.1:{busy}").parse().expect("addr"), BUSY);
     tcp_connects(format!("[::1]:{other}").parse().expect("addr"), OTHER);
-    udp_sends("127.0.0.1:9".parse().expect("addr"), UDP);
+    udp_sends(format!("127.0.0.1:{udp}").parse().expect("addr"), UDP);
     let elapsed = started.elapsed();
     // Some aggregates are still open: stopping closes them.
     let (stdout, stderr) = stop(collector);
@@ -173,7 +177,14 @@ fn repeated_connections_become_few_records_whose_counts_add_up() {
             ("tcp_connect".to_owned(), "::1".to_owned(), u64::from(other)),
             OTHER,
         ),
-        (("udp_send".to_owned(), "127.0.0.1".to_owned(), 9), UDP),
+        (
+            (
+                "udp_send".to_owned(),
+                "127.0.0.1".to_owned(),
+                u64::from(udp),
+            ),
+            UDP,
+        ),
     ] {
         let (records, connections) = seen.get(&key).copied().unwrap_or_default();
         eprintln!("{key:?}: {made} made, {records} records, counts adding up to {connections}");

@@ -360,10 +360,7 @@ fn a_small_ring_is_drained_as_it_fills() {
         rate > 800.0,
         "{rate:.0} connections/s: too slow to fill the ring between two timer polls"
     );
-    let arrived = records
-        .iter()
-        .filter(|r| attr(r, "destination.port") == port)
-        .count();
+    let arrived = records.iter().filter(|r| to_loopback_tcp(r, port)).count();
     assert_eq!(
         arrived,
         CONNECTIONS,
@@ -542,8 +539,8 @@ fn stop(
     (egress_testkit::records::parse(&stdout), stderr)
 }
 
-/// The records of connections process `pid` made to `port`, in order, and the log of
-/// `collector`, stopped.
+/// The records of TCP connections process `pid` made to 127.0.0.1:`port`, in order,
+/// and the log of `collector`, stopped.
 fn records_of(
     collector: egress_testkit::collector::RunningCollector,
     port: u16,
@@ -552,7 +549,15 @@ fn records_of(
     let (records, stderr) = stop(collector);
     let mine = records
         .into_iter()
-        .filter(|r| attr(r, "destination.port") == port && attr(r, "process.pid") == pid)
+        .filter(|r| to_loopback_tcp(r, port) && attr(r, "process.pid") == pid)
         .collect();
     (mine, stderr)
+}
+
+/// Whether `record` is of a TCP connection to 127.0.0.1:`port` (a UDP socket or an IPv6
+/// listener of another test may hold the same port number).
+fn to_loopback_tcp(record: &serde_json::Value, port: u16) -> bool {
+    attr(record, "destination.port") == port
+        && attr(record, "destination.address") == "127.0.0.1"
+        && attr(record, "network.transport") == "tcp"
 }

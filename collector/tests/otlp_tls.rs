@@ -122,11 +122,14 @@ impl Drop for Pki {
     }
 }
 
-fn connect_once() -> u16 {
+/// One connection to a listener of its own; the listener is returned, so that while the
+/// caller holds it no other test of this process is given its port (records are
+/// counted by it).
+fn connect_once() -> (u16, TcpListener) {
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("listen");
     let port = listener.local_addr().expect("addr").port();
     drop(TcpStream::connect((Ipv4Addr::LOCALHOST, port)).expect("connect"));
-    port
+    (port, listener)
 }
 
 fn records_to(received: &Received, port: u16) -> usize {
@@ -186,7 +189,7 @@ fn run(pki: &Pki, setup: Setup) -> (usize, Vec<String>, Received) {
     let collector =
         RunningCollector::start_with(Path::new(COLLECTOR), &args, Duration::from_secs(60))
             .expect("collector starts");
-    let port = connect_once();
+    let (port, _listener) = connect_once();
     std::thread::sleep(Duration::from_secs(2));
     let (_, _, stderr) = collector
         .stop(Duration::from_secs(30))

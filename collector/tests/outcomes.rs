@@ -731,9 +731,12 @@ fn every_close_is_reported_with_its_bytes(wrapper: &[&str]) {
         Duration::from_secs(60),
     )
     .expect("collector starts");
+    // The listener stays open until the records are read: no other test of this
+    // process (the same pid) is given its port meanwhile.
+    let accepting = listener.try_clone().expect("listener clone");
     let server = thread::spawn(move || {
         (0..CONNECTIONS)
-            .map(|_| listener.accept().expect("accept").0)
+            .map(|_| accepting.accept().expect("accept").0)
             .collect::<Vec<_>>()
     });
     let mut sent_by_port = std::collections::HashMap::new();

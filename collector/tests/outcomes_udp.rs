@@ -15,6 +15,7 @@ use std::{
 
 use egress_testkit::{
     otlp_run::{OtlpRun, Protocol},
+    ports::unused_port,
     traffic,
 };
 use support::{
@@ -23,6 +24,13 @@ use support::{
 };
 
 const COLLECTOR: &str = env!("CARGO_BIN_EXE_egress-collector");
+
+/// A loopback UDP socket on a port no other test of this process is given, even after
+/// this one is closed: the tests run at once under one pid, each with a collector that
+/// sees the others' datagrams, and tell flows apart by port.
+fn udp_socket() -> UdpSocket {
+    UdpSocket::bind((Ipv4Addr::LOCALHOST, unused_port())).expect("udp bind")
+}
 
 /// One sendmsg of `parts` as that many iovecs (one datagram); returns the bytes sent.
 fn sendmsg_parts(socket: &UdpSocket, to: SocketAddr, parts: &[usize]) -> usize {
@@ -113,9 +121,9 @@ fn carried(records: &[(u64, Option<String>, Option<i64>)]) -> Vec<Option<i64>> {
 #[test]
 fn udp_bytes_after_a_flows_last_record_reach_the_metric() {
     let run = start();
-    let sink = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).expect("sink");
+    let sink = udp_socket();
     let to = sink.local_addr().expect("addr");
-    let socket = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0)).expect("bind");
+    let socket = udp_socket();
     assert_eq!(send_to(&socket, to, 100), 100);
     thread::sleep(Duration::from_millis(100));
     assert_eq!(sendmsg_parts(&socket, to, &[30, 70]), 100);
@@ -136,9 +144,9 @@ fn udp_bytes_after_a_flows_last_record_reach_the_metric() {
     }
     assert_eq!(send_to(&socket, to, 5), 5);
 
-    let late_sink = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).expect("sink");
+    let late_sink = udp_socket();
     let late_to = late_sink.local_addr().expect("addr");
-    let late = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0)).expect("bind");
+    let late = udp_socket();
     assert_eq!(send_to(&late, late_to, 50), 50);
     assert_eq!(send_to(&late, late_to, 25), 25);
     // The records reach user space before the stop (the ring is drained every 100 ms).
@@ -193,9 +201,9 @@ fn udp_bytes_are_carried_and_counted_where_entry_hooks_save_the_arguments() {
 /// sends' entry hooks ran (call state saved), else none did (arguments read back at the
 /// exits): the collector's statistics tell which path was taken.
 fn udp_bytes_are_carried_and_counted(run: OtlpRun, entry_hooks: bool) {
-    let sink = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).expect("sink");
+    let sink = udp_socket();
     let to = sink.local_addr().expect("addr");
-    let socket = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0)).expect("bind");
+    let socket = udp_socket();
     let mut total = 0;
     total += send_to(&socket, to, 100);
     total += sendmsg_parts(&socket, to, &[30, 70]);
@@ -241,11 +249,11 @@ fn udp_bytes_are_carried_and_counted(run: OtlpRun, entry_hooks: bool) {
 #[test]
 fn a_send_whose_syscall_number_and_fd_have_their_upper_halves_set_is_reported() {
     let run = start();
-    let sink = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).expect("sink");
+    let sink = udp_socket();
     let SocketAddr::V4(to) = sink.local_addr().expect("addr") else {
         panic!("an IPv4 sink");
     };
-    let socket = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0)).expect("bind");
+    let socket = udp_socket();
     assert_eq!(send_to_with_upper_half_set(&socket, to, 42), 42);
     thread::sleep(Duration::from_millis(1500));
     let received = run.stop().received;
@@ -296,9 +304,9 @@ fn send_to_with_upper_half_set(socket: &UdpSocket, to: SocketAddrV4, n: usize) -
 fn concurrent_senders_start_each_window_of_their_flow_once() {
     const WINDOW_NS: u64 = 1_000_000;
     let run = start_with_window("1ms");
-    let sink = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).expect("sink");
+    let sink = udp_socket();
     let to = sink.local_addr().expect("addr");
-    let socket = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0)).expect("bind");
+    let socket = udp_socket();
     let until = Instant::now() + Duration::from_secs(3);
     let total: usize = thread::scope(|scope| {
         let senders: Vec<_> = (0..4)

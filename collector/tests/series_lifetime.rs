@@ -7,7 +7,7 @@ mod support;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{Ipv4Addr, TcpStream},
+    net::{Ipv4Addr, SocketAddr, TcpStream},
     path::Path,
     sync::{
         Arc, Mutex,
@@ -20,6 +20,7 @@ use std::{
 use egress_testkit::{
     collector::RunningCollector,
     docker::{self, Container, Pod},
+    ports::unused_port,
 };
 use opentelemetry_proto::tonic::{
     collector::metrics::v1::ExportMetricsServiceRequest,
@@ -165,8 +166,10 @@ fn lifetime(scenario: Scenario) {
     docker::ensure_image().expect("test image");
     let mut rt = Some(runtime());
     let received: Shared = Arc::new(Mutex::new(Received::default()));
+    // A port outside the ephemeral range, handed to no other test of this process: the
+    // outage frees it for seconds, and a port-0 bind elsewhere could take it meanwhile.
     let mut otlp = Some(rt.as_ref().expect("runtime").block_on(receiver::grpc(
-        "127.0.0.1:0".parse().expect("addr"),
+        SocketAddr::from((Ipv4Addr::LOCALHOST, unused_port())),
         Arc::clone(&received),
     )));
     let addr = otlp.as_ref().expect("receiver").addr;

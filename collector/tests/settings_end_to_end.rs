@@ -251,8 +251,15 @@ fn exclude_loopback_drops_loopback_destinations_and_counts_them_and_nothing_else
     require_root();
     let v4 = TcpListener::bind((Ipv4Addr::UNSPECIFIED, 0)).expect("listen");
     let port = v4.local_addr().expect("addr").port();
-    let v6 = TcpListener::bind((Ipv6Addr::LOCALHOST, 0)).expect("listen on ::1");
-    let port6 = v6.local_addr().expect("addr").port();
+    // Another port than the IPv4 one (the kernel may give the same number to both
+    // families): records are told apart by it.
+    let (v6, port6) = loop {
+        let v6 = TcpListener::bind((Ipv6Addr::LOCALHOST, 0)).expect("listen on ::1");
+        let port6 = v6.local_addr().expect("addr").port();
+        if port6 != port {
+            break (v6, port6);
+        }
+    };
     for listener in [v4, v6] {
         std::thread::spawn(move || {
             for stream in listener.incoming() {

@@ -36,18 +36,20 @@ fn tp_btf_loaded() -> bool {
         })
 }
 
-/// A listener that reads each connection to its end.
-fn sink() -> (SocketAddr, thread::JoinHandle<()>) {
+/// A listener that reads each connection to its end. The listener is returned: while
+/// the caller holds it, no other test of this process (the same pid) is given its port.
+fn sink() -> (SocketAddr, thread::JoinHandle<()>, TcpListener) {
     let listener = TcpListener::bind("127.0.0.1:0").expect("listen");
     let addr = listener.local_addr().expect("address");
+    let accepting = listener.try_clone().expect("listener clone");
     let server = thread::spawn(move || {
         for _ in 0..CONNECTIONS {
-            let (mut s, _) = listener.accept().expect("accept");
+            let (mut s, _) = accepting.accept().expect("accept");
             let mut all = Vec::new();
             s.read_to_end(&mut all).expect("read");
         }
     });
-    (addr, server)
+    (addr, server, listener)
 }
 
 /// The collector in tracepoint mode with close records, on stdout, started through
@@ -74,7 +76,7 @@ fn start_collector(wrapper: &[&str]) -> RunningCollector {
 fn connections_reported_once(wrapper: &[&str]) -> Vec<String> {
     let collector = start_collector(wrapper);
     let tp_btf_attached = tp_btf_loaded();
-    let (addr, server) = sink();
+    let (addr, server, _listener) = sink();
     let mut ports = Vec::new();
     for _ in 0..CONNECTIONS {
         let mut stream = TcpStream::connect(addr).expect("connect");
@@ -253,7 +255,7 @@ fn an_mptcp_connect_is_reported_once_by_its_tcp_subflow() {
         ),
     ] {
         let collector = start_collector(wrapper);
-        let (addr, server) = sink();
+        let (addr, server, _listener) = sink();
         let std::net::SocketAddr::V4(addr_v4) = addr else {
             unreachable!("the sink listens on IPv4")
         };
