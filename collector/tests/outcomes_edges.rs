@@ -1,6 +1,7 @@
 //! The rarer ways a TCP connection goes, on this machine's kernel (tracepoint mode): a
 //! reset this host sends while closing (unread data, `SO_LINGER` 0) and a simultaneous
-//! open (both sides connect() to each other at once).
+//! open (both sides connect() to each other at once), and a TCP Fast Open send, whose
+//! SYN_SENT comes inside sendto() rather than connect().
 
 mod support;
 
@@ -142,6 +143,64 @@ fn a_reset_this_host_sends_while_closing_is_reported_local() {
             .collect::<Vec<_>>()
             .join("\n")
     );
+}
+
+/// A TCP Fast Open send (sendto with `MSG_FASTOPEN`) takes its socket to SYN_SENT inside
+/// sendto(), not connect(): the connect exit's TCP mark must not be left for that
+/// thread, or the thread's next connect(), of a UDP socket, would be taken for TCP and
+/// never reported. Both are reported, from the one thread.
+#[test]
+fn a_fast_open_send_leaves_the_threads_next_udp_connect_reported() {
+    require_root();
+    let fast_open = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_fastopen").expect("sysctl");
+    assert!(
+        fast_open.trim().parse::<u32>().expect("a number") & 1 == 1,
+        "net.ipv4.tcp_fastopen has the client side off: {fast_open}"
+    );
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("listen");
+    let port = listener.local_addr().expect("addr").port();
+    let udp =
+        std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, egress_testkit::ports::unused_port()))
+            .expect("udp bind");
+    let udp_port = udp.local_addr().expect("addr").port();
+    // `full`: the records carry the thread id.
+    let collector = start(&["--attributes", "full"]);
+    // One thread: the fast open send, then the UDP connect (no datagram: the connect is
+    // all there is to report).
+    let script = format!(
+        "import socket, threading\n\
+         t = socket.socket()\n\
+         t.sendto(b'x', socket.MSG_FASTOPEN, ('127.0.0.1', {port}))\n\
+         u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         u.connect(('127.0.0.1', {udp_port}))\n\
+         print(threading.get_native_id(), flush=True)\n"
+    );
+    let output = Command::new("python3")
+        .args(["-c", &script])
+        .output()
+        .expect("python3 runs");
+    assert!(output.status.success(), "the script failed: {output:?}");
+    let tid: u64 = String::from_utf8_lossy(&output.stdout)
+        .trim()
+        .parse()
+        .expect("the thread printed its id");
+    thread::sleep(Duration::from_millis(300));
+    let (clean, stdout, stderr) = collector.stop(Duration::from_secs(30)).expect("stop");
+    assert!(clean, "collector failed:\n{}", stderr.join("\n"));
+    let records = parse(&stdout);
+    let of_thread: Vec<&Value> = records
+        .iter()
+        .filter(|r| attr(r, "thread.id") == tid)
+        .collect();
+    for (event, destination) in [("tcp_connect", port), ("udp_connect", udp_port)] {
+        assert!(
+            of_thread.iter().any(|r| attr(r, "egress.event") == event
+                && attr(r, "destination.address") == "127.0.0.1"
+                && attr(r, "destination.port") == destination),
+            "no {event} record to 127.0.0.1:{destination} of thread {tid}: {of_thread:#?}"
+        );
+    }
+    drop(listener);
 }
 
 /// A network namespace with loopback up; removed on drop.
