@@ -258,13 +258,7 @@ fn each_record_carries_the_identity_its_process_had_when_it_connected() {
         .map(|r| &r["attributes"]["thread.id"])
         .collect();
     assert_eq!(threads.len(), 2, "two threads of python3: {mine:#?}");
-    assert!(
-        !stderr
-            .iter()
-            .any(|l| l.contains("without their process's identity")),
-        "every identity was known:\n{}",
-        stderr.join("\n")
-    );
+    assert_every_identity_arrived(&stderr);
 }
 
 /// A cached identity is read again once it is a second old, on either decision clock
@@ -275,11 +269,8 @@ fn each_record_carries_the_identity_its_process_had_when_it_connected() {
 /// stalled the script longer may have read it again already).
 #[test]
 fn a_cached_identity_is_read_again_after_a_second() {
-    use std::net::{Ipv4Addr, TcpListener};
-
     require_root();
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("listen");
-    let port = listener.local_addr().expect("addr").port();
+    let port = support::host::sink_port();
     let precise: &[&str] = &["env", "EGRESS_TEST_PRECISE_DECISIONS=1"];
     for (clock, wrapper) in [("jiffies@", &[][..]), ("boottime", precise)] {
         let collector = egress_testkit::collector::RunningCollector::start_wrapped(
@@ -367,13 +358,7 @@ fn a_small_ring_is_drained_as_it_fills() {
         "at {rate:.0} connections/s:\n{}",
         stderr.join("\n")
     );
-    assert!(
-        !stderr
-            .iter()
-            .any(|l| l.contains("without their process's identity")),
-        "every identity arrived:\n{}",
-        stderr.join("\n")
-    );
+    assert_every_identity_arrived(&stderr);
 }
 
 /// The ids a record carries are the connecting thread's, whichever way the programs read
@@ -475,6 +460,18 @@ fn connect_from_a_new_process(port: u16) {
             "the child's connect failed: status {status}"
         );
     }
+}
+
+/// The collector's log `stderr` counts no record that went out without its process's
+/// identity.
+fn assert_every_identity_arrived(stderr: &[String]) {
+    assert!(
+        !stderr
+            .iter()
+            .any(|l| l.contains("without their process's identity")),
+        "every identity arrived:\n{}",
+        stderr.join("\n")
+    );
 }
 
 /// Each record's process name, in order.
