@@ -381,10 +381,11 @@ fn decide<R: Reader>(task: u64) -> Option<Early> {
         (admitted, decided_key) = (true, cgroup_id);
     }
     let check = task::check::<R>(task);
-    let (cached, cached_ns) = match task::cached((pid_tgid >> 32) as u32, cgroup_id, &check, now) {
-        Some((identity, filled_ns)) => (Some(identity), filled_ns),
-        None => (None, 0),
-    };
+    let (cached, cached_ns) =
+        match task::cached::<R>((pid_tgid >> 32) as u32, cgroup_id, &check, now) {
+            Some((identity, filled_ns)) => (Some(identity), filled_ns),
+            None => (None, 0),
+        };
     if !admitted && let Some(identity) = cached {
         decided_key = filter::cgroup_key(identity.record.cgroup_leaf_id, cgroup_id);
         dropped_before = admit_cgroup(decided_key, now)?;

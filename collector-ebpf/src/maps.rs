@@ -258,11 +258,12 @@ pub static IDENTITY_SCRATCH: PerCpuArray<Identity> = PerCpuArray::with_max_entri
 pub struct Identity {
     // Compared on every use, with the record's `cgroup_id` (a move to another v2
     // cgroup) and `filled_decision_ns` (its age): any change reads the identity again.
-    /// `task->nsproxy`: setns/unshare give the task a new one.
-    pub nsproxy: u64,
-    /// `task->cgroups` (the css_set), on cgroup v1 only: a move in a v1 hierarchy, which
-    /// the v2 id does not see. 0 on v2.
-    pub css_set: u64,
+    /// The namespaces named, by address (`task::same_namespaces`): setns/unshare change
+    /// them.
+    pub namespaces: [u64; crate::task::NAMESPACES],
+    /// The serial number of the task's css in the configured hierarchy, on cgroup v1
+    /// only: a move in a v1 hierarchy, which the v2 id does not see. 0 on v2.
+    pub cgroup_serial: u64,
     /// `task->self_exec_id`: bumped by exec (new process name, possibly new cgroup or
     /// namespaces set up by the exec'd program's parent).
     pub exec_id: u64,

@@ -32,7 +32,7 @@ use crate::{
     read::{self, Reader},
 };
 
-const _: () = assert!(core::mem::size_of::<Identity>() == 32 + egress_shared::IDENTITY_EVENT_SIZE);
+const _: () = assert!(core::mem::size_of::<Identity>() == 64 + egress_shared::IDENTITY_EVENT_SIZE);
 
 /// How far ahead of this CPU's clock reading a cached identity's fill time may be (see
 /// [`fresh`]): a few ticks.
@@ -98,11 +98,13 @@ pub fn key_known_early() -> bool {
 }
 
 /// What could have changed a process's identity since it was cached, read from the
-/// current task: three reads (two on cgroup v2).
+/// current task: three reads (five on cgroup v1); the namespaces it names are read from
+/// `nsproxy` where they are compared ([`same_namespaces`]).
 pub struct Check {
+    /// `task->nsproxy` (0: the task is exiting).
     nsproxy: u64,
     exec_id: u64,
-    css_set: u64,
+    cgroup_serial: u64,
 }
 
 /// Reads the current task's [`Check`]. A task that is exiting has no nsproxy any more:
@@ -112,12 +114,62 @@ pub fn check<R: Reader>(task: u64) -> Check {
     Check {
         nsproxy: R::kernel::<u64>(task, config!(offsets.task_nsproxy)).unwrap_or(0),
         exec_id: R::kernel::<u32>(task, config!(offsets.task_self_exec_id)).unwrap_or(0) as u64,
-        css_set: if key_known_early() {
+        cgroup_serial: if key_known_early() {
             0
         } else {
-            R::kernel::<u64>(task, config!(offsets.task_cgroups)).unwrap_or(0)
+            v1_cgroup_serial::<R>(task)
         },
     }
+}
+
+/// The namespaces an identity names from `nsproxy` (net, uts, mnt, ipc, cgroup), kept
+/// by address in the cached identity.
+pub const NAMESPACES: usize = 5;
+
+/// The `nsproxy` fields of the [`NAMESPACES`], in the order they are kept.
+#[inline(always)]
+fn namespace_offsets() -> [u32; NAMESPACES] {
+    [
+        config!(offsets.nsproxy_net_ns),
+        config!(offsets.nsproxy_uts_ns),
+        config!(offsets.nsproxy_mnt_ns),
+        config!(offsets.nsproxy_ipc_ns),
+        config!(offsets.nsproxy_cgroup_ns),
+    ]
+}
+
+/// Whether `nsproxy` holds the namespaces `cached` was read from. Their addresses, not
+/// `nsproxy`'s own: setns() and unshare() give the task a new nsproxy and free the old
+/// one at once, so a thread that enters namespace A, connects, goes back and enters B
+/// gets B's nsproxy at A's old address, every time, and its connections in B were
+/// reported with A's namespaces. A namespace is not freed while a task holds it. One
+/// comparison after another, each load only once the ones before matched (LLVM would
+/// turn a compare of two arrays into a byte-wise `bcmp`, which the verifier refuses on
+/// spilled pointers).
+#[inline(always)]
+fn same_namespaces<R: Reader>(cached: &Identity, nsproxy: u64) -> bool {
+    let at = namespace_offsets();
+    let held = |i: usize| R::kernel::<u64>(nsproxy, at[i]).unwrap_or(0);
+    cached.namespaces[0] == held(0)
+        && cached.namespaces[1] == held(1)
+        && cached.namespaces[2] == held(2)
+        && cached.namespaces[3] == held(3)
+        && cached.namespaces[4] == held(4)
+}
+
+/// The serial number of the task's css in the configured v1 hierarchy (0 when a read
+/// fails: never a cache hit then, as a cached identity holds a real one). Not the
+/// `css_set` address: a process that left its cgroup (its `css_set` freed) and joined
+/// another within the identity's age was given a new `css_set` at the freed one's
+/// address often enough (one container in 200 of CI's churn smoke) to be reported with
+/// the old cgroup's names; a serial is never given to another css.
+#[inline(always)]
+fn v1_cgroup_serial<R: Reader>(task: u64) -> u64 {
+    let slot = config!(offsets.css_set_subsys) + (config!(cgroup_subsys_index) & 0x3f) * 8;
+    R::kernel::<u64>(task, config!(offsets.task_cgroups))
+        .and_then(|css_set| R::kernel::<u64>(css_set, slot))
+        .and_then(|css| R::kernel::<u64>(css, config!(offsets.css_serial_nr)))
+        .unwrap_or(0)
 }
 
 /// The cached identity of process `tgid`, whose task is in v2 cgroup `cgroup_id`, if
@@ -125,7 +177,7 @@ pub fn check<R: Reader>(task: u64) -> Check {
 /// filled: read before the fields it vouches for, so [`unchanged`] tells afterwards
 /// whether the LRU reused the element for another insert meanwhile.
 #[inline(always)]
-pub fn cached(
+pub fn cached<R: Reader>(
     tgid: u32,
     cgroup_id: u64,
     check: &Check,
@@ -140,11 +192,11 @@ pub fn cached(
     // namespaces, cgroup and exec count would otherwise pass for this one's.
     (check.nsproxy != 0
         && cached.record.tgid == tgid
-        && cached.nsproxy == check.nsproxy
         && cached.record.cgroup_id == cgroup_id
         && cached.exec_id == check.exec_id
-        && cached.css_set == check.css_set
-        && fresh(decision_ns.wrapping_sub(cached.filled_decision_ns) as i64))
+        && cached.cgroup_serial == check.cgroup_serial
+        && fresh(decision_ns.wrapping_sub(cached.filled_decision_ns) as i64)
+        && same_namespaces::<R>(cached, check.nsproxy))
     .then_some((cached, filled_ns))
 }
 
@@ -170,7 +222,7 @@ pub fn fill_process<R: Reader>(
     decision_ns: u64,
 ) -> bool {
     let check = check::<R>(task);
-    if let Some((cached, filled_ns)) = cached(ev.tgid, ev.cgroup_id, &check, decision_ns)
+    if let Some((cached, filled_ns)) = cached::<R>(ev.tgid, ev.cgroup_id, &check, decision_ns)
         && unchanged(cached, filled_ns, &check)
     {
         ev.identity_ns = filled_ns;
@@ -189,14 +241,15 @@ fn filled_ns(id: &Identity) -> u64 {
 /// Whether the cached identity `id` is still the one checked, `filled_ns` being when it
 /// was filled then: the LRU map reuses a freed element for another insert without
 /// waiting for the programs reading it, so one evicted and refilled (another process,
-/// or this one again) while it was read is told apart by its fill time; the identity is
+/// or this one again) while it was read is told apart by its fill time, and one being
+/// overwritten by its exec count, which is copied before the fill time; the identity is
 /// then read again from the task.
 #[inline(always)]
 pub fn unchanged(id: &Identity, filled_ns: u64, check: &Check) -> bool {
     // SAFETY: as in `filled_ns`.
     unsafe {
         core::ptr::read_volatile(&id.record.filled_ns) == filled_ns
-            && core::ptr::read_volatile(&id.nsproxy) == check.nsproxy
+            && core::ptr::read_volatile(&id.exec_id) == check.exec_id
     }
 }
 
@@ -228,8 +281,10 @@ pub fn walk(
         crate::words::zero(id);
         &mut *id
     };
-    id.nsproxy = check.nsproxy;
-    id.css_set = check.css_set;
+    for (namespace, offset) in id.namespaces.iter_mut().zip(namespace_offsets()) {
+        *namespace = read::kernel(check.nsproxy, offset).unwrap_or(0);
+    }
+    id.cgroup_serial = check.cgroup_serial;
     id.exec_id = check.exec_id;
     id.filled_decision_ns = decision_ns;
     let record = &mut id.record;
@@ -239,8 +294,9 @@ pub fn walk(
     record.cgroup_id = ev.cgroup_id;
     // The walks take the helper from an untyped address (see above).
     let task = unsafe { bpf_get_current_task() };
+    let namespaces = fill_namespaces(id).is_ok();
+    let record = &mut id.record;
     let lineage = fill_lineage(record, task).is_ok();
-    let namespaces = fill_namespaces(record, check.nsproxy).is_ok();
     let cgroup = fill_cgroup(record, task).is_ok();
     let walked = Walked {
         complete: lineage && namespaces && cgroup,
@@ -299,23 +355,19 @@ fn fill_lineage(id: &mut IdentityEvent, task: u64) -> Result<(), i64> {
 }
 
 #[inline(always)]
-fn fill_namespaces(id: &mut IdentityEvent, nsproxy: u64) -> Result<(), i64> {
-    if nsproxy == 0 {
-        return Err(-1);
-    }
-    let net = read::pointer(nsproxy, config!(offsets.nsproxy_net_ns))?;
-    id.ns_inums[NsIndex::Net as usize] = read::kernel(net, config!(offsets.net_ns_inum))?;
-    let uts = read::pointer(nsproxy, config!(offsets.nsproxy_uts_ns))?;
-    id.ns_inums[NsIndex::Uts as usize] = read::kernel(uts, config!(offsets.uts_ns_inum))?;
+fn fill_namespaces(id: &mut Identity) -> Result<(), i64> {
+    // As the cache keeps them (0 where a read failed: the inode read fails too).
+    let [net, uts, mnt, ipc, cgroup] = id.namespaces;
+    let record = &mut id.record;
+    record.ns_inums[NsIndex::Net as usize] = read::kernel(net, config!(offsets.net_ns_inum))?;
+    record.ns_inums[NsIndex::Uts as usize] = read::kernel(uts, config!(offsets.uts_ns_inum))?;
     let nodename = uts + config!(offsets.uts_nodename) as u64;
-    unsafe { bpf_probe_read_kernel_str_bytes(nodename as *const u8, &mut id.nodename) }
+    unsafe { bpf_probe_read_kernel_str_bytes(nodename as *const u8, &mut record.nodename) }
         .map_err(|e| e as i64)?;
-    let mnt = read::pointer(nsproxy, config!(offsets.nsproxy_mnt_ns))?;
-    id.ns_inums[NsIndex::Mnt as usize] = read::kernel(mnt, config!(offsets.mnt_ns_inum))?;
-    let ipc = read::pointer(nsproxy, config!(offsets.nsproxy_ipc_ns))?;
-    id.ns_inums[NsIndex::Ipc as usize] = read::kernel(ipc, config!(offsets.ipc_ns_inum))?;
-    let cgroup = read::pointer(nsproxy, config!(offsets.nsproxy_cgroup_ns))?;
-    id.ns_inums[NsIndex::Cgroup as usize] = read::kernel(cgroup, config!(offsets.cgroup_ns_inum))?;
+    record.ns_inums[NsIndex::Mnt as usize] = read::kernel(mnt, config!(offsets.mnt_ns_inum))?;
+    record.ns_inums[NsIndex::Ipc as usize] = read::kernel(ipc, config!(offsets.ipc_ns_inum))?;
+    record.ns_inums[NsIndex::Cgroup as usize] =
+        read::kernel(cgroup, config!(offsets.cgroup_ns_inum))?;
     Ok(())
 }
 

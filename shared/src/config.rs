@@ -55,6 +55,11 @@ pub struct KernelOffsets {
     pub css_set_subsys: u32,
     pub css_set_dfl_cgrp: u32,
     pub css_cgroup: u32,
+    /// `cgroup_subsys_state.serial_nr`: unique to each css for the kernel's uptime (its
+    /// `id` and its address are reused once it is freed), so a process's cached identity
+    /// tells a move to a new v1 cgroup even when the kernel put its new `css_set` at the
+    /// old one's address.
+    pub css_serial_nr: u32,
     pub cgroup_kn: u32,
     pub kernfs_node_name: u32,
     pub kernfs_node_id: u32,
@@ -99,7 +104,7 @@ pub struct KernelOffsets {
     pub tcp_clock_cache: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 63 * 4);
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 64 * 4);
 
 /// Field offsets inside tracepoint records, read from tracefs `format` files.
 #[repr(C)]
@@ -123,8 +128,8 @@ pub struct TracepointOffsets {
     pub sendmmsg_msg: u32,
 }
 
-/// With [`KernelOffsets`] (63 u32) an even number of u32 (76): what follows is 8-byte
-/// aligned (asserted below [`ProbeConfig`]).
+/// With [`KernelOffsets`] (64 u32) and `cgroup_subsys_index` an even number of u32 (78):
+/// what follows is 8-byte aligned (asserted below [`ProbeConfig`]).
 const _: () = assert!(core::mem::size_of::<TracepointOffsets>() == 13 * 4);
 
 /// Which cgroup's leaf name the programs capture.
@@ -151,8 +156,6 @@ pub struct ProbeConfig {
     /// Index into `css_set.subsys[]` of the cgroup v1 controller whose hierarchy names the
     /// container, or [`CgroupSource::DEFAULT_HIERARCHY`].
     pub cgroup_subsys_index: u32,
-    /// Keeps the u64 after it aligned (the offsets are an even number of u32).
-    pub _pad_after_subsys: u32,
     /// A UDP flow (5-tuple in a network namespace) is reported at most once per window.
     pub udp_flow_window_ns: u64,
     /// The programs wake the reader only once this many bytes wait in the ring buffer
@@ -212,8 +215,8 @@ pub struct ProbeConfig {
 }
 
 const _: () =
-    assert!(core::mem::size_of::<ProbeConfig>() == 63 * 4 + 15 * 4 + 8 + 8 + 24 + 16 + 16 + 8 * 4);
-/// The offsets' counts (odd plus odd) keep the first u64 after them aligned.
+    assert!(core::mem::size_of::<ProbeConfig>() == 64 * 4 + 14 * 4 + 8 + 8 + 24 + 16 + 16 + 8 * 4);
+/// The offsets' counts and the subsys index (even in all) keep the first u64 after them aligned.
 const _: () = assert!(core::mem::offset_of!(ProbeConfig, udp_flow_window_ns) % 8 == 0);
 const _: () = assert!(core::mem::offset_of!(ProbeConfig, aggregate_window_ns) % 8 == 0);
 
@@ -294,6 +297,7 @@ impl ProbeConfig {
                 css_set_subsys: 0,
                 css_set_dfl_cgrp: 0,
                 css_cgroup: 0,
+                css_serial_nr: 0,
                 cgroup_kn: 0,
                 kernfs_node_name: 0,
                 kernfs_node_id: 0,
@@ -341,7 +345,6 @@ impl ProbeConfig {
                 sendmmsg_msg: 0,
             },
             cgroup_subsys_index: CgroupSource::DEFAULT_HIERARCHY,
-            _pad_after_subsys: 0,
             udp_flow_window_ns: 0,
             wakeup_bytes: 0,
             cgroup_rate: 0,

@@ -242,6 +242,7 @@ impl KernelBtf {
             css_set_subsys: self.offset("css_set", "subsys")?,
             css_set_dfl_cgrp: self.offset("css_set", "dfl_cgrp")?,
             css_cgroup: self.offset("cgroup_subsys_state", "cgroup")?,
+            css_serial_nr: self.offset("cgroup_subsys_state", "serial_nr")?,
             cgroup_kn: self.offset("cgroup", "kn")?,
             kernfs_node_name: self.offset("kernfs_node", "name")?,
             kernfs_node_id: self.offset("kernfs_node", "id")?,

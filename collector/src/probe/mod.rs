@@ -186,7 +186,6 @@ impl KernelFacts {
             _pad_after_regs: 0,
             dns_iter: kernel_btf.dns_iter_offsets(),
             cgroup_subsys_index,
-            _pad_after_subsys: 0,
         };
         // Two parsed copies of vmlinux BTF at once would set the peak memory.
         drop(kernel_btf);
