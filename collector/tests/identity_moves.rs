@@ -1,7 +1,7 @@
-//! The kernel keeps each process's identity (namespaces, cgroup names, ...) and checks on
-//! every connection what could have changed it. Node agents move threads between
-//! namespaces and processes between cgroups: these tests do the same with a real thread
-//! and a real process, and check that each connection is reported where it was made.
+//! The kernel keeps each process's identity (namespaces, nodename, cgroup names, ...) and
+//! checks on every connection what could have changed it. Node agents move threads
+//! between namespaces: these tests do the same with a real thread, and check that each
+//! connection is reported where it was made.
 
 use std::{
     net::{Ipv4Addr, SocketAddr},
@@ -19,6 +19,11 @@ use egress_testkit::{
 };
 
 const COLLECTOR: &str = env!("CARGO_BIN_EXE_egress-collector");
+
+/// Held while a test's thread hops: the kernel caches one identity per process, and the
+/// two tests' threads (one process) connecting at once would each find the other's
+/// there, read theirs again every time, and never meet the cached one they test.
+static HOPPING: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// Network namespaces made by `ip netns add`, with their loopback up; deleted on drop.
 struct Namespaces(Vec<String>);
@@ -56,10 +61,10 @@ fn ip(args: &[&str]) {
     assert!(status.success(), "ip {args:?}: {status}");
 }
 
-/// Moves the calling thread into the network namespace open as `ns`.
-fn enter(ns: &std::fs::File) {
+/// Moves the calling thread into the namespace open as `ns`, of type `kind`.
+fn enter(ns: &std::fs::File, kind: libc::c_int) {
     // SAFETY: setns on this thread only, with a valid namespace fd.
-    let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+    let rc = unsafe { libc::setns(ns.as_raw_fd(), kind) };
     assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
 }
 
@@ -104,14 +109,10 @@ fn a_thread_that_hops_between_network_namespaces_is_reported_in_each() {
     require_root();
     let namespaces = Namespaces::new(&["a", "b"]);
     let port = unused_port();
-    let collector = RunningCollector::start(
-        Path::new(COLLECTOR),
-        &["--attributes", "full", "--stats-interval", "1h"],
-        Duration::from_secs(60),
-    )
-    .expect("collector starts");
+    let collector = start_collector();
     let paths: Vec<PathBuf> = (0..2).map(|i| namespaces.path(i)).collect();
     // (source port, network namespace inode) of each connect, in order.
+    let hopping = HOPPING.lock().unwrap_or_else(|e| e.into_inner());
     let made: Vec<(u16, u64)> = std::thread::spawn(move || {
         let host = std::fs::File::open("/proc/thread-self/ns/net").expect("host netns");
         let files: Vec<std::fs::File> = (paths.iter())
@@ -120,34 +121,26 @@ fn a_thread_that_hops_between_network_namespaces_is_reported_in_each() {
         let mut made = Vec::new();
         for _ in 0..10 {
             for file in &files {
-                enter(file);
+                enter(file, libc::CLONE_NEWNET);
                 let inode = std::fs::metadata("/proc/thread-self/ns/net")
                     .expect("netns")
                     .ino();
                 made.push((connect_refused(port), inode));
-                enter(&host);
+                enter(&host, libc::CLONE_NEWNET);
             }
         }
         made
     })
     .join()
     .expect("the hopping thread");
-    std::thread::sleep(Duration::from_millis(300));
-    let (ok, stdout, stderr) = collector
-        .stop(Duration::from_secs(30))
-        .expect("collector stops");
-    assert!(ok, "collector failed:\n{}", stderr.join("\n"));
-    let records = egress_testkit::records::parse(&stdout);
-    let mine = records_to(
-        &records,
-        SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
-        "tcp_connect",
-    );
-    let reported: Vec<(u16, u64)> = (mine.iter())
+    drop(hopping);
+    let reported: Vec<(u16, u64)> = connects_to(collector, port)
+        .iter()
         .map(|r| {
-            let source = attr(r, "source.port").as_u64().unwrap_or(0) as u16;
-            let netns = attr(r, "egress.namespace.net").as_u64().unwrap_or(0);
-            (source, netns)
+            (
+                source_port(r),
+                attr(r, "egress.namespace.net").as_u64().unwrap_or(0),
+            )
         })
         .collect();
     assert_eq!(
@@ -159,4 +152,118 @@ fn a_thread_that_hops_between_network_namespaces_is_reported_in_each() {
             .map(|i| std::fs::metadata(namespaces.path(i)).map(|m| m.ino()).ok())
             .collect::<Vec<_>>()
     );
+}
+
+/// UTS namespaces kept by a bind mount (`unshare --uts=<file>`), each with its own
+/// hostname; unmounted and removed on drop.
+struct UtsNamespaces(Vec<(PathBuf, String)>);
+
+impl UtsNamespaces {
+    fn new(names: &[&str]) -> Self {
+        let made = Self(
+            (names.iter())
+                .map(|n| {
+                    let host = format!("egress-moves-{n}");
+                    let file =
+                        std::env::temp_dir().join(format!("{host}-uts-{}", std::process::id()));
+                    (file, host)
+                })
+                .collect(),
+        );
+        for (file, host) in &made.0 {
+            std::fs::write(file, "").expect("the namespace's mount point");
+            let uts = format!("--uts={}", file.display());
+            let status = Command::new("unshare")
+                .args([uts.as_str(), "hostname", host])
+                .status()
+                .expect("run unshare");
+            assert!(status.success(), "unshare {uts} hostname {host}: {status}");
+        }
+        made
+    }
+}
+
+impl Drop for UtsNamespaces {
+    fn drop(&mut self) {
+        for (file, _) in &self.0 {
+            let _ = Command::new("umount").arg(file).status();
+            let _ = std::fs::remove_file(file);
+        }
+    }
+}
+
+/// As the network namespaces above, with UTS namespaces: a thread that enters A, goes
+/// back and enters B has each connection reported with the nodename of the namespace it
+/// was made in (the nodename that tells a pod's, or a `hostNetwork` pod's node's).
+#[test]
+fn a_thread_that_hops_between_uts_namespaces_is_reported_with_each_nodename() {
+    require_root();
+    let namespaces = UtsNamespaces::new(&["a", "b"]);
+    let port = unused_port();
+    let collector = start_collector();
+    let files: Vec<(PathBuf, String)> = namespaces.0.clone();
+    // (source port, nodename) of each connect, in order.
+    let hopping = HOPPING.lock().unwrap_or_else(|e| e.into_inner());
+    let made: Vec<(u16, String)> = std::thread::spawn(move || {
+        let host = std::fs::File::open("/proc/thread-self/ns/uts").expect("host uts");
+        let opened: Vec<(std::fs::File, String)> = (files.iter())
+            .map(|(p, name)| (std::fs::File::open(p).expect("open uts ns"), name.clone()))
+            .collect();
+        let mut made = Vec::new();
+        for _ in 0..10 {
+            for (file, name) in &opened {
+                enter(file, libc::CLONE_NEWUTS);
+                made.push((connect_refused(port), name.clone()));
+                enter(&host, libc::CLONE_NEWUTS);
+            }
+        }
+        made
+    })
+    .join()
+    .expect("the hopping thread");
+    drop(hopping);
+    let reported: Vec<(u16, String)> = connects_to(collector, port)
+        .iter()
+        .map(|r| {
+            let nodename = attr(r, "egress.uts.nodename").as_str().unwrap_or("?");
+            (source_port(r), nodename.to_owned())
+        })
+        .collect();
+    assert_eq!(
+        reported, made,
+        "each connect with its own namespace's nodename, in order (source port, nodename)"
+    );
+}
+
+/// A collector with every attribute set (namespaces, nodename), statistics quiet.
+fn start_collector() -> RunningCollector {
+    RunningCollector::start(
+        Path::new(COLLECTOR),
+        &["--attributes", "full", "--stats-interval", "1h"],
+        Duration::from_secs(60),
+    )
+    .expect("collector starts")
+}
+
+/// Stops `collector` (after its reader's 100 ms poll) and returns this process's
+/// `tcp_connect` records to 127.0.0.1:`port`, in order.
+fn connects_to(collector: RunningCollector, port: u16) -> Vec<serde_json::Value> {
+    std::thread::sleep(Duration::from_millis(300));
+    let (ok, stdout, stderr) = collector
+        .stop(Duration::from_secs(30))
+        .expect("collector stops");
+    assert!(ok, "collector failed:\n{}", stderr.join("\n"));
+    let records = egress_testkit::records::parse(&stdout);
+    records_to(
+        &records,
+        SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+        "tcp_connect",
+    )
+    .into_iter()
+    .cloned()
+    .collect()
+}
+
+fn source_port(record: &serde_json::Value) -> u16 {
+    attr(record, "source.port").as_u64().unwrap_or(0) as u16
 }
