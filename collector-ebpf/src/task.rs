@@ -143,19 +143,39 @@ fn namespace_offsets() -> [u32; NAMESPACES] {
 /// one at once, so a thread that enters namespace A, connects, goes back and enters B
 /// gets B's nsproxy at A's old address, every time, and its connections in B were
 /// reported with A's namespaces. A namespace is not freed while a task holds it. One
-/// comparison after another, each load only once the ones before matched (LLVM would
-/// turn a compare of two arrays into a byte-wise `bcmp`, which the verifier refuses on
-/// spilled pointers).
+/// comparison after another (LLVM would turn a compare of two arrays into a byte-wise
+/// `bcmp`, which the verifier refuses on spilled pointers); where reads take a helper,
+/// from one copy of the span that holds the five pointers.
 #[inline(always)]
 fn same_namespaces<R: Reader>(cached: &Identity, nsproxy: u64) -> bool {
     let at = namespace_offsets();
-    let held = |i: usize| R::kernel::<u64>(nsproxy, at[i]).unwrap_or(0);
+    let span = config!(offsets.nsproxy_ns_span) as usize;
+    if R::DIRECT || span == 0 {
+        let held = |i: usize| R::kernel::<u64>(nsproxy, at[i]).unwrap_or(0);
+        return cached.namespaces[0] == held(0)
+            && cached.namespaces[1] == held(1)
+            && cached.namespaces[2] == held(2)
+            && cached.namespaces[3] == held(3)
+            && cached.namespaces[4] == held(4);
+    }
+    let first = config!(offsets.nsproxy_ns_first);
+    let mut copy = [0u64; SPAN_WORDS];
+    // SAFETY: the array's own bytes.
+    let bytes =
+        unsafe { core::slice::from_raw_parts_mut(copy.as_mut_ptr().cast::<u8>(), SPAN_WORDS * 8) };
+    if read::kernel_buf(nsproxy, first, &mut bytes[..span.min(SPAN_WORDS * 8)]).is_err() {
+        return false;
+    }
+    let held = |i: usize| copy[(at[i].wrapping_sub(first) / 8) as usize % SPAN_WORDS];
     cached.namespaces[0] == held(0)
         && cached.namespaces[1] == held(1)
         && cached.namespaces[2] == held(2)
         && cached.namespaces[3] == held(3)
         && cached.namespaces[4] == held(4)
 }
+
+/// Words of the copy [`same_namespaces`] compares from (user space's largest span).
+const SPAN_WORDS: usize = egress_shared::NSPROXY_SPAN_MAX as usize / 8;
 
 /// The serial number of the task's css in the configured v1 hierarchy (0 when a read
 /// fails: never a cache hit then, as a cached identity holds a real one). Not the
