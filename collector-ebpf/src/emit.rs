@@ -413,7 +413,7 @@ fn identify<R: Reader>(ev: &mut ConnectEvent, slot: Slot, early: &Early) -> bool
     task::fill_thread::<R>(ev, early.task, early.pid_tgid, early.cgroup_id);
     let now = clock::event_ns(early.decision_ns);
     if let Some(cached) = early.cached
-        && task::unchanged(cached, early.cached_ns, &early.check)
+        && task::unchanged(cached, early.cached_ns, (early.pid_tgid >> 32) as u32)
     {
         ev.identity_ns = early.cached_ns;
         ev.rate_limited_before = early.dropped_before;

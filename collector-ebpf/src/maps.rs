@@ -258,6 +258,10 @@ pub static IDENTITY_SCRATCH: PerCpuArray<Identity> = PerCpuArray::with_max_entri
 pub struct Identity {
     // Compared on every use, with the record's `cgroup_id` (a move to another v2
     // cgroup) and `filled_decision_ns` (its age): any change reads the identity again.
+    /// The process's id, first: an element the LRU hands to another process while a
+    /// program reads it is overwritten from its start, so this word tells it first
+    /// (`task::unchanged`).
+    pub owner: u64,
     /// The namespaces named, by address (`task::same_namespaces`): setns/unshare change
     /// them.
     pub namespaces: [u64; crate::task::NAMESPACES],

@@ -32,7 +32,7 @@ use crate::{
     read::{self, Reader},
 };
 
-const _: () = assert!(core::mem::size_of::<Identity>() == 64 + egress_shared::IDENTITY_EVENT_SIZE);
+const _: () = assert!(core::mem::size_of::<Identity>() == 72 + egress_shared::IDENTITY_EVENT_SIZE);
 
 /// How far ahead of this CPU's clock reading a cached identity's fill time may be (see
 /// [`fresh`]): a few ticks.
@@ -123,19 +123,19 @@ pub fn check<R: Reader>(task: u64) -> Check {
 }
 
 /// The namespaces an identity names from `nsproxy` (net, uts, mnt, ipc, cgroup), kept
-/// by address in the cached identity.
+/// by address in the cached identity, in that order ([`namespace_at`]).
 pub const NAMESPACES: usize = 5;
 
-/// The `nsproxy` fields of the [`NAMESPACES`], in the order they are kept.
+/// Where in `nsproxy` the cached identity's `i`th namespace pointer is.
 #[inline(always)]
-fn namespace_offsets() -> [u32; NAMESPACES] {
-    [
-        config!(offsets.nsproxy_net_ns),
-        config!(offsets.nsproxy_uts_ns),
-        config!(offsets.nsproxy_mnt_ns),
-        config!(offsets.nsproxy_ipc_ns),
-        config!(offsets.nsproxy_cgroup_ns),
-    ]
+fn namespace_at(i: usize) -> u32 {
+    match i {
+        0 => config!(offsets.nsproxy_net_ns),
+        1 => config!(offsets.nsproxy_uts_ns),
+        2 => config!(offsets.nsproxy_mnt_ns),
+        3 => config!(offsets.nsproxy_ipc_ns),
+        _ => config!(offsets.nsproxy_cgroup_ns),
+    }
 }
 
 /// Whether `nsproxy` holds the namespaces `cached` was read from. Their addresses, not
@@ -143,30 +143,14 @@ fn namespace_offsets() -> [u32; NAMESPACES] {
 /// one at once, so a thread that enters namespace A, connects, goes back and enters B
 /// gets B's nsproxy at A's old address, every time, and its connections in B were
 /// reported with A's namespaces. A namespace is not freed while a task holds it. One
-/// comparison after another (LLVM would turn a compare of two arrays into a byte-wise
-/// `bcmp`, which the verifier refuses on spilled pointers); where reads take a helper,
-/// from one copy of the span that holds the five pointers.
+/// comparison after another, each read only once the ones before matched (LLVM would
+/// turn a compare of two arrays into a byte-wise `bcmp`, which the verifier refuses on
+/// spilled pointers). Read one by one where reads take a helper too: a copy of their
+/// span in `nsproxy` (64 bytes) put the raw tracepoint's stack at the verifier's 512-byte
+/// limit, for a saving within the kprobe family's noise (BENCHMARKS.md, kernel-cost-vm).
 #[inline(always)]
 fn same_namespaces<R: Reader>(cached: &Identity, nsproxy: u64) -> bool {
-    let at = namespace_offsets();
-    let span = config!(offsets.nsproxy_ns_span) as usize;
-    if R::DIRECT || span == 0 {
-        let held = |i: usize| R::kernel::<u64>(nsproxy, at[i]).unwrap_or(0);
-        return cached.namespaces[0] == held(0)
-            && cached.namespaces[1] == held(1)
-            && cached.namespaces[2] == held(2)
-            && cached.namespaces[3] == held(3)
-            && cached.namespaces[4] == held(4);
-    }
-    let first = config!(offsets.nsproxy_ns_first);
-    let mut copy = [0u64; SPAN_WORDS];
-    // SAFETY: the array's own bytes.
-    let bytes =
-        unsafe { core::slice::from_raw_parts_mut(copy.as_mut_ptr().cast::<u8>(), SPAN_WORDS * 8) };
-    if read::kernel_buf(nsproxy, first, &mut bytes[..span.min(SPAN_WORDS * 8)]).is_err() {
-        return false;
-    }
-    let held = |i: usize| copy[(at[i].wrapping_sub(first) / 8) as usize % SPAN_WORDS];
+    let held = |i: usize| R::kernel::<u64>(nsproxy, namespace_at(i)).unwrap_or(0);
     cached.namespaces[0] == held(0)
         && cached.namespaces[1] == held(1)
         && cached.namespaces[2] == held(2)
@@ -174,11 +158,8 @@ fn same_namespaces<R: Reader>(cached: &Identity, nsproxy: u64) -> bool {
         && cached.namespaces[4] == held(4)
 }
 
-/// Words of the copy [`same_namespaces`] compares from (user space's largest span).
-const SPAN_WORDS: usize = egress_shared::NSPROXY_SPAN_MAX as usize / 8;
-
 /// The serial number of the task's css in the configured v1 hierarchy (0 when a read
-/// fails: never a cache hit then, as a cached identity holds a real one). Not the
+/// fails: never a cache hit then, as an identity is cached only with a real one). Not the
 /// `css_set` address: a process that left its cgroup (its `css_set` freed) and joined
 /// another within the identity's age was given a new `css_set` at the freed one's
 /// address often enough (one container in 200 of CI's churn smoke) to be reported with
@@ -243,7 +224,7 @@ pub fn fill_process<R: Reader>(
 ) -> bool {
     let check = check::<R>(task);
     if let Some((cached, filled_ns)) = cached::<R>(ev.tgid, ev.cgroup_id, &check, decision_ns)
-        && unchanged(cached, filled_ns, &check)
+        && unchanged(cached, filled_ns, ev.tgid)
     {
         ev.identity_ns = filled_ns;
         return true;
@@ -258,18 +239,18 @@ fn filled_ns(id: &Identity) -> u64 {
     unsafe { core::ptr::read_volatile(&id.record.filled_ns) }
 }
 
-/// Whether the cached identity `id` is still the one checked, `filled_ns` being when it
-/// was filled then: the LRU map reuses a freed element for another insert without
-/// waiting for the programs reading it, so one evicted and refilled (another process,
-/// or this one again) while it was read is told apart by its fill time, and one being
-/// overwritten by its exec count, which is copied before the fill time; the identity is
-/// then read again from the task.
+/// Whether the cached identity `id` of process `tgid` is still the one checked,
+/// `filled_ns` being when it was filled then: the LRU map reuses a freed element for
+/// another insert without waiting for the programs reading it, so one evicted and
+/// refilled (another process, or this one again) while it was read is told apart by its
+/// fill time, and one being overwritten for another process by its first word, the
+/// owner; the identity is then read again from the task.
 #[inline(always)]
-pub fn unchanged(id: &Identity, filled_ns: u64, check: &Check) -> bool {
+pub fn unchanged(id: &Identity, filled_ns: u64, tgid: u32) -> bool {
     // SAFETY: as in `filled_ns`.
     unsafe {
         core::ptr::read_volatile(&id.record.filled_ns) == filled_ns
-            && core::ptr::read_volatile(&id.exec_id) == check.exec_id
+            && core::ptr::read_volatile(&id.owner) == tgid as u64
     }
 }
 
@@ -301,8 +282,9 @@ pub fn walk(
         crate::words::zero(id);
         &mut *id
     };
-    for (namespace, offset) in id.namespaces.iter_mut().zip(namespace_offsets()) {
-        *namespace = read::kernel(check.nsproxy, offset).unwrap_or(0);
+    id.owner = ev.tgid as u64;
+    for (i, namespace) in id.namespaces.iter_mut().enumerate() {
+        *namespace = read::kernel(check.nsproxy, namespace_at(i)).unwrap_or(0);
     }
     id.cgroup_serial = check.cgroup_serial;
     id.exec_id = check.exec_id;
@@ -318,8 +300,10 @@ pub fn walk(
     let record = &mut id.record;
     let lineage = fill_lineage(record, task).is_ok();
     let cgroup = fill_cgroup(record, task).is_ok();
+    // On v1, a css serial the check could not read would match nothing: not cached.
+    let serial = key_known_early() || check.cgroup_serial != 0;
     let walked = Walked {
-        complete: lineage && namespaces && cgroup,
+        complete: lineage && namespaces && cgroup && serial,
         cgroup_leaf_id: record.cgroup_leaf_id,
     };
     // Woken by the record's place, as the records that refer to it (a boundary that

@@ -1,9 +1,12 @@
 //! The kernel keeps each process's identity (namespaces, nodename, cgroup names, ...) and
 //! checks on every connection what could have changed it. Node agents move threads
 //! between namespaces: these tests do the same with a real thread, and check that each
-//! connection is reported where it was made.
+//! connection is reported where it was made, and that the cached identity is still used
+//! while nothing changed. Each runs with the state hook reading through typed pointers
+//! (`tp_btf`) and through helpers (the raw tracepoint, as the kprobe family does).
 
 use std::{
+    fs::File,
     net::{Ipv4Addr, SocketAddr},
     os::{fd::AsRawFd, unix::fs::MetadataExt},
     path::{Path, PathBuf},
@@ -17,41 +20,55 @@ use egress_testkit::{
     records::{attr, records_to},
     require_root,
 };
+use serde_json::Value;
 
 const COLLECTOR: &str = env!("CARGO_BIN_EXE_egress-collector");
 
+/// The state hooks the tests run under: the environment that selects each, and the
+/// name the collector's start line gives it.
+const HOOKS: [(&[&str], &str); 2] = [
+    (&[], "tp_btf"),
+    (&["env", "EGRESS_TEST_REFUSE_TP_BTF=1"], "raw_tracepoint"),
+];
+
 /// Held while a test's thread hops: the kernel caches one identity per process, and the
 /// two tests' threads (one process) connecting at once would each find the other's
-/// there, read theirs again every time, and never meet the cached one they test.
+/// there, read theirs again every time, and never meet the cached one they test. The
+/// process name is changed while it is held, too.
 static HOPPING: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-/// Network namespaces made by `ip netns add`, with their loopback up; deleted on drop.
-struct Namespaces(Vec<String>);
+/// The process name while a visit's first connect is made, and while its second is.
+const FIRST_NAME: &str = "hop-first";
+const SECOND_NAME: &str = "hop-second";
 
-impl Namespaces {
+/// Network namespaces made by `ip netns add`, with their loopback up; deleted on drop.
+struct NetNamespaces(Vec<PathBuf>);
+
+impl NetNamespaces {
     fn new(names: &[&str]) -> Self {
-        let made = Self(
-            names
-                .iter()
-                .map(|n| format!("egress-moves-{n}-{}", std::process::id()))
-                .collect(),
-        );
-        for ns in &made.0 {
+        let made: Vec<String> = (names.iter())
+            .map(|n| format!("egress-moves-{n}-{}", std::process::id()))
+            .collect();
+        for ns in &made {
             ip(&["netns", "add", ns]);
             ip(&["-n", ns, "link", "set", "lo", "up"]);
         }
-        made
-    }
-
-    fn path(&self, i: usize) -> PathBuf {
-        Path::new("/run/netns").join(&self.0[i])
+        Self(
+            made.iter()
+                .map(|n| Path::new("/run/netns").join(n))
+                .collect(),
+        )
     }
 }
 
-impl Drop for Namespaces {
+impl Drop for NetNamespaces {
     fn drop(&mut self) {
-        for ns in &self.0 {
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        for path in &self.0 {
+            let name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default();
+            let _ = Command::new("ip").args(["netns", "del", name]).status();
         }
     }
 }
@@ -61,11 +78,48 @@ fn ip(args: &[&str]) {
     assert!(status.success(), "ip {args:?}: {status}");
 }
 
+/// UTS namespaces kept by a bind mount (`unshare --uts=<file>`), each with its own
+/// hostname; unmounted and removed on drop.
+struct UtsNamespaces(Vec<PathBuf>);
+
+impl UtsNamespaces {
+    fn new(names: &[&str]) -> Self {
+        let mut made = Self(Vec::new());
+        for name in names {
+            let host = format!("egress-moves-{name}");
+            let file = std::env::temp_dir().join(format!("{host}-uts-{}", std::process::id()));
+            std::fs::write(&file, "").expect("the namespace's mount point");
+            made.0.push(file.clone());
+            let uts = format!("--uts={}", file.display());
+            let status = Command::new("unshare")
+                .args([uts.as_str(), "hostname", &host])
+                .status()
+                .expect("run unshare");
+            assert!(status.success(), "unshare {uts} hostname {host}: {status}");
+        }
+        made
+    }
+}
+
+impl Drop for UtsNamespaces {
+    fn drop(&mut self) {
+        for file in &self.0 {
+            let _ = Command::new("umount").arg(file).status();
+            let _ = std::fs::remove_file(file);
+        }
+    }
+}
+
 /// Moves the calling thread into the namespace open as `ns`, of type `kind`.
-fn enter(ns: &std::fs::File, kind: libc::c_int) {
+fn enter(ns: &File, kind: libc::c_int) {
     // SAFETY: setns on this thread only, with a valid namespace fd.
     let rc = unsafe { libc::setns(ns.as_raw_fd(), kind) };
     assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+}
+
+/// Names this process (its leader's `comm`, which records carry as the process name).
+fn name_process(name: &str) {
+    std::fs::write("/proc/self/comm", name).expect("rename the process");
 }
 
 /// A TCP connect to 127.0.0.1:`port` from the calling thread (refused: nothing listens
@@ -99,171 +153,151 @@ fn connect_refused(port: u16) -> u16 {
     }
 }
 
-/// A thread enters namespace A, connects, goes back to the host's, enters B, connects,
-/// and so on, faster than the kernel's cached identity ages (a second). setns() frees
-/// the nsproxy it leaves and the next one is made at the same address, every time: the
-/// connections in B were reported with A's network namespace while the cache compared
-/// the nsproxy's address.
+/// One visit of the hopping thread to a namespace: the source ports of its two connects
+/// there, and what the namespace's records must say.
+struct Visit {
+    ports: [u16; 2],
+    expected: Value,
+}
+
+/// A thread enters each of `namespaces` (of type `kind`) in turn, 10 times, going back to
+/// its own in between, faster than the cached identity ages (a second). In each it
+/// connects, the process is renamed, and it connects again. `observe` says, inside,
+/// what the records must carry.
+fn hop(
+    kind: libc::c_int,
+    own: &str,
+    namespaces: &[PathBuf],
+    port: u16,
+    observe: fn() -> Value,
+) -> Vec<Visit> {
+    let own = File::open(own).expect("the thread's own namespace");
+    let files: Vec<File> = (namespaces.iter())
+        .map(|p| File::open(p).expect("open a namespace"))
+        .collect();
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                let mut visits = Vec::new();
+                for _ in 0..10 {
+                    for file in &files {
+                        enter(file, kind);
+                        name_process(FIRST_NAME);
+                        let first = connect_refused(port);
+                        name_process(SECOND_NAME);
+                        let second = connect_refused(port);
+                        visits.push(Visit {
+                            ports: [first, second],
+                            expected: observe(),
+                        });
+                        enter(&own, kind);
+                    }
+                }
+                visits
+            })
+            .join()
+            .expect("the hopping thread")
+    })
+}
+
+/// Runs `visit` (a hop) under each of [`HOOKS`], and checks that every record carries
+/// `key` as its visit expects, and the first connect's process name on both (the second
+/// connect used the identity the first one cached).
+fn each_connect_reported_where_it_was_made(key: &str, visit: impl Fn(u16) -> Vec<Visit>) {
+    for (wrapper, hook) in HOOKS {
+        let port = unused_port();
+        let collector = RunningCollector::start_wrapped(
+            wrapper,
+            Path::new(COLLECTOR),
+            &["--attributes", "full", "--stats-interval", "1h"],
+            Duration::from_secs(60),
+        )
+        .expect("collector starts");
+        let original = std::fs::read_to_string("/proc/self/comm").expect("process name");
+        let hopping = HOPPING.lock().unwrap_or_else(|e| e.into_inner());
+        let visits = visit(port);
+        name_process(original.trim_end());
+        drop(hopping);
+        std::thread::sleep(Duration::from_millis(300));
+        let (ok, stdout, stderr) = collector
+            .stop(Duration::from_secs(30))
+            .expect("collector stops");
+        assert!(ok, "collector failed:\n{}", stderr.join("\n"));
+        let start = stderr
+            .iter()
+            .find(|l| l.contains("Capturing egress connections."))
+            .unwrap_or_else(|| panic!("no start line:\n{}", stderr.join("\n")));
+        assert!(start.contains(&format!("tcp_state={hook}")), "{start}");
+        let records = egress_testkit::records::parse(&stdout);
+        let mine = records_to(
+            &records,
+            SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+            "tcp_connect",
+        );
+        let by_port = |port: u16| {
+            let found: Vec<&&Value> = (mine.iter())
+                .filter(|r| attr(r, "source.port") == port)
+                .collect();
+            assert_eq!(
+                found.len(),
+                1,
+                "{hook}: one record from port {port}: {mine:#?}"
+            );
+            *found[0]
+        };
+        for (i, visit) in visits.iter().enumerate() {
+            for (n, port) in visit.ports.into_iter().enumerate() {
+                let record = by_port(port);
+                assert_eq!(
+                    (attr(record, key), attr(record, "process.executable.name")),
+                    (&visit.expected, &Value::from(FIRST_NAME)),
+                    "{hook}: visit {i}, connect {n}: {key} of the namespace it was made in; the \
+                     process name the visit's first connect read (the second used the cached \
+                     identity): {record:#}"
+                );
+            }
+        }
+        assert_eq!(mine.len(), 2 * visits.len(), "{hook}: {mine:#?}");
+    }
+}
+
+/// setns() frees the nsproxy a thread leaves and makes the next one at the same address,
+/// every time: while the cache compared the nsproxy's address, the connections in B were
+/// reported with A's network namespace.
 #[test]
 fn a_thread_that_hops_between_network_namespaces_is_reported_in_each() {
     require_root();
-    let namespaces = Namespaces::new(&["a", "b"]);
-    let port = unused_port();
-    let collector = start_collector();
-    let paths: Vec<PathBuf> = (0..2).map(|i| namespaces.path(i)).collect();
-    // (source port, network namespace inode) of each connect, in order.
-    let hopping = HOPPING.lock().unwrap_or_else(|e| e.into_inner());
-    let made: Vec<(u16, u64)> = std::thread::spawn(move || {
-        let host = std::fs::File::open("/proc/thread-self/ns/net").expect("host netns");
-        let files: Vec<std::fs::File> = (paths.iter())
-            .map(|p| std::fs::File::open(p).expect("open netns"))
-            .collect();
-        let mut made = Vec::new();
-        for _ in 0..10 {
-            for file in &files {
-                enter(file, libc::CLONE_NEWNET);
-                let inode = std::fs::metadata("/proc/thread-self/ns/net")
-                    .expect("netns")
-                    .ino();
-                made.push((connect_refused(port), inode));
-                enter(&host, libc::CLONE_NEWNET);
-            }
-        }
-        made
-    })
-    .join()
-    .expect("the hopping thread");
-    drop(hopping);
-    let reported: Vec<(u16, u64)> = connects_to(collector, port)
-        .iter()
-        .map(|r| {
-            (
-                source_port(r),
-                attr(r, "egress.namespace.net").as_u64().unwrap_or(0),
-            )
-        })
-        .collect();
-    assert_eq!(
-        reported,
-        made,
-        "each connect in its own network namespace, in order (source port, netns inode); \
-         the namespaces: {:?}",
-        (0..2)
-            .map(|i| std::fs::metadata(namespaces.path(i)).map(|m| m.ino()).ok())
-            .collect::<Vec<_>>()
-    );
+    let namespaces = NetNamespaces::new(&["a", "b"]);
+    each_connect_reported_where_it_was_made("egress.namespace.net", |port| {
+        hop(
+            libc::CLONE_NEWNET,
+            "/proc/thread-self/ns/net",
+            &namespaces.0,
+            port,
+            || {
+                let ns = std::fs::metadata("/proc/thread-self/ns/net").expect("netns");
+                Value::from(ns.ino())
+            },
+        )
+    });
 }
 
-/// UTS namespaces kept by a bind mount (`unshare --uts=<file>`), each with its own
-/// hostname; unmounted and removed on drop.
-struct UtsNamespaces(Vec<(PathBuf, String)>);
-
-impl UtsNamespaces {
-    fn new(names: &[&str]) -> Self {
-        let made = Self(
-            (names.iter())
-                .map(|n| {
-                    let host = format!("egress-moves-{n}");
-                    let file =
-                        std::env::temp_dir().join(format!("{host}-uts-{}", std::process::id()));
-                    (file, host)
-                })
-                .collect(),
-        );
-        for (file, host) in &made.0 {
-            std::fs::write(file, "").expect("the namespace's mount point");
-            let uts = format!("--uts={}", file.display());
-            let status = Command::new("unshare")
-                .args([uts.as_str(), "hostname", host])
-                .status()
-                .expect("run unshare");
-            assert!(status.success(), "unshare {uts} hostname {host}: {status}");
-        }
-        made
-    }
-}
-
-impl Drop for UtsNamespaces {
-    fn drop(&mut self) {
-        for (file, _) in &self.0 {
-            let _ = Command::new("umount").arg(file).status();
-            let _ = std::fs::remove_file(file);
-        }
-    }
-}
-
-/// As the network namespaces above, with UTS namespaces: a thread that enters A, goes
-/// back and enters B has each connection reported with the nodename of the namespace it
+/// As above with UTS namespaces: each connection carries the nodename of the namespace it
 /// was made in (the nodename that tells a pod's, or a `hostNetwork` pod's node's).
 #[test]
 fn a_thread_that_hops_between_uts_namespaces_is_reported_with_each_nodename() {
     require_root();
     let namespaces = UtsNamespaces::new(&["a", "b"]);
-    let port = unused_port();
-    let collector = start_collector();
-    let files: Vec<(PathBuf, String)> = namespaces.0.clone();
-    // (source port, nodename) of each connect, in order.
-    let hopping = HOPPING.lock().unwrap_or_else(|e| e.into_inner());
-    let made: Vec<(u16, String)> = std::thread::spawn(move || {
-        let host = std::fs::File::open("/proc/thread-self/ns/uts").expect("host uts");
-        let opened: Vec<(std::fs::File, String)> = (files.iter())
-            .map(|(p, name)| (std::fs::File::open(p).expect("open uts ns"), name.clone()))
-            .collect();
-        let mut made = Vec::new();
-        for _ in 0..10 {
-            for (file, name) in &opened {
-                enter(file, libc::CLONE_NEWUTS);
-                made.push((connect_refused(port), name.clone()));
-                enter(&host, libc::CLONE_NEWUTS);
-            }
-        }
-        made
-    })
-    .join()
-    .expect("the hopping thread");
-    drop(hopping);
-    let reported: Vec<(u16, String)> = connects_to(collector, port)
-        .iter()
-        .map(|r| {
-            let nodename = attr(r, "egress.uts.nodename").as_str().unwrap_or("?");
-            (source_port(r), nodename.to_owned())
-        })
-        .collect();
-    assert_eq!(
-        reported, made,
-        "each connect with its own namespace's nodename, in order (source port, nodename)"
-    );
-}
-
-/// A collector with every attribute set (namespaces, nodename), statistics quiet.
-fn start_collector() -> RunningCollector {
-    RunningCollector::start(
-        Path::new(COLLECTOR),
-        &["--attributes", "full", "--stats-interval", "1h"],
-        Duration::from_secs(60),
-    )
-    .expect("collector starts")
-}
-
-/// Stops `collector` (after its reader's 100 ms poll) and returns this process's
-/// `tcp_connect` records to 127.0.0.1:`port`, in order.
-fn connects_to(collector: RunningCollector, port: u16) -> Vec<serde_json::Value> {
-    std::thread::sleep(Duration::from_millis(300));
-    let (ok, stdout, stderr) = collector
-        .stop(Duration::from_secs(30))
-        .expect("collector stops");
-    assert!(ok, "collector failed:\n{}", stderr.join("\n"));
-    let records = egress_testkit::records::parse(&stdout);
-    records_to(
-        &records,
-        SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
-        "tcp_connect",
-    )
-    .into_iter()
-    .cloned()
-    .collect()
-}
-
-fn source_port(record: &serde_json::Value) -> u16 {
-    attr(record, "source.port").as_u64().unwrap_or(0) as u16
+    each_connect_reported_where_it_was_made("egress.uts.nodename", |port| {
+        hop(
+            libc::CLONE_NEWUTS,
+            "/proc/thread-self/ns/uts",
+            &namespaces.0,
+            port,
+            || {
+                let name = std::fs::read_to_string("/proc/sys/kernel/hostname").expect("name");
+                Value::from(name.trim_end())
+            },
+        )
+    });
 }
