@@ -145,12 +145,11 @@ fn namespace_at(i: usize) -> u32 {
 /// reported with A's namespaces. A namespace is not freed while a task holds it. One
 /// comparison after another, each read only once the ones before matched (LLVM would
 /// turn a compare of two arrays into a byte-wise `bcmp`, which the verifier refuses on
-/// spilled pointers); where reads take a helper, from one copy ([`same_copied`]).
+/// spilled pointers). Read one by one where reads take a helper too: a copy of their
+/// span in `nsproxy` (64 bytes) put the raw tracepoint's stack at the verifier's 512-byte
+/// limit, for a saving within the kprobe family's noise (BENCHMARKS.md, kernel-cost-vm).
 #[inline(always)]
 fn same_namespaces<R: Reader>(cached: &Identity, nsproxy: u64) -> bool {
-    if !R::DIRECT && config!(offsets.nsproxy_ns_span) != 0 {
-        return same_copied(cached, nsproxy);
-    }
     let held = |i: usize| R::kernel::<u64>(nsproxy, namespace_at(i)).unwrap_or(0);
     cached.namespaces[0] == held(0)
         && cached.namespaces[1] == held(1)
@@ -158,33 +157,6 @@ fn same_namespaces<R: Reader>(cached: &Identity, nsproxy: u64) -> bool {
         && cached.namespaces[3] == held(3)
         && cached.namespaces[4] == held(4)
 }
-
-/// [`same_namespaces`] from one helper copy of the span of `nsproxy` that holds the five
-/// pointers (user space's `nsproxy_ns_first`, `nsproxy_ns_span`) instead of five helper
-/// reads. Out of line: its 64-byte copy then sits in a frame of its own, beside the
-/// completion's rather than under it (inline, it put the raw tracepoint's deepest call
-/// chain at the verifier's 512-byte limit).
-#[inline(never)]
-fn same_copied(cached: &Identity, nsproxy: u64) -> bool {
-    let first = config!(offsets.nsproxy_ns_first);
-    let span = config!(offsets.nsproxy_ns_span) as usize;
-    let mut copy = [0u64; SPAN_WORDS];
-    // SAFETY: the array's own bytes.
-    let bytes =
-        unsafe { core::slice::from_raw_parts_mut(copy.as_mut_ptr().cast::<u8>(), SPAN_WORDS * 8) };
-    if read::kernel_buf(nsproxy, first, &mut bytes[..span.min(SPAN_WORDS * 8)]).is_err() {
-        return false;
-    }
-    let held = |i: usize| copy[(namespace_at(i).wrapping_sub(first) / 8) as usize % SPAN_WORDS];
-    cached.namespaces[0] == held(0)
-        && cached.namespaces[1] == held(1)
-        && cached.namespaces[2] == held(2)
-        && cached.namespaces[3] == held(3)
-        && cached.namespaces[4] == held(4)
-}
-
-/// Words of the copy [`same_copied`] compares from (user space's largest span).
-const SPAN_WORDS: usize = egress_shared::NSPROXY_SPAN_MAX as usize / 8;
 
 /// The serial number of the task's css in the configured v1 hierarchy (0 when a read
 /// fails: never a cache hit then, as an identity is cached only with a real one). Not the

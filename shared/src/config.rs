@@ -36,12 +36,6 @@ pub struct KernelOffsets {
     pub nsproxy_mnt_ns: u32,
     pub nsproxy_net_ns: u32,
     pub nsproxy_cgroup_ns: u32,
-    /// The lowest of the five `nsproxy_*_ns` offsets above, and the bytes from it to the
-    /// end of the highest: the programs that read through helpers compare a cached
-    /// identity's namespaces with one copy of that span instead of five reads. A span
-    /// over [`NSPROXY_SPAN_MAX`] bytes (no kernel has one) is 0: they read the five fields.
-    pub nsproxy_ns_first: u32,
-    pub nsproxy_ns_span: u32,
     // <namespace>.ns.inum
     pub uts_ns_inum: u32,
     pub ipc_ns_inum: u32,
@@ -110,10 +104,7 @@ pub struct KernelOffsets {
     pub tcp_clock_cache: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 66 * 4);
-
-/// The largest `nsproxy_ns_span` user space hands the programs: the size of their copy.
-pub const NSPROXY_SPAN_MAX: u32 = 64;
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 64 * 4);
 
 /// Field offsets inside tracepoint records, read from tracefs `format` files.
 #[repr(C)]
@@ -137,7 +128,7 @@ pub struct TracepointOffsets {
     pub sendmmsg_msg: u32,
 }
 
-/// With [`KernelOffsets`] (66 u32) and `cgroup_subsys_index` an even number of u32 (80):
+/// With [`KernelOffsets`] (64 u32) and `cgroup_subsys_index` an even number of u32 (78):
 /// what follows is 8-byte aligned (asserted below [`ProbeConfig`]).
 const _: () = assert!(core::mem::size_of::<TracepointOffsets>() == 13 * 4);
 
@@ -224,7 +215,7 @@ pub struct ProbeConfig {
 }
 
 const _: () =
-    assert!(core::mem::size_of::<ProbeConfig>() == 66 * 4 + 14 * 4 + 8 + 8 + 24 + 16 + 16 + 8 * 4);
+    assert!(core::mem::size_of::<ProbeConfig>() == 64 * 4 + 14 * 4 + 8 + 8 + 24 + 16 + 16 + 8 * 4);
 /// The offsets' counts and the subsys index (even in all) keep the first u64 after them aligned.
 const _: () = assert!(core::mem::offset_of!(ProbeConfig, udp_flow_window_ns) % 8 == 0);
 const _: () = assert!(core::mem::offset_of!(ProbeConfig, aggregate_window_ns) % 8 == 0);
@@ -291,8 +282,6 @@ impl ProbeConfig {
                 nsproxy_mnt_ns: 0,
                 nsproxy_net_ns: 0,
                 nsproxy_cgroup_ns: 0,
-                nsproxy_ns_first: 0,
-                nsproxy_ns_span: 0,
                 uts_ns_inum: 0,
                 ipc_ns_inum: 0,
                 mnt_ns_inum: 0,

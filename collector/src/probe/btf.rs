@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use btf_rs::{Backend, Btf, BtfType, Type};
-use egress_shared::{DnsIterOffsets, KernelOffsets, NSPROXY_SPAN_MAX};
+use egress_shared::{DnsIterOffsets, KernelOffsets};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BtfError {
@@ -205,14 +205,6 @@ impl KernelBtf {
         let inum = |ns: &str| -> Result<u32, BtfError> {
             Ok(self.offset(ns, "ns")? + self.offset("ns_common", "inum")?)
         };
-        let nsproxy = [
-            self.offset("nsproxy", "uts_ns")?,
-            self.offset("nsproxy", "ipc_ns")?,
-            self.offset("nsproxy", "mnt_ns")?,
-            self.offset("nsproxy", "net_ns")?,
-            self.offset("nsproxy", "cgroup_ns")?,
-        ];
-        let (nsproxy_ns_first, nsproxy_ns_span) = pointer_span(&nsproxy);
         Ok(KernelOffsets {
             task_pid: self.offset("task_struct", "pid")?,
             task_tgid: self.offset("task_struct", "tgid")?,
@@ -229,13 +221,11 @@ impl KernelBtf {
             // structs): the number is where the field starts.
             cred_uid: self.offset("cred", "uid")?,
             cred_gid: self.offset("cred", "gid")?,
-            nsproxy_uts_ns: nsproxy[0],
-            nsproxy_ipc_ns: nsproxy[1],
-            nsproxy_mnt_ns: nsproxy[2],
-            nsproxy_net_ns: nsproxy[3],
-            nsproxy_cgroup_ns: nsproxy[4],
-            nsproxy_ns_first,
-            nsproxy_ns_span,
+            nsproxy_uts_ns: self.offset("nsproxy", "uts_ns")?,
+            nsproxy_ipc_ns: self.offset("nsproxy", "ipc_ns")?,
+            nsproxy_mnt_ns: self.offset("nsproxy", "mnt_ns")?,
+            nsproxy_net_ns: self.offset("nsproxy", "net_ns")?,
+            nsproxy_cgroup_ns: self.offset("nsproxy", "cgroup_ns")?,
             uts_ns_inum: inum("uts_namespace")?,
             ipc_ns_inum: inum("ipc_namespace")?,
             mnt_ns_inum: inum("mnt_namespace")?,
@@ -314,21 +304,6 @@ impl KernelBtf {
     /// Index of a cgroup v1 controller in `css_set.subsys[]` (`enum cgroup_subsys_id`).
     pub fn cgroup_subsys_index(&self, controller: &str) -> Result<u32, BtfError> {
         self.enum_value("cgroup_subsys_id", &format!("{controller}_cgrp_id"))
-    }
-}
-
-/// The lowest of the 8-byte fields at `offsets` and the bytes from it to the end of the
-/// highest, when that span is at most [`NSPROXY_SPAN_MAX`] bytes (one copy onto the
-/// programs' stack); else `(0, 0)`: the fields are read one by one.
-pub fn pointer_span(offsets: &[u32]) -> (u32, u32) {
-    let (Some(first), Some(last)) = (offsets.iter().min(), offsets.iter().max()) else {
-        return (0, 0);
-    };
-    let span = last + 8 - first;
-    if span <= NSPROXY_SPAN_MAX && offsets.iter().all(|o| (o - first) % 8 == 0) {
-        (*first, span)
-    } else {
-        (0, 0)
     }
 }
 
