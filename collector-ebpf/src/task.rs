@@ -145,9 +145,10 @@ fn namespace_at(i: usize) -> u32 {
 /// reported with A's namespaces. A namespace is not freed while a task holds it. One
 /// comparison after another, each read only once the ones before matched (LLVM would
 /// turn a compare of two arrays into a byte-wise `bcmp`, which the verifier refuses on
-/// spilled pointers). Read one by one where reads take a helper too: a copy of their
-/// span in `nsproxy` (64 bytes) put the raw tracepoint's stack at the verifier's 512-byte
-/// limit, for a saving within the kprobe family's noise (BENCHMARKS.md, kernel-cost-vm).
+/// spilled pointers). Read one by one where reads take a helper too: one copy of their
+/// span in `nsproxy` (64 bytes) was not steadily cheaper in the kprobe family, and inline
+/// it put the raw tracepoint's stack at the verifier's 512-byte limit (BENCHMARKS.md,
+/// kernel-cost-vm).
 #[inline(always)]
 fn same_namespaces<R: Reader>(cached: &Identity, nsproxy: u64) -> bool {
     let held = |i: usize| R::kernel::<u64>(nsproxy, namespace_at(i)).unwrap_or(0);
