@@ -157,14 +157,9 @@ fn start_collector(args: &[&str]) -> RunningCollector {
 
 /// Stops the collector; the records to `port`.
 fn records_to(collector: RunningCollector, port: u16) -> (Vec<Value>, Vec<String>) {
-    std::thread::sleep(Duration::from_millis(300));
-    let (ok, stdout, stderr) = collector
-        .stop(Duration::from_secs(30))
-        .expect("collector stops");
-    assert!(ok, "collector failed:\n{}", stderr.join("\n"));
-    let records = stdout
-        .lines()
-        .map(|l| serde_json::from_str::<Value>(l).expect("every stdout line is JSON"))
+    let (records, stderr) = collector.stop_after_poll();
+    let records = records
+        .into_iter()
         .filter(|r| r["attributes"]["destination.port"] == port)
         .collect();
     (records, stderr)

@@ -39,13 +39,6 @@ fn listener() -> ((), u16) {
     ((), port)
 }
 
-fn records(stdout: &str) -> Vec<Value> {
-    stdout
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("every stdout line is JSON"))
-        .collect()
-}
-
 fn to_port(records: &[Value], port: u16) -> Vec<&Value> {
     records
         .iter()
@@ -143,12 +136,7 @@ fn kubelet_style_containers_are_attributed_to_their_pods() {
     for container in &containers {
         container.run_to_completion().expect("container runs");
     }
-    std::thread::sleep(Duration::from_millis(300));
-    let (ok, stdout, stderr) = collector
-        .stop(Duration::from_secs(30))
-        .expect("collector stops");
-    assert!(ok, "collector failed:\n{}", stderr.join("\n"));
-    let records = records(&stdout);
+    let (records, _) = collector.stop_after_poll();
 
     let [c_burstable, c_guaranteed, c_host_net, c_blink] = &containers;
     let burstable_records = to_port(&records, burstable_port);
@@ -240,17 +228,12 @@ fn a_data_root_moved_by_daemon_json_is_followed_under_the_host_root() {
     container.start().expect("docker start");
     moved.adopt(&container);
     container.wait().expect("docker wait");
-    std::thread::sleep(Duration::from_millis(300));
-    let (ok, stdout, stderr) = collector
-        .stop(Duration::from_secs(30))
-        .expect("collector stops");
-    assert!(ok, "collector failed:\n{}", stderr.join("\n"));
+    let (records, stderr) = collector.stop_after_poll();
     assert!(
         stderr.iter().any(|l| l.contains("/srv/moved-docker")),
         "the collector says which data-root it reads:\n{}",
         stderr.join("\n")
     );
-    let records = records(&stdout);
     let to_container = to_port(&records, port);
     assert!(
         !to_container.is_empty(),

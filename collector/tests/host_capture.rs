@@ -346,7 +346,7 @@ fn a_small_ring_is_drained_as_it_fills() {
         connect_from_a_new_process(port);
     }
     let rate = CONNECTIONS as f64 / started.elapsed().as_secs_f64();
-    let (records, stderr) = stop(collector);
+    let (records, stderr) = collector.stop_after_poll();
     assert!(
         rate > 800.0,
         "{rate:.0} connections/s: too slow to fill the ring between two timer polls"
@@ -398,7 +398,7 @@ fn each_record_carries_the_ids_of_the_thread_that_connected() {
         .trim()
         .parse()
         .expect("the thread printed its id");
-    let (records, stderr) = stop(collector);
+    let (records, stderr) = collector.stop_after_poll();
     assert!(
         stderr.iter().any(|l| l.contains("tcp_state=tp_btf")),
         "this kernel loads tp_btf programs, whose reads this test is about:\n{}",
@@ -523,19 +523,6 @@ fn full_collector() -> egress_testkit::collector::RunningCollector {
     .expect("collector starts")
 }
 
-/// Stops `collector` (after its reader's 100 ms poll has passed) and returns every record
-/// it wrote, and its log.
-fn stop(
-    collector: egress_testkit::collector::RunningCollector,
-) -> (Vec<serde_json::Value>, Vec<String>) {
-    std::thread::sleep(Duration::from_millis(300));
-    let (ok, stdout, stderr) = collector
-        .stop(Duration::from_secs(30))
-        .expect("collector stops");
-    assert!(ok, "collector failed:\n{}", stderr.join("\n"));
-    (egress_testkit::records::parse(&stdout), stderr)
-}
-
 /// The records of TCP connections process `pid` made to 127.0.0.1:`port`, in order,
 /// and the log of `collector`, stopped.
 fn records_of(
@@ -543,7 +530,7 @@ fn records_of(
     port: u16,
     pid: u32,
 ) -> (Vec<serde_json::Value>, Vec<String>) {
-    let (records, stderr) = stop(collector);
+    let (records, stderr) = collector.stop_after_poll();
     let mine = records
         .into_iter()
         .filter(|r| to_loopback_tcp(r, port) && attr(r, "process.pid") == pid)

@@ -218,17 +218,12 @@ fn each_connect_reported_where_it_was_made(key: &str, visit: impl Fn(u16) -> Vec
         let visits = visit(port);
         name_process(original.trim_end());
         drop(hopping);
-        std::thread::sleep(Duration::from_millis(300));
-        let (ok, stdout, stderr) = collector
-            .stop(Duration::from_secs(30))
-            .expect("collector stops");
-        assert!(ok, "collector failed:\n{}", stderr.join("\n"));
+        let (records, stderr) = collector.stop_after_poll();
         let start = stderr
             .iter()
             .find(|l| l.contains("Capturing egress connections."))
             .unwrap_or_else(|| panic!("no start line:\n{}", stderr.join("\n")));
         assert!(start.contains(&format!("tcp_state={hook}")), "{start}");
-        let records = egress_testkit::records::parse(&stdout);
         let mine = records_to(
             &records,
             SocketAddr::from((Ipv4Addr::LOCALHOST, port)),

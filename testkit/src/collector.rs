@@ -136,6 +136,16 @@ impl RunningCollector {
         self.stop_with(libc::SIGINT, timeout)
     }
 
+    /// Stops the collector once its reader's 100 ms poll has passed (every record made
+    /// before is written), asserting that it stopped and exited cleanly: its records, and
+    /// its whole log.
+    pub fn stop_after_poll(self) -> (Vec<serde_json::Value>, Vec<String>) {
+        thread::sleep(Duration::from_millis(300));
+        let (ok, stdout, stderr) = self.stop(Duration::from_secs(30)).expect("collector stops");
+        assert!(ok, "collector failed:\n{}", stderr.join("\n"));
+        (crate::records::parse(&stdout), stderr)
+    }
+
     /// As [`Self::stop`], with SIGTERM (what kubelet sends).
     pub fn terminate(self, timeout: Duration) -> Result<(bool, String, Vec<String>), String> {
         self.stop_with(libc::SIGTERM, timeout)
