@@ -297,17 +297,16 @@ pub fn wakeup_flags() -> u64 {
 /// (`egress_shared::ring::spans_boundary`), so once per `wakeup_bytes` written, as often
 /// as the threshold wakes a reader that lags. A boundary spanned by a record submitted
 /// with [`wakeup_flags`] (DNS records) wakes no one: the threshold or the
-/// reader's timer takes over. Where the address cannot be had, [`wakeup_flags`].
+/// reader's timer takes over.
 #[inline(always)]
-fn wakeup_flags_at(record: Option<u64>, len: u64) -> u64 {
+fn wakeup_flags_at(record: u64, len: u64) -> u64 {
     let every = config!(wakeup_bytes) as u64;
     if every == 0 {
-        return 0;
-    }
-    match record {
-        Some(data) if egress_shared::ring::spans_boundary(data, len, every) => BPF_RB_FORCE_WAKEUP,
-        Some(_) => BPF_RB_NO_WAKEUP,
-        None => wakeup_flags(),
+        0
+    } else if egress_shared::ring::spans_boundary(record, len, every) {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
     }
 }
 

@@ -55,23 +55,21 @@ pub static SCRATCH: PerCpuArray<ConnectEvent> = PerCpuArray::with_max_entries(Sl
 /// as the pending slots' socket addresses are. The verifier refuses the arithmetic that
 /// hashes an address on any pointer it types, and the map keys and records want the
 /// number; but the difference of two pointers is a number to it, and so is a value
-/// loaded from a map: `sk - &word + word` is `sk`'s address as a number. A plain array
-/// (its one value's address is computed inline, no load) read by every CPU and written
-/// once: one shared cache line, where a per-CPU slot to store the pointer in and load it
-/// back took the map's per-CPU pointer table and the slot, and could be overwritten by a
-/// softirq between the two.
-#[map]
-pub static SELF_ADDRESS: Array<u64> = Array::with_max_entries(1, 0);
+/// loaded from a map: `sk - &word + word` is `sk`'s address as a number. A global in the
+/// object's `.bss` map (see [`Words`]), read by every CPU and written once: one shared
+/// cache line, where a per-CPU slot to store the pointer in and load it back took the
+/// map's per-CPU pointer table and the slot, and could be overwritten by a softirq
+/// between the two.
+static SELF_ADDRESS: Words<1> = Words::new();
 
 /// The address `pointer` holds (a typed pointer, a ring buffer record) as a plain number:
 /// its distance from [`SELF_ADDRESS`] (pointer minus pointer: a number to the verifier)
-/// plus the address that word holds. `None` only if the array's one element cannot be
-/// had.
+/// plus the address that word holds.
 #[inline(always)]
-pub fn address_number(pointer: u64) -> Option<u64> {
-    let word = SELF_ADDRESS.get_ptr_mut(0)?;
-    // SAFETY: the map's one 8-byte aligned value, valid for this run; every writer
-    // stores the same value.
+pub fn address_number(pointer: u64) -> u64 {
+    let word = SELF_ADDRESS.first();
+    // SAFETY: the global's 8-byte aligned word, valid for the program's life; every
+    // writer stores the same value.
     let mut address = unsafe { core::ptr::read_volatile(word) };
     if address == 0 {
         // SAFETY: as above; volatile, so the load below is not folded into this store
@@ -85,7 +83,54 @@ pub fn address_number(pointer: u64) -> Option<u64> {
     // `address - word` first, a pointer subtracted from a number, which the verifier
     // refuses.
     let distance = core::hint::black_box(pointer.wrapping_sub(word as u64));
-    Some(distance.wrapping_add(address))
+    distance.wrapping_add(address)
+}
+
+/// Words only the programs use (the socket number's base, marks, hints, counts by slot):
+/// globals in the object's `.bss` map instead of array maps of their own. An element's
+/// address is then the global's address (an immediate in the program) plus the index,
+/// where an array map's lookup stored the index on the stack, loaded it back, and tested
+/// the bound and the result for null, on every run that looked (BENCHMARKS.md,
+/// kernel-cost: a dropped attempt's runs make five such looks). The same memory to every
+/// CPU as an array map's values, and the same operations on it (volatile loads and
+/// stores, atomics).
+#[repr(transparent)]
+pub struct Words<const N: usize>(core::cell::UnsafeCell<[u64; N]>);
+
+// SAFETY: every access goes through raw pointers, with volatile or atomic operations, as
+// on an array map's values, which every CPU shares.
+unsafe impl<const N: usize> Sync for Words<N> {}
+
+impl<const N: usize> Default for Words<N> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<const N: usize> Words<N> {
+    pub const fn new() -> Self {
+        Self(core::cell::UnsafeCell::new([0; N]))
+    }
+
+    #[inline(always)]
+    fn first(&self) -> *mut u64 {
+        self.0.get() as *mut u64
+    }
+
+    /// The element at `index`, if in bounds (an index folded with `%` by a power of two
+    /// `N` makes the test vanish).
+    #[inline(always)]
+    pub fn get_ptr_mut(&self, index: u32) -> Option<*mut u64> {
+        // SAFETY: in bounds of the array, just checked.
+        ((index as usize) < N).then(|| unsafe { self.first().add(index as usize) })
+    }
+
+    #[inline(always)]
+    pub fn get(&self, index: u32) -> Option<&u64> {
+        // SAFETY: a valid element (see `get_ptr_mut`), which other CPUs may write, as an
+        // array map's value.
+        self.get_ptr_mut(index).map(|word| unsafe { &*word })
+    }
 }
 
 /// The [`SCRATCH`] slot of each program that assembles events.
@@ -166,11 +211,10 @@ pub struct Bucket {
 
 /// One counter per thread id (folded into 16,384 slots): non-zero once a thread of that
 /// slot saved call state in [`CALLS`]. A syscall exit whose slot is zero has nothing to
-/// take and returns on this array load (the verifier inlines it) instead of a hash lookup:
+/// take and returns on this one load (a global array, see [`Words`]) instead of a hash lookup:
 /// every TCP connect() pays that exit, and TCP connects save no call state. Only ever
 /// incremented (an atomic add, which every supported kernel has), so no save is missed.
-#[map]
-pub static CALL_HINTS: Array<u64> = Array::with_max_entries(CALL_HINT_SLOTS, 0);
+pub static CALL_HINTS: Words<{ CALL_HINT_SLOTS as usize }> = Words::new();
 
 pub const CALL_HINT_SLOTS: u32 = 16384;
 
@@ -183,16 +227,14 @@ pub const CALL_HINT_SLOTS: u32 = 16384;
 /// syscall number is checked), so a mark outlives its exit only if the kernel skipped
 /// that exit's program (counted as a recursion miss); the thread's next connect then
 /// clears it.
-#[map]
-pub static TCP_CONNECT_MARKS: Array<u64> = Array::with_max_entries(CALL_HINT_SLOTS, 0);
+pub static TCP_CONNECT_MARKS: Words<{ CALL_HINT_SLOTS as usize }> = Words::new();
 
 /// Sockets in the middle of a simultaneous open (SYN_SENT -> SYN_RECV, both sides
 /// connect()ed to each other at once), by a fold of the socket address into 256 slots,
 /// so SYN_RECV -> ESTABLISHED, which every accepted connection also passes, costs an
 /// array load. Two such opens in one slot at once: the first stays in `PENDING_TCP`
 /// (reported pending) instead of completing. Simultaneous opens are rare.
-#[map]
-pub static SIMULTANEOUS_OPENS: Array<u64> = Array::with_max_entries(SIMULTANEOUS_OPEN_SLOTS, 0);
+pub static SIMULTANEOUS_OPENS: Words<{ SIMULTANEOUS_OPEN_SLOTS as usize }> = Words::new();
 
 pub const SIMULTANEOUS_OPEN_SLOTS: u32 = 256;
 
@@ -237,8 +279,7 @@ pub const PENDING_SLOT_COUNT: u32 = 1 << PENDING_SLOT_BITS;
 /// insert, taken back at removal; an attempt the LRU evicted leaves it high, which only
 /// costs its slot's misses a hash lookup). Zero, a completion that finds its slot held
 /// by another socket (an attempt the filters or the rate limit dropped) looks no further.
-#[map]
-pub static PENDING_SPILLS: Array<u64> = Array::with_max_entries(PENDING_SLOT_COUNT, 0);
+pub static PENDING_SPILLS: Words<{ PENDING_SLOT_COUNT as usize }> = Words::new();
 
 /// The part of a task's identity its whole process shares and that rarely changes, by
 /// `tgid`, so a process's connections after its first cost a lookup and a few checking

@@ -136,14 +136,7 @@ fn state_change<R: Reader>(sk: u64, old: i32, new: i32) {
         return;
     }
     // A typed pointer (plain loads) needs its number (`address_number`); a raw one is one.
-    let sk_id = if R::DIRECT {
-        match address_number(sk) {
-            Some(id) => id,
-            None => return,
-        }
-    } else {
-        sk
-    };
+    let sk_id = if R::DIRECT { address_number(sk) } else { sk };
     // A completion or an accepted connection with nothing kept for it (a dropped
     // attempt, an accepted connection: most of these runs) ends here, before the call
     // to the out-of-line body: a call and its return cost ~10 ns with today's return
