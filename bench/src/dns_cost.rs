@@ -14,7 +14,7 @@ use std::{
 
 use anyhow::{Context, bail};
 
-use crate::kernel_cost::{ProgramStats, enable_stats, programs_of};
+use crate::kernel_cost::{ProgramStats, counters_of, enable_stats, program_ids_of, programs_of};
 
 const IPERF_PORT: &str = "5299";
 const DNS_ADDR: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 153);
@@ -152,11 +152,12 @@ fn bulk(pid: Option<u32>, udp: bool, seconds: u64, prefix: &str) -> anyhow::Resu
     } else {
         ("Tcp", "InSegs")
     };
-    let before = pid.map(programs_of).unwrap_or_default();
+    let ids = pid.map(program_ids_of).unwrap_or_default();
+    let before = counters_of(&ids);
     let received_before = snmp(protocol, field);
     let bps = iperf(udp, seconds)?;
     let received = snmp(protocol, field) - received_before;
-    let after = pid.map(programs_of).unwrap_or_default();
+    let after = counters_of(&ids);
     let names = names(&after);
     let (dns_ns, dns_runs) = delta(&before, &after, &names, prefix);
     let (all_ns, _) = delta(&before, &after, &names, "");
@@ -195,9 +196,10 @@ fn lookup() -> anyhow::Result<()> {
 /// a thread, read with recv(); `pid`: the observer whose programs are read around it.
 fn marked_bulk(pid: Option<u32>, seconds: u64) -> anyhow::Result<Bulk> {
     lookup()?;
-    let before = pid.map(programs_of).unwrap_or_default();
+    let ids = pid.map(program_ids_of).unwrap_or_default();
+    let before = counters_of(&ids);
     let transfer = crate::bulk::udp(seconds as f64)?;
-    let after = pid.map(programs_of).unwrap_or_default();
+    let after = counters_of(&ids);
     let names = names(&after);
     let (dns_ns, dns_runs) = delta(&before, &after, &names, "tp_dns_");
     let (all_ns, _) = delta(&before, &after, &names, "");
@@ -213,12 +215,13 @@ fn marked_bulk(pid: Option<u32>, seconds: u64) -> anyhow::Result<Bulk> {
 /// `queries` lookups as Go makes them (connect, write, read) to the dnsmasq on
 /// 127.0.0.153; returns the DNS programs' (run time, runs) and every program's time.
 fn answers(pid: u32, queries: u64) -> anyhow::Result<(u64, u64, u64)> {
-    let before = programs_of(pid);
+    let ids = program_ids_of(pid);
+    let before = counters_of(&ids);
     for _ in 0..queries {
         lookup()?;
     }
     std::thread::sleep(Duration::from_millis(200));
-    let after = programs_of(pid);
+    let after = counters_of(&ids);
     let names = names(&after);
     let (dns_ns, dns_runs) = delta(&before, &after, &names, "tp_dns_");
     let (all_ns, _) = delta(&before, &after, &names, "");

@@ -9,7 +9,7 @@ use anyhow::Context;
 use crate::{
     dns_cost::{Killed, delta, names, snmp},
     dns_cost_vm::{LOG_MARKER, Observer, Row},
-    kernel_cost::{ProgramStats, enable_stats, programs_of},
+    kernel_cost::{ProgramStats, counters_of, enable_stats, program_ids_of},
 };
 
 /// What the collector logs once every program is attached (collector/src/pipeline.rs).
@@ -134,7 +134,8 @@ fn transfer(
         ("Tcp", "InSegs")
     };
     let pid = running.pid();
-    let before = pid.map(programs_of).unwrap_or_default();
+    let ids = pid.map(program_ids_of).unwrap_or_default();
+    let before = counters_of(&ids);
     let received_before = snmp(protocol, field);
     let moved = if udp {
         crate::bulk::udp(seconds as f64)?
@@ -142,7 +143,7 @@ fn transfer(
         crate::bulk::tcp(seconds as f64)?
     };
     let received = snmp(protocol, field) - received_before;
-    let after = pid.map(programs_of).unwrap_or_default();
+    let after = counters_of(&ids);
     let names = names(&after);
     let counted: &[&str] = if observer == Observer::Empty {
         &[""]
