@@ -45,13 +45,13 @@ pub fn atomic_add(ptr: *mut u64, value: u64) {
 }
 
 #[inline(always)]
-fn load(ptr: *mut u64) -> u64 {
+pub fn load(ptr: *mut u64) -> u64 {
     // SAFETY: as above.
     unsafe { core::ptr::read_volatile(ptr) }
 }
 
 #[inline(always)]
-fn store(ptr: *mut u64, value: u64) {
+pub fn store(ptr: *mut u64, value: u64) {
     // SAFETY: as above.
     unsafe { core::ptr::write_volatile(ptr, value) }
 }
@@ -73,7 +73,7 @@ const NANO: u64 = 1_000_000_000;
 
 /// `*ptr = value`, returning the value before, as one BPF atomic exchange (kernel 5.12+).
 #[inline(always)]
-fn exchange(ptr: *mut u64, value: u64) -> u64 {
+pub fn exchange(ptr: *mut u64, value: u64) -> u64 {
     // SAFETY: as for [`atomic_add`].
     unsafe {
         core::intrinsics::atomic_xchg::<u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
@@ -85,7 +85,7 @@ fn exchange(ptr: *mut u64, value: u64) -> u64 {
 /// `*ptr = new` if `*ptr` is still `old`, as one BPF compare-and-exchange (kernel 5.12+);
 /// true if it was.
 #[inline(always)]
-fn compare_exchange(ptr: *mut u64, old: u64, new: u64) -> bool {
+pub fn compare_exchange(ptr: *mut u64, old: u64, new: u64) -> bool {
     compare_exchange_value(ptr, old, new).is_ok()
 }
 
@@ -331,7 +331,9 @@ pub fn output<T: 'static>(ev: &T) -> bool {
 /// Submits an admitted event (see [`identify`]).
 #[inline(always)]
 fn submit(ev: &mut ConnectEvent) {
-    filter::open_aggregate(ev);
+    // The record's time was read just before (`publish_time`).
+    let now = ev.boot_time_ns;
+    filter::open_aggregate(ev, now);
     if !output(&*ev) {
         // An aggregate this record opened stays: user space finds its repeats without
         // their opening record when the window closes and counts them as lost.
@@ -1165,7 +1167,7 @@ fn complete<R: Reader>(
         ev.sk_err = R::kernel::<i32>(sk, config!(offsets.sk_err)).unwrap_or(0) as u32;
         ev.sk_err_soft = R::kernel::<i32>(sk, config!(offsets.sk_err_soft)).unwrap_or(0) as u32;
     }
-    filter::open_aggregate(ev);
+    filter::open_aggregate(ev, now);
     now
 }
 

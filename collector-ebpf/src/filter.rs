@@ -1,12 +1,13 @@
 //! What users exclude (destinations, cgroups) and the aggregation of repeats, decided in
 //! the kernel so an unwanted or repeated connection costs a map lookup, not a record.
 
-use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_boot_ns, maps::lpm_trie::Key};
-use egress_shared::{AggregateKey, ConnectEvent, Counter};
+use aya_ebpf::{bindings::BPF_NOEXIST, maps::lpm_trie::Key};
+use egress_shared::{AggregateKey, ConnectEvent, Counter, EXCLUDED_V4_INLINE};
 
 use crate::{
-    emit::count,
-    maps::{AGGREGATES, EXCLUDED_CGROUPS, EXCLUDED_V4, EXCLUDED_V6, config},
+    clock,
+    emit::{self, count},
+    maps::{AGGREGATES, EXCLUDED_CGROUPS, EXCLUDED_V4, EXCLUDED_V6, Words, config},
     read::Reader,
     sock::{AF_INET, AF_INET6, is_v4_mapped},
 };
@@ -51,12 +52,35 @@ fn excluded_destination(family: u16, a: &[u8; 16]) -> bool {
         } else {
             [a[12], a[13], a[14], a[15]]
         };
+        if config!(excluded_v4.in_trie) == 0 {
+            return excluded_v4_inline(v4);
+        }
         EXCLUDED_V4.get(Key::new(32, v4)).is_some()
     } else if family == AF_INET6 {
         EXCLUDED_V6.get(Key::new(128, *a)).is_some()
     } else {
         false
     }
+}
+
+/// Whether `v4` is in one of the prefixes the configuration holds (`ExcludedV4`): read
+/// one by one with volatile loads, as every configuration field (the compiler would
+/// otherwise fold the zeroed initialiser in).
+#[inline(always)]
+fn excluded_v4_inline(v4: [u8; 4]) -> bool {
+    let count = config!(excluded_v4.count);
+    for i in 0..EXCLUDED_V4_INLINE {
+        if i as u32 >= count {
+            return false;
+        }
+        // SAFETY: an element of the frozen configuration, in bounds.
+        let prefix =
+            unsafe { core::ptr::read_volatile(&crate::maps::CONFIG.excluded_v4.prefixes[i]) };
+        if prefix.holds(v4) {
+            return true;
+        }
+    }
+    false
 }
 
 /// The cgroup that names the event's container, the key of the per-cgroup maps: the leaf
@@ -78,6 +102,53 @@ pub fn excluded_cgroup(key: u64) -> bool {
     unsafe { EXCLUDED_CGROUPS.get(&key).is_some() }
 }
 
+/// CLOCK_BOOTTIME minus the decisions' clock (`clock::decision_ns`), as an aggregate's
+/// opening last measured it (see [`window_clock`]); wrapping arithmetic (the tick count
+/// runs ahead).
+static WINDOW_CLOCK_OFFSET: Words<1> = Words::new();
+
+/// Now, on the aggregation windows' clock: CLOCK_BOOTTIME (which user space closes the
+/// windows by), read as the decisions' tick count plus [`WINDOW_CLOCK_OFFSET`] where the
+/// decisions go by it. A repeat then costs one plain load for its time, where
+/// `bpf_ktime_get_boot_ns` is an ordered TSC read that waits for every load before it
+/// (~45 ns per dropped repeat in a profile). It is within a tick of the clock (the count
+/// lags by up to one, and so did the count the offset was measured with), so a repeat
+/// at most a tick from a window's boundary may be counted in the other window's
+/// aggregate, or miss it and be reported on its own; user space closes a window two
+/// windows (at least 2 s) after it ended. After a resume (the count stops while the
+/// machine sleeps) the repeats take earlier windows until the next opening measures the
+/// offset again: one that misses its aggregate is admitted, opens one and measures it.
+#[inline(always)]
+fn window_clock() -> u64 {
+    if config!(coarse_tick_ns) == 0 {
+        return clock::boot_ns();
+    }
+    let offset = WINDOW_CLOCK_OFFSET.get_ptr_mut(0).map_or(0, emit::load);
+    clock::decision_ns().wrapping_add(offset)
+}
+
+/// [`window_clock`] at an aggregate's opening, whose CLOCK_BOOTTIME `boot_ns` is known:
+/// measures the offset again where it moved by more than two ticks (the first opening,
+/// a resume), else keeps it, so the openings and the repeats of one window agree.
+#[inline(always)]
+fn window_clock_at(boot_ns: u64) -> u64 {
+    let tick_ns = config!(coarse_tick_ns) as u64;
+    if tick_ns == 0 {
+        return boot_ns;
+    }
+    let Some(offset) = WINDOW_CLOCK_OFFSET.get_ptr_mut(0) else {
+        return boot_ns;
+    };
+    let decision = clock::decision_ns();
+    let measured = boot_ns.wrapping_sub(decision);
+    let kept = emit::load(offset);
+    if (measured.wrapping_sub(kept) as i64).unsigned_abs() > 2 * tick_ns {
+        emit::store(offset, measured);
+        return boot_ns;
+    }
+    decision.wrapping_add(kept)
+}
+
 /// Counts the connection of `key` into its window's aggregate if one is open (sets the
 /// key's window).
 #[inline(always)]
@@ -86,8 +157,7 @@ fn repeat_in_window(key: &mut AggregateKey) -> bool {
     if window_ns == 0 {
         return false;
     }
-    let now = unsafe { bpf_ktime_get_boot_ns() };
-    key.window = AggregateKey::window_of(now, window_ns);
+    key.window = AggregateKey::window_of(window_clock(), window_ns);
     let Some(repeats) = AGGREGATES.get_ptr_mut(key) else {
         return false;
     };
@@ -96,18 +166,18 @@ fn repeat_in_window(key: &mut AggregateKey) -> bool {
     true
 }
 
-/// Opens the aggregate of `ev`'s window, about to be submitted: later repeats are
-/// counted there. The record names its window either way, so it carries a count; if the
-/// map is full or another CPU opened the window first, that record is reported on its own
-/// (and the repeats go to whichever aggregate exists).
+/// Opens the aggregate of `ev`'s window, about to be submitted at `now_boot_ns`
+/// (CLOCK_BOOTTIME, read for the record): later repeats are counted there. The record
+/// names its window either way, so it carries a count; if the map is full or another
+/// CPU opened the window first, that record is reported on its own (and the repeats go
+/// to whichever aggregate exists).
 #[inline(always)]
-pub fn open_aggregate(ev: &mut ConnectEvent) {
+pub fn open_aggregate(ev: &mut ConnectEvent, now_boot_ns: u64) {
     let window_ns = config!(aggregate_window_ns);
     if window_ns == 0 {
         return;
     }
-    let now = unsafe { bpf_ktime_get_boot_ns() };
-    let window = AggregateKey::window_of(now, window_ns);
+    let window = AggregateKey::window_of(window_clock_at(now_boot_ns), window_ns);
     let _ = AGGREGATES.insert(&AggregateKey::of(ev, window), &0u64, BPF_NOEXIST as u64);
     ev.aggregate_window = window;
 }

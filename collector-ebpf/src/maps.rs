@@ -236,6 +236,15 @@ pub static TCP_CONNECT_MARKS: Words<{ CALL_HINT_SLOTS as usize }> = Words::new()
 /// (reported pending) instead of completing. Simultaneous opens are rare.
 pub static SIMULTANEOUS_OPENS: Words<{ SIMULTANEOUS_OPEN_SLOTS as usize }> = Words::new();
 
+/// How many `SIMULTANEOUS_OPENS` slots hold a mark (kernels 5.12+, where a slot is set
+/// and cleared with fetching atomics; elsewhere unused): while none does (always, but
+/// for a simultaneous open in flight), a move out of SYN_RECV, which every accepted
+/// connection makes, returns on this one word instead of finding its socket's number and
+/// slot (two more lines, the slot's cold: its index is the socket's address). A mark the
+/// kernel never takes (a skipped run) keeps it above zero: the slots are then looked at
+/// as before.
+pub static SIMULTANEOUS_MARKED: Words<1> = Words::new();
+
 pub const SIMULTANEOUS_OPEN_SLOTS: u32 = 256;
 
 /// State carried from a call's entry to its exit, by thread id. LRU: an entry whose exit

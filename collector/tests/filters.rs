@@ -8,7 +8,7 @@ use std::{
     collections::HashMap,
     net::{SocketAddr, TcpStream, UdpSocket},
     path::Path,
-    time::Duration,
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use egress_testkit::{
@@ -85,6 +85,22 @@ fn stop(collector: RunningCollector) -> (String, Vec<String>) {
 
 #[test]
 fn excluded_destinations_are_dropped_in_the_kernel_and_counted() {
+    // Few IPv4 prefixes: held in the programs' configuration.
+    excluded_destinations_are_dropped("127.0.0.1/32,10.0.0.0/8");
+}
+
+#[test]
+fn many_excluded_prefixes_are_dropped_through_the_trie() {
+    // More IPv4 prefixes than the configuration holds (8): all in the LPM trie.
+    excluded_destinations_are_dropped(
+        "127.0.0.1/32,10.0.0.0/8,192.0.2.0/24,198.51.100.0/24,203.0.113.0/24,\
+         169.254.0.0/16,100.64.0.0/10,172.16.0.0/12,192.168.0.0/16",
+    );
+}
+
+/// Connections to the IPv4 prefixes `v4` (which hold 127.0.0.1, not 127.0.0.2 or
+/// 127.0.0.3) and to `::1` are dropped in the kernel and counted; the rest is reported.
+fn excluded_destinations_are_dropped(v4: &str) {
     require_root();
     let port = sink_port();
     const N: u64 = 40;
@@ -92,7 +108,7 @@ fn excluded_destinations_are_dropped_in_the_kernel_and_counted() {
         Path::new(COLLECTOR),
         &[
             "--exclude-cidr",
-            "127.0.0.1/32,10.0.0.0/8",
+            v4,
             "--exclude-cidr",
             "::1/128",
             "--cgroup-rate-limit",
@@ -158,7 +174,10 @@ fn repeated_connections_become_few_records_whose_counts_add_up() {
     tcp_connects(format!("[::1]:{other}").parse().expect("addr"), OTHER);
     udp_sends(format!("127.0.0.1:{udp}").parse().expect("addr"), UDP);
     let elapsed = started.elapsed();
-    // Some aggregates are still open: stopping closes them.
+    // Every window of the connections ends within a second (1.5 s: the clocks' conversion);
+    // the stop comes 3 s after.
+    let windows_over = SystemTime::now() + Duration::from_millis(1500);
+    std::thread::sleep(Duration::from_secs(3));
     let (stdout, stderr) = stop(collector);
 
     let all = records(&stdout);
@@ -205,6 +224,26 @@ fn repeated_connections_become_few_records_whose_counts_add_up() {
             .filter(|r| r["attributes"]["process.pid"] == mine)
             .all(|r| r["attributes"]["egress.connection.count"].as_u64() >= Some(1)),
         "with aggregation on, every record carries its count"
+    );
+    // A window's closing record (its repeats; source port 0) is stamped with the window's
+    // end on CLOCK_BOOTTIME, or the stop if that is earlier: the programs' window index
+    // (taken from the tick count) must be the clock's.
+    let over_ns = windows_over
+        .duration_since(UNIX_EPOCH)
+        .expect("after the epoch")
+        .as_nanos() as u64;
+    let closings: Vec<u64> = all
+        .iter()
+        .filter(|r| r["attributes"]["process.pid"] == mine && r["attributes"]["source.port"] == 0)
+        .map(|r| r["time_unix_nano"].as_u64().expect("time"))
+        .collect();
+    assert!(
+        !closings.is_empty(),
+        "repeats are reported by closing records"
+    );
+    assert!(
+        closings.iter().all(|&at| at <= over_ns),
+        "closing records stamped at their windows' ends, before {over_ns}: {closings:?}"
     );
     let aggregated = last_stat(&stderr, "aggregated").expect("kernel aggregated counter");
     assert!(

@@ -12,7 +12,10 @@ use egress_shared::ResetBy;
 
 use crate::{
     emit,
-    maps::{SIMULTANEOUS_OPEN_SLOTS, SIMULTANEOUS_OPENS, Slot, address_number, config},
+    maps::{
+        SIMULTANEOUS_MARKED, SIMULTANEOUS_OPEN_SLOTS, SIMULTANEOUS_OPENS, Slot, address_number,
+        config,
+    },
     read::{Direct, Probe, Reader},
     sock::{self, IPPROTO_TCP},
 };
@@ -42,36 +45,69 @@ fn simultaneous_slot(sk: u64) -> u32 {
     ((sk >> 6) ^ (sk >> 16)) as u32 % SIMULTANEOUS_OPEN_SLOTS
 }
 
+/// Whether any socket may be marked by [`mark_simultaneous`]: one load of a word that
+/// stays zero but for a simultaneous open in flight (see `maps::SIMULTANEOUS_MARKED`);
+/// always true where marks are not counted (before 5.12).
+#[inline(always)]
+fn any_simultaneous() -> bool {
+    config!(fetching_atomics) == 0
+        || SIMULTANEOUS_MARKED
+            .get_ptr_mut(0)
+            .is_none_or(|marked| emit::load(marked) != 0)
+}
+
 /// SYN_SENT -> SYN_RECV: a SYN crossed ours (simultaneous open); the attempt stays
 /// pending (its `PENDING_SLOTS` slot or `PENDING_TCP`) and completes at SYN_RECV -> ESTABLISHED (or CLOSE).
 #[inline(always)]
 fn mark_simultaneous(sk: u64) {
-    if let Some(mark) = SIMULTANEOUS_OPENS.get_ptr_mut(simultaneous_slot(sk)) {
-        // SAFETY: an 8-byte aligned array value, valid for this run.
+    let Some(mark) = SIMULTANEOUS_OPENS.get_ptr_mut(simultaneous_slot(sk)) else {
+        return;
+    };
+    if config!(fetching_atomics) == 0 {
+        // SAFETY: an 8-byte aligned global word, valid for this run.
         unsafe { core::ptr::write_volatile(mark, sk) };
+        return;
+    }
+    // A slot that held another socket's mark (lost now, as before) was counted already.
+    if emit::exchange(mark, sk) == 0
+        && let Some(marked) = SIMULTANEOUS_MARKED.get_ptr_mut(0)
+    {
+        emit::atomic_add(marked, 1);
     }
 }
 
 /// Whether `sk` is marked by [`mark_simultaneous`] (the mark stays).
 #[inline(always)]
 fn marked_simultaneous(sk: u64) -> bool {
-    SIMULTANEOUS_OPENS
-        .get(simultaneous_slot(sk))
-        .is_some_and(|mark| *mark == sk)
+    any_simultaneous()
+        && SIMULTANEOUS_OPENS
+            .get(simultaneous_slot(sk))
+            .is_some_and(|mark| *mark == sk)
 }
 
 /// Whether `sk` was marked by [`mark_simultaneous`]; clears the mark.
 #[inline(always)]
 fn take_simultaneous(sk: u64) -> bool {
+    if !any_simultaneous() {
+        return false;
+    }
     let Some(mark) = SIMULTANEOUS_OPENS.get_ptr_mut(simultaneous_slot(sk)) else {
         return false;
     };
-    // SAFETY: as above.
-    unsafe {
-        if core::ptr::read_volatile(mark) != sk {
-            return false;
-        }
-        core::ptr::write_volatile(mark, 0);
+    if emit::load(mark) != sk {
+        return false;
+    }
+    if config!(fetching_atomics) == 0 {
+        // SAFETY: as above.
+        unsafe { core::ptr::write_volatile(mark, 0) };
+        return true;
+    }
+    // Cleared once, by whichever run takes it, and uncounted by that run alone.
+    if !emit::compare_exchange(mark, sk, 0) {
+        return false;
+    }
+    if let Some(marked) = SIMULTANEOUS_MARKED.get_ptr_mut(0) {
+        emit::atomic_add(marked, 1u64.wrapping_neg());
     }
     true
 }
@@ -135,6 +171,12 @@ fn state_change<R: Reader>(sk: u64, old: i32, new: i32) {
     if opening && sock::protocol_by::<R>(sk) != Ok(IPPROTO_TCP) {
         return;
     }
+    // An accepted connection leaving SYN_RECV, with no simultaneous open in flight: one
+    // load, before the socket's number.
+    let closes = new == TCP_CLOSE && config!(track_closes) != 0;
+    if old == TCP_SYN_RECV && !closes && !any_simultaneous() {
+        return;
+    }
     // A typed pointer (plain loads) needs its number (`address_number`); a raw one is one.
     let sk_id = if R::DIRECT { address_number(sk) } else { sk };
     // A completion or an accepted connection with nothing kept for it (a dropped
@@ -145,10 +187,7 @@ fn state_change<R: Reader>(sk: u64, old: i32, new: i32) {
         if !emit::attempt_may_be_kept(sk_id) {
             return;
         }
-    } else if old == TCP_SYN_RECV
-        && !(new == TCP_CLOSE && config!(track_closes) != 0)
-        && !marked_simultaneous(sk_id)
-    {
+    } else if old == TCP_SYN_RECV && !closes && !marked_simultaneous(sk_id) {
         return;
     }
     // One of the two programs is attached: they share the scratch slot.
