@@ -88,11 +88,12 @@ static WINDOW_CLOCK_OFFSET: Words<1> = Words::new();
 /// windows by), read as the decisions' tick count plus [`WINDOW_CLOCK_OFFSET`] where the
 /// decisions go by it. A repeat then costs one plain load for its time, where
 /// `bpf_ktime_get_boot_ns` is an ordered TSC read that waits for every load before it
-/// (~45 ns per dropped repeat in a profile). It is within a tick of the clock (the count
-/// lags by up to one, and so did the count the offset was measured with), so a repeat
-/// at most a tick from a window's boundary may be counted in the other window's
-/// aggregate, or miss it and be reported on its own; user space closes a window two
-/// windows (at least 2 s) after it ended. After a resume (the count stops while the
+/// (~45 ns per dropped repeat in a profile). It is within two ticks of the clock (the
+/// count lags by up to one, the count the offset was measured with lagged by up to one,
+/// and a new measure is kept only beyond two), so a repeat that close to a window's
+/// boundary may be counted in the other window's aggregate, or miss it and be reported
+/// on its own; user space closes a window once the current one is two further on, at
+/// least a whole window (1 s) after it ended. After a resume (the count stops while the
 /// machine sleeps) the repeats take earlier windows until the next opening measures the
 /// offset again: one that misses its aggregate is admitted, opens one and measures it.
 #[inline(always)]

@@ -154,12 +154,13 @@ fn repeated_connections_become_few_records_whose_counts_add_up() {
     )
     .expect("collector starts");
     let started = std::time::Instant::now();
+    let started_at = SystemTime::now();
     tcp_connects(format!("127.0.0.1:{busy}").parse().expect("addr"), BUSY);
     tcp_connects(format!("[::1]:{other}").parse().expect("addr"), OTHER);
     udp_sends(format!("127.0.0.1:{udp}").parse().expect("addr"), UDP);
     let elapsed = started.elapsed();
-    // Every window of the connections ends within a second (1.5 s: the clocks' conversion);
-    // the stop comes 3 s after.
+    // Every window of the connections ends within a second of now (1.5 s: the programs'
+    // window clock is within two ticks of CLOCK_BOOTTIME); the stop comes 3 s after.
     let windows_over = SystemTime::now() + Duration::from_millis(1500);
     std::thread::sleep(Duration::from_secs(3));
     let (stdout, stderr) = stop(collector);
@@ -211,14 +212,27 @@ fn repeated_connections_become_few_records_whose_counts_add_up() {
     );
     // A window's closing record (its repeats; source port 0) is stamped with the window's
     // end on CLOCK_BOOTTIME, or the stop if that is earlier: the programs' window index
-    // (taken from the tick count) must be the clock's.
-    let over_ns = windows_over
-        .duration_since(UNIX_EPOCH)
-        .expect("after the epoch")
-        .as_nanos() as u64;
+    // (taken from the tick count) must be the clock's. A window ends after its first
+    // connection, so after this test's first one (less a margin for the clocks'
+    // conversion), and within a second of its last. (Only this test's destinations: the
+    // other tests of this process connect meanwhile.)
+    let unix_ns = |at: SystemTime| {
+        at.duration_since(UNIX_EPOCH)
+            .expect("after the epoch")
+            .as_nanos() as u64
+    };
+    let (from_ns, over_ns) = (unix_ns(started_at) - 200_000_000, unix_ns(windows_over));
+    let ports = [u64::from(busy), u64::from(other), u64::from(udp)];
     let closings: Vec<u64> = all
         .iter()
-        .filter(|r| r["attributes"]["process.pid"] == mine && r["attributes"]["source.port"] == 0)
+        .filter(|r| {
+            let a = &r["attributes"];
+            a["process.pid"] == mine
+                && a["source.port"] == 0
+                && a["destination.port"]
+                    .as_u64()
+                    .is_some_and(|port| ports.contains(&port))
+        })
         .map(|r| r["time_unix_nano"].as_u64().expect("time"))
         .collect();
     assert!(
@@ -226,8 +240,9 @@ fn repeated_connections_become_few_records_whose_counts_add_up() {
         "repeats are reported by closing records"
     );
     assert!(
-        closings.iter().all(|&at| at <= over_ns),
-        "closing records stamped at their windows' ends, before {over_ns}: {closings:?}"
+        closings.iter().all(|&at| (from_ns..=over_ns).contains(&at)),
+        "closing records stamped at their windows' ends, between {from_ns} and {over_ns}: \
+         {closings:?}"
     );
     let aggregated = last_stat(&stderr, "aggregated").expect("kernel aggregated counter");
     assert!(

@@ -26,8 +26,9 @@ const TCP_SYN_RECV: i32 = 3;
 const TCP_CLOSE: i32 = 7;
 
 /// The transitions the state machine acts on; every other one returns at once.
-/// SYN_RECV -> ESTABLISHED is every accepted connection's too: it costs them an array
-/// load (`SIMULTANEOUS_OPENS`), not a hash lookup. Every move out of SYN_RECV counts: a
+/// SYN_RECV -> ESTABLISHED is every accepted connection's too: it costs them the load of
+/// one word (`SIMULTANEOUS_MARKED`, while no simultaneous open is in flight), not a hash
+/// lookup. Every move out of SYN_RECV counts: a
 /// simultaneous open the application closes before it is established leaves by
 /// SYN_RECV -> FIN_WAIT1, and must still complete (failed) and free its mark and slot.
 /// Other moves to CLOSE (both ends of every connection) only when closes are reported.
@@ -76,13 +77,13 @@ fn mark_simultaneous(sk: u64) {
     }
 }
 
-/// Whether `sk` is marked by [`mark_simultaneous`] (the mark stays).
+/// Whether `sk` is marked by [`mark_simultaneous`] (the mark stays); the caller looked at
+/// [`any_simultaneous`] first.
 #[inline(always)]
 fn marked_simultaneous(sk: u64) -> bool {
-    any_simultaneous()
-        && SIMULTANEOUS_OPENS
-            .get(simultaneous_slot(sk))
-            .is_some_and(|mark| *mark == sk)
+    SIMULTANEOUS_OPENS
+        .get(simultaneous_slot(sk))
+        .is_some_and(|mark| *mark == sk)
 }
 
 /// Whether `sk` was marked by [`mark_simultaneous`]; clears the mark.
