@@ -28,9 +28,9 @@ const TCP_CLOSE: i32 = 7;
 /// The transitions the state machine acts on; every other one returns at once.
 /// SYN_RECV -> ESTABLISHED is every accepted connection's too: it costs them the load of
 /// one word (`SIMULTANEOUS_MARKED`, while no simultaneous open is in flight), not a hash
-/// lookup. Every move out of SYN_RECV counts: a
-/// simultaneous open the application closes before it is established leaves by
-/// SYN_RECV -> FIN_WAIT1, and must still complete (failed) and free its mark and slot.
+/// lookup. Every move out of SYN_RECV counts: a simultaneous open the application closes
+/// before it is established leaves by SYN_RECV -> FIN_WAIT1, and must still complete
+/// (failed) and free its mark and slot.
 /// Other moves to CLOSE (both ends of every connection) only when closes are reported.
 #[inline(always)]
 fn interesting(old: i32, new: i32) -> bool {
