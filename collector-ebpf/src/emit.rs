@@ -13,8 +13,8 @@ use crate::{
     maps::{
         BOOT_OFFSET, Bucket, CALL_HINT_SLOTS, CALL_HINTS, CALLS, CGROUP_BUCKETS, COUNTERS,
         CallState, EVENTS, FLOW_SWEPT, Identity, OPEN_SLOT_BITS, OPEN_SLOTS, OPEN_SPILLS, OPEN_TCP,
-        OpenConn, PENDING_SLOT_BITS, PENDING_SLOTS, PENDING_SPILLS, PENDING_TCP, SCRATCH, Slot,
-        TCP_CONNECT_MARKS, UDP_FLOWS, config,
+        OpenConn, PENDING_SLOT_BITS, PENDING_SLOTS, PENDING_SPILLED, PENDING_SPILLS, PENDING_TCP,
+        SCRATCH, Slot, TCP_CONNECT_MARKS, UDP_FLOWS, config,
     },
     read::{self, Probe, Reader},
     sock::{self, Dest, IPPROTO_TCP, IPPROTO_UDP},
@@ -845,8 +845,29 @@ fn abandon(sk: u64) {
     if load(unsafe { &raw mut (*slot).sock_id }) == sk {
         release(slot, sk);
     }
-    if PENDING_SPILLS.get(index).is_some_and(|spills| *spills != 0) {
+    if may_have_spilled(index) {
         take_spilled(sk);
+    }
+}
+
+/// Whether an attempt of the [`PENDING_SLOTS`] slot `index` may be in `PENDING_TCP`: one
+/// load of a word every CPU reads while no attempt is there at all, else the slot's
+/// count (see `maps::PENDING_SPILLED`).
+#[inline(always)]
+fn may_have_spilled(index: u32) -> bool {
+    PENDING_SPILLED.get(0).is_none_or(|spilled| *spilled != 0)
+        && PENDING_SPILLS.get(index).is_some_and(|spills| *spills != 0)
+}
+
+/// Counts (`delta` 1) or uncounts (`delta` -1) an attempt of the slot `index` in
+/// `PENDING_TCP`, in the slot's count and in their sum.
+#[inline(always)]
+fn count_spilled(index: u32, delta: u64) {
+    if let Some(spills) = PENDING_SPILLS.get_ptr_mut(index) {
+        atomic_add(spills, delta);
+    }
+    if let Some(spilled) = PENDING_SPILLED.get_ptr_mut(0) {
+        atomic_add(spilled, delta);
     }
 }
 
@@ -904,10 +925,8 @@ const _: () = assert!(core::mem::offset_of!(ConnectEvent, sock_id) == (ATTEMPT_W
 /// kernel lacks compare-and-exchange), in `PENDING_TCP` (see `maps::PENDING_SLOTS`).
 #[inline(always)]
 fn spill(sk: u64, ev: &ConnectEvent) {
-    if config!(fetching_atomics) != 0
-        && let Some(spills) = PENDING_SPILLS.get_ptr_mut(pending_slot(sk))
-    {
-        atomic_add(spills, 1);
+    if config!(fetching_atomics) != 0 {
+        count_spilled(pending_slot(sk), 1);
     }
     if PENDING_TCP.insert(&sk, ev, 0).is_err() {
         count(Counter::StateMapFull);
@@ -985,7 +1004,7 @@ pub fn tcp_complete<R: Reader>(sk: u64, sk_id: u64, established: bool, clock_fre
             return;
         }
         // Not in its slot: in PENDING_TCP only if an attempt of this slot went there.
-        if PENDING_SPILLS.get(index).is_none_or(|spills| *spills == 0) {
+        if !may_have_spilled(index) {
             return;
         }
     }
@@ -1006,8 +1025,7 @@ pub fn attempt_may_be_kept(sk_id: u64) -> bool {
         return true;
     };
     // SAFETY: a map value; the tag is reached by pointer, other CPUs swap it.
-    load(unsafe { &raw mut (*slot).sock_id }) == sk_id
-        || PENDING_SPILLS.get(index).is_some_and(|spills| *spills != 0)
+    load(unsafe { &raw mut (*slot).sock_id }) == sk_id || may_have_spilled(index)
 }
 
 /// [`tcp_complete`] of an attempt in its `PENDING_SLOTS` slot `slot`. Out of line: an
@@ -1131,9 +1149,7 @@ fn take_spilled(sk: u64) -> bool {
         return false;
     }
     if config!(fetching_atomics) != 0 {
-        if let Some(spills) = PENDING_SPILLS.get_ptr_mut(pending_slot(sk)) {
-            atomic_add(spills, 1u64.wrapping_neg());
-        }
+        count_spilled(pending_slot(sk), 1u64.wrapping_neg());
     }
     true
 }

@@ -290,6 +290,14 @@ pub const PENDING_SLOT_COUNT: u32 = 1 << PENDING_SLOT_BITS;
 /// by another socket (an attempt the filters or the rate limit dropped) looks no further.
 pub static PENDING_SPILLS: Words<{ PENDING_SLOT_COUNT as usize }> = Words::new();
 
+/// The sum of [`PENDING_SPILLS`], kept beside it (the same adds): while zero (always, but
+/// in a storm of concurrent attempts whose slots collide), an attempt that was dropped
+/// (filtered, rate-limited, aggregated) and its completion look at this one word, read by
+/// every CPU and written only by spills, instead of their slot's count (a line indexed by
+/// the socket's address, cold on a node with many sockets). An attempt the LRU evicted
+/// leaves it high, as it leaves its slot's count: the counts are then looked at as before.
+pub static PENDING_SPILLED: Words<1> = Words::new();
+
 /// The part of a task's identity its whole process shares and that rarely changes, by
 /// `tgid`, so a process's connections after its first cost a lookup and a few checking
 /// loads instead of ~25 kernel reads and three string reads, and carry a reference to

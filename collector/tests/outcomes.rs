@@ -535,6 +535,114 @@ fn an_unanswered_syn_is_reported_pending_once() {
     assert!(elapsed > Duration::from_millis(2500), "the SYN timed out");
 }
 
+/// More attempts in SYN_SENT at once than the kernel has slots for them
+/// (`PENDING_SLOTS`, 1,024): sockets whose slot another attempt holds wait in
+/// `PENDING_TCP` instead (about 1,100 of 2,000 here). Each attempt, closed by the
+/// application before any answer, is reported once, aborted, whichever way it waited.
+#[test]
+fn every_attempt_is_reported_when_attempts_in_flight_outnumber_the_pending_slots() {
+    every_attempt_in_flight_is_reported(&[]);
+}
+
+/// The same where the kernel has no compare-and-exchange (before 5.12, forced by a test
+/// hook): every attempt waits in `PENDING_TCP`.
+#[test]
+fn every_attempt_in_flight_is_reported_without_fetching_atomics() {
+    every_attempt_in_flight_is_reported(&["env", "EGRESS_TEST_NO_FETCHING_ATOMICS=1"]);
+}
+
+/// 2,000 attempts to a port whose SYNs are dropped, all in flight, then closed;
+/// `wrapper` runs the collector.
+fn every_attempt_in_flight_is_reported(wrapper: &[&str]) {
+    const ATTEMPTS: usize = 2_000;
+    require_root();
+    raise_open_files(4 * ATTEMPTS as u64);
+    let net = Net::new();
+    let collector = RunningCollector::start_wrapped(
+        wrapper,
+        std::path::Path::new(COLLECTOR),
+        &[
+            "--stdout",
+            "--probe",
+            "tracepoint",
+            "--cgroup-rate-limit",
+            "0",
+            "--stats-interval",
+            "1h",
+        ],
+        Duration::from_secs(60),
+    )
+    .expect("collector starts");
+    let dest = net.dest(PORT_ABORT_AT_ONCE);
+    // Closed in the connecting thread, before the first SYN's retransmission (~1 s):
+    // each attempt leaves SYN_SENT in its close(), in this process.
+    let ports = Net::in_ns(&net.client, move || {
+        let fds: Vec<i32> = (0..ATTEMPTS).map(|_| connect_nonblocking(dest)).collect();
+        let ports: Vec<u16> = fds.iter().map(|&fd| local_port(fd)).collect();
+        fds.into_iter().for_each(close_fd);
+        ports
+    })
+    .join()
+    .expect("client");
+    thread::sleep(Duration::from_millis(500));
+    let (clean, stdout, stderr) = collector.stop(Duration::from_secs(30)).expect("stop");
+    assert!(clean, "collector failed:\n{}", stderr.join("\n"));
+    let records = parse(&stdout);
+    let mine = records_to(&records, dest, "tcp_connect");
+    let mut problems = Vec::new();
+    let mut reported = std::collections::HashMap::new();
+    for r in &mine {
+        let port = attr(r, "source.port").as_u64().unwrap_or(0) as u16;
+        *reported.entry(port).or_insert(0u32) += 1;
+        if attr(r, "error.type") != "aborted" {
+            problems.push(format!("port {port}: error.type {}", attr(r, "error.type")));
+        }
+    }
+    let missing: Vec<u16> = ports
+        .iter()
+        .copied()
+        .filter(|port| !reported.contains_key(port))
+        .collect();
+    let twice: Vec<u16> = reported
+        .iter()
+        .filter(|&(_, &n)| n > 1)
+        .map(|(&port, _)| port)
+        .collect();
+    let stats = stderr
+        .iter()
+        .rev()
+        .find(|l| l.contains("Collector statistics.") || l.contains("Events were lost"))
+        .map_or("no statistics line", String::as_str);
+    assert!(
+        missing.is_empty() && twice.is_empty() && mine.len() == ATTEMPTS,
+        "{} records for {ATTEMPTS} attempts; {} attempts unreported (first {:?}), {} reported \
+         more than once (first {:?}); {stats}",
+        mine.len(),
+        missing.len(),
+        &missing[..missing.len().min(10)],
+        twice.len(),
+        &twice[..twice.len().min(10)],
+    );
+    assert!(
+        problems.is_empty(),
+        "{} problems, first: {:?}",
+        problems.len(),
+        &problems[..problems.len().min(10)]
+    );
+}
+
+/// The local port the kernel chose for a connecting socket.
+fn local_port(fd: i32) -> u16 {
+    // SAFETY: getsockname on a socket this test owns, into a buffer of the right size.
+    unsafe {
+        let mut addr: libc::sockaddr_in = std::mem::zeroed();
+        let mut len = size_of::<libc::sockaddr_in>() as u32;
+        let rc = libc::getsockname(fd, (&mut addr as *mut libc::sockaddr_in).cast(), &mut len);
+        assert_eq!(rc, 0, "getsockname: {}", std::io::Error::last_os_error());
+        u16::from_be(addr.sin_port)
+    }
+}
+
 mod otlp {
     use egress_testkit::otlp_run::OtlpRun;
     use opentelemetry_proto::tonic::trace::v1::{span::SpanKind, status::StatusCode};
