@@ -2,7 +2,7 @@
 //! the kernel so an unwanted or repeated connection costs a map lookup, not a record.
 
 use aya_ebpf::{bindings::BPF_NOEXIST, maps::lpm_trie::Key};
-use egress_shared::{AggregateKey, ConnectEvent, Counter};
+use egress_shared::{AggregateKey, ConnectEvent, Counter, EXCLUDED_V4_INLINE};
 
 use crate::{
     clock,
@@ -52,12 +52,35 @@ fn excluded_destination(family: u16, a: &[u8; 16]) -> bool {
         } else {
             [a[12], a[13], a[14], a[15]]
         };
+        if config!(excluded_v4.in_trie) == 0 {
+            return excluded_v4_inline(v4);
+        }
         EXCLUDED_V4.get(Key::new(32, v4)).is_some()
     } else if family == AF_INET6 {
         EXCLUDED_V6.get(Key::new(128, *a)).is_some()
     } else {
         false
     }
+}
+
+/// Whether `v4` is in one of the prefixes the configuration holds (`ExcludedV4`): read
+/// one by one with volatile loads, as every configuration field (the compiler would
+/// otherwise fold the zeroed initialiser in).
+#[inline(always)]
+fn excluded_v4_inline(v4: [u8; 4]) -> bool {
+    let count = config!(excluded_v4.count);
+    for i in 0..EXCLUDED_V4_INLINE {
+        if i as u32 >= count {
+            return false;
+        }
+        // SAFETY: an element of the frozen configuration, in bounds.
+        let prefix =
+            unsafe { core::ptr::read_volatile(&crate::maps::CONFIG.excluded_v4.prefixes[i]) };
+        if prefix.holds(v4) {
+            return true;
+        }
+    }
+    false
 }
 
 /// The cgroup that names the event's container, the key of the per-cgroup maps: the leaf

@@ -85,6 +85,22 @@ fn stop(collector: RunningCollector) -> (String, Vec<String>) {
 
 #[test]
 fn excluded_destinations_are_dropped_in_the_kernel_and_counted() {
+    // Few IPv4 prefixes: held in the programs' configuration.
+    excluded_destinations_are_dropped("127.0.0.1/32,10.0.0.0/8");
+}
+
+#[test]
+fn many_excluded_prefixes_are_dropped_through_the_trie() {
+    // More IPv4 prefixes than the configuration holds (8): all in the LPM trie.
+    excluded_destinations_are_dropped(
+        "127.0.0.1/32,10.0.0.0/8,192.0.2.0/24,198.51.100.0/24,203.0.113.0/24,\
+         169.254.0.0/16,100.64.0.0/10,172.16.0.0/12,192.168.0.0/16",
+    );
+}
+
+/// Connections to the IPv4 prefixes `v4` (which hold 127.0.0.1, not 127.0.0.2 or
+/// 127.0.0.3) and to `::1` are dropped in the kernel and counted; the rest is reported.
+fn excluded_destinations_are_dropped(v4: &str) {
     require_root();
     let port = sink_port();
     const N: u64 = 40;
@@ -92,7 +108,7 @@ fn excluded_destinations_are_dropped_in_the_kernel_and_counted() {
         Path::new(COLLECTOR),
         &[
             "--exclude-cidr",
-            "127.0.0.1/32,10.0.0.0/8",
+            v4,
             "--exclude-cidr",
             "::1/128",
             "--cgroup-rate-limit",

@@ -12,8 +12,8 @@ pub mod ring;
 
 pub use aggregate::AggregateKey;
 pub use config::{
-    CgroupSource, DnsIterOffsets, KernelOffsets, MAX_CGROUP_BURST, MAX_CGROUP_RATE, ProbeConfig,
-    TracepointOffsets,
+    CgroupSource, DnsIterOffsets, EXCLUDED_V4_INLINE, ExcludedV4, KernelOffsets, MAX_CGROUP_BURST,
+    MAX_CGROUP_RATE, ProbeConfig, TracepointOffsets, V4Prefix,
 };
 pub use event::{
     CGROUP_NAME_LEN, COMM_LEN, CONNECT_EVENT_SIZE, COUNTER_COUNT, CloseFlags, ConnState,

@@ -8,6 +8,8 @@ use aya::{
     maps::lpm_trie::{Key, LpmTrie},
 };
 
+use egress_shared::ExcludedV4;
+
 use super::ProbeError;
 use crate::config::settings::Cidr;
 
@@ -19,11 +21,30 @@ fn trie<'a, K: aya::Pod>(
     LpmTrie::try_from(map).map_err(|source| ProbeError::Map { name, source })
 }
 
-/// Writes the prefixes into the programs' tries; returns whether there were any.
-pub fn install(ebpf: &mut Ebpf, excluded: &[Cidr]) -> Result<bool, ProbeError> {
+/// The IPv4 prefixes of `excluded` for the configuration: inline where they fit, else
+/// marked for the trie ([`install`] then writes them there).
+pub fn inline_v4(excluded: &[Cidr]) -> ExcludedV4 {
+    let v4: Vec<([u8; 4], u8)> = excluded
+        .iter()
+        .filter_map(|cidr| match cidr.address() {
+            IpAddr::V4(v4) => Some((v4.octets(), cidr.prefix_len())),
+            IpAddr::V6(_) => None,
+        })
+        .collect();
+    ExcludedV4::of(&v4)
+}
+
+/// Writes the prefixes the configuration does not hold (`inline`) into the programs'
+/// tries; returns whether there were any prefixes at all.
+pub fn install(
+    ebpf: &mut Ebpf,
+    excluded: &[Cidr],
+    inline: &ExcludedV4,
+) -> Result<bool, ProbeError> {
     for cidr in excluded {
         let prefix = u32::from(cidr.prefix_len());
         let result = match cidr.address() {
+            IpAddr::V4(_) if inline.in_trie == 0 => continue,
             IpAddr::V4(v4) => {
                 trie::<[u8; 4]>(ebpf, "EXCLUDED_V4")?.insert(&Key::new(prefix, v4.octets()), 1, 0)
             }

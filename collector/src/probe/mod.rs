@@ -185,6 +185,7 @@ impl KernelFacts {
             regs_sendto_addr: exit_regs.sendto_addr,
             _pad_after_regs: 0,
             dns_iter: kernel_btf.dns_iter_offsets(),
+            excluded_v4: filters::inline_v4(&settings.excluded_destinations),
             cgroup_subsys_index,
         };
         // Two parsed copies of vmlinux BTF at once would set the peak memory.
@@ -306,7 +307,11 @@ impl Probes {
     pub fn attach(settings: &ProbeSettings) -> Result<Self, ProbeError> {
         let mut facts = KernelFacts::read(settings)?;
         let mut ebpf = facts.load(settings.ring_buffer_bytes)?;
-        filters::install(&mut ebpf, &settings.excluded_destinations)?;
+        filters::install(
+            &mut ebpf,
+            &settings.excluded_destinations,
+            &facts.config.excluded_v4,
+        )?;
         let boot_offset_written = install_boot_offset(&mut ebpf)?;
         let mut refused = Vec::new();
         for mode in settings.choice.candidates() {
