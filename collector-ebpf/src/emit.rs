@@ -925,11 +925,16 @@ const _: () = assert!(core::mem::offset_of!(ConnectEvent, sock_id) == (ATTEMPT_W
 /// kernel lacks compare-and-exchange), in `PENDING_TCP` (see `maps::PENDING_SLOTS`).
 #[inline(always)]
 fn spill(sk: u64, ev: &ConnectEvent) {
-    if config!(fetching_atomics) != 0 {
+    let counted = config!(fetching_atomics) != 0;
+    // Counted before the insert: a completion that finds the entry finds it counted.
+    if counted {
         count_spilled(pending_slot(sk), 1);
     }
     if PENDING_TCP.insert(&sk, ev, 0).is_err() {
         count(Counter::StateMapFull);
+        if counted {
+            count_spilled(pending_slot(sk), 1u64.wrapping_neg());
+        }
     }
 }
 
@@ -1013,8 +1018,9 @@ pub fn tcp_complete<R: Reader>(sk: u64, sk_id: u64, established: bool, clock_fre
 
 /// Whether an attempt on `sk_id` may be waiting for its completion ([`tcp_complete`]
 /// finds it): its slot holds it, or an attempt of its slot went to `PENDING_TCP`, or the
-/// kernel has no compare-and-exchange (every attempt waits in `PENDING_TCP`). Two array
-/// loads at most; false for an attempt that was dropped.
+/// kernel has no compare-and-exchange (every attempt waits in `PENDING_TCP`). Three
+/// loads at most (the slot's tag, the spill counts' sum, the slot's count); false for an
+/// attempt that was dropped.
 #[inline(always)]
 pub fn attempt_may_be_kept(sk_id: u64) -> bool {
     if config!(fetching_atomics) == 0 {

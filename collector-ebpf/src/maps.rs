@@ -293,9 +293,11 @@ pub static PENDING_SPILLS: Words<{ PENDING_SLOT_COUNT as usize }> = Words::new()
 /// The sum of [`PENDING_SPILLS`], kept beside it (the same adds): while zero (always, but
 /// in a storm of concurrent attempts whose slots collide), an attempt that was dropped
 /// (filtered, rate-limited, aggregated) and its completion look at this one word, read by
-/// every CPU and written only by spills, instead of their slot's count (a line indexed by
-/// the socket's address, cold on a node with many sockets). An attempt the LRU evicted
-/// leaves it high, as it leaves its slot's count: the counts are then looked at as before.
+/// every CPU and written only where an attempt enters or leaves `PENDING_TCP`, instead of
+/// their slot's count (a line indexed by the socket's address, cold on a node with many
+/// sockets). An attempt the LRU evicted, or a stale one overwritten at its address,
+/// leaves it high for good, as it leaves its slot's count: the counts are then looked at
+/// as before (time, never a record).
 pub static PENDING_SPILLED: Words<1> = Words::new();
 
 /// The part of a task's identity its whole process shares and that rarely changes, by

@@ -85,8 +85,12 @@ fn stop(collector: RunningCollector) -> (String, Vec<String>) {
 
 #[test]
 fn excluded_destinations_are_dropped_in_the_kernel_and_counted() {
-    // Few IPv4 prefixes: held in the programs' configuration.
-    excluded_destinations_are_dropped("127.0.0.1/32,10.0.0.0/8");
+    // As many IPv4 prefixes as the programs' configuration holds (8), the one that
+    // matches last: every one of them is compared.
+    excluded_destinations_are_dropped(
+        "10.0.0.0/8,192.0.2.0/24,198.51.100.0/24,203.0.113.0/24,169.254.0.0/16,\
+         100.64.0.0/10,172.16.0.0/12,127.0.0.1/32",
+    );
 }
 
 #[test]

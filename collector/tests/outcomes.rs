@@ -63,7 +63,7 @@ impl Net {
         // Tests of this file run in parallel, each with its own pair of namespaces.
         static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let id = (std::process::id() % 100_000) * 4 + seq % 4;
+        let id = (std::process::id() % 100_000) * 8 + seq % 8;
         let client = format!("eo-c-{id}");
         let server = format!("eo-s-{id}");
         let subnet = (id % 200) as u8 + 20;
@@ -537,8 +537,9 @@ fn an_unanswered_syn_is_reported_pending_once() {
 
 /// More attempts in SYN_SENT at once than the kernel has slots for them
 /// (`PENDING_SLOTS`, 1,024): sockets whose slot another attempt holds wait in
-/// `PENDING_TCP` instead (about 1,100 of 2,000 here). Each attempt, closed by the
-/// application before any answer, is reported once, aborted, whichever way it waited.
+/// `PENDING_TCP` instead (about 1,100 of 2,000, more while the other test of the pair
+/// holds slots too). Each attempt, closed by the application before any answer, is
+/// reported once, aborted, whichever way it waited.
 #[test]
 fn every_attempt_is_reported_when_attempts_in_flight_outnumber_the_pending_slots() {
     every_attempt_in_flight_is_reported(&[]);
@@ -574,8 +575,8 @@ fn every_attempt_in_flight_is_reported(wrapper: &[&str]) {
     )
     .expect("collector starts");
     let dest = net.dest(PORT_ABORT_AT_ONCE);
-    // Closed in the connecting thread, before the first SYN's retransmission (~1 s):
-    // each attempt leaves SYN_SENT in its close(), in this process.
+    // Closed in the connecting thread, long before the SYNs time out (~3 s): each
+    // attempt leaves SYN_SENT in its close(), in this process.
     let ports = Net::in_ns(&net.client, move || {
         let fds: Vec<i32> = (0..ATTEMPTS).map(|_| connect_nonblocking(dest)).collect();
         let ports: Vec<u16> = fds.iter().map(|&fd| local_port(fd)).collect();
@@ -1015,13 +1016,27 @@ fn index_ranges(indices: &mut [usize]) -> String {
     text.join(", ")
 }
 
-/// Lets this process hold `files` descriptors (it runs as root).
+/// Lets this process hold at least `files` descriptors (it runs as root). Never lowers
+/// the limit: the tests of this file run at once, and each raises it for itself.
 fn raise_open_files(files: u64) {
-    let limit = libc::rlimit {
-        rlim_cur: files,
-        rlim_max: files,
+    // One at a time: two tests reading the limit at once could lower each other's.
+    static LIMIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _held = LIMIT
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
     };
-    // SAFETY: setrlimit with a valid struct.
+    // SAFETY: getrlimit/setrlimit with a valid struct.
+    let rc = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+    assert_eq!(rc, 0, "getrlimit(RLIMIT_NOFILE)");
+    if limit.rlim_cur >= files && limit.rlim_max >= files {
+        return;
+    }
+    limit.rlim_cur = limit.rlim_cur.max(files);
+    limit.rlim_max = limit.rlim_max.max(files);
+    // SAFETY: as above.
     let rc = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) };
     assert_eq!(rc, 0, "setrlimit(RLIMIT_NOFILE, {files})");
 }

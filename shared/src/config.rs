@@ -185,7 +185,8 @@ pub struct ProbeConfig {
     /// Identical connections (same process, protocol, destination) within one window of
     /// this length are reported once, with a count; 0 reports every connection.
     pub aggregate_window_ns: u64,
-    /// 1 when the `EXCLUDED_V4`/`EXCLUDED_V6` tries hold destinations to drop.
+    /// 1 when destinations are dropped: IPv4 prefixes in `excluded_v4` (or, beyond
+    /// [`EXCLUDED_V4_INLINE`], the `EXCLUDED_V4` trie), IPv6 ones in the `EXCLUDED_V6` trie.
     pub exclude_addresses: u32,
     /// 1 when user space may list cgroups to drop in `EXCLUDED_CGROUPS`.
     pub exclude_cgroups: u32,
@@ -233,15 +234,19 @@ pub struct ExcludedV4 {
     pub count: u32,
     /// 1: the prefixes are in the `EXCLUDED_V4` trie instead.
     pub in_trie: u32,
+    /// The first `count` are the prefixes; the rest are zero.
     pub prefixes: [V4Prefix; EXCLUDED_V4_INLINE],
 }
 
 /// One IPv4 prefix: an address is in it when `address & mask == network`, all in
 /// network byte order (as the address is in memory).
-#[repr(C)]
+/// Aligned as a `u32` pair: the programs load each half as one word, not byte by byte.
+#[repr(C, align(4))]
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
 pub struct V4Prefix {
+    /// The prefix's address with its host bits cleared.
     pub network: [u8; 4],
+    /// Its length as a mask: `len` leading one bits.
     pub mask: [u8; 4],
 }
 
