@@ -24,7 +24,7 @@ use egress_testkit::{
     records::{attr, parse, records_to},
 };
 use serde_json::Value;
-use support::host::{require_root, sh};
+use support::host::{last_statistics_line, require_root, sh};
 
 const COLLECTOR: &str = env!("CARGO_BIN_EXE_egress-collector");
 
@@ -609,11 +609,7 @@ fn every_attempt_in_flight_is_reported(wrapper: &[&str]) {
         .filter(|&(_, &n)| n > 1)
         .map(|(&port, _)| port)
         .collect();
-    let stats = stderr
-        .iter()
-        .rev()
-        .find(|l| l.contains("Collector statistics.") || l.contains("Events were lost"))
-        .map_or("no statistics line", String::as_str);
+    let stats = last_statistics_line(&stderr).unwrap_or("no statistics line");
     assert!(
         missing.is_empty() && twice.is_empty() && mine.len() == ATTEMPTS,
         "{} records for {ATTEMPTS} attempts; {} attempts unreported (first {:?}), {} reported \
@@ -922,11 +918,7 @@ fn every_close_is_reported_with_its_bytes(wrapper: &[&str]) {
             problems.push(format!("port {port}: closed twice"));
         }
     }
-    let stats = stderr
-        .iter()
-        .rev()
-        .find(|l| l.contains("Collector statistics.") || l.contains("Events were lost"))
-        .map_or("no statistics line", String::as_str);
+    let stats = last_statistics_line(&stderr).unwrap_or("no statistics line");
     // Closes the kernel reported that matched no connection the reader knew (a close
     // whose connect record it had not noted): tells a close lost in the kernel from one
     // lost in the join.

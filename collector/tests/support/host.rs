@@ -76,11 +76,18 @@ pub fn ensure_tracefs() {
 /// A counter from the collector's last statistics line: `name=<n>` (user space, or
 /// inside `kernel=…`). The last line covers the whole run when the interval is longer.
 pub fn last_stat(stderr: &[String], name: &str) -> Option<u64> {
-    let line = stderr
+    egress_testkit::collector::stat_in(last_statistics_line(stderr)?, name)
+}
+
+/// The collector's last statistics line (or its loss warning, which carries the same
+/// counters).
+#[allow(dead_code)] // not every test binary reads the whole line
+pub fn last_statistics_line(stderr: &[String]) -> Option<&str> {
+    stderr
         .iter()
         .rev()
-        .find(|l| l.contains("Collector statistics.") || l.contains("Events were lost"))?;
-    egress_testkit::collector::stat_in(line, name)
+        .find(|l| l.contains("Collector statistics.") || l.contains("Events were lost"))
+        .map(String::as_str)
 }
 
 /// Runs a command (ip, nft, ...) that must succeed; its stderr is the failure message.
