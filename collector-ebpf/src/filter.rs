@@ -2,7 +2,7 @@
 //! the kernel so an unwanted or repeated connection costs a map lookup, not a record.
 
 use aya_ebpf::{bindings::BPF_NOEXIST, maps::lpm_trie::Key};
-use egress_shared::{AggregateKey, ConnectEvent, Counter, EXCLUDED_V4_INLINE};
+use egress_shared::{AggregateKey, ConnectEvent, Counter, ExcludedPrefixes, Prefix};
 
 use crate::{
     clock,
@@ -53,31 +53,39 @@ fn excluded_destination(family: u16, a: &[u8; 16]) -> bool {
             [a[12], a[13], a[14], a[15]]
         };
         if config!(excluded_v4.in_trie) == 0 {
-            return excluded_v4_inline(v4);
+            return excluded_inline(&raw const crate::maps::CONFIG.excluded_v4, &v4);
         }
         EXCLUDED_V4.get(Key::new(32, v4)).is_some()
     } else if family == AF_INET6 {
+        if config!(excluded_v6.in_trie) == 0 {
+            return excluded_inline(&raw const crate::maps::CONFIG.excluded_v6, a);
+        }
         EXCLUDED_V6.get(Key::new(128, *a)).is_some()
     } else {
         false
     }
 }
 
-/// Whether `v4` is in one of the prefixes the configuration holds (`ExcludedV4`): read
-/// one by one with volatile loads, as every configuration field (the compiler would
-/// otherwise fold the zeroed initialiser in).
+/// Whether `address` is in one of the prefixes the configuration holds (`ExcludedV4`,
+/// `ExcludedV6`, at `table` in `CONFIG`): read one by one with volatile loads, as every
+/// configuration field (the compiler would otherwise fold the zeroed initialiser in).
 #[inline(always)]
-fn excluded_v4_inline(v4: [u8; 4]) -> bool {
-    let count = config!(excluded_v4.count);
-    for i in 0..EXCLUDED_V4_INLINE {
-        if i as u32 >= count {
-            return false;
-        }
-        // SAFETY: an element of the frozen configuration, in bounds.
-        let prefix =
-            unsafe { core::ptr::read_volatile(&crate::maps::CONFIG.excluded_v4.prefixes[i]) };
-        if prefix.holds(v4) {
-            return true;
+fn excluded_inline<P: Prefix, const N: usize>(
+    table: *const ExcludedPrefixes<P, N>,
+    address: &P::Address,
+) -> bool {
+    // SAFETY: `table` is a field of the frozen configuration, valid and aligned; every
+    // element read is in bounds (`i < N`).
+    unsafe {
+        let count = core::ptr::read_volatile(&raw const (*table).count);
+        for i in 0..N {
+            if i as u32 >= count {
+                return false;
+            }
+            let prefix = core::ptr::read_volatile(&raw const (*table).prefixes[i]);
+            if prefix.holds(address) {
+                return true;
+            }
         }
     }
     false

@@ -85,26 +85,30 @@ fn stop(collector: RunningCollector) -> (String, Vec<String>) {
 
 #[test]
 fn excluded_destinations_are_dropped_in_the_kernel_and_counted() {
-    // As many IPv4 prefixes as the programs' configuration holds (8), the one that
-    // matches last: every one of them is compared.
+    // As many prefixes of each family as the programs' configuration holds (8 and 4),
+    // the one that matches last: every one of them is compared.
     excluded_destinations_are_dropped(
         "10.0.0.0/8,192.0.2.0/24,198.51.100.0/24,203.0.113.0/24,169.254.0.0/16,\
          100.64.0.0/10,172.16.0.0/12,127.0.0.1/32",
+        "fd00:10:96::/112,fe80::/10,2001:db8::/32,::1/128",
     );
 }
 
 #[test]
 fn many_excluded_prefixes_are_dropped_through_the_trie() {
-    // More IPv4 prefixes than the configuration holds (8): all in the LPM trie.
+    // More prefixes of each family than the configuration holds (8 and 4): all in the
+    // families' LPM tries.
     excluded_destinations_are_dropped(
         "127.0.0.1/32,10.0.0.0/8,192.0.2.0/24,198.51.100.0/24,203.0.113.0/24,\
          169.254.0.0/16,100.64.0.0/10,172.16.0.0/12,192.168.0.0/16",
+        "::1/128,fd00:10:96::/112,fe80::/10,2001:db8::/32,fc00::/7",
     );
 }
 
 /// Connections to the IPv4 prefixes `v4` (which hold 127.0.0.1, not 127.0.0.2 or
-/// 127.0.0.3) and to `::1` are dropped in the kernel and counted; the rest is reported.
-fn excluded_destinations_are_dropped(v4: &str) {
+/// 127.0.0.3) and to the IPv6 prefixes `v6` (which hold `::1`) are dropped in the kernel
+/// and counted; the rest is reported.
+fn excluded_destinations_are_dropped(v4: &str, v6: &str) {
     require_root();
     let port = sink_port();
     const N: u64 = 40;
@@ -114,7 +118,7 @@ fn excluded_destinations_are_dropped(v4: &str) {
             "--exclude-cidr",
             v4,
             "--exclude-cidr",
-            "::1/128",
+            v6,
             "--cgroup-rate-limit",
             "0",
         ],

@@ -185,8 +185,9 @@ pub struct ProbeConfig {
     /// Identical connections (same process, protocol, destination) within one window of
     /// this length are reported once, with a count; 0 reports every connection.
     pub aggregate_window_ns: u64,
-    /// 1 when destinations are dropped: IPv4 prefixes in `excluded_v4` (or, beyond
-    /// [`EXCLUDED_V4_INLINE`], the `EXCLUDED_V4` trie), IPv6 ones in the `EXCLUDED_V6` trie.
+    /// 1 when destinations are dropped: the prefixes in `excluded_v4` and `excluded_v6`
+    /// (or, beyond [`EXCLUDED_V4_INLINE`] and [`EXCLUDED_V6_INLINE`], in the family's
+    /// trie, `EXCLUDED_V4` or `EXCLUDED_V6`).
     pub exclude_addresses: u32,
     /// 1 when user space may list cgroups to drop in `EXCLUDED_CGROUPS`.
     pub exclude_cgroups: u32,
@@ -215,32 +216,57 @@ pub struct ProbeConfig {
     pub dns_iter: DnsIterOffsets,
     /// The IPv4 destination prefixes to drop, where there are few.
     pub excluded_v4: ExcludedV4,
+    /// The IPv6 destination prefixes to drop, where there are few.
+    pub excluded_v6: ExcludedV6,
 }
 
 /// IPv4 prefixes held in the configuration itself (`--exclude-cidr` lists a few as a
 /// rule: the cluster's service range, link-local, loopback).
 pub const EXCLUDED_V4_INLINE: usize = 8;
 
-/// The IPv4 destination prefixes the programs drop: up to [`EXCLUDED_V4_INLINE`] in the
+/// IPv6 prefixes held in the configuration itself (a dual-stack cluster's service range,
+/// link-local, `::1`).
+pub const EXCLUDED_V6_INLINE: usize = 4;
+
+/// The destination prefixes of one family the programs drop: up to `N` in the
 /// configuration, compared one after the other with plain loads (the verifier reads them
-/// as constants), where a lookup in the `EXCLUDED_V4` trie is a call that walks its
-/// nodes: ~20 ns of a dropped attempt's ~170 above the floor in an Intel host's profile,
-/// ~130 of ~290 on an AMD EPYC (Zen 4) host whose kernel returns through the SRSO
-/// safe-return thunk (docs/kernel.md). More than that all go to the trie (`in_trie`).
+/// as constants), where a lookup in the family's trie (`EXCLUDED_V4`, `EXCLUDED_V6`) is a
+/// call that walks its nodes: ~20 ns of a dropped attempt's ~170 above the floor in an
+/// Intel host's profile, ~130 of ~290 on an AMD EPYC (Zen 4) host whose kernel returns
+/// through the SRSO safe-return thunk (docs/kernel.md). More than `N` all go to the trie
+/// (`in_trie`).
 #[repr(C)]
-#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
-pub struct ExcludedV4 {
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct ExcludedPrefixes<P, const N: usize> {
     /// How many of `prefixes` are set (0 when `in_trie`).
     pub count: u32,
-    /// 1: the prefixes are in the `EXCLUDED_V4` trie instead.
+    /// 1: the prefixes are in the family's trie instead.
     pub in_trie: u32,
     /// The first `count` are the prefixes; the rest are zero.
-    pub prefixes: [V4Prefix; EXCLUDED_V4_INLINE],
+    pub prefixes: [P; N],
 }
 
-/// One IPv4 prefix: an address is in it when `address & mask == network`, all in
-/// network byte order (as the address is in memory).
-/// Aligned as a `u32` pair: the programs load each half as one word, not byte by byte.
+/// The IPv4 prefixes to drop, where there are few.
+pub type ExcludedV4 = ExcludedPrefixes<V4Prefix, EXCLUDED_V4_INLINE>;
+/// The IPv6 prefixes to drop, where there are few.
+pub type ExcludedV6 = ExcludedPrefixes<V6Prefix, EXCLUDED_V6_INLINE>;
+
+/// An address prefix as the configuration holds it: an address is in it when `address &
+/// mask == network`, all in network byte order (as the address is in memory).
+pub trait Prefix: Copy {
+    /// The family's address, as the kernel holds it (network byte order).
+    type Address: Copy;
+    /// The unset prefix (zero network, zero mask).
+    const ZERO: Self;
+    /// The prefix of `len` bits (at most the address's width) at `address`, host bits
+    /// cleared.
+    fn new(address: Self::Address, len: u8) -> Self;
+    /// Whether `address` is in the prefix.
+    fn holds(&self, address: &Self::Address) -> bool;
+}
+
+/// One IPv4 prefix (see [`Prefix`]). Aligned as a `u32` pair: the programs load each half
+/// as one word, not byte by byte.
 #[repr(C, align(4))]
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
 pub struct V4Prefix {
@@ -250,78 +276,122 @@ pub struct V4Prefix {
     pub mask: [u8; 4],
 }
 
-impl V4Prefix {
-    /// The prefix of `len` bits (at most 32) at `address` (host bits cleared).
-    pub const fn new(address: [u8; 4], len: u8) -> Self {
-        let len = if len > 32 { 32 } else { len };
-        let mask = if len == 0 {
-            0
-        } else {
-            u32::MAX << (32 - len as u32)
-        };
+impl Prefix for V4Prefix {
+    type Address = [u8; 4];
+    const ZERO: Self = Self {
+        network: [0; 4],
+        mask: [0; 4],
+    };
+
+    fn new(address: [u8; 4], len: u8) -> Self {
+        let mask = u32::MAX
+            .checked_shl(32 - u32::from(len.min(32)))
+            .unwrap_or(0);
         Self {
             network: (u32::from_be_bytes(address) & mask).to_be_bytes(),
             mask: mask.to_be_bytes(),
         }
     }
 
-    /// Whether `address` is in the prefix.
     #[inline(always)]
-    pub fn holds(&self, address: [u8; 4]) -> bool {
-        u32::from_ne_bytes(address) & u32::from_ne_bytes(self.mask)
+    fn holds(&self, address: &[u8; 4]) -> bool {
+        u32::from_ne_bytes(*address) & u32::from_ne_bytes(self.mask)
             == u32::from_ne_bytes(self.network)
     }
 }
 
-impl ExcludedV4 {
+/// One IPv6 prefix (see [`Prefix`]), compared as two 8-byte words.
+#[repr(C, align(8))]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct V6Prefix {
+    /// The prefix's address with its host bits cleared.
+    pub network: [u8; 16],
+    /// Its length as a mask: `len` leading one bits.
+    pub mask: [u8; 16],
+}
+
+impl Prefix for V6Prefix {
+    type Address = [u8; 16];
+    const ZERO: Self = Self {
+        network: [0; 16],
+        mask: [0; 16],
+    };
+
+    fn new(address: [u8; 16], len: u8) -> Self {
+        let mask = u128::MAX
+            .checked_shl(128 - u32::from(len.min(128)))
+            .unwrap_or(0);
+        Self {
+            network: (u128::from_be_bytes(address) & mask).to_be_bytes(),
+            mask: mask.to_be_bytes(),
+        }
+    }
+
+    #[inline(always)]
+    fn holds(&self, address: &[u8; 16]) -> bool {
+        let word = |bytes: &[u8; 16], half: usize| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&bytes[half * 8..half * 8 + 8]);
+            u64::from_ne_bytes(w)
+        };
+        (0..2).all(|half| word(address, half) & word(&self.mask, half) == word(&self.network, half))
+    }
+}
+
+impl<P: Prefix, const N: usize> ExcludedPrefixes<P, N> {
     pub const fn zeroed() -> Self {
         Self {
             count: 0,
             in_trie: 0,
-            prefixes: [V4Prefix {
-                network: [0; 4],
-                mask: [0; 4],
-            }; EXCLUDED_V4_INLINE],
+            prefixes: [P::ZERO; N],
         }
     }
 
     /// The prefixes `(address, length)`, inline if they fit, else marked for the trie.
-    pub fn of(prefixes: &[([u8; 4], u8)]) -> Self {
+    pub fn of(prefixes: &[(P::Address, u8)]) -> Self {
         let mut excluded = Self::zeroed();
-        if prefixes.len() > EXCLUDED_V4_INLINE {
+        if prefixes.len() > N {
             excluded.in_trie = 1;
             return excluded;
         }
         for (slot, &(address, len)) in excluded.prefixes.iter_mut().zip(prefixes) {
-            *slot = V4Prefix::new(address, len);
+            *slot = P::new(address, len);
         }
         excluded.count = prefixes.len() as u32;
         excluded
     }
 
-    /// Whether `address` is in one of the inline prefixes (none when `in_trie`).
-    #[inline(always)]
-    pub fn holds(&self, address: [u8; 4]) -> bool {
-        let mut i = 0;
-        while i < EXCLUDED_V4_INLINE {
-            if i as u32 >= self.count {
-                return false;
-            }
-            if self.prefixes[i].holds(address) {
-                return true;
-            }
-            i += 1;
-        }
-        false
+    /// Whether `address` is in one of the inline prefixes (none when `in_trie`). The
+    /// programs read the configuration with volatile loads instead (`filter.rs`), each
+    /// prefix with the same [`Prefix::holds`].
+    pub fn holds(&self, address: &P::Address) -> bool {
+        self.prefixes
+            .iter()
+            .take(self.count as usize)
+            .any(|prefix| prefix.holds(address))
     }
 }
 
 const _: () = assert!(core::mem::size_of::<ExcludedV4>() == 8 + 8 * EXCLUDED_V4_INLINE);
+const _: () = assert!(core::mem::size_of::<ExcludedV6>() == 8 + 32 * EXCLUDED_V6_INLINE);
 
 const _: () = assert!(
     core::mem::size_of::<ProbeConfig>()
-        == 64 * 4 + 14 * 4 + 8 + 8 + 24 + 16 + 16 + 8 * 4 + 8 + 8 * EXCLUDED_V4_INLINE
+        == 64 * 4
+            + 14 * 4
+            + 8
+            + 8
+            + 24
+            + 16
+            + 16
+            + 8 * 4
+            + 8
+            + 8 * EXCLUDED_V4_INLINE
+            + 8
+            + 32 * EXCLUDED_V6_INLINE
 );
+/// No padding before the IPv6 prefixes (8-byte aligned): the configuration is plain data.
+const _: () = assert!(core::mem::offset_of!(ProbeConfig, excluded_v6) % 8 == 0);
 /// The offsets' counts and the subsys index (even in all) keep the first u64 after them aligned.
 const _: () = assert!(core::mem::offset_of!(ProbeConfig, udp_flow_window_ns) % 8 == 0);
 const _: () = assert!(core::mem::offset_of!(ProbeConfig, aggregate_window_ns) % 8 == 0);
@@ -469,6 +539,7 @@ impl ProbeConfig {
             _pad_after_regs: 0,
             dns_iter: DnsIterOffsets::zeroed(),
             excluded_v4: ExcludedV4::zeroed(),
+            excluded_v6: ExcludedV6::zeroed(),
         }
     }
 }
@@ -490,19 +561,19 @@ mod tests {
             [10, 0, 0, 0],
             "host bits cleared"
         );
-        assert!(excluded.holds([10, 255, 0, 1]));
-        assert!(excluded.holds([192, 0, 2, 7]));
+        assert!(excluded.holds(&[10, 255, 0, 1]));
+        assert!(excluded.holds(&[192, 0, 2, 7]));
         // /0 holds everything.
-        assert!(excluded.holds([8, 8, 8, 8]));
+        assert!(excluded.holds(&[8, 8, 8, 8]));
         let narrow = ExcludedV4::of(&[([10, 0, 0, 0], 8), ([192, 0, 2, 7], 32)]);
-        assert!(!narrow.holds([11, 0, 0, 1]));
-        assert!(!narrow.holds([192, 0, 2, 8]));
-        assert!(!narrow.holds([9, 255, 255, 255]));
+        assert!(!narrow.holds(&[11, 0, 0, 1]));
+        assert!(!narrow.holds(&[192, 0, 2, 8]));
+        assert!(!narrow.holds(&[9, 255, 255, 255]));
         let cgnat = ExcludedV4::of(&[([100, 64, 0, 0], 10)]);
-        assert!(cgnat.holds([100, 127, 255, 255]));
-        assert!(!cgnat.holds([100, 128, 0, 0]));
+        assert!(cgnat.holds(&[100, 127, 255, 255]));
+        assert!(!cgnat.holds(&[100, 128, 0, 0]));
         assert!(
-            !ExcludedV4::of(&[]).holds([10, 0, 0, 1]),
+            !ExcludedV4::of(&[]).holds(&[10, 0, 0, 1]),
             "none: nothing held"
         );
     }
@@ -513,11 +584,48 @@ mod tests {
         let excluded = ExcludedV4::of(&many);
         assert_eq!((excluded.count, excluded.in_trie), (0, 1));
         assert!(
-            !excluded.holds([10, 0, 0, 1]),
+            !excluded.holds(&[10, 0, 0, 1]),
             "the trie holds them, not the table"
         );
         let fit = ExcludedV4::of(&many[..EXCLUDED_V4_INLINE]);
         assert_eq!((fit.count, fit.in_trie), (EXCLUDED_V4_INLINE as u32, 0));
-        assert!(fit.holds([10, 0, 0, 1]));
+        assert!(fit.holds(&[10, 0, 0, 1]));
+    }
+
+    #[test]
+    fn inline_v6_prefixes_hold_their_addresses_and_no_others() {
+        let v6 = |text: &str| {
+            text.parse::<core::net::Ipv6Addr>()
+                .expect("an address")
+                .octets()
+        };
+        let excluded = ExcludedV6::of(&[
+            (v6("fd00:10:96::1"), 112),
+            (v6("fe80::1"), 10),
+            (v6("2001:db8::"), 65),
+            (v6("::1"), 128),
+        ]);
+        assert_eq!((excluded.count, excluded.in_trie), (4, 0));
+        assert_eq!(
+            excluded.prefixes[0].network,
+            v6("fd00:10:96::"),
+            "host bits cleared"
+        );
+        assert!(excluded.holds(&v6("fd00:10:96::ffff")));
+        assert!(!excluded.holds(&v6("fd00:10:97::1")));
+        assert!(excluded.holds(&v6("febf:ffff::1")));
+        assert!(!excluded.holds(&v6("fec0::1")));
+        // A length past the first word: the second word's mask counts.
+        assert!(excluded.holds(&v6("2001:db8::7fff:ffff:ffff:ffff")));
+        assert!(!excluded.holds(&v6("2001:db8::8000:0:0:0")));
+        assert!(excluded.holds(&v6("::1")));
+        assert!(!excluded.holds(&v6("::2")));
+        assert!(
+            ExcludedV6::of(&[(v6("::"), 0)]).holds(&v6("2001:db8::1")),
+            "/0"
+        );
+        let many = [(v6("fd00::"), 8); EXCLUDED_V6_INLINE + 1];
+        assert_eq!(ExcludedV6::of(&many).in_trie, 1);
+        assert!(!ExcludedV6::of(&many).holds(&v6("fd00::1")));
     }
 }

@@ -12,8 +12,9 @@ pub mod ring;
 
 pub use aggregate::AggregateKey;
 pub use config::{
-    CgroupSource, DnsIterOffsets, EXCLUDED_V4_INLINE, ExcludedV4, KernelOffsets, MAX_CGROUP_BURST,
-    MAX_CGROUP_RATE, ProbeConfig, TracepointOffsets, V4Prefix,
+    CgroupSource, DnsIterOffsets, EXCLUDED_V4_INLINE, EXCLUDED_V6_INLINE, ExcludedPrefixes,
+    ExcludedV4, ExcludedV6, KernelOffsets, MAX_CGROUP_BURST, MAX_CGROUP_RATE, Prefix, ProbeConfig,
+    TracepointOffsets, V4Prefix, V6Prefix,
 };
 pub use event::{
     CGROUP_NAME_LEN, COMM_LEN, CONNECT_EVENT_SIZE, COUNTER_COUNT, CloseFlags, ConnState,

@@ -8,7 +8,7 @@ use aya::{
     maps::lpm_trie::{Key, LpmTrie},
 };
 
-use egress_shared::ExcludedV4;
+use egress_shared::{ExcludedV4, ExcludedV6};
 
 use super::ProbeError;
 use crate::config::settings::Cidr;
@@ -21,30 +21,31 @@ fn trie<'a, K: aya::Pod>(
     LpmTrie::try_from(map).map_err(|source| ProbeError::Map { name, source })
 }
 
-/// The IPv4 prefixes of `excluded` for the configuration: inline where they fit, else
-/// marked for the trie ([`install`] then writes them there).
-pub fn inline_v4(excluded: &[Cidr]) -> ExcludedV4 {
-    let v4: Vec<([u8; 4], u8)> = excluded
-        .iter()
-        .filter_map(|cidr| match cidr.address() {
-            IpAddr::V4(v4) => Some((v4.octets(), cidr.prefix_len())),
-            IpAddr::V6(_) => None,
-        })
-        .collect();
-    ExcludedV4::of(&v4)
+/// The prefixes of `excluded` for the configuration, per family: inline where they fit,
+/// else marked for the family's trie ([`install`] then writes them there).
+pub fn inline(excluded: &[Cidr]) -> (ExcludedV4, ExcludedV6) {
+    let (mut v4, mut v6) = (Vec::new(), Vec::new());
+    for cidr in excluded {
+        match cidr.address() {
+            IpAddr::V4(a) => v4.push((a.octets(), cidr.prefix_len())),
+            IpAddr::V6(a) => v6.push((a.octets(), cidr.prefix_len())),
+        }
+    }
+    (ExcludedV4::of(&v4), ExcludedV6::of(&v6))
 }
 
-/// Writes the prefixes the configuration does not hold (`inline`) into the programs'
-/// tries; returns whether there were any prefixes at all.
+/// Writes the prefixes the configuration does not hold (`inline_v4`, `inline_v6`) into
+/// the programs' tries; returns whether there were any prefixes at all.
 pub fn install(
     ebpf: &mut Ebpf,
     excluded: &[Cidr],
-    inline: &ExcludedV4,
+    (inline_v4, inline_v6): (&ExcludedV4, &ExcludedV6),
 ) -> Result<bool, ProbeError> {
     for cidr in excluded {
         let prefix = u32::from(cidr.prefix_len());
         let result = match cidr.address() {
-            IpAddr::V4(_) if inline.in_trie == 0 => continue,
+            IpAddr::V4(_) if inline_v4.in_trie == 0 => continue,
+            IpAddr::V6(_) if inline_v6.in_trie == 0 => continue,
             IpAddr::V4(v4) => {
                 trie::<[u8; 4]>(ebpf, "EXCLUDED_V4")?.insert(&Key::new(prefix, v4.octets()), 1, 0)
             }

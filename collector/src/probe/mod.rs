@@ -158,6 +158,7 @@ impl KernelFacts {
             .and_then(|root| tracefs::tracepoint_offsets(&root))
             .map_err(|e| one_line(&e));
         let exit_regs = ExitRegs::of(&kernel_btf);
+        let (excluded_v4, excluded_v6) = filters::inline(&settings.excluded_destinations);
         let config = ProbeConfig {
             offsets: kernel_btf.kernel_offsets()?,
             tracepoints: tracepoints.clone().unwrap_or_default(),
@@ -185,7 +186,8 @@ impl KernelFacts {
             regs_sendto_addr: exit_regs.sendto_addr,
             _pad_after_regs: 0,
             dns_iter: kernel_btf.dns_iter_offsets(),
-            excluded_v4: filters::inline_v4(&settings.excluded_destinations),
+            excluded_v4,
+            excluded_v6,
             cgroup_subsys_index,
         };
         // Two parsed copies of vmlinux BTF at once would set the peak memory.
@@ -310,7 +312,7 @@ impl Probes {
         filters::install(
             &mut ebpf,
             &settings.excluded_destinations,
-            &facts.config.excluded_v4,
+            (&facts.config.excluded_v4, &facts.config.excluded_v6),
         )?;
         let boot_offset_written = install_boot_offset(&mut ebpf)?;
         let mut refused = Vec::new();
