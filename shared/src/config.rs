@@ -265,22 +265,23 @@ pub trait Prefix: Copy {
     fn holds(&self, address: &Self::Address) -> bool;
 }
 
-/// One IPv4 prefix (see [`Prefix`]). Aligned as a `u32` pair: the programs load each half
-/// as one word, not byte by byte.
-#[repr(C, align(4))]
+/// One IPv4 prefix (see [`Prefix`]), held as words: a struct of byte arrays is loaded
+/// one byte at a time by the programs' volatile reads.
+#[repr(C)]
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
 pub struct V4Prefix {
-    /// The prefix's address with its host bits cleared.
-    pub network: [u8; 4],
-    /// Its length as a mask: `len` leading one bits.
-    pub mask: [u8; 4],
+    /// The prefix's address with its host bits cleared: its bytes in network order, as
+    /// one native word.
+    pub network: u32,
+    /// Its length as a mask (`len` leading one bits), held as `network` is.
+    pub mask: u32,
 }
 
 impl Prefix for V4Prefix {
     type Address = [u8; 4];
     const ZERO: Self = Self {
-        network: [0; 4],
-        mask: [0; 4],
+        network: 0,
+        mask: 0,
     };
 
     fn new(address: [u8; 4], len: u8) -> Self {
@@ -288,33 +289,44 @@ impl Prefix for V4Prefix {
             .checked_shl(32 - u32::from(len.min(32)))
             .unwrap_or(0);
         Self {
-            network: (u32::from_be_bytes(address) & mask).to_be_bytes(),
-            mask: mask.to_be_bytes(),
+            network: u32::from_ne_bytes((u32::from_be_bytes(address) & mask).to_be_bytes()),
+            mask: u32::from_ne_bytes(mask.to_be_bytes()),
         }
     }
 
     #[inline(always)]
     fn holds(&self, address: &[u8; 4]) -> bool {
-        u32::from_ne_bytes(*address) & u32::from_ne_bytes(self.mask)
-            == u32::from_ne_bytes(self.network)
+        u32::from_ne_bytes(*address) & self.mask == self.network
     }
 }
 
-/// One IPv6 prefix (see [`Prefix`]), compared as two 8-byte words.
-#[repr(C, align(8))]
+/// One IPv6 prefix (see [`Prefix`]), held as two words each, as [`V4Prefix`].
+#[repr(C)]
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
 pub struct V6Prefix {
-    /// The prefix's address with its host bits cleared.
-    pub network: [u8; 16],
-    /// Its length as a mask: `len` leading one bits.
-    pub mask: [u8; 16],
+    /// The prefix's address with its host bits cleared: its bytes in network order, as
+    /// two native words.
+    pub network: [u64; 2],
+    /// Its length as a mask (`len` leading one bits), held as `network` is.
+    pub mask: [u64; 2],
+}
+
+/// The 16 bytes of an IPv6 address as two native words, the first 8 bytes first.
+#[inline(always)]
+fn v6_words(bytes: &[u8; 16]) -> [u64; 2] {
+    let word = |half: usize| {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&bytes[half * 8..half * 8 + 8]);
+        u64::from_ne_bytes(w)
+    };
+    [word(0), word(1)]
 }
 
 impl Prefix for V6Prefix {
     type Address = [u8; 16];
     const ZERO: Self = Self {
-        network: [0; 16],
-        mask: [0; 16],
+        network: [0; 2],
+        mask: [0; 2],
     };
 
     fn new(address: [u8; 16], len: u8) -> Self {
@@ -322,19 +334,15 @@ impl Prefix for V6Prefix {
             .checked_shl(128 - u32::from(len.min(128)))
             .unwrap_or(0);
         Self {
-            network: (u128::from_be_bytes(address) & mask).to_be_bytes(),
-            mask: mask.to_be_bytes(),
+            network: v6_words(&(u128::from_be_bytes(address) & mask).to_be_bytes()),
+            mask: v6_words(&mask.to_be_bytes()),
         }
     }
 
     #[inline(always)]
     fn holds(&self, address: &[u8; 16]) -> bool {
-        let word = |bytes: &[u8; 16], half: usize| {
-            let mut w = [0u8; 8];
-            w.copy_from_slice(&bytes[half * 8..half * 8 + 8]);
-            u64::from_ne_bytes(w)
-        };
-        (0..2).all(|half| word(address, half) & word(&self.mask, half) == word(&self.network, half))
+        let words = v6_words(address);
+        words[0] & self.mask[0] == self.network[0] && words[1] & self.mask[1] == self.network[1]
     }
 }
 
@@ -558,7 +566,7 @@ mod tests {
         assert_eq!((excluded.count, excluded.in_trie), (3, 0));
         assert_eq!(
             excluded.prefixes[0].network,
-            [10, 0, 0, 0],
+            u32::from_ne_bytes([10, 0, 0, 0]),
             "host bits cleared"
         );
         assert!(excluded.holds(&[10, 255, 0, 1]));
@@ -608,7 +616,7 @@ mod tests {
         assert_eq!((excluded.count, excluded.in_trie), (4, 0));
         assert_eq!(
             excluded.prefixes[0].network,
-            v6("fd00:10:96::"),
+            v6_words(&v6("fd00:10:96::")),
             "host bits cleared"
         );
         assert!(excluded.holds(&v6("fd00:10:96::ffff")));
