@@ -1,5 +1,6 @@
 //! User filters applied in the kernel: destination prefixes to drop (`--exclude-cidr`,
-//! `--exclude-loopback`), written into the programs' LPM tries before they attach.
+//! `--exclude-loopback`): a few of each family held in the programs' configuration, more
+//! written into their LPM tries before they attach.
 
 use std::net::IpAddr;
 
