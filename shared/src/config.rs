@@ -369,10 +369,11 @@ impl<P: Prefix, const N: usize> ExcludedPrefixes<P, N> {
         excluded
     }
 
-    /// Whether `address` is in one of the inline prefixes (none when `in_trie`). The
-    /// programs read the configuration with volatile loads instead (`filter.rs`), each
-    /// prefix with the same [`Prefix::holds`].
-    pub fn holds(&self, address: &P::Address) -> bool {
+    /// Whether `address` is in one of the inline prefixes (none when `in_trie`): the
+    /// unit tests' model of the programs' loop, which reads the configuration with
+    /// volatile loads instead (`filter.rs`), each prefix with the same [`Prefix::holds`].
+    #[cfg(test)]
+    fn holds(&self, address: &P::Address) -> bool {
         self.prefixes
             .iter()
             .take(self.count as usize)
