@@ -11,10 +11,11 @@ use egress_shared::{
 use crate::{
     clock, filter,
     maps::{
-        BOOT_OFFSET, Bucket, CALL_HINT_SLOTS, CALL_HINTS, CALLS, CGROUP_BUCKETS, COUNTERS,
-        CallState, EVENTS, FLOW_SWEPT, Identity, OPEN_SLOT_BITS, OPEN_SLOTS, OPEN_SPILLS, OPEN_TCP,
-        OpenConn, PENDING_SLOT_BITS, PENDING_SLOTS, PENDING_SPILLED, PENDING_SPILLS, PENDING_TCP,
-        SCRATCH, Slot, TCP_CONNECT_MARKS, UDP_FLOWS, config,
+        BOOT_OFFSET, Bucket, BucketSlot, CALL_HINT_SLOTS, CALL_HINTS, CALLS, CGROUP_BUCKET_SLOTS,
+        CGROUP_BUCKETS, COUNTERS, CallState, EVENTS, FLOW_SWEPT, Identity, OPEN_SLOT_BITS,
+        OPEN_SLOTS, OPEN_SPILLS, OPEN_TCP, OpenConn, PENDING_SLOT_BITS, PENDING_SLOTS,
+        PENDING_SPILLED, PENDING_SPILLS, PENDING_TCP, SCRATCH, Slot, TCP_CONNECT_MARKS, UDP_FLOWS,
+        config,
     },
     read::{self, Probe, Reader},
     sock::{self, Dest, IPPROTO_TCP, IPPROTO_UDP},
@@ -91,9 +92,10 @@ pub fn compare_exchange(ptr: *mut u64, old: u64, new: u64) -> bool {
 
 /// The per-cgroup rate limit: `Some(dropped before)` admits the event, `None` drops it.
 ///
-/// All CPUs share one bucket per cgroup, so the limit is the configured rate whatever
-/// CPUs a cgroup's tasks run on (per-CPU buckets would need a share of the rate each, and
-/// would hold a one-CPU process to rate / CPUs). Races must err on the side of fewer
+/// All CPUs share one bucket per cgroup ([`bucket_of`]: its slot, or its entry in the LRU
+/// map), so the limit is the configured rate whatever CPUs a cgroup's tasks run on
+/// (per-CPU buckets would need a share of the rate each, and would hold a one-CPU process
+/// to rate / CPUs). Races must err on the side of fewer
 /// events, never more, and never count a drop twice. Two ways, chosen by user space
 /// before load (`fetching_atomics`; the verifier prunes the path not taken, so the object
 /// loads on kernels that lack the instruction):
@@ -138,24 +140,11 @@ fn admit(cgroup: u64, now: u64) -> Option<u32> {
     }
     let burst_events = (config!(cgroup_burst) as u64).clamp(1, MAX_CGROUP_BURST as u64);
     let exact = config!(fetching_atomics) != 0;
-    let bucket = match CGROUP_BUCKETS.get_ptr_mut(&cgroup) {
-        Some(bucket) => bucket,
-        None => {
-            // Full either way: tokens at the burst, or an arrival time of now.
-            let fresh = Bucket {
-                nano_tokens: burst_events * NANO,
-                last_ns: now,
-                dropped: 0,
-            };
-            // NOEXIST: a CPU that loses the race to create it uses the winner's bucket.
-            let _ = CGROUP_BUCKETS.insert(&cgroup, &fresh, BPF_NOEXIST as u64);
-            match CGROUP_BUCKETS.get_ptr_mut(&cgroup) {
-                Some(bucket) => bucket,
-                // No bucket to be had (no memory): the event is not the limit's to drop.
-                None => return Some(0),
-            }
-        }
+    // No bucket to be had (no memory): the event is not the limit's to drop.
+    let Some(bucket) = bucket_of(cgroup, now, burst_events, exact) else {
+        return Some(0);
     };
+    let bucket = bucket.as_ptr();
     // SAFETY: a valid map value; fields are reached by pointer, never by reference,
     // since other CPUs change them at the same time.
     let (tokens, last_ns, dropped) = unsafe {
@@ -189,6 +178,103 @@ fn admit(cgroup: u64, now: u64) -> Option<u32> {
     }
     atomic_add(dropped, carried.wrapping_neg());
     Some(carried.min(u32::MAX as u64) as u32)
+}
+
+/// How long a bucket slot's cgroup must have been idle (its bucket full, nothing to
+/// carry) before another cgroup of its slot may claim it: a removed container's slot
+/// goes back into use; a live one's next event then finds its bucket (full either way) in
+/// `CGROUP_BUCKETS`.
+const BUCKET_SLOT_IDLE_NS: u64 = 10 * NANO;
+
+/// The bucket of `cgroup` (see [`admit`]): on 5.12+ its slot in `CGROUP_BUCKET_SLOTS`
+/// where it holds it (a hash, an array element and one load: the usual case), else
+/// [`bucket_elsewhere`]. `None` only when no bucket can be had (no memory).
+#[inline(always)]
+fn bucket_of(cgroup: u64, now: u64, burst_events: u64, exact: bool) -> Option<NonNull<Bucket>> {
+    let slot = if exact {
+        CGROUP_BUCKET_SLOTS
+            .get_ptr_mut(egress_shared::bucket_slot(
+                cgroup,
+                config!(bucket_slot_mask),
+            ))
+            .and_then(NonNull::new)
+    } else {
+        None
+    };
+    if let Some(slot) = slot {
+        // SAFETY: a map value; fields reached by pointer (other CPUs swap the key).
+        let (key, bucket) = unsafe {
+            let slot = slot.as_ptr();
+            (&raw mut (*slot).cgroup, &raw mut (*slot).bucket)
+        };
+        if load(key) == cgroup {
+            return NonNull::new(bucket);
+        }
+    }
+    bucket_elsewhere(cgroup, now, burst_events, slot)
+}
+
+/// [`bucket_of`] where `slot` (the cgroup's bucket slot, on 5.12+) is not the cgroup's:
+/// its entry in `CGROUP_BUCKETS` if it has one (it keeps that bucket: with a second one
+/// in the slot it could pass twice its burst); else the slot if free or claimable
+/// ([`bucket_slot_claimable`]), claimed with one compare-and-exchange; else a new entry.
+/// Out of line: a cgroup in its slot (the usual case) returns before this.
+///
+/// Races err on the side of fewer events: two CPUs claiming one slot for two cgroups
+/// leave it to one (the other goes to the map); a CPU that read the old key just before
+/// a claim admits that event on the new cgroup's bucket (both share it for that moment),
+/// and a drop it counts then is carried by the new cgroup's next record.
+#[inline(never)]
+fn bucket_elsewhere(
+    cgroup: u64,
+    now: u64,
+    burst_events: u64,
+    slot: Option<NonNull<BucketSlot>>,
+) -> Option<NonNull<Bucket>> {
+    if let Some(bucket) = CGROUP_BUCKETS.get_ptr_mut(&cgroup) {
+        return NonNull::new(bucket);
+    }
+    if let Some(slot) = slot {
+        let slot = slot.as_ptr();
+        // SAFETY: as in `bucket_of`.
+        let (key, bucket) = unsafe { (&raw mut (*slot).cgroup, &raw mut (*slot).bucket) };
+        let held = load(key);
+        // A free slot's bucket is full (its arrival time 0), as is an idle one's.
+        if held == cgroup
+            || (bucket_slot_claimable(bucket, held, now) && compare_exchange(key, held, cgroup))
+            || load(key) == cgroup
+        {
+            return NonNull::new(bucket);
+        }
+    }
+    // Full either way: tokens at the burst, or an arrival time of now.
+    let fresh = Bucket {
+        nano_tokens: burst_events * NANO,
+        last_ns: now,
+        dropped: 0,
+    };
+    // NOEXIST: a CPU that loses the race to create it uses the winner's bucket.
+    let _ = CGROUP_BUCKETS.insert(&cgroup, &fresh, BPF_NOEXIST as u64);
+    CGROUP_BUCKETS.get_ptr_mut(&cgroup).and_then(NonNull::new)
+}
+
+/// Whether a bucket slot whose key is `held` (another cgroup's, or 0) may be claimed:
+/// free, or its bucket full for [`BUCKET_SLOT_IDLE_NS`] (its arrival time that far
+/// behind `now`) with no drops left to carry (they would be carried in another cgroup's
+/// name).
+#[inline(always)]
+fn bucket_slot_claimable(bucket: *mut Bucket, held: u64, now: u64) -> bool {
+    if held == 0 {
+        return true;
+    }
+    // SAFETY: a map value's fields, reached by pointer.
+    let (arrival, dropped) = unsafe {
+        (
+            load(&raw mut (*bucket).last_ns),
+            load(&raw mut (*bucket).dropped),
+        )
+    };
+    dropped == 0 && now.wrapping_sub(arrival) as i64 >= BUCKET_SLOT_IDLE_NS as i64
 }
 
 /// 5.12+: the cell-rate test (see [`admit`]) on the arrival time at `tat`.

@@ -52,6 +52,16 @@ pub fn precise_decisions() -> bool {
     )
 }
 
+/// `EGRESS_TEST_ONE_BUCKET_SLOT=1` folds every cgroup onto one of the rate limit's
+/// bucket slots, so a test sees cgroups collide there (all but the slot's keep their
+/// buckets in the LRU map) and an idle cgroup's slot claimed by another.
+pub fn one_bucket_slot() -> bool {
+    flag(
+        "EGRESS_TEST_ONE_BUCKET_SLOT",
+        "every cgroup shares one rate-limit bucket slot",
+    )
+}
+
 /// Whether the test hook `name` is set to 1; warned with `effect` when it is.
 fn flag(name: &str, effect: &str) -> bool {
     let set = std::env::var_os(name).is_some_and(|v| v == "1");

@@ -128,7 +128,7 @@ const WORKER_ENV: &str = "EGRESS_FLOOD_WORKER";
 #[test]
 fn a_cgroup_flooding_from_both_cpus_gets_its_rate_and_every_drop_is_counted() {
     let _alone = one_flood_at_a_time();
-    let run = flood_from_both_cpus(&[]);
+    let run = flood_from_both_cpus(&[], false);
     assert!(
         run.decision_clock.starts_with("jiffies@"),
         "the decisions go by the tick count: {}",
@@ -149,43 +149,84 @@ fn a_cgroup_flooding_from_both_cpus_gets_its_rate_and_every_drop_is_counted() {
 #[test]
 fn on_the_precise_clock_the_flood_gets_its_rate_and_every_drop_is_counted() {
     let _alone = one_flood_at_a_time();
-    let run = flood_from_both_cpus(&[("EGRESS_TEST_PRECISE_DECISIONS", "1")]);
+    let run = flood_from_both_cpus(&[("EGRESS_TEST_PRECISE_DECISIONS", "1")], false);
     assert_eq!(run.decision_clock, "boottime");
     assert_bucket_times(&run, now_ns(libc::CLOCK_BOOTTIME));
     assert_exact_books(&run);
 }
 
 /// Every bucket's time lies within two minutes of `expected` (the run lasts seconds; a
-/// bucket's arrival time runs at most a burst's worth of intervals ahead).
+/// bucket's arrival time runs at most a burst's worth of intervals ahead), and the
+/// flood's cgroup has its bucket in its slot (`CGROUP_BUCKET_SLOTS`), where every
+/// cgroup's is but a collided one's.
 fn assert_bucket_times(run: &FloodRun, expected: u64) {
     assert!(
-        !run.bucket_times.is_empty(),
-        "the flood's cgroup has a bucket"
+        run.buckets
+            .iter()
+            .any(|b| b.in_slot && run.noisy_keys.contains(&b.cgroup)),
+        "the flood's cgroup has its bucket in its slot: {:?}",
+        run.buckets
     );
-    for &time in &run.bucket_times {
+    for bucket in &run.buckets {
         assert!(
-            time.abs_diff(expected) < 120_000_000_000,
-            "a bucket's time {time} is not on the expected clock ({expected})"
+            bucket.last_ns.abs_diff(expected) < 120_000_000_000,
+            "a bucket's time {} is not on the expected clock ({expected})",
+            bucket.last_ns
         );
     }
 }
 
-/// The times in every `CGROUP_BUCKETS` map loaded (only the running collector's: one
-/// flood at a time).
-fn bucket_times() -> Vec<u64> {
-    let mut times = Vec::new();
+/// A rate-limit bucket as the programs left it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct SeenBucket {
+    /// The cgroup key it belongs to.
+    cgroup: u64,
+    /// `Bucket::last_ns`.
+    last_ns: u64,
+    /// In `CGROUP_BUCKET_SLOTS` (else in the LRU map `CGROUP_BUCKETS`).
+    in_slot: bool,
+}
+
+/// The buckets of the running collector (one flood at a time): the claimed slots of
+/// every `CGROUP_BUCKET_SLOTS` loaded and the entries of every `CGROUP_BUCKETS`.
+fn buckets() -> Vec<SeenBucket> {
+    let mut buckets = Vec::new();
     for info in aya::maps::loaded_maps() {
         let info = info.expect("the loaded maps can be listed");
-        if info.name_as_str() != Some("CGROUP_BUCKETS") {
-            continue;
+        let name = info.name_as_str();
+        if name == Some("CGROUP_BUCKETS") {
+            let map = aya::maps::MapData::from_id(info.id()).expect("the bucket map opens");
+            let map =
+                aya::maps::HashMap::<_, u64, [u64; 3]>::try_from(aya::maps::Map::LruHashMap(map))
+                    .expect("a hash map of u64 to a bucket");
+            // `Bucket`: nano_tokens, last_ns, dropped.
+            buckets.extend(map.iter().map(|entry| {
+                let (cgroup, bucket) = entry.expect("a bucket");
+                SeenBucket {
+                    cgroup,
+                    last_ns: bucket[1],
+                    in_slot: false,
+                }
+            }));
+        } else if name == Some("CGROUP_BUCKET_S") {
+            // `CGROUP_BUCKET_SLOTS`, as the kernel keeps a map's name: 15 bytes.
+            let map = aya::maps::MapData::from_id(info.id()).expect("the slot map opens");
+            let map = aya::maps::Array::<_, [u64; 4]>::try_from(aya::maps::Map::Array(map))
+                .expect("an array of slots");
+            // `BucketSlot`: the cgroup key (0: free), then the bucket.
+            buckets.extend(
+                map.iter()
+                    .map(|slot| slot.expect("a slot"))
+                    .filter(|slot| slot[0] != 0)
+                    .map(|slot| SeenBucket {
+                        cgroup: slot[0],
+                        last_ns: slot[2],
+                        in_slot: true,
+                    }),
+            );
         }
-        let map = aya::maps::MapData::from_id(info.id()).expect("the bucket map opens");
-        let map = aya::maps::HashMap::<_, u64, [u64; 3]>::try_from(aya::maps::Map::LruHashMap(map))
-            .expect("a hash map of u64 to a bucket");
-        // `Bucket`: nano_tokens, last_ns, dropped.
-        times.extend(map.iter().map(|entry| entry.expect("a bucket").1[1]));
     }
-    times
+    buckets
 }
 
 fn now_ns(clock: libc::clockid_t) -> u64 {
@@ -233,13 +274,83 @@ fn assert_exact_books(run: &FloodRun) {
     );
 }
 
+/// Every cgroup on one bucket slot (a test hook), which a cgroup that connected just
+/// before holds: the flood and the quiet cgroup both collide there, keep their buckets in
+/// the LRU map, and each still gets its own limit, the flood with exact books.
+#[test]
+fn cgroups_whose_bucket_slot_is_held_get_their_own_limits_and_exact_books() {
+    let _alone = one_flood_at_a_time();
+    let run = flood_from_both_cpus(&[("EGRESS_TEST_ONE_BUCKET_SLOT", "1")], true);
+    assert_exact_books(&run);
+    let slots: Vec<&SeenBucket> = run.buckets.iter().filter(|b| b.in_slot).collect();
+    assert!(
+        slots.len() == 1 && run.holder_keys.contains(&slots[0].cgroup),
+        "the one slot is the holder's, which connected first: {:?}",
+        run.buckets
+    );
+    for (what, keys) in [("flood's", &run.noisy_keys), ("quiet", &run.quiet_keys)] {
+        assert!(
+            run.buckets
+                .iter()
+                .any(|b| !b.in_slot && keys.contains(&b.cgroup)),
+            "the {what} cgroup's bucket is in the LRU map: {:?}",
+            run.buckets
+        );
+    }
+}
+
+/// A slot whose cgroup has been idle for 10 s (its bucket full, nothing to carry) goes
+/// to the next cgroup of that slot that has no bucket yet: a removed container's slot is
+/// used again.
+#[test]
+fn a_bucket_slot_idle_for_ten_seconds_is_claimed_by_the_next_cgroup() {
+    let _alone = one_flood_at_a_time();
+    require_root();
+    let first = TestCgroup::create("first");
+    let next = TestCgroup::create("next");
+    let collector = RunningCollector::start_wrapped(
+        &["env", "EGRESS_TEST_ONE_BUCKET_SLOT=1"],
+        Path::new(COLLECTOR),
+        &["--stdout", "--stats-interval", "1h"],
+        Duration::from_secs(60),
+    )
+    .expect("collector starts");
+    let holder = || -> Vec<u64> {
+        buckets()
+            .iter()
+            .filter(|b| b.in_slot)
+            .map(|b| b.cgroup)
+            .collect()
+    };
+    wait_worker(first.spawn_worker(&format!("quiet {} 1 0", unused_port())));
+    let before = holder();
+    // Idle for 10 s by the bucket's time: the next event is 10.5 s after the first's.
+    std::thread::sleep(Duration::from_millis(10_500));
+    wait_worker(next.spawn_worker(&format!("quiet {} 1 0", unused_port())));
+    let after = holder();
+    let (ok, _, stderr) = collector
+        .stop(Duration::from_secs(30))
+        .expect("collector stops");
+    assert!(ok, "collector failed:\n{}", stderr.join("\n"));
+    assert!(
+        before.len() == 1 && first.ids().contains(&before[0]),
+        "the first cgroup to connect claims the free slot: {before:?}, ids {:?}",
+        first.ids()
+    );
+    assert!(
+        after.len() == 1 && next.ids().contains(&after[0]),
+        "the next cgroup claims the slot its idle holder left: {after:?}, ids {:?}",
+        next.ids()
+    );
+}
+
 /// The same flood on the rate limit's path for kernels before 5.12 (no atomic exchange),
 /// forced by a test hook: the bound holds and every attempt is reported or counted; a
 /// drop may be carried twice there (docs/kernel.md), but no record carries a wrapped count.
 #[test]
 fn without_fetching_atomics_the_flood_is_still_bounded_and_counted() {
     let _alone = one_flood_at_a_time();
-    let run = flood_from_both_cpus(&[("EGRESS_TEST_NO_FETCHING_ATOMICS", "1")]);
+    let run = flood_from_both_cpus(&[("EGRESS_TEST_NO_FETCHING_ATOMICS", "1")], false);
     assert!(
         run.reported + run.counted >= run.made,
         "reported {} + counted {} >= made {}",
@@ -263,15 +374,21 @@ struct FloodRun {
     counted: u64,
     /// What the start line names as the decisions' clock.
     decision_clock: String,
-    /// The rate limit's buckets' times (`Bucket::last_ns`), as the programs wrote them.
-    bucket_times: Vec<u64>,
+    /// The rate limit's buckets, as the programs left them.
+    buckets: Vec<SeenBucket>,
+    /// The keys the flood's and the quiet cgroup may have (their ids in every hierarchy).
+    noisy_keys: Vec<u64>,
+    quiet_keys: Vec<u64>,
+    /// The holder's (see [`flood_from_both_cpus`]), if one ran.
+    holder_keys: Vec<u64>,
     /// rate x the time the worker flooded + burst.
     due: f64,
 }
 
 /// Runs the flood and a quiet cgroup beside it; checks what holds on both paths (the
-/// bound, the quiet cgroup in full, the last record) and returns the figures.
-fn flood_from_both_cpus(env: &[(&str, &str)]) -> FloodRun {
+/// bound, the quiet cgroup in full, the last record) and returns the figures. `holder`:
+/// a third cgroup connects once first (with one bucket slot, it takes the slot).
+fn flood_from_both_cpus(env: &[(&str, &str)], holder: bool) -> FloodRun {
     require_root();
     const RATE: u64 = 200;
     const BURST: u64 = 100;
@@ -309,6 +426,10 @@ fn flood_from_both_cpus(env: &[(&str, &str)]) -> FloodRun {
         Duration::from_secs(60),
     )
     .expect("collector starts");
+    let holder_group = holder.then(|| TestCgroup::create("holder"));
+    if let Some(group) = &holder_group {
+        wait_worker(group.spawn_worker(&format!("quiet {} 1 0", unused_port())));
+    }
     let noisy = noisy_group.spawn_worker(&format!(
         "flood {noisy_port} {SECONDS} 2 {last_port} {}",
         2_000 / RATE + 200
@@ -317,7 +438,7 @@ fn flood_from_both_cpus(env: &[(&str, &str)]) -> FloodRun {
     let (noisy_pid, noisy_out) = wait_worker(noisy);
     let (quiet_pid, _) = wait_worker(quiet);
     std::thread::sleep(Duration::from_millis(500));
-    let bucket_times = bucket_times();
+    let buckets = buckets();
     let (ok, stdout, stderr) = collector
         .stop(Duration::from_secs(30))
         .expect("collector stops");
@@ -393,7 +514,13 @@ fn flood_from_both_cpus(env: &[(&str, &str)]) -> FloodRun {
         largest_carried: carried_each.iter().copied().max().unwrap_or(0),
         counted,
         due: RATE as f64 * flood_time + BURST as f64,
-        bucket_times,
+        buckets,
+        noisy_keys: noisy_group.ids(),
+        quiet_keys: quiet_group.ids(),
+        holder_keys: holder_group
+            .as_ref()
+            .map(TestCgroup::ids)
+            .unwrap_or_default(),
         decision_clock: stderr
             .iter()
             .find_map(|l| l.split("decision_clock=").nth(1))
@@ -523,6 +650,20 @@ impl TestCgroup {
         }
         assert!(!dirs.is_empty(), "no cgroup hierarchy is mounted");
         Self { dirs }
+    }
+
+    /// Its kernfs ids, one per hierarchy (a directory's inode number on 64-bit): the
+    /// rate limit's key is one of them.
+    fn ids(&self) -> Vec<u64> {
+        use std::os::unix::fs::MetadataExt;
+        self.dirs
+            .iter()
+            .map(|d| {
+                std::fs::metadata(d)
+                    .unwrap_or_else(|e| panic!("{}: {e}", d.display()))
+                    .ino()
+            })
+            .collect()
     }
 
     /// This test binary, as [`flood_worker`], moved into the cgroup before it runs.

@@ -210,14 +210,29 @@ pub struct ProbeConfig {
     /// exits only, which read their arguments back (no entry program, no saved call
     /// state: every send on the host, TCP's included, ran both). 0: entry hooks save them.
     pub regs_sendto_addr: u32,
-    /// Explicit padding: keeps the struct's size a multiple of its alignment.
-    pub _pad_after_regs: u32,
+    /// What the rate limit's bucket slots (`CGROUP_BUCKET_SLOTS`) fold a cgroup key's hash
+    /// with: [`BUCKET_SLOT_COUNT`] - 1 (0 puts every cgroup on one slot, a test hook).
+    pub bucket_slot_mask: u32,
     /// Where the kprobe and fentry families find a received (or sent) message's bytes.
     pub dns_iter: DnsIterOffsets,
     /// The IPv4 destination prefixes to drop, where there are few.
     pub excluded_v4: ExcludedV4,
     /// The IPv6 destination prefixes to drop, where there are few.
     pub excluded_v6: ExcludedV6,
+}
+
+/// The rate limit's bucket slots (`CGROUP_BUCKET_SLOTS`): a power of two, for a few
+/// hundred containers per node with few collisions (a collided cgroup's bucket is in the
+/// LRU map, slower but as exact).
+pub const BUCKET_SLOT_COUNT: u32 = 4096;
+
+/// The bucket slot of the cgroup key `cgroup`: a multiplicative hash (cgroup ids are
+/// kernfs ids, handed out in sequence to cgroups and their files alike, so a node's
+/// cgroups are dozens apart), its high bits folded with `mask`
+/// (`ProbeConfig::bucket_slot_mask`).
+#[inline(always)]
+pub fn bucket_slot(cgroup: u64, mask: u32) -> u32 {
+    (cgroup.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as u32 & mask
 }
 
 /// IPv4 prefixes held in the configuration itself (`--exclude-cidr` lists a few as a
@@ -545,7 +560,7 @@ impl ProbeConfig {
             dns_regs_buf: 0,
             regs_syscall_nr: 0,
             regs_sendto_addr: 0,
-            _pad_after_regs: 0,
+            bucket_slot_mask: 0,
             dns_iter: DnsIterOffsets::zeroed(),
             excluded_v4: ExcludedV4::zeroed(),
             excluded_v6: ExcludedV6::zeroed(),
@@ -636,5 +651,24 @@ mod tests {
         let many = [(v6("fd00::"), 8); EXCLUDED_V6_INLINE + 1];
         assert_eq!(ExcludedV6::of(&many).in_trie, 1);
         assert!(!ExcludedV6::of(&many).holds(&v6("fd00::1")));
+    }
+
+    #[test]
+    fn sequential_cgroup_ids_spread_over_the_bucket_slots() {
+        let mask = BUCKET_SLOT_COUNT - 1;
+        // Kernfs ids of cgroups made one after another (a node's containers): each
+        // cgroup's interface files take ids too, so theirs advance by dozens.
+        for stride in [1, 40, 64] {
+            let mut taken = [false; BUCKET_SLOT_COUNT as usize];
+            for i in 0..256u64 {
+                taken[bucket_slot(5_000 + i * stride, mask) as usize] = true;
+            }
+            let distinct = taken.iter().filter(|&&t| t).count();
+            assert!(
+                distinct >= 240,
+                "256 ids {stride} apart share few slots: {distinct} distinct"
+            );
+        }
+        assert_eq!(bucket_slot(u64::MAX, 0), 0, "one slot: every key on it");
     }
 }

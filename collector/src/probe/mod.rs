@@ -133,6 +133,16 @@ fn coarse_tick_ns(settings: &ProbeSettings) -> u32 {
     tick_ns
 }
 
+/// `ProbeConfig::bucket_slot_mask`: every slot of `CGROUP_BUCKET_SLOTS`, or one (a test
+/// hook).
+fn bucket_slot_mask() -> u32 {
+    if crate::testhook::one_bucket_slot() {
+        0
+    } else {
+        egress_shared::BUCKET_SLOT_COUNT - 1
+    }
+}
+
 impl KernelFacts {
     /// The clock the rate limit and the identity cache go by, for the start line:
     /// `jiffies@<HZ>Hz`, or `boottime` (see `ProbeConfig::coarse_tick_ns`).
@@ -184,7 +194,7 @@ impl KernelFacts {
             dns_regs_buf: exit_regs.buf,
             regs_syscall_nr: exit_regs.syscall_nr,
             regs_sendto_addr: exit_regs.sendto_addr,
-            _pad_after_regs: 0,
+            bucket_slot_mask: bucket_slot_mask(),
             dns_iter: kernel_btf.dns_iter_offsets(),
             excluded_v4,
             excluded_v6,
