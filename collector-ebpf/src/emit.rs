@@ -12,7 +12,7 @@ use crate::{
     clock, filter,
     maps::{
         BOOT_OFFSET, Bucket, BucketSlot, CALL_HINT_SLOTS, CALL_HINTS, CALLS, CGROUP_BUCKET_SLOTS,
-        CGROUP_BUCKETS, COUNTERS, CallState, EVENTS, FLOW_SWEPT, Identity, OPEN_SLOT_BITS,
+        CGROUP_BUCKETS, COUNTERS, CachedIdentity, CallState, EVENTS, FLOW_SWEPT, OPEN_SLOT_BITS,
         OPEN_SLOTS, OPEN_SPILLS, OPEN_TCP, OpenConn, PENDING_SLOT_BITS, PENDING_SLOTS,
         PENDING_SPILLED, PENDING_SPILLS, PENDING_TCP, SCRATCH, Slot, TCP_CONNECT_MARKS, UDP_FLOWS,
         config,
@@ -193,10 +193,7 @@ const BUCKET_SLOT_IDLE_NS: u64 = 10 * NANO;
 fn bucket_of(cgroup: u64, now: u64, burst_events: u64, exact: bool) -> Option<NonNull<Bucket>> {
     let slot = if exact {
         CGROUP_BUCKET_SLOTS
-            .get_ptr_mut(egress_shared::bucket_slot(
-                cgroup,
-                config!(bucket_slot_mask),
-            ))
+            .get_ptr_mut(egress_shared::slot_of(cgroup, config!(bucket_slot_mask)))
             .and_then(NonNull::new)
     } else {
         None
@@ -440,7 +437,7 @@ struct Early {
     cgroup_id: u64,
     check: task::Check,
     /// The process's cached identity, if it still holds.
-    cached: Option<&'static Identity>,
+    cached: Option<&'static CachedIdentity>,
     /// When `cached` was filled (0 without one).
     cached_ns: u64,
     /// Admitted already, with `dropped_before`; else not decided yet (cgroup v1 and no
@@ -474,7 +471,7 @@ fn decide<R: Reader>(task: u64) -> Option<Early> {
             None => (None, 0),
         };
     if !admitted && let Some(identity) = cached {
-        decided_key = filter::cgroup_key(identity.record.cgroup_leaf_id, cgroup_id);
+        decided_key = filter::cgroup_key(identity.cgroup_leaf_id, cgroup_id);
         dropped_before = admit_cgroup(decided_key, now)?;
         admitted = true;
     }

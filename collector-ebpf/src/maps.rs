@@ -328,23 +328,55 @@ pub static PENDING_SPILLED: Words<1> = Words::new();
 /// The part of a task's identity its whole process shares and that rarely changes, by
 /// `tgid`, so a process's connections after its first cost a lookup and a few checking
 /// loads instead of ~25 kernel reads and three string reads, and carry a reference to
-/// the identity sent once (`task::walk`), not a copy. LRU: 8,192
-/// processes that connect; an evicted one is read again at its next connection.
+/// the identity sent once (`task::walk`), not a copy. Where the process's
+/// [`IDENTITY_SLOTS`] slot is another's (or the kernel has no compare-and-exchange). LRU:
+/// 8,192 processes; an evicted one is read again at its next connection.
 #[map]
-pub static IDENTITIES: LruHashMap<u32, Identity> = LruHashMap::with_max_entries(8192, 0);
+pub static IDENTITIES: LruHashMap<u32, CachedIdentity> = LruHashMap::with_max_entries(8192, 0);
+
+/// Most processes' cached identities, on kernels with compare-and-exchange
+/// (`fetching_atomics`, 5.12+): one slot per hash of the process id
+/// (`ProbeConfig::identity_slot_mask`). An array element is a pointer the verifier
+/// computes inline, where a lookup in [`IDENTITIES`] hashes the key and walks a bucket
+/// list in three or four kernel calls (~130 ns per connection in a profile on an AMD host
+/// whose returns are dear). A process fills its slot if it is free, its own, or holds a
+/// stale identity (older than [`IDENTITY_MAX_AGE_NS`], which no reader takes), by
+/// swapping `owner` to [`IDENTITY_WRITING`] first and to its id last (`task::cache`);
+/// else its identity goes to [`IDENTITIES`]. Readers check the slot's owner and fill
+/// time before and after they read it (`task::unchanged`), as for an LRU element reused.
+#[map]
+pub static IDENTITY_SLOTS: Array<CachedIdentity> =
+    Array::with_max_entries(egress_shared::IDENTITY_SLOT_COUNT, 0);
+
+/// The owner of an [`IDENTITY_SLOTS`] slot being written (no process id is this).
+pub const IDENTITY_WRITING: u64 = u64::MAX;
 
 /// Where an [`Identity`] is read before it is cached (one slot per program, as [`SCRATCH`]).
 #[map]
 pub static IDENTITY_SCRATCH: PerCpuArray<Identity> = PerCpuArray::with_max_entries(Slot::COUNT, 0);
 
-/// A process's cached identity (see [`IDENTITIES`]) and what tells it is stale.
+/// A process's identity as it is read ([`IDENTITY_SCRATCH`]): what is cached, then what
+/// is sent.
 #[repr(C)]
 #[derive(Copy, Clone)]
 pub struct Identity {
-    // Compared on every use, with the record's `cgroup_id` (a move to another v2
-    // cgroup) and `filled_decision_ns` (its age): any change reads the identity again.
+    pub cached: CachedIdentity,
+    /// The identity as it is sent to user space; its `filled_ns` (CLOCK_BOOTTIME) is
+    /// what records refer to it by.
+    pub record: IdentityEvent,
+}
+
+/// What the programs keep of a process's identity ([`IDENTITY_SLOTS`], [`IDENTITIES`]):
+/// what tells it is stale, and what a record needs of it (its time, its cgroup key).
+/// The names went to user space when it was read (`IdentityEvent`).
+#[repr(C)]
+#[derive(Copy, Clone)]
+pub struct CachedIdentity {
+    // Compared on every use, with the task's `cgroup_id` (a move to another v2 cgroup)
+    // and `filled_decision_ns` (its age): any change reads the identity again.
     /// The process's id, first: an element the LRU hands to another process while a
-    /// program reads it is overwritten from its start, so this word tells it first
+    /// program reads it is overwritten from its start, and a slot is
+    /// [`IDENTITY_WRITING`] while it is written, so this word tells it
     /// (`task::unchanged`).
     pub owner: u64,
     /// The namespaces named, by address (`task::same_namespaces`): setns/unshare change
@@ -357,17 +389,25 @@ pub struct Identity {
     /// namespaces set up by the exec'd program's parent).
     pub exec_id: u64,
     /// When it was filled, on the decisions' clock (`clock::decision_ns`): older than
-    /// `IDENTITY_MAX_AGE_NS`, it is read (and sent) again.
+    /// `IDENTITY_MAX_AGE_NS`, it is read (and sent) again. The age limit bounds the
+    /// staleness of what nothing above detects: a new parent after the parent exited, a
+    /// nodename changed by sethostname, a process renamed through its leader's comm, a
+    /// recycled pid whose process has the same exec count, namespaces and cgroup.
     pub filled_decision_ns: u64,
-    /// The identity as it was sent to user space; its `filled_ns` (CLOCK_BOOTTIME) is what
-    /// records refer to it by. The age limit bounds the staleness of what nothing above
-    /// detects: a new parent after the parent exited, a nodename changed by sethostname,
-    /// a process renamed through its leader's comm, a recycled pid whose process has the
-    /// same exec count, namespaces and cgroup.
-    pub record: IdentityEvent,
+    /// The sent identity's `filled_ns`: records refer to it by this time.
+    pub filled_ns: u64,
+    /// The task's v2 cgroup id when it was read.
+    pub cgroup_id: u64,
+    /// The sent identity's `cgroup_leaf_id`: the per-cgroup maps' key on cgroup v1.
+    pub cgroup_leaf_id: u64,
 }
 
-/// A cached identity is read again after this long (see `Identity::filled_decision_ns`).
+/// [`CachedIdentity`] in 8-byte words, `owner` first.
+pub const CACHED_IDENTITY_WORDS: usize = core::mem::size_of::<CachedIdentity>() / 8;
+const _: () = assert!(core::mem::size_of::<CachedIdentity>() == 8 * (7 + crate::task::NAMESPACES));
+const _: () = assert!(core::mem::offset_of!(CachedIdentity, owner) == 0);
+
+/// A cached identity is read again after this long (see `CachedIdentity::filled_decision_ns`).
 pub const IDENTITY_MAX_AGE_NS: u64 = 1_000_000_000;
 
 /// Established connections this collector reported, by `struct sock` address, until

@@ -5,7 +5,7 @@
 //! with plain loads where the program has its typed pointer, else from helpers
 //! ([`fill_ids`], `read::Reader::pid_tgid`); what the whole process shares and rarely
 //! changes (parent, process name, pid-namespace pid, namespaces, nodename, cgroup names)
-//! is read from the task's structs once and cached per process in `IDENTITIES`
+//! is read from the task's structs once and cached per process (`IDENTITY_SLOTS`, `IDENTITIES`)
 //! ([`fill_process`]), checked on each use against what could have changed it.
 //!
 //! The cached identity goes to user space once, not in every record: the walk sends it
@@ -28,11 +28,18 @@ use egress_shared::{
 };
 
 use crate::{
-    maps::{IDENTITIES, IDENTITY_MAX_AGE_NS, IDENTITY_SCRATCH, Identity, Slot, config},
+    emit::{compare_exchange, count, exchange, load},
+    maps::{
+        CACHED_IDENTITY_WORDS, CachedIdentity, IDENTITIES, IDENTITY_MAX_AGE_NS, IDENTITY_SCRATCH,
+        IDENTITY_SLOTS, IDENTITY_WRITING, Identity, Slot, config,
+    },
     read::{self, Reader},
 };
 
-const _: () = assert!(core::mem::size_of::<Identity>() == 72 + egress_shared::IDENTITY_EVENT_SIZE);
+const _: () = assert!(
+    core::mem::size_of::<Identity>()
+        == core::mem::size_of::<CachedIdentity>() + egress_shared::IDENTITY_EVENT_SIZE
+);
 
 /// How far ahead of this CPU's clock reading a cached identity's fill time may be (see
 /// [`fresh`]): a few ticks.
@@ -150,7 +157,7 @@ fn namespace_at(i: usize) -> u32 {
 /// it put the raw tracepoint's stack at the verifier's 512-byte limit (BENCHMARKS.md,
 /// kernel-cost-vm).
 #[inline(always)]
-fn same_namespaces<R: Reader>(cached: &Identity, nsproxy: u64) -> bool {
+fn same_namespaces<R: Reader>(cached: &CachedIdentity, nsproxy: u64) -> bool {
     let held = |i: usize| R::kernel::<u64>(nsproxy, namespace_at(i)).unwrap_or(0);
     cached.namespaces[0] == held(0)
         && cached.namespaces[1] == held(1)
@@ -177,29 +184,56 @@ fn v1_cgroup_serial<R: Reader>(task: u64) -> u64 {
 /// The cached identity of process `tgid`, whose task is in v2 cgroup `cgroup_id`, if
 /// `check` (read at `decision_ns`, see `clock`) says it still holds, and when it was
 /// filled: read before the fields it vouches for, so [`unchanged`] tells afterwards
-/// whether the LRU reused the element for another insert meanwhile.
+/// whether it was rewritten meanwhile (a slot taken by another process, an LRU element
+/// reused for another insert).
 #[inline(always)]
 pub fn cached<R: Reader>(
     tgid: u32,
     cgroup_id: u64,
     check: &Check,
     decision_ns: u64,
-) -> Option<(&'static Identity, u64)> {
-    let cached = IDENTITIES.get_ptr(&tgid)?;
-    // SAFETY: a map value, valid memory for this run. Its content is not guaranteed: the
-    // LRU map may reuse the element for another insert meanwhile (see [`unchanged`]).
-    let cached = unsafe { &*cached };
+) -> Option<(&'static CachedIdentity, u64)> {
+    let cached = cache_entry(tgid)?;
     let filled_ns = filled_ns(cached);
-    // The process id too: an element the LRU reused for another process of the same
-    // namespaces, cgroup and exec count would otherwise pass for this one's.
+    // The owner again, after the fill time: a slot or an element rewritten for another
+    // process of the same namespaces, cgroup and exec count would otherwise pass for
+    // this one's.
     (check.nsproxy != 0
-        && cached.record.tgid == tgid
-        && cached.record.cgroup_id == cgroup_id
+        && owner(cached) == tgid as u64
+        && cached.cgroup_id == cgroup_id
         && cached.exec_id == check.exec_id
         && cached.cgroup_serial == check.cgroup_serial
         && fresh(decision_ns.wrapping_sub(cached.filled_decision_ns) as i64)
         && same_namespaces::<R>(cached, check.nsproxy))
     .then_some((cached, filled_ns))
+}
+
+/// Where process `tgid`'s identity is cached: its [`IDENTITY_SLOTS`] slot if it holds
+/// it (an array element and one load), else its entry in [`IDENTITIES`], if any.
+#[inline(always)]
+fn cache_entry(tgid: u32) -> Option<&'static CachedIdentity> {
+    if config!(fetching_atomics) != 0
+        && let Some(slot) = IDENTITY_SLOTS.get(identity_slot(tgid))
+        && owner(slot) == tgid as u64
+    {
+        return Some(slot);
+    }
+    // SAFETY: a map value, valid memory for this run. Its content is not guaranteed: the
+    // LRU map may reuse the element for another insert meanwhile (see [`unchanged`]).
+    IDENTITIES.get_ptr(&tgid).map(|cached| unsafe { &*cached })
+}
+
+/// The [`IDENTITY_SLOTS`] slot of process `tgid`.
+#[inline(always)]
+fn identity_slot(tgid: u32) -> u32 {
+    egress_shared::slot_of(tgid as u64, config!(identity_slot_mask))
+}
+
+/// `id.owner`, read once (volatile: another CPU may rewrite it).
+#[inline(always)]
+fn owner(id: &CachedIdentity) -> u64 {
+    // SAFETY: a field of a map value.
+    unsafe { core::ptr::read_volatile(&id.owner) }
 }
 
 /// Whether an identity filled `age` ns ago is young enough to use. Signed: another CPU
@@ -235,24 +269,21 @@ pub fn fill_process<R: Reader>(
 
 /// When `id` was filled: read before its fields, so [`unchanged`] can tell afterwards.
 #[inline(always)]
-fn filled_ns(id: &Identity) -> u64 {
+fn filled_ns(id: &CachedIdentity) -> u64 {
     // SAFETY: a field of a map value, read once (volatile: not folded into a later read).
-    unsafe { core::ptr::read_volatile(&id.record.filled_ns) }
+    unsafe { core::ptr::read_volatile(&id.filled_ns) }
 }
 
 /// Whether the cached identity `id` of process `tgid` is still the one checked,
-/// `filled_ns` being when it was filled then: the LRU map reuses a freed element for
-/// another insert without waiting for the programs reading it, so one evicted and
-/// refilled (another process, or this one again) while it was read is told apart by its
-/// fill time, and one being overwritten for another process by its first word, the
-/// owner; the identity is then read again from the task.
+/// `filled_ns` being when it was filled then: a slot is rewritten in place (its owner
+/// [`IDENTITY_WRITING`] meanwhile, its fill time new after), and the LRU map reuses a
+/// freed element for another insert without waiting for the programs reading it, so one
+/// rewritten while it was read (another process, or this one again) is told apart by its
+/// fill time, and one being rewritten by its first word, the owner; the identity is then
+/// read again from the task.
 #[inline(always)]
-pub fn unchanged(id: &Identity, filled_ns: u64, tgid: u32) -> bool {
-    // SAFETY: as in `filled_ns`.
-    unsafe {
-        core::ptr::read_volatile(&id.record.filled_ns) == filled_ns
-            && core::ptr::read_volatile(&id.owner) == tgid as u64
-    }
+pub fn unchanged(id: &CachedIdentity, filled_ns: u64, tgid: u32) -> bool {
+    self::filled_ns(id) == filled_ns && owner(id) == tgid as u64
 }
 
 /// Reads the process's identity from the task's structs, sends it to user space and
@@ -283,13 +314,16 @@ pub fn walk(
         crate::words::zero(id);
         &mut *id
     };
-    id.owner = ev.tgid as u64;
-    for (i, namespace) in id.namespaces.iter_mut().enumerate() {
+    let cached = &mut id.cached;
+    cached.owner = ev.tgid as u64;
+    for (i, namespace) in cached.namespaces.iter_mut().enumerate() {
         *namespace = read::kernel(check.nsproxy, namespace_at(i)).unwrap_or(0);
     }
-    id.cgroup_serial = check.cgroup_serial;
-    id.exec_id = check.exec_id;
-    id.filled_decision_ns = decision_ns;
+    cached.cgroup_serial = check.cgroup_serial;
+    cached.exec_id = check.exec_id;
+    cached.filled_decision_ns = decision_ns;
+    cached.filled_ns = now;
+    cached.cgroup_id = ev.cgroup_id;
     let record = &mut id.record;
     record.kind = EventKind::Identity as u8;
     record.filled_ns = now;
@@ -301,33 +335,74 @@ pub fn walk(
     let record = &mut id.record;
     let lineage = fill_lineage(record, task).is_ok();
     let cgroup = fill_cgroup(record, task).is_ok();
+    id.cached.cgroup_leaf_id = id.record.cgroup_leaf_id;
     // On v1, a css serial the check could not read would match nothing: not cached.
     let serial = key_known_early() || check.cgroup_serial != 0;
     let walked = Walked {
         complete: lineage && namespaces && cgroup && serial,
-        cgroup_leaf_id: record.cgroup_leaf_id,
+        cgroup_leaf_id: id.record.cgroup_leaf_id,
     };
     // Woken by the record's place, as the records that refer to it (a boundary that
     // fell in an identity and woke no one would wait for the next one).
-    if !crate::emit::output::<IdentityEvent>(record) {
-        crate::emit::count(Counter::IdentityLost);
+    if !crate::emit::output::<IdentityEvent>(&id.record) {
+        count(Counter::IdentityLost);
         return walked;
     }
-    if !walked.complete {
-        return walked;
-    }
-    // LRU: a full map forgets the process that connected least recently. A new entry
-    // is counted, a refreshed one is not: user space tells the evictions from the
-    // entries left (`identities_evicted`).
-    if IDENTITIES
-        .insert(&ev.tgid, &*id, BPF_NOEXIST as u64)
-        .is_ok()
-    {
-        crate::emit::count(Counter::IdentitiesCached);
-    } else {
-        let _ = IDENTITIES.insert(&ev.tgid, &*id, 0);
+    if walked.complete {
+        cache(&id.cached, ev.tgid, decision_ns);
     }
     walked
+}
+
+/// Caches the identity `id` of process `tgid`, read at `decision_ns` (after it was sent):
+/// in its [`IDENTITY_SLOTS`] slot if that is free, its own, or stale (on 5.12+), else in
+/// [`IDENTITIES`]. A new entry or a slot taken is counted, a refreshed one is not: user
+/// space tells the evictions from what is left (`identities_evicted`).
+#[inline(always)]
+fn cache(id: &CachedIdentity, tgid: u32, decision_ns: u64) {
+    if config!(fetching_atomics) != 0
+        && let Some(slot) = IDENTITY_SLOTS.get_ptr_mut(identity_slot(tgid))
+    {
+        // SAFETY: a map value; its words are reached by pointer (other CPUs read them).
+        let owner = unsafe { &raw mut (*slot).owner };
+        let held = load(owner);
+        let mine = held == tgid as u64;
+        // A stale identity is taken by no reader ([`cached`] checks its age); one being
+        // written is left to its writer.
+        let takeable = mine
+            || held == 0
+            || (held != IDENTITY_WRITING
+                && !fresh(
+                    decision_ns.wrapping_sub(load(unsafe { &raw mut (*slot).filled_decision_ns }))
+                        as i64,
+                ));
+        if takeable && compare_exchange(owner, held, IDENTITY_WRITING) {
+            let (from, to) = (
+                (id as *const CachedIdentity).cast::<u64>(),
+                slot.cast::<u64>(),
+            );
+            for i in 1..CACHED_IDENTITY_WORDS {
+                // SAFETY: word `i` of both (within their size), aligned map values.
+                unsafe { crate::emit::store(to.add(i), core::ptr::read_volatile(from.add(i))) };
+            }
+            // Its owner last, with a full barrier: a reader that finds the owner finds
+            // the rest written.
+            exchange(owner, tgid as u64);
+            if !mine {
+                count(Counter::IdentitiesCached);
+                if held == 0 {
+                    count(Counter::IdentitySlotsFilled);
+                }
+            }
+            return;
+        }
+    }
+    // LRU: a full map forgets the process that connected least recently.
+    if IDENTITIES.insert(&tgid, id, BPF_NOEXIST as u64).is_ok() {
+        count(Counter::IdentitiesCached);
+    } else {
+        let _ = IDENTITIES.insert(&tgid, id, 0);
+    }
 }
 
 /// What [`walk`] found.
@@ -362,7 +437,7 @@ fn fill_lineage(id: &mut IdentityEvent, task: u64) -> Result<(), i64> {
 #[inline(always)]
 fn fill_namespaces(id: &mut Identity) -> Result<(), i64> {
     // As the cache keeps them (0 where a read failed: the inode read fails too).
-    let [net, uts, mnt, ipc, cgroup] = id.namespaces;
+    let [net, uts, mnt, ipc, cgroup] = id.cached.namespaces;
     let record = &mut id.record;
     record.ns_inums[NsIndex::Net as usize] = read::kernel(net, config!(offsets.net_ns_inum))?;
     record.ns_inums[NsIndex::Uts as usize] = read::kernel(uts, config!(offsets.uts_ns_inum))?;

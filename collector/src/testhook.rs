@@ -62,6 +62,16 @@ pub fn one_bucket_slot() -> bool {
     )
 }
 
+/// `EGRESS_TEST_ONE_IDENTITY_SLOT=1` folds every process onto one of the identity
+/// cache's slots, so a test sees processes collide there (all but the slot's holder keep
+/// their identities in the LRU map) and take the slot from each other.
+pub fn one_identity_slot() -> bool {
+    flag(
+        "EGRESS_TEST_ONE_IDENTITY_SLOT",
+        "every process shares one identity cache slot",
+    )
+}
+
 /// Whether the test hook `name` is set to 1; warned with `effect` when it is.
 fn flag(name: &str, effect: &str) -> bool {
     let set = std::env::var_os(name).is_some_and(|v| v == "1");

@@ -296,3 +296,79 @@ fn a_thread_that_hops_between_uts_namespaces_is_reported_with_each_nodename() {
         )
     });
 }
+
+/// Every process on one identity cache slot (a test hook): two processes that connect in
+/// turn find the slot the other's, keep their identities in the LRU map, and take the
+/// slot over from each other once the other's identity there is stale. They share what
+/// the cache checks (namespaces, cgroup, exec count: bash run under two names by this
+/// process), so only the slot's owner tells their identities apart: every connection is
+/// still reported with its own process's name, as with a slot each.
+#[test]
+fn processes_that_share_an_identity_slot_are_each_reported_with_their_own_identity() {
+    require_root();
+    const CONNECTS: usize = 150;
+    let port = unused_port();
+    let dir = std::env::temp_dir().join(format!("egress-slot-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("a directory for the copies");
+    let bash = |name: &str| {
+        let path = dir.join(name);
+        std::fs::copy("/bin/bash", &path).expect("a copy of bash");
+        path
+    };
+    let shells = [bash("egress-slot-a"), bash("egress-slot-b")];
+    let collector = RunningCollector::start_wrapped(
+        &["env", "EGRESS_TEST_ONE_IDENTITY_SLOT=1"],
+        Path::new(COLLECTOR),
+        &[
+            "--attributes",
+            "full",
+            "--stats-interval",
+            "1h",
+            "--cgroup-rate-limit",
+            "0",
+        ],
+        Duration::from_secs(60),
+    )
+    .expect("collector starts");
+    // `true 3<>/dev/tcp/...`: bash connects in its own process (a builtin, no fork); the
+    // port is closed, so each is a refused attempt, reported once.
+    let script = format!(
+        "for i in $(seq {CONNECTS}); do true 3<>/dev/tcp/127.0.0.1/{port}; sleep 0.02; done \
+         2>/dev/null; exit 0"
+    );
+    let children: Vec<_> = (shells.iter())
+        .map(|shell| {
+            Command::new(shell)
+                .args(["-c", &script])
+                .spawn()
+                .expect("bash runs")
+        })
+        .collect();
+    let mut pids = Vec::new();
+    for (shell, mut child) in shells.iter().zip(children) {
+        let pid = child.id();
+        assert!(child.wait().expect("wait").success(), "{shell:?} failed");
+        let name = shell.file_name().and_then(|n| n.to_str()).expect("a name");
+        pids.push((name.to_owned(), pid));
+    }
+    let (records, stderr) = collector.stop_after_poll();
+    let _ = std::fs::remove_dir_all(&dir);
+    for (name, pid) in &pids {
+        let theirs: Vec<&Value> = (records.iter())
+            .filter(|r| attr(r, "process.pid") == *pid && attr(r, "destination.port") == port)
+            .collect();
+        assert_eq!(
+            theirs.len(),
+            CONNECTS,
+            "every connect of {name} is reported:\n{}",
+            stderr.join("\n")
+        );
+        for record in theirs {
+            assert_eq!(
+                attr(record, "process.executable.name"),
+                &Value::from(name.as_str()),
+                "a connection of {name} carries its own process's identity: {record:#}"
+            );
+        }
+    }
+}

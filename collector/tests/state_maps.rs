@@ -8,9 +8,10 @@
 //! entry each for as long as they wait: more of them than the map holds make it evict,
 //! and the collector must report those evictions as possible loss.
 //!
-//! `IDENTITIES` caches each connecting process's identity, 8,192 processes: more
-//! processes than that make it evict, reported as `identities_evicted` (a cost, not a
-//! loss).
+//! The identity cache keeps each connecting process's identity, in one of 4,096 slots
+//! (`IDENTITY_SLOTS`, by process id) or, where the slot is another process's, in the LRU
+//! map `IDENTITIES` (8,192): more processes than both hold make it forget some, reported
+//! as `identities_evicted` (a cost, not a loss).
 
 mod support;
 
@@ -24,8 +25,8 @@ use support::host::{last_stat, require_root};
 const COLLECTOR: &str = env!("CARGO_BIN_EXE_egress-collector");
 /// `CALLS`'s capacity (collector-ebpf/src/maps.rs).
 const CALLS_CAPACITY: u64 = 8192;
-/// `IDENTITIES`'s capacity (collector-ebpf/src/maps.rs).
-const IDENTITIES_CAPACITY: u64 = 8192;
+/// `IDENTITIES`'s capacity and `IDENTITY_SLOTS`'s (collector-ebpf/src/maps.rs).
+const IDENTITIES_CAPACITY: u64 = 8192 + 4096;
 
 #[test]
 fn calls_evicted_from_the_full_call_map_are_reported_as_possibly_lost() {

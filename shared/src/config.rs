@@ -213,6 +213,11 @@ pub struct ProbeConfig {
     /// What the rate limit's bucket slots (`CGROUP_BUCKET_SLOTS`) fold a cgroup key's hash
     /// with: [`BUCKET_SLOT_COUNT`] - 1 (0 puts every cgroup on one slot, a test hook).
     pub bucket_slot_mask: u32,
+    /// What the identity cache's slots (`IDENTITY_SLOTS`) fold a process id's hash with:
+    /// [`IDENTITY_SLOT_COUNT`] - 1 (0 puts every process on one slot, a test hook).
+    pub identity_slot_mask: u32,
+    /// Explicit padding: keeps the struct's size a multiple of its alignment.
+    pub _pad_after_slots: u32,
     /// Where the kprobe and fentry families find a received (or sent) message's bytes.
     pub dns_iter: DnsIterOffsets,
     /// The IPv4 destination prefixes to drop, where there are few.
@@ -226,13 +231,19 @@ pub struct ProbeConfig {
 /// LRU map, slower but as exact).
 pub const BUCKET_SLOT_COUNT: u32 = 4096;
 
-/// The bucket slot of the cgroup key `cgroup`: a multiplicative hash (cgroup ids are
-/// kernfs ids, handed out in sequence to cgroups and their files alike, so a node's
-/// cgroups are dozens apart), its high bits folded with `mask`
-/// (`ProbeConfig::bucket_slot_mask`).
+/// The identity cache's slots (`IDENTITY_SLOTS`): a power of two, for the processes that
+/// connect on a node, with few collisions (a collided process's identity is in the LRU
+/// map, as every process's was).
+pub const IDENTITY_SLOT_COUNT: u32 = 4096;
+
+/// The slot of `key` (a cgroup key for `CGROUP_BUCKET_SLOTS`, a process id for
+/// `IDENTITY_SLOTS`) in a table folded with `mask` (`ProbeConfig::bucket_slot_mask`,
+/// `identity_slot_mask`): a multiplicative hash's high bits. Cgroup ids are kernfs ids,
+/// handed out in sequence to cgroups and their files alike, so a node's cgroups are
+/// dozens apart; process ids come in sequence.
 #[inline(always)]
-pub fn bucket_slot(cgroup: u64, mask: u32) -> u32 {
-    (cgroup.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as u32 & mask
+pub fn slot_of(key: u64, mask: u32) -> u32 {
+    (key.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as u32 & mask
 }
 
 /// IPv4 prefixes held in the configuration itself (`--exclude-cidr` lists a few as a
@@ -402,7 +413,7 @@ const _: () = assert!(core::mem::size_of::<ExcludedV6>() == 8 + 32 * EXCLUDED_V6
 const _: () = assert!(
     core::mem::size_of::<ProbeConfig>()
         == 64 * 4
-            + 14 * 4
+            + 16 * 4
             + 8
             + 8
             + 24
@@ -561,6 +572,8 @@ impl ProbeConfig {
             regs_syscall_nr: 0,
             regs_sendto_addr: 0,
             bucket_slot_mask: 0,
+            identity_slot_mask: 0,
+            _pad_after_slots: 0,
             dns_iter: DnsIterOffsets::zeroed(),
             excluded_v4: ExcludedV4::zeroed(),
             excluded_v6: ExcludedV6::zeroed(),
@@ -654,14 +667,14 @@ mod tests {
     }
 
     #[test]
-    fn sequential_cgroup_ids_spread_over_the_bucket_slots() {
+    fn sequential_ids_spread_over_the_slots() {
         let mask = BUCKET_SLOT_COUNT - 1;
         // Kernfs ids of cgroups made one after another (a node's containers): each
         // cgroup's interface files take ids too, so theirs advance by dozens.
         for stride in [1, 40, 64] {
             let mut taken = [false; BUCKET_SLOT_COUNT as usize];
             for i in 0..256u64 {
-                taken[bucket_slot(5_000 + i * stride, mask) as usize] = true;
+                taken[slot_of(5_000 + i * stride, mask) as usize] = true;
             }
             let distinct = taken.iter().filter(|&&t| t).count();
             assert!(
@@ -669,6 +682,6 @@ mod tests {
                 "256 ids {stride} apart share few slots: {distinct} distinct"
             );
         }
-        assert_eq!(bucket_slot(u64::MAX, 0), 0, "one slot: every key on it");
+        assert_eq!(slot_of(u64::MAX, 0), 0, "one slot: every key on it");
     }
 }

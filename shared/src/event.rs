@@ -369,18 +369,24 @@ pub enum Counter {
     /// `calls_saved - calls_taken -` the entries still in the map as evicted: calls whose
     /// exit never found their state, each possibly a lost event.
     CallsTaken = 9,
-    /// A process's identity entered `IDENTITIES` (a new entry, not one refreshed). User
-    /// space reports this minus the entries in the map as `identities_evicted`: processes
-    /// the LRU forgot, whose next connection reads their identity again (a cost, not a
-    /// loss).
+    /// A process's identity entered `IDENTITIES` (a new entry, not one refreshed) or took
+    /// a slot of `IDENTITY_SLOTS` (a free one, or another process's stale one). User space
+    /// reports this minus the entries in the map and the slots filled as
+    /// `identities_evicted`: processes the cache forgot, whose next connection reads their
+    /// identity again (a cost, not a loss).
     IdentitiesCached = 10,
     /// A process's identity the full ring buffer refused: not cached, so only the record
     /// whose run read it refers to it, which user space then reports without it
     /// (`identities_unknown`). Not an event lost.
     IdentityLost = 11,
+    /// A free slot of `IDENTITY_SLOTS` took a process's identity. Slots are never freed
+    /// (another process's identity takes a slot whose own is stale), so this is how many
+    /// hold one: user space subtracts it, with the entries of `IDENTITIES`, from
+    /// `identities_cached` (which counts slots taken too) for `identities_evicted`.
+    IdentitySlotsFilled = 12,
 }
 
-pub const COUNTER_COUNT: u32 = 12;
+pub const COUNTER_COUNT: u32 = 13;
 
 impl Counter {
     pub const ALL: [Counter; COUNTER_COUNT as usize] = [
@@ -396,6 +402,7 @@ impl Counter {
         Counter::CallsTaken,
         Counter::IdentitiesCached,
         Counter::IdentityLost,
+        Counter::IdentitySlotsFilled,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -412,6 +419,7 @@ impl Counter {
             Counter::CallsTaken => "calls_taken",
             Counter::IdentitiesCached => "identities_cached",
             Counter::IdentityLost => "identity_lost",
+            Counter::IdentitySlotsFilled => "identity_slots_filled",
         }
     }
 }

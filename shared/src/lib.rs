@@ -13,8 +13,8 @@ pub mod ring;
 pub use aggregate::AggregateKey;
 pub use config::{
     BUCKET_SLOT_COUNT, CgroupSource, DnsIterOffsets, EXCLUDED_V4_INLINE, EXCLUDED_V6_INLINE,
-    ExcludedPrefixes, ExcludedV4, ExcludedV6, KernelOffsets, MAX_CGROUP_BURST, MAX_CGROUP_RATE,
-    Prefix, ProbeConfig, TracepointOffsets, V4Prefix, V6Prefix, bucket_slot,
+    ExcludedPrefixes, ExcludedV4, ExcludedV6, IDENTITY_SLOT_COUNT, KernelOffsets, MAX_CGROUP_BURST,
+    MAX_CGROUP_RATE, Prefix, ProbeConfig, TracepointOffsets, V4Prefix, V6Prefix, slot_of,
 };
 pub use event::{
     CGROUP_NAME_LEN, COMM_LEN, CONNECT_EVENT_SIZE, COUNTER_COUNT, CloseFlags, ConnState,

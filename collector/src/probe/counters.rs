@@ -57,12 +57,14 @@ impl KernelCounters {
         self.calls_evicted.fetch_max(evicted, Relaxed).max(evicted)
     }
 
-    /// Identities the LRU evicted from `IDENTITIES`: every new entry is still in the map
-    /// or was evicted (the programs never delete one). Read in this order (the map, then
-    /// the count), an entry added during the reading can only lower the figure; the
-    /// highest figure is kept.
+    /// Identities the cache forgot: every identity cached (a new entry of `IDENTITIES`, a
+    /// slot of `IDENTITY_SLOTS` taken) is still in the map, still in its slot, or was
+    /// evicted by the LRU or taken over in its slot by another process (the programs
+    /// never delete one, and a slot once filled stays held: `identity_slots_filled` of
+    /// them). Read in this order (the map and the slots, then the count), an identity
+    /// cached during the reading can only lower the figure; the highest figure is kept.
     pub fn identities_evicted(&self) -> u64 {
-        let present = self.identities.entries();
+        let present = self.identities.entries() + self.counter(Counter::IdentitySlotsFilled);
         let cached = self.counter(Counter::IdentitiesCached);
         let evicted = cached.saturating_sub(present);
         self.identities_evicted

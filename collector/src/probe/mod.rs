@@ -143,6 +143,16 @@ fn bucket_slot_mask() -> u32 {
     }
 }
 
+/// `ProbeConfig::identity_slot_mask`: every slot of `IDENTITY_SLOTS`, or one (a test
+/// hook).
+fn identity_slot_mask() -> u32 {
+    if crate::testhook::one_identity_slot() {
+        0
+    } else {
+        egress_shared::IDENTITY_SLOT_COUNT - 1
+    }
+}
+
 impl KernelFacts {
     /// The clock the rate limit and the identity cache go by, for the start line:
     /// `jiffies@<HZ>Hz`, or `boottime` (see `ProbeConfig::coarse_tick_ns`).
@@ -195,6 +205,8 @@ impl KernelFacts {
             regs_syscall_nr: exit_regs.syscall_nr,
             regs_sendto_addr: exit_regs.sendto_addr,
             bucket_slot_mask: bucket_slot_mask(),
+            identity_slot_mask: identity_slot_mask(),
+            _pad_after_slots: 0,
             dns_iter: kernel_btf.dns_iter_offsets(),
             excluded_v4,
             excluded_v6,
