@@ -2,12 +2,17 @@
 //! the kernel so an unwanted or repeated connection costs a map lookup, not a record.
 
 use aya_ebpf::{bindings::BPF_NOEXIST, maps::lpm_trie::Key};
-use egress_shared::{AggregateKey, ConnectEvent, Counter, ExcludedPrefixes, Prefix};
+use core::ptr::NonNull;
+
+use egress_shared::{AggregateKey, ConnectEvent, Counter, ExcludedPrefixes, Prefix, RepeatSlot};
 
 use crate::{
     clock,
     emit::{self, count},
-    maps::{AGGREGATES, EXCLUDED_CGROUPS, EXCLUDED_V4, EXCLUDED_V6, Words, config},
+    maps::{
+        AGGREGATES, AGGREGATES_READ, EXCLUDED_CGROUPS, EXCLUDED_V4, EXCLUDED_V6, REPEAT_SLOTS,
+        Words, config,
+    },
     read::Reader,
     sock::{AF_INET, AF_INET6, is_v4_mapped},
 };
@@ -159,7 +164,8 @@ fn window_clock_at(boot_ns: u64) -> u64 {
 }
 
 /// Counts the connection of `key` into its window's aggregate if one is open (sets the
-/// key's window).
+/// key's window): in this CPU's slot for the key if it holds it (the usual repeat), else
+/// in [`AGGREGATES`] ([`repeat_elsewhere`]).
 #[inline(always)]
 fn repeat_in_window(key: &mut AggregateKey) -> bool {
     let window_ns = config!(aggregate_window_ns);
@@ -167,12 +173,82 @@ fn repeat_in_window(key: &mut AggregateKey) -> bool {
         return false;
     }
     key.window = AggregateKey::window_of(window_clock(), window_ns);
+    let slot = REPEAT_SLOTS
+        .get_ptr_mut(RepeatSlot::index_of(key, config!(repeat_slot_mask)))
+        .and_then(NonNull::new);
+    if let Some(slot) = slot
+        && holds(slot.as_ptr(), key)
+    {
+        // This CPU's slot, but two programs can interleave on one CPU: an atomic add.
+        // SAFETY: a map value's field.
+        emit::atomic_add(unsafe { &raw mut (*slot.as_ptr()).repeats }, 1);
+        return true;
+    }
+    repeat_elsewhere(key, slot)
+}
+
+/// Whether the repeat slot `slot` counts `key`'s repeats: its window, then the key a word
+/// at a time.
+#[inline(always)]
+fn holds(slot: *mut RepeatSlot, key: &AggregateKey) -> bool {
+    let words = key.words();
+    // SAFETY: a map value's fields, read by pointer (another program on this CPU may be
+    // claiming the slot).
+    unsafe {
+        let held = (&raw mut (*slot).key).cast::<u64>();
+        emit::load(&raw mut (*slot).window) == key.window as u64
+            && emit::load(held) == words[0]
+            && emit::load(held.add(1)) == words[1]
+            && emit::load(held.add(2)) == words[2]
+            && emit::load(held.add(3)) == words[3]
+    }
+}
+
+/// [`repeat_in_window`] where this CPU's slot is not `key`'s: counted in `key`'s aggregate
+/// in [`AGGREGATES`] if one is open, and the slot claimed for it where it may be
+/// ([`claim`]), so this CPU's next repeats go there. Out of line: the usual repeat returns
+/// before this.
+#[inline(never)]
+fn repeat_elsewhere(key: &AggregateKey, slot: Option<NonNull<RepeatSlot>>) -> bool {
     let Some(repeats) = AGGREGATES.get_ptr_mut(key) else {
         return false;
     };
     // This CPU's slot, but two programs can interleave on one CPU: an atomic add.
     crate::emit::atomic_add(repeats, 1);
+    if let Some(slot) = slot {
+        claim(slot.as_ptr(), key);
+    }
     true
+}
+
+/// Claims the repeat slot `slot` for `key` if its window has been read by user space
+/// ([`AGGREGATES_READ`]) or it was never used: its window swapped to
+/// `RepeatSlot::CLAIMING` (one program at a time), the key and a zero count written, its
+/// window last. A slot holding a window user space has yet to read is left alone: its
+/// count is not lost, the key's repeats go to the map.
+#[inline(always)]
+fn claim(slot: *mut RepeatSlot, key: &AggregateKey) {
+    // SAFETY: a map value's fields, reached by pointer.
+    let window = unsafe { &raw mut (*slot).window };
+    let held = emit::load(window);
+    let read_through = AGGREGATES_READ.get_ptr_mut(0).map_or(0, emit::load);
+    if held == RepeatSlot::CLAIMING || (held != 0 && held > read_through) {
+        return;
+    }
+    if config!(fetching_atomics) == 0 || !emit::compare_exchange(window, held, RepeatSlot::CLAIMING)
+    {
+        return;
+    }
+    let words = key.words();
+    // SAFETY: as above; the slot is this program's until its window is written.
+    unsafe {
+        let to = (&raw mut (*slot).key).cast::<u64>();
+        for (i, word) in words.iter().enumerate() {
+            emit::store(to.add(i), *word);
+        }
+        emit::store(&raw mut (*slot).repeats, 0);
+    }
+    emit::exchange(window, key.window as u64);
 }
 
 /// Opens the aggregate of `ev`'s window, about to be submitted at `now_boot_ns`

@@ -72,6 +72,17 @@ pub fn one_identity_slot() -> bool {
     )
 }
 
+/// `EGRESS_TEST_ONE_REPEAT_SLOT=1` folds every aggregate onto one of the aggregation's
+/// repeat slots per CPU, so a test sees aggregates collide there (the slot holds one,
+/// the others count in the map) and a slot left to another key only once its window was
+/// read.
+pub fn one_repeat_slot() -> bool {
+    flag(
+        "EGRESS_TEST_ONE_REPEAT_SLOT",
+        "every aggregate shares one repeat slot per CPU",
+    )
+}
+
 /// Whether the test hook `name` is set to 1; warned with `effect` when it is.
 fn flag(name: &str, effect: &str) -> bool {
     let set = std::env::var_os(name).is_some_and(|v| v == "1");

@@ -164,6 +164,20 @@ fn excluded_destinations_are_dropped(v4: &str, v6: &str) {
 
 #[test]
 fn repeated_connections_become_few_records_whose_counts_add_up() {
+    repeated_connections_add_up(&[]);
+}
+
+/// The same with every aggregate on one repeat slot per CPU (a test hook): the three
+/// destinations' aggregates collide there, the slot goes to another key only once user
+/// space has read its window, and the counts still add up.
+#[test]
+fn repeats_add_up_when_aggregates_share_a_repeat_slot() {
+    repeated_connections_add_up(&["env", "EGRESS_TEST_ONE_REPEAT_SLOT=1"]);
+}
+
+/// Repeated TCP and UDP connections to three destinations with aggregation on, the
+/// collector run under `wrapper`: few records, whose counts add up to every connection.
+fn repeated_connections_add_up(wrapper: &[&str]) {
     require_root();
     let (busy, other) = (sink_port(), sink_port());
     // A UDP port of this test's own (see above).
@@ -171,7 +185,8 @@ fn repeated_connections_become_few_records_whose_counts_add_up() {
     const BUSY: u64 = 3000;
     const OTHER: u64 = 25;
     const UDP: u64 = 200;
-    let collector = RunningCollector::start(
+    let collector = RunningCollector::start_wrapped(
+        wrapper,
         Path::new(COLLECTOR),
         &["--aggregate-window", "1s", "--cgroup-rate-limit", "0"],
         Duration::from_secs(60),

@@ -216,8 +216,9 @@ pub struct ProbeConfig {
     /// What the identity cache's slots (`IDENTITY_SLOTS`) fold a process id's hash with:
     /// [`IDENTITY_SLOT_COUNT`] - 1 (0 puts every process on one slot, a test hook).
     pub identity_slot_mask: u32,
-    /// Explicit padding: keeps the struct's size a multiple of its alignment.
-    pub _pad_after_slots: u32,
+    /// What the aggregation's repeat slots (`REPEAT_SLOTS`) fold a key's hash with:
+    /// `RepeatSlot::PER_CPU` - 1 (0 puts every key on one slot, a test hook).
+    pub repeat_slot_mask: u32,
     /// Where the kprobe and fentry families find a received (or sent) message's bytes.
     pub dns_iter: DnsIterOffsets,
     /// The IPv4 destination prefixes to drop, where there are few.
@@ -573,7 +574,7 @@ impl ProbeConfig {
             regs_sendto_addr: 0,
             bucket_slot_mask: 0,
             identity_slot_mask: 0,
-            _pad_after_slots: 0,
+            repeat_slot_mask: 0,
             dns_iter: DnsIterOffsets::zeroed(),
             excluded_v4: ExcludedV4::zeroed(),
             excluded_v6: ExcludedV6::zeroed(),

@@ -10,7 +10,7 @@ pub mod event;
 pub mod flow;
 pub mod ring;
 
-pub use aggregate::AggregateKey;
+pub use aggregate::{AggregateKey, RepeatSlot};
 pub use config::{
     BUCKET_SLOT_COUNT, CgroupSource, DnsIterOffsets, EXCLUDED_V4_INLINE, EXCLUDED_V6_INLINE,
     ExcludedPrefixes, ExcludedV4, ExcludedV6, IDENTITY_SLOT_COUNT, KernelOffsets, MAX_CGROUP_BURST,

@@ -64,8 +64,7 @@ impl Aggregates {
         if last_closable <= self.closed_through {
             return;
         }
-        for key in self.map.keys_through(last_closable) {
-            let repeats = self.map.take(&key);
+        for (key, repeats) in self.map.take_through(self.closed_through, last_closable) {
             let opening = self.opened.remove(&key);
             if repeats == 0 {
                 continue;

@@ -4,41 +4,64 @@
 //! a window closes) and [`ExcludedCgroups`] (cgroups the programs drop, added to once a
 //! container's namespace is known to be excluded).
 
-use aya::maps::{HashMap, MapData, MapError, PerCpuHashMap};
-use egress_shared::AggregateKey;
+use std::collections::HashMap;
 
-/// The programs' `AGGREGATES`: repeats per aggregate key, per CPU.
-pub struct AggregateWindows(PerCpuHashMap<MapData, AggregateKey, u64>);
+use aya::maps::{Array, MapData, MapError, PerCpuArray, PerCpuHashMap};
+use egress_shared::{AggregateKey, RepeatSlot};
+
+/// The programs' `AGGREGATES` (repeats per aggregate key, per CPU), `REPEAT_SLOTS` (repeats
+/// counted in place, per CPU) and `AGGREGATES_READ` (the last window read, after which
+/// the programs may give its slots to other keys).
+pub struct AggregateWindows {
+    map: PerCpuHashMap<MapData, AggregateKey, u64>,
+    slots: PerCpuArray<MapData, RepeatSlot>,
+    read: Array<MapData, u64>,
+}
 
 impl AggregateWindows {
-    pub(super) fn new(map: PerCpuHashMap<MapData, AggregateKey, u64>) -> Self {
-        Self(map)
+    pub(super) fn new(
+        map: PerCpuHashMap<MapData, AggregateKey, u64>,
+        slots: PerCpuArray<MapData, RepeatSlot>,
+        read: Array<MapData, u64>,
+    ) -> Self {
+        Self { map, slots, read }
     }
 
-    /// The aggregates of windows up to `last` (inclusive).
-    pub fn keys_through(&self, last: u32) -> Vec<AggregateKey> {
-        self.0
-            .keys()
+    /// The repeats counted for each aggregate of the windows `after + 1 ..= last`, summed
+    /// over CPUs, the map and the slots (0 where unreadable), removed from the map; then
+    /// tells the programs those windows are read, so their slots may take other keys (a
+    /// slot is never read twice: a window is closed once). A closed window is never
+    /// written again.
+    pub fn take_through(&mut self, after: u32, last: u32) -> HashMap<AggregateKey, u64> {
+        let mut taken: HashMap<AggregateKey, u64> = HashMap::new();
+        let keys: Vec<AggregateKey> = (self.map.keys())
             .filter_map(Result::ok)
             .filter(|key| key.window <= last)
-            .collect()
-    }
-
-    /// The repeats counted for `key` (summed over CPUs; 0 when unreadable), removing it
-    /// from the map: a closed window is never written again.
-    pub fn take(&mut self, key: &AggregateKey) -> u64 {
-        let repeats = match self.0.get(key, 0) {
-            Ok(per_cpu) => per_cpu.iter().sum(),
-            Err(_) => 0,
-        };
-        let _ = self.0.remove(key);
-        repeats
+            .collect();
+        for key in keys {
+            let repeats: u64 = match self.map.get(&key, 0) {
+                Ok(per_cpu) => per_cpu.iter().sum(),
+                Err(_) => 0,
+            };
+            let _ = self.map.remove(&key);
+            *taken.entry(key).or_default() += repeats;
+        }
+        for index in 0..RepeatSlot::PER_CPU {
+            let Ok(per_cpu) = self.slots.get(&index, 0) else {
+                continue;
+            };
+            for slot in per_cpu.iter().filter(|s| s.counts_between(after, last)) {
+                *taken.entry(slot.key).or_default() += slot.repeats;
+            }
+        }
+        let _ = self.read.set(0, u64::from(last), 0);
+        taken
     }
 }
 
 /// The programs' `EXCLUDED_CGROUPS`: connections of these cgroup ids are dropped in the
 /// kernel.
-pub struct ExcludedCgroups(HashMap<MapData, u64, u8>);
+pub struct ExcludedCgroups(aya::maps::HashMap<MapData, u64, u8>);
 
 /// The kernel refused an entry (the map is full, or gone).
 #[derive(Debug, thiserror::Error)]
@@ -46,7 +69,7 @@ pub struct ExcludedCgroups(HashMap<MapData, u64, u8>);
 pub struct ExcludeError(#[from] MapError);
 
 impl ExcludedCgroups {
-    pub(super) fn new(map: HashMap<MapData, u64, u8>) -> Self {
+    pub(super) fn new(map: aya::maps::HashMap<MapData, u64, u8>) -> Self {
         Self(map)
     }
 

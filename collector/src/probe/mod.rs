@@ -153,6 +153,15 @@ fn identity_slot_mask() -> u32 {
     }
 }
 
+/// `ProbeConfig::repeat_slot_mask`: every slot of `REPEAT_SLOTS`, or one (a test hook).
+fn repeat_slot_mask() -> u32 {
+    if crate::testhook::one_repeat_slot() {
+        0
+    } else {
+        egress_shared::RepeatSlot::PER_CPU - 1
+    }
+}
+
 impl KernelFacts {
     /// The clock the rate limit and the identity cache go by, for the start line:
     /// `jiffies@<HZ>Hz`, or `boottime` (see `ProbeConfig::coarse_tick_ns`).
@@ -206,7 +215,7 @@ impl KernelFacts {
             regs_sendto_addr: exit_regs.sendto_addr,
             bucket_slot_mask: bucket_slot_mask(),
             identity_slot_mask: identity_slot_mask(),
-            _pad_after_slots: 0,
+            repeat_slot_mask: repeat_slot_mask(),
             dns_iter: kernel_btf.dns_iter_offsets(),
             excluded_v4,
             excluded_v6,
@@ -429,16 +438,23 @@ impl Probes {
         if self.facts.config.aggregate_window_ns == 0 {
             return Ok(None);
         }
+        let map = self.take_typed("AGGREGATES", PerCpuHashMap::try_from)?;
+        let slots = self.take_typed("REPEAT_SLOTS", PerCpuArray::try_from)?;
+        let read = self.take_typed("AGGREGATES_READ", Array::try_from)?;
+        Ok(Some(feedback::AggregateWindows::new(map, slots, read)))
+    }
+
+    /// The map `name`, as the type `convert` makes of it.
+    fn take_typed<T>(
+        &mut self,
+        name: &'static str,
+        convert: impl FnOnce(aya::maps::Map) -> Result<T, aya::maps::MapError>,
+    ) -> Result<T, ProbeError> {
         let map = self
             .ebpf
-            .take_map("AGGREGATES")
-            .ok_or(ProbeError::MissingMap("AGGREGATES"))?;
-        PerCpuHashMap::try_from(map)
-            .map(|map| Some(feedback::AggregateWindows::new(map)))
-            .map_err(|source| ProbeError::Map {
-                name: "AGGREGATES",
-                source,
-            })
+            .take_map(name)
+            .ok_or(ProbeError::MissingMap(name))?;
+        convert(map).map_err(|source| ProbeError::Map { name, source })
     }
 
     /// TCP attempts in SYN_SENT, for `--pending-report`.
