@@ -217,10 +217,13 @@ fn bucket_of(cgroup: u64, now: u64, burst_events: u64, exact: bool) -> Option<No
 /// ([`bucket_slot_claimable`]), claimed with one compare-and-exchange; else a new entry.
 /// Out of line: a cgroup in its slot (the usual case) returns before this.
 ///
-/// Races err on the side of fewer events: two CPUs claiming one slot for two cgroups
-/// leave it to one (the other goes to the map); a CPU that read the old key just before
-/// a claim admits that event on the new cgroup's bucket (both share it for that moment),
-/// and a drop it counts then is carried by the new cgroup's next record.
+/// Races: two CPUs claiming one slot for two cgroups leave it to one (the other goes to
+/// the map). A CPU of the idle cgroup that read its key just before the claim admits
+/// that event on the slot's bucket, shared with the new cgroup for that moment (which
+/// gets fewer events, never more), and the idle cgroup's next events find a new full
+/// bucket in the map: it was full already (idle for 10 s), so the idle cgroup gets at
+/// most one event per CPU beyond its burst, once. A drop counted in that moment is
+/// carried by the new cgroup's next record (the counter stays exact).
 #[inline(never)]
 fn bucket_elsewhere(
     cgroup: u64,
@@ -236,11 +239,18 @@ fn bucket_elsewhere(
         // SAFETY: as in `bucket_of`.
         let (key, bucket) = unsafe { (&raw mut (*slot).cgroup, &raw mut (*slot).bucket) };
         let held = load(key);
+        if held == cgroup {
+            return NonNull::new(bucket);
+        }
         // A free slot's bucket is full (its arrival time 0), as is an idle one's.
-        if held == cgroup
-            || (bucket_slot_claimable(bucket, held, now) && compare_exchange(key, held, cgroup))
-            || load(key) == cgroup
-        {
+        if bucket_slot_claimable(bucket, held, now) && compare_exchange(key, held, cgroup) {
+            // Drops the idle cgroup never carried (its container gone, say) are not this
+            // one's to carry; they stay counted in `Counter::RateLimited`.
+            // SAFETY: as above.
+            exchange(unsafe { &raw mut (*bucket).dropped }, 0);
+            return NonNull::new(bucket);
+        }
+        if load(key) == cgroup {
             return NonNull::new(bucket);
         }
     }
@@ -257,21 +267,16 @@ fn bucket_elsewhere(
 
 /// Whether a bucket slot whose key is `held` (another cgroup's, or 0) may be claimed:
 /// free, or its bucket full for [`BUCKET_SLOT_IDLE_NS`] (its arrival time that far
-/// behind `now`) with no drops left to carry (they would be carried in another cgroup's
-/// name).
+/// behind `now`). Drops it has yet to carry do not keep it (a removed container's last
+/// drops would hold its slot for good): the claim clears them.
 #[inline(always)]
 fn bucket_slot_claimable(bucket: *mut Bucket, held: u64, now: u64) -> bool {
     if held == 0 {
         return true;
     }
-    // SAFETY: a map value's fields, reached by pointer.
-    let (arrival, dropped) = unsafe {
-        (
-            load(&raw mut (*bucket).last_ns),
-            load(&raw mut (*bucket).dropped),
-        )
-    };
-    dropped == 0 && now.wrapping_sub(arrival) as i64 >= BUCKET_SLOT_IDLE_NS as i64
+    // SAFETY: a map value's field, reached by pointer.
+    let arrival = load(unsafe { &raw mut (*bucket).last_ns });
+    now.wrapping_sub(arrival) as i64 >= BUCKET_SLOT_IDLE_NS as i64
 }
 
 /// 5.12+: the cell-rate test (see [`admit`]) on the arrival time at `tat`.

@@ -228,6 +228,9 @@ fn repeat_elsewhere(key: &AggregateKey, slot: Option<NonNull<RepeatSlot>>) -> bo
 /// count is not lost, the key's repeats go to the map.
 #[inline(always)]
 fn claim(slot: *mut RepeatSlot, key: &AggregateKey) {
+    if config!(fetching_atomics) == 0 {
+        return;
+    }
     // SAFETY: a map value's fields, reached by pointer.
     let window = unsafe { &raw mut (*slot).window };
     let held = emit::load(window);
@@ -235,8 +238,7 @@ fn claim(slot: *mut RepeatSlot, key: &AggregateKey) {
     if held == RepeatSlot::CLAIMING || (held != 0 && held > read_through) {
         return;
     }
-    if config!(fetching_atomics) == 0 || !emit::compare_exchange(window, held, RepeatSlot::CLAIMING)
-    {
+    if !emit::compare_exchange(window, held, RepeatSlot::CLAIMING) {
         return;
     }
     let words = key.words();
@@ -248,6 +250,8 @@ fn claim(slot: *mut RepeatSlot, key: &AggregateKey) {
         }
         emit::store(&raw mut (*slot).repeats, 0);
     }
+    // The window last (a full barrier; the fence keeps the compiler's order).
+    core::sync::atomic::compiler_fence(core::sync::atomic::Ordering::SeqCst);
     emit::exchange(window, key.window as u64);
 }
 

@@ -195,6 +195,9 @@ pub fn cached<R: Reader>(
 ) -> Option<(&'static CachedIdentity, u64)> {
     let cached = cache_entry(tgid)?;
     let filled_ns = filled_ns(cached);
+    // The fields it vouches for are read after it (and before `unchanged` reads it
+    // again): not moved across by the compiler.
+    core::sync::atomic::compiler_fence(core::sync::atomic::Ordering::SeqCst);
     // The owner again, after the fill time: a slot or an element rewritten for another
     // process of the same namespaces, cgroup and exec count would otherwise pass for
     // this one's.
@@ -386,13 +389,17 @@ fn cache(id: &CachedIdentity, tgid: u32, decision_ns: u64) {
                 unsafe { crate::emit::store(to.add(i), core::ptr::read_volatile(from.add(i))) };
             }
             // Its owner last, with a full barrier: a reader that finds the owner finds
-            // the rest written.
+            // the rest written (the fence keeps the compiler from moving the stores
+            // after it; the exchange is a locked instruction).
+            core::sync::atomic::compiler_fence(core::sync::atomic::Ordering::SeqCst);
             exchange(owner, tgid as u64);
+            // A slot filled is counted before the identity cached (see user space's
+            // `identities_evicted`, which reads them in the other order).
+            if held == 0 {
+                count(Counter::IdentitySlotsFilled);
+            }
             if !mine {
                 count(Counter::IdentitiesCached);
-                if held == 0 {
-                    count(Counter::IdentitySlotsFilled);
-                }
             }
             return;
         }

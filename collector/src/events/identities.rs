@@ -54,9 +54,10 @@ type History = Vec<Known>;
 /// turn), whose records may still be pending.
 const HISTORY: usize = 8;
 
-/// Processes kept in each of the two generations (see [`Identities`]): twice the
-/// kernel's cache (`IDENTITIES`, 8,192), so every process the kernel can still refer to
-/// without sending its identity again is known here.
+/// Processes kept in each of the two generations (see [`Identities`]): more than the
+/// kernel's caches hold (`IDENTITY_SLOTS`, 4,096, and `IDENTITIES`, 8,192), so every
+/// process the kernel can still refer to without sending its identity again is known
+/// here.
 const GENERATION: usize = 16_384;
 
 /// The identities of the processes seen lately, bounded: two generations, the current

@@ -17,7 +17,7 @@ pub struct KernelCounters {
     calls: CallsMap,
     /// The highest eviction count reported, so the count never goes back.
     calls_evicted: AtomicU64,
-    /// `IDENTITIES` (also u32-keyed), for the identities the LRU forgot.
+    /// `IDENTITIES` (also u32-keyed), for the identities the cache forgot.
     identities: CallsMap,
     identities_evicted: AtomicU64,
 }
@@ -61,11 +61,15 @@ impl KernelCounters {
     /// slot of `IDENTITY_SLOTS` taken) is still in the map, still in its slot, or was
     /// evicted by the LRU or taken over in its slot by another process (the programs
     /// never delete one, and a slot once filled stays held: `identity_slots_filled` of
-    /// them). Read in this order (the map and the slots, then the count), an identity
-    /// cached during the reading can only lower the figure; the highest figure is kept.
+    /// them). The programs count an identity after it is in the map or its slot, and a
+    /// slot filled before the identity cached; read in the other order (the count, then
+    /// the map, then the slots filled), an identity cached during the reading can only
+    /// lower the figure; the highest figure is kept. A process whose identity moved from
+    /// the map to a slot leaves its old entry, whose eviction is counted later although
+    /// the process is still cached (a cost figure, not a loss).
     pub fn identities_evicted(&self) -> u64 {
-        let present = self.identities.entries() + self.counter(Counter::IdentitySlotsFilled);
         let cached = self.counter(Counter::IdentitiesCached);
+        let present = self.identities.entries() + self.counter(Counter::IdentitySlotsFilled);
         let evicted = cached.saturating_sub(present);
         self.identities_evicted
             .fetch_max(evicted, Relaxed)

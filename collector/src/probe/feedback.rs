@@ -28,10 +28,10 @@ impl AggregateWindows {
     }
 
     /// The repeats counted for each aggregate of the windows `after + 1 ..= last`, summed
-    /// over CPUs, the map and the slots (0 where unreadable), removed from the map; then
-    /// tells the programs those windows are read, so their slots may take other keys (a
-    /// slot is never read twice: a window is closed once). A closed window is never
-    /// written again.
+    /// over CPUs, the map and the slots (0 where unreadable), removed from the map; then,
+    /// if every slot was read, tells the programs those windows are read, so their slots
+    /// may take other keys (a slot is never read twice: a window is closed once). A
+    /// closed window is never written again.
     pub fn take_through(&mut self, after: u32, last: u32) -> HashMap<AggregateKey, u64> {
         let mut taken: HashMap<AggregateKey, u64> = HashMap::new();
         let keys: Vec<AggregateKey> = (self.map.keys())
@@ -46,15 +46,21 @@ impl AggregateWindows {
             let _ = self.map.remove(&key);
             *taken.entry(key).or_default() += repeats;
         }
+        let mut all_read = true;
         for index in 0..RepeatSlot::PER_CPU {
             let Ok(per_cpu) = self.slots.get(&index, 0) else {
+                all_read = false;
                 continue;
             };
             for slot in per_cpu.iter().filter(|s| s.counts_between(after, last)) {
                 *taken.entry(slot.key).or_default() += slot.repeats;
             }
         }
-        let _ = self.read.set(0, u64::from(last), 0);
+        // A slot that could not be read keeps its window from reuse: the programs give
+        // no slot of a window later than the last one read to another key.
+        if all_read {
+            let _ = self.read.set(0, u64::from(last), 0);
+        }
         taken
     }
 }

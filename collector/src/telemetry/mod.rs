@@ -150,8 +150,9 @@ pub struct Snapshot {
     /// Entries of `CALLS` the LRU evicted before their call's exit took them: each call
     /// may have been a lost event (see `probe::state_maps`).
     pub calls_evicted: u64,
-    /// Processes whose cached identity the LRU forgot (read again at their next
-    /// connection: a cost, not a loss).
+    /// Processes whose cached identity the kernel's cache forgot (evicted from
+    /// `IDENTITIES`, or its `IDENTITY_SLOTS` slot taken: read again at their next
+    /// connection, a cost, not a loss).
     pub identities_evicted: u64,
 }
 
@@ -346,7 +347,7 @@ pub struct KernelFigures {
     pub recursion_misses: u64,
     /// `CALLS` entries evicted before their exit took them.
     pub calls_evicted: u64,
-    /// `IDENTITIES` entries evicted (see [`Snapshot::identities_evicted`]).
+    /// Cached identities forgotten (see [`Snapshot::identities_evicted`]).
     pub identities_evicted: u64,
 }
 
