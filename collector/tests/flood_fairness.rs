@@ -203,15 +203,7 @@ impl SeenBucket {
 /// The buckets of the collector `pid`: the claimed slots of its `CGROUP_BUCKET_SLOTS`
 /// and the entries of its `CGROUP_BUCKETS` (its maps found through its descriptors).
 fn buckets(pid: u32) -> Vec<SeenBucket> {
-    let mut own = Vec::new();
-    for fd in std::fs::read_dir(format!("/proc/{pid}/fdinfo")).expect("the collector's fds") {
-        let info = std::fs::read_to_string(fd.expect("an fd").path()).unwrap_or_default();
-        own.extend(
-            info.lines()
-                .filter_map(|l| l.strip_prefix("map_id:"))
-                .filter_map(|id| id.trim().parse::<u32>().ok()),
-        );
-    }
+    let own = support::host::ids_held_by(pid, "map_id");
     let mut buckets = Vec::new();
     for info in aya::maps::loaded_maps() {
         let info = info.expect("the loaded maps can be listed");

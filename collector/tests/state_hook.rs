@@ -314,15 +314,7 @@ fn an_mptcp_connect_is_reported_once_by_its_tcp_subflow() {
 /// The names of the programs process `pid` holds (by the program ids in its fds' info),
 /// truncated by the kernel to 15 bytes.
 fn programs_held_by(pid: u32) -> Vec<String> {
-    let mut ids = std::collections::HashSet::new();
-    for fd in std::fs::read_dir(format!("/proc/{pid}/fdinfo")).expect("fdinfo") {
-        let info = std::fs::read_to_string(fd.expect("fd").path()).unwrap_or_default();
-        ids.extend(
-            info.lines()
-                .filter_map(|l| l.strip_prefix("prog_id:"))
-                .filter_map(|id| id.trim().parse::<u32>().ok()),
-        );
-    }
+    let ids = support::host::ids_held_by(pid, "prog_id");
     aya::programs::loaded_programs()
         .filter_map(Result::ok)
         .filter(|p| ids.contains(&p.id()))

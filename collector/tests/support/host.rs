@@ -103,3 +103,19 @@ pub fn sh(args: &[&str]) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The ids of the BPF objects of kind `field` (`prog_id`, `map_id`) process `pid` holds,
+/// by its descriptors' info.
+pub fn ids_held_by(pid: u32, field: &str) -> std::collections::HashSet<u32> {
+    let mut ids = std::collections::HashSet::new();
+    let prefix = format!("{field}:");
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fdinfo")).expect("fdinfo") {
+        let info = std::fs::read_to_string(fd.expect("fd").path()).unwrap_or_default();
+        ids.extend(
+            info.lines()
+                .filter_map(|l| l.strip_prefix(prefix.as_str()))
+                .filter_map(|id| id.trim().parse::<u32>().ok()),
+        );
+    }
+    ids
+}
