@@ -5,8 +5,9 @@
 //! with plain loads where the program has its typed pointer, else from helpers
 //! ([`fill_ids`], `read::Reader::pid_tgid`); what the whole process shares and rarely
 //! changes (parent, process name, pid-namespace pid, namespaces, nodename, cgroup names)
-//! is read from the task's structs once and cached per process (`IDENTITY_SLOTS`, `IDENTITIES`)
-//! ([`fill_process`]), checked on each use against what could have changed it.
+//! is read from the task's structs once and cached per process (`IDENTITY_SLOTS`,
+//! `IDENTITIES`; [`fill_process`]), checked on each use against what could have changed
+//! it.
 //!
 //! The cached identity goes to user space once, not in every record: the walk sends it
 //! as an `IdentityEvent` before it caches it, and a record carries only the time it was
