@@ -202,10 +202,8 @@ pub static CGROUP_BUCKETS: LruHashMap<u64, Bucket> = LruHashMap::with_max_entrie
 /// [`CGROUP_BUCKETS`], as every cgroup did before: a collision costs time, never the
 /// limit.
 #[map]
-pub static CGROUP_BUCKET_SLOTS: Array<BucketSlot> = Array::with_max_entries(BUCKET_SLOT_COUNT, 0);
-
-/// The [`CGROUP_BUCKET_SLOTS`] count (user space folds the hash with one less).
-pub const BUCKET_SLOT_COUNT: u32 = egress_shared::BUCKET_SLOT_COUNT;
+pub static CGROUP_BUCKET_SLOTS: Array<BucketSlot> =
+    Array::with_max_entries(egress_shared::BUCKET_SLOT_COUNT, 0);
 
 /// A cgroup's bucket in [`CGROUP_BUCKET_SLOTS`].
 #[repr(C)]

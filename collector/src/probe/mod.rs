@@ -133,33 +133,10 @@ fn coarse_tick_ns(settings: &ProbeSettings) -> u32 {
     tick_ns
 }
 
-/// `ProbeConfig::bucket_slot_mask`: every slot of `CGROUP_BUCKET_SLOTS`, or one (a test
-/// hook).
-fn bucket_slot_mask() -> u32 {
-    if crate::testhook::one_bucket_slot() {
-        0
-    } else {
-        egress_shared::BUCKET_SLOT_COUNT - 1
-    }
-}
-
-/// `ProbeConfig::identity_slot_mask`: every slot of `IDENTITY_SLOTS`, or one (a test
-/// hook).
-fn identity_slot_mask() -> u32 {
-    if crate::testhook::one_identity_slot() {
-        0
-    } else {
-        egress_shared::IDENTITY_SLOT_COUNT - 1
-    }
-}
-
-/// `ProbeConfig::repeat_slot_mask`: every slot of `REPEAT_SLOTS`, or one (a test hook).
-fn repeat_slot_mask() -> u32 {
-    if crate::testhook::one_repeat_slot() {
-        0
-    } else {
-        egress_shared::RepeatSlot::PER_CPU - 1
-    }
+/// What a slot table of `slots` entries (a power of two) folds its hash with: every slot,
+/// or one where the table's test hook (`one_slot`) says so.
+fn slot_mask(slots: u32, one_slot: bool) -> u32 {
+    if one_slot { 0 } else { slots - 1 }
 }
 
 impl KernelFacts {
@@ -213,9 +190,18 @@ impl KernelFacts {
             dns_regs_buf: exit_regs.buf,
             regs_syscall_nr: exit_regs.syscall_nr,
             regs_sendto_addr: exit_regs.sendto_addr,
-            bucket_slot_mask: bucket_slot_mask(),
-            identity_slot_mask: identity_slot_mask(),
-            repeat_slot_mask: repeat_slot_mask(),
+            bucket_slot_mask: slot_mask(
+                egress_shared::BUCKET_SLOT_COUNT,
+                crate::testhook::one_bucket_slot(),
+            ),
+            identity_slot_mask: slot_mask(
+                egress_shared::IDENTITY_SLOT_COUNT,
+                crate::testhook::one_identity_slot(),
+            ),
+            repeat_slot_mask: slot_mask(
+                egress_shared::RepeatSlot::PER_CPU,
+                crate::testhook::one_repeat_slot(),
+            ),
             dns_iter: kernel_btf.dns_iter_offsets(),
             excluded_v4,
             excluded_v6,
