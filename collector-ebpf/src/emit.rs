@@ -1489,10 +1489,11 @@ pub fn tcp_closed<R: Reader>(sk: u64, sk_id: u64, old_state: u8) {
     }
 }
 
-/// `tcp:tcp_receive_reset` / `tcp:tcp_send_reset` on `sk`: marks a tracked connection
-/// (the first reset counts).
+/// `tcp:tcp_send_reset` on `sk`: marks a tracked connection reset by this host.
+/// A reset from the peer is not hooked: `tcp_reset()` sets the socket's error before it
+/// moves the socket to CLOSE, and user space reads it from the close event's `sk_err`.
 #[inline(always)]
-pub fn tcp_reset(sk: u64, by: u8) {
+pub fn tcp_reset_sent(sk: u64) {
     if sk == 0 {
         return;
     }
@@ -1502,7 +1503,7 @@ pub fn tcp_reset(sk: u64, by: u8) {
     // SAFETY: a valid map value; a byte store.
     unsafe {
         if (*open).reset == ResetBy::NONE {
-            (*open).reset = by;
+            (*open).reset = ResetBy::LOCAL;
         }
     }
 }

@@ -456,7 +456,7 @@ pub struct OpenConn {
     /// `ConnectEvent::boot_time_ns`: names the connection to user space.
     pub connect_ns: u64,
     pub established_ns: u64,
-    /// An `egress_shared::ResetBy` value, set by the reset tracepoints.
+    /// An `egress_shared::ResetBy` value, set by the `tcp_send_reset` tracepoint.
     pub reset: u8,
     pub _pad: [u8; 3],
     /// The connection's source port (high half) and destination port, host order: a

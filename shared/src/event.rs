@@ -257,7 +257,9 @@ pub struct ResetBy;
 
 impl ResetBy {
     pub const NONE: u8 = 0;
-    /// `tcp:tcp_receive_reset`: the peer (or a middlebox) reset it.
+    /// The peer (or a middlebox) reset it. Never set by the programs: user space knows it
+    /// from the close's `sk_err` (ECONNRESET, or EPIPE in CLOSE_WAIT), which the kernel's
+    /// `tcp_reset()` sets before the socket reaches CLOSE.
     pub const PEER: u8 = 1;
     /// `tcp:tcp_send_reset`: this host reset it.
     pub const LOCAL: u8 = 2;

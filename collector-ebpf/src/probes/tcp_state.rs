@@ -2,13 +2,13 @@
 //! at CLOSE -> SYN_SENT (in the connecting task: the identity is captured there),
 //! completed at the next transition (usually in softirq: no task is read), and, for a
 //! reported connection that was established, closed at -> CLOSE with what `tcp_sock`
-//! counted. Resets are noted on the way by `tcp:tcp_receive_reset` / `tcp_send_reset`.
+//! counted. A reset this host sends before CLOSE is noted on the way by
+//! `tcp:tcp_send_reset`; a reset from the peer needs no hook (its error is on the socket).
 
 use aya_ebpf::{
     macros::{btf_tracepoint, raw_tracepoint, tracepoint},
     programs::{BtfTracePointContext, RawTracePointContext, TracePointContext},
 };
-use egress_shared::ResetBy;
 
 use crate::{
     emit,
@@ -241,18 +241,10 @@ pub fn tp_inet_sock_set_state(ctx: TracePointContext) -> u32 {
     0
 }
 
-/// hook: raw tracepoint `tcp_receive_reset(struct sock *sk)` (4.15+): a RST arrived on
-/// `sk` (before the socket goes to CLOSE).
-#[raw_tracepoint(tracepoint = "tcp_receive_reset")]
-pub fn raw_tp_tcp_receive_reset(ctx: RawTracePointContext) -> i32 {
-    emit::tcp_reset(ctx.arg::<u64>(0), ResetBy::PEER);
-    0
-}
-
 /// hook: raw tracepoint `tcp_send_reset(const struct sock *sk, const struct sk_buff *skb,
 /// ...)` (4.15+; sk is NULL for a reply to an unknown segment): this host sent a RST.
 #[raw_tracepoint(tracepoint = "tcp_send_reset")]
 pub fn raw_tp_tcp_send_reset(ctx: RawTracePointContext) -> i32 {
-    emit::tcp_reset(ctx.arg::<u64>(0), ResetBy::LOCAL);
+    emit::tcp_reset_sent(ctx.arg::<u64>(0));
     0
 }

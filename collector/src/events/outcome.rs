@@ -50,6 +50,7 @@ pub struct Outcome {
 // collector builds for).
 const EPERM: u32 = 1;
 const EACCES: u32 = 13;
+const EPIPE: u32 = 32;
 const ENONET: u32 = 64;
 const EPROTO: u32 = 71;
 const ENETUNREACH: u32 = 101;
@@ -119,6 +120,7 @@ impl Close {
             && raw.reset == ResetBy::NONE;
         let fin_received = raw.flags & CloseFlags::FIN_RECEIVED != 0;
         let reset = match raw.reset {
+            ResetBy::NONE if reset_by_peer(raw) => ResetBy::PEER,
             ResetBy::NONE if local_reset_follows(raw) => ResetBy::LOCAL,
             by => by,
         };
@@ -154,6 +156,17 @@ impl Close {
         self.close_unix_nano
             .saturating_sub(self.established_unix_nano)
     }
+}
+
+/// Whether a RST received ended the connection: the kernel's `tcp_reset()` sets the
+/// socket's error (ECONNRESET; EPIPE in CLOSE_WAIT) and then moves it to CLOSE, and
+/// nothing else leaves those errors on a socket reaching CLOSE (a timeout sets
+/// ETIMEDOUT or the ICMP error kept, `tcp_abort` ECONNABORTED; this host's own abortive
+/// close sets ECONNRESET only after CLOSE). So no program runs on every RST received.
+/// A reset this host sends to itself (data arriving after `shutdown(SHUT_RD)`) goes
+/// through `tcp_reset()` too, and is reported `peer`.
+fn reset_by_peer(raw: &TcpCloseEvent) -> bool {
+    matches!(raw.sk_err, ECONNRESET | EPIPE)
 }
 
 /// Whether this host resets the connection just after the CLOSE the event reports.
@@ -315,15 +328,28 @@ mod tests {
         assert_eq!(close.rtt_us, 100);
         assert_eq!(close.duration_ns(), 2_000);
         assert_eq!(close.error_type, None);
-        // Reset while established: our FIN never went out, so it is not in bytes_acked.
-        let mut raw = close_event(1);
+        // Reset by the peer while established (known by the error `tcp_reset()` left, no
+        // program marks it): our FIN never went out, so it is not in bytes_acked.
+        let mut raw = close_event(TCP_ESTABLISHED);
         raw.bytes_acked -= 1;
-        raw.reset = ResetBy::PEER;
         raw.sk_err = ECONNRESET;
         let close = Close::from_raw(&raw, &clock);
         assert_eq!(close.bytes_sent, 1_048_576);
         assert_eq!(close.reset, Some("peer"));
         assert_eq!(close.error_type, Some("reset"));
+        // Reset by the peer after its FIN (CLOSE_WAIT): EPIPE.
+        let mut raw = close_event(TCP_CLOSE_WAIT);
+        raw.sk_err = EPIPE;
+        assert_eq!(Close::from_raw(&raw, &clock).reset, Some("peer"));
+        // A timeout is no reset; nor is a RST this host sent before CLOSE (`tcp_abort`,
+        // marked by the send hook) one from the peer, whatever the error.
+        let mut raw = close_event(TCP_ESTABLISHED);
+        raw.sk_err = ETIMEDOUT;
+        let close = Close::from_raw(&raw, &clock);
+        assert_eq!((close.reset, close.error_type), (None, Some("timed_out")));
+        raw.reset = ResetBy::LOCAL;
+        raw.sk_err = ECONNRESET;
+        assert_eq!(Close::from_raw(&raw, &clock).reset, Some("local"));
         // An abortive close (unread data, SO_LINGER 0): CLOSE from ESTABLISHED with no
         // error, the RST sent after.
         let mut raw = close_event(TCP_ESTABLISHED);

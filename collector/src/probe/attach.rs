@@ -260,13 +260,12 @@ const SOCK_STATE: Attachment = Attachment {
     program: "tp_inet_sock_set_state",
     targets: &["sock/inet_sock_set_state"],
 };
-/// Resets (raw tracepoints only: without them, `reset` is never set). Only a close
-/// record says who reset a connection: where closes are not followed, they are not
-/// attached (each would cost every reset a program run and a map lookup for nothing).
-const RESETS_RAW: [(&str, &str); 2] = [
-    ("raw_tp_tcp_receive_reset", "tcp_receive_reset"),
-    ("raw_tp_tcp_send_reset", "tcp_send_reset"),
-];
+/// The resets this host sends (a raw tracepoint only: without it, a reset sent before
+/// CLOSE is not marked `local`). Only a close record says who reset a connection: where
+/// closes are not followed, it is not attached (it would cost every reset sent a program
+/// run and a map lookup for nothing). The peer's resets need no hook: `tcp_reset()` sets
+/// the socket's error before CLOSE, and the close event carries it (`events::outcome`).
+const RESET_SENT_RAW: (&str, &str) = ("raw_tp_tcp_send_reset", "tcp_send_reset");
 
 /// Why a hook family could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -326,7 +325,7 @@ impl std::fmt::Display for StateHook {
 
 /// Attaches every program of `mode`; on failure unloads them again. Returns the program
 /// that follows the TCP state changes. `exits_only`: see [`ExitsOnly`].
-/// `resets`: the reset hooks too (see [`RESETS_RAW`]).
+/// `resets`: the reset hook too (see [`RESET_SENT_RAW`]).
 pub fn attach(
     ebpf: &mut Ebpf,
     mode: HookMode,
@@ -357,7 +356,7 @@ pub fn detach(ebpf: &mut Ebpf, mode: HookMode) {
         .into_iter()
         .chain([SOCK_STATE_BTF, SOCK_STATE_RAW, SOCK_STATE.program])
         .chain(dns_programs())
-        .chain(RESETS_RAW.iter().map(|r| r.0));
+        .chain([RESET_SENT_RAW.0]);
     for name in names {
         unload(ebpf, name);
     }
@@ -469,10 +468,9 @@ fn attach_tcp_state(
         }
     };
     if resets {
-        for (program, target) in RESETS_RAW {
-            if let Err(e) = attach_raw(ebpf, program, target) {
-                tracing::warn!(%mode, reason = %one_line(&e), "No raw tracepoint for TCP resets; connections will not say who reset them.");
-            }
+        let (program, target) = RESET_SENT_RAW;
+        if let Err(e) = attach_raw(ebpf, program, target) {
+            tracing::warn!(%mode, reason = %one_line(&e), "No raw tracepoint for the TCP resets this host sends; a connection it resets before closing will not say so.");
         }
     }
     Ok(hook)
