@@ -1480,7 +1480,11 @@ pub fn tcp_closed<R: Reader>(sk: u64, sk_id: u64, old_state: u8) {
     }
     ev.total_retrans = R::kernel(tp, config!(offsets.tcp_total_retrans)).unwrap_or(0);
     ev.srtt_us_x8 = R::kernel(tp, config!(offsets.tcp_srtt_us)).unwrap_or(0);
-    ev.sk_err = R::kernel::<i32>(sk, config!(offsets.sk_err)).unwrap_or(0) as u32;
+    // Counted when unread: user space tells a peer's reset from this host's by it.
+    ev.sk_err = R::kernel::<i32>(sk, config!(offsets.sk_err)).unwrap_or_else(|_| {
+        failed = true;
+        0
+    }) as u32;
     if failed {
         count(Counter::KernelReadFailed);
     }

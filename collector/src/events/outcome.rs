@@ -74,7 +74,8 @@ pub fn error_type(sk_err: u32, source_port: u16) -> &'static str {
         ECONNREFUSED => "refused",
         ETIMEDOUT => "timed_out",
         ENETUNREACH | EHOSTUNREACH | EHOSTDOWN | ENONET | EPROTO | EACCES | EPERM => "unreachable",
-        ECONNRESET => "reset",
+        // EPIPE: a reset in CLOSE_WAIT (a close, never an attempt).
+        ECONNRESET | EPIPE => "reset",
         _ => "_OTHER",
     }
 }
@@ -159,14 +160,20 @@ impl Close {
 }
 
 /// Whether a RST received ended the connection: the kernel's `tcp_reset()` sets the
-/// socket's error (ECONNRESET; EPIPE in CLOSE_WAIT) and then moves it to CLOSE, and
-/// nothing else leaves those errors on a socket reaching CLOSE (a timeout sets
-/// ETIMEDOUT or the ICMP error kept, `tcp_abort` ECONNABORTED; this host's own abortive
-/// close sets ECONNRESET only after CLOSE). So no program runs on every RST received.
-/// A reset this host sends to itself (data arriving after `shutdown(SHUT_RD)`) goes
-/// through `tcp_reset()` too, and is reported `peer`.
+/// socket's error (ECONNRESET; EPIPE when it leaves CLOSE_WAIT) and then moves it to
+/// CLOSE. No other way to CLOSE leaves ECONNRESET there (a timeout leaves ETIMEDOUT or
+/// an ICMP error, `tcp_abort` ECONNABORTED; this host's abortive close sets ECONNRESET
+/// only after CLOSE). EPIPE is taken only from CLOSE_WAIT: a sockmap's failed send can
+/// leave it on a socket that then closes in order. What this misses: an application
+/// that reads the error (`SO_ERROR`) in the instant between the RST's error and the
+/// CLOSE; its close is then reported as this host's (`local_reset_follows`) or orderly.
+/// The kernel's own resets also go through `tcp_reset()` (data arriving after close()
+/// or `shutdown(SHUT_RDWR)`): reported `peer`, as documented.
 fn reset_by_peer(raw: &TcpCloseEvent) -> bool {
-    matches!(raw.sk_err, ECONNRESET | EPIPE)
+    matches!(
+        (raw.sk_err, raw.old_state),
+        (ECONNRESET, _) | (EPIPE, TCP_CLOSE_WAIT)
+    )
 }
 
 /// Whether this host resets the connection just after the CLOSE the event reports.
@@ -175,7 +182,7 @@ fn reset_by_peer(raw: &TcpCloseEvent) -> bool {
 /// sets CLOSE first and sends its RST after (`__tcp_close`, `tcp_disconnect`), so the
 /// close is reported before `tcp:tcp_send_reset` runs. Such a close leaves ESTABLISHED,
 /// CLOSE_WAIT or FIN_WAIT1 with no error and no reset seen, and nothing else does: the
-/// peer's RST is seen first and sets an error, timeouts set an error, an orderly close
+/// peer's RST leaves its error first, timeouts set an error, an orderly close
 /// goes through FIN_WAIT2, CLOSING or LAST_ACK, and the aborts that send their RST first
 /// (`tcp_abort`, the FIN_WAIT2 timeout) were marked by the reset tracepoint already.
 fn local_reset_follows(raw: &TcpCloseEvent) -> bool {
@@ -340,9 +347,17 @@ mod tests {
         // Reset by the peer after its FIN (CLOSE_WAIT): EPIPE.
         let mut raw = close_event(TCP_CLOSE_WAIT);
         raw.sk_err = EPIPE;
-        assert_eq!(Close::from_raw(&raw, &clock).reset, Some("peer"));
-        // A timeout is no reset; nor is a RST this host sent before CLOSE (`tcp_abort`,
-        // marked by the send hook) one from the peer, whatever the error.
+        let close = Close::from_raw(&raw, &clock);
+        assert_eq!(
+            (close.reset, close.error_type),
+            (Some("peer"), Some("reset"))
+        );
+        // EPIPE elsewhere is no reset (a sockmap's failed send leaves it).
+        let mut raw = close_event(TCP_FIN_WAIT2);
+        raw.sk_err = EPIPE;
+        assert_eq!(Close::from_raw(&raw, &clock).reset, None);
+        // A timeout is no reset; and the send hook's mark (a RST this host sent before
+        // CLOSE) wins over the error, whatever it is.
         let mut raw = close_event(TCP_ESTABLISHED);
         raw.sk_err = ETIMEDOUT;
         let close = Close::from_raw(&raw, &clock);

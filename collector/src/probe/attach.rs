@@ -441,7 +441,7 @@ fn attach_tracepoints(ebpf: &mut Ebpf, exits_only: ExitsOnly) -> Result<(), Atta
     Ok(())
 }
 
-/// The TCP state machine (every family), then the reset hooks (optional; if `resets`).
+/// The TCP state machine (every family), then the reset hook (optional; if `resets`).
 fn attach_tcp_state(
     ebpf: &mut Ebpf,
     mode: HookMode,
