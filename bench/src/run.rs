@@ -57,6 +57,10 @@ pub struct RunResult {
     pub seen: u64,
     /// What the collector counted as lost (all traffic, not just the load's).
     pub lost: Option<u64>,
+    /// What the collector counted as possibly lost: program runs the kernel skipped,
+    /// calls whose entry state was evicted (its `Stopped.` line).
+    #[serde(default)]
+    pub possibly_lost: Option<u64>,
     /// Records the collector exported (its `Stopped.` line; all traffic).
     #[serde(default)]
     pub exported: Option<u64>,
@@ -215,8 +219,8 @@ pub fn measure(
     }
     let cpu_seconds = pid.map_or(0.0, |pid| tool::cpu_seconds(pid) - cpu_before);
     let peak_rss_bytes = pid.map_or(0, tool::peak_rss_bytes);
-    let (seen, lost, exported) = match observer {
-        None => (0, None, None),
+    let (seen, lost, possibly_lost, exported) = match observer {
+        None => (0, None, None, None),
         Some(observer) => {
             let (lines, stdout) = observer.stop()?;
             match scenario {
@@ -224,6 +228,7 @@ pub fn measure(
                     let counts = tool::bpftrace_counts(&stdout);
                     (
                         load.ports.iter().filter_map(|p| counts.get(p)).sum(),
+                        None,
                         None,
                         None,
                     )
@@ -243,6 +248,7 @@ pub fn measure(
                     (
                         seen,
                         tool::stopped_field(&lines, "lost"),
+                        tool::stopped_field(&lines, "possibly_lost"),
                         tool::stopped_field(&lines, "exported"),
                     )
                 }
@@ -260,6 +266,7 @@ pub fn measure(
         load,
         seen,
         lost,
+        possibly_lost,
         exported,
         cpu_seconds,
         peak_rss_bytes,

@@ -90,13 +90,15 @@ pub fn measure(args: &Args) -> anyhow::Result<String> {
                     result,
                 };
                 eprintln!(
-                    "round {round} rate {rate:>6} {} {:<18} {:>8.0} connects/s, exported {:?}, seen {}/{}, cpu {:.3}s ({} µs/record), peak rss {:.1} MiB",
+                    "round {round} rate {rate:>6} {} {:<18} {:>8.0} connects/s, exported {:?}, seen {}/{}, lost {:?}, possibly lost {:?}, cpu {:.3}s ({} µs/record), peak rss {:.1} MiB",
                     args.collectors[collector].display(),
                     scenario.name(),
                     sample.result.load.connects_per_second,
                     sample.result.exported,
                     sample.result.seen,
                     sample.result.attempts(),
+                    sample.result.lost,
+                    sample.result.possibly_lost,
                     sample.result.cpu_seconds,
                     sample
                         .cpu_us_per_record()
