@@ -159,9 +159,8 @@ fn a_fast_open_send_leaves_the_threads_next_udp_connect_reported() {
     );
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("listen");
     let port = listener.local_addr().expect("addr").port();
-    let udp =
-        std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, egress_testkit::ports::unused_port()))
-            .expect("udp bind");
+    // Held for the test: no other socket gets its port.
+    let udp = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).expect("udp bind");
     let udp_port = udp.local_addr().expect("addr").port();
     // `full`: the records carry the thread id.
     let collector = start(&["--attributes", "full"]);
