@@ -905,7 +905,11 @@ fn identify_attempt<R: Reader>(
     early: &Early,
 ) {
     if !identify::<R>(ev, slot, early) {
-        abandon(sk_id);
+        // Dropped after all: its own slot is given back (a record in the scratch slot
+        // holds nothing).
+        if in_slot {
+            release(ev, sk_id);
+        }
         return;
     }
     if !in_slot {
@@ -914,11 +918,12 @@ fn identify_attempt<R: Reader>(
     }
 }
 
-/// A new attempt on `sk` that goes unreported (filtered, or not admitted): an older
-/// attempt kept for the same socket address, whose completion the kernel skipped (a
-/// program run that would nest in another on one CPU is not run), must not be completed
-/// in this one's name (its process and destination on this socket's record). One array
-/// load when there is none. Before 5.12 every attempt waits in `PENDING_TCP`, where a
+/// A new attempt on `sk` that goes unreported (filtered, or not admitted), before it
+/// claims a slot: an older attempt kept for the same socket address, whose completion
+/// the kernel skipped (a program run that would nest in another on one CPU is not run),
+/// must not be completed in this one's name (its process and destination on this
+/// socket's record): it is reported now ([`report_unseen_in_slot`]). One array load when
+/// there is none. Before 5.12 every attempt waits in `PENDING_TCP`, where a
 /// stale one is left to the LRU (a delete per dropped attempt costs more than it saves).
 #[inline(always)]
 fn abandon(sk: u64) {
@@ -931,11 +936,57 @@ fn abandon(sk: u64) {
     };
     // SAFETY: a map value; the tag is reached by pointer, other CPUs swap it.
     if load(unsafe { &raw mut (*slot).sock_id }) == sk {
-        release(slot, sk);
+        report_unseen_in_slot(slot, sk);
     }
-    if may_have_spilled(index) {
-        take_spilled(sk);
+    if may_have_spilled(index)
+        && let Some(pending) = PENDING_TCP.get_ptr(&sk)
+    {
+        report_unseen_spilled(pending, sk);
     }
+}
+
+/// An older attempt of the socket address `sk`, found still waiting in its slot by a new
+/// attempt at that address: its completion's program run was skipped (the kernel does
+/// not make a run that would nest in another on one CPU, and counts it in the
+/// program's `recursion_misses`), so its socket was freed and the address reused
+/// without it. Reported now, its outcome unseen (`ConnState::Unseen`), rather than
+/// overwritten unreported. Out of line: rare.
+#[inline(never)]
+fn report_unseen_in_slot(slot: *mut ConnectEvent, sk: u64) {
+    report_unseen(Kept::Slot(slot), sk);
+}
+
+/// [`report_unseen_in_slot`] of an attempt kept in `PENDING_TCP`.
+#[inline(never)]
+fn report_unseen_spilled(pending: *const ConnectEvent, sk: u64) {
+    report_unseen(Kept::Spilled(pending), sk);
+}
+
+/// Reports the attempt `kept` for `sk` as it was assembled at SYN_SENT (no source port,
+/// no handshake), marked unseen, and gives it up; nothing of the socket is read (it is
+/// another one now).
+#[inline(always)]
+fn report_unseen(kept: Kept, sk: u64) {
+    let Some(mut entry) = EVENTS.reserve::<ConnectEvent>(0) else {
+        if give_up(kept, sk) {
+            count(Counter::RingBufferFull);
+        }
+        return;
+    };
+    // SAFETY: as in `complete_kept`: the copy happens before the attempt is given up.
+    let ev = unsafe {
+        let ev = entry.as_mut_ptr();
+        core::ptr::copy_nonoverlapping(kept.record(), ev, 1);
+        &mut *ev
+    };
+    let record = crate::maps::address_number(ev as *mut ConnectEvent as u64);
+    let flags = wakeup_flags_at(record, core::mem::size_of::<ConnectEvent>() as u64);
+    if !give_up(kept, sk) {
+        entry.discard(flags);
+        return;
+    }
+    ev.state = ConnState::Unseen as u8;
+    entry.submit(flags);
 }
 
 /// Whether an attempt of the [`PENDING_SLOTS`] slot `index` may be in `PENDING_TCP`: one
@@ -983,19 +1034,19 @@ fn attempt_record(sk: u64, scratch_slot: Slot) -> Option<(&'static mut ConnectEv
     {
         // SAFETY: a map value; the tag is reached by pointer, other CPUs swap it.
         let tag = unsafe { &raw mut (*slot).sock_id };
-        let held = load(tag);
-        if held == sk || (held == 0 && compare_exchange(tag, 0, sk)) {
+        let mut held = load(tag);
+        if held == sk {
+            // Still this address's older attempt, whose completion was skipped: reported
+            // and released first, then claimed as a free slot.
+            report_unseen_in_slot(slot, sk);
+            held = load(tag);
+        }
+        if held == 0 && compare_exchange(tag, 0, sk) {
             // SAFETY: the slot is this socket's until its completion or `abandon`
             // releases it (both run after this program, the socket being locked); an
-            // aligned map value of plain integers. Every word but the first (the time)
-            // and the last (the tag) is zeroed.
+            // aligned map value of plain integers. Every word but the first (the time,
+            // `u64::MAX` since its release) and the last (the tag) is zeroed.
             unsafe {
-                if held == sk {
-                    // Still this address's older attempt (its completion was skipped):
-                    // its time goes first, as at a release, or the reader would take
-                    // the slot being rewritten for that attempt.
-                    store(&raw mut (*slot).boot_time_ns, u64::MAX);
-                }
                 crate::words::zero_between(slot, 1, ATTEMPT_WORDS - 1);
                 return Some((&mut *slot, true));
             }
@@ -1014,6 +1065,14 @@ const _: () = assert!(core::mem::offset_of!(ConnectEvent, sock_id) == (ATTEMPT_W
 #[inline(always)]
 fn spill(sk: u64, ev: &ConnectEvent) {
     let counted = config!(fetching_atomics) != 0;
+    // An older attempt of this address whose completion was skipped, reported before the
+    // insert replaces it (where spills are counted: one word when none is there).
+    if counted
+        && may_have_spilled(pending_slot(sk))
+        && let Some(pending) = PENDING_TCP.get_ptr(&sk)
+    {
+        report_unseen_spilled(pending, sk);
+    }
     // Counted before the insert: a completion that finds the entry finds it counted.
     if counted {
         count_spilled(pending_slot(sk), 1);
@@ -1153,6 +1212,17 @@ enum Kept {
     Spilled(*const ConnectEvent),
 }
 
+impl Kept {
+    /// The attempt's record where it is kept.
+    #[inline(always)]
+    fn record(self) -> *const ConnectEvent {
+        match self {
+            Kept::Slot(slot) => slot.cast_const(),
+            Kept::Spilled(pending) => pending,
+        }
+    }
+}
+
 /// Gives the attempt on `sk` up from where it was `kept`; true if this call did.
 #[inline(always)]
 fn give_up(kept: Kept, sk: u64) -> bool {
@@ -1166,6 +1236,9 @@ fn give_up(kept: Kept, sk: u64) -> bool {
 /// up (once: a run that loses the race discards its copy), completed and submitted.
 #[inline(always)]
 fn complete_kept<R: Reader>(kept: Kept, sk: u64, sk_id: u64, established: bool, clock_fresh: bool) {
+    if skipped_by_test_hook(kept) {
+        return;
+    }
     let Some(mut entry) = EVENTS.reserve::<ConnectEvent>(0) else {
         if give_up(kept, sk_id) {
             count(Counter::RingBufferFull);
@@ -1176,11 +1249,7 @@ fn complete_kept<R: Reader>(kept: Kept, sk: u64, sk_id: u64, established: bool, 
     // of its size); the copy happens before the attempt is given up.
     let ev = unsafe {
         let ev = entry.as_mut_ptr();
-        let pending = match kept {
-            Kept::Slot(slot) => slot.cast_const(),
-            Kept::Spilled(pending) => pending,
-        };
-        core::ptr::copy_nonoverlapping(pending, ev, 1);
+        core::ptr::copy_nonoverlapping(kept.record(), ev, 1);
         &mut *ev
     };
     let record = crate::maps::address_number(ev as *mut ConnectEvent as u64);
@@ -1198,6 +1267,19 @@ fn complete_kept<R: Reader>(kept: Kept, sk: u64, sk_id: u64, established: bool, 
     let ports = open_ports(ev);
     entry.submit(flags);
     track_open(sk_id, established, connect_ns, now, ports);
+}
+
+/// The test hook `skip_completions_to_port`: whether this completion is one it skips, as
+/// the kernel skips a nested run. Pruned by the verifier where it is 0 (always, outside
+/// tests).
+#[inline(always)]
+fn skipped_by_test_hook(kept: Kept) -> bool {
+    let port = config!(skip_completions_to_port);
+    if port == 0 {
+        return false;
+    }
+    // SAFETY: a map value this socket holds.
+    u32::from(unsafe { (*kept.record()).dst_port }) == port
 }
 
 /// What [`OpenConn::ports`] holds for the connection `ev` reports (read before the

@@ -83,6 +83,26 @@ pub fn one_repeat_slot() -> bool {
     )
 }
 
+/// `EGRESS_TEST_SKIP_COMPLETIONS_TO_PORT=<port>`: the programs skip the completion of
+/// every reported TCP attempt to that destination port, as the kernel skips a program run
+/// that would nest in another on one CPU, so a test proves such an attempt is still
+/// reported (as `unknown` when its socket's address is reused, else as `pending`). 0 when
+/// unset or not a port.
+pub fn skip_completions_to_port() -> u32 {
+    let Some(port) = std::env::var("EGRESS_TEST_SKIP_COMPLETIONS_TO_PORT")
+        .ok()
+        .and_then(|v| v.parse::<u16>().ok())
+        .filter(|port| *port != 0)
+    else {
+        return 0;
+    };
+    tracing::warn!(
+        port,
+        "EGRESS_TEST_SKIP_COMPLETIONS_TO_PORT: the completions of attempts to this port are skipped (test hook)."
+    );
+    u32::from(port)
+}
+
 /// Whether the test hook `name` is set to 1; warned with `effect` when it is.
 fn flag(name: &str, effect: &str) -> bool {
     let set = std::env::var_os(name).is_some_and(|v| v == "1");

@@ -424,3 +424,91 @@ fn a_simultaneous_open_is_reported_established() {
         problems.join("\n")
     );
 }
+
+/// An attempt whose completion the programs never saw is still reported. The kernel
+/// skips a program run that would nest in another on one CPU (a softirq's SYN-ACK while
+/// the connecting task's run is in progress; `recursion_misses`), so the attempt waits
+/// in its slot until its socket's address, freed and reused, begins another attempt.
+/// The test hook skips every completion to one port: each of these attempts is then
+/// reported once, `unknown` when a later attempt reused its address (the client's
+/// socket is freed at its abortive close, and the next one on the same CPU usually takes
+/// its place), or `pending` after `--pending-report` when none did.
+#[test]
+fn an_attempt_whose_completion_was_skipped_is_still_reported() {
+    require_root();
+    const ATTEMPTS: usize = 20;
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("listen");
+    let addr = listener.local_addr().expect("addr");
+    let hook = format!("EGRESS_TEST_SKIP_COMPLETIONS_TO_PORT={}", addr.port());
+    let collector = RunningCollector::start_wrapped(
+        &["env", &hook],
+        std::path::Path::new(COLLECTOR),
+        &[
+            "--stdout",
+            "--probe",
+            "tracepoint",
+            "--stats-interval",
+            "1h",
+            "--pending-report",
+            "2s",
+        ],
+        Duration::from_secs(60),
+    )
+    .expect("collector starts");
+    for _ in 0..ATTEMPTS {
+        let stream = TcpStream::connect(addr).expect("connect");
+        let (accepted, _) = listener.accept().expect("accept");
+        set_linger_zero(stream.as_raw_fd());
+        drop(stream);
+        drop(accepted);
+    }
+    // Past `--pending-report`, and the pending reader's next look (every 200 ms here).
+    thread::sleep(Duration::from_secs(4));
+    let (clean, stdout, stderr) = collector.stop(Duration::from_secs(30)).expect("stop");
+    assert!(clean, "collector failed:\n{}", stderr.join("\n"));
+    assert!(
+        stderr
+            .iter()
+            .any(|l| l.contains("EGRESS_TEST_SKIP_COMPLETIONS_TO_PORT")),
+        "the test hook is not on:\n{}",
+        stderr.join("\n")
+    );
+    let records = parse(&stdout);
+    let attempts = records_to(&records, addr, "tcp_connect");
+    let state = |r: &Value| {
+        attr(r, "egress.connection.state")
+            .as_str()
+            .map(str::to_owned)
+    };
+    let unknown = attempts
+        .iter()
+        .filter(|r| state(r).as_deref() == Some("unknown"))
+        .count();
+    let pending = attempts
+        .iter()
+        .filter(|r| state(r).as_deref() == Some("pending"))
+        .count();
+    let shown = || {
+        attempts
+            .iter()
+            .map(|r| r["attributes"].to_string())
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    assert_eq!(
+        (unknown + pending, attempts.len()),
+        (ATTEMPTS, ATTEMPTS),
+        "each attempt once, unknown or pending:\n{}",
+        shown()
+    );
+    assert!(unknown > 0, "no address was reused:\n{}", shown());
+    // How it went was not seen: no handshake time, no error.
+    for record in attempts
+        .iter()
+        .filter(|r| state(r).as_deref() == Some("unknown"))
+    {
+        for key in ["egress.tcp.handshake.duration", "error.type"] {
+            assert_eq!(attr(record, key), &Value::Null, "{key}:\n{}", shown());
+        }
+    }
+}

@@ -219,6 +219,13 @@ pub struct ProbeConfig {
     /// What the aggregation's repeat slots (`REPEAT_SLOTS`) fold a key's hash with:
     /// `RepeatSlot::PER_CPU` - 1 (0 puts every key on one slot, a test hook).
     pub repeat_slot_mask: u32,
+    /// A test hook: the completion of every reported attempt to this destination port
+    /// (host order) is skipped, as the kernel skips a program run that would nest in
+    /// another on one CPU (`recursion_misses`), so a test can prove such an attempt is
+    /// still reported. 0 (always, outside tests): none; the verifier prunes the check.
+    pub skip_completions_to_port: u32,
+    /// Explicit padding: the structures after it are 8-byte aligned.
+    pub _pad: u32,
     /// Where the kprobe and fentry families find a received (or sent) message's bytes.
     pub dns_iter: DnsIterOffsets,
     /// The IPv4 destination prefixes to drop, where there are few.
@@ -422,6 +429,7 @@ const _: () = assert!(
             + 16
             + 8 * 4
             + 8
+            + 8
             + 8 * EXCLUDED_V4_INLINE
             + 8
             + 32 * EXCLUDED_V6_INLINE
@@ -575,6 +583,8 @@ impl ProbeConfig {
             bucket_slot_mask: 0,
             identity_slot_mask: 0,
             repeat_slot_mask: 0,
+            skip_completions_to_port: 0,
+            _pad: 0,
             dns_iter: DnsIterOffsets::zeroed(),
             excluded_v4: ExcludedV4::zeroed(),
             excluded_v6: ExcludedV6::zeroed(),

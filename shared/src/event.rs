@@ -240,6 +240,11 @@ pub enum ConnState {
     Established = 1,
     /// SYN_SENT -> CLOSE; the cause is in `sk_err`.
     Failed = 2,
+    /// How it went was never seen: the kernel skipped the program run of its completion
+    /// (a run that would nest in another on one CPU is not made), and the socket's
+    /// address, reused by a later attempt, found it still waiting. Source port,
+    /// handshake time and outcome are unknown.
+    Unseen = 3,
 }
 
 impl ConnState {
@@ -247,6 +252,7 @@ impl ConnState {
         match raw {
             1 => Some(Self::Established),
             2 => Some(Self::Failed),
+            3 => Some(Self::Unseen),
             _ => None,
         }
     }

@@ -367,9 +367,10 @@ fn connect_event(
                 state: match state {
                     ConnState::Established => ConnectionState::Established,
                     ConnState::Failed => ConnectionState::Failed,
+                    ConnState::Unseen => ConnectionState::Unknown,
                 },
                 error_type: match state {
-                    ConnState::Established => None,
+                    ConnState::Established | ConnState::Unseen => None,
                     ConnState::Failed => Some(error_type(raw.sk_err, raw.src_port)),
                 },
                 handshake_ns: raw.handshake_ns,
@@ -652,6 +653,20 @@ pub(super) mod tests {
         let c =
             decode_connect(ev.as_bytes(), &BootClock::with_offset(0), &mut known()).expect("valid");
         assert_eq!(c.outcome.expect("outcome").error_type, None);
+    }
+
+    #[test]
+    fn an_unseen_completion_is_unknown_without_an_error() {
+        let mut ev = sample();
+        ev.state = ConnState::Unseen as u8;
+        let c =
+            decode_connect(ev.as_bytes(), &BootClock::with_offset(0), &mut known()).expect("valid");
+        let outcome = c.outcome.expect("TCP has an outcome");
+        assert_eq!(outcome.state, ConnectionState::Unknown);
+        assert_eq!(outcome.error_type, None);
+        assert!(!outcome.state.completion_seen());
+        ev.state = 4;
+        assert!(decode_connect(ev.as_bytes(), &BootClock::with_offset(0), &mut known()).is_err());
     }
 
     #[test]

@@ -20,6 +20,9 @@ pub enum ConnectionState {
     Failed,
     /// Still in SYN_SENT after `--pending-report`.
     Pending,
+    /// The kernel skipped the program run of its completion (`ConnState::Unseen`): made,
+    /// but how it went is not known.
+    Unknown,
 }
 
 impl ConnectionState {
@@ -28,7 +31,14 @@ impl ConnectionState {
             ConnectionState::Established => "established",
             ConnectionState::Failed => "failed",
             ConnectionState::Pending => "pending",
+            ConnectionState::Unknown => "unknown",
         }
+    }
+
+    /// Whether the attempt's completion was seen: its handshake time and SYN
+    /// retransmits are known.
+    pub fn completion_seen(self) -> bool {
+        matches!(self, ConnectionState::Established | ConnectionState::Failed)
     }
 }
 

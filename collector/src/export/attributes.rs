@@ -9,10 +9,7 @@ use std::{collections::BTreeMap, fmt::Write as _, net::IpAddr, sync::Arc};
 use opentelemetry_semantic_conventions::attribute as semconv;
 
 pub use crate::config::settings::AttributeSet;
-use crate::{
-    enrich::{Record, Resource},
-    events::outcome::ConnectionState,
-};
+use crate::enrich::{Record, Resource};
 
 /// A list of keys and its membership test: a `match` (a length switch and a comparison
 /// or two) rather than a search, since it runs for every attribute of every record.
@@ -748,7 +745,7 @@ pub(crate) fn visit<'a, S: AttrSink<'a>>(
         if let Some(error) = outcome.error_type {
             out.push(semconv::ERROR_TYPE, error.into());
         }
-        if outcome.state != ConnectionState::Pending {
+        if outcome.state.completion_seen() {
             out.push(
                 keys::HANDSHAKE_DURATION,
                 Attr::Double(seconds(outcome.handshake_ns)),

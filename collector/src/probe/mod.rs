@@ -202,6 +202,8 @@ impl KernelFacts {
                 egress_shared::RepeatSlot::PER_CPU,
                 crate::testhook::one_repeat_slot(),
             ),
+            skip_completions_to_port: crate::testhook::skip_completions_to_port(),
+            _pad: 0,
             dns_iter: kernel_btf.dns_iter_offsets(),
             excluded_v4,
             excluded_v6,

@@ -124,7 +124,8 @@ impl Lifecycle {
             io.0 += close.bytes_sent;
             io.1 += close.bytes_received;
         } else if let Some(outcome) = &c.outcome {
-            if outcome.state == crate::events::outcome::ConnectionState::Pending {
+            // A pending attempt's or an unseen completion's handshake is not known.
+            if !outcome.state.completion_seen() {
                 return;
             }
             let key = HandshakeKey {
