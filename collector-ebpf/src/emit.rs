@@ -906,7 +906,8 @@ fn identify_attempt<R: Reader>(
 ) {
     if !identify::<R>(ev, slot, early) {
         // Dropped after all: its own slot is given back (a record in the scratch slot
-        // holds nothing).
+        // holds nothing; an older attempt at this address was reported when the record
+        // was claimed).
         if in_slot {
             release(ev, sk_id);
         }
@@ -938,7 +939,16 @@ fn abandon(sk: u64) {
     if load(unsafe { &raw mut (*slot).sock_id }) == sk {
         report_unseen_in_slot(slot, sk);
     }
-    if may_have_spilled(index)
+    report_stale_spilled(sk);
+}
+
+/// An older attempt of the address `sk` waiting in `PENDING_TCP` when a new one begins
+/// there (see [`report_unseen_in_slot`]), reported. One load of a word that stays 0
+/// while nothing is spilled; only where spills are counted (5.12+).
+#[inline(always)]
+fn report_stale_spilled(sk: u64) {
+    if config!(fetching_atomics) != 0
+        && may_have_spilled(pending_slot(sk))
         && let Some(pending) = PENDING_TCP.get_ptr(&sk)
     {
         report_unseen_spilled(pending, sk);
@@ -1029,6 +1039,9 @@ fn pending_slot(sk: u64) -> u32 {
 /// (`sock_id`) keeps `sk`.
 #[inline(always)]
 fn attempt_record(sk: u64, scratch_slot: Slot) -> Option<(&'static mut ConnectEvent, bool)> {
+    // An older attempt at this address, spilled, whose completion was skipped: reported
+    // before this one is kept, in its slot or beside it in `PENDING_TCP`.
+    report_stale_spilled(sk);
     if config!(fetching_atomics) != 0
         && let Some(slot) = PENDING_SLOTS.get_ptr_mut(pending_slot(sk))
     {
@@ -1065,14 +1078,8 @@ const _: () = assert!(core::mem::offset_of!(ConnectEvent, sock_id) == (ATTEMPT_W
 #[inline(always)]
 fn spill(sk: u64, ev: &ConnectEvent) {
     let counted = config!(fetching_atomics) != 0;
-    // An older attempt of this address whose completion was skipped, reported before the
-    // insert replaces it (where spills are counted: one word when none is there).
-    if counted
-        && may_have_spilled(pending_slot(sk))
-        && let Some(pending) = PENDING_TCP.get_ptr(&sk)
-    {
-        report_unseen_spilled(pending, sk);
-    }
+    // (An older attempt of this address in `PENDING_TCP` was reported when this one's
+    // record was claimed: the insert replaces none.)
     // Counted before the insert: a completion that finds the entry finds it counted.
     if counted {
         count_spilled(pending_slot(sk), 1);

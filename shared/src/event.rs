@@ -240,10 +240,10 @@ pub enum ConnState {
     Established = 1,
     /// SYN_SENT -> CLOSE; the cause is in `sk_err`.
     Failed = 2,
-    /// How it went was never seen: the kernel skipped the program run of its completion
-    /// (a run that would nest in another on one CPU is not made), and the socket's
-    /// address, reused by a later attempt, found it still waiting. Source port,
-    /// handshake time and outcome are unknown.
+    /// How it went was never seen (the kernel skipped the program run of its completion:
+    /// a run that would nest in another on one CPU is not made; or a simultaneous open
+    /// lost its mark), and a later attempt at the socket's reused address found it still
+    /// waiting. Source port, handshake time and outcome are unknown.
     Unseen = 3,
 }
 

@@ -215,6 +215,8 @@ pub struct Tracker {
     open: HashMap<(u64, u64), Connection, FastHash>,
     /// Asked for every TCP record (nearly always empty): hashed by [`FastHash`] too.
     reported_pending: HashSet<(u64, u64), FastHash>,
+    /// Of those, the old ones the latest scan of the kernel's pending attempts missed.
+    missed_by_last_scan: HashSet<(u64, u64), FastHash>,
     /// Closes whose connection was not known (reported before a restart, or dropped).
     pub unmatched_closes: u64,
     /// Connections forgotten because `open` was full.
@@ -272,12 +274,25 @@ impl Tracker {
 
     /// Forgets the attempts reported as pending that the kernel no longer holds (`still`:
     /// the keys of the latest scan) and that began before `started_before` (boot ns): an
-    /// attempt whose completion was never seen (a skipped run, an eviction). Without this
-    /// they would fill the set and end pending reports for good. Only old ones: a
-    /// completion released from the kernel's map may still be on its way to the reader.
+    /// attempt whose record never came (an eviction). Without this they would fill the
+    /// set and end pending reports for good. Only old ones, and only once two scans in a
+    /// row missed them: a record the kernel released just before a scan (a completion,
+    /// or an unseen one reported when its address was reused, however old) is still on
+    /// its way to the reader then, and the drain before the next scan takes it (and the
+    /// key with it).
     pub fn forget_stale_pending(&mut self, still: &HashSet<(u64, u64)>, started_before: u64) {
-        self.reported_pending
-            .retain(|key| still.contains(key) || key.1 >= started_before);
+        let missed_before = std::mem::take(&mut self.missed_by_last_scan);
+        let missed_now = &mut self.missed_by_last_scan;
+        self.reported_pending.retain(|key| {
+            if still.contains(key) || key.1 >= started_before {
+                return true;
+            }
+            if missed_before.contains(key) {
+                return false;
+            }
+            missed_now.insert(*key);
+            true
+        });
     }
 
     /// Connections still open (the flush at shutdown): what is known of them.
@@ -394,6 +409,10 @@ mod tests {
         let held = (2, 20);
         let recent = (3, 1_000);
         tracker.reported_pending.extend([stale, held, recent]);
+        // Missed once: its record may still be on its way.
+        tracker.forget_stale_pending(&HashSet::from([held]), 500);
+        assert_eq!(tracker.reported_pending.len(), 3);
+        // Missed twice: forgotten.
         tracker.forget_stale_pending(&HashSet::from([held]), 500);
         assert_eq!(
             tracker.reported_pending,
