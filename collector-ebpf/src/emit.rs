@@ -2,7 +2,9 @@
 
 use core::ptr::NonNull;
 
-use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_get_current_task};
+use aya_ebpf::{
+    bindings::BPF_NOEXIST, helpers::bpf_get_current_task, maps::ring_buf::RingBufEntry,
+};
 use egress_shared::{
     AggregateKey, CloseFlags, ConnState, ConnectEvent, Counter, EventKind, FlowKey, FlowState,
     MAX_CGROUP_BURST, MAX_CGROUP_RATE, ResetBy, TcpCloseEvent, flow::sweep,
@@ -977,26 +979,39 @@ fn report_unseen_spilled(pending: *const ConnectEvent, sk: u64) {
 /// another one now).
 #[inline(always)]
 fn report_unseen(kept: Kept, sk: u64) {
+    let Some((mut entry, flags)) = take_kept(kept, sk) else {
+        return;
+    };
+    // SAFETY: a reserved record of this type, written whole by `take_kept`.
+    unsafe { (*entry.as_mut_ptr()).state = ConnState::Unseen as u8 };
+    entry.submit(flags);
+}
+
+/// The attempt `kept` for `sk`, copied into a record reserved in the ring buffer, and
+/// given up where it waited: the record and its wake-up flags, for the caller to finish
+/// and submit. Once: a run that loses the race to give it up discards its copy (`None`),
+/// as does a full ring (counted, the attempt given up all the same).
+#[inline(always)]
+fn take_kept(kept: Kept, sk: u64) -> Option<(RingBufEntry<ConnectEvent>, u64)> {
     let Some(mut entry) = EVENTS.reserve::<ConnectEvent>(0) else {
         if give_up(kept, sk) {
             count(Counter::RingBufferFull);
         }
-        return;
+        return None;
     };
-    // SAFETY: as in `complete_kept`: the copy happens before the attempt is given up.
-    let ev = unsafe {
-        let ev = entry.as_mut_ptr();
-        core::ptr::copy_nonoverlapping(kept.record(), ev, 1);
-        &mut *ev
-    };
-    let record = crate::maps::address_number(ev as *mut ConnectEvent as u64);
+    let ev = entry.as_mut_ptr();
+    // SAFETY: both pointers are valid (a map value this socket holds, a reserved record
+    // of its size); the copy happens before the attempt is given up.
+    unsafe { core::ptr::copy_nonoverlapping(kept.record(), ev, 1) };
+    let record = crate::maps::address_number(ev as u64);
     let flags = wakeup_flags_at(record, core::mem::size_of::<ConnectEvent>() as u64);
     if !give_up(kept, sk) {
+        // A discarded record keeps its place in the ring until the reader passes it: it
+        // wakes the reader for a boundary it spans, as a submitted one.
         entry.discard(flags);
-        return;
+        return None;
     }
-    ev.state = ConnState::Unseen as u8;
-    entry.submit(flags);
+    Some((entry, flags))
 }
 
 /// Whether an attempt of the [`PENDING_SLOTS`] slot `index` may be in `PENDING_TCP`: one
@@ -1239,34 +1254,18 @@ fn give_up(kept: Kept, sk: u64) -> bool {
     }
 }
 
-/// Reports the attempt `kept` where it waits: copied into the ring buffer, given
-/// up (once: a run that loses the race discards its copy), completed and submitted.
+/// Reports the attempt `kept` where it waits: taken into the ring buffer
+/// ([`take_kept`]), completed and submitted.
 #[inline(always)]
 fn complete_kept<R: Reader>(kept: Kept, sk: u64, sk_id: u64, established: bool, clock_fresh: bool) {
     if skipped_by_test_hook(kept) {
         return;
     }
-    let Some(mut entry) = EVENTS.reserve::<ConnectEvent>(0) else {
-        if give_up(kept, sk_id) {
-            count(Counter::RingBufferFull);
-        }
+    let Some((mut entry, flags)) = take_kept(kept, sk_id) else {
         return;
     };
-    // SAFETY: both pointers are valid (a map value this socket holds, a reserved record
-    // of its size); the copy happens before the attempt is given up.
-    let ev = unsafe {
-        let ev = entry.as_mut_ptr();
-        core::ptr::copy_nonoverlapping(kept.record(), ev, 1);
-        &mut *ev
-    };
-    let record = crate::maps::address_number(ev as *mut ConnectEvent as u64);
-    let flags = wakeup_flags_at(record, core::mem::size_of::<ConnectEvent>() as u64);
-    if !give_up(kept, sk_id) {
-        // A discarded record keeps its place in the ring until the reader passes it: it
-        // wakes the reader for a boundary it spans, as a submitted one.
-        entry.discard(flags);
-        return;
-    }
+    // SAFETY: a reserved record of this type, written whole by `take_kept`.
+    let ev = unsafe { &mut *entry.as_mut_ptr() };
     let (connect_ns, now) = (
         ev.boot_time_ns,
         complete::<R>(ev, sk, established, clock_fresh),
