@@ -20,8 +20,9 @@ pub enum ConnectionState {
     Failed,
     /// Still in SYN_SENT after `--pending-report`.
     Pending,
-    /// The kernel skipped the program run of its completion (`ConnState::Unseen`): made,
-    /// but how it went is not known.
+    /// Its completion was never seen (`ConnState::Unseen`: the kernel skipped that
+    /// program run, or a simultaneous open lost its mark): made, but how it went is not
+    /// known.
     Unknown,
 }
 
