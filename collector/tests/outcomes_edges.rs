@@ -512,3 +512,89 @@ fn an_attempt_whose_completion_was_skipped_is_still_reported() {
         }
     }
 }
+
+/// The same when the attempt that reuses the address is dropped: a skipped completion
+/// is reported by a new attempt the destination filter drops (`abandon`), which claims no
+/// slot of its own. Each attempt to the hooked port is refused (nothing listens there), so
+/// no server socket is made: its client socket is freed when connect() fails, and the
+/// next socket this thread makes, the excluded attempt's, takes that address.
+#[test]
+fn a_skipped_completion_is_reported_by_a_dropped_attempt_at_its_address() {
+    require_root();
+    const ATTEMPTS: usize = 10;
+    // Bound, never listening: connects to it are refused, and no other socket takes it.
+    let holder = bound_not_listening();
+    let port = holder.1;
+    let hooked = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let excluded = SocketAddr::from((Ipv4Addr::new(127, 0, 0, 2), port));
+    let hook = format!("EGRESS_TEST_SKIP_COMPLETIONS_TO_PORT={port}");
+    let collector = RunningCollector::start_wrapped(
+        &["env", &hook],
+        std::path::Path::new(COLLECTOR),
+        &[
+            "--stdout",
+            "--probe",
+            "tracepoint",
+            "--stats-interval",
+            "1h",
+            "--pending-report",
+            "60s",
+            "--exclude-cidr",
+            "127.0.0.2/32",
+        ],
+        Duration::from_secs(60),
+    )
+    .expect("collector starts");
+    for _ in 0..ATTEMPTS {
+        let refused = TcpStream::connect(hooked).map_err(|e| e.kind());
+        assert_eq!(refused.err(), Some(std::io::ErrorKind::ConnectionRefused));
+        let dropped = TcpStream::connect(excluded).map_err(|e| e.kind());
+        assert_eq!(dropped.err(), Some(std::io::ErrorKind::ConnectionRefused));
+    }
+    thread::sleep(Duration::from_millis(500));
+    let (clean, stdout, stderr) = collector.stop(Duration::from_secs(30)).expect("stop");
+    assert!(clean, "collector failed:\n{}", stderr.join("\n"));
+    drop(holder);
+    let records = parse(&stdout);
+    let attempts = records_to(&records, hooked, "tcp_connect");
+    let states: Vec<&Value> = attempts
+        .iter()
+        .map(|r| attr(r, "egress.connection.state"))
+        .collect();
+    // No pending report within the run (60 s): only the excluded attempts, made at
+    // the freed addresses, can have reported them.
+    assert_eq!(
+        states,
+        vec![&Value::from("unknown"); ATTEMPTS],
+        "each refused attempt once, unknown"
+    );
+    assert!(
+        records_to(&records, excluded, "tcp_connect").is_empty(),
+        "the excluded destination is not reported"
+    );
+}
+
+/// A TCP socket bound to a loopback port the kernel picks, never listening (connects to
+/// it are refused), and its port.
+fn bound_not_listening() -> (std::os::fd::OwnedFd, u16) {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain socket calls on a descriptor this function owns.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+        assert!(fd >= 0, "socket");
+        let owned = std::os::fd::OwnedFd::from_raw_fd(fd);
+        let mut addr: libc::sockaddr_in = std::mem::zeroed();
+        addr.sin_family = libc::AF_INET as u16;
+        addr.sin_addr.s_addr = u32::from(Ipv4Addr::LOCALHOST).to_be();
+        let len = size_of::<libc::sockaddr_in>() as u32;
+        assert_eq!(libc::bind(fd, (&raw const addr).cast(), len), 0, "bind");
+        let mut bound: libc::sockaddr_in = std::mem::zeroed();
+        let mut bound_len = len;
+        assert_eq!(
+            libc::getsockname(fd, (&raw mut bound).cast(), &mut bound_len),
+            0,
+            "getsockname"
+        );
+        (owned, u16::from_be(bound.sin_port))
+    }
+}
