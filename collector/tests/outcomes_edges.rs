@@ -425,6 +425,27 @@ fn a_simultaneous_open_is_reported_established() {
     );
 }
 
+/// The collector as [`start`] starts it, with the test hook skipping every completion to
+/// `port`.
+fn start_skipping_completions(port: u16, extra: &[&str]) -> RunningCollector {
+    let hook = format!("EGRESS_TEST_SKIP_COMPLETIONS_TO_PORT={port}");
+    let mut args = vec![
+        "--stdout",
+        "--probe",
+        "tracepoint",
+        "--stats-interval",
+        "1h",
+    ];
+    args.extend_from_slice(extra);
+    RunningCollector::start_wrapped(
+        &["env", &hook],
+        std::path::Path::new(COLLECTOR),
+        &args,
+        Duration::from_secs(60),
+    )
+    .expect("collector starts")
+}
+
 /// An attempt whose completion the programs never saw is still reported. The kernel
 /// skips a program run that would nest in another on one CPU (a softirq's SYN-ACK while
 /// the connecting task's run is in progress; `recursion_misses`), so the attempt waits
@@ -439,22 +460,7 @@ fn an_attempt_whose_completion_was_skipped_is_still_reported() {
     const ATTEMPTS: usize = 20;
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("listen");
     let addr = listener.local_addr().expect("addr");
-    let hook = format!("EGRESS_TEST_SKIP_COMPLETIONS_TO_PORT={}", addr.port());
-    let collector = RunningCollector::start_wrapped(
-        &["env", &hook],
-        std::path::Path::new(COLLECTOR),
-        &[
-            "--stdout",
-            "--probe",
-            "tracepoint",
-            "--stats-interval",
-            "1h",
-            "--pending-report",
-            "2s",
-        ],
-        Duration::from_secs(60),
-    )
-    .expect("collector starts");
+    let collector = start_skipping_completions(addr.port(), &["--pending-report", "2s"]);
     for _ in 0..ATTEMPTS {
         let stream = TcpStream::connect(addr).expect("connect");
         let (accepted, _) = listener.accept().expect("accept");
@@ -527,24 +533,10 @@ fn a_skipped_completion_is_reported_by_a_dropped_attempt_at_its_address() {
     let port = holder.1;
     let hooked = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     let excluded = SocketAddr::from((Ipv4Addr::new(127, 0, 0, 2), port));
-    let hook = format!("EGRESS_TEST_SKIP_COMPLETIONS_TO_PORT={port}");
-    let collector = RunningCollector::start_wrapped(
-        &["env", &hook],
-        std::path::Path::new(COLLECTOR),
-        &[
-            "--stdout",
-            "--probe",
-            "tracepoint",
-            "--stats-interval",
-            "1h",
-            "--pending-report",
-            "60s",
-            "--exclude-cidr",
-            "127.0.0.2/32",
-        ],
-        Duration::from_secs(60),
-    )
-    .expect("collector starts");
+    let collector = start_skipping_completions(
+        port,
+        &["--pending-report", "60s", "--exclude-cidr", "127.0.0.2/32"],
+    );
     for _ in 0..ATTEMPTS {
         let refused = TcpStream::connect(hooked).map_err(|e| e.kind());
         assert_eq!(refused.err(), Some(std::io::ErrorKind::ConnectionRefused));
