@@ -1093,8 +1093,9 @@ const _: () = assert!(core::mem::offset_of!(ConnectEvent, sock_id) == (ATTEMPT_W
 #[inline(always)]
 fn spill(sk: u64, ev: &ConnectEvent) {
     let counted = config!(fetching_atomics) != 0;
-    // (An older attempt of this address in `PENDING_TCP` was reported when this one's
-    // record was claimed: the insert replaces none.)
+    // (Where spills are counted (5.12+), an older attempt of this address in
+    // `PENDING_TCP` was reported when this one's record was claimed, so the insert
+    // replaces none; before 5.12 it replaces a stale one unreported.)
     // Counted before the insert: a completion that finds the entry finds it counted.
     if counted {
         count_spilled(pending_slot(sk), 1);
