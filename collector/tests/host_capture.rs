@@ -122,6 +122,43 @@ fn a_refused_hook_exits_non_zero_with_one_line() {
     }
 }
 
+/// `--btf` with a copy of the kernel's BTF in a file of its own: the object loads with
+/// it (not the one aya's loader reads from /sys by itself) and the typed state program
+/// attaches with it, so connections are captured as with the default.
+#[test]
+fn a_btf_file_given_by_path_serves_the_load_and_the_attach() {
+    use std::net::{Ipv4Addr, TcpListener, TcpStream};
+
+    use egress_testkit::collector::RunningCollector;
+    require_root();
+    let path = std::env::temp_dir().join(format!("egress-test-vmlinux-{}", std::process::id()));
+    std::fs::copy("/sys/kernel/btf/vmlinux", &path).expect("copy the kernel's BTF");
+    let btf = path.to_str().expect("utf-8 path");
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("listen");
+    let port = listener.local_addr().expect("addr").port();
+    let collector = RunningCollector::start(
+        std::path::Path::new(COLLECTOR),
+        &["--btf", btf, "--stats-interval", "1h"],
+        Duration::from_secs(60),
+    )
+    .expect("collector starts");
+    for _ in 0..3 {
+        let _ = TcpStream::connect((Ipv4Addr::LOCALHOST, port)).expect("connect");
+    }
+    let (mine, stderr) = records_of(collector, port, std::process::id());
+    let _ = std::fs::remove_file(&path);
+    let start = stderr
+        .iter()
+        .find(|l| l.contains("Capturing egress connections."))
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        start.contains("tcp_state=tp_btf") && start.contains(&format!("btf={btf}")),
+        "the start line names the file and the typed program: {start:?}"
+    );
+    assert_eq!(mine.len(), 3, "three connects, three records: {mine:#?}");
+}
+
 /// `--attributes`: each set's records carry the audit's keys, its own extras, and none
 /// of the fields it leaves out; the body line is the same whatever the set.
 #[test]

@@ -100,7 +100,6 @@ pub struct KernelFacts {
     pub cgroups: CgroupInfo,
     /// Tracepoint offsets, or why tracepoints cannot be used.
     pub tracepoints: Result<TracepointOffsets, String>,
-    aya_btf: Option<aya::Btf>,
 }
 
 /// `ProbeConfig::coarse_tick_ns`: the kernel's tick; 0 (the decisions then read the
@@ -209,25 +208,37 @@ impl KernelFacts {
             excluded_v6,
             cgroup_subsys_index,
         };
-        // Two parsed copies of vmlinux BTF at once would set the peak memory.
-        drop(kernel_btf);
-        let aya_btf = aya::Btf::parse_file(&btf_path, aya::Endianness::default()).ok();
         Ok(Self {
             btf_path,
             config,
             cgroups,
             tracepoints,
-            aya_btf,
         })
     }
 
+    /// Loads the object. Each parsed copy of vmlinux BTF takes ~15 MiB of heap, and the
+    /// collector's peak memory is set by how many are alive at once: this one (aya's
+    /// loader parses `/sys/kernel/btf/vmlinux` itself when it is made) is gone before
+    /// [`Self::attach_btf`] parses the one the attach needs.
     fn load(&self, ring_buffer_bytes: u32) -> Result<Ebpf, ProbeError> {
-        EbpfLoader::new()
-            .btf(self.aya_btf.as_ref())
+        let own_path = self.btf_path != std::path::Path::new(KernelBtf::DEFAULT_PATH);
+        let given = own_path.then(|| self.attach_btf()).flatten();
+        let mut loader = EbpfLoader::new();
+        if own_path {
+            loader.btf(given.as_ref());
+        }
+        loader
             .override_global("CONFIG", &self.config, true)
             .map_max_entries("EVENTS", ring_buffer_bytes)
             .load(EBPF_OBJECT)
             .map_err(ProbeError::Load)
+    }
+
+    /// The kernel's BTF as aya wants it to attach the BTF-typed programs (fentry,
+    /// `tp_btf`); `None` where it cannot be read (those families are then refused).
+    /// Parsed after the load, dropped after the attach (see [`Self::load`]).
+    fn attach_btf(&self) -> Option<aya::Btf> {
+        aya::Btf::parse_file(&self.btf_path, aya::Endianness::default()).ok()
     }
 
     /// Tries `mode` in a fresh object and detaches at once (for `check`).
@@ -237,8 +248,9 @@ impl KernelFacts {
         }
         let mut ebpf = self.load(4096).map_err(|e| one_line(&e))?;
         let exits = attach::ExitsOnly::of(&self.config);
-        let state_hook = attach::attach(&mut ebpf, mode, self.aya_btf.as_ref(), exits, true)
-            .map_err(|e| one_line(&e))?;
+        let btf = self.attach_btf();
+        let state_hook =
+            attach::attach(&mut ebpf, mode, btf.as_ref(), exits, true).map_err(|e| one_line(&e))?;
         attach::detach(&mut ebpf, mode);
         Ok(state_hook)
     }
@@ -314,8 +326,8 @@ fn install_boot_offset(ebpf: &mut Ebpf) -> Result<u64, ProbeError> {
 }
 
 /// The kernel's BTF is only needed to load and attach: tens of MiB handed back.
-fn release_btf(facts: &mut KernelFacts) {
-    facts.aya_btf = None;
+fn release_btf(btf: Option<aya::Btf>) {
+    drop(btf);
     #[cfg(target_env = "gnu")]
     // SAFETY: malloc_trim only returns free heap pages to the kernel.
     unsafe {
@@ -326,7 +338,7 @@ fn release_btf(facts: &mut KernelFacts) {
 impl Probes {
     #[tracing::instrument(name = "probe.attach", skip_all, fields(probe.mode, probe.refused))]
     pub fn attach(settings: &ProbeSettings) -> Result<Self, ProbeError> {
-        let mut facts = KernelFacts::read(settings)?;
+        let facts = KernelFacts::read(settings)?;
         let mut ebpf = facts.load(settings.ring_buffer_bytes)?;
         filters::install(
             &mut ebpf,
@@ -334,6 +346,7 @@ impl Probes {
             (&facts.config.excluded_v4, &facts.config.excluded_v6),
         )?;
         let boot_offset_written = install_boot_offset(&mut ebpf)?;
+        let btf = facts.attach_btf();
         let mut refused = Vec::new();
         for mode in settings.choice.candidates() {
             if mode == HookMode::Tracepoint
@@ -344,17 +357,17 @@ impl Probes {
             }
             let exits = attach::ExitsOnly::of(&facts.config);
             let resets = facts.config.track_closes != 0;
-            match attach::attach(&mut ebpf, mode, facts.aya_btf.as_ref(), exits, resets) {
+            match attach::attach(&mut ebpf, mode, btf.as_ref(), exits, resets) {
                 Ok(state_hook) => {
                     let dns_attached = settings.dns
                         && attach::attach_dns(
                             &mut ebpf,
                             mode,
-                            facts.aya_btf.as_ref(),
+                            btf.as_ref(),
                             facts.config.dns_regs_fd != 0,
                             facts.config.dns_iter.usable != 0,
                         );
-                    release_btf(&mut facts);
+                    release_btf(btf);
                     let span = tracing::Span::current();
                     span.record("probe.mode", mode.as_str());
                     span.record("probe.refused", refused.len());
