@@ -59,6 +59,18 @@ pub fn container_id_of_leaf(leaf: &str) -> Option<(String, Option<RuntimeHint>)>
 
 /// The pod UID in one path component: `pod<uid>` or `kubepods-<qos>-pod<uid_>.slice`.
 pub(crate) fn pod_uid_of_component(component: &str) -> Option<String> {
+    pod_uid_in(component).map(|uid| uid.replace('_', "-"))
+}
+
+/// Whether one path component is a pod's cgroup (see [`pod_uid_of_component`]), without
+/// making its UID: the DNS join asks this for every record.
+pub(crate) fn is_pod_component(component: &str) -> bool {
+    pod_uid_in(component).is_some()
+}
+
+/// The UID part of a pod's cgroup name as it is written there (the systemd driver's has
+/// `_` where the UID has `-`).
+fn pod_uid_in(component: &str) -> Option<&str> {
     let stem = component.strip_suffix(".slice").unwrap_or(component);
     // A byte search, not `rfind`'s two-way searcher: this runs for every record (the
     // DNS join) on a short name.
@@ -66,10 +78,10 @@ pub(crate) fn pod_uid_of_component(component: &str) -> Option<String> {
     if start > 0 && !stem[..start].ends_with('-') {
         return None;
     }
-    let uid = stem[start + 3..].replace('_', "-");
+    let uid = &stem[start + 3..];
     let looks_like_uid = uid.len() == 36
         && uid.bytes().enumerate().all(|(i, b)| match i {
-            8 | 13 | 18 | 23 => b == b'-',
+            8 | 13 | 18 | 23 => b == b'-' || b == b'_',
             _ => b.is_ascii_hexdigit(),
         });
     looks_like_uid.then_some(uid)
@@ -105,6 +117,28 @@ mod tests {
         assert_eq!(found.id, ID, "{path}");
         assert_eq!(found.runtime_hint, hint, "{path}");
         assert_eq!(found.pod_uid.as_deref(), pod, "{path}");
+    }
+
+    /// The DNS join's check says yes exactly where a UID is found, in both drivers' names.
+    #[test]
+    fn a_pod_component_is_one_with_a_uid() {
+        for (component, uid) in [
+            (format!("pod{UID}"), Some(UID)),
+            (format!("kubepods-burstable-pod{UID_}.slice"), Some(UID)),
+            (format!("kubepods-pod{UID_}.slice"), Some(UID)),
+            ("kubepods-burstable.slice".to_owned(), None),
+            (format!("xpod{UID}"), None),
+            (format!("pod{}", &UID[1..]), None),
+            (format!("pod{}", UID.replace('-', "x")), None),
+            (ID.to_owned(), None),
+        ] {
+            assert_eq!(
+                pod_uid_of_component(&component).as_deref(),
+                uid,
+                "{component}"
+            );
+            assert_eq!(is_pod_component(&component), uid.is_some(), "{component}");
+        }
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! while a connection matched to it is open. Bounded per container and in total: an
 //! answer that does not fit is not cached and is counted (`full`).
 
-use std::{collections::HashMap, net::IpAddr, time::Duration};
+use std::{collections::HashMap, net::IpAddr, sync::Arc, time::Duration};
 
 use crate::config::settings::CacheLimits;
 
@@ -26,36 +26,41 @@ impl Match {
     }
 }
 
-/// The name a connection's destination was resolved from.
+/// The name a connection's destination was resolved from. Shared with the cache entry
+/// that named it: naming a record costs two reference counts, not a copy of each name.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerName {
     /// The question of the answer that carried the address.
-    pub name: String,
+    pub name: Arc<str>,
     /// CNAME targets between the question and the address.
-    pub cname_chain: Vec<String>,
+    pub cname_chain: Arc<[String]>,
     pub matched: Match,
 }
 
 #[derive(Debug, Clone)]
 struct Entry {
-    name: String,
-    cname_chain: Vec<String>,
+    name: Arc<str>,
+    cname_chain: Arc<[String]>,
     expires_ns: u64,
     /// Open connections matched to this entry: it does not expire while any is.
     open: u32,
 }
 
-/// A cache scope: a container (cgroup id) or a pod (its UID).
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-enum Scope {
+type Scope = HashMap<IpAddr, Entry>;
+
+/// A cache scope: a container (cgroup id) or a pod (its cgroup's name, as the kernel
+/// gave it: the same pod's containers carry the same one, and a lookup borrows it).
+#[derive(Debug, Clone, Copy)]
+enum ScopeKey<'a> {
     Container(u64),
-    Pod(String),
+    Pod(&'a str),
 }
 
 #[derive(Debug, Default)]
 pub struct NameCache {
     limits: CacheLimits,
-    scopes: HashMap<Scope, HashMap<IpAddr, Entry>>,
+    containers: HashMap<u64, Scope>,
+    pods: HashMap<Box<str>, Scope>,
     total: usize,
     /// Addresses not cached because a scope or the whole cache was full.
     pub full: u64,
@@ -69,8 +74,35 @@ impl NameCache {
         }
     }
 
-    /// Records the addresses of an answer `container` (in pod `pod`, if any) received at
-    /// `now_ns` (CLOCK_BOOTTIME).
+    fn scope(&self, key: ScopeKey) -> Option<&Scope> {
+        match key {
+            ScopeKey::Container(id) => self.containers.get(&id),
+            ScopeKey::Pod(pod) => self.pods.get(pod),
+        }
+    }
+
+    fn scope_mut(&mut self, key: ScopeKey) -> Option<&mut Scope> {
+        match key {
+            ScopeKey::Container(id) => self.containers.get_mut(&id),
+            ScopeKey::Pod(pod) => self.pods.get_mut(pod),
+        }
+    }
+
+    /// The scope, made if new (the one place a pod's key is copied).
+    fn scope_or_new(&mut self, key: ScopeKey) -> &mut Scope {
+        match key {
+            ScopeKey::Container(id) => self.containers.entry(id).or_default(),
+            ScopeKey::Pod(pod) => {
+                if !self.pods.contains_key(pod) {
+                    self.pods.insert(pod.into(), Scope::new());
+                }
+                self.pods.get_mut(pod).expect("just inserted")
+            }
+        }
+    }
+
+    /// Records the addresses of an answer `container` (in pod `pod`, its cgroup's name,
+    /// if any) received at `now_ns` (CLOCK_BOOTTIME).
     pub fn insert(
         &mut self,
         container: u64,
@@ -78,29 +110,31 @@ impl NameCache {
         answer: &super::Answer,
         now_ns: u64,
     ) {
-        let scopes = std::iter::once(Scope::Container(container))
-            .chain(pod.map(|p| Scope::Pod(p.to_owned())));
+        let name: Arc<str> = Arc::from(answer.name.as_str());
+        let cname_chain: Arc<[String]> = Arc::from(answer.cname_chain.as_slice());
+        let scopes = std::iter::once(ScopeKey::Container(container)).chain(pod.map(ScopeKey::Pod));
         for scope in scopes {
             for (address, ttl) in &answer.addresses {
                 let keep = Duration::from_secs(u64::from(*ttl)).max(self.limits.floor);
                 let expires_ns = now_ns.saturating_add(keep.as_nanos() as u64);
-                let entries = self.scopes.entry(scope.clone()).or_default();
-                if let Some(entry) = entries.get_mut(address) {
+                if let Some(entry) = self.scope_mut(scope).and_then(|s| s.get_mut(address)) {
                     // The newest answer names it; the open count stays.
-                    entry.name.clone_from(&answer.name);
-                    entry.cname_chain.clone_from(&answer.cname_chain);
+                    entry.name = Arc::clone(&name);
+                    entry.cname_chain = Arc::clone(&cname_chain);
                     entry.expires_ns = entry.expires_ns.max(expires_ns);
                     continue;
                 }
-                if entries.len() >= self.limits.per_scope || self.total >= self.limits.total {
+                let held = self.scope(scope).map_or(0, Scope::len);
+                if held >= self.limits.per_scope || self.total >= self.limits.total {
                     self.full += 1;
                     continue;
                 }
+                let entries = self.scope_or_new(scope);
                 entries.insert(
                     *address,
                     Entry {
-                        name: answer.name.clone(),
-                        cname_chain: answer.cname_chain.clone(),
+                        name: Arc::clone(&name),
+                        cname_chain: Arc::clone(&cname_chain),
                         expires_ns,
                         open: 0,
                     },
@@ -110,14 +144,14 @@ impl NameCache {
         }
     }
 
-    fn live<'a>(&'a self, scope: &Scope, address: &IpAddr, now_ns: u64) -> Option<&'a Entry> {
-        self.scopes
-            .get(scope)?
+    fn live(&self, scope: ScopeKey, address: &IpAddr, now_ns: u64) -> Option<&Entry> {
+        self.scope(scope)?
             .get(address)
             .filter(|e| e.open > 0 || e.expires_ns > now_ns)
     }
 
-    /// The name `container` (or its pod) resolved `address` from, if still known.
+    /// The name `container` (or its pod, by its cgroup's name) resolved `address` from,
+    /// if still known. Allocates nothing.
     pub fn lookup(
         &self,
         container: u64,
@@ -125,24 +159,21 @@ impl NameCache {
         address: &IpAddr,
         now_ns: u64,
     ) -> Option<ServerName> {
-        let (entry, matched) = match self.live(&Scope::Container(container), address, now_ns) {
+        let (entry, matched) = match self.live(ScopeKey::Container(container), address, now_ns) {
             Some(e) => (e, Match::Container),
-            None => {
-                let pod = Scope::Pod(pod?.to_owned());
-                (self.live(&pod, address, now_ns)?, Match::Pod)
-            }
+            None => (self.live(ScopeKey::Pod(pod?), address, now_ns)?, Match::Pod),
         };
         Some(ServerName {
-            name: entry.name.clone(),
-            cname_chain: entry.cname_chain.clone(),
+            name: Arc::clone(&entry.name),
+            cname_chain: Arc::clone(&entry.cname_chain),
             matched,
         })
     }
 
-    fn scope_of(container: u64, pod: Option<&str>, matched: Match) -> Option<Scope> {
+    fn scope_of<'a>(container: u64, pod: Option<&'a str>, matched: Match) -> Option<ScopeKey<'a>> {
         match matched {
-            Match::Container => Some(Scope::Container(container)),
-            Match::Pod => pod.map(|p| Scope::Pod(p.to_owned())),
+            Match::Container => Some(ScopeKey::Container(container)),
+            Match::Pod => pod.map(ScopeKey::Pod),
         }
     }
 
@@ -158,7 +189,7 @@ impl NameCache {
         let Some(scope) = Self::scope_of(container, pod, matched) else {
             return;
         };
-        if let Some(entry) = self.scopes.get_mut(&scope).and_then(|s| s.get_mut(address)) {
+        if let Some(entry) = self.scope_mut(scope).and_then(|s| s.get_mut(address)) {
             if open {
                 entry.open += 1;
             } else {
@@ -170,12 +201,14 @@ impl NameCache {
     /// Drops expired entries with no open connection, and empty scopes.
     pub fn expire(&mut self, now_ns: u64) {
         let mut removed = 0;
-        self.scopes.retain(|_, entries| {
+        let mut expire = |entries: &mut Scope| {
             let before = entries.len();
             entries.retain(|_, e| e.open > 0 || e.expires_ns > now_ns);
             removed += before - entries.len();
             !entries.is_empty()
-        });
+        };
+        self.containers.retain(|_, entries| expire(entries));
+        self.pods.retain(|_, entries| expire(entries));
         self.total -= removed;
     }
 
@@ -217,18 +250,15 @@ mod tests {
         cache.insert(1, Some("pod-a"), &answer("one.test", "10.0.0.1", 1), 0);
         cache.insert(2, None, &answer("two.test", "10.0.0.1", 1), 0);
         assert_eq!(
-            cache.lookup(1, None, &ip, S).expect("test value").name,
+            &*cache.lookup(1, None, &ip, S).expect("test value").name,
             "one.test"
         );
         assert_eq!(
-            cache.lookup(2, None, &ip, S).expect("test value").name,
+            &*cache.lookup(2, None, &ip, S).expect("test value").name,
             "two.test"
         );
         let sidecar = cache.lookup(3, Some("pod-a"), &ip, S).expect("test value");
-        assert_eq!(
-            (sidecar.name.as_str(), sidecar.matched),
-            ("one.test", Match::Pod)
-        );
+        assert_eq!((&*sidecar.name, sidecar.matched), ("one.test", Match::Pod));
         assert!(cache.lookup(3, Some("pod-b"), &ip, S).is_none());
         // Past the floor: gone, unless a connection holds it.
         cache.hold(1, None, &ip, Match::Container, true);
@@ -238,6 +268,38 @@ mod tests {
         cache.expire(6 * S);
         assert!(cache.lookup(1, None, &ip, 6 * S).is_none());
         assert!(cache.is_empty());
+    }
+
+    /// The DNS join runs for every record: naming one (by its container or its pod) or
+    /// finding no name allocates nothing; the names are shared with the cache.
+    #[test]
+    fn a_lookup_allocates_nothing() {
+        let mut cache = NameCache::new(CacheLimits {
+            floor: Duration::from_secs(5),
+            per_scope: 10,
+            total: 100,
+        });
+        let pod = "kubepods-besteffort-pod0f1e2d3c_4b5a_6978_8796_a5b4c3d2e1f0.slice";
+        let mut named = answer("api.test", "10.0.0.1", 60);
+        named.cname_chain = vec!["edge.test".into()];
+        cache.insert(1, Some(pod), &named, 0);
+        let (ip, other): (IpAddr, IpAddr) = (
+            "10.0.0.1".parse().expect("test value"),
+            "10.9.9.9".parse().expect("test value"),
+        );
+        let before = crate::alloc_counting::allocations();
+        let own = cache.lookup(1, Some(pod), &ip, S);
+        let sidecar = cache.lookup(2, Some(pod), &ip, S);
+        let unnamed = cache.lookup(2, Some(pod), &other, S);
+        let outside = cache.lookup(3, None, &ip, S);
+        assert_eq!(crate::alloc_counting::allocations() - before, 0);
+        let own = own.expect("named by its container");
+        assert_eq!(
+            (&*own.name, &own.cname_chain[..], own.matched),
+            ("api.test", &["edge.test".to_owned()][..], Match::Container)
+        );
+        assert_eq!(sidecar.map(|s| s.matched), Some(Match::Pod));
+        assert!(unnamed.is_none() && outside.is_none());
     }
 
     #[test]

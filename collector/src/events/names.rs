@@ -10,10 +10,11 @@ use super::{
     clock,
     decode::{Connection, DnsLookup, RawDns},
     outcome::ConnectionState,
+    text::Text,
 };
 use crate::config::settings::DnsSettings;
 use crate::{
-    cgroup_names::pod_uid_of_component,
+    cgroup_names::is_pod_component,
     dns::{
         self,
         cache::{Match, NameCache},
@@ -39,14 +40,15 @@ pub struct Names {
     settings: DnsSettings,
     cache: NameCache,
     reported: HashMap<DedupKey, u64>,
-    open: HashMap<OpenKey, (u64, Option<String>, IpAddr, Match)>,
+    open: HashMap<OpenKey, (u64, Option<Text>, IpAddr, Match)>,
     cache_full_seen: u64,
     /// Queries sent, until their answer (or the timeout): (record, sent at boot ns).
     queries: HashMap<QueryKey, (Connection, u64)>,
 }
 
-fn pod_of(connection: &Connection) -> Option<String> {
-    pod_uid_of_component(&connection.cgroup.parent_name)
+fn pod_of(connection: &Connection) -> Option<&str> {
+    let parent = connection.cgroup.parent_name.as_str();
+    is_pod_component(parent).then_some(parent)
 }
 
 impl Names {
@@ -91,8 +93,7 @@ impl Names {
         // No cgroup known (the reader's identity unknown, or its walk failed): the answer
         // names nothing, or it would name every such record's connections.
         if record.cgroup.leaf_id != 0 {
-            self.cache
-                .insert(record.cgroup.leaf_id, pod.as_deref(), &answer, now);
+            self.cache.insert(record.cgroup.leaf_id, pod, &answer, now);
         }
         if self.cache.full > self.cache_full_seen {
             telemetry.emit(ReaderEvent::DnsCacheFull {
@@ -201,9 +202,9 @@ impl Names {
         }
         let pod = pod_of(connection);
         let address = connection.destination.ip();
-        let Some(server) =
-            self.cache
-                .lookup(connection.cgroup.leaf_id, pod.as_deref(), &address, now)
+        let Some(server) = self
+            .cache
+            .lookup(connection.cgroup.leaf_id, pod, &address, now)
         else {
             return true;
         };
@@ -214,11 +215,12 @@ impl Names {
             let key = (outcome.sock_id, outcome.connect_boot_ns);
             self.cache.hold(
                 connection.cgroup.leaf_id,
-                pod.as_deref(),
+                pod,
                 &address,
                 server.matched,
                 true,
             );
+            let pod = pod.map(|_| connection.cgroup.parent_name.clone());
             self.open.insert(
                 key,
                 (connection.cgroup.leaf_id, pod, address, server.matched),
@@ -231,8 +233,13 @@ impl Names {
     /// A close: the connection no longer keeps its name alive.
     pub fn closed(&mut self, sock_id: u64, connect_ns: u64) {
         if let Some((container, pod, address, matched)) = self.open.remove(&(sock_id, connect_ns)) {
-            self.cache
-                .hold(container, pod.as_deref(), &address, matched, false);
+            self.cache.hold(
+                container,
+                pod.as_ref().map(Text::as_str),
+                &address,
+                matched,
+                false,
+            );
         }
     }
 

@@ -690,7 +690,7 @@ pub(crate) fn visit<'a, S: AttrSink<'a>>(
         // peer is always the IP and port.
         match &c.server {
             Some(server) => {
-                out.push(semconv::SERVER_ADDRESS, server.name.as_str().into());
+                out.push(semconv::SERVER_ADDRESS, (&*server.name).into());
                 out.push(keys::DNS_MATCH, server.matched.as_str().into());
                 if !server.cname_chain.is_empty() {
                     out.push(keys::DNS_CNAME_CHAIN, Attr::StrArray(&server.cname_chain));
@@ -794,7 +794,7 @@ mod tests {
         // Outcome and name slot in by key: the name as the DNS join sets it.
         r.connection.server = Some(crate::dns::cache::ServerName {
             name: "api.stripe.com".into(),
-            cname_chain: Vec::new(),
+            cname_chain: Arc::from([]),
             matched: crate::dns::cache::Match::Container,
         });
         let mut attributes = Vec::new();

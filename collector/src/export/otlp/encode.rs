@@ -398,7 +398,7 @@ pub(crate) mod tests {
         });
         r.connection.server = Some(ServerName {
             name: "api.example.com".into(),
-            cname_chain: vec!["edge.example.net".into(), "x.cdn.example".into()],
+            cname_chain: ["edge.example.net".to_owned(), "x.cdn.example".to_owned()].into(),
             matched: Match::Pod,
         });
         r.cgroup_path = Some("/kubepods/pod\"x\"/abc".into());

@@ -428,7 +428,7 @@ impl ConnectionCounts {
                 let name = c
                     .server
                     .as_ref()
-                    .map_or_else(|| c.destination.ip().to_string(), |s| s.name.clone());
+                    .map_or_else(|| c.destination.ip().to_string(), |s| s.name.to_string());
                 if series.names.contains(&name) {
                     name
                 } else if series.names.len() < cap {

@@ -247,8 +247,9 @@ fn records(random: &mut Random, pods: &[Pod], count: usize) -> Vec<Record> {
                             "api-{}.service{}.example.com",
                             random.below(40),
                             random.below(8)
-                        ),
-                        cname_chain: Vec::new(),
+                        )
+                        .into(),
+                        cname_chain: Arc::from([]),
                         matched: Match::Container,
                     }),
                     dns: None,
