@@ -222,9 +222,12 @@ impl KernelFacts {
     /// [`Self::attach_btf`] parses the one the attach needs.
     fn load(&self, ring_buffer_bytes: u32) -> Result<Ebpf, ProbeError> {
         let own_path = self.btf_path != std::path::Path::new(KernelBtf::DEFAULT_PATH);
-        let given = own_path.then(|| self.attach_btf()).flatten();
+        let given;
         let mut loader = EbpfLoader::new();
         if own_path {
+            // The loader's own copy goes before the given file is parsed.
+            loader.btf(None);
+            given = self.attach_btf();
             loader.btf(given.as_ref());
         }
         loader
