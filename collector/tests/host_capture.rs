@@ -127,25 +127,15 @@ fn a_refused_hook_exits_non_zero_with_one_line() {
 /// attaches with it, so connections are captured as with the default.
 #[test]
 fn a_btf_file_given_by_path_serves_the_load_and_the_attach() {
-    use std::net::{Ipv4Addr, TcpListener, TcpStream};
+    use std::net::{Ipv4Addr, TcpListener};
 
-    use egress_testkit::collector::RunningCollector;
     require_root();
     let path = std::env::temp_dir().join(format!("egress-test-vmlinux-{}", std::process::id()));
     std::fs::copy("/sys/kernel/btf/vmlinux", &path).expect("copy the kernel's BTF");
     let btf = path.to_str().expect("utf-8 path");
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("listen");
     let port = listener.local_addr().expect("addr").port();
-    let collector = RunningCollector::start(
-        std::path::Path::new(COLLECTOR),
-        &["--btf", btf, "--stats-interval", "1h"],
-        Duration::from_secs(60),
-    )
-    .expect("collector starts");
-    for _ in 0..3 {
-        let _ = TcpStream::connect((Ipv4Addr::LOCALHOST, port)).expect("connect");
-    }
-    let (mine, stderr) = records_of(collector, port, std::process::id());
+    let (mine, stderr) = three_connects_seen_by(&["--btf", btf], port);
     let _ = std::fs::remove_file(&path);
     let start = stderr
         .iter()
@@ -163,9 +153,8 @@ fn a_btf_file_given_by_path_serves_the_load_and_the_attach() {
 /// of the fields it leaves out; the body line is the same whatever the set.
 #[test]
 fn each_attribute_set_carries_its_keys_and_the_same_body() {
-    use std::net::{Ipv4Addr, TcpListener, TcpStream};
+    use std::net::{Ipv4Addr, TcpListener};
 
-    use egress_testkit::collector::RunningCollector;
     require_root();
     const AUDIT: [&str; 6] = [
         "egress.event",
@@ -217,16 +206,7 @@ fn each_attribute_set_carries_its_keys_and_the_same_body() {
             Vec::new(),
         ),
     ] {
-        let collector = RunningCollector::start(
-            std::path::Path::new(COLLECTOR),
-            &["--attributes", set, "--stats-interval", "1h"],
-            Duration::from_secs(60),
-        )
-        .expect("collector starts");
-        for _ in 0..3 {
-            let _ = TcpStream::connect((Ipv4Addr::LOCALHOST, port)).expect("connect");
-        }
-        let (mine, _) = records_of(collector, port, std::process::id());
+        let (mine, _) = three_connects_seen_by(&["--attributes", set], port);
         assert_eq!(mine.len(), 3, "{set}: three connects, three records");
         for r in &mine {
             for key in has {
@@ -558,6 +538,23 @@ fn full_collector() -> egress_testkit::collector::RunningCollector {
         Duration::from_secs(60),
     )
     .expect("collector starts")
+}
+
+/// A collector started with `args`, three connects of this process to 127.0.0.1:`port`
+/// (a listener the caller holds): their records and the collector's log.
+fn three_connects_seen_by(args: &[&str], port: u16) -> (Vec<serde_json::Value>, Vec<String>) {
+    let args = [args, &["--stats-interval", "1h"]].concat();
+    let collector = egress_testkit::collector::RunningCollector::start(
+        std::path::Path::new(COLLECTOR),
+        &args,
+        Duration::from_secs(60),
+    )
+    .expect("collector starts");
+    for _ in 0..3 {
+        let _ =
+            std::net::TcpStream::connect((std::net::Ipv4Addr::LOCALHOST, port)).expect("connect");
+    }
+    records_of(collector, port, std::process::id())
 }
 
 /// The records of TCP connections process `pid` made to 127.0.0.1:`port`, in order,
