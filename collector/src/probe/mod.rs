@@ -237,9 +237,10 @@ impl KernelFacts {
             .map_err(ProbeError::Load)
     }
 
-    /// The kernel's BTF as aya wants it to attach the BTF-typed programs (fentry,
-    /// `tp_btf`); `None` where it cannot be read (those families are then refused).
-    /// Parsed after the load, dropped after the attach (see [`Self::load`]).
+    /// The kernel's BTF (`btf_path`) as aya wants it to attach the BTF-typed programs
+    /// (fentry, `tp_btf`); `None` where it cannot be read (those families are then
+    /// refused). Parsed after the load, dropped after the attach; with `--btf`, also
+    /// the load's own (see [`Self::load`]).
     fn attach_btf(&self) -> Option<aya::Btf> {
         aya::Btf::parse_file(&self.btf_path, aya::Endianness::default()).ok()
     }
