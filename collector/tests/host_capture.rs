@@ -275,7 +275,7 @@ fn each_record_carries_the_identity_its_process_had_when_it_connected() {
         .map(|r| &r["attributes"]["thread.id"])
         .collect();
     assert_eq!(threads.len(), 2, "two threads of python3: {mine:#?}");
-    assert_every_identity_arrived(&stderr);
+    support::host::assert_every_identity_arrived(&stderr);
 }
 
 /// A cached identity is read again once it is a second old, on either decision clock
@@ -340,42 +340,6 @@ fn a_cached_identity_is_read_again_after_a_second() {
             "{clock}: 1.5 s later the identity is read again: {mine:#?}"
         );
     }
-}
-
-/// The programs wake the reader as the ring fills, not only its 100 ms timer: with a
-/// 32 KiB ring and 1,500 connections each from a process of its own (a connection
-/// record and an identity record each, ~576 bytes: the ring holds ~56; a wake-up every
-/// 8 KiB, whichever kind of record spans it), made at over 800 a second (over 80
-/// between two timer polls), every connection arrives with its identity.
-#[test]
-fn a_small_ring_is_drained_as_it_fills() {
-    require_root();
-    let port = support::host::sink_port();
-    let collector = egress_testkit::collector::RunningCollector::start(
-        std::path::Path::new(COLLECTOR),
-        &["--ring-buffer-bytes", "32768", "--stats-interval", "1h"],
-        Duration::from_secs(60),
-    )
-    .expect("collector starts");
-    const CONNECTIONS: usize = 1500;
-    let started = std::time::Instant::now();
-    for _ in 0..CONNECTIONS {
-        connect_from_a_new_process(port);
-    }
-    let rate = CONNECTIONS as f64 / started.elapsed().as_secs_f64();
-    let (records, stderr) = collector.stop_after_poll();
-    assert!(
-        rate > 800.0,
-        "{rate:.0} connections/s: too slow to fill the ring between two timer polls"
-    );
-    let arrived = records.iter().filter(|r| to_loopback_tcp(r, port)).count();
-    assert_eq!(
-        arrived,
-        CONNECTIONS,
-        "at {rate:.0} connections/s:\n{}",
-        stderr.join("\n")
-    );
-    assert_every_identity_arrived(&stderr);
 }
 
 /// The ids a record carries are the connecting thread's, whichever way the programs read
@@ -443,52 +407,6 @@ fn each_record_carries_the_ids_of_the_thread_that_connected() {
         );
         assert_eq!(attributes["egress.cgroup.id"], cgroup_id, "{record:#}");
     }
-}
-
-/// Forks a process that connects to `port` on the loopback address and exits, and waits
-/// for it. The child makes only system calls (this process has other threads).
-fn connect_from_a_new_process(port: u16) {
-    // SAFETY: the child calls only async-signal-safe functions, then `_exit`.
-    unsafe {
-        let child = libc::fork();
-        assert!(child >= 0, "fork: {}", std::io::Error::last_os_error());
-        if child == 0 {
-            let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
-            let address = libc::sockaddr_in {
-                sin_family: libc::AF_INET as libc::sa_family_t,
-                sin_port: port.to_be(),
-                sin_addr: libc::in_addr {
-                    s_addr: u32::from(std::net::Ipv4Addr::LOCALHOST).to_be(),
-                },
-                sin_zero: [0; 8],
-            };
-            let connected = libc::connect(
-                fd,
-                (&raw const address).cast(),
-                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-            );
-            libc::close(fd);
-            libc::_exit(if connected == 0 { 0 } else { 1 });
-        }
-        let mut status = 0;
-        libc::waitpid(child, &mut status, 0);
-        assert!(
-            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
-            "the child's connect failed: status {status}"
-        );
-    }
-}
-
-/// The collector's log `stderr` counts no record that went out without its process's
-/// identity.
-fn assert_every_identity_arrived(stderr: &[String]) {
-    assert!(
-        !stderr
-            .iter()
-            .any(|l| l.contains("without their process's identity")),
-        "every identity arrived:\n{}",
-        stderr.join("\n")
-    );
 }
 
 /// Each record's process name, in order.
@@ -567,15 +485,7 @@ fn records_of(
     let (records, stderr) = collector.stop_after_poll();
     let mine = records
         .into_iter()
-        .filter(|r| to_loopback_tcp(r, port) && attr(r, "process.pid") == pid)
+        .filter(|r| support::host::to_loopback_tcp(r, port) && attr(r, "process.pid") == pid)
         .collect();
     (mine, stderr)
-}
-
-/// Whether `record` is of a TCP connection to 127.0.0.1:`port` (a UDP socket or an IPv6
-/// listener of another test may hold the same port number).
-fn to_loopback_tcp(record: &serde_json::Value, port: u16) -> bool {
-    attr(record, "destination.port") == port
-        && attr(record, "destination.address") == "127.0.0.1"
-        && attr(record, "network.transport") == "tcp"
 }

@@ -119,3 +119,23 @@ pub fn ids_held_by(pid: u32, field: &str) -> std::collections::HashSet<u32> {
     }
     ids
 }
+
+/// The collector's log `stderr` counts no record that went out without its process's
+/// identity.
+pub fn assert_every_identity_arrived(stderr: &[String]) {
+    assert!(
+        !stderr
+            .iter()
+            .any(|l| l.contains("without their process's identity")),
+        "every identity arrived:\n{}",
+        stderr.join("\n")
+    );
+}
+
+/// Whether `record` is of a TCP connection to 127.0.0.1:`port` (a UDP socket or an IPv6
+/// listener of another test may hold the same port number).
+pub fn to_loopback_tcp(record: &serde_json::Value, port: u16) -> bool {
+    egress_testkit::records::attr(record, "destination.port") == port
+        && egress_testkit::records::attr(record, "destination.address") == "127.0.0.1"
+        && egress_testkit::records::attr(record, "network.transport") == "tcp"
+}
