@@ -18,6 +18,7 @@ pub mod flows;
 pub mod identities;
 pub mod names;
 pub mod outcome;
+mod poll_timer;
 pub mod text;
 
 use tokio::{
@@ -34,6 +35,7 @@ use self::{
     identities::Identities,
     names::Names,
     outcome::Tracker,
+    poll_timer::PollTimer,
 };
 use crate::{
     config::settings::{DnsSettings, OutcomeSettings},
@@ -68,6 +70,8 @@ const IDENTITY_SENT_WITHIN_NS: u64 = 10_000_000;
 
 pub struct EventReader {
     ring: AsyncFd<EventRing>,
+    /// Drains what too few records to wake the reader left in the ring.
+    poll: PollTimer,
     clock: BootClock,
     telemetry: ReaderTelemetry,
     aggregates: Option<Aggregates>,
@@ -106,6 +110,7 @@ impl EventReader {
             .map_err(|e| e.into_parts().1)?;
         Ok(Self {
             ring,
+            poll: PollTimer::new(POLL_INTERVAL)?,
             clock: BootClock::now(),
             telemetry,
             aggregates,
@@ -160,12 +165,13 @@ impl EventReader {
         out: mpsc::Sender<Vec<Record>>,
         mut shutdown: watch::Receiver<bool>,
     ) {
-        // The programs wake us only when a batch has piled up; this drains the rest.
-        let mut poll = tokio::time::interval(POLL_INTERVAL);
-        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The programs wake us only when a batch has piled up; the poll drains the rest.
         loop {
             tokio::select! {
-                _ = poll.tick() => {
+                ticked = self.poll.tick() => {
+                    if let Err(e) = ticked {
+                        self.telemetry.emit(ReaderEvent::PollTimerFailed { error: &e });
+                    }
                     self.drain(&out);
                     self.close_aggregates(false, &out);
                     if self.ticks.is_multiple_of(self.pending_every()) {

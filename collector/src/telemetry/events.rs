@@ -20,6 +20,8 @@ pub enum ReaderEvent<'a> {
     RepeatsLost { repeats: u64 },
     /// The ring buffer cannot be polled: capture stops.
     RingBufferFailed { error: &'a dyn Display },
+    /// The poll timer's timerfd failed; a tokio interval polls from then on.
+    PollTimerFailed { error: &'a dyn Display },
     /// Closes of connections opened before this collector started, not reported.
     ClosesUnmatched { closes: u64 },
     /// A DNS message was cut to the capture's size.
@@ -80,6 +82,9 @@ impl ReaderTelemetry {
             ReaderEvent::RepeatsLost { repeats } => stats.record_repeats_lost(repeats),
             ReaderEvent::RingBufferFailed { error } => {
                 tracing::error!(error = %error, "The ring buffer cannot be polled; capture stops.");
+            }
+            ReaderEvent::PollTimerFailed { error } => {
+                tracing::warn!(error = %error, "The poll timer failed; the reader polls on the runtime's timer instead.");
             }
             ReaderEvent::ClosesUnmatched { closes } => {
                 tracing::info!(

@@ -1,0 +1,178 @@
+//! The reader's poll timer: a kernel `timerfd`, so that each poll costs the runtime one
+//! wake-up. tokio's timer wheel keeps a deadline more than 64 ms away on its second
+//! level and wakes once at that level's slot boundary, to move it down, then again at
+//! the deadline: a 100 ms `tokio::time::interval` woke the reader's worker twice per
+//! poll, on a quiet node most of the collector's idle wake-ups.
+
+use std::{
+    io,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    time::Duration,
+};
+
+use tokio::io::{Interest, unix::AsyncFd};
+
+/// A periodic timer on `CLOCK_MONOTONIC`, read through the runtime's reactor; a tokio
+/// interval if the timerfd ever fails to read (it cannot but by a kernel bug: the
+/// reader keeps polling either way).
+pub struct PollTimer {
+    fd: AsyncFd<OwnedFd>,
+    period: Duration,
+    fallback: Option<tokio::time::Interval>,
+}
+
+impl PollTimer {
+    /// First expiry one `period` from now, then every `period`. Needs a tokio runtime
+    /// with I/O enabled.
+    pub fn new(period: Duration) -> io::Result<Self> {
+        // SAFETY: no pointer arguments; the result is checked before use.
+        let raw = unsafe {
+            libc::timerfd_create(
+                libc::CLOCK_MONOTONIC,
+                libc::TFD_NONBLOCK | libc::TFD_CLOEXEC,
+            )
+        };
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `raw` is a new descriptor that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let every = libc::timespec {
+            tv_sec: period.as_secs() as libc::time_t,
+            tv_nsec: libc::c_long::from(period.subsec_nanos() as i32),
+        };
+        let spec = libc::itimerspec {
+            it_interval: every,
+            it_value: every,
+        };
+        // SAFETY: `spec` is valid for the call; the old value is not asked for.
+        if unsafe { libc::timerfd_settime(fd.as_raw_fd(), 0, &spec, std::ptr::null_mut()) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Self::reading(fd, period)
+    }
+
+    /// A timer that reads its expirations from `fd` (a timerfd but in tests).
+    fn reading(fd: OwnedFd, period: Duration) -> io::Result<Self> {
+        // SAFETY: the AsyncFd owns the descriptor and keeps it open, unchanged, while
+        // registered.
+        let fd = unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }
+            .map_err(|e| e.into_parts().1)?;
+        Ok(Self {
+            fd,
+            period,
+            fallback: None,
+        })
+    }
+
+    /// Waits for the next expiry: how many periods ended since the last call (1, or more
+    /// when the reader was late; the missed ones are not made up, the next period is
+    /// still one `period` after the last expiry). An error is returned once, by the
+    /// tick on which the timerfd failed: the timer is a tokio interval from then on.
+    pub async fn tick(&mut self) -> Result<u64, io::Error> {
+        if let Some(interval) = &mut self.fallback {
+            interval.tick().await;
+            return Ok(1);
+        }
+        let failed = match self.read().await {
+            Ok(expirations) => return Ok(expirations),
+            Err(e) => e,
+        };
+        let mut interval = tokio::time::interval(self.period);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The first tick of an interval is immediate: this one is the failed tick's.
+        interval.tick().await;
+        self.fallback = Some(interval);
+        Err(failed)
+    }
+
+    async fn read(&mut self) -> io::Result<u64> {
+        loop {
+            let mut ready = self.fd.readable().await?;
+            let read = ready.try_io(|fd| {
+                let mut expirations = [0u8; 8];
+                // SAFETY: an 8-byte buffer for an 8-byte read into it.
+                let n = unsafe {
+                    libc::read(
+                        fd.as_raw_fd(),
+                        expirations.as_mut_ptr().cast(),
+                        expirations.len(),
+                    )
+                };
+                match n {
+                    8 => Ok(u64::from_ne_bytes(expirations)),
+                    n if n < 0 => Err(io::Error::last_os_error()),
+                    n => Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!("a timerfd read returned {n} bytes"),
+                    )),
+                }
+            });
+            match read {
+                Ok(expirations) => {
+                    // The read emptied the timer: the next expiry is a new edge. (Left
+                    // ready, the next tick would first read in vain.)
+                    if expirations.is_ok() {
+                        ready.clear_ready();
+                    }
+                    return expirations;
+                }
+                // Readiness was stale (cleared by try_io): wait again.
+                Err(_would_block) => continue,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn ticks_come_a_period_apart_and_count_missed_ones() {
+        let period = Duration::from_millis(20);
+        let start = std::time::Instant::now();
+        let mut timer = PollTimer::new(period).expect("timerfd");
+        let first_two = timer.tick().await.expect("tick") + timer.tick().await.expect("tick");
+        let elapsed = start.elapsed();
+        assert!(elapsed >= 2 * period, "{elapsed:?}");
+        // As many periods as ended: at least one per tick, no more than the time allows.
+        let ended = (elapsed.as_millis() / period.as_millis()) as u64;
+        assert!(
+            (2..=ended).contains(&first_two),
+            "{first_two} in {elapsed:?}"
+        );
+        // A reader three periods late reads the periods that ended meanwhile at once.
+        std::thread::sleep(3 * period + period / 2);
+        assert!(timer.tick().await.expect("tick") >= 3);
+    }
+
+    /// A read that fails (here a pipe holding 3 bytes, not a count's 8) is reported
+    /// once, and the ticks go on from the runtime's timer.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_failed_read_is_reported_once_and_the_ticks_go_on() {
+        let mut ends = [0; 2];
+        // SAFETY: `ends` has room for the two descriptors.
+        assert_eq!(
+            unsafe { libc::pipe2(ends.as_mut_ptr(), libc::O_NONBLOCK) },
+            0
+        );
+        // SAFETY: new descriptors that nothing else owns.
+        let (read_end, write_end) =
+            unsafe { (OwnedFd::from_raw_fd(ends[0]), OwnedFd::from_raw_fd(ends[1])) };
+        // SAFETY: three bytes from a valid buffer.
+        assert_eq!(
+            unsafe { libc::write(write_end.as_raw_fd(), b"abc".as_ptr().cast(), 3) },
+            3
+        );
+        let period = Duration::from_millis(10);
+        let mut timer = PollTimer::reading(read_end, period).expect("register");
+        let start = std::time::Instant::now();
+        let error = timer.tick().await.expect_err("a short read fails");
+        assert_eq!(error.kind(), io::ErrorKind::UnexpectedEof, "{error}");
+        for _ in 0..3 {
+            assert_eq!(timer.tick().await.expect("the fallback ticks"), 1);
+        }
+        assert!(start.elapsed() >= 3 * period, "{:?}", start.elapsed());
+    }
+}
