@@ -194,7 +194,7 @@ pub fn document(table: &str, plot: &Path, command: &str, report: &Path) -> Strin
          no probe at the same target. *Missed* counts the load's connections the observer\n\
          did not report; *lost (counted)* is what the collector itself counted as lost (all\n\
          traffic). *CPU* is the observer's user+sys time over the load's duration (including\n\
-         its catch-up), from /proc; *peak RSS* is VmHWM. bpftrace counts the same tracepoint\n\
+         its catch-up), from its CPU-time clock; *peak RSS* is VmHWM. bpftrace counts the same tracepoint\n\
          in a map and prints once at exit, so its user-space CPU is near zero by design; its\n\
          kernel cost shows in the overhead ratio. *Aggregated* runs the collector with\n\
          `--aggregate-window 1s`: the load's repeated connections (one process, 8\n\

@@ -1,4 +1,5 @@
-//! The collector's user-space cost per record: process CPU time (user + sys, from /proc)
+//! The collector's user-space cost per record: process CPU time (user + sys, its CPU-time
+//! clock)
 //! over the records it exported, the overhead ratio against no probe in the same round,
 //! and peak RSS, for stdout and OTLP at a fixed rate and at the machine's maximum.
 //!
@@ -208,7 +209,7 @@ pub fn section(command: &str, table: &str) -> String {
          to /dev/null) and to OTLP (`--otlp-endpoint`, batches of 2048, the receiver in the bench\n\
          process on the same two cores) in turn, at each target rate (0 = as fast as the\n\
          load's 2 threads can connect), with `--cgroup-rate-limit 0`. *CPU µs per record* is\n\
-         the collector process's user+sys CPU (from /proc) from the load's start until it\n\
+         the collector process's user+sys CPU (its CPU-time clock, in ns) from the load's start until it\n\
          caught up, over the records it exported (its own `exported` count: every\n\
          connection on the host, not only the load's); the eBPF programs run in the\n\
          connecting tasks and are not in it (see the kernel-cost section). *Overhead ratio*\n\
