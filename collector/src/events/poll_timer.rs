@@ -80,8 +80,10 @@ impl PollTimer {
         };
         let mut interval = tokio::time::interval(self.period);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // The first tick of an interval is immediate: this one is the failed tick's.
-        interval.tick().await;
+        // Its first tick one period from now, not at once: this call is the failed tick.
+        // (Set before returning, with no await: a select that drops this call cannot
+        // leave the failed timerfd in use.)
+        interval.reset();
         self.fallback = Some(interval);
         Err(failed)
     }
