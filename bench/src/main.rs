@@ -14,6 +14,7 @@ mod dns_cost;
 mod dns_cost_guest;
 mod dns_cost_vm;
 mod empty_probe;
+mod encode;
 mod kernel_cost;
 mod kernel_cost_vm;
 mod load;
@@ -116,6 +117,28 @@ enum Command {
     /// until killed: `kernel-cost`'s floor peer.
     #[command(hide = true)]
     EmptyStateHooks,
+    /// The per-record work of decoding, the JSON line and the OTLP record, in process on
+    /// one thread (no kernel, no load): this binary and any others given, in turn.
+    Encode {
+        /// Other egress-bench binaries (e.g. an earlier commit's) measured in turn with this one.
+        #[arg(long, value_delimiter = ',')]
+        also: Vec<PathBuf>,
+        /// Records per pass.
+        #[arg(long, default_value_t = 200_000)]
+        records: usize,
+        /// Timed passes per run (after one untimed).
+        #[arg(long, default_value_t = 5)]
+        passes: usize,
+        /// Runs of each binary, alternated.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Print one run's figures as JSON, nothing else (what `--also` runs).
+        #[arg(long, hide = true)]
+        json: bool,
+        /// Report to update (its `encode` section).
+        #[arg(long)]
+        report: Option<PathBuf>,
+    },
     /// User-space CPU per record, overhead ratio and peak RSS of the collector to stdout
     /// and to OTLP, at a fixed rate and at the maximum, rounds alternated.
     UserCost {
@@ -282,6 +305,35 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let _programs = empty_probe::attach_state_hooks()?;
             loop {
                 std::thread::park();
+            }
+        }
+        Command::Encode {
+            also,
+            records,
+            passes,
+            rounds,
+            json,
+            report,
+        } => {
+            let (records, passes) = (records.max(1), passes.max(1));
+            if json {
+                let figures = encode::measure(
+                    records,
+                    passes,
+                    egress_collector::export::attributes::AttributeSet::Default,
+                )?;
+                println!("{}", serde_json::to_string(&figures)?);
+                return Ok(());
+            }
+            let mut builds = vec![std::env::current_exe()?];
+            builds.extend(also);
+            let runs = encode::compare(&builds, rounds.max(1), records, passes)?;
+            let command: Vec<String> = std::env::args().collect();
+            let section = encode::section(&command.join(" "), &runs);
+            println!("{section}");
+            match report {
+                Some(path) => report::put_section(&path, "encode", &section),
+                None => Ok(()),
             }
         }
         Command::UserCost {
