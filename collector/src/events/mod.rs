@@ -110,7 +110,7 @@ impl EventReader {
             .map_err(|e| e.into_parts().1)?;
         Ok(Self {
             ring,
-            poll: PollTimer::new(POLL_INTERVAL)?,
+            poll: PollTimer::new(POLL_INTERVAL),
             clock: BootClock::now(),
             telemetry,
             aggregates,

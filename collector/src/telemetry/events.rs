@@ -20,7 +20,7 @@ pub enum ReaderEvent<'a> {
     RepeatsLost { repeats: u64 },
     /// The ring buffer cannot be polled: capture stops.
     RingBufferFailed { error: &'a dyn Display },
-    /// The poll timer's timerfd failed; a tokio interval polls from then on.
+    /// The poll timer's timerfd could not be made or failed; a tokio interval polls instead.
     PollTimerFailed { error: &'a dyn Display },
     /// Closes of connections opened before this collector started, not reported.
     ClosesUnmatched { closes: u64 },
@@ -84,7 +84,7 @@ impl ReaderTelemetry {
                 tracing::error!(error = %error, "The ring buffer cannot be polled; capture stops.");
             }
             ReaderEvent::PollTimerFailed { error } => {
-                tracing::warn!(error = %error, "The poll timer failed; the reader polls on the runtime's timer instead.");
+                tracing::warn!(error = %error, "The poll timer (a timerfd) failed; the reader polls on the runtime's timer instead.");
             }
             ReaderEvent::ClosesUnmatched { closes } => {
                 tracing::info!(
