@@ -116,26 +116,36 @@ fn step(mut per_pass: Vec<f64>) -> Step {
     }
 }
 
+/// Identities that know the process of [`ring_records`]' connection, learned from its
+/// identity record as the reader learns it.
+fn learned(identity: &IdentityEvent, clock: &BootClock) -> anyhow::Result<Identities> {
+    let mut identities = Identities::default();
+    match decode(identity.as_bytes(), clock, &mut identities) {
+        Ok(Decoded::Identity) => Ok(identities),
+        other => anyhow::bail!("the identity record decoded as {other:?}"),
+    }
+}
+
+/// The record the reader makes of `event`, with `resource` as enrichment would attach.
+fn record_of(
+    event: &ConnectEvent,
+    clock: &BootClock,
+    identities: &mut Identities,
+    resource: &Arc<Resource>,
+) -> anyhow::Result<Record> {
+    match decode(event.as_bytes(), clock, identities) {
+        Ok(Decoded::Connection(connection)) => Ok(Record::captured(connection, resource)),
+        other => anyhow::bail!("the connection record decoded as {other:?}"),
+    }
+}
+
 /// `passes` timed passes of `records` records through each step, after one untimed.
 pub fn measure(records: usize, passes: usize, set: AttributeSet) -> anyhow::Result<Figures> {
     let (event, identity) = ring_records();
     let clock = BootClock::now();
-    let mut identities = Identities::default();
-    match decode(identity.as_bytes(), &clock, &mut identities) {
-        Ok(Decoded::Identity) => {}
-        other => anyhow::bail!("the identity record decoded as {other:?}"),
-    }
+    let mut identities = learned(&identity, &clock)?;
     let resource = pod_resource();
-    let record_of = |identities: &mut Identities| -> anyhow::Result<Record> {
-        match decode(event.as_bytes(), &clock, identities) {
-            Ok(Decoded::Connection(connection)) => {
-                let mut record = Record::captured(connection, &resource);
-                record.cgroup_path = None;
-                Ok(record)
-            }
-            other => anyhow::bail!("the connection record decoded as {other:?}"),
-        }
-    };
+    let record_of = |identities: &mut Identities| record_of(&event, &clock, identities, &resource);
     let record = record_of(&mut identities)?;
     let mut line = Vec::new();
     write_line_with(&mut line, &mut LineScratch::default(), &record, set)?;
@@ -299,16 +309,9 @@ mod tests {
         assert!(figures.otlp_bytes > 400, "{figures:?}");
         let (event, identity) = ring_records();
         let clock = BootClock::now();
-        let mut identities = Identities::default();
-        assert!(matches!(
-            decode(identity.as_bytes(), &clock, &mut identities),
-            Ok(Decoded::Identity)
-        ));
-        let Ok(Decoded::Connection(connection)) = decode(event.as_bytes(), &clock, &mut identities)
-        else {
-            panic!("a connection");
-        };
-        let record = Record::captured(connection, &pod_resource());
+        let mut identities = learned(&identity, &clock).expect("the identity decodes");
+        let record = record_of(&event, &clock, &mut identities, &pod_resource())
+            .expect("the connection decodes");
         let mut line = Vec::new();
         write_line_with(
             &mut line,
