@@ -48,9 +48,13 @@ pub fn cpu_seconds(pid: u32) -> f64 {
             && libc::clock_gettime(clock, &mut now) == 0
     };
     if read {
-        return now.tv_sec as f64 + now.tv_nsec as f64 * 1e-9;
+        return seconds(&now);
     }
     proc_cpu_seconds(pid)
+}
+
+fn seconds(time: &libc::timespec) -> f64 {
+    time.tv_sec as f64 + time.tv_nsec as f64 * 1e-9
 }
 
 /// user+sys CPU seconds of a process from /proc/<pid>/stat, in clock ticks.
@@ -368,7 +372,7 @@ mod tests {
                 unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut now) },
                 0
             );
-            now.tv_sec as f64 + now.tv_nsec as f64 * 1e-9
+            seconds(&now)
         };
         // Some CPU time first, so that it is not a whole number of ticks by chance.
         let mut x = 1u64;
