@@ -14,7 +14,9 @@ use std::{
 
 use anyhow::{Context, bail};
 
-use crate::kernel_cost::{ProgramStats, counters_of, enable_stats, program_ids_of, programs_of};
+use crate::kernel_cost::{
+    ProgramStats, counters_of, enable_stats, names, program_ids_of, programs_of,
+};
 
 const IPERF_PORT: &str = "5299";
 const DNS_ADDR: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 153);
@@ -63,18 +65,6 @@ pub(crate) fn wait_attached(child: &mut Killed) -> anyhow::Result<()> {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-}
-
-/// Program names by id (names are cut at 15 bytes), read with BPF_OBJ_GET_INFO_BY_FD.
-pub(crate) fn names(programs: &[ProgramStats]) -> Vec<(u64, String)> {
-    aya::programs::loaded_programs()
-        .filter_map(Result::ok)
-        .filter(|info| programs.iter().any(|p| p.id == u64::from(info.id())))
-        .map(|info| {
-            let name = info.name_as_str().unwrap_or_default().to_owned();
-            (u64::from(info.id()), name)
-        })
-        .collect()
 }
 
 /// (run time, runs) of the programs whose name starts with `prefix`, between two reads.

@@ -7,9 +7,9 @@ use std::{process::Stdio, time::Duration};
 use anyhow::Context;
 
 use crate::{
-    dns_cost::{Killed, delta, names, snmp},
+    dns_cost::{Killed, delta, snmp},
     dns_cost_vm::{LOG_MARKER, Observer, Row},
-    kernel_cost::{ProgramStats, counters_of, enable_stats, program_ids_of},
+    kernel_cost::{ProgramStats, counters_of, enable_stats, names, program_ids_of},
 };
 
 /// What the collector logs once every program is attached (collector/src/pipeline.rs).
