@@ -148,7 +148,7 @@ fn bulk(pid: Option<u32>, udp: bool, seconds: u64, prefix: &str) -> anyhow::Resu
     let bps = iperf(udp, seconds)?;
     let received = snmp(protocol, field) - received_before;
     let after = counters_of(&ids);
-    let names = names(&after);
+    let names = names(&ids);
     let (dns_ns, dns_runs) = delta(&before, &after, &names, prefix);
     let (all_ns, _) = delta(&before, &after, &names, "");
     Ok(Bulk {
@@ -190,7 +190,7 @@ fn marked_bulk(pid: Option<u32>, seconds: u64) -> anyhow::Result<Bulk> {
     let before = counters_of(&ids);
     let transfer = crate::bulk::udp(seconds as f64)?;
     let after = counters_of(&ids);
-    let names = names(&after);
+    let names = names(&ids);
     let (dns_ns, dns_runs) = delta(&before, &after, &names, "tp_dns_");
     let (all_ns, _) = delta(&before, &after, &names, "");
     Ok(Bulk {
@@ -212,7 +212,7 @@ fn answers(pid: u32, queries: u64) -> anyhow::Result<(u64, u64, u64)> {
     }
     std::thread::sleep(Duration::from_millis(200));
     let after = counters_of(&ids);
-    let names = names(&after);
+    let names = names(&ids);
     let (dns_ns, dns_runs) = delta(&before, &after, &names, "tp_dns_");
     let (all_ns, _) = delta(&before, &after, &names, "");
     Ok((dns_ns, dns_runs, all_ns))

@@ -144,7 +144,7 @@ fn transfer(
     };
     let received = snmp(protocol, field) - received_before;
     let after = counters_of(&ids);
-    let names = names(&after);
+    let names = names(&ids);
     let counted: &[&str] = if observer == Observer::Empty {
         &[""]
     } else {

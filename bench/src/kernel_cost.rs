@@ -105,14 +105,15 @@ pub struct ProgramCost {
     pub run_time_ns: u64,
 }
 
-/// Program names by id (names are cut at 15 bytes), read with BPF_OBJ_GET_INFO_BY_FD.
-pub(crate) fn names(programs: &[ProgramStats]) -> Vec<(u64, String)> {
+/// The names of the programs `ids` (cut at 15 bytes), read with BPF_OBJ_GET_INFO_BY_FD;
+/// a program with no name (or none in UTF-8) is left out.
+pub(crate) fn names(ids: &[u64]) -> Vec<(u64, String)> {
     aya::programs::loaded_programs()
         .filter_map(Result::ok)
-        .filter(|info| programs.iter().any(|p| p.id == u64::from(info.id())))
-        .map(|info| {
-            let name = info.name_as_str().unwrap_or_default().to_owned();
-            (u64::from(info.id()), name)
+        .filter(|info| ids.contains(&u64::from(info.id())))
+        .filter_map(|info| {
+            let name = info.name_as_str().filter(|name| !name.is_empty())?;
+            Some((u64::from(info.id()), name.to_owned()))
         })
         .collect()
 }
@@ -306,10 +307,9 @@ fn measure_children(children: &mut [Child], connections: u64) -> anyhow::Result<
         }
     });
     let ids: Vec<Vec<u64>> = pids.iter().map(|p| program_ids_of(*p)).collect();
+    // Before the first snapshot: the window holds the connections and their closes alone.
+    let named: Vec<Vec<(u64, String)>> = ids.iter().map(|ids| names(ids)).collect();
     let before: Vec<Vec<ProgramStats>> = ids.iter().map(|ids| counters_of(ids)).collect();
-    // Before the connections, not after: a read of the names is no read(2), but keep the
-    // window to the connections and their closes.
-    let named: Vec<Vec<(u64, String)>> = before.iter().map(|b| names(b)).collect();
     for _ in 0..connections {
         let s = TcpStream::connect(addr)?;
         drop(s);
@@ -569,6 +569,8 @@ struct Figures {
     ratios: Vec<f64>,
     /// Each program's rounds, by name (see [`Cost::by_program`]).
     by_program: Vec<ProgramRounds>,
+    /// The rounds added to `by_program`.
+    program_rounds: usize,
 }
 
 /// One program's figures over the rounds.
@@ -582,7 +584,11 @@ struct ProgramRounds {
 }
 
 impl Figures {
+    /// One round's programs. A program absent from a round (not loaded, or known only by
+    /// its id, which changes each round) counts 0 there, so every median is over all rounds.
     fn add_programs(&mut self, cost: &Cost) {
+        let round = self.program_rounds;
+        self.program_rounds += 1;
         let connections = cost.connections.max(1) as f64;
         for program in &cost.by_program {
             let index = match self.by_program.iter().position(|r| r.name == program.name) {
@@ -590,6 +596,8 @@ impl Figures {
                 None => {
                     self.by_program.push(ProgramRounds {
                         name: program.name.clone(),
+                        runs_per_connection: vec![0.0; round],
+                        ns_per_connection: vec![0.0; round],
                         ..ProgramRounds::default()
                     });
                     self.by_program.len() - 1
@@ -604,6 +612,10 @@ impl Figures {
                 .push(program.run_time_ns as f64 / connections);
             rounds.runs += program.runs;
             rounds.run_time_ns += program.run_time_ns;
+        }
+        for rounds in &mut self.by_program {
+            rounds.runs_per_connection.resize(round + 1, 0.0);
+            rounds.ns_per_connection.resize(round + 1, 0.0);
         }
     }
 }
@@ -1167,5 +1179,35 @@ mod tests {
             ],
             "{table}"
         );
+    }
+
+    #[test]
+    fn a_program_missing_from_a_round_counts_zero_there() {
+        let cost = |programs: &[(&str, u64)]| Cost {
+            programs: programs.len(),
+            connections: 1000,
+            run_time_ns: programs.iter().map(|p| p.1).sum(),
+            runs: programs.len() as u64,
+            by_program: programs
+                .iter()
+                .map(|&(name, run_time_ns)| ProgramCost {
+                    name: name.to_owned(),
+                    runs: 1,
+                    run_time_ns,
+                })
+                .collect(),
+        };
+        let mut figures = Figures::default();
+        figures.add_programs(&cost(&[("state", 100_000)]));
+        figures.add_programs(&cost(&[("state", 200_000), ("program 12", 60_000)]));
+        figures.add_programs(&cost(&[("state", 300_000)]));
+        let [state, once] = &figures.by_program[..] else {
+            panic!("two programs");
+        };
+        assert_eq!(state.ns_per_connection, [100.0, 200.0, 300.0]);
+        // Seen in one round of three (a program known by its id, say): its median is 0.
+        assert_eq!(once.ns_per_connection, [0.0, 60.0, 0.0]);
+        assert_eq!(once.runs_per_connection, [0.0, 0.001, 0.0]);
+        assert_eq!(median(&once.ns_per_connection), Some(0.0));
     }
 }
