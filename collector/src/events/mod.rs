@@ -53,9 +53,18 @@ const POLL_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100)
 /// Every how many polls the kernel's pending attempts are read: a tenth of
 /// `pending_report` (a report is at most 10% late), every poll to once a second.
 /// Reading them touches every slot of the map, whether any attempt waits or not.
-fn pending_every(pending_report: std::time::Duration) -> u32 {
+fn pending_every(pending_report: std::time::Duration) -> u64 {
     let polls = pending_report.as_nanos() / 10 / POLL_INTERVAL.as_nanos();
-    polls.clamp(1, PENDING_EVERY_MAX) as u32
+    polls.clamp(1, PENDING_EVERY_MAX) as u64
+}
+
+/// Whether the `count` poll periods from number `first` on hold one whose number is a
+/// multiple of `every`: a job due every `every` periods runs once when the reader, late,
+/// sees several periods end at once.
+fn passes_multiple(first: u64, count: u64, every: u64) -> bool {
+    let every = every.max(1);
+    count > 0
+        && (first.is_multiple_of(every) || first / every != first.saturating_add(count - 1) / every)
 }
 
 /// Polls between two reads of the pending attempts, at most (a second).
@@ -90,7 +99,8 @@ pub struct EventReader {
     identities_unknown_seen: bool,
     /// When the last drain began (boot ns): see [`EventReader::report_pending`].
     drained_at: u64,
-    ticks: u32,
+    /// Poll periods since the start.
+    ticks: u64,
     /// Records in the last batch handed on: the next one is allocated that large at once
     /// (records are large; growing a batch by doubling copies them again).
     last_batch: usize,
@@ -169,19 +179,26 @@ impl EventReader {
         loop {
             tokio::select! {
                 ticked = self.poll.tick() => {
-                    if let Err(e) = ticked {
-                        self.telemetry.emit(ReaderEvent::PollTimerFailed { error: &e });
-                    }
+                    // The periods that ended (more than one when this task was late): the
+                    // jobs below keep to their times, not to the number of wake-ups.
+                    let periods = match ticked {
+                        Ok(periods) => periods.max(1),
+                        Err(e) => {
+                            self.telemetry.emit(ReaderEvent::PollTimerFailed { error: &e });
+                            1
+                        }
+                    };
                     self.drain(&out);
                     self.close_aggregates(false, &out);
-                    if self.ticks.is_multiple_of(self.pending_every()) {
+                    if passes_multiple(self.ticks, periods, self.pending_every()) {
                         self.report_pending(&out);
                     }
-                    self.ticks = self.ticks.wrapping_add(1);
-                    if self.ticks.is_multiple_of(50) {
+                    let ended = self.ticks.wrapping_add(1);
+                    self.ticks = self.ticks.wrapping_add(periods);
+                    if passes_multiple(ended, periods, 50) {
                         self.names.expire();
                     }
-                    if self.ticks.is_multiple_of(10) {
+                    if passes_multiple(ended, periods, 10) {
                         self.refresh_boot_offset();
                         self.sweep_flows(false, &out);
                         let unanswered = self.names.unanswered();
@@ -309,7 +326,7 @@ impl EventReader {
         }
     }
 
-    fn pending_every(&self) -> u32 {
+    fn pending_every(&self) -> u64 {
         pending_every(self.outcomes.pending_report)
     }
 
@@ -473,5 +490,34 @@ mod tests {
         assert_eq!(pending_every(Duration::from_secs(1)), 1);
         assert_eq!(pending_every(Duration::from_secs(5)), 5);
         assert_eq!(pending_every(Duration::from_secs(30)), 10);
+    }
+
+    /// Against a reader that wakes once per period: a job runs on the same periods
+    /// however they are grouped into wake-ups (once per wake-up at most: a group holding
+    /// two multiples runs it once).
+    #[test]
+    fn a_job_runs_once_per_multiple_however_the_periods_come() {
+        let runs_one_by_one: Vec<u64> = (0..40).filter(|t| t % 10 == 0).collect();
+        for grouping in [1, 2, 3, 7, 10, 11, 25] {
+            let (mut ticks, mut ran, mut due) = (0u64, Vec::new(), Vec::new());
+            while ticks < 40 {
+                let periods = grouping.min(40 - ticks);
+                let first_due = (ticks..ticks + periods).find(|t| t % 10 == 0);
+                due.extend(first_due);
+                if passes_multiple(ticks, periods, 10) {
+                    ran.push(first_due.expect("a multiple in the group"));
+                }
+                ticks += periods;
+            }
+            assert_eq!(ran, due, "{grouping} periods a wake-up");
+            if grouping <= 10 {
+                assert_eq!(ran, runs_one_by_one, "{grouping} periods a wake-up");
+            }
+        }
+        assert!(!passes_multiple(1, 9, 10), "1..=9");
+        assert!(passes_multiple(1, 10, 10), "1..=10");
+        assert!(passes_multiple(20, 1, 10));
+        assert!(!passes_multiple(20, 0, 10), "no period");
+        assert!(passes_multiple(5, 1, 0), "every 0 is every period");
     }
 }
