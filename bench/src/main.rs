@@ -445,7 +445,7 @@ fn full(bench: PathBuf, args: RunArgs) -> anyhow::Result<()> {
     report::plot(&rows, &plot)?;
     let command: Vec<String> = std::env::args().collect();
     let mut document = report::document(&table, &plot, &command.join(" "), &args.report);
-    // Sections other commands wrote stay until those rerun.
+    // Sections other commands wrote, and the notes on them, stay until those rerun.
     if let Ok(old) = std::fs::read_to_string(&args.report) {
         document.push_str(&report::kept_sections(&old));
     }

@@ -288,25 +288,15 @@ fn section_bounds(name: &str) -> (String, String) {
     )
 }
 
-/// Every section of `old`, to append to a regenerated document.
+/// What `run` keeps of `old` when it regenerates the head: everything from the first
+/// section on, verbatim, the other commands' sections and the hand-written notes between
+/// them alike (the notes read those sections' figures; dropping them lost the record of
+/// what each run showed).
 pub fn kept_sections(old: &str) -> String {
-    let mut kept = String::new();
-    let mut rest = old;
-    while let Some(start) = rest.find("<!-- section:") {
-        let Some(name) = rest[start + 13..].split(" -->").next() else {
-            break;
-        };
-        let (_, close) = section_bounds(name);
-        let Some(end) = rest[start..].find(&close) else {
-            break;
-        };
-        let end = start + end + close.len();
-        kept.push('\n');
-        kept.push_str(&rest[start..end]);
-        kept.push('\n');
-        rest = &rest[end..];
+    match old.find("<!-- section:") {
+        Some(start) => format!("\n{}", &old[start..]),
+        None => String::new(),
     }
-    kept
 }
 
 /// Writes section `name` of the report at `path` (replacing it, or appending it).
@@ -352,8 +342,21 @@ mod section_tests {
             text.find("## Churn") < text.find("## Index"),
             "in place: {text}"
         );
+        // A note written by hand between two sections.
+        let text = text.replace(
+            "<!-- section:cgroup-index -->",
+            "### How to read the churn run\n\nby hand\n\n<!-- section:cgroup-index -->",
+        );
         let regenerated = format!("# Benchmarks\n\nnew table\n{}", kept_sections(&text));
         assert!(regenerated.contains("second") && regenerated.contains("## Index"));
+        assert!(
+            !regenerated.contains("\ntable\n"),
+            "the old head goes: {regenerated}"
+        );
+        assert!(
+            regenerated.contains("### How to read the churn run\n\nby hand\n"),
+            "the notes stay: {regenerated}"
+        );
         assert_eq!(kept_sections(&regenerated), kept_sections(&text));
         let _ = std::fs::remove_file(&path);
     }
