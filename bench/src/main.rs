@@ -447,7 +447,7 @@ fn full(bench: PathBuf, args: RunArgs) -> anyhow::Result<()> {
     let mut document = report::document(&table, &plot, &command.join(" "), &args.report);
     // Sections other commands wrote, and the notes on them, stay until those rerun.
     if let Ok(old) = std::fs::read_to_string(&args.report) {
-        document.push_str(&report::kept_sections(&old));
+        document.push_str(&report::after_head(&old));
     }
     std::fs::write(&args.report, document)
         .with_context(|| format!("writing {}", args.report.display()))?;

@@ -292,7 +292,7 @@ fn section_bounds(name: &str) -> (String, String) {
 /// section on, verbatim, the other commands' sections and the hand-written notes between
 /// them alike (the notes read those sections' figures; dropping them lost the record of
 /// what each run showed).
-pub fn kept_sections(old: &str) -> String {
+pub fn after_head(old: &str) -> String {
     match old.find("<!-- section:") {
         Some(start) => format!("\n{}", &old[start..]),
         None => String::new(),
@@ -347,7 +347,7 @@ mod section_tests {
             "<!-- section:cgroup-index -->",
             "### How to read the churn run\n\nby hand\n\n<!-- section:cgroup-index -->",
         );
-        let regenerated = format!("# Benchmarks\n\nnew table\n{}", kept_sections(&text));
+        let regenerated = format!("# Benchmarks\n\nnew table\n{}", after_head(&text));
         assert!(regenerated.contains("second") && regenerated.contains("## Index"));
         assert!(
             !regenerated.contains("\ntable\n"),
@@ -357,7 +357,7 @@ mod section_tests {
             regenerated.contains("### How to read the churn run\n\nby hand\n"),
             "the notes stay: {regenerated}"
         );
-        assert_eq!(kept_sections(&regenerated), kept_sections(&text));
+        assert_eq!(after_head(&regenerated), after_head(&text));
         let _ = std::fs::remove_file(&path);
     }
 }
