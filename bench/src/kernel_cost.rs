@@ -12,13 +12,15 @@
 //! rate.
 
 use std::{
-    net::{Ipv4Addr, TcpListener, TcpStream},
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    os::fd::AsRawFd,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, bail};
+use socket2::{Domain, Socket, Type};
 
 use crate::load::LoadReport;
 
@@ -189,18 +191,22 @@ pub fn enable_stats() -> anyhow::Result<std::os::fd::OwnedFd> {
 /// Starts `command`, waits for it to hold BPF programs, makes `connections` loopback TCP
 /// connections (each connected, then closed by both ends), and reads the time its
 /// programs spent.
-pub fn measure(command: &[&str], connections: u64) -> anyhow::Result<Cost> {
-    let mut costs = measure_together(&[command], connections)?;
+pub fn measure(command: &[&str], connections: u64, nonblocking: bool) -> anyhow::Result<Cost> {
+    let mut costs = measure_together(&[command], connections, nonblocking)?;
     Ok(costs.remove(0))
 }
 
 /// Every command attached at once: each connection runs all their programs in the same
 /// moments, so machine noise (other load, steal time) falls on all of them alike. The
 /// fairest comparison of two builds on a shared machine.
-pub fn measure_together(commands: &[&[&str]], connections: u64) -> anyhow::Result<Vec<Cost>> {
+pub fn measure_together(
+    commands: &[&[&str]],
+    connections: u64,
+    nonblocking: bool,
+) -> anyhow::Result<Vec<Cost>> {
     let _stats = enable_stats()?;
     let mut children = start_attached(commands)?;
-    let result = measure_children(&mut children, connections);
+    let result = measure_children(&mut children, connections, nonblocking);
     stop(&mut children);
     result
 }
@@ -294,7 +300,11 @@ fn stop(children: &mut [Child]) {
     }
 }
 
-fn measure_children(children: &mut [Child], connections: u64) -> anyhow::Result<Vec<Cost>> {
+fn measure_children(
+    children: &mut [Child],
+    connections: u64,
+    nonblocking: bool,
+) -> anyhow::Result<Vec<Cost>> {
     let pids: Vec<u32> = children.iter().map(Child::id).collect();
     wait_attached(children)?;
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
@@ -311,8 +321,11 @@ fn measure_children(children: &mut [Child], connections: u64) -> anyhow::Result<
     let named: Vec<Vec<(u64, String)>> = ids.iter().map(|ids| names(ids)).collect();
     let before: Vec<Vec<ProgramStats>> = ids.iter().map(|ids| counters_of(ids)).collect();
     for _ in 0..connections {
-        let s = TcpStream::connect(addr)?;
-        drop(s);
+        if nonblocking {
+            connect_nonblocking(addr)?;
+        } else {
+            drop(TcpStream::connect(addr)?);
+        }
     }
     let _ = server.join();
     // Closes finish in softirq just after: let them land.
@@ -338,6 +351,34 @@ fn measure_children(children: &mut [Child], connections: u64) -> anyhow::Result<
             }
         })
         .collect())
+}
+
+/// One connection as a non-blocking client makes it (Go, Node, the JVM's NIO, Envoy,
+/// curl): connect(2) returns `EINPROGRESS`, the socket is polled until writable, and the
+/// outcome read from `SO_ERROR`; then closed.
+fn connect_nonblocking(addr: SocketAddr) -> std::io::Result<()> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_nonblocking(true)?;
+    match socket.connect(&addr.into()) {
+        Ok(()) => return Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    let mut writable = libc::pollfd {
+        fd: socket.as_raw_fd(),
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    // SAFETY: one pollfd, owned by this frame, for a descriptor it holds open.
+    if unsafe { libc::poll(&mut writable, 1, 5_000) } != 1 {
+        return Err(std::io::Error::other(
+            "a non-blocking connect did not finish in 5 s",
+        ));
+    }
+    match socket.take_error()? {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
 }
 
 fn detail(programs: &[ProgramCost]) {
@@ -452,6 +493,10 @@ pub struct Args {
     /// falls on all of them alike.
     #[arg(long)]
     pub together: bool,
+    /// Connect non-blocking, as most clients do (connect(2) returns `EINPROGRESS`, then
+    /// the socket is polled until writable); the run then has a section of its own.
+    #[arg(long)]
+    pub nonblocking: bool,
     /// A sentence about this run's conditions for the report, e.g. what else the machine
     /// was doing.
     #[arg(long)]
@@ -697,7 +742,7 @@ pub fn run(bench: &Path, args: &Args) -> anyhow::Result<()> {
                 .map(|&i| observers[i].kernel.iter().map(String::as_str).collect())
                 .collect();
             let refs: Vec<&[&str]> = commands.iter().map(Vec::as_slice).collect();
-            let measured = measure_together(&refs, args.connections)
+            let measured = measure_together(&refs, args.connections, args.nonblocking)
                 .context("measuring the collectors together")?;
             for (cost, &i) in measured.into_iter().zip(&order) {
                 costs[i] = Some(cost);
@@ -707,7 +752,7 @@ pub fn run(bench: &Path, args: &Args) -> anyhow::Result<()> {
             let command: Vec<&str> = observer.kernel.iter().map(String::as_str).collect();
             let cost = match costs[i].take() {
                 Some(cost) => cost,
-                None => measure(&command, args.connections)
+                None => measure(&command, args.connections, args.nonblocking)
                     .with_context(|| format!("measuring {}", observer.name))?,
             };
             if cost.programs == 0 || cost.runs == 0 || cost.run_time_ns == 0 {
@@ -764,10 +809,11 @@ pub fn run(bench: &Path, args: &Args) -> anyhow::Result<()> {
     let command: Vec<String> = std::env::args().collect();
     // A run with the collectors together compares builds; its figures are not what a
     // node pays, and it keeps its own section beside the alone run's.
-    let name = if args.together {
-        "kernel-cost-together"
-    } else {
-        "kernel-cost"
+    let name = match (args.together, args.nonblocking) {
+        (false, false) => "kernel-cost",
+        (true, false) => "kernel-cost-together",
+        (false, true) => "kernel-cost-nonblocking",
+        (true, true) => "kernel-cost-together-nonblocking",
     };
     crate::report::put_section(
         &args.report,
@@ -937,6 +983,12 @@ fn section(command: &str, args: &Args, table: &str) -> String {
     } else {
         String::new()
     };
+    let connects = if args.nonblocking {
+        "non-blocking (connect(2) returns `EINPROGRESS`, then the socket is polled until\n\
+         writable and its outcome read, as Go, Node, the JVM's NIO, Envoy and curl connect)"
+    } else {
+        "blocking"
+    };
     let heading = if args.together {
         "## Kernel time per TCP connection, the collectors and the floor attached together \
          (comparing builds)\n\n\
@@ -956,8 +1008,8 @@ fn section(command: &str, args: &Args, table: &str) -> String {
          With run-time statistics on (`BPF_ENABLE_STATS`, as `kernel.bpf_stats_enabled`),\n\
          each observer attaches in turn (with `--together` the collectors and the floor all\n\
          at once, one after the other in an order rotated each round, so machine noise falls\n\
-         on them alike; peers alone), then {} loopback TCP connections are opened and\n\
-         closed (both ends in this host, so every program sees client and server\n\
+         on them alike; peers alone), then {} loopback TCP connections are opened, {connects},\n\
+         and closed (both ends in this host, so every program sees client and server\n\
          transitions), and the run time of each observer's own programs (found through\n\
          its fds: bpftrace's programs are held by the bpftrace process) is divided by the\n\
          connections. Observers run on CPU 1, the load on CPU 0. The collector runs in\n\

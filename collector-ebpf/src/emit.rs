@@ -14,10 +14,10 @@ use crate::{
     clock, filter,
     maps::{
         BOOT_OFFSET, Bucket, BucketSlot, CALL_HINT_SLOTS, CALL_HINTS, CALLS, CGROUP_BUCKET_SLOTS,
-        CGROUP_BUCKETS, COUNTERS, CachedIdentity, CallState, EVENTS, FLOW_SWEPT, OPEN_SLOT_BITS,
-        OPEN_SLOTS, OPEN_SPILLS, OPEN_TCP, OpenConn, PENDING_SLOT_BITS, PENDING_SLOTS,
-        PENDING_SPILLED, PENDING_SPILLS, PENDING_TCP, SCRATCH, Slot, TCP_CONNECT_MARKS, UDP_FLOWS,
-        config,
+        CGROUP_BUCKETS, CONNECT_EXIT_MARKS, COUNTERS, CachedIdentity, CallState, EVENTS,
+        FLOW_SWEPT, OPEN_SLOT_BITS, OPEN_SLOTS, OPEN_SPILLS, OPEN_TCP, OpenConn, PENDING_SLOT_BITS,
+        PENDING_SLOTS, PENDING_SPILLED, PENDING_SPILLS, PENDING_TCP, SCRATCH, Slot,
+        TCP_CONNECT_MARKS, UDP_FLOWS, config,
     },
     read::{self, Probe, Reader},
     sock::{self, Dest, IPPROTO_TCP, IPPROTO_UDP},
@@ -843,22 +843,22 @@ pub fn tcp_syn_sent<R: Reader>(sk: u64, sk_id: u64, slot: Slot) {
     // Read once: what follows takes the ids and registers from it (plain loads where `R`
     // reads directly, see `Reader::pid_tgid`).
     let task = R::current_task();
-    // Port 53: the exit walks to the socket and marks the descriptor for DNS; the
-    // socket is marked for the kprobe and fentry families' receive hooks (which read
-    // the port again: only a DNS connect pays that read).
-    if dest.port != crate::probes::dns::DNS_PORT {
-        mark_tcp_connect::<R>(task);
-    } else {
+    // Port 53: the socket is marked for the kprobe and fentry families' receive hooks
+    // (which read the port again: only a DNS connect pays that read), and the connect's
+    // descriptor for the tracepoint family's (by the mark below where the registers are
+    // read back; else from the call state the connect's entry saved for TCP to port 53
+    // only, whose exit then finds nothing to do).
+    let dns = dest.port == crate::probes::dns::DNS_PORT;
+    if dns {
         crate::probes::dns_sock::tcp_connecting(sk_id);
-        // DNS over TCP: the connect's descriptor (tracepoint mode, where the connect's
-        // entry saved call state for TCP to port 53 only) is marked for its reads; its
-        // exit then finds nothing to do.
-        if let Some(call) = take_call() {
-            if call.fd != 0 || call.sk == 0 {
-                crate::probes::dns::mark(call.fd, sk_id);
-            }
+        if config!(regs_syscall_nr) == 0
+            && let Some(call) = take_call()
+            && (call.fd != 0 || call.sk == 0)
+        {
+            crate::probes::dns::mark(call.fd, sk_id);
         }
     }
+    mark_tcp_connect::<R>(sk, sk_id, task, dns);
     // Destination filters and aggregation before a record is claimed: an attempt they
     // drop costs no zeroing and no slot.
     let mut key = AggregateKey {
@@ -1124,22 +1124,62 @@ pub fn syscall_nr(regs: u64) -> Option<u32> {
     read::kernel::<u32>(regs, config!(regs_syscall_nr)).ok()
 }
 
-/// Tells this thread's connect() exit that the connect was TCP (see `TCP_CONNECT_MARKS`).
+/// `O_NONBLOCK` in a file's `f_flags` (the same value on every architecture that reads
+/// the registers back: x86_64 alone).
+const O_NONBLOCK: u32 = 0o4000;
+
+/// Tells this thread's connect() exit that the connect was TCP (see `TCP_CONNECT_MARKS`)
+/// where that exit is attached and reads its arguments back (`CONNECT_EXIT_MARKS`), and
+/// marks the descriptor of a connect to port 53 (`dns`) for the DNS reads: the exit of a
+/// non-blocking connect returns on `-EINPROGRESS` before it could. A non-blocking connect
+/// is not marked TCP: its exit returns on that value, which no datagram connect returns.
+/// `sk` is the socket `R` reads, `sk_id` its number, `task` the current task.
 #[inline(always)]
-fn mark_tcp_connect<R: Reader>(task: u64) {
+fn mark_tcp_connect<R: Reader>(sk: u64, sk_id: u64, task: u64, dns: bool) {
     let nr_at = config!(regs_syscall_nr);
-    if nr_at == 0 {
+    if nr_at == 0 || !connect_exit_marks() {
+        return;
+    }
+    let nonblocking = file_nonblocking::<R>(sk);
+    if nonblocking && !dns {
         return;
     }
     let regs = R::pt_regs(task);
-    // The low half, as in `syscall_nr` (which reads with the helper; `R` may not).
+    // The low half, as in `syscall_nr` (which reads with the helper; `R` may not). Not
+    // connect(2): a Fast Open send, an io_uring connect; their exits take no mark.
     if R::kernel::<u32>(regs, nr_at) != Ok(NR_CONNECT_X86_64) {
         return;
+    }
+    if dns {
+        if let Ok(fd) = R::kernel::<u64>(regs, config!(dns_regs_fd)) {
+            crate::probes::dns::mark(fd, sk_id);
+        }
+        if nonblocking {
+            return;
+        }
     }
     let pid_tgid = R::pid_tgid(task);
     if let Some(mark) = TCP_CONNECT_MARKS.get_ptr_mut(pid_tgid as u32 % CALL_HINT_SLOTS) {
         store(mark, pid_tgid);
     }
+}
+
+/// Whether the tracepoint family's connect() exit takes the marks (`CONNECT_EXIT_MARKS`):
+/// an array load the verifier inlines.
+#[inline(always)]
+fn connect_exit_marks() -> bool {
+    CONNECT_EXIT_MARKS.get(0).is_some_and(|on| *on != 0)
+}
+
+/// Whether the file of the socket `sk` is non-blocking, as connect(2) read it just before
+/// (`sk->sk_socket->file->f_flags`: lines it has just used). False for a socket without
+/// a file (the kernel's own).
+#[inline(always)]
+fn file_nonblocking<R: Reader>(sk: u64) -> bool {
+    R::kernel::<u64>(sk, config!(offsets.sk_socket))
+        .and_then(|socket| R::kernel::<u64>(socket, config!(offsets.socket_file)))
+        .and_then(|file| R::kernel::<u32>(file, config!(offsets.file_f_flags)))
+        .is_ok_and(|flags| flags & O_NONBLOCK != 0)
 }
 
 /// Whether this thread's connect() was marked TCP by its SYN_SENT; clears the mark.

@@ -13,7 +13,7 @@ use std::{
     collections::BTreeMap,
     io::{Read, Write},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
-    os::fd::AsRawFd,
+    os::fd::{AsRawFd, FromRawFd},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     thread,
@@ -94,7 +94,7 @@ impl Resolver {
             "nodad",
         ]);
         sh(&["ip", "link", "set", &host_if, "up"]);
-        for last in [1, 10, 11, 12, 13, 14, 15, 16] {
+        for last in [1, 10, 11, 12, 13, 14, 15, 16, 17] {
             sh(&[
                 "ip",
                 "-n",
@@ -130,6 +130,7 @@ impl Resolver {
             format!("--host-record=two.test,{}", v4(13)),
             format!("--host-record=go.test,{}", v4(14)),
             format!("--host-record=tcp.test,{}", v4(15)),
+            format!("--host-record=nbtcp.test,{}", v4(17)),
             format!("--host-record=sidecar.test,{}", v4(16)),
         ];
         let dnsmasq = Command::new("ip")
@@ -353,7 +354,80 @@ fn query_udp_connected(server: SocketAddr, name: &str, qtype: TYPE) -> Option<Ip
 
 /// DNS over TCP: the 2-byte length, then the message; the answer read the same way.
 fn query_tcp(server: SocketAddr, name: &str) -> IpAddr {
-    let mut stream = TcpStream::connect(server).expect("DNS over TCP");
+    ask_tcp(TcpStream::connect(server).expect("DNS over TCP"), name)
+}
+
+/// DNS over TCP as Go's resolver asks it: a non-blocking connect(2), which returns
+/// `EINPROGRESS` (its exit hook returns on that), the socket polled until writable, then
+/// the query written with write(2) and the answer read with read(2). No send hook sees
+/// write(2): only the connect's own mark makes the answer's reads DNS.
+fn query_tcp_non_blocking(server: SocketAddr, name: &str) -> IpAddr {
+    let SocketAddr::V4(server) = server else {
+        panic!("the resolver listens on IPv4")
+    };
+    // SAFETY: plain socket calls on a descriptor this function owns (handed to the
+    // stream at the end), with buffers of the given lengths.
+    unsafe {
+        let first = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_NONBLOCK, 0);
+        assert!(first >= 0, "socket");
+        // A descriptor number no earlier query of this process used: a marked one, reused
+        // (and a socket at a reused address), would catch the answer without this
+        // connect's own mark.
+        let fd = libc::fcntl(first, libc::F_DUPFD_CLOEXEC, 900);
+        assert!(fd >= 900, "dup");
+        libc::close(first);
+        let stream = TcpStream::from_raw_fd(fd);
+        let mut addr: libc::sockaddr_in = std::mem::zeroed();
+        addr.sin_family = libc::AF_INET as u16;
+        addr.sin_port = server.port().to_be();
+        addr.sin_addr.s_addr = u32::from(*server.ip()).to_be();
+        let len = size_of::<libc::sockaddr_in>() as u32;
+        let rc = libc::connect(fd, (&raw const addr).cast(), len);
+        let error = std::io::Error::last_os_error();
+        assert!(
+            rc == -1 && error.raw_os_error() == Some(libc::EINPROGRESS),
+            "a non-blocking connect to the resolver returned {rc} ({error})"
+        );
+        let mut writable = libc::pollfd {
+            fd,
+            events: libc::POLLOUT,
+            revents: 0,
+        };
+        assert_eq!(libc::poll(&mut writable, 1, 5_000), 1, "connected in 5 s");
+        if let Some(error) = stream.take_error().expect("SO_ERROR") {
+            panic!("the non-blocking connect to the resolver failed: {error}");
+        }
+        stream.set_nonblocking(false).expect("blocking reads");
+        ask_tcp(WriteRead(stream), name)
+    }
+}
+
+/// A connected socket written with write(2) and read with read(2) (std's `TcpStream`
+/// uses send(2) and recv(2)).
+struct WriteRead(TcpStream);
+
+impl Write for WriteRead {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        // SAFETY: a write from a buffer of the given length, on a descriptor held open.
+        let n = unsafe { libc::write(self.0.as_raw_fd(), buf.as_ptr().cast(), buf.len()) };
+        usize::try_from(n).map_err(|_| std::io::Error::last_os_error())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Read for WriteRead {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        // SAFETY: a read into a buffer of the given length, on a descriptor held open.
+        let n = unsafe { libc::read(self.0.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        usize::try_from(n).map_err(|_| std::io::Error::last_os_error())
+    }
+}
+
+/// Asks `name` over the connected `stream`.
+fn ask_tcp(mut stream: impl Read + Write, name: &str) -> IpAddr {
     let query = query_bytes(name, TYPE::A, 0x4343);
     let mut framed = (query.len() as u16).to_be_bytes().to_vec();
     framed.extend_from_slice(&query);
@@ -482,6 +556,8 @@ except socket.gaierror:
     drop(TcpStream::connect((go_address, PORT)).expect("connect to go.test"));
     let tcp_address = query_tcp(resolver.server(), "tcp.test");
     drop(TcpStream::connect((tcp_address, PORT)).expect("connect to tcp.test"));
+    let non_blocking_address = query_tcp_non_blocking(resolver.server(), "nbtcp.test");
+    drop(TcpStream::connect((non_blocking_address, PORT)).expect("connect to nbtcp.test"));
 
     // glibc over TCP (RES_OPTIONS=use-vc): the length and the message in two reads.
     let glibc_tcp = python_in(
@@ -621,6 +697,13 @@ socket.create_connection(('{short}', {port})).close()"
     );
     check.named("Go-like read()", me, go_address, "go.test", "container");
     check.named("DNS over TCP", me, tcp_address, "tcp.test", "container");
+    check.named(
+        "DNS over TCP, non-blocking",
+        me,
+        non_blocking_address,
+        "nbtcp.test",
+        "container",
+    );
     check.named(
         "glibc over TCP",
         glibc_tcp,

@@ -1,7 +1,8 @@
 //! The rarer ways a TCP connection goes, on this machine's kernel (tracepoint mode): a
 //! reset this host sends while closing (unread data, `SO_LINGER` 0) and a simultaneous
-//! open (both sides connect() to each other at once), and a TCP Fast Open send, whose
-//! SYN_SENT comes inside sendto() rather than connect().
+//! open (both sides connect() to each other at once), a TCP Fast Open send, whose
+//! SYN_SENT comes inside sendto() rather than connect(), and non-blocking connects, whose
+//! exits return `-EINPROGRESS`.
 
 mod support;
 
@@ -197,6 +198,84 @@ fn a_fast_open_send_leaves_the_threads_next_udp_connect_reported() {
                 && attr(r, "destination.address") == "127.0.0.1"
                 && attr(r, "destination.port") == destination),
             "no {event} record to 127.0.0.1:{destination} of thread {tid}: {of_thread:#?}"
+        );
+    }
+    drop(listener);
+}
+
+/// A non-blocking connect(2) returns `-EINPROGRESS`, on which its exit returns without
+/// a mark (SYN_SENT makes none for a non-blocking socket): its outcome still comes from
+/// the state changes, and a blocking connect and UDP connects after it on the same thread
+/// are each reported (no mark is left behind, none is missing).
+#[test]
+fn non_blocking_connects_are_reported_and_leave_the_threads_udp_connects_reported() {
+    require_root();
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("listen");
+    let port = listener.local_addr().expect("addr").port();
+    let (_refusing, refused) = bound_not_listening();
+    // Held for the test: no other socket gets their ports.
+    let udp = [(); 2].map(|()| std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).expect("udp"));
+    let [first_udp, second_udp] = udp.each_ref().map(|u| u.local_addr().expect("addr").port());
+    let collector = start(&["--attributes", "full"]);
+    let script = format!(
+        "import errno, select, socket, threading\n\
+         def non_blocking(port):\n    \
+         s = socket.socket(); s.setblocking(False)\n    \
+         rc = s.connect_ex(('127.0.0.1', port))\n    \
+         assert rc == errno.EINPROGRESS, rc\n    \
+         select.select([], [s], [], 5)\n    \
+         err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR); s.close(); return err\n\
+         assert non_blocking({port}) == 0\n\
+         assert non_blocking({refused}) == errno.ECONNREFUSED\n\
+         socket.socket(socket.AF_INET, socket.SOCK_DGRAM).connect(('127.0.0.1', {first_udp}))\n\
+         socket.create_connection(('127.0.0.1', {port})).close()\n\
+         socket.socket(socket.AF_INET, socket.SOCK_DGRAM).connect(('127.0.0.1', {second_udp}))\n\
+         print(threading.get_native_id(), flush=True)\n"
+    );
+    let output = Command::new("python3")
+        .args(["-c", &script])
+        .output()
+        .expect("python3 runs");
+    assert!(output.status.success(), "the script failed: {output:?}");
+    let tid: u64 = String::from_utf8_lossy(&output.stdout)
+        .trim()
+        .parse()
+        .expect("the thread printed its id");
+    thread::sleep(Duration::from_millis(300));
+    let (clean, stdout, stderr) = collector.stop(Duration::from_secs(30)).expect("stop");
+    assert!(clean, "collector failed:\n{}", stderr.join("\n"));
+    let records = parse(&stdout);
+    let of_thread = |event: &str, destination: u16| -> Vec<&Value> {
+        records
+            .iter()
+            .filter(|r| {
+                attr(r, "thread.id") == tid
+                    && attr(r, "egress.event") == event
+                    && attr(r, "destination.address") == "127.0.0.1"
+                    && attr(r, "destination.port") == destination
+            })
+            .collect()
+    };
+    let accepted = of_thread("tcp_connect", port);
+    let states: Vec<&Value> = accepted
+        .iter()
+        .map(|r| attr(r, "egress.connection.state"))
+        .collect();
+    assert_eq!(
+        states,
+        [&Value::from("established"); 2],
+        "the non-blocking and the blocking connect, each established: {accepted:#?}"
+    );
+    let refusals = of_thread("tcp_connect", refused);
+    assert!(
+        refusals.len() == 1 && attr(refusals[0], "error.type") == "refused",
+        "the refused non-blocking connect, once, refused: {refusals:#?}"
+    );
+    for destination in [first_udp, second_udp] {
+        assert_eq!(
+            of_thread("udp_connect", destination).len(),
+            1,
+            "the UDP connect to {destination}, once"
         );
     }
     drop(listener);

@@ -82,6 +82,11 @@ pub struct KernelOffsets {
     pub file_private_data: u32,
     pub socket_sk: u32,
     pub socket_file: u32,
+    /// `sock.sk_socket` and `file.f_flags`: whether a connecting socket's file is
+    /// non-blocking (`O_NONBLOCK`), which tells SYN_SENT that its connect() returns
+    /// `-EINPROGRESS` and needs no mark (see `TCP_CONNECT_MARKS`).
+    pub sk_socket: u32,
+    pub file_f_flags: u32,
     /// inet_sock.inet_sport (network order): the source port once CLOSE released it.
     pub inet_sport: u32,
     // struct sock: the outcome of an attempt, the end of a connection
@@ -104,7 +109,7 @@ pub struct KernelOffsets {
     pub tcp_clock_cache: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 64 * 4);
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 66 * 4);
 
 /// Field offsets inside tracepoint records, read from tracefs `format` files.
 #[repr(C)]
@@ -128,7 +133,7 @@ pub struct TracepointOffsets {
     pub sendmmsg_msg: u32,
 }
 
-/// With [`KernelOffsets`] (64 u32) and `cgroup_subsys_index` an even number of u32 (78):
+/// With [`KernelOffsets`] (66 u32) and `cgroup_subsys_index` an even number of u32 (80):
 /// what follows is 8-byte aligned (asserted below [`ProbeConfig`]).
 const _: () = assert!(core::mem::size_of::<TracepointOffsets>() == 13 * 4);
 
@@ -202,8 +207,8 @@ pub struct ProbeConfig {
     /// Offset in `struct pt_regs` of the syscall number (x86_64: `orig_ax`) where the
     /// kernel also has `bpf_task_pt_regs` (5.15+, probed): connect() is then seen at its
     /// exit only (its arguments read back from the registers), and CLOSE -> SYN_SENT
-    /// marks a TCP connect for that exit (`TCP_CONNECT_MARKS`). 0: an entry hook saves
-    /// the arguments.
+    /// marks a blocking TCP connect for that exit (`TCP_CONNECT_MARKS`; a non-blocking
+    /// one's exit returns on `-EINPROGRESS`). 0: an entry hook saves the arguments.
     pub regs_syscall_nr: u32,
     /// Offset in `struct pt_regs` of a syscall's fifth argument (x86_64: `r8`, sendto's
     /// destination) where `regs_syscall_nr` is set: the sends are then seen at their
@@ -420,7 +425,7 @@ const _: () = assert!(core::mem::size_of::<ExcludedV6>() == 8 + 32 * EXCLUDED_V6
 
 const _: () = assert!(
     core::mem::size_of::<ProbeConfig>()
-        == 64 * 4
+        == 66 * 4
             + 16 * 4
             + 8
             + 8
@@ -537,6 +542,8 @@ impl ProbeConfig {
                 file_private_data: 0,
                 socket_sk: 0,
                 socket_file: 0,
+                sk_socket: 0,
+                file_f_flags: 0,
                 inet_sport: 0,
                 sk_err: 0,
                 sk_err_soft: 0,

@@ -2,7 +2,7 @@
 //! ABI, slightly more work: the socket of a UDP syscall is found through its file
 //! descriptor. TCP goes through the state changes (`tcp_state`), as in every family.
 
-use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
+use aya_ebpf::{EbpfContext, macros::tracepoint, programs::TracePointContext};
 use egress_shared::EventKind;
 
 use crate::{
@@ -83,17 +83,33 @@ pub fn tp_sys_enter_sendmmsg(ctx: TracePointContext) -> u32 {
     0
 }
 
+/// What connect(2) returns for a non-blocking TCP connect that sent its SYN.
+const EINPROGRESS: i64 = 115;
+
 /// hook: tracepoint `syscalls:sys_exit_connect`. Where the registers can be read back
-/// (`regs_syscall_nr`), the only connect hook: a TCP connect, marked by its SYN_SENT,
-/// returns on an array load; anything else finds its socket from the arguments the task
-/// saved at entry (fd, uservaddr in `di`, `si`). Elsewhere, what the entry hook saved.
+/// (`regs_syscall_nr`), the only connect hook: a non-blocking TCP connect returns on its
+/// return value (`-EINPROGRESS`, which no datagram connect returns: its state changes
+/// report it), a blocking one, marked by its SYN_SENT, on an array load; anything else
+/// finds its socket from the arguments the task saved at entry (fd, uservaddr in `di`,
+/// `si`). Elsewhere, what the entry hook saved.
 #[tracepoint]
 pub fn tp_sys_exit_connect(ctx: TracePointContext) -> u32 {
-    if config!(regs_syscall_nr) != 0 && emit::take_tcp_connect_mark() {
+    if config!(regs_syscall_nr) != 0
+        && (syscall_ret(&ctx) == -EINPROGRESS || emit::take_tcp_connect_mark())
+    {
         return 0;
     }
     connect_exit(&ctx);
     0
+}
+
+/// The value a syscall returned, from its exit record (`struct syscall_trace_exit`:
+/// `long ret` at 16): a load from the context, where `read_at` calls a helper.
+#[inline(always)]
+fn syscall_ret(ctx: &TracePointContext) -> i64 {
+    // SAFETY: within the syscall exit record, 8-byte aligned; the verifier checks
+    // context loads against the tracepoint's record.
+    unsafe { core::ptr::read_volatile(ctx.as_ptr().cast::<u8>().add(16).cast::<i64>()) }
 }
 
 /// A connect() exit not marked TCP (or any, where nothing is marked), out of line: where
@@ -201,9 +217,7 @@ fn exit(ctx: &TracePointContext, state: &CallState, slot: Slot) {
     } else {
         read::kernel::<u16>(sk, config!(offsets.skc_dport)).map_or(0, u16::from_be)
     };
-    // struct syscall_trace_exit: `long ret` at 16.
-    // SAFETY: within the syscall exit record.
-    let ret = unsafe { ctx.read_at::<i64>(16) }.unwrap_or(0);
+    let ret = syscall_ret(ctx);
     if port == super::dns::DNS_PORT {
         super::dns::mark(state.fd, sk);
         if state.event_kind == EventKind::UdpSend as u32 {

@@ -265,6 +265,8 @@ impl KernelBtf {
             file_private_data: self.offset("file", "private_data")?,
             socket_sk: self.offset("socket", "sk")?,
             socket_file: self.offset("socket", "file")?,
+            sk_socket: self.offset("sock", "sk_socket")?,
+            file_f_flags: self.offset("file", "f_flags")?,
             inet_sport: self.offset("inet_sock", "inet_sport")?,
             sk_err: self.offset("sock", "sk_err")?,
             sk_err_soft: self.offset("sock", "sk_err_soft")?,

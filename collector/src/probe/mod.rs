@@ -329,6 +329,19 @@ fn install_boot_offset(ebpf: &mut Ebpf) -> Result<u64, ProbeError> {
     boot_offset::write(&mut array).map_err(|source| ProbeError::Map { name, source })
 }
 
+/// Tells SYN_SENT whether the tracepoint family's connect() exit takes its marks
+/// (`CONNECT_EXIT_MARKS`, see `TCP_CONNECT_MARKS`): set before that family attaches,
+/// cleared before any other (a mark no exit takes only costs time).
+fn set_connect_exit_marks(ebpf: &mut Ebpf, on: bool) -> Result<(), ProbeError> {
+    let name = "CONNECT_EXIT_MARKS";
+    let map = ebpf.map_mut(name).ok_or(ProbeError::MissingMap(name))?;
+    let mut array =
+        Array::<_, u32>::try_from(map).map_err(|source| ProbeError::Map { name, source })?;
+    array
+        .set(0, u32::from(on), 0)
+        .map_err(|source| ProbeError::Map { name, source })
+}
+
 /// The kernel's BTF is only needed to load and attach: tens of MiB handed back.
 fn release_btf(btf: Option<aya::Btf>) {
     drop(btf);
@@ -361,6 +374,10 @@ impl Probes {
             }
             let exits = attach::ExitsOnly::of(&facts.config);
             let resets = facts.config.track_closes != 0;
+            // Before the attach: a non-blocking DNS-over-TCP connect's descriptor is
+            // marked by SYN_SENT only while this is set (its exit returns early).
+            let marks = mode == HookMode::Tracepoint && exits.connect;
+            set_connect_exit_marks(&mut ebpf, marks)?;
             match attach::attach(&mut ebpf, mode, btf.as_ref(), exits, resets) {
                 Ok(state_hook) => {
                     let dns_attached = settings.dns
