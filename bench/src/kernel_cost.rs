@@ -97,6 +97,8 @@ pub struct Cost {
     /// The same time and runs by program name: where it went, and what of it no
     /// connection caused (a hook that other processes' syscalls run in the meantime).
     pub by_program: Vec<ProgramCost>,
+    /// ns per getppid(2) while attached (see [`syscall_ns`]).
+    pub syscall_ns: f64,
 }
 
 /// One program's (or, where names repeat, one name's) runs and run time between two reads.
@@ -331,6 +333,7 @@ fn measure_children(
     // Closes finish in softirq just after: let them land.
     std::thread::sleep(Duration::from_millis(500));
     let after: Vec<Vec<ProgramStats>> = ids.iter().map(|ids| counters_of(ids)).collect();
+    let syscall_ns = syscall_ns();
     Ok(before
         .iter()
         .zip(&after)
@@ -348,6 +351,7 @@ fn measure_children(
                 run_time_ns: t1.saturating_sub(t0),
                 runs: c1.saturating_sub(c0),
                 by_program,
+                syscall_ns,
             }
         })
         .collect())
@@ -379,6 +383,23 @@ fn connect_nonblocking(addr: SocketAddr) -> std::io::Result<()> {
         Some(e) => Err(e),
         None => Ok(()),
     }
+}
+
+/// getppid(2) calls per [`syscall_ns`] measure (~0.2-0.3 s).
+const SYSCALL_CALLS: u32 = 1_000_000;
+
+/// ns per getppid(2), a syscall that does no work, over [`SYSCALL_CALLS`] calls on this
+/// thread. What it costs with an observer attached beyond what it costs with none is
+/// what the observer adds to every syscall of every process on the host, which no
+/// program's run time shows: any program on a syscall tracepoint sends every syscall
+/// through the slow path of its entry and exit (`SYSCALL_WORK_SYSCALL_TRACEPOINT`).
+pub fn syscall_ns() -> f64 {
+    let start = Instant::now();
+    for _ in 0..SYSCALL_CALLS {
+        // SAFETY: getppid takes no arguments and cannot fail.
+        std::hint::black_box(unsafe { libc::syscall(libc::SYS_getppid) });
+    }
+    start.elapsed().as_nanos() as f64 / f64::from(SYSCALL_CALLS)
 }
 
 fn detail(programs: &[ProgramCost]) {
@@ -612,6 +633,8 @@ struct Figures {
     /// builds compare with the least noise.
     not_first: Vec<f64>,
     ratios: Vec<f64>,
+    /// ns per getppid(2) while attached, each round's (see [`syscall_ns`]).
+    syscall_ns: Vec<f64>,
     /// Each program's rounds, by name (see [`Cost::by_program`]).
     by_program: Vec<ProgramRounds>,
     /// The rounds added to `by_program`.
@@ -729,7 +752,10 @@ pub fn run(bench: &Path, args: &Args) -> anyhow::Result<()> {
     );
     println!("|---|---|---|---|---|---|---|");
     let mut figures: Vec<Figures> = observers.iter().map(|_| Figures::default()).collect();
+    // getppid(2) with nothing attached, once a round (see `syscall_ns`).
+    let mut bare_syscall_ns = Vec::new();
     for round in 1..=args.repeat {
+        bare_syscall_ns.push(syscall_ns());
         let mut costs: Vec<Option<Cost>> = Vec::new();
         costs.resize_with(observers.len(), || None);
         let mut first = None;
@@ -765,6 +791,7 @@ pub fn run(bench: &Path, args: &Args) -> anyhow::Result<()> {
                 );
             }
             figures[i].ns_per_connection.push(cost.ns_per_connection());
+            figures[i].syscall_ns.push(cost.syscall_ns);
             figures[i].add_programs(&cost);
             if first.is_some_and(|first| first != i) && i < collectors {
                 figures[i].not_first.push(cost.ns_per_connection());
@@ -804,7 +831,14 @@ pub fn run(bench: &Path, args: &Args) -> anyhow::Result<()> {
         throughput,
         args.probe == "tracepoint",
     );
-    let summary = format!("{summary}\n{}", programs_table(&observers, &figures));
+    let mut summary = format!("{summary}\n{}", programs_table(&observers, &figures));
+    // Alone only: observers attached together add their tax once, to all of them.
+    if !args.together {
+        summary = format!(
+            "{summary}\n{}",
+            syscall_table(&observers, &figures, &bare_syscall_ns)
+        );
+    }
     println!("\n{summary}");
     let command: Vec<String> = std::env::args().collect();
     // A run with the collectors together compares builds; its figures are not what a
@@ -898,6 +932,33 @@ fn summary(
 /// rounds; the programs that cost most first, those that never ran left out. A hook the
 /// connections do not run (a read's exit, say) shows what other processes' syscalls
 /// cost it during the rounds: in the figure above, though no connection caused it.
+/// What each observer adds to every syscall (see [`syscall_ns`]): the median of its
+/// rounds' getppid(2) time and of each round's difference from the same round's with
+/// nothing attached.
+fn syscall_table(observers: &[Observer], figures: &[Figures], bare: &[f64]) -> String {
+    let mut table = String::from(
+        "| observer | ns per getppid(2) (median) | ns added to every syscall (median) |\n\
+         |---|---|---|\n",
+    );
+    table.push_str(&format!(
+        "| nothing attached | {:.0} | – |\n",
+        median(bare).unwrap_or(0.0)
+    ));
+    for (observer, figures) in observers.iter().zip(figures) {
+        let added: Vec<f64> = figures
+            .syscall_ns
+            .iter()
+            .zip(bare)
+            .map(|(with, without)| with - without)
+            .collect();
+        let (Some(with), Some(added)) = (median(&figures.syscall_ns), median(&added)) else {
+            continue;
+        };
+        table.push_str(&format!("| {} | {with:.0} | {added:.0} |\n", observer.name));
+    }
+    table
+}
+
 fn programs_table(observers: &[Observer], figures: &[Figures]) -> String {
     let mut table = String::from(
         "| observer | program | runs per connection (median) | ns per run | \
@@ -983,6 +1044,18 @@ fn section(command: &str, args: &Args, table: &str) -> String {
     } else {
         String::new()
     };
+    let syscalls = if args.together {
+        ""
+    } else {
+        "\n\n\
+         The third table is what each observer costs outside its programs: the time of a\n\
+         getppid(2), a syscall that does no work, a million times on CPU 0 while it is\n\
+         attached, against the same with nothing attached in the same round. A program\n\
+         on any syscall tracepoint sends every syscall of every process on the host\n\
+         through the slow path of its entry and exit, which no program's run time shows;\n\
+         a connection of this load makes about five syscalls (socket, connect and close;\n\
+         accept4 and close)."
+    };
     let connects = if args.nonblocking {
         "non-blocking (connect(2) returns `EINPROGRESS`, then the socket is polled until\n\
          writable and its outcome read, as Go, Node, the JVM's NIO, Envoy and curl connect)"
@@ -999,6 +1072,8 @@ fn section(command: &str, args: &Args, table: &str) -> String {
          event and pays those misses\nfor the others; *when not attached first* is each \
          observer's median over the other rounds,\nthe figure that compares builds with the \
          least noise.\n\n"
+    } else if args.nonblocking {
+        "## Kernel time per TCP connection, non-blocking connects\n\n"
     } else {
         "## Kernel time per TCP connection\n\n"
     };
@@ -1034,7 +1109,7 @@ fn section(command: &str, args: &Args, table: &str) -> String {
          program on a hook the load never runs, the DNS hooks on the exits of read(2) and\n\
          the receives, ran for other processes' syscalls during the round (a container\n\
          runtime's, the collector's own timer): its time is in the figures above, as the\n\
-         issue defines them, though no connection caused it. The floor has no such hook.",
+         issue defines them, though no connection caused it. The floor has no such hook.{syscalls}",
         crate::report::today(),
         args.connections,
         args.probe,
@@ -1207,6 +1282,7 @@ mod tests {
                     run_time_ns,
                 })
                 .collect(),
+            syscall_ns: 0.0,
         };
         let mut figures: Vec<Figures> = observers.iter().map(|_| Figures::default()).collect();
         for (exit, reads) in [(60_000, 40_000), (50_000, 20_000), (70_000, 30_000)] {
@@ -1234,6 +1310,29 @@ mod tests {
     }
 
     #[test]
+    fn the_syscall_table_shows_what_each_observer_adds_by_the_median_difference() {
+        let observers = [
+            observer("collector", true),
+            observer(Peer::BpftraceCount.name(), false),
+        ];
+        let mut figures: Vec<Figures> = observers.iter().map(|_| Figures::default()).collect();
+        figures[0].syscall_ns = vec![270.0, 260.0, 300.0];
+        figures[1].syscall_ns = vec![201.0, 215.0, 230.0];
+        let bare = [200.0, 190.0, 220.0];
+        let table = syscall_table(&observers, &figures, &bare);
+        let rows: Vec<&str> = table.lines().skip(2).collect();
+        assert_eq!(
+            rows,
+            [
+                "| nothing attached | 200 | – |",
+                "| collector | 270 | 70 |",
+                "| bpftrace, count in a map | 215 | 10 |",
+            ],
+            "{table}"
+        );
+    }
+
+    #[test]
     fn a_program_missing_from_a_round_counts_zero_there() {
         let cost = |programs: &[(&str, u64)]| Cost {
             programs: programs.len(),
@@ -1248,6 +1347,7 @@ mod tests {
                     run_time_ns,
                 })
                 .collect(),
+            syscall_ns: 0.0,
         };
         let mut figures = Figures::default();
         figures.add_programs(&cost(&[("state", 100_000)]));

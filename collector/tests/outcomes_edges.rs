@@ -175,19 +175,7 @@ fn a_fast_open_send_leaves_the_threads_next_udp_connect_reported() {
          u.connect(('127.0.0.1', {udp_port}))\n\
          print(threading.get_native_id(), flush=True)\n"
     );
-    let output = Command::new("python3")
-        .args(["-c", &script])
-        .output()
-        .expect("python3 runs");
-    assert!(output.status.success(), "the script failed: {output:?}");
-    let tid: u64 = String::from_utf8_lossy(&output.stdout)
-        .trim()
-        .parse()
-        .expect("the thread printed its id");
-    thread::sleep(Duration::from_millis(300));
-    let (clean, stdout, stderr) = collector.stop(Duration::from_secs(30)).expect("stop");
-    assert!(clean, "collector failed:\n{}", stderr.join("\n"));
-    let records = parse(&stdout);
+    let (tid, records) = run_on_one_thread(&script, collector);
     let of_thread: Vec<&Value> = records
         .iter()
         .filter(|r| attr(r, "thread.id") == tid)
@@ -232,19 +220,7 @@ fn non_blocking_connects_are_reported_and_leave_the_threads_udp_connects_reporte
          socket.socket(socket.AF_INET, socket.SOCK_DGRAM).connect(('127.0.0.1', {second_udp}))\n\
          print(threading.get_native_id(), flush=True)\n"
     );
-    let output = Command::new("python3")
-        .args(["-c", &script])
-        .output()
-        .expect("python3 runs");
-    assert!(output.status.success(), "the script failed: {output:?}");
-    let tid: u64 = String::from_utf8_lossy(&output.stdout)
-        .trim()
-        .parse()
-        .expect("the thread printed its id");
-    thread::sleep(Duration::from_millis(300));
-    let (clean, stdout, stderr) = collector.stop(Duration::from_secs(30)).expect("stop");
-    assert!(clean, "collector failed:\n{}", stderr.join("\n"));
-    let records = parse(&stdout);
+    let (tid, records) = run_on_one_thread(&script, collector);
     let of_thread = |event: &str, destination: u16| -> Vec<&Value> {
         records
             .iter()
@@ -279,6 +255,24 @@ fn non_blocking_connects_are_reported_and_leave_the_threads_udp_connects_reporte
         );
     }
     drop(listener);
+}
+
+/// Runs the python `script`, which prints the id of the thread that did its work, then
+/// stops `collector`: that id and the collector's records.
+fn run_on_one_thread(script: &str, collector: RunningCollector) -> (u64, Vec<Value>) {
+    let output = Command::new("python3")
+        .args(["-c", script])
+        .output()
+        .expect("python3 runs");
+    assert!(output.status.success(), "the script failed: {output:?}");
+    let tid: u64 = String::from_utf8_lossy(&output.stdout)
+        .trim()
+        .parse()
+        .expect("the thread printed its id");
+    thread::sleep(Duration::from_millis(300));
+    let (clean, stdout, stderr) = collector.stop(Duration::from_secs(30)).expect("stop");
+    assert!(clean, "collector failed:\n{}", stderr.join("\n"));
+    (tid, parse(&stdout))
 }
 
 /// A network namespace with loopback up; removed on drop.
