@@ -97,8 +97,18 @@ pub struct Cost {
     /// The same time and runs by program name: where it went, and what of it no
     /// connection caused (a hook that other processes' syscalls run in the meantime).
     pub by_program: Vec<ProgramCost>,
-    /// ns per getppid(2) while attached (see [`syscall_ns`]).
-    pub syscall_ns: f64,
+    /// ns per getppid(2) and per read(2) of a file while attached (see [`syscall_ns`]).
+    pub syscall_ns: Syscalls,
+}
+
+/// ns per call of two syscalls (see [`syscall_ns`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Syscalls {
+    /// getppid(2): no work, and no program of any observer on it.
+    pub getppid: f64,
+    /// read(2) of 64 bytes of /dev/zero: a read of a file, which a program on the read
+    /// syscall's tracepoints runs for.
+    pub read: f64,
 }
 
 /// One program's (or, where names repeat, one name's) runs and run time between two reads.
@@ -333,7 +343,7 @@ fn measure_children(
     // Closes finish in softirq just after: let them land.
     std::thread::sleep(Duration::from_millis(500));
     let after: Vec<Vec<ProgramStats>> = ids.iter().map(|ids| counters_of(ids)).collect();
-    let syscall_ns = syscall_ns();
+    let syscall_ns = syscall_ns()?;
     Ok(before
         .iter()
         .zip(&after)
@@ -388,18 +398,32 @@ fn connect_nonblocking(addr: SocketAddr) -> std::io::Result<()> {
 /// getppid(2) calls per [`syscall_ns`] measure (~0.2-0.3 s).
 const SYSCALL_CALLS: u32 = 1_000_000;
 
-/// ns per getppid(2), a syscall that does no work, over [`SYSCALL_CALLS`] calls on this
-/// thread. What it costs with an observer attached beyond what it costs with none is
-/// what the observer adds to every syscall of every process on the host, which no
+/// ns per getppid(2), a syscall that does no work, and per read(2) of 64 bytes of
+/// /dev/zero, over [`SYSCALL_CALLS`] calls each on this thread. What they cost with an
+/// observer attached beyond what they cost with none is what the observer adds to every
+/// syscall of every process on the host, and to every read of a file, which no
 /// program's run time shows: any program on a syscall tracepoint sends every syscall
-/// through the slow path of its entry and exit (`SYSCALL_WORK_SYSCALL_TRACEPOINT`).
-pub fn syscall_ns() -> f64 {
+/// through the slow path of its entry and exit (`SYSCALL_WORK_SYSCALL_TRACEPOINT`), and
+/// a program on read's own tracepoint runs for every read.
+pub fn syscall_ns() -> anyhow::Result<Syscalls> {
     let start = Instant::now();
     for _ in 0..SYSCALL_CALLS {
         // SAFETY: getppid takes no arguments and cannot fail.
         std::hint::black_box(unsafe { libc::syscall(libc::SYS_getppid) });
     }
-    start.elapsed().as_nanos() as f64 / f64::from(SYSCALL_CALLS)
+    let getppid = start.elapsed().as_nanos() as f64 / f64::from(SYSCALL_CALLS);
+    let zero = std::fs::File::open("/dev/zero").context("opening /dev/zero")?;
+    let mut buf = [0u8; 64];
+    let start = Instant::now();
+    for _ in 0..SYSCALL_CALLS {
+        // SAFETY: a read into a buffer of the given length, on a descriptor held open.
+        let n = unsafe { libc::read(zero.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n != buf.len() as isize {
+            bail!("read(2) of /dev/zero returned {n}");
+        }
+    }
+    let read = start.elapsed().as_nanos() as f64 / f64::from(SYSCALL_CALLS);
+    Ok(Syscalls { getppid, read })
 }
 
 fn detail(programs: &[ProgramCost]) {
@@ -633,8 +657,8 @@ struct Figures {
     /// builds compare with the least noise.
     not_first: Vec<f64>,
     ratios: Vec<f64>,
-    /// ns per getppid(2) while attached, each round's (see [`syscall_ns`]).
-    syscall_ns: Vec<f64>,
+    /// ns per getppid(2) and read(2) while attached, each round's (see [`syscall_ns`]).
+    syscall_ns: Vec<Syscalls>,
     /// Each program's rounds, by name (see [`Cost::by_program`]).
     by_program: Vec<ProgramRounds>,
     /// The rounds added to `by_program`.
@@ -755,7 +779,7 @@ pub fn run(bench: &Path, args: &Args) -> anyhow::Result<()> {
     // getppid(2) with nothing attached, once a round (see `syscall_ns`).
     let mut bare_syscall_ns = Vec::new();
     for round in 1..=args.repeat {
-        bare_syscall_ns.push(syscall_ns());
+        bare_syscall_ns.push(syscall_ns()?);
         let mut costs: Vec<Option<Cost>> = Vec::new();
         costs.resize_with(observers.len(), || None);
         let mut first = None;
@@ -932,29 +956,44 @@ fn summary(
 /// rounds; the programs that cost most first, those that never ran left out. A hook the
 /// connections do not run (a read's exit, say) shows what other processes' syscalls
 /// cost it during the rounds: in the figure above, though no connection caused it.
-/// What each observer adds to every syscall (see [`syscall_ns`]): the median of its
-/// rounds' getppid(2) time and of each round's difference from the same round's with
-/// nothing attached.
-fn syscall_table(observers: &[Observer], figures: &[Figures], bare: &[f64]) -> String {
+/// What each observer adds to every syscall and to every read of a file (see
+/// [`syscall_ns`]): the median of its rounds' times and of each round's difference from
+/// the same round's with nothing attached.
+fn syscall_table(observers: &[Observer], figures: &[Figures], bare: &[Syscalls]) -> String {
     let mut table = String::from(
-        "| observer | ns per getppid(2) (median) | ns added to every syscall (median) |\n\
-         |---|---|---|\n",
+        "| observer | ns per getppid(2) (median) | added to every syscall (median) | \
+         ns per read(2) of a file (median) | added to every read (median) |\n\
+         |---|---|---|---|---|\n",
     );
+    let column =
+        |of: &[Syscalls], pick: fn(&Syscalls) -> f64| -> Vec<f64> { of.iter().map(pick).collect() };
+    let getppid = |s: &Syscalls| s.getppid;
+    let read = |s: &Syscalls| s.read;
     table.push_str(&format!(
-        "| nothing attached | {:.0} | – |\n",
-        median(bare).unwrap_or(0.0)
+        "| nothing attached | {:.0} | – | {:.0} | – |\n",
+        median(&column(bare, getppid)).unwrap_or(0.0),
+        median(&column(bare, read)).unwrap_or(0.0),
     ));
     for (observer, figures) in observers.iter().zip(figures) {
-        let added: Vec<f64> = figures
-            .syscall_ns
-            .iter()
-            .zip(bare)
-            .map(|(with, without)| with - without)
-            .collect();
-        let (Some(with), Some(added)) = (median(&figures.syscall_ns), median(&added)) else {
+        let added = |pick: fn(&Syscalls) -> f64| -> Option<f64> {
+            let differences: Vec<f64> = (figures.syscall_ns.iter())
+                .zip(bare)
+                .map(|(with, without)| pick(with) - pick(without))
+                .collect();
+            median(&differences)
+        };
+        let (Some(with_getppid), Some(with_read), Some(getppid_added), Some(read_added)) = (
+            median(&column(&figures.syscall_ns, getppid)),
+            median(&column(&figures.syscall_ns, read)),
+            added(getppid),
+            added(read),
+        ) else {
             continue;
         };
-        table.push_str(&format!("| {} | {with:.0} | {added:.0} |\n", observer.name));
+        table.push_str(&format!(
+            "| {} | {with_getppid:.0} | {getppid_added:.0} | {with_read:.0} | {read_added:.0} |\n",
+            observer.name
+        ));
     }
     table
 }
@@ -1048,13 +1087,14 @@ fn section(command: &str, args: &Args, table: &str) -> String {
         ""
     } else {
         "\n\n\
-         The third table is what each observer costs outside its programs: the time of a\n\
-         getppid(2), a syscall that does no work, a million times on CPU 0 while it is\n\
-         attached, against the same with nothing attached in the same round. A program\n\
-         on any syscall tracepoint sends every syscall of every process on the host\n\
-         through the slow path of its entry and exit, which no program's run time shows;\n\
-         a connection of this load makes about five syscalls (socket, connect and close;\n\
-         accept4 and close)."
+         The third table is what each observer costs outside the connections: the time of a\n\
+         getppid(2), a syscall that does no work, and of a read(2) of 64 bytes of\n\
+         /dev/zero, a million times each on CPU 0 while it is attached, against the same\n\
+         with nothing attached in the same round. A program on any syscall tracepoint\n\
+         sends every syscall of every process on the host through the slow path of its\n\
+         entry and exit, which no program's run time shows, and a program on read's own\n\
+         tracepoint runs for every read of every file; a connection of this load makes\n\
+         about five syscalls (socket, connect and close; accept4 and close)."
     };
     let connects = if args.nonblocking {
         "non-blocking (connect(2) returns `EINPROGRESS`, then the socket is polled until\n\
@@ -1282,7 +1322,7 @@ mod tests {
                     run_time_ns,
                 })
                 .collect(),
-            syscall_ns: 0.0,
+            syscall_ns: Syscalls::default(),
         };
         let mut figures: Vec<Figures> = observers.iter().map(|_| Figures::default()).collect();
         for (exit, reads) in [(60_000, 40_000), (50_000, 20_000), (70_000, 30_000)] {
@@ -1315,18 +1355,24 @@ mod tests {
             observer("collector", true),
             observer(Peer::BpftraceCount.name(), false),
         ];
+        let calls = |pairs: &[(f64, f64)]| -> Vec<Syscalls> {
+            pairs
+                .iter()
+                .map(|&(getppid, read)| Syscalls { getppid, read })
+                .collect()
+        };
         let mut figures: Vec<Figures> = observers.iter().map(|_| Figures::default()).collect();
-        figures[0].syscall_ns = vec![270.0, 260.0, 300.0];
-        figures[1].syscall_ns = vec![201.0, 215.0, 230.0];
-        let bare = [200.0, 190.0, 220.0];
+        figures[0].syscall_ns = calls(&[(270.0, 400.0), (260.0, 380.0), (300.0, 420.0)]);
+        figures[1].syscall_ns = calls(&[(201.0, 251.0), (215.0, 260.0), (230.0, 275.0)]);
+        let bare = calls(&[(200.0, 250.0), (190.0, 240.0), (220.0, 270.0)]);
         let table = syscall_table(&observers, &figures, &bare);
         let rows: Vec<&str> = table.lines().skip(2).collect();
         assert_eq!(
             rows,
             [
-                "| nothing attached | 200 | – |",
-                "| collector | 270 | 70 |",
-                "| bpftrace, count in a map | 215 | 10 |",
+                "| nothing attached | 200 | – | 250 | – |",
+                "| collector | 270 | 70 | 400 | 150 |",
+                "| bpftrace, count in a map | 215 | 10 | 260 | 5 |",
             ],
             "{table}"
         );
@@ -1347,7 +1393,7 @@ mod tests {
                     run_time_ns,
                 })
                 .collect(),
-            syscall_ns: 0.0,
+            syscall_ns: Syscalls::default(),
         };
         let mut figures = Figures::default();
         figures.add_programs(&cost(&[("state", 100_000)]));

@@ -145,7 +145,7 @@ pub async fn run(
     )
     .with_boot_offset(probes.take_boot_offset()?)
     .with_dns(DnsSettings {
-        enabled: settings.dns.enabled && probes.dns_attached,
+        enabled: settings.dns.enabled && probes.dns_hook.is_some(),
         ..settings.dns.clone()
     });
     // What enrichment may report, and nothing else.
@@ -218,6 +218,7 @@ pub async fn run(
         btf = %probes.facts.btf_path.display(),
         cgroups = %probes.facts.cgroups.layout,
         decision_clock = %probes.facts.decision_clock(),
+        dns = probes.dns_hook.map_or("off", crate::probe::DnsHook::as_str),
         attributes = settings.attributes.as_str(),
         "Capturing egress connections."
     );

@@ -112,6 +112,16 @@ fn flag(name: &str, effect: &str) -> bool {
     set
 }
 
+/// `EGRESS_TEST_DNS_READ_EXITS=1` reads DNS answers at the syscall exits (read, recvfrom,
+/// recvmsg) where `sock_recv_length` would take them, so a test proves that way still
+/// works (kernels without the tracepoint).
+pub fn dns_read_exits() -> bool {
+    flag(
+        "EGRESS_TEST_DNS_READ_EXITS",
+        "DNS answers at the syscall exits",
+    )
+}
+
 /// `EGRESS_TEST_REFUSE_TP_BTF=1` (or `=raw`) makes the BTF-enabled state-change program
 /// count as refused, so a test proves the raw tracepoint still takes over where it is.
 pub fn refuse_tp_btf() -> bool {

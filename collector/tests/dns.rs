@@ -503,16 +503,38 @@ impl Check<'_> {
     }
 }
 
+/// The names' tests run one at a time: each collector sees the whole host, and their
+/// checks count this process's records.
+static NAMES_SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Answers read at the socket receives (`sock_recv_length`, which this host's kernel has).
 #[test]
 fn connections_carry_the_name_their_container_resolved() {
+    names(&[], "sock_recv_length");
+}
+
+/// Answers read at the exits of read, recvfrom and recvmsg, as on kernels without
+/// `sock_recv_length` (the `EGRESS_TEST_DNS_READ_EXITS` test hook).
+#[test]
+fn connections_carry_the_name_their_container_resolved_read_at_the_syscall_exits() {
+    names(&["env", "EGRESS_TEST_DNS_READ_EXITS=1"], "syscall_exits");
+}
+
+/// `wrapper` starts the collector, whose start-up line names `dns_hook`.
+fn names(wrapper: &[&str], dns_hook: &str) {
     require_root();
+    let _serial = NAMES_SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let resolver = Resolver::start();
     resolver.listen();
     let mut cgroups = Cgroups::new();
-    let collector = RunningCollector::start(
+    let collector = RunningCollector::start_wrapped(
+        wrapper,
         Path::new(COLLECTOR),
         // --close-records: names are held by open connections where closes are followed.
         &[
+            "--stdout",
             "--probe",
             "tracepoint",
             "--dns-ttl-floor",
@@ -627,6 +649,12 @@ socket.create_connection(('{short}', {port})).close()"
     assert!(
         clean,
         "collector did not stop cleanly:\n{}",
+        stderr.join("\n")
+    );
+    let hook = format!("dns=\"{dns_hook}\"");
+    assert!(
+        stderr.iter().any(|line| line.contains(&hook)),
+        "the collector reads DNS answers elsewhere than {hook}:\n{}",
         stderr.join("\n")
     );
     let all = parse(&stdout);

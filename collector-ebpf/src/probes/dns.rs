@@ -1,5 +1,7 @@
-//! DNS answers as the workload read them: syscall tracepoints on read, recvfrom and
-//! recvmsg, limited to descriptors marked when they sent to port 53 (`DNS_SOCKETS`).
+//! DNS answers as the workload read them: the socket receives (`sock_recv_length`)
+//! where the kernel has that tracepoint and the registers can be read back, else
+//! syscall tracepoints on read, recvfrom and recvmsg, limited to descriptors marked when
+//! they sent to port 53 (`DNS_SOCKETS`).
 //!
 //! Why here (docs/dns.md has the figures): on this project's CI kernels only
 //! tracepoints exist; `skb:skb_copy_datagram_iovec` misses small datagrams (udp_recvmsg
@@ -16,8 +18,8 @@
 use aya_ebpf::{
     EbpfContext,
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_boot_ns, bpf_probe_read_user},
-    macros::tracepoint,
-    programs::TracePointContext,
+    macros::{btf_tracepoint, tracepoint},
+    programs::{BtfTracePointContext, TracePointContext},
 };
 use egress_shared::{DNS_PAYLOAD_MAX, DnsFlags, EventKind};
 
@@ -203,6 +205,74 @@ fn exit(ctx: &TracePointContext, is_msghdr: bool) {
         let _ = DNS_SOCKETS.remove(&key(pid_tgid, read.fd));
         return;
     }
+    copy_answer(&read, ret as u64, false);
+}
+
+/// x86_64's read(2), recvfrom(2) and recvmsg(2): the receives whose answer
+/// [`tp_btf_dns_recv`] copies (the registers are only read back there).
+const NR_READ_X86_64: u32 = 0;
+const NR_RECVFROM_X86_64: u32 = 45;
+const NR_RECVMSG_X86_64: u32 = 47;
+
+/// hook: BTF-enabled raw tracepoint `sock_recv_length(struct sock *sk, int ret, int
+/// flags)` (kernels since 2023; this host's 6.18), which every socket receive passes in the receiving task once the data
+/// is in the caller's buffer. Where it exists and the registers can be read back, the
+/// answers are taken here instead of at the exits of read(2), recvfrom(2) and
+/// recvmsg(2): those ran for every read of every file and pipe on the node (~115 ns
+/// each on the Zen 4 host, docs/dns.md), this for socket receives only. The same early
+/// returns first: a result of at most 2 bytes, a process that never marked a socket.
+#[btf_tracepoint(function = "sock_recv_length")]
+pub fn tp_btf_dns_recv(ctx: BtfTracePointContext) -> i32 {
+    let ret = ctx.arg::<u64>(1) as i32 as i64;
+    if ret <= 2 {
+        return 0;
+    }
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if !process_marked(pid_tgid) {
+        return 0;
+    }
+    received(
+        crate::maps::address_number(ctx.arg::<u64>(0)),
+        ret,
+        pid_tgid,
+    );
+    0
+}
+
+/// A receive of `ret` bytes on socket `sk` by a process that marked a DNS socket: copied
+/// if the syscall is one of the three and its descriptor is marked for this socket.
+#[inline(always)]
+fn received(sk: u64, ret: i64, pid_tgid: u64) {
+    let regs = crate::read::Probe::current_pt_regs();
+    let is_msghdr = match emit::syscall_nr(regs) {
+        Some(NR_READ_X86_64 | NR_RECVFROM_X86_64) => false,
+        Some(NR_RECVMSG_X86_64) => true,
+        // readv, recvmmsg, io_uring, a kernel socket's receive: not seen, as at the exits.
+        _ => return,
+    };
+    let Ok(fd) = crate::read::kernel::<u64>(regs, config!(dns_regs_fd)) else {
+        return;
+    };
+    // SAFETY: a plain value copied out at once.
+    let Some(marked) = (unsafe { DNS_SOCKETS.get(&key(pid_tgid, fd)) }).copied() else {
+        return;
+    };
+    // The descriptor names another socket by now (closed and reused): the tracepoint's
+    // own socket tells, where the exits walked fd -> socket.
+    if marked.sk != sk {
+        let _ = DNS_SOCKETS.remove(&key(pid_tgid, fd));
+        return;
+    }
+    let Ok(buf) = crate::read::kernel::<u64>(regs, config!(dns_regs_buf)) else {
+        return;
+    };
+    let read = DnsRead {
+        sk,
+        fd,
+        buf,
+        is_msghdr: is_msghdr as u64,
+        sent_ns: marked.sent_ns,
+    };
     copy_answer(&read, ret as u64, false);
 }
 

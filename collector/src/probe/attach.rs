@@ -170,38 +170,73 @@ const DNS_FEXITS: &[(&str, &str)] = &[
 
 /// Every DNS program, for unloading.
 fn dns_programs() -> impl Iterator<Item = &'static str> {
-    DNS_EXITS
-        .iter()
-        .chain(DNS_ENTRIES)
-        .chain(DNS_KPROBES)
-        .map(|a| a.program)
-        .chain(DNS_FEXITS.iter().map(|f| f.0))
+    std::iter::once(DNS_SOCKET_RECEIVES).chain(
+        DNS_EXITS
+            .iter()
+            .chain(DNS_ENTRIES)
+            .chain(DNS_KPROBES)
+            .map(|a| a.program)
+            .chain(DNS_FEXITS.iter().map(|f| f.0)),
+    )
+}
+
+/// Where the DNS programs read answers (see [`attach_dns`]), as the start-up line says.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum DnsHook {
+    /// `sock_recv_length`, BTF-enabled: socket receives only (tracepoint mode).
+    SocketReceives,
+    /// The exits of read, recvfrom and recvmsg (tracepoint mode; with their entries where
+    /// the registers cannot be read back).
+    SyscallExits,
+    /// kprobes on the receive functions.
+    Kprobes,
+    /// fexits on the receive functions.
+    Fexits,
+}
+
+impl DnsHook {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DnsHook::SocketReceives => "sock_recv_length",
+            DnsHook::SyscallExits => "syscall_exits",
+            DnsHook::Kprobes => "kprobes",
+            DnsHook::Fexits => "fexits",
+        }
+    }
 }
 
 /// Attaches the DNS programs of `mode`; a failure is logged and DNS stays off
-/// (connections are still captured). Returns whether they run. `exits_only`: tracepoint
-/// mode can read the syscall arguments back at exit. `iter_usable`: the kernel's message
-/// iterator has the layout the kprobe and fentry programs read (6.0+).
+/// (connections are still captured). Returns where they read answers, if they run.
+/// `exits_only`: tracepoint mode can read the syscall arguments back at exit.
+/// `iter_usable`: the kernel's message iterator has the layout the kprobe and fentry
+/// programs read (6.0+).
 pub fn attach_dns(
     ebpf: &mut Ebpf,
     mode: HookMode,
     btf: Option<&Btf>,
     exits_only: bool,
     iter_usable: bool,
-) -> bool {
+) -> Option<DnsHook> {
     let result = match mode {
+        HookMode::Tracepoint if exits_only && attach_dns_receives(ebpf, btf) => {
+            Ok(DnsHook::SocketReceives)
+        }
         HookMode::Tracepoint => {
             let entries: &[Attachment] = if exits_only { &[] } else { DNS_ENTRIES };
             DNS_EXITS
                 .iter()
                 .chain(entries)
                 .try_for_each(|a| attach_tracepoint(ebpf, a))
+                .map(|()| DnsHook::SyscallExits)
         }
         HookMode::Kprobe | HookMode::Fentry if !iter_usable => {
             tracing::warn!(%mode, "This kernel's message iterator has no ITER_UBUF (before 6.0): DNS capture needs --probe tracepoint here; connections will carry no server.address.");
-            return false;
+            return None;
         }
-        HookMode::Kprobe => DNS_KPROBES.iter().try_for_each(|a| attach_kprobe(ebpf, a)),
+        HookMode::Kprobe => DNS_KPROBES
+            .iter()
+            .try_for_each(|a| attach_kprobe(ebpf, a))
+            .map(|()| DnsHook::Kprobes),
         HookMode::Fentry => {
             let fexits = match btf {
                 Some(btf) => DNS_FEXITS.iter().try_for_each(|&(program, function)| {
@@ -210,7 +245,7 @@ pub fn attach_dns(
                 None => Err(AttachError::NoBtf),
             };
             match fexits {
-                Ok(()) => Ok(()),
+                Ok(()) => Ok(DnsHook::Fexits),
                 // A verifier that refuses the receive fexits (6.1 did until the copy's
                 // length was bounded on the register the helper gets, docs/dns.md): the
                 // same functions through kprobes then, where the kernel has them.
@@ -219,21 +254,60 @@ pub fn attach_dns(
                         unload(ebpf, program);
                     }
                     tracing::warn!(%mode, reason = %one_line(&refused), "The DNS receive fexits were refused; DNS answers go through kprobes on the same functions instead.");
-                    DNS_KPROBES.iter().try_for_each(|a| attach_kprobe(ebpf, a))
+                    DNS_KPROBES
+                        .iter()
+                        .try_for_each(|a| attach_kprobe(ebpf, a))
+                        .map(|()| DnsHook::Kprobes)
                 }
                 Err(refused) => Err(refused),
             }
         }
     };
-    if let Err(e) = result {
-        tracing::warn!(%mode, reason = %one_line(&e), "DNS capture could not be attached; connections will carry no server.address.");
-        for name in dns_programs() {
-            unload(ebpf, name);
+    match result {
+        Ok(hook) => Some(hook),
+        Err(e) => {
+            tracing::warn!(%mode, reason = %one_line(&e), "DNS capture could not be attached; connections will carry no server.address.");
+            for name in dns_programs() {
+                unload(ebpf, name);
+            }
+            None
         }
+    }
+}
+
+/// The DNS answers at the socket receives (`sock_recv_length`, BTF-enabled), in place of
+/// the read exits, which every read(2) of every file on the node ran: whether they are
+/// attached. Where the kernel lacks the tracepoint (or refuses the program), the exits
+/// take over, as before.
+fn attach_dns_receives(ebpf: &mut Ebpf, btf: Option<&Btf>) -> bool {
+    const TARGET: &str = "sock_recv_length";
+    let Some(btf) = btf else {
+        return false;
+    };
+    if crate::testhook::dns_read_exits() {
         return false;
     }
-    true
+    let err = AttachError::program(DNS_SOCKET_RECEIVES, TARGET);
+    let result = ebpf
+        .program_mut(DNS_SOCKET_RECEIVES)
+        .ok_or(AttachError::Missing(DNS_SOCKET_RECEIVES))
+        .and_then(|program| {
+            let program: &mut BtfTracePoint = program.try_into().map_err(&err)?;
+            program.load(TARGET, btf).map_err(&err)?;
+            program.attach().map(drop).map_err(&err)
+        });
+    match result {
+        Ok(()) => true,
+        Err(e) => {
+            unload(ebpf, DNS_SOCKET_RECEIVES);
+            tracing::info!(reason = %one_line(&e), "No BTF-enabled sock_recv_length here: DNS answers are read at the exits of read, recvfrom and recvmsg instead.");
+            false
+        }
+    }
 }
+
+/// See [`attach_dns_receives`].
+const DNS_SOCKET_RECEIVES: &str = "tp_btf_dns_recv";
 
 fn unload(ebpf: &mut Ebpf, name: &str) {
     let Some(program) = ebpf.program_mut(name) else {

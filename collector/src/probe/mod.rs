@@ -13,6 +13,7 @@
 //! `cgroups`, `features`, `filters`, `programs`, `state_maps`, `tracefs`).
 
 mod attach;
+pub use attach::DnsHook;
 pub mod boot_offset;
 pub mod btf;
 pub mod cgroups;
@@ -313,8 +314,8 @@ pub struct Probes {
     /// Better families that were refused, and why.
     pub refused: Vec<(HookMode, String)>,
     pub facts: KernelFacts,
-    /// The DNS programs are attached (see `attach::attach_dns`).
-    pub dns_attached: bool,
+    /// Where the DNS programs read answers, if they are attached (see `attach::attach_dns`).
+    pub dns_hook: Option<attach::DnsHook>,
     /// The program that follows the TCP state changes.
     pub state_hook: attach::StateHook,
     /// The boot offset written before the programs attached (see [`boot_offset`]).
@@ -380,14 +381,17 @@ impl Probes {
             set_connect_exit_marks(&mut ebpf, marks)?;
             match attach::attach(&mut ebpf, mode, btf.as_ref(), exits, resets) {
                 Ok(state_hook) => {
-                    let dns_attached = settings.dns
-                        && attach::attach_dns(
+                    let dns_hook = if !settings.dns {
+                        None
+                    } else {
+                        attach::attach_dns(
                             &mut ebpf,
                             mode,
                             btf.as_ref(),
                             facts.config.dns_regs_fd != 0,
                             facts.config.dns_iter.usable != 0,
-                        );
+                        )
+                    };
                     release_btf(btf);
                     let span = tracing::Span::current();
                     span.record("probe.mode", mode.as_str());
@@ -397,7 +401,7 @@ impl Probes {
                         mode,
                         refused,
                         facts,
-                        dns_attached,
+                        dns_hook,
                         state_hook,
                         boot_offset_written,
                     });
