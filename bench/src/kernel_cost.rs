@@ -951,11 +951,6 @@ fn summary(
     table
 }
 
-/// Where each collector's time (and the floor's) went, by program: the median over rounds
-/// of its runs and nanoseconds per connection, and its nanoseconds per run over all
-/// rounds; the programs that cost most first, those that never ran left out. A hook the
-/// connections do not run (a read's exit, say) shows what other processes' syscalls
-/// cost it during the rounds: in the figure above, though no connection caused it.
 /// What each observer adds to every syscall and to every read of a file (see
 /// [`syscall_ns`]): the median of its rounds' times and of each round's difference from
 /// the same round's with nothing attached.
@@ -998,6 +993,11 @@ fn syscall_table(observers: &[Observer], figures: &[Figures], bare: &[Syscalls])
     table
 }
 
+/// Where each collector's time (and the floor's) went, by program: the median over rounds
+/// of its runs and nanoseconds per connection, and its nanoseconds per run over all
+/// rounds; the programs that cost most first, those that never ran left out. A hook the
+/// connections do not run (a read's exit, say) shows what other processes' syscalls
+/// cost it during the rounds: in the figure above, though no connection caused it.
 fn programs_table(observers: &[Observer], figures: &[Figures]) -> String {
     let mut table = String::from(
         "| observer | program | runs per connection (median) | ns per run | \
@@ -1146,10 +1146,11 @@ fn section(command: &str, args: &Args, table: &str) -> String {
          other programs' connections and CPU contention only add time, so the minimum\n\
          over rounds is the least disturbed figure.{note}\n\n{throughput}{table}\n\
          The second table splits each collector's time (and the floor's) by program. A\n\
-         program on a hook the load never runs, the DNS hooks on the exits of read(2) and\n\
-         the receives, ran for other processes' syscalls during the round (a container\n\
-         runtime's, the collector's own timer): its time is in the figures above, as the\n\
-         issue defines them, though no connection caused it. The floor has no such hook.{syscalls}",
+         program on a hook the load never runs, the DNS hooks on the socket receives (or\n\
+         the exits of read(2) and the receives, where the kernel lacks `sock_recv_length`),\n\
+         ran for other processes' receives during the round (a container runtime's, the\n\
+         collector's own timer): its time is in the figures above, as the issue defines\n\
+         them, though no connection caused it. The floor has no such hook.{syscalls}",
         crate::report::today(),
         args.connections,
         args.probe,

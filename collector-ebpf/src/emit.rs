@@ -1128,20 +1128,25 @@ pub fn syscall_nr(regs: u64) -> Option<u32> {
 /// the registers back: x86_64 alone).
 const O_NONBLOCK: u32 = 0o4000;
 
+/// `sock.sk_sndtimeo` without `SO_SNDTIMEO`: `MAX_SCHEDULE_TIMEOUT` (`LONG_MAX`).
+const NO_SEND_TIMEOUT: u64 = i64::MAX as u64;
+
 /// Tells this thread's connect() exit that the connect was TCP (see `TCP_CONNECT_MARKS`)
 /// where that exit is attached and reads its arguments back (`CONNECT_EXIT_MARKS`), and
 /// marks the descriptor of a connect to port 53 (`dns`) for the DNS reads: the exit of a
-/// non-blocking connect returns on `-EINPROGRESS` before it could. A non-blocking connect
-/// is not marked TCP: its exit returns on that value, which no datagram connect returns.
-/// `sk` is the socket `R` reads, `sk_id` its number, `task` the current task.
+/// connect that returns `-EINPROGRESS` returns before it could. Only a connect that waits
+/// for the handshake's end ([`connect_waits`]) is marked TCP: any other may return that
+/// value, on which its exit returns without taking a mark (no datagram connect returns
+/// it), or takes the slow, exact way. `sk` is the socket `R` reads, `sk_id` its number,
+/// `task` the current task.
 #[inline(always)]
 fn mark_tcp_connect<R: Reader>(sk: u64, sk_id: u64, task: u64, dns: bool) {
     let nr_at = config!(regs_syscall_nr);
     if nr_at == 0 || !connect_exit_marks() {
         return;
     }
-    let nonblocking = file_nonblocking::<R>(sk);
-    if nonblocking && !dns {
+    let waits = connect_waits::<R>(sk);
+    if !waits && !dns {
         return;
     }
     let regs = R::pt_regs(task);
@@ -1154,7 +1159,7 @@ fn mark_tcp_connect<R: Reader>(sk: u64, sk_id: u64, task: u64, dns: bool) {
         if let Ok(fd) = R::kernel::<u64>(regs, config!(dns_regs_fd)) {
             crate::probes::dns::mark(fd, sk_id);
         }
-        if nonblocking {
+        if !waits {
             return;
         }
     }
@@ -1171,15 +1176,19 @@ fn connect_exit_marks() -> bool {
     CONNECT_EXIT_MARKS.get(0).is_some_and(|on| *on != 0)
 }
 
-/// Whether the file of the socket `sk` is non-blocking, as connect(2) read it just before
-/// (`sk->sk_socket->file->f_flags`: lines it has just used). False for a socket without
-/// a file (the kernel's own).
+/// Whether a connect(2) on the socket `sk` waits for the end of the handshake, and so
+/// never returns `-EINPROGRESS`: its file is blocking (`sk->sk_socket->file->f_flags`
+/// without `O_NONBLOCK`, lines connect(2) has just used) and it has no send timeout
+/// (`SO_SNDTIMEO`: a blocking connect returns `-EINPROGRESS` when it expires). False for
+/// a socket without a file (the kernel's own, an MPTCP subflow, whose caller's connect
+/// returns what its own socket does).
 #[inline(always)]
-fn file_nonblocking<R: Reader>(sk: u64) -> bool {
-    R::kernel::<u64>(sk, config!(offsets.sk_socket))
+fn connect_waits<R: Reader>(sk: u64) -> bool {
+    let flags = R::kernel::<u64>(sk, config!(offsets.sk_socket))
         .and_then(|socket| R::kernel::<u64>(socket, config!(offsets.socket_file)))
-        .and_then(|file| R::kernel::<u32>(file, config!(offsets.file_f_flags)))
-        .is_ok_and(|flags| flags & O_NONBLOCK != 0)
+        .and_then(|file| R::kernel::<u32>(file, config!(offsets.file_f_flags)));
+    flags.is_ok_and(|flags| flags & O_NONBLOCK == 0)
+        && R::kernel::<u64>(sk, config!(offsets.sk_sndtimeo)) == Ok(NO_SEND_TIMEOUT)
 }
 
 /// Whether this thread's connect() was marked TCP by its SYN_SENT; clears the mark.

@@ -242,22 +242,24 @@ pub static CALL_HINTS: Words<{ CALL_HINT_SLOTS as usize }> = Words::new();
 pub const CALL_HINT_SLOTS: u32 = 16384;
 
 /// Tracepoint mode where connect() is seen at its exit only (`regs_syscall_nr`): CLOSE
-/// -> SYN_SENT inside a blocking connect() stores the thread's `pid_tgid` in its slot
-/// (thread id folded into 16,384), and that connect's exit, finding its own value,
-/// clears it and returns: the state changes report TCP. Any other value (another thread
-/// of the slot, no TCP attempt) sends the exit the slow way (fd -> socket), which is
-/// always right: a collision costs time, never a record. Only a connect's own SYN_SENT
-/// marks (the syscall number is checked), so a mark outlives its exit only if the kernel
-/// skipped that exit's program (counted as a recursion miss); the thread's next connect
-/// then clears it. A non-blocking connect is not marked: its exit returns on
-/// `-EINPROGRESS`, which no datagram connect returns (docs/kernel.md, "A non-blocking
-/// connect needs no mark"). Marks are only made while [`CONNECT_EXIT_MARKS`] says the
+/// -> SYN_SENT inside a connect() that waits for the handshake's end (a blocking file,
+/// no send timeout) stores the thread's `pid_tgid` in its slot (thread id folded into
+/// 16,384), and that connect's exit, finding its own value, clears it and returns: the
+/// state changes report TCP. Any other value (another thread of the slot, no TCP
+/// attempt) sends the exit the slow way (fd -> socket), which is always right: a
+/// collision costs time, never a record. Only a connect's own SYN_SENT marks (the
+/// syscall number is checked), and only one that cannot return `-EINPROGRESS` (on which
+/// the exit returns without looking), so a mark outlives its exit only if the kernel
+/// skipped that exit's program (counted as a recursion miss), or if another thread
+/// cleared `O_NONBLOCK` on the socket between the connect's call and its SYN
+/// (docs/kernel.md, "A non-blocking connect needs no mark"); the thread's next connect
+/// that waits then clears it. Marks are only made while [`CONNECT_EXIT_MARKS`] says the
 /// exit takes them.
 pub static TCP_CONNECT_MARKS: Words<{ CALL_HINT_SLOTS as usize }> = Words::new();
 
 /// 1 while the tracepoint family's connect() exit, which reads its arguments back from
-/// the registers (`regs_syscall_nr`), is attached (written by user space before it
-/// attaches that family, cleared if the family is refused): only then does SYN_SENT mark
+/// the registers (`regs_syscall_nr`), is attached (written by user space before each
+/// family's attach: 1 for that family, 0 for the others): only then does SYN_SENT mark
 /// a connect ([`TCP_CONNECT_MARKS`], and a DNS-over-TCP descriptor). The kprobe and
 /// fentry families see a datagram connect in the kernel's own functions and never look
 /// at a mark; with the word clear their SYN_SENT skips the mark's registers, syscall

@@ -257,6 +257,46 @@ fn non_blocking_connects_are_reported_and_leave_the_threads_udp_connects_reporte
     drop(listener);
 }
 
+/// A blocking connect with a send timeout (`SO_SNDTIMEO`) returns `-EINPROGRESS` once
+/// the timeout expires, as a non-blocking one does: its exit returns on that value, so
+/// its SYN_SENT must not mark it either, or the mark would stay and the thread's next
+/// UDP connect would be taken for TCP and go unreported.
+#[test]
+fn a_connect_past_its_send_timeout_leaves_the_threads_udp_connect_reported() {
+    require_root();
+    // Held for the test: no other socket gets its port.
+    let udp = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).expect("udp bind");
+    let udp_port = udp.local_addr().expect("addr").port();
+    let collector = start(&["--attributes", "full"]);
+    // A listener whose accept queue is full (backlog 0, one connection waiting in it):
+    // the kernel drops the next SYN, whose connect stays in SYN_SENT past its timeout.
+    let script = format!(
+        "import errno, socket, struct, threading\n\
+         l = socket.socket(); l.bind(('127.0.0.1', 0)); l.listen(0)\n\
+         waiting = socket.create_connection(l.getsockname())\n\
+         s = socket.socket()\n\
+         s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack('ll', 0, 200000))\n\
+         rc = s.connect_ex(l.getsockname())\n\
+         assert rc == errno.EINPROGRESS, rc\n\
+         socket.socket(socket.AF_INET, socket.SOCK_DGRAM).connect(('127.0.0.1', {udp_port}))\n\
+         print(threading.get_native_id(), flush=True)\n"
+    );
+    let (tid, records) = run_on_one_thread(&script, collector);
+    let udp_connects = records
+        .iter()
+        .filter(|r| {
+            attr(r, "thread.id") == tid
+                && attr(r, "egress.event") == "udp_connect"
+                && attr(r, "destination.port") == udp_port
+        })
+        .count();
+    assert_eq!(
+        udp_connects, 1,
+        "the UDP connect after the timed-out one, once"
+    );
+    drop(udp);
+}
+
 /// Runs the python `script`, which prints the id of the thread that did its work, then
 /// stops `collector`: that id and the collector's records.
 fn run_on_one_thread(script: &str, collector: RunningCollector) -> (u64, Vec<Value>) {

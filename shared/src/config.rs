@@ -87,6 +87,11 @@ pub struct KernelOffsets {
     /// `-EINPROGRESS` and needs no mark (see `TCP_CONNECT_MARKS`).
     pub sk_socket: u32,
     pub file_f_flags: u32,
+    /// `sock.sk_sndtimeo` (`SO_SNDTIMEO`): a blocking connect(2) with a send timeout
+    /// returns `-EINPROGRESS` when it expires, so it is not marked either.
+    pub sk_sndtimeo: u32,
+    /// Keeps the count even (the configuration's next u64 aligned).
+    pub _pad_offsets: u32,
     /// inet_sock.inet_sport (network order): the source port once CLOSE released it.
     pub inet_sport: u32,
     // struct sock: the outcome of an attempt, the end of a connection
@@ -109,7 +114,7 @@ pub struct KernelOffsets {
     pub tcp_clock_cache: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 66 * 4);
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 68 * 4);
 
 /// Field offsets inside tracepoint records, read from tracefs `format` files.
 #[repr(C)]
@@ -133,7 +138,7 @@ pub struct TracepointOffsets {
     pub sendmmsg_msg: u32,
 }
 
-/// With [`KernelOffsets`] (66 u32) and `cgroup_subsys_index` an even number of u32 (80):
+/// With [`KernelOffsets`] (68 u32) and `cgroup_subsys_index` an even number of u32 (82):
 /// what follows is 8-byte aligned (asserted below [`ProbeConfig`]).
 const _: () = assert!(core::mem::size_of::<TracepointOffsets>() == 13 * 4);
 
@@ -425,7 +430,7 @@ const _: () = assert!(core::mem::size_of::<ExcludedV6>() == 8 + 32 * EXCLUDED_V6
 
 const _: () = assert!(
     core::mem::size_of::<ProbeConfig>()
-        == 66 * 4
+        == 68 * 4
             + 16 * 4
             + 8
             + 8
@@ -544,6 +549,8 @@ impl ProbeConfig {
                 socket_file: 0,
                 sk_socket: 0,
                 file_f_flags: 0,
+                sk_sndtimeo: 0,
+                _pad_offsets: 0,
                 inet_sport: 0,
                 sk_err: 0,
                 sk_err_soft: 0,

@@ -9,10 +9,11 @@
 //! payload as the reader gets it. The syscall tracepoints see glibc/musl (recvfrom,
 //! recvmsg), Go (read on a connected socket) and DNS over TCP (read), in the reading
 //! task, so cgroup and network namespace are the workload's. On x86_64 only the exits
-//! are hooked (the arguments are read back from the registers the task saved at entry);
-//! a read that returned more than 2 bytes, by a process that never marked a socket, costs
-//! a load from the record, one helper call and one array load there. A process that did
-//! pays a hash lookup per such read. Not seen:
+//! are hooked (the arguments are read back from the registers the task saved at entry),
+//! and where the kernel has `sock_recv_length` not even those: its BTF-enabled program
+//! runs for socket receives only, reading the same registers. A receive that returned
+//! more than 2 bytes, by a process that never marked a socket, costs one helper call and
+//! one array load; a process that did pays a hash lookup per such receive. Not seen:
 //! io_uring receives (no syscall), readv/recvmmsg.
 
 use aya_ebpf::{
@@ -215,8 +216,9 @@ const NR_RECVFROM_X86_64: u32 = 45;
 const NR_RECVMSG_X86_64: u32 = 47;
 
 /// hook: BTF-enabled raw tracepoint `sock_recv_length(struct sock *sk, int ret, int
-/// flags)` (kernels since 2023; this host's 6.18), which every socket receive passes in the receiving task once the data
-/// is in the caller's buffer. Where it exists and the registers can be read back, the
+/// flags)` (kernels since 2023; this host's 6.18), which every socket receive passes in
+/// the receiving task once the data is in the caller's buffer. Where it exists and the
+/// registers can be read back (the syscall's number among them), the
 /// answers are taken here instead of at the exits of read(2), recvfrom(2) and
 /// recvmsg(2): those ran for every read of every file and pipe on the node (~115 ns
 /// each on the Zen 4 host, docs/dns.md), this for socket receives only. The same early

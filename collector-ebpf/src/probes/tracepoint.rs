@@ -87,9 +87,10 @@ pub fn tp_sys_enter_sendmmsg(ctx: TracePointContext) -> u32 {
 const EINPROGRESS: i64 = 115;
 
 /// hook: tracepoint `syscalls:sys_exit_connect`. Where the registers can be read back
-/// (`regs_syscall_nr`), the only connect hook: a non-blocking TCP connect returns on its
-/// return value (`-EINPROGRESS`, which no datagram connect returns: its state changes
-/// report it), a blocking one, marked by its SYN_SENT, on an array load; anything else
+/// (`regs_syscall_nr`), the only connect hook: a TCP connect that returns `-EINPROGRESS`
+/// (non-blocking, or past its send timeout; no datagram connect returns it: its state
+/// changes report it) returns on that value, one that waited, marked by its SYN_SENT, on
+/// an array load; anything else
 /// finds its socket from the arguments the task saved at entry (fd, uservaddr in `di`,
 /// `si`). Elsewhere, what the entry hook saved.
 #[tracepoint]

@@ -208,17 +208,20 @@ impl DnsHook {
 /// Attaches the DNS programs of `mode`; a failure is logged and DNS stays off
 /// (connections are still captured). Returns where they read answers, if they run.
 /// `exits_only`: tracepoint mode can read the syscall arguments back at exit.
-/// `iter_usable`: the kernel's message iterator has the layout the kprobe and fentry
-/// programs read (6.0+).
+/// `syscall_nr_known`: and the syscall's number (which the socket receives' program
+/// needs to tell read, recvfrom and recvmsg apart). `iter_usable`: the kernel's message
+/// iterator has the layout the kprobe and fentry programs read (6.0+).
 pub fn attach_dns(
     ebpf: &mut Ebpf,
     mode: HookMode,
     btf: Option<&Btf>,
-    exits_only: bool,
+    (exits_only, syscall_nr_known): (bool, bool),
     iter_usable: bool,
 ) -> Option<DnsHook> {
     let result = match mode {
-        HookMode::Tracepoint if exits_only && attach_dns_receives(ebpf, btf) => {
+        HookMode::Tracepoint
+            if exits_only && syscall_nr_known && attach_dns_receives(ebpf, btf) =>
+        {
             Ok(DnsHook::SocketReceives)
         }
         HookMode::Tracepoint => {

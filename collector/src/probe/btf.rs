@@ -267,6 +267,8 @@ impl KernelBtf {
             socket_file: self.offset("socket", "file")?,
             sk_socket: self.offset("sock", "sk_socket")?,
             file_f_flags: self.offset("file", "f_flags")?,
+            sk_sndtimeo: self.offset("sock", "sk_sndtimeo")?,
+            _pad_offsets: 0,
             inet_sport: self.offset("inet_sock", "inet_sport")?,
             sk_err: self.offset("sock", "sk_err")?,
             sk_err_soft: self.offset("sock", "sk_err_soft")?,

@@ -388,7 +388,10 @@ impl Probes {
                             &mut ebpf,
                             mode,
                             btf.as_ref(),
-                            facts.config.dns_regs_fd != 0,
+                            (
+                                facts.config.dns_regs_fd != 0,
+                                facts.config.regs_syscall_nr != 0,
+                            ),
                             facts.config.dns_iter.usable != 0,
                         )
                     };
