@@ -210,7 +210,7 @@ fn exit(ctx: &TracePointContext, is_msghdr: bool) {
 }
 
 /// x86_64's read(2), recvfrom(2) and recvmsg(2): the receives whose answer
-/// [`tp_btf_dns_recv`] copies (the registers are only read back there).
+/// [`tp_dns_sock_recv`] copies (the registers are only read back there).
 const NR_READ_X86_64: u32 = 0;
 const NR_RECVFROM_X86_64: u32 = 45;
 const NR_RECVMSG_X86_64: u32 = 47;
@@ -224,7 +224,7 @@ const NR_RECVMSG_X86_64: u32 = 47;
 /// each on the Zen 4 host, docs/dns.md), this for socket receives only. The same early
 /// returns first: a result of at most 2 bytes, a process that never marked a socket.
 #[btf_tracepoint(function = "sock_recv_length")]
-pub fn tp_btf_dns_recv(ctx: BtfTracePointContext) -> i32 {
+pub fn tp_dns_sock_recv(ctx: BtfTracePointContext) -> i32 {
     let ret = ctx.arg::<u64>(1) as i32 as i64;
     if ret <= 2 {
         return 0;
@@ -242,22 +242,25 @@ pub fn tp_btf_dns_recv(ctx: BtfTracePointContext) -> i32 {
 }
 
 /// A receive of `ret` bytes on socket `sk` by a process that marked a DNS socket: copied
-/// if the syscall is one of the three and its descriptor is marked for this socket.
+/// if the syscall is one of the three and its descriptor is marked for this socket. The
+/// descriptor's lookup first: most receives of such a process (its other sockets) miss
+/// there, before the syscall number's read.
 #[inline(always)]
 fn received(sk: u64, ret: i64, pid_tgid: u64) {
     let regs = crate::read::Probe::current_pt_regs();
-    let is_msghdr = match emit::syscall_nr(regs) {
-        Some(NR_READ_X86_64 | NR_RECVFROM_X86_64) => false,
-        Some(NR_RECVMSG_X86_64) => true,
-        // readv, recvmmsg, io_uring, a kernel socket's receive: not seen, as at the exits.
-        _ => return,
-    };
     let Ok(fd) = crate::read::kernel::<u64>(regs, config!(dns_regs_fd)) else {
         return;
     };
     // SAFETY: a plain value copied out at once.
     let Some(marked) = (unsafe { DNS_SOCKETS.get(&key(pid_tgid, fd)) }).copied() else {
         return;
+    };
+    let is_msghdr = match emit::syscall_nr(regs) {
+        Some(NR_READ_X86_64 | NR_RECVFROM_X86_64) => false,
+        Some(NR_RECVMSG_X86_64) => true,
+        // readv, recvmmsg, io_uring, a kernel socket's receive (`fd` is then no
+        // descriptor of this receive): not seen, as at the exits.
+        _ => return,
     };
     // The descriptor names another socket by now (closed and reused): the tracepoint's
     // own socket tells, where the exits walked fd -> socket.

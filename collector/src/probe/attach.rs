@@ -310,7 +310,7 @@ fn attach_dns_receives(ebpf: &mut Ebpf, btf: Option<&Btf>) -> bool {
 }
 
 /// See [`attach_dns_receives`].
-const DNS_SOCKET_RECEIVES: &str = "tp_btf_dns_recv";
+const DNS_SOCKET_RECEIVES: &str = "tp_dns_sock_recv";
 
 fn unload(ebpf: &mut Ebpf, name: &str) {
     let Some(program) = ebpf.program_mut(name) else {
