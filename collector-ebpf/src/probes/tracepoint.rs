@@ -2,7 +2,7 @@
 //! ABI, slightly more work: the socket of a UDP syscall is found through its file
 //! descriptor. TCP goes through the state changes (`tcp_state`), as in every family.
 
-use aya_ebpf::{EbpfContext, macros::tracepoint, programs::TracePointContext};
+use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
 use egress_shared::EventKind;
 
 use crate::{
@@ -90,9 +90,8 @@ const EINPROGRESS: i64 = 115;
 /// (`regs_syscall_nr`), the only connect hook: a TCP connect that returns `-EINPROGRESS`
 /// (non-blocking, or past its send timeout; no datagram connect returns it: its state
 /// changes report it) returns on that value, one that waited, marked by its SYN_SENT, on
-/// an array load; anything else
-/// finds its socket from the arguments the task saved at entry (fd, uservaddr in `di`,
-/// `si`). Elsewhere, what the entry hook saved.
+/// an array load; anything else finds its socket from the arguments the task saved at
+/// entry (fd, uservaddr in `di`, `si`). Elsewhere, what the entry hook saved.
 #[tracepoint]
 pub fn tp_sys_exit_connect(ctx: TracePointContext) -> u32 {
     if config!(regs_syscall_nr) != 0
@@ -104,13 +103,11 @@ pub fn tp_sys_exit_connect(ctx: TracePointContext) -> u32 {
     0
 }
 
-/// The value a syscall returned, from its exit record (`struct syscall_trace_exit`:
-/// `long ret` at 16): a load from the context, where `read_at` calls a helper.
+/// The value a syscall returned, from its exit record: a load from the context, where
+/// `read_at` calls a helper (see `dns::arg`).
 #[inline(always)]
 fn syscall_ret(ctx: &TracePointContext) -> i64 {
-    // SAFETY: within the syscall exit record, 8-byte aligned; the verifier checks
-    // context loads against the tracepoint's record.
-    unsafe { core::ptr::read_volatile(ctx.as_ptr().cast::<u8>().add(16).cast::<i64>()) }
+    super::dns::arg(ctx, super::dns::RET) as i64
 }
 
 /// A connect() exit not marked TCP (or any, where nothing is marked), out of line: where
