@@ -581,7 +581,7 @@ fn an_attempt_whose_completion_was_skipped_is_still_reported() {
         drop(stream);
         drop(accepted);
     }
-    // Past `--pending-report`, and the pending reader's next look (every 200 ms here).
+    // Past `--pending-report`, and the pending reader's next look (every poll, 250 ms, here).
     thread::sleep(Duration::from_secs(4));
     let (clean, stdout, stderr) = collector.stop(Duration::from_secs(30)).expect("stop");
     assert!(clean, "collector failed:\n{}", stderr.join("\n"));

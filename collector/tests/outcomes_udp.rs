@@ -149,7 +149,7 @@ fn udp_bytes_after_a_flows_last_record_reach_the_metric() {
     let late = udp_socket();
     assert_eq!(send_to(&late, late_to, 50), 50);
     assert_eq!(send_to(&late, late_to, 25), 25);
-    // The records reach user space before the stop (the ring is drained every 100 ms).
+    // The records reach user space before the stop (the ring is drained every 250 ms).
     thread::sleep(Duration::from_millis(500));
     let received = run.stop().received;
     assert_eq!(

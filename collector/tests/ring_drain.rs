@@ -10,10 +10,10 @@ use egress_testkit::require_root;
 
 const COLLECTOR: &str = env!("CARGO_BIN_EXE_egress-collector");
 
-/// The programs wake the reader as the ring fills, not only its 100 ms timer: with a
+/// The programs wake the reader as the ring fills, not only its 250 ms timer: with a
 /// 32 KiB ring and 1,500 connections each from a process of its own (a connection
 /// record and an identity record each, ~576 bytes: the ring holds ~56; a wake-up every
-/// 8 KiB, whichever kind of record spans it), made at over 800 a second (over 80
+/// 8 KiB, whichever kind of record spans it), made at over 800 a second (over 200
 /// between two timer polls), every connection arrives with its identity.
 #[test]
 fn a_small_ring_is_drained_as_it_fills() {

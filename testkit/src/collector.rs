@@ -136,7 +136,7 @@ impl RunningCollector {
         self.stop_with(libc::SIGINT, timeout)
     }
 
-    /// Stops the collector once its reader's 100 ms poll has passed (every record made
+    /// Stops the collector once its reader's 250 ms poll has passed (every record made
     /// before is written), asserting that it stopped and exited cleanly: its records, and
     /// its whole log.
     pub fn stop_after_poll(self) -> (Vec<serde_json::Value>, Vec<String>) {

@@ -170,8 +170,8 @@ impl KernelFacts {
             tracepoints: tracepoints.clone().unwrap_or_default(),
             udp_flow_window_ns: settings.udp_flow_window.as_nanos().min(u64::MAX as u128) as u64,
             // 1 MiB at most: a wake-up per ~7,000 connection records, each of which
-            // costs the reader and every stage after it a sleep and a wake. Below ~10k
-            // events/s the reader's 100 ms poll drains the ring before this fills.
+            // costs the reader and every stage after it a sleep and a wake. Below ~25k
+            // events/s the reader's poll (250 ms) drains the ring before this fills.
             wakeup_bytes: ring::wakeup_bytes(settings.ring_buffer_bytes),
             cgroup_rate: settings.cgroup_rate,
             cgroup_burst: settings.cgroup_burst.max(1),
