@@ -214,7 +214,7 @@ pub fn measure(
     };
     match &seen_source {
         Some(seen) => settle(seen, &load.ports, want),
-        // Time to drain the ring (polled every 100 ms) and write what is left.
+        // Time to drain the ring (polled every 250 ms) and write what is left.
         None => std::thread::sleep(Duration::from_secs(1)),
     }
     let cpu_seconds = pid.map_or(0.0, |pid| tool::cpu_seconds(pid) - cpu_before);

@@ -140,7 +140,7 @@ impl RunningCollector {
     /// before is written), asserting that it stopped and exited cleanly: its records, and
     /// its whole log.
     pub fn stop_after_poll(self) -> (Vec<serde_json::Value>, Vec<String>) {
-        thread::sleep(Duration::from_millis(300));
+        thread::sleep(Duration::from_millis(600));
         let (ok, stdout, stderr) = self.stop(Duration::from_secs(30)).expect("collector stops");
         assert!(ok, "collector failed:\n{}", stderr.join("\n"));
         (crate::records::parse(&stdout), stderr)

@@ -5,7 +5,7 @@
 //! Why read at creation: a container that connects and exits at once can have its files
 //! removed (containerd deletes a task's bundle as soon as the task exits; `docker run
 //! --rm`) before its first record reaches enrichment (the ring buffer is read every
-//! 100 ms, and enrichment can lag under load). Read when the directory appears, the pod is
+//! 250 ms, and enrichment can lag under load). Read when the directory appears, the pod is
 //! known however late the record comes.
 
 use std::{

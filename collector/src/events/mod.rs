@@ -61,7 +61,7 @@ const fn polls_in(period: std::time::Duration) -> u64 {
     if polls == 0 { 1 } else { polls as u64 }
 }
 
-/// Names not used for this long are expired.
+/// Polls between two expiries of the DNS names and their de-duplication entries (5 s).
 const NAMES_EXPIRE_EVERY: u64 = polls_in(std::time::Duration::from_secs(5));
 /// The boot offset's refresh, the UDP flows' sweep and the unanswered DNS queries.
 const SECOND_JOBS_EVERY: u64 = polls_in(std::time::Duration::from_secs(1));
@@ -82,6 +82,22 @@ fn passes_multiple(first: u64, count: u64, every: u64) -> bool {
     let every = every.max(1);
     count > 0
         && (first.is_multiple_of(every) || first / every != first.saturating_add(count - 1) / every)
+}
+
+/// Pushes `record` onto `batch`, making room first when it is full: the last batch's size
+/// (`expected`) for the first record, then four times the records held, up to
+/// [`BATCH_RECORDS`]. Records are 480 bytes; doubling from Vec's four copied about three
+/// times as many of them. Room is made before a push, never after the last one.
+fn push_sized(batch: &mut Vec<Record>, expected: usize, record: Record) {
+    if batch.len() == batch.capacity() {
+        let want = if batch.is_empty() {
+            expected.max(1)
+        } else {
+            (batch.len() * 4).min(BATCH_RECORDS)
+        };
+        batch.reserve_exact(want.saturating_sub(batch.len()).max(1));
+    }
+    batch.push(record);
 }
 
 /// Polls between two reads of the pending attempts, at most (a second).
@@ -281,7 +297,11 @@ impl EventReader {
                         self.tracker
                             .note(&mut connection, self.outcomes.closes_used());
                         if connection.logged() || self.outcomes.metrics {
-                            batch.push(Record::captured(connection, &self.unattributed));
+                            push_sized(
+                                &mut batch,
+                                expected,
+                                Record::captured(connection, &self.unattributed),
+                            );
                         }
                     }
                     Ok(Decoded::Close(raw)) => {
@@ -295,7 +315,11 @@ impl EventReader {
                                 record.delivery = Delivery::MetricsOnly;
                             }
                             if record.logged() || self.outcomes.metrics {
-                                batch.push(Record::captured(record, &self.unattributed));
+                                push_sized(
+                                    &mut batch,
+                                    expected,
+                                    Record::captured(record, &self.unattributed),
+                                );
                             }
                         }
                     }
@@ -303,7 +327,11 @@ impl EventReader {
                         if let Some(record) = self.names.answer(*raw, &self.telemetry)
                             && (record.logged() || self.outcomes.metrics)
                         {
-                            batch.push(Record::captured(record, &self.unattributed));
+                            push_sized(
+                                &mut batch,
+                                expected,
+                                Record::captured(record, &self.unattributed),
+                            );
                         }
                     }
                     Ok(Decoded::Identity) => {}
@@ -311,13 +339,6 @@ impl EventReader {
                         .telemetry
                         .emit(ReaderEvent::DecodeFailed { reason: e.reason() }),
                 }
-            }
-            if batch.len() == 1 && batch.capacity() < expected {
-                batch.reserve_exact(expected - 1);
-            } else if batch.len() == batch.capacity() && batch.len() < BATCH_RECORDS {
-                // Past the last batch's size: four times as much room, where doubling
-                // copied the records (480 bytes each) three times as often.
-                batch.reserve_exact((batch.len() * 4).min(BATCH_RECORDS) - batch.len());
             }
             if batch.len() >= BATCH_RECORDS || (!more && !batch.is_empty()) {
                 expected = batch.len();
@@ -512,6 +533,34 @@ mod tests {
         assert_eq!(pending_every(Duration::from_secs(1)), 1);
         assert_eq!(pending_every(Duration::from_secs(5)), 2);
         assert_eq!(pending_every(Duration::from_secs(30)), 4);
+    }
+
+    /// A batch the size of the last one gets its room once; a larger one grows fourfold
+    /// from there, never past [`BATCH_RECORDS`].
+    #[test]
+    fn a_batch_grows_once_past_the_last_ones_size_and_fourfold_after() {
+        use crate::export::otlp::mapping::tests::{record, resource};
+        let resource = resource("pod");
+        let capacities = |expected: usize, records: usize| {
+            let mut batch = Vec::new();
+            let mut seen = Vec::new();
+            for port in 0..records {
+                push_sized(&mut batch, expected, record(&resource, port as u16));
+                if seen.last() != Some(&batch.capacity()) {
+                    seen.push(batch.capacity());
+                }
+            }
+            seen
+        };
+        assert_eq!(capacities(100, 100), [100], "the last batch's size, once");
+        assert_eq!(capacities(100, 101), [100, 400]);
+        assert_eq!(capacities(0, 1), [1]);
+        assert_eq!(capacities(1, 3), [1, 4]);
+        assert_eq!(
+            capacities(3, BATCH_RECORDS),
+            [3, 12, 48, 192, 768, BATCH_RECORDS]
+        );
+        assert_eq!(capacities(BATCH_RECORDS, BATCH_RECORDS), [BATCH_RECORDS]);
     }
 
     /// The jobs' periods are wall-clock times, not numbers of polls.
