@@ -24,8 +24,6 @@ use socket2::{Domain, Socket, Type};
 
 use crate::load::LoadReport;
 
-const STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
-
 /// One program of the observer: its kernel id, and its counters at one moment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ProgramStats {
@@ -193,8 +191,10 @@ pub fn enable_stats() -> anyhow::Result<std::os::fd::OwnedFd> {
         )
     };
     if fd < 0 {
-        return Err(std::io::Error::last_os_error())
-            .context(format!("BPF_ENABLE_STATS (or write 1 to {STATS})"));
+        return Err(std::io::Error::last_os_error()).context(format!(
+            "BPF_ENABLE_STATS (or write 1 to {})",
+            crate::bpf_stats::SYSCTL
+        ));
     }
     // SAFETY: a new fd this process owns.
     Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
@@ -832,7 +832,9 @@ pub fn run(bench: &Path, args: &Args) -> anyhow::Result<()> {
         }
         if throughput {
             // No probe first, then each observer: alternated, so a busier moment of the
-            // machine falls on one round of each rather than on one observer.
+            // machine falls on one round of each rather than on one observer. Run-time
+            // statistics off (the sysctl; this process's own fd is closed by now).
+            let _stats_off = crate::bpf_stats::sysctl_off()?;
             let baseline = connect_rate(bench, None, args.throughput_seconds)
                 .context("the load with no probe")?;
             println!("round {round}: no probe {baseline:.0} connects/s");

@@ -6,6 +6,7 @@
 //! and the raw results. `egress-bench smoke` is the seconds-long CI check that loss
 //! accounting adds up. `egress-bench load` is the load generator itself.
 
+mod bpf_stats;
 mod bulk;
 mod cgroup_index;
 mod churn;
@@ -408,6 +409,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 
 fn full(bench: PathBuf, args: RunArgs) -> anyhow::Result<()> {
     let rt = runtime()?;
+    let stats_off = bpf_stats::sysctl_off()?;
     let mut results: Vec<RunResult> = Vec::new();
     for round in 1..=args.repeat {
         for &rate in &args.rates {
@@ -444,7 +446,13 @@ fn full(bench: PathBuf, args: RunArgs) -> anyhow::Result<()> {
     let plot = args.out_dir.join("cost.png");
     report::plot(&rows, &plot)?;
     let command: Vec<String> = std::env::args().collect();
-    let mut document = report::document(&table, &plot, &command.join(" "), &args.report);
+    let mut document = report::document(
+        &table,
+        &plot,
+        &command.join(" "),
+        &args.report,
+        bpf_stats::provenance(&stats_off),
+    );
     // Sections other commands wrote, and the notes on them, stay until those rerun.
     if let Ok(old) = std::fs::read_to_string(&args.report) {
         document.push_str(&report::after_head(&old));

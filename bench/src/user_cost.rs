@@ -50,6 +50,13 @@ fn median(mut values: Vec<f64>) -> Option<f64> {
     })
 }
 
+/// `connects_per_second` over the mean of its round's no-probe runs (`None` without one).
+fn ratio(connects_per_second: f64, no_probe: impl Iterator<Item = f64>) -> Option<f64> {
+    let (sum, runs) = no_probe.fold((0.0, 0u32), |(sum, n), cps| (sum + cps, n + 1));
+    let mean = sum / f64::from(runs.max(1));
+    (runs > 0 && mean > 0.0).then(|| connects_per_second / mean)
+}
+
 fn min(values: &[f64]) -> Option<f64> {
     values.iter().copied().min_by(f64::total_cmp)
 }
@@ -63,9 +70,14 @@ pub struct Args {
     pub repeat: usize,
 }
 
-/// Runs no probe, stdout and OTLP alternately for each rate and round.
+/// Runs no probe, stdout and OTLP alternately for each rate and round, and no probe
+/// again at the round's end: each collector run's ratio is against the mean of the two,
+/// which takes out a drift of the machine's speed over the round (it ran from ~40,000 to
+/// ~58,000 connects/s within an hour on one host). Run-time statistics are off
+/// ([`crate::bpf_stats`]). The table comes with a line saying what they were.
 pub fn measure(args: &Args) -> anyhow::Result<String> {
     let rt = crate::runtime()?;
+    let stats_off = crate::bpf_stats::sysctl_off()?;
     let mut samples = Vec::new();
     for round in 1..=args.repeat {
         for &rate in &args.rates {
@@ -73,6 +85,7 @@ pub fn measure(args: &Args) -> anyhow::Result<String> {
             for collector in 0..args.collectors.len() {
                 runs.extend([(collector, Scenario::Stdout), (collector, Scenario::Otlp)]);
             }
+            runs.push((0, Scenario::None));
             for (collector, scenario) in runs {
                 let plan = Plan {
                     bench: args.bench.clone(),
@@ -110,7 +123,11 @@ pub fn measure(args: &Args) -> anyhow::Result<String> {
             }
         }
     }
-    Ok(table(&samples, &args.rates, &args.collectors))
+    Ok(format!(
+        "Run-time statistics: {}.\n\n{}",
+        crate::bpf_stats::provenance(&stats_off),
+        table(&samples, &args.rates, &args.collectors)
+    ))
 }
 
 fn table(samples: &[Sample], rates: &[u64], collectors: &[PathBuf]) -> String {
@@ -153,13 +170,15 @@ fn table(samples: &[Sample], rates: &[u64], collectors: &[PathBuf]) -> String {
             if runs.is_empty() {
                 continue;
             }
-            // Each round's ratio against the no-probe run of the same round.
+            // Each round's ratio against its no-probe runs (before and after).
             let ratios: Vec<f64> = runs
                 .iter()
                 .filter_map(|s| {
-                    let base = baseline.iter().find(|b| b.round == s.round)?;
-                    let b = base.result.load.connects_per_second;
-                    (b > 0.0).then(|| s.result.load.connects_per_second / b)
+                    let rounds_base = baseline
+                        .iter()
+                        .filter(|b| b.round == s.round)
+                        .map(|b| b.result.load.connects_per_second);
+                    ratio(s.result.load.connects_per_second, rounds_base)
                 })
                 .collect();
             let per_record: Vec<f64> = runs.iter().filter_map(|s| s.cpu_us_per_record()).collect();
@@ -207,14 +226,16 @@ pub fn section(command: &str, table: &str) -> String {
          {}\n\
          Each round runs no probe, then each collector binary listed to stdout (`--stdout`,\n\
          to /dev/null) and to OTLP (`--otlp-endpoint`, batches of 2048, the receiver in the bench\n\
-         process on the same two cores) in turn, at each target rate (0 = as fast as the\n\
+         process on the same two cores) in turn, then no probe again, at each target rate (0 = as fast as the\n\
          load's 2 threads can connect), with `--cgroup-rate-limit 0`. *CPU µs per record* is\n\
          the collector process's user+sys CPU (its CPU-time clock, in ns) from the load's start until it\n\
          caught up, over the records it exported (its own `exported` count: every\n\
          connection on the host, not only the load's); the eBPF programs run in the\n\
          connecting tasks and are not in it (see the kernel-cost section). *Overhead ratio*\n\
-         is the load's connects/s over the no-probe run of the same round, median over\n\
-         rounds. *Missed* is the load's connections the collector did not report. A\n\
+         is the load's connects/s over the mean of the two no-probe runs of the same round\n\
+         (a drift of the machine's speed over the round cancels out), median over rounds;\n\
+         run-time statistics (`kernel.bpf_stats_enabled`) are off, as on a production node\n\
+         (on, they add two clock reads to each of a connection's ~11 program runs). *Missed* is the load's connections the collector did not report. A\n\
          binary named after a commit (`egress-collector-<commit>`) is that commit's release\n\
          build, measured in the same rounds for comparison. Other sessions compiled and ran\n\
          tests on this machine during the runs (the load then falls short of its target\n\
@@ -223,4 +244,17 @@ pub fn section(command: &str, table: &str) -> String {
          {table}",
         report::provenance(command),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ratio_is_against_the_mean_of_the_rounds_no_probe_runs() {
+        let r = ratio(90.0, [80.0, 120.0].into_iter()).expect("a ratio");
+        assert!((r - 0.9).abs() < 1e-9, "{r}");
+        assert_eq!(ratio(90.0, std::iter::empty()), None);
+        assert_eq!(ratio(90.0, [0.0].into_iter()), None);
+    }
 }
