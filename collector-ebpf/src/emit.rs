@@ -993,6 +993,15 @@ fn report_unseen(kept: Kept, sk: u64) {
 /// as does a full ring (counted, the attempt given up all the same).
 #[inline(always)]
 fn take_kept(kept: Kept, sk: u64) -> Option<(RingBufEntry<ConnectEvent>, u64)> {
+    let (entry, flags) = copy_kept(kept, sk)?;
+    given_up(entry, flags, kept, sk)
+}
+
+/// The attempt `kept` for `sk`, copied into a record reserved in the ring buffer (still
+/// kept: see [`given_up`]), and the record's wake-up flags. A full ring gives the attempt
+/// up (counted) and returns `None`.
+#[inline(always)]
+fn copy_kept(kept: Kept, sk: u64) -> Option<(RingBufEntry<ConnectEvent>, u64)> {
     let Some(mut entry) = EVENTS.reserve::<ConnectEvent>(0) else {
         if give_up(kept, sk) {
             count(Counter::RingBufferFull);
@@ -1004,7 +1013,21 @@ fn take_kept(kept: Kept, sk: u64) -> Option<(RingBufEntry<ConnectEvent>, u64)> {
     // of its size); the copy happens before the attempt is given up.
     unsafe { core::ptr::copy_nonoverlapping(kept.record(), ev, 1) };
     let record = crate::maps::address_number(ev as u64);
-    let flags = wakeup_flags_at(record, core::mem::size_of::<ConnectEvent>() as u64);
+    Some((
+        entry,
+        wakeup_flags_at(record, core::mem::size_of::<ConnectEvent>() as u64),
+    ))
+}
+
+/// Gives up the attempt `kept` for `sk` once its copy `entry` is made ([`copy_kept`]):
+/// the record back if this run did, else it is discarded (`None`).
+#[inline(always)]
+fn given_up(
+    entry: RingBufEntry<ConnectEvent>,
+    flags: u64,
+    kept: Kept,
+    sk: u64,
+) -> Option<(RingBufEntry<ConnectEvent>, u64)> {
     if !give_up(kept, sk) {
         // A discarded record keeps its place in the ring until the reader passes it: it
         // wakes the reader for a boundary it spans, as a submitted one.
@@ -1304,23 +1327,33 @@ fn give_up(kept: Kept, sk: u64) -> bool {
     }
 }
 
-/// Reports the attempt `kept` where it waits: taken into the ring buffer
-/// ([`take_kept`]), completed and submitted.
+/// Reports the attempt `kept` where it waits: copied into the ring buffer
+/// ([`copy_kept`]), completed, given up ([`given_up`]) and submitted.
+///
+/// Given up only after the completion's reads: the release is a locked instruction,
+/// which waits until every store before it is done, and the copy's stores go to ring
+/// lines the reader last read a whole ring ago. Right after the copy it stalled for
+/// them (~150 ns of ~1,100 per connection on an AMD Zen 5 host, docs/kernel.md, "The
+/// release after the copy"); after the socket's reads, which loads may do before
+/// earlier stores complete, they are mostly done.
 #[inline(always)]
 fn complete_kept<R: Reader>(kept: Kept, sk: u64, sk_id: u64, established: bool, clock_fresh: bool) {
     if skipped_by_test_hook(kept) {
         return;
     }
-    let Some((mut entry, flags)) = take_kept(kept, sk_id) else {
+    let Some((mut entry, flags)) = copy_kept(kept, sk_id) else {
         return;
     };
-    // SAFETY: a reserved record of this type, written whole by `take_kept`.
+    // SAFETY: a reserved record of this type, written whole by `copy_kept`.
     let ev = unsafe { &mut *entry.as_mut_ptr() };
-    let (connect_ns, now) = (
-        ev.boot_time_ns,
-        complete::<R>(ev, sk, established, clock_fresh),
-    );
+    let connect_ns = ev.boot_time_ns;
+    let now = complete::<R>(ev, sk, established, clock_fresh);
     let ports = open_ports(ev);
+    let Some((mut entry, flags)) = given_up(entry, flags, kept, sk_id) else {
+        return;
+    };
+    // SAFETY: as above. Opened only once the record is this run's to submit.
+    filter::open_aggregate(unsafe { &mut *entry.as_mut_ptr() }, now);
     entry.submit(flags);
     track_open(sk_id, established, connect_ns, now, ports);
 }
@@ -1387,7 +1420,8 @@ fn take_spilled(sk: u64) -> bool {
 }
 
 /// What the attempt's record learns at completion: source, handshake time, outcome.
-/// Returns the time of completion. `clock_fresh` as for [`completion_time`].
+/// Returns the time of completion (the caller opens the aggregate with it, see
+/// `filter::open_aggregate`). `clock_fresh` as for [`completion_time`].
 #[inline(always)]
 fn complete<R: Reader>(
     ev: &mut ConnectEvent,
@@ -1415,7 +1449,6 @@ fn complete<R: Reader>(
         ev.sk_err = R::kernel::<i32>(sk, config!(offsets.sk_err)).unwrap_or(0) as u32;
         ev.sk_err_soft = R::kernel::<i32>(sk, config!(offsets.sk_err_soft)).unwrap_or(0) as u32;
     }
-    filter::open_aggregate(ev, now);
     now
 }
 
