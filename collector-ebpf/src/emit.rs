@@ -1333,9 +1333,11 @@ fn give_up(kept: Kept, sk: u64) -> bool {
 /// Given up only after the completion's reads: the release is a locked instruction,
 /// which waits until every store before it is done, and the copy's stores go to ring
 /// lines the reader last read a whole ring ago. Right after the copy it stalled for
-/// them (~150 ns of ~1,100 per connection on an AMD Zen 5 host, docs/kernel.md, "The
+/// them (~168 ns of ~1,100 per connection on an AMD Zen 5 host, docs/kernel.md, "The
 /// release after the copy"); after the socket's reads, which loads may do before
-/// earlier stores complete, they are mostly done.
+/// earlier stores complete, they are mostly done. (A run that then loses the give-up,
+/// which only an LRU eviction of a spilled attempt makes possible, has done those reads
+/// for nothing, and may have counted a failed one.)
 #[inline(always)]
 fn complete_kept<R: Reader>(kept: Kept, sk: u64, sk_id: u64, established: bool, clock_fresh: bool) {
     if skipped_by_test_hook(kept) {
